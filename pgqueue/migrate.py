@@ -1,0 +1,154 @@
+"""Schema migrations: Alembic, driven from code, with its own version table.
+
+``upgrade(dsn)`` runs ``alembic upgrade head`` against the scripts shipped in
+the package (see :mod:`pgqueue.resources`). The version table is
+``pgqueue.alembic_version``, so pgqueue's history never collides with an
+application's own Alembic history in ``public``. No ``alembic.ini`` is needed.
+
+Revisions are frozen: each applies its own committed ``.up.sql`` / ``.down.sql``
+through :func:`apply_sql_file`. Revision ids are zero-padded sequence numbers
+(``0001``, ``0002``, ...), which lets :func:`check_schema` tell "older" from
+"newer" without loading the scripts.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from alembic import command
+from alembic.config import Config
+
+from pgqueue.resources import migrations_dir
+
+if TYPE_CHECKING:
+    import asyncpg
+
+__all__ = [
+    "HEAD_REVISION",
+    "SchemaError",
+    "alembic_config",
+    "apply_sql_file",
+    "check_schema",
+    "downgrade",
+    "upgrade",
+]
+
+#: The newest revision shipped with this version of pgqueue (a test keeps it in step).
+HEAD_REVISION = "0001"
+
+# Alembic keeps its running context in module globals: one migration per process at a time.
+_ALEMBIC_LOCK = threading.Lock()
+
+#: Key of the transaction-level advisory lock that serialises concurrent migrations.
+MIGRATION_LOCK_KEY = 0x7067_7175_6575_65  # "pgqueue"
+
+
+class SchemaError(RuntimeError):
+    """The database's pgqueue schema is missing or not at the revision this code expects."""
+
+
+def alembic_config(dsn: str | None) -> Config:
+    """An Alembic config for pgqueue's scripts; ``dsn`` None means libpq ``PG*`` variables."""
+    config = Config()
+    config.set_main_option("script_location", str(migrations_dir()))
+    config.attributes["pgqueue_dsn"] = dsn
+    return config
+
+
+def upgrade(dsn: str | None, revision: str = "head") -> None:
+    """Upgrade the database to ``revision`` (default: head). Idempotent and safe to race."""
+    _run_outside_event_loop(lambda: command.upgrade(alembic_config(dsn), revision))
+
+
+def downgrade(dsn: str | None, revision: str) -> None:
+    """Downgrade the database to ``revision`` (``"base"`` removes every pgqueue object)."""
+    _run_outside_event_loop(lambda: command.downgrade(alembic_config(dsn), revision))
+
+
+def _run_outside_event_loop(fn: Callable[[], None]) -> None:
+    """Run ``fn`` here, or in a helper thread when this thread already runs an event loop.
+
+    The Alembic environment drives asyncpg with ``asyncio.run``, which refuses to
+    start inside a running loop (an async CLI command, a test, an application).
+    """
+    import asyncio
+
+    def locked() -> None:
+        with _ALEMBIC_LOCK:
+            fn()
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        locked()
+        return
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            locked()
+        except BaseException as exc:  # re-raised in the caller's thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, name="pgqueue-migrate")
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+
+
+def apply_sql_file(path: Path) -> None:
+    """Execute a whole SQL file inside the running migration's transaction.
+
+    Called from revision scripts. The file may hold many statements and
+    dollar-quoted PL/pgSQL, so it goes through asyncpg's simple-query protocol
+    (``Connection.execute`` without arguments) on the raw driver connection;
+    SQLAlchemy's asyncpg adapter would prepare it, which allows one statement only.
+    """
+    from alembic import op
+    from sqlalchemy.engine.interfaces import AdaptedConnection
+
+    sql = path.read_text(encoding="utf-8")
+    if not sql.strip():
+        return
+    bind = op.get_bind()
+    # Make sure the adapter has opened its transaction, so the file runs inside it
+    # together with Alembic's version-table update.
+    bind.exec_driver_sql("SELECT 1")
+    driver = bind.connection.dbapi_connection
+    if not isinstance(driver, AdaptedConnection):
+        raise TypeError(f"pgqueue migrations need the asyncpg driver, got {type(driver)!r}")
+
+    async def run(raw: asyncpg.Connection) -> None:
+        await raw.execute(sql)
+
+    driver.run_async(run)
+
+
+def _revision_number(revision: str) -> int | None:
+    return int(revision) if revision.isdigit() else None
+
+
+async def check_schema(conn: asyncpg.Connection) -> None:
+    """Raise :class:`SchemaError` unless the database is migrated to :data:`HEAD_REVISION`."""
+    has_table = await conn.fetchval("SELECT to_regclass('pgqueue.alembic_version') IS NOT NULL")
+    version = None
+    if has_table:
+        version = await conn.fetchval("SELECT version_num FROM pgqueue.alembic_version LIMIT 1")
+    if version is None:
+        raise SchemaError("the pgqueue schema is missing from this database: run `pgqueue migrate`")
+    if version == HEAD_REVISION:
+        return
+    current, head = _revision_number(version), _revision_number(HEAD_REVISION)
+    if current is not None and head is not None and current > head:
+        raise SchemaError(
+            f"the pgqueue schema is at revision {version}, newer than this pgqueue "
+            f"(expects {HEAD_REVISION}): upgrade the pgqueue package"
+        )
+    raise SchemaError(
+        f"the pgqueue schema is at revision {version}, older than this pgqueue "
+        f"(expects {HEAD_REVISION}): run `pgqueue migrate`"
+    )

@@ -1,0 +1,200 @@
+"""SQLAlchemy 2 metadata for pgqueue's tables, and enqueue inside your own session.
+
+Read jobs with ordinary SQLAlchemy Core::
+
+    from pgqueue.sqla import jobs
+    session.execute(select(jobs.c.id, jobs.c.state).where(jobs.c.queue == "recalc"))
+
+Enqueue in the caller's transaction, so the job exists exactly when your
+other writes commit::
+
+    with Session(engine) as session, session.begin():
+        session.add(order)
+        job_id = enqueue(session, "send_receipt", {"order": 42}, queue="mail")
+
+Change job rows only through the SQL functions (see docs/sql.md); the tables
+are here for reading and reporting. The schema itself is created by
+``pgqueue migrate``, never by ``metadata.create_all``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Connection,
+    DateTime,
+    FetchedValue,
+    Identity,
+    Integer,
+    MetaData,
+    Table,
+    Text,
+    bindparam,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.dialects.postgresql import UUID as PG_UUID
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import TextClause
+from sqlalchemy.types import TypeEngine
+
+__all__ = ["ENQUEUE_OPTIONS", "enqueue", "enqueue_async", "jobs", "metadata", "settings"]
+
+metadata = MetaData(schema="pgqueue")
+
+_TZ = DateTime(timezone=True)
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", BigInteger, Identity(always=False), primary_key=True),
+    Column("queue", Text, nullable=False, server_default=text("'default'")),
+    Column("job_type", Text, nullable=False),
+    Column("payload", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("state", Text, nullable=False, server_default=text("'queued'")),
+    Column("priority", Integer, nullable=False, server_default=text("0")),
+    Column("scope", JSONB, nullable=True),
+    Column("is_current", Boolean, nullable=False, server_default=text("false")),
+    Column("dedup_key", Text, nullable=True),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    # The default comes from pgqueue.settings (max_attempts), computed by the server.
+    Column("max_attempts", Integer, nullable=False, server_default=FetchedValue()),
+    Column("run_after", _TZ, nullable=False, server_default=text("now()")),
+    Column("locked_by", Text, nullable=True),
+    Column("locked_at", _TZ, nullable=True),
+    Column("started_at", _TZ, nullable=True),
+    Column("finished_at", _TZ, nullable=True),
+    Column("pipeline_id", PG_UUID(as_uuid=True), nullable=True),
+    Column("parent_id", BigInteger, nullable=True),
+    Column("next_jobs", JSONB, nullable=True),
+    Column("result", JSONB, nullable=True),
+    Column("last_error", Text, nullable=True),
+    Column("progress", JSONB, nullable=True),
+    Column("created_at", _TZ, nullable=False, server_default=text("now()")),
+    comment="One row per job; change rows through the pgqueue functions.",
+)
+
+settings = Table(
+    "settings",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("value", Text, nullable=False),
+    comment="Tunables read by the functions: max_attempts, backoff_base, backoff_cap, stale_after.",
+)
+
+#: Keyword options of ``pgqueue.enqueue`` besides job_type and payload, with their SQL types.
+ENQUEUE_OPTIONS: Mapping[str, TypeEngine[Any]] = {
+    "queue": Text(),
+    "scope": JSONB(),
+    "dedup_key": Text(),
+    "run_after": DateTime(timezone=True),
+    "priority": Integer(),
+    "max_attempts": Integer(),
+    "pipeline_id": PG_UUID(as_uuid=True),
+    "next_jobs": JSONB(),
+    "depends_on": ARRAY(BigInteger()),
+}
+
+
+def _enqueue_statement(
+    job_type: str, payload: Mapping[str, Any] | None, options: Mapping[str, Any]
+) -> tuple[TextClause, dict[str, Any]]:
+    unknown = sorted(set(options) - set(ENQUEUE_OPTIONS))
+    if unknown:
+        raise TypeError(f"enqueue() got unknown option(s): {', '.join(unknown)}")
+    types: dict[str, TypeEngine[Any]] = {"job_type": Text()}
+    values: dict[str, Any] = {"job_type": job_type}
+    if payload is not None:
+        types["payload"], values["payload"] = JSONB(), dict(payload)
+    for name, value in options.items():
+        if value is None:  # keep the SQL default (queue 'default', settings' max_attempts...)
+            continue
+        if name == "depends_on":
+            value = list(value)
+        types[name], values[name] = ENQUEUE_OPTIONS[name], value
+    arguments = ", ".join(f"{name} => :{name}" for name in values)
+    statement = text(f"SELECT pgqueue.enqueue({arguments})").bindparams(
+        *(bindparam(name, type_=type_) for name, type_ in types.items())
+    )
+    return statement, values
+
+
+def enqueue(
+    session_or_connection: Session | Connection,
+    job_type: str,
+    payload: Mapping[str, Any] | None = None,
+    *,
+    queue: str | None = None,
+    scope: Any = None,
+    dedup_key: str | None = None,
+    run_after: datetime | None = None,
+    priority: int | None = None,
+    max_attempts: int | None = None,
+    pipeline_id: UUID | None = None,
+    next_jobs: list[Mapping[str, Any]] | None = None,
+    depends_on: list[int] | None = None,
+) -> int:
+    """Call ``pgqueue.enqueue`` in the caller's (sync) transaction; return the job id.
+
+    Nothing is committed here: the job exists once the caller's transaction
+    commits, and vanishes with it on rollback. ``None`` options keep the SQL defaults.
+    """
+    statement, values = _enqueue_statement(
+        job_type,
+        payload,
+        {
+            "queue": queue,
+            "scope": scope,
+            "dedup_key": dedup_key,
+            "run_after": run_after,
+            "priority": priority,
+            "max_attempts": max_attempts,
+            "pipeline_id": pipeline_id,
+            "next_jobs": next_jobs,
+            "depends_on": depends_on,
+        },
+    )
+    return int(session_or_connection.execute(statement, values).scalar_one())
+
+
+async def enqueue_async(
+    session_or_connection: AsyncSession | AsyncConnection,
+    job_type: str,
+    payload: Mapping[str, Any] | None = None,
+    *,
+    queue: str | None = None,
+    scope: Any = None,
+    dedup_key: str | None = None,
+    run_after: datetime | None = None,
+    priority: int | None = None,
+    max_attempts: int | None = None,
+    pipeline_id: UUID | None = None,
+    next_jobs: list[Mapping[str, Any]] | None = None,
+    depends_on: list[int] | None = None,
+) -> int:
+    """:func:`enqueue` for ``AsyncSession`` / ``AsyncConnection``."""
+    statement, values = _enqueue_statement(
+        job_type,
+        payload,
+        {
+            "queue": queue,
+            "scope": scope,
+            "dedup_key": dedup_key,
+            "run_after": run_after,
+            "priority": priority,
+            "max_attempts": max_attempts,
+            "pipeline_id": pipeline_id,
+            "next_jobs": next_jobs,
+            "depends_on": depends_on,
+        },
+    )
+    result = await session_or_connection.execute(statement, values)
+    return int(result.scalar_one())

@@ -1,0 +1,69 @@
+-- =============================================================================
+-- pgqueue: settings
+-- Every tunable number lives in a table an operator can read and change from
+-- psql; function bodies never hard-code a timeout or a retry count.
+-- =============================================================================
+
+-- Validate one setting value; raising here turns a bad UPDATE into a clear error.
+CREATE FUNCTION pgqueue._setting_valid(name text, value text) RETURNS boolean
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF name = 'max_attempts' THEN
+        IF value !~ '^\s*[0-9]+\s*$' OR value::bigint < 1 OR value::bigint > 2147483647 THEN
+            RAISE EXCEPTION 'pgqueue.settings: max_attempts must be a positive integer, got "%"', value
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+    ELSIF name IN ('backoff_base', 'backoff_cap', 'stale_after') THEN
+        BEGIN
+            IF value::interval <= interval '0' THEN
+                RAISE EXCEPTION 'not positive';
+            END IF;
+        EXCEPTION WHEN OTHERS THEN
+            RAISE EXCEPTION 'pgqueue.settings: % must be a positive interval such as ''30 seconds'', got "%"',
+                name, value USING ERRCODE = 'invalid_parameter_value';
+        END;
+    END IF;
+    RETURN true;
+END
+$$;
+
+CREATE TABLE pgqueue.settings (
+    name  text PRIMARY KEY,
+    value text NOT NULL,
+    CONSTRAINT settings_name_known
+        CHECK (name IN ('max_attempts', 'backoff_base', 'backoff_cap', 'stale_after')),
+    CONSTRAINT settings_value_valid CHECK (pgqueue._setting_valid(name, value))
+);
+COMMENT ON TABLE pgqueue.settings IS
+    'Tunables read by the functions on every call: max_attempts (default for new jobs), backoff_base and '
+    'backoff_cap (retry delay = min(cap, base * 2^(attempts-1)) with jitter), stale_after (lease length; '
+    'workers heartbeat well within it). Change with UPDATE; takes effect at once.';
+COMMENT ON COLUMN pgqueue.settings.name IS 'One of max_attempts, backoff_base, backoff_cap, stale_after.';
+COMMENT ON COLUMN pgqueue.settings.value IS 'Text form: an integer for max_attempts, an interval for the others.';
+
+INSERT INTO pgqueue.settings (name, value) VALUES
+    ('max_attempts', '5'),
+    ('backoff_base', '2 seconds'),
+    ('backoff_cap', '10 minutes'),
+    ('stale_after', '5 minutes');
+
+-- A deleted setting must fail loudly, not turn into NULL arithmetic.
+CREATE FUNCTION pgqueue._setting(p_name text) RETURNS text
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v text;
+BEGIN
+    SELECT s.value INTO v FROM pgqueue.settings s WHERE s.name = p_name;
+    IF v IS NULL THEN
+        RAISE EXCEPTION 'pgqueue.settings has no row for "%"; restore it with INSERT INTO pgqueue.settings', p_name
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    RETURN v;
+END
+$$;
+
+CREATE FUNCTION pgqueue._setting_int(p_name text) RETURNS int
+LANGUAGE sql STABLE AS $$ SELECT pgqueue._setting(p_name)::int $$;
+
+CREATE FUNCTION pgqueue._setting_interval(p_name text) RETURNS interval
+LANGUAGE sql STABLE AS $$ SELECT pgqueue._setting(p_name)::interval $$;

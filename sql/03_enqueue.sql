@@ -1,0 +1,356 @@
+-- =============================================================================
+-- pgqueue: enqueue
+-- One code path creates jobs: enqueue(), enqueue_many() and the children made
+-- by complete() all go through _insert_specs(), so validation, dedup,
+-- dependencies and pipeline ids behave the same everywhere, and a fan-out is
+-- one INSERT (one notification per queue).
+-- =============================================================================
+
+-- Advisory lock namespaces (two-int4 keys never collide with an application's
+-- single-bigint advisory locks).
+CREATE FUNCTION pgqueue._lock_class(p_kind text) RETURNS int
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE p_kind WHEN 'scope' THEN 7216001 WHEN 'dedup' THEN 7216002 WHEN 'leader' THEN 7216003 END
+$$;
+
+-- What is wrong with one job spec, or NULL. A SQL expression (inlined into the
+-- calling query) so validating ten thousand specs costs one scan, not ten
+-- thousand PL/pgSQL calls.
+CREATE FUNCTION pgqueue._spec_problem(s jsonb) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+SELECT CASE
+    WHEN jsonb_typeof(s) IS DISTINCT FROM 'object' THEN
+        format('must be a JSON object, got %s', coalesce(jsonb_typeof(s), 'NULL'))
+    WHEN EXISTS (SELECT 1 FROM jsonb_object_keys(s) k
+                 WHERE k NOT IN ('job_type', 'payload', 'queue', 'scope', 'dedup_key', 'run_after',
+                                 'priority', 'max_attempts', 'pipeline_id', 'next_jobs', 'depends_on',
+                                 'key', 'after')) THEN
+        format('unknown key(s) %s; allowed: job_type, payload, queue, scope, dedup_key, run_after, '
+               'priority, max_attempts, pipeline_id, next_jobs, depends_on, key, after',
+               (SELECT string_agg(quote_ident(k), ', ') FROM jsonb_object_keys(s) k
+                WHERE k NOT IN ('job_type', 'payload', 'queue', 'scope', 'dedup_key', 'run_after',
+                                'priority', 'max_attempts', 'pipeline_id', 'next_jobs', 'depends_on',
+                                'key', 'after')))
+    WHEN coalesce(s->'job_type', 'null') = 'null' THEN 'job_type is required'
+    WHEN jsonb_typeof(s->'job_type') <> 'string' OR btrim(s->>'job_type') = '' THEN
+        'job_type must be a non-empty string'
+    WHEN coalesce(s->'payload', 'null') <> 'null' AND jsonb_typeof(s->'payload') <> 'object' THEN
+        format('payload must be a JSON object, got %s', jsonb_typeof(s->'payload'))
+    WHEN coalesce(s->'queue', 'null') <> 'null'
+         AND (jsonb_typeof(s->'queue') <> 'string' OR btrim(s->>'queue') = ''
+              OR octet_length(s->>'queue') > 200) THEN
+        'queue must be a non-empty string of at most 200 bytes'
+    WHEN coalesce(s->'dedup_key', 'null') <> 'null'
+         AND (jsonb_typeof(s->'dedup_key') <> 'string' OR s->>'dedup_key' = '') THEN
+        'dedup_key must be a non-empty string'
+    WHEN octet_length((s->'scope')::text) > 1000 THEN 'scope must be at most 1000 bytes of JSON'
+    WHEN coalesce(s->'priority', 'null') <> 'null'
+         AND (jsonb_typeof(s->'priority') <> 'number'
+              OR (s->>'priority')::numeric <> trunc((s->>'priority')::numeric)
+              OR abs((s->>'priority')::numeric) > 2147483647) THEN
+        'priority must be an integer'
+    WHEN coalesce(s->'max_attempts', 'null') <> 'null'
+         AND (jsonb_typeof(s->'max_attempts') <> 'number'
+              OR (s->>'max_attempts')::numeric <> trunc((s->>'max_attempts')::numeric)
+              OR (s->>'max_attempts')::numeric < 1
+              OR (s->>'max_attempts')::numeric > 2147483647) THEN
+        format('max_attempts must be an integer >= 1, got %s', s->'max_attempts')
+    WHEN coalesce(s->'run_after', 'null') <> 'null' AND jsonb_typeof(s->'run_after') <> 'string' THEN
+        'run_after must be a timestamp string'
+    WHEN coalesce(s->'pipeline_id', 'null') <> 'null'
+         AND (jsonb_typeof(s->'pipeline_id') <> 'string'
+              OR s->>'pipeline_id' !~* '^\{?[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}\}?$') THEN
+        'pipeline_id must be a UUID string'
+    WHEN coalesce(s->'next_jobs', 'null') <> 'null' AND jsonb_typeof(s->'next_jobs') <> 'array' THEN
+        'next_jobs must be an array of job specs'
+    WHEN coalesce(s->'depends_on', 'null') <> 'null'
+         AND (jsonb_typeof(s->'depends_on') <> 'array'
+              OR EXISTS (SELECT 1 FROM jsonb_array_elements(s->'depends_on') d
+                         WHERE jsonb_typeof(d) <> 'number' OR d::text !~ '^[0-9]+$')) THEN
+        'depends_on must be an array of job ids'
+    WHEN coalesce(s->'key', 'null') <> 'null'
+         AND (jsonb_typeof(s->'key') <> 'string' OR s->>'key' = '') THEN
+        'key must be a non-empty string'
+    WHEN coalesce(s->'after', 'null') <> 'null'
+         AND (jsonb_typeof(s->'after') <> 'array'
+              OR EXISTS (SELECT 1 FROM jsonb_array_elements(s->'after') a WHERE jsonb_typeof(a) <> 'string')) THEN
+        'after must be an array of sibling keys'
+END
+$$;
+
+-- "label[i]" for a spec in an array, or just "label" for enqueue's single spec.
+CREATE FUNCTION pgqueue._spec_where(p_label text, p_ord bigint, p_single boolean) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN p_single THEN p_label ELSE format('%s[%s]', p_label, p_ord - 1) END
+$$;
+
+-- Validate an array of specs (and, recursively, their next_jobs); raise the
+-- first problem, prefixed with where it is (label[index]).
+CREATE FUNCTION pgqueue._check_specs(p_specs jsonb, p_label text, p_single boolean DEFAULT false) RETURNS void
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_ord bigint;
+    v_problem text;
+    v_key text;
+    v_spec jsonb;
+BEGIN
+    IF jsonb_typeof(p_specs) IS DISTINCT FROM 'array' THEN
+        RAISE EXCEPTION '%: must be a JSON array of job specs, got %', p_label, coalesce(jsonb_typeof(p_specs), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    SELECT e.ord, pgqueue._spec_problem(e.s) INTO v_ord, v_problem
+    FROM jsonb_array_elements(p_specs) WITH ORDINALITY AS e(s, ord)
+    WHERE pgqueue._spec_problem(e.s) IS NOT NULL
+    ORDER BY e.ord LIMIT 1;
+    IF v_problem IS NOT NULL THEN
+        RAISE EXCEPTION '%: %', pgqueue._spec_where(p_label, v_ord, p_single), v_problem
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    -- Timestamps need a cast to validate; only specs that carry one pay for it.
+    FOR v_ord, v_spec IN
+        SELECT e.ord, e.s FROM jsonb_array_elements(p_specs) WITH ORDINALITY AS e(s, ord)
+        WHERE jsonb_typeof(e.s->'run_after') = 'string'
+    LOOP
+        BEGIN
+            PERFORM (v_spec->>'run_after')::timestamptz;
+        EXCEPTION WHEN others THEN
+            RAISE EXCEPTION '%: run_after is not a valid timestamp: %', pgqueue._spec_where(p_label, v_ord, p_single),
+                v_spec->>'run_after'
+                USING ERRCODE = 'invalid_parameter_value';
+        END;
+    END LOOP;
+
+    SELECT k INTO v_key FROM jsonb_array_elements(p_specs) e(s), LATERAL (SELECT e.s->>'key' AS k) x
+    WHERE k IS NOT NULL GROUP BY k HAVING count(*) > 1 LIMIT 1;
+    IF v_key IS NOT NULL THEN
+        RAISE EXCEPTION '%: key "%" is used by more than one spec', p_label, v_key
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    SELECT e.ord, a.k INTO v_ord, v_key
+    FROM jsonb_array_elements(p_specs) WITH ORDINALITY AS e(s, ord),
+         jsonb_array_elements_text(coalesce(nullif(e.s->'after', 'null'), '[]')) AS a(k)
+    WHERE NOT EXISTS (SELECT 1 FROM jsonb_array_elements(p_specs) o(s) WHERE o.s->>'key' = a.k)
+    ORDER BY e.ord LIMIT 1;
+    IF v_key IS NOT NULL THEN
+        RAISE EXCEPTION '%: after names unknown key "%"', pgqueue._spec_where(p_label, v_ord, p_single), v_key
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    -- A cycle among "after" lists would leave every job on it waiting forever.
+    WITH RECURSIVE edge(k, dep) AS (
+        SELECT e.s->>'key', a.k
+        FROM jsonb_array_elements(p_specs) e(s),
+             jsonb_array_elements_text(coalesce(nullif(e.s->'after', 'null'), '[]')) a(k)
+        WHERE e.s ? 'key'
+    ), reach(start, node) AS (
+        SELECT k, dep FROM edge
+        UNION
+        SELECT r.start, e.dep FROM reach r JOIN edge e ON e.k = r.node
+    )
+    SELECT start INTO v_key FROM reach WHERE start = node LIMIT 1;
+    IF v_key IS NOT NULL THEN
+        RAISE EXCEPTION '%: the after lists form a cycle through key "%"', p_label, v_key
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    FOR v_ord, v_spec IN
+        SELECT e.ord, e.s FROM jsonb_array_elements(p_specs) WITH ORDINALITY AS e(s, ord)
+        WHERE jsonb_typeof(e.s->'next_jobs') = 'array'
+    LOOP
+        PERFORM pgqueue._check_specs(v_spec->'next_jobs',
+                                     pgqueue._spec_where(p_label, v_ord, p_single) || ': next_jobs');
+    END LOOP;
+END
+$$;
+
+-- Take the dedup-key lock. enqueue and every requeue take it, so "is another
+-- job with this key pending?" and the write that depends on the answer cannot
+-- interleave with a concurrent enqueue of the same key.
+CREATE FUNCTION pgqueue._lock_dedup_key(p_key text) RETURNS void
+LANGUAGE sql AS $$
+    SELECT pg_advisory_xact_lock(pgqueue._lock_class('dedup'), hashtext(p_key))
+$$;
+
+-- Create jobs from validated specs; returns their ids in spec order (a spec
+-- merged into a pending job with the same dedup_key returns that job's id).
+CREATE FUNCTION pgqueue._insert_specs(p_specs jsonb, p_pipeline_id uuid, p_parent_id bigint, p_label text,
+                                      p_single boolean DEFAULT false)
+RETURNS bigint[]
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_n int;
+    v_new bigint[];
+    v_ids bigint[];
+    v_dep_ids bigint[];
+    v_succeeded bigint[] := '{}';
+    v_bad record;
+    v_max_attempts int := pgqueue._setting_int('max_attempts');
+    v_has_edges boolean;
+BEGIN
+    PERFORM pgqueue._check_specs(p_specs, p_label, p_single);
+    v_n := jsonb_array_length(p_specs);
+    IF v_n = 0 THEN
+        RETURN '{}';
+    END IF;
+    IF p_parent_id IS NOT NULL THEN
+        SELECT e.ord - 1 AS i INTO v_bad FROM jsonb_array_elements(p_specs) WITH ORDINALITY e(s, ord)
+        WHERE (e.s->>'pipeline_id')::uuid IS DISTINCT FROM p_pipeline_id AND e.s ? 'pipeline_id'
+              AND e.s->'pipeline_id' <> 'null'
+        LIMIT 1;
+        IF FOUND THEN
+            RAISE EXCEPTION '%[%]: pipeline_id differs from the parent''s; children inherit it', p_label, v_bad.i
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+    END IF;
+
+    -- Dedup keys: lock in a fixed order (no deadlock between two batches).
+    PERFORM pgqueue._lock_dedup_key(k)
+    FROM (SELECT DISTINCT e.s->>'dedup_key' AS k FROM jsonb_array_elements(p_specs) e(s)
+          WHERE e.s->>'dedup_key' IS NOT NULL ORDER BY 1) keys;
+
+    -- Explicit dependencies. FOR SHARE makes a dependency that is finishing
+    -- right now wait for this transaction (or us for it), so its completion
+    -- always sees the new dependents and a fan-in can never be missed.
+    SELECT array_agg(DISTINCT d::bigint), bool_or(true) INTO v_dep_ids, v_has_edges
+    FROM jsonb_array_elements(p_specs) e(s),
+         jsonb_array_elements_text(coalesce(nullif(e.s->'depends_on', 'null'), '[]')) d;
+    IF v_dep_ids IS NOT NULL THEN
+        SELECT x.id, x.state INTO v_bad
+        FROM unnest(v_dep_ids) AS want(id)
+        LEFT JOIN LATERAL (SELECT j.id, j.state FROM pgqueue.jobs j WHERE j.id = want.id FOR SHARE) x ON true
+        WHERE x.id IS NULL OR x.state IN ('failed', 'cancelled')
+        ORDER BY want.id LIMIT 1;
+        IF FOUND THEN
+            IF v_bad.id IS NULL THEN
+                SELECT min(want.id) AS id, NULL::text AS state INTO v_bad FROM unnest(v_dep_ids) want(id)
+                WHERE NOT EXISTS (SELECT 1 FROM pgqueue.jobs j WHERE j.id = want.id);
+                RAISE EXCEPTION '%: depends_on names unknown job id %', p_label, v_bad.id
+                    USING ERRCODE = 'foreign_key_violation';
+            END IF;
+            RAISE EXCEPTION '%: dependency % is already %, so the job could never run', p_label, v_bad.id, v_bad.state
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        SELECT coalesce(array_agg(j.id), '{}') INTO v_succeeded
+        FROM pgqueue.jobs j WHERE j.id = ANY (v_dep_ids) AND j.state = 'succeeded';
+    END IF;
+    v_has_edges := coalesce(v_has_edges, false) OR p_specs @? '$[*].after[*]';
+
+    -- Ids are allocated up front so "after" keys can be resolved to ids.
+    SELECT array_agg(nextval('pgqueue.jobs_id_seq')) INTO v_new FROM generate_series(1, v_n);
+
+    WITH spec AS (
+        SELECT e.ord, e.s, v_new[e.ord] AS new_id, e.s->>'dedup_key' AS dk,
+               row_number() OVER (PARTITION BY e.s->>'dedup_key' ORDER BY e.ord) AS dk_rank
+        FROM jsonb_array_elements(p_specs) WITH ORDINALITY AS e(s, ord)
+    ), ins AS (
+        INSERT INTO pgqueue.jobs AS j
+            (id, queue, job_type, payload, state, priority, scope, dedup_key, max_attempts, run_after,
+             pipeline_id, parent_id, next_jobs)
+        SELECT sp.new_id,
+               coalesce(sp.s->>'queue', 'default'),
+               sp.s->>'job_type',
+               coalesce(nullif(sp.s->'payload', 'null'), '{}'),
+               CASE WHEN jsonb_array_length(coalesce(nullif(sp.s->'after', 'null'), '[]')) > 0
+                      OR EXISTS (SELECT 1 FROM jsonb_array_elements_text(
+                                     coalesce(nullif(sp.s->'depends_on', 'null'), '[]')) d
+                                 WHERE d::bigint <> ALL (v_succeeded))
+                    THEN 'waiting' ELSE 'queued' END,
+               coalesce((sp.s->>'priority')::int, 0),
+               nullif(sp.s->'scope', 'null'),
+               sp.dk,
+               coalesce((sp.s->>'max_attempts')::int, v_max_attempts),
+               coalesce((sp.s->>'run_after')::timestamptz, now()),
+               coalesce(p_pipeline_id, (sp.s->>'pipeline_id')::uuid),
+               p_parent_id,
+               nullif(sp.s->'next_jobs', 'null')
+        FROM spec sp
+        WHERE sp.dk IS NULL OR sp.dk_rank = 1
+        ORDER BY sp.ord
+        -- A pending job with the key already exists: lock it (so it cannot be
+        -- claimed and finished before our dependents on it commit) and return it.
+        ON CONFLICT (dedup_key) WHERE state IN ('waiting', 'queued')
+        DO UPDATE SET dedup_key = excluded.dedup_key
+        RETURNING j.id, j.dedup_key
+    )
+    SELECT array_agg(coalesce(i.id, sp.new_id) ORDER BY sp.ord) INTO v_ids
+    FROM spec sp LEFT JOIN ins i ON i.dedup_key = sp.dk;
+
+    IF v_has_edges THEN
+        WITH keyed AS (
+            SELECT e.s->>'key' AS k, v_ids[e.ord] AS id
+            FROM jsonb_array_elements(p_specs) WITH ORDINALITY AS e(s, ord) WHERE e.s ? 'key'
+        )
+        INSERT INTO pgqueue.job_dependencies (job_id, depends_on)
+        SELECT DISTINCT v_ids[e.ord], dep.id
+        FROM jsonb_array_elements(p_specs) WITH ORDINALITY AS e(s, ord)
+        CROSS JOIN LATERAL (
+            SELECT kd.id FROM jsonb_array_elements_text(coalesce(nullif(e.s->'after', 'null'), '[]')) a(k)
+            JOIN keyed kd ON kd.k = a.k
+            UNION ALL
+            SELECT d::bigint FROM jsonb_array_elements_text(coalesce(nullif(e.s->'depends_on', 'null'), '[]')) d
+        ) dep
+        WHERE v_ids[e.ord] = v_new[e.ord]      -- merged specs add no edges to the job they merged into
+          AND dep.id <> v_ids[e.ord]
+        ON CONFLICT DO NOTHING;
+    END IF;
+
+    RETURN v_ids;
+END
+$$;
+
+CREATE FUNCTION pgqueue.enqueue(
+    job_type text,
+    payload jsonb DEFAULT '{}',
+    queue text DEFAULT 'default',
+    scope jsonb DEFAULT NULL,
+    dedup_key text DEFAULT NULL,
+    run_after timestamptz DEFAULT NULL,
+    priority int DEFAULT 0,
+    max_attempts int DEFAULT NULL,
+    pipeline_id uuid DEFAULT NULL,
+    next_jobs jsonb DEFAULT NULL,
+    depends_on bigint[] DEFAULT NULL
+) RETURNS bigint
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF max_attempts IS NOT NULL AND max_attempts < 1 THEN
+        RAISE EXCEPTION 'pgqueue.enqueue: max_attempts must be >= 1, got %', max_attempts
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF payload IS NOT NULL AND jsonb_typeof(payload) <> 'object' THEN
+        RAISE EXCEPTION 'pgqueue.enqueue: payload must be a JSON object, got %', jsonb_typeof(payload)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF job_type IS NULL OR btrim(job_type) = '' THEN
+        RAISE EXCEPTION 'pgqueue.enqueue: job_type must be a non-empty string'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN (pgqueue._insert_specs(
+        jsonb_build_array(jsonb_strip_nulls(jsonb_build_object(
+            'job_type', job_type, 'queue', queue, 'dedup_key', dedup_key,
+            'run_after', run_after, 'priority', priority, 'max_attempts', max_attempts,
+            'pipeline_id', pipeline_id, 'depends_on', depends_on))
+        -- payload, scope and next_jobs keep their inner JSON nulls, so they are added unstripped
+        || jsonb_build_object('payload', coalesce(payload, '{}'))
+        || CASE WHEN scope IS NULL OR scope = 'null' THEN '{}'::jsonb ELSE jsonb_build_object('scope', scope) END
+        || CASE WHEN next_jobs IS NULL THEN '{}'::jsonb ELSE jsonb_build_object('next_jobs', next_jobs) END),
+        NULL, NULL, 'pgqueue.enqueue', true))[1];
+END
+$$;
+COMMENT ON FUNCTION pgqueue.enqueue(text, jsonb, text, jsonb, text, timestamptz, int, int, uuid, jsonb, bigint[]) IS
+    'Create one job and return its id. With dedup_key, returns the pending job with that key instead of '
+    'creating another. With depends_on, the job waits until those jobs succeed. next_jobs are created when it '
+    'succeeds. Bad input raises an error naming the parameter and writes nothing.';
+
+CREATE FUNCTION pgqueue.enqueue_many(specs jsonb) RETURNS SETOF bigint
+LANGUAGE sql AS $$
+    SELECT u.id FROM unnest(pgqueue._insert_specs(specs, NULL, NULL, 'pgqueue.enqueue_many'))
+        WITH ORDINALITY AS u(id, ord)
+    ORDER BY u.ord
+$$;
+COMMENT ON FUNCTION pgqueue.enqueue_many(jsonb) IS
+    'Create many jobs in one statement (one notification per queue) from an array of specs: objects with '
+    'enqueue''s parameter names, plus "key"/"after" for dependencies between them. Returns ids in spec order.';

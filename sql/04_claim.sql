@@ -1,0 +1,126 @@
+-- =============================================================================
+-- pgqueue: claiming
+-- Scope serialisation: a SKIP LOCKED scan cannot skip a unique-index wait
+-- (pitfalls E4), so scoped claims also take a per-scope transaction advisory
+-- lock (try-lock in the scanner, so busy scopes are skipped, never waited on)
+-- and re-check the scope in a later statement whose fresh snapshot sees every
+-- claim that committed before the lock was granted (E8). The unique indexes on
+-- is_current and on running-per-scope stay as backstops. Functions assume READ
+-- COMMITTED (the default); under REPEATABLE READ a lost race raises 40001.
+-- =============================================================================
+
+CREATE FUNCTION pgqueue._scope_lock_key(p_scope jsonb) RETURNS int
+LANGUAGE sql IMMUTABLE AS $$ SELECT hashtext(p_scope::text) $$;
+
+-- True when no job of the scope is running and none older is queued.
+CREATE FUNCTION pgqueue._scope_free(p_scope jsonb, p_job_id bigint) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT NOT EXISTS (
+        SELECT 1 FROM pgqueue.jobs o
+        WHERE o.scope = p_scope AND o.state IN ('queued', 'running')
+          AND (o.state = 'running' OR o.id < p_job_id))
+$$;
+
+CREATE FUNCTION pgqueue.claim(job_id bigint, worker text) RETURNS SETOF pgqueue.jobs
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_scope jsonb;
+BEGIN
+    IF worker IS NULL OR worker = '' THEN
+        RAISE EXCEPTION 'pgqueue.claim: worker must be a non-empty string' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT j.scope INTO v_scope FROM pgqueue.jobs j
+    WHERE j.id = claim.job_id AND j.state = 'queued' AND j.run_after <= now();
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    IF v_scope IS NOT NULL THEN
+        PERFORM pg_advisory_xact_lock(pgqueue._lock_class('scope'), pgqueue._scope_lock_key(v_scope));
+        -- New statements, new snapshot: every claim of this scope that committed
+        -- before we got the lock is visible from here on.
+        PERFORM 1 FROM pgqueue.jobs j
+        WHERE j.id = claim.job_id AND j.state = 'queued' AND j.run_after <= now()
+        FOR NO KEY UPDATE;
+        IF NOT FOUND OR NOT pgqueue._scope_free(v_scope, claim.job_id) THEN
+            RETURN;
+        END IF;
+        -- Clear the previous current job first: a single UPDATE that swaps the
+        -- flag trips the unique index or not depending on row order (E14).
+        UPDATE pgqueue.jobs o SET is_current = false WHERE o.is_current AND o.scope = v_scope;
+    END IF;
+    RETURN QUERY
+    UPDATE pgqueue.jobs j
+       SET state = 'running', is_current = (j.scope IS NOT NULL), locked_by = claim.worker,
+           locked_at = now(), started_at = coalesce(j.started_at, now()), attempts = j.attempts + 1
+     WHERE j.id = claim.job_id AND j.state = 'queued' AND j.run_after <= now()
+    RETURNING j.*;
+END
+$$;
+COMMENT ON FUNCTION pgqueue.claim(bigint, text) IS
+    'Claim a known job by id for worker: a conditional UPDATE that returns the running row, or no row if the '
+    'job is not queued, not due, or its scope is busy. Never raises for a lost race. Sets state, is_current, '
+    'locked_by, locked_at, started_at (first claim only) and attempts together.';
+
+CREATE FUNCTION pgqueue.claim_next(worker text, queues text[] DEFAULT NULL, batch_size int DEFAULT 1)
+RETURNS SETOF pgqueue.jobs
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_ids bigint[];
+    v_scoped boolean;
+BEGIN
+    IF worker IS NULL OR worker = '' THEN
+        RAISE EXCEPTION 'pgqueue.claim_next: worker must be a non-empty string' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF batch_size IS NULL OR batch_size < 1 THEN
+        RAISE EXCEPTION 'pgqueue.claim_next: batch_size must be >= 1, got %', batch_size
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    -- Pick: due jobs in claim order, only the head of each scope, row-locked,
+    -- skipping rows other claimers hold; a scoped pick also needs its scope's
+    -- try-lock, so a scope another transaction is claiming is skipped.
+    SELECT array_agg(c.id), bool_or(c.scope IS NOT NULL) INTO v_ids, v_scoped
+    FROM (
+        SELECT j.id, j.scope FROM pgqueue.jobs j
+        WHERE j.state = 'queued' AND j.run_after <= now()
+          AND (claim_next.queues IS NULL OR j.queue = ANY (claim_next.queues))
+          AND (j.scope IS NULL OR pgqueue._scope_free(j.scope, j.id))
+        ORDER BY j.priority DESC, j.run_after, j.id
+        LIMIT claim_next.batch_size
+        FOR NO KEY UPDATE OF j SKIP LOCKED
+    ) c
+    WHERE c.scope IS NULL
+       OR pg_try_advisory_xact_lock(pgqueue._lock_class('scope'), pgqueue._scope_lock_key(c.scope));
+    IF v_ids IS NULL THEN
+        RETURN;
+    END IF;
+
+    IF v_scoped THEN
+        -- Re-check with a snapshot taken after the scope locks were granted.
+        SELECT array_agg(j.id) INTO v_ids FROM pgqueue.jobs j
+        WHERE j.id = ANY (v_ids) AND (j.scope IS NULL OR pgqueue._scope_free(j.scope, j.id));
+        IF v_ids IS NULL THEN
+            RETURN;
+        END IF;
+        UPDATE pgqueue.jobs o SET is_current = false
+        WHERE o.is_current
+          AND o.scope IN (SELECT j.scope FROM pgqueue.jobs j WHERE j.id = ANY (v_ids) AND j.scope IS NOT NULL);
+    END IF;
+
+    RETURN QUERY
+    WITH claimed AS (
+        UPDATE pgqueue.jobs j
+           SET state = 'running', is_current = (j.scope IS NOT NULL), locked_by = claim_next.worker,
+               locked_at = now(), started_at = coalesce(j.started_at, now()), attempts = j.attempts + 1
+         WHERE j.id = ANY (v_ids)
+        RETURNING j.*
+    )
+    SELECT * FROM claimed c ORDER BY c.priority DESC, c.run_after, c.id;
+END
+$$;
+COMMENT ON FUNCTION pgqueue.claim_next(text, text[], int) IS
+    'Claim up to batch_size due jobs (in queues, or any queue when NULL) for worker, by priority desc, '
+    'run_after, id, with FOR NO KEY UPDATE SKIP LOCKED. A batch never holds two jobs of one scope, and a '
+    'scoped job is claimed only when no job of its scope runs and none older is queued. Returns the claimed rows.';

@@ -1,0 +1,122 @@
+-- =============================================================================
+-- pgqueue: recovery and operator actions
+-- =============================================================================
+
+CREATE FUNCTION pgqueue.recover_stale(stale_after interval DEFAULT NULL) RETURNS SETOF bigint
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_after interval := coalesce(recover_stale.stale_after, pgqueue._setting_interval('stale_after'));
+    v record;
+BEGIN
+    IF v_after <= interval '0' THEN
+        RAISE EXCEPTION 'pgqueue.recover_stale: stale_after must be positive, got %', v_after
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- SKIP LOCKED: a row locked right now is being completed or failed by its
+    -- worker, which proves the worker is alive; fencing settles the rest.
+    FOR v IN
+        SELECT j.id, j.locked_by, j.locked_at, j.attempts FROM pgqueue.jobs j
+        WHERE j.state = 'running' AND j.locked_at < now() - v_after
+        ORDER BY j.id
+        FOR NO KEY UPDATE SKIP LOCKED
+    LOOP
+        PERFORM pgqueue._fail_attempt(v.id,
+            format('stale: attempt %s by worker %s sent no heartbeat since %s (stale_after %s); recovered',
+                   v.attempts, v.locked_by, v.locked_at, v_after),
+            interval '0');
+        RETURN NEXT v.id;
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION pgqueue.recover_stale(interval) IS
+    'Treat running jobs whose lease (locked_at) is older than stale_after (default: settings.stale_after) as '
+    'failed attempts: requeued at once, or failed when attempts are spent. The old worker is fenced out. '
+    'Returns the recovered ids. Workers run it from one elected leader; safe to call from psql.';
+
+CREATE FUNCTION pgqueue.cancel(job_id bigint) RETURNS boolean
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+BEGIN
+    UPDATE pgqueue.jobs j
+       SET state = 'cancelled', finished_at = now(), last_error = coalesce(j.last_error, 'cancelled')
+     WHERE j.id = cancel.job_id AND j.state IN ('waiting', 'queued');
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    PERFORM pgqueue._cancel_dependents(cancel.job_id, 'was cancelled');
+    RETURN true;
+END
+$$;
+COMMENT ON FUNCTION pgqueue.cancel(bigint) IS
+    'Cancel a waiting or queued job and, transitively, the jobs waiting on it. Returns false for a running or '
+    'finished job (a running handler is not interrupted; its worker''s outcome decides).';
+
+CREATE FUNCTION pgqueue.retry(job_id bigint) RETURNS boolean
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v pgqueue.jobs%ROWTYPE;
+BEGIN
+    SELECT * INTO v FROM pgqueue.jobs j WHERE j.id = retry.job_id AND j.state IN ('failed', 'cancelled')
+    FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    IF v.scope IS NOT NULL THEN
+        -- so a claim of a newer job of this scope cannot slip in between
+        PERFORM pg_advisory_xact_lock(pgqueue._lock_class('scope'), pgqueue._scope_lock_key(v.scope));
+    END IF;
+    UPDATE pgqueue.jobs j
+       SET state = CASE WHEN EXISTS (SELECT 1 FROM pgqueue.job_dependencies d
+                                     JOIN pgqueue.jobs p ON p.id = d.depends_on
+                                     WHERE d.job_id = j.id AND p.state <> 'succeeded')
+                        THEN 'waiting' ELSE 'queued' END,
+           attempts = 0, run_after = now(), finished_at = NULL, locked_by = NULL, locked_at = NULL,
+           result = NULL,
+           dedup_key = CASE WHEN pgqueue._keeps_dedup_key(v.dedup_key, j.id) THEN v.dedup_key END
+     WHERE j.id = retry.job_id;
+    -- Dependents cancelled because this job failed wait again for it.
+    WITH RECURSIVE downstream(id) AS (
+        SELECT d.job_id FROM pgqueue.job_dependencies d
+        JOIN pgqueue.jobs w ON w.id = d.job_id AND w.state = 'cancelled'
+                           AND w.last_error LIKE 'dependency failed: %'
+        WHERE d.depends_on = retry.job_id
+        UNION
+        SELECT d.job_id FROM downstream x
+        JOIN pgqueue.job_dependencies d ON d.depends_on = x.id
+        JOIN pgqueue.jobs w ON w.id = d.job_id AND w.state = 'cancelled'
+                           AND w.last_error LIKE 'dependency failed: %'
+    )
+    UPDATE pgqueue.jobs j SET state = 'waiting', finished_at = NULL
+      FROM downstream x WHERE j.id = x.id;
+    RETURN true;
+END
+$$;
+COMMENT ON FUNCTION pgqueue.retry(bigint) IS
+    'Put a failed or cancelled job back to queued (waiting if its dependencies have not all succeeded) with '
+    'attempts reset to 0; dependents that were cancelled because of it wait for it again. Returns false if '
+    'the job is not failed or cancelled.';
+
+CREATE FUNCTION pgqueue.prune(older_than interval) RETURNS bigint
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_count bigint;
+BEGIN
+    IF older_than IS NULL OR older_than < interval '0' THEN
+        RAISE EXCEPTION 'pgqueue.prune: older_than must be a non-negative interval, got %', older_than
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- The current job of a scope is kept: it holds the scope's latest outcome.
+    DELETE FROM pgqueue.jobs j
+    WHERE j.state IN ('succeeded', 'failed', 'cancelled')
+      AND j.finished_at < now() - prune.older_than
+      AND NOT j.is_current;
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    RETURN v_count;
+END
+$$;
+COMMENT ON FUNCTION pgqueue.prune(interval) IS
+    'Delete final jobs whose finished_at is older than older_than (except the current job of each scope); '
+    'returns how many were deleted.';

@@ -1,0 +1,96 @@
+"""Deliberately broken variants of the SQL functions.
+
+Each mutant rewrites one function (text substitution on ``pg_get_functiondef``)
+to remove one safeguard. ``test_mutants.py`` runs the race test that guards
+that safeguard against the mutant and requires it to fail: a race test that
+cannot fail proves nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import asyncpg
+
+
+@dataclass(frozen=True)
+class Mutant:
+    function: str  # regprocedure text
+    old: str
+    new: str
+    killed_by: str  # pytest node id (relative to tests/sql) that must fail
+
+
+MUTANTS: dict[str, Mutant] = {
+    # claim by id without the conditional state check: every claimer wins.
+    "claim_unconditional": Mutant(
+        "pgqueue.claim(bigint,text)",
+        "WHERE j.id = claim.job_id AND j.state = 'queued' AND j.run_after <= now()\n    RETURNING",
+        "WHERE j.id = claim.job_id\n    RETURNING",
+        "test_claim_races.py::test_n_sessions_claim_one_id_exactly_one_wins",
+    ),
+    # claim by id without the scope lock: the E4 trap (23505 or a second runner).
+    "claim_no_scope_lock": Mutant(
+        "pgqueue.claim(bigint,text)",
+        "PERFORM pg_advisory_xact_lock(pgqueue._lock_class('scope'), pgqueue._scope_lock_key(v_scope));",
+        "NULL;",
+        "test_claim_races.py::test_claim_by_id_of_newer_scope_job_waits_then_gets_nothing",
+    ),
+    # claim_next without the per-scope head check.
+    "claim_next_ignores_scope": Mutant(
+        "pgqueue.claim_next(text,text[],integer)",
+        "pgqueue._scope_free(j.scope, j.id)",
+        "true",
+        "test_claim_races.py::test_concurrent_claims_across_one_scope_oldest_first_one_winner",
+    ),
+    # fan-in checked without locking the dependent first: concurrent parents both miss it.
+    "unblock_without_lock": Mutant(
+        "pgqueue._unblock_dependents(bigint)",
+        "FOR NO KEY UPDATE;\n    IF NOT FOUND THEN",
+        "FOR NO KEY UPDATE SKIP LOCKED;\n    IF false THEN",
+        "test_fanin_races.py::test_two_parents_finishing_concurrently_queue_the_join_once",
+    ),
+    # a dependency recorded without FOR SHARE on the parent: its completion misses the new child.
+    "depends_on_without_share_lock": Mutant(
+        "pgqueue._insert_specs(jsonb,uuid,bigint,text,boolean)",
+        "WHERE j.id = want.id FOR SHARE",
+        "WHERE j.id = want.id",
+        "test_fanin_races.py::test_dependency_added_while_parent_completes_is_not_missed",
+    ),
+    # requeue without the dedup-key lock: 23505 against a concurrent enqueue.
+    "requeue_without_dedup_lock": Mutant(
+        "pgqueue._keeps_dedup_key(text,bigint)",
+        "PERFORM pgqueue._lock_dedup_key(p_key);",
+        "NULL;",
+        "test_dedup_races.py::test_requeue_racing_enqueue_of_same_key",
+    ),
+    # complete without the lease-holder fence: a recovered worker overwrites.
+    "complete_without_fence": Mutant(
+        "pgqueue.complete(bigint,text,jsonb,jsonb)",
+        "AND j.state = 'running' AND j.locked_by = complete.worker",
+        "AND j.state IN ('running', 'queued')",
+        "test_recovery_races.py::test_recover_first_then_late_complete_is_fenced",
+    ),
+    # notify for every inserted row's queue, waiting or not.
+    "notify_waiting_jobs": Mutant(
+        "pgqueue._notify_inserted()",
+        "WHERE n.state = 'queued'",
+        "WHERE true",
+        "test_notify.py::test_silent_for_zero_rows_waiting_jobs_and_claims",
+    ),
+    # claims leave is_current alone: the property test's invariant catches nothing? It must.
+    "claim_next_keeps_old_current": Mutant(
+        "pgqueue.claim_next(text,text[],integer)",
+        "UPDATE pgqueue.jobs o SET is_current = false",
+        "UPDATE pgqueue.jobs o SET is_current = o.is_current",
+        "test_properties.py::test_random_interleavings_keep_the_invariants",
+    ),
+}
+
+
+async def apply(conn: asyncpg.Connection, name: str) -> None:
+    mutant = MUTANTS[name]
+    definition = await conn.fetchval("SELECT pg_get_functiondef($1::regprocedure)", mutant.function)
+    if mutant.old not in definition:
+        raise AssertionError(f"mutant {name}: text to replace not found in {mutant.function}")
+    await conn.execute(definition.replace(mutant.old, mutant.new))

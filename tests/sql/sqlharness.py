@@ -1,0 +1,89 @@
+"""Isolation-spec style helpers for SQL race tests.
+
+Sessions are real asyncpg connections. A step that must block is started as
+a task and proven blocked by ``pg_blocking_pids`` (or an advisory-lock wait in
+``pg_locks``) from an observer connection; nothing synchronises by sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
+
+import asyncpg
+
+T = TypeVar("T")
+Connect = Callable[[], Awaitable[asyncpg.Connection]]
+
+BLOCK_TIMEOUT = 15.0
+
+
+async def json_codecs(conn: asyncpg.Connection) -> asyncpg.Connection:
+    for name in ("json", "jsonb"):
+        await conn.set_type_codec(name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+    return conn
+
+
+class Session:
+    """A named session: one connection, its backend pid, explicit transactions."""
+
+    def __init__(self, name: str, conn: asyncpg.Connection) -> None:
+        self.name = name
+        self.conn = conn
+        self.pid: int = conn.get_server_pid()
+
+    async def begin(self) -> None:
+        await self.conn.execute("BEGIN")
+
+    async def commit(self) -> None:
+        await self.conn.execute("COMMIT")
+
+    async def rollback(self) -> None:
+        await self.conn.execute("ROLLBACK")
+
+    async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        return await self.conn.fetch(sql, *args)
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        return await self.conn.fetchval(sql, *args)
+
+    def start(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """Run a step in the background (it is expected to block)."""
+        return asyncio.get_running_loop().create_task(coro, name=f"step-{self.name}")
+
+
+async def sessions(connect: Connect, *names: str) -> list[Session]:
+    out = []
+    for name in names:
+        out.append(Session(name, await json_codecs(await connect())))
+    return out
+
+
+async def wait_blocked(observer: asyncpg.Connection, *sessions_: Session) -> None:
+    """Return once every session waits on a lock held by another backend.
+
+    Polls ``pg_blocking_pids`` (heavyweight and advisory locks, including
+    waits for another transaction's commit); fails the test at the deadline.
+    """
+    deadline = time.monotonic() + BLOCK_TIMEOUT
+    pids = [s.pid for s in sessions_]
+    while True:
+        blocked = await observer.fetchval(
+            "SELECT count(*) FROM unnest($1::int[]) p WHERE cardinality(pg_blocking_pids(p)) > 0",
+            pids,
+        )
+        if blocked == len(pids):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"sessions {[s.name for s in sessions_]} never blocked")
+        await asyncio.sleep(0.005)  # polling interval of the observer, not a synchronisation
+
+
+async def lock_wait_kind(observer: asyncpg.Connection, session: Session) -> str | None:
+    """The lock type a session waits for (``advisory``, ``transactionid``, ``tuple``...), if any."""
+    return await observer.fetchval(
+        "SELECT locktype FROM pg_locks WHERE pid = $1 AND NOT granted LIMIT 1", session.pid
+    )

@@ -1,0 +1,136 @@
+"""Bad input raises an error naming the problem and writes nothing."""
+
+from __future__ import annotations
+
+import asyncpg
+import pytest
+from sqlharness import Connect, json_codecs
+
+CASES = [
+    ("SELECT pgqueue.enqueue('')", "job_type must be a non-empty string"),
+    ("SELECT pgqueue.enqueue(NULL)", "job_type must be a non-empty string"),
+    ("SELECT pgqueue.enqueue('t', '[1, 2]')", "payload must be a JSON object, got array"),
+    ("SELECT pgqueue.enqueue('t', '\"x\"')", "payload must be a JSON object, got string"),
+    ("SELECT pgqueue.enqueue('t', max_attempts => 0)", "max_attempts must be >= 1"),
+    (
+        "SELECT pgqueue.enqueue('t', depends_on => ARRAY[424242]::bigint[])",
+        "depends_on names unknown job id 424242",
+    ),
+    (
+        "SELECT pgqueue.enqueue('t', next_jobs => '{\"job_type\": \"x\"}')",
+        "next_jobs must be an array",
+    ),
+    (
+        "SELECT pgqueue.enqueue('t', next_jobs => '[{\"payload\": {}}]')",
+        "next_jobs[0]: job_type is required",
+    ),
+    (
+        'SELECT pgqueue.enqueue(\'t\', next_jobs => \'[{"job_type": "x", "bogus": 1}]\')',
+        "unknown key(s) bogus",
+    ),
+    (
+        'SELECT pgqueue.enqueue(\'t\', next_jobs => \'[{"job_type": "x", "payload": []}]\')',
+        "next_jobs[0]: payload must be a JSON object, got array",
+    ),
+    (
+        'SELECT pgqueue.enqueue(\'t\', next_jobs => \'[{"job_type": "x", "max_attempts": 0}]\')',
+        "next_jobs[0]: max_attempts must be an integer >= 1",
+    ),
+    (
+        'SELECT pgqueue.enqueue(\'t\', next_jobs => \'[{"job_type": "x", "after": ["nope"]}]\')',
+        'after names unknown key "nope"',
+    ),
+    (
+        'SELECT pgqueue.enqueue(\'t\', next_jobs => \'[{"job_type": "x", "key": "a"}, '
+        '{"job_type": "y", "key": "a"}]\')',
+        'key "a" is used by more than one spec',
+    ),
+    (
+        'SELECT pgqueue.enqueue(\'t\', next_jobs => \'[{"job_type": "x", "key": "a", "after": ["b"]}, '
+        '{"job_type": "y", "key": "b", "after": ["a"]}]\')',
+        "form a cycle",
+    ),
+    (
+        'SELECT pgqueue.enqueue(\'t\', next_jobs => \'[{"job_type": "x", "run_after": "soon"}]\')',
+        "run_after is not a valid timestamp",
+    ),
+    (
+        'SELECT pgqueue.enqueue(\'t\', next_jobs => \'[{"job_type": "x", "next_jobs": [{"job_type": 3}]}]\')',
+        "next_jobs[0]: next_jobs[0]: job_type must be a non-empty string",
+    ),
+    (
+        'SELECT pgqueue.enqueue_many(\'[{"job_type": "ok"}, {"job_type": ""}]\')',
+        "enqueue_many[1]: job_type must be a non-empty string",
+    ),
+    ("SELECT pgqueue.enqueue_many('{}')", "must be a JSON array"),
+    ("SELECT pgqueue.enqueue('t', queue => '')", "queue must be a non-empty string"),
+    ("SELECT pgqueue.enqueue('t', dedup_key => '')", "dedup_key must be a non-empty string"),
+    ("SELECT * FROM pgqueue.claim_next('w', NULL, 0)", "batch_size must be >= 1"),
+    ("SELECT * FROM pgqueue.claim_next('')", "worker must be a non-empty string"),
+    ("SELECT pgqueue.prune(NULL)", "older_than must be a non-negative interval"),
+    ("SELECT pgqueue.recover_stale(interval '-1 second')", "stale_after must be positive"),
+    (
+        "UPDATE pgqueue.settings SET value = 'soon' WHERE name = 'stale_after'",
+        "stale_after must be a positive interval",
+    ),
+    (
+        "UPDATE pgqueue.settings SET value = '0' WHERE name = 'max_attempts'",
+        "max_attempts must be a positive integer",
+    ),
+    ("INSERT INTO pgqueue.settings VALUES ('poll', '1')", "settings_name_known"),
+]
+
+
+@pytest.mark.parametrize(("sql", "message"), CASES, ids=[c[1][:40] for c in CASES])
+async def test_bad_input_is_refused_with_a_clear_error(
+    connect: Connect, sql: str, message: str
+) -> None:
+    conn = await json_codecs(await connect())
+    existing = await conn.fetchval("SELECT pgqueue.enqueue('existing')")
+    before = await conn.fetchval("SELECT count(*) FROM pgqueue.jobs")
+    with pytest.raises(asyncpg.PostgresError) as err:
+        await conn.execute(sql)
+    assert message in str(err.value)
+    assert await conn.fetchval("SELECT count(*) FROM pgqueue.jobs") == before
+    assert await conn.fetchval("SELECT count(*) FROM pgqueue.job_dependencies") == 0
+    assert await conn.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", existing) == "queued"
+
+
+async def test_dependency_on_failed_job_is_refused(connect: Connect) -> None:
+    conn = await json_codecs(await connect())
+    job = await conn.fetchval("SELECT pgqueue.enqueue('t', max_attempts => 1)")
+    await conn.fetch("SELECT id FROM pgqueue.claim($1, 'w')", job)
+    await conn.fetchval("SELECT pgqueue.fail($1, 'w', 'x')", job)
+    with pytest.raises(asyncpg.PostgresError, match=f"dependency {job} is already failed"):
+        await conn.fetchval("SELECT pgqueue.enqueue('c', depends_on => ARRAY[$1]::bigint[])", job)
+
+
+async def test_bad_next_jobs_at_complete_leaves_job_running(connect: Connect) -> None:
+    conn = await json_codecs(await connect())
+    job = await conn.fetchval("SELECT pgqueue.enqueue('t')")
+    await conn.fetch("SELECT id FROM pgqueue.claim($1, 'w')", job)
+    with pytest.raises(
+        asyncpg.PostgresError, match=r"pgqueue.complete: next_jobs\[0\]: job_type is required"
+    ):
+        await conn.fetchval("SELECT pgqueue.complete($1, 'w', NULL, '[{}]')", job)
+    assert await conn.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", job) == "running"
+
+
+@pytest.mark.parametrize(
+    ("values", "constraint"),
+    [
+        ("('t', '[]'::jsonb, 'queued')", "jobs_payload_is_object"),
+        ("('', '{}'::jsonb, 'queued')", "jobs_job_type_not_empty"),
+        ("('t', '{}'::jsonb, 'paused')", "jobs_state_known"),
+        ("('t', '{}'::jsonb, 'running')", "jobs_running_has_lease"),
+        ("('t', '{}'::jsonb, 'succeeded')", "jobs_finished_at_iff_final"),
+    ],
+)
+async def test_direct_inserts_fail_on_named_constraints(
+    connect: Connect, values: str, constraint: str
+) -> None:
+    conn = await connect()
+    with pytest.raises(asyncpg.CheckViolationError, match=constraint):
+        await conn.execute(f"INSERT INTO pgqueue.jobs (job_type, payload, state) VALUES {values}")
+    with pytest.raises(asyncpg.NotNullViolationError, match="job_type"):
+        await conn.execute("INSERT INTO pgqueue.jobs (payload) VALUES ('{}')")

@@ -1,0 +1,160 @@
+"""Fan-in: a join is queued exactly once, however its dependencies finish."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import asyncpg
+from sqlharness import Connect, sessions, wait_blocked
+
+AUDIT = """
+CREATE TABLE queued_log (job_id bigint, at timestamptz DEFAULT clock_timestamp());
+CREATE FUNCTION log_queued() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO queued_log (job_id) SELECT n.id FROM new_rows n JOIN old_rows o USING (id)
+    WHERE n.state = 'queued' AND o.state <> 'queued';
+    RETURN NULL;
+END $$;
+CREATE TRIGGER log_queued AFTER UPDATE ON pgqueue.jobs REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+FOR EACH STATEMENT EXECUTE FUNCTION log_queued();
+"""
+
+
+async def _parents_and_join(conn: asyncpg.Connection, n: int) -> tuple[list[int], int]:
+    parents = [
+        r[0]
+        for r in await conn.fetch(
+            "SELECT pgqueue.enqueue_many($1::jsonb)",
+            [{"job_type": "p", "payload": {"i": i}} for i in range(n)],
+        )
+    ]
+    join = await conn.fetchval(
+        "SELECT pgqueue.enqueue('join', depends_on => $1::bigint[])", parents
+    )
+    return parents, int(join)
+
+
+async def test_two_parents_finishing_concurrently_queue_the_join_once(connect: Connect) -> None:
+    observer, a, b = await sessions(connect, "obs", "a", "b")
+    await observer.conn.execute(AUDIT)
+    (p1, p2), join = await _parents_and_join(observer.conn, 2)
+    assert (
+        await observer.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", join) == "waiting"
+    )
+    await observer.fetch("SELECT id FROM pgqueue.claim($1, 'a')", p1)
+    await observer.fetch("SELECT id FROM pgqueue.claim($1, 'b')", p2)
+
+    await a.begin()
+    assert await a.fetchval("SELECT pgqueue.complete($1, 'a')", p1)
+    await b.begin()
+    step = b.start(b.fetchval("SELECT pgqueue.complete($1, 'b')", p2))
+    await wait_blocked(observer.conn, b)  # b waits on the join row that a locked
+    await a.commit()
+    assert await step is True
+    # Neither saw the other's success in its own snapshot; the lock order made b see a's commit.
+    assert await b.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", join) == "queued"
+    await b.commit()
+    assert await observer.fetchval("SELECT count(*) FROM queued_log WHERE job_id = $1", join) == 1
+
+
+async def test_join_with_200_parents_completed_from_8_sessions_fires_once(connect: Connect) -> None:
+    observer, *workers = await sessions(connect, "obs", *(f"w{i}" for i in range(8)))
+    await observer.conn.execute(AUDIT)
+    parents, join = await _parents_and_join(observer.conn, 200)
+    random.Random(7).shuffle(parents)
+    for i, pid in enumerate(parents):
+        await observer.fetch("SELECT id FROM pgqueue.claim($1, $2)", pid, f"w{i % 8}")
+
+    async def finish(idx: int) -> None:
+        w = workers[idx]
+        for pid in parents[idx::8]:
+            assert await w.fetchval("SELECT pgqueue.complete($1, $2)", pid, w.name)
+
+    await asyncio.gather(*(finish(i) for i in range(8)))
+    assert await observer.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", join) == "queued"
+    assert await observer.fetchval("SELECT count(*) FROM queued_log WHERE job_id = $1", join) == 1
+
+
+async def test_failed_parent_cancels_join_and_its_dependents(connect: Connect) -> None:
+    (observer,) = await sessions(connect, "obs")
+    (p1, p2), join = await _parents_and_join(observer.conn, 2)
+    after_join = await observer.fetchval(
+        "SELECT pgqueue.enqueue('after', depends_on => ARRAY[$1]::bigint[])", join
+    )
+    await observer.fetch("SELECT id FROM pgqueue.claim($1, 'w')", p1)
+    assert await observer.fetchval("SELECT pgqueue.complete($1, 'w')", p1)
+    await observer.conn.execute("UPDATE pgqueue.jobs SET max_attempts = 1 WHERE id = $1", p2)
+    await observer.fetch("SELECT id FROM pgqueue.claim($1, 'w')", p2)
+    assert await observer.fetchval("SELECT pgqueue.fail($1, 'w', 'broken input')", p2) == "failed"
+    rows = await observer.fetch(
+        "SELECT id, state, last_error FROM pgqueue.jobs WHERE id IN ($1, $2) ORDER BY id",
+        join,
+        after_join,
+    )
+    assert [r["state"] for r in rows] == ["cancelled", "cancelled"]
+    assert all(f"job {p2}" in r["last_error"] for r in rows)  # names the failed ancestor
+
+
+async def test_failure_racing_success_of_another_parent(connect: Connect) -> None:
+    """Cancellation racing a completion: one consistent outcome, never waiting forever."""
+    observer, a, b = await sessions(connect, "obs", "a", "b")
+    (p1, p2), join = await _parents_and_join(observer.conn, 2)
+    await observer.conn.execute("UPDATE pgqueue.jobs SET max_attempts = 1 WHERE id = $1", p2)
+    await observer.fetch("SELECT id FROM pgqueue.claim($1, 'a')", p1)
+    await observer.fetch("SELECT id FROM pgqueue.claim($1, 'b')", p2)
+    await a.begin()
+    await b.begin()
+    assert await b.fetchval("SELECT pgqueue.fail($1, 'b', 'x')", p2) == "failed"
+    step = a.start(a.fetchval("SELECT pgqueue.complete($1, 'a')", p1))
+    await wait_blocked(observer.conn, a)
+    await b.commit()
+    assert await step is True
+    await a.commit()
+    assert (
+        await observer.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", join) == "cancelled"
+    )
+
+
+async def test_dependency_added_while_parent_completes_is_not_missed(connect: Connect) -> None:
+    """enqueue(depends_on) racing the dependency's completion: FOR SHARE orders them."""
+    observer, a, b = await sessions(connect, "obs", "a", "b")
+    parent = await observer.fetchval("SELECT pgqueue.enqueue('p')")
+    await observer.fetch("SELECT id FROM pgqueue.claim($1, 'w')", parent)
+    await a.begin()
+    child = await a.fetchval(
+        "SELECT pgqueue.enqueue('c', depends_on => ARRAY[$1]::bigint[])", parent
+    )
+    step = b.start(b.fetchval("SELECT pgqueue.complete($1, 'w')", parent))
+    await wait_blocked(observer.conn, b)
+    await a.commit()
+    assert await step is True
+    assert (
+        await observer.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", child) == "queued"
+    )
+
+
+async def test_sibling_keys_fan_out_then_one_aggregation(connect: Connect) -> None:
+    (observer,) = await sessions(connect, "obs")
+    specs = [{"job_type": "recalc", "key": f"r{i}", "payload": {"i": i}} for i in range(5)]
+    specs.append({"job_type": "aggregate", "after": [f"r{i}" for i in range(5)]})
+    ingest = await observer.fetchval(
+        "SELECT pgqueue.enqueue('ingest', next_jobs => $1::jsonb)", specs
+    )
+    await observer.fetch("SELECT id FROM pgqueue.claim($1, 'w')", ingest)
+    assert await observer.fetchval("SELECT pgqueue.complete($1, 'w')", ingest)
+    kids = await observer.fetch(
+        "SELECT id, job_type, state, parent_id, pipeline_id FROM pgqueue.jobs WHERE parent_id = $1 ORDER BY id",
+        ingest,
+    )
+    assert [r["job_type"] for r in kids] == ["recalc"] * 5 + ["aggregate"]
+    assert [r["state"] for r in kids] == ["queued"] * 5 + ["waiting"]
+    pipeline = await observer.fetchval("SELECT pipeline_id FROM pgqueue.jobs WHERE id = $1", ingest)
+    assert pipeline is not None and {r["pipeline_id"] for r in kids} == {pipeline}
+    for r in kids[:5]:
+        await observer.fetch("SELECT id FROM pgqueue.claim($1, 'w')", r["id"])
+        assert await observer.fetchval("SELECT pgqueue.complete($1, 'w')", r["id"])
+    assert (
+        await observer.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", kids[5]["id"])
+        == "queued"
+    )

@@ -1,0 +1,53 @@
+"""Claiming stays on its partial index as finished jobs pile up."""
+
+from __future__ import annotations
+
+import json
+
+from sqlharness import Connect
+
+SEED = """
+INSERT INTO pgqueue.jobs (job_type, state, finished_at, attempts, started_at, locked_by)
+SELECT 'done', 'succeeded', now() - interval '1 day', 1, now() - interval '1 day', 'w'
+FROM generate_series(1, 100000);
+INSERT INTO pgqueue.jobs (job_type, scope) SELECT 'todo', CASE WHEN g % 2 = 0 THEN jsonb_build_object('k', g % 5) END
+FROM generate_series(1, 50) g;
+ANALYZE pgqueue.jobs;
+"""
+
+STATS = """
+SELECT (SELECT seq_scan FROM pg_stat_user_tables WHERE relid = 'pgqueue.jobs'::regclass) AS seq,
+       (SELECT idx_scan FROM pg_stat_user_indexes WHERE indexrelid = 'pgqueue.jobs_ready'::regclass) AS ready
+"""
+
+
+async def test_claim_next_uses_the_ready_index_not_a_table_scan(connect: Connect) -> None:
+    worker, observer = await connect(), await connect()
+    await worker.execute(SEED)
+    await worker.execute("SELECT pg_stat_force_next_flush()")
+    before = await observer.fetchrow(STATS)
+    for _ in range(10):
+        rows = await worker.fetch("SELECT id FROM pgqueue.claim_next('w', NULL, 3)")
+        assert rows
+        for r in rows:
+            assert await worker.fetchval("SELECT pgqueue.complete($1, 'w')", r["id"])
+    await worker.execute("SELECT pg_stat_force_next_flush()")
+    await observer.execute("SELECT pg_stat_clear_snapshot()")
+    after = await observer.fetchrow(STATS)
+    assert after["seq"] == before["seq"], "claiming scanned the whole jobs table"
+    assert after["ready"] >= before["ready"] + 10
+
+
+async def test_plan_of_the_pick_uses_partial_index(connect: Connect) -> None:
+    conn = await connect()
+    await conn.execute(SEED)
+    plan = json.loads(
+        await conn.fetchval("""
+        EXPLAIN (FORMAT JSON)
+        SELECT j.id FROM pgqueue.jobs j
+        WHERE j.state = 'queued' AND j.run_after <= now()
+        ORDER BY j.priority DESC, j.run_after, j.id LIMIT 10 FOR NO KEY UPDATE SKIP LOCKED""")
+    )
+    text = json.dumps(plan)
+    assert '"Index Name": "jobs_ready"' in text
+    assert "Seq Scan" not in text

@@ -1,0 +1,87 @@
+"""NOTIFY pgqueue, <queue>: once per queue per statement, only when jobs enter queued."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+from sqlharness import Connect, json_codecs
+
+
+class Listener:
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+        self.got: list[str] = []
+
+    def __call__(self, _c: object, _pid: int, channel: str, payload: str) -> None:
+        assert channel == "pgqueue"
+        self.got.append(payload)
+
+    async def drain(self) -> list[str]:
+        # A round trip on the listening connection delivers everything committed before it.
+        await self.conn.execute("SELECT 1")
+        await asyncio.sleep(0)
+        out, self.got = self.got, []
+        return out
+
+
+async def _setup(connect: Connect) -> tuple[asyncpg.Connection, Listener]:
+    listen_conn = await connect()
+    listener = Listener(listen_conn)
+    await listen_conn.add_listener("pgqueue", listener)
+    conn = await json_codecs(await connect())
+    return conn, listener
+
+
+async def test_bulk_insert_sends_one_notification_per_queue(connect: Connect) -> None:
+    conn, listener = await _setup(connect)
+    specs = [{"job_type": "t", "queue": "a" if i % 2 else "b"} for i in range(1000)]
+    await conn.fetch("SELECT pgqueue.enqueue_many($1::jsonb)", specs)
+    assert sorted(await listener.drain()) == ["a", "b"]
+
+
+async def test_silent_for_zero_rows_waiting_jobs_and_claims(connect: Connect) -> None:
+    conn, listener = await _setup(connect)
+    await conn.execute("INSERT INTO pgqueue.jobs (job_type) SELECT 't' WHERE false")
+    await conn.execute("UPDATE pgqueue.jobs SET priority = 1 WHERE false")
+    parent = await conn.fetchval("SELECT pgqueue.enqueue('p', queue => 'q1')")
+    assert await listener.drain() == ["q1"]
+    await conn.fetchval(
+        "SELECT pgqueue.enqueue('c', queue => 'q2', depends_on => ARRAY[$1]::bigint[])", parent
+    )
+    await conn.fetch("SELECT id FROM pgqueue.claim_next('w')")
+    assert await listener.drain() == []
+    # Unblocking by fan-in notifies the child's queue.
+    assert await conn.fetchval("SELECT pgqueue.complete($1, 'w')", parent)
+    assert await listener.drain() == ["q2"]
+
+
+async def test_requeue_paths_notify(connect: Connect) -> None:
+    conn, listener = await _setup(connect)
+    job = await conn.fetchval("SELECT pgqueue.enqueue('t', queue => 'r', max_attempts => 3)")
+    await listener.drain()
+    await conn.fetch("SELECT id FROM pgqueue.claim($1, 'w')", job)
+    await conn.fetchval("SELECT pgqueue.fail($1, 'w', 'x', interval '0')", job)
+    assert await listener.drain() == ["r"]  # retried
+    await conn.fetch("SELECT id FROM pgqueue.claim($1, 'w')", job)
+    assert await conn.fetchval("SELECT pgqueue.release($1, 'w')", job)
+    assert await listener.drain() == ["r"]  # released
+    await conn.fetch("SELECT id FROM pgqueue.claim($1, 'w')", job)
+    await conn.execute(
+        "UPDATE pgqueue.jobs SET locked_at = now() - interval '1 day' WHERE id = $1", job
+    )
+    await conn.fetch("SELECT pgqueue.recover_stale()")
+    assert await listener.drain() == ["r"]  # recovered
+    await conn.fetch("SELECT id FROM pgqueue.claim($1, 'w')", job)
+    assert await conn.fetchval("SELECT pgqueue.fail($1, 'w', 'x')", job) == "failed"
+    assert await listener.drain() == []
+    assert await conn.fetchval("SELECT pgqueue.retry($1)", job)
+    assert await listener.drain() == ["r"]  # retried by an operator
+
+
+async def test_nothing_delivered_before_commit(connect: Connect) -> None:
+    conn, listener = await _setup(connect)
+    async with conn.transaction():
+        await conn.fetchval("SELECT pgqueue.enqueue('t')")
+        assert await listener.drain() == []
+    assert await listener.drain() == ["default"]

@@ -1,0 +1,210 @@
+"""Single-session semantics of the contract functions (retries, chaining, operator actions)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+import asyncpg
+from sqlharness import Connect, json_codecs
+
+
+async def _conn(connect: Connect) -> asyncpg.Connection:
+    return await json_codecs(await connect())
+
+
+async def _run(conn: asyncpg.Connection, job: int, worker: str = "w") -> None:
+    assert len(await conn.fetch("SELECT id FROM pgqueue.claim($1, $2)", job, worker)) == 1
+
+
+async def test_fail_backs_off_exponentially_within_cap_then_fails(connect: Connect) -> None:
+    conn = await _conn(connect)
+    await conn.execute(
+        "UPDATE pgqueue.settings SET value = '10 seconds' WHERE name = 'backoff_base'"
+    )
+    await conn.execute(
+        "UPDATE pgqueue.settings SET value = '30 seconds' WHERE name = 'backoff_cap'"
+    )
+    job = await conn.fetchval("SELECT pgqueue.enqueue('t', max_attempts => 4)")
+    delays = []
+    for expected_state in ("queued", "queued", "queued", "failed"):
+        await conn.execute("UPDATE pgqueue.jobs SET run_after = now() WHERE id = $1", job)
+        await _run(conn, job)
+        assert await conn.fetchval("SELECT pgqueue.fail($1, 'w', 'boom')", job) == expected_state
+        delays.append(
+            await conn.fetchval("SELECT run_after - now() FROM pgqueue.jobs WHERE id = $1", job)
+        )
+    # attempt n waits in [50 %, 100 %] of min(cap, base * 2^(n-1))
+    for n, delay in enumerate(delays[:3], start=1):
+        full = min(timedelta(seconds=30), timedelta(seconds=10 * 2 ** (n - 1)))
+        assert full / 2 <= delay <= full, (n, delay)
+    row = await conn.fetchrow(
+        "SELECT attempts, last_error, finished_at, locked_by FROM pgqueue.jobs WHERE id = $1", job
+    )
+    assert row["attempts"] == 4 and row["last_error"] == "boom" and row["finished_at"] is not None
+    assert row["locked_by"] == "w"
+
+
+async def test_retry_in_overrides_backoff_and_max_attempts_defaults_from_settings(
+    connect: Connect,
+) -> None:
+    conn = await _conn(connect)
+    await conn.execute("UPDATE pgqueue.settings SET value = '2' WHERE name = 'max_attempts'")
+    job = await conn.fetchval("SELECT pgqueue.enqueue('t')")
+    assert await conn.fetchval("SELECT max_attempts FROM pgqueue.jobs WHERE id = $1", job) == 2
+    await _run(conn, job)
+    assert await conn.fetchval("SELECT pgqueue.fail($1, 'w', 'x', interval '0')", job) == "queued"
+    await _run(conn, job)  # claimable at once
+    assert await conn.fetchval("SELECT pgqueue.fail($1, 'w', 'x', interval '0')", job) == "failed"
+
+
+async def test_retry_resets_attempts_and_revives_cancelled_dependents(connect: Connect) -> None:
+    conn = await _conn(connect)
+    job = await conn.fetchval("SELECT pgqueue.enqueue('t', max_attempts => 1)")
+    child = await conn.fetchval(
+        "SELECT pgqueue.enqueue('c', depends_on => ARRAY[$1]::bigint[])", job
+    )
+    grandchild = await conn.fetchval(
+        "SELECT pgqueue.enqueue('g', depends_on => ARRAY[$1]::bigint[])", child
+    )
+    await _run(conn, job)
+    assert await conn.fetchval("SELECT pgqueue.fail($1, 'w', 'x')", job) == "failed"
+    assert await conn.fetchval("SELECT pgqueue.retry($1)", job) is True
+    row = await conn.fetchrow(
+        "SELECT state, attempts, finished_at FROM pgqueue.jobs WHERE id = $1", job
+    )
+    assert tuple(row) == ("queued", 0, None)
+    states = await conn.fetch(
+        "SELECT state FROM pgqueue.jobs WHERE id IN ($1, $2) ORDER BY id", child, grandchild
+    )
+    assert [r[0] for r in states] == ["waiting", "waiting"]
+    await _run(conn, job)
+    assert await conn.fetchval("SELECT pgqueue.complete($1, 'w')", job)
+    assert await conn.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", child) == "queued"
+    assert (
+        await conn.fetchval("SELECT pgqueue.retry($1)", job) is False
+    )  # succeeded: nothing to retry
+
+
+async def test_cancel_waiting_or_queued_only(connect: Connect) -> None:
+    conn = await _conn(connect)
+    queued = await conn.fetchval("SELECT pgqueue.enqueue('t')")
+    dependent = await conn.fetchval(
+        "SELECT pgqueue.enqueue('d', depends_on => ARRAY[$1]::bigint[])", queued
+    )
+    running = await conn.fetchval("SELECT pgqueue.enqueue('t')")
+    await _run(conn, running)
+    assert await conn.fetchval("SELECT pgqueue.cancel($1)", queued) is True
+    assert (
+        await conn.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", dependent)
+        == "cancelled"
+    )
+    assert await conn.fetchval("SELECT pgqueue.cancel($1)", running) is False
+    assert await conn.fetchval("SELECT pgqueue.cancel($1)", queued) is False
+    assert await conn.fetchval("SELECT pgqueue.retry($1)", queued) is True
+
+
+async def test_prune_removes_old_final_jobs_but_keeps_scope_current(connect: Connect) -> None:
+    conn = await _conn(connect)
+    old = await conn.fetchval("SELECT pgqueue.enqueue('t')")
+    current = await conn.fetchval("SELECT pgqueue.enqueue('t', scope => '{\"k\": 1}')")
+    fresh = await conn.fetchval("SELECT pgqueue.enqueue('t')")
+    pending = await conn.fetchval("SELECT pgqueue.enqueue('t')")
+    for job in (old, current, fresh):
+        await _run(conn, job)
+        assert await conn.fetchval("SELECT pgqueue.complete($1, 'w')", job)
+    await conn.execute(
+        "UPDATE pgqueue.jobs SET finished_at = now() - interval '10 days' WHERE id IN ($1, $2)",
+        old,
+        current,
+    )
+    assert await conn.fetchval("SELECT pgqueue.prune(interval '7 days')") == 1
+    left = [r[0] for r in await conn.fetch("SELECT id FROM pgqueue.jobs ORDER BY id")]
+    assert left == [current, fresh, pending]
+
+
+async def test_chaining_inherits_pipeline_and_sets_parent(connect: Connect) -> None:
+    conn = await _conn(connect)
+    pipeline = uuid.uuid4()
+    root = await conn.fetchval(
+        "SELECT pgqueue.enqueue('root', pipeline_id => $1, next_jobs => $2::jsonb)",
+        pipeline,
+        [{"job_type": "stored", "payload": {"a": 1}}],
+    )
+    await _run(conn, root)
+    assert await conn.fetchval(
+        "SELECT pgqueue.complete($1, 'w', '{\"n\": 1}', $2::jsonb)",
+        root,
+        [{"job_type": "dynamic", "queue": "q2", "priority": 3}],
+    )
+    kids = await conn.fetch(
+        "SELECT job_type, queue, priority, parent_id, pipeline_id, payload FROM pgqueue.jobs "
+        "WHERE parent_id = $1 ORDER BY id",
+        root,
+    )
+    assert [(k["job_type"], k["queue"], k["priority"]) for k in kids] == [
+        ("stored", "default", 0),
+        ("dynamic", "q2", 3),
+    ]
+    assert {k["pipeline_id"] for k in kids} == {pipeline}
+    assert kids[0]["payload"] == {"a": 1}
+    assert await conn.fetchval("SELECT result FROM pgqueue.jobs WHERE id = $1", root) == {"n": 1}
+
+
+async def test_failed_job_creates_no_children(connect: Connect) -> None:
+    conn = await _conn(connect)
+    job = await conn.fetchval(
+        "SELECT pgqueue.enqueue('t', max_attempts => 1, next_jobs => '[{\"job_type\": \"x\"}]')"
+    )
+    await _run(conn, job)
+    assert await conn.fetchval("SELECT pgqueue.fail($1, 'w', 'boom')", job) == "failed"
+    assert await conn.fetchval("SELECT count(*) FROM pgqueue.jobs") == 1
+
+
+async def test_enqueue_many_with_keys_builds_a_dag_atomically(connect: Connect) -> None:
+    conn = await _conn(connect)
+    pipeline = str(uuid.uuid4())
+    specs = [
+        {"job_type": "a", "key": "a", "pipeline_id": pipeline},
+        {"job_type": "b", "key": "b", "after": ["a"], "pipeline_id": pipeline},
+        {"job_type": "c", "after": ["a", "b"], "pipeline_id": pipeline},
+    ]
+    ids = [r[0] for r in await conn.fetch("SELECT pgqueue.enqueue_many($1::jsonb)", specs)]
+    rows = await conn.fetch("SELECT id, state FROM pgqueue.jobs ORDER BY id")
+    assert [r["id"] for r in rows] == ids
+    assert [r["state"] for r in rows] == ["queued", "waiting", "waiting"]
+    edges = await conn.fetch(
+        "SELECT job_id, depends_on FROM pgqueue.job_dependencies ORDER BY 1, 2"
+    )
+    assert [tuple(e) for e in edges] == [(ids[1], ids[0]), (ids[2], ids[0]), (ids[2], ids[1])]
+    status = await conn.fetchrow("SELECT jobs, queued, waiting, state, done FROM pgqueue.pipelines")
+    assert tuple(status) == (3, 1, 2, "running", False)
+
+
+async def test_children_dedup_into_one_pending_aggregation(connect: Connect) -> None:
+    """The plan review's N-recalcs-each-chain-an-aggregation, coalesced by dedup_key."""
+    conn = await _conn(connect)
+    agg = {"job_type": "aggregate", "dedup_key": "agg:m1:2024"}
+    recalcs = [
+        await conn.fetchval("SELECT pgqueue.enqueue('recalc', next_jobs => $1::jsonb)", [agg])
+        for _ in range(4)
+    ]
+    for r in recalcs:
+        await _run(conn, r)
+        assert await conn.fetchval("SELECT pgqueue.complete($1, 'w')", r)
+    assert (
+        await conn.fetchval("SELECT count(*) FROM pgqueue.jobs WHERE job_type = 'aggregate'") == 1
+    )
+
+
+async def test_json_null_scope_is_no_scope_and_views_answer(connect: Connect) -> None:
+    conn = await _conn(connect)
+    job = await conn.fetchval("SELECT pgqueue.enqueue('t', scope => 'null'::jsonb)")
+    assert await conn.fetchval("SELECT scope FROM pgqueue.jobs WHERE id = $1", job) is None
+    await _run(conn, job)
+    assert await conn.fetchval("SELECT worker FROM pgqueue.running_jobs WHERE id = $1", job) == "w"
+    stats = {
+        (r["queue"], r["state"]): r["jobs"]
+        for r in await conn.fetch("SELECT * FROM pgqueue.queue_stats")
+    }
+    assert stats == {("default", "running"): 1}

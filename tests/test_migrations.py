@@ -1,0 +1,227 @@
+"""Migrations: sql/ and `upgrade head` build the same catalog; round trips; idempotence."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import Any
+
+import anyio
+import asyncpg
+import pytest
+from alembic.script import ScriptDirectory
+
+from pgqueue import migrate
+from pgqueue.resources import migrations_dir, sql_dir
+
+# Each query returns rows describing one kind of object in schema pgqueue, in a
+# form that does not depend on OIDs, creation order or the pg_dump version.
+# The version table pgqueue.alembic_version exists only on the migrated side.
+CATALOG_QUERIES: dict[str, str] = {
+    "relations": """
+        SELECT c.relname, c.relkind::text, c.relpersistence::text, c.relrowsecurity,
+               pg_get_partkeydef(c.oid), c.relacl::text
+        FROM pg_class c
+        WHERE c.relnamespace = 'pgqueue'::regnamespace AND c.relname <> 'alembic_version'
+          AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'c', 'S')
+    """,
+    "columns": """
+        SELECT c.relname,
+               array_agg(ARRAY[a.attname, format_type(a.atttypid, a.atttypmod),
+                               a.attnotnull::text, coalesce(pg_get_expr(d.adbin, d.adrelid), ''),
+                               a.attidentity::text, a.attgenerated::text,
+                               coalesce(col.collname, '')]
+                         ORDER BY a.attnum)::text
+        FROM pg_class c
+        JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+        LEFT JOIN pg_attrdef d ON d.adrelid = c.oid AND d.adnum = a.attnum
+        LEFT JOIN pg_collation col ON col.oid = a.attcollation AND col.collname <> 'default'
+        WHERE c.relnamespace = 'pgqueue'::regnamespace AND c.relname <> 'alembic_version'
+          AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'c')
+        GROUP BY c.relname
+    """,
+    "constraints": """
+        SELECT coalesce(c.conrelid::regclass::text, c.contypid::regtype::text), c.conname,
+               pg_get_constraintdef(c.oid), c.condeferrable, c.condeferred
+        FROM pg_constraint c
+        WHERE c.connamespace = 'pgqueue'::regnamespace
+          AND c.conrelid IS DISTINCT FROM to_regclass('pgqueue.alembic_version')
+    """,
+    "indexes": """
+        SELECT i.indexrelid::regclass::text, pg_get_indexdef(i.indexrelid)
+        FROM pg_index i JOIN pg_class t ON t.oid = i.indrelid
+        WHERE t.relnamespace = 'pgqueue'::regnamespace AND t.relname <> 'alembic_version'
+    """,
+    "functions": """
+        SELECT p.proname, pg_get_function_identity_arguments(p.oid), p.prokind::text,
+               CASE WHEN p.prokind = 'a' THEN NULL ELSE pg_get_functiondef(p.oid) END,
+               p.proacl::text
+        FROM pg_proc p
+        WHERE p.pronamespace = 'pgqueue'::regnamespace
+    """,
+    "triggers": """
+        SELECT t.tgrelid::regclass::text, t.tgname, pg_get_triggerdef(t.oid), t.tgenabled::text
+        FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+        WHERE c.relnamespace = 'pgqueue'::regnamespace AND NOT t.tgisinternal
+    """,
+    "views": """
+        SELECT c.relname, pg_get_viewdef(c.oid)
+        FROM pg_class c
+        WHERE c.relnamespace = 'pgqueue'::regnamespace AND c.relkind IN ('v', 'm')
+    """,
+    "types": """
+        SELECT t.typname, t.typtype::text,
+               CASE t.typtype
+                 WHEN 'e' THEN (SELECT array_agg(e.enumlabel ORDER BY e.enumsortorder)::text
+                                FROM pg_enum e WHERE e.enumtypid = t.oid)
+                 WHEN 'd' THEN format_type(t.typbasetype, t.typtypmod) || ' notnull='
+                               || t.typnotnull || ' default=' || coalesce(t.typdefault, '')
+               END
+        FROM pg_type t LEFT JOIN pg_class c ON c.oid = t.typrelid
+        WHERE t.typnamespace = 'pgqueue'::regnamespace AND t.typtype IN ('e', 'd', 'r', 'c')
+          AND (t.typrelid = 0 OR c.relkind = 'c')
+    """,
+    "sequences": """
+        SELECT c.relname, format_type(s.seqtypid, NULL), s.seqstart, s.seqincrement,
+               s.seqmin, s.seqmax, s.seqcache, s.seqcycle
+        FROM pg_sequence s JOIN pg_class c ON c.oid = s.seqrelid
+        WHERE c.relnamespace = 'pgqueue'::regnamespace
+    """,
+    "policies": """
+        SELECT pol.polrelid::regclass::text, pol.polname, pol.polcmd::text,
+               pg_get_expr(pol.polqual, pol.polrelid), pg_get_expr(pol.polwithcheck, pol.polrelid)
+        FROM pg_policy pol JOIN pg_class c ON c.oid = pol.polrelid
+        WHERE c.relnamespace = 'pgqueue'::regnamespace
+    """,
+    # Every COMMENT ON in the schema (tables, columns, functions, views, types,
+    # constraints, triggers, the schema itself): obj_description/col_description
+    # generalised through pg_identify_object.
+    "comments": """
+        SELECT o.type, o.identity, d.description
+        FROM pg_description d,
+             LATERAL pg_identify_object(d.classoid, d.objoid, d.objsubid) o
+        WHERE (o.schema = 'pgqueue' OR (o.type = 'schema' AND o.identity = 'pgqueue'))
+          AND o.identity NOT LIKE 'pgqueue.alembic_version%'
+    """,
+}
+
+
+async def catalog(dsn: str) -> dict[str, list[tuple[Any, ...]]]:
+    """A comparable description of every object in schema pgqueue."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        snapshot: dict[str, list[tuple[Any, ...]]] = {}
+        for kind, query in CATALOG_QUERIES.items():
+            rows = await conn.fetch(query)
+            snapshot[kind] = sorted((tuple(row) for row in rows), key=repr)
+        return snapshot
+    finally:
+        await conn.close()
+
+
+def assert_same_catalog(
+    expected: dict[str, list[tuple[Any, ...]]], actual: dict[str, list[tuple[Any, ...]]]
+) -> None:
+    problems = []
+    for kind in CATALOG_QUERIES:
+        if actual[kind] == expected[kind]:
+            continue
+        missing = [row for row in expected[kind] if row not in actual[kind]]
+        extra = [row for row in actual[kind] if row not in expected[kind]]
+        problems.append(f"{kind}: only in expected {missing!r}; only in actual {extra!r}")
+        if not missing and not extra:
+            problems.append(f"{kind}: same rows, different multiplicity")
+    assert not problems, "catalogs differ:\n" + "\n".join(problems)
+
+
+async def build_from_sql_dir(dsn: str) -> None:
+    """Execute sql/*.sql in name order, each file through the simple-query protocol."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        for path in sorted(sql_dir().glob("*.sql")):
+            await conn.execute(path.read_text(encoding="utf-8"))
+    finally:
+        await conn.close()
+
+
+async def version(dsn: str) -> list[str]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        if await conn.fetchval("SELECT to_regclass('pgqueue.alembic_version') IS NULL"):
+            return []
+        return [r[0] for r in await conn.fetch("SELECT version_num FROM pgqueue.alembic_version")]
+    finally:
+        await conn.close()
+
+
+async def test_sql_dir_and_upgrade_head_build_the_same_catalog(
+    db_dsn: str, empty_db_dsn: str
+) -> None:
+    await build_from_sql_dir(empty_db_dsn)
+    from_sql, from_migrations = await catalog(empty_db_dsn), await catalog(db_dsn)
+    assert from_sql["relations"] or not list(sql_dir().glob("*.sql")), "sql/ built nothing"
+    # expected = sql/ (the truth), actual = upgrade head. While revision 0001 is
+    # unreleased, a difference usually means: run scripts/freeze_initial.py.
+    assert_same_catalog(from_sql, from_migrations)
+
+
+async def test_upgrade_downgrade_upgrade_round_trips(db_dsn: str) -> None:
+    before = await catalog(db_dsn)
+    await anyio.to_thread.run_sync(migrate.downgrade, db_dsn, "base")
+    emptied = await catalog(db_dsn)
+    assert emptied == {kind: [] for kind in CATALOG_QUERIES}, "downgrade base left objects"
+    assert await version(db_dsn) == []
+    await anyio.to_thread.run_sync(migrate.upgrade, db_dsn)
+    assert await version(db_dsn) == [migrate.HEAD_REVISION]
+    assert_same_catalog(before, await catalog(db_dsn))
+
+
+async def test_upgrade_is_idempotent(db_dsn: str) -> None:
+    before = await catalog(db_dsn)
+    migrate.upgrade(db_dsn)  # from inside a running event loop, too
+    await anyio.to_thread.run_sync(migrate.upgrade, db_dsn)
+    assert await version(db_dsn) == [migrate.HEAD_REVISION]
+    assert_same_catalog(before, await catalog(db_dsn))
+
+
+def test_concurrent_upgrades_on_an_empty_database(empty_db_dsn: str) -> None:
+    """Pods starting together each run `pgqueue migrate`: all succeed, one applies."""
+    code = "import sys; from pgqueue.migrate import upgrade; upgrade(sys.argv[1])"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, empty_db_dsn], stderr=subprocess.PIPE)
+        for _ in range(3)
+    ]
+    for proc in procs:
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 0, stderr.decode()
+    assert anyio.run(version, empty_db_dsn) == [migrate.HEAD_REVISION]
+
+
+def test_head_revision_constant_matches_the_scripts() -> None:
+    script = ScriptDirectory(str(migrations_dir()))
+    assert script.get_current_head() == migrate.HEAD_REVISION
+    for revision in script.walk_revisions():
+        assert revision.revision.isdigit() and len(revision.revision) == 4, revision.revision
+
+
+async def test_check_schema(db_dsn: str, empty_db_dsn: str) -> None:
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        await migrate.check_schema(conn)
+        await conn.execute("UPDATE pgqueue.alembic_version SET version_num = '9999'")
+        with pytest.raises(migrate.SchemaError, match="newer"):
+            await migrate.check_schema(conn)
+        await conn.execute("UPDATE pgqueue.alembic_version SET version_num = '0000'")
+        with pytest.raises(migrate.SchemaError, match=r"older.*run `pgqueue migrate`"):
+            await migrate.check_schema(conn)
+        await conn.execute("DELETE FROM pgqueue.alembic_version")
+        with pytest.raises(migrate.SchemaError, match="missing"):
+            await migrate.check_schema(conn)
+    finally:
+        await conn.close()
+    empty = await asyncpg.connect(empty_db_dsn)
+    try:
+        with pytest.raises(migrate.SchemaError, match="run `pgqueue migrate`"):
+            await migrate.check_schema(empty)
+    finally:
+        await empty.close()

@@ -1,0 +1,129 @@
+"""pgqueue.sqla: metadata matches the migrated schema; enqueue joins the caller's transaction."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+from sqlalchemy import Table, func, inspect, select
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.pool import NullPool
+
+from pgqueue.sqla import enqueue, enqueue_async, jobs, metadata, settings
+
+DIALECT = postgresql.dialect()  # type: ignore[no-untyped-call]
+
+
+@pytest.fixture
+async def engine(db_dsn: str, anyio_backend: str) -> AsyncIterator[AsyncEngine]:
+    async def connect() -> asyncpg.Connection:
+        return await asyncpg.connect(db_dsn)
+
+    engine = create_async_engine("postgresql+asyncpg://", poolclass=NullPool, async_creator=connect)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+def _describe_reflected(sync_conn: Connection, table: str) -> list[tuple[Any, ...]]:
+    return [
+        (
+            c["name"],
+            c["type"].compile(dialect=DIALECT),
+            c["nullable"],
+            c.get("default") is not None or c.get("identity") is not None,
+        )
+        for c in inspect(sync_conn).get_columns(table, schema="pgqueue")
+    ]
+
+
+def _describe_metadata(table: Table) -> list[tuple[Any, ...]]:
+    return [
+        (
+            c.name,
+            c.type.compile(dialect=DIALECT),
+            c.nullable,
+            c.server_default is not None or c.identity is not None,
+        )
+        for c in table.columns
+    ]
+
+
+@pytest.mark.parametrize("table", [jobs, settings], ids=lambda t: t.name)
+async def test_metadata_matches_the_migrated_schema(engine: AsyncEngine, table: Table) -> None:
+    assert table.metadata is metadata and table.schema == "pgqueue"
+    async with engine.connect() as conn:
+        reflected = await conn.run_sync(_describe_reflected, table.name)
+        primary_key = await conn.run_sync(
+            lambda c: inspect(c).get_pk_constraint(table.name, schema="pgqueue")
+        )
+    assert _describe_metadata(table) == reflected
+    assert primary_key["constrained_columns"] == [c.name for c in table.primary_key]
+
+
+async def _count(engine: AsyncEngine, job_type: str) -> int:
+    async with engine.connect() as conn:
+        result = await conn.execute(
+            select(func.count()).select_from(jobs).where(jobs.c.job_type == job_type)
+        )
+        return int(result.scalar_one())
+
+
+async def test_async_session_enqueue_follows_the_transaction(engine: AsyncEngine) -> None:
+    async with AsyncSession(engine) as session:
+        await enqueue_async(session, "rolled_back", {"n": 1})
+        await session.rollback()
+    assert await _count(engine, "rolled_back") == 0
+
+    async with AsyncSession(engine) as session:
+        job_id = await enqueue_async(
+            session,
+            "committed",
+            {"n": 2},
+            queue="q1",
+            scope={"site": 1, "year": None},
+            priority=5,
+            max_attempts=2,
+        )
+        await session.commit()
+    async with engine.connect() as conn:
+        row = (await conn.execute(select(jobs).where(jobs.c.id == job_id))).one()
+    assert (row.job_type, row.payload, row.queue, row.priority, row.max_attempts) == (
+        "committed",
+        {"n": 2},
+        "q1",
+        5,
+        2,
+    )
+    assert row.scope == {"site": 1, "year": None}
+
+
+async def test_sync_session_enqueue_follows_the_transaction(engine: AsyncEngine) -> None:
+    # The sync API, driven through AsyncSession.run_sync: same code path as a sync Session.
+    async with AsyncSession(engine) as session:
+        await session.run_sync(lambda s: enqueue(s, "sync_rolled_back"))
+        await session.rollback()
+    assert await _count(engine, "sync_rolled_back") == 0
+
+    async with AsyncSession(engine) as session:
+        job_id = await session.run_sync(lambda s: enqueue(s, "sync_committed", {"a": [1]}))
+        await session.commit()
+    assert await _count(engine, "sync_committed") == 1
+
+    async with engine.begin() as conn:
+        second = await conn.run_sync(lambda c: enqueue(c, "sync_committed", depends_on=[job_id]))
+    assert second > job_id
+    async with engine.connect() as conn:
+        state = (await conn.execute(select(jobs.c.state).where(jobs.c.id == second))).scalar_one()
+    assert state == "waiting"
+
+
+async def test_unknown_option_is_rejected(engine: AsyncEngine) -> None:
+    async with AsyncSession(engine) as session:
+        with pytest.raises(TypeError, match="bogus"):
+            await enqueue_async(session, "x", bogus=1)  # type: ignore[call-arg]
