@@ -95,6 +95,16 @@ COMMENT ON TABLE pgqueue.job_dependencies IS
     'Fan-in edges: job_id stays waiting until every depends_on job has succeeded; written by enqueue/complete.';
 CREATE INDEX job_dependencies_depends_on ON pgqueue.job_dependencies (depends_on);
 
+-- Pipelines an operator cancelled: members still running may finish, but
+-- nothing new of the pipeline runs (children are created cancelled, retries
+-- end cancelled). pgqueue.retry() of a member lifts the mark.
+CREATE TABLE pgqueue.cancelled_pipelines (
+    pipeline_id  uuid PRIMARY KEY,
+    cancelled_at timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE pgqueue.cancelled_pipelines IS
+    'Pipelines cancelled with pgqueue.cancel_pipeline(); their running members finish but start nothing new.';
+
 -- Claim order over live work only: finished jobs never enter this index, so
 -- claiming stays fast however many finished jobs pile up.
 CREATE INDEX jobs_ready ON pgqueue.jobs (priority DESC, run_after, id) WHERE state = 'queued';

@@ -10,7 +10,8 @@
 -- single-bigint advisory locks).
 CREATE FUNCTION pgqueue._lock_class(p_kind text) RETURNS int
 LANGUAGE sql IMMUTABLE AS $$
-    SELECT CASE p_kind WHEN 'scope' THEN 7216001 WHEN 'dedup' THEN 7216002 WHEN 'leader' THEN 7216003 END
+    SELECT CASE p_kind WHEN 'scope' THEN 7216001 WHEN 'dedup' THEN 7216002 WHEN 'leader' THEN 7216003
+                       WHEN 'pipeline' THEN 7216004 END
 $$;
 
 -- What is wrong with one job spec, or NULL. A SQL expression (inlined into the
@@ -174,6 +175,19 @@ LANGUAGE sql AS $$
     SELECT pg_advisory_xact_lock(pgqueue._lock_class('dedup'), hashtext(p_key))
 $$;
 
+-- Was the pipeline cancelled? Takes the pipeline lock first, so the answer
+-- holds until commit: cancel_pipeline() takes the same lock.
+CREATE FUNCTION pgqueue._pipeline_cancelled(p_pipeline_id uuid) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_pipeline_id IS NULL THEN
+        RETURN false;
+    END IF;
+    PERFORM pg_advisory_xact_lock(pgqueue._lock_class('pipeline'), hashtext(p_pipeline_id::text));
+    RETURN EXISTS (SELECT 1 FROM pgqueue.cancelled_pipelines c WHERE c.pipeline_id = p_pipeline_id);
+END
+$$;
+
 -- Create jobs from validated specs; returns their ids in spec order (a spec
 -- merged into a pending job with the same dedup_key returns that job's id).
 CREATE FUNCTION pgqueue._insert_specs(p_specs jsonb, p_pipeline_id uuid, p_parent_id bigint, p_label text,
@@ -189,6 +203,8 @@ DECLARE
     v_bad record;
     v_max_attempts int := pgqueue._setting_int('max_attempts');
     v_has_edges boolean;
+    v_cancelled boolean := false;
+    v_pipeline uuid;
 BEGIN
     PERFORM pgqueue._check_specs(p_specs, p_label, p_single);
     v_n := jsonb_array_length(p_specs);
@@ -204,6 +220,23 @@ BEGIN
             RAISE EXCEPTION '%[%]: pipeline_id differs from the parent''s; children inherit it', p_label, v_bad.i
                 USING ERRCODE = 'invalid_parameter_value';
         END IF;
+    END IF;
+
+    -- A cancelled pipeline grows no new work: children of a member that was
+    -- still running when it was cancelled are recorded as cancelled; an
+    -- explicit enqueue into it is refused.
+    IF p_parent_id IS NOT NULL THEN
+        v_cancelled := pgqueue._pipeline_cancelled(p_pipeline_id);
+    ELSE
+        FOR v_pipeline IN
+            SELECT DISTINCT (e.s->>'pipeline_id')::uuid FROM jsonb_array_elements(p_specs) e(s)
+            WHERE e.s->>'pipeline_id' IS NOT NULL ORDER BY 1
+        LOOP
+            IF pgqueue._pipeline_cancelled(v_pipeline) THEN
+                RAISE EXCEPTION '%: pipeline % was cancelled', p_label, v_pipeline
+                    USING ERRCODE = 'invalid_parameter_value';
+            END IF;
+        END LOOP;
     END IF;
 
     -- Dedup keys: lock in a fixed order (no deadlock between two batches).
@@ -248,12 +281,13 @@ BEGIN
     ), ins AS (
         INSERT INTO pgqueue.jobs AS j
             (id, queue, job_type, payload, state, priority, scope, dedup_key, max_attempts, run_after,
-             pipeline_id, parent_id, next_jobs)
+             pipeline_id, parent_id, next_jobs, finished_at, last_error)
         SELECT sp.new_id,
                coalesce(sp.s->>'queue', 'default'),
                sp.s->>'job_type',
                coalesce(nullif(sp.s->'payload', 'null'), '{}'),
-               CASE WHEN jsonb_array_length(coalesce(nullif(sp.s->'after', 'null'), '[]')) > 0
+               CASE WHEN v_cancelled THEN 'cancelled'
+                    WHEN jsonb_array_length(coalesce(nullif(sp.s->'after', 'null'), '[]')) > 0
                       OR EXISTS (SELECT 1 FROM jsonb_array_elements_text(
                                      coalesce(nullif(sp.s->'depends_on', 'null'), '[]')) d
                                  WHERE d::bigint <> ALL (v_succeeded))
@@ -265,7 +299,9 @@ BEGIN
                coalesce((sp.s->>'run_after')::timestamptz, now()),
                coalesce(p_pipeline_id, (sp.s->>'pipeline_id')::uuid),
                p_parent_id,
-               nullif(sp.s->'next_jobs', 'null')
+               nullif(sp.s->'next_jobs', 'null'),
+               CASE WHEN v_cancelled THEN now() END,
+               CASE WHEN v_cancelled THEN 'pipeline cancelled' END
         FROM spec sp
         WHERE sp.dk IS NULL OR sp.dk_rank = 1
         ORDER BY sp.ord

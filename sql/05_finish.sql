@@ -79,6 +79,13 @@ DECLARE
     v pgqueue.jobs%ROWTYPE;
 BEGIN
     SELECT * INTO v FROM pgqueue.jobs WHERE id = p_job_id;
+    IF pgqueue._pipeline_cancelled(v.pipeline_id) THEN
+        UPDATE pgqueue.jobs
+           SET state = 'cancelled', finished_at = now(), last_error = p_error || E'\n(pipeline cancelled: not retried)'
+         WHERE id = p_job_id;
+        PERFORM pgqueue._cancel_dependents(p_job_id, 'was cancelled with its pipeline');
+        RETURN 'cancelled';
+    END IF;
     IF v.attempts < v.max_attempts THEN
         UPDATE pgqueue.jobs
            SET state = 'queued', run_after = now() + coalesce(p_retry_in, pgqueue._backoff(v.attempts)),
@@ -158,12 +165,20 @@ LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
     v_key text;
+    v_pipeline uuid;
 BEGIN
-    SELECT j.dedup_key INTO v_key FROM pgqueue.jobs j
+    SELECT j.dedup_key, j.pipeline_id INTO v_key, v_pipeline FROM pgqueue.jobs j
     WHERE j.id = release.job_id AND j.state = 'running' AND j.locked_by = release.worker
     FOR NO KEY UPDATE;
     IF NOT FOUND THEN
         RETURN false;
+    END IF;
+    IF pgqueue._pipeline_cancelled(v_pipeline) THEN
+        UPDATE pgqueue.jobs j
+           SET state = 'cancelled', finished_at = now(), last_error = 'released after its pipeline was cancelled'
+         WHERE j.id = release.job_id;
+        PERFORM pgqueue._cancel_dependents(release.job_id, 'was cancelled with its pipeline');
+        RETURN true;
     END IF;
     UPDATE pgqueue.jobs j
        SET state = 'queued', attempts = greatest(j.attempts - 1, 0), locked_by = NULL, locked_at = NULL,

@@ -63,6 +63,10 @@ BEGIN
     IF NOT FOUND THEN
         RETURN false;
     END IF;
+    -- An operator retrying a member of a cancelled pipeline resumes the pipeline.
+    IF pgqueue._pipeline_cancelled(v.pipeline_id) THEN
+        DELETE FROM pgqueue.cancelled_pipelines c WHERE c.pipeline_id = v.pipeline_id;
+    END IF;
     IF v.scope IS NOT NULL THEN
         -- so a claim of a newer job of this scope cannot slip in between
         PERFORM pg_advisory_xact_lock(pgqueue._lock_class('scope'), pgqueue._scope_lock_key(v.scope));
@@ -120,3 +124,37 @@ $$;
 COMMENT ON FUNCTION pgqueue.prune(interval) IS
     'Delete final jobs whose finished_at is older than older_than (except the current job of each scope); '
     'returns how many were deleted.';
+
+CREATE FUNCTION pgqueue.cancel_pipeline(pipeline_id uuid) RETURNS bigint
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_ids bigint[];
+    v_id bigint;
+BEGIN
+    IF cancel_pipeline.pipeline_id IS NULL THEN
+        RAISE EXCEPTION 'pgqueue.cancel_pipeline: pipeline_id is required' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- The pipeline lock orders this against completions that create children
+    -- and retries that requeue members (both check the mark under the same lock).
+    PERFORM pgqueue._pipeline_cancelled(cancel_pipeline.pipeline_id);
+    INSERT INTO pgqueue.cancelled_pipelines (pipeline_id) VALUES (cancel_pipeline.pipeline_id)
+    ON CONFLICT DO NOTHING;
+    WITH cancelled AS (
+        UPDATE pgqueue.jobs j
+           SET state = 'cancelled', finished_at = now(), last_error = 'pipeline cancelled'
+         WHERE j.pipeline_id = cancel_pipeline.pipeline_id AND j.state IN ('waiting', 'queued')
+        RETURNING j.id
+    )
+    SELECT array_agg(c.id) INTO v_ids FROM cancelled c;
+    -- Jobs outside the pipeline that waited on its members go too.
+    FOREACH v_id IN ARRAY coalesce(v_ids, '{}') LOOP
+        PERFORM pgqueue._cancel_dependents(v_id, 'was cancelled with its pipeline');
+    END LOOP;
+    RETURN coalesce(cardinality(v_ids), 0);
+END
+$$;
+COMMENT ON FUNCTION pgqueue.cancel_pipeline(uuid) IS
+    'Cancel every waiting or queued job of a pipeline and mark it cancelled: members still running finish, '
+    'but their children are created cancelled and their retries end cancelled. Returns how many jobs were '
+    'cancelled. pgqueue.retry() of a member resumes the pipeline.';

@@ -182,6 +182,16 @@ COMMENT ON TABLE pgqueue.job_dependencies IS
     'Fan-in edges: job_id stays waiting until every depends_on job has succeeded; written by enqueue/complete.';
 CREATE INDEX job_dependencies_depends_on ON pgqueue.job_dependencies (depends_on);
 
+-- Pipelines an operator cancelled: members still running may finish, but
+-- nothing new of the pipeline runs (children are created cancelled, retries
+-- end cancelled). pgqueue.retry() of a member lifts the mark.
+CREATE TABLE pgqueue.cancelled_pipelines (
+    pipeline_id  uuid PRIMARY KEY,
+    cancelled_at timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE pgqueue.cancelled_pipelines IS
+    'Pipelines cancelled with pgqueue.cancel_pipeline(); their running members finish but start nothing new.';
+
 -- Claim order over live work only: finished jobs never enter this index, so
 -- claiming stays fast however many finished jobs pile up.
 CREATE INDEX jobs_ready ON pgqueue.jobs (priority DESC, run_after, id) WHERE state = 'queued';
@@ -217,7 +227,8 @@ CREATE INDEX jobs_parent ON pgqueue.jobs (parent_id) WHERE parent_id IS NOT NULL
 -- single-bigint advisory locks).
 CREATE FUNCTION pgqueue._lock_class(p_kind text) RETURNS int
 LANGUAGE sql IMMUTABLE AS $$
-    SELECT CASE p_kind WHEN 'scope' THEN 7216001 WHEN 'dedup' THEN 7216002 WHEN 'leader' THEN 7216003 END
+    SELECT CASE p_kind WHEN 'scope' THEN 7216001 WHEN 'dedup' THEN 7216002 WHEN 'leader' THEN 7216003
+                       WHEN 'pipeline' THEN 7216004 END
 $$;
 
 -- What is wrong with one job spec, or NULL. A SQL expression (inlined into the
@@ -381,6 +392,19 @@ LANGUAGE sql AS $$
     SELECT pg_advisory_xact_lock(pgqueue._lock_class('dedup'), hashtext(p_key))
 $$;
 
+-- Was the pipeline cancelled? Takes the pipeline lock first, so the answer
+-- holds until commit: cancel_pipeline() takes the same lock.
+CREATE FUNCTION pgqueue._pipeline_cancelled(p_pipeline_id uuid) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_pipeline_id IS NULL THEN
+        RETURN false;
+    END IF;
+    PERFORM pg_advisory_xact_lock(pgqueue._lock_class('pipeline'), hashtext(p_pipeline_id::text));
+    RETURN EXISTS (SELECT 1 FROM pgqueue.cancelled_pipelines c WHERE c.pipeline_id = p_pipeline_id);
+END
+$$;
+
 -- Create jobs from validated specs; returns their ids in spec order (a spec
 -- merged into a pending job with the same dedup_key returns that job's id).
 CREATE FUNCTION pgqueue._insert_specs(p_specs jsonb, p_pipeline_id uuid, p_parent_id bigint, p_label text,
@@ -396,6 +420,8 @@ DECLARE
     v_bad record;
     v_max_attempts int := pgqueue._setting_int('max_attempts');
     v_has_edges boolean;
+    v_cancelled boolean := false;
+    v_pipeline uuid;
 BEGIN
     PERFORM pgqueue._check_specs(p_specs, p_label, p_single);
     v_n := jsonb_array_length(p_specs);
@@ -411,6 +437,23 @@ BEGIN
             RAISE EXCEPTION '%[%]: pipeline_id differs from the parent''s; children inherit it', p_label, v_bad.i
                 USING ERRCODE = 'invalid_parameter_value';
         END IF;
+    END IF;
+
+    -- A cancelled pipeline grows no new work: children of a member that was
+    -- still running when it was cancelled are recorded as cancelled; an
+    -- explicit enqueue into it is refused.
+    IF p_parent_id IS NOT NULL THEN
+        v_cancelled := pgqueue._pipeline_cancelled(p_pipeline_id);
+    ELSE
+        FOR v_pipeline IN
+            SELECT DISTINCT (e.s->>'pipeline_id')::uuid FROM jsonb_array_elements(p_specs) e(s)
+            WHERE e.s->>'pipeline_id' IS NOT NULL ORDER BY 1
+        LOOP
+            IF pgqueue._pipeline_cancelled(v_pipeline) THEN
+                RAISE EXCEPTION '%: pipeline % was cancelled', p_label, v_pipeline
+                    USING ERRCODE = 'invalid_parameter_value';
+            END IF;
+        END LOOP;
     END IF;
 
     -- Dedup keys: lock in a fixed order (no deadlock between two batches).
@@ -455,12 +498,13 @@ BEGIN
     ), ins AS (
         INSERT INTO pgqueue.jobs AS j
             (id, queue, job_type, payload, state, priority, scope, dedup_key, max_attempts, run_after,
-             pipeline_id, parent_id, next_jobs)
+             pipeline_id, parent_id, next_jobs, finished_at, last_error)
         SELECT sp.new_id,
                coalesce(sp.s->>'queue', 'default'),
                sp.s->>'job_type',
                coalesce(nullif(sp.s->'payload', 'null'), '{}'),
-               CASE WHEN jsonb_array_length(coalesce(nullif(sp.s->'after', 'null'), '[]')) > 0
+               CASE WHEN v_cancelled THEN 'cancelled'
+                    WHEN jsonb_array_length(coalesce(nullif(sp.s->'after', 'null'), '[]')) > 0
                       OR EXISTS (SELECT 1 FROM jsonb_array_elements_text(
                                      coalesce(nullif(sp.s->'depends_on', 'null'), '[]')) d
                                  WHERE d::bigint <> ALL (v_succeeded))
@@ -472,7 +516,9 @@ BEGIN
                coalesce((sp.s->>'run_after')::timestamptz, now()),
                coalesce(p_pipeline_id, (sp.s->>'pipeline_id')::uuid),
                p_parent_id,
-               nullif(sp.s->'next_jobs', 'null')
+               nullif(sp.s->'next_jobs', 'null'),
+               CASE WHEN v_cancelled THEN now() END,
+               CASE WHEN v_cancelled THEN 'pipeline cancelled' END
         FROM spec sp
         WHERE sp.dk IS NULL OR sp.dk_rank = 1
         ORDER BY sp.ord
@@ -772,6 +818,13 @@ DECLARE
     v pgqueue.jobs%ROWTYPE;
 BEGIN
     SELECT * INTO v FROM pgqueue.jobs WHERE id = p_job_id;
+    IF pgqueue._pipeline_cancelled(v.pipeline_id) THEN
+        UPDATE pgqueue.jobs
+           SET state = 'cancelled', finished_at = now(), last_error = p_error || E'\n(pipeline cancelled: not retried)'
+         WHERE id = p_job_id;
+        PERFORM pgqueue._cancel_dependents(p_job_id, 'was cancelled with its pipeline');
+        RETURN 'cancelled';
+    END IF;
     IF v.attempts < v.max_attempts THEN
         UPDATE pgqueue.jobs
            SET state = 'queued', run_after = now() + coalesce(p_retry_in, pgqueue._backoff(v.attempts)),
@@ -851,12 +904,20 @@ LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
     v_key text;
+    v_pipeline uuid;
 BEGIN
-    SELECT j.dedup_key INTO v_key FROM pgqueue.jobs j
+    SELECT j.dedup_key, j.pipeline_id INTO v_key, v_pipeline FROM pgqueue.jobs j
     WHERE j.id = release.job_id AND j.state = 'running' AND j.locked_by = release.worker
     FOR NO KEY UPDATE;
     IF NOT FOUND THEN
         RETURN false;
+    END IF;
+    IF pgqueue._pipeline_cancelled(v_pipeline) THEN
+        UPDATE pgqueue.jobs j
+           SET state = 'cancelled', finished_at = now(), last_error = 'released after its pipeline was cancelled'
+         WHERE j.id = release.job_id;
+        PERFORM pgqueue._cancel_dependents(release.job_id, 'was cancelled with its pipeline');
+        RETURN true;
     END IF;
     UPDATE pgqueue.jobs j
        SET state = 'queued', attempts = greatest(j.attempts - 1, 0), locked_by = NULL, locked_at = NULL,
@@ -948,6 +1009,10 @@ BEGIN
     IF NOT FOUND THEN
         RETURN false;
     END IF;
+    -- An operator retrying a member of a cancelled pipeline resumes the pipeline.
+    IF pgqueue._pipeline_cancelled(v.pipeline_id) THEN
+        DELETE FROM pgqueue.cancelled_pipelines c WHERE c.pipeline_id = v.pipeline_id;
+    END IF;
     IF v.scope IS NOT NULL THEN
         -- so a claim of a newer job of this scope cannot slip in between
         PERFORM pg_advisory_xact_lock(pgqueue._lock_class('scope'), pgqueue._scope_lock_key(v.scope));
@@ -1005,6 +1070,40 @@ $$;
 COMMENT ON FUNCTION pgqueue.prune(interval) IS
     'Delete final jobs whose finished_at is older than older_than (except the current job of each scope); '
     'returns how many were deleted.';
+
+CREATE FUNCTION pgqueue.cancel_pipeline(pipeline_id uuid) RETURNS bigint
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_ids bigint[];
+    v_id bigint;
+BEGIN
+    IF cancel_pipeline.pipeline_id IS NULL THEN
+        RAISE EXCEPTION 'pgqueue.cancel_pipeline: pipeline_id is required' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- The pipeline lock orders this against completions that create children
+    -- and retries that requeue members (both check the mark under the same lock).
+    PERFORM pgqueue._pipeline_cancelled(cancel_pipeline.pipeline_id);
+    INSERT INTO pgqueue.cancelled_pipelines (pipeline_id) VALUES (cancel_pipeline.pipeline_id)
+    ON CONFLICT DO NOTHING;
+    WITH cancelled AS (
+        UPDATE pgqueue.jobs j
+           SET state = 'cancelled', finished_at = now(), last_error = 'pipeline cancelled'
+         WHERE j.pipeline_id = cancel_pipeline.pipeline_id AND j.state IN ('waiting', 'queued')
+        RETURNING j.id
+    )
+    SELECT array_agg(c.id) INTO v_ids FROM cancelled c;
+    -- Jobs outside the pipeline that waited on its members go too.
+    FOREACH v_id IN ARRAY coalesce(v_ids, '{}') LOOP
+        PERFORM pgqueue._cancel_dependents(v_id, 'was cancelled with its pipeline');
+    END LOOP;
+    RETURN coalesce(cardinality(v_ids), 0);
+END
+$$;
+COMMENT ON FUNCTION pgqueue.cancel_pipeline(uuid) IS
+    'Cancel every waiting or queued job of a pipeline and mark it cancelled: members still running finish, '
+    'but their children are created cancelled and their retries end cancelled. Returns how many jobs were '
+    'cancelled. pgqueue.retry() of a member resumes the pipeline.';
 
 -- ==== sql/07_notify.sql ====
 -- =============================================================================

@@ -1,0 +1,212 @@
+"""Pipelines at the SQL level: cancellation races, retry after a fix, random DAGs."""
+
+from __future__ import annotations
+
+import random
+import uuid
+
+import asyncpg
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlharness import Connect, json_codecs, sessions, wait_blocked
+
+
+async def _claim(conn: asyncpg.Connection, job: int, worker: str = "w") -> None:
+    assert len(await conn.fetch("SELECT id FROM pgqueue.claim($1, $2)", job, worker)) == 1
+
+
+async def _pipeline_states(conn: asyncpg.Connection, pipeline: uuid.UUID) -> dict[str, int]:
+    rows = await conn.fetch(
+        "SELECT state, count(*) FROM pgqueue.jobs WHERE pipeline_id = $1 GROUP BY 1", pipeline
+    )
+    return {r[0]: r[1] for r in rows}
+
+
+@pytest.mark.parametrize("first", ["complete", "cancel"])
+async def test_cancel_pipeline_racing_a_completion_leaves_no_live_orphan(
+    connect: Connect, first: str
+) -> None:
+    observer, a, b = await sessions(connect, "obs", "a", "b")
+    pipeline = uuid.uuid4()
+    root = await observer.fetchval(
+        "SELECT pgqueue.enqueue('root', pipeline_id => $1, next_jobs => $2::jsonb)",
+        pipeline,
+        [
+            {"job_type": "kid", "key": "k1"},
+            {"job_type": "kid", "key": "k2"},
+            {"job_type": "join", "after": ["k1", "k2"]},
+        ],
+    )
+    waiting = await observer.fetchval(
+        "SELECT pgqueue.enqueue('later', pipeline_id => $1, depends_on => ARRAY[$2]::bigint[])",
+        pipeline,
+        root,
+    )
+    await _claim(observer.conn, root)
+
+    complete_sql = "SELECT pgqueue.complete($1, 'w')"
+    cancel_sql = "SELECT pgqueue.cancel_pipeline($1)"
+    await a.begin()
+    if first == "complete":
+        assert await a.fetchval(complete_sql, root) is True
+        step = b.start(b.fetchval(cancel_sql, pipeline))
+    else:
+        await a.fetchval(cancel_sql, pipeline)
+        step = b.start(b.fetchval(complete_sql, root))
+    await wait_blocked(observer.conn, b)
+    await a.commit()
+    await step
+
+    states = await _pipeline_states(observer.conn, pipeline)
+    assert states.get("waiting", 0) == 0 and states.get("queued", 0) == 0, states
+    assert states["succeeded"] == 1  # the root finished its run either way
+    assert (
+        await observer.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", waiting)
+        == "cancelled"
+    )
+    assert (
+        await observer.fetchval(
+            "SELECT state FROM pgqueue.pipelines WHERE pipeline_id = $1", pipeline
+        )
+        == "cancelled"
+    )
+
+
+async def test_running_member_of_cancelled_pipeline_is_not_retried(connect: Connect) -> None:
+    conn = await json_codecs(await connect())
+    pipeline = uuid.uuid4()
+    job = await conn.fetchval("SELECT pgqueue.enqueue('t', pipeline_id => $1)", pipeline)
+    await _claim(conn, job)
+    assert await conn.fetchval("SELECT pgqueue.cancel_pipeline($1)", pipeline) == 0
+    assert await conn.fetchval("SELECT pgqueue.fail($1, 'w', 'boom')", job) == "cancelled"
+    with pytest.raises(asyncpg.PostgresError, match="was cancelled"):
+        await conn.fetchval("SELECT pgqueue.enqueue('t', pipeline_id => $1)", pipeline)
+    # An operator retry resumes the pipeline.
+    assert await conn.fetchval("SELECT pgqueue.retry($1)", job) is True
+    assert await conn.fetchval("SELECT pgqueue.enqueue('t2', pipeline_id => $1)", pipeline) > job
+
+
+async def test_retry_of_failed_member_after_a_fix_finishes_the_pipeline(connect: Connect) -> None:
+    conn = await json_codecs(await connect())
+    pipeline = str(uuid.uuid4())
+    ids = [
+        r[0]
+        for r in await conn.fetch(
+            "SELECT pgqueue.enqueue_many($1::jsonb)",
+            [
+                {"job_type": "a", "key": "a", "pipeline_id": pipeline, "max_attempts": 1},
+                {"job_type": "b", "key": "b", "after": ["a"], "pipeline_id": pipeline},
+                {"job_type": "c", "after": ["b"], "pipeline_id": pipeline},
+            ],
+        )
+    ]
+    await _claim(conn, ids[0])
+    assert (
+        await conn.fetchval("SELECT pgqueue.fail($1, 'w', 'bad factor file')", ids[0]) == "failed"
+    )
+    row = await conn.fetchrow("SELECT state, done, failed, cancelled FROM pgqueue.pipelines")
+    assert tuple(row) == ("failed", True, 1, 2)
+    assert await conn.fetchval("SELECT pgqueue.retry($1)", ids[0])
+    for job in ids:
+        await _claim(conn, job)
+        assert await conn.fetchval("SELECT pgqueue.complete($1, 'w')", job)
+    row = await conn.fetchrow("SELECT state, done, succeeded FROM pgqueue.pipelines")
+    assert tuple(row) == ("succeeded", True, 3)
+
+
+async def test_dynamic_fan_out_of_zero_runs_the_join_at_once(connect: Connect) -> None:
+    conn = await json_codecs(await connect())
+    root = await conn.fetchval("SELECT pgqueue.enqueue('root')")
+    await _claim(conn, root)
+    assert await conn.fetchval(
+        "SELECT pgqueue.complete($1, 'w', NULL, $2::jsonb)",
+        root,
+        [{"job_type": "join", "after": []}],
+    )
+    assert await conn.fetchval("SELECT state FROM pgqueue.jobs WHERE job_type = 'join'") == "queued"
+
+
+@st.composite
+def dags(draw: st.DrawFn) -> tuple[list[list[int]], set[int], bool]:
+    n = draw(st.integers(1, 12))
+    deps = [sorted(draw(st.sets(st.integers(0, i - 1), max_size=3))) if i else [] for i in range(n)]
+    failing = draw(st.sets(st.integers(0, n - 1), max_size=2))
+    retry = draw(st.booleans())
+    return deps, failing, retry
+
+
+async def test_random_dags_finish_consistently_with_their_ancestors(connect: Connect) -> None:
+    """No job runs before its dependencies succeeded; every job ends consistent with its ancestors."""
+    conn = await json_codecs(await connect())
+    checked = 0
+
+    @settings(
+        max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck)
+    )
+    @given(dags())
+    def one(dag: tuple[list[list[int]], set[int], bool]) -> None:
+        nonlocal checked
+        examples.append(dag)
+        checked += 1
+
+    examples: list[tuple[list[list[int]], set[int], bool]] = []
+    one()
+    assert checked >= 20
+    for deps, failing, retry in examples:
+        await conn.execute("TRUNCATE pgqueue.jobs RESTART IDENTITY CASCADE")
+        pipeline = str(uuid.uuid4())
+        specs = [
+            {
+                "job_type": f"n{i}",
+                "key": f"n{i}",
+                "after": [f"n{d}" for d in ds],
+                "pipeline_id": pipeline,
+                "max_attempts": 1,
+            }
+            for i, ds in enumerate(deps)
+        ]
+        ids = [r[0] for r in await conn.fetch("SELECT pgqueue.enqueue_many($1::jsonb)", specs)]
+        node = {job: i for i, job in enumerate(ids)}
+        broken = set(failing)
+        rng = random.Random(len(deps))
+        for _round in range(4 * len(deps) + 4):
+            batch = await conn.fetch("SELECT id FROM pgqueue.claim_next('w', NULL, 3)")
+            if not batch:
+                if retry and broken:
+                    # the fix lands; retry every failed member
+                    broken.clear()
+                    for r in await conn.fetch("SELECT id FROM pgqueue.jobs WHERE state = 'failed'"):
+                        assert await conn.fetchval("SELECT pgqueue.retry($1)", r[0])
+                    continue
+                break
+            for r in rng.sample(list(batch), len(batch)):
+                i = node[r["id"]]
+                unfinished = await conn.fetchval(
+                    "SELECT count(*) FROM pgqueue.jobs WHERE id = ANY($1::bigint[]) AND state <> 'succeeded'",
+                    [ids[d] for d in deps[i]],
+                )
+                assert unfinished == 0, f"node {i} ran before its dependencies succeeded"
+                if i in broken:
+                    assert (
+                        await conn.fetchval("SELECT pgqueue.fail($1, 'w', 'x')", r["id"])
+                        == "failed"
+                    )
+                else:
+                    assert await conn.fetchval("SELECT pgqueue.complete($1, 'w')", r["id"])
+        states = {
+            node[r["id"]]: r["state"]
+            for r in await conn.fetch("SELECT id, state FROM pgqueue.jobs")
+        }
+
+        def doomed(i: int, deps: list[list[int]] = deps, broken: set[int] = broken) -> bool:
+            return i in broken or any(doomed(d) for d in deps[i])
+
+        for i in range(len(deps)):
+            if any(doomed(d) for d in deps[i]):
+                expected = "cancelled"
+            elif i in broken:
+                expected = "failed"
+            else:
+                expected = "succeeded"
+            assert states[i] == expected, (i, deps, failing, retry, states)
