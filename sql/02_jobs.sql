@@ -93,6 +93,8 @@ CREATE TABLE pgqueue.job_dependencies (
 );
 COMMENT ON TABLE pgqueue.job_dependencies IS
     'Fan-in edges: job_id stays waiting until every depends_on job has succeeded; written by enqueue/complete.';
+COMMENT ON COLUMN pgqueue.job_dependencies.job_id IS 'The waiting job.';
+COMMENT ON COLUMN pgqueue.job_dependencies.depends_on IS 'A job that must succeed before job_id is queued.';
 CREATE INDEX job_dependencies_depends_on ON pgqueue.job_dependencies (depends_on);
 
 -- Pipelines an operator cancelled: members still running may finish, but
@@ -104,6 +106,8 @@ CREATE TABLE pgqueue.cancelled_pipelines (
 );
 COMMENT ON TABLE pgqueue.cancelled_pipelines IS
     'Pipelines cancelled with pgqueue.cancel_pipeline(); their running members finish but start nothing new.';
+COMMENT ON COLUMN pgqueue.cancelled_pipelines.pipeline_id IS 'The cancelled pipeline.';
+COMMENT ON COLUMN pgqueue.cancelled_pipelines.cancelled_at IS 'When cancel_pipeline() was called.';
 
 -- Claim order over live work only: finished jobs never enter this index, so
 -- claiming stays fast however many finished jobs pile up.

@@ -14,24 +14,26 @@ LANGUAGE sql IMMUTABLE AS $$
                        WHEN 'pipeline' THEN 7216004 END
 $$;
 
--- What is wrong with one job spec, or NULL. A SQL expression (inlined into the
--- calling query) so validating ten thousand specs costs one scan, not ten
--- thousand PL/pgSQL calls.
-CREATE FUNCTION pgqueue._spec_problem(s jsonb) RETURNS text
+-- The keys a job spec may carry: enqueue's parameter names plus key/after.
+CREATE FUNCTION pgqueue._spec_keys() RETURNS text[]
 LANGUAGE sql IMMUTABLE AS $$
+    SELECT ARRAY['job_type', 'payload', 'queue', 'scope', 'dedup_key', 'run_after', 'priority', 'max_attempts',
+                 'pipeline_id', 'next_jobs', 'depends_on', 'key', 'after']
+$$;
+
+-- What is wrong with one job spec, or NULL. A single expression with no
+-- subqueries, so PostgreSQL inlines it into the calling query: validating ten
+-- thousand specs costs one scan, not ten thousand function calls.
+CREATE FUNCTION pgqueue._spec_problem(s jsonb) RETURNS text
+LANGUAGE sql STABLE AS $$
 SELECT CASE
     WHEN jsonb_typeof(s) IS DISTINCT FROM 'object' THEN
         format('must be a JSON object, got %s', coalesce(jsonb_typeof(s), 'NULL'))
-    WHEN EXISTS (SELECT 1 FROM jsonb_object_keys(s) k
-                 WHERE k NOT IN ('job_type', 'payload', 'queue', 'scope', 'dedup_key', 'run_after',
-                                 'priority', 'max_attempts', 'pipeline_id', 'next_jobs', 'depends_on',
-                                 'key', 'after')) THEN
-        format('unknown key(s) %s; allowed: job_type, payload, queue, scope, dedup_key, run_after, '
-               'priority, max_attempts, pipeline_id, next_jobs, depends_on, key, after',
-               (SELECT string_agg(quote_ident(k), ', ') FROM jsonb_object_keys(s) k
-                WHERE k NOT IN ('job_type', 'payload', 'queue', 'scope', 'dedup_key', 'run_after',
-                                'priority', 'max_attempts', 'pipeline_id', 'next_jobs', 'depends_on',
-                                'key', 'after')))
+    -- jsonb minus text[] drops the known keys in C; anything left is unknown.
+    WHEN s - pgqueue._spec_keys() <> '{}' THEN
+        format('unknown key(s) %s; allowed: %s',
+               btrim(jsonb_path_query_array(s - pgqueue._spec_keys(), '$.keyvalue().key')::text, '[]'),
+               array_to_string(pgqueue._spec_keys(), ', '))
     WHEN coalesce(s->'job_type', 'null') = 'null' THEN 'job_type is required'
     WHEN jsonb_typeof(s->'job_type') <> 'string' OR btrim(s->>'job_type') = '' THEN
         'job_type must be a non-empty string'
@@ -66,15 +68,14 @@ SELECT CASE
         'next_jobs must be an array of job specs'
     WHEN coalesce(s->'depends_on', 'null') <> 'null'
          AND (jsonb_typeof(s->'depends_on') <> 'array'
-              OR EXISTS (SELECT 1 FROM jsonb_array_elements(s->'depends_on') d
-                         WHERE jsonb_typeof(d) <> 'number' OR d::text !~ '^[0-9]+$')) THEN
+              OR jsonb_path_exists(s, 'strict $.depends_on[*] ? (@.type() != "number" || @ < 0 || @ != @.floor())')) THEN
         'depends_on must be an array of job ids'
     WHEN coalesce(s->'key', 'null') <> 'null'
          AND (jsonb_typeof(s->'key') <> 'string' OR s->>'key' = '') THEN
         'key must be a non-empty string'
     WHEN coalesce(s->'after', 'null') <> 'null'
          AND (jsonb_typeof(s->'after') <> 'array'
-              OR EXISTS (SELECT 1 FROM jsonb_array_elements(s->'after') a WHERE jsonb_typeof(a) <> 'string')) THEN
+              OR jsonb_path_exists(s, 'strict $.after[*] ? (@.type() != "string")')) THEN
         'after must be an array of sibling keys'
 END
 $$;
@@ -83,6 +84,26 @@ $$;
 CREATE FUNCTION pgqueue._spec_where(p_label text, p_ord bigint, p_single boolean) RETURNS text
 LANGUAGE sql IMMUTABLE AS $$
     SELECT CASE WHEN p_single THEN p_label ELSE format('%s[%s]', p_label, p_ord - 1) END
+$$;
+
+-- Validate the next_jobs arrays inside specs (recursion of _check_specs).
+CREATE FUNCTION pgqueue._check_nested_specs(p_specs jsonb, p_label text, p_single boolean) RETURNS void
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_ord bigint;
+    v_spec jsonb;
+BEGIN
+    IF NOT p_specs @? '$[*].next_jobs' THEN
+        RETURN;
+    END IF;
+    FOR v_ord, v_spec IN
+        SELECT e.ord, e.s FROM jsonb_array_elements(p_specs) WITH ORDINALITY AS e(s, ord)
+        WHERE jsonb_typeof(e.s->'next_jobs') = 'array'
+    LOOP
+        PERFORM pgqueue._check_specs(v_spec->'next_jobs',
+                                     pgqueue._spec_where(p_label, v_ord, p_single) || ': next_jobs');
+    END LOOP;
+END
 $$;
 
 -- Validate an array of specs (and, recursively, their next_jobs); raise the
@@ -112,7 +133,7 @@ BEGIN
     -- Timestamps need a cast to validate; only specs that carry one pay for it.
     FOR v_ord, v_spec IN
         SELECT e.ord, e.s FROM jsonb_array_elements(p_specs) WITH ORDINALITY AS e(s, ord)
-        WHERE jsonb_typeof(e.s->'run_after') = 'string'
+        WHERE p_specs @? '$[*].run_after' AND jsonb_typeof(e.s->'run_after') = 'string'
     LOOP
         BEGIN
             PERFORM (v_spec->>'run_after')::timestamptz;
@@ -122,6 +143,12 @@ BEGIN
                 USING ERRCODE = 'invalid_parameter_value';
         END;
     END LOOP;
+
+    -- The rest only concerns specs with keys and after lists (fan-in between siblings).
+    IF NOT p_specs @? '$[*].key' AND NOT p_specs @? '$[*].after' THEN
+        PERFORM pgqueue._check_nested_specs(p_specs, p_label, p_single);
+        RETURN;
+    END IF;
 
     SELECT k INTO v_key FROM jsonb_array_elements(p_specs) e(s), LATERAL (SELECT e.s->>'key' AS k) x
     WHERE k IS NOT NULL GROUP BY k HAVING count(*) > 1 LIMIT 1;
@@ -157,13 +184,7 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
 
-    FOR v_ord, v_spec IN
-        SELECT e.ord, e.s FROM jsonb_array_elements(p_specs) WITH ORDINALITY AS e(s, ord)
-        WHERE jsonb_typeof(e.s->'next_jobs') = 'array'
-    LOOP
-        PERFORM pgqueue._check_specs(v_spec->'next_jobs',
-                                     pgqueue._spec_where(p_label, v_ord, p_single) || ': next_jobs');
-    END LOOP;
+    PERFORM pgqueue._check_nested_specs(p_specs, p_label, p_single);
 END
 $$;
 
@@ -185,6 +206,36 @@ BEGIN
     END IF;
     PERFORM pg_advisory_xact_lock(pgqueue._lock_class('pipeline'), hashtext(p_pipeline_id::text));
     RETURN EXISTS (SELECT 1 FROM pgqueue.cancelled_pipelines c WHERE c.pipeline_id = p_pipeline_id);
+END
+$$;
+
+-- Lock the jobs named in depends_on and return those already succeeded.
+-- FOR SHARE makes a dependency that is finishing right now wait for this
+-- transaction (or us for it), so its completion always sees the new
+-- dependents and a fan-in can never be missed. Unknown ids and dependencies
+-- that already failed or were cancelled are refused.
+CREATE FUNCTION pgqueue._lock_dependencies(p_ids bigint[], p_label text) RETURNS bigint[]
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_bad record;
+    v_succeeded bigint[];
+BEGIN
+    SELECT want.id, x.state INTO v_bad
+    FROM unnest(p_ids) AS want(id)
+    LEFT JOIN LATERAL (SELECT j.id, j.state FROM pgqueue.jobs j WHERE j.id = want.id FOR SHARE) x ON true
+    WHERE x.id IS NULL OR x.state IN ('failed', 'cancelled')
+    ORDER BY x.id IS NOT NULL, want.id LIMIT 1;
+    IF FOUND THEN
+        IF v_bad.state IS NULL THEN
+            RAISE EXCEPTION '%: depends_on names unknown job id %', p_label, v_bad.id
+                USING ERRCODE = 'foreign_key_violation';
+        END IF;
+        RAISE EXCEPTION '%: dependency % is already %, so the job could never run', p_label, v_bad.id, v_bad.state
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT coalesce(array_agg(j.id), '{}') INTO v_succeeded
+    FROM pgqueue.jobs j WHERE j.id = ANY (p_ids) AND j.state = 'succeeded';
+    RETURN v_succeeded;
 END
 $$;
 
@@ -244,30 +295,12 @@ BEGIN
     FROM (SELECT DISTINCT e.s->>'dedup_key' AS k FROM jsonb_array_elements(p_specs) e(s)
           WHERE e.s->>'dedup_key' IS NOT NULL ORDER BY 1) keys;
 
-    -- Explicit dependencies. FOR SHARE makes a dependency that is finishing
-    -- right now wait for this transaction (or us for it), so its completion
-    -- always sees the new dependents and a fan-in can never be missed.
     SELECT array_agg(DISTINCT d::bigint), bool_or(true) INTO v_dep_ids, v_has_edges
     FROM jsonb_array_elements(p_specs) e(s),
-         jsonb_array_elements_text(coalesce(nullif(e.s->'depends_on', 'null'), '[]')) d;
+         jsonb_array_elements_text(coalesce(nullif(e.s->'depends_on', 'null'), '[]')) d
+    WHERE p_specs @? '$[*].depends_on[*]';
     IF v_dep_ids IS NOT NULL THEN
-        SELECT x.id, x.state INTO v_bad
-        FROM unnest(v_dep_ids) AS want(id)
-        LEFT JOIN LATERAL (SELECT j.id, j.state FROM pgqueue.jobs j WHERE j.id = want.id FOR SHARE) x ON true
-        WHERE x.id IS NULL OR x.state IN ('failed', 'cancelled')
-        ORDER BY want.id LIMIT 1;
-        IF FOUND THEN
-            IF v_bad.id IS NULL THEN
-                SELECT min(want.id) AS id, NULL::text AS state INTO v_bad FROM unnest(v_dep_ids) want(id)
-                WHERE NOT EXISTS (SELECT 1 FROM pgqueue.jobs j WHERE j.id = want.id);
-                RAISE EXCEPTION '%: depends_on names unknown job id %', p_label, v_bad.id
-                    USING ERRCODE = 'foreign_key_violation';
-            END IF;
-            RAISE EXCEPTION '%: dependency % is already %, so the job could never run', p_label, v_bad.id, v_bad.state
-                USING ERRCODE = 'invalid_parameter_value';
-        END IF;
-        SELECT coalesce(array_agg(j.id), '{}') INTO v_succeeded
-        FROM pgqueue.jobs j WHERE j.id = ANY (v_dep_ids) AND j.state = 'succeeded';
+        v_succeeded := pgqueue._lock_dependencies(v_dep_ids, p_label);
     END IF;
     v_has_edges := coalesce(v_has_edges, false) OR p_specs @? '$[*].after[*]';
 
@@ -337,6 +370,8 @@ BEGIN
 END
 $$;
 
+-- The single-job path does not build a spec: scalar checks and one INSERT,
+-- since this is the call applications make most.
 CREATE FUNCTION pgqueue.enqueue(
     job_type text,
     payload jsonb DEFAULT '{}',
@@ -351,29 +386,64 @@ CREATE FUNCTION pgqueue.enqueue(
     depends_on bigint[] DEFAULT NULL
 ) RETURNS bigint
 LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_id bigint;
+    v_inserted boolean;
+    v_succeeded bigint[] := '{}';
+    v_deps bigint[] := ARRAY(SELECT DISTINCT unnest(enqueue.depends_on));
 BEGIN
-    IF max_attempts IS NOT NULL AND max_attempts < 1 THEN
-        RAISE EXCEPTION 'pgqueue.enqueue: max_attempts must be >= 1, got %', max_attempts
-            USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    IF payload IS NOT NULL AND jsonb_typeof(payload) <> 'object' THEN
-        RAISE EXCEPTION 'pgqueue.enqueue: payload must be a JSON object, got %', jsonb_typeof(payload)
-            USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    IF job_type IS NULL OR btrim(job_type) = '' THEN
+    IF enqueue.job_type IS NULL OR btrim(enqueue.job_type) = '' THEN
         RAISE EXCEPTION 'pgqueue.enqueue: job_type must be a non-empty string'
             USING ERRCODE = 'invalid_parameter_value';
+    ELSIF enqueue.payload IS NOT NULL AND jsonb_typeof(enqueue.payload) <> 'object' THEN
+        RAISE EXCEPTION 'pgqueue.enqueue: payload must be a JSON object, got %', jsonb_typeof(enqueue.payload)
+            USING ERRCODE = 'invalid_parameter_value';
+    ELSIF enqueue.queue IS NOT NULL AND (btrim(enqueue.queue) = '' OR octet_length(enqueue.queue) > 200) THEN
+        RAISE EXCEPTION 'pgqueue.enqueue: queue must be a non-empty string of at most 200 bytes'
+            USING ERRCODE = 'invalid_parameter_value';
+    ELSIF enqueue.dedup_key = '' THEN
+        RAISE EXCEPTION 'pgqueue.enqueue: dedup_key must be a non-empty string'
+            USING ERRCODE = 'invalid_parameter_value';
+    ELSIF octet_length(enqueue.scope::text) > 1000 THEN
+        RAISE EXCEPTION 'pgqueue.enqueue: scope must be at most 1000 bytes of JSON'
+            USING ERRCODE = 'invalid_parameter_value';
+    ELSIF enqueue.max_attempts < 1 THEN
+        RAISE EXCEPTION 'pgqueue.enqueue: max_attempts must be >= 1, got %', enqueue.max_attempts
+            USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    RETURN (pgqueue._insert_specs(
-        jsonb_build_array(jsonb_strip_nulls(jsonb_build_object(
-            'job_type', job_type, 'queue', queue, 'dedup_key', dedup_key,
-            'run_after', run_after, 'priority', priority, 'max_attempts', max_attempts,
-            'pipeline_id', pipeline_id, 'depends_on', depends_on))
-        -- payload, scope and next_jobs keep their inner JSON nulls, so they are added unstripped
-        || jsonb_build_object('payload', coalesce(payload, '{}'))
-        || CASE WHEN scope IS NULL OR scope = 'null' THEN '{}'::jsonb ELSE jsonb_build_object('scope', scope) END
-        || CASE WHEN next_jobs IS NULL THEN '{}'::jsonb ELSE jsonb_build_object('next_jobs', next_jobs) END),
-        NULL, NULL, 'pgqueue.enqueue', true))[1];
+    IF enqueue.next_jobs IS NOT NULL THEN
+        PERFORM pgqueue._check_specs(enqueue.next_jobs, 'pgqueue.enqueue: next_jobs');
+    END IF;
+    IF enqueue.pipeline_id IS NOT NULL AND pgqueue._pipeline_cancelled(enqueue.pipeline_id) THEN
+        RAISE EXCEPTION 'pgqueue.enqueue: pipeline % was cancelled', enqueue.pipeline_id
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF enqueue.dedup_key IS NOT NULL THEN
+        PERFORM pgqueue._lock_dedup_key(enqueue.dedup_key);
+    END IF;
+    IF cardinality(v_deps) > 0 THEN
+        v_succeeded := pgqueue._lock_dependencies(v_deps, 'pgqueue.enqueue');
+    END IF;
+
+    INSERT INTO pgqueue.jobs AS j
+        (queue, job_type, payload, state, priority, scope, dedup_key, max_attempts, run_after, pipeline_id,
+         next_jobs)
+    VALUES (coalesce(enqueue.queue, 'default'), enqueue.job_type, coalesce(enqueue.payload, '{}'),
+            CASE WHEN v_deps <@ v_succeeded THEN 'queued' ELSE 'waiting' END,
+            coalesce(enqueue.priority, 0), nullif(enqueue.scope, 'null'), enqueue.dedup_key,
+            coalesce(enqueue.max_attempts, pgqueue._setting_int('max_attempts')), coalesce(enqueue.run_after, now()),
+            enqueue.pipeline_id, enqueue.next_jobs)
+    -- A pending job with the key exists: lock it (it cannot be claimed before
+    -- this transaction ends) and return it instead.
+    ON CONFLICT (dedup_key) WHERE state IN ('waiting', 'queued')
+    DO UPDATE SET dedup_key = excluded.dedup_key
+    RETURNING j.id, j.xmax = 0 INTO v_id, v_inserted;
+
+    IF v_inserted AND cardinality(v_deps) > 0 THEN
+        INSERT INTO pgqueue.job_dependencies (job_id, depends_on) SELECT v_id, d FROM unnest(v_deps) d;
+    END IF;
+    RETURN v_id;
 END
 $$;
 COMMENT ON FUNCTION pgqueue.enqueue(text, jsonb, text, jsonb, text, timestamptz, int, int, uuid, jsonb, bigint[]) IS

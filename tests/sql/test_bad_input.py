@@ -18,7 +18,7 @@ CASES = [
     ),
     (
         "SELECT pgqueue.enqueue('t', next_jobs => '{\"job_type\": \"x\"}')",
-        "next_jobs must be an array",
+        "next_jobs: must be a JSON array of job specs, got object",
     ),
     (
         "SELECT pgqueue.enqueue('t', next_jobs => '[{\"payload\": {}}]')",
@@ -26,7 +26,7 @@ CASES = [
     ),
     (
         'SELECT pgqueue.enqueue(\'t\', next_jobs => \'[{"job_type": "x", "bogus": 1}]\')',
-        "unknown key(s) bogus",
+        'unknown key(s) "bogus"',
     ),
     (
         'SELECT pgqueue.enqueue(\'t\', next_jobs => \'[{"job_type": "x", "payload": []}]\')',

@@ -1,0 +1,164 @@
+"""The handler registry and the enqueue API applications call.
+
+An :class:`App` is only a registry: it holds no connection. Workers read it to find
+handlers, and applications use it to enqueue, so that a job type's queue and
+``max_attempts`` are declared once, next to its handler.
+"""
+
+from __future__ import annotations
+
+import datetime
+import inspect
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeAlias, TypeVar
+
+import asyncpg
+
+from pgqueue.dsn import dumps
+from pgqueue.job import Job
+
+Handler = Callable[[Job], Awaitable[Any]] | Callable[[Job], Any]
+H = TypeVar("H", bound=Handler)
+
+ConnOrPool: TypeAlias = "asyncpg.Connection | asyncpg.Pool"
+
+# Every parameter is always passed, by name: one prepared statement for every call.
+# JSON goes as text and is cast in SQL so that any connection works, with or without codecs.
+_ENQUEUE_SQL = """
+SELECT pgqueue.enqueue(
+    job_type => $1, payload => $2::text::jsonb, queue => $3, scope => $4::text::jsonb,
+    dedup_key => $5, run_after => coalesce($6::timestamptz, now() + $7::interval),
+    priority => $8, max_attempts => $9, pipeline_id => $10::uuid,
+    next_jobs => $11::text::jsonb, depends_on => $12::bigint[])
+"""
+_ENQUEUE_MANY_SQL = "SELECT id FROM pgqueue.enqueue_many($1::text::jsonb) AS id"
+
+
+@dataclass(frozen=True, slots=True)
+class JobType:
+    """A registered handler and the defaults it was declared with."""
+
+    name: str
+    handler: Handler
+    queue: str
+    max_attempts: int | None
+    timeout: float | None
+
+    @property
+    def is_async(self) -> bool:
+        """Async handlers run on the event loop; plain ``def`` ones in a worker thread."""
+        call = getattr(self.handler, "__call__", None)  # noqa: B004 - async callable objects
+        return inspect.iscoroutinefunction(self.handler) or inspect.iscoroutinefunction(call)
+
+
+class App:
+    """A set of job handlers, declared with :meth:`job`."""
+
+    def __init__(self) -> None:
+        self.job_types: dict[str, JobType] = {}
+
+    def job(
+        self,
+        name: str,
+        *,
+        queue: str = "default",
+        max_attempts: int | None = None,
+        timeout: float | None = None,
+    ) -> Callable[[H], H]:
+        """Register the decorated function as the handler of ``name``.
+
+        ``queue`` and ``max_attempts`` become the defaults of :meth:`enqueue` for this type;
+        ``timeout`` (seconds) fails an attempt that runs longer.
+        """
+        if not name:
+            raise ValueError("job name must not be empty")
+        if max_attempts is not None and max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        if timeout is not None and timeout <= 0:
+            raise ValueError("timeout must be positive")
+
+        def register(handler: H) -> H:
+            if name in self.job_types:
+                raise ValueError(f"job type {name!r} is already registered")
+            self.job_types[name] = JobType(name, handler, queue, max_attempts, timeout)
+            return handler
+
+        return register
+
+    def queues(self) -> list[str]:
+        """The queues named by registered handlers, sorted."""
+        return sorted({jt.queue for jt in self.job_types.values()})
+
+    async def enqueue(
+        self,
+        conn_or_pool: ConnOrPool,
+        job_type: str,
+        payload: Mapping[str, Any] | None = None,
+        *,
+        queue: str | None = None,
+        scope: Any = None,
+        dedup_key: str | None = None,
+        run_after: datetime.datetime | None = None,
+        delay: datetime.timedelta | float | None = None,
+        priority: int = 0,
+        max_attempts: int | None = None,
+        pipeline_id: uuid.UUID | str | None = None,
+        next_jobs: Sequence[Mapping[str, Any]] | None = None,
+        depends_on: Sequence[int] | None = None,
+    ) -> int:
+        """Enqueue one job through ``pgqueue.enqueue`` and return its id.
+
+        Runs on the caller's connection, so inside the caller's transaction the job appears
+        exactly when that transaction commits. ``delay`` (seconds or a timedelta) is measured
+        on the database clock; ``run_after`` wins when both are given.
+        """
+        registered = self.job_types.get(job_type)
+        if queue is None:
+            queue = registered.queue if registered else "default"
+        if max_attempts is None and registered is not None:
+            max_attempts = registered.max_attempts
+        if isinstance(delay, int | float):
+            delay = datetime.timedelta(seconds=delay)
+        job_id: int = await conn_or_pool.fetchval(
+            _ENQUEUE_SQL,
+            job_type,
+            dumps(dict(payload or {})),
+            queue,
+            None if scope is None else dumps(scope),
+            dedup_key,
+            run_after,
+            delay,
+            priority,
+            max_attempts,
+            None if pipeline_id is None else str(pipeline_id),
+            None if next_jobs is None else dumps([dict(s) for s in next_jobs]),
+            None if depends_on is None else list(depends_on),
+        )
+        return job_id
+
+    async def enqueue_many(
+        self, conn_or_pool: ConnOrPool, specs: Sequence[Mapping[str, Any]]
+    ) -> list[int]:
+        """Enqueue many jobs in one round trip through ``pgqueue.enqueue_many``.
+
+        Each spec has the keys of ``pgqueue.enqueue``'s parameters (``job_type`` required);
+        registered types get their declared queue and max_attempts unless the spec says
+        otherwise. Returns the ids in spec order. One notification per queue is sent.
+        """
+        if not specs:
+            return []
+        rows = await conn_or_pool.fetch(
+            _ENQUEUE_MANY_SQL, dumps([self._with_defaults(spec) for spec in specs])
+        )
+        return [row["id"] for row in rows]
+
+    def _with_defaults(self, spec: Mapping[str, Any]) -> dict[str, Any]:
+        full = dict(spec)
+        registered = self.job_types.get(str(full.get("job_type", "")))
+        if registered is not None:
+            full.setdefault("queue", registered.queue)
+            if registered.max_attempts is not None:
+                full.setdefault("max_attempts", registered.max_attempts)
+        return full

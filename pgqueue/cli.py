@@ -1,0 +1,382 @@
+"""The ``pgqueue`` command line: migrate, run a worker, enqueue and inspect jobs.
+
+Every command resolves its DSN the same way (``--dsn``, else ``$PGQUEUE_DSN``, else the libpq
+``PG*`` variables) and turns the errors a user can fix (unreachable database, unmigrated
+schema, bad ``MODULE:APP``, bad JSON) into one line on stderr instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import logging
+import os
+import re
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, ParamSpec, TypeVar
+
+import anyio
+import asyncpg
+import click
+
+from pgqueue.app import App
+from pgqueue.dsn import connect, resolve_dsn
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+class DsnOption:
+    """What the group passes down to its commands."""
+
+    def __init__(self, dsn: str | None) -> None:
+        self.dsn = resolve_dsn(dsn)
+
+
+def _friendly_errors(fn: Callable[P, T]) -> Callable[P, T]:
+    """Turn the errors a user can act on into ``click`` errors: one line, exit status 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except click.ClickException:
+            raise
+        except Exception as exc:
+            message = _user_error(exc)
+            if message is None:
+                raise
+            raise click.ClickException(message) from None
+
+    return wrapper
+
+
+def _user_error(exc: BaseException) -> str | None:
+    """A one-line message for errors the user can fix, looking through wrapped causes.
+
+    Alembic and SQLAlchemy wrap the driver's error two levels deep; what the user needs is
+    the innermost "connection refused" or "database does not exist".
+    """
+    from pgqueue.migrate import SchemaError
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, SchemaError):
+            return str(seen)
+        if isinstance(
+            seen, asyncpg.exceptions.UndefinedTableError | asyncpg.exceptions.UndefinedFunctionError
+        ):
+            return f"{seen} (is the database migrated? run `pgqueue migrate`)"
+        if isinstance(seen, asyncpg.exceptions.PostgresError):
+            return f"database error: {seen}"
+        if isinstance(seen, OSError | asyncpg.exceptions.InterfaceError | TimeoutError):
+            return f"cannot connect to PostgreSQL: {seen or type(seen).__name__}"
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _run(main: Callable[[], Awaitable[T]]) -> T:
+    return anyio.run(main)
+
+
+async def _with_connection(dsn: str | None, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+    """Open one connection, refuse an unmigrated schema, run ``fn``, close."""
+    from pgqueue.migrate import check_schema
+
+    conn = await connect(dsn, application_name="pgqueue-cli")
+    try:
+        await check_schema(conn)
+        return await fn(conn)
+    finally:
+        await conn.close()
+
+
+def _json_arg(name: str, text: str | None) -> Any:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not valid JSON: {exc}", param_hint=name) from None
+
+
+def parse_duration(text: str) -> str:
+    """``7d``/``12h``/``30m``/``45s``/``2w`` to a PostgreSQL interval; anything else as is."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text)
+    if match:
+        return f"{match.group(1)} {_UNITS[match.group(2)]}"
+    return text
+
+
+def load_app(target: str) -> App:
+    """Import ``MODULE:APP`` (from the current directory too, like other app runners)."""
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise click.BadParameter(f"expected MODULE:APP, got {target!r}", param_hint="MODULE:APP")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise click.BadParameter(
+            f"cannot import module {module_name!r}: {exc}", param_hint="MODULE:APP"
+        ) from None
+    app = getattr(module, attr, None)
+    if not isinstance(app, App):
+        found = "nothing" if app is None else type(app).__name__
+        raise click.BadParameter(
+            f"{module_name}:{attr} is {found}, not a pgqueue.App", param_hint="MODULE:APP"
+        )
+    return app
+
+
+def _print_table(rows: Sequence[asyncpg.Record]) -> None:
+    if not rows:
+        click.echo("(no rows)")
+        return
+    headers = list(rows[0].keys())
+    cells = [[_cell(value) for value in row.values()] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    click.echo("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
+    for row in cells:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    text = text.splitlines()[0] if text else text
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+@click.group()
+@click.option(
+    "--dsn",
+    metavar="DSN",
+    help="PostgreSQL DSN. Default: $PGQUEUE_DSN, else the libpq PG* variables.",
+)
+@click.version_option(package_name="pgqueue")
+@click.pass_context
+def main(ctx: click.Context, dsn: str | None) -> None:
+    """pgqueue: a job queue that lives inside PostgreSQL."""
+    ctx.obj = DsnOption(dsn)
+
+
+pass_dsn = click.make_pass_decorator(DsnOption)
+
+
+@main.command()
+@pass_dsn
+@_friendly_errors
+def migrate(opts: DsnOption) -> None:
+    """Create or upgrade the pgqueue schema (alembic upgrade head)."""
+    from pgqueue import migrate as migrations
+
+    migrations.upgrade(opts.dsn)
+    click.echo(f"pgqueue schema at revision {migrations.HEAD_REVISION}")
+
+
+@main.command()
+@click.argument("target", metavar="MODULE:APP")
+@click.option("--queues", help="Comma-separated queues to work (default: every queue).")
+@click.option("--concurrency", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option(
+    "--grace",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    help="Seconds running jobs get to finish after SIGTERM before they are released.",
+)
+@click.option(
+    "--poll-interval",
+    type=click.FloatRange(min=0.01),
+    default=5.0,
+    show_default=True,
+    help="Safety poll, in seconds, for notifications that never arrive.",
+)
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@pass_dsn
+@_friendly_errors
+def worker(
+    opts: DsnOption,
+    target: str,
+    queues: str | None,
+    concurrency: int,
+    grace: float,
+    poll_interval: float,
+    log_format: str,
+    verbose: bool,
+) -> None:
+    """Run a worker for the handlers of MODULE:APP until SIGTERM or SIGINT."""
+    from pgqueue.worker import Worker
+    from pgqueue.worker.logs import configure_logging
+
+    app = load_app(target)
+    configure_logging(log_format, logging.DEBUG if verbose else logging.INFO)
+    queue_list = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
+    runner = Worker(
+        app,
+        opts.dsn,
+        queues=queue_list,
+        concurrency=concurrency,
+        grace=grace,
+        poll_interval=poll_interval,
+    )
+    _run(runner.run)
+
+
+@main.command()
+@click.argument("job_type")
+@click.option("--payload", help="JSON object passed to the handler.")
+@click.option("--queue", help="Queue (default: 'default').")
+@click.option("--scope", help="JSON serialization key: jobs with equal scope run one at a time.")
+@click.option("--dedup-key", help="Coalesce with a waiting/queued job that has this key.")
+@click.option("--delay", type=click.FloatRange(min=0), help="Seconds before it may run.")
+@click.option("--priority", type=int, default=0, show_default=True)
+@click.option("--max-attempts", type=click.IntRange(min=1))
+@pass_dsn
+@_friendly_errors
+def enqueue(
+    opts: DsnOption,
+    job_type: str,
+    payload: str | None,
+    queue: str | None,
+    scope: str | None,
+    dedup_key: str | None,
+    delay: float | None,
+    priority: int,
+    max_attempts: int | None,
+) -> None:
+    """Enqueue one job and print its id."""
+    payload_obj = _json_arg("--payload", payload)
+    if payload_obj is not None and not isinstance(payload_obj, dict):
+        raise click.BadParameter("must be a JSON object", param_hint="--payload")
+    scope_obj = _json_arg("--scope", scope)
+
+    async def go(conn: asyncpg.Connection) -> int:
+        return await App().enqueue(
+            conn,
+            job_type,
+            payload_obj,
+            queue=queue,
+            scope=scope_obj,
+            dedup_key=dedup_key,
+            delay=delay,
+            priority=priority,
+            max_attempts=max_attempts,
+        )
+
+    click.echo(_run(lambda: _with_connection(opts.dsn, go)))
+
+
+@main.command()
+@click.option(
+    "--state",
+    type=click.Choice(["waiting", "queued", "running", "succeeded", "failed", "cancelled"]),
+)
+@click.option("--queue")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@pass_dsn
+@_friendly_errors
+def jobs(opts: DsnOption, state: str | None, queue: str | None, limit: int) -> None:
+    """List jobs, newest first."""
+    sql = """
+        SELECT id, queue, job_type, state, attempts, max_attempts, run_after, locked_by,
+               last_error
+        FROM pgqueue.jobs
+        WHERE ($1::text IS NULL OR state = $1) AND ($2::text IS NULL OR queue = $2)
+        ORDER BY id DESC LIMIT $3
+    """
+    rows = _run(lambda: _with_connection(opts.dsn, lambda c: c.fetch(sql, state, queue, limit)))
+    _print_table(rows)
+
+
+@main.command()
+@pass_dsn
+@_friendly_errors
+def stats(opts: DsnOption) -> None:
+    """Per queue and state: how many jobs, and how old the oldest ready one is."""
+    rows = _run(
+        lambda: _with_connection(opts.dsn, lambda c: c.fetch("SELECT * FROM pgqueue.queue_stats"))
+    )
+    _print_table(rows)
+
+
+def _job_action(name: str, doc: str) -> None:
+    """Register a command calling ``pgqueue.<name>(job_id)``, which returns a boolean."""
+
+    @main.command(name=name, help=doc)
+    @click.argument("job_id", type=int)
+    @pass_dsn
+    @_friendly_errors
+    def command(opts: DsnOption, job_id: int) -> None:
+        sql = f"SELECT pgqueue.{name}($1)"
+        done = _run(lambda: _with_connection(opts.dsn, lambda c: c.fetchval(sql, job_id)))
+        if not done:
+            raise click.ClickException(f"job {job_id}: nothing to {name} (unknown id or state)")
+        click.echo(f"job {job_id}: {name} done")
+
+
+_job_action("retry", "Put a failed or cancelled job back in the queue, attempts reset.")
+_job_action("cancel", "Cancel a job that has not finished (its dependents are cancelled too).")
+
+
+@main.command()
+@pass_dsn
+@_friendly_errors
+def recover(opts: DsnOption) -> None:
+    """Requeue running jobs whose lease is older than stale_after (workers do this too)."""
+    rows = _run(
+        lambda: _with_connection(
+            opts.dsn, lambda c: c.fetch("SELECT id FROM pgqueue.recover_stale() AS id")
+        )
+    )
+    ids = [row["id"] for row in rows]
+    click.echo(f"recovered {len(ids)} job(s)" + (f": {', '.join(map(str, ids))}" if ids else ""))
+
+
+@main.command()
+@click.option(
+    "--older-than",
+    required=True,
+    metavar="DURATION",
+    help="7d, 12h, 30m, 45s, 2w, or any PostgreSQL interval such as '1 day 2 hours'.",
+)
+@pass_dsn
+@_friendly_errors
+def prune(opts: DsnOption, older_than: str) -> None:
+    """Delete finished jobs whose finished_at is older than DURATION."""
+    interval = parse_duration(older_than)
+
+    async def go(conn: asyncpg.Connection) -> int:
+        try:
+            count: int = await conn.fetchval("SELECT pgqueue.prune($1::text::interval)", interval)
+        except asyncpg.exceptions.InvalidDatetimeFormatError:
+            raise click.BadParameter(
+                f"not a duration: {older_than!r}", param_hint="--older-than"
+            ) from None
+        return count
+
+    click.echo(f"pruned {_run(lambda: _with_connection(opts.dsn, go))} job(s)")
+
+
+@main.command()
+@pass_dsn
+@_friendly_errors
+def demo(opts: DsnOption) -> None:
+    """Run the emissions pipeline demo (on an embedded PostgreSQL when no DSN is set)."""
+    try:
+        from pgqueue.demo import run_demo  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        raise click.ClickException("the demo is not available in this installation") from None
+    run_demo(opts.dsn)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Where pgqueue finds its database, and how its own asyncpg connections are set up.
+
+Every connection pgqueue opens for itself goes through :func:`connect` or :func:`create_pool`,
+so the JSON codecs and the ``application_name`` are set in exactly one place. Connections
+that belong to the application (passed to ``App.enqueue``) are never modified: the enqueue
+statements send JSON as text and cast it in SQL, so they work with or without these codecs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import inspect
+import json
+import os
+import uuid
+from typing import Any
+
+import asyncpg
+
+ENV_VAR = "PGQUEUE_DSN"
+
+
+def resolve_dsn(dsn: str | None = None) -> str | None:
+    """Return the DSN to use: the explicit one, else ``$PGQUEUE_DSN``, else ``None``.
+
+    ``None`` is a valid answer: asyncpg (like libpq) then reads ``PGHOST``, ``PGPORT``,
+    ``PGUSER``, ``PGDATABASE``, ``PGPASSWORD`` and friends from the environment.
+    """
+    if dsn:
+        return dsn
+    return os.environ.get(ENV_VAR) or None
+
+
+def dumps(value: Any) -> str:
+    """Encode a value as strict JSON (no NaN/Infinity, which PostgreSQL's jsonb rejects)."""
+    return json.dumps(value, allow_nan=False, separators=(",", ":"), default=_json_default)
+
+
+def _json_default(value: Any) -> Any:
+    """Encode the few non-JSON types that job specs commonly carry (datetimes, UUIDs)."""
+    if isinstance(value, datetime.date | datetime.time):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+async def init_connection(conn: asyncpg.Connection) -> None:
+    """Decode json/jsonb columns into Python objects (and encode them back) on our connections."""
+    for typename in ("json", "jsonb"):
+        await conn.set_type_codec(
+            typename, schema="pg_catalog", encoder=dumps, decoder=json.loads, format="text"
+        )
+
+
+def _server_settings(application_name: str) -> dict[str, str]:
+    return {"application_name": application_name[:63]}
+
+
+async def connect(dsn: str | None, *, application_name: str = "pgqueue") -> asyncpg.Connection:
+    """Open one dedicated connection (codecs set, named so ``pg_stat_activity`` shows who it is)."""
+    conn: asyncpg.Connection = await asyncpg.connect(
+        dsn, server_settings=_server_settings(application_name)
+    )
+    await init_connection(conn)
+    return conn
+
+
+async def create_pool(
+    dsn: str | None, *, warm: int, max_size: int, application_name: str = "pgqueue"
+) -> asyncpg.Pool:
+    """Open a pool whose every connection has the codecs and the application name set.
+
+    ``warm`` connections are opened up front and never closed for being idle, so the first
+    job after a quiet hour does not pay for a connection. asyncpg >= 0.31 would also keep a
+    ``min_size`` floor by reconnecting in the background, logging a traceback per failed try
+    during an outage; with ``init_size`` we get warm connections without that floor, and
+    dead ones are replaced on the next acquire instead.
+    """
+    sizing: dict[str, int] = {"min_size": warm}
+    if "init_size" in inspect.signature(asyncpg.create_pool).parameters:
+        sizing = {"min_size": 0, "init_size": warm}
+    pool: asyncpg.Pool = await asyncpg.create_pool(
+        dsn,
+        max_size=max_size,
+        max_inactive_connection_lifetime=0,
+        init=init_connection,
+        server_settings=_server_settings(application_name),
+        **sizing,
+    )
+    return pool

@@ -1,0 +1,102 @@
+"""The producer loop: decides when to claim and how many jobs.
+
+It claims only through ``pgqueue.claim_next``, in batches sized to the free slots. Between
+claims it sleeps until something may have changed: a notification for one of its queues
+(or a (re)connect of the notifier, which asks for a sweep), a freed slot when it was full,
+the earliest future ``run_after`` among its queues, or a jittered safety poll.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+
+import anyio.abc
+import asyncpg
+
+from pgqueue.job import Job
+from pgqueue.worker.executor import Executor
+from pgqueue.worker.retry import Backoff, Outage
+from pgqueue.worker.wake import Wake
+
+_CLAIM = "SELECT * FROM pgqueue.claim_next(worker => $1, queues => $2::text[], batch_size => $3)"
+# Seconds until the earliest scheduled job of our queues, on the database's clock.
+_NEXT_RUN_AFTER = """
+SELECT extract(epoch FROM min(run_after) - clock_timestamp())::float8
+FROM pgqueue.jobs
+WHERE state = 'queued' AND run_after > clock_timestamp()
+  AND ($1::text[] IS NULL OR queue = ANY($1::text[]))
+"""
+
+
+class Producer:
+    """Claims jobs for one worker and starts them on the executor."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        executor: Executor,
+        wake: Wake,
+        *,
+        worker_id: str,
+        queues: Sequence[str] | None,
+        poll_interval: float,
+        logger: logging.Logger,
+    ) -> None:
+        self.pool = pool
+        self.executor = executor
+        self.wake = wake
+        self.worker_id = worker_id
+        self.queues = None if queues is None else list(queues)
+        self.poll_interval = poll_interval
+        self.logger = logger
+        self.stopping = False
+        self._backoff = Backoff()
+        self._outage = Outage(logger, "producer")
+
+    def stop(self) -> None:
+        """Stop claiming; :meth:`run` returns promptly (running jobs are not touched)."""
+        self.stopping = True
+        self.wake.set()
+        self.executor.slot_freed.set()
+
+    async def run(self, jobs: anyio.abc.TaskGroup) -> None:
+        """Claim while there are free slots and work; otherwise sleep until that may change."""
+        more = True  # start with a sweep: jobs may have been queued while nobody listened
+        while not self.stopping:
+            if self.executor.free_slots == 0:
+                await self.executor.slot_freed.wait()
+                continue
+            if not more:
+                await self.wake.wait(await self._idle_timeout())
+                if self.stopping:
+                    break
+            wanted = self.executor.free_slots
+            claimed = await self._claim(wanted)
+            for job in claimed or ():
+                self.executor.start(jobs, job)
+            # A full batch means there is probably more; an error means try again.
+            more = claimed is None or len(claimed) == wanted
+
+    async def _claim(self, batch_size: int) -> list[Job] | None:
+        """Claim up to ``batch_size`` jobs; None (after a backoff) if the database failed."""
+        try:
+            rows = await self.pool.fetch(_CLAIM, self.worker_id, self.queues, batch_size)
+        except Exception as exc:
+            self._outage.failed(exc, "claiming jobs")
+            await self.wake.wait(self._backoff.next_delay())
+            return None
+        self._outage.ok()
+        self._backoff.reset()
+        return [Job.from_record(row) for row in rows]
+
+    async def _idle_timeout(self) -> float:
+        """Sleep until the jittered safety poll or the earliest scheduled job, if sooner."""
+        poll = self.poll_interval * random.uniform(0.8, 1.0)
+        try:
+            seconds: float | None = await self.pool.fetchval(_NEXT_RUN_AFTER, self.queues)
+        except Exception as exc:
+            self._outage.failed(exc, "looking up the next scheduled job")
+            return poll
+        return poll if seconds is None else max(0.0, min(poll, seconds))

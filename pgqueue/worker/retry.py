@@ -1,0 +1,93 @@
+"""Backoff and outage bookkeeping shared by every background loop of the worker.
+
+A database outage makes every loop fail at once and for as long as it lasts. Each loop owns
+one :class:`Outage`: it logs the first failure with its context, stays quiet while the outage
+lasts, and logs once more when the loop works again, so a restart of PostgreSQL produces a
+handful of lines rather than a stack trace per retry.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+
+import anyio
+import asyncpg
+
+_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,  # refused, reset, unreachable; includes ConnectionError
+    TimeoutError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.InterfaceError,  # "connection is closed", pool closing, ...
+    asyncpg.exceptions.PostgresConnectionError,  # class 08
+    asyncpg.exceptions.OperatorInterventionError,  # class 57: admin shutdown, terminate_backend
+    asyncpg.exceptions.InsufficientResourcesError,  # class 53: too many connections
+)
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """True for errors that a retry on a fresh connection can cure."""
+    if isinstance(exc, asyncpg.exceptions.QueryCanceledError):
+        return False  # class 57014 is a statement timeout, not an outage
+    return isinstance(exc, _CONNECTION_ERRORS)
+
+
+class Backoff:
+    """Exponential backoff with full jitter, so many workers do not reconnect in lockstep."""
+
+    def __init__(self, base: float = 0.1, cap: float = 10.0) -> None:
+        self.base = base
+        self.cap = cap
+        self.failures = 0
+
+    def next_delay(self) -> float:
+        """Count one failure and return how long to wait before the next try."""
+        self.failures += 1
+        ceiling = min(self.cap, self.base * 2 ** min(self.failures, 30))
+        return random.uniform(ceiling / 2, ceiling)
+
+    async def sleep(self) -> None:
+        await anyio.sleep(self.next_delay())
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+class Outage:
+    """Logs an outage of one component once when it starts and once when it ends."""
+
+    def __init__(self, logger: logging.Logger, component: str) -> None:
+        self.logger = logger
+        self.component = component
+        self.started: float | None = None
+
+    def failed(self, exc: BaseException, doing: str) -> None:
+        """Record a failed attempt at ``doing``; only the first one of an outage is logged."""
+        if self.started is not None:
+            return
+        self.started = time.monotonic()
+        if is_connection_error(exc):
+            self.logger.warning(
+                "%s: database unavailable while %s (%s: %s); retrying with backoff",
+                self.component,
+                doing,
+                type(exc).__name__,
+                exc,
+            )
+        else:
+            self.logger.error(
+                "%s: unexpected error while %s; retrying with backoff",
+                self.component,
+                doing,
+                exc_info=exc,
+            )
+
+    def ok(self) -> None:
+        """Record a success; ends (and logs the length of) an outage in progress."""
+        if self.started is None:
+            return
+        self.logger.info(
+            "%s: working again after %.1fs", self.component, time.monotonic() - self.started
+        )
+        self.started = None

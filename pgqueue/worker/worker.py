@@ -1,0 +1,177 @@
+"""The Worker: wires the notifier, producer, executor, completer, heartbeat and recovery.
+
+Life of a worker: open a pool and check the schema (refuse to start on an old one), read
+``stale_after``, start the background services, run the producer until stopped, let running
+handlers finish within ``grace``, cancel and release the rest, then stop the services.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import socket
+import time
+from collections.abc import Iterable
+
+import anyio
+import anyio.abc
+import asyncpg
+
+from pgqueue.app import App
+from pgqueue.dsn import create_pool
+from pgqueue.worker.completer import Completer
+from pgqueue.worker.executor import Executor
+from pgqueue.worker.heartbeat import heartbeat_loop, heartbeat_period, read_stale_after
+from pgqueue.worker.leader import recovery_loop
+from pgqueue.worker.notifier import Notifier
+from pgqueue.worker.producer import Producer
+from pgqueue.worker.wake import Wake
+
+# After the grace period, outcome writes get this long to land before the process exits.
+FINAL_WRITE_WINDOW = 10.0
+
+
+def make_worker_id() -> str:
+    """Unique and readable: which host and process, plus a suffix for pid reuse."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+class Worker:
+    """Runs an :class:`~pgqueue.App`'s handlers for jobs claimed from PostgreSQL."""
+
+    def __init__(
+        self,
+        app: App,
+        dsn: str | None = None,
+        *,
+        queues: Iterable[str] | None = None,
+        concurrency: int = 10,
+        grace: float = 30.0,
+        poll_interval: float = 5.0,
+        handle_signals: bool = True,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self.queues = None if queues is None else sorted(set(queues))
+        if self.queues == []:
+            raise ValueError("queues must name at least one queue (None means every queue)")
+        self.app = app
+        self.dsn = dsn
+        self.concurrency = concurrency
+        self.grace = grace
+        self.poll_interval = poll_interval
+        self.handle_signals = handle_signals
+        self.logger = logger or logging.getLogger("pgqueue.worker")
+        self.id = make_worker_id()
+        self.notifier: Notifier | None = None  # exposed for tests: notifier.listening
+        self.started = anyio.Event()
+        self._wake = Wake()
+        self._producer: Producer | None = None
+        self._stop_requested = False
+        self._grace_scope: anyio.CancelScope | None = None
+
+    def stop(self, *, force: bool = False) -> None:
+        """Stop claiming and shut down; ``force`` skips what is left of the grace period.
+
+        Must be called from the worker's event loop (signal handlers already are).
+        """
+        self._stop_requested = True
+        if self._producer is not None:
+            self._producer.stop()
+        if force and self._grace_scope is not None:
+            self._grace_scope.cancel()
+
+    async def run(self) -> None:
+        """Work until :meth:`stop` or SIGTERM/SIGINT; return once every job is settled."""
+        pool = await create_pool(
+            self.dsn,
+            warm=3,  # claim, outcome, heartbeat: ready before the first job
+            max_size=min(self.concurrency, 10) + 3,
+            application_name=f"pgqueue-worker {self.id}",
+        )
+        try:
+            await self._run(pool)
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await pool.close()
+            pool.terminate()
+
+    async def _run(self, pool: asyncpg.Pool) -> None:
+        from pgqueue.migrate import check_schema  # the infra module; refuses old schemas
+
+        async with pool.acquire() as conn:
+            await check_schema(conn)
+            stale_after = await read_stale_after(conn)
+        period = heartbeat_period(stale_after)
+        completer = Completer(pool, self.id, self.logger)
+        executor = Executor(self.app, completer, self.concurrency, self.logger, self._wake)
+        self.notifier = Notifier(
+            self.dsn,
+            self._wake,
+            queues=self.queues,
+            application_name=f"pgqueue-notifier {self.id}",
+            logger=self.logger,
+        )
+        self._producer = producer = Producer(
+            pool,
+            executor,
+            self._wake,
+            worker_id=self.id,
+            queues=self.queues,
+            poll_interval=self.poll_interval,
+            logger=self.logger,
+        )
+        if self._stop_requested:
+            producer.stop()
+        self.logger.info(
+            "worker %s starting: queues=%s concurrency=%d heartbeat every %.2fs",
+            self.id,
+            ",".join(self.queues) if self.queues else "*",
+            self.concurrency,
+            period,
+            extra={"worker": self.id},
+        )
+        async with anyio.create_task_group() as services:
+            services.start_soon(self.notifier.run)
+            services.start_soon(heartbeat_loop, pool, self.id, period, self.logger)
+            services.start_soon(recovery_loop, pool, period, self.logger)
+            if self.handle_signals:
+                services.start_soon(self._watch_signals)
+            self.started.set()
+            async with anyio.create_task_group() as jobs:
+                await producer.run(jobs)
+                await self._drain(executor, completer, jobs)
+            services.cancel_scope.cancel()
+        self.logger.info("worker %s stopped", self.id, extra={"worker": self.id})
+
+    async def _drain(
+        self, executor: Executor, completer: Completer, jobs: anyio.abc.TaskGroup
+    ) -> None:
+        """Let running handlers finish within the grace period, then cancel (and release) them."""
+        if executor.running:
+            self.logger.info(
+                "stopping: waiting up to %gs for %d running job(s)",
+                self.grace,
+                len(executor.running),
+            )
+        with anyio.move_on_after(self.grace) as self._grace_scope:
+            while executor.running:
+                await executor.idle.wait()
+        if executor.running:
+            self.logger.warning(
+                "grace period over: cancelling and releasing %d job(s)", len(executor.running)
+            )
+            completer.give_up_at = time.monotonic() + FINAL_WRITE_WINDOW
+            jobs.cancel_scope.cancel()
+
+    async def _watch_signals(self) -> None:
+        """First SIGTERM/SIGINT: graceful stop. A second one: skip the rest of the grace."""
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                force = self._stop_requested
+                self.logger.info("received %s: %s", name, "forcing stop" if force else "stopping")
+                self.stop(force=force)

@@ -1,0 +1,108 @@
+"""The ``pgqueue`` command line, through click's runner against a real database."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from click.testing import CliRunner, Result
+
+from pgqueue.cli import main, parse_duration
+
+
+def run(dsn: str, *args: str) -> Result:
+    return CliRunner().invoke(main, ["--dsn", dsn, *args], catch_exceptions=False)
+
+
+def test_enqueue_list_cancel_retry_stats(db_dsn: str) -> None:
+    out = run(
+        db_dsn,
+        "enqueue",
+        "report",
+        "--payload",
+        '{"year": 2024}',
+        "--queue",
+        "q",
+        "--scope",
+        '{"site": 1}',
+        "--priority",
+        "3",
+        "--max-attempts",
+        "2",
+        "--delay",
+        "60",
+    )
+    assert out.exit_code == 0, out.output
+    job_id = int(out.output.strip())
+
+    out = run(db_dsn, "jobs", "--queue", "q", "--state", "queued")
+    assert out.exit_code == 0, out.output
+    assert re.search(rf"^{job_id}\s+q\s+report\s+queued", out.output, re.M), out.output
+
+    assert run(db_dsn, "cancel", str(job_id)).exit_code == 0
+    assert run(db_dsn, "cancel", str(job_id)).exit_code == 1  # already final
+    assert run(db_dsn, "retry", str(job_id)).exit_code == 0
+    out = run(db_dsn, "stats")
+    assert out.exit_code == 0 and "q" in out.output, out.output
+    assert run(db_dsn, "recover").output.startswith("recovered 0 job(s)")
+    assert run(db_dsn, "prune", "--older-than", "7d").output == "pruned 0 job(s)\n"
+    assert run(db_dsn, "prune", "--older-than", "1 day 2 hours").exit_code == 0
+
+
+def test_dsn_from_environment(db_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PGQUEUE_DSN", db_dsn)
+    out = CliRunner().invoke(main, ["enqueue", "x"])
+    assert out.exit_code == 0 and out.output.strip().isdigit(), out.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["enqueue", "x", "--payload", "{nope"], "not valid JSON"),
+        (["enqueue", "x", "--payload", "[1]"], "must be a JSON object"),
+        (["prune", "--older-than", "soon"], "not a duration"),
+        (["worker", "no_such_module:app"], "cannot import module 'no_such_module'"),
+        (["worker", "json:dumps"], "not a pgqueue.App"),
+        (["worker", "nocolon"], "expected MODULE:APP"),
+    ],
+)
+def test_clear_errors_for_bad_input(db_dsn: str, args: list[str], message: str) -> None:
+    out = run(db_dsn, *args)
+    assert out.exit_code == 2, out.output
+    assert message in out.output and "Traceback" not in out.output
+
+
+def test_unreachable_database_is_one_line() -> None:
+    out = run("postgresql://postgres@127.0.0.1:1/nothing", "jobs")
+    assert out.exit_code == 1
+    assert (
+        out.output.startswith("Error: cannot connect to PostgreSQL") and out.output.count("\n") == 1
+    )
+
+
+def test_unmigrated_database_says_to_migrate(empty_db_dsn: str) -> None:
+    for args in (["jobs"], ["enqueue", "x"], ["worker", "worker_app:app"]):
+        out = run(empty_db_dsn, *args)
+        assert out.exit_code == 1
+        assert "pgqueue migrate" in out.output and out.output.count("\n") == 1
+
+
+def test_migrate_then_use(empty_db_dsn: str) -> None:
+    out = run(empty_db_dsn, "migrate")
+    assert out.exit_code == 0, out.output
+    assert run(empty_db_dsn, "enqueue", "x").exit_code == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "interval"),
+    [
+        ("7d", "7 days"),
+        ("12h", "12 hours"),
+        ("30m", "30 minutes"),
+        ("45s", "45 seconds"),
+        ("1.5h", "1.5 hours"),
+        ("2 days", "2 days"),
+    ],
+)
+def test_parse_duration(text: str, interval: str) -> None:
+    assert parse_duration(text) == interval

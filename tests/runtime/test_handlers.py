@@ -1,0 +1,181 @@
+"""Handler outcomes, enqueue options and queue selection, with an in-process Worker."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import anyio
+import asyncpg
+import pytest
+from runtime_helpers import wait_for_states
+
+import pgqueue
+from pgqueue.migrate import SchemaError
+from pgqueue.worker.logs import JsonFormatter
+
+
+@asynccontextmanager
+async def running(app: pgqueue.App, dsn: str, **options: Any) -> AsyncIterator[pgqueue.Worker]:
+    """Run a Worker in this event loop for the duration of the block."""
+    options.setdefault("poll_interval", 0.5)
+    worker = pgqueue.Worker(app, dsn, handle_signals=False, **options)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        await worker.started.wait()
+        try:
+            yield worker
+        finally:
+            worker.stop()
+
+
+def make_app() -> pgqueue.App:
+    app = pgqueue.App()
+
+    @app.job("ok")
+    async def ok(job: pgqueue.Job) -> dict[str, Any]:
+        return {"echo": job.payload, "attempt": job.attempts}
+
+    @app.job("in_thread")
+    def in_thread(job: pgqueue.Job) -> str:
+        return threading.current_thread().name
+
+    @app.job("boom", max_attempts=1)
+    async def boom(job: pgqueue.Job) -> None:
+        raise ValueError("boom goes the handler")
+
+    @app.job("slow", timeout=0.2, max_attempts=1)
+    async def slow(job: pgqueue.Job) -> None:
+        await anyio.sleep(30)
+
+    @app.job("not_json", max_attempts=1)
+    async def not_json(job: pgqueue.Job) -> object:
+        return {1, 2, 3}
+
+    @app.job("parent")
+    async def parent(job: pgqueue.Job) -> pgqueue.Result:
+        return pgqueue.Result({"made": 1}, next_jobs=[{"job_type": "ok", "payload": {"c": 1}}])
+
+    return app
+
+
+async def test_handler_outcomes(conn: asyncpg.Connection, db_dsn: str) -> None:
+    app = make_app()
+    ids = {
+        name: await app.enqueue(conn, name, {"n": 1}, max_attempts=1)
+        for name in ["ok", "in_thread", "boom", "slow", "not_json", "no_such_type"]
+    }
+    async with running(app, db_dsn):
+        await wait_for_states(conn, [ids["ok"], ids["in_thread"]], "succeeded")
+        await wait_for_states(
+            conn, [ids[n] for n in ["boom", "slow", "not_json", "no_such_type"]], "failed"
+        )
+
+    rows = {
+        r["job_type"]: r
+        for r in await conn.fetch("SELECT job_type, result::text, last_error FROM pgqueue.jobs")
+    }
+    assert json.loads(rows["ok"]["result"]) == {"echo": {"n": 1}, "attempt": 1}
+    assert json.loads(rows["in_thread"]["result"]) != threading.current_thread().name
+    assert "Traceback" in rows["boom"]["last_error"]
+    assert "ValueError: boom goes the handler" in rows["boom"]["last_error"]
+    assert rows["slow"]["last_error"] == "timed out after 0.2s"
+    assert "not JSON-serialisable" in rows["not_json"]["last_error"]
+    assert "'no_such_type'" in rows["no_such_type"]["last_error"]
+
+
+async def test_result_with_next_jobs_creates_children(
+    conn: asyncpg.Connection, db_dsn: str
+) -> None:
+    app = make_app()
+    parent_id = await app.enqueue(conn, "parent")
+    async with running(app, db_dsn):
+        await wait_for_states(conn, [parent_id], "succeeded")
+        child = await conn.fetchrow(
+            "SELECT id, parent_id FROM pgqueue.jobs WHERE id <> $1", parent_id
+        )
+        await wait_for_states(conn, [child["id"]], "succeeded")
+    assert child["parent_id"] == parent_id
+
+
+async def test_enqueue_options_and_registered_defaults(conn: asyncpg.Connection) -> None:
+    app = pgqueue.App()
+
+    @app.job("recalc", queue="recalc", max_attempts=3)
+    async def recalc(job: pgqueue.Job) -> None: ...
+
+    pipeline = uuid.uuid4()
+    first = await app.enqueue(conn, "recalc", {"year": 2024}, scope={"site": 1}, dedup_key="k")
+    again = await app.enqueue(conn, "recalc", {"year": 2024}, dedup_key="k")
+    assert again == first
+    later = await app.enqueue(
+        conn,
+        "recalc",
+        queue="other",
+        max_attempts=7,
+        priority=5,
+        pipeline_id=pipeline,
+        run_after=datetime.now(UTC) + timedelta(hours=1),
+        depends_on=[first],
+    )
+    row = await conn.fetchrow("SELECT * FROM pgqueue.jobs WHERE id = $1", first)
+    assert (row["queue"], row["max_attempts"], json.loads(row["scope"])) == (
+        "recalc",
+        3,
+        {"site": 1},
+    )
+    row = await conn.fetchrow("SELECT * FROM pgqueue.jobs WHERE id = $1", later)
+    assert (row["queue"], row["max_attempts"], row["priority"]) == ("other", 7, 5)
+    assert (row["pipeline_id"], row["state"]) == (pipeline, "waiting")
+
+    many = await app.enqueue_many(conn, [{"job_type": "recalc"}, {"job_type": "x", "queue": "q"}])
+    rows = await conn.fetch(
+        "SELECT queue, max_attempts FROM pgqueue.jobs WHERE id = ANY($1) ORDER BY id", many
+    )
+    assert [(r["queue"], r["max_attempts"]) for r in rows] == [("recalc", 3), ("q", 5)]
+
+
+async def test_scoped_jobs_run_in_order_without_waiting_for_the_poll(
+    conn: asyncpg.Connection, db_dsn: str
+) -> None:
+    app = make_app()
+    ids = [await app.enqueue(conn, "ok", {"i": i}, scope={"site": 1}) for i in range(3)]
+    async with running(app, db_dsn, poll_interval=30):
+        await wait_for_states(conn, ids, "succeeded", within=3)
+    started = await conn.fetch("SELECT id FROM pgqueue.jobs ORDER BY started_at, id")
+    assert [r["id"] for r in started] == ids
+
+
+async def test_worker_claims_only_its_queues(conn: asyncpg.Connection, db_dsn: str) -> None:
+    app = make_app()
+    mine = await app.enqueue(conn, "ok", queue="a")
+    other = await app.enqueue(conn, "ok", queue="b")
+    async with running(app, db_dsn, queues=["a"]):
+        await wait_for_states(conn, [mine], "succeeded")
+    assert await conn.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", other) == "queued"
+
+
+async def test_worker_refuses_an_unmigrated_database(empty_db_dsn: str) -> None:
+    with pytest.raises(SchemaError, match="pgqueue migrate"):
+        await pgqueue.Worker(pgqueue.App(), empty_db_dsn, handle_signals=False).run()
+
+
+def test_json_log_lines_carry_the_job_context() -> None:
+    record = logging.LogRecord(
+        "pgqueue.worker", logging.INFO, __file__, 1, "job %d done", (7,), None
+    )
+    record.job_id = 7
+    record.duration_ms = 1.5
+    line = json.loads(JsonFormatter().format(record))
+    assert (line["msg"], line["job_id"], line["duration_ms"], line["level"]) == (
+        "job 7 done",
+        7,
+        1.5,
+        "info",
+    )

@@ -1,0 +1,131 @@
+"""A worker outlives a real PostgreSQL restart (a throwaway cluster stopped and started)."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import asyncpg
+import pytest
+from runtime_helpers import WorkerProcess, wait_for_states, wait_until
+
+import pgqueue
+from pgqueue import migrate
+
+app = pgqueue.App()
+
+
+class Cluster:
+    """A PostgreSQL cluster of our own, so stopping it disturbs no other test."""
+
+    def __init__(self, bindir: Path, root: Path) -> None:
+        self.bindir, self.root = bindir, root
+        self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = int(sock.getsockname()[1])
+        self.dsn = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _pg(self, tool: str, *args: str) -> None:
+        subprocess.run(
+            [*self.as_user, str(self.bindir / tool), *args], check=True, capture_output=True
+        )
+
+    def init(self) -> None:
+        self._pg("initdb", "-D", str(self.root / "data"), "-U", "postgres", "-A", "trust", "-N")
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._pg(
+            "pg_ctl",
+            "-D",
+            str(self.root / "data"),
+            "-o",
+            options,
+            "-w",
+            "-l",
+            str(self.root / "log"),
+            "start",
+        )
+
+    def stop(self, mode: str = "fast") -> None:
+        self._pg("pg_ctl", "-D", str(self.root / "data"), "-m", mode, "-w", "stop")
+
+
+def _bindir() -> Path | None:
+    candidates = []
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        out = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True, check=True)
+        candidates.append(out.stdout.strip())
+    candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
+    return next((Path(c) for c in candidates if (Path(c) / "initdb").exists()), None)
+
+
+@pytest.fixture
+def cluster() -> Iterator[Cluster]:
+    bindir = _bindir()
+    if bindir is None:
+        pytest.skip("needs PostgreSQL server binaries (initdb, pg_ctl)")
+    root = Path(tempfile.mkdtemp(prefix="pgqueue-restart-"))
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres")
+    cluster = Cluster(bindir, root)
+    try:
+        cluster.init()
+        cluster.start()
+        migrate.upgrade(cluster.dsn)
+        yield cluster
+    finally:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            cluster.stop("immediate")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def test_worker_survives_a_postgres_restart(cluster: Cluster) -> None:
+    conn = await asyncpg.connect(cluster.dsn)
+    await conn.execute(
+        "CREATE TABLE runs (job_id bigint, attempt int, pid int,"
+        " started timestamptz DEFAULT clock_timestamp())"
+    )
+    worker = WorkerProcess(cluster.dsn, "--poll-interval", "1")
+    try:
+        await worker.ready()
+        before = await app.enqueue(conn, "work")
+        await wait_for_states(conn, [before])
+        # This one finishes while the server is down: its outcome must land afterwards.
+        in_flight = await app.enqueue(conn, "work", {"sleep": 0.8})
+        await wait_until(lambda: conn.fetchval("SELECT count(*) = 2 FROM runs"), what="start")
+        await conn.close()
+
+        stopped = time.monotonic()
+        await anyio.to_thread.run_sync(cluster.stop)
+        await anyio.sleep(1.5)  # an outage the worker must ride out, not a synchronisation
+        await anyio.to_thread.run_sync(cluster.start)
+        await worker.wait_for_log("listening on channel", times=2, within=20)
+        print(f"\nworker listening again {time.monotonic() - stopped:.1f}s after the stop")
+
+        conn = await asyncpg.connect(cluster.dsn)
+        after = [await app.enqueue(conn, "work") for _ in range(3)]
+        await wait_for_states(conn, [in_flight, *after], within=15)
+        assert (
+            await conn.fetchval("SELECT attempts FROM pgqueue.jobs WHERE id = $1", in_flight) == 1
+        )
+        assert worker.count(f"recording the success of job {in_flight}") == 1
+        await conn.close()
+        assert worker.proc.poll() is None
+        assert worker.count("Traceback") == 0, worker.log()
+        assert worker.count("database unavailable") <= 4  # once per component, not per retry
+        worker.signal(signal.SIGTERM)
+        assert await worker.wait_exit(within=10) == 0
+    finally:
+        worker.close()

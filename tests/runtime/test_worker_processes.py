@@ -1,0 +1,227 @@
+"""Real ``pgqueue worker`` subprocesses against real PostgreSQL: the "Prove" list of issue 3."""
+
+from __future__ import annotations
+
+import json
+import signal
+import statistics
+import time
+
+import asyncpg
+from runtime_helpers import SpawnWorker, wait_for_states, wait_until
+
+import pgqueue
+
+app = pgqueue.App()  # enqueue-only: the handlers live in worker_app.py, in the subprocesses
+
+
+async def test_three_workers_run_1000_jobs_exactly_once(
+    db: asyncpg.Connection, spawn_worker: SpawnWorker
+) -> None:
+    workers = [spawn_worker("--concurrency", "10") for _ in range(3)]
+    for worker in workers:
+        await worker.ready()
+    ids = await app.enqueue_many(
+        db, [{"job_type": "work", "payload": {"n": i}} for i in range(1000)]
+    )
+    assert len(set(ids)) == 1000
+
+    await wait_for_states(db, ids, "succeeded", within=60)
+    runs = await db.fetchrow(
+        "SELECT count(*) AS n, count(DISTINCT job_id) AS jobs, max(attempt) AS max_attempt,"
+        " count(DISTINCT pid) AS pids FROM runs"
+    )
+    assert (runs["n"], runs["jobs"], runs["max_attempt"]) == (1000, 1000, 1)
+    assert await db.fetchval("SELECT max(attempts) FROM pgqueue.jobs") == 1
+    print(f"\n1000 jobs drained by {runs['pids']} of 3 workers")
+    for worker in workers:
+        worker.signal(signal.SIGTERM)
+    for worker in workers:
+        assert await worker.wait_exit(within=10) == 0
+
+
+async def test_kill_9_mid_job_is_rerun_after_stale_after(
+    db: asyncpg.Connection, spawn_worker: SpawnWorker
+) -> None:
+    await db.execute("UPDATE pgqueue.settings SET value = '1 second' WHERE name = 'stale_after'")
+    first = spawn_worker("--concurrency", "1")
+    await first.ready()
+    job_id = await app.enqueue(db, "work", {"sleep": 60, "sleep_on_attempt": 1})
+    await wait_until(lambda: db.fetchval("SELECT count(*) FROM runs"), what="first run")
+    first.kill()  # SIGKILL: no release, no outcome; only the lease expiring can save the job
+
+    second = spawn_worker("--concurrency", "1")
+    await wait_for_states(db, [job_id], "succeeded", within=20)
+    attempts = [r["attempt"] for r in await db.fetch("SELECT attempt FROM runs ORDER BY started")]
+    assert attempts == [1, 2]
+    assert await db.fetchval("SELECT attempts FROM pgqueue.jobs WHERE id = $1", job_id) == 2
+    await second.wait_for_log("recovered 1 stale job")
+
+
+async def test_long_healthy_job_keeps_its_lease(
+    db: asyncpg.Connection, spawn_worker: SpawnWorker
+) -> None:
+    await db.execute("UPDATE pgqueue.settings SET value = '1 second' WHERE name = 'stale_after'")
+    runner = spawn_worker("--concurrency", "1")
+    watcher = spawn_worker("--concurrency", "1")  # runs recover_stale too, and would rerun it
+    await runner.ready()
+    await watcher.ready()
+    job_id = await app.enqueue(db, "work", {"sleep": 3})
+    await wait_for_states(db, [job_id], "succeeded", within=15)
+    row = await db.fetchrow("SELECT attempts, last_error FROM pgqueue.jobs WHERE id = $1", job_id)
+    assert (row["attempts"], row["last_error"]) == (1, None)
+    assert await db.fetchval("SELECT count(*) FROM runs") == 1
+
+
+async def test_sigterm_finishes_within_grace_and_releases_the_rest(
+    db: asyncpg.Connection, spawn_worker: SpawnWorker
+) -> None:
+    worker = spawn_worker("--concurrency", "4", "--grace", "2")
+    await worker.ready()
+    short = [await app.enqueue(db, "work", {"sleep": 0.5}) for _ in range(2)]
+    long = [await app.enqueue(db, "work", {"sleep": 60}) for _ in range(2)]
+    await wait_until(lambda: db.fetchval("SELECT count(*) = 4 FROM runs"), what="4 runs started")
+
+    signalled = time.monotonic()
+    worker.signal(signal.SIGTERM)
+    assert await worker.wait_exit(within=10) == 0
+    elapsed = time.monotonic() - signalled
+    assert 1.5 < elapsed < 2 + 3, elapsed  # waited for the grace, not much longer
+
+    assert await db.fetchval("SELECT count(*) FROM pgqueue.jobs WHERE state = 'running'") == 0
+    await wait_for_states(db, short, "succeeded", within=0)
+    released = await db.fetch("SELECT state, locked_by FROM pgqueue.jobs WHERE id = ANY($1)", long)
+    assert [(r["state"], r["locked_by"]) for r in released] == [("queued", None)] * 2
+    assert worker.count("released") == 2
+
+
+async def test_sigterm_when_idle_exits_at_once_json_logs(
+    db: asyncpg.Connection, spawn_worker: SpawnWorker
+) -> None:
+    worker = spawn_worker("--grace", "30", "--log-format", "json")
+    await worker.ready()
+    job_id = await app.enqueue(db, "work")
+    await wait_for_states(db, [job_id])
+    worker.signal(signal.SIGTERM)
+    assert await worker.wait_exit(within=5) == 0
+    lines = [json.loads(line) for line in worker.lines]
+    outcome = next(line for line in lines if line.get("job_id") == job_id)
+    assert (outcome["job_type"], outcome["attempt"], outcome["outcome"]) == ("work", 1, "succeeded")
+    assert outcome["duration_ms"] >= 0
+
+
+async def test_second_sigterm_skips_the_grace_period(
+    db: asyncpg.Connection, spawn_worker: SpawnWorker
+) -> None:
+    worker = spawn_worker("--grace", "60")
+    await worker.ready()
+    job_id = await app.enqueue(db, "work", {"sleep": 60})
+    await wait_until(lambda: db.fetchval("SELECT count(*) FROM runs"), what="job started")
+    worker.signal(signal.SIGTERM)
+    await worker.wait_for_log("waiting up to 60s for 1 running job")
+    worker.signal(signal.SIGTERM)
+    assert await worker.wait_exit(within=5) == 0
+    assert await db.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", job_id) == "queued"
+
+
+async def test_worker_survives_all_backends_terminated(
+    db: asyncpg.Connection, spawn_worker: SpawnWorker
+) -> None:
+    worker = spawn_worker("--concurrency", "4", "--poll-interval", "1")
+    await worker.ready()
+    in_flight = await app.enqueue(db, "work", {"sleep": 1})
+    await wait_until(lambda: db.fetchval("SELECT count(*) FROM runs"), what="job started")
+
+    # What a PostgreSQL restart looks like from the worker: every connection dies at once.
+    killed = await db.fetchval(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    )
+    assert killed >= 2  # at least the LISTEN connection and a pool connection
+    await worker.wait_for_log("listening on channel", times=2)
+    later = [await app.enqueue(db, "work") for _ in range(5)]
+    await wait_for_states(db, [in_flight, *later], "succeeded", within=15)
+    assert worker.proc.poll() is None
+    assert worker.count("Traceback") == 0
+
+
+async def test_listen_connection_killed_notifier_reconnects(
+    db: asyncpg.Connection, spawn_worker: SpawnWorker
+) -> None:
+    worker = spawn_worker("--poll-interval", "1")
+    await worker.ready()
+    await db.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND application_name LIKE 'pgqueue-notifier%'"
+    )
+    during = await app.enqueue(db, "work")  # its NOTIFY may well be lost
+    await wait_for_states(db, [during], "succeeded", within=3)  # the poll or the sweep gets it
+    await worker.wait_for_log("listening on channel", times=2)
+
+    enqueued = time.monotonic()
+    after = await app.enqueue(db, "work")
+    await wait_for_states(db, [after], "succeeded", within=3)
+    assert time.monotonic() - enqueued < 0.9  # by notification, not by the 1 s poll
+
+
+async def test_scheduled_job_starts_within_100ms_of_run_after(
+    db: asyncpg.Connection, spawn_worker: SpawnWorker
+) -> None:
+    worker = spawn_worker("--poll-interval", "30")  # the safety poll cannot help
+    await worker.ready()
+    job_id = await app.enqueue(db, "work", delay=1.0)
+    await wait_for_states(db, [job_id], "succeeded", within=5)
+    lag = await db.fetchval(
+        "SELECT extract(epoch FROM r.started - j.run_after)::float8"
+        " FROM runs r JOIN pgqueue.jobs j ON j.id = r.job_id"
+    )
+    print(f"\nscheduled job started {lag * 1000:.1f} ms after its run_after")
+    assert 0 <= lag < 0.1
+
+
+async def test_transactional_enqueue_runs_only_if_committed(
+    db: asyncpg.Connection, spawn_worker: SpawnWorker
+) -> None:
+    worker = spawn_worker()
+    await worker.ready()
+
+    class Rollback(Exception):
+        pass
+
+    try:
+        async with db.transaction():
+            rolled_back = await app.enqueue(db, "work")
+            raise Rollback
+    except Rollback:
+        pass
+    async with db.transaction():
+        committed = await app.enqueue(db, "work")
+    await wait_for_states(db, [committed], "succeeded", within=5)
+    assert await db.fetchval("SELECT count(*) FROM pgqueue.jobs WHERE id = $1", rolled_back) == 0
+    assert [r["job_id"] for r in await db.fetch("SELECT job_id FROM runs")] == [committed]
+
+
+async def test_pickup_latency_of_an_idle_worker(
+    db: asyncpg.Connection, spawn_worker: SpawnWorker
+) -> None:
+    worker = spawn_worker("--poll-interval", "30")
+    await worker.ready()
+    lags = []
+    for _ in range(101):
+        job_id = await app.enqueue(db, "work")
+        await wait_for_states(db, [job_id], "succeeded", within=5)
+        # Enqueue commit to claim, on the database clock (both are transaction start times).
+        lags.append(
+            await db.fetchval(
+                "SELECT extract(epoch FROM started_at - created_at)::float8"
+                " FROM pgqueue.jobs WHERE id = $1",
+                job_id,
+            )
+        )
+    first, lags = lags[0], sorted(lags[1:])  # the first one pays for warming up statements
+    median, p99 = statistics.median(lags) * 1000, lags[98] * 1000
+    print(
+        f"\npickup latency over 100 jobs: median {median:.2f} ms, p99 {p99:.2f} ms"
+        f" (first job after start: {first * 1000:.1f} ms)"
+    )
+    assert median < 100
