@@ -694,8 +694,10 @@ COMMENT ON FUNCTION pgqueue.enqueue_many(jsonb) IS
 -- COMMITTED (the default); under REPEATABLE READ a lost race raises 40001.
 -- =============================================================================
 
+-- jsonb_hash agrees with JSONB equality (key order, 1 vs 1.0), as the unique
+-- indexes do; hashing the text form would give one scope two locks.
 CREATE FUNCTION pgqueue._scope_lock_key(p_scope jsonb) RETURNS int
-LANGUAGE sql IMMUTABLE AS $$ SELECT hashtext(p_scope::text) $$;
+LANGUAGE sql IMMUTABLE AS $$ SELECT jsonb_hash(p_scope) $$;
 
 -- True when no job of the scope is running and none older is queued.
 CREATE FUNCTION pgqueue._scope_free(p_scope jsonb, p_job_id bigint) RETURNS boolean

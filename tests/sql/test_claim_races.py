@@ -236,3 +236,17 @@ async def test_claim_sets_lease_fields_and_started_at_only_once(connect: Connect
     assert second["started_at"] == first["started_at"]
     assert second["locked_at"] >= first["locked_at"]
     assert second["attempts"] == 2
+
+
+async def test_numerically_equal_scopes_share_one_lock(connect: Connect) -> None:
+    """{"n": 1} and {"n": 1.0} are one scope for JSONB equality and for the claim lock."""
+    observer, a, b = await sessions(connect, "obs", "a", "b")
+    j1 = await _enqueue(observer.conn, scope={"n": 1})
+    j2 = await _enqueue(observer.conn, scope={"n": 1.0})
+    await a.begin()
+    assert [r["id"] for r in await a.fetch("SELECT id FROM pgqueue.claim($1, 'a')", j1)] == [j1]
+    step = b.start(b.fetch("SELECT id FROM pgqueue.claim($1, 'b')", j2))
+    await wait_blocked(observer.conn, b)
+    assert await lock_wait_kind(observer.conn, b) == "advisory"
+    await a.commit()
+    assert await step == []
