@@ -1,9 +1,33 @@
 """pgqueue: a job queue that lives inside PostgreSQL."""
 
 from pgqueue.app import App, JobType
-from pgqueue.job import Job, Result
+from pgqueue.job import Job, Result, Spec
+from pgqueue.pipeline import (
+    EnqueuedPipeline,
+    Node,
+    Pipeline,
+    PipelineError,
+    PipelineStatus,
+    cancel_pipeline,
+    pipeline_status,
+)
 from pgqueue.worker import Worker
 
 __version__ = "0.1.0"
 
-__all__ = ["App", "Job", "JobType", "Result", "Worker", "__version__"]
+__all__ = [
+    "App",
+    "EnqueuedPipeline",
+    "Job",
+    "JobType",
+    "Node",
+    "Pipeline",
+    "PipelineError",
+    "PipelineStatus",
+    "Result",
+    "Spec",
+    "Worker",
+    "__version__",
+    "cancel_pipeline",
+    "pipeline_status",
+]

@@ -17,7 +17,8 @@ from typing import Any, TypeAlias, TypeVar
 import asyncpg
 
 from pgqueue.dsn import dumps
-from pgqueue.job import Job
+from pgqueue.job import Job, Spec
+from pgqueue.pipeline import Pipeline, PipelineStatus, cancel_pipeline, pipeline_status
 
 Handler = Callable[[Job], Awaitable[Any]] | Callable[[Job], Any]
 H = TypeVar("H", bound=Handler)
@@ -150,11 +151,66 @@ class App:
         if not specs:
             return []
         rows = await conn_or_pool.fetch(
-            _ENQUEUE_MANY_SQL, dumps([self._with_defaults(spec) for spec in specs])
+            _ENQUEUE_MANY_SQL, dumps([self.with_defaults(spec) for spec in specs])
         )
         return [row["id"] for row in rows]
 
-    def _with_defaults(self, spec: Mapping[str, Any]) -> dict[str, Any]:
+    def spec(
+        self,
+        job_type: str,
+        payload: Mapping[str, Any] | None = None,
+        *,
+        queue: str | None = None,
+        scope: Any = None,
+        dedup_key: str | None = None,
+        run_after: datetime.datetime | None = None,
+        priority: int | None = None,
+        max_attempts: int | None = None,
+        key: str | None = None,
+        after: Sequence[str] = (),
+    ) -> Spec:
+        """A :class:`~pgqueue.Spec` with ``job_type``'s registered queue and ``max_attempts``.
+
+        Use it for follow-ups (``Result(...).then(app.spec(...))``): specs a handler returns go
+        to ``pgqueue.complete`` as they are, so a registered type's queue must be in the spec.
+        """
+        registered = self.job_types.get(job_type)
+        if registered is not None:
+            queue = queue or registered.queue
+            max_attempts = max_attempts or registered.max_attempts
+        return Spec(
+            job_type,
+            payload,
+            queue=queue,
+            scope=scope,
+            dedup_key=dedup_key,
+            run_after=run_after,
+            priority=priority,
+            max_attempts=max_attempts,
+            key=key,
+            after=tuple(after),
+        )
+
+    def pipeline(self) -> Pipeline:
+        """A new :class:`~pgqueue.Pipeline` whose nodes get this app's registered defaults."""
+        return Pipeline(self)
+
+    async def pipeline_status(
+        self, conn_or_pool: ConnOrPool, pipeline_id: uuid.UUID | str
+    ) -> PipelineStatus | None:
+        """The pipeline's row of ``pgqueue.pipelines`` (None if no job carries that id)."""
+        return await pipeline_status(conn_or_pool, pipeline_id)
+
+    async def cancel_pipeline(self, conn_or_pool: ConnOrPool, pipeline_id: uuid.UUID | str) -> int:
+        """``pgqueue.cancel_pipeline``: cancel every job of it that has not started.
+
+        Returns how many jobs were cancelled. Running members finish, but the jobs they would
+        create are created cancelled; ``pgqueue.retry`` of a member resumes the pipeline.
+        """
+        return await cancel_pipeline(conn_or_pool, pipeline_id)
+
+    def with_defaults(self, spec: Mapping[str, Any]) -> dict[str, Any]:
+        """``spec`` with the registered queue and max_attempts of its job type filled in."""
         full = dict(spec)
         registered = self.job_types.get(str(full.get("job_type", "")))
         if registered is not None:

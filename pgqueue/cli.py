@@ -167,7 +167,24 @@ def main(ctx: click.Context, dsn: str | None) -> None:
     ctx.obj = DsnOption(dsn)
 
 
-pass_dsn = click.make_pass_decorator(DsnOption)
+_pass_options = click.make_pass_decorator(DsnOption)
+
+
+def _override_dsn(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        ctx.ensure_object(DsnOption).dsn = resolve_dsn(value)
+
+
+def pass_dsn(fn: Callable[..., T]) -> Callable[..., T]:
+    """Pass the DSN options; ``--dsn`` is accepted after the command name too."""
+    return click.option(
+        "--dsn",
+        "dsn_override",
+        metavar="DSN",
+        expose_value=False,
+        callback=_override_dsn,
+        help="PostgreSQL DSN (same as the global --dsn).",
+    )(_pass_options(fn))
 
 
 @main.command()

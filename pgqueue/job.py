@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -64,13 +64,120 @@ def _json(value: Any) -> Any:
 
 
 @dataclass(frozen=True, slots=True)
+class Spec:
+    """One job to create later: a follow-up returned by a handler, or a pipeline node.
+
+    The fields are ``pgqueue.enqueue``'s parameters; ``None`` keeps the SQL default (queue
+    ``'default'``, ``max_attempts`` from settings...). ``key`` names the spec within one
+    ``next_jobs`` array and ``after`` lists sibling keys it waits for; :meth:`Result.fan_out`
+    fills both in for you. :meth:`pgqueue.App.spec` builds one with a registered job type's
+    queue and ``max_attempts``.
+    """
+
+    job_type: str
+    payload: Mapping[str, Any] | None = None
+    queue: str | None = None
+    scope: Any = None
+    dedup_key: str | None = None
+    run_after: datetime | None = None
+    priority: int | None = None
+    max_attempts: int | None = None
+    key: str | None = None
+    after: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.job_type, str) or not self.job_type.strip():
+            raise ValueError(f"job_type must be a non-empty string, got {self.job_type!r}")
+        if self.payload is not None and not isinstance(self.payload, Mapping):
+            raise TypeError(f"payload must be a mapping, got {type(self.payload).__name__}")
+        if self.max_attempts is not None and self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
+        if isinstance(self.after, str):
+            raise TypeError("after must be a sequence of keys, not a single string")
+        object.__setattr__(self, "after", tuple(self.after))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object ``pgqueue.enqueue_many`` and ``pgqueue.complete`` take."""
+        spec: dict[str, Any] = {"job_type": self.job_type}
+        if self.payload is not None:
+            spec["payload"] = dict(self.payload)
+        for name in ("queue", "scope", "dedup_key", "run_after", "priority", "max_attempts", "key"):
+            value = getattr(self, name)
+            if value is not None:
+                spec[name] = value
+        if self.after:
+            spec["after"] = list(self.after)
+        return spec
+
+
+SpecLike = Spec | Mapping[str, Any]
+
+
+def spec_dict(spec: SpecLike) -> dict[str, Any]:
+    """A :class:`Spec` or a spec mapping as a plain dict (a copy)."""
+    return spec.to_dict() if isinstance(spec, Spec) else dict(spec)
+
+
+@dataclass(frozen=True, slots=True, init=False)
 class Result:
     """Return this from a handler to store ``value`` and also create follow-up jobs.
 
     ``next_jobs`` are job specs (the keys of ``pgqueue.enqueue``'s parameters) created by
     ``pgqueue.complete`` in the same transaction that records the success, so children exist
     exactly when their parent has succeeded. A plain return value means ``Result(value)``.
+
+    Build the follow-ups with :meth:`then` and :meth:`fan_out`; each returns a new Result::
+
+        return Result(summary).then(Spec("notify", {"user": 7}))          # one follow-up
+        return Result(summary).fan_out(Spec("recalc", p) for p in parts)  # N in parallel
+        return Result(summary).fan_out(                                   # N, then one join
+            (Spec("recalc", p) for p in parts), join=Spec("aggregate", {"year": 2024})
+        )
     """
 
-    value: Any = None
-    next_jobs: list[dict[str, Any]] | None = None
+    value: Any
+    next_jobs: list[dict[str, Any]] | None
+
+    def __init__(self, value: Any = None, next_jobs: Sequence[SpecLike] | None = None) -> None:
+        # Stored as plain dicts (copies): the worker sends them to pgqueue.complete as JSON.
+        if next_jobs is not None and isinstance(next_jobs, Spec | Mapping | str):
+            raise TypeError("next_jobs must be a sequence of job specs")
+        object.__setattr__(self, "value", value)
+        specs = None if next_jobs is None else [spec_dict(s) for s in next_jobs]
+        object.__setattr__(self, "next_jobs", specs)
+
+    def _specs(self) -> list[dict[str, Any]]:
+        return [dict(s) for s in self.next_jobs or ()]
+
+    def then(self, *specs: SpecLike) -> Result:
+        """Also create ``specs`` when this job succeeds (no ordering between them)."""
+        return Result(self.value, [*self._specs(), *(spec_dict(s) for s in specs)])
+
+    def fan_out(self, specs: Iterable[SpecLike], *, join: SpecLike | None = None) -> Result:
+        """Create ``specs`` in parallel; then, if given, ``join`` once after all of them succeed.
+
+        The join waits on every spec of the fan-out (through ``key``/``after``), runs exactly
+        once, and is cancelled if one of them fails for good (``pgqueue.retry`` of that one
+        revives it). With no specs at all the join is queued at once.
+        """
+        existing = self._specs()
+        used = {s["key"] for s in existing if isinstance(s.get("key"), str)}
+        added: list[dict[str, Any]] = []
+        for spec in specs:
+            item = spec_dict(spec)
+            if item.get("key") is None:
+                item["key"] = _fresh_key(used, len(existing) + len(added))
+            used.add(item["key"])
+            added.append(item)
+        if join is not None:
+            joined = spec_dict(join)
+            joined["after"] = [*(joined.get("after") or []), *(s["key"] for s in added)]
+            added.append(joined)
+        return Result(self.value, existing + added)
+
+
+def _fresh_key(used: set[str], position: int) -> str:
+    key = f"pgqueue.fan_out.{position}"
+    while key in used:
+        key += "_"
+    return key

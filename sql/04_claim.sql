@@ -66,7 +66,12 @@ COMMENT ON FUNCTION pgqueue.claim(bigint, text) IS
 
 CREATE FUNCTION pgqueue.claim_next(worker text, queues text[] DEFAULT NULL, batch_size int DEFAULT 1)
 RETURNS SETOF pgqueue.jobs
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+-- Queue tables change faster than ANALYZE runs: with stale statistics the
+-- planner would bitmap-scan and sort every queued job instead of reading the
+-- ready index in claim order and stopping at batch_size.
+SET enable_seqscan = off SET enable_bitmapscan = off
+AS $$
 #variable_conflict use_column
 DECLARE
     v_ids bigint[];

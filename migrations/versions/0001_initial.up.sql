@@ -751,7 +751,12 @@ COMMENT ON FUNCTION pgqueue.claim(bigint, text) IS
 
 CREATE FUNCTION pgqueue.claim_next(worker text, queues text[] DEFAULT NULL, batch_size int DEFAULT 1)
 RETURNS SETOF pgqueue.jobs
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+-- Queue tables change faster than ANALYZE runs: with stale statistics the
+-- planner would bitmap-scan and sort every queued job instead of reading the
+-- ready index in claim order and stopping at batch_size.
+SET enable_seqscan = off SET enable_bitmapscan = off
+AS $$
 #variable_conflict use_column
 DECLARE
     v_ids bigint[];
@@ -863,23 +868,26 @@ LANGUAGE sql AS $$
      WHERE j.id = x.id AND j.state = 'waiting'
 $$;
 
--- Queue the waiting dependents of p_job_id whose dependencies have all succeeded.
-CREATE FUNCTION pgqueue._unblock_dependents(p_job_id bigint) RETURNS void
+-- Queue the waiting dependents of the given jobs whose dependencies have all succeeded.
+CREATE FUNCTION pgqueue._unblock_dependents(p_job_ids bigint[]) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
+    -- Most jobs have no dependents: one index probe and done.
+    IF NOT EXISTS (SELECT 1 FROM pgqueue.job_dependencies d WHERE d.depends_on = ANY (p_job_ids)) THEN
+        RETURN;
+    END IF;
     -- Lock first, check after, in two statements: when two dependencies finish
     -- concurrently, the second one to get this lock checks with a snapshot that
     -- already sees the first one's commit, so exactly one of them queues the job.
-    PERFORM 1 FROM pgqueue.jobs w
-    WHERE w.id IN (SELECT d.job_id FROM pgqueue.job_dependencies d WHERE d.depends_on = p_job_id)
-      AND w.state = 'waiting'
+    PERFORM 1 FROM pgqueue.job_dependencies d JOIN pgqueue.jobs w ON w.id = d.job_id
+    WHERE d.depends_on = ANY (p_job_ids) AND w.state = 'waiting'
     ORDER BY w.id
-    FOR NO KEY UPDATE;
+    FOR NO KEY UPDATE OF w;
     IF NOT FOUND THEN
         RETURN;
     END IF;
     UPDATE pgqueue.jobs w SET state = 'queued'
-    WHERE w.id IN (SELECT d.job_id FROM pgqueue.job_dependencies d WHERE d.depends_on = p_job_id)
+    WHERE w.id IN (SELECT d.job_id FROM pgqueue.job_dependencies d WHERE d.depends_on = ANY (p_job_ids))
       AND w.state = 'waiting'
       AND NOT EXISTS (SELECT 1 FROM pgqueue.job_dependencies d JOIN pgqueue.jobs p ON p.id = d.depends_on
                       WHERE d.job_id = w.id AND p.state <> 'succeeded');
@@ -915,42 +923,88 @@ BEGIN
 END
 $$;
 
+-- Record the success of jobs held by p_worker, create their children and
+-- queue their unblocked dependents: one UPDATE for the whole batch, so a
+-- worker finishing many jobs pays one round trip and one statement.
+CREATE FUNCTION pgqueue._complete(p_worker text, p_job_ids bigint[], p_results jsonb[], p_next_jobs jsonb[],
+                                  p_label text)
+RETURNS bigint[]
+LANGUAGE plpgsql
+-- Queue tables change faster than ANALYZE runs; stale statistics make the
+-- planner sort or bitmap-scan every pending job. These lookups are by key.
+SET enable_seqscan = off SET enable_bitmapscan = off
+AS $$
+DECLARE
+    v_done bigint[];
+    v_parents bigint[];
+    v_pipelines uuid[];
+    v_specs jsonb[];
+BEGIN
+    IF cardinality(p_results) <> cardinality(p_job_ids) OR cardinality(p_next_jobs) <> cardinality(p_job_ids) THEN
+        RAISE EXCEPTION '%: job_ids, results and next_jobs must have the same length', p_label
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF EXISTS (SELECT 1 FROM unnest(p_next_jobs) n WHERE jsonb_typeof(n) <> 'array') THEN
+        RAISE EXCEPTION '%: next_jobs must be an array of job specs, got %', p_label,
+            (SELECT jsonb_typeof(n) FROM unnest(p_next_jobs) n WHERE jsonb_typeof(n) <> 'array' LIMIT 1)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    WITH input AS (
+        SELECT u.id, u.result, u.next_jobs
+        FROM unnest(p_job_ids, p_results, p_next_jobs) AS u(id, result, next_jobs)
+    ), done AS (
+        UPDATE pgqueue.jobs j
+           SET state = 'succeeded', result = i.result, finished_at = now(),
+               -- a parent that creates children without a pipeline starts one, shared with them
+               pipeline_id = CASE WHEN j.pipeline_id IS NULL
+                                   AND (jsonb_array_length(coalesce(j.next_jobs, '[]')) > 0
+                                        OR jsonb_array_length(coalesce(i.next_jobs, '[]')) > 0)
+                                  THEN gen_random_uuid() ELSE j.pipeline_id END
+          FROM input i
+         WHERE j.id = i.id AND j.state = 'running' AND j.locked_by = p_worker
+        RETURNING j.id, j.pipeline_id, coalesce(j.next_jobs, '[]') || coalesce(i.next_jobs, '[]') AS specs
+    )
+    SELECT array_agg(d.id),
+           array_agg(d.id) FILTER (WHERE d.specs <> '[]'),
+           array_agg(d.pipeline_id) FILTER (WHERE d.specs <> '[]'),
+           array_agg(d.specs) FILTER (WHERE d.specs <> '[]')
+      INTO v_done, v_parents, v_pipelines, v_specs
+      FROM done d;
+    IF v_done IS NULL THEN
+        RETURN '{}';
+    END IF;
+    FOR i IN 1 .. coalesce(cardinality(v_parents), 0) LOOP
+        PERFORM pgqueue._insert_specs(v_specs[i], v_pipelines[i], v_parents[i], p_label || ': next_jobs');
+    END LOOP;
+    PERFORM pgqueue._unblock_dependents(v_done);
+    RETURN v_done;
+END
+$$;
+
 CREATE FUNCTION pgqueue.complete(job_id bigint, worker text, result jsonb DEFAULT NULL, next_jobs jsonb DEFAULT NULL)
 RETURNS boolean
-LANGUAGE plpgsql AS $$
-#variable_conflict use_column
-DECLARE
-    v_pipeline_id uuid;
-    v_specs jsonb;
-BEGIN
-    IF complete.next_jobs IS NOT NULL AND jsonb_typeof(complete.next_jobs) <> 'array' THEN
-        RAISE EXCEPTION 'pgqueue.complete: next_jobs must be an array of job specs, got %',
-            jsonb_typeof(complete.next_jobs) USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    UPDATE pgqueue.jobs j
-       SET state = 'succeeded', result = complete.result, finished_at = now(),
-           -- a parent that creates children without a pipeline starts one, shared with them
-           pipeline_id = CASE WHEN j.pipeline_id IS NULL
-                               AND (jsonb_array_length(coalesce(j.next_jobs, '[]')) > 0
-                                    OR jsonb_array_length(coalesce(complete.next_jobs, '[]')) > 0)
-                              THEN gen_random_uuid() ELSE j.pipeline_id END
-     WHERE j.id = complete.job_id AND j.state = 'running' AND j.locked_by = complete.worker
-    RETURNING j.pipeline_id, coalesce(j.next_jobs, '[]') || coalesce(complete.next_jobs, '[]')
-         INTO v_pipeline_id, v_specs;
-    IF NOT FOUND THEN
-        RETURN false;
-    END IF;
-    IF jsonb_array_length(v_specs) > 0 THEN
-        PERFORM pgqueue._insert_specs(v_specs, v_pipeline_id, complete.job_id, 'pgqueue.complete: next_jobs');
-    END IF;
-    PERFORM pgqueue._unblock_dependents(complete.job_id);
-    RETURN true;
-END
+LANGUAGE sql AS $$
+    SELECT cardinality(pgqueue._complete(worker, ARRAY[job_id], ARRAY[result], ARRAY[next_jobs],
+                                         'pgqueue.complete')) = 1
 $$;
 COMMENT ON FUNCTION pgqueue.complete(bigint, text, jsonb, jsonb) IS
     'Record success of a job held by worker, store result, and in the same transaction create its next_jobs '
     '(stored and passed here) with its pipeline_id and parent_id, and queue dependents whose dependencies have '
     'all succeeded. Returns false, changing nothing, if the job is not running under this worker.';
+
+CREATE FUNCTION pgqueue.complete_many(worker text, job_ids bigint[], results jsonb[] DEFAULT NULL,
+                                      next_jobs jsonb[] DEFAULT NULL)
+RETURNS SETOF bigint
+LANGUAGE sql AS $$
+    SELECT unnest(pgqueue._complete(
+        worker, job_ids,
+        coalesce(results, array_fill(NULL::jsonb, ARRAY[cardinality(job_ids)])),
+        coalesce(next_jobs, array_fill(NULL::jsonb, ARRAY[cardinality(job_ids)])),
+        'pgqueue.complete_many'))
+$$;
+COMMENT ON FUNCTION pgqueue.complete_many(text, bigint[], jsonb[], jsonb[]) IS
+    'complete() for a batch of jobs held by worker (results and next_jobs aligned with job_ids, or NULL): '
+    'one statement for all of them. Returns the ids it completed; jobs not held by worker are left unchanged.';
 
 CREATE FUNCTION pgqueue.fail(job_id bigint, worker text, error text, retry_in interval DEFAULT NULL)
 RETURNS text

@@ -1,5 +1,10 @@
 """Writes attempt outcomes (complete, fail, release) so that they land exactly once.
 
+Successes are batched: handlers hand them to :meth:`Completer.complete`, and one flusher task
+writes everything that has piled up with a single ``pgqueue.complete_many`` call while the
+previous write was in flight. Nothing waits for a batch to fill, so an idle worker still
+records a lone success at once, and a busy one pays one round trip per batch, not per job.
+
 Every write runs in a shielded cancel scope: a shutdown that cancels the handlers cannot
 cancel the write that records what they did. Connection errors are retried with backoff
 until the write lands or fencing (the job is no longer held by this worker) refuses it.
@@ -10,7 +15,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 import anyio
 import asyncpg
@@ -18,14 +25,27 @@ import asyncpg
 from pgqueue.job import Job
 from pgqueue.worker.retry import Backoff, Outage, is_connection_error
 
-STATEMENT_TIMEOUT = 30.0
+T = TypeVar("T")
 
-_COMPLETE = (
-    "SELECT pgqueue.complete(job_id => $1, worker => $2, result => $3::text::jsonb,"
-    " next_jobs => $4::text::jsonb)"
+STATEMENT_TIMEOUT = 30.0
+MAX_BATCH = 500
+
+_COMPLETE_MANY = (
+    "SELECT pgqueue.complete_many(worker => $1, job_ids => $2::bigint[],"
+    " results => $3::text[]::jsonb[], next_jobs => $4::text[]::jsonb[])"
 )
 _FAIL = "SELECT pgqueue.fail(job_id => $1, worker => $2, error => $3)"
 _RELEASE = "SELECT pgqueue.release(job_id => $1, worker => $2)"
+
+
+@dataclass(eq=False)
+class _Success:
+    job: Job
+    result: str | None
+    next_jobs: str | None
+    done: anyio.Event = field(default_factory=anyio.Event)
+    held: bool | None = None
+    error: Exception | None = None
 
 
 class Completer:
@@ -39,44 +59,100 @@ class Completer:
         # Past this monotonic time retries stop: set at shutdown so that a database that
         # stays down cannot hold the process forever (stale recovery takes over).
         self.give_up_at = math.inf
+        self._pending: list[_Success] = []
+        self._kick = anyio.Event()
+
+    async def run(self) -> None:
+        """The flusher: write pending successes in batches until cancelled."""
+        while True:
+            await self._kick.wait()
+            self._kick = anyio.Event()
+            while self._pending:
+                batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+                with anyio.CancelScope(shield=True):
+                    await self._flush(batch)
 
     async def complete(self, job: Job, result: str | None, next_jobs: str | None) -> bool:
-        """Mark the job succeeded with its JSON-encoded result; False if the lease was lost."""
-        held: bool | None = await self._write(job, "success", _COMPLETE, result, next_jobs)
-        return bool(held)
+        """Mark the job succeeded with its JSON-encoded result; False if the lease was lost.
+
+        Raises what PostgreSQL raised for this job alone (a result it cannot store, a bad
+        next_jobs spec), so the caller can fail the attempt instead.
+        """
+        item = _Success(job, result, next_jobs)
+        self._pending.append(item)
+        self._kick.set()
+        with anyio.CancelScope(shield=True):
+            await item.done.wait()
+        if item.error is not None:
+            raise item.error
+        return bool(item.held)
 
     async def fail(self, job: Job, error: str) -> str | None:
         """Fail the attempt; returns the job's new state, or None if the lease was lost."""
-        state: str | None = await self._write(job, "failure", _FAIL, error)
+        state: str | None = await self._write(
+            f"the failure of job {job.id}",
+            lambda c: c.fetchval(_FAIL, job.id, self.worker_id, error),
+        )
         return state
 
     async def release(self, job: Job) -> bool:
         """Give the job back unfinished (the attempt is not counted); False if not held."""
-        held: bool | None = await self._write(job, "release", _RELEASE)
+        held: bool | None = await self._write(
+            f"the release of job {job.id}", lambda c: c.fetchval(_RELEASE, job.id, self.worker_id)
+        )
         return bool(held)
 
-    async def _write(self, job: Job, what: str, sql: str, *args: Any) -> Any:
+    async def _flush(self, batch: list[_Success]) -> None:
+        """Write one batch; if PostgreSQL refuses it, write its jobs one by one to find why."""
+        try:
+            ids = [i.job.id for i in batch]
+            what = (
+                f"the success of job {ids[0]}"
+                if len(ids) == 1
+                else f"the successes of {len(ids)} jobs ({ids[0]}, ... {ids[-1]})"
+            )
+            rows = await self._write(
+                what,
+                lambda c: c.fetch(
+                    _COMPLETE_MANY,
+                    self.worker_id,
+                    ids,
+                    [i.result for i in batch],
+                    [i.next_jobs for i in batch],
+                ),
+            )
+        except Exception as exc:
+            if len(batch) == 1:
+                batch[0].error = exc
+                batch[0].done.set()
+                return
+            for item in batch:
+                await self._flush([item])
+            return
+        held = None if rows is None else {row[0] for row in rows}
+        for item in batch:
+            item.held = None if held is None else item.job.id in held
+            item.done.set()
+
+    async def _write(self, what: str, op: Callable[[asyncpg.Connection], Awaitable[T]]) -> T | None:
+        """Run ``op`` on a pooled connection, retrying outages; None if given up at shutdown."""
         backoff = Backoff(base=0.05, cap=5.0)
         with anyio.CancelScope(shield=True):
             while True:
                 try:
                     async with self.pool.acquire(timeout=STATEMENT_TIMEOUT) as conn:
-                        value = await conn.fetchval(
-                            sql, job.id, self.worker_id, *args, timeout=STATEMENT_TIMEOUT
-                        )
+                        value = await op(conn)
                     self.outage.ok()
                     return value
                 except Exception as exc:
                     if not is_connection_error(exc):
                         raise
-                    self.outage.failed(exc, f"recording the {what} of job {job.id}")
+                    self.outage.failed(exc, f"recording {what}")
                     if time.monotonic() >= self.give_up_at:
                         self.logger.error(
-                            "job %d: gave up recording its %s at shutdown; stale recovery"
-                            " will requeue it",
-                            job.id,
+                            "gave up recording %s at shutdown; stale recovery will requeue it",
                             what,
-                            extra={"job_id": job.id, "job_type": job.job_type},
                         )
                         return None
                     await backoff.sleep()
+        raise AssertionError("unreachable: a shield scope never swallows an exception")

@@ -7,7 +7,6 @@ many slots are free (the claim batch size) and waits on :attr:`slot_freed` when 
 from __future__ import annotations
 
 import logging
-import math
 import time
 import traceback
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from pgqueue.app import App
+from pgqueue.app import App, JobType
 from pgqueue.dsn import dumps
 from pgqueue.job import Job, Result
 from pgqueue.worker.completer import Completer
@@ -99,20 +98,23 @@ class Executor:
                 error=f"no handler for job type {job.job_type!r} in this worker"
                 f" (registered: {known})"
             )
-        timeout = job_type.timeout
-        with anyio.CancelScope(deadline=anyio.current_time() + (timeout or math.inf)) as scope:
-            try:
-                if job_type.is_async:
-                    value = await job_type.handler(job)
-                else:
-                    value = await anyio.to_thread.run_sync(
-                        job_type.handler, job, abandon_on_cancel=True, limiter=self._threads
-                    )
-            except Exception as exc:
-                return _Attempt(error="".join(traceback.format_exception(exc)).rstrip())
-        if scope.cancelled_caught:
-            return _Attempt(error=f"timed out after {timeout:g}s")
-        return _encode(value)
+        if job_type.timeout is None:  # no cancel scope on the common path: it costs per job
+            return await self._invoke(job_type, job)
+        with anyio.move_on_after(job_type.timeout):
+            return await self._invoke(job_type, job)
+        return _Attempt(error=f"timed out after {job_type.timeout:g}s")
+
+    async def _invoke(self, job_type: JobType, job: Job) -> _Attempt:
+        try:
+            if job_type.is_async:
+                value = await job_type.handler(job)
+            else:
+                value = await anyio.to_thread.run_sync(
+                    job_type.handler, job, abandon_on_cancel=True, limiter=self._threads
+                )
+        except Exception as exc:
+            return _Attempt(error="".join(traceback.format_exception(exc)).rstrip())
+        return _encode(value, self.app)
 
     async def _record(self, job: Job, attempt: _Attempt, duration: float) -> None:
         if attempt.error is None:
@@ -162,11 +164,16 @@ class Executor:
         )
 
 
-def _encode(value: Any) -> _Attempt:
-    """Encode a handler's return value, failing the attempt clearly if it is not JSON."""
+def _encode(value: Any, app: App) -> _Attempt:
+    """Encode a handler's return value, failing the attempt clearly if it is not JSON.
+
+    Follow-ups of a registered type get its queue and max_attempts, as app.enqueue does.
+    """
     next_jobs = None
     if isinstance(value, Result):
-        value, next_jobs = value.value, value.next_jobs
+        if value.next_jobs is not None:
+            next_jobs = [app.with_defaults(spec) for spec in value.next_jobs]
+        value = value.value
     try:
         return _Attempt(
             result=None if value is None else dumps(value),

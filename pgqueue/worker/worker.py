@@ -138,6 +138,7 @@ class Worker:
             services.start_soon(self.notifier.run)
             services.start_soon(heartbeat_loop, pool, self.id, period, self.logger)
             services.start_soon(recovery_loop, pool, period, self.logger)
+            services.start_soon(completer.run)
             if self.handle_signals:
                 services.start_soon(self._watch_signals)
             self.started.set()

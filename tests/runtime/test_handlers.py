@@ -60,7 +60,14 @@ def make_app() -> pgqueue.App:
 
     @app.job("parent")
     async def parent(job: pgqueue.Job) -> pgqueue.Result:
-        return pgqueue.Result({"made": 1}, next_jobs=[{"job_type": "ok", "payload": {"c": 1}}])
+        return pgqueue.Result(
+            {"made": 1},
+            next_jobs=[{"job_type": "ok", "payload": {"c": 1}}, {"job_type": "elsewhere"}],
+        )
+
+    @app.job("elsewhere", queue="other", max_attempts=2)
+    async def elsewhere(job: pgqueue.Job) -> None:
+        return None
 
     return app
 
@@ -97,11 +104,19 @@ async def test_result_with_next_jobs_creates_children(
     parent_id = await app.enqueue(conn, "parent")
     async with running(app, db_dsn):
         await wait_for_states(conn, [parent_id], "succeeded")
-        child = await conn.fetchrow(
-            "SELECT id, parent_id FROM pgqueue.jobs WHERE id <> $1", parent_id
+        children = await conn.fetch(
+            "SELECT id, parent_id, job_type, queue, max_attempts FROM pgqueue.jobs"
+            " WHERE id <> $1 ORDER BY id",
+            parent_id,
         )
-        await wait_for_states(conn, [child["id"]], "succeeded")
-    assert child["parent_id"] == parent_id
+        await wait_for_states(conn, [c["id"] for c in children], "succeeded")
+    assert [c["parent_id"] for c in children] == [parent_id, parent_id]
+    # A follow-up of a registered type gets its queue and max_attempts, as enqueue does.
+    assert (children[1]["job_type"], children[1]["queue"], children[1]["max_attempts"]) == (
+        "elsewhere",
+        "other",
+        2,
+    )
 
 
 async def test_enqueue_options_and_registered_defaults(conn: asyncpg.Connection) -> None:

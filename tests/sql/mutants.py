@@ -45,7 +45,7 @@ MUTANTS: dict[str, Mutant] = {
     ),
     # fan-in checked without locking the dependent first: concurrent parents both miss it.
     "unblock_without_lock": Mutant(
-        "pgqueue._unblock_dependents(bigint)",
+        "pgqueue._unblock_dependents(bigint[])",
         "FOR NO KEY UPDATE;\n    IF NOT FOUND THEN",
         "FOR NO KEY UPDATE SKIP LOCKED;\n    IF false THEN",
         "test_fanin_races.py::test_two_parents_finishing_concurrently_queue_the_join_once",
@@ -66,8 +66,8 @@ MUTANTS: dict[str, Mutant] = {
     ),
     # complete without the lease-holder fence: a recovered worker overwrites.
     "complete_without_fence": Mutant(
-        "pgqueue.complete(bigint,text,jsonb,jsonb)",
-        "AND j.state = 'running' AND j.locked_by = complete.worker",
+        "pgqueue._complete(text,bigint[],jsonb[],jsonb[],text)",
+        "AND j.state = 'running' AND j.locked_by = p_worker",
         "AND j.state IN ('running', 'queued')",
         "test_recovery_races.py::test_recover_first_then_late_complete_is_fenced",
     ),

@@ -1,0 +1,120 @@
+"""examples/emissions: both answers to "N recalculations each chain an aggregation", and the demo.
+
+The handlers are driven step by step here (claim, run the handler, complete with what it
+returned), so the interleaving is fixed: every recalculation finishes before any aggregation
+is claimed, the worst case for the plan review's "N aggregation jobs" problem.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import asyncpg
+import pytest
+
+import pgqueue
+from pgqueue.demo import load_example
+from pgqueue.dsn import dumps
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+async def example(db_dsn: str, conn: asyncpg.Connection) -> AsyncIterator[ModuleType]:
+    module = load_example()
+    module.configure(db_dsn)
+    await module.setup(conn)
+    try:
+        yield module
+    finally:
+        await module.close()
+
+
+async def _step(conn: asyncpg.Connection, example: ModuleType, job_type: str) -> list[int]:
+    """Claim every queued job of ``job_type``, run its handler, complete it; return the ids."""
+    done = []
+    for row in await conn.fetch(
+        "SELECT * FROM pgqueue.jobs WHERE job_type = $1 AND state = 'queued' ORDER BY id", job_type
+    ):
+        claimed = await conn.fetchrow("SELECT * FROM pgqueue.claim($1, 'test')", row["id"])
+        assert claimed is not None
+        job = pgqueue.Job.from_record(claimed)
+        value: Any = await example.app.job_types[job_type].handler(job)
+        result = value if isinstance(value, pgqueue.Result) else pgqueue.Result(value)
+        assert await conn.fetchval(
+            "SELECT pgqueue.complete($1, 'test', $2::text::jsonb, $3::text::jsonb)",
+            job.id,
+            dumps(result.value),
+            None if result.next_jobs is None else dumps(result.next_jobs),
+        )
+        done.append(job.id)
+    return done
+
+
+async def _aggregate_jobs(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+    rows: list[asyncpg.Record] = await conn.fetch(
+        "SELECT id, state, parent_id, dedup_key FROM pgqueue.jobs"
+        " WHERE job_type = 'aggregate' ORDER BY id"
+    )
+    return rows
+
+
+async def test_join_answer_one_aggregation_after_all_recalculations(
+    conn: asyncpg.Connection, example: ModuleType
+) -> None:
+    run = await example.start_ingest(conn, example.SAMPLE_CSV.read_text())
+    await _step(conn, example, "ingest_factors")
+    scopes = await conn.fetch(
+        "SELECT scope FROM pgqueue.jobs WHERE job_type = 'recalculate' ORDER BY id"
+    )
+    assert [s["scope"] for s in scopes][-1] == (
+        '{"year": 2024, "module": "buildings", "data_entry_type": null}'
+    )
+    assert [a["state"] for a in await _aggregate_jobs(conn)] == ["waiting"]
+
+    recalcs = await _step(conn, example, "recalculate")
+    assert len(recalcs) == 4  # electricity, heating, water and the module-level (null) type
+    assert [a["state"] for a in await _aggregate_jobs(conn)] == ["queued"]
+    await _step(conn, example, "aggregate")
+    assert await conn.fetchval("SELECT aggregations FROM emissions.module_stats") == 1
+    status = await example.app.pipeline_status(conn, run.pipeline_id)
+    assert (status.state, status.jobs) == ("succeeded", 6)
+
+
+async def test_dedup_answer_at_most_one_pending_aggregation(
+    conn: asyncpg.Connection, example: ModuleType
+) -> None:
+    run = await example.start_ingest(conn, example.SAMPLE_CSV.read_text(), coalesce="dedup")
+    await _step(conn, example, "ingest_factors")
+    assert await _aggregate_jobs(conn) == []  # no join: each recalculation chains its own
+
+    recalcs = await _step(conn, example, "recalculate")
+    assert len(recalcs) == 4
+    (pending,) = await _aggregate_jobs(conn)  # four requests collapsed into one pending job
+    assert (pending["state"], pending["dedup_key"]) == ("queued", "aggregate:buildings:2024")
+    await _step(conn, example, "aggregate")
+    assert await conn.fetchval("SELECT aggregations FROM emissions.module_stats") == 1
+    status = await example.app.pipeline_status(conn, run.pipeline_id)
+    assert (status.state, status.jobs) == ("succeeded", 6)
+
+
+def test_pgqueue_demo_runs_the_pipeline_on_the_given_database(db_dsn: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "PGQUEUE_DSN"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    out = subprocess.run(
+        [sys.executable, "-m", "pgqueue.cli", "--dsn", db_dsn, "demo"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "| succeeded" in out.stdout
+    assert "aggregations = 3" in out.stdout
