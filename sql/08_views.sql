@@ -3,7 +3,7 @@
 -- =============================================================================
 
 CREATE VIEW pgqueue.queue_stats AS
-SELECT j.queue, j.state, count(*) AS jobs,
+SELECT j.queue, j.state, count(*) AS count,
        now() - min(j.run_after) FILTER (WHERE j.state = 'queued' AND j.run_after <= now()) AS oldest_ready_age
 FROM pgqueue.jobs j
 GROUP BY j.queue, j.state;

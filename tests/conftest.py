@@ -11,7 +11,8 @@ forces one):
 Fixtures: ``pg_base_dsn`` (session: a maintenance DSN on the server),
 ``db_dsn`` (a fresh database cloned from a template migrated once per session),
 ``conn`` (asyncpg connection to ``db_dsn``), ``connect`` (``await connect()``
-opens more), ``empty_db_dsn`` (a fresh database with nothing in it).
+opens more), ``empty_db_dsn`` (a fresh database with nothing in it), ``engine`` (a
+SQLAlchemy ``AsyncEngine`` on ``db_dsn``, asyncpg, no pool).
 Coroutine tests run on anyio's asyncio backend without a decorator.
 """
 
@@ -36,6 +37,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
 
 from pgqueue import migrate
 
@@ -328,3 +331,17 @@ async def connect(db_dsn: str, anyio_backend: str) -> AsyncIterator[Connect]:
 async def conn(connect: Connect) -> asyncpg.Connection:
     """An asyncpg connection to ``db_dsn``."""
     return await connect()
+
+
+@pytest.fixture
+async def engine(db_dsn: str, anyio_backend: str) -> AsyncIterator[AsyncEngine]:
+    """A SQLAlchemy ``AsyncEngine`` on ``db_dsn`` (asyncpg, a new connection each time)."""
+
+    async def connect() -> asyncpg.Connection:
+        return await asyncpg.connect(db_dsn)
+
+    engine = create_async_engine("postgresql+asyncpg://", poolclass=NullPool, async_creator=connect)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()

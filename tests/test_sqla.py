@@ -2,32 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
-import asyncpg
 import pytest
 from sqlalchemy import Table, func, inspect, select
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
-from sqlalchemy.pool import NullPool
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from pgqueue.sqla import enqueue, enqueue_async, jobs, metadata, settings
 
 DIALECT = postgresql.dialect()  # type: ignore[no-untyped-call]
-
-
-@pytest.fixture
-async def engine(db_dsn: str, anyio_backend: str) -> AsyncIterator[AsyncEngine]:
-    async def connect() -> asyncpg.Connection:
-        return await asyncpg.connect(db_dsn)
-
-    engine = create_async_engine("postgresql+asyncpg://", poolclass=NullPool, async_creator=connect)
-    try:
-        yield engine
-    finally:
-        await engine.dispose()
 
 
 def _describe_reflected(sync_conn: Connection, table: str) -> list[tuple[Any, ...]]:

@@ -2,26 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import asyncpg
 import pytest
-from pipelines_helpers import SpawnWorker, WorkerProcess
+from pipelines_helpers import start_worker
+from worker_harness import SpawnWorker, spawned_workers
 
 
 @pytest.fixture
 def spawn_worker(db_dsn: str) -> Iterator[SpawnWorker]:
     """``spawn_worker("--concurrency", "4")`` starts a worker on ``db_dsn``; killed at teardown."""
-    started: list[WorkerProcess] = []
-
-    def spawn(*args: str) -> WorkerProcess:
-        worker = WorkerProcess(db_dsn, "--poll-interval", "0.5", *args)
-        started.append(worker)
-        return worker
-
-    yield spawn
-    for worker in started:
-        worker.close()
+    start = functools.partial(start_worker, db_dsn, "--poll-interval", "0.5")
+    with spawned_workers(start) as spawn:
+        yield spawn
 
 
 @pytest.fixture

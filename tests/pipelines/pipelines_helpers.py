@@ -1,89 +1,19 @@
-"""Helpers for the pipeline tests: ``pgqueue worker pipelines_app:app`` subprocesses, waits.
-
-Synchronisation is by polling with deadlines, never by bare sleeps.
-"""
+"""The pipeline tests' worker app and pipeline wait; the rest is tests/worker_harness.py."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import threading
-import time
 import uuid
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
-import anyio
 import asyncpg
+from worker_harness import WorkerProcess, wait_until
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
 
 
-class WorkerProcess:
-    """A worker subprocess whose stderr is collected line by line."""
-
-    def __init__(self, dsn: str, *args: str) -> None:
-        env = dict(os.environ)
-        env["PGQUEUE_DSN"] = dsn
-        env["PYTHONPATH"] = os.pathsep.join(
-            [str(ROOT), str(HERE), *filter(None, [env.get("PYTHONPATH")])]
-        )
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pgqueue.cli", "worker", "pipelines_app:app", *args],
-            env=env,
-            cwd=HERE,
-            stderr=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            text=True,
-        )
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line.rstrip("\n"))
-
-    def log(self) -> str:
-        return "\n".join(self.lines)
-
-    async def ready(self, within: float = 15) -> None:
-        """Wait until the worker LISTENs."""
-        deadline = time.monotonic() + within
-        while not any("listening on channel" in line for line in list(self.lines)):
-            if self.proc.poll() is not None:
-                raise AssertionError(f"worker exited ({self.proc.returncode}):\n{self.log()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"worker not listening within {within}s:\n{self.log()}")
-            await anyio.sleep(0.02)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        self._reader.join(timeout=5)
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
-
-
-SpawnWorker = Callable[..., WorkerProcess]
-
-
-async def wait_until(
-    check: Callable[[], Awaitable[Any]], *, within: float = 30, what: str = "condition"
-) -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {what}")
-        await anyio.sleep(0.05)
+def start_worker(dsn: str, *args: str) -> WorkerProcess:
+    """A ``pgqueue worker pipelines_app:app`` subprocess (pipelines_app.py, here) on ``dsn``."""
+    return WorkerProcess("pipelines_app:app", HERE, dsn, *args)
 
 
 async def wait_pipeline_done(
@@ -97,5 +27,7 @@ async def wait_pipeline_done(
         )
         return row
 
-    row: asyncpg.Record = await wait_until(done, within=within, what=f"pipeline {pipeline_id}")
+    row: asyncpg.Record = await wait_until(
+        done, within=within, what=f"pipeline {pipeline_id}", every=0.05
+    )
     return row

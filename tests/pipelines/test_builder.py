@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
 from sqlalchemy import create_engine
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
@@ -253,18 +252,6 @@ async def test_pipeline_status_and_cancel_pipeline(conn: asyncpg.Connection) -> 
 
 
 # --------------------------------------------------------------------------- SQLAlchemy
-
-
-@pytest.fixture
-async def engine(db_dsn: str, anyio_backend: str) -> AsyncIterator[AsyncEngine]:
-    async def connect() -> asyncpg.Connection:
-        return await asyncpg.connect(db_dsn)
-
-    engine = create_async_engine("postgresql+asyncpg://", poolclass=NullPool, async_creator=connect)
-    try:
-        yield engine
-    finally:
-        await engine.dispose()
 
 
 async def test_pipeline_on_an_async_session_joins_the_callers_transaction(

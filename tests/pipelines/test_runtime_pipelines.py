@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncpg
 import pytest
-from pipelines_helpers import SpawnWorker, wait_pipeline_done
+from pipelines_helpers import wait_pipeline_done
+from worker_harness import SpawnWorker
 
 import pgqueue
 

@@ -2,26 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import asyncpg
 import pytest
-from runtime_helpers import SpawnWorker, WorkerProcess
+from runtime_helpers import start_worker
+from worker_harness import SpawnWorker, spawned_workers
 
 
 @pytest.fixture
 def spawn_worker(db_dsn: str) -> Iterator[SpawnWorker]:
     """``spawn_worker("--concurrency", "4")`` starts a worker on ``db_dsn``; killed at teardown."""
-    started: list[WorkerProcess] = []
-
-    def spawn(*args: str) -> WorkerProcess:
-        worker = WorkerProcess(db_dsn, *args)
-        started.append(worker)
-        return worker
-
-    yield spawn
-    for worker in started:
-        worker.close()
+    with spawned_workers(functools.partial(start_worker, db_dsn)) as spawn:
+        yield spawn
 
 
 @pytest.fixture

@@ -1,129 +1,14 @@
-"""Helpers for the runtime tests: worker subprocesses and waiting on the database.
-
-Synchronisation is by polling with deadlines (a log line, a row), never by bare sleeps.
-"""
+"""The runtime tests' worker app; the subprocess and waiting helpers are tests/worker_harness.py."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import threading
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
-import anyio
-import asyncpg
+from worker_harness import WorkerProcess
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
 
 
-class WorkerProcess:
-    """A ``pgqueue worker worker_app:app`` subprocess whose stderr is collected line by line."""
-
-    def __init__(self, dsn: str, *args: str) -> None:
-        env = dict(os.environ)
-        env["PGQUEUE_DSN"] = dsn
-        env["PYTHONPATH"] = os.pathsep.join(
-            [str(ROOT), str(HERE), *filter(None, [env.get("PYTHONPATH")])]
-        )
-        self.args = [sys.executable, "-m", "pgqueue.cli", "worker", "worker_app:app", *args]
-        self.proc = subprocess.Popen(
-            self.args,
-            env=env,
-            cwd=HERE,
-            stderr=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            text=True,
-        )
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line.rstrip("\n"))
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def log(self) -> str:
-        return "\n".join(self.lines)
-
-    def count(self, text: str) -> int:
-        return sum(text in line for line in list(self.lines))
-
-    async def wait_for_log(self, text: str, *, times: int = 1, within: float = 15) -> None:
-        """Wait until ``text`` has appeared in ``times`` log lines (fail on exit or deadline)."""
-        deadline = time.monotonic() + within
-        while self.count(text) < times:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"worker exited ({self.proc.returncode}):\n{self.log()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no {text!r} x{times} within {within}s:\n{self.log()}")
-            await anyio.sleep(0.02)
-
-    async def ready(self) -> None:
-        """Wait until the worker LISTENs (and has therefore swept once)."""
-        await self.wait_for_log("listening on channel")
-
-    def signal(self, signum: int) -> None:
-        self.proc.send_signal(signum)
-
-    async def wait_exit(self, within: float) -> int:
-        deadline = time.monotonic() + within
-        while self.proc.poll() is None:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"worker still running after {within}s:\n{self.log()}")
-            await anyio.sleep(0.02)
-        self._reader.join(timeout=5)
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        """SIGKILL (if still running) and reap."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-
-    def close(self) -> None:
-        """Kill if needed, then close the stderr pipe once the reader has drained it."""
-        self.kill()
-        self._reader.join(timeout=5)
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
-
-
-SpawnWorker = Callable[..., WorkerProcess]
-
-
-async def wait_until(
-    check: Callable[[], Awaitable[Any]], *, within: float = 15, what: str = "condition"
-) -> Any:
-    """Poll ``check`` until it returns something truthy; fail after ``within`` seconds."""
-    deadline = time.monotonic() + within
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {what}")
-        await anyio.sleep(0.02)
-
-
-async def wait_for_states(
-    conn: asyncpg.Connection, ids: list[int], state: str = "succeeded", within: float = 15
-) -> None:
-    """Wait until every job in ``ids`` is in ``state``."""
-
-    async def done() -> bool:
-        n = await conn.fetchval(
-            "SELECT count(*) FROM pgqueue.jobs WHERE id = ANY($1) AND state = $2", ids, state
-        )
-        return bool(n == len(ids))
-
-    await wait_until(done, within=within, what=f"{len(ids)} job(s) {state}")
+def start_worker(dsn: str, *args: str) -> WorkerProcess:
+    """A ``pgqueue worker worker_app:app`` subprocess (worker_app.py, in this folder) on ``dsn``."""
+    return WorkerProcess("worker_app:app", HERE, dsn, *args)

@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 import asyncpg
 import pytest
-from runtime_helpers import wait_for_states
+from worker_harness import wait_for_states
 
 import pgqueue
 from pgqueue.migrate import SchemaError

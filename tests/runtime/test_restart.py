@@ -17,7 +17,8 @@ from pathlib import Path
 import anyio
 import asyncpg
 import pytest
-from runtime_helpers import WorkerProcess, wait_for_states, wait_until
+from runtime_helpers import start_worker
+from worker_harness import wait_for_states, wait_until
 
 import pgqueue
 from pgqueue import migrate
@@ -97,7 +98,7 @@ async def test_worker_survives_a_postgres_restart(cluster: Cluster) -> None:
         "CREATE TABLE runs (job_id bigint, attempt int, pid int,"
         " started timestamptz DEFAULT clock_timestamp())"
     )
-    worker = WorkerProcess(cluster.dsn, "--poll-interval", "1")
+    worker = start_worker(cluster.dsn, "--poll-interval", "1")
     try:
         await worker.ready()
         before = await app.enqueue(conn, "work")

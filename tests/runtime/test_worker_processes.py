@@ -8,7 +8,7 @@ import statistics
 import time
 
 import asyncpg
-from runtime_helpers import SpawnWorker, wait_for_states, wait_until
+from worker_harness import SpawnWorker, wait_for_states, wait_until
 
 import pgqueue
 

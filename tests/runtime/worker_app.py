@@ -11,21 +11,12 @@ import os
 from typing import Any
 
 import anyio
-import asyncpg
+from worker_harness import AppPool
 
 import pgqueue
 
 app = pgqueue.App()
-_pool: asyncpg.Pool | None = None
-_lock = anyio.Lock()
-
-
-async def _db() -> asyncpg.Pool:
-    global _pool
-    async with _lock:
-        if _pool is None:
-            _pool = await asyncpg.create_pool(os.environ["PGQUEUE_DSN"], min_size=0, max_size=4)
-    return _pool
+_db = AppPool()  # the app's own small pool on $PGQUEUE_DSN
 
 
 @app.job("work")

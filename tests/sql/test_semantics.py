@@ -204,7 +204,7 @@ async def test_json_null_scope_is_no_scope_and_views_answer(connect: Connect) ->
     await _run(conn, job)
     assert await conn.fetchval("SELECT worker FROM pgqueue.running_jobs WHERE id = $1", job) == "w"
     stats = {
-        (r["queue"], r["state"]): r["jobs"]
+        (r["queue"], r["state"]): r["count"]
         for r in await conn.fetch("SELECT * FROM pgqueue.queue_stats")
     }
     assert stats == {("default", "running"): 1}
