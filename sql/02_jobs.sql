@@ -124,8 +124,11 @@ CREATE UNIQUE INDEX jobs_one_running_per_scope ON pgqueue.jobs (scope)
 CREATE UNIQUE INDEX jobs_one_pending_per_dedup_key ON pgqueue.jobs (dedup_key)
     WHERE state IN ('waiting', 'queued');
 
--- Leases (heartbeat, stale recovery), pipelines, pruning.
-CREATE INDEX jobs_running_lease ON pgqueue.jobs (locked_at) WHERE state = 'running';
+-- Leases: the fence of complete/fail/release and heartbeat look up a worker's
+-- running jobs by locked_by (a completion must not read every running job);
+-- stale recovery reads this small partial index whole.
+CREATE INDEX jobs_running_lease ON pgqueue.jobs (locked_by, locked_at) WHERE state = 'running';
+-- Pipelines, pruning.
 CREATE INDEX jobs_pipeline ON pgqueue.jobs (pipeline_id) WHERE pipeline_id IS NOT NULL;
 CREATE INDEX jobs_finished ON pgqueue.jobs (finished_at)
     WHERE state IN ('succeeded', 'failed', 'cancelled');

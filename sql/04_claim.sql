@@ -15,12 +15,13 @@ CREATE FUNCTION pgqueue._scope_lock_key(p_scope jsonb) RETURNS int
 LANGUAGE sql IMMUTABLE AS $$ SELECT jsonb_hash(p_scope) $$;
 
 -- True when no job of the scope is running and none older is queued.
+-- Two probes, not one OR: each is a single index lookup (the running-per-scope
+-- unique index, the active-scope index), where the OR planned as a bitmap of both.
 CREATE FUNCTION pgqueue._scope_free(p_scope jsonb, p_job_id bigint) RETURNS boolean
 LANGUAGE sql STABLE AS $$
-    SELECT NOT EXISTS (
-        SELECT 1 FROM pgqueue.jobs o
-        WHERE o.scope = p_scope AND o.state IN ('queued', 'running')
-          AND (o.state = 'running' OR o.id < p_job_id))
+    SELECT NOT EXISTS (SELECT 1 FROM pgqueue.jobs o WHERE o.scope = p_scope AND o.state = 'running')
+       AND NOT EXISTS (SELECT 1 FROM pgqueue.jobs o
+                       WHERE o.scope = p_scope AND o.state = 'queued' AND o.id < p_job_id)
 $$;
 
 CREATE FUNCTION pgqueue.claim(job_id bigint, worker text) RETURNS SETOF pgqueue.jobs

@@ -211,8 +211,11 @@ CREATE UNIQUE INDEX jobs_one_running_per_scope ON pgqueue.jobs (scope)
 CREATE UNIQUE INDEX jobs_one_pending_per_dedup_key ON pgqueue.jobs (dedup_key)
     WHERE state IN ('waiting', 'queued');
 
--- Leases (heartbeat, stale recovery), pipelines, pruning.
-CREATE INDEX jobs_running_lease ON pgqueue.jobs (locked_at) WHERE state = 'running';
+-- Leases: the fence of complete/fail/release and heartbeat look up a worker's
+-- running jobs by locked_by (a completion must not read every running job);
+-- stale recovery reads this small partial index whole.
+CREATE INDEX jobs_running_lease ON pgqueue.jobs (locked_by, locked_at) WHERE state = 'running';
+-- Pipelines, pruning.
 CREATE INDEX jobs_pipeline ON pgqueue.jobs (pipeline_id) WHERE pipeline_id IS NOT NULL;
 CREATE INDEX jobs_finished ON pgqueue.jobs (finished_at)
     WHERE state IN ('succeeded', 'failed', 'cancelled');
@@ -700,12 +703,13 @@ CREATE FUNCTION pgqueue._scope_lock_key(p_scope jsonb) RETURNS int
 LANGUAGE sql IMMUTABLE AS $$ SELECT jsonb_hash(p_scope) $$;
 
 -- True when no job of the scope is running and none older is queued.
+-- Two probes, not one OR: each is a single index lookup (the running-per-scope
+-- unique index, the active-scope index), where the OR planned as a bitmap of both.
 CREATE FUNCTION pgqueue._scope_free(p_scope jsonb, p_job_id bigint) RETURNS boolean
 LANGUAGE sql STABLE AS $$
-    SELECT NOT EXISTS (
-        SELECT 1 FROM pgqueue.jobs o
-        WHERE o.scope = p_scope AND o.state IN ('queued', 'running')
-          AND (o.state = 'running' OR o.id < p_job_id))
+    SELECT NOT EXISTS (SELECT 1 FROM pgqueue.jobs o WHERE o.scope = p_scope AND o.state = 'running')
+       AND NOT EXISTS (SELECT 1 FROM pgqueue.jobs o
+                       WHERE o.scope = p_scope AND o.state = 'queued' AND o.id < p_job_id)
 $$;
 
 CREATE FUNCTION pgqueue.claim(job_id bigint, worker text) RETURNS SETOF pgqueue.jobs
