@@ -18,13 +18,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config
-
 from pgqueue.resources import migrations_dir
 
 if TYPE_CHECKING:
     import asyncpg
+    from alembic.config import Config
 
 __all__ = [
     "HEAD_REVISION",
@@ -52,6 +50,8 @@ class SchemaError(RuntimeError):
 
 def alembic_config(dsn: str | None) -> Config:
     """An Alembic config for pgqueue's scripts; ``dsn`` None means libpq ``PG*`` variables."""
+    from alembic.config import Config  # imported here: workers check the schema without alembic
+
     config = Config()
     config.set_main_option("script_location", str(migrations_dir()))
     config.attributes["pgqueue_dsn"] = dsn
@@ -60,11 +60,15 @@ def alembic_config(dsn: str | None) -> Config:
 
 def upgrade(dsn: str | None, revision: str = "head") -> None:
     """Upgrade the database to ``revision`` (default: head). Idempotent and safe to race."""
+    from alembic import command
+
     _run_outside_event_loop(lambda: command.upgrade(alembic_config(dsn), revision))
 
 
 def downgrade(dsn: str | None, revision: str) -> None:
     """Downgrade the database to ``revision`` (``"base"`` removes every pgqueue object)."""
+    from alembic import command
+
     _run_outside_event_loop(lambda: command.downgrade(alembic_config(dsn), revision))
 
 

@@ -1,9 +1,14 @@
 """Writes attempt outcomes (complete, fail, release) so that they land exactly once.
 
-Successes are batched: handlers hand them to :meth:`Completer.complete`, and one flusher task
-writes everything that has piled up with a single ``pgqueue.complete_many`` call while the
-previous write was in flight. Nothing waits for a batch to fill, so an idle worker still
-records a lone success at once, and a busy one pays one round trip per batch, not per job.
+Successes are batched: runners hand them to :meth:`Completer.add_success` (no await, no
+per-job event) and move on, and one flusher task writes everything that has piled up with a
+single ``pgqueue.complete_many`` call while the previous write was in flight. Nothing waits
+for a batch to fill, so an idle worker still records a lone success at once, and a busy one
+pays one round trip per batch, not per job. Once a batch lands the flusher reports each job
+through the ``recorded`` callback (the executor logs it and frees its slot); a batch that
+PostgreSQL refuses is written again one job at a time, and a success refused on its own (a
+result it cannot store, a bad next_jobs spec) goes to the ``refused`` callback, which fails
+the attempt with the error.
 
 Every write runs in a shielded cancel scope: a shutdown that cancels the handlers cannot
 cancel the write that records what they did. Connection errors are retried with backoff
@@ -16,7 +21,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TypeVar
 
 import anyio
@@ -38,14 +43,22 @@ _FAIL = "SELECT pgqueue.fail(job_id => $1, worker => $2, error => $3)"
 _RELEASE = "SELECT pgqueue.release(job_id => $1, worker => $2)"
 
 
-@dataclass(eq=False)
-class _Success:
+@dataclass(eq=False, slots=True)
+class Success:
+    """A handler's success waiting to be written: JSON text and how long the handler took."""
+
     job: Job
     result: str | None
     next_jobs: str | None
-    done: anyio.Event = field(default_factory=anyio.Event)
-    held: bool | None = None
-    error: Exception | None = None
+    duration: float
+
+
+def _unattached_recorded(item: Success, held: bool) -> None:
+    raise RuntimeError("Completer.attach() was not called")
+
+
+async def _unattached_refused(item: Success, error: Exception) -> None:
+    raise RuntimeError("Completer.attach() was not called")
 
 
 class Completer:
@@ -59,8 +72,23 @@ class Completer:
         # Past this monotonic time retries stop: set at shutdown so that a database that
         # stays down cannot hold the process forever (stale recovery takes over).
         self.give_up_at = math.inf
-        self._pending: list[_Success] = []
+        self._pending: list[Success] = []
         self._kick = anyio.Event()
+        self._recorded: Callable[[Success, bool], None] = _unattached_recorded
+        self._refused: Callable[[Success, Exception], Awaitable[None]] = _unattached_refused
+
+    def attach(
+        self,
+        recorded: Callable[[Success, bool], None],
+        refused: Callable[[Success, Exception], Awaitable[None]],
+    ) -> None:
+        """Say what to do once a success is written (``recorded(item, held)``: plain call,
+        ``held`` False if the lease was lost or the write was given up at shutdown) or once
+        PostgreSQL refused it alone (``refused(item, error)``: awaited by the flusher, in
+        its shielded scope; it should fail the attempt).
+        """
+        self._recorded = recorded
+        self._refused = refused
 
     async def run(self) -> None:
         """The flusher: write pending successes in batches until cancelled."""
@@ -72,20 +100,15 @@ class Completer:
                 with anyio.CancelScope(shield=True):
                     await self._flush(batch)
 
-    async def complete(self, job: Job, result: str | None, next_jobs: str | None) -> bool:
-        """Mark the job succeeded with its JSON-encoded result; False if the lease was lost.
+    def add_success(
+        self, job: Job, result: str | None, next_jobs: str | None, duration: float
+    ) -> None:
+        """Queue the job's success (JSON-encoded result) for the flusher; returns at once.
 
-        Raises what PostgreSQL raised for this job alone (a result it cannot store, a bad
-        next_jobs spec), so the caller can fail the attempt instead.
+        What happens next is reported through the callbacks given to :meth:`attach`.
         """
-        item = _Success(job, result, next_jobs)
-        self._pending.append(item)
+        self._pending.append(Success(job, result, next_jobs, duration))
         self._kick.set()
-        with anyio.CancelScope(shield=True):
-            await item.done.wait()
-        if item.error is not None:
-            raise item.error
-        return bool(item.held)
 
     async def fail(self, job: Job, error: str) -> str | None:
         """Fail the attempt; returns the job's new state, or None if the lease was lost."""
@@ -102,7 +125,7 @@ class Completer:
         )
         return bool(held)
 
-    async def _flush(self, batch: list[_Success]) -> None:
+    async def _flush(self, batch: list[Success]) -> None:
         """Write one batch; if PostgreSQL refuses it, write its jobs one by one to find why."""
         try:
             ids = [i.job.id for i in batch]
@@ -123,16 +146,19 @@ class Completer:
             )
         except Exception as exc:
             if len(batch) == 1:
-                batch[0].error = exc
-                batch[0].done.set()
+                await self._refused(batch[0], exc)
                 return
             for item in batch:
                 await self._flush([item])
             return
-        held = None if rows is None else {row[0] for row in rows}
+        recorded = self._recorded
+        if rows is None:  # given up at shutdown
+            for item in batch:
+                recorded(item, False)
+            return
+        held = {row[0] for row in rows}
         for item in batch:
-            item.held = None if held is None else item.job.id in held
-            item.done.set()
+            recorded(item, item.job.id in held)
 
     async def _write(self, what: str, op: Callable[[asyncpg.Connection], Awaitable[T]]) -> T | None:
         """Run ``op`` on a pooled connection, retrying outages; None if given up at shutdown."""

@@ -1,7 +1,11 @@
 """Runs handlers for claimed jobs and hands each outcome to the completer.
 
-The executor owns the job task group and the count of busy slots; the producer asks it how
-many slots are free (the claim batch size) and waits on :attr:`slot_freed` when it is full.
+The executor owns ``concurrency`` long-lived runner tasks, fed from a queue, and the count
+of busy slots; the producer asks it how many slots are free (the claim batch size), hands it
+the jobs it claimed with :meth:`Executor.start`, and waits on :attr:`slot_freed` when it is
+full. A slot stays busy until the job's outcome is written: a failure or a release by the
+runner itself, a success by the completer's flusher (the runner queues it and takes the
+next job at once).
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,8 +23,11 @@ import anyio.abc
 from pgqueue.app import App, JobType
 from pgqueue.dsn import dumps
 from pgqueue.job import Job, Result
-from pgqueue.worker.completer import Completer
+from pgqueue.worker.completer import Completer, Success
 from pgqueue.worker.wake import Wake
+
+_OUTCOME = "job %d %s attempt %d/%d %s in %.1fms%s"
+_QUIET = ("succeeded", "released")  # logged at INFO; any other outcome at WARNING
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +40,7 @@ class _Attempt:
 
 
 class Executor:
-    """Runs up to ``concurrency`` handlers at once, in a task group the worker provides."""
+    """Runs up to ``concurrency`` handlers at once, in runner tasks the worker starts."""
 
     def __init__(
         self,
@@ -47,47 +55,124 @@ class Executor:
         self.completer = completer
         self.concurrency = concurrency
         self.logger = logger
+        # Every job holding a slot: claimed and not yet settled (outcome written, or released).
         self.running: dict[int, Job] = {}
         self.slot_freed = Wake()
         self.idle = Wake()
         # Plain-def handlers need their own limiter: anyio's default thread pool has 40
         # tokens, which would silently cap a larger --concurrency.
         self._threads = anyio.CapacityLimiter(concurrency)
+        # Claimed jobs no runner has taken yet. Runners with nothing to do wait on
+        # `_queued`, one event for all of them: set when jobs arrive, replaced by the first
+        # runner that finds the queue empty again. A job leaves the queue only in a runner
+        # that is running (never in one being cancelled), so none is lost at shutdown.
+        self._queue: deque[Job] = deque()
+        self._queued = anyio.Event()
+        completer.attach(self._recorded, self._refused)
 
     @property
     def free_slots(self) -> int:
         return self.concurrency - len(self.running)
 
-    def start(self, task_group: anyio.abc.TaskGroup, job: Job) -> None:
-        """Take one slot for ``job`` and run it in ``task_group``."""
+    def start_runners(self, task_group: anyio.abc.TaskGroup) -> None:
+        """Start the ``concurrency`` runners; cancelling ``task_group`` releases their jobs."""
+        for n in range(self.concurrency):
+            task_group.start_soon(self._runner, name=f"pgqueue runner {n}")
+
+    def start(self, job: Job) -> None:
+        """Take one slot for ``job`` and hand it to a runner."""
         self.running[job.id] = job
-        task_group.start_soon(self._run, job, name=f"pgqueue job {job.id}")
+        self._queue.append(job)
+        self._queued.set()
+
+    async def release_unstarted(self) -> None:
+        """After the runners are gone: release the jobs still queued for them."""
+        while self._queue:
+            job = self._queue.popleft()
+            try:
+                released = await self.completer.release(job)
+                self._log(job, "released" if released else "lease lost", 0.0)
+            except Exception:
+                self._log_unrecorded(job)
+            finally:
+                self.free(job)
+
+    async def settled(self) -> None:
+        """Wait until every job's outcome is written (the flusher frees the last slots)."""
+        while self.running:
+            await self.idle.wait()
+
+    def free(self, job: Job) -> None:
+        """The job's outcome is written (or given up): free its slot."""
+        del self.running[job.id]
+        self.slot_freed.set()
+        if job.scope is not None:
+            # The next job of this scope became claimable, and no NOTIFY says so.
+            self.wake.set()
+        if not self.running:
+            self.idle.set()
+
+    async def _runner(self) -> None:
+        queue = self._queue
+        while True:
+            while not queue:
+                if self._queued.is_set():
+                    self._queued = anyio.Event()
+                await self._queued.wait()
+            await self._run(queue.popleft())
 
     async def _run(self, job: Job) -> None:
         started = time.monotonic()
+        handed_over = False
         try:
             try:
                 attempt = await self._attempt(job)
             except anyio.get_cancelled_exc_class():
                 # Shutdown after the grace period: give the job back, attempt not counted.
                 released = await self.completer.release(job)
-                self._log(job, "released" if released else "lease lost", started)
+                self._log(job, "released" if released else "lease lost", time.monotonic() - started)
                 raise
-            await self._record(job, attempt, time.monotonic() - started)
+            duration = time.monotonic() - started
+            if attempt.error is None:
+                self.completer.add_success(job, attempt.result, attempt.next_jobs, duration)
+                handed_over = True  # the flusher frees the slot once the success is written
+            else:
+                await self._fail(job, attempt.error, duration)
         except Exception:
-            self.logger.exception(
-                "job %d: could not record its outcome; stale recovery will requeue it",
-                job.id,
-                extra={"job_id": job.id, "job_type": job.job_type},
-            )
+            self._log_unrecorded(job)
         finally:
-            del self.running[job.id]
-            self.slot_freed.set()
-            if job.scope is not None:
-                # The next job of this scope became claimable, and no NOTIFY says so.
-                self.wake.set()
-            if not self.running:
-                self.idle.set()
+            if not handed_over:
+                self.free(job)
+
+    def _recorded(self, item: Success, held: bool) -> None:
+        """Completer callback: a success was written (or fencing refused it)."""
+        job = item.job
+        try:
+            self._log(job, "succeeded" if held else "lease lost", item.duration)
+        finally:
+            self.free(job)
+
+    async def _refused(self, item: Success, error: Exception) -> None:
+        """Completer callback: PostgreSQL refused this success alone; fail the attempt."""
+        job = item.job
+        try:
+            await self._fail(job, f"could not record the result: {error}", item.duration)
+        except Exception:
+            self._log_unrecorded(job)
+        finally:
+            self.free(job)
+
+    async def _fail(self, job: Job, error: str, duration: float) -> None:
+        state = await self.completer.fail(job, error)
+        outcome = "lease lost" if state is None else f"failed ({state})"
+        self._log(job, outcome, duration, error.splitlines()[-1])
+
+    def _log_unrecorded(self, job: Job) -> None:
+        self.logger.exception(
+            "job %d: could not record its outcome; stale recovery will requeue it",
+            job.id,
+            extra={"job_id": job.id, "job_type": job.job_type},
+        )
 
     async def _attempt(self, job: Job) -> _Attempt:
         """Run the handler under its timeout; turn everything it does into an _Attempt."""
@@ -116,52 +201,48 @@ class Executor:
             return _Attempt(error="".join(traceback.format_exception(exc)).rstrip())
         return _encode(value, self.app)
 
-    async def _record(self, job: Job, attempt: _Attempt, duration: float) -> None:
-        if attempt.error is None:
-            try:
-                held = await self.completer.complete(job, attempt.result, attempt.next_jobs)
-            except Exception as exc:  # e.g. a result PostgreSQL cannot store, a bad spec
-                attempt = _Attempt(error=f"could not record the result: {exc}")
-            else:
-                self._log(job, "succeeded" if held else "lease lost", duration=duration)
-                return
-        assert attempt.error is not None
-        state = await self.completer.fail(job, attempt.error)
-        outcome = "lease lost" if state is None else f"failed ({state})"
-        self._log(job, outcome, duration=duration, error=attempt.error.splitlines()[-1])
+    def _log(self, job: Job, outcome: str, duration: float, error: str | None = None) -> None:
+        """One line per job outcome: id, type, attempt, duration (and the error's last line).
 
-    def _log(
-        self,
-        job: Job,
-        outcome: str,
-        started: float | None = None,
-        *,
-        duration: float | None = None,
-        error: str | None = None,
-    ) -> None:
-        """One line per job outcome: id, type, attempt, duration (and the error's last line)."""
-        if duration is None:
-            duration = time.monotonic() - (started or time.monotonic())
-        level = logging.INFO if outcome in ("succeeded", "released") else logging.WARNING
-        self.logger.log(
+        Built only if the level is enabled, with the record made directly: no caller lookup
+        (``findCaller`` walks the stack), the message formatted only if a handler formats it.
+        """
+        level = logging.INFO if outcome in _QUIET else logging.WARNING
+        logger = self.logger
+        if not logger.isEnabledFor(level):
+            return
+        duration_ms = duration * 1000
+        record = logger.makeRecord(
+            logger.name,
             level,
-            "job %d %s attempt %d/%d %s in %.1fms%s",
-            job.id,
-            job.job_type,
-            job.attempts,
-            job.max_attempts,
-            outcome,
-            duration * 1000,
-            f": {error}" if error else "",
-            extra={
+            __file__,
+            _LOG_LINE,
+            _OUTCOME,
+            (
+                job.id,
+                job.job_type,
+                job.attempts,
+                job.max_attempts,
+                outcome,
+                duration_ms,
+                f": {error}" if error else "",
+            ),
+            None,
+            "_log",
+            {
                 "job_id": job.id,
                 "job_type": job.job_type,
                 "queue": job.queue,
                 "attempt": job.attempts,
                 "outcome": outcome,
-                "duration_ms": round(duration * 1000, 3),
+                "duration_ms": round(duration_ms, 3),
             },
         )
+        logger.handle(record)
+
+
+_LOG_LINE = Executor._log.__code__.co_firstlineno
+_NO_RESULT = _Attempt()
 
 
 def _encode(value: Any, app: App) -> _Attempt:
@@ -169,6 +250,8 @@ def _encode(value: Any, app: App) -> _Attempt:
 
     Follow-ups of a registered type get its queue and max_attempts, as app.enqueue does.
     """
+    if value is None:
+        return _NO_RESULT
     next_jobs = None
     if isinstance(value, Result):
         if value.next_jobs is not None:

@@ -12,7 +12,7 @@ import logging
 import random
 from collections.abc import Sequence
 
-import anyio.abc
+import anyio
 import asyncpg
 
 from pgqueue.job import Job
@@ -63,7 +63,7 @@ class Producer:
         self.wake.set()
         self.executor.slot_freed.set()
 
-    async def run(self, jobs: anyio.abc.TaskGroup) -> None:
+    async def run(self) -> None:
         """Claim while there are free slots and work; otherwise sleep until that may change."""
         more = True  # start with a sweep: jobs may have been queued while nobody listened
         while not self.stopping:
@@ -79,7 +79,7 @@ class Producer:
             wanted = self.executor.free_slots
             claimed = await self._claim(wanted)
             for job in claimed or ():
-                self.executor.start(jobs, job)
+                self.executor.start(job)
             # A full batch means there is probably more; an error means try again.
             more = claimed is None or len(claimed) == wanted
 

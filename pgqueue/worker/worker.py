@@ -16,7 +16,6 @@ import time
 from collections.abc import Iterable
 
 import anyio
-import anyio.abc
 import asyncpg
 
 from pgqueue.app import App
@@ -143,15 +142,20 @@ class Worker:
                 services.start_soon(self._watch_signals)
             self.started.set()
             async with anyio.create_task_group() as jobs:
-                await producer.run(jobs)
-                await self._drain(executor, completer, jobs)
+                executor.start_runners(jobs)
+                await producer.run()
+                await self._drain(executor, completer)
+                jobs.cancel_scope.cancel()  # idle runners stop; busy ones release their job
+            await executor.release_unstarted()
+            await executor.settled()  # every success handed to the completer is written
             services.cancel_scope.cancel()
         self.logger.info("worker %s stopped", self.id, extra={"worker": self.id})
 
-    async def _drain(
-        self, executor: Executor, completer: Completer, jobs: anyio.abc.TaskGroup
-    ) -> None:
-        """Let running handlers finish within the grace period, then cancel (and release) them."""
+    async def _drain(self, executor: Executor, completer: Completer) -> None:
+        """Let running jobs finish within the grace period; the caller then cancels the rest.
+
+        A job counts until its outcome is written, so once nothing runs every outcome is.
+        """
         if executor.running:
             self.logger.info(
                 "stopping: waiting up to %gs for %d running job(s)",
@@ -166,7 +170,6 @@ class Worker:
                 "grace period over: cancelling and releasing %d job(s)", len(executor.running)
             )
             completer.give_up_at = time.monotonic() + FINAL_WRITE_WINDOW
-            jobs.cancel_scope.cancel()
 
     async def _watch_signals(self) -> None:
         """First SIGTERM/SIGINT: graceful stop. A second one: skip the rest of the grace."""

@@ -1,0 +1,51 @@
+"""A success PostgreSQL refuses still ends as a failed attempt, without holding up the rest.
+
+Successes are written in batches by the completer's flusher; a batch that PostgreSQL refuses
+is written again job by job, and the job refused on its own is failed with the error.
+"""
+
+from __future__ import annotations
+
+import json
+
+import anyio
+import asyncpg
+from worker_harness import wait_for_states
+
+import pgqueue
+
+
+async def test_refused_success_fails_the_attempt(conn: asyncpg.Connection, db_dsn: str) -> None:
+    app = pgqueue.App()
+    release = anyio.Event()
+
+    @app.job("ok")
+    async def ok(job: pgqueue.Job) -> dict[str, int]:
+        await release.wait()  # finish together, so the refused result shares their batch
+        return {"n": job.payload["n"]}
+
+    @app.job("nul", max_attempts=1)
+    async def nul(job: pgqueue.Job) -> dict[str, str]:
+        await release.wait()
+        return {"text": "a\x00b"}  # valid JSON, but jsonb cannot store \u0000
+
+    good = [await app.enqueue(conn, "ok", {"n": n}) for n in range(5)]
+    bad = await app.enqueue(conn, "nul")
+    worker = pgqueue.Worker(app, db_dsn, concurrency=10, poll_interval=0.5, handle_signals=False)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        await worker.started.wait()
+        try:
+            await wait_for_states(conn, [*good, bad], "running")
+            release.set()
+            await wait_for_states(conn, good, "succeeded")
+            await wait_for_states(conn, [bad], "failed")
+        finally:
+            worker.stop()
+    rows = await conn.fetch("SELECT id, result, last_error FROM pgqueue.jobs ORDER BY id")
+    by_id = {r["id"]: r for r in rows}
+    assert [json.loads(by_id[i]["result"]) for i in good] == [{"n": n} for n in range(5)]
+    assert by_id[bad]["result"] is None
+    assert by_id[bad]["last_error"].startswith("could not record the result:")
+    # Every slot was freed: the worker stopped at once with nothing left running.
+    assert await conn.fetchval("SELECT count(*) FROM pgqueue.jobs WHERE state = 'running'") == 0
