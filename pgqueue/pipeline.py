@@ -16,21 +16,23 @@ shows (a cycle, an edge to an unknown or foreign node, a duplicate key) raise
 
 from __future__ import annotations
 
+import sys
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal, TypeAlias
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypeGuard, cast
 
 import asyncpg
-from sqlalchemy import Connection, text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
-from sqlalchemy.orm import Session
 
 from pgqueue.dsn import dumps
 from pgqueue.job import Spec
 
 if TYPE_CHECKING:
+    from sqlalchemy import Connection
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+    from sqlalchemy.orm import Session
+
     from pgqueue.app import App
 
 __all__ = [
@@ -50,10 +52,23 @@ _ENQUEUE_MANY_ASYNCPG = (
     "SELECT id FROM pgqueue.enqueue_many($1::text::jsonb) WITH ORDINALITY AS t(id, ord)"
     " ORDER BY ord"
 )
-_ENQUEUE_MANY_SQLA = text(
+# SQLAlchemy is imported only when a session is used: plain asyncpg users and the CLI do
+# not pay its import time.
+_ENQUEUE_MANY_SQLA = (
     "SELECT id FROM pgqueue.enqueue_many(CAST(:specs AS jsonb)) WITH ORDINALITY AS t(id, ord)"
     " ORDER BY ord"
 )
+
+
+def _is_sqlalchemy(target: object) -> TypeGuard[AsyncSession | AsyncConnection]:
+    """A SQLAlchemy async session or connection? Never imports SQLAlchemy to find out."""
+    if "sqlalchemy.ext.asyncio" not in sys.modules:
+        return False
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
+    return isinstance(target, AsyncSession | AsyncConnection)
+
+
 _STATUS_SQL = """
 SELECT pipeline_id, jobs, waiting, queued, running, succeeded, failed, cancelled,
        created_at, started_at, finished_at, done, state
@@ -248,11 +263,13 @@ class Pipeline:
         """
         pid = _pipeline_uuid(pipeline_id)
         payload = dumps(self.specs(pid))
-        if isinstance(target, AsyncSession | AsyncConnection):
-            result = await target.execute(_ENQUEUE_MANY_SQLA, {"specs": payload})
+        if _is_sqlalchemy(target):
+            from sqlalchemy import text
+
+            result = await target.execute(text(_ENQUEUE_MANY_SQLA), {"specs": payload})
             ids = [int(i) for i in result.scalars().all()]
-        else:
-            rows = await target.fetch(_ENQUEUE_MANY_ASYNCPG, payload)
+        else:  # asyncpg: a connection, a pool, or a connection acquired from a pool
+            rows = await cast("ConnOrPool", target).fetch(_ENQUEUE_MANY_ASYNCPG, payload)
             ids = [int(row["id"]) for row in rows]
         return self._enqueued(pid, ids)
 
@@ -260,8 +277,10 @@ class Pipeline:
         self, target: Session | Connection, *, pipeline_id: uuid.UUID | str | None = None
     ) -> EnqueuedPipeline:
         """:meth:`enqueue` on a synchronous SQLAlchemy ``Session`` or ``Connection``."""
+        from sqlalchemy import text
+
         pid = _pipeline_uuid(pipeline_id)
-        result = target.execute(_ENQUEUE_MANY_SQLA, {"specs": dumps(self.specs(pid))})
+        result = target.execute(text(_ENQUEUE_MANY_SQLA), {"specs": dumps(self.specs(pid))})
         return self._enqueued(pid, [int(i) for i in result.scalars().all()])
 
     def _enqueued(self, pipeline_id: uuid.UUID, ids: list[int]) -> EnqueuedPipeline:
