@@ -29,6 +29,15 @@ LANGUAGE sql STABLE AS $$
 SELECT CASE
     WHEN jsonb_typeof(s) IS DISTINCT FROM 'object' THEN
         format('must be a JSON object, got %s', coalesce(jsonb_typeof(s), 'NULL'))
+    -- The common bulk spec (job_type, payload, queue) is settled in a handful of
+    -- operations; every other spec goes through the checks below one by one.
+    WHEN s - ARRAY['job_type', 'payload', 'queue'] = '{}'
+         AND jsonb_typeof(s->'job_type') = 'string' AND btrim(s->>'job_type') <> ''
+         AND coalesce(jsonb_typeof(s->'payload'), 'null') IN ('object', 'null')
+         AND (coalesce(jsonb_typeof(s->'queue'), 'null') = 'null'
+              OR (jsonb_typeof(s->'queue') = 'string' AND btrim(s->>'queue') <> ''
+                  AND octet_length(s->>'queue') <= 200)) THEN
+        NULL
     -- jsonb minus text[] drops the known keys in C; anything left is unknown.
     WHEN s - pgqueue._spec_keys() <> '{}' THEN
         format('unknown key(s) %s; allowed: %s',
@@ -281,7 +290,7 @@ BEGIN
     ELSE
         FOR v_pipeline IN
             SELECT DISTINCT (e.s->>'pipeline_id')::uuid FROM jsonb_array_elements(p_specs) e(s)
-            WHERE e.s->>'pipeline_id' IS NOT NULL ORDER BY 1
+            WHERE p_specs @? '$[*].pipeline_id' AND e.s->>'pipeline_id' IS NOT NULL ORDER BY 1
         LOOP
             IF pgqueue._pipeline_cancelled(v_pipeline) THEN
                 RAISE EXCEPTION '%: pipeline % was cancelled', p_label, v_pipeline
@@ -293,7 +302,7 @@ BEGIN
     -- Dedup keys: lock in a fixed order (no deadlock between two batches).
     PERFORM pgqueue._lock_dedup_key(k)
     FROM (SELECT DISTINCT e.s->>'dedup_key' AS k FROM jsonb_array_elements(p_specs) e(s)
-          WHERE e.s->>'dedup_key' IS NOT NULL ORDER BY 1) keys;
+          WHERE p_specs @? '$[*].dedup_key' AND e.s->>'dedup_key' IS NOT NULL ORDER BY 1) keys;
 
     SELECT array_agg(DISTINCT d::bigint), bool_or(true) INTO v_dep_ids, v_has_edges
     FROM jsonb_array_elements(p_specs) e(s),
