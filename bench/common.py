@@ -149,6 +149,40 @@ class CpuMeter:
 # --------------------------------------------------------------------------- subprocesses
 
 
+async def drain_loops(
+    dsn: str,
+    conns: list[asyncpg.Connection],
+    n: int,
+    step: Callable[[asyncpg.Connection, str], Awaitable[int]],
+    prefix: str,
+) -> dict[str, float]:
+    """Run ``step`` (claim a batch, finish it, return how many) on every connection until
+    each gets 0, metering this process's and PostgreSQL's CPU; every one of ``n`` jobs must be
+    done. The shared shape of the raw ceiling and the SQL-only drain.
+    """
+    done = [0] * len(conns)
+
+    async def loop(i: int, conn: asyncpg.Connection) -> None:
+        me = f"{prefix}-{i}"
+        while count := await step(conn, me):
+            done[i] += count
+
+    admin = await asyncpg.connect(dsn)
+    try:
+        meter = CpuMeter(admin, pids=[os.getpid()])
+        await meter.start()
+        await asyncio.gather(*(loop(i, c) for i, c in enumerate(conns)))
+        cpu = await meter.stop()
+    finally:
+        await admin.close()
+    assert sum(done) == n, (sum(done), n)
+    return {
+        "jobs_per_s": n / cpu["wall_s"],
+        "client_cpu_ms_per_1k": cpu["client_cpu_s"] * 1e6 / n,
+        "pg_cpu_ms_per_1k": cpu["pg_cpu_s"] * 1e6 / n,
+    }
+
+
 def python_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + (

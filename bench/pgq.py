@@ -15,7 +15,7 @@ from typing import Any
 import asyncpg
 
 from bench.apps import app
-from bench.common import CpuMeter, python_env, spawn_python, stop_process, wait_until
+from bench.common import CpuMeter, drain_loops, python_env, spawn_python, stop_process, wait_until
 from bench.raw import interleaved, timed_loop
 
 ENQUEUE_MANY = "SELECT id FROM pgqueue.enqueue_many($1::text::jsonb) AS id"
@@ -177,31 +177,14 @@ async def sql_drain(dsn: str, conns: list[asyncpg.Connection], n: int, k: int) -
         await conns[0].fetch(ENQUEUE_MANY, json.dumps([{"job_type": "noop"}] * n))
         await conns[0].execute("ANALYZE pgqueue.jobs")
     claim = "SELECT id FROM pgqueue.claim_next(worker => $1, batch_size => $2)"
-    done = [0] * len(conns)
 
-    async def loop(i: int, conn: asyncpg.Connection) -> None:
-        me = f"sql-{i}"
-        while True:
-            rows = await conn.fetch(claim, me, k)
-            if not rows:
-                return
+    async def step(conn: asyncpg.Connection, me: str) -> int:
+        rows = await conn.fetch(claim, me, k)
+        if rows:
             await conn.fetch(COMPLETE_MANY, me, [r["id"] for r in rows])
-            done[i] += len(rows)
+        return len(rows)
 
-    admin = await asyncpg.connect(dsn)
-    try:
-        meter = CpuMeter(admin, pids=[os.getpid()])
-        await meter.start()
-        await asyncio.gather(*(loop(i, c) for i, c in enumerate(conns)))
-        cpu = await meter.stop()
-    finally:
-        await admin.close()
-    assert sum(done) == n, (sum(done), n)
-    return {
-        "jobs_per_s": n / cpu["wall_s"],
-        "client_cpu_ms_per_1k": cpu["client_cpu_s"] * 1e6 / n,
-        "pg_cpu_ms_per_1k": cpu["pg_cpu_s"] * 1e6 / n,
-    }
+    return await drain_loops(dsn, conns, n, step, "sql")
 
 
 # --------------------------------------------------------------------------- latency

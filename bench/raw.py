@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from typing import Any
 
 import asyncpg
 
-from bench.common import CpuMeter
+from bench.common import drain_loops
 
 SCHEMA = """
 DROP SCHEMA IF EXISTS bench_raw CASCADE;
@@ -159,32 +158,14 @@ async def drain(dsn: str, conns: list[asyncpg.Connection], n: int, k: int) -> di
     )
     await conns[0].execute("ANALYZE bench_raw.jobs")
     claim, complete = CLAIM.format(table="jobs"), COMPLETE.format(table="jobs")
-    done = [0] * len(conns)
 
-    async def loop(i: int, conn: asyncpg.Connection) -> None:
-        me = f"raw-{i}"
-        while True:
-            rows = await conn.fetch(claim, me, k)
-            if not rows:
-                return
+    async def step(conn: asyncpg.Connection, me: str) -> int:
+        rows = await conn.fetch(claim, me, k)
+        if rows:
             await conn.execute(complete, [r["id"] for r in rows], me)
-            done[i] += len(rows)
+        return len(rows)
 
-    admin = await asyncpg.connect(dsn)
-    try:
-        meter = CpuMeter(admin, pids=[os.getpid()])
-        await meter.start()
-        await asyncio.gather(*(loop(i, c) for i, c in enumerate(conns)))
-        cpu = await meter.stop()
-    finally:
-        await admin.close()
-    total = sum(done)
-    assert total == n, (total, n)
-    return {
-        "jobs_per_s": n / cpu["wall_s"],
-        "client_cpu_ms_per_1k": cpu["client_cpu_s"] * 1e6 / n,
-        "pg_cpu_ms_per_1k": cpu["pg_cpu_s"] * 1e6 / n,
-    }
+    return await drain_loops(dsn, conns, n, step, "raw")
 
 
 async def pickup_latency(dsn: str, n: int, rate: float) -> list[float]:
