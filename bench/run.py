@@ -203,7 +203,7 @@ async def section_drain(cfg: dict[str, Any], dsn: str, peers: dict[str, Any]) ->
     finally:
         for c in conns:
             await c.close()
-    for conc in (1, 10, 50):
+    for conc in (1, 10, 50, 200):
         jobs = cfg["drain_n_c1"] if conc == 1 else n
         log(f"drain: pgqueue worker --concurrency {conc} ({jobs} jobs)")
         out[f"pgqueue_c{conc}"] = await repeat(reps, lambda c=conc, j=jobs: pgq.drain(dsn, j, c))

@@ -29,6 +29,7 @@ import asyncpg
 
 from pgqueue.job import Job
 from pgqueue.worker.retry import Backoff, Outage, is_connection_error
+from pgqueue.worker.wake import Wake
 
 T = TypeVar("T")
 
@@ -73,7 +74,9 @@ class Completer:
         # stays down cannot hold the process forever (stale recovery takes over).
         self.give_up_at = math.inf
         self._pending: list[Success] = []
+        self._in_flight = 0  # successes taken by the flusher and not yet reported
         self._kick = anyio.Event()
+        self._flushed = Wake()
         self._recorded: Callable[[Success, bool], None] = _unattached_recorded
         self._refused: Callable[[Success, Exception], Awaitable[None]] = _unattached_refused
 
@@ -90,6 +93,16 @@ class Completer:
         self._recorded = recorded
         self._refused = refused
 
+    @property
+    def unwritten(self) -> int:
+        """Successes handed over and not yet reported as written."""
+        return len(self._pending) + self._in_flight
+
+    async def flushed(self) -> None:
+        """Wait until every success handed over so far has been written (or given up)."""
+        while self.unwritten:
+            await self._flushed.wait()
+
     async def run(self) -> None:
         """The flusher: write pending successes in batches until cancelled."""
         while True:
@@ -97,8 +110,13 @@ class Completer:
             self._kick = anyio.Event()
             while self._pending:
                 batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
-                with anyio.CancelScope(shield=True):
-                    await self._flush(batch)
+                self._in_flight = len(batch)
+                try:
+                    with anyio.CancelScope(shield=True):
+                        await self._flush(batch)
+                finally:
+                    self._in_flight = 0
+                    self._flushed.set()
 
     def add_success(
         self, job: Job, result: str | None, next_jobs: str | None, duration: float
@@ -146,6 +164,7 @@ class Completer:
             )
         except Exception as exc:
             if len(batch) == 1:
+                self._in_flight -= 1
                 await self._refused(batch[0], exc)
                 return
             for item in batch:
@@ -154,10 +173,12 @@ class Completer:
         recorded = self._recorded
         if rows is None:  # given up at shutdown
             for item in batch:
+                self._in_flight -= 1
                 recorded(item, False)
             return
         held = {row[0] for row in rows}
         for item in batch:
+            self._in_flight -= 1  # counted down first: the callback sees what is left
             recorded(item, item.job.id in held)
 
     async def _write(self, what: str, op: Callable[[asyncpg.Connection], Awaitable[T]]) -> T | None:

@@ -3,9 +3,12 @@
 The executor owns ``concurrency`` long-lived runner tasks, fed from a queue, and the count
 of busy slots; the producer asks it how many slots are free (the claim batch size), hands it
 the jobs it claimed with :meth:`Executor.start`, and waits on :attr:`slot_freed` when it is
-full. A slot stays busy until the job's outcome is written: a failure or a release by the
-runner itself, a success by the completer's flusher (the runner queues it and takes the
-next job at once).
+full. A slot is a running handler: it frees when the handler returns. A failure or release
+is written by the runner before it lets go of the slot; a success goes to the completer's
+flusher and the runner takes the next job at once, so claiming the next jobs overlaps with
+writing the last ones (the job stays ``running`` under this worker's heartbeat until its
+success lands). Unwritten successes are capped: past ``max_unwritten`` the producer stops
+claiming until the flusher catches up.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import anyio.abc
 from pgqueue.app import App, JobType
 from pgqueue.dsn import dumps
 from pgqueue.job import Job, Result
-from pgqueue.worker.completer import Completer, Success
+from pgqueue.worker.completer import MAX_BATCH, Completer, Success
 from pgqueue.worker.wake import Wake
 
 _OUTCOME = "job %d %s attempt %d/%d %s in %.1fms%s"
@@ -57,6 +60,7 @@ class Executor:
         self.logger = logger
         # Every job holding a slot: claimed and not yet settled (outcome written, or released).
         self.running: dict[int, Job] = {}
+        self.max_unwritten = max(concurrency, MAX_BATCH)
         self.slot_freed = Wake()
         self.idle = Wake()
         # Plain-def handlers need their own limiter: anyio's default thread pool has 40
@@ -72,6 +76,8 @@ class Executor:
 
     @property
     def free_slots(self) -> int:
+        if self.completer.unwritten >= self.max_unwritten:
+            return 0  # backpressure: let the flusher catch up before claiming more
         return self.concurrency - len(self.running)
 
     def start_runners(self, task_group: anyio.abc.TaskGroup) -> None:
@@ -95,22 +101,27 @@ class Executor:
             except Exception:
                 self._log_unrecorded(job)
             finally:
-                self.free(job)
+                self._written(job)
+                self._free(job)
 
     async def settled(self) -> None:
-        """Wait until every job's outcome is written (the flusher frees the last slots)."""
+        """Wait until no handler runs and every outcome is written."""
         while self.running:
             await self.idle.wait()
+        await self.completer.flushed()
 
-    def free(self, job: Job) -> None:
-        """The job's outcome is written (or given up): free its slot."""
+    def _free(self, job: Job) -> None:
+        """The job's handler is done (or the job was given back): free its slot."""
         del self.running[job.id]
         self.slot_freed.set()
+        if not self.running:
+            self.idle.set()
+
+    def _written(self, job: Job) -> None:
+        """The job's outcome is in the database (or given up)."""
         if job.scope is not None:
             # The next job of this scope became claimable, and no NOTIFY says so.
             self.wake.set()
-        if not self.running:
-            self.idle.set()
 
     async def _runner(self) -> None:
         queue = self._queue
@@ -123,7 +134,7 @@ class Executor:
 
     async def _run(self, job: Job) -> None:
         started = time.monotonic()
-        handed_over = False
+        handed_over = False  # a success goes to the flusher, which reports when it is written
         try:
             try:
                 attempt = await self._attempt(job)
@@ -135,14 +146,15 @@ class Executor:
             duration = time.monotonic() - started
             if attempt.error is None:
                 self.completer.add_success(job, attempt.result, attempt.next_jobs, duration)
-                handed_over = True  # the flusher frees the slot once the success is written
+                handed_over = True
             else:
                 await self._fail(job, attempt.error, duration)
         except Exception:
             self._log_unrecorded(job)
         finally:
             if not handed_over:
-                self.free(job)
+                self._written(job)
+            self._free(job)
 
     def _recorded(self, item: Success, held: bool) -> None:
         """Completer callback: a success was written (or fencing refused it)."""
@@ -150,7 +162,8 @@ class Executor:
         try:
             self._log(job, "succeeded" if held else "lease lost", item.duration)
         finally:
-            self.free(job)
+            self._written(job)
+            self.slot_freed.set()  # the producer may be waiting on the unwritten cap
 
     async def _refused(self, item: Success, error: Exception) -> None:
         """Completer callback: PostgreSQL refused this success alone; fail the attempt."""
@@ -160,7 +173,8 @@ class Executor:
         except Exception:
             self._log_unrecorded(job)
         finally:
-            self.free(job)
+            self._written(job)
+            self.slot_freed.set()
 
     async def _fail(self, job: Job, error: str, duration: float) -> None:
         state = await self.completer.fail(job, error)
