@@ -433,8 +433,10 @@ def summarise_stacks(path: Path, top: int = 40) -> str:
         frames = stack.split(";")
         n = int(count)
         if (
-            "selector_events.py" in frames[-1] and "write" in frames[-1]
-        ) or "select (selectors" in frames[-1]:
+            ("selector_events.py" in frames[-1] and "write" in frames[-1])
+            or "select (selectors" in frames[-1]
+            or "_flush_forever" in frames[-1]  # the log flush thread, asleep
+        ):
             waiting += n
             continue
         total += n
@@ -442,8 +444,8 @@ def summarise_stacks(path: Path, top: int = 40) -> str:
         for f in set(frames):
             incl[f] += n
     lines = [
-        f"{total} samples on CPU-side frames; {waiting} more in socket send or epoll wait "
-        "(mostly descheduled or idle, left out)",
+        f"{total} samples on CPU-side frames; {waiting} more in socket send, epoll wait or"
+        " the log flush thread's sleep (mostly descheduled or idle, left out)",
         "",
         "self:",
     ]

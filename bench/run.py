@@ -218,10 +218,10 @@ async def section_drain(cfg: dict[str, Any], dsn: str, peers: dict[str, Any]) ->
                 reps, lambda b=batch: peers["pgqueuer"].drain(cfg["peer_drain_n"], b)
             )
     if cfg.get("profile"):
-        log("drain: extra run of the concurrency-50 drain under py-spy")
+        log("drain: extra run of the concurrency-200 drain under py-spy")
         stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
         path = await pgq.profile_worker(
-            dsn, n, 50, REPO / "bench" / "results" / f"{stamp}-pyspy-worker-c50"
+            dsn, n, 200, REPO / "bench" / "results" / f"{stamp}-pyspy-worker-c200"
         )
         out["profile"] = str(path.relative_to(REPO)) if path else None
     if "procrastinate" in peers:

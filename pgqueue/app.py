@@ -11,7 +11,7 @@ import datetime
 import inspect
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
@@ -46,12 +46,14 @@ class JobType:
     queue: str
     max_attempts: int | None
     timeout: float | None
+    # Async handlers run on the event loop; plain ``def`` ones in a worker thread. Decided
+    # once at registration: the inspection costs more than a no-op job.
+    is_async: bool = field(init=False)
 
-    @property
-    def is_async(self) -> bool:
-        """Async handlers run on the event loop; plain ``def`` ones in a worker thread."""
+    def __post_init__(self) -> None:
         call = getattr(self.handler, "__call__", None)  # noqa: B004 - async callable objects
-        return inspect.iscoroutinefunction(self.handler) or inspect.iscoroutinefunction(call)
+        is_async = inspect.iscoroutinefunction(self.handler) or inspect.iscoroutinefunction(call)
+        object.__setattr__(self, "is_async", is_async)
 
 
 class App:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import sys
+import threading
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -46,9 +48,52 @@ class TextFormatter(logging.Formatter):
         return f"{self._stamp},{int(record.msecs):03d}"
 
 
+class BufferedStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes records to stderr through a block buffer, flushed every ``interval`` seconds.
+
+    A line per job outcome through line-buffered ``sys.stderr`` is a ``write`` system call
+    per job, about a seventh of a busy worker's CPU. Here lines collect in a buffer that a
+    daemon thread flushes every ``interval`` (and logging's exit hook at shutdown);
+    warnings and errors are flushed at once. A process killed with SIGKILL can lose the
+    last ``interval`` of INFO lines.
+    """
+
+    def __init__(self, interval: float = 0.1) -> None:
+        stream = io.TextIOWrapper(
+            io.BufferedWriter(io.FileIO(sys.stderr.fileno(), "w", closefd=False), 1 << 16),
+            encoding=sys.stderr.encoding,
+            errors="backslashreplace",
+        )
+        super().__init__(stream)
+        self._interval = interval
+        threading.Thread(target=self._flush_forever, name="pgqueue log flush", daemon=True).start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.stream.write(self.format(record) + self.terminator)
+            if record.levelno >= logging.WARNING:
+                self.flush()
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+
+    def _flush_forever(self) -> None:
+        while True:
+            time.sleep(self._interval)
+            self.flush()
+
+
 def configure_logging(fmt: str = "text", level: int = logging.INFO) -> None:
     """Send pgqueue's logs to stderr in the chosen format (``text`` or ``json``)."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler: logging.Handler
+    try:
+        sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # stderr replaced by something without a file
+        handler = logging.StreamHandler(sys.stderr)
+    else:
+        sys.stderr.flush()
+        handler = BufferedStderrHandler()
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Sequence
+from dataclasses import fields
 
 import anyio
 import asyncpg
@@ -20,7 +21,12 @@ from pgqueue.worker.executor import Executor
 from pgqueue.worker.retry import Backoff, Outage
 from pgqueue.worker.wake import Wake
 
-_CLAIM = "SELECT * FROM pgqueue.claim_next(worker => $1, queues => $2::text[], batch_size => $3)"
+# The columns in Job's field order, so that a row becomes a Job by position: the JSON columns
+# arrive decoded (the pool's codecs), and nothing else needs converting.
+_CLAIM = (
+    f"SELECT {', '.join(f.name for f in fields(Job))}"
+    " FROM pgqueue.claim_next(worker => $1, queues => $2::text[], batch_size => $3)"
+)
 # Seconds until the earliest scheduled job of our queues, on the database's clock.
 _NEXT_RUN_AFTER = """
 SELECT extract(epoch FROM min(run_after) - clock_timestamp())::float8
@@ -104,7 +110,7 @@ class Producer:
             return None
         self._outage.ok()
         self._backoff.reset()
-        return [Job.from_record(row) for row in rows]
+        return [Job(*row) for row in rows]
 
     async def _idle_timeout(self) -> float:
         """Sleep until the jittered safety poll or the earliest scheduled job, if sooner."""
