@@ -13,6 +13,11 @@ BEGIN
             RAISE EXCEPTION 'pgqueue.settings: max_attempts must be a positive integer, got "%"', value
                 USING ERRCODE = 'invalid_parameter_value';
         END IF;
+    ELSIF name = 'notify' THEN
+        IF value NOT IN ('always', 'when_waiting') THEN
+            RAISE EXCEPTION 'pgqueue.settings: notify must be ''always'' or ''when_waiting'', got "%"', value
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
     ELSIF name IN ('backoff_base', 'backoff_cap', 'stale_after') THEN
         BEGIN
             IF value::interval <= interval '0' THEN
@@ -31,21 +36,25 @@ CREATE TABLE pgqueue.settings (
     name  text PRIMARY KEY,
     value text NOT NULL,
     CONSTRAINT settings_name_known
-        CHECK (name IN ('max_attempts', 'backoff_base', 'backoff_cap', 'stale_after')),
+        CHECK (name IN ('max_attempts', 'backoff_base', 'backoff_cap', 'stale_after', 'notify')),
     CONSTRAINT settings_value_valid CHECK (pgqueue._setting_valid(name, value))
 );
 COMMENT ON TABLE pgqueue.settings IS
     'Tunables read by the functions on every call: max_attempts (default for new jobs), backoff_base and '
     'backoff_cap (retry delay = min(cap, base * 2^(attempts-1)) with jitter), stale_after (lease length; '
-    'workers heartbeat well within it). Change with UPDATE; takes effect at once.';
-COMMENT ON COLUMN pgqueue.settings.name IS 'One of max_attempts, backoff_base, backoff_cap, stale_after.';
-COMMENT ON COLUMN pgqueue.settings.value IS 'Text form: an integer for max_attempts, an interval for the others.';
+    'workers heartbeat well within it), notify (always: every transaction that queues jobs sends NOTIFY; '
+    'when_waiting: only when a worker waits for them, see pgqueue.notify_waiters). Change with UPDATE; takes '
+    'effect at once.';
+COMMENT ON COLUMN pgqueue.settings.name IS 'One of max_attempts, backoff_base, backoff_cap, stale_after, notify.';
+COMMENT ON COLUMN pgqueue.settings.value IS
+    'Text form: an integer for max_attempts, always or when_waiting for notify, an interval for the others.';
 
 INSERT INTO pgqueue.settings (name, value) VALUES
     ('max_attempts', '5'),
     ('backoff_base', '2 seconds'),
     ('backoff_cap', '10 minutes'),
-    ('stale_after', '5 minutes');
+    ('stale_after', '5 minutes'),
+    ('notify', 'always');
 
 -- A deleted setting must fail loudly, not turn into NULL arithmetic.
 CREATE FUNCTION pgqueue._setting(p_name text) RETURNS text

@@ -11,7 +11,7 @@
 CREATE FUNCTION pgqueue._lock_class(p_kind text) RETURNS int
 LANGUAGE sql IMMUTABLE AS $$
     SELECT CASE p_kind WHEN 'scope' THEN 7216001 WHEN 'dedup' THEN 7216002 WHEN 'leader' THEN 7216003
-                       WHEN 'pipeline' THEN 7216004 END
+                       WHEN 'pipeline' THEN 7216004 WHEN 'waiters' THEN 7216005 END
 $$;
 
 -- The keys a job spec may carry: enqueue's parameter names plus key/after.

@@ -4,15 +4,70 @@
 -- queue per statement whatever the row count. Updates: see below. The payload
 -- is the queue name, constant per queue, so PostgreSQL folds repeats within a
 -- transaction. Zero-row statements and rows that do not enter 'queued' stay
--- silent. NOTIFY is only a
--- wake-up hint; workers also poll.
+-- silent. NOTIFY is only a wake-up hint; workers also poll.
+--
+-- settings.notify = 'when_waiting' sends a notification only when a worker
+-- waits for one. A transaction that ran NOTIFY holds a database-wide lock from
+-- PreCommit_Notify until its commit record is flushed, so notifying enqueues
+-- cannot share a WAL flush (group commit): at 8 producers that halves
+-- throughput. The handshake that keeps 'when_waiting' from losing a wake-up:
+--   * a worker about to sleep calls claim_or_wait(), which takes the 'waiters'
+--     advisory lock EXCLUSIVELY, records itself in notify_waiters and, in a
+--     later statement of the same transaction, claims;
+--   * a queueing transaction takes the same lock SHARED (producers never block
+--     each other), then in a later statement deletes the waiters of its queues
+--     and notifies only if it deleted one (one wake-up per wait).
+-- The exclusive lock waits for every producer that already decided "nobody
+-- waits" to commit, so the worker's claim sees their jobs; a producer that
+-- comes later waits for the worker's commit and then sees its row.
 -- =============================================================================
+
+-- Workers that found nothing to claim and sleep until notified. UNLOGGED: a
+-- crash empties it, and reconnecting workers sweep and register again. A row
+-- left by a worker that died costs one spurious notification, then is gone.
+CREATE UNLOGGED TABLE pgqueue.notify_waiters (
+    worker text PRIMARY KEY,
+    queues text[],
+    since  timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE pgqueue.notify_waiters IS
+    'Workers sleeping until a NOTIFY (settings.notify = when_waiting): the first transaction that queues a job '
+    'in one of their queues deletes the row and notifies. Written by claim_or_wait; empty in always mode.';
+COMMENT ON COLUMN pgqueue.notify_waiters.worker IS 'The waiting worker''s id.';
+COMMENT ON COLUMN pgqueue.notify_waiters.queues IS 'Queues it serves; NULL for every queue.';
+COMMENT ON COLUMN pgqueue.notify_waiters.since IS 'When it last went to sleep.';
+
+-- NOTIFY the given queues, or in when_waiting mode only if a worker waits for
+-- one of them (and consume that worker's registration).
+CREATE FUNCTION pgqueue._notify(p_queues text[]) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_woken int;
+BEGIN
+    IF cardinality(p_queues) IS NOT DISTINCT FROM 0 OR p_queues IS NULL THEN
+        RETURN;
+    END IF;
+    IF pgqueue._setting('notify') = 'when_waiting' THEN
+        PERFORM pg_advisory_xact_lock_shared(pgqueue._lock_class('waiters'), 0);
+        -- A later statement, so a snapshot taken after the lock was granted.
+        WITH woken AS (
+            DELETE FROM pgqueue.notify_waiters w
+            WHERE w.queues IS NULL OR w.queues && p_queues
+            RETURNING 1
+        )
+        SELECT count(*) INTO v_woken FROM woken;
+        IF v_woken = 0 THEN
+            RETURN;
+        END IF;
+    END IF;
+    PERFORM pg_notify('pgqueue', q) FROM unnest(p_queues) q;
+END
+$$;
 
 CREATE FUNCTION pgqueue._notify_inserted() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM pg_notify('pgqueue', q.queue)
-    FROM (SELECT DISTINCT n.queue FROM new_rows n WHERE n.state = 'queued') q;
+    PERFORM pgqueue._notify(ARRAY(SELECT DISTINCT n.queue FROM new_rows n WHERE n.state = 'queued'));
     RETURN NULL;
 END
 $$;
@@ -25,7 +80,7 @@ $$;
 CREATE FUNCTION pgqueue._notify_requeued() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM pg_notify('pgqueue', NEW.queue);
+    PERFORM pgqueue._notify(ARRAY[NEW.queue]);
     RETURN NULL;
 END
 $$;
@@ -51,10 +106,9 @@ COMMENT ON TRIGGER jobs_notify_requeued ON pgqueue.jobs IS
 CREATE FUNCTION pgqueue._notify_scope_successor() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM pg_notify('pgqueue', n.queue)
-    FROM (SELECT o.queue FROM pgqueue.jobs o
-          WHERE o.scope = NEW.scope AND o.state = 'queued' AND o.id <> NEW.id
-          ORDER BY o.id LIMIT 1) n;
+    PERFORM pgqueue._notify(ARRAY(SELECT o.queue FROM pgqueue.jobs o
+                                  WHERE o.scope = NEW.scope AND o.state = 'queued' AND o.id <> NEW.id
+                                  ORDER BY o.id LIMIT 1));
     RETURN NULL;
 END
 $$;
@@ -66,3 +120,33 @@ CREATE TRIGGER jobs_notify_scope_successor
     EXECUTE FUNCTION pgqueue._notify_scope_successor();
 COMMENT ON TRIGGER jobs_notify_scope_successor ON pgqueue.jobs IS
     'NOTIFY pgqueue, <queue> of the next queued job of a scope when the scope''s running job stops running.';
+
+CREATE FUNCTION pgqueue.claim_or_wait(worker text, queues text[] DEFAULT NULL, batch_size int DEFAULT 1)
+RETURNS SETOF pgqueue.jobs
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+BEGIN
+    IF pgqueue._setting('notify') = 'when_waiting' THEN
+        IF claim_or_wait.worker IS NULL OR claim_or_wait.worker = '' THEN
+            RAISE EXCEPTION 'pgqueue.claim_or_wait: worker must be a non-empty string'
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        -- Waits for every producer that decided nobody waits to commit.
+        PERFORM pg_advisory_xact_lock(pgqueue._lock_class('waiters'), 0);
+        INSERT INTO pgqueue.notify_waiters AS w (worker, queues)
+        VALUES (claim_or_wait.worker, claim_or_wait.queues)
+        ON CONFLICT (worker) DO UPDATE SET queues = EXCLUDED.queues, since = now();
+        -- Rows of workers that died while waiting (a live one re-registers at
+        -- every poll, well within stale_after).
+        DELETE FROM pgqueue.notify_waiters w
+        WHERE w.since < now() - pgqueue._setting_interval('stale_after');
+    END IF;
+    -- claim_next's statements take snapshots after the lock was granted.
+    RETURN QUERY SELECT * FROM pgqueue.claim_next(claim_or_wait.worker, claim_or_wait.queues, claim_or_wait.batch_size);
+END
+$$;
+COMMENT ON FUNCTION pgqueue.claim_or_wait(text, text[], int) IS
+    'claim_next for a worker about to sleep: with settings.notify = when_waiting it first registers the worker '
+    'in notify_waiters (after every producer that saw no waiter has committed), so the next job queued in its '
+    'queues sends a NOTIFY; a worker calls it after a claim came back short and sleeps if this one does too. '
+    'In always mode it is claim_next.';

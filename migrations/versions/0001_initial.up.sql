@@ -29,6 +29,11 @@ BEGIN
             RAISE EXCEPTION 'pgqueue.settings: max_attempts must be a positive integer, got "%"', value
                 USING ERRCODE = 'invalid_parameter_value';
         END IF;
+    ELSIF name = 'notify' THEN
+        IF value NOT IN ('always', 'when_waiting') THEN
+            RAISE EXCEPTION 'pgqueue.settings: notify must be ''always'' or ''when_waiting'', got "%"', value
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
     ELSIF name IN ('backoff_base', 'backoff_cap', 'stale_after') THEN
         BEGIN
             IF value::interval <= interval '0' THEN
@@ -47,21 +52,25 @@ CREATE TABLE pgqueue.settings (
     name  text PRIMARY KEY,
     value text NOT NULL,
     CONSTRAINT settings_name_known
-        CHECK (name IN ('max_attempts', 'backoff_base', 'backoff_cap', 'stale_after')),
+        CHECK (name IN ('max_attempts', 'backoff_base', 'backoff_cap', 'stale_after', 'notify')),
     CONSTRAINT settings_value_valid CHECK (pgqueue._setting_valid(name, value))
 );
 COMMENT ON TABLE pgqueue.settings IS
     'Tunables read by the functions on every call: max_attempts (default for new jobs), backoff_base and '
     'backoff_cap (retry delay = min(cap, base * 2^(attempts-1)) with jitter), stale_after (lease length; '
-    'workers heartbeat well within it). Change with UPDATE; takes effect at once.';
-COMMENT ON COLUMN pgqueue.settings.name IS 'One of max_attempts, backoff_base, backoff_cap, stale_after.';
-COMMENT ON COLUMN pgqueue.settings.value IS 'Text form: an integer for max_attempts, an interval for the others.';
+    'workers heartbeat well within it), notify (always: every transaction that queues jobs sends NOTIFY; '
+    'when_waiting: only when a worker waits for them, see pgqueue.notify_waiters). Change with UPDATE; takes '
+    'effect at once.';
+COMMENT ON COLUMN pgqueue.settings.name IS 'One of max_attempts, backoff_base, backoff_cap, stale_after, notify.';
+COMMENT ON COLUMN pgqueue.settings.value IS
+    'Text form: an integer for max_attempts, always or when_waiting for notify, an interval for the others.';
 
 INSERT INTO pgqueue.settings (name, value) VALUES
     ('max_attempts', '5'),
     ('backoff_base', '2 seconds'),
     ('backoff_cap', '10 minutes'),
-    ('stale_after', '5 minutes');
+    ('stale_after', '5 minutes'),
+    ('notify', 'always');
 
 -- A deleted setting must fail loudly, not turn into NULL arithmetic.
 CREATE FUNCTION pgqueue._setting(p_name text) RETURNS text
@@ -235,7 +244,7 @@ CREATE INDEX jobs_parent ON pgqueue.jobs (parent_id) WHERE parent_id IS NOT NULL
 CREATE FUNCTION pgqueue._lock_class(p_kind text) RETURNS int
 LANGUAGE sql IMMUTABLE AS $$
     SELECT CASE p_kind WHEN 'scope' THEN 7216001 WHEN 'dedup' THEN 7216002 WHEN 'leader' THEN 7216003
-                       WHEN 'pipeline' THEN 7216004 END
+                       WHEN 'pipeline' THEN 7216004 WHEN 'waiters' THEN 7216005 END
 $$;
 
 -- The keys a job spec may carry: enqueue's parameter names plus key/after.
@@ -1255,15 +1264,70 @@ COMMENT ON FUNCTION pgqueue.cancel_pipeline(uuid) IS
 -- queue per statement whatever the row count. Updates: see below. The payload
 -- is the queue name, constant per queue, so PostgreSQL folds repeats within a
 -- transaction. Zero-row statements and rows that do not enter 'queued' stay
--- silent. NOTIFY is only a
--- wake-up hint; workers also poll.
+-- silent. NOTIFY is only a wake-up hint; workers also poll.
+--
+-- settings.notify = 'when_waiting' sends a notification only when a worker
+-- waits for one. A transaction that ran NOTIFY holds a database-wide lock from
+-- PreCommit_Notify until its commit record is flushed, so notifying enqueues
+-- cannot share a WAL flush (group commit): at 8 producers that halves
+-- throughput. The handshake that keeps 'when_waiting' from losing a wake-up:
+--   * a worker about to sleep calls claim_or_wait(), which takes the 'waiters'
+--     advisory lock EXCLUSIVELY, records itself in notify_waiters and, in a
+--     later statement of the same transaction, claims;
+--   * a queueing transaction takes the same lock SHARED (producers never block
+--     each other), then in a later statement deletes the waiters of its queues
+--     and notifies only if it deleted one (one wake-up per wait).
+-- The exclusive lock waits for every producer that already decided "nobody
+-- waits" to commit, so the worker's claim sees their jobs; a producer that
+-- comes later waits for the worker's commit and then sees its row.
 -- =============================================================================
+
+-- Workers that found nothing to claim and sleep until notified. UNLOGGED: a
+-- crash empties it, and reconnecting workers sweep and register again. A row
+-- left by a worker that died costs one spurious notification, then is gone.
+CREATE UNLOGGED TABLE pgqueue.notify_waiters (
+    worker text PRIMARY KEY,
+    queues text[],
+    since  timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE pgqueue.notify_waiters IS
+    'Workers sleeping until a NOTIFY (settings.notify = when_waiting): the first transaction that queues a job '
+    'in one of their queues deletes the row and notifies. Written by claim_or_wait; empty in always mode.';
+COMMENT ON COLUMN pgqueue.notify_waiters.worker IS 'The waiting worker''s id.';
+COMMENT ON COLUMN pgqueue.notify_waiters.queues IS 'Queues it serves; NULL for every queue.';
+COMMENT ON COLUMN pgqueue.notify_waiters.since IS 'When it last went to sleep.';
+
+-- NOTIFY the given queues, or in when_waiting mode only if a worker waits for
+-- one of them (and consume that worker's registration).
+CREATE FUNCTION pgqueue._notify(p_queues text[]) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_woken int;
+BEGIN
+    IF cardinality(p_queues) IS NOT DISTINCT FROM 0 OR p_queues IS NULL THEN
+        RETURN;
+    END IF;
+    IF pgqueue._setting('notify') = 'when_waiting' THEN
+        PERFORM pg_advisory_xact_lock_shared(pgqueue._lock_class('waiters'), 0);
+        -- A later statement, so a snapshot taken after the lock was granted.
+        WITH woken AS (
+            DELETE FROM pgqueue.notify_waiters w
+            WHERE w.queues IS NULL OR w.queues && p_queues
+            RETURNING 1
+        )
+        SELECT count(*) INTO v_woken FROM woken;
+        IF v_woken = 0 THEN
+            RETURN;
+        END IF;
+    END IF;
+    PERFORM pg_notify('pgqueue', q) FROM unnest(p_queues) q;
+END
+$$;
 
 CREATE FUNCTION pgqueue._notify_inserted() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM pg_notify('pgqueue', q.queue)
-    FROM (SELECT DISTINCT n.queue FROM new_rows n WHERE n.state = 'queued') q;
+    PERFORM pgqueue._notify(ARRAY(SELECT DISTINCT n.queue FROM new_rows n WHERE n.state = 'queued'));
     RETURN NULL;
 END
 $$;
@@ -1276,7 +1340,7 @@ $$;
 CREATE FUNCTION pgqueue._notify_requeued() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM pg_notify('pgqueue', NEW.queue);
+    PERFORM pgqueue._notify(ARRAY[NEW.queue]);
     RETURN NULL;
 END
 $$;
@@ -1302,10 +1366,9 @@ COMMENT ON TRIGGER jobs_notify_requeued ON pgqueue.jobs IS
 CREATE FUNCTION pgqueue._notify_scope_successor() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM pg_notify('pgqueue', n.queue)
-    FROM (SELECT o.queue FROM pgqueue.jobs o
-          WHERE o.scope = NEW.scope AND o.state = 'queued' AND o.id <> NEW.id
-          ORDER BY o.id LIMIT 1) n;
+    PERFORM pgqueue._notify(ARRAY(SELECT o.queue FROM pgqueue.jobs o
+                                  WHERE o.scope = NEW.scope AND o.state = 'queued' AND o.id <> NEW.id
+                                  ORDER BY o.id LIMIT 1));
     RETURN NULL;
 END
 $$;
@@ -1317,6 +1380,36 @@ CREATE TRIGGER jobs_notify_scope_successor
     EXECUTE FUNCTION pgqueue._notify_scope_successor();
 COMMENT ON TRIGGER jobs_notify_scope_successor ON pgqueue.jobs IS
     'NOTIFY pgqueue, <queue> of the next queued job of a scope when the scope''s running job stops running.';
+
+CREATE FUNCTION pgqueue.claim_or_wait(worker text, queues text[] DEFAULT NULL, batch_size int DEFAULT 1)
+RETURNS SETOF pgqueue.jobs
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+BEGIN
+    IF pgqueue._setting('notify') = 'when_waiting' THEN
+        IF claim_or_wait.worker IS NULL OR claim_or_wait.worker = '' THEN
+            RAISE EXCEPTION 'pgqueue.claim_or_wait: worker must be a non-empty string'
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        -- Waits for every producer that decided nobody waits to commit.
+        PERFORM pg_advisory_xact_lock(pgqueue._lock_class('waiters'), 0);
+        INSERT INTO pgqueue.notify_waiters AS w (worker, queues)
+        VALUES (claim_or_wait.worker, claim_or_wait.queues)
+        ON CONFLICT (worker) DO UPDATE SET queues = EXCLUDED.queues, since = now();
+        -- Rows of workers that died while waiting (a live one re-registers at
+        -- every poll, well within stale_after).
+        DELETE FROM pgqueue.notify_waiters w
+        WHERE w.since < now() - pgqueue._setting_interval('stale_after');
+    END IF;
+    -- claim_next's statements take snapshots after the lock was granted.
+    RETURN QUERY SELECT * FROM pgqueue.claim_next(claim_or_wait.worker, claim_or_wait.queues, claim_or_wait.batch_size);
+END
+$$;
+COMMENT ON FUNCTION pgqueue.claim_or_wait(text, text[], int) IS
+    'claim_next for a worker about to sleep: with settings.notify = when_waiting it first registers the worker '
+    'in notify_waiters (after every producer that saw no waiter has committed), so the next job queued in its '
+    'queues sends a NOTIFY; a worker calls it after a claim came back short and sleeps if this one does too. '
+    'In always mode it is claim_next.';
 
 -- ==== sql/08_views.sql ====
 -- =============================================================================

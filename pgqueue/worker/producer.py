@@ -23,10 +23,11 @@ from pgqueue.worker.wake import Wake
 
 # The columns in Job's field order, so that a row becomes a Job by position: the JSON columns
 # arrive decoded (the pool's codecs), and nothing else needs converting.
-_CLAIM = (
-    f"SELECT {', '.join(f.name for f in fields(Job))}"
-    " FROM pgqueue.claim_next(worker => $1, queues => $2::text[], batch_size => $3)"
-)
+_COLUMNS = ", ".join(f.name for f in fields(Job))
+_ARGS = "worker => $1, queues => $2::text[], batch_size => $3"
+_CLAIM = f"SELECT {_COLUMNS} FROM pgqueue.claim_next({_ARGS})"
+# Before sleeping: the same claim, registered as waiting (settings.notify = when_waiting).
+_CLAIM_OR_WAIT = f"SELECT {_COLUMNS} FROM pgqueue.claim_or_wait({_ARGS})"
 # Seconds until the earliest scheduled job of our queues, on the database's clock.
 _NEXT_RUN_AFTER = """
 SELECT extract(epoch FROM min(run_after) - clock_timestamp())::float8
@@ -70,24 +71,32 @@ class Producer:
         self.executor.slot_freed.set()
 
     async def run(self) -> None:
-        """Claim while there are free slots and work; otherwise sleep until that may change."""
+        """Claim while there are free slots and work; otherwise sleep until that may change.
+
+        A claim that comes back short is followed by one through ``claim_or_wait``, which
+        registers the worker as waiting (in ``when_waiting`` notify mode producers only
+        notify waiting workers); only when that one comes back short too does it sleep.
+        """
         more = True  # start with a sweep: jobs may have been queued while nobody listened
+        armed = False  # the last claim registered us as waiting and came back short
         while not self.stopping:
             if self.executor.free_slots == 0:
                 await self.executor.slot_freed.wait()
                 continue
-            if not more:
+            if more:
+                await self._gather_slots()
+            elif armed:
                 await self.wake.wait(await self._idle_timeout())
+                armed = False  # a notification consumed the registration; renew it
                 if self.stopping:
                     break
-            else:
-                await self._gather_slots()
-            wanted = self.executor.free_slots
-            claimed = await self._claim(wanted)
+            wanted, wait = self.executor.free_slots, not more
+            claimed = await self._claim(wanted, wait=wait)
             for job in claimed or ():
                 self.executor.start(job)
             # A full batch means there is probably more; an error means try again.
             more = claimed is None or len(claimed) == wanted
+            armed = wait and not more
 
     async def _gather_slots(self) -> None:
         """With a backlog, let freed slots add up briefly so claims come in batches.
@@ -100,10 +109,12 @@ class Producer:
             while self.executor.free_slots < wanted and not self.stopping:
                 await self.executor.slot_freed.wait()
 
-    async def _claim(self, batch_size: int) -> list[Job] | None:
-        """Claim up to ``batch_size`` jobs; None (after a backoff) if the database failed."""
+    async def _claim(self, batch_size: int, *, wait: bool) -> list[Job] | None:
+        """Claim up to ``batch_size`` jobs (registering as waiting if ``wait``); None (after
+        a backoff) if the database failed."""
+        query = _CLAIM_OR_WAIT if wait else _CLAIM
         try:
-            rows = await self.pool.fetch(_CLAIM, self.worker_id, self.queues, batch_size)
+            rows = await self.pool.fetch(query, self.worker_id, self.queues, batch_size)
         except Exception as exc:
             self._outage.failed(exc, "claiming jobs")
             await self.wake.wait(self._backoff.next_delay())

@@ -194,3 +194,23 @@ def test_json_log_lines_carry_the_job_context() -> None:
         1.5,
         "info",
     )
+
+
+@pytest.mark.parametrize("mode", ["always", "when_waiting"])
+async def test_idle_workers_wake_for_each_job_in_either_notify_mode(
+    conn: asyncpg.Connection, db_dsn: str, mode: str
+) -> None:
+    """With a 30 s poll, only notifications can deliver these jobs within the deadline; in
+    when_waiting mode each one must reach a worker that registered before sleeping."""
+    await conn.execute("UPDATE pgqueue.settings SET value = $1 WHERE name = 'notify'", mode)
+    app = make_app()
+    async with running(app, db_dsn, poll_interval=30), running(app, db_dsn, poll_interval=30):
+        for i in range(20):
+            job = await app.enqueue(conn, "ok", {"i": i})
+            await wait_for_states(conn, [job], "succeeded", within=3)
+        burst = [await app.enqueue(conn, "ok", {"i": i}) for i in range(50)]
+        await wait_for_states(conn, burst, "succeeded", within=5)
+        late = await app.enqueue(conn, "ok", {"i": "late"})
+        await wait_for_states(conn, [late], "succeeded", within=3)
+    waiting = await conn.fetchval("SELECT count(*) FROM pgqueue.notify_waiters")
+    assert waiting <= (2 if mode == "when_waiting" else 0)

@@ -85,6 +85,21 @@ MUTANTS: dict[str, Mutant] = {
         "UPDATE pgqueue.jobs o SET is_current = o.is_current",
         "test_properties.py::test_random_interleavings_keep_the_invariants",
     ),
+    # when_waiting producers without the shared 'waiters' lock: a worker registering right
+    # after the producer decided nobody waits claims before the job commits, and sleeps.
+    "notify_gate_without_lock": Mutant(
+        "pgqueue._notify(text[])",
+        "PERFORM pg_advisory_xact_lock_shared(pgqueue._lock_class('waiters'), 0);",
+        "NULL;",
+        "test_notify_when_waiting.py::test_sleeping_worker_waits_for_a_silent_producer_and_claims_its_job",
+    ),
+    # a worker registering without the exclusive lock: same lost wake-up, other side.
+    "claim_or_wait_without_lock": Mutant(
+        "pgqueue.claim_or_wait(text,text[],integer)",
+        "PERFORM pg_advisory_xact_lock(pgqueue._lock_class('waiters'), 0);",
+        "NULL;",
+        "test_notify_when_waiting.py::test_producer_waits_for_a_registering_worker_and_wakes_it",
+    ),
 }
 
 

@@ -1,0 +1,117 @@
+"""settings.notify = 'when_waiting': NOTIFY only for waiting workers, and no wake-up lost.
+
+The handshake (sql/07_notify.sql): a worker about to sleep claims through ``claim_or_wait``,
+which takes the 'waiters' advisory lock exclusively and registers; a queueing transaction
+takes it shared and notifies only if it consumed a registration. The races below are the
+two orders in which a producer and a sleeping worker can meet, each forced with explicit
+transactions and proven by the observed lock wait.
+"""
+
+from __future__ import annotations
+
+import asyncpg
+from sqlharness import Connect, lock_wait_kind, sessions, wait_blocked
+from test_notify import Listener
+
+WHEN_WAITING = "UPDATE pgqueue.settings SET value = 'when_waiting' WHERE name = 'notify'"
+ENQUEUE = "SELECT pgqueue.enqueue('t', queue => $1)"
+CLAIM_OR_WAIT = "SELECT id FROM pgqueue.claim_or_wait('w1', ARRAY['q'], 10)"
+
+
+async def _listener(connect: Connect) -> Listener:
+    conn = await connect()
+    listener = Listener(conn)
+    await conn.add_listener("pgqueue", listener)
+    return listener
+
+
+async def test_notifies_only_a_waiting_worker_and_only_once(connect: Connect) -> None:
+    conn = await connect()
+    await conn.execute(WHEN_WAITING)
+    listener = await _listener(connect)
+    first = await conn.fetchval(ENQUEUE, "q")
+    assert await listener.drain() == []  # nobody waits: no NOTIFY, no commit-order lock
+    # The worker's pre-sleep claim takes the job and registers it as waiting.
+    assert [r["id"] for r in await conn.fetch(CLAIM_OR_WAIT)] == [first]
+    assert await conn.fetchval("SELECT queues FROM pgqueue.notify_waiters") == ["q"]
+    await conn.fetchval(ENQUEUE, "other")  # not one of its queues: it sleeps on
+    assert await listener.drain() == []
+    await conn.fetchval(ENQUEUE, "q")
+    assert await listener.drain(1) == ["q"]  # wakes it, and consumes the registration
+    assert await conn.fetchval("SELECT count(*) FROM pgqueue.notify_waiters") == 0
+    await conn.fetchval(ENQUEUE, "q")
+    assert await listener.drain() == []
+
+
+async def test_requeue_and_bulk_insert_go_through_the_same_gate(connect: Connect) -> None:
+    conn = await connect()
+    await conn.execute(WHEN_WAITING)
+    listener = await _listener(connect)
+    await conn.fetch("SELECT pgqueue.claim_or_wait('w1', NULL, 1)")  # every queue, nothing to claim
+    await conn.fetch(
+        "SELECT pgqueue.enqueue_many($1::jsonb)",
+        '[{"job_type": "t", "queue": "a"}, {"job_type": "t", "queue": "b"}]',
+    )
+    assert sorted(await listener.drain(2)) == ["a", "b"]
+    job = await conn.fetchval("SELECT id FROM pgqueue.claim_next('w2', ARRAY['a'])")
+    assert await conn.fetch("SELECT pgqueue.claim_or_wait('w1', ARRAY['a'], 1)") == []
+    assert await conn.fetchval("SELECT pgqueue.release($1, 'w2')", job)
+    assert await listener.drain(1) == ["a"]
+
+
+async def test_always_mode_notifies_every_time_and_registers_nobody(connect: Connect) -> None:
+    conn = await connect()
+    listener = await _listener(connect)
+    assert await conn.fetch("SELECT * FROM pgqueue.claim_or_wait('w1', ARRAY['q'], 1)") == []
+    assert await conn.fetchval("SELECT count(*) FROM pgqueue.notify_waiters") == 0
+    await conn.fetchval(ENQUEUE, "q")
+    await conn.fetchval(ENQUEUE, "q")
+    assert await listener.drain(2) == ["q", "q"]
+
+
+async def test_sleeping_worker_waits_for_a_silent_producer_and_claims_its_job(
+    connect: Connect,
+) -> None:
+    """Producer first: it saw no waiter and will not notify. The worker's pre-sleep claim
+    must wait for its commit and then take the job, or the job would sit until the poll."""
+    producer, worker = await sessions(connect, "producer", "worker")
+    observer = await connect()
+    await observer.execute(WHEN_WAITING)
+    listener = await _listener(connect)
+    await producer.begin()
+    job = await producer.fetchval(ENQUEUE, "q")
+    claim = worker.start(worker.fetch(CLAIM_OR_WAIT))
+    await wait_blocked(observer, worker)
+    assert await lock_wait_kind(observer, worker) == "advisory"
+    await producer.commit()
+    assert [r["id"] for r in await claim] == [job]
+    assert await listener.drain() == []
+
+
+async def test_producer_waits_for_a_registering_worker_and_wakes_it(connect: Connect) -> None:
+    """Worker first: its registration is not committed yet when the producer queues. The
+    producer must wait for it and then notify, or the worker would sleep through its job."""
+    producer, worker = await sessions(connect, "producer", "worker")
+    observer = await connect()
+    await observer.execute(WHEN_WAITING)
+    listener = await _listener(connect)
+    await worker.begin()
+    assert await worker.fetch(CLAIM_OR_WAIT) == []
+    enqueue = producer.start(producer.fetchval(ENQUEUE, "q"))
+    await wait_blocked(observer, producer)
+    assert await lock_wait_kind(observer, producer) == "advisory"
+    await worker.commit()
+    await enqueue
+    assert await listener.drain(1) == ["q"]
+
+
+async def test_bad_notify_setting_is_refused(conn: asyncpg.Connection) -> None:
+    try:
+        await conn.execute("UPDATE pgqueue.settings SET value = 'sometimes' WHERE name = 'notify'")
+    except asyncpg.PostgresError as exc:
+        assert "notify must be 'always' or 'when_waiting'" in str(exc)
+    else:
+        raise AssertionError("an unknown notify mode was accepted")
+    assert (
+        await conn.fetchval("SELECT value FROM pgqueue.settings WHERE name = 'notify'") == "always"
+    )
