@@ -308,9 +308,19 @@ async def pipeline(dsn: str, workers: Workers, kind: str, n: int) -> float:
         await conn.close()
 
 
+async def set_notify_mode(conn: asyncpg.Connection, mode: str) -> None:
+    """``settings.notify``: ``always`` (the default) or ``when_waiting``."""
+    await conn.execute("UPDATE pgqueue.settings SET value = $1 WHERE name = 'notify'", mode)
+
+
+NOTIFY_VARIANTS = ("on", "when_waiting", "off")
+
+
 async def notify_run(dsn: str, producers: int, seconds: float) -> dict[str, Any]:
-    """Single-call enqueue from ``producers`` connections, trigger on and off in alternating
-    slices, sampling the producers' wait events every 100 ms (attributed to the live variant)."""
+    """Single-call enqueue from ``producers`` connections in alternating slices: trigger on
+    (``notify = always``), trigger on with ``notify = when_waiting`` (no worker waits, so
+    nothing is sent), trigger off; the producers' wait events are sampled every 100 ms and
+    attributed to the live variant."""
     admin = await asyncpg.connect(dsn)
     sampler_conn = await asyncpg.connect(dsn)
     conns = [
@@ -318,8 +328,8 @@ async def notify_run(dsn: str, producers: int, seconds: float) -> dict[str, Any]
         for _ in range(producers)
     ]
     current = ["on"]
-    waits: dict[str, dict[str, int]] = {"on": {}, "off": {}}
-    samples = {"on": 0, "off": 0}
+    waits: dict[str, dict[str, int]] = {v: {} for v in NOTIFY_VARIANTS}
+    samples = dict.fromkeys(NOTIFY_VARIANTS, 0)
     stop = asyncio.Event()
 
     async def sample() -> None:
@@ -337,8 +347,9 @@ async def notify_run(dsn: str, producers: int, seconds: float) -> dict[str, Any]
 
     def switch(state: str):  # type: ignore[no-untyped-def]
         async def before() -> None:
-            action = "ENABLE" if state == "on" else "DISABLE"
+            action = "DISABLE" if state == "off" else "ENABLE"
             await admin.execute(f"ALTER TABLE pgqueue.jobs {action} TRIGGER jobs_notify_inserted")
+            await set_notify_mode(admin, "when_waiting" if state == "when_waiting" else "always")
             current[0] = state
 
         return before
@@ -348,11 +359,8 @@ async def notify_run(dsn: str, producers: int, seconds: float) -> dict[str, Any]
         sampler = asyncio.create_task(sample())
         rates = await interleaved(
             conns,
-            2 * seconds,
-            [
-                ("on", switch("on"), lambda c: app.enqueue(c, "noop", {})),
-                ("off", switch("off"), lambda c: app.enqueue(c, "noop", {})),
-            ],
+            len(NOTIFY_VARIANTS) * seconds,
+            [(v, switch(v), lambda c: app.enqueue(c, "noop", {})) for v in NOTIFY_VARIANTS],
         )
         stop.set()
         await sampler
@@ -361,6 +369,7 @@ async def notify_run(dsn: str, producers: int, seconds: float) -> dict[str, Any]
         }
     finally:
         await admin.execute("ALTER TABLE pgqueue.jobs ENABLE TRIGGER jobs_notify_inserted")
+        await set_notify_mode(admin, "always")
         for c in conns:
             await c.close()
         await sampler_conn.close()

@@ -11,6 +11,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +148,10 @@ async def section_enqueue(cfg: dict[str, Any], dsn: str, peers: dict[str, Any]) 
     out: dict[str, Any] = {}
     secs, reps = cfg["enqueue_seconds"], cfg["reps"]
     conns = [await asyncpg.connect(dsn) for _ in range(8)]
+
+    def mode(m: str) -> Callable[[], Awaitable[None]]:
+        return lambda: pgq.set_notify_mode(conns[0], m)
+
     try:
         await raw.reset(conns[0])
         await pgq.reset(conns[0])
@@ -155,14 +160,21 @@ async def section_enqueue(cfg: dict[str, Any], dsn: str, peers: dict[str, Any]) 
             for _ in range(reps):
                 rates = await raw.interleaved(
                     conns[:n_conn],
-                    2 * secs,
+                    3 * secs,
                     [
                         ("raw", None, lambda c: c.fetchval(raw.INSERT_ONE, "noop", "{}")),
-                        ("pgqueue", None, lambda c: pgq.app.enqueue(c, "noop", {})),
+                        ("pgqueue", mode("always"), lambda c: pgq.app.enqueue(c, "noop", {})),
+                        (
+                            "pgqueue_ww",
+                            mode("when_waiting"),
+                            lambda c: pgq.app.enqueue(c, "noop", {}),
+                        ),
                     ],
                 )
                 out.setdefault(f"raw_single_{n_conn}", []).append(rates["raw"])
                 out.setdefault(f"pgqueue_single_{n_conn}", []).append(rates["pgqueue"])
+                out.setdefault(f"pgqueue_ww_single_{n_conn}", []).append(rates["pgqueue_ww"])
+        await pgq.set_notify_mode(conns[0], "always")
         log("enqueue: bulk")
         for _ in range(reps):
             out.setdefault("raw_unnest", []).append(
@@ -309,12 +321,12 @@ async def section_growth(cfg: dict[str, Any], dsn: str) -> dict[str, Any]:
 async def section_notify(cfg: dict[str, Any], dsn: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for producers in (8, 32):
-        cell: dict[str, Any] = {"on": [], "off": []}
-        log(f"notify: {producers} producers, trigger on/off interleaved")
+        cell: dict[str, Any] = {v: [] for v in pgq.NOTIFY_VARIANTS}
+        log(f"notify: {producers} producers, trigger on / on when_waiting / off interleaved")
         for _ in range(cfg["reps"]):
             r = await pgq.notify_run(dsn, producers, cfg["notify_seconds"])
-            cell["on"].append(r["on"])
-            cell["off"].append(r["off"])
+            for v in pgq.NOTIFY_VARIANTS:
+                cell[v].append(r[v])
         out[str(producers)] = {
             state: {
                 "jobs_per_s": summary(r["jobs_per_s"] for r in runs),
