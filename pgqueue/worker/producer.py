@@ -28,12 +28,14 @@ _ARGS = "worker => $1, queues => $2::text[], batch_size => $3"
 _CLAIM = f"SELECT {_COLUMNS} FROM pgqueue.claim_next({_ARGS})"
 # Before sleeping: the same claim, registered as waiting (settings.notify = when_waiting).
 _CLAIM_OR_WAIT = f"SELECT {_COLUMNS} FROM pgqueue.claim_or_wait({_ARGS})"
-# Seconds until the earliest scheduled job of our queues, on the database's clock.
-_NEXT_RUN_AFTER = """
-SELECT extract(epoch FROM min(run_after) - clock_timestamp())::float8
-FROM pgqueue.jobs
-WHERE state = 'queued' AND run_after > clock_timestamp()
-  AND ($1::text[] IS NULL OR queue = ANY($1::text[]))
+# Seconds until the earliest scheduled job of our queues, on the database's clock, and
+# whether producers notify only waiting workers (settings.notify).
+_BEFORE_SLEEP = """
+SELECT (SELECT extract(epoch FROM min(run_after) - clock_timestamp())::float8
+        FROM pgqueue.jobs
+        WHERE state = 'queued' AND run_after > clock_timestamp()
+          AND ($1::text[] IS NULL OR queue = ANY($1::text[]))),
+       (SELECT value = 'when_waiting' FROM pgqueue.settings WHERE name = 'notify')
 """
 
 
@@ -61,6 +63,7 @@ class Producer:
         self.batch_window = batch_window
         self.logger = logger
         self.stopping = False
+        self.when_waiting = False  # settings.notify, read before each sleep
         self._backoff = Backoff()
         self._outage = Outage(logger, "producer")
 
@@ -73,9 +76,10 @@ class Producer:
     async def run(self) -> None:
         """Claim while there are free slots and work; otherwise sleep until that may change.
 
-        A claim that comes back short is followed by one through ``claim_or_wait``, which
-        registers the worker as waiting (in ``when_waiting`` notify mode producers only
-        notify waiting workers); only when that one comes back short too does it sleep.
+        With ``settings.notify = 'when_waiting'`` producers notify only registered waiters, so
+        a claim that comes back short is followed by one through ``claim_or_wait``, which
+        registers this worker; only when that one comes back short too does it sleep. The
+        mode is read before each sleep: a switch reaches a sleeping worker at its next poll.
         """
         more = True  # start with a sweep: jobs may have been queued while nobody listened
         armed = False  # the last claim registered us as waiting and came back short
@@ -85,12 +89,14 @@ class Producer:
                 continue
             if more:
                 await self._gather_slots()
-            elif armed:
-                await self.wake.wait(await self._idle_timeout())
-                armed = False  # a notification consumed the registration; renew it
-                if self.stopping:
-                    break
-            wanted, wait = self.executor.free_slots, not more
+            else:
+                timeout = await self._before_sleep()
+                if armed or not self.when_waiting:
+                    await self.wake.wait(timeout)
+                    armed = False  # a notification consumed the registration; renew it
+                    if self.stopping:
+                        break
+            wanted, wait = self.executor.free_slots, not more and self.when_waiting
             claimed = await self._claim(wanted, wait=wait)
             for job in claimed or ():
                 self.executor.start(job)
@@ -123,12 +129,14 @@ class Producer:
         self._backoff.reset()
         return [Job(*row) for row in rows]
 
-    async def _idle_timeout(self) -> float:
-        """Sleep until the jittered safety poll or the earliest scheduled job, if sooner."""
+    async def _before_sleep(self) -> float:
+        """How long to sleep: until the jittered safety poll or the earliest scheduled job,
+        if sooner. Also refreshes :attr:`when_waiting`."""
         poll = self.poll_interval * random.uniform(0.8, 1.0)
         try:
-            seconds: float | None = await self.pool.fetchval(_NEXT_RUN_AFTER, self.queues)
+            seconds, when_waiting = await self.pool.fetchrow(_BEFORE_SLEEP, self.queues)
         except Exception as exc:
             self._outage.failed(exc, "looking up the next scheduled job")
             return poll
+        self.when_waiting = bool(when_waiting)
         return poll if seconds is None else max(0.0, min(poll, seconds))
