@@ -66,6 +66,9 @@ class Producer:
         self.when_waiting = False  # settings.notify, read before each sleep
         self._backoff = Backoff()
         self._outage = Outage(logger, "producer")
+        # Claims run on one pooled connection kept between claims: acquiring and releasing
+        # per claim costs ~60 us of Python, on the path from notification to handler.
+        self._conn: asyncpg.pool.PoolConnectionProxy | None = None
 
     def stop(self) -> None:
         """Stop claiming; :meth:`run` returns promptly (running jobs are not touched)."""
@@ -74,6 +77,12 @@ class Producer:
         self.executor.slot_freed.set()
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            await self._release()
+
+    async def _run(self) -> None:
         """Claim while there are free slots and work; otherwise sleep until that may change.
 
         With ``settings.notify = 'when_waiting'`` producers notify only registered waiters, so
@@ -120,8 +129,11 @@ class Producer:
         a backoff) if the database failed."""
         query = _CLAIM_OR_WAIT if wait else _CLAIM
         try:
-            rows = await self.pool.fetch(query, self.worker_id, self.queues, batch_size)
+            if self._conn is None:
+                self._conn = await self.pool.acquire()
+            rows = await self._conn.fetch(query, self.worker_id, self.queues, batch_size)
         except Exception as exc:
+            await self._release()
             self._outage.failed(exc, "claiming jobs")
             await self.wake.wait(self._backoff.next_delay())
             return None
@@ -134,9 +146,19 @@ class Producer:
         if sooner. Also refreshes :attr:`when_waiting`."""
         poll = self.poll_interval * random.uniform(0.8, 1.0)
         try:
-            seconds, when_waiting = await self.pool.fetchrow(_BEFORE_SLEEP, self.queues)
+            if self._conn is None:
+                self._conn = await self.pool.acquire()
+            seconds, when_waiting = await self._conn.fetchrow(_BEFORE_SLEEP, self.queues)
         except Exception as exc:
+            await self._release()
             self._outage.failed(exc, "looking up the next scheduled job")
             return poll
         self.when_waiting = bool(when_waiting)
         return poll if seconds is None else max(0.0, min(poll, seconds))
+
+    async def _release(self) -> None:
+        """Give the claim connection back (the pool replaces it if it broke)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await self.pool.release(conn)
