@@ -15,8 +15,8 @@ import asyncpg
 
 from pgqueue.worker.retry import Outage
 
-# Arbitrary fixed key; pg_try_advisory_xact_lock(bigint) shares a key space per database.
-RECOVERY_LOCK_KEY = 0x7067_7175_6575_6501  # "pgqueue" + 1
+# pgqueue's advisory lock class for the recovery leader (pgqueue._lock_class('leader')).
+LEADER_LOCK_CLASS = 7216003
 
 
 async def recovery_loop(pool: asyncpg.Pool, period: float, logger: logging.Logger) -> None:
@@ -42,7 +42,7 @@ async def recovery_loop(pool: asyncpg.Pool, period: float, logger: logging.Logge
 async def _recover_once(pool: asyncpg.Pool) -> list[int]:
     """Run ``pgqueue.recover_stale()`` unless another worker is running it right now."""
     async with pool.acquire() as conn, conn.transaction():
-        if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", RECOVERY_LOCK_KEY):
+        if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1, 0)", LEADER_LOCK_CLASS):
             return []
         rows = await conn.fetch("SELECT id FROM pgqueue.recover_stale() AS id")
     return [row["id"] for row in rows]
