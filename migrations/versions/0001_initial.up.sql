@@ -117,6 +117,8 @@ CREATE TABLE pgqueue.jobs (
     last_error   text,
     progress     jsonb,
     created_at   timestamptz NOT NULL DEFAULT now(),
+    -- internal: the fan-in counter (see _unblock_dependents)
+    pending_deps int         NOT NULL DEFAULT 0,
     CONSTRAINT jobs_state_known
         CHECK (state IN ('waiting', 'queued', 'running', 'succeeded', 'failed', 'cancelled')),
     CONSTRAINT jobs_job_type_not_empty CHECK (btrim(job_type) <> ''),
@@ -126,6 +128,7 @@ CREATE TABLE pgqueue.jobs (
     CONSTRAINT jobs_scope_size CHECK (octet_length(scope::text) <= 1000),
     CONSTRAINT jobs_dedup_key_not_empty CHECK (dedup_key <> ''),
     CONSTRAINT jobs_attempts_not_negative CHECK (attempts >= 0),
+    CONSTRAINT jobs_pending_deps_not_negative CHECK (pending_deps >= 0),
     CONSTRAINT jobs_max_attempts_positive CHECK (max_attempts >= 1),
     CONSTRAINT jobs_next_jobs_is_array CHECK (jsonb_typeof(next_jobs) = 'array'),
     CONSTRAINT jobs_running_has_lease
@@ -169,6 +172,9 @@ COMMENT ON COLUMN pgqueue.jobs.result IS 'What the handler returned.';
 COMMENT ON COLUMN pgqueue.jobs.last_error IS 'Error (and traceback) of the latest failed attempt, or why the job was cancelled.';
 COMMENT ON COLUMN pgqueue.jobs.progress IS 'Checkpoint written by long handlers, read back on a retry.';
 COMMENT ON COLUMN pgqueue.jobs.created_at IS 'Insert time.';
+COMMENT ON COLUMN pgqueue.jobs.pending_deps IS
+    'Internal fan-in counter, meaningful while waiting: how many of its dependencies have not succeeded yet. '
+    'Each dependency''s completion decrements it; the completion that takes it to 0 queues the job.';
 
 -- Fan-in edges: job_id waits until depends_on has succeeded. Cascades keep
 -- prune() simple; a pruned dependency was final already.
@@ -584,7 +590,7 @@ BEGIN
         WITH keyed AS (
             SELECT e.s->>'key' AS k, v_ids[e.ord] AS id
             FROM jsonb_array_elements(p_specs) WITH ORDINALITY AS e(s, ord) WHERE e.s ? 'key'
-        )
+        ), edges AS (
         INSERT INTO pgqueue.job_dependencies (job_id, depends_on)
         SELECT DISTINCT v_ids[e.ord], dep.id
         FROM jsonb_array_elements(p_specs) WITH ORDINALITY AS e(s, ord)
@@ -596,7 +602,15 @@ BEGIN
         ) dep
         WHERE v_ids[e.ord] = v_new[e.ord]      -- merged specs add no edges to the job they merged into
           AND dep.id <> v_ids[e.ord]
-        ON CONFLICT DO NOTHING;
+          AND (e.s ? 'after' OR e.s ? 'depends_on')
+        ON CONFLICT DO NOTHING
+        RETURNING job_id, depends_on
+        )
+        -- Fan-in counter: the dependencies not succeeded yet (a sibling never has).
+        UPDATE pgqueue.jobs j SET pending_deps = c.n
+        FROM (SELECT e.job_id, count(*)::int AS n FROM edges e WHERE e.depends_on <> ALL (v_succeeded)
+              GROUP BY e.job_id) c
+        WHERE j.id = c.job_id AND j.state = 'waiting';
     END IF;
 
     RETURN v_ids;
@@ -675,6 +689,9 @@ BEGIN
 
     IF v_inserted AND cardinality(v_deps) > 0 THEN
         INSERT INTO pgqueue.job_dependencies (job_id, depends_on) SELECT v_id, d FROM unnest(v_deps) d;
+        -- Fan-in counter: the dependencies not succeeded yet.
+        UPDATE pgqueue.jobs j SET pending_deps = cardinality(v_deps) - cardinality(v_succeeded)
+        WHERE j.id = v_id AND j.state = 'waiting';
     END IF;
     RETURN v_id;
 END
@@ -881,29 +898,42 @@ LANGUAGE sql AS $$
      WHERE j.id = x.id AND j.state = 'waiting'
 $$;
 
--- Queue the waiting dependents of the given jobs whose dependencies have all succeeded.
+-- Queue the waiting dependents of the given jobs (which have just succeeded)
+-- once their last dependency has. A waiting job counts its unfinished
+-- dependencies in pending_deps; each completion subtracts the edges it settles,
+-- so a fan-in costs one row update per completion batch, not a re-count of
+-- every dependency of the join.
 CREATE FUNCTION pgqueue._unblock_dependents(p_job_ids bigint[]) RETURNS void
 LANGUAGE plpgsql AS $$
+DECLARE
+    v_waiting bigint[];
 BEGIN
     -- Most jobs have no dependents: one index probe and done.
     IF NOT EXISTS (SELECT 1 FROM pgqueue.job_dependencies d WHERE d.depends_on = ANY (p_job_ids)) THEN
         RETURN;
     END IF;
-    -- Lock first, check after, in two statements: when two dependencies finish
-    -- concurrently, the second one to get this lock checks with a snapshot that
-    -- already sees the first one's commit, so exactly one of them queues the job.
-    PERFORM 1 FROM pgqueue.job_dependencies d JOIN pgqueue.jobs w ON w.id = d.job_id
-    WHERE d.depends_on = ANY (p_job_ids) AND w.state = 'waiting'
-    ORDER BY w.id
-    FOR NO KEY UPDATE OF w;
-    IF NOT FOUND THEN
+    -- Lock the waiting dependents in id order, so two batches that settle
+    -- dependencies of the same jobs queue up instead of deadlocking.
+    SELECT array_agg(x.id) INTO v_waiting
+    FROM (SELECT w.id FROM pgqueue.jobs w
+          WHERE w.id = ANY (ARRAY(SELECT d.job_id FROM pgqueue.job_dependencies d
+                                  WHERE d.depends_on = ANY (p_job_ids)))
+            AND w.state = 'waiting'
+          ORDER BY w.id
+          FOR NO KEY UPDATE) x;
+    IF v_waiting IS NULL THEN
         RETURN;
     END IF;
-    UPDATE pgqueue.jobs w SET state = 'queued'
-    WHERE w.id IN (SELECT d.job_id FROM pgqueue.job_dependencies d WHERE d.depends_on = ANY (p_job_ids))
-      AND w.state = 'waiting'
-      AND NOT EXISTS (SELECT 1 FROM pgqueue.job_dependencies d JOIN pgqueue.jobs p ON p.id = d.depends_on
-                      WHERE d.job_id = w.id AND p.state <> 'succeeded');
+    -- Subtract from the locked row: a concurrent completion of another
+    -- dependency waits for our commit and then subtracts from our result, so
+    -- exactly one completion takes the counter to 0 and queues the job.
+    UPDATE pgqueue.jobs w
+       SET pending_deps = w.pending_deps - d.n,
+           state = CASE WHEN w.pending_deps = d.n THEN 'queued' ELSE 'waiting' END
+      FROM (SELECT e.job_id, count(*)::int AS n FROM pgqueue.job_dependencies e
+            WHERE e.depends_on = ANY (p_job_ids) AND e.job_id = ANY (v_waiting)
+            GROUP BY e.job_id) d
+     WHERE w.id = d.job_id AND w.state = 'waiting';
 END
 $$;
 
@@ -986,10 +1016,12 @@ BEGIN
     IF v_done IS NULL THEN
         RETURN '{}';
     END IF;
+    -- Dependents first, children after: a child that depends on a job of this
+    -- batch sees it succeeded and never counts it, so it must not be decremented.
+    PERFORM pgqueue._unblock_dependents(v_done);
     FOR i IN 1 .. coalesce(cardinality(v_parents), 0) LOOP
         PERFORM pgqueue._insert_specs(v_specs[i], v_pipelines[i], v_parents[i], p_label || ': next_jobs');
     END LOOP;
-    PERFORM pgqueue._unblock_dependents(v_done);
     RETURN v_done;
 END
 $$;
@@ -1146,6 +1178,7 @@ LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
     v pgqueue.jobs%ROWTYPE;
+    v_downstream bigint[];
 BEGIN
     SELECT * INTO v FROM pgqueue.jobs j WHERE j.id = retry.job_id AND j.state IN ('failed', 'cancelled')
     FOR NO KEY UPDATE;
@@ -1160,15 +1193,6 @@ BEGIN
         -- so a claim of a newer job of this scope cannot slip in between
         PERFORM pg_advisory_xact_lock(pgqueue._lock_class('scope'), pgqueue._scope_lock_key(v.scope));
     END IF;
-    UPDATE pgqueue.jobs j
-       SET state = CASE WHEN EXISTS (SELECT 1 FROM pgqueue.job_dependencies d
-                                     JOIN pgqueue.jobs p ON p.id = d.depends_on
-                                     WHERE d.job_id = j.id AND p.state <> 'succeeded')
-                        THEN 'waiting' ELSE 'queued' END,
-           attempts = 0, run_after = now(), finished_at = NULL, locked_by = NULL, locked_at = NULL,
-           result = NULL,
-           dedup_key = CASE WHEN pgqueue._keeps_dedup_key(v.dedup_key, j.id) THEN v.dedup_key END
-     WHERE j.id = retry.job_id;
     -- Dependents cancelled because this job failed wait again for it.
     WITH RECURSIVE downstream(id) AS (
         SELECT d.job_id FROM pgqueue.job_dependencies d
@@ -1181,8 +1205,31 @@ BEGIN
         JOIN pgqueue.jobs w ON w.id = d.job_id AND w.state = 'cancelled'
                            AND w.last_error LIKE 'dependency failed: %'
     )
-    UPDATE pgqueue.jobs j SET state = 'waiting', finished_at = NULL
-      FROM downstream x WHERE j.id = x.id;
+    SELECT array_agg(x.id) INTO v_downstream FROM downstream x;
+    -- Every job about to wait gets its fan-in counter recounted. Share-lock
+    -- their dependencies first (as enqueue does): one finishing right now
+    -- commits before the count and is seen succeeded, or finishes after this
+    -- transaction and finds its dependents waiting.
+    PERFORM 1 FROM pgqueue.jobs p
+    WHERE p.id IN (SELECT d.depends_on FROM pgqueue.job_dependencies d
+                   WHERE d.job_id = retry.job_id OR d.job_id = ANY (v_downstream))
+    ORDER BY p.id
+    FOR SHARE;
+    UPDATE pgqueue.jobs j
+       SET pending_deps = x.n,
+           state = CASE WHEN x.n > 0 THEN 'waiting' ELSE 'queued' END,
+           attempts = 0, run_after = now(), finished_at = NULL, locked_by = NULL, locked_at = NULL,
+           result = NULL,
+           dedup_key = CASE WHEN pgqueue._keeps_dedup_key(v.dedup_key, j.id) THEN v.dedup_key END
+      FROM (SELECT count(*)::int AS n FROM pgqueue.job_dependencies d JOIN pgqueue.jobs p ON p.id = d.depends_on
+            WHERE d.job_id = retry.job_id AND p.state <> 'succeeded') x
+     WHERE j.id = retry.job_id;
+    -- Each of them depends (transitively) on this job, which has not succeeded: they wait.
+    UPDATE pgqueue.jobs j
+       SET state = 'waiting', finished_at = NULL,
+           pending_deps = (SELECT count(*) FROM pgqueue.job_dependencies d JOIN pgqueue.jobs p ON p.id = d.depends_on
+                           WHERE d.job_id = j.id AND p.state <> 'succeeded')
+     WHERE j.id = ANY (v_downstream);
     RETURN true;
 END
 $$;
