@@ -906,34 +906,34 @@ $$;
 CREATE FUNCTION pgqueue._unblock_dependents(p_job_ids bigint[]) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_waiting bigint[];
+    v_ids bigint[];
+    v_settled int[];
 BEGIN
     -- Most jobs have no dependents: one index probe and done.
     IF NOT EXISTS (SELECT 1 FROM pgqueue.job_dependencies d WHERE d.depends_on = ANY (p_job_ids)) THEN
         RETURN;
     END IF;
-    -- Lock the waiting dependents in id order, so two batches that settle
-    -- dependencies of the same jobs queue up instead of deadlocking.
-    SELECT array_agg(x.id) INTO v_waiting
-    FROM (SELECT w.id FROM pgqueue.jobs w
-          WHERE w.id = ANY (ARRAY(SELECT d.job_id FROM pgqueue.job_dependencies d
-                                  WHERE d.depends_on = ANY (p_job_ids)))
-            AND w.state = 'waiting'
-          ORDER BY w.id
-          FOR NO KEY UPDATE) x;
-    IF v_waiting IS NULL THEN
+    -- Lock the waiting dependents one by one by primary key, in id order (two
+    -- batches settling dependencies of the same jobs queue up instead of
+    -- deadlocking), with how many of their edges this batch settles. By key,
+    -- not by a scan: with stale statistics a scan of "waiting" rows is planned
+    -- over the pending-dedup index, i.e. every queued job.
+    SELECT array_agg(i.job_id ORDER BY i.job_id), array_agg(i.n ORDER BY i.job_id) INTO v_ids, v_settled
+    FROM (SELECT d.job_id, count(*)::int AS n FROM pgqueue.job_dependencies d
+          WHERE d.depends_on = ANY (p_job_ids) GROUP BY d.job_id ORDER BY d.job_id) i
+    CROSS JOIN LATERAL (SELECT 1 FROM pgqueue.jobs w WHERE w.id = i.job_id AND w.state = 'waiting'
+                        FOR NO KEY UPDATE) w;
+    IF v_ids IS NULL THEN
         RETURN;
     END IF;
-    -- Subtract from the locked row: a concurrent completion of another
+    -- Subtract from the locked rows: a concurrent completion of another
     -- dependency waits for our commit and then subtracts from our result, so
-    -- exactly one completion takes the counter to 0 and queues the job.
+    -- exactly one completion takes a counter to 0 and queues its job.
     UPDATE pgqueue.jobs w
-       SET pending_deps = w.pending_deps - d.n,
-           state = CASE WHEN w.pending_deps = d.n THEN 'queued' ELSE 'waiting' END
-      FROM (SELECT e.job_id, count(*)::int AS n FROM pgqueue.job_dependencies e
-            WHERE e.depends_on = ANY (p_job_ids) AND e.job_id = ANY (v_waiting)
-            GROUP BY e.job_id) d
-     WHERE w.id = d.job_id AND w.state = 'waiting';
+       SET pending_deps = w.pending_deps - u.n,
+           state = CASE WHEN w.pending_deps = u.n THEN 'queued' ELSE 'waiting' END
+      FROM unnest(v_ids, v_settled) AS u(id, n)
+     WHERE w.id = u.id;
 END
 $$;
 

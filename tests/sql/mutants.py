@@ -48,22 +48,22 @@ MUTANTS: dict[str, Mutant] = {
     # first: the later of two concurrent completions overwrites the earlier decrement.
     "unblock_without_lock": Mutant(
         "pgqueue._unblock_dependents(bigint[])",
-        "ORDER BY w.id\n          FOR NO KEY UPDATE) x;",
-        "ORDER BY w.id) x;",
+        "w.state = 'waiting'\n                        FOR NO KEY UPDATE) w;",
+        "w.state = 'waiting') w;",
         "test_fanin_races.py::test_two_parents_finishing_concurrently_queue_the_join_once",
         more=(
             (
-                "SET pending_deps = w.pending_deps - d.n,\n"
-                "           state = CASE WHEN w.pending_deps = d.n THEN",
-                "SET pending_deps = (SELECT s.pending_deps FROM pgqueue.jobs s WHERE s.id = w.id) - d.n,\n"
-                "           state = CASE WHEN (SELECT s.pending_deps FROM pgqueue.jobs s WHERE s.id = w.id) = d.n THEN",
+                "SET pending_deps = w.pending_deps - u.n,\n"
+                "           state = CASE WHEN w.pending_deps = u.n THEN",
+                "SET pending_deps = (SELECT s.pending_deps FROM pgqueue.jobs s WHERE s.id = w.id) - u.n,\n"
+                "           state = CASE WHEN (SELECT s.pending_deps FROM pgqueue.jobs s WHERE s.id = w.id) = u.n THEN",
             ),
         ),
     ),
     # fan-in counter decremented once per completion batch instead of once per settled edge.
     "fanin_counter_per_batch": Mutant(
         "pgqueue._unblock_dependents(bigint[])",
-        "SET pending_deps = w.pending_deps - d.n,\n           state = CASE WHEN w.pending_deps = d.n THEN",
+        "SET pending_deps = w.pending_deps - u.n,\n           state = CASE WHEN w.pending_deps = u.n THEN",
         "SET pending_deps = w.pending_deps - 1,\n           state = CASE WHEN w.pending_deps = 1 THEN",
         "test_fanin_races.py::test_counter_loses_no_decrement_when_completions_race",
     ),
