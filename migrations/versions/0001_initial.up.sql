@@ -603,14 +603,15 @@ BEGIN
         WHERE v_ids[e.ord] = v_new[e.ord]      -- merged specs add no edges to the job they merged into
           AND dep.id <> v_ids[e.ord]
           AND (e.s ? 'after' OR e.s ? 'depends_on')
-        ON CONFLICT DO NOTHING
+        -- No ON CONFLICT: every job_id here is new, and DISTINCT removes repeats.
         RETURNING job_id, depends_on
         )
         -- Fan-in counter: the dependencies not succeeded yet (a sibling never has).
+        -- By primary key only (a job created cancelled keeps a count it never uses).
         UPDATE pgqueue.jobs j SET pending_deps = c.n
         FROM (SELECT e.job_id, count(*)::int AS n FROM edges e WHERE e.depends_on <> ALL (v_succeeded)
               GROUP BY e.job_id) c
-        WHERE j.id = c.job_id AND j.state = 'waiting';
+        WHERE j.id = c.job_id;
     END IF;
 
     RETURN v_ids;
@@ -691,7 +692,7 @@ BEGIN
         INSERT INTO pgqueue.job_dependencies (job_id, depends_on) SELECT v_id, d FROM unnest(v_deps) d;
         -- Fan-in counter: the dependencies not succeeded yet.
         UPDATE pgqueue.jobs j SET pending_deps = cardinality(v_deps) - cardinality(v_succeeded)
-        WHERE j.id = v_id AND j.state = 'waiting';
+        WHERE j.id = v_id AND cardinality(v_deps) > cardinality(v_succeeded);
     END IF;
     RETURN v_id;
 END
