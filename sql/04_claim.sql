@@ -112,9 +112,13 @@ BEGIN
         IF v_ids IS NULL THEN
             RETURN;
         END IF;
+        -- One probe of the current-per-scope index per claimed scope: a scope
+        -- array, not a semi-join, which with stale statistics was planned as a
+        -- walk of every scope's current job, each re-reading the batch.
         UPDATE pgqueue.jobs o SET is_current = false
         WHERE o.is_current
-          AND o.scope IN (SELECT j.scope FROM pgqueue.jobs j WHERE j.id = ANY (v_ids) AND j.scope IS NOT NULL);
+          AND o.scope = ANY (ARRAY(SELECT j.scope FROM pgqueue.jobs j
+                                   WHERE j.id = ANY (v_ids) AND j.scope IS NOT NULL));
     END IF;
 
     RETURN QUERY
