@@ -74,6 +74,14 @@ MUTANTS: dict[str, Mutant] = {
         "pending_deps = j.pending_deps + 0 * (SELECT count(*) FROM",
         "test_fanin_races.py::test_retry_of_failed_dependency_recounts_the_join",
     ),
+    # retry recounts without share-locking the dependencies: one finishing concurrently is
+    # counted as unfinished, and its completion (which saw the job cancelled) never decrements it.
+    "retry_without_share_lock": Mutant(
+        "pgqueue.retry(bigint)",
+        "    ORDER BY p.id\n    FOR SHARE;",
+        "    ORDER BY p.id;",
+        "test_fanin_races.py::test_retry_racing_completion_of_another_dependency_counts_it",
+    ),
     # a dependency recorded without FOR SHARE on the parent: its completion misses the new child.
     "depends_on_without_share_lock": Mutant(
         "pgqueue._insert_specs(jsonb,uuid,bigint,text,boolean)",

@@ -110,6 +110,32 @@ async def test_retry_of_failed_dependency_recounts_the_join(connect: Connect) ->
     assert tuple(await observer.conn.fetchrow(PENDING, join)) == ("queued", 0)
 
 
+async def test_retry_racing_completion_of_another_dependency_counts_it(connect: Connect) -> None:
+    """retry() share-locks the dependencies before recounting: a dependency whose completion
+    is in flight (and which finds the join cancelled, so does not decrement it) commits first
+    and is counted as succeeded; the join is queued when the retried job succeeds."""
+    observer, a, b = await sessions(connect, "obs", "a", "b")
+    (p1, p2), join = await _parents_and_join(observer.conn, 2)
+    await observer.conn.execute("UPDATE pgqueue.jobs SET max_attempts = 1 WHERE id = $1", p1)
+    await observer.fetch("SELECT id FROM pgqueue.claim($1, 'w')", p1)
+    assert await observer.fetchval("SELECT pgqueue.fail($1, 'w', 'boom')", p1) == "failed"
+    await observer.fetch("SELECT id FROM pgqueue.claim($1, 'b')", p2)
+
+    await b.begin()
+    assert await b.fetchval("SELECT pgqueue.complete($1, 'b')", p2)  # join is cancelled: untouched
+    await a.begin()
+    step = a.start(a.fetchval("SELECT pgqueue.retry($1)", p1))
+    await wait_blocked(observer.conn, a)  # a waits for p2's row, which b holds
+    assert await observer.fetchval("SELECT pg_blocking_pids($1)", a.pid) == [b.pid]
+    await b.commit()
+    assert await step is True
+    await a.commit()
+    assert tuple(await observer.conn.fetchrow(PENDING, join)) == ("waiting", 1)
+    await observer.fetch("SELECT id FROM pgqueue.claim($1, 'w')", p1)
+    assert await observer.fetchval("SELECT pgqueue.complete($1, 'w')", p1)
+    assert tuple(await observer.conn.fetchrow(PENDING, join)) == ("queued", 0)
+
+
 async def test_join_with_200_parents_completed_from_8_sessions_fires_once(connect: Connect) -> None:
     observer, *workers = await sessions(connect, "obs", *(f"w{i}" for i in range(8)))
     await observer.conn.execute(AUDIT)
