@@ -79,6 +79,8 @@ jobs = Table(
     Column("last_error", Text, nullable=True),
     Column("progress", JSONB, nullable=True),
     Column("created_at", _TZ, nullable=False, server_default=text("now()")),
+    # Internal fan-in counter (unfinished dependencies of a waiting job); read-only here.
+    Column("pending_deps", Integer, nullable=False, server_default=text("0")),
     comment="One row per job; change rows through the pgqueue functions.",
 )
 

@@ -30,6 +30,8 @@ CREATE TABLE pgqueue.jobs (
     last_error   text,
     progress     jsonb,
     created_at   timestamptz NOT NULL DEFAULT now(),
+    -- internal: the fan-in counter (see _unblock_dependents)
+    pending_deps int         NOT NULL DEFAULT 0,
     CONSTRAINT jobs_state_known
         CHECK (state IN ('waiting', 'queued', 'running', 'succeeded', 'failed', 'cancelled')),
     CONSTRAINT jobs_job_type_not_empty CHECK (btrim(job_type) <> ''),
@@ -39,6 +41,7 @@ CREATE TABLE pgqueue.jobs (
     CONSTRAINT jobs_scope_size CHECK (octet_length(scope::text) <= 1000),
     CONSTRAINT jobs_dedup_key_not_empty CHECK (dedup_key <> ''),
     CONSTRAINT jobs_attempts_not_negative CHECK (attempts >= 0),
+    CONSTRAINT jobs_pending_deps_not_negative CHECK (pending_deps >= 0),
     CONSTRAINT jobs_max_attempts_positive CHECK (max_attempts >= 1),
     CONSTRAINT jobs_next_jobs_is_array CHECK (jsonb_typeof(next_jobs) = 'array'),
     CONSTRAINT jobs_running_has_lease
@@ -82,6 +85,9 @@ COMMENT ON COLUMN pgqueue.jobs.result IS 'What the handler returned.';
 COMMENT ON COLUMN pgqueue.jobs.last_error IS 'Error (and traceback) of the latest failed attempt, or why the job was cancelled.';
 COMMENT ON COLUMN pgqueue.jobs.progress IS 'Checkpoint written by long handlers, read back on a retry.';
 COMMENT ON COLUMN pgqueue.jobs.created_at IS 'Insert time.';
+COMMENT ON COLUMN pgqueue.jobs.pending_deps IS
+    'Internal fan-in counter, meaningful while waiting: how many of its dependencies have not succeeded yet. '
+    'Each dependency''s completion decrements it; the completion that takes it to 0 queues the job.';
 
 -- Fan-in edges: job_id waits until depends_on has succeeded. Cascades keep
 -- prune() simple; a pruned dependency was final already.

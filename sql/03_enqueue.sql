@@ -360,7 +360,7 @@ BEGIN
         WITH keyed AS (
             SELECT e.s->>'key' AS k, v_ids[e.ord] AS id
             FROM jsonb_array_elements(p_specs) WITH ORDINALITY AS e(s, ord) WHERE e.s ? 'key'
-        )
+        ), edges AS (
         INSERT INTO pgqueue.job_dependencies (job_id, depends_on)
         SELECT DISTINCT v_ids[e.ord], dep.id
         FROM jsonb_array_elements(p_specs) WITH ORDINALITY AS e(s, ord)
@@ -372,7 +372,16 @@ BEGIN
         ) dep
         WHERE v_ids[e.ord] = v_new[e.ord]      -- merged specs add no edges to the job they merged into
           AND dep.id <> v_ids[e.ord]
-        ON CONFLICT DO NOTHING;
+          AND (e.s ? 'after' OR e.s ? 'depends_on')
+        -- No ON CONFLICT: every job_id here is new, and DISTINCT removes repeats.
+        RETURNING job_id, depends_on
+        )
+        -- Fan-in counter: the dependencies not succeeded yet (a sibling never has).
+        -- By primary key only (a job created cancelled keeps a count it never uses).
+        UPDATE pgqueue.jobs j SET pending_deps = c.n
+        FROM (SELECT e.job_id, count(*)::int AS n FROM edges e WHERE e.depends_on <> ALL (v_succeeded)
+              GROUP BY e.job_id) c
+        WHERE j.id = c.job_id;
     END IF;
 
     RETURN v_ids;
@@ -451,6 +460,9 @@ BEGIN
 
     IF v_inserted AND cardinality(v_deps) > 0 THEN
         INSERT INTO pgqueue.job_dependencies (job_id, depends_on) SELECT v_id, d FROM unnest(v_deps) d;
+        -- Fan-in counter: the dependencies not succeeded yet.
+        UPDATE pgqueue.jobs j SET pending_deps = cardinality(v_deps) - cardinality(v_succeeded)
+        WHERE j.id = v_id AND cardinality(v_deps) > cardinality(v_succeeded);
     END IF;
     RETURN v_id;
 END

@@ -15,11 +15,17 @@ CREATE FUNCTION pgqueue._scope_lock_key(p_scope jsonb) RETURNS int
 LANGUAGE sql IMMUTABLE AS $$ SELECT jsonb_hash(p_scope) $$;
 
 -- True when no job of the scope is running and none older is queued.
--- Two probes, not one OR: each is a single index lookup (the running-per-scope
--- unique index, the active-scope index), where the OR planned as a bitmap of both.
+-- Two probes, not one OR: each is a single index lookup, where the OR planned
+-- as a bitmap of two indexes. A running scoped job is always its scope's
+-- current job (the claim sets both in one UPDATE, and only a claim of the next
+-- job clears the flag), so the first probe reads the current job through the
+-- current-per-scope index and tests its state outside the lookup: a lookup by
+-- state = 'running' was, with stale statistics, planned over the lease index,
+-- i.e. every running job of every worker for every candidate.
 CREATE FUNCTION pgqueue._scope_free(p_scope jsonb, p_job_id bigint) RETURNS boolean
 LANGUAGE sql STABLE AS $$
-    SELECT NOT EXISTS (SELECT 1 FROM pgqueue.jobs o WHERE o.scope = p_scope AND o.state = 'running')
+    SELECT coalesce((SELECT o.state FROM pgqueue.jobs o WHERE o.is_current AND o.scope = p_scope LIMIT 1), '')
+               <> 'running'
        AND NOT EXISTS (SELECT 1 FROM pgqueue.jobs o
                        WHERE o.scope = p_scope AND o.state = 'queued' AND o.id < p_job_id)
 $$;
@@ -112,9 +118,13 @@ BEGIN
         IF v_ids IS NULL THEN
             RETURN;
         END IF;
+        -- One probe of the current-per-scope index per claimed scope: a scope
+        -- array, not a semi-join, which with stale statistics was planned as a
+        -- walk of every scope's current job, each re-reading the batch.
         UPDATE pgqueue.jobs o SET is_current = false
         WHERE o.is_current
-          AND o.scope IN (SELECT j.scope FROM pgqueue.jobs j WHERE j.id = ANY (v_ids) AND j.scope IS NOT NULL);
+          AND o.scope = ANY (ARRAY(SELECT j.scope FROM pgqueue.jobs j
+                                   WHERE j.id = ANY (v_ids) AND j.scope IS NOT NULL));
     END IF;
 
     RETURN QUERY

@@ -48,29 +48,42 @@ LANGUAGE sql AS $$
      WHERE j.id = x.id AND j.state = 'waiting'
 $$;
 
--- Queue the waiting dependents of the given jobs whose dependencies have all succeeded.
+-- Queue the waiting dependents of the given jobs (which have just succeeded)
+-- once their last dependency has. A waiting job counts its unfinished
+-- dependencies in pending_deps; each completion subtracts the edges it settles,
+-- so a fan-in costs one row update per completion batch, not a re-count of
+-- every dependency of the join.
 CREATE FUNCTION pgqueue._unblock_dependents(p_job_ids bigint[]) RETURNS void
 LANGUAGE plpgsql AS $$
+DECLARE
+    v_ids bigint[];
+    v_settled int[];
 BEGIN
     -- Most jobs have no dependents: one index probe and done.
     IF NOT EXISTS (SELECT 1 FROM pgqueue.job_dependencies d WHERE d.depends_on = ANY (p_job_ids)) THEN
         RETURN;
     END IF;
-    -- Lock first, check after, in two statements: when two dependencies finish
-    -- concurrently, the second one to get this lock checks with a snapshot that
-    -- already sees the first one's commit, so exactly one of them queues the job.
-    PERFORM 1 FROM pgqueue.job_dependencies d JOIN pgqueue.jobs w ON w.id = d.job_id
-    WHERE d.depends_on = ANY (p_job_ids) AND w.state = 'waiting'
-    ORDER BY w.id
-    FOR NO KEY UPDATE OF w;
-    IF NOT FOUND THEN
+    -- Lock the waiting dependents one by one by primary key, in id order (two
+    -- batches settling dependencies of the same jobs queue up instead of
+    -- deadlocking), with how many of their edges this batch settles. By key,
+    -- not by a scan: with stale statistics a scan of "waiting" rows is planned
+    -- over the pending-dedup index, i.e. every queued job.
+    SELECT array_agg(i.job_id ORDER BY i.job_id), array_agg(i.n ORDER BY i.job_id) INTO v_ids, v_settled
+    FROM (SELECT d.job_id, count(*)::int AS n FROM pgqueue.job_dependencies d
+          WHERE d.depends_on = ANY (p_job_ids) GROUP BY d.job_id ORDER BY d.job_id) i
+    CROSS JOIN LATERAL (SELECT 1 FROM pgqueue.jobs w WHERE w.id = i.job_id AND w.state = 'waiting'
+                        FOR NO KEY UPDATE) w;
+    IF v_ids IS NULL THEN
         RETURN;
     END IF;
-    UPDATE pgqueue.jobs w SET state = 'queued'
-    WHERE w.id IN (SELECT d.job_id FROM pgqueue.job_dependencies d WHERE d.depends_on = ANY (p_job_ids))
-      AND w.state = 'waiting'
-      AND NOT EXISTS (SELECT 1 FROM pgqueue.job_dependencies d JOIN pgqueue.jobs p ON p.id = d.depends_on
-                      WHERE d.job_id = w.id AND p.state <> 'succeeded');
+    -- Subtract from the locked rows: a concurrent completion of another
+    -- dependency waits for our commit and then subtracts from our result, so
+    -- exactly one completion takes a counter to 0 and queues its job.
+    UPDATE pgqueue.jobs w
+       SET pending_deps = w.pending_deps - u.n,
+           state = CASE WHEN w.pending_deps = u.n THEN 'queued' ELSE 'waiting' END
+      FROM unnest(v_ids, v_settled) AS u(id, n)
+     WHERE w.id = u.id;
 END
 $$;
 
@@ -153,10 +166,12 @@ BEGIN
     IF v_done IS NULL THEN
         RETURN '{}';
     END IF;
+    -- Dependents first, children after: a child that depends on a job of this
+    -- batch sees it succeeded and never counts it, so it must not be decremented.
+    PERFORM pgqueue._unblock_dependents(v_done);
     FOR i IN 1 .. coalesce(cardinality(v_parents), 0) LOOP
         PERFORM pgqueue._insert_specs(v_specs[i], v_pipelines[i], v_parents[i], p_label || ': next_jobs');
     END LOOP;
-    PERFORM pgqueue._unblock_dependents(v_done);
     RETURN v_done;
 END
 $$;

@@ -57,6 +57,7 @@ LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
     v pgqueue.jobs%ROWTYPE;
+    v_downstream bigint[];
 BEGIN
     SELECT * INTO v FROM pgqueue.jobs j WHERE j.id = retry.job_id AND j.state IN ('failed', 'cancelled')
     FOR NO KEY UPDATE;
@@ -71,15 +72,6 @@ BEGIN
         -- so a claim of a newer job of this scope cannot slip in between
         PERFORM pg_advisory_xact_lock(pgqueue._lock_class('scope'), pgqueue._scope_lock_key(v.scope));
     END IF;
-    UPDATE pgqueue.jobs j
-       SET state = CASE WHEN EXISTS (SELECT 1 FROM pgqueue.job_dependencies d
-                                     JOIN pgqueue.jobs p ON p.id = d.depends_on
-                                     WHERE d.job_id = j.id AND p.state <> 'succeeded')
-                        THEN 'waiting' ELSE 'queued' END,
-           attempts = 0, run_after = now(), finished_at = NULL, locked_by = NULL, locked_at = NULL,
-           result = NULL,
-           dedup_key = CASE WHEN pgqueue._keeps_dedup_key(v.dedup_key, j.id) THEN v.dedup_key END
-     WHERE j.id = retry.job_id;
     -- Dependents cancelled because this job failed wait again for it.
     WITH RECURSIVE downstream(id) AS (
         SELECT d.job_id FROM pgqueue.job_dependencies d
@@ -92,8 +84,31 @@ BEGIN
         JOIN pgqueue.jobs w ON w.id = d.job_id AND w.state = 'cancelled'
                            AND w.last_error LIKE 'dependency failed: %'
     )
-    UPDATE pgqueue.jobs j SET state = 'waiting', finished_at = NULL
-      FROM downstream x WHERE j.id = x.id;
+    SELECT array_agg(x.id) INTO v_downstream FROM downstream x;
+    -- Every job about to wait gets its fan-in counter recounted. Share-lock
+    -- their dependencies first (as enqueue does): one finishing right now
+    -- commits before the count and is seen succeeded, or finishes after this
+    -- transaction and finds its dependents waiting.
+    PERFORM 1 FROM pgqueue.jobs p
+    WHERE p.id IN (SELECT d.depends_on FROM pgqueue.job_dependencies d
+                   WHERE d.job_id = retry.job_id OR d.job_id = ANY (v_downstream))
+    ORDER BY p.id
+    FOR SHARE;
+    UPDATE pgqueue.jobs j
+       SET pending_deps = x.n,
+           state = CASE WHEN x.n > 0 THEN 'waiting' ELSE 'queued' END,
+           attempts = 0, run_after = now(), finished_at = NULL, locked_by = NULL, locked_at = NULL,
+           result = NULL,
+           dedup_key = CASE WHEN pgqueue._keeps_dedup_key(v.dedup_key, j.id) THEN v.dedup_key END
+      FROM (SELECT count(*)::int AS n FROM pgqueue.job_dependencies d JOIN pgqueue.jobs p ON p.id = d.depends_on
+            WHERE d.job_id = retry.job_id AND p.state <> 'succeeded') x
+     WHERE j.id = retry.job_id;
+    -- Each of them depends (transitively) on this job, which has not succeeded: they wait.
+    UPDATE pgqueue.jobs j
+       SET state = 'waiting', finished_at = NULL,
+           pending_deps = (SELECT count(*) FROM pgqueue.job_dependencies d JOIN pgqueue.jobs p ON p.id = d.depends_on
+                           WHERE d.job_id = j.id AND p.state <> 'succeeded')
+     WHERE j.id = ANY (v_downstream);
     RETURN true;
 END
 $$;

@@ -126,6 +126,8 @@ CREATE TABLE pgqueue.jobs (
     last_error   text,
     progress     jsonb,
     created_at   timestamptz NOT NULL DEFAULT now(),
+    -- internal: the fan-in counter (see _unblock_dependents)
+    pending_deps int         NOT NULL DEFAULT 0,
     CONSTRAINT jobs_state_known
         CHECK (state IN ('waiting', 'queued', 'running', 'succeeded', 'failed', 'cancelled')),
     CONSTRAINT jobs_job_type_not_empty CHECK (btrim(job_type) <> ''),
@@ -135,6 +137,7 @@ CREATE TABLE pgqueue.jobs (
     CONSTRAINT jobs_scope_size CHECK (octet_length(scope::text) <= 1000),
     CONSTRAINT jobs_dedup_key_not_empty CHECK (dedup_key <> ''),
     CONSTRAINT jobs_attempts_not_negative CHECK (attempts >= 0),
+    CONSTRAINT jobs_pending_deps_not_negative CHECK (pending_deps >= 0),
     CONSTRAINT jobs_max_attempts_positive CHECK (max_attempts >= 1),
     CONSTRAINT jobs_next_jobs_is_array CHECK (jsonb_typeof(next_jobs) = 'array'),
     CONSTRAINT jobs_running_has_lease
@@ -178,6 +181,9 @@ COMMENT ON COLUMN pgqueue.jobs.result IS 'What the handler returned.';
 COMMENT ON COLUMN pgqueue.jobs.last_error IS 'Error (and traceback) of the latest failed attempt, or why the job was cancelled.';
 COMMENT ON COLUMN pgqueue.jobs.progress IS 'Checkpoint written by long handlers, read back on a retry.';
 COMMENT ON COLUMN pgqueue.jobs.created_at IS 'Insert time.';
+COMMENT ON COLUMN pgqueue.jobs.pending_deps IS
+    'Internal fan-in counter, meaningful while waiting: how many of its dependencies have not succeeded yet. '
+    'Each dependency''s completion decrements it; the completion that takes it to 0 queues the job.';
 
 -- Fan-in edges: job_id waits until depends_on has succeeded. Cascades keep
 -- prune() simple; a pruned dependency was final already.
@@ -593,7 +599,7 @@ BEGIN
         WITH keyed AS (
             SELECT e.s->>'key' AS k, v_ids[e.ord] AS id
             FROM jsonb_array_elements(p_specs) WITH ORDINALITY AS e(s, ord) WHERE e.s ? 'key'
-        )
+        ), edges AS (
         INSERT INTO pgqueue.job_dependencies (job_id, depends_on)
         SELECT DISTINCT v_ids[e.ord], dep.id
         FROM jsonb_array_elements(p_specs) WITH ORDINALITY AS e(s, ord)
@@ -605,7 +611,16 @@ BEGIN
         ) dep
         WHERE v_ids[e.ord] = v_new[e.ord]      -- merged specs add no edges to the job they merged into
           AND dep.id <> v_ids[e.ord]
-        ON CONFLICT DO NOTHING;
+          AND (e.s ? 'after' OR e.s ? 'depends_on')
+        -- No ON CONFLICT: every job_id here is new, and DISTINCT removes repeats.
+        RETURNING job_id, depends_on
+        )
+        -- Fan-in counter: the dependencies not succeeded yet (a sibling never has).
+        -- By primary key only (a job created cancelled keeps a count it never uses).
+        UPDATE pgqueue.jobs j SET pending_deps = c.n
+        FROM (SELECT e.job_id, count(*)::int AS n FROM edges e WHERE e.depends_on <> ALL (v_succeeded)
+              GROUP BY e.job_id) c
+        WHERE j.id = c.job_id;
     END IF;
 
     RETURN v_ids;
@@ -684,6 +699,9 @@ BEGIN
 
     IF v_inserted AND cardinality(v_deps) > 0 THEN
         INSERT INTO pgqueue.job_dependencies (job_id, depends_on) SELECT v_id, d FROM unnest(v_deps) d;
+        -- Fan-in counter: the dependencies not succeeded yet.
+        UPDATE pgqueue.jobs j SET pending_deps = cardinality(v_deps) - cardinality(v_succeeded)
+        WHERE j.id = v_id AND cardinality(v_deps) > cardinality(v_succeeded);
     END IF;
     RETURN v_id;
 END
@@ -721,11 +739,17 @@ CREATE FUNCTION pgqueue._scope_lock_key(p_scope jsonb) RETURNS int
 LANGUAGE sql IMMUTABLE AS $$ SELECT jsonb_hash(p_scope) $$;
 
 -- True when no job of the scope is running and none older is queued.
--- Two probes, not one OR: each is a single index lookup (the running-per-scope
--- unique index, the active-scope index), where the OR planned as a bitmap of both.
+-- Two probes, not one OR: each is a single index lookup, where the OR planned
+-- as a bitmap of two indexes. A running scoped job is always its scope's
+-- current job (the claim sets both in one UPDATE, and only a claim of the next
+-- job clears the flag), so the first probe reads the current job through the
+-- current-per-scope index and tests its state outside the lookup: a lookup by
+-- state = 'running' was, with stale statistics, planned over the lease index,
+-- i.e. every running job of every worker for every candidate.
 CREATE FUNCTION pgqueue._scope_free(p_scope jsonb, p_job_id bigint) RETURNS boolean
 LANGUAGE sql STABLE AS $$
-    SELECT NOT EXISTS (SELECT 1 FROM pgqueue.jobs o WHERE o.scope = p_scope AND o.state = 'running')
+    SELECT coalesce((SELECT o.state FROM pgqueue.jobs o WHERE o.is_current AND o.scope = p_scope LIMIT 1), '')
+               <> 'running'
        AND NOT EXISTS (SELECT 1 FROM pgqueue.jobs o
                        WHERE o.scope = p_scope AND o.state = 'queued' AND o.id < p_job_id)
 $$;
@@ -818,9 +842,13 @@ BEGIN
         IF v_ids IS NULL THEN
             RETURN;
         END IF;
+        -- One probe of the current-per-scope index per claimed scope: a scope
+        -- array, not a semi-join, which with stale statistics was planned as a
+        -- walk of every scope's current job, each re-reading the batch.
         UPDATE pgqueue.jobs o SET is_current = false
         WHERE o.is_current
-          AND o.scope IN (SELECT j.scope FROM pgqueue.jobs j WHERE j.id = ANY (v_ids) AND j.scope IS NOT NULL);
+          AND o.scope = ANY (ARRAY(SELECT j.scope FROM pgqueue.jobs j
+                                   WHERE j.id = ANY (v_ids) AND j.scope IS NOT NULL));
     END IF;
 
     RETURN QUERY
@@ -890,29 +918,42 @@ LANGUAGE sql AS $$
      WHERE j.id = x.id AND j.state = 'waiting'
 $$;
 
--- Queue the waiting dependents of the given jobs whose dependencies have all succeeded.
+-- Queue the waiting dependents of the given jobs (which have just succeeded)
+-- once their last dependency has. A waiting job counts its unfinished
+-- dependencies in pending_deps; each completion subtracts the edges it settles,
+-- so a fan-in costs one row update per completion batch, not a re-count of
+-- every dependency of the join.
 CREATE FUNCTION pgqueue._unblock_dependents(p_job_ids bigint[]) RETURNS void
 LANGUAGE plpgsql AS $$
+DECLARE
+    v_ids bigint[];
+    v_settled int[];
 BEGIN
     -- Most jobs have no dependents: one index probe and done.
     IF NOT EXISTS (SELECT 1 FROM pgqueue.job_dependencies d WHERE d.depends_on = ANY (p_job_ids)) THEN
         RETURN;
     END IF;
-    -- Lock first, check after, in two statements: when two dependencies finish
-    -- concurrently, the second one to get this lock checks with a snapshot that
-    -- already sees the first one's commit, so exactly one of them queues the job.
-    PERFORM 1 FROM pgqueue.job_dependencies d JOIN pgqueue.jobs w ON w.id = d.job_id
-    WHERE d.depends_on = ANY (p_job_ids) AND w.state = 'waiting'
-    ORDER BY w.id
-    FOR NO KEY UPDATE OF w;
-    IF NOT FOUND THEN
+    -- Lock the waiting dependents one by one by primary key, in id order (two
+    -- batches settling dependencies of the same jobs queue up instead of
+    -- deadlocking), with how many of their edges this batch settles. By key,
+    -- not by a scan: with stale statistics a scan of "waiting" rows is planned
+    -- over the pending-dedup index, i.e. every queued job.
+    SELECT array_agg(i.job_id ORDER BY i.job_id), array_agg(i.n ORDER BY i.job_id) INTO v_ids, v_settled
+    FROM (SELECT d.job_id, count(*)::int AS n FROM pgqueue.job_dependencies d
+          WHERE d.depends_on = ANY (p_job_ids) GROUP BY d.job_id ORDER BY d.job_id) i
+    CROSS JOIN LATERAL (SELECT 1 FROM pgqueue.jobs w WHERE w.id = i.job_id AND w.state = 'waiting'
+                        FOR NO KEY UPDATE) w;
+    IF v_ids IS NULL THEN
         RETURN;
     END IF;
-    UPDATE pgqueue.jobs w SET state = 'queued'
-    WHERE w.id IN (SELECT d.job_id FROM pgqueue.job_dependencies d WHERE d.depends_on = ANY (p_job_ids))
-      AND w.state = 'waiting'
-      AND NOT EXISTS (SELECT 1 FROM pgqueue.job_dependencies d JOIN pgqueue.jobs p ON p.id = d.depends_on
-                      WHERE d.job_id = w.id AND p.state <> 'succeeded');
+    -- Subtract from the locked rows: a concurrent completion of another
+    -- dependency waits for our commit and then subtracts from our result, so
+    -- exactly one completion takes a counter to 0 and queues its job.
+    UPDATE pgqueue.jobs w
+       SET pending_deps = w.pending_deps - u.n,
+           state = CASE WHEN w.pending_deps = u.n THEN 'queued' ELSE 'waiting' END
+      FROM unnest(v_ids, v_settled) AS u(id, n)
+     WHERE w.id = u.id;
 END
 $$;
 
@@ -995,10 +1036,12 @@ BEGIN
     IF v_done IS NULL THEN
         RETURN '{}';
     END IF;
+    -- Dependents first, children after: a child that depends on a job of this
+    -- batch sees it succeeded and never counts it, so it must not be decremented.
+    PERFORM pgqueue._unblock_dependents(v_done);
     FOR i IN 1 .. coalesce(cardinality(v_parents), 0) LOOP
         PERFORM pgqueue._insert_specs(v_specs[i], v_pipelines[i], v_parents[i], p_label || ': next_jobs');
     END LOOP;
-    PERFORM pgqueue._unblock_dependents(v_done);
     RETURN v_done;
 END
 $$;
@@ -1155,6 +1198,7 @@ LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
     v pgqueue.jobs%ROWTYPE;
+    v_downstream bigint[];
 BEGIN
     SELECT * INTO v FROM pgqueue.jobs j WHERE j.id = retry.job_id AND j.state IN ('failed', 'cancelled')
     FOR NO KEY UPDATE;
@@ -1169,15 +1213,6 @@ BEGIN
         -- so a claim of a newer job of this scope cannot slip in between
         PERFORM pg_advisory_xact_lock(pgqueue._lock_class('scope'), pgqueue._scope_lock_key(v.scope));
     END IF;
-    UPDATE pgqueue.jobs j
-       SET state = CASE WHEN EXISTS (SELECT 1 FROM pgqueue.job_dependencies d
-                                     JOIN pgqueue.jobs p ON p.id = d.depends_on
-                                     WHERE d.job_id = j.id AND p.state <> 'succeeded')
-                        THEN 'waiting' ELSE 'queued' END,
-           attempts = 0, run_after = now(), finished_at = NULL, locked_by = NULL, locked_at = NULL,
-           result = NULL,
-           dedup_key = CASE WHEN pgqueue._keeps_dedup_key(v.dedup_key, j.id) THEN v.dedup_key END
-     WHERE j.id = retry.job_id;
     -- Dependents cancelled because this job failed wait again for it.
     WITH RECURSIVE downstream(id) AS (
         SELECT d.job_id FROM pgqueue.job_dependencies d
@@ -1190,8 +1225,31 @@ BEGIN
         JOIN pgqueue.jobs w ON w.id = d.job_id AND w.state = 'cancelled'
                            AND w.last_error LIKE 'dependency failed: %'
     )
-    UPDATE pgqueue.jobs j SET state = 'waiting', finished_at = NULL
-      FROM downstream x WHERE j.id = x.id;
+    SELECT array_agg(x.id) INTO v_downstream FROM downstream x;
+    -- Every job about to wait gets its fan-in counter recounted. Share-lock
+    -- their dependencies first (as enqueue does): one finishing right now
+    -- commits before the count and is seen succeeded, or finishes after this
+    -- transaction and finds its dependents waiting.
+    PERFORM 1 FROM pgqueue.jobs p
+    WHERE p.id IN (SELECT d.depends_on FROM pgqueue.job_dependencies d
+                   WHERE d.job_id = retry.job_id OR d.job_id = ANY (v_downstream))
+    ORDER BY p.id
+    FOR SHARE;
+    UPDATE pgqueue.jobs j
+       SET pending_deps = x.n,
+           state = CASE WHEN x.n > 0 THEN 'waiting' ELSE 'queued' END,
+           attempts = 0, run_after = now(), finished_at = NULL, locked_by = NULL, locked_at = NULL,
+           result = NULL,
+           dedup_key = CASE WHEN pgqueue._keeps_dedup_key(v.dedup_key, j.id) THEN v.dedup_key END
+      FROM (SELECT count(*)::int AS n FROM pgqueue.job_dependencies d JOIN pgqueue.jobs p ON p.id = d.depends_on
+            WHERE d.job_id = retry.job_id AND p.state <> 'succeeded') x
+     WHERE j.id = retry.job_id;
+    -- Each of them depends (transitively) on this job, which has not succeeded: they wait.
+    UPDATE pgqueue.jobs j
+       SET state = 'waiting', finished_at = NULL,
+           pending_deps = (SELECT count(*) FROM pgqueue.job_dependencies d JOIN pgqueue.jobs p ON p.id = d.depends_on
+                           WHERE d.job_id = j.id AND p.state <> 'succeeded')
+     WHERE j.id = ANY (v_downstream);
     RETURN true;
 END
 $$;

@@ -19,6 +19,7 @@ class Mutant:
     old: str
     new: str
     killed_by: str  # pytest node id (relative to tests/sql) that must fail
+    more: tuple[tuple[str, str], ...] = ()  # further (old, new) replacements in the same function
 
 
 MUTANTS: dict[str, Mutant] = {
@@ -43,12 +44,43 @@ MUTANTS: dict[str, Mutant] = {
         "true",
         "test_claim_races.py::test_concurrent_claims_across_one_scope_oldest_first_one_winner",
     ),
-    # fan-in checked without locking the dependent first: concurrent parents both miss it.
+    # fan-in counter read from the statement's snapshot without locking the dependents
+    # first: the later of two concurrent completions overwrites the earlier decrement.
     "unblock_without_lock": Mutant(
         "pgqueue._unblock_dependents(bigint[])",
-        "FOR NO KEY UPDATE;\n    IF NOT FOUND THEN",
-        "FOR NO KEY UPDATE SKIP LOCKED;\n    IF false THEN",
+        "w.state = 'waiting'\n                        FOR NO KEY UPDATE) w;",
+        "w.state = 'waiting') w;",
         "test_fanin_races.py::test_two_parents_finishing_concurrently_queue_the_join_once",
+        more=(
+            (
+                "SET pending_deps = w.pending_deps - u.n,\n"
+                "           state = CASE WHEN w.pending_deps = u.n THEN",
+                "SET pending_deps = (SELECT s.pending_deps FROM pgqueue.jobs s WHERE s.id = w.id) - u.n,\n"
+                "           state = CASE WHEN (SELECT s.pending_deps FROM pgqueue.jobs s WHERE s.id = w.id) = u.n THEN",
+            ),
+        ),
+    ),
+    # fan-in counter decremented once per completion batch instead of once per settled edge.
+    "fanin_counter_per_batch": Mutant(
+        "pgqueue._unblock_dependents(bigint[])",
+        "SET pending_deps = w.pending_deps - u.n,\n           state = CASE WHEN w.pending_deps = u.n THEN",
+        "SET pending_deps = w.pending_deps - 1,\n           state = CASE WHEN w.pending_deps = 1 THEN",
+        "test_fanin_races.py::test_counter_loses_no_decrement_when_completions_race",
+    ),
+    # retry makes cancelled dependents wait again with their stale counter.
+    "retry_keeps_stale_counter": Mutant(
+        "pgqueue.retry(bigint)",
+        "pending_deps = (SELECT count(*) FROM",
+        "pending_deps = j.pending_deps + 0 * (SELECT count(*) FROM",
+        "test_fanin_races.py::test_retry_of_failed_dependency_recounts_the_join",
+    ),
+    # retry recounts without share-locking the dependencies: one finishing concurrently is
+    # counted as unfinished, and its completion (which saw the job cancelled) never decrements it.
+    "retry_without_share_lock": Mutant(
+        "pgqueue.retry(bigint)",
+        "    ORDER BY p.id\n    FOR SHARE;",
+        "    ORDER BY p.id;",
+        "test_fanin_races.py::test_retry_racing_completion_of_another_dependency_counts_it",
     ),
     # a dependency recorded without FOR SHARE on the parent: its completion misses the new child.
     "depends_on_without_share_lock": Mutant(
@@ -106,6 +138,8 @@ MUTANTS: dict[str, Mutant] = {
 async def apply(conn: asyncpg.Connection, name: str) -> None:
     mutant = MUTANTS[name]
     definition = await conn.fetchval("SELECT pg_get_functiondef($1::regprocedure)", mutant.function)
-    if mutant.old not in definition:
-        raise AssertionError(f"mutant {name}: text to replace not found in {mutant.function}")
-    await conn.execute(definition.replace(mutant.old, mutant.new))
+    for old, new in ((mutant.old, mutant.new), *mutant.more):
+        if old not in definition:
+            raise AssertionError(f"mutant {name}: text to replace not found in {mutant.function}")
+        definition = definition.replace(old, new)
+    await conn.execute(definition)

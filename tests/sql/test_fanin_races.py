@@ -58,6 +58,84 @@ async def test_two_parents_finishing_concurrently_queue_the_join_once(connect: C
     assert await observer.fetchval("SELECT count(*) FROM queued_log WHERE job_id = $1", join) == 1
 
 
+PENDING = "SELECT state, pending_deps FROM pgqueue.jobs WHERE id = $1"
+
+
+async def test_counter_loses_no_decrement_when_completions_race(connect: Connect) -> None:
+    """The fan-in counter under concurrency: a batch settling two dependencies and a
+    concurrent completion of a third serialise on the join row; b subtracts from a's
+    committed result, not from its own snapshot, and only the last completion queues it."""
+    observer, a, b, c = await sessions(connect, "obs", "a", "b", "c")
+    await observer.conn.execute(AUDIT)
+    (p1, p2, p3, p4), join = await _parents_and_join(observer.conn, 4)
+    assert tuple(await observer.conn.fetchrow(PENDING, join)) == ("waiting", 4)
+    for pid, worker in ((p1, "a"), (p2, "a"), (p3, "b"), (p4, "c")):
+        await observer.fetch("SELECT id FROM pgqueue.claim($1, $2)", pid, worker)
+
+    await a.begin()
+    done = await a.fetch("SELECT pgqueue.complete_many('a', $1::bigint[])", [p1, p2])
+    assert len(done) == 2
+    assert tuple(await a.conn.fetchrow(PENDING, join)) == ("waiting", 2)
+    await b.begin()
+    step = b.start(b.fetchval("SELECT pgqueue.complete($1, 'b')", p3))
+    await wait_blocked(observer.conn, b)  # b waits for the join row a holds
+    assert await observer.fetchval("SELECT pg_blocking_pids($1)", b.pid) == [a.pid]
+    # b's snapshot predates a's commit (4 pending); the row it finally locks says 2.
+    assert tuple(await observer.conn.fetchrow(PENDING, join)) == ("waiting", 4)
+    await a.commit()
+    assert await step is True
+    assert tuple(await b.conn.fetchrow(PENDING, join)) == ("waiting", 1)
+    await b.commit()
+
+    assert await c.fetchval("SELECT pgqueue.complete($1, 'c')", p4)
+    assert tuple(await observer.conn.fetchrow(PENDING, join)) == ("queued", 0)
+    assert await observer.fetchval("SELECT count(*) FROM queued_log WHERE job_id = $1", join) == 1
+
+
+async def test_retry_of_failed_dependency_recounts_the_join(connect: Connect) -> None:
+    """A join cancelled by one dependency's failure misses the other's success; the retry
+    that makes it wait again recounts, so it is queued when the retried one succeeds."""
+    (observer,) = await sessions(connect, "obs")
+    (p1, p2), join = await _parents_and_join(observer.conn, 2)
+    await observer.conn.execute("UPDATE pgqueue.jobs SET max_attempts = 1 WHERE id = $1", p1)
+    await observer.fetch("SELECT id FROM pgqueue.claim($1, 'w')", p1)
+    assert await observer.fetchval("SELECT pgqueue.fail($1, 'w', 'boom')", p1) == "failed"
+    assert (await observer.conn.fetchrow(PENDING, join))["state"] == "cancelled"
+    await observer.fetch("SELECT id FROM pgqueue.claim($1, 'w')", p2)
+    assert await observer.fetchval("SELECT pgqueue.complete($1, 'w')", p2)
+    assert await observer.fetchval("SELECT pgqueue.retry($1)", p1)
+    assert tuple(await observer.conn.fetchrow(PENDING, join)) == ("waiting", 1)
+    await observer.fetch("SELECT id FROM pgqueue.claim($1, 'w')", p1)
+    assert await observer.fetchval("SELECT pgqueue.complete($1, 'w')", p1)
+    assert tuple(await observer.conn.fetchrow(PENDING, join)) == ("queued", 0)
+
+
+async def test_retry_racing_completion_of_another_dependency_counts_it(connect: Connect) -> None:
+    """retry() share-locks the dependencies before recounting: a dependency whose completion
+    is in flight (and which finds the join cancelled, so does not decrement it) commits first
+    and is counted as succeeded; the join is queued when the retried job succeeds."""
+    observer, a, b = await sessions(connect, "obs", "a", "b")
+    (p1, p2), join = await _parents_and_join(observer.conn, 2)
+    await observer.conn.execute("UPDATE pgqueue.jobs SET max_attempts = 1 WHERE id = $1", p1)
+    await observer.fetch("SELECT id FROM pgqueue.claim($1, 'w')", p1)
+    assert await observer.fetchval("SELECT pgqueue.fail($1, 'w', 'boom')", p1) == "failed"
+    await observer.fetch("SELECT id FROM pgqueue.claim($1, 'b')", p2)
+
+    await b.begin()
+    assert await b.fetchval("SELECT pgqueue.complete($1, 'b')", p2)  # join is cancelled: untouched
+    await a.begin()
+    step = a.start(a.fetchval("SELECT pgqueue.retry($1)", p1))
+    await wait_blocked(observer.conn, a)  # a waits for p2's row, which b holds
+    assert await observer.fetchval("SELECT pg_blocking_pids($1)", a.pid) == [b.pid]
+    await b.commit()
+    assert await step is True
+    await a.commit()
+    assert tuple(await observer.conn.fetchrow(PENDING, join)) == ("waiting", 1)
+    await observer.fetch("SELECT id FROM pgqueue.claim($1, 'w')", p1)
+    assert await observer.fetchval("SELECT pgqueue.complete($1, 'w')", p1)
+    assert tuple(await observer.conn.fetchrow(PENDING, join)) == ("queued", 0)
+
+
 async def test_join_with_200_parents_completed_from_8_sessions_fires_once(connect: Connect) -> None:
     observer, *workers = await sessions(connect, "obs", *(f"w{i}" for i in range(8)))
     await observer.conn.execute(AUDIT)

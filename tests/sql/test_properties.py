@@ -43,6 +43,10 @@ INVARIANTS = {
         SELECT j.id FROM pgqueue.jobs j WHERE j.state = 'waiting' AND NOT EXISTS (
             SELECT 1 FROM pgqueue.job_dependencies d JOIN pgqueue.jobs p ON p.id = d.depends_on
             WHERE d.job_id = j.id AND p.state <> 'succeeded')""",
+    "waiting job whose fan-in counter disagrees with its unfinished dependencies": """
+        SELECT j.id FROM pgqueue.jobs j WHERE j.state = 'waiting' AND j.pending_deps <> (
+            SELECT count(*) FROM pgqueue.job_dependencies d JOIN pgqueue.jobs p ON p.id = d.depends_on
+            WHERE d.job_id = j.id AND p.state <> 'succeeded')""",
     "two pending jobs with one dedup key": """
         SELECT dedup_key FROM pgqueue.jobs WHERE state IN ('waiting', 'queued') AND dedup_key IS NOT NULL
         GROUP BY dedup_key HAVING count(*) > 1""",
