@@ -773,15 +773,16 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
 
-    -- Rows are inserted, and so numbered and returned, in array order.
+    -- Rows are inserted, and so numbered and returned, in array order: the only
+    -- source is one function scan, which yields unnest's rows in order (an ORDER BY
+    -- would add a sort of every row for nothing).
     RETURN QUERY
     WITH ins AS (
         INSERT INTO pgqueue.jobs AS j (queue, job_type, payload, state, priority, scope, max_attempts, run_after)
         SELECT coalesce(u.q, 'default'), u.t, coalesce(u.p, '{}'), 'queued', coalesce(u.pr, 0), nullif(u.s, 'null'),
                coalesce(u.m, v_max_attempts), coalesce(u.ra, now())
         FROM unnest(job_types, payloads, queues, priorities, enqueue_many.max_attempts, run_afters, scopes)
-             WITH ORDINALITY AS u(t, p, q, pr, m, ra, s, i)
-        ORDER BY u.i
+             AS u(t, p, q, pr, m, ra, s)
         RETURNING j.id
     )
     SELECT ins.id FROM ins;
