@@ -37,9 +37,11 @@ SELECT pgqueue.enqueue(
 _ENQUEUE_MANY_SQL = "SELECT id FROM pgqueue.enqueue_many($1::text::jsonb) AS id"
 # The typed fast path. Payloads and scopes travel as one JSON array each (one json.dumps
 # for the whole batch is several times cheaper than one per job) and are split in SQL;
-# a JSON null payload means the default, as in a spec.
+# a JSON null payload means the default, as in a spec. The ids come back as one array (in
+# the function's order: a single function scan feeds array_agg), which asyncpg decodes
+# several times faster than one record per job.
 _ENQUEUE_ROWS_SQL = """
-SELECT id FROM pgqueue.enqueue_many(
+SELECT array_agg(id) FROM pgqueue.enqueue_many(
     $1::text[],
     (SELECT array_agg(nullif(e, 'null') ORDER BY i)
      FROM jsonb_array_elements($2::text::jsonb) WITH ORDINALITY AS a(e, i)),
@@ -49,6 +51,18 @@ SELECT id FROM pgqueue.enqueue_many(
 ) AS id
 """
 _INT4_MAX = 2**31 - 1
+
+
+def _is_int4(value: object) -> bool:
+    """An int (not a bool) that fits PostgreSQL's int4 (the spec path refuses the rest)."""
+    return type(value) is int and abs(value) <= _INT4_MAX
+
+
+def _is_aware(value: object) -> bool:
+    """A timezone-aware datetime: one instant, whatever the session's TimeZone."""
+    return isinstance(value, datetime.datetime) and value.utcoffset() is not None
+
+
 # Spec keys the typed path carries; a spec with any other key takes the spec (jsonb) path.
 _PLAIN_KEYS = frozenset(
     {"job_type", "payload", "queue", "priority", "max_attempts", "run_after", "scope"}
@@ -171,12 +185,12 @@ class App:
         if not specs:
             return []
         columns = self._plain_columns(specs)
-        if columns is None:
-            rows = await conn_or_pool.fetch(
-                _ENQUEUE_MANY_SQL, dumps([self.with_defaults(spec) for spec in specs])
-            )
-        else:
-            rows = await conn_or_pool.fetch(_ENQUEUE_ROWS_SQL, *columns)
+        if columns is not None:
+            ids: list[int] = await conn_or_pool.fetchval(_ENQUEUE_ROWS_SQL, *columns)
+            return ids
+        rows = await conn_or_pool.fetch(
+            _ENQUEUE_MANY_SQL, dumps([self.with_defaults(spec) for spec in specs])
+        )
         return [row["id"] for row in rows]
 
     def _plain_columns(self, specs: Sequence[Mapping[str, Any]]) -> tuple[Any, ...] | None:
@@ -211,20 +225,11 @@ class App:
                 max_attempts = registered.max_attempts
             priority = spec.get("priority")
             run_after = spec.get("run_after")
-            if (
-                (queue is not None and type(queue) is not str)
-                or (
-                    priority is not None
-                    and not (type(priority) is int and abs(priority) <= _INT4_MAX)
-                )
-                or (
-                    max_attempts is not None
-                    and not (type(max_attempts) is int and max_attempts <= _INT4_MAX)
-                )
-                or (
-                    run_after is not None
-                    and not (isinstance(run_after, datetime.datetime) and run_after.tzinfo)
-                )
+            if not (
+                (queue is None or type(queue) is str)
+                and (priority is None or _is_int4(priority))
+                and (max_attempts is None or _is_int4(max_attempts))
+                and (run_after is None or _is_aware(run_after))
             ):
                 return None
             types.append(job_type)

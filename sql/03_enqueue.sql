@@ -349,7 +349,7 @@ BEGIN
         ORDER BY sp.ord
         -- A pending job with the key already exists: lock it (so it cannot be
         -- claimed and finished before our dependents on it commit) and return it.
-        ON CONFLICT (dedup_key) WHERE state IN ('waiting', 'queued')
+        ON CONFLICT (dedup_key) WHERE state IN ('waiting', 'queued') AND dedup_key IS NOT NULL
         DO UPDATE SET dedup_key = excluded.dedup_key
         RETURNING j.id, j.dedup_key
     )
@@ -466,7 +466,7 @@ BEGIN
             enqueue.pipeline_id, enqueue.next_jobs)
     -- A pending job with the key exists: lock it (it cannot be claimed before
     -- this transaction ends) and return it instead.
-    ON CONFLICT (dedup_key) WHERE state IN ('waiting', 'queued')
+    ON CONFLICT (dedup_key) WHERE state IN ('waiting', 'queued') AND dedup_key IS NOT NULL
     DO UPDATE SET dedup_key = excluded.dedup_key
     RETURNING j.id, j.xmax = 0 INTO v_id, v_inserted;
 

@@ -128,6 +128,7 @@ async def test_typed_overload_with_no_jobs_writes_nothing(connect: Connect) -> N
         {"job_type": "t", "priority": 1.5},
         {"job_type": "t", "priority": 2**31},
         {"job_type": "t", "max_attempts": 2**31},
+        {"job_type": "t", "max_attempts": -(2**40)},
         {"job_type": "t", "run_after": "2030-01-02T03:04:05+00:00"},
         {"job_type": "t", "run_after": datetime.datetime(2030, 1, 2)},  # naive: session zone
     ],
