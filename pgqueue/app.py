@@ -35,6 +35,38 @@ SELECT pgqueue.enqueue(
     next_jobs => $11::text::jsonb, depends_on => $12::bigint[])
 """
 _ENQUEUE_MANY_SQL = "SELECT id FROM pgqueue.enqueue_many($1::text::jsonb) AS id"
+# The typed fast path. Payloads and scopes travel as one JSON array each (one json.dumps
+# for the whole batch is several times cheaper than one per job) and are split in SQL;
+# a JSON null payload means the default, as in a spec. The ids come back as one array (in
+# the function's order: a single function scan feeds array_agg), which asyncpg decodes
+# several times faster than one record per job.
+_ENQUEUE_ROWS_SQL = """
+SELECT array_agg(id) FROM pgqueue.enqueue_many(
+    $1::text[],
+    (SELECT array_agg(nullif(e, 'null') ORDER BY i)
+     FROM jsonb_array_elements($2::text::jsonb) WITH ORDINALITY AS a(e, i)),
+    $3::text[], $4::int[], $5::int[], $6::timestamptz[],
+    (SELECT array_agg(e ORDER BY i)
+     FROM jsonb_array_elements($7::text::jsonb) WITH ORDINALITY AS a(e, i))
+) AS id
+"""
+_INT4_MAX = 2**31 - 1
+
+
+def _is_int4(value: object) -> bool:
+    """An int (not a bool) that fits PostgreSQL's int4 (the spec path refuses the rest)."""
+    return type(value) is int and abs(value) <= _INT4_MAX
+
+
+def _is_aware(value: object) -> bool:
+    """A timezone-aware datetime: one instant, whatever the session's TimeZone."""
+    return isinstance(value, datetime.datetime) and value.utcoffset() is not None
+
+
+# Spec keys the typed path carries; a spec with any other key takes the spec (jsonb) path.
+_PLAIN_KEYS = frozenset(
+    {"job_type", "payload", "queue", "priority", "max_attempts", "run_after", "scope"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,13 +181,79 @@ class App:
         Each spec has the keys of ``pgqueue.enqueue``'s parameters (``job_type`` required);
         registered types get their declared queue and max_attempts unless the spec says
         otherwise. Returns the ids in spec order. One notification per queue is sent.
+        Plain specs go as typed arrays to ``pgqueue.enqueue_many``'s array form, which is
+        cheaper per job than taking JSON specs apart; the rows are the same either way.
         """
         if not specs:
             return []
+        columns = self._plain_columns(specs)
+        if columns is not None:
+            ids: list[int] = await conn_or_pool.fetchval(_ENQUEUE_ROWS_SQL, *columns)
+            return ids
         rows = await conn_or_pool.fetch(
             _ENQUEUE_MANY_SQL, dumps([self.with_defaults(spec) for spec in specs])
         )
         return [row["id"] for row in rows]
+
+    def _plain_columns(self, specs: Sequence[Mapping[str, Any]]) -> tuple[Any, ...] | None:
+        """The specs as the typed ``enqueue_many`` overload's arguments, or None.
+
+        None when any spec needs the spec path: another key (dedup_key, depends_on, key/after,
+        next_jobs, pipeline_id, or a typo the spec path reports), or a value the typed
+        columns would read differently (a non-string job_type or queue, a non-int priority or
+        max_attempts, a run_after that is not a timezone-aware datetime). The values the
+        typed path does take are checked by the SQL function itself, with the spec path's
+        messages. A column that is default for every job is sent as NULL.
+        """
+        n = len(specs)
+        types: list[str] = []
+        payloads: list[Any] = []
+        queues: list[str | None] = []
+        priorities: list[int | None] = []
+        attempts: list[int | None] = []
+        run_afters: list[datetime.datetime | None] = []
+        scopes: list[Any] = []
+        for spec in specs:
+            if not spec.keys() <= _PLAIN_KEYS:
+                return None
+            job_type = spec.get("job_type")
+            if type(job_type) is not str:
+                return None
+            registered = self.job_types.get(job_type)
+            queue = spec.get("queue") if "queue" in spec or registered is None else registered.queue
+            if "max_attempts" in spec or registered is None:
+                max_attempts = spec.get("max_attempts")
+            else:
+                max_attempts = registered.max_attempts
+            priority = spec.get("priority")
+            run_after = spec.get("run_after")
+            if not (
+                (queue is None or type(queue) is str)
+                and (priority is None or _is_int4(priority))
+                and (max_attempts is None or _is_int4(max_attempts))
+                and (run_after is None or _is_aware(run_after))
+            ):
+                return None
+            types.append(job_type)
+            payloads.append(spec.get("payload"))
+            queues.append(queue)
+            priorities.append(priority)
+            attempts.append(max_attempts)
+            run_afters.append(run_after)
+            scopes.append(spec.get("scope"))
+
+        def column(values: list[Any]) -> list[Any] | None:
+            return None if values.count(None) == n else values
+
+        return (
+            types,
+            None if payloads.count(None) == n else dumps(payloads),
+            column(queues),
+            column(priorities),
+            column(attempts),
+            column(run_afters),
+            None if scopes.count(None) == n else dumps(scopes),
+        )
 
     def spec(
         self,

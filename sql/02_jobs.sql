@@ -127,8 +127,10 @@ CREATE INDEX jobs_scope_active ON pgqueue.jobs (scope, id)
 CREATE UNIQUE INDEX jobs_one_current_per_scope ON pgqueue.jobs (scope) WHERE is_current;
 CREATE UNIQUE INDEX jobs_one_running_per_scope ON pgqueue.jobs (scope)
     WHERE state = 'running' AND scope IS NOT NULL;
+-- Jobs without a key (most of them) stay out: NULLs never conflict, and an entry
+-- per keyless job would cost every enqueue an index insertion for nothing.
 CREATE UNIQUE INDEX jobs_one_pending_per_dedup_key ON pgqueue.jobs (dedup_key)
-    WHERE state IN ('waiting', 'queued');
+    WHERE state IN ('waiting', 'queued') AND dedup_key IS NOT NULL;
 
 -- Leases: the fence of complete/fail/release and heartbeat look up a worker's
 -- running jobs by locked_by (a completion must not read every running job);

@@ -223,8 +223,10 @@ CREATE INDEX jobs_scope_active ON pgqueue.jobs (scope, id)
 CREATE UNIQUE INDEX jobs_one_current_per_scope ON pgqueue.jobs (scope) WHERE is_current;
 CREATE UNIQUE INDEX jobs_one_running_per_scope ON pgqueue.jobs (scope)
     WHERE state = 'running' AND scope IS NOT NULL;
+-- Jobs without a key (most of them) stay out: NULLs never conflict, and an entry
+-- per keyless job would cost every enqueue an index insertion for nothing.
 CREATE UNIQUE INDEX jobs_one_pending_per_dedup_key ON pgqueue.jobs (dedup_key)
-    WHERE state IN ('waiting', 'queued');
+    WHERE state IN ('waiting', 'queued') AND dedup_key IS NOT NULL;
 
 -- Leases: the fence of complete/fail/release and heartbeat look up a worker's
 -- running jobs by locked_by (a completion must not read every running job);
@@ -588,7 +590,7 @@ BEGIN
         ORDER BY sp.ord
         -- A pending job with the key already exists: lock it (so it cannot be
         -- claimed and finished before our dependents on it commit) and return it.
-        ON CONFLICT (dedup_key) WHERE state IN ('waiting', 'queued')
+        ON CONFLICT (dedup_key) WHERE state IN ('waiting', 'queued') AND dedup_key IS NOT NULL
         DO UPDATE SET dedup_key = excluded.dedup_key
         RETURNING j.id, j.dedup_key
     )
@@ -628,7 +630,11 @@ END
 $$;
 
 -- The single-job path does not build a spec: scalar checks and one INSERT,
--- since this is the call applications make most.
+-- since this is the call applications make most. Valid input passes one
+-- combined test (each term is NULL-safe: NULL means "use the default"); only
+-- bad input walks the checks one by one to name its problem. A job with no
+-- dedup key, dependency, follow-ups or pipeline takes a plain INSERT: nothing
+-- can conflict, so no speculative insertion, locks or extra queries.
 CREATE FUNCTION pgqueue.enqueue(
     job_type text,
     payload jsonb DEFAULT '{}',
@@ -648,27 +654,44 @@ DECLARE
     v_id bigint;
     v_inserted boolean;
     v_succeeded bigint[] := '{}';
-    v_deps bigint[] := ARRAY(SELECT DISTINCT unnest(enqueue.depends_on));
+    v_deps bigint[];
 BEGIN
-    IF enqueue.job_type IS NULL OR btrim(enqueue.job_type) = '' THEN
-        RAISE EXCEPTION 'pgqueue.enqueue: job_type must be a non-empty string'
-            USING ERRCODE = 'invalid_parameter_value';
-    ELSIF enqueue.payload IS NOT NULL AND jsonb_typeof(enqueue.payload) <> 'object' THEN
-        RAISE EXCEPTION 'pgqueue.enqueue: payload must be a JSON object, got %', jsonb_typeof(enqueue.payload)
-            USING ERRCODE = 'invalid_parameter_value';
-    ELSIF enqueue.queue IS NOT NULL AND (btrim(enqueue.queue) = '' OR octet_length(enqueue.queue) > 200) THEN
-        RAISE EXCEPTION 'pgqueue.enqueue: queue must be a non-empty string of at most 200 bytes'
-            USING ERRCODE = 'invalid_parameter_value';
-    ELSIF enqueue.dedup_key = '' THEN
-        RAISE EXCEPTION 'pgqueue.enqueue: dedup_key must be a non-empty string'
-            USING ERRCODE = 'invalid_parameter_value';
-    ELSIF octet_length(enqueue.scope::text) > 1000 THEN
-        RAISE EXCEPTION 'pgqueue.enqueue: scope must be at most 1000 bytes of JSON'
-            USING ERRCODE = 'invalid_parameter_value';
-    ELSIF enqueue.max_attempts < 1 THEN
-        RAISE EXCEPTION 'pgqueue.enqueue: max_attempts must be >= 1, got %', enqueue.max_attempts
-            USING ERRCODE = 'invalid_parameter_value';
+    IF enqueue.job_type IS NULL OR btrim(enqueue.job_type) = '' OR jsonb_typeof(enqueue.payload) <> 'object'
+       OR btrim(enqueue.queue) = '' OR octet_length(enqueue.queue) > 200 OR enqueue.dedup_key = ''
+       OR octet_length(enqueue.scope::text) > 1000 OR enqueue.max_attempts < 1 THEN
+        IF enqueue.job_type IS NULL OR btrim(enqueue.job_type) = '' THEN
+            RAISE EXCEPTION 'pgqueue.enqueue: job_type must be a non-empty string'
+                USING ERRCODE = 'invalid_parameter_value';
+        ELSIF jsonb_typeof(enqueue.payload) <> 'object' THEN
+            RAISE EXCEPTION 'pgqueue.enqueue: payload must be a JSON object, got %', jsonb_typeof(enqueue.payload)
+                USING ERRCODE = 'invalid_parameter_value';
+        ELSIF btrim(enqueue.queue) = '' OR octet_length(enqueue.queue) > 200 THEN
+            RAISE EXCEPTION 'pgqueue.enqueue: queue must be a non-empty string of at most 200 bytes'
+                USING ERRCODE = 'invalid_parameter_value';
+        ELSIF enqueue.dedup_key = '' THEN
+            RAISE EXCEPTION 'pgqueue.enqueue: dedup_key must be a non-empty string'
+                USING ERRCODE = 'invalid_parameter_value';
+        ELSIF octet_length(enqueue.scope::text) > 1000 THEN
+            RAISE EXCEPTION 'pgqueue.enqueue: scope must be at most 1000 bytes of JSON'
+                USING ERRCODE = 'invalid_parameter_value';
+        ELSE
+            RAISE EXCEPTION 'pgqueue.enqueue: max_attempts must be >= 1, got %', enqueue.max_attempts
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
     END IF;
+
+    IF enqueue.dedup_key IS NULL AND enqueue.pipeline_id IS NULL AND enqueue.next_jobs IS NULL
+       AND coalesce(cardinality(enqueue.depends_on), 0) = 0 THEN
+        INSERT INTO pgqueue.jobs AS j (queue, job_type, payload, state, priority, scope, max_attempts, run_after)
+        VALUES (coalesce(enqueue.queue, 'default'), enqueue.job_type, coalesce(enqueue.payload, '{}'), 'queued',
+                coalesce(enqueue.priority, 0), nullif(enqueue.scope, 'null'),
+                coalesce(enqueue.max_attempts, pgqueue._setting_int('max_attempts')),
+                coalesce(enqueue.run_after, now()))
+        RETURNING j.id INTO v_id;
+        RETURN v_id;
+    END IF;
+
+    v_deps := ARRAY(SELECT DISTINCT unnest(enqueue.depends_on));
     IF enqueue.next_jobs IS NOT NULL THEN
         PERFORM pgqueue._check_specs(enqueue.next_jobs, 'pgqueue.enqueue: next_jobs');
     END IF;
@@ -693,7 +716,7 @@ BEGIN
             enqueue.pipeline_id, enqueue.next_jobs)
     -- A pending job with the key exists: lock it (it cannot be claimed before
     -- this transaction ends) and return it instead.
-    ON CONFLICT (dedup_key) WHERE state IN ('waiting', 'queued')
+    ON CONFLICT (dedup_key) WHERE state IN ('waiting', 'queued') AND dedup_key IS NOT NULL
     DO UPDATE SET dedup_key = excluded.dedup_key
     RETURNING j.id, j.xmax = 0 INTO v_id, v_inserted;
 
@@ -720,6 +743,85 @@ $$;
 COMMENT ON FUNCTION pgqueue.enqueue_many(jsonb) IS
     'Create many jobs in one statement (one notification per queue) from an array of specs: objects with '
     'enqueue''s parameter names, plus "key"/"after" for dependencies between them. Returns ids in spec order.';
+
+-- The bulk fast path: one typed array per column, no JSON to take apart per
+-- job. It covers the jobs most bulk loads are made of (no dedup key,
+-- dependency, follow-ups or pipeline; those go through the spec form above)
+-- and makes the same rows the spec form makes from the same values. All
+-- checks run over the arrays before the one INSERT, so bad input writes
+-- nothing and the error names the first bad element.
+CREATE FUNCTION pgqueue.enqueue_many(
+    job_types text[],
+    payloads jsonb[],
+    queues text[] DEFAULT NULL,
+    priorities int[] DEFAULT NULL,
+    max_attempts int[] DEFAULT NULL,
+    run_afters timestamptz[] DEFAULT NULL,
+    scopes jsonb[] DEFAULT NULL
+) RETURNS SETOF bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_n int := coalesce(cardinality(job_types), 0);
+    v_max_attempts int := pgqueue._setting_int('max_attempts');
+    v_bad record;
+BEGIN
+    -- A NULL array means "the default for every job"; any other must line up with job_types.
+    SELECT a.name, a.n, a.dims INTO v_bad
+    FROM (VALUES ('job_types', v_n, array_ndims(job_types)),
+                 ('payloads', cardinality(payloads), array_ndims(payloads)),
+                 ('queues', cardinality(queues), array_ndims(queues)),
+                 ('priorities', cardinality(priorities), array_ndims(priorities)),
+                 ('max_attempts', cardinality(enqueue_many.max_attempts), array_ndims(enqueue_many.max_attempts)),
+                 ('run_afters', cardinality(run_afters), array_ndims(run_afters)),
+                 ('scopes', cardinality(scopes), array_ndims(scopes))) a(name, n, dims)
+    WHERE a.n <> v_n OR a.dims > 1
+    LIMIT 1;
+    IF v_bad.dims > 1 THEN
+        RAISE EXCEPTION 'pgqueue.enqueue_many: % must be a one-dimensional array', v_bad.name
+            USING ERRCODE = 'invalid_parameter_value';
+    ELSIF FOUND THEN
+        RAISE EXCEPTION 'pgqueue.enqueue_many: % has % elements but job_types has %; give one per job, or NULL',
+            v_bad.name, v_bad.n, v_n
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    SELECT u.i - 1 AS i, CASE
+        WHEN u.t IS NULL OR btrim(u.t) = '' THEN 'job_type must be a non-empty string'
+        WHEN jsonb_typeof(u.p) <> 'object' THEN format('payload must be a JSON object, got %s', jsonb_typeof(u.p))
+        WHEN btrim(u.q) = '' OR octet_length(u.q) > 200 THEN 'queue must be a non-empty string of at most 200 bytes'
+        WHEN octet_length(u.s::text) > 1000 THEN 'scope must be at most 1000 bytes of JSON'
+        ELSE format('max_attempts must be an integer >= 1, got %s', u.m)
+    END AS problem INTO v_bad
+    FROM unnest(job_types, payloads, queues, enqueue_many.max_attempts, scopes) WITH ORDINALITY AS u(t, p, q, m, s, i)
+    WHERE u.t IS NULL OR btrim(u.t) = '' OR jsonb_typeof(u.p) <> 'object' OR btrim(u.q) = ''
+       OR octet_length(u.q) > 200 OR octet_length(u.s::text) > 1000 OR u.m < 1
+    ORDER BY u.i
+    LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'pgqueue.enqueue_many[%]: %', v_bad.i, v_bad.problem
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    -- Rows are inserted, and so numbered and returned, in array order: the only
+    -- source is one function scan, which yields unnest's rows in order (an ORDER BY
+    -- would add a sort of every row for nothing).
+    RETURN QUERY
+    WITH ins AS (
+        INSERT INTO pgqueue.jobs AS j (queue, job_type, payload, state, priority, scope, max_attempts, run_after)
+        SELECT coalesce(u.q, 'default'), u.t, coalesce(u.p, '{}'), 'queued', coalesce(u.pr, 0), nullif(u.s, 'null'),
+               coalesce(u.m, v_max_attempts), coalesce(u.ra, now())
+        FROM unnest(job_types, payloads, queues, priorities, enqueue_many.max_attempts, run_afters, scopes)
+             AS u(t, p, q, pr, m, ra, s)
+        RETURNING j.id
+    )
+    SELECT ins.id FROM ins;
+END
+$$;
+COMMENT ON FUNCTION pgqueue.enqueue_many(text[], jsonb[], text[], int[], int[], timestamptz[], jsonb[]) IS
+    'Bulk fast path: create one job per element of job_types, with the other arrays (NULL = defaults for all; '
+    'NULL elements = that job''s default) giving payload, queue, priority, max_attempts, run_after and scope. '
+    'Same rows and checks as the spec form; no dedup_key, depends_on, next_jobs or pipeline_id here. '
+    'One INSERT, ids in array order.';
 
 -- ==== sql/04_claim.sql ====
 -- =============================================================================

@@ -63,6 +63,48 @@ CASES = [
         "enqueue_many[1]: job_type must be a non-empty string",
     ),
     ("SELECT pgqueue.enqueue_many('{}')", "must be a JSON array"),
+    # The typed-array overload: the same checks, naming the first bad element.
+    (
+        "SELECT pgqueue.enqueue_many(ARRAY['ok', ''], NULL)",
+        "enqueue_many[1]: job_type must be a non-empty string",
+    ),
+    (
+        "SELECT pgqueue.enqueue_many(ARRAY['ok', NULL], NULL)",
+        "enqueue_many[1]: job_type must be a non-empty string",
+    ),
+    (
+        "SELECT pgqueue.enqueue_many(ARRAY['a', 'b'], ARRAY['{}', '[1]']::jsonb[])",
+        "enqueue_many[1]: payload must be a JSON object, got array",
+    ),
+    (
+        "SELECT pgqueue.enqueue_many(ARRAY['a', 'b'], NULL, ARRAY[NULL, ' '])",
+        "enqueue_many[1]: queue must be a non-empty string of at most 200 bytes",
+    ),
+    (
+        "SELECT pgqueue.enqueue_many(ARRAY['a'], NULL, ARRAY[repeat('q', 201)])",
+        "enqueue_many[0]: queue must be a non-empty string of at most 200 bytes",
+    ),
+    (
+        "SELECT pgqueue.enqueue_many(ARRAY['a', 'b'], NULL, max_attempts => ARRAY[3, 0])",
+        "enqueue_many[1]: max_attempts must be an integer >= 1, got 0",
+    ),
+    (
+        "SELECT pgqueue.enqueue_many(ARRAY['a'], NULL,"
+        " scopes => ARRAY[jsonb_build_object('k', repeat('x', 1000))])",
+        "enqueue_many[0]: scope must be at most 1000 bytes of JSON",
+    ),
+    (
+        "SELECT pgqueue.enqueue_many(ARRAY['a', 'b'], ARRAY['{}']::jsonb[])",
+        "payloads has 1 elements but job_types has 2",
+    ),
+    (
+        "SELECT pgqueue.enqueue_many(ARRAY['a', 'b'], NULL, priorities => '{}'::int[])",
+        "priorities has 0 elements but job_types has 2",
+    ),
+    (
+        "SELECT pgqueue.enqueue_many(ARRAY[['a', 'b']], NULL)",
+        "job_types must be a one-dimensional array",
+    ),
     ("SELECT pgqueue.enqueue('t', queue => '')", "queue must be a non-empty string"),
     ("SELECT pgqueue.enqueue('t', dedup_key => '')", "dedup_key must be a non-empty string"),
     ("SELECT * FROM pgqueue.claim_next('w', NULL, 0)", "batch_size must be >= 1"),
