@@ -111,6 +111,9 @@ class Producer:
                 self.executor.start(job)
             # A full batch means there is probably more; an error means try again.
             more = claimed is None or len(claimed) == wanted
+            if claimed and not more:
+                # Let the runners start these jobs before the next round trip is prepared.
+                await anyio.lowlevel.checkpoint()
             armed = wait and not more
 
     async def _gather_slots(self) -> None:
