@@ -8,12 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+if __package__ in (None, ""):  # pragma: no cover - run as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import asyncpg
 
-from bench.common import drain_loops
+from bench.common import drain_loops, spawn_python, stop_process
 
 SCHEMA = """
 DROP SCHEMA IF EXISTS bench_raw CASCADE;
@@ -168,57 +177,122 @@ async def drain(dsn: str, conns: list[asyncpg.Connection], n: int, k: int) -> di
     return await drain_loops(dsn, conns, n, step, "raw")
 
 
+async def consume(
+    dsn: str, n: int, started: Callable[[int, float], None], ready: asyncio.Event
+) -> None:
+    """The raw consumer: LISTEN (then set ``ready``), and on each notification claim one job
+    at a time with one UPDATE and complete it, until ``n`` jobs have started
+    (``started(seq, wall_time)``)."""
+    listener = await asyncpg.connect(dsn)
+    claimer = await asyncpg.connect(dsn)
+    try:
+        wake = asyncio.Event()
+        await listener.add_listener("bench_raw", lambda *_: wake.set())
+        ready.set()
+        claim = CLAIM.format(table="notify_jobs")
+        complete = COMPLETE.format(table="notify_jobs")
+        done = 0
+        while done < n:
+            await wake.wait()
+            wake.clear()
+            while True:
+                rows = await claimer.fetch(claim, "raw-listener", 1)
+                if not rows:
+                    break
+                now = time.time()
+                for r in rows:
+                    started(json.loads(r["payload"])["seq"], now)
+                done += len(rows)
+                await claimer.execute(complete, [r["id"] for r in rows], "raw-listener")
+    finally:
+        for c in (listener, claimer):
+            await c.close()
+
+
+async def produce(producer: asyncpg.Connection, n: int, rate: float) -> dict[int, float]:
+    """Insert n jobs one per transaction at ``rate`` per second; commit acknowledgement times."""
+    acks: dict[int, float] = {}
+    interval = 1.0 / rate
+    nxt = time.perf_counter()
+    for seq in range(n):
+        await producer.execute(
+            "INSERT INTO bench_raw.notify_jobs (job_type, payload) VALUES ('stamp', $1::jsonb)",
+            f'{{"seq": {seq}}}',
+        )
+        acks[seq] = time.time()
+        nxt += interval
+        await asyncio.sleep(max(0.0, nxt - time.perf_counter()))
+    return acks
+
+
 async def pickup_latency(dsn: str, n: int, rate: float) -> list[float]:
-    """LISTEN on the plain table's insert notification and claim with one UPDATE.
+    """The ceiling: the raw consumer in this process, beside the producer.
 
     Returns handler-start minus producer-commit-ack, in milliseconds, one per job.
     """
-    listener = await asyncpg.connect(dsn)
-    claimer = await asyncpg.connect(dsn)
     producer = await asyncpg.connect(dsn)
     try:
         await reset(producer)
-        wake = asyncio.Event()
-        listener_ready = asyncio.Event()
-        await listener.add_listener("bench_raw", lambda *_: wake.set())
-        listener_ready.set()
         starts: dict[int, float] = {}
-        claim = CLAIM.format(table="notify_jobs")
-        complete = COMPLETE.format(table="notify_jobs")
-
-        async def consume() -> None:
-            while len(starts) < n:
-                await wake.wait()
-                wake.clear()
-                while True:
-                    rows = await claimer.fetch(claim, "raw-listener", 1)
-                    if not rows:
-                        break
-                    now = time.time()
-                    for r in rows:
-                        starts[json.loads(r["payload"])["seq"]] = now
-                    await claimer.execute(complete, [r["id"] for r in rows], "raw-listener")
-
-        acks: dict[int, float] = {}
-
-        async def produce() -> None:
-            await listener_ready.wait()
-            interval = 1.0 / rate
-            nxt = time.perf_counter()
-            for seq in range(n):
-                await producer.execute(
-                    "INSERT INTO bench_raw.notify_jobs (job_type, payload)"
-                    " VALUES ('stamp', $1::jsonb)",
-                    f'{{"seq": {seq}}}',
-                )
-                acks[seq] = time.time()
-                nxt += interval
-                await asyncio.sleep(max(0.0, nxt - time.perf_counter()))
-
-        consumer = asyncio.create_task(consume())
-        await produce()
+        ready = asyncio.Event()
+        consumer = asyncio.create_task(consume(dsn, n, starts.__setitem__, ready))
+        await ready.wait()
+        acks = await produce(producer, n, rate)
         await asyncio.wait_for(consumer, 30)
         return [(starts[s] - acks[s]) * 1000 for s in range(n)]
     finally:
-        for c in (listener, claimer, producer):
-            await c.close()
+        await producer.close()
+
+
+async def pickup_latency_process(dsn: str, n: int, rate: float) -> list[float]:
+    """The same raw consumer in a process of its own, as every worker is: its wake-up on a
+    notification crosses a process boundary, which the in-process ceiling never pays."""
+    stamps = Path(tempfile.mkdtemp(prefix="pgqueue-bench-")) / "stamps.txt"
+    producer = await asyncpg.connect(dsn)
+    try:
+        await reset(producer)
+        proc = spawn_python(
+            ["-m", "bench.raw", dsn, str(n), str(stamps)], stamps.with_suffix(".log")
+        )
+        try:
+            await wait_for_file(stamps.with_suffix(".ready"), proc)
+            acks = await produce(producer, n, rate)
+            for _ in range(3000):
+                if proc.poll() is not None:
+                    break
+                await asyncio.sleep(0.01)
+        finally:
+            stop_process(proc)
+        starts = {}
+        for line in stamps.read_text().splitlines():
+            seq, t = line.split()
+            starts[int(seq)] = float(t)
+        return [(starts[s] - acks[s]) * 1000 for s in range(n)]
+    finally:
+        await producer.close()
+        shutil.rmtree(stamps.parent, ignore_errors=True)
+
+
+async def wait_for_file(path: Path, proc: subprocess.Popen[bytes]) -> None:
+    for _ in range(3000):
+        if path.exists():  # noqa: ASYNC240 - a stat between sleeps, nothing to await
+            return
+        if proc.poll() is not None:
+            raise RuntimeError(f"raw consumer exited early; see {path.with_suffix('.log')}")
+        await asyncio.sleep(0.01)
+    raise RuntimeError("raw consumer never got ready")
+
+
+async def _consume_to_file(dsn: str, n: int, stamps: Path) -> None:
+    with open(stamps, "a", buffering=1) as out:  # noqa: ASYNC230 - opened once, before timing
+        ready = asyncio.Event()
+        listening = asyncio.create_task(
+            consume(dsn, n, lambda s, t: out.write(f"{s} {t!r}\n"), ready)
+        )
+        await ready.wait()
+        stamps.with_suffix(".ready").touch()
+        await listening
+
+
+if __name__ == "__main__":  # the separate-process consumer: python -m bench.raw DSN N STAMPS
+    asyncio.run(_consume_to_file(sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])))

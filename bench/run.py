@@ -259,6 +259,7 @@ async def section_latency(cfg: dict[str, Any], dsn: str, peers: dict[str, Any]) 
     n, rate, reps = cfg["latency_n"], cfg["latency_rate"], cfg["reps"]
     systems = {
         "raw": lambda: raw.pickup_latency(dsn, n, rate),
+        "raw_process": lambda: raw.pickup_latency_process(dsn, n, rate),
         "pgqueue": lambda: pgq.pickup_latency(dsn, n, rate),
     }
     for name, peer in peers.items():
