@@ -268,6 +268,7 @@ DRAIN_LABELS = {
     "pgqueue_c1": "pgqueue worker, concurrency 1",
     "pgqueue_c10": "pgqueue worker, concurrency 10",
     "pgqueue_c50": "pgqueue worker, concurrency 50",
+    "pgqueue_c200": "pgqueue worker, concurrency 200",
     "pgqueue_2x_c50": "two pgqueue workers, concurrency 50 each",
     "pgqueuer_b50": "PGQueuer, batch_size 50",
     "pgqueuer_b200": "PGQueuer, batch_size 200",
@@ -294,7 +295,7 @@ def chart(r: dict[str, Any], path: Path) -> bool:
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(10, 5), dpi=110)
-    xs = [c for c in (1, 10, 50) if f"pgqueue_c{c}" in drain]
+    xs = [c for c in (1, 10, 50, 200) if f"pgqueue_c{c}" in drain]
     ys = [med(drain[f"pgqueue_c{c}"], "jobs_per_s") for c in xs]
     lo = [
         med(drain[f"pgqueue_c{c}"], "jobs_per_s") - drain[f"pgqueue_c{c}"]["jobs_per_s"]["min"]
@@ -344,8 +345,8 @@ def chart(r: dict[str, Any], path: Path) -> bool:
             )
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xticks([1, 10, 50])
-    ax.set_xticklabels(["1", "10", "50"])
+    ax.set_xticks([1, 10, 50, 200])
+    ax.set_xticklabels(["1", "10", "50", "200"])
     ax.set_xlabel("worker concurrency (handler slots)")
     ax.set_ylabel("no-op jobs drained per second (log)")
     env = r["meta"]["environment"]
