@@ -512,6 +512,10 @@ BEGIN
     IF v_n = 0 THEN
         RETURN '{}';
     END IF;
+    -- Children inherit their parent's pipeline (a spec naming another is
+    -- refused). A cancelled pipeline grows no new work: children of a member
+    -- that was still running when it was cancelled are recorded as cancelled;
+    -- an explicit enqueue into it is refused.
     IF p_parent_id IS NOT NULL THEN
         SELECT e.ord - 1 AS i INTO v_bad FROM jsonb_array_elements(p_specs) WITH ORDINALITY e(s, ord)
         WHERE (e.s->>'pipeline_id')::uuid IS DISTINCT FROM p_pipeline_id AND e.s ? 'pipeline_id'
@@ -521,12 +525,6 @@ BEGIN
             RAISE EXCEPTION '%[%]: pipeline_id differs from the parent''s; children inherit it', p_label, v_bad.i
                 USING ERRCODE = 'invalid_parameter_value';
         END IF;
-    END IF;
-
-    -- A cancelled pipeline grows no new work: children of a member that was
-    -- still running when it was cancelled are recorded as cancelled; an
-    -- explicit enqueue into it is refused.
-    IF p_parent_id IS NOT NULL THEN
         v_cancelled := pgqueue._pipeline_cancelled(p_pipeline_id);
     ELSE
         FOR v_pipeline IN

@@ -5,10 +5,10 @@ per-job event) and move on, and one flusher task writes everything that has pile
 single ``pgqueue.complete_many`` call while the previous write was in flight. Nothing waits
 for a batch to fill, so an idle worker still records a lone success at once, and a busy one
 pays one round trip per batch, not per job. Once a batch lands the flusher reports each job
-through the ``recorded`` callback (the executor logs it and frees its slot); a batch that
-PostgreSQL refuses is written again one job at a time, and a success refused on its own (a
-result it cannot store, a bad next_jobs spec) goes to the ``refused`` callback, which fails
-the attempt with the error.
+through the ``recorded`` callback (the executor logs it; its slot was freed when the handler
+returned); a batch that PostgreSQL refuses is written again one job at a time, and a success
+refused on its own (a result it cannot store, a bad next_jobs spec) goes to the ``refused``
+callback, which fails the attempt with the error.
 
 Every write runs in a shielded cancel scope: a shutdown that cancels the handlers cannot
 cancel the write that records what they did. Connection errors are retried with backoff
