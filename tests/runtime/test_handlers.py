@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 import asyncpg
 import pytest
-from worker_harness import wait_for_states
+from worker_harness import wait_for_states, wait_until
 
 import pgqueue
 from pgqueue.migrate import SchemaError
@@ -214,3 +214,56 @@ async def test_idle_workers_wake_for_each_job_in_either_notify_mode(
         await wait_for_states(conn, [late], "succeeded", within=3)
     waiting = await conn.fetchval("SELECT count(*) FROM pgqueue.notify_waiters")
     assert waiting <= (2 if mode == "when_waiting" else 0)
+
+
+async def test_producer_stops_claiming_while_successes_pile_up_unwritten(
+    conn: asyncpg.Connection, db_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slot frees when its handler returns, before the success is written; the number of
+    unwritten successes is capped (here at 1), so a stalled write stops the claiming."""
+    from pgqueue.worker import executor
+
+    monkeypatch.setattr(executor, "MAX_BATCH", 1)  # max_unwritten = max(concurrency, 1) = 1
+    app = pgqueue.App()
+    gate = anyio.Event()
+
+    @app.job("gated")
+    async def gated(job: pgqueue.Job) -> None:
+        await gate.wait()
+
+    first = await app.enqueue(conn, "gated")
+    rest = [await app.enqueue(conn, "gated") for _ in range(3)]
+    locker = await asyncpg.connect(db_dsn)
+    async with running(app, db_dsn, concurrency=1, poll_interval=30):
+        await wait_for_states(conn, [first], "running")
+        async with locker.transaction():
+            await locker.execute("SELECT 1 FROM pgqueue.jobs WHERE id = $1 FOR UPDATE", first)
+            gate.set()  # the handler returns; its complete_many now waits for our row lock
+            await wait_until_success_write_blocked(conn)
+            # The slot is free but one success is unwritten: no further claim. Without the cap
+            # the producer would claim the next job within milliseconds of the slot freeing.
+            for _ in range(25):  # watch for 0.5 s
+                queued = await conn.fetchval(
+                    "SELECT count(*) FROM pgqueue.jobs WHERE id = ANY($1) AND state = 'queued'",
+                    rest,
+                )
+                if queued != len(rest):
+                    break
+                await anyio.sleep(0.02)
+            states = await conn.fetch("SELECT state FROM pgqueue.jobs WHERE id = ANY($1)", rest)
+            assert {r["state"] for r in states} == {"queued"}
+        await wait_for_states(conn, [first, *rest], "succeeded", within=5)
+    await locker.close()
+
+
+async def wait_until_success_write_blocked(conn: asyncpg.Connection) -> None:
+    """Until a worker backend's ``complete_many`` waits for a lock."""
+
+    async def blocked() -> bool:
+        n = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'pgqueue-worker %'"
+            " AND wait_event_type = 'Lock' AND query LIKE '%complete_many%'"
+        )
+        return bool(n)
+
+    await wait_until(blocked, within=10, what="the success write waiting for our row lock")
