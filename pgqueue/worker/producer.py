@@ -77,6 +77,7 @@ class Producer:
         self.executor.slot_freed.set()
 
     async def run(self) -> None:
+        """Claim until :meth:`stop`; the claim connection goes back to the pool on the way out."""
         try:
             await self._run()
         finally:
