@@ -9,9 +9,13 @@ hole in the documentation an operator sees.
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import asyncpg
+import pytest
 
 SQL_MD = Path(__file__).resolve().parents[2] / "docs" / "sql.md"
 
@@ -116,3 +120,20 @@ async def test_sql_reference_mentions_every_jobs_column(conn: asyncpg.Connection
     )
     missing = [c["attname"] for c in columns if f"`{c['attname']}`" not in text]
     assert not missing, f"{SQL_MD.name} does not document pgqueue.jobs columns: {missing}"
+
+
+def test_sql_reference_examples_print_what_the_page_shows(db_dsn: str) -> None:
+    """docs/sql.md's psql examples, pasted in order into a fresh database, print what the page
+    shows (ids included). ``python scripts/sql_docs.py DSN --write`` updates the page."""
+    psql = shutil.which("psql")
+    if psql is None:
+        pytest.skip("psql is not installed")
+    script = SQL_MD.parents[1] / "scripts" / "sql_docs.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), db_dsn, "--psql", psql],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
