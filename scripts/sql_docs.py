@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
-"""Run docs/sql.md's psql examples in order and compare (or rewrite) the outputs it shows.
+"""Run a page's psql examples in order and compare (or rewrite) the outputs it shows.
 
-docs/sql.md promises that every ``sql`` block, pasted into psql in order in a freshly migrated
-database, prints the ``text`` block that follows it (job ids included). This script holds the
-page to that: it feeds all blocks to one psql session and compares each output with the page.
+docs/sql.md and docs/cookbook.md promise that their ``sql`` blocks, pasted into psql in order
+in a freshly migrated database, print the ``text`` block that follows each (job ids included).
+This script holds a page to that: it feeds all blocks to one psql session and compares each
+output with the page.
 
-    python scripts/sql_docs.py DSN            # exit 1 and show the first differences
-    python scripts/sql_docs.py DSN --write    # rewrite the outputs in docs/sql.md
+    python scripts/sql_docs.py DSN                            # docs/sql.md; exit 1 on a difference
+    python scripts/sql_docs.py DSN --page docs/cookbook.md    # another page
+    python scripts/sql_docs.py DSN --write                    # rewrite the outputs on the page
 
 DSN names a freshly migrated, otherwise empty database (the test suite passes a clone of its
 migrated template). Only ``ERROR:`` lines of an error are kept (psql's ``CONTEXT``/``DETAIL``
@@ -24,7 +26,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SQL_MD = ROOT / "docs" / "sql.md"
+PAGES = (ROOT / "docs" / "sql.md", ROOT / "docs" / "cookbook.md")
 EXAMPLE = re.compile(r"```sql\n(.*?)```(\n\n```text\n(.*?)```)?", re.S)
 FOLLOW_UPS = ("CONTEXT:", "DETAIL:", "HINT:", "LINE ")
 FOLLOW_UP_BODY = ("PL/pgSQL function", "SQL statement", "SQL function")
@@ -65,9 +67,9 @@ def clean(output: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def compare(dsn: str, psql: str, write: bool) -> list[str]:
+def compare(page: Path, dsn: str, psql: str, write: bool) -> list[str]:
     """Run the page's examples; return a diff per differing output (rewrite them if asked)."""
-    text = SQL_MD.read_text()
+    text = page.read_text()
     examples = list(EXAMPLE.finditer(text))
     outputs = run_examples(dsn, psql, [m.group(1) for m in examples])
     diffs: list[str] = []
@@ -81,21 +83,22 @@ def compare(dsn: str, psql: str, write: bool) -> list[str]:
             diff = difflib.unified_diff(
                 m.group(3).splitlines(), got.splitlines(), "page", "psql", lineterm="", n=1
             )
-            diffs.append(f"docs/sql.md:{line}:\n" + "\n".join(diff))
+            diffs.append(f"{page.relative_to(ROOT)}:{line}:\n" + "\n".join(diff))
         pieces += [text[last : m.start(3)], got]
         last = m.end(3)
     if write and diffs:
-        SQL_MD.write_text("".join(pieces) + text[last:])
+        page.write_text("".join(pieces) + text[last:])
     return diffs
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("dsn", help="a freshly migrated, empty database")
+    parser.add_argument("--page", type=Path, default=PAGES[0], help="default: docs/sql.md")
     parser.add_argument("--write", action="store_true", help="rewrite the outputs on the page")
     parser.add_argument("--psql", default=shutil.which("psql") or "psql")
     args = parser.parse_args()
-    diffs = compare(args.dsn, args.psql, args.write)
+    diffs = compare(args.page.resolve(), args.dsn, args.psql, args.write)
     for d in diffs[:5]:
         print(d, file=sys.stderr)
     if diffs and not args.write:

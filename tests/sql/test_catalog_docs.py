@@ -122,15 +122,16 @@ async def test_sql_reference_mentions_every_jobs_column(conn: asyncpg.Connection
     assert not missing, f"{SQL_MD.name} does not document pgqueue.jobs columns: {missing}"
 
 
-def test_sql_reference_examples_print_what_the_page_shows(db_dsn: str) -> None:
-    """docs/sql.md's psql examples, pasted in order into a fresh database, print what the page
-    shows (ids included). ``python scripts/sql_docs.py DSN --write`` updates the page."""
+@pytest.mark.parametrize("page", ["sql.md", "cookbook.md"])
+def test_psql_examples_print_what_the_page_shows(db_dsn: str, page: str) -> None:
+    """A page's psql examples, pasted in order into a fresh database, print what the page
+    shows (ids included). ``python scripts/sql_docs.py DSN --page ... --write`` updates it."""
     psql = shutil.which("psql")
     if psql is None:
         pytest.skip("psql is not installed")
     script = SQL_MD.parents[1] / "scripts" / "sql_docs.py"
     proc = subprocess.run(
-        [sys.executable, str(script), db_dsn, "--psql", psql],
+        [sys.executable, str(script), db_dsn, "--page", str(SQL_MD.parent / page), "--psql", psql],
         capture_output=True,
         text=True,
         timeout=120,
