@@ -1485,22 +1485,21 @@ COMMENT ON COLUMN pgqueue.notify_waiters.since IS 'When it last went to sleep.';
 -- one of them (and consume that worker's registration).
 CREATE FUNCTION pgqueue._notify(p_queues text[]) RETURNS void
 LANGUAGE plpgsql AS $$
-DECLARE
-    v_woken int;
 BEGIN
     IF cardinality(p_queues) IS NOT DISTINCT FROM 0 OR p_queues IS NULL THEN
         RETURN;
     END IF;
     IF pgqueue._setting('notify') = 'when_waiting' THEN
         PERFORM pg_advisory_xact_lock_shared(pgqueue._lock_class('waiters'), 0);
-        -- A later statement, so a snapshot taken after the lock was granted.
-        WITH woken AS (
-            DELETE FROM pgqueue.notify_waiters w
-            WHERE w.queues IS NULL OR w.queues && p_queues
-            RETURNING 1
-        )
-        SELECT count(*) INTO v_woken FROM woken;
-        IF v_woken = 0 THEN
+        -- Later statements, so snapshots taken after the lock was granted. The
+        -- read first: while every worker is busy the table is empty, and a
+        -- read is cheaper than a DELETE that finds nothing.
+        IF NOT EXISTS (SELECT 1 FROM pgqueue.notify_waiters w
+                       WHERE w.queues IS NULL OR w.queues && p_queues) THEN
+            RETURN;
+        END IF;
+        DELETE FROM pgqueue.notify_waiters w WHERE w.queues IS NULL OR w.queues && p_queues;
+        IF NOT FOUND THEN  -- another producer consumed them meanwhile, and notifies
             RETURN;
         END IF;
     END IF;
