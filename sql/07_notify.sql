@@ -37,21 +37,32 @@ COMMENT ON COLUMN pgqueue.notify_waiters.worker IS 'The waiting worker''s id.';
 COMMENT ON COLUMN pgqueue.notify_waiters.queues IS 'Queues it serves; NULL for every queue.';
 COMMENT ON COLUMN pgqueue.notify_waiters.since IS 'When it last went to sleep.';
 
--- NOTIFY the given queues, or in when_waiting mode only if a worker waits for
--- one of them (and consume that worker's registration).
-CREATE FUNCTION pgqueue._notify(p_queues text[]) RETURNS void
+-- Takes the 'waiters' lock shared (held to commit: a worker registering waits
+-- for this transaction), then says whether a worker waits for one of p_queues
+-- (NULL: for any queue).
+CREATE FUNCTION pgqueue._someone_waits(p_queues text[]) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock_shared(pgqueue._lock_class('waiters'), 0);
+    -- A later statement, so a snapshot taken after the lock was granted.
+    RETURN EXISTS (SELECT 1 FROM pgqueue.notify_waiters w
+                   WHERE p_queues IS NULL OR w.queues IS NULL OR w.queues && p_queues);
+END
+$$;
+
+-- NOTIFY the given queues (p_mode: settings.notify, read by the caller), or in
+-- when_waiting mode only if a worker waits for one of them, consuming its
+-- registration.
+CREATE FUNCTION pgqueue._notify(p_queues text[], p_mode text) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
     IF cardinality(p_queues) IS NOT DISTINCT FROM 0 OR p_queues IS NULL THEN
         RETURN;
     END IF;
-    IF pgqueue._setting('notify') = 'when_waiting' THEN
-        PERFORM pg_advisory_xact_lock_shared(pgqueue._lock_class('waiters'), 0);
-        -- Later statements, so snapshots taken after the lock was granted. The
-        -- read first: while every worker is busy the table is empty, and a
+    IF p_mode = 'when_waiting' THEN
+        -- The read first: while every worker is busy the table is empty, and a
         -- read is cheaper than a DELETE that finds nothing.
-        IF NOT EXISTS (SELECT 1 FROM pgqueue.notify_waiters w
-                       WHERE w.queues IS NULL OR w.queues && p_queues) THEN
+        IF NOT pgqueue._someone_waits(p_queues) THEN
             RETURN;
         END IF;
         DELETE FROM pgqueue.notify_waiters w WHERE w.queues IS NULL OR w.queues && p_queues;
@@ -65,8 +76,13 @@ $$;
 
 CREATE FUNCTION pgqueue._notify_inserted() RETURNS trigger
 LANGUAGE plpgsql AS $$
+DECLARE
+    v_mode text := pgqueue._setting('notify');
 BEGIN
-    PERFORM pgqueue._notify(ARRAY(SELECT DISTINCT n.queue FROM new_rows n WHERE n.state = 'queued'));
+    IF v_mode = 'when_waiting' AND NOT pgqueue._someone_waits(NULL) THEN
+        RETURN NULL;  -- every worker is busy: not even the queue list is needed
+    END IF;
+    PERFORM pgqueue._notify(ARRAY(SELECT DISTINCT n.queue FROM new_rows n WHERE n.state = 'queued'), v_mode);
     RETURN NULL;
 END
 $$;
@@ -79,7 +95,7 @@ $$;
 CREATE FUNCTION pgqueue._notify_requeued() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM pgqueue._notify(ARRAY[NEW.queue]);
+    PERFORM pgqueue._notify(ARRAY[NEW.queue], pgqueue._setting('notify'));
     RETURN NULL;
 END
 $$;
@@ -107,7 +123,8 @@ LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM pgqueue._notify(ARRAY(SELECT o.queue FROM pgqueue.jobs o
                                   WHERE o.scope = NEW.scope AND o.state = 'queued' AND o.id <> NEW.id
-                                  ORDER BY o.id LIMIT 1));
+                                  ORDER BY o.id LIMIT 1),
+                            pgqueue._setting('notify'));
     RETURN NULL;
 END
 $$;

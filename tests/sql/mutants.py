@@ -120,7 +120,7 @@ MUTANTS: dict[str, Mutant] = {
     # when_waiting producers without the shared 'waiters' lock: a worker registering right
     # after the producer decided nobody waits claims before the job commits, and sleeps.
     "notify_gate_without_lock": Mutant(
-        "pgqueue._notify(text[])",
+        "pgqueue._someone_waits(text[])",
         "PERFORM pg_advisory_xact_lock_shared(pgqueue._lock_class('waiters'), 0);",
         "NULL;",
         "test_notify_when_waiting.py::test_sleeping_worker_waits_for_a_silent_producer_and_claims_its_job",
