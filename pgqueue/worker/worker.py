@@ -152,9 +152,10 @@ class Worker:
         self.logger.info("worker %s stopped", self.id, extra={"worker": self.id})
 
     async def _drain(self, executor: Executor, completer: Completer) -> None:
-        """Let running jobs finish within the grace period; the caller then cancels the rest.
-
-        A job counts until its outcome is written, so once nothing runs every outcome is.
+        """Let running jobs finish, and their successes be written, within the grace period;
+        the caller then cancels the rest. Whatever is still running or unwritten then gets
+        FINAL_WRITE_WINDOW for its writes, so a database that stays down cannot hold the
+        process forever.
         """
         if executor.running:
             self.logger.info(
@@ -165,10 +166,12 @@ class Worker:
         with anyio.move_on_after(self.grace) as self._grace_scope:
             while executor.running:
                 await executor.idle.wait()
+            await completer.flushed()
         if executor.running:
             self.logger.warning(
                 "grace period over: cancelling and releasing %d job(s)", len(executor.running)
             )
+        if executor.running or completer.unwritten:
             completer.give_up_at = time.monotonic() + FINAL_WRITE_WINDOW
 
     async def _watch_signals(self) -> None:

@@ -130,3 +130,49 @@ async def test_worker_survives_a_postgres_restart(cluster: Cluster) -> None:
         assert await worker.wait_exit(within=10) == 0
     finally:
         worker.close()
+
+
+async def test_stop_during_an_outage_gives_up_unwritten_successes(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A success still unwritten when the database goes away must not hold a stopping worker
+    forever: after the grace period its write gets FINAL_WRITE_WINDOW, then the worker exits
+    (stale recovery owns the job). A watchdog brings the server back if the worker hangs, so
+    a regression fails the assertion instead of hanging the suite."""
+    from pgqueue.worker import worker as worker_module
+
+    monkeypatch.setattr(worker_module, "FINAL_WRITE_WINDOW", 1.0)
+    local = pgqueue.App()
+    release = anyio.Event()
+
+    @local.job("held")
+    async def held(job: pgqueue.Job) -> None:
+        await release.wait()
+
+    conn = await asyncpg.connect(cluster.dsn)
+    job = await local.enqueue(conn, "held")
+    worker = pgqueue.Worker(local, cluster.dsn, grace=0.5, poll_interval=0.2, handle_signals=False)
+    returned = anyio.Event()
+    hung = False
+
+    async def run() -> None:
+        await worker.run()
+        returned.set()
+
+    async def watchdog() -> None:
+        nonlocal hung
+        with anyio.move_on_after(15):  # grace 0.5 s + window 1 s + one backoff step (<= 5 s)
+            await returned.wait()
+            return
+        hung = True
+        await anyio.to_thread.run_sync(cluster.start)  # let the write land so run() returns
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run)
+        await wait_for_states(conn, [job], "running")
+        await conn.close()
+        await anyio.to_thread.run_sync(cluster.stop)
+        release.set()  # the handler returns; its success cannot be written now
+        worker.stop()
+        tg.start_soon(watchdog)
+    assert not hung, "the stopped worker waited for the database instead of giving up"
