@@ -213,18 +213,15 @@ class App:
         attempts: list[int | None] = []
         run_afters: list[datetime.datetime | None] = []
         scopes: list[Any] = []
-        for spec in specs:
-            if not spec.keys() <= _PLAIN_KEYS:
+        for given in specs:
+            if not given.keys() <= _PLAIN_KEYS:
                 return None
-            job_type = spec.get("job_type")
+            job_type = given.get("job_type")
             if type(job_type) is not str:
                 return None
-            registered = self.job_types.get(job_type)
-            queue = spec.get("queue") if "queue" in spec or registered is None else registered.queue
-            if "max_attempts" in spec or registered is None:
-                max_attempts = spec.get("max_attempts")
-            else:
-                max_attempts = registered.max_attempts
+            spec = self.with_defaults(given)
+            queue = spec.get("queue")
+            max_attempts = spec.get("max_attempts")
             priority = spec.get("priority")
             run_after = spec.get("run_after")
             if not (

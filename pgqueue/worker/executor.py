@@ -58,7 +58,8 @@ class Executor:
         self.completer = completer
         self.concurrency = concurrency
         self.logger = logger
-        # Every job holding a slot: claimed and not yet settled (outcome written, or released).
+        # Every job holding a slot: claimed, and its handler not yet returned (or not yet
+        # started). Its success may still be unwritten after it leaves: see the completer.
         self.running: dict[int, Job] = {}
         self.max_unwritten = max(concurrency, MAX_BATCH)
         self.slot_freed = Wake()
@@ -119,6 +120,7 @@ class Executor:
 
     def _written(self, job: Job) -> None:
         """The job's outcome is in the database (or given up)."""
+        self.slot_freed.set()  # the producer may be waiting on the unwritten cap
         if job.scope is not None:
             # The next job of this scope became claimable, and no NOTIFY says so.
             self.wake.set()
@@ -163,7 +165,6 @@ class Executor:
             self._log(job, "succeeded" if held else "lease lost", item.duration)
         finally:
             self._written(job)
-            self.slot_freed.set()  # the producer may be waiting on the unwritten cap
 
     async def _refused(self, item: Success, error: Exception) -> None:
         """Completer callback: PostgreSQL refused this success alone; fail the attempt."""
@@ -174,7 +175,6 @@ class Executor:
             self._log_unrecorded(job)
         finally:
             self._written(job)
-            self.slot_freed.set()
 
     async def _fail(self, job: Job, error: str, duration: float) -> None:
         state = await self.completer.fail(job, error)

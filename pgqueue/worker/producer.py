@@ -133,9 +133,8 @@ class Producer:
         a backoff) if the database failed."""
         query = _CLAIM_OR_WAIT if wait else _CLAIM
         try:
-            if self._conn is None:
-                self._conn = await self.pool.acquire()
-            rows = await self._conn.fetch(query, self.worker_id, self.queues, batch_size)
+            conn = await self._connection()
+            rows = await conn.fetch(query, self.worker_id, self.queues, batch_size)
         except Exception as exc:
             await self._release()
             self._outage.failed(exc, "claiming jobs")
@@ -150,15 +149,20 @@ class Producer:
         if sooner. Also refreshes :attr:`when_waiting`."""
         poll = self.poll_interval * random.uniform(0.8, 1.0)
         try:
-            if self._conn is None:
-                self._conn = await self.pool.acquire()
-            seconds, when_waiting = await self._conn.fetchrow(_BEFORE_SLEEP, self.queues)
+            conn = await self._connection()
+            seconds, when_waiting = await conn.fetchrow(_BEFORE_SLEEP, self.queues)
         except Exception as exc:
             await self._release()
             self._outage.failed(exc, "looking up the next scheduled job")
             return poll
         self.when_waiting = bool(when_waiting)
         return poll if seconds is None else max(0.0, min(poll, seconds))
+
+    async def _connection(self) -> asyncpg.pool.PoolConnectionProxy:
+        """The claim connection, acquired from the pool when there is none."""
+        if self._conn is None:
+            self._conn = await self.pool.acquire()
+        return self._conn
 
     async def _release(self) -> None:
         """Give the claim connection back (the pool replaces it if it broke)."""
