@@ -1319,6 +1319,14 @@ COMMENT ON FUNCTION pgqueue.cancel(bigint) IS
     'Cancel a waiting or queued job and, transitively, the jobs waiting on it. Returns false for a running or '
     'finished job (a running handler is not interrupted; its worker''s outcome decides).';
 
+-- The fan-in counter's definition: how many dependencies of the job have not
+-- succeeded. Used where a counter is rebuilt (retry) rather than decremented.
+CREATE FUNCTION pgqueue._unfinished_deps(p_job_id bigint) RETURNS int
+LANGUAGE sql STABLE AS $$
+    SELECT count(*)::int FROM pgqueue.job_dependencies d JOIN pgqueue.jobs p ON p.id = d.depends_on
+    WHERE d.job_id = p_job_id AND p.state <> 'succeeded'
+$$;
+
 CREATE FUNCTION pgqueue.retry(job_id bigint) RETURNS boolean
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
@@ -1367,14 +1375,12 @@ BEGIN
            attempts = 0, run_after = now(), finished_at = NULL, locked_by = NULL, locked_at = NULL,
            result = NULL,
            dedup_key = CASE WHEN pgqueue._keeps_dedup_key(v.dedup_key, j.id) THEN v.dedup_key END
-      FROM (SELECT count(*)::int AS n FROM pgqueue.job_dependencies d JOIN pgqueue.jobs p ON p.id = d.depends_on
-            WHERE d.job_id = retry.job_id AND p.state <> 'succeeded') x
+      FROM (SELECT pgqueue._unfinished_deps(retry.job_id) AS n) x
      WHERE j.id = retry.job_id;
     -- Each of them depends (transitively) on this job, which has not succeeded: they wait.
     UPDATE pgqueue.jobs j
        SET state = 'waiting', finished_at = NULL,
-           pending_deps = (SELECT count(*) FROM pgqueue.job_dependencies d JOIN pgqueue.jobs p ON p.id = d.depends_on
-                           WHERE d.job_id = j.id AND p.state <> 'succeeded')
+           pending_deps = pgqueue._unfinished_deps(j.id)
      WHERE j.id = ANY (v_downstream);
     RETURN true;
 END

@@ -70,8 +70,8 @@ MUTANTS: dict[str, Mutant] = {
     # retry makes cancelled dependents wait again with their stale counter.
     "retry_keeps_stale_counter": Mutant(
         "pgqueue.retry(bigint)",
-        "pending_deps = (SELECT count(*) FROM",
-        "pending_deps = j.pending_deps + 0 * (SELECT count(*) FROM",
+        "pending_deps = pgqueue._unfinished_deps(j.id)",
+        "pending_deps = j.pending_deps + 0 * pgqueue._unfinished_deps(j.id)",
         "test_fanin_races.py::test_retry_of_failed_dependency_recounts_the_join",
     ),
     # retry recounts without share-locking the dependencies: one finishing concurrently is
