@@ -232,5 +232,14 @@ async def wait_until(
         await asyncio.sleep(every)
 
 
+def read_stamps(path: Path) -> dict[int, float]:
+    """A stamp file's ``seq wall_time`` lines (handler starts, written by the consumers)."""
+    out = {}
+    for line in path.read_text().splitlines():
+        seq, t = line.split()
+        out[int(seq)] = float(t)
+    return out
+
+
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)

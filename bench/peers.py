@@ -115,7 +115,7 @@ async def _latency(
             return len(stamp.read_text().splitlines()) >= n
 
         await wait_until(all_stamped, 30, 0.05)
-    from bench.pgq import read_stamps
+    from bench.common import read_stamps
 
     starts = read_stamps(stamp)
     shutil.rmtree(stamp.parent, ignore_errors=True)

@@ -15,7 +15,15 @@ from typing import Any
 import asyncpg
 
 from bench.apps import app
-from bench.common import CpuMeter, drain_loops, python_env, spawn_python, stop_process, wait_until
+from bench.common import (
+    CpuMeter,
+    drain_loops,
+    python_env,
+    read_stamps,
+    spawn_python,
+    stop_process,
+    wait_until,
+)
 from bench.raw import interleaved, timed_loop
 
 ENQUEUE_MANY = "SELECT id FROM pgqueue.enqueue_many($1::text::jsonb) AS id"
@@ -211,14 +219,6 @@ async def pickup_latency(dsn: str, n: int, rate: float) -> list[float]:
     finally:
         await conn.close()
     return [(starts[s] - acks[s]) * 1000 for s in range(n)]
-
-
-def read_stamps(path: Path) -> dict[int, float]:
-    out = {}
-    for line in path.read_text().splitlines():
-        seq, t = line.split()
-        out[int(seq)] = float(t)
-    return out
 
 
 # --------------------------------------------------------------------------- claim cost vs growth

@@ -7,9 +7,9 @@ ratios say how much of PostgreSQL's own speed pgqueue keeps on this machine toda
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # pragma: no cover - run as a script
 
 import asyncpg
 
-from bench.common import drain_loops, spawn_python, stop_process
+from bench.common import drain_loops, read_stamps, spawn_python, stop_process, wait_until
 
 SCHEMA = """
 DROP SCHEMA IF EXISTS bench_raw CASCADE;
@@ -254,33 +254,28 @@ async def pickup_latency_process(dsn: str, n: int, rate: float) -> list[float]:
         proc = spawn_python(
             ["-m", "bench.raw", dsn, str(n), str(stamps)], stamps.with_suffix(".log")
         )
+        ready = stamps.with_suffix(".ready")
+
+        async def listening() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"raw consumer exited early; see {stamps.with_suffix('.log')}")
+            return ready.exists()
+
+        async def exited() -> bool:
+            return proc.poll() is not None
+
         try:
-            await wait_for_file(stamps.with_suffix(".ready"), proc)
+            await wait_until(listening, 30)
             acks = await produce(producer, n, rate)
-            for _ in range(3000):
-                if proc.poll() is not None:
-                    break
-                await asyncio.sleep(0.01)
+            with contextlib.suppress(TimeoutError):
+                await wait_until(exited, 30)  # it exits after its n-th job
         finally:
             stop_process(proc)
-        starts = {}
-        for line in stamps.read_text().splitlines():
-            seq, t = line.split()
-            starts[int(seq)] = float(t)
+        starts = read_stamps(stamps)
         return [(starts[s] - acks[s]) * 1000 for s in range(n)]
     finally:
         await producer.close()
         shutil.rmtree(stamps.parent, ignore_errors=True)
-
-
-async def wait_for_file(path: Path, proc: subprocess.Popen[bytes]) -> None:
-    for _ in range(3000):
-        if path.exists():  # noqa: ASYNC240 - a stat between sleeps, nothing to await
-            return
-        if proc.poll() is not None:
-            raise RuntimeError(f"raw consumer exited early; see {path.with_suffix('.log')}")
-        await asyncio.sleep(0.01)
-    raise RuntimeError("raw consumer never got ready")
 
 
 async def _consume_to_file(dsn: str, n: int, stamps: Path) -> None:
