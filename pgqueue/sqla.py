@@ -81,6 +81,8 @@ jobs = Table(
     Column("created_at", _TZ, nullable=False, server_default=text("now()")),
     # Internal fan-in counter (unfinished dependencies of a waiting job); read-only here.
     Column("pending_deps", Integer, nullable=False, server_default=text("0")),
+    # Internal: queued behind an older job of its scope, out of the claim index; read-only here.
+    Column("scope_blocked", Boolean, nullable=False, server_default=text("false")),
     comment="One row per job; change rows through the pgqueue functions.",
 )
 

@@ -32,6 +32,8 @@ CREATE TABLE pgqueue.jobs (
     created_at   timestamptz NOT NULL DEFAULT now(),
     -- internal: the fan-in counter (see _unblock_dependents)
     pending_deps int         NOT NULL DEFAULT 0,
+    -- internal: a queued scoped job that is not its scope's next (see jobs_ready)
+    scope_blocked boolean    NOT NULL DEFAULT false,
     CONSTRAINT jobs_state_known
         CHECK (state IN ('waiting', 'queued', 'running', 'succeeded', 'failed', 'cancelled')),
     CONSTRAINT jobs_job_type_not_empty CHECK (btrim(job_type) <> ''),
@@ -47,6 +49,7 @@ CREATE TABLE pgqueue.jobs (
     CONSTRAINT jobs_running_has_lease
         CHECK (state <> 'running' OR (locked_by IS NOT NULL AND locked_at IS NOT NULL)),
     CONSTRAINT jobs_current_has_scope CHECK (NOT is_current OR scope IS NOT NULL),
+    CONSTRAINT jobs_scope_blocked_queued CHECK (NOT scope_blocked OR (state = 'queued' AND scope IS NOT NULL)),
     CONSTRAINT jobs_finished_at_iff_final
         CHECK ((state IN ('succeeded', 'failed', 'cancelled')) = (finished_at IS NOT NULL))
 );
@@ -88,6 +91,12 @@ COMMENT ON COLUMN pgqueue.jobs.created_at IS 'Insert time.';
 COMMENT ON COLUMN pgqueue.jobs.pending_deps IS
     'Internal fan-in counter, meaningful while waiting: how many of its dependencies have not succeeded yet. '
     'Each dependency''s completion decrements it; the completion that takes it to 0 queues the job.';
+COMMENT ON COLUMN pgqueue.jobs.scope_blocked IS
+    'Internal: true on a queued scoped job that cannot be its scope''s next job yet (an older job of the scope '
+    'is queued or one is running), so it stays out of the claim index. Set when the job is enqueued; cleared '
+    'for the scope''s oldest queued job by every transition that ends or requeues the scope''s running job or '
+    'cancels a queued one. Jobs that become queued another way (retry, fan-in, children) start unblocked; '
+    'claims re-check the scope either way, so the flag only decides what a claim has to look at.';
 
 -- Fan-in edges: job_id waits until depends_on has succeeded. Cascades keep
 -- prune() simple; a pruned dependency was final already.
@@ -116,8 +125,10 @@ COMMENT ON COLUMN pgqueue.cancelled_pipelines.pipeline_id IS 'The cancelled pipe
 COMMENT ON COLUMN pgqueue.cancelled_pipelines.cancelled_at IS 'When cancel_pipeline() was called.';
 
 -- Claim order over live work only: finished jobs never enter this index, so
--- claiming stays fast however many finished jobs pile up.
-CREATE INDEX jobs_ready ON pgqueue.jobs (priority DESC, run_after, id) WHERE state = 'queued';
+-- claiming stays fast however many finished jobs pile up. Nor do queued jobs
+-- waiting behind an older job of their scope (scope_blocked): a claim reads
+-- only jobs it may take, not the backlog of every busy scope.
+CREATE INDEX jobs_ready ON pgqueue.jobs (priority DESC, run_after, id) WHERE state = 'queued' AND NOT scope_blocked;
 
 -- "Is an older job of this scope queued, or one running?" for every scoped claim.
 CREATE INDEX jobs_scope_active ON pgqueue.jobs (scope, id)

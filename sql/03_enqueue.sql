@@ -11,7 +11,7 @@
 CREATE FUNCTION pgqueue._lock_class(p_kind text) RETURNS int
 LANGUAGE sql IMMUTABLE AS $$
     SELECT CASE p_kind WHEN 'scope' THEN 7216001 WHEN 'dedup' THEN 7216002 WHEN 'leader' THEN 7216003
-                       WHEN 'pipeline' THEN 7216004 WHEN 'waiters' THEN 7216005 END
+                       WHEN 'pipeline' THEN 7216004 WHEN 'waiters' THEN 7216005 WHEN 'scope_order' THEN 7216006 END
 $$;
 
 -- The keys a job spec may carry: enqueue's parameter names plus key/after.
@@ -265,6 +265,7 @@ DECLARE
     v_has_edges boolean;
     v_cancelled boolean := false;
     v_pipeline uuid;
+    v_block boolean;
 BEGIN
     PERFORM pgqueue._check_specs(p_specs, p_label, p_single);
     v_n := jsonb_array_length(p_specs);
@@ -311,29 +312,49 @@ BEGIN
     END IF;
     v_has_edges := coalesce(v_has_edges, false) OR p_specs @? '$[*].after[*]';
 
+    -- Scoped jobs behind an older queued or running job of their scope are
+    -- entered blocked, as enqueue() does, under the scopes' shared order locks.
+    -- Not for children: the completion creating them holds its own scopes'
+    -- order locks exclusively, and taking others now, out of key order, could
+    -- deadlock two completions; children enter unblocked (always safe).
+    v_block := p_parent_id IS NULL AND p_specs @? '$[*].scope ? (@ != null)';
+    IF v_block THEN
+        PERFORM pgqueue._share_scope_order(ARRAY(SELECT e.s->'scope' FROM jsonb_array_elements(p_specs) e(s)));
+    END IF;
+
     -- Ids are allocated up front so "after" keys can be resolved to ids.
     SELECT array_agg(nextval('pgqueue.jobs_id_seq')) INTO v_new FROM generate_series(1, v_n);
 
-    WITH spec AS (
-        SELECT e.ord, e.s, v_new[e.ord] AS new_id, e.s->>'dedup_key' AS dk,
-               row_number() OVER (PARTITION BY e.s->>'dedup_key' ORDER BY e.ord) AS dk_rank
+    WITH spec0 AS (
+        SELECT e.ord, e.s, v_new[e.ord] AS new_id, e.s->>'dedup_key' AS dk, nullif(e.s->'scope', 'null') AS scope,
+               row_number() OVER (PARTITION BY e.s->>'dedup_key' ORDER BY e.ord) AS dk_rank,
+               CASE WHEN v_cancelled THEN 'cancelled'
+                    WHEN jsonb_array_length(coalesce(nullif(e.s->'after', 'null'), '[]')) > 0
+                      OR EXISTS (SELECT 1 FROM jsonb_array_elements_text(
+                                     coalesce(nullif(e.s->'depends_on', 'null'), '[]')) d
+                                 WHERE d::bigint <> ALL (v_succeeded))
+                    THEN 'waiting' ELSE 'queued' END AS st
         FROM jsonb_array_elements(p_specs) WITH ORDINALITY AS e(s, ord)
+    ), spec AS (
+        -- queued keyless jobs of the same scope earlier in the array (a spec with a
+        -- dedup key may merge into another job, so it blocks nobody)
+        SELECT sp.*, v_block AND sp.scope IS NOT NULL AND sp.st = 'queued'
+                     AND (count(*) FILTER (WHERE sp.dk IS NULL AND sp.st = 'queued')
+                              OVER (PARTITION BY sp.scope ORDER BY sp.ord
+                                    ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) > 0
+                          OR NOT pgqueue._scope_free(sp.scope, sp.new_id)) AS blocked
+        FROM spec0 sp
     ), ins AS (
         INSERT INTO pgqueue.jobs AS j
             (id, queue, job_type, payload, state, priority, scope, dedup_key, max_attempts, run_after,
-             pipeline_id, parent_id, next_jobs, finished_at, last_error)
+             pipeline_id, parent_id, next_jobs, finished_at, last_error, scope_blocked)
         SELECT sp.new_id,
                coalesce(sp.s->>'queue', 'default'),
                sp.s->>'job_type',
                coalesce(nullif(sp.s->'payload', 'null'), '{}'),
-               CASE WHEN v_cancelled THEN 'cancelled'
-                    WHEN jsonb_array_length(coalesce(nullif(sp.s->'after', 'null'), '[]')) > 0
-                      OR EXISTS (SELECT 1 FROM jsonb_array_elements_text(
-                                     coalesce(nullif(sp.s->'depends_on', 'null'), '[]')) d
-                                 WHERE d::bigint <> ALL (v_succeeded))
-                    THEN 'waiting' ELSE 'queued' END,
+               sp.st,
                coalesce((sp.s->>'priority')::int, 0),
-               nullif(sp.s->'scope', 'null'),
+               sp.scope,
                sp.dk,
                coalesce((sp.s->>'max_attempts')::int, v_max_attempts),
                coalesce((sp.s->>'run_after')::timestamptz, now()),
@@ -341,7 +362,8 @@ BEGIN
                p_parent_id,
                nullif(sp.s->'next_jobs', 'null'),
                CASE WHEN v_cancelled THEN now() END,
-               CASE WHEN v_cancelled THEN 'pipeline cancelled' END
+               CASE WHEN v_cancelled THEN 'pipeline cancelled' END,
+               coalesce(sp.blocked, false)
         FROM spec sp
         WHERE sp.dk IS NULL OR sp.dk_rank = 1
         ORDER BY sp.ord
@@ -439,6 +461,21 @@ BEGIN
 
     IF enqueue.dedup_key IS NULL AND enqueue.pipeline_id IS NULL AND enqueue.next_jobs IS NULL
        AND coalesce(cardinality(enqueue.depends_on), 0) = 0 THEN
+        IF nullif(enqueue.scope, 'null') IS NOT NULL THEN
+            -- Behind an older queued or a running job of its scope, the job is
+            -- entered blocked (out of the claim index); the end of that scope's
+            -- running job unblocks the next. The shared order lock makes that end
+            -- either visible to the check below or wait for this commit.
+            PERFORM pgqueue._share_scope_order(ARRAY[enqueue.scope]);
+            v_id := nextval('pgqueue.jobs_id_seq');
+            INSERT INTO pgqueue.jobs AS j
+                (id, queue, job_type, payload, state, priority, scope, max_attempts, run_after, scope_blocked)
+            VALUES (v_id, coalesce(enqueue.queue, 'default'), enqueue.job_type, coalesce(enqueue.payload, '{}'),
+                    'queued', coalesce(enqueue.priority, 0), enqueue.scope,
+                    coalesce(enqueue.max_attempts, pgqueue._setting_int('max_attempts')),
+                    coalesce(enqueue.run_after, now()), NOT pgqueue._scope_free(enqueue.scope, v_id));
+            RETURN v_id;
+        END IF;
         INSERT INTO pgqueue.jobs AS j (queue, job_type, payload, state, priority, scope, max_attempts, run_after)
         VALUES (coalesce(enqueue.queue, 'default'), enqueue.job_type, coalesce(enqueue.payload, '{}'), 'queued',
                 coalesce(enqueue.priority, 0), nullif(enqueue.scope, 'null'),
@@ -557,6 +594,31 @@ BEGIN
     IF FOUND THEN
         RAISE EXCEPTION 'pgqueue.enqueue_many[%]: %', v_bad.i, v_bad.problem
             USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    IF scopes IS NOT NULL AND EXISTS (SELECT 1 FROM unnest(scopes) s WHERE s IS NOT NULL AND s <> 'null') THEN
+        -- Scoped jobs behind an older queued or running job of their scope (in
+        -- the table or earlier in the arrays) are entered blocked; see enqueue().
+        -- Ids are drawn first, in array order, so "older" can be decided here.
+        PERFORM pgqueue._share_scope_order(scopes);
+        RETURN QUERY
+        WITH ids AS (
+            SELECT array_agg(nextval('pgqueue.jobs_id_seq')) AS a FROM generate_series(1, v_n)
+        ), ins AS (
+            INSERT INTO pgqueue.jobs AS j
+                (id, queue, job_type, payload, state, priority, scope, max_attempts, run_after, scope_blocked)
+            SELECT u.id, coalesce(u.q, 'default'), u.t, coalesce(u.p, '{}'), 'queued', coalesce(u.pr, 0), u.s,
+                   coalesce(u.m, v_max_attempts), coalesce(u.ra, now()),
+                   u.s IS NOT NULL AND (row_number() OVER (PARTITION BY u.s ORDER BY u.i) > 1
+                                        OR NOT pgqueue._scope_free(u.s, u.id))
+            FROM (SELECT ids.a[x.i] AS id, x.t, x.p, x.q, x.pr, x.m, x.ra, nullif(x.s, 'null') AS s, x.i
+                  FROM ids, unnest(job_types, payloads, queues, priorities, enqueue_many.max_attempts, run_afters,
+                                   scopes) WITH ORDINALITY AS x(t, p, q, pr, m, ra, s, i)) u
+            ORDER BY u.i
+            RETURNING j.id
+        )
+        SELECT ins.id FROM ins ORDER BY ins.id;
+        RETURN;
     END IF;
 
     -- Rows are inserted, and so numbered and returned, in array order: the only

@@ -30,6 +30,64 @@ LANGUAGE sql STABLE AS $$
                        WHERE o.scope = p_scope AND o.state = 'queued' AND o.id < p_job_id)
 $$;
 
+-- Scope heads. A queued scoped job that is not its scope's next job is kept
+-- out of the claim index (jobs.scope_blocked), so claims never walk the
+-- backlog of busy scopes. Safety never depends on the flag (claims re-check
+-- the scope under its lock); liveness does: a blocked job must be unblocked
+-- once it is its scope's oldest queued job and nothing of the scope runs.
+-- Every transition that can make that happen (the scope's running job
+-- finishes, fails or is requeued; a queued job is cancelled) unblocks the
+-- scope's oldest queued job. Enqueue decides "blocked" by looking at the
+-- scope, so it must not miss such a transition that commits meanwhile: it
+-- holds the scope's order lock shared, the transitions take it exclusively
+-- before they lock any row, and both look in a statement after the lock.
+-- Enqueues never wait for each other; a transition waits for enqueues of its
+-- scope in flight, and they for it.
+CREATE FUNCTION pgqueue._share_scope_order(p_scopes jsonb[]) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock_shared(pgqueue._lock_class('scope_order'), k)
+    FROM (SELECT DISTINCT pgqueue._scope_lock_key(s) AS k FROM unnest(p_scopes) s
+          WHERE s IS NOT NULL AND s <> 'null' ORDER BY 1) keys;
+END
+$$;
+
+-- Exclusive, in key order (two transitions never deadlock on each other).
+CREATE FUNCTION pgqueue._lock_scope_order(p_scopes jsonb[]) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock(pgqueue._lock_class('scope_order'), k)
+    FROM (SELECT DISTINCT pgqueue._scope_lock_key(s) AS k FROM unnest(p_scopes) s
+          WHERE s IS NOT NULL ORDER BY 1) keys;
+END
+$$;
+
+-- Unblock the oldest queued job of each scope, its next; returns the queues of
+-- those jobs, blocked or not, for the caller to NOTIFY: the scope is free for
+-- its next job now, which is claimable although nothing entered 'queued'.
+-- The caller holds the scopes' order locks (_lock_scope_order) from before
+-- this statement, so it sees every job entered blocked before. "Oldest
+-- queued" is read in the order of jobs_scope_active (scope, id).
+CREATE FUNCTION pgqueue._unblock_scope_heads(p_scopes jsonb[]) RETURNS text[]
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_queues text[];
+BEGIN
+    WITH heads AS (
+        SELECT h.id, h.queue, h.scope_blocked
+        FROM (SELECT DISTINCT u.scope FROM unnest(p_scopes) u(scope) WHERE u.scope IS NOT NULL) s
+        CROSS JOIN LATERAL (SELECT q.id, q.queue, q.scope_blocked FROM pgqueue.jobs q
+                            WHERE q.scope = s.scope AND q.state = 'queued'
+                            ORDER BY q.scope, q.id LIMIT 1) h
+    ), unblocked AS (
+        UPDATE pgqueue.jobs j SET scope_blocked = false
+        FROM heads h WHERE j.id = h.id AND h.scope_blocked
+    )
+    SELECT array_agg(DISTINCT h.queue) INTO v_queues FROM heads h;
+    RETURN v_queues;
+END
+$$;
+
 CREATE FUNCTION pgqueue.claim(job_id bigint, worker text) RETURNS SETOF pgqueue.jobs
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
@@ -60,7 +118,7 @@ BEGIN
     END IF;
     RETURN QUERY
     UPDATE pgqueue.jobs j
-       SET state = 'running', is_current = (j.scope IS NOT NULL), locked_by = claim.worker,
+       SET state = 'running', is_current = (j.scope IS NOT NULL), scope_blocked = false, locked_by = claim.worker,
            locked_at = now(), started_at = coalesce(j.started_at, now()), attempts = j.attempts + 1
      WHERE j.id = claim.job_id AND j.state = 'queued' AND j.run_after <= now()
     RETURNING j.*;
@@ -101,7 +159,7 @@ BEGIN
         RETURN QUERY
         WITH picked AS (
             SELECT j.id FROM pgqueue.jobs j
-            WHERE j.state = 'queued' AND j.run_after <= now() AND j.scope IS NULL
+            WHERE j.state = 'queued' AND NOT j.scope_blocked AND j.run_after <= now() AND j.scope IS NULL
               AND (claim_next.queues IS NULL OR j.queue = ANY (claim_next.queues))
             ORDER BY j.priority DESC, j.run_after, j.id
             LIMIT claim_next.batch_size
@@ -124,7 +182,7 @@ BEGIN
     SELECT array_agg(c.id), bool_or(c.scope IS NOT NULL) INTO v_ids, v_scoped
     FROM (
         SELECT j.id, j.scope FROM pgqueue.jobs j
-        WHERE j.state = 'queued' AND j.run_after <= now()
+        WHERE j.state = 'queued' AND NOT j.scope_blocked AND j.run_after <= now()
           AND (claim_next.queues IS NULL OR j.queue = ANY (claim_next.queues))
           AND (j.scope IS NULL OR pgqueue._scope_free(j.scope, j.id))
         ORDER BY j.priority DESC, j.run_after, j.id
@@ -156,7 +214,8 @@ BEGIN
     RETURN QUERY
     WITH claimed AS (
         UPDATE pgqueue.jobs j
-           SET state = 'running', is_current = (j.scope IS NOT NULL), locked_by = claim_next.worker,
+           SET state = 'running', is_current = (j.scope IS NOT NULL), scope_blocked = false,
+               locked_by = claim_next.worker,
                locked_at = now(), started_at = coalesce(j.started_at, now()), attempts = j.attempts + 1
          WHERE j.id = ANY (v_ids)
         RETURNING j.*

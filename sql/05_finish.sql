@@ -87,6 +87,22 @@ BEGIN
 END
 $$;
 
+-- The scope of a job running under p_worker, with the scope's order lock
+-- taken (before the caller locks the row); NULL for an unscoped or unheld job.
+CREATE FUNCTION pgqueue._lock_held_scope(p_job_id bigint, p_worker text) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_scope jsonb;
+BEGIN
+    SELECT j.scope INTO v_scope FROM pgqueue.jobs j
+    WHERE j.id = p_job_id AND j.state = 'running' AND j.locked_by = p_worker AND j.scope IS NOT NULL;
+    IF v_scope IS NOT NULL THEN
+        PERFORM pgqueue._lock_scope_order(ARRAY[v_scope]);
+    END IF;
+    RETURN v_scope;
+END
+$$;
+
 -- Count a failed attempt on a job whose row the caller has locked: requeue
 -- with backoff while attempts remain, else fail it and cancel its dependents.
 CREATE FUNCTION pgqueue._fail_attempt(p_job_id bigint, p_error text, p_retry_in interval) RETURNS text
@@ -132,6 +148,7 @@ DECLARE
     v_parents bigint[];
     v_pipelines uuid[];
     v_specs jsonb[];
+    v_scopes jsonb[];
 BEGIN
     IF cardinality(p_results) <> cardinality(p_job_ids) OR cardinality(p_next_jobs) <> cardinality(p_job_ids) THEN
         RAISE EXCEPTION '%: job_ids, results and next_jobs must have the same length', p_label
@@ -141,6 +158,13 @@ BEGIN
         RAISE EXCEPTION '%: next_jobs must be an array of job specs, got %', p_label,
             (SELECT jsonb_typeof(n) FROM unnest(p_next_jobs) n WHERE jsonb_typeof(n) <> 'array' LIMIT 1)
             USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- Scoped jobs in the batch: their scopes' order locks before any row lock
+    -- (see _unblock_scope_heads). One probe decides that a batch has none.
+    IF EXISTS (SELECT 1 FROM pgqueue.jobs j WHERE j.scope IS NOT NULL AND j.state IN ('queued', 'running')) THEN
+        SELECT array_agg(DISTINCT j.scope) INTO v_scopes FROM pgqueue.jobs j
+        WHERE j.id = ANY (p_job_ids) AND j.scope IS NOT NULL AND j.state = 'running' AND j.locked_by = p_worker;
+        PERFORM pgqueue._lock_scope_order(v_scopes);
     END IF;
     WITH input AS (
         SELECT u.id, u.result, u.next_jobs
@@ -165,6 +189,9 @@ BEGIN
       FROM done d;
     IF v_done IS NULL THEN
         RETURN '{}';
+    END IF;
+    IF v_scopes IS NOT NULL THEN
+        PERFORM pgqueue._notify(pgqueue._unblock_scope_heads(v_scopes), pgqueue._setting('notify'));
     END IF;
     -- Dependents first, children after: a child that depends on a job of this
     -- batch sees it succeeded and never counts it, so it must not be decremented.
@@ -205,18 +232,26 @@ CREATE FUNCTION pgqueue.fail(job_id bigint, worker text, error text, retry_in in
 RETURNS text
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
+DECLARE
+    v_scope jsonb;
+    v_state text;
 BEGIN
     IF retry_in < interval '0' THEN
         RAISE EXCEPTION 'pgqueue.fail: retry_in must not be negative, got %', retry_in
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    v_scope := pgqueue._lock_held_scope(fail.job_id, fail.worker);
     PERFORM 1 FROM pgqueue.jobs j
     WHERE j.id = fail.job_id AND j.state = 'running' AND j.locked_by = fail.worker
     FOR NO KEY UPDATE;
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
-    RETURN pgqueue._fail_attempt(fail.job_id, coalesce(fail.error, '(no error message)'), fail.retry_in);
+    v_state := pgqueue._fail_attempt(fail.job_id, coalesce(fail.error, '(no error message)'), fail.retry_in);
+    IF v_scope IS NOT NULL THEN
+        PERFORM pgqueue._notify(pgqueue._unblock_scope_heads(ARRAY[v_scope]), pgqueue._setting('notify'));
+    END IF;
+    RETURN v_state;
 END
 $$;
 COMMENT ON FUNCTION pgqueue.fail(bigint, text, text, interval) IS
@@ -230,7 +265,9 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_key text;
     v_pipeline uuid;
+    v_scope jsonb;
 BEGIN
+    v_scope := pgqueue._lock_held_scope(release.job_id, release.worker);
     SELECT j.dedup_key, j.pipeline_id INTO v_key, v_pipeline FROM pgqueue.jobs j
     WHERE j.id = release.job_id AND j.state = 'running' AND j.locked_by = release.worker
     FOR NO KEY UPDATE;
@@ -242,12 +279,15 @@ BEGIN
            SET state = 'cancelled', finished_at = now(), last_error = 'released after its pipeline was cancelled'
          WHERE j.id = release.job_id;
         PERFORM pgqueue._cancel_dependents(release.job_id, 'was cancelled with its pipeline');
-        RETURN true;
+    ELSE
+        UPDATE pgqueue.jobs j
+           SET state = 'queued', attempts = greatest(j.attempts - 1, 0), locked_by = NULL, locked_at = NULL,
+               dedup_key = CASE WHEN pgqueue._keeps_dedup_key(v_key, j.id) THEN v_key END
+         WHERE j.id = release.job_id;
     END IF;
-    UPDATE pgqueue.jobs j
-       SET state = 'queued', attempts = greatest(j.attempts - 1, 0), locked_by = NULL, locked_at = NULL,
-           dedup_key = CASE WHEN pgqueue._keeps_dedup_key(v_key, j.id) THEN v_key END
-     WHERE j.id = release.job_id;
+    IF v_scope IS NOT NULL THEN
+        PERFORM pgqueue._notify(pgqueue._unblock_scope_heads(ARRAY[v_scope]), pgqueue._setting('notify'));
+    END IF;
     RETURN true;
 END
 $$;

@@ -7,24 +7,37 @@ LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
     v_after interval := coalesce(recover_stale.stale_after, pgqueue._setting_interval('stale_after'));
+    c record;
     v record;
 BEGIN
     IF v_after <= interval '0' THEN
         RAISE EXCEPTION 'pgqueue.recover_stale: stale_after must be positive, got %', v_after
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    -- A scoped job's order lock comes before its row lock (as in every
+    -- transition out of running), so candidates are read unlocked, in the
+    -- order _lock_scope_order uses, and each is locked and re-checked.
     -- SKIP LOCKED: a row locked right now is being completed or failed by its
     -- worker, which proves the worker is alive; fencing settles the rest.
-    FOR v IN
-        SELECT j.id, j.locked_by, j.locked_at, j.attempts FROM pgqueue.jobs j
+    FOR c IN
+        SELECT j.id, j.scope FROM pgqueue.jobs j
         WHERE j.state = 'running' AND j.locked_at < now() - v_after
-        ORDER BY j.id
-        FOR NO KEY UPDATE SKIP LOCKED
+        ORDER BY pgqueue._scope_lock_key(j.scope) NULLS FIRST, j.id
     LOOP
+        IF c.scope IS NOT NULL THEN
+            PERFORM pgqueue._lock_scope_order(ARRAY[c.scope]);
+        END IF;
+        SELECT j.id, j.locked_by, j.locked_at, j.attempts INTO v FROM pgqueue.jobs j
+        WHERE j.id = c.id AND j.state = 'running' AND j.locked_at < now() - v_after
+        FOR NO KEY UPDATE SKIP LOCKED;
+        CONTINUE WHEN NOT FOUND;
         PERFORM pgqueue._fail_attempt(v.id,
             format('stale: attempt %s by worker %s sent no heartbeat since %s (stale_after %s); recovered',
                    v.attempts, v.locked_by, v.locked_at, v_after),
             interval '0');
+        IF c.scope IS NOT NULL THEN
+            PERFORM pgqueue._notify(pgqueue._unblock_scope_heads(ARRAY[c.scope]), pgqueue._setting('notify'));
+        END IF;
         RETURN NEXT v.id;
     END LOOP;
 END
@@ -37,14 +50,26 @@ COMMENT ON FUNCTION pgqueue.recover_stale(interval) IS
 CREATE FUNCTION pgqueue.cancel(job_id bigint) RETURNS boolean
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
+DECLARE
+    v_scope jsonb;
 BEGIN
+    -- A cancelled queued job may have been its scope's next: the order lock
+    -- first (before the row), then the next one is unblocked.
+    SELECT j.scope INTO v_scope FROM pgqueue.jobs j WHERE j.id = cancel.job_id AND j.state IN ('waiting', 'queued');
+    IF v_scope IS NOT NULL THEN
+        PERFORM pgqueue._lock_scope_order(ARRAY[v_scope]);
+    END IF;
     UPDATE pgqueue.jobs j
-       SET state = 'cancelled', finished_at = now(), last_error = coalesce(j.last_error, 'cancelled')
+       SET state = 'cancelled', scope_blocked = false, finished_at = now(),
+           last_error = coalesce(j.last_error, 'cancelled')
      WHERE j.id = cancel.job_id AND j.state IN ('waiting', 'queued');
     IF NOT FOUND THEN
         RETURN false;
     END IF;
     PERFORM pgqueue._cancel_dependents(cancel.job_id, 'was cancelled');
+    IF v_scope IS NOT NULL THEN
+        PERFORM pgqueue._notify(pgqueue._unblock_scope_heads(ARRAY[v_scope]), pgqueue._setting('notify'));
+    END IF;
     RETURN true;
 END
 $$;
@@ -67,6 +92,13 @@ DECLARE
     v pgqueue.jobs%ROWTYPE;
     v_downstream bigint[];
 BEGIN
+    -- The scope lock (so a claim of a newer job of this scope cannot slip in
+    -- between) before the row lock: a claim holding the scope lock updates the
+    -- scope's previous current job, which may be this one.
+    SELECT * INTO v FROM pgqueue.jobs j WHERE j.id = retry.job_id AND j.state IN ('failed', 'cancelled');
+    IF v.scope IS NOT NULL THEN
+        PERFORM pg_advisory_xact_lock(pgqueue._lock_class('scope'), pgqueue._scope_lock_key(v.scope));
+    END IF;
     SELECT * INTO v FROM pgqueue.jobs j WHERE j.id = retry.job_id AND j.state IN ('failed', 'cancelled')
     FOR NO KEY UPDATE;
     IF NOT FOUND THEN
@@ -75,10 +107,6 @@ BEGIN
     -- An operator retrying a member of a cancelled pipeline resumes the pipeline.
     IF pgqueue._pipeline_cancelled(v.pipeline_id) THEN
         DELETE FROM pgqueue.cancelled_pipelines c WHERE c.pipeline_id = v.pipeline_id;
-    END IF;
-    IF v.scope IS NOT NULL THEN
-        -- so a claim of a newer job of this scope cannot slip in between
-        PERFORM pg_advisory_xact_lock(pgqueue._lock_class('scope'), pgqueue._scope_lock_key(v.scope));
     END IF;
     -- Dependents cancelled because this job failed wait again for it.
     WITH RECURSIVE downstream(id) AS (
@@ -152,6 +180,8 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_ids bigint[];
     v_id bigint;
+    v_scopes jsonb[];
+    v_cancelled_scopes jsonb[];
 BEGIN
     IF cancel_pipeline.pipeline_id IS NULL THEN
         RAISE EXCEPTION 'pgqueue.cancel_pipeline: pipeline_id is required' USING ERRCODE = 'invalid_parameter_value';
@@ -161,13 +191,25 @@ BEGIN
     PERFORM pgqueue._pipeline_cancelled(cancel_pipeline.pipeline_id);
     INSERT INTO pgqueue.cancelled_pipelines (pipeline_id) VALUES (cancel_pipeline.pipeline_id)
     ON CONFLICT DO NOTHING;
+    -- Cancelled queued members may be their scopes' next jobs: order locks
+    -- first, the next ones unblocked after. (A member queued by a completion
+    -- committing meanwhile is locked after its row; that late lock is rare.)
+    v_scopes := ARRAY(SELECT DISTINCT j.scope FROM pgqueue.jobs j
+                      WHERE j.pipeline_id = cancel_pipeline.pipeline_id AND j.scope IS NOT NULL
+                        AND j.state IN ('waiting', 'queued'));
+    PERFORM pgqueue._lock_scope_order(v_scopes);
     WITH cancelled AS (
         UPDATE pgqueue.jobs j
-           SET state = 'cancelled', finished_at = now(), last_error = 'pipeline cancelled'
+           SET state = 'cancelled', scope_blocked = false, finished_at = now(), last_error = 'pipeline cancelled'
          WHERE j.pipeline_id = cancel_pipeline.pipeline_id AND j.state IN ('waiting', 'queued')
-        RETURNING j.id
+        RETURNING j.id, j.scope
     )
-    SELECT array_agg(c.id) INTO v_ids FROM cancelled c;
+    SELECT array_agg(c.id), array_agg(DISTINCT c.scope) FILTER (WHERE c.scope IS NOT NULL) INTO v_ids, v_cancelled_scopes
+    FROM cancelled c;
+    IF v_cancelled_scopes IS NOT NULL THEN
+        PERFORM pgqueue._lock_scope_order(v_cancelled_scopes);
+        PERFORM pgqueue._notify(pgqueue._unblock_scope_heads(v_cancelled_scopes), pgqueue._setting('notify'));
+    END IF;
     -- Jobs outside the pipeline that waited on its members go too.
     FOREACH v_id IN ARRAY coalesce(v_ids, '{}') LOOP
         PERFORM pgqueue._cancel_dependents(v_id, 'was cancelled with its pipeline');

@@ -82,7 +82,10 @@ BEGIN
     IF v_mode = 'when_waiting' AND NOT pgqueue._someone_waits(NULL) THEN
         RETURN NULL;  -- every worker is busy: not even the queue list is needed
     END IF;
-    PERFORM pgqueue._notify(ARRAY(SELECT DISTINCT n.queue FROM new_rows n WHERE n.state = 'queued'), v_mode);
+    -- A job entered behind another of its scope (scope_blocked) wakes nobody:
+    -- the end of the job ahead of it does.
+    PERFORM pgqueue._notify(ARRAY(SELECT DISTINCT n.queue FROM new_rows n
+                                  WHERE n.state = 'queued' AND NOT n.scope_blocked), v_mode);
     RETURN NULL;
 END
 $$;
@@ -114,28 +117,6 @@ CREATE TRIGGER jobs_notify_requeued
     EXECUTE FUNCTION pgqueue._notify_requeued();
 COMMENT ON TRIGGER jobs_notify_requeued ON pgqueue.jobs IS
     'NOTIFY pgqueue, <queue> once per queue whose jobs entered queued (retried, recovered, released, unblocked).';
-
--- When a scoped job stops running, the next queued job of its scope becomes
--- claimable although nothing entered 'queued': wake that job's queue. The
--- WHEN clause keeps unscoped completions free of any call.
-CREATE FUNCTION pgqueue._notify_scope_successor() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pgqueue._notify(ARRAY(SELECT o.queue FROM pgqueue.jobs o
-                                  WHERE o.scope = NEW.scope AND o.state = 'queued' AND o.id <> NEW.id
-                                  ORDER BY o.id LIMIT 1),
-                            pgqueue._setting('notify'));
-    RETURN NULL;
-END
-$$;
-
-CREATE TRIGGER jobs_notify_scope_successor
-    AFTER UPDATE OF state ON pgqueue.jobs
-    FOR EACH ROW
-    WHEN (OLD.state = 'running' AND NEW.state <> 'running' AND NEW.scope IS NOT NULL)
-    EXECUTE FUNCTION pgqueue._notify_scope_successor();
-COMMENT ON TRIGGER jobs_notify_scope_successor ON pgqueue.jobs IS
-    'NOTIFY pgqueue, <queue> of the next queued job of a scope when the scope''s running job stops running.';
 
 CREATE FUNCTION pgqueue.claim_or_wait(worker text, queues text[] DEFAULT NULL, batch_size int DEFAULT 1)
 RETURNS SETOF pgqueue.jobs

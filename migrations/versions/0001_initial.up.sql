@@ -128,6 +128,8 @@ CREATE TABLE pgqueue.jobs (
     created_at   timestamptz NOT NULL DEFAULT now(),
     -- internal: the fan-in counter (see _unblock_dependents)
     pending_deps int         NOT NULL DEFAULT 0,
+    -- internal: a queued scoped job that is not its scope's next (see jobs_ready)
+    scope_blocked boolean    NOT NULL DEFAULT false,
     CONSTRAINT jobs_state_known
         CHECK (state IN ('waiting', 'queued', 'running', 'succeeded', 'failed', 'cancelled')),
     CONSTRAINT jobs_job_type_not_empty CHECK (btrim(job_type) <> ''),
@@ -143,6 +145,7 @@ CREATE TABLE pgqueue.jobs (
     CONSTRAINT jobs_running_has_lease
         CHECK (state <> 'running' OR (locked_by IS NOT NULL AND locked_at IS NOT NULL)),
     CONSTRAINT jobs_current_has_scope CHECK (NOT is_current OR scope IS NOT NULL),
+    CONSTRAINT jobs_scope_blocked_queued CHECK (NOT scope_blocked OR (state = 'queued' AND scope IS NOT NULL)),
     CONSTRAINT jobs_finished_at_iff_final
         CHECK ((state IN ('succeeded', 'failed', 'cancelled')) = (finished_at IS NOT NULL))
 );
@@ -184,6 +187,12 @@ COMMENT ON COLUMN pgqueue.jobs.created_at IS 'Insert time.';
 COMMENT ON COLUMN pgqueue.jobs.pending_deps IS
     'Internal fan-in counter, meaningful while waiting: how many of its dependencies have not succeeded yet. '
     'Each dependency''s completion decrements it; the completion that takes it to 0 queues the job.';
+COMMENT ON COLUMN pgqueue.jobs.scope_blocked IS
+    'Internal: true on a queued scoped job that cannot be its scope''s next job yet (an older job of the scope '
+    'is queued or one is running), so it stays out of the claim index. Set when the job is enqueued; cleared '
+    'for the scope''s oldest queued job by every transition that ends or requeues the scope''s running job or '
+    'cancels a queued one. Jobs that become queued another way (retry, fan-in, children) start unblocked; '
+    'claims re-check the scope either way, so the flag only decides what a claim has to look at.';
 
 -- Fan-in edges: job_id waits until depends_on has succeeded. Cascades keep
 -- prune() simple; a pruned dependency was final already.
@@ -212,8 +221,10 @@ COMMENT ON COLUMN pgqueue.cancelled_pipelines.pipeline_id IS 'The cancelled pipe
 COMMENT ON COLUMN pgqueue.cancelled_pipelines.cancelled_at IS 'When cancel_pipeline() was called.';
 
 -- Claim order over live work only: finished jobs never enter this index, so
--- claiming stays fast however many finished jobs pile up.
-CREATE INDEX jobs_ready ON pgqueue.jobs (priority DESC, run_after, id) WHERE state = 'queued';
+-- claiming stays fast however many finished jobs pile up. Nor do queued jobs
+-- waiting behind an older job of their scope (scope_blocked): a claim reads
+-- only jobs it may take, not the backlog of every busy scope.
+CREATE INDEX jobs_ready ON pgqueue.jobs (priority DESC, run_after, id) WHERE state = 'queued' AND NOT scope_blocked;
 
 -- "Is an older job of this scope queued, or one running?" for every scoped claim.
 CREATE INDEX jobs_scope_active ON pgqueue.jobs (scope, id)
@@ -252,7 +263,7 @@ CREATE INDEX jobs_parent ON pgqueue.jobs (parent_id) WHERE parent_id IS NOT NULL
 CREATE FUNCTION pgqueue._lock_class(p_kind text) RETURNS int
 LANGUAGE sql IMMUTABLE AS $$
     SELECT CASE p_kind WHEN 'scope' THEN 7216001 WHEN 'dedup' THEN 7216002 WHEN 'leader' THEN 7216003
-                       WHEN 'pipeline' THEN 7216004 WHEN 'waiters' THEN 7216005 END
+                       WHEN 'pipeline' THEN 7216004 WHEN 'waiters' THEN 7216005 WHEN 'scope_order' THEN 7216006 END
 $$;
 
 -- The keys a job spec may carry: enqueue's parameter names plus key/after.
@@ -506,6 +517,7 @@ DECLARE
     v_has_edges boolean;
     v_cancelled boolean := false;
     v_pipeline uuid;
+    v_block boolean;
 BEGIN
     PERFORM pgqueue._check_specs(p_specs, p_label, p_single);
     v_n := jsonb_array_length(p_specs);
@@ -552,29 +564,49 @@ BEGIN
     END IF;
     v_has_edges := coalesce(v_has_edges, false) OR p_specs @? '$[*].after[*]';
 
+    -- Scoped jobs behind an older queued or running job of their scope are
+    -- entered blocked, as enqueue() does, under the scopes' shared order locks.
+    -- Not for children: the completion creating them holds its own scopes'
+    -- order locks exclusively, and taking others now, out of key order, could
+    -- deadlock two completions; children enter unblocked (always safe).
+    v_block := p_parent_id IS NULL AND p_specs @? '$[*].scope ? (@ != null)';
+    IF v_block THEN
+        PERFORM pgqueue._share_scope_order(ARRAY(SELECT e.s->'scope' FROM jsonb_array_elements(p_specs) e(s)));
+    END IF;
+
     -- Ids are allocated up front so "after" keys can be resolved to ids.
     SELECT array_agg(nextval('pgqueue.jobs_id_seq')) INTO v_new FROM generate_series(1, v_n);
 
-    WITH spec AS (
-        SELECT e.ord, e.s, v_new[e.ord] AS new_id, e.s->>'dedup_key' AS dk,
-               row_number() OVER (PARTITION BY e.s->>'dedup_key' ORDER BY e.ord) AS dk_rank
+    WITH spec0 AS (
+        SELECT e.ord, e.s, v_new[e.ord] AS new_id, e.s->>'dedup_key' AS dk, nullif(e.s->'scope', 'null') AS scope,
+               row_number() OVER (PARTITION BY e.s->>'dedup_key' ORDER BY e.ord) AS dk_rank,
+               CASE WHEN v_cancelled THEN 'cancelled'
+                    WHEN jsonb_array_length(coalesce(nullif(e.s->'after', 'null'), '[]')) > 0
+                      OR EXISTS (SELECT 1 FROM jsonb_array_elements_text(
+                                     coalesce(nullif(e.s->'depends_on', 'null'), '[]')) d
+                                 WHERE d::bigint <> ALL (v_succeeded))
+                    THEN 'waiting' ELSE 'queued' END AS st
         FROM jsonb_array_elements(p_specs) WITH ORDINALITY AS e(s, ord)
+    ), spec AS (
+        -- queued keyless jobs of the same scope earlier in the array (a spec with a
+        -- dedup key may merge into another job, so it blocks nobody)
+        SELECT sp.*, v_block AND sp.scope IS NOT NULL AND sp.st = 'queued'
+                     AND (count(*) FILTER (WHERE sp.dk IS NULL AND sp.st = 'queued')
+                              OVER (PARTITION BY sp.scope ORDER BY sp.ord
+                                    ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) > 0
+                          OR NOT pgqueue._scope_free(sp.scope, sp.new_id)) AS blocked
+        FROM spec0 sp
     ), ins AS (
         INSERT INTO pgqueue.jobs AS j
             (id, queue, job_type, payload, state, priority, scope, dedup_key, max_attempts, run_after,
-             pipeline_id, parent_id, next_jobs, finished_at, last_error)
+             pipeline_id, parent_id, next_jobs, finished_at, last_error, scope_blocked)
         SELECT sp.new_id,
                coalesce(sp.s->>'queue', 'default'),
                sp.s->>'job_type',
                coalesce(nullif(sp.s->'payload', 'null'), '{}'),
-               CASE WHEN v_cancelled THEN 'cancelled'
-                    WHEN jsonb_array_length(coalesce(nullif(sp.s->'after', 'null'), '[]')) > 0
-                      OR EXISTS (SELECT 1 FROM jsonb_array_elements_text(
-                                     coalesce(nullif(sp.s->'depends_on', 'null'), '[]')) d
-                                 WHERE d::bigint <> ALL (v_succeeded))
-                    THEN 'waiting' ELSE 'queued' END,
+               sp.st,
                coalesce((sp.s->>'priority')::int, 0),
-               nullif(sp.s->'scope', 'null'),
+               sp.scope,
                sp.dk,
                coalesce((sp.s->>'max_attempts')::int, v_max_attempts),
                coalesce((sp.s->>'run_after')::timestamptz, now()),
@@ -582,7 +614,8 @@ BEGIN
                p_parent_id,
                nullif(sp.s->'next_jobs', 'null'),
                CASE WHEN v_cancelled THEN now() END,
-               CASE WHEN v_cancelled THEN 'pipeline cancelled' END
+               CASE WHEN v_cancelled THEN 'pipeline cancelled' END,
+               coalesce(sp.blocked, false)
         FROM spec sp
         WHERE sp.dk IS NULL OR sp.dk_rank = 1
         ORDER BY sp.ord
@@ -680,6 +713,21 @@ BEGIN
 
     IF enqueue.dedup_key IS NULL AND enqueue.pipeline_id IS NULL AND enqueue.next_jobs IS NULL
        AND coalesce(cardinality(enqueue.depends_on), 0) = 0 THEN
+        IF nullif(enqueue.scope, 'null') IS NOT NULL THEN
+            -- Behind an older queued or a running job of its scope, the job is
+            -- entered blocked (out of the claim index); the end of that scope's
+            -- running job unblocks the next. The shared order lock makes that end
+            -- either visible to the check below or wait for this commit.
+            PERFORM pgqueue._share_scope_order(ARRAY[enqueue.scope]);
+            v_id := nextval('pgqueue.jobs_id_seq');
+            INSERT INTO pgqueue.jobs AS j
+                (id, queue, job_type, payload, state, priority, scope, max_attempts, run_after, scope_blocked)
+            VALUES (v_id, coalesce(enqueue.queue, 'default'), enqueue.job_type, coalesce(enqueue.payload, '{}'),
+                    'queued', coalesce(enqueue.priority, 0), enqueue.scope,
+                    coalesce(enqueue.max_attempts, pgqueue._setting_int('max_attempts')),
+                    coalesce(enqueue.run_after, now()), NOT pgqueue._scope_free(enqueue.scope, v_id));
+            RETURN v_id;
+        END IF;
         INSERT INTO pgqueue.jobs AS j (queue, job_type, payload, state, priority, scope, max_attempts, run_after)
         VALUES (coalesce(enqueue.queue, 'default'), enqueue.job_type, coalesce(enqueue.payload, '{}'), 'queued',
                 coalesce(enqueue.priority, 0), nullif(enqueue.scope, 'null'),
@@ -800,6 +848,31 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
 
+    IF scopes IS NOT NULL AND EXISTS (SELECT 1 FROM unnest(scopes) s WHERE s IS NOT NULL AND s <> 'null') THEN
+        -- Scoped jobs behind an older queued or running job of their scope (in
+        -- the table or earlier in the arrays) are entered blocked; see enqueue().
+        -- Ids are drawn first, in array order, so "older" can be decided here.
+        PERFORM pgqueue._share_scope_order(scopes);
+        RETURN QUERY
+        WITH ids AS (
+            SELECT array_agg(nextval('pgqueue.jobs_id_seq')) AS a FROM generate_series(1, v_n)
+        ), ins AS (
+            INSERT INTO pgqueue.jobs AS j
+                (id, queue, job_type, payload, state, priority, scope, max_attempts, run_after, scope_blocked)
+            SELECT u.id, coalesce(u.q, 'default'), u.t, coalesce(u.p, '{}'), 'queued', coalesce(u.pr, 0), u.s,
+                   coalesce(u.m, v_max_attempts), coalesce(u.ra, now()),
+                   u.s IS NOT NULL AND (row_number() OVER (PARTITION BY u.s ORDER BY u.i) > 1
+                                        OR NOT pgqueue._scope_free(u.s, u.id))
+            FROM (SELECT ids.a[x.i] AS id, x.t, x.p, x.q, x.pr, x.m, x.ra, nullif(x.s, 'null') AS s, x.i
+                  FROM ids, unnest(job_types, payloads, queues, priorities, enqueue_many.max_attempts, run_afters,
+                                   scopes) WITH ORDINALITY AS x(t, p, q, pr, m, ra, s, i)) u
+            ORDER BY u.i
+            RETURNING j.id
+        )
+        SELECT ins.id FROM ins ORDER BY ins.id;
+        RETURN;
+    END IF;
+
     -- Rows are inserted, and so numbered and returned, in array order: the only
     -- source is one function scan, which yields unnest's rows in order (an ORDER BY
     -- would add a sort of every row for nothing).
@@ -854,6 +927,64 @@ LANGUAGE sql STABLE AS $$
                        WHERE o.scope = p_scope AND o.state = 'queued' AND o.id < p_job_id)
 $$;
 
+-- Scope heads. A queued scoped job that is not its scope's next job is kept
+-- out of the claim index (jobs.scope_blocked), so claims never walk the
+-- backlog of busy scopes. Safety never depends on the flag (claims re-check
+-- the scope under its lock); liveness does: a blocked job must be unblocked
+-- once it is its scope's oldest queued job and nothing of the scope runs.
+-- Every transition that can make that happen (the scope's running job
+-- finishes, fails or is requeued; a queued job is cancelled) unblocks the
+-- scope's oldest queued job. Enqueue decides "blocked" by looking at the
+-- scope, so it must not miss such a transition that commits meanwhile: it
+-- holds the scope's order lock shared, the transitions take it exclusively
+-- before they lock any row, and both look in a statement after the lock.
+-- Enqueues never wait for each other; a transition waits for enqueues of its
+-- scope in flight, and they for it.
+CREATE FUNCTION pgqueue._share_scope_order(p_scopes jsonb[]) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock_shared(pgqueue._lock_class('scope_order'), k)
+    FROM (SELECT DISTINCT pgqueue._scope_lock_key(s) AS k FROM unnest(p_scopes) s
+          WHERE s IS NOT NULL AND s <> 'null' ORDER BY 1) keys;
+END
+$$;
+
+-- Exclusive, in key order (two transitions never deadlock on each other).
+CREATE FUNCTION pgqueue._lock_scope_order(p_scopes jsonb[]) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock(pgqueue._lock_class('scope_order'), k)
+    FROM (SELECT DISTINCT pgqueue._scope_lock_key(s) AS k FROM unnest(p_scopes) s
+          WHERE s IS NOT NULL ORDER BY 1) keys;
+END
+$$;
+
+-- Unblock the oldest queued job of each scope, its next; returns the queues of
+-- those jobs, blocked or not, for the caller to NOTIFY: the scope is free for
+-- its next job now, which is claimable although nothing entered 'queued'.
+-- The caller holds the scopes' order locks (_lock_scope_order) from before
+-- this statement, so it sees every job entered blocked before. "Oldest
+-- queued" is read in the order of jobs_scope_active (scope, id).
+CREATE FUNCTION pgqueue._unblock_scope_heads(p_scopes jsonb[]) RETURNS text[]
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_queues text[];
+BEGIN
+    WITH heads AS (
+        SELECT h.id, h.queue, h.scope_blocked
+        FROM (SELECT DISTINCT u.scope FROM unnest(p_scopes) u(scope) WHERE u.scope IS NOT NULL) s
+        CROSS JOIN LATERAL (SELECT q.id, q.queue, q.scope_blocked FROM pgqueue.jobs q
+                            WHERE q.scope = s.scope AND q.state = 'queued'
+                            ORDER BY q.scope, q.id LIMIT 1) h
+    ), unblocked AS (
+        UPDATE pgqueue.jobs j SET scope_blocked = false
+        FROM heads h WHERE j.id = h.id AND h.scope_blocked
+    )
+    SELECT array_agg(DISTINCT h.queue) INTO v_queues FROM heads h;
+    RETURN v_queues;
+END
+$$;
+
 CREATE FUNCTION pgqueue.claim(job_id bigint, worker text) RETURNS SETOF pgqueue.jobs
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
@@ -884,7 +1015,7 @@ BEGIN
     END IF;
     RETURN QUERY
     UPDATE pgqueue.jobs j
-       SET state = 'running', is_current = (j.scope IS NOT NULL), locked_by = claim.worker,
+       SET state = 'running', is_current = (j.scope IS NOT NULL), scope_blocked = false, locked_by = claim.worker,
            locked_at = now(), started_at = coalesce(j.started_at, now()), attempts = j.attempts + 1
      WHERE j.id = claim.job_id AND j.state = 'queued' AND j.run_after <= now()
     RETURNING j.*;
@@ -925,7 +1056,7 @@ BEGIN
         RETURN QUERY
         WITH picked AS (
             SELECT j.id FROM pgqueue.jobs j
-            WHERE j.state = 'queued' AND j.run_after <= now() AND j.scope IS NULL
+            WHERE j.state = 'queued' AND NOT j.scope_blocked AND j.run_after <= now() AND j.scope IS NULL
               AND (claim_next.queues IS NULL OR j.queue = ANY (claim_next.queues))
             ORDER BY j.priority DESC, j.run_after, j.id
             LIMIT claim_next.batch_size
@@ -948,7 +1079,7 @@ BEGIN
     SELECT array_agg(c.id), bool_or(c.scope IS NOT NULL) INTO v_ids, v_scoped
     FROM (
         SELECT j.id, j.scope FROM pgqueue.jobs j
-        WHERE j.state = 'queued' AND j.run_after <= now()
+        WHERE j.state = 'queued' AND NOT j.scope_blocked AND j.run_after <= now()
           AND (claim_next.queues IS NULL OR j.queue = ANY (claim_next.queues))
           AND (j.scope IS NULL OR pgqueue._scope_free(j.scope, j.id))
         ORDER BY j.priority DESC, j.run_after, j.id
@@ -980,7 +1111,8 @@ BEGIN
     RETURN QUERY
     WITH claimed AS (
         UPDATE pgqueue.jobs j
-           SET state = 'running', is_current = (j.scope IS NOT NULL), locked_by = claim_next.worker,
+           SET state = 'running', is_current = (j.scope IS NOT NULL), scope_blocked = false,
+               locked_by = claim_next.worker,
                locked_at = now(), started_at = coalesce(j.started_at, now()), attempts = j.attempts + 1
          WHERE j.id = ANY (v_ids)
         RETURNING j.*
@@ -1083,6 +1215,22 @@ BEGIN
 END
 $$;
 
+-- The scope of a job running under p_worker, with the scope's order lock
+-- taken (before the caller locks the row); NULL for an unscoped or unheld job.
+CREATE FUNCTION pgqueue._lock_held_scope(p_job_id bigint, p_worker text) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_scope jsonb;
+BEGIN
+    SELECT j.scope INTO v_scope FROM pgqueue.jobs j
+    WHERE j.id = p_job_id AND j.state = 'running' AND j.locked_by = p_worker AND j.scope IS NOT NULL;
+    IF v_scope IS NOT NULL THEN
+        PERFORM pgqueue._lock_scope_order(ARRAY[v_scope]);
+    END IF;
+    RETURN v_scope;
+END
+$$;
+
 -- Count a failed attempt on a job whose row the caller has locked: requeue
 -- with backoff while attempts remain, else fail it and cancel its dependents.
 CREATE FUNCTION pgqueue._fail_attempt(p_job_id bigint, p_error text, p_retry_in interval) RETURNS text
@@ -1128,6 +1276,7 @@ DECLARE
     v_parents bigint[];
     v_pipelines uuid[];
     v_specs jsonb[];
+    v_scopes jsonb[];
 BEGIN
     IF cardinality(p_results) <> cardinality(p_job_ids) OR cardinality(p_next_jobs) <> cardinality(p_job_ids) THEN
         RAISE EXCEPTION '%: job_ids, results and next_jobs must have the same length', p_label
@@ -1137,6 +1286,13 @@ BEGIN
         RAISE EXCEPTION '%: next_jobs must be an array of job specs, got %', p_label,
             (SELECT jsonb_typeof(n) FROM unnest(p_next_jobs) n WHERE jsonb_typeof(n) <> 'array' LIMIT 1)
             USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- Scoped jobs in the batch: their scopes' order locks before any row lock
+    -- (see _unblock_scope_heads). One probe decides that a batch has none.
+    IF EXISTS (SELECT 1 FROM pgqueue.jobs j WHERE j.scope IS NOT NULL AND j.state IN ('queued', 'running')) THEN
+        SELECT array_agg(DISTINCT j.scope) INTO v_scopes FROM pgqueue.jobs j
+        WHERE j.id = ANY (p_job_ids) AND j.scope IS NOT NULL AND j.state = 'running' AND j.locked_by = p_worker;
+        PERFORM pgqueue._lock_scope_order(v_scopes);
     END IF;
     WITH input AS (
         SELECT u.id, u.result, u.next_jobs
@@ -1161,6 +1317,9 @@ BEGIN
       FROM done d;
     IF v_done IS NULL THEN
         RETURN '{}';
+    END IF;
+    IF v_scopes IS NOT NULL THEN
+        PERFORM pgqueue._notify(pgqueue._unblock_scope_heads(v_scopes), pgqueue._setting('notify'));
     END IF;
     -- Dependents first, children after: a child that depends on a job of this
     -- batch sees it succeeded and never counts it, so it must not be decremented.
@@ -1201,18 +1360,26 @@ CREATE FUNCTION pgqueue.fail(job_id bigint, worker text, error text, retry_in in
 RETURNS text
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
+DECLARE
+    v_scope jsonb;
+    v_state text;
 BEGIN
     IF retry_in < interval '0' THEN
         RAISE EXCEPTION 'pgqueue.fail: retry_in must not be negative, got %', retry_in
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    v_scope := pgqueue._lock_held_scope(fail.job_id, fail.worker);
     PERFORM 1 FROM pgqueue.jobs j
     WHERE j.id = fail.job_id AND j.state = 'running' AND j.locked_by = fail.worker
     FOR NO KEY UPDATE;
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
-    RETURN pgqueue._fail_attempt(fail.job_id, coalesce(fail.error, '(no error message)'), fail.retry_in);
+    v_state := pgqueue._fail_attempt(fail.job_id, coalesce(fail.error, '(no error message)'), fail.retry_in);
+    IF v_scope IS NOT NULL THEN
+        PERFORM pgqueue._notify(pgqueue._unblock_scope_heads(ARRAY[v_scope]), pgqueue._setting('notify'));
+    END IF;
+    RETURN v_state;
 END
 $$;
 COMMENT ON FUNCTION pgqueue.fail(bigint, text, text, interval) IS
@@ -1226,7 +1393,9 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_key text;
     v_pipeline uuid;
+    v_scope jsonb;
 BEGIN
+    v_scope := pgqueue._lock_held_scope(release.job_id, release.worker);
     SELECT j.dedup_key, j.pipeline_id INTO v_key, v_pipeline FROM pgqueue.jobs j
     WHERE j.id = release.job_id AND j.state = 'running' AND j.locked_by = release.worker
     FOR NO KEY UPDATE;
@@ -1238,12 +1407,15 @@ BEGIN
            SET state = 'cancelled', finished_at = now(), last_error = 'released after its pipeline was cancelled'
          WHERE j.id = release.job_id;
         PERFORM pgqueue._cancel_dependents(release.job_id, 'was cancelled with its pipeline');
-        RETURN true;
+    ELSE
+        UPDATE pgqueue.jobs j
+           SET state = 'queued', attempts = greatest(j.attempts - 1, 0), locked_by = NULL, locked_at = NULL,
+               dedup_key = CASE WHEN pgqueue._keeps_dedup_key(v_key, j.id) THEN v_key END
+         WHERE j.id = release.job_id;
     END IF;
-    UPDATE pgqueue.jobs j
-       SET state = 'queued', attempts = greatest(j.attempts - 1, 0), locked_by = NULL, locked_at = NULL,
-           dedup_key = CASE WHEN pgqueue._keeps_dedup_key(v_key, j.id) THEN v_key END
-     WHERE j.id = release.job_id;
+    IF v_scope IS NOT NULL THEN
+        PERFORM pgqueue._notify(pgqueue._unblock_scope_heads(ARRAY[v_scope]), pgqueue._setting('notify'));
+    END IF;
     RETURN true;
 END
 $$;
@@ -1274,24 +1446,37 @@ LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
     v_after interval := coalesce(recover_stale.stale_after, pgqueue._setting_interval('stale_after'));
+    c record;
     v record;
 BEGIN
     IF v_after <= interval '0' THEN
         RAISE EXCEPTION 'pgqueue.recover_stale: stale_after must be positive, got %', v_after
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    -- A scoped job's order lock comes before its row lock (as in every
+    -- transition out of running), so candidates are read unlocked, in the
+    -- order _lock_scope_order uses, and each is locked and re-checked.
     -- SKIP LOCKED: a row locked right now is being completed or failed by its
     -- worker, which proves the worker is alive; fencing settles the rest.
-    FOR v IN
-        SELECT j.id, j.locked_by, j.locked_at, j.attempts FROM pgqueue.jobs j
+    FOR c IN
+        SELECT j.id, j.scope FROM pgqueue.jobs j
         WHERE j.state = 'running' AND j.locked_at < now() - v_after
-        ORDER BY j.id
-        FOR NO KEY UPDATE SKIP LOCKED
+        ORDER BY pgqueue._scope_lock_key(j.scope) NULLS FIRST, j.id
     LOOP
+        IF c.scope IS NOT NULL THEN
+            PERFORM pgqueue._lock_scope_order(ARRAY[c.scope]);
+        END IF;
+        SELECT j.id, j.locked_by, j.locked_at, j.attempts INTO v FROM pgqueue.jobs j
+        WHERE j.id = c.id AND j.state = 'running' AND j.locked_at < now() - v_after
+        FOR NO KEY UPDATE SKIP LOCKED;
+        CONTINUE WHEN NOT FOUND;
         PERFORM pgqueue._fail_attempt(v.id,
             format('stale: attempt %s by worker %s sent no heartbeat since %s (stale_after %s); recovered',
                    v.attempts, v.locked_by, v.locked_at, v_after),
             interval '0');
+        IF c.scope IS NOT NULL THEN
+            PERFORM pgqueue._notify(pgqueue._unblock_scope_heads(ARRAY[c.scope]), pgqueue._setting('notify'));
+        END IF;
         RETURN NEXT v.id;
     END LOOP;
 END
@@ -1304,14 +1489,26 @@ COMMENT ON FUNCTION pgqueue.recover_stale(interval) IS
 CREATE FUNCTION pgqueue.cancel(job_id bigint) RETURNS boolean
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
+DECLARE
+    v_scope jsonb;
 BEGIN
+    -- A cancelled queued job may have been its scope's next: the order lock
+    -- first (before the row), then the next one is unblocked.
+    SELECT j.scope INTO v_scope FROM pgqueue.jobs j WHERE j.id = cancel.job_id AND j.state IN ('waiting', 'queued');
+    IF v_scope IS NOT NULL THEN
+        PERFORM pgqueue._lock_scope_order(ARRAY[v_scope]);
+    END IF;
     UPDATE pgqueue.jobs j
-       SET state = 'cancelled', finished_at = now(), last_error = coalesce(j.last_error, 'cancelled')
+       SET state = 'cancelled', scope_blocked = false, finished_at = now(),
+           last_error = coalesce(j.last_error, 'cancelled')
      WHERE j.id = cancel.job_id AND j.state IN ('waiting', 'queued');
     IF NOT FOUND THEN
         RETURN false;
     END IF;
     PERFORM pgqueue._cancel_dependents(cancel.job_id, 'was cancelled');
+    IF v_scope IS NOT NULL THEN
+        PERFORM pgqueue._notify(pgqueue._unblock_scope_heads(ARRAY[v_scope]), pgqueue._setting('notify'));
+    END IF;
     RETURN true;
 END
 $$;
@@ -1334,6 +1531,13 @@ DECLARE
     v pgqueue.jobs%ROWTYPE;
     v_downstream bigint[];
 BEGIN
+    -- The scope lock (so a claim of a newer job of this scope cannot slip in
+    -- between) before the row lock: a claim holding the scope lock updates the
+    -- scope's previous current job, which may be this one.
+    SELECT * INTO v FROM pgqueue.jobs j WHERE j.id = retry.job_id AND j.state IN ('failed', 'cancelled');
+    IF v.scope IS NOT NULL THEN
+        PERFORM pg_advisory_xact_lock(pgqueue._lock_class('scope'), pgqueue._scope_lock_key(v.scope));
+    END IF;
     SELECT * INTO v FROM pgqueue.jobs j WHERE j.id = retry.job_id AND j.state IN ('failed', 'cancelled')
     FOR NO KEY UPDATE;
     IF NOT FOUND THEN
@@ -1342,10 +1546,6 @@ BEGIN
     -- An operator retrying a member of a cancelled pipeline resumes the pipeline.
     IF pgqueue._pipeline_cancelled(v.pipeline_id) THEN
         DELETE FROM pgqueue.cancelled_pipelines c WHERE c.pipeline_id = v.pipeline_id;
-    END IF;
-    IF v.scope IS NOT NULL THEN
-        -- so a claim of a newer job of this scope cannot slip in between
-        PERFORM pg_advisory_xact_lock(pgqueue._lock_class('scope'), pgqueue._scope_lock_key(v.scope));
     END IF;
     -- Dependents cancelled because this job failed wait again for it.
     WITH RECURSIVE downstream(id) AS (
@@ -1419,6 +1619,8 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_ids bigint[];
     v_id bigint;
+    v_scopes jsonb[];
+    v_cancelled_scopes jsonb[];
 BEGIN
     IF cancel_pipeline.pipeline_id IS NULL THEN
         RAISE EXCEPTION 'pgqueue.cancel_pipeline: pipeline_id is required' USING ERRCODE = 'invalid_parameter_value';
@@ -1428,13 +1630,25 @@ BEGIN
     PERFORM pgqueue._pipeline_cancelled(cancel_pipeline.pipeline_id);
     INSERT INTO pgqueue.cancelled_pipelines (pipeline_id) VALUES (cancel_pipeline.pipeline_id)
     ON CONFLICT DO NOTHING;
+    -- Cancelled queued members may be their scopes' next jobs: order locks
+    -- first, the next ones unblocked after. (A member queued by a completion
+    -- committing meanwhile is locked after its row; that late lock is rare.)
+    v_scopes := ARRAY(SELECT DISTINCT j.scope FROM pgqueue.jobs j
+                      WHERE j.pipeline_id = cancel_pipeline.pipeline_id AND j.scope IS NOT NULL
+                        AND j.state IN ('waiting', 'queued'));
+    PERFORM pgqueue._lock_scope_order(v_scopes);
     WITH cancelled AS (
         UPDATE pgqueue.jobs j
-           SET state = 'cancelled', finished_at = now(), last_error = 'pipeline cancelled'
+           SET state = 'cancelled', scope_blocked = false, finished_at = now(), last_error = 'pipeline cancelled'
          WHERE j.pipeline_id = cancel_pipeline.pipeline_id AND j.state IN ('waiting', 'queued')
-        RETURNING j.id
+        RETURNING j.id, j.scope
     )
-    SELECT array_agg(c.id) INTO v_ids FROM cancelled c;
+    SELECT array_agg(c.id), array_agg(DISTINCT c.scope) FILTER (WHERE c.scope IS NOT NULL) INTO v_ids, v_cancelled_scopes
+    FROM cancelled c;
+    IF v_cancelled_scopes IS NOT NULL THEN
+        PERFORM pgqueue._lock_scope_order(v_cancelled_scopes);
+        PERFORM pgqueue._notify(pgqueue._unblock_scope_heads(v_cancelled_scopes), pgqueue._setting('notify'));
+    END IF;
     -- Jobs outside the pipeline that waited on its members go too.
     FOREACH v_id IN ARRAY coalesce(v_ids, '{}') LOOP
         PERFORM pgqueue._cancel_dependents(v_id, 'was cancelled with its pipeline');
@@ -1532,7 +1746,10 @@ BEGIN
     IF v_mode = 'when_waiting' AND NOT pgqueue._someone_waits(NULL) THEN
         RETURN NULL;  -- every worker is busy: not even the queue list is needed
     END IF;
-    PERFORM pgqueue._notify(ARRAY(SELECT DISTINCT n.queue FROM new_rows n WHERE n.state = 'queued'), v_mode);
+    -- A job entered behind another of its scope (scope_blocked) wakes nobody:
+    -- the end of the job ahead of it does.
+    PERFORM pgqueue._notify(ARRAY(SELECT DISTINCT n.queue FROM new_rows n
+                                  WHERE n.state = 'queued' AND NOT n.scope_blocked), v_mode);
     RETURN NULL;
 END
 $$;
@@ -1564,28 +1781,6 @@ CREATE TRIGGER jobs_notify_requeued
     EXECUTE FUNCTION pgqueue._notify_requeued();
 COMMENT ON TRIGGER jobs_notify_requeued ON pgqueue.jobs IS
     'NOTIFY pgqueue, <queue> once per queue whose jobs entered queued (retried, recovered, released, unblocked).';
-
--- When a scoped job stops running, the next queued job of its scope becomes
--- claimable although nothing entered 'queued': wake that job's queue. The
--- WHEN clause keeps unscoped completions free of any call.
-CREATE FUNCTION pgqueue._notify_scope_successor() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pgqueue._notify(ARRAY(SELECT o.queue FROM pgqueue.jobs o
-                                  WHERE o.scope = NEW.scope AND o.state = 'queued' AND o.id <> NEW.id
-                                  ORDER BY o.id LIMIT 1),
-                            pgqueue._setting('notify'));
-    RETURN NULL;
-END
-$$;
-
-CREATE TRIGGER jobs_notify_scope_successor
-    AFTER UPDATE OF state ON pgqueue.jobs
-    FOR EACH ROW
-    WHEN (OLD.state = 'running' AND NEW.state <> 'running' AND NEW.scope IS NOT NULL)
-    EXECUTE FUNCTION pgqueue._notify_scope_successor();
-COMMENT ON TRIGGER jobs_notify_scope_successor ON pgqueue.jobs IS
-    'NOTIFY pgqueue, <queue> of the next queued job of a scope when the scope''s running job stops running.';
 
 CREATE FUNCTION pgqueue.claim_or_wait(worker text, queues text[] DEFAULT NULL, batch_size int DEFAULT 1)
 RETURNS SETOF pgqueue.jobs

@@ -132,6 +132,28 @@ MUTANTS: dict[str, Mutant] = {
         "NULL;",
         "test_notify_when_waiting.py::test_producer_waits_for_a_registering_worker_and_wakes_it",
     ),
+    # scoped enqueue without the shared order lock: a completion committing between its
+    # look at the scope and its commit unblocks nothing, and the new job stays blocked.
+    "enqueue_without_scope_order_lock": Mutant(
+        "pgqueue.enqueue(text,jsonb,text,jsonb,text,timestamp with time zone,integer,integer,uuid,jsonb,bigint[])",
+        "PERFORM pgqueue._share_scope_order(ARRAY[enqueue.scope]);",
+        "NULL;",
+        "test_scope_heads.py::test_enqueue_in_flight_makes_the_completion_wait_and_its_job_runs_next",
+    ),
+    # completion without the exclusive order lock: same lost unblocking, other side.
+    "complete_without_scope_order_lock": Mutant(
+        "pgqueue._complete(text,bigint[],jsonb[],jsonb[],text)",
+        "PERFORM pgqueue._lock_scope_order(v_scopes);",
+        "NULL;",
+        "test_scope_heads.py::test_completion_in_flight_makes_the_enqueue_wait_and_see_the_scope_free",
+    ),
+    # a transition that forgets to unblock the scope's next job.
+    "release_keeps_next_blocked": Mutant(
+        "pgqueue.release(bigint,text)",
+        "PERFORM pgqueue._unblock_scope_heads(ARRAY[v_scope]);",
+        "NULL;",
+        "test_scope_heads.py::test_requeue_unblocks_an_older_job_that_entered_behind_it",
+    ),
 }
 
 

@@ -106,12 +106,23 @@ async def test_drain_with_claim_next_batches_every_job_exactly_once(connect: Con
     assert await observer.fetchval("SELECT count(*) FROM pgqueue.jobs WHERE attempts <> 1") == 0
 
 
-async def test_concurrent_claims_across_one_scope_oldest_first_one_winner(connect: Connect) -> None:
+@pytest.mark.parametrize("entered", ["blocked", "unblocked"])
+async def test_concurrent_claims_across_one_scope_oldest_first_one_winner(
+    connect: Connect, entered: str
+) -> None:
     observer, a, b = await sessions(connect, "obs", "a", "b")
     # Key order and JSON nulls differ: JSONB equality makes them one scope.
     j1 = await _enqueue(observer.conn, scope={"module": "m", "det": None, "year": 2024})
     j2 = await _enqueue(observer.conn, scope={"year": 2024, "det": None, "module": "m"})
     other = await _enqueue(observer.conn, scope={"module": "m", "det": "x", "year": 2024})
+    assert await observer.fetchval("SELECT scope_blocked FROM pgqueue.jobs WHERE id = $1", j2)
+    if entered == "unblocked":
+        # As a job enters that was retried, queued by fan-in or created as a child
+        # (or enqueued concurrently with j1): in the claim index, so only the
+        # claim's own scope check keeps it from running beside or before j1.
+        await observer.conn.execute(
+            "UPDATE pgqueue.jobs SET scope_blocked = false WHERE id = $1", j2
+        )
 
     await a.begin()
     got_a = await a.fetch("SELECT id, is_current FROM pgqueue.claim_next('a', NULL, 10)")
@@ -208,7 +219,8 @@ async def test_one_running_per_scope_is_an_index(connect: Connect) -> None:
     await observer.fetch("SELECT id FROM pgqueue.claim($1, 'w')", j1)
     with pytest.raises(asyncpg.UniqueViolationError, match="jobs_one_running_per_scope"):
         await observer.conn.execute(
-            "UPDATE pgqueue.jobs SET state = 'running', locked_by = 'x', locked_at = now() WHERE id = $1",
+            "UPDATE pgqueue.jobs SET state = 'running', scope_blocked = false, locked_by = 'x',"
+            " locked_at = now() WHERE id = $1",
             j2,
         )
 

@@ -65,7 +65,13 @@ async def test_app_typed_path_makes_the_rows_the_spec_path_makes(connect: Connec
         ]
     assert len(fast) == len(spec_path) == len(PLAIN_SPECS)
     assert fast == sorted(fast)  # ids in spec order
-    assert await _rows(conn, fast) == await _rows(conn, spec_path)
+    fast_rows, spec_rows = await _rows(conn, fast), await _rows(conn, spec_path)
+    # The second batch's scoped jobs wait behind the first's (same scopes): blocked.
+    assert [r.pop("scope_blocked") for r in fast_rows] == [False] * len(PLAIN_SPECS)
+    assert [r.pop("scope_blocked") for r in spec_rows] == [
+        s.get("scope") is not None for s in PLAIN_SPECS
+    ]
+    assert fast_rows == spec_rows
     rows = await _rows(conn, fast)
     assert [(r["queue"], r["max_attempts"]) for r in rows[-2:]] == [("reg", 7), ("mine", 1)]
     assert rows[3]["scope"] == {"site": 1, "year": 2024} and rows[4]["scope"] is None
@@ -103,7 +109,11 @@ async def test_sql_typed_overload_matches_specs(connect: Connect) -> None:
             r[0] for r in await conn.fetch("SELECT pgqueue.enqueue_many($1::jsonb)", specs)
         ]
     assert typed == sorted(typed)
-    assert await _rows(conn, typed) == await _rows(conn, spec_path)
+    typed_rows, spec_rows = await _rows(conn, typed), await _rows(conn, spec_path)
+    # the spec path's scoped job waits behind the typed path's (same scope): blocked
+    assert [r.pop("scope_blocked") for r in typed_rows] == [False, False, False]
+    assert [r.pop("scope_blocked") for r in spec_rows] == [False, False, True]
+    assert typed_rows == spec_rows
 
 
 async def test_typed_overload_with_no_jobs_writes_nothing(connect: Connect) -> None:

@@ -47,6 +47,11 @@ INVARIANTS = {
         SELECT j.id FROM pgqueue.jobs j WHERE j.state = 'waiting' AND j.pending_deps <> (
             SELECT count(*) FROM pgqueue.job_dependencies d JOIN pgqueue.jobs p ON p.id = d.depends_on
             WHERE d.job_id = j.id AND p.state <> 'succeeded')""",
+    "scope stuck: its oldest queued job is blocked and nothing of the scope runs": """
+        SELECT h.id FROM (SELECT DISTINCT ON (scope) id, scope, scope_blocked FROM pgqueue.jobs
+                          WHERE state = 'queued' AND scope IS NOT NULL ORDER BY scope, id) h
+        WHERE h.scope_blocked AND NOT EXISTS (
+            SELECT 1 FROM pgqueue.jobs r WHERE r.scope = h.scope AND r.state = 'running')""",
     "two pending jobs with one dedup key": """
         SELECT dedup_key FROM pgqueue.jobs WHERE state IN ('waiting', 'queued') AND dedup_key IS NOT NULL
         GROUP BY dedup_key HAVING count(*) > 1""",

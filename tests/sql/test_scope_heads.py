@@ -1,0 +1,199 @@
+"""Scope heads: queued jobs behind an older job of their scope stay out of the claim index.
+
+A job enqueued while its scope has a running job, or an older queued one, is entered
+``scope_blocked``; the transition that ends the scope's running job (complete, fail,
+release, recovery) or cancels a queued one unblocks the scope's oldest queued job. The
+danger is liveness: a job left blocked after the job ahead of it finished is never
+claimed. Enqueue and those transitions meet on the scope's order lock (shared for
+enqueue, exclusive for the transitions), and the races below force both orders with
+explicit transactions, proving each wait in ``pg_locks``.
+"""
+
+from __future__ import annotations
+
+import asyncpg
+import pytest
+from sqlharness import Connect, Session, lock_wait_kind, sessions, wait_blocked
+
+SCOPE = '{"account": 7}'
+ENQUEUE = "SELECT pgqueue.enqueue('t', scope => $1::text::jsonb)"
+BLOCKED = "SELECT scope_blocked FROM pgqueue.jobs WHERE id = $1"
+
+
+async def _claim(session: Session | asyncpg.Connection, worker: str = "w") -> list[int]:
+    rows = await session.fetch(
+        "SELECT id FROM pgqueue.claim_next($1, NULL, 10) ORDER BY id", worker
+    )
+    return [r["id"] for r in rows]
+
+
+async def _running(conn: asyncpg.Connection) -> int:
+    """One scoped job, claimed by worker 'w'."""
+    job = int(await conn.fetchval(ENQUEUE, SCOPE))
+    assert await _claim(conn) == [job]
+    return job
+
+
+async def test_jobs_behind_a_busy_scope_are_blocked_and_run_in_order(
+    conn: asyncpg.Connection,
+) -> None:
+    first = await _running(conn)
+    second = await conn.fetchval(ENQUEUE, SCOPE)
+    third = await conn.fetchval(ENQUEUE, SCOPE)
+    other = await conn.fetchval(ENQUEUE, '{"account": 8}')
+    assert [await conn.fetchval(BLOCKED, j) for j in (second, third, other)] == [True, True, False]
+    # The claim index holds only jobs a claim may take.
+    ready = await conn.fetch(
+        "SELECT id FROM pgqueue.jobs WHERE state = 'queued' AND NOT scope_blocked ORDER BY id"
+    )
+    assert [r["id"] for r in ready] == [other]
+    assert await _claim(conn) == [other]
+    for done, nxt in ((first, second), (second, third)):
+        assert await conn.fetchval("SELECT pgqueue.complete($1, 'w')", done)
+        assert await conn.fetchval(BLOCKED, nxt) is False
+        assert await _claim(conn) == [nxt]
+    assert await conn.fetchval("SELECT pgqueue.complete($1, 'w')", third)
+
+
+async def test_bulk_enqueue_blocks_all_but_the_oldest_of_each_scope(
+    conn: asyncpg.Connection,
+) -> None:
+    ids = [
+        r["id"]
+        for r in await conn.fetch(
+            "SELECT id FROM pgqueue.enqueue_many(ARRAY['t','t','t','t'], NULL,"
+            " scopes => ARRAY['{\"s\": 1}', '{\"s\": 2}', '{\"s\": 1}', NULL]::jsonb[]) AS id"
+        )
+    ]
+    blocked = [await conn.fetchval(BLOCKED, j) for j in ids]
+    assert blocked == [False, False, True, False]
+    assert sorted(await _claim(conn)) == [ids[0], ids[1], ids[3]]
+
+
+@pytest.mark.parametrize(
+    ("end", "unblocked"),
+    [
+        # the running job finished: the oldest queued (`ahead`) is next
+        ("SELECT pgqueue.complete($1, 'w')", "ahead"),
+        ("SELECT pgqueue.fail($1, 'w', 'boom')", "ahead"),  # max_attempts 1 below: failed
+        # requeued: the running job is the oldest queued again, `ahead` stays behind it
+        ("SELECT pgqueue.fail($1, 'w', 'boom', retry_in => interval '1 hour')", "first"),
+        ("SELECT pgqueue.release($1, 'w')", "first"),
+        # the queued job ahead of ours is cancelled: ours is next (after the running one)
+        ("SELECT pgqueue.cancel($1 + 1)", "ours"),
+    ],
+    ids=["complete", "fail-final", "fail-retry", "release", "cancel-queued"],
+)
+async def test_every_transition_that_frees_the_scope_unblocks_the_next(
+    conn: asyncpg.Connection, end: str, unblocked: str
+) -> None:
+    first = await _running(conn)
+    if "retry_in" not in end:  # a failure is final
+        await conn.execute("UPDATE pgqueue.jobs SET max_attempts = 1 WHERE id = $1", first)
+    ahead = await conn.fetchval(ENQUEUE, SCOPE)
+    ours = await conn.fetchval(ENQUEUE, SCOPE)
+    assert ahead == first + 1
+    await conn.fetchval(end, first)
+    ready = await conn.fetch(
+        "SELECT id FROM pgqueue.jobs WHERE state = 'queued' AND NOT scope_blocked ORDER BY id"
+    )
+    assert [r["id"] for r in ready] == [{"first": first, "ahead": ahead, "ours": ours}[unblocked]]
+
+
+async def test_recovery_of_a_stale_job_unblocks_the_next(conn: asyncpg.Connection) -> None:
+    first = await _running(conn)
+    nxt = await conn.fetchval(ENQUEUE, SCOPE)
+    await conn.execute(
+        "UPDATE pgqueue.jobs SET locked_at = now() - interval '1 hour' WHERE id = $1", first
+    )
+    assert [r[0] for r in await conn.fetch("SELECT pgqueue.recover_stale()")] == [first]
+    # The recovered job is queued again and the oldest: it runs first, nxt stays behind it.
+    assert await conn.fetchval(BLOCKED, nxt) is True
+    assert await _claim(conn) == [first]
+    assert await conn.fetchval("SELECT pgqueue.complete($1, 'w')", first)
+    assert await _claim(conn) == [nxt]
+
+
+async def test_enqueue_in_flight_makes_the_completion_wait_and_its_job_runs_next(
+    connect: Connect,
+) -> None:
+    """Enqueue first: it saw the running job and entered blocked, not committed yet. The
+    completion must wait for it, or its unblocking would miss the new job for good."""
+    producer, worker = await sessions(connect, "producer", "worker")
+    observer = await connect()
+    first = await _running(observer)
+    await producer.begin()
+    job = await producer.fetchval(ENQUEUE, SCOPE)
+    assert await producer.fetchval(BLOCKED, job) is True
+    complete = worker.start(worker.fetchval("SELECT pgqueue.complete($1, 'w')", first))
+    await wait_blocked(observer, worker)
+    assert await lock_wait_kind(observer, worker) == "advisory"
+    await producer.commit()
+    assert await complete
+    assert await observer.fetchval(BLOCKED, job) is False
+    assert await _claim(observer) == [job]
+
+
+async def test_completion_in_flight_makes_the_enqueue_wait_and_see_the_scope_free(
+    connect: Connect,
+) -> None:
+    """Completion first: it unblocked the scope's next job before ours existed. The enqueue
+    must wait for its commit and then see the scope free, or it would enter blocked behind
+    a job that already finished."""
+    producer, worker = await sessions(connect, "producer", "worker")
+    observer = await connect()
+    first = await _running(observer)
+    await worker.begin()
+    assert await worker.fetchval("SELECT pgqueue.complete($1, 'w')", first)
+    enqueue = producer.start(producer.fetchval(ENQUEUE, SCOPE))
+    await wait_blocked(observer, producer)
+    assert await lock_wait_kind(observer, producer) == "advisory"
+    await worker.commit()
+    job = await enqueue
+    assert await observer.fetchval(BLOCKED, job) is False
+    assert await _claim(observer) == [job]
+
+
+async def test_enqueues_of_one_scope_do_not_wait_for_each_other(connect: Connect) -> None:
+    a, b = await sessions(connect, "a", "b")
+    observer = await connect()
+    await _running(observer)
+    await a.begin()
+    await a.fetchval(ENQUEUE, SCOPE)
+    await b.begin()
+    await b.fetchval(ENQUEUE, SCOPE)  # would hang here if the lock were exclusive
+    assert await lock_wait_kind(observer, b) is None
+    await a.commit()
+    await b.commit()
+
+
+@pytest.mark.parametrize(
+    "requeue",
+    [
+        "SELECT pgqueue.release($1, 'w')",
+        "SELECT pgqueue.fail($1, 'w', 'boom', retry_in => interval '0')",
+        "SELECT count(*) FROM pgqueue.recover_stale(interval '1 microsecond') WHERE $1 > 0",
+    ],
+    ids=["release", "fail-retry", "recover"],
+)
+async def test_requeue_unblocks_an_older_job_that_entered_behind_it(
+    conn: asyncpg.Connection, requeue: str
+) -> None:
+    """An enqueue that drew its id before the running job's and committed after that job
+    was claimed enters blocked with the smaller id. When the running job is requeued, the
+    older job is the scope's next: the requeue must unblock it, or neither ever runs (the
+    requeued job is not free while an older one is queued)."""
+    older = await conn.fetchval(ENQUEUE, SCOPE)
+    newer = await conn.fetchval(ENQUEUE, SCOPE)
+    # That interleaving's end state, written directly (the race is inside one statement).
+    await conn.execute(
+        "UPDATE pgqueue.jobs SET scope_blocked = (id = $1), state = CASE WHEN id = $2"
+        " THEN 'running' ELSE state END, locked_by = CASE WHEN id = $2 THEN 'w' END,"
+        " locked_at = CASE WHEN id = $2 THEN now() END, is_current = (id = $2),"
+        " attempts = CASE WHEN id = $2 THEN 1 ELSE 0 END WHERE id IN ($1, $2)",
+        older,
+        newer,
+    )
+    await conn.fetchval(requeue, newer)
+    assert await conn.fetchval(BLOCKED, older) is False
+    assert await _claim(conn) == [older]
