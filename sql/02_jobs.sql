@@ -92,11 +92,11 @@ COMMENT ON COLUMN pgqueue.jobs.pending_deps IS
     'Internal fan-in counter, meaningful while waiting: how many of its dependencies have not succeeded yet. '
     'Each dependency''s completion decrements it; the completion that takes it to 0 queues the job.';
 COMMENT ON COLUMN pgqueue.jobs.scope_blocked IS
-    'Internal: true on a queued scoped job that cannot be its scope''s next job yet (an older job of the scope '
-    'is queued or one is running), so it stays out of the claim index. Set when the job is enqueued; cleared '
-    'for the scope''s oldest queued job by every transition that ends or requeues the scope''s running job or '
-    'cancels a queued one. Jobs that become queued another way (retry, fan-in, children) start unblocked; '
-    'claims re-check the scope either way, so the flag only decides what a claim has to look at.';
+    'Internal: true on a queued scoped job entered behind an older queued or running job of its scope, so it '
+    'stays out of the claim index. Set when the job is enqueued; cleared for the scope''s next queued job by the '
+    'transition that ends the job ahead of it (complete, a final fail or recovery, cancel). Jobs that become '
+    'queued another way (retry, fan-in, children) start unblocked; claims re-check the scope either way, so '
+    'the flag only decides what a claim has to look at.';
 
 -- Fan-in edges: job_id waits until depends_on has succeeded. Cascades keep
 -- prune() simple; a pruned dependency was final already.

@@ -342,7 +342,7 @@ BEGIN
                      AND (count(*) FILTER (WHERE sp.dk IS NULL AND sp.st = 'queued')
                               OVER (PARTITION BY sp.scope ORDER BY sp.ord
                                     ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) > 0
-                          OR NOT pgqueue._scope_free(sp.scope, sp.new_id)) AS blocked
+                          OR pgqueue._behind_older(sp.scope, sp.new_id)) AS blocked
         FROM spec0 sp
     ), ins AS (
         INSERT INTO pgqueue.jobs AS j
@@ -462,7 +462,7 @@ BEGIN
     IF enqueue.dedup_key IS NULL AND enqueue.pipeline_id IS NULL AND enqueue.next_jobs IS NULL
        AND coalesce(cardinality(enqueue.depends_on), 0) = 0 THEN
         IF nullif(enqueue.scope, 'null') IS NOT NULL THEN
-            -- Behind an older queued or a running job of its scope, the job is
+            -- Behind an older queued or running job of its scope, the job is
             -- entered blocked (out of the claim index); the end of that scope's
             -- running job unblocks the next. The shared order lock makes that end
             -- either visible to the check below or wait for this commit.
@@ -473,7 +473,7 @@ BEGIN
             VALUES (v_id, coalesce(enqueue.queue, 'default'), enqueue.job_type, coalesce(enqueue.payload, '{}'),
                     'queued', coalesce(enqueue.priority, 0), enqueue.scope,
                     coalesce(enqueue.max_attempts, pgqueue._setting_int('max_attempts')),
-                    coalesce(enqueue.run_after, now()), NOT pgqueue._scope_free(enqueue.scope, v_id));
+                    coalesce(enqueue.run_after, now()), pgqueue._behind_older(enqueue.scope, v_id));
             RETURN v_id;
         END IF;
         INSERT INTO pgqueue.jobs AS j (queue, job_type, payload, state, priority, scope, max_attempts, run_after)
@@ -610,7 +610,7 @@ BEGIN
             SELECT u.id, coalesce(u.q, 'default'), u.t, coalesce(u.p, '{}'), 'queued', coalesce(u.pr, 0), u.s,
                    coalesce(u.m, v_max_attempts), coalesce(u.ra, now()),
                    u.s IS NOT NULL AND (row_number() OVER (PARTITION BY u.s ORDER BY u.i) > 1
-                                        OR NOT pgqueue._scope_free(u.s, u.id))
+                                        OR pgqueue._behind_older(u.s, u.id))
             FROM (SELECT ids.a[x.i] AS id, x.t, x.p, x.q, x.pr, x.m, x.ra, nullif(x.s, 'null') AS s, x.i
                   FROM ids, unnest(job_types, payloads, queues, priorities, enqueue_many.max_attempts, run_afters,
                                    scopes) WITH ORDINALITY AS x(t, p, q, pr, m, ra, s, i)) u

@@ -37,8 +37,9 @@ $$;
 -- once it is its scope's oldest queued job and nothing of the scope runs.
 -- Every transition that can make that happen (the scope's running job
 -- finishes, fails or is requeued; a queued job is cancelled) unblocks the
--- scope's oldest queued job. Enqueue decides "blocked" by looking at the
--- scope, so it must not miss such a transition that commits meanwhile: it
+-- scope's next queued job (_unblock_next). Enqueue decides "blocked" by
+-- looking for an older active job of the scope (_behind_older), so it must
+-- not miss such a transition that commits meanwhile: it
 -- holds the scope's order lock shared, the transitions take it exclusively
 -- before they lock any row, and both look in a statement after the lock.
 -- Enqueues never wait for each other; a transition waits for enqueues of its
@@ -62,22 +63,28 @@ BEGIN
 END
 $$;
 
--- Unblock the oldest queued job of each scope, its next; returns the queues of
--- those jobs, blocked or not, for the caller to NOTIFY: the scope is free for
--- its next job now, which is claimable although nothing entered 'queued'.
--- The caller holds the scopes' order locks (_lock_scope_order) from before
--- this statement, so it sees every job entered blocked before. "Oldest
--- queued" is read in the order of jobs_scope_active (scope, id).
-CREATE FUNCTION pgqueue._unblock_scope_heads(p_scopes jsonb[]) RETURNS text[]
+-- A job (p_after[i]) of each scope (p_scopes[i]) stopped being active: unblock
+-- the scope's first queued job after it, and return the queues of those jobs,
+-- blocked or not, for the caller to NOTIFY (the scope is free for its next job
+-- now, which is claimable although nothing entered 'queued'). Why "after it"
+-- suffices: a job is entered blocked only behind an older active job of its
+-- scope, so a blocked job always has an active job with a smaller id; when the
+-- scope's oldest queued job is blocked, that older active job can only be the
+-- running one, i.e. the job that stops now. Looking after it, not from the
+-- scope's first id, also skips the index entries every finished job of the
+-- scope left behind. The caller holds the scopes' order locks from before this
+-- statement (_lock_scope_order), so it sees every job entered blocked before.
+CREATE FUNCTION pgqueue._unblock_next(p_scopes jsonb[], p_after bigint[]) RETURNS text[]
 LANGUAGE plpgsql AS $$
 DECLARE
     v_queues text[];
 BEGIN
     WITH heads AS (
         SELECT h.id, h.queue, h.scope_blocked
-        FROM (SELECT DISTINCT u.scope FROM unnest(p_scopes) u(scope) WHERE u.scope IS NOT NULL) s
+        FROM (SELECT u.scope, min(u.after) AS after FROM unnest(p_scopes, p_after) u(scope, after)
+              WHERE u.scope IS NOT NULL GROUP BY u.scope) s
         CROSS JOIN LATERAL (SELECT q.id, q.queue, q.scope_blocked FROM pgqueue.jobs q
-                            WHERE q.scope = s.scope AND q.state = 'queued'
+                            WHERE q.scope = s.scope AND q.state = 'queued' AND q.id > s.after
                             ORDER BY q.scope, q.id LIMIT 1) h
     ), unblocked AS (
         UPDATE pgqueue.jobs j SET scope_blocked = false
@@ -86,6 +93,16 @@ BEGIN
     SELECT array_agg(DISTINCT h.queue) INTO v_queues FROM heads h;
     RETURN v_queues;
 END
+$$;
+
+-- Enqueue's test: is an active (queued or running) job of the scope older than
+-- p_job_id? Read backwards from p_job_id, where the scope's live jobs are,
+-- not forwards over the entries its finished jobs left.
+CREATE FUNCTION pgqueue._behind_older(p_scope jsonb, p_job_id bigint) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT EXISTS (SELECT 1 FROM (SELECT o.id FROM pgqueue.jobs o
+                                  WHERE o.scope = p_scope AND o.state IN ('queued', 'running') AND o.id < p_job_id
+                                  ORDER BY o.scope DESC, o.id DESC LIMIT 1) x)
 $$;
 
 CREATE FUNCTION pgqueue.claim(job_id bigint, worker text) RETURNS SETOF pgqueue.jobs

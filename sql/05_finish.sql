@@ -149,6 +149,7 @@ DECLARE
     v_pipelines uuid[];
     v_specs jsonb[];
     v_scopes jsonb[];
+    v_scoped bigint[];
 BEGIN
     IF cardinality(p_results) <> cardinality(p_job_ids) OR cardinality(p_next_jobs) <> cardinality(p_job_ids) THEN
         RAISE EXCEPTION '%: job_ids, results and next_jobs must have the same length', p_label
@@ -160,7 +161,7 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     -- Scoped jobs in the batch: their scopes' order locks before any row lock
-    -- (see _unblock_scope_heads). One probe decides that a batch has none.
+    -- (see _unblock_next). One probe decides that a batch has none.
     IF EXISTS (SELECT 1 FROM pgqueue.jobs j WHERE j.scope IS NOT NULL AND j.state IN ('queued', 'running')) THEN
         SELECT array_agg(DISTINCT j.scope) INTO v_scopes FROM pgqueue.jobs j
         WHERE j.id = ANY (p_job_ids) AND j.scope IS NOT NULL AND j.state = 'running' AND j.locked_by = p_worker;
@@ -179,19 +180,21 @@ BEGIN
                                   THEN gen_random_uuid() ELSE j.pipeline_id END
           FROM input i
          WHERE j.id = i.id AND j.state = 'running' AND j.locked_by = p_worker
-        RETURNING j.id, j.pipeline_id, coalesce(j.next_jobs, '[]') || coalesce(i.next_jobs, '[]') AS specs
+        RETURNING j.id, j.scope, j.pipeline_id, coalesce(j.next_jobs, '[]') || coalesce(i.next_jobs, '[]') AS specs
     )
     SELECT array_agg(d.id),
+           array_agg(d.scope) FILTER (WHERE d.scope IS NOT NULL),
+           array_agg(d.id) FILTER (WHERE d.scope IS NOT NULL),
            array_agg(d.id) FILTER (WHERE d.specs <> '[]'),
            array_agg(d.pipeline_id) FILTER (WHERE d.specs <> '[]'),
            array_agg(d.specs) FILTER (WHERE d.specs <> '[]')
-      INTO v_done, v_parents, v_pipelines, v_specs
+      INTO v_done, v_scopes, v_scoped, v_parents, v_pipelines, v_specs
       FROM done d;
     IF v_done IS NULL THEN
         RETURN '{}';
     END IF;
     IF v_scopes IS NOT NULL THEN
-        PERFORM pgqueue._notify(pgqueue._unblock_scope_heads(v_scopes), pgqueue._setting('notify'));
+        PERFORM pgqueue._notify(pgqueue._unblock_next(v_scopes, v_scoped), pgqueue._setting('notify'));
     END IF;
     -- Dependents first, children after: a child that depends on a job of this
     -- batch sees it succeeded and never counts it, so it must not be decremented.
@@ -248,8 +251,9 @@ BEGIN
         RETURN NULL;
     END IF;
     v_state := pgqueue._fail_attempt(fail.job_id, coalesce(fail.error, '(no error message)'), fail.retry_in);
-    IF v_scope IS NOT NULL THEN
-        PERFORM pgqueue._notify(pgqueue._unblock_scope_heads(ARRAY[v_scope]), pgqueue._setting('notify'));
+    -- Requeued, the job is still active and still ahead of the jobs behind it.
+    IF v_scope IS NOT NULL AND v_state <> 'queued' THEN
+        PERFORM pgqueue._notify(pgqueue._unblock_next(ARRAY[v_scope], ARRAY[fail.job_id]), pgqueue._setting('notify'));
     END IF;
     RETURN v_state;
 END
@@ -279,15 +283,17 @@ BEGIN
            SET state = 'cancelled', finished_at = now(), last_error = 'released after its pipeline was cancelled'
          WHERE j.id = release.job_id;
         PERFORM pgqueue._cancel_dependents(release.job_id, 'was cancelled with its pipeline');
-    ELSE
-        UPDATE pgqueue.jobs j
-           SET state = 'queued', attempts = greatest(j.attempts - 1, 0), locked_by = NULL, locked_at = NULL,
-               dedup_key = CASE WHEN pgqueue._keeps_dedup_key(v_key, j.id) THEN v_key END
-         WHERE j.id = release.job_id;
+        IF v_scope IS NOT NULL THEN
+            PERFORM pgqueue._notify(pgqueue._unblock_next(ARRAY[v_scope], ARRAY[release.job_id]),
+                                    pgqueue._setting('notify'));
+        END IF;
+        RETURN true;
     END IF;
-    IF v_scope IS NOT NULL THEN
-        PERFORM pgqueue._notify(pgqueue._unblock_scope_heads(ARRAY[v_scope]), pgqueue._setting('notify'));
-    END IF;
+    -- Requeued, the job is still active and still ahead of the jobs behind it.
+    UPDATE pgqueue.jobs j
+       SET state = 'queued', attempts = greatest(j.attempts - 1, 0), locked_by = NULL, locked_at = NULL,
+           dedup_key = CASE WHEN pgqueue._keeps_dedup_key(v_key, j.id) THEN v_key END
+     WHERE j.id = release.job_id;
     RETURN true;
 END
 $$;

@@ -9,6 +9,7 @@ DECLARE
     v_after interval := coalesce(recover_stale.stale_after, pgqueue._setting_interval('stale_after'));
     c record;
     v record;
+    v_state text;
 BEGIN
     IF v_after <= interval '0' THEN
         RAISE EXCEPTION 'pgqueue.recover_stale: stale_after must be positive, got %', v_after
@@ -31,12 +32,12 @@ BEGIN
         WHERE j.id = c.id AND j.state = 'running' AND j.locked_at < now() - v_after
         FOR NO KEY UPDATE SKIP LOCKED;
         CONTINUE WHEN NOT FOUND;
-        PERFORM pgqueue._fail_attempt(v.id,
+        v_state := pgqueue._fail_attempt(v.id,
             format('stale: attempt %s by worker %s sent no heartbeat since %s (stale_after %s); recovered',
                    v.attempts, v.locked_by, v.locked_at, v_after),
             interval '0');
-        IF c.scope IS NOT NULL THEN
-            PERFORM pgqueue._notify(pgqueue._unblock_scope_heads(ARRAY[c.scope]), pgqueue._setting('notify'));
+        IF c.scope IS NOT NULL AND v_state <> 'queued' THEN
+            PERFORM pgqueue._notify(pgqueue._unblock_next(ARRAY[c.scope], ARRAY[c.id]), pgqueue._setting('notify'));
         END IF;
         RETURN NEXT v.id;
     END LOOP;
@@ -68,7 +69,7 @@ BEGIN
     END IF;
     PERFORM pgqueue._cancel_dependents(cancel.job_id, 'was cancelled');
     IF v_scope IS NOT NULL THEN
-        PERFORM pgqueue._notify(pgqueue._unblock_scope_heads(ARRAY[v_scope]), pgqueue._setting('notify'));
+        PERFORM pgqueue._notify(pgqueue._unblock_next(ARRAY[v_scope], ARRAY[cancel.job_id]), pgqueue._setting('notify'));
     END IF;
     RETURN true;
 END
@@ -182,6 +183,7 @@ DECLARE
     v_id bigint;
     v_scopes jsonb[];
     v_cancelled_scopes jsonb[];
+    v_cancelled_scoped bigint[];
 BEGIN
     IF cancel_pipeline.pipeline_id IS NULL THEN
         RAISE EXCEPTION 'pgqueue.cancel_pipeline: pipeline_id is required' USING ERRCODE = 'invalid_parameter_value';
@@ -204,11 +206,14 @@ BEGIN
          WHERE j.pipeline_id = cancel_pipeline.pipeline_id AND j.state IN ('waiting', 'queued')
         RETURNING j.id, j.scope
     )
-    SELECT array_agg(c.id), array_agg(DISTINCT c.scope) FILTER (WHERE c.scope IS NOT NULL) INTO v_ids, v_cancelled_scopes
-    FROM cancelled c;
+    SELECT array_agg(c.id), array_agg(c.scope) FILTER (WHERE c.scope IS NOT NULL),
+           array_agg(c.id) FILTER (WHERE c.scope IS NOT NULL)
+      INTO v_ids, v_cancelled_scopes, v_cancelled_scoped
+      FROM cancelled c;
     IF v_cancelled_scopes IS NOT NULL THEN
         PERFORM pgqueue._lock_scope_order(v_cancelled_scopes);
-        PERFORM pgqueue._notify(pgqueue._unblock_scope_heads(v_cancelled_scopes), pgqueue._setting('notify'));
+        PERFORM pgqueue._notify(pgqueue._unblock_next(v_cancelled_scopes, v_cancelled_scoped),
+                                pgqueue._setting('notify'));
     END IF;
     -- Jobs outside the pipeline that waited on its members go too.
     FOREACH v_id IN ARRAY coalesce(v_ids, '{}') LOOP

@@ -188,11 +188,11 @@ COMMENT ON COLUMN pgqueue.jobs.pending_deps IS
     'Internal fan-in counter, meaningful while waiting: how many of its dependencies have not succeeded yet. '
     'Each dependency''s completion decrements it; the completion that takes it to 0 queues the job.';
 COMMENT ON COLUMN pgqueue.jobs.scope_blocked IS
-    'Internal: true on a queued scoped job that cannot be its scope''s next job yet (an older job of the scope '
-    'is queued or one is running), so it stays out of the claim index. Set when the job is enqueued; cleared '
-    'for the scope''s oldest queued job by every transition that ends or requeues the scope''s running job or '
-    'cancels a queued one. Jobs that become queued another way (retry, fan-in, children) start unblocked; '
-    'claims re-check the scope either way, so the flag only decides what a claim has to look at.';
+    'Internal: true on a queued scoped job entered behind an older queued or running job of its scope, so it '
+    'stays out of the claim index. Set when the job is enqueued; cleared for the scope''s next queued job by the '
+    'transition that ends the job ahead of it (complete, a final fail or recovery, cancel). Jobs that become '
+    'queued another way (retry, fan-in, children) start unblocked; claims re-check the scope either way, so '
+    'the flag only decides what a claim has to look at.';
 
 -- Fan-in edges: job_id waits until depends_on has succeeded. Cascades keep
 -- prune() simple; a pruned dependency was final already.
@@ -594,7 +594,7 @@ BEGIN
                      AND (count(*) FILTER (WHERE sp.dk IS NULL AND sp.st = 'queued')
                               OVER (PARTITION BY sp.scope ORDER BY sp.ord
                                     ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) > 0
-                          OR NOT pgqueue._scope_free(sp.scope, sp.new_id)) AS blocked
+                          OR pgqueue._behind_older(sp.scope, sp.new_id)) AS blocked
         FROM spec0 sp
     ), ins AS (
         INSERT INTO pgqueue.jobs AS j
@@ -714,7 +714,7 @@ BEGIN
     IF enqueue.dedup_key IS NULL AND enqueue.pipeline_id IS NULL AND enqueue.next_jobs IS NULL
        AND coalesce(cardinality(enqueue.depends_on), 0) = 0 THEN
         IF nullif(enqueue.scope, 'null') IS NOT NULL THEN
-            -- Behind an older queued or a running job of its scope, the job is
+            -- Behind an older queued or running job of its scope, the job is
             -- entered blocked (out of the claim index); the end of that scope's
             -- running job unblocks the next. The shared order lock makes that end
             -- either visible to the check below or wait for this commit.
@@ -725,7 +725,7 @@ BEGIN
             VALUES (v_id, coalesce(enqueue.queue, 'default'), enqueue.job_type, coalesce(enqueue.payload, '{}'),
                     'queued', coalesce(enqueue.priority, 0), enqueue.scope,
                     coalesce(enqueue.max_attempts, pgqueue._setting_int('max_attempts')),
-                    coalesce(enqueue.run_after, now()), NOT pgqueue._scope_free(enqueue.scope, v_id));
+                    coalesce(enqueue.run_after, now()), pgqueue._behind_older(enqueue.scope, v_id));
             RETURN v_id;
         END IF;
         INSERT INTO pgqueue.jobs AS j (queue, job_type, payload, state, priority, scope, max_attempts, run_after)
@@ -862,7 +862,7 @@ BEGIN
             SELECT u.id, coalesce(u.q, 'default'), u.t, coalesce(u.p, '{}'), 'queued', coalesce(u.pr, 0), u.s,
                    coalesce(u.m, v_max_attempts), coalesce(u.ra, now()),
                    u.s IS NOT NULL AND (row_number() OVER (PARTITION BY u.s ORDER BY u.i) > 1
-                                        OR NOT pgqueue._scope_free(u.s, u.id))
+                                        OR pgqueue._behind_older(u.s, u.id))
             FROM (SELECT ids.a[x.i] AS id, x.t, x.p, x.q, x.pr, x.m, x.ra, nullif(x.s, 'null') AS s, x.i
                   FROM ids, unnest(job_types, payloads, queues, priorities, enqueue_many.max_attempts, run_afters,
                                    scopes) WITH ORDINALITY AS x(t, p, q, pr, m, ra, s, i)) u
@@ -934,8 +934,9 @@ $$;
 -- once it is its scope's oldest queued job and nothing of the scope runs.
 -- Every transition that can make that happen (the scope's running job
 -- finishes, fails or is requeued; a queued job is cancelled) unblocks the
--- scope's oldest queued job. Enqueue decides "blocked" by looking at the
--- scope, so it must not miss such a transition that commits meanwhile: it
+-- scope's next queued job (_unblock_next). Enqueue decides "blocked" by
+-- looking for an older active job of the scope (_behind_older), so it must
+-- not miss such a transition that commits meanwhile: it
 -- holds the scope's order lock shared, the transitions take it exclusively
 -- before they lock any row, and both look in a statement after the lock.
 -- Enqueues never wait for each other; a transition waits for enqueues of its
@@ -959,22 +960,28 @@ BEGIN
 END
 $$;
 
--- Unblock the oldest queued job of each scope, its next; returns the queues of
--- those jobs, blocked or not, for the caller to NOTIFY: the scope is free for
--- its next job now, which is claimable although nothing entered 'queued'.
--- The caller holds the scopes' order locks (_lock_scope_order) from before
--- this statement, so it sees every job entered blocked before. "Oldest
--- queued" is read in the order of jobs_scope_active (scope, id).
-CREATE FUNCTION pgqueue._unblock_scope_heads(p_scopes jsonb[]) RETURNS text[]
+-- A job (p_after[i]) of each scope (p_scopes[i]) stopped being active: unblock
+-- the scope's first queued job after it, and return the queues of those jobs,
+-- blocked or not, for the caller to NOTIFY (the scope is free for its next job
+-- now, which is claimable although nothing entered 'queued'). Why "after it"
+-- suffices: a job is entered blocked only behind an older active job of its
+-- scope, so a blocked job always has an active job with a smaller id; when the
+-- scope's oldest queued job is blocked, that older active job can only be the
+-- running one, i.e. the job that stops now. Looking after it, not from the
+-- scope's first id, also skips the index entries every finished job of the
+-- scope left behind. The caller holds the scopes' order locks from before this
+-- statement (_lock_scope_order), so it sees every job entered blocked before.
+CREATE FUNCTION pgqueue._unblock_next(p_scopes jsonb[], p_after bigint[]) RETURNS text[]
 LANGUAGE plpgsql AS $$
 DECLARE
     v_queues text[];
 BEGIN
     WITH heads AS (
         SELECT h.id, h.queue, h.scope_blocked
-        FROM (SELECT DISTINCT u.scope FROM unnest(p_scopes) u(scope) WHERE u.scope IS NOT NULL) s
+        FROM (SELECT u.scope, min(u.after) AS after FROM unnest(p_scopes, p_after) u(scope, after)
+              WHERE u.scope IS NOT NULL GROUP BY u.scope) s
         CROSS JOIN LATERAL (SELECT q.id, q.queue, q.scope_blocked FROM pgqueue.jobs q
-                            WHERE q.scope = s.scope AND q.state = 'queued'
+                            WHERE q.scope = s.scope AND q.state = 'queued' AND q.id > s.after
                             ORDER BY q.scope, q.id LIMIT 1) h
     ), unblocked AS (
         UPDATE pgqueue.jobs j SET scope_blocked = false
@@ -983,6 +990,16 @@ BEGIN
     SELECT array_agg(DISTINCT h.queue) INTO v_queues FROM heads h;
     RETURN v_queues;
 END
+$$;
+
+-- Enqueue's test: is an active (queued or running) job of the scope older than
+-- p_job_id? Read backwards from p_job_id, where the scope's live jobs are,
+-- not forwards over the entries its finished jobs left.
+CREATE FUNCTION pgqueue._behind_older(p_scope jsonb, p_job_id bigint) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT EXISTS (SELECT 1 FROM (SELECT o.id FROM pgqueue.jobs o
+                                  WHERE o.scope = p_scope AND o.state IN ('queued', 'running') AND o.id < p_job_id
+                                  ORDER BY o.scope DESC, o.id DESC LIMIT 1) x)
 $$;
 
 CREATE FUNCTION pgqueue.claim(job_id bigint, worker text) RETURNS SETOF pgqueue.jobs
@@ -1277,6 +1294,7 @@ DECLARE
     v_pipelines uuid[];
     v_specs jsonb[];
     v_scopes jsonb[];
+    v_scoped bigint[];
 BEGIN
     IF cardinality(p_results) <> cardinality(p_job_ids) OR cardinality(p_next_jobs) <> cardinality(p_job_ids) THEN
         RAISE EXCEPTION '%: job_ids, results and next_jobs must have the same length', p_label
@@ -1288,7 +1306,7 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     -- Scoped jobs in the batch: their scopes' order locks before any row lock
-    -- (see _unblock_scope_heads). One probe decides that a batch has none.
+    -- (see _unblock_next). One probe decides that a batch has none.
     IF EXISTS (SELECT 1 FROM pgqueue.jobs j WHERE j.scope IS NOT NULL AND j.state IN ('queued', 'running')) THEN
         SELECT array_agg(DISTINCT j.scope) INTO v_scopes FROM pgqueue.jobs j
         WHERE j.id = ANY (p_job_ids) AND j.scope IS NOT NULL AND j.state = 'running' AND j.locked_by = p_worker;
@@ -1307,19 +1325,21 @@ BEGIN
                                   THEN gen_random_uuid() ELSE j.pipeline_id END
           FROM input i
          WHERE j.id = i.id AND j.state = 'running' AND j.locked_by = p_worker
-        RETURNING j.id, j.pipeline_id, coalesce(j.next_jobs, '[]') || coalesce(i.next_jobs, '[]') AS specs
+        RETURNING j.id, j.scope, j.pipeline_id, coalesce(j.next_jobs, '[]') || coalesce(i.next_jobs, '[]') AS specs
     )
     SELECT array_agg(d.id),
+           array_agg(d.scope) FILTER (WHERE d.scope IS NOT NULL),
+           array_agg(d.id) FILTER (WHERE d.scope IS NOT NULL),
            array_agg(d.id) FILTER (WHERE d.specs <> '[]'),
            array_agg(d.pipeline_id) FILTER (WHERE d.specs <> '[]'),
            array_agg(d.specs) FILTER (WHERE d.specs <> '[]')
-      INTO v_done, v_parents, v_pipelines, v_specs
+      INTO v_done, v_scopes, v_scoped, v_parents, v_pipelines, v_specs
       FROM done d;
     IF v_done IS NULL THEN
         RETURN '{}';
     END IF;
     IF v_scopes IS NOT NULL THEN
-        PERFORM pgqueue._notify(pgqueue._unblock_scope_heads(v_scopes), pgqueue._setting('notify'));
+        PERFORM pgqueue._notify(pgqueue._unblock_next(v_scopes, v_scoped), pgqueue._setting('notify'));
     END IF;
     -- Dependents first, children after: a child that depends on a job of this
     -- batch sees it succeeded and never counts it, so it must not be decremented.
@@ -1376,8 +1396,9 @@ BEGIN
         RETURN NULL;
     END IF;
     v_state := pgqueue._fail_attempt(fail.job_id, coalesce(fail.error, '(no error message)'), fail.retry_in);
-    IF v_scope IS NOT NULL THEN
-        PERFORM pgqueue._notify(pgqueue._unblock_scope_heads(ARRAY[v_scope]), pgqueue._setting('notify'));
+    -- Requeued, the job is still active and still ahead of the jobs behind it.
+    IF v_scope IS NOT NULL AND v_state <> 'queued' THEN
+        PERFORM pgqueue._notify(pgqueue._unblock_next(ARRAY[v_scope], ARRAY[fail.job_id]), pgqueue._setting('notify'));
     END IF;
     RETURN v_state;
 END
@@ -1407,15 +1428,17 @@ BEGIN
            SET state = 'cancelled', finished_at = now(), last_error = 'released after its pipeline was cancelled'
          WHERE j.id = release.job_id;
         PERFORM pgqueue._cancel_dependents(release.job_id, 'was cancelled with its pipeline');
-    ELSE
-        UPDATE pgqueue.jobs j
-           SET state = 'queued', attempts = greatest(j.attempts - 1, 0), locked_by = NULL, locked_at = NULL,
-               dedup_key = CASE WHEN pgqueue._keeps_dedup_key(v_key, j.id) THEN v_key END
-         WHERE j.id = release.job_id;
+        IF v_scope IS NOT NULL THEN
+            PERFORM pgqueue._notify(pgqueue._unblock_next(ARRAY[v_scope], ARRAY[release.job_id]),
+                                    pgqueue._setting('notify'));
+        END IF;
+        RETURN true;
     END IF;
-    IF v_scope IS NOT NULL THEN
-        PERFORM pgqueue._notify(pgqueue._unblock_scope_heads(ARRAY[v_scope]), pgqueue._setting('notify'));
-    END IF;
+    -- Requeued, the job is still active and still ahead of the jobs behind it.
+    UPDATE pgqueue.jobs j
+       SET state = 'queued', attempts = greatest(j.attempts - 1, 0), locked_by = NULL, locked_at = NULL,
+           dedup_key = CASE WHEN pgqueue._keeps_dedup_key(v_key, j.id) THEN v_key END
+     WHERE j.id = release.job_id;
     RETURN true;
 END
 $$;
@@ -1448,6 +1471,7 @@ DECLARE
     v_after interval := coalesce(recover_stale.stale_after, pgqueue._setting_interval('stale_after'));
     c record;
     v record;
+    v_state text;
 BEGIN
     IF v_after <= interval '0' THEN
         RAISE EXCEPTION 'pgqueue.recover_stale: stale_after must be positive, got %', v_after
@@ -1470,12 +1494,12 @@ BEGIN
         WHERE j.id = c.id AND j.state = 'running' AND j.locked_at < now() - v_after
         FOR NO KEY UPDATE SKIP LOCKED;
         CONTINUE WHEN NOT FOUND;
-        PERFORM pgqueue._fail_attempt(v.id,
+        v_state := pgqueue._fail_attempt(v.id,
             format('stale: attempt %s by worker %s sent no heartbeat since %s (stale_after %s); recovered',
                    v.attempts, v.locked_by, v.locked_at, v_after),
             interval '0');
-        IF c.scope IS NOT NULL THEN
-            PERFORM pgqueue._notify(pgqueue._unblock_scope_heads(ARRAY[c.scope]), pgqueue._setting('notify'));
+        IF c.scope IS NOT NULL AND v_state <> 'queued' THEN
+            PERFORM pgqueue._notify(pgqueue._unblock_next(ARRAY[c.scope], ARRAY[c.id]), pgqueue._setting('notify'));
         END IF;
         RETURN NEXT v.id;
     END LOOP;
@@ -1507,7 +1531,7 @@ BEGIN
     END IF;
     PERFORM pgqueue._cancel_dependents(cancel.job_id, 'was cancelled');
     IF v_scope IS NOT NULL THEN
-        PERFORM pgqueue._notify(pgqueue._unblock_scope_heads(ARRAY[v_scope]), pgqueue._setting('notify'));
+        PERFORM pgqueue._notify(pgqueue._unblock_next(ARRAY[v_scope], ARRAY[cancel.job_id]), pgqueue._setting('notify'));
     END IF;
     RETURN true;
 END
@@ -1621,6 +1645,7 @@ DECLARE
     v_id bigint;
     v_scopes jsonb[];
     v_cancelled_scopes jsonb[];
+    v_cancelled_scoped bigint[];
 BEGIN
     IF cancel_pipeline.pipeline_id IS NULL THEN
         RAISE EXCEPTION 'pgqueue.cancel_pipeline: pipeline_id is required' USING ERRCODE = 'invalid_parameter_value';
@@ -1643,11 +1668,14 @@ BEGIN
          WHERE j.pipeline_id = cancel_pipeline.pipeline_id AND j.state IN ('waiting', 'queued')
         RETURNING j.id, j.scope
     )
-    SELECT array_agg(c.id), array_agg(DISTINCT c.scope) FILTER (WHERE c.scope IS NOT NULL) INTO v_ids, v_cancelled_scopes
-    FROM cancelled c;
+    SELECT array_agg(c.id), array_agg(c.scope) FILTER (WHERE c.scope IS NOT NULL),
+           array_agg(c.id) FILTER (WHERE c.scope IS NOT NULL)
+      INTO v_ids, v_cancelled_scopes, v_cancelled_scoped
+      FROM cancelled c;
     IF v_cancelled_scopes IS NOT NULL THEN
         PERFORM pgqueue._lock_scope_order(v_cancelled_scopes);
-        PERFORM pgqueue._notify(pgqueue._unblock_scope_heads(v_cancelled_scopes), pgqueue._setting('notify'));
+        PERFORM pgqueue._notify(pgqueue._unblock_next(v_cancelled_scopes, v_cancelled_scoped),
+                                pgqueue._setting('notify'));
     END IF;
     -- Jobs outside the pipeline that waited on its members go too.
     FOREACH v_id IN ARRAY coalesce(v_ids, '{}') LOOP

@@ -148,11 +148,20 @@ MUTANTS: dict[str, Mutant] = {
         "test_scope_heads.py::test_completion_in_flight_makes_the_enqueue_wait_and_see_the_scope_free",
     ),
     # a transition that forgets to unblock the scope's next job.
-    "release_keeps_next_blocked": Mutant(
-        "pgqueue.release(bigint,text)",
-        "PERFORM pgqueue._unblock_scope_heads(ARRAY[v_scope]);",
-        "NULL;",
-        "test_scope_heads.py::test_requeue_unblocks_an_older_job_that_entered_behind_it",
+    "fail_keeps_next_blocked": Mutant(
+        "pgqueue.fail(bigint,text,text,interval)",
+        "IF v_scope IS NOT NULL AND v_state <> 'queued' THEN",
+        "IF false THEN",
+        "test_scope_heads.py::test_every_transition_that_frees_the_scope_unblocks_the_next",
+    ),
+    # enqueue blocking behind a running job that is newer than the new job (possible when
+    # the id was drawn before that job's and the insert ran after its claim): the
+    # running job's end unblocks only jobs after it, so this one would never run.
+    "enqueue_blocks_behind_newer_running": Mutant(
+        "pgqueue._behind_older(jsonb,bigint)",
+        "AND o.id < p_job_id",
+        "AND (o.id < p_job_id OR o.state = 'running')",
+        "test_scope_heads.py::test_a_job_older_than_the_running_one_enters_unblocked",
     ),
 }
 

@@ -52,6 +52,10 @@ INVARIANTS = {
                           WHERE state = 'queued' AND scope IS NOT NULL ORDER BY scope, id) h
         WHERE h.scope_blocked AND NOT EXISTS (
             SELECT 1 FROM pgqueue.jobs r WHERE r.scope = h.scope AND r.state = 'running')""",
+    "blocked job with no older active job in its scope": """
+        SELECT b.id FROM pgqueue.jobs b WHERE b.scope_blocked AND NOT EXISTS (
+            SELECT 1 FROM pgqueue.jobs a WHERE a.scope = b.scope AND a.state IN ('queued', 'running')
+            AND a.id < b.id)""",
     "two pending jobs with one dedup key": """
         SELECT dedup_key FROM pgqueue.jobs WHERE state IN ('waiting', 'queued') AND dedup_key IS NOT NULL
         GROUP BY dedup_key HAVING count(*) > 1""",

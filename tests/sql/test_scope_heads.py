@@ -167,33 +167,19 @@ async def test_enqueues_of_one_scope_do_not_wait_for_each_other(connect: Connect
     await b.commit()
 
 
-@pytest.mark.parametrize(
-    "requeue",
-    [
-        "SELECT pgqueue.release($1, 'w')",
-        "SELECT pgqueue.fail($1, 'w', 'boom', retry_in => interval '0')",
-        "SELECT count(*) FROM pgqueue.recover_stale(interval '1 microsecond') WHERE $1 > 0",
-    ],
-    ids=["release", "fail-retry", "recover"],
-)
-async def test_requeue_unblocks_an_older_job_that_entered_behind_it(
-    conn: asyncpg.Connection, requeue: str
+async def test_a_job_older_than_the_running_one_enters_unblocked(
+    conn: asyncpg.Connection,
 ) -> None:
-    """An enqueue that drew its id before the running job's and committed after that job
-    was claimed enters blocked with the smaller id. When the running job is requeued, the
-    older job is the scope's next: the requeue must unblock it, or neither ever runs (the
-    requeued job is not free while an older one is queued)."""
+    """Enqueue blocks a job only behind an older active job of its scope, never behind a
+    newer running one (an enqueue that drew its id before that job's and inserted after its
+    claim): the end of the running job unblocks only the first queued job after it, so a
+    job blocked behind a newer one would never run. Here that interleaving's id order is
+    made directly, by enqueueing after moving the running job to a larger id."""
+    running = await _running(conn)
+    await conn.execute("UPDATE pgqueue.jobs SET id = id + 1000 WHERE id = $1", running)
     older = await conn.fetchval(ENQUEUE, SCOPE)
-    newer = await conn.fetchval(ENQUEUE, SCOPE)
-    # That interleaving's end state, written directly (the race is inside one statement).
-    await conn.execute(
-        "UPDATE pgqueue.jobs SET scope_blocked = (id = $1), state = CASE WHEN id = $2"
-        " THEN 'running' ELSE state END, locked_by = CASE WHEN id = $2 THEN 'w' END,"
-        " locked_at = CASE WHEN id = $2 THEN now() END, is_current = (id = $2),"
-        " attempts = CASE WHEN id = $2 THEN 1 ELSE 0 END WHERE id IN ($1, $2)",
-        older,
-        newer,
-    )
-    await conn.fetchval(requeue, newer)
-    assert await conn.fetchval(BLOCKED, older) is False
+    assert older < running + 1000
+    assert await conn.fetchval(BLOCKED, older) is False  # in the index; the claim re-checks
+    assert await _claim(conn) == []  # its scope is busy
+    assert await conn.fetchval("SELECT pgqueue.complete($1, 'w')", running + 1000)
     assert await _claim(conn) == [older]
