@@ -1098,7 +1098,13 @@ BEGIN
         SELECT j.id, j.scope FROM pgqueue.jobs j
         WHERE j.state = 'queued' AND NOT j.scope_blocked AND j.run_after <= now()
           AND (claim_next.queues IS NULL OR j.queue = ANY (claim_next.queues))
-          AND (j.scope IS NULL OR pgqueue._scope_free(j.scope, j.id))
+          -- _scope_free(j.scope, j.id), written out: a SQL function with sub-selects
+          -- is not inlined, and its call costs more than its two index probes.
+          AND (j.scope IS NULL
+               OR (coalesce((SELECT o.state FROM pgqueue.jobs o WHERE o.is_current AND o.scope = j.scope LIMIT 1),
+                            '') <> 'running'
+                   AND NOT EXISTS (SELECT 1 FROM pgqueue.jobs o
+                                   WHERE o.scope = j.scope AND o.state = 'queued' AND o.id < j.id)))
         ORDER BY j.priority DESC, j.run_after, j.id
         LIMIT claim_next.batch_size
         FOR NO KEY UPDATE OF j SKIP LOCKED
@@ -1112,7 +1118,12 @@ BEGIN
     IF v_scoped THEN
         -- Re-check with a snapshot taken after the scope locks were granted.
         SELECT array_agg(j.id) INTO v_ids FROM pgqueue.jobs j
-        WHERE j.id = ANY (v_ids) AND (j.scope IS NULL OR pgqueue._scope_free(j.scope, j.id));
+        WHERE j.id = ANY (v_ids)
+          AND (j.scope IS NULL
+               OR (coalesce((SELECT o.state FROM pgqueue.jobs o WHERE o.is_current AND o.scope = j.scope LIMIT 1),
+                            '') <> 'running'
+                   AND NOT EXISTS (SELECT 1 FROM pgqueue.jobs o
+                                   WHERE o.scope = j.scope AND o.state = 'queued' AND o.id < j.id)));
         IF v_ids IS NULL THEN
             RETURN;
         END IF;

@@ -40,8 +40,8 @@ MUTANTS: dict[str, Mutant] = {
     # claim_next without the per-scope head check.
     "claim_next_ignores_scope": Mutant(
         "pgqueue.claim_next(text,text[],integer)",
-        "pgqueue._scope_free(j.scope, j.id)",
-        "true",
+        "AND (j.scope IS NULL\n",
+        "AND (true\n",
         "test_claim_races.py::test_concurrent_claims_across_one_scope_oldest_first_one_winner",
     ),
     # fan-in counter read from the statement's snapshot without locking the dependents
