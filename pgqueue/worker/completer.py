@@ -11,30 +11,65 @@ refused on its own (a result it cannot store, a bad next_jobs spec) goes to the 
 callback, which fails the attempt with the error.
 
 Every write runs in a shielded cancel scope: a shutdown that cancels the handlers cannot
-cancel the write that records what they did. Connection errors are retried with backoff
-until the write lands or fencing (the job is no longer held by this worker) refuses it.
+cancel the write that records what they did. Each try is bounded (:data:`WRITE_TIMEOUT`, see
+:mod:`pgqueue.worker.bounded`), so a half-open connection cannot hold a write, and with it
+the worker's shutdown, for the many minutes until the kernel gives up. Connection errors,
+timeouts and statements the server interrupted (a long lock wait behind an operator's
+transaction, with or without ``lock_timeout``/``statement_timeout``) are retried with
+backoff until the write lands or fencing (the job is no longer held by this worker) refuses
+it.
+
+A try that timed out or lost its connection may still have committed, so a retry can be
+refused by fencing because of the very write it repeats. Each kind of write deals with that
+in its own way (see :meth:`Completer._write`): a success written by this worker's earlier
+try is recognised as recorded (see :meth:`Completer._flush`), and a refused failure or
+release is reported as unknown rather than as a lost lease.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import anyio
 import asyncpg
 
 from pgqueue.job import Job
-from pgqueue.worker.retry import Backoff, Outage, is_connection_error
+from pgqueue.worker import bounded
+from pgqueue.worker.retry import Backoff, Outage, is_connection_error, is_transient_error
 from pgqueue.worker.wake import Wake
 
 T = TypeVar("T")
 
-STATEMENT_TIMEOUT = 30.0
+# Bound on one try of a write: acquiring a connection, then the statements. Generous (an
+# outcome write takes milliseconds, a batch of MAX_BATCH with next_jobs rarely a second):
+# past it the try is cut off and retried on a fresh connection, or, for a batch, written job
+# by job. A single write that needs longer every time (a success creating a huge number of
+# next_jobs) would be retried until shutdown.
+WRITE_TIMEOUT = 30.0
 MAX_BATCH = 500
+# Returned by Completer.fail in place of the job's state: see there.
+UNKNOWN = "unknown"
+
+
+def _cut_short(exc: BaseException) -> bool:
+    """A transient error that stopped the statement before it finished: a timeout, or an
+    interruption by the server. The other transient errors are lost connections."""
+    return isinstance(exc, TimeoutError) or not is_connection_error(exc)
+
+
+class _GivenUp(enum.Enum):
+    """What Completer._write returns when it gave up at shutdown (a value no write has)."""
+
+    GIVEN_UP = enum.auto()
+
+
+_GIVEN_UP: Literal[_GivenUp.GIVEN_UP] = _GivenUp.GIVEN_UP
 
 _COMPLETE_MANY = (
     "SELECT pgqueue.complete_many(worker => $1, job_ids => $2::bigint[],"
@@ -42,6 +77,13 @@ _COMPLETE_MANY = (
 )
 _FAIL = "SELECT pgqueue.fail(job_id => $1, worker => $2, error => $3)"
 _RELEASE = "SELECT pgqueue.release(job_id => $1, worker => $2)"
+# Which of these jobs, left out by complete_many, had this worker already completed? A row
+# keeps locked_by when it succeeds, and only a complete by the worker holding the job makes
+# it 'succeeded', so this names exactly the jobs our own writes completed.
+_SUCCEEDED_BY = (
+    "SELECT id FROM pgqueue.jobs"
+    " WHERE id = ANY($2::bigint[]) AND state = 'succeeded' AND locked_by = $1"
+)
 
 
 @dataclass(eq=False, slots=True)
@@ -129,22 +171,51 @@ class Completer:
         self._kick.set()
 
     async def fail(self, job: Job, error: str) -> str | None:
-        """Fail the attempt; returns the job's new state, or None if the lease was lost."""
-        state: str | None = await self._write(
-            f"the failure of job {job.id}",
-            lambda c: c.fetchval(_FAIL, job.id, self.worker_id, error),
-        )
-        return state
+        """Fail the attempt; returns the job's new state, None if the lease was lost (or the
+        write was given up at shutdown), or :data:`UNKNOWN`.
 
-    async def release(self, job: Job) -> bool:
-        """Give the job back unfinished (the attempt is not counted); False if not held."""
-        held: bool | None = await self._write(
-            f"the release of job {job.id}", lambda c: c.fetchval(_RELEASE, job.id, self.worker_id)
-        )
-        return bool(held)
+        :data:`UNKNOWN`: fencing refused a retry after a try whose outcome is unknown. That
+        try may have failed the attempt itself, or the lease may have been lost. The row
+        cannot tell these apart: a failed attempt leaves the job queued and unlocked, or
+        failed under this worker, and stale recovery does exactly the same.
+        """
+
+        async def op(conn: asyncpg.Connection, retried: bool) -> str | None:
+            state: str | None = await conn.fetchval(_FAIL, job.id, self.worker_id, error)
+            return UNKNOWN if state is None and retried else state
+
+        state = await self._write(f"the failure of job {job.id}", op)
+        return None if state is _GIVEN_UP else state
+
+    async def release(self, job: Job) -> bool | None:
+        """Give the job back unfinished (the attempt is not counted); False if not held (or
+        given up at shutdown), None if unknown.
+
+        None: fencing refused a retry after a try whose outcome is unknown; as with
+        :meth:`fail`, a released job (queued, unlocked) looks the same as a recovered one.
+        """
+
+        async def op(conn: asyncpg.Connection, retried: bool) -> bool | None:
+            held: bool = await conn.fetchval(_RELEASE, job.id, self.worker_id)
+            return None if not held and retried else held
+
+        outcome = await self._write(f"the release of job {job.id}", op)
+        return False if outcome is _GIVEN_UP else outcome
 
     async def _flush(self, batch: list[Success]) -> None:
-        """Write one batch; if PostgreSQL refuses it, write its jobs one by one to find why."""
+        """Write one batch; if PostgreSQL refuses it, write its jobs one by one to find why.
+
+        A batch that was cut short (timed out, or interrupted by the server: a
+        ``statement_timeout``, a ``lock_timeout``) is written one by one too, instead of
+        retried whole: a batch too big for the bound would fail the same way every time,
+        and retrying it would stall every success of this worker. Each single write then
+        retries such errors itself.
+
+        A job missing from ``complete_many``'s answer is either no longer held by this
+        worker (lease lost) or already completed by this worker: by an earlier try whose
+        reply was lost, or by the batch it was in before it was split. A lookup tells which.
+        It runs only when something is missing, which is rare.
+        """
         try:
             ids = [i.job.id for i in batch]
             what = (
@@ -152,16 +223,19 @@ class Completer:
                 if len(ids) == 1
                 else f"the successes of {len(ids)} jobs ({ids[0]}, ... {ids[-1]})"
             )
-            rows = await self._write(
-                what,
-                lambda c: c.fetch(
-                    _COMPLETE_MANY,
-                    self.worker_id,
-                    ids,
-                    [i.result for i in batch],
-                    [i.next_jobs for i in batch],
-                ),
-            )
+            results = [i.result for i in batch]
+            next_jobs = [i.next_jobs for i in batch]
+
+            async def op(conn: asyncpg.Connection, retried: bool) -> set[int]:
+                rows = await conn.fetch(_COMPLETE_MANY, self.worker_id, ids, results, next_jobs)
+                done = {row[0] for row in rows}
+                if len(done) < len(ids):
+                    missing = [i for i in ids if i not in done]
+                    rows = await conn.fetch(_SUCCEEDED_BY, self.worker_id, missing)
+                    done.update(row[0] for row in rows)
+                return done
+
+            held = await self._write(what, op, whole=len(batch) == 1)
         except Exception as exc:
             if len(batch) == 1:
                 self._in_flight -= 1
@@ -171,35 +245,57 @@ class Completer:
                 await self._flush([item])
             return
         recorded = self._recorded
-        if rows is None:  # given up at shutdown
+        if held is _GIVEN_UP:
             for item in batch:
                 self._in_flight -= 1
                 recorded(item, False)
             return
-        held = {row[0] for row in rows}
         for item in batch:
             self._in_flight -= 1  # counted down first: the callback sees what is left
             recorded(item, item.job.id in held)
 
-    async def _write(self, what: str, op: Callable[[asyncpg.Connection], Awaitable[T]]) -> T | None:
-        """Run ``op`` on a pooled connection, retrying outages; None if given up at shutdown."""
+    async def _write(
+        self,
+        what: str,
+        op: Callable[[asyncpg.Connection, bool], Awaitable[T]],
+        *,
+        whole: bool = True,
+    ) -> T | Literal[_GivenUp.GIVEN_UP]:
+        """Run ``op(conn, retried)`` on a pooled connection until it lands, each try bounded
+        by :data:`WRITE_TIMEOUT`; returns its value, or ``_GIVEN_UP`` if given up at
+        shutdown. Errors that are not transient are PostgreSQL refusing the write: raised.
+        Unless ``whole``, a try cut short (a timeout, or a statement the server
+        interrupted) is raised too, for the caller to split the write.
+
+        ``retried`` is False on the first try and True on every later one. A failed try
+        does not say whether its statement took effect: a timeout, or a connection lost
+        after the COMMIT reached the server, may hide a write that landed. A retry's
+        fenced refusal (a job not running under this worker) may therefore be this write's
+        own doing, and ``op`` must not take it for a lost lease (fail and release report it
+        as unknown; a success is looked up whatever ``retried`` says). Failures before the
+        statement was sent (no connection) count too: a precise count is not worth the
+        bookkeeping, and the cost is only a wider "unknown".
+        """
         backoff = Backoff(base=0.05, cap=5.0)
+        retried = False
         with anyio.CancelScope(shield=True):
             while True:
                 try:
-                    async with self.pool.acquire(timeout=STATEMENT_TIMEOUT) as conn:
-                        value = await op(conn)
+                    value = await bounded.call(self.pool, WRITE_TIMEOUT, op, retried)
                     self.outage.ok()
                     return value
                 except Exception as exc:
-                    if not is_connection_error(exc):
+                    if not is_transient_error(exc):
                         raise
+                    retried = True
                     self.outage.failed(exc, f"recording {what}")
+                    if not whole and _cut_short(exc):
+                        raise
                     if time.monotonic() >= self.give_up_at:
                         self.logger.error(
                             "gave up recording %s at shutdown; stale recovery will requeue it",
                             what,
                         )
-                        return None
+                        return _GIVEN_UP
                     await backoff.sleep()
         raise AssertionError("unreachable: a shield scope never swallows an exception")

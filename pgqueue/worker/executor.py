@@ -98,7 +98,7 @@ class Executor:
             job = self._queue.popleft()
             try:
                 released = await self.completer.release(job)
-                self._log(job, "released" if released else "lease lost", 0.0)
+                self._log(job, _released(released), 0.0)
             except Exception:
                 self._log_unrecorded(job)
             finally:
@@ -143,7 +143,7 @@ class Executor:
             except anyio.get_cancelled_exc_class():
                 # Shutdown after the grace period: give the job back, attempt not counted.
                 released = await self.completer.release(job)
-                self._log(job, "released" if released else "lease lost", time.monotonic() - started)
+                self._log(job, _released(released), time.monotonic() - started)
                 raise
             duration = time.monotonic() - started
             if attempt.error is None:
@@ -178,6 +178,7 @@ class Executor:
 
     async def _fail(self, job: Job, error: str, duration: float) -> None:
         state = await self.completer.fail(job, error)
+        # "failed (unknown)" when a retry's refusal may be the earlier try's own doing.
         outcome = "lease lost" if state is None else f"failed ({state})"
         self._log(job, outcome, duration, error.splitlines()[-1])
 
@@ -257,6 +258,14 @@ class Executor:
 
 _LOG_LINE = Executor._log.__code__.co_firstlineno
 _NO_RESULT = _Attempt()
+
+
+def _released(released: bool | None) -> str:
+    """The logged outcome of a release (None: a retry was refused after a try whose outcome
+    is unknown, see Completer.release)."""
+    if released is None:
+        return "released or lease lost (unknown)"
+    return "released" if released else "lease lost"
 
 
 def _encode(value: Any, app: App) -> _Attempt:

@@ -13,6 +13,7 @@ from datetime import timedelta
 import anyio
 import asyncpg
 
+from pgqueue.worker import bounded
 from pgqueue.worker.retry import Outage
 
 DEFAULT_STALE_AFTER = timedelta(minutes=5)
@@ -33,13 +34,24 @@ def heartbeat_period(stale_after: timedelta) -> float:
 async def heartbeat_loop(
     pool: asyncpg.Pool, worker_id: str, period: float, logger: logging.Logger
 ) -> None:
-    """Refresh the leases of every job this worker holds, every ``period`` seconds."""
+    """Refresh the leases of every job this worker holds, every ``period`` seconds.
+
+    Each beat is bounded by ``period`` (the acquire, then the statement) and a connection
+    cut off mid-beat is discarded (:func:`~pgqueue.worker.bounded.call`): a beat stuck on a
+    half-open connection would otherwise stop all later ones while the leases go stale.
+    ``pool.fetchval(timeout=...)`` is not enough: its release waits, with no bound, for the
+    timed-out statement's cancel to be acknowledged on that same connection.
+    """
     outage = Outage(logger, "heartbeat")
     while True:
         await anyio.sleep(period)
         try:
-            await pool.fetchval("SELECT pgqueue.heartbeat(worker => $1)", worker_id, timeout=period)
+            await bounded.call(pool, period, _beat, worker_id)
         except Exception as exc:
             outage.failed(exc, "refreshing leases")
         else:
             outage.ok()
+
+
+async def _beat(conn: asyncpg.Connection, worker_id: str) -> None:
+    await conn.fetchval("SELECT pgqueue.heartbeat(worker => $1)", worker_id)

@@ -73,7 +73,8 @@ class Notifier:
         """LISTEN, wake the producer for a sweep, then watch the connection until it dies."""
         lost = anyio.Event()
         conn.add_termination_listener(lambda _conn: lost.set())
-        await conn.add_listener(CHANNEL, self._on_notify)
+        with anyio.fail_after(self.health_timeout):  # a LISTEN can hang like any statement
+            await conn.add_listener(CHANNEL, self._on_notify)
         self.connects += 1
         backoff.reset()
         outage.ok()

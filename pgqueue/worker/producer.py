@@ -17,6 +17,7 @@ import anyio
 import asyncpg
 
 from pgqueue.job import Job
+from pgqueue.worker import bounded
 from pgqueue.worker.executor import Executor
 from pgqueue.worker.retry import Backoff, Outage
 from pgqueue.worker.wake import Wake
@@ -26,6 +27,9 @@ from pgqueue.worker.wake import Wake
 _COLUMNS = ", ".join(f.name for f in fields(Job))
 _ARGS = "worker => $1, queues => $2::text[], batch_size => $3"
 _CLAIM = f"SELECT {_COLUMNS} FROM pgqueue.claim_next({_ARGS})"
+# Bound on acquiring the claim connection and on each claim or lookup on it: a statement
+# stuck on a half-open connection would stop this worker from claiming anything.
+STATEMENT_TIMEOUT = 30.0
 # Before sleeping: the same claim, registered as waiting (settings.notify = when_waiting).
 _CLAIM_OR_WAIT = f"SELECT {_COLUMNS} FROM pgqueue.claim_or_wait({_ARGS})"
 # Seconds until the earliest scheduled job of our queues, on the database's clock, and
@@ -134,9 +138,10 @@ class Producer:
         query = _CLAIM_OR_WAIT if wait else _CLAIM
         try:
             conn = await self._connection()
-            rows = await conn.fetch(query, self.worker_id, self.queues, batch_size)
+            with anyio.fail_after(STATEMENT_TIMEOUT):
+                rows = await conn.fetch(query, self.worker_id, self.queues, batch_size)
         except Exception as exc:
-            await self._release()
+            await self._release(broken=isinstance(exc, TimeoutError))
             self._outage.failed(exc, "claiming jobs")
             await self.wake.wait(self._backoff.next_delay())
             return None
@@ -150,9 +155,10 @@ class Producer:
         poll = self.poll_interval * random.uniform(0.8, 1.0)
         try:
             conn = await self._connection()
-            seconds, when_waiting = await conn.fetchrow(_BEFORE_SLEEP, self.queues)
+            with anyio.fail_after(STATEMENT_TIMEOUT):
+                seconds, when_waiting = await conn.fetchrow(_BEFORE_SLEEP, self.queues)
         except Exception as exc:
-            await self._release()
+            await self._release(broken=isinstance(exc, TimeoutError))
             self._outage.failed(exc, "looking up the next scheduled job")
             return poll
         self.when_waiting = bool(when_waiting)
@@ -161,12 +167,18 @@ class Producer:
     async def _connection(self) -> asyncpg.pool.PoolConnectionProxy:
         """The claim connection, acquired from the pool when there is none."""
         if self._conn is None:
-            self._conn = await self.pool.acquire()
+            self._conn = await self.pool.acquire(timeout=STATEMENT_TIMEOUT)
         return self._conn
 
-    async def _release(self) -> None:
-        """Give the claim connection back (the pool replaces it if it broke)."""
+    async def _release(self, *, broken: bool = False) -> None:
+        """Give the claim connection back (the pool replaces it if it broke); one whose
+        statement timed out (``broken``) is discarded instead, see
+        :func:`pgqueue.worker.bounded.discard`."""
         conn, self._conn = self._conn, None
-        if conn is not None:
+        if conn is None:
+            return
+        if broken:
+            await bounded.discard(conn)
+        else:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 await self.pool.release(conn)

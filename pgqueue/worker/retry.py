@@ -26,11 +26,34 @@ _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+# The server stopped the statement for reasons of its own, not because of what it was asked
+# to do: a statement_timeout or a cancel (57014), a lock_timeout (55P03), a deadlock or a
+# serialization failure (class 40). The same statement can succeed when tried again.
+_INTERRUPTIONS: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.QueryCanceledError,
+    asyncpg.exceptions.LockNotAvailableError,
+    asyncpg.exceptions.TransactionRollbackError,
+)
+
+
 def is_connection_error(exc: BaseException) -> bool:
     """True for errors that a retry on a fresh connection can cure."""
     if isinstance(exc, asyncpg.exceptions.QueryCanceledError):
         return False  # class 57014 is a statement timeout, not an outage
     return isinstance(exc, _CONNECTION_ERRORS)
+
+
+def is_transient_error(exc: BaseException) -> bool:
+    """True for errors that say nothing against the statement itself: connection errors, and
+    a statement the server interrupted (timed out, cancelled, lock wait given up,
+    deadlock).
+
+    The completer retries these and takes every other error as a refusal of what it
+    wrote. An operator holding a row lock in psql, or a ``statement_timeout`` or
+    ``lock_timeout`` hit while waiting behind one, must delay an outcome, not turn a success
+    into a failed attempt (whose own write would wait behind the same lock).
+    """
+    return is_connection_error(exc) or isinstance(exc, _INTERRUPTIONS)
 
 
 class Backoff:
@@ -67,10 +90,11 @@ class Outage:
         if self.started is not None:
             return
         self.started = time.monotonic()
-        if is_connection_error(exc):
+        if is_transient_error(exc):
             self.logger.warning(
-                "%s: database unavailable while %s (%s: %s); retrying with backoff",
+                "%s: %s while %s (%s: %s); retrying with backoff",
                 self.component,
+                "database unavailable" if is_connection_error(exc) else "statement interrupted",
                 doing,
                 type(exc).__name__,
                 exc,

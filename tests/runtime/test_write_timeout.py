@@ -1,0 +1,494 @@
+"""Outcome writes are bounded and settle exactly once, whatever holds them up.
+
+A success write that waits behind an operator's row lock, or whose reply is lost on a
+half-open connection, must neither hang the worker nor be misreported: it is cut off after
+the write timeout, retried on a fresh connection, and recorded as the success it is, never
+as a failed attempt or a lost lease. Workers run in-process so that the timeouts can be made
+small (module constants, monkeypatched); everything else is real PostgreSQL, and the
+half-open connection is a real TCP connection through a proxy that stops passing on the
+server's replies.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import uuid
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import anyio
+import anyio.abc
+import asyncpg
+import pytest
+from worker_harness import wait_for_states, wait_until
+
+import pgqueue
+from pgqueue.worker import bounded, completer
+
+_BLOCKED_WRITES = """
+SELECT pid FROM pg_stat_activity
+WHERE $1 = ANY (pg_blocking_pids(pid)) AND query LIKE '%complete_many%'
+ORDER BY pid
+"""
+
+
+class Records(logging.Handler):
+    """Every record a worker logs, for assertions on its outcome lines."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def outcomes(self, job_id: int) -> list[str]:
+        """The outcome of each outcome line logged for ``job_id``."""
+        return [
+            r.__dict__["outcome"]
+            for r in self.records
+            if r.__dict__.get("job_id") == job_id and "outcome" in r.__dict__
+        ]
+
+    def count(self, text: str) -> int:
+        return sum(text in r.getMessage() for r in self.records)
+
+    async def logged(self, text: str) -> bool:
+        """For ``wait_until``: has a line containing ``text`` been logged?"""
+        return self.count(text) > 0
+
+    async def outcome_logged(self, job_id: int) -> bool:
+        """For ``wait_until``: has the outcome of ``job_id`` been logged?"""
+        return bool(self.outcomes(job_id))
+
+    def text(self) -> str:
+        return "\n".join(f"{r.levelname} {r.getMessage()}" for r in self.records)
+
+
+@pytest.fixture
+def records() -> Iterator[tuple[logging.Logger, Records]]:
+    logger = logging.getLogger(f"pgqueue.test.{uuid.uuid4().hex}")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    handler = Records()
+    logger.addHandler(handler)
+    try:
+        yield logger, handler
+    finally:
+        logger.removeHandler(handler)
+
+
+def _gated_app() -> tuple[pgqueue.App, anyio.Event]:
+    """An app whose ``ok`` handler returns ``{"n": ...}`` once the event is set."""
+    app = pgqueue.App()
+    release = anyio.Event()
+
+    @app.job("ok")
+    async def ok(job: pgqueue.Job) -> dict[str, Any]:
+        await release.wait()
+        return {"n": job.payload["n"]}
+
+    return app, release
+
+
+async def _assert_succeeded_once(conn: asyncpg.Connection, job: int, log: Records) -> None:
+    row = await conn.fetchrow(
+        "SELECT state, attempts, result, last_error FROM pgqueue.jobs WHERE id = $1", job
+    )
+    assert row["state"] == "succeeded"
+    assert row["attempts"] == 1  # no failed attempt, no second run
+    assert json.loads(row["result"]) == {"n": 7}
+    assert row["last_error"] is None
+    assert log.outcomes(job) == ["succeeded"], log.text()
+
+
+async def test_success_behind_a_row_lock_is_retried_not_failed(
+    conn: asyncpg.Connection,
+    connect: Any,
+    db_dsn: str,
+    monkeypatch: pytest.MonkeyPatch,
+    records: tuple[logging.Logger, Records],
+) -> None:
+    """An operator holds the job's row lock for longer than the write timeout. The write is
+    cut off, its statement cancelled on the server (no orphan backend left to finish it
+    later), and retried on another connection; once the lock goes, the job has succeeded
+    once. Without a bound the first write simply waits, and no retry ever appears."""
+    monkeypatch.setattr(completer, "WRITE_TIMEOUT", 0.5)
+    logger, log = records
+    app, release = _gated_app()
+    job = await app.enqueue(conn, "ok", {"n": 7})
+    locker = await connect()
+    locker_pid = await locker.fetchval("SELECT pg_backend_pid()")
+    worker = pgqueue.Worker(app, db_dsn, concurrency=1, handle_signals=False, logger=logger)
+
+    async def blocked() -> list[int]:
+        return [r["pid"] for r in await conn.fetch(_BLOCKED_WRITES, locker_pid)]
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        try:
+            await wait_for_states(conn, [job], "running")
+            async with locker.transaction():
+                await locker.execute("SELECT FROM pgqueue.jobs WHERE id = $1 FOR UPDATE", job)
+                release.set()
+                first = (await wait_until(blocked, what="the success write waiting on the lock"))[0]
+
+                async def retried_elsewhere() -> bool:
+                    gone = not await conn.fetchval(
+                        "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE pid = $1)", first
+                    )
+                    waiting = await blocked()
+                    return gone and bool(waiting) and first not in waiting
+
+                await wait_until(
+                    retried_elsewhere,
+                    within=10,
+                    what=f"backend {first} cancelled and the write retried on another connection",
+                )
+            await wait_for_states(conn, [job], "succeeded")
+            await wait_until(functools.partial(log.outcome_logged, job), what="the outcome line")
+        finally:
+            worker.stop()
+    await _assert_succeeded_once(conn, job, log)
+    assert log.count(f"recording the success of job {job} (TimeoutError") == 1, log.text()
+
+
+async def test_lock_timeout_on_a_success_is_retried_not_a_refusal(
+    conn: asyncpg.Connection,
+    connect: Any,
+    db_dsn: str,
+    records: tuple[logging.Logger, Records],
+) -> None:
+    """With a server-side ``lock_timeout``, the wait behind the lock ends in an error
+    (55P03) instead of a client timeout. That says nothing against the result: the write is
+    retried, not taken as PostgreSQL refusing the success (which would fail the attempt)."""
+    logger, log = records
+    alter = "SELECT format('ALTER DATABASE %I SET lock_timeout = %L', current_database(), '100ms')"
+    await conn.execute(await conn.fetchval(alter))
+    app, release = _gated_app()
+    job = await app.enqueue(conn, "ok", {"n": 7})
+    locker = await connect()
+    worker = pgqueue.Worker(app, db_dsn, concurrency=1, handle_signals=False, logger=logger)
+    interrupted = (
+        f"statement interrupted while recording the success of job {job} (LockNotAvailable"
+    )
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        try:
+            await wait_for_states(conn, [job], "running")
+            async with locker.transaction():
+                await locker.execute("SELECT FROM pgqueue.jobs WHERE id = $1 FOR UPDATE", job)
+                release.set()
+                await wait_until(
+                    functools.partial(log.logged, interrupted), what="a lock timeout", within=10
+                )
+            await wait_for_states(conn, [job], "succeeded")
+            await wait_until(functools.partial(log.outcome_logged, job), what="the outcome line")
+        finally:
+            worker.stop()
+    await _assert_succeeded_once(conn, job, log)
+
+
+@pytest.mark.parametrize("cut_by", ["write timeout", "lock_timeout"])
+async def test_batch_cut_short_is_written_job_by_job(
+    conn: asyncpg.Connection,
+    connect: Any,
+    db_dsn: str,
+    monkeypatch: pytest.MonkeyPatch,
+    records: tuple[logging.Logger, Records],
+    cut_by: str,
+) -> None:
+    """Two successes share a batch, the second behind a row lock. Cut short, the batch is
+    written job by job: the free job is recorded while the lock is still held, the locked
+    one once it goes. Retried whole, a batch that is cut short every time (a lock held for
+    an hour, a ``statement_timeout`` smaller than the batch needs) would hold every success
+    of the worker."""
+    if cut_by == "write timeout":
+        monkeypatch.setattr(completer, "WRITE_TIMEOUT", 0.5)
+    else:
+        alter = (
+            "SELECT format('ALTER DATABASE %I SET lock_timeout = %L', current_database(), '100ms')"
+        )
+        await conn.execute(await conn.fetchval(alter))
+    logger, log = records
+    app = pgqueue.App()
+    release, free_returned = anyio.Event(), anyio.Event()
+
+    @app.job("free")
+    async def free(job: pgqueue.Job) -> dict[str, Any]:
+        await release.wait()
+        free_returned.set()
+        return {"n": 1}
+
+    @app.job("locked")
+    async def locked(job: pgqueue.Job) -> dict[str, Any]:
+        # Resumes right after `free` returns and before the flusher runs: one batch,
+        # [free, locked], the locked row last.
+        await free_returned.wait()
+        return {"n": 2}
+
+    free_job = await app.enqueue(conn, "free")
+    locked_job = await app.enqueue(conn, "locked")
+    locker = await connect()
+    worker = pgqueue.Worker(app, db_dsn, concurrency=2, handle_signals=False, logger=logger)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        try:
+            await wait_for_states(conn, [free_job, locked_job], "running")
+            async with locker.transaction():
+                await locker.execute(
+                    "SELECT FROM pgqueue.jobs WHERE id = $1 FOR UPDATE", locked_job
+                )
+                release.set()
+                await wait_for_states(conn, [free_job], "succeeded", within=10)
+                assert log.count(f"the successes of 2 jobs ({free_job}, ... {locked_job})"), (
+                    log.text()
+                )
+            await wait_for_states(conn, [locked_job], "succeeded")
+            await wait_until(
+                functools.partial(log.outcome_logged, locked_job), what="the outcome line"
+            )
+        finally:
+            worker.stop()
+    assert log.outcomes(free_job) == ["succeeded"], log.text()
+    assert log.outcomes(locked_job) == ["succeeded"], log.text()
+    rows = await conn.fetch("SELECT id, attempts, result FROM pgqueue.jobs ORDER BY id")
+    assert [(r["attempts"], json.loads(r["result"])) for r in rows] == [
+        (1, {"n": 1}),
+        (1, {"n": 2}),
+    ]
+
+
+async def test_success_whose_reply_is_lost_is_recorded_not_lease_lost(
+    conn: asyncpg.Connection,
+    db_dsn: str,
+    monkeypatch: pytest.MonkeyPatch,
+    records: tuple[logging.Logger, Records],
+) -> None:
+    """The first ``complete_many`` reaches the server and commits, but its reply never
+    arrives, and the connection is neither closed nor reset (a half-open connection).
+    The write must be cut off, and its retry, which fencing refuses because the job has
+    already succeeded, must recognise the earlier try's own success: logged as succeeded,
+    not as a lost lease. Without a bound the worker waits for that reply forever."""
+    parts = urlsplit(db_dsn)
+    if parts.hostname is None or parts.hostname.startswith("/") or parts.port is None:
+        pytest.skip("needs a test server reached over TCP (host and port in the DSN)")
+    monkeypatch.setattr(completer, "WRITE_TIMEOUT", 1.0)
+    monkeypatch.setattr(bounded, "CANCEL_WAIT", 0.5)
+    logger, log = records
+    app, release = _gated_app()
+    release.set()
+    job = await app.enqueue(conn, "ok", {"n": 7})
+    proxy = SwallowingProxy(parts.hostname, parts.port, b"pgqueue.complete_many")
+    async with anyio.create_task_group() as proxy_tg:
+        port = await proxy_tg.start(proxy.serve)
+        user = f"{parts.username}@" if parts.username else ""
+        dsn = f"postgresql://{user}127.0.0.1:{port}{parts.path}?sslmode=disable"
+        worker = pgqueue.Worker(app, dsn, concurrency=1, handle_signals=False, logger=logger)
+        returned = anyio.Event()
+
+        async def run() -> None:
+            await worker.run()
+            returned.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            try:
+                await wait_for_states(conn, [job], "succeeded")
+                # The first write completed the job and committed (CommandComplete, then
+                # ReadyForQuery outside a transaction), and its reply was lost.
+                assert proxy.swallowed.is_set()
+                await wait_until(proxy.reply_lost, what="the end of the lost reply")
+                assert ("C", b"SELECT 1\0") in proxy.lost, proxy.lost
+                await wait_until(
+                    functools.partial(log.outcome_logged, job), what="the outcome line", within=15
+                )
+            finally:
+                worker.stop()
+                with anyio.move_on_after(15):
+                    await returned.wait()
+                if not returned.is_set():
+                    # An unbounded write waits for the lost reply forever, shielded from
+                    # cancellation: close its connection so the test fails, not hangs.
+                    proxy.drop()
+        proxy_tg.cancel_scope.cancel()
+    await _assert_succeeded_once(conn, job, log)
+    assert log.count(f"recording the success of job {job} (TimeoutError") == 1, log.text()
+
+
+async def test_heartbeat_whose_reply_is_lost_keeps_beating(
+    conn: asyncpg.Connection,
+    db_dsn: str,
+    monkeypatch: pytest.MonkeyPatch,
+    records: tuple[logging.Logger, Records],
+) -> None:
+    """The same half-open connection under a heartbeat: the beat is cut off after its period
+    and the next one lands on a fresh connection, so the running job keeps its lease.
+    ``pool.fetchval(timeout=...)`` alone is not enough: its release then waits, with no
+    bound, for the cancel to be acknowledged on the dead connection, and the heartbeat loop
+    stops while the lease goes stale."""
+    parts = urlsplit(db_dsn)
+    if parts.hostname is None or parts.hostname.startswith("/") or parts.port is None:
+        pytest.skip("needs a test server reached over TCP (host and port in the DSN)")
+    monkeypatch.setattr(bounded, "CANCEL_WAIT", 0.2)
+    # A beat every 1.5 s; stale once the lease is 6 s old, leaving room for a lost beat.
+    await conn.execute("UPDATE pgqueue.settings SET value = '6 seconds' WHERE name = 'stale_after'")
+    logger, log = records
+    app, release = _gated_app()
+    job = await app.enqueue(conn, "ok", {"n": 7})
+    proxy = SwallowingProxy(parts.hostname, parts.port, b"pgqueue.heartbeat")
+    async with anyio.create_task_group() as proxy_tg:
+        port = await proxy_tg.start(proxy.serve)
+        user = f"{parts.username}@" if parts.username else ""
+        dsn = f"postgresql://{user}127.0.0.1:{port}{parts.path}?sslmode=disable"
+        worker = pgqueue.Worker(app, dsn, concurrency=1, handle_signals=False, logger=logger)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker.run)
+            try:
+                await wait_for_states(conn, [job], "running")
+                await wait_until(proxy.reply_lost, what="a heartbeat whose reply is lost")
+                lost_at = await conn.fetchval(
+                    "SELECT locked_at FROM pgqueue.jobs WHERE id = $1", job
+                )
+
+                async def beaten_since() -> bool:
+                    return bool(
+                        await conn.fetchval(
+                            "SELECT locked_at > $2 FROM pgqueue.jobs WHERE id = $1", job, lost_at
+                        )
+                    )
+
+                await wait_until(beaten_since, within=10, what="a heartbeat after the lost one")
+                release.set()
+                await wait_for_states(conn, [job], "succeeded")
+                await wait_until(
+                    functools.partial(log.outcome_logged, job), what="the outcome line"
+                )
+            finally:
+                worker.stop()
+        proxy_tg.cancel_scope.cancel()
+    await _assert_succeeded_once(conn, job, log)  # never recovered as stale
+    assert log.count("heartbeat: database unavailable while refreshing leases (TimeoutError") == 1
+
+
+# PostgreSQL's untyped first messages that are followed by another untyped one.
+_SSL_REQUEST, _GSSENC_REQUEST = 80877103, 80877104
+
+
+class SwallowingProxy:
+    """A TCP proxy to PostgreSQL that, once, turns a connection half-open after a statement.
+
+    The first statement prepared with ``marker`` in its text is run normally, but from its
+    Bind on, everything the server sends on that connection is read and dropped, while both
+    sockets stay open: the statement runs and commits, and the client waits for a reply that
+    never comes, as on a connection whose peer vanished without FIN or RST. Everything else
+    is passed through unchanged.
+
+    The trigger is the Bind that names the prepared statement, not the first Bind after its
+    Parse: asyncpg may run a type introspection query in between, on the same connection.
+    The client sends a Bind only once it has read the replies to everything before it, so
+    nothing it waits for is dropped but the statement's own reply.
+    """
+
+    def __init__(self, host: str, port: int, marker: bytes) -> None:
+        self.host, self.port, self.marker = host, port, marker
+        self.swallowed = anyio.Event()
+        self.lost: list[tuple[str, bytes]] = []  # the server messages swallowed: (type, body)
+        self._connections: set[anyio.CancelScope] = set()
+
+    async def reply_lost(self) -> bool:
+        """For ``wait_until``: has a whole reply been swallowed (up to ReadyForQuery, idle)?"""
+        return ("Z", b"I") in self.lost
+
+    def drop(self) -> None:
+        """Close every proxied connection now (new ones are still accepted)."""
+        for scope in self._connections:
+            scope.cancel()
+
+    async def serve(self, *, task_status: anyio.abc.TaskStatus[int]) -> None:
+        """Listen on a free loopback port, reported through ``task_status``, until cancelled."""
+        listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+        async with listener:
+            task_status.started(listener.extra(anyio.abc.SocketAttribute.local_port))
+            await listener.serve(self._handle)
+
+    async def _handle(self, client: anyio.abc.SocketStream) -> None:
+        async with client, await anyio.connect_tcp(self.host, self.port) as server:
+            swallow = anyio.Event()
+            async with anyio.create_task_group() as tg:
+                self._connections.add(tg.cancel_scope)
+                tg.start_soon(self._to_server, client, server, swallow, tg.cancel_scope)
+                tg.start_soon(self._to_client, server, client, swallow, tg.cancel_scope)
+            self._connections.discard(tg.cancel_scope)
+
+    async def _to_server(
+        self,
+        client: anyio.abc.SocketStream,
+        server: anyio.abc.SocketStream,
+        swallow: anyio.Event,
+        scope: anyio.CancelScope,
+    ) -> None:
+        """Pass the client's bytes on, reading its protocol messages to spot the Bind."""
+        buf = bytearray()
+        startup = True  # untyped messages first: (SSL/GSSENC request,) startup or cancel
+        marked: bytes | None = None  # the name of the marked prepared statement, if any
+        try:
+            async for data in client:
+                buf += data
+                while True:
+                    if startup:
+                        if len(buf) < 8 or len(buf) < int.from_bytes(buf[:4], "big"):
+                            break
+                        size, code = int.from_bytes(buf[:4], "big"), int.from_bytes(buf[4:8], "big")
+                        del buf[:size]
+                        startup = code in (_SSL_REQUEST, _GSSENC_REQUEST)
+                        continue
+                    if len(buf) < 5 or len(buf) < 1 + int.from_bytes(buf[1:5], "big"):
+                        break
+                    kind, size = buf[0], int.from_bytes(buf[1:5], "big")
+                    body = bytes(buf[5 : 1 + size])
+                    del buf[: 1 + size]
+                    if self.swallowed.is_set():
+                        continue
+                    if kind == ord("P"):  # Parse: statement name, query, ...
+                        name = body.split(b"\0", 1)[0]
+                        if self.marker in body:
+                            marked = name
+                        elif name == marked:
+                            marked = None  # the name now means another statement
+                    elif kind == ord("B") and marked is not None:  # Bind: portal, statement
+                        if body.split(b"\0", 2)[1] == marked:
+                            swallow.set()  # before passing it on: its reply is the first lost
+                            self.swallowed.set()
+                await server.send(data)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass
+        finally:
+            scope.cancel()
+
+    async def _to_client(
+        self,
+        server: anyio.abc.SocketStream,
+        client: anyio.abc.SocketStream,
+        swallow: anyio.Event,
+        scope: anyio.CancelScope,
+    ) -> None:
+        """Pass the server's bytes on until ``swallow``; then read them into :attr:`lost`."""
+        lost = bytearray()
+        try:
+            async for data in server:
+                if not swallow.is_set():
+                    await client.send(data)
+                    continue
+                lost += data  # starts at a message: the client had read all before the Bind
+                while len(lost) >= 5 and len(lost) >= 1 + int.from_bytes(lost[1:5], "big"):
+                    size = int.from_bytes(lost[1:5], "big")
+                    self.lost.append((chr(lost[0]), bytes(lost[5 : 1 + size])))
+                    del lost[: 1 + size]
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass
+        finally:
+            scope.cancel()
