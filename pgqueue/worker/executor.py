@@ -61,6 +61,10 @@ class Executor:
         # Every job holding a slot: claimed, and its handler not yet returned (or not yet
         # started). Its success may still be unwritten after it leaves: see the completer.
         self.running: dict[int, Job] = {}
+        # Every job this worker holds: from its claim until its outcome is written (or
+        # given up). What the database shows running under this worker and is not here was
+        # claimed by a claim whose reply never arrived (see Producer._adopt_lost_claims).
+        self.held: set[int] = set()
         self.max_unwritten = max(concurrency, MAX_BATCH)
         self.slot_freed = Wake()
         self.idle = Wake()
@@ -89,6 +93,7 @@ class Executor:
     def start(self, job: Job) -> None:
         """Take one slot for ``job`` and hand it to a runner."""
         self.running[job.id] = job
+        self.held.add(job.id)
         self._queue.append(job)
         self._queued.set()
 
@@ -120,6 +125,7 @@ class Executor:
 
     def _written(self, job: Job) -> None:
         """The job's outcome is in the database (or given up)."""
+        self.held.discard(job.id)
         self.slot_freed.set()  # the producer may be waiting on the unwritten cap
         if job.scope is not None:
             # The next job of this scope became claimable, and no NOTIFY says so.

@@ -13,10 +13,19 @@ import random
 import anyio
 import asyncpg
 
+from pgqueue.worker import bounded
 from pgqueue.worker.retry import Outage
 
 # pgqueue's advisory lock class for the recovery leader (pgqueue._lock_class('leader')).
 LEADER_LOCK_CLASS = 7216003
+# Bound on one recovery round, from the client. Generous: recovering even a large backlog
+# takes seconds, and a round cut short is rolled back and repeated whole.
+RECOVERY_TIMEOUT = 300.0
+# Seconds after which the server ends the recovery transaction if its client goes quiet
+# inside it: the transaction holds the leader lock, and a client that vanished without FIN
+# or RST would otherwise keep every worker from recovering until TCP keepalives notice
+# (hours, by default).
+ABANDONED_AFTER = 60.0
 
 
 async def recovery_loop(pool: asyncpg.Pool, period: float, logger: logging.Logger) -> None:
@@ -41,7 +50,14 @@ async def recovery_loop(pool: asyncpg.Pool, period: float, logger: logging.Logge
 
 async def _recover_once(pool: asyncpg.Pool) -> list[int]:
     """Run ``pgqueue.recover_stale()`` unless another worker is running it right now."""
-    async with pool.acquire() as conn, conn.transaction():
+    return await bounded.call(pool, RECOVERY_TIMEOUT, _recover_in_transaction)
+
+
+async def _recover_in_transaction(conn: asyncpg.Connection) -> list[int]:
+    async with conn.transaction():
+        await conn.execute(
+            f"SET LOCAL idle_in_transaction_session_timeout = '{int(ABANDONED_AFTER * 1000)}ms'"
+        )
         if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1, 0)", LEADER_LOCK_CLASS):
             return []
         rows = await conn.fetch("SELECT id FROM pgqueue.recover_stale() AS id")

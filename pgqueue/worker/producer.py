@@ -30,6 +30,12 @@ _CLAIM = f"SELECT {_COLUMNS} FROM pgqueue.claim_next({_ARGS})"
 # Bound on acquiring the claim connection and on each claim or lookup on it: a statement
 # stuck on a half-open connection would stop this worker from claiming anything.
 STATEMENT_TIMEOUT = 30.0
+# Jobs running under this worker that it does not know it holds (see _release_lost_claims).
+_UNKNOWN_HELD = (
+    "SELECT id FROM pgqueue.jobs"
+    " WHERE state = 'running' AND locked_by = $1 AND id <> ALL($2::bigint[]) ORDER BY id"
+)
+_RELEASE = "SELECT pgqueue.release(job_id => $1, worker => $2)"
 # Before sleeping: the same claim, registered as waiting (settings.notify = when_waiting).
 _CLAIM_OR_WAIT = f"SELECT {_COLUMNS} FROM pgqueue.claim_or_wait({_ARGS})"
 # Seconds until the earliest scheduled job of our queues, on the database's clock, and
@@ -73,6 +79,8 @@ class Producer:
         # Claims run on one pooled connection kept between claims: acquiring and releasing
         # per claim costs ~60 us of Python, on the path from notification to handler.
         self._conn: asyncpg.pool.PoolConnectionProxy | None = None
+        # A claim failed after it was sent: it may have committed, its jobs unknown to us.
+        self._claim_unknown = False
 
     def stop(self) -> None:
         """Stop claiming; :meth:`run` returns promptly (running jobs are not touched)."""
@@ -138,8 +146,12 @@ class Producer:
         query = _CLAIM_OR_WAIT if wait else _CLAIM
         try:
             conn = await self._connection()
+            if self._claim_unknown:
+                await self._release_lost_claims(conn)
+            self._claim_unknown = True  # until its rows are in hand
             with anyio.fail_after(STATEMENT_TIMEOUT):
                 rows = await conn.fetch(query, self.worker_id, self.queues, batch_size)
+            self._claim_unknown = False
         except Exception as exc:
             await self._release(broken=isinstance(exc, TimeoutError))
             self._outage.failed(exc, "claiming jobs")
@@ -148,6 +160,29 @@ class Producer:
         self._outage.ok()
         self._backoff.reset()
         return [Job(*row) for row in rows]
+
+    async def _release_lost_claims(self, conn: asyncpg.pool.PoolConnectionProxy) -> None:
+        """Give back the jobs of a claim whose reply never arrived.
+
+        A claim cut off by its timeout or a lost connection may have committed: its jobs
+        are then running under this worker, which does not know them, and the heartbeat
+        (by worker, not by job) would keep their leases fresh for as long as the worker
+        lives. Before the next claim, every job the database shows running under this
+        worker that the executor does not hold is released (queued again at once, the
+        attempt not counted). The producer is the only claimer, so nothing can be claimed
+        for this worker between the look and the releases.
+        """
+        with anyio.fail_after(STATEMENT_TIMEOUT):
+            lost = await conn.fetch(_UNKNOWN_HELD, self.worker_id, list(self.executor.held))
+            for row in lost:
+                released = await conn.fetchval(_RELEASE, row["id"], self.worker_id)
+                self.logger.warning(
+                    "job %d: claimed by a claim whose reply was lost; %s",
+                    row["id"],
+                    "released" if released else "no longer held",
+                    extra={"job_id": row["id"]},
+                )
+        self._claim_unknown = False
 
     async def _before_sleep(self) -> float:
         """How long to sleep: until the jittered safety poll or the earliest scheduled job,

@@ -26,7 +26,7 @@ import pytest
 from worker_harness import wait_for_states, wait_until
 
 import pgqueue
-from pgqueue.worker import bounded, completer
+from pgqueue.worker import bounded, completer, leader, producer
 
 _BLOCKED_WRITES = """
 SELECT pid FROM pg_stat_activity
@@ -374,6 +374,94 @@ async def test_heartbeat_whose_reply_is_lost_keeps_beating(
     assert log.count("heartbeat: database unavailable while refreshing leases (TimeoutError") == 1
 
 
+async def test_jobs_of_a_claim_whose_reply_is_lost_are_given_back(
+    conn: asyncpg.Connection,
+    db_dsn: str,
+    monkeypatch: pytest.MonkeyPatch,
+    records: tuple[logging.Logger, Records],
+) -> None:
+    """The worker's first claim commits, but its reply is lost on a half-open connection: the
+    job is running under this worker, which does not know it, and the heartbeat (by worker)
+    keeps its lease fresh, so stale recovery never takes it either. The claim is cut off, and
+    before the next one the worker gives back what it holds without knowing; the job then
+    runs once, its first attempt not counted. Without that it stays running for as long as
+    the worker lives."""
+    parts = urlsplit(db_dsn)
+    if parts.hostname is None or parts.hostname.startswith("/") or parts.port is None:
+        pytest.skip("needs a test server reached over TCP (host and port in the DSN)")
+    monkeypatch.setattr(producer, "STATEMENT_TIMEOUT", 1.0)
+    monkeypatch.setattr(bounded, "CANCEL_WAIT", 0.2)
+    logger, log = records
+    app, release = _gated_app()
+    release.set()
+    job = await app.enqueue(conn, "ok", {"n": 7})
+    proxy = SwallowingProxy(parts.hostname, parts.port, b"pgqueue.claim_next")
+    async with anyio.create_task_group() as proxy_tg:
+        port = await proxy_tg.start(proxy.serve)
+        user = f"{parts.username}@" if parts.username else ""
+        dsn = f"postgresql://{user}127.0.0.1:{port}{parts.path}?sslmode=disable"
+        worker = pgqueue.Worker(app, dsn, concurrency=1, handle_signals=False, logger=logger)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker.run)
+            try:
+                await wait_until(proxy.reply_lost, what="a claim whose reply is lost")
+                assert ("C", b"SELECT 1\0") in proxy.lost, proxy.lost  # it claimed our job
+                await wait_for_states(conn, [job], "succeeded", within=15)
+                await wait_until(
+                    functools.partial(log.outcome_logged, job), what="the outcome line"
+                )
+            finally:
+                worker.stop()
+        proxy_tg.cancel_scope.cancel()
+    await _assert_succeeded_once(conn, job, log)
+    assert log.count(f"job {job}: claimed by a claim whose reply was lost; released") == 1, (
+        log.text()
+    )
+
+
+async def test_recovery_whose_reply_is_lost_frees_the_leader_lock(
+    conn: asyncpg.Connection,
+    db_dsn: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A recovery round whose client vanishes mid-transaction (its reply lost on a half-open
+    connection) must neither hang the worker nor keep the leader lock, which every worker
+    needs to recover stale jobs: the round is cut off, and the server ends the abandoned
+    transaction. Without both, the call waits forever and the lock stays taken until TCP
+    keepalives notice, hours later by default."""
+    parts = urlsplit(db_dsn)
+    if parts.hostname is None or parts.hostname.startswith("/") or parts.port is None:
+        pytest.skip("needs a test server reached over TCP (host and port in the DSN)")
+    monkeypatch.setattr(leader, "RECOVERY_TIMEOUT", 1.0)
+    monkeypatch.setattr(leader, "ABANDONED_AFTER", 1.0)
+    monkeypatch.setattr(bounded, "CANCEL_WAIT", 0.2)
+    proxy = SwallowingProxy(parts.hostname, parts.port, b"pgqueue.recover_stale", mute_client=True)
+
+    async def leader_lock_free() -> bool:
+        return not await conn.fetchval(
+            "SELECT EXISTS (SELECT FROM pg_locks WHERE locktype = 'advisory'"
+            " AND classid = $1 AND objid = 0)",
+            leader.LEADER_LOCK_CLASS,
+        )
+
+    async with anyio.create_task_group() as proxy_tg:
+        port = await proxy_tg.start(proxy.serve)
+        user = f"{parts.username}@" if parts.username else ""
+        dsn = f"postgresql://{user}127.0.0.1:{port}{parts.path}?sslmode=disable"
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
+        try:
+            with anyio.fail_after(10):  # unbounded, the call would wait here forever
+                with pytest.raises(TimeoutError):
+                    await leader._recover_once(pool)
+            assert proxy.swallowed.is_set()
+            await wait_until(leader_lock_free, within=10, what="the leader lock released")
+        finally:
+            proxy.drop()
+            with anyio.move_on_after(5):
+                await pool.close()
+        proxy_tg.cancel_scope.cancel()
+
+
 # PostgreSQL's untyped first messages that are followed by another untyped one.
 _SSL_REQUEST, _GSSENC_REQUEST = 80877103, 80877104
 
@@ -393,8 +481,11 @@ class SwallowingProxy:
     nothing it waits for is dropped but the statement's own reply.
     """
 
-    def __init__(self, host: str, port: int, marker: bytes) -> None:
+    def __init__(self, host: str, port: int, marker: bytes, *, mute_client: bool = False) -> None:
         self.host, self.port, self.marker = host, port, marker
+        # Also stop passing on what the client sends once the reply is swallowed, and keep
+        # the server's socket open when the client closes: a client that vanished.
+        self.mute_client = mute_client
         self.swallowed = anyio.Event()
         self.lost: list[tuple[str, bytes]] = []  # the server messages swallowed: (type, body)
         self._connections: set[anyio.CancelScope] = set()
@@ -463,10 +554,15 @@ class SwallowingProxy:
                         if body.split(b"\0", 2)[1] == marked:
                             swallow.set()  # before passing it on: its reply is the first lost
                             self.swallowed.set()
-                await server.send(data)
+                            await server.send(data)
+                            data = b""
+                if data and not (self.mute_client and swallow.is_set()):
+                    await server.send(data)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             pass
         finally:
+            if self.mute_client and swallow.is_set():
+                await anyio.sleep_forever()  # the server never hears the client go
             scope.cancel()
 
     async def _to_client(
