@@ -44,22 +44,25 @@ $$;
 -- before they lock any row, and both look in a statement after the lock.
 -- Enqueues never wait for each other; a transition waits for enqueues of its
 -- scope in flight, and they for it.
+-- The scopes' order-lock keys, distinct and in the one order every transaction
+-- takes them (two transitions never deadlock on each other).
+CREATE FUNCTION pgqueue._scope_order_keys(p_scopes jsonb[]) RETURNS SETOF int
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT DISTINCT pgqueue._scope_lock_key(s) FROM unnest(p_scopes) s
+    WHERE s IS NOT NULL AND s <> 'null' ORDER BY 1
+$$;
+
 CREATE FUNCTION pgqueue._share_scope_order(p_scopes jsonb[]) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM pg_advisory_xact_lock_shared(pgqueue._lock_class('scope_order'), k)
-    FROM (SELECT DISTINCT pgqueue._scope_lock_key(s) AS k FROM unnest(p_scopes) s
-          WHERE s IS NOT NULL AND s <> 'null' ORDER BY 1) keys;
+    PERFORM pg_advisory_xact_lock_shared(pgqueue._lock_class('scope_order'), k) FROM pgqueue._scope_order_keys(p_scopes) k;
 END
 $$;
 
--- Exclusive, in key order (two transitions never deadlock on each other).
 CREATE FUNCTION pgqueue._lock_scope_order(p_scopes jsonb[]) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM pg_advisory_xact_lock(pgqueue._lock_class('scope_order'), k)
-    FROM (SELECT DISTINCT pgqueue._scope_lock_key(s) AS k FROM unnest(p_scopes) s
-          WHERE s IS NOT NULL ORDER BY 1) keys;
+    PERFORM pg_advisory_xact_lock(pgqueue._lock_class('scope_order'), k) FROM pgqueue._scope_order_keys(p_scopes) k;
 END
 $$;
 

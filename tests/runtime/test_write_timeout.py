@@ -11,11 +11,12 @@ server's replies.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -273,20 +274,13 @@ async def test_success_whose_reply_is_lost_is_recorded_not_lease_lost(
     The write must be cut off, and its retry, which fencing refuses because the job has
     already succeeded, must recognise the earlier try's own success: logged as succeeded,
     not as a lost lease. Without a bound the worker waits for that reply forever."""
-    parts = urlsplit(db_dsn)
-    if parts.hostname is None or parts.hostname.startswith("/") or parts.port is None:
-        pytest.skip("needs a test server reached over TCP (host and port in the DSN)")
     monkeypatch.setattr(completer, "WRITE_TIMEOUT", 1.0)
     monkeypatch.setattr(bounded, "CANCEL_WAIT", 0.5)
     logger, log = records
     app, release = _gated_app()
     release.set()
     job = await app.enqueue(conn, "ok", {"n": 7})
-    proxy = SwallowingProxy(parts.hostname, parts.port, b"pgqueue.complete_many")
-    async with anyio.create_task_group() as proxy_tg:
-        port = await proxy_tg.start(proxy.serve)
-        user = f"{parts.username}@" if parts.username else ""
-        dsn = f"postgresql://{user}127.0.0.1:{port}{parts.path}?sslmode=disable"
+    async with _proxied(db_dsn, b"pgqueue.complete_many") as (proxy, dsn):
         worker = pgqueue.Worker(app, dsn, concurrency=1, handle_signals=False, logger=logger)
         returned = anyio.Event()
 
@@ -314,7 +308,6 @@ async def test_success_whose_reply_is_lost_is_recorded_not_lease_lost(
                     # An unbounded write waits for the lost reply forever, shielded from
                     # cancellation: close its connection so the test fails, not hangs.
                     proxy.drop()
-        proxy_tg.cancel_scope.cancel()
     await _assert_succeeded_once(conn, job, log)
     assert log.count(f"recording the success of job {job} (TimeoutError") == 1, log.text()
 
@@ -330,20 +323,13 @@ async def test_heartbeat_whose_reply_is_lost_keeps_beating(
     ``pool.fetchval(timeout=...)`` alone is not enough: its release then waits, with no
     bound, for the cancel to be acknowledged on the dead connection, and the heartbeat loop
     stops while the lease goes stale."""
-    parts = urlsplit(db_dsn)
-    if parts.hostname is None or parts.hostname.startswith("/") or parts.port is None:
-        pytest.skip("needs a test server reached over TCP (host and port in the DSN)")
     monkeypatch.setattr(bounded, "CANCEL_WAIT", 0.2)
     # A beat every 1.5 s; stale once the lease is 6 s old, leaving room for a lost beat.
     await conn.execute("UPDATE pgqueue.settings SET value = '6 seconds' WHERE name = 'stale_after'")
     logger, log = records
     app, release = _gated_app()
     job = await app.enqueue(conn, "ok", {"n": 7})
-    proxy = SwallowingProxy(parts.hostname, parts.port, b"pgqueue.heartbeat")
-    async with anyio.create_task_group() as proxy_tg:
-        port = await proxy_tg.start(proxy.serve)
-        user = f"{parts.username}@" if parts.username else ""
-        dsn = f"postgresql://{user}127.0.0.1:{port}{parts.path}?sslmode=disable"
+    async with _proxied(db_dsn, b"pgqueue.heartbeat") as (proxy, dsn):
         worker = pgqueue.Worker(app, dsn, concurrency=1, handle_signals=False, logger=logger)
         async with anyio.create_task_group() as tg:
             tg.start_soon(worker.run)
@@ -369,7 +355,6 @@ async def test_heartbeat_whose_reply_is_lost_keeps_beating(
                 )
             finally:
                 worker.stop()
-        proxy_tg.cancel_scope.cancel()
     await _assert_succeeded_once(conn, job, log)  # never recovered as stale
     assert log.count("heartbeat: database unavailable while refreshing leases (TimeoutError") == 1
 
@@ -386,20 +371,13 @@ async def test_jobs_of_a_claim_whose_reply_is_lost_are_given_back(
     before the next one the worker gives back what it holds without knowing; the job then
     runs once, its first attempt not counted. Without that it stays running for as long as
     the worker lives."""
-    parts = urlsplit(db_dsn)
-    if parts.hostname is None or parts.hostname.startswith("/") or parts.port is None:
-        pytest.skip("needs a test server reached over TCP (host and port in the DSN)")
     monkeypatch.setattr(producer, "STATEMENT_TIMEOUT", 1.0)
     monkeypatch.setattr(bounded, "CANCEL_WAIT", 0.2)
     logger, log = records
     app, release = _gated_app()
     release.set()
     job = await app.enqueue(conn, "ok", {"n": 7})
-    proxy = SwallowingProxy(parts.hostname, parts.port, b"pgqueue.claim_next")
-    async with anyio.create_task_group() as proxy_tg:
-        port = await proxy_tg.start(proxy.serve)
-        user = f"{parts.username}@" if parts.username else ""
-        dsn = f"postgresql://{user}127.0.0.1:{port}{parts.path}?sslmode=disable"
+    async with _proxied(db_dsn, b"pgqueue.claim_next") as (proxy, dsn):
         worker = pgqueue.Worker(app, dsn, concurrency=1, handle_signals=False, logger=logger)
         async with anyio.create_task_group() as tg:
             tg.start_soon(worker.run)
@@ -412,7 +390,6 @@ async def test_jobs_of_a_claim_whose_reply_is_lost_are_given_back(
                 )
             finally:
                 worker.stop()
-        proxy_tg.cancel_scope.cancel()
     await _assert_succeeded_once(conn, job, log)
     assert log.count(f"job {job}: claimed by a claim whose reply was lost; released") == 1, (
         log.text()
@@ -429,13 +406,9 @@ async def test_recovery_whose_reply_is_lost_frees_the_leader_lock(
     needs to recover stale jobs: the round is cut off, and the server ends the abandoned
     transaction. Without both, the call waits forever and the lock stays taken until TCP
     keepalives notice, hours later by default."""
-    parts = urlsplit(db_dsn)
-    if parts.hostname is None or parts.hostname.startswith("/") or parts.port is None:
-        pytest.skip("needs a test server reached over TCP (host and port in the DSN)")
     monkeypatch.setattr(leader, "RECOVERY_TIMEOUT", 1.0)
     monkeypatch.setattr(leader, "ABANDONED_AFTER", 1.0)
     monkeypatch.setattr(bounded, "CANCEL_WAIT", 0.2)
-    proxy = SwallowingProxy(parts.hostname, parts.port, b"pgqueue.recover_stale", mute_client=True)
 
     async def leader_lock_free() -> bool:
         return not await conn.fetchval(
@@ -444,10 +417,7 @@ async def test_recovery_whose_reply_is_lost_frees_the_leader_lock(
             leader.LEADER_LOCK_CLASS,
         )
 
-    async with anyio.create_task_group() as proxy_tg:
-        port = await proxy_tg.start(proxy.serve)
-        user = f"{parts.username}@" if parts.username else ""
-        dsn = f"postgresql://{user}127.0.0.1:{port}{parts.path}?sslmode=disable"
+    async with _proxied(db_dsn, b"pgqueue.recover_stale", mute_client=True) as (proxy, dsn):
         pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
         try:
             with anyio.fail_after(10):  # unbounded, the call would wait here forever
@@ -459,7 +429,22 @@ async def test_recovery_whose_reply_is_lost_frees_the_leader_lock(
             proxy.drop()
             with anyio.move_on_after(5):
                 await pool.close()
-        proxy_tg.cancel_scope.cancel()
+
+
+@contextlib.asynccontextmanager
+async def _proxied(
+    db_dsn: str, marker: bytes, *, mute_client: bool = False
+) -> AsyncIterator[tuple[SwallowingProxy, str]]:
+    """A :class:`SwallowingProxy` in front of the test server, and a DSN through it."""
+    parts = urlsplit(db_dsn)
+    if parts.hostname is None or parts.hostname.startswith("/") or parts.port is None:
+        pytest.skip("needs a test server reached over TCP (host and port in the DSN)")
+    proxy = SwallowingProxy(parts.hostname, parts.port, marker, mute_client=mute_client)
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(proxy.serve)
+        user = f"{parts.username}@" if parts.username else ""
+        yield proxy, f"postgresql://{user}127.0.0.1:{port}{parts.path}?sslmode=disable"
+        tg.cancel_scope.cancel()
 
 
 # PostgreSQL's untyped first messages that are followed by another untyped one.
