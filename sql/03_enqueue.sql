@@ -298,6 +298,18 @@ BEGIN
         END LOOP;
     END IF;
 
+    -- Scoped jobs behind an older queued or running job of their scope are
+    -- entered blocked, as enqueue() does, under the scopes' shared order locks.
+    -- Not for children: the completion creating them holds its own scopes'
+    -- order locks exclusively, and taking others now, out of key order, could
+    -- deadlock two completions; children enter unblocked (always safe). The
+    -- locks come after the pipeline's and before the dedup keys' and the
+    -- dependencies' (the order every pgqueue transaction takes them in).
+    v_block := p_parent_id IS NULL AND p_specs @? '$[*].scope ? (@ != null)';
+    IF v_block THEN
+        PERFORM pgqueue._share_scope_order(ARRAY(SELECT e.s->'scope' FROM jsonb_array_elements(p_specs) e(s)));
+    END IF;
+
     -- Dedup keys: lock in a fixed order (no deadlock between two batches).
     PERFORM pgqueue._lock_dedup_key(k)
     FROM (SELECT DISTINCT e.s->>'dedup_key' AS k FROM jsonb_array_elements(p_specs) e(s)
@@ -311,16 +323,6 @@ BEGIN
         v_succeeded := pgqueue._lock_dependencies(v_dep_ids, p_label);
     END IF;
     v_has_edges := coalesce(v_has_edges, false) OR p_specs @? '$[*].after[*]';
-
-    -- Scoped jobs behind an older queued or running job of their scope are
-    -- entered blocked, as enqueue() does, under the scopes' shared order locks.
-    -- Not for children: the completion creating them holds its own scopes'
-    -- order locks exclusively, and taking others now, out of key order, could
-    -- deadlock two completions; children enter unblocked (always safe).
-    v_block := p_parent_id IS NULL AND p_specs @? '$[*].scope ? (@ != null)';
-    IF v_block THEN
-        PERFORM pgqueue._share_scope_order(ARRAY(SELECT e.s->'scope' FROM jsonb_array_elements(p_specs) e(s)));
-    END IF;
 
     -- Ids are allocated up front so "after" keys can be resolved to ids.
     SELECT array_agg(nextval('pgqueue.jobs_id_seq')) INTO v_new FROM generate_series(1, v_n);

@@ -82,18 +82,30 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_queues text[];
 BEGIN
-    WITH heads AS (
+    WITH ended AS (
+        SELECT u.scope, min(u.after) AS after FROM unnest(p_scopes, p_after) u(scope, after)
+        WHERE u.scope IS NOT NULL GROUP BY u.scope
+    ), heads AS (
         SELECT h.id, h.queue, h.scope_blocked
-        FROM (SELECT u.scope, min(u.after) AS after FROM unnest(p_scopes, p_after) u(scope, after)
-              WHERE u.scope IS NOT NULL GROUP BY u.scope) s
+        FROM ended s
         CROSS JOIN LATERAL (SELECT q.id, q.queue, q.scope_blocked FROM pgqueue.jobs q
                             WHERE q.scope = s.scope AND q.state = 'queued' AND q.id > s.after
                             ORDER BY q.scope, q.id LIMIT 1) h
     ), unblocked AS (
         UPDATE pgqueue.jobs j SET scope_blocked = false
         FROM heads h WHERE j.id = h.id AND h.scope_blocked
+    ), older AS (
+        -- A queued job older than the one that ended (retried, queued by fan-in,
+        -- or enqueued out of id order while a newer one ran) is never blocked,
+        -- but it became claimable now too: its queue is woken as well.
+        SELECT o.queue
+        FROM ended s
+        CROSS JOIN LATERAL (SELECT q.queue FROM pgqueue.jobs q
+                            WHERE q.scope = s.scope AND q.state = 'queued' AND q.id < s.after
+                            ORDER BY q.scope, q.id LIMIT 1) o
     )
-    SELECT array_agg(DISTINCT h.queue) INTO v_queues FROM heads h;
+    SELECT array_agg(DISTINCT x.queue) INTO v_queues
+    FROM (SELECT h.queue FROM heads h UNION ALL SELECT o.queue FROM older o) x;
     RETURN v_queues;
 END
 $$;

@@ -89,14 +89,19 @@ $$;
 
 -- The scope of a job running under p_worker, with the scope's order lock
 -- taken (before the caller locks the row); NULL for an unscoped or unheld job.
+-- Locks are taken in one order by every pgqueue transaction: pipeline, scope
+-- order, dedup key, rows. The job's pipeline lock (which _fail_attempt takes)
+-- therefore comes first.
 CREATE FUNCTION pgqueue._lock_held_scope(p_job_id bigint, p_worker text) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
     v_scope jsonb;
+    v_pipeline uuid;
 BEGIN
-    SELECT j.scope INTO v_scope FROM pgqueue.jobs j
+    SELECT j.scope, j.pipeline_id INTO v_scope, v_pipeline FROM pgqueue.jobs j
     WHERE j.id = p_job_id AND j.state = 'running' AND j.locked_by = p_worker AND j.scope IS NOT NULL;
     IF v_scope IS NOT NULL THEN
+        PERFORM pgqueue._pipeline_cancelled(v_pipeline);
         PERFORM pgqueue._lock_scope_order(ARRAY[v_scope]);
     END IF;
     RETURN v_scope;
@@ -162,10 +167,18 @@ BEGIN
     END IF;
     -- Scoped jobs in the batch: their scopes' order locks before any row lock
     -- (see _unblock_next). One probe decides that a batch has none.
+    -- (The batch's pipelines first: creating children takes their locks, and
+    -- every pgqueue transaction takes pipeline locks before order locks.)
     IF EXISTS (SELECT 1 FROM pgqueue.jobs j WHERE j.scope IS NOT NULL AND j.state IN ('queued', 'running')) THEN
-        SELECT array_agg(DISTINCT j.scope) INTO v_scopes FROM pgqueue.jobs j
-        WHERE j.id = ANY (p_job_ids) AND j.scope IS NOT NULL AND j.state = 'running' AND j.locked_by = p_worker;
-        PERFORM pgqueue._lock_scope_order(v_scopes);
+        SELECT array_agg(DISTINCT j.scope) FILTER (WHERE j.scope IS NOT NULL),
+               array_agg(DISTINCT j.pipeline_id) FILTER (WHERE j.pipeline_id IS NOT NULL)
+          INTO v_scopes, v_pipelines
+          FROM pgqueue.jobs j
+         WHERE j.id = ANY (p_job_ids) AND j.state = 'running' AND j.locked_by = p_worker;
+        IF v_scopes IS NOT NULL THEN
+            PERFORM pgqueue._pipeline_cancelled(p) FROM unnest(v_pipelines) p ORDER BY p;
+            PERFORM pgqueue._lock_scope_order(v_scopes);
+        END IF;
     END IF;
     WITH input AS (
         SELECT u.id, u.result, u.next_jobs

@@ -15,18 +15,25 @@ BEGIN
         RAISE EXCEPTION 'pgqueue.recover_stale: stale_after must be positive, got %', v_after
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    -- A scoped job's order lock comes before its row lock (as in every
-    -- transition out of running), so candidates are read unlocked, in the
-    -- order _lock_scope_order uses, and each is locked and re-checked.
-    -- SKIP LOCKED: a row locked right now is being completed or failed by its
-    -- worker, which proves the worker is alive; fencing settles the rest.
+    -- A scoped job's pipeline and order locks come before its row lock (as in
+    -- every transition out of running), so candidates are read unlocked and
+    -- each is locked and re-checked. Holding one candidate's locks while taking
+    -- the next's could close a cycle with another transaction, so these are
+    -- try-locks: a candidate whose locks are taken right now (its scope in a
+    -- transition or an enqueue, its pipeline being cancelled) waits for the
+    -- next round. SKIP LOCKED: a row locked right now is being completed or
+    -- failed by its worker, which proves the worker is alive; fencing settles
+    -- the rest.
     FOR c IN
-        SELECT j.id, j.scope FROM pgqueue.jobs j
+        SELECT j.id, j.scope, j.pipeline_id FROM pgqueue.jobs j
         WHERE j.state = 'running' AND j.locked_at < now() - v_after
-        ORDER BY pgqueue._scope_lock_key(j.scope) NULLS FIRST, j.id
+        ORDER BY j.id
     LOOP
         IF c.scope IS NOT NULL THEN
-            PERFORM pgqueue._lock_scope_order(ARRAY[c.scope]);
+            CONTINUE WHEN c.pipeline_id IS NOT NULL AND NOT pg_try_advisory_xact_lock(
+                pgqueue._lock_class('pipeline'), hashtext(c.pipeline_id::text));
+            CONTINUE WHEN NOT pg_try_advisory_xact_lock(
+                pgqueue._lock_class('scope_order'), pgqueue._scope_lock_key(c.scope));
         END IF;
         SELECT j.id, j.locked_by, j.locked_at, j.attempts INTO v FROM pgqueue.jobs j
         WHERE j.id = c.id AND j.state = 'running' AND j.locked_at < now() - v_after
@@ -194,11 +201,13 @@ BEGIN
     INSERT INTO pgqueue.cancelled_pipelines (pipeline_id) VALUES (cancel_pipeline.pipeline_id)
     ON CONFLICT DO NOTHING;
     -- Cancelled queued members may be their scopes' next jobs: order locks
-    -- first, the next ones unblocked after. (A member queued by a completion
-    -- committing meanwhile is locked after its row; that late lock is rare.)
+    -- first (after the pipeline's, as everywhere), the next ones unblocked
+    -- after. Every member that can be cancelled below is unfinished now (no
+    -- member can be created while we hold the pipeline lock), whatever state
+    -- it moves to meanwhile, so its scope is among these.
     v_scopes := ARRAY(SELECT DISTINCT j.scope FROM pgqueue.jobs j
                       WHERE j.pipeline_id = cancel_pipeline.pipeline_id AND j.scope IS NOT NULL
-                        AND j.state IN ('waiting', 'queued'));
+                        AND j.state IN ('waiting', 'queued', 'running'));
     PERFORM pgqueue._lock_scope_order(v_scopes);
     WITH cancelled AS (
         UPDATE pgqueue.jobs j
@@ -211,7 +220,6 @@ BEGIN
       INTO v_ids, v_cancelled_scopes, v_cancelled_scoped
       FROM cancelled c;
     IF v_cancelled_scopes IS NOT NULL THEN
-        PERFORM pgqueue._lock_scope_order(v_cancelled_scopes);
         PERFORM pgqueue._notify(pgqueue._unblock_next(v_cancelled_scopes, v_cancelled_scoped),
                                 pgqueue._setting('notify'));
     END IF;

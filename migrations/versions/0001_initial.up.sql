@@ -550,6 +550,18 @@ BEGIN
         END LOOP;
     END IF;
 
+    -- Scoped jobs behind an older queued or running job of their scope are
+    -- entered blocked, as enqueue() does, under the scopes' shared order locks.
+    -- Not for children: the completion creating them holds its own scopes'
+    -- order locks exclusively, and taking others now, out of key order, could
+    -- deadlock two completions; children enter unblocked (always safe). The
+    -- locks come after the pipeline's and before the dedup keys' and the
+    -- dependencies' (the order every pgqueue transaction takes them in).
+    v_block := p_parent_id IS NULL AND p_specs @? '$[*].scope ? (@ != null)';
+    IF v_block THEN
+        PERFORM pgqueue._share_scope_order(ARRAY(SELECT e.s->'scope' FROM jsonb_array_elements(p_specs) e(s)));
+    END IF;
+
     -- Dedup keys: lock in a fixed order (no deadlock between two batches).
     PERFORM pgqueue._lock_dedup_key(k)
     FROM (SELECT DISTINCT e.s->>'dedup_key' AS k FROM jsonb_array_elements(p_specs) e(s)
@@ -563,16 +575,6 @@ BEGIN
         v_succeeded := pgqueue._lock_dependencies(v_dep_ids, p_label);
     END IF;
     v_has_edges := coalesce(v_has_edges, false) OR p_specs @? '$[*].after[*]';
-
-    -- Scoped jobs behind an older queued or running job of their scope are
-    -- entered blocked, as enqueue() does, under the scopes' shared order locks.
-    -- Not for children: the completion creating them holds its own scopes'
-    -- order locks exclusively, and taking others now, out of key order, could
-    -- deadlock two completions; children enter unblocked (always safe).
-    v_block := p_parent_id IS NULL AND p_specs @? '$[*].scope ? (@ != null)';
-    IF v_block THEN
-        PERFORM pgqueue._share_scope_order(ARRAY(SELECT e.s->'scope' FROM jsonb_array_elements(p_specs) e(s)));
-    END IF;
 
     -- Ids are allocated up front so "after" keys can be resolved to ids.
     SELECT array_agg(nextval('pgqueue.jobs_id_seq')) INTO v_new FROM generate_series(1, v_n);
@@ -979,18 +981,30 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_queues text[];
 BEGIN
-    WITH heads AS (
+    WITH ended AS (
+        SELECT u.scope, min(u.after) AS after FROM unnest(p_scopes, p_after) u(scope, after)
+        WHERE u.scope IS NOT NULL GROUP BY u.scope
+    ), heads AS (
         SELECT h.id, h.queue, h.scope_blocked
-        FROM (SELECT u.scope, min(u.after) AS after FROM unnest(p_scopes, p_after) u(scope, after)
-              WHERE u.scope IS NOT NULL GROUP BY u.scope) s
+        FROM ended s
         CROSS JOIN LATERAL (SELECT q.id, q.queue, q.scope_blocked FROM pgqueue.jobs q
                             WHERE q.scope = s.scope AND q.state = 'queued' AND q.id > s.after
                             ORDER BY q.scope, q.id LIMIT 1) h
     ), unblocked AS (
         UPDATE pgqueue.jobs j SET scope_blocked = false
         FROM heads h WHERE j.id = h.id AND h.scope_blocked
+    ), older AS (
+        -- A queued job older than the one that ended (retried, queued by fan-in,
+        -- or enqueued out of id order while a newer one ran) is never blocked,
+        -- but it became claimable now too: its queue is woken as well.
+        SELECT o.queue
+        FROM ended s
+        CROSS JOIN LATERAL (SELECT q.queue FROM pgqueue.jobs q
+                            WHERE q.scope = s.scope AND q.state = 'queued' AND q.id < s.after
+                            ORDER BY q.scope, q.id LIMIT 1) o
     )
-    SELECT array_agg(DISTINCT h.queue) INTO v_queues FROM heads h;
+    SELECT array_agg(DISTINCT x.queue) INTO v_queues
+    FROM (SELECT h.queue FROM heads h UNION ALL SELECT o.queue FROM older o) x;
     RETURN v_queues;
 END
 $$;
@@ -1248,14 +1262,19 @@ $$;
 
 -- The scope of a job running under p_worker, with the scope's order lock
 -- taken (before the caller locks the row); NULL for an unscoped or unheld job.
+-- Locks are taken in one order by every pgqueue transaction: pipeline, scope
+-- order, dedup key, rows. The job's pipeline lock (which _fail_attempt takes)
+-- therefore comes first.
 CREATE FUNCTION pgqueue._lock_held_scope(p_job_id bigint, p_worker text) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
     v_scope jsonb;
+    v_pipeline uuid;
 BEGIN
-    SELECT j.scope INTO v_scope FROM pgqueue.jobs j
+    SELECT j.scope, j.pipeline_id INTO v_scope, v_pipeline FROM pgqueue.jobs j
     WHERE j.id = p_job_id AND j.state = 'running' AND j.locked_by = p_worker AND j.scope IS NOT NULL;
     IF v_scope IS NOT NULL THEN
+        PERFORM pgqueue._pipeline_cancelled(v_pipeline);
         PERFORM pgqueue._lock_scope_order(ARRAY[v_scope]);
     END IF;
     RETURN v_scope;
@@ -1321,10 +1340,18 @@ BEGIN
     END IF;
     -- Scoped jobs in the batch: their scopes' order locks before any row lock
     -- (see _unblock_next). One probe decides that a batch has none.
+    -- (The batch's pipelines first: creating children takes their locks, and
+    -- every pgqueue transaction takes pipeline locks before order locks.)
     IF EXISTS (SELECT 1 FROM pgqueue.jobs j WHERE j.scope IS NOT NULL AND j.state IN ('queued', 'running')) THEN
-        SELECT array_agg(DISTINCT j.scope) INTO v_scopes FROM pgqueue.jobs j
-        WHERE j.id = ANY (p_job_ids) AND j.scope IS NOT NULL AND j.state = 'running' AND j.locked_by = p_worker;
-        PERFORM pgqueue._lock_scope_order(v_scopes);
+        SELECT array_agg(DISTINCT j.scope) FILTER (WHERE j.scope IS NOT NULL),
+               array_agg(DISTINCT j.pipeline_id) FILTER (WHERE j.pipeline_id IS NOT NULL)
+          INTO v_scopes, v_pipelines
+          FROM pgqueue.jobs j
+         WHERE j.id = ANY (p_job_ids) AND j.state = 'running' AND j.locked_by = p_worker;
+        IF v_scopes IS NOT NULL THEN
+            PERFORM pgqueue._pipeline_cancelled(p) FROM unnest(v_pipelines) p ORDER BY p;
+            PERFORM pgqueue._lock_scope_order(v_scopes);
+        END IF;
     END IF;
     WITH input AS (
         SELECT u.id, u.result, u.next_jobs
@@ -1491,18 +1518,25 @@ BEGIN
         RAISE EXCEPTION 'pgqueue.recover_stale: stale_after must be positive, got %', v_after
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    -- A scoped job's order lock comes before its row lock (as in every
-    -- transition out of running), so candidates are read unlocked, in the
-    -- order _lock_scope_order uses, and each is locked and re-checked.
-    -- SKIP LOCKED: a row locked right now is being completed or failed by its
-    -- worker, which proves the worker is alive; fencing settles the rest.
+    -- A scoped job's pipeline and order locks come before its row lock (as in
+    -- every transition out of running), so candidates are read unlocked and
+    -- each is locked and re-checked. Holding one candidate's locks while taking
+    -- the next's could close a cycle with another transaction, so these are
+    -- try-locks: a candidate whose locks are taken right now (its scope in a
+    -- transition or an enqueue, its pipeline being cancelled) waits for the
+    -- next round. SKIP LOCKED: a row locked right now is being completed or
+    -- failed by its worker, which proves the worker is alive; fencing settles
+    -- the rest.
     FOR c IN
-        SELECT j.id, j.scope FROM pgqueue.jobs j
+        SELECT j.id, j.scope, j.pipeline_id FROM pgqueue.jobs j
         WHERE j.state = 'running' AND j.locked_at < now() - v_after
-        ORDER BY pgqueue._scope_lock_key(j.scope) NULLS FIRST, j.id
+        ORDER BY j.id
     LOOP
         IF c.scope IS NOT NULL THEN
-            PERFORM pgqueue._lock_scope_order(ARRAY[c.scope]);
+            CONTINUE WHEN c.pipeline_id IS NOT NULL AND NOT pg_try_advisory_xact_lock(
+                pgqueue._lock_class('pipeline'), hashtext(c.pipeline_id::text));
+            CONTINUE WHEN NOT pg_try_advisory_xact_lock(
+                pgqueue._lock_class('scope_order'), pgqueue._scope_lock_key(c.scope));
         END IF;
         SELECT j.id, j.locked_by, j.locked_at, j.attempts INTO v FROM pgqueue.jobs j
         WHERE j.id = c.id AND j.state = 'running' AND j.locked_at < now() - v_after
@@ -1670,11 +1704,13 @@ BEGIN
     INSERT INTO pgqueue.cancelled_pipelines (pipeline_id) VALUES (cancel_pipeline.pipeline_id)
     ON CONFLICT DO NOTHING;
     -- Cancelled queued members may be their scopes' next jobs: order locks
-    -- first, the next ones unblocked after. (A member queued by a completion
-    -- committing meanwhile is locked after its row; that late lock is rare.)
+    -- first (after the pipeline's, as everywhere), the next ones unblocked
+    -- after. Every member that can be cancelled below is unfinished now (no
+    -- member can be created while we hold the pipeline lock), whatever state
+    -- it moves to meanwhile, so its scope is among these.
     v_scopes := ARRAY(SELECT DISTINCT j.scope FROM pgqueue.jobs j
                       WHERE j.pipeline_id = cancel_pipeline.pipeline_id AND j.scope IS NOT NULL
-                        AND j.state IN ('waiting', 'queued'));
+                        AND j.state IN ('waiting', 'queued', 'running'));
     PERFORM pgqueue._lock_scope_order(v_scopes);
     WITH cancelled AS (
         UPDATE pgqueue.jobs j
@@ -1687,7 +1723,6 @@ BEGIN
       INTO v_ids, v_cancelled_scopes, v_cancelled_scoped
       FROM cancelled c;
     IF v_cancelled_scopes IS NOT NULL THEN
-        PERFORM pgqueue._lock_scope_order(v_cancelled_scopes);
         PERFORM pgqueue._notify(pgqueue._unblock_next(v_cancelled_scopes, v_cancelled_scoped),
                                 pgqueue._setting('notify'));
     END IF;

@@ -11,6 +11,8 @@ explicit transactions, proving each wait in ``pg_locks``.
 
 from __future__ import annotations
 
+import json
+
 import asyncpg
 import pytest
 from sqlharness import Connect, Session, lock_wait_kind, sessions, wait_blocked
@@ -183,3 +185,60 @@ async def test_a_job_older_than_the_running_one_enters_unblocked(
     assert await _claim(conn) == []  # its scope is busy
     assert await conn.fetchval("SELECT pgqueue.complete($1, 'w')", running + 1000)
     assert await _claim(conn) == [older]
+
+
+async def test_failing_member_and_cancel_pipeline_do_not_deadlock(connect: Connect) -> None:
+    """Every pgqueue transaction takes the pipeline lock before the scope order lock. A
+    scoped member failing (order lock, then its pipeline's lock to see whether it was
+    cancelled) against cancel_pipeline (pipeline lock, then its members' order locks) was a
+    deadlock when the failure took the order lock first."""
+    holder, failer, canceller = await sessions(connect, "holder", "failer", "canceller")
+    observer = await connect()
+    pipeline = "00000000-0000-0000-0000-0000000000aa"
+    ids = await observer.fetch(
+        "SELECT pgqueue.enqueue_many($1::text::jsonb) AS id",
+        json.dumps(
+            [
+                {"job_type": "m", "scope": {"u": 1}, "pipeline_id": pipeline, "max_attempts": 1},
+                {"job_type": "n", "scope": {"u": 1}, "pipeline_id": pipeline},
+            ]
+        ),
+    )
+    member = ids[0]["id"]
+    assert await _claim(observer) == [member]
+    await holder.begin()  # holds the member's row, so the failure waits with its locks taken
+    await holder.fetch("SELECT 1 FROM pgqueue.jobs WHERE id = $1 FOR NO KEY UPDATE", member)
+    fail = failer.start(failer.fetchval("SELECT pgqueue.fail($1, 'w', 'boom')", member))
+    await wait_blocked(observer, failer)
+    cancel = canceller.start(
+        canceller.fetchval("SELECT pgqueue.cancel_pipeline($1::uuid)", pipeline)
+    )
+    await wait_blocked(observer, canceller)
+    await holder.commit()
+    assert await fail in ("cancelled", "failed")
+    assert await cancel == 1  # the second member; no deadlock on either side
+
+
+async def test_enqueue_many_with_a_dependency_and_a_completion_do_not_deadlock(
+    connect: Connect,
+) -> None:
+    """enqueue_many takes the scope order lock before it share-locks its dependencies; a
+    completion takes the order lock before it updates its row. With the dependency locked
+    first, an enqueue_many depending on the completing job deadlocked against it."""
+    holder, completer, producer = await sessions(connect, "holder", "completer", "producer")
+    observer = await connect()
+    dep = await _running(observer)
+    await holder.begin()  # an enqueue in flight into the scope: the completion waits for it
+    await holder.fetchval(ENQUEUE, SCOPE)
+    complete = completer.start(completer.fetchval("SELECT pgqueue.complete($1, 'w')", dep))
+    await wait_blocked(observer, completer)
+    enqueue = producer.start(
+        producer.fetch(
+            "SELECT pgqueue.enqueue_many($1::text::jsonb)",
+            json.dumps([{"job_type": "after", "scope": {"account": 7}, "depends_on": [dep]}]),
+        )
+    )
+    await wait_blocked(observer, producer)
+    await holder.commit()
+    assert await complete
+    assert len(await enqueue) == 1
