@@ -176,7 +176,7 @@ BEGIN
           FROM pgqueue.jobs j
          WHERE j.id = ANY (p_job_ids) AND j.state = 'running' AND j.locked_by = p_worker;
         IF v_scopes IS NOT NULL THEN
-            PERFORM pgqueue._pipeline_cancelled(p) FROM unnest(v_pipelines) p ORDER BY p;
+            PERFORM pgqueue._pipeline_cancelled(x.p) FROM (SELECT p FROM unnest(v_pipelines) p ORDER BY p) x;
             PERFORM pgqueue._lock_scope_order(v_scopes);
         END IF;
     END IF;
