@@ -242,3 +242,30 @@ async def test_enqueue_many_with_a_dependency_and_a_completion_do_not_deadlock(
     await holder.commit()
     assert await complete
     assert len(await enqueue) == 1
+
+
+async def test_requeue_with_a_dedup_key_and_enqueue_many_of_the_key_do_not_deadlock(
+    connect: Connect,
+) -> None:
+    """A requeue takes the scope order lock, then the dedup key's lock (may it keep its
+    key?); enqueue_many took the key's lock before the order lock, and the two deadlocked."""
+    holder, failer, producer = await sessions(connect, "holder", "failer", "producer")
+    observer = await connect()
+    job = await observer.fetchval(
+        "SELECT pgqueue.enqueue('k', scope => $1::text::jsonb, dedup_key => 'sync-1')", SCOPE
+    )
+    assert await _claim(observer) == [job]
+    await holder.begin()  # an enqueue in flight into the scope: the requeue waits for it
+    await holder.fetchval(ENQUEUE, SCOPE)
+    fail = failer.start(failer.fetchval("SELECT pgqueue.fail($1, 'w', 'transient')", job))
+    await wait_blocked(observer, failer)
+    enqueue = producer.start(
+        producer.fetch(
+            "SELECT pgqueue.enqueue_many($1::text::jsonb)",
+            json.dumps([{"job_type": "k", "scope": {"account": 7}, "dedup_key": "sync-1"}]),
+        )
+    )
+    await wait_blocked(observer, producer)
+    await holder.commit()
+    assert await fail == "queued"
+    assert len(await enqueue) == 1
