@@ -55,7 +55,8 @@ $$;
 CREATE FUNCTION pgqueue._share_scope_order(p_scopes jsonb[]) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM pg_advisory_xact_lock_shared(pgqueue._lock_class('scope_order'), k) FROM pgqueue._scope_order_keys(p_scopes) k;
+    PERFORM pg_advisory_xact_lock_shared(pgqueue._lock_class('scope_order'), k)
+    FROM pgqueue._scope_order_keys(p_scopes) k;
 END
 $$;
 
@@ -67,9 +68,9 @@ END
 $$;
 
 -- A job (p_after[i]) of each scope (p_scopes[i]) stopped being active: unblock
--- the scope's first queued job after it, and return the queues of those jobs,
--- blocked or not, for the caller to NOTIFY (the scope is free for its next job
--- now, which is claimable although nothing entered 'queued'). Why "after it"
+-- the scope's first queued job after it, and NOTIFY the queues of those jobs,
+-- blocked or not (the scope is free for its next job now, which is claimable
+-- although nothing entered 'queued'). Why "after it"
 -- suffices: a job is entered blocked only behind an older active job of its
 -- scope, so a blocked job always has an active job with a smaller id; when the
 -- scope's oldest queued job is blocked, that older active job can only be the
@@ -77,7 +78,7 @@ $$;
 -- scope's first id, also skips the index entries every finished job of the
 -- scope left behind. The caller holds the scopes' order locks from before this
 -- statement (_lock_scope_order), so it sees every job entered blocked before.
-CREATE FUNCTION pgqueue._unblock_next(p_scopes jsonb[], p_after bigint[]) RETURNS text[]
+CREATE FUNCTION pgqueue._unblock_next(p_scopes jsonb[], p_after bigint[]) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
     v_queues text[];
@@ -106,7 +107,7 @@ BEGIN
     )
     SELECT array_agg(DISTINCT x.queue) INTO v_queues
     FROM (SELECT h.queue FROM heads h UNION ALL SELECT o.queue FROM older o) x;
-    RETURN v_queues;
+    PERFORM pgqueue._notify(v_queues, pgqueue._setting('notify'));
 END
 $$;
 

@@ -207,7 +207,7 @@ BEGIN
         RETURN '{}';
     END IF;
     IF v_scopes IS NOT NULL THEN
-        PERFORM pgqueue._notify(pgqueue._unblock_next(v_scopes, v_scoped), pgqueue._setting('notify'));
+        PERFORM pgqueue._unblock_next(v_scopes, v_scoped);
     END IF;
     -- Dependents first, children after: a child that depends on a job of this
     -- batch sees it succeeded and never counts it, so it must not be decremented.
@@ -266,7 +266,7 @@ BEGIN
     v_state := pgqueue._fail_attempt(fail.job_id, coalesce(fail.error, '(no error message)'), fail.retry_in);
     -- Requeued, the job is still active and still ahead of the jobs behind it.
     IF v_scope IS NOT NULL AND v_state <> 'queued' THEN
-        PERFORM pgqueue._notify(pgqueue._unblock_next(ARRAY[v_scope], ARRAY[fail.job_id]), pgqueue._setting('notify'));
+        PERFORM pgqueue._unblock_next(ARRAY[v_scope], ARRAY[fail.job_id]);
     END IF;
     RETURN v_state;
 END
@@ -297,8 +297,7 @@ BEGIN
          WHERE j.id = release.job_id;
         PERFORM pgqueue._cancel_dependents(release.job_id, 'was cancelled with its pipeline');
         IF v_scope IS NOT NULL THEN
-            PERFORM pgqueue._notify(pgqueue._unblock_next(ARRAY[v_scope], ARRAY[release.job_id]),
-                                    pgqueue._setting('notify'));
+            PERFORM pgqueue._unblock_next(ARRAY[v_scope], ARRAY[release.job_id]);
         END IF;
         RETURN true;
     END IF;

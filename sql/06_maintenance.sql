@@ -44,7 +44,7 @@ BEGIN
                    v.attempts, v.locked_by, v.locked_at, v_after),
             interval '0');
         IF c.scope IS NOT NULL AND v_state <> 'queued' THEN
-            PERFORM pgqueue._notify(pgqueue._unblock_next(ARRAY[c.scope], ARRAY[c.id]), pgqueue._setting('notify'));
+            PERFORM pgqueue._unblock_next(ARRAY[c.scope], ARRAY[c.id]);
         END IF;
         RETURN NEXT v.id;
     END LOOP;
@@ -76,7 +76,7 @@ BEGIN
     END IF;
     PERFORM pgqueue._cancel_dependents(cancel.job_id, 'was cancelled');
     IF v_scope IS NOT NULL THEN
-        PERFORM pgqueue._notify(pgqueue._unblock_next(ARRAY[v_scope], ARRAY[cancel.job_id]), pgqueue._setting('notify'));
+        PERFORM pgqueue._unblock_next(ARRAY[v_scope], ARRAY[cancel.job_id]);
     END IF;
     RETURN true;
 END
@@ -220,8 +220,7 @@ BEGIN
       INTO v_ids, v_cancelled_scopes, v_cancelled_scoped
       FROM cancelled c;
     IF v_cancelled_scopes IS NOT NULL THEN
-        PERFORM pgqueue._notify(pgqueue._unblock_next(v_cancelled_scopes, v_cancelled_scoped),
-                                pgqueue._setting('notify'));
+        PERFORM pgqueue._unblock_next(v_cancelled_scopes, v_cancelled_scoped);
     END IF;
     -- Jobs outside the pipeline that waited on its members go too.
     FOREACH v_id IN ARRAY coalesce(v_ids, '{}') LOOP

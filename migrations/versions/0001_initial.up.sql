@@ -954,7 +954,8 @@ $$;
 CREATE FUNCTION pgqueue._share_scope_order(p_scopes jsonb[]) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM pg_advisory_xact_lock_shared(pgqueue._lock_class('scope_order'), k) FROM pgqueue._scope_order_keys(p_scopes) k;
+    PERFORM pg_advisory_xact_lock_shared(pgqueue._lock_class('scope_order'), k)
+    FROM pgqueue._scope_order_keys(p_scopes) k;
 END
 $$;
 
@@ -966,9 +967,9 @@ END
 $$;
 
 -- A job (p_after[i]) of each scope (p_scopes[i]) stopped being active: unblock
--- the scope's first queued job after it, and return the queues of those jobs,
--- blocked or not, for the caller to NOTIFY (the scope is free for its next job
--- now, which is claimable although nothing entered 'queued'). Why "after it"
+-- the scope's first queued job after it, and NOTIFY the queues of those jobs,
+-- blocked or not (the scope is free for its next job now, which is claimable
+-- although nothing entered 'queued'). Why "after it"
 -- suffices: a job is entered blocked only behind an older active job of its
 -- scope, so a blocked job always has an active job with a smaller id; when the
 -- scope's oldest queued job is blocked, that older active job can only be the
@@ -976,7 +977,7 @@ $$;
 -- scope's first id, also skips the index entries every finished job of the
 -- scope left behind. The caller holds the scopes' order locks from before this
 -- statement (_lock_scope_order), so it sees every job entered blocked before.
-CREATE FUNCTION pgqueue._unblock_next(p_scopes jsonb[], p_after bigint[]) RETURNS text[]
+CREATE FUNCTION pgqueue._unblock_next(p_scopes jsonb[], p_after bigint[]) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
     v_queues text[];
@@ -1005,7 +1006,7 @@ BEGIN
     )
     SELECT array_agg(DISTINCT x.queue) INTO v_queues
     FROM (SELECT h.queue FROM heads h UNION ALL SELECT o.queue FROM older o) x;
-    RETURN v_queues;
+    PERFORM pgqueue._notify(v_queues, pgqueue._setting('notify'));
 END
 $$;
 
@@ -1380,7 +1381,7 @@ BEGIN
         RETURN '{}';
     END IF;
     IF v_scopes IS NOT NULL THEN
-        PERFORM pgqueue._notify(pgqueue._unblock_next(v_scopes, v_scoped), pgqueue._setting('notify'));
+        PERFORM pgqueue._unblock_next(v_scopes, v_scoped);
     END IF;
     -- Dependents first, children after: a child that depends on a job of this
     -- batch sees it succeeded and never counts it, so it must not be decremented.
@@ -1439,7 +1440,7 @@ BEGIN
     v_state := pgqueue._fail_attempt(fail.job_id, coalesce(fail.error, '(no error message)'), fail.retry_in);
     -- Requeued, the job is still active and still ahead of the jobs behind it.
     IF v_scope IS NOT NULL AND v_state <> 'queued' THEN
-        PERFORM pgqueue._notify(pgqueue._unblock_next(ARRAY[v_scope], ARRAY[fail.job_id]), pgqueue._setting('notify'));
+        PERFORM pgqueue._unblock_next(ARRAY[v_scope], ARRAY[fail.job_id]);
     END IF;
     RETURN v_state;
 END
@@ -1470,8 +1471,7 @@ BEGIN
          WHERE j.id = release.job_id;
         PERFORM pgqueue._cancel_dependents(release.job_id, 'was cancelled with its pipeline');
         IF v_scope IS NOT NULL THEN
-            PERFORM pgqueue._notify(pgqueue._unblock_next(ARRAY[v_scope], ARRAY[release.job_id]),
-                                    pgqueue._setting('notify'));
+            PERFORM pgqueue._unblock_next(ARRAY[v_scope], ARRAY[release.job_id]);
         END IF;
         RETURN true;
     END IF;
@@ -1547,7 +1547,7 @@ BEGIN
                    v.attempts, v.locked_by, v.locked_at, v_after),
             interval '0');
         IF c.scope IS NOT NULL AND v_state <> 'queued' THEN
-            PERFORM pgqueue._notify(pgqueue._unblock_next(ARRAY[c.scope], ARRAY[c.id]), pgqueue._setting('notify'));
+            PERFORM pgqueue._unblock_next(ARRAY[c.scope], ARRAY[c.id]);
         END IF;
         RETURN NEXT v.id;
     END LOOP;
@@ -1579,7 +1579,7 @@ BEGIN
     END IF;
     PERFORM pgqueue._cancel_dependents(cancel.job_id, 'was cancelled');
     IF v_scope IS NOT NULL THEN
-        PERFORM pgqueue._notify(pgqueue._unblock_next(ARRAY[v_scope], ARRAY[cancel.job_id]), pgqueue._setting('notify'));
+        PERFORM pgqueue._unblock_next(ARRAY[v_scope], ARRAY[cancel.job_id]);
     END IF;
     RETURN true;
 END
@@ -1723,8 +1723,7 @@ BEGIN
       INTO v_ids, v_cancelled_scopes, v_cancelled_scoped
       FROM cancelled c;
     IF v_cancelled_scopes IS NOT NULL THEN
-        PERFORM pgqueue._notify(pgqueue._unblock_next(v_cancelled_scopes, v_cancelled_scoped),
-                                pgqueue._setting('notify'));
+        PERFORM pgqueue._unblock_next(v_cancelled_scopes, v_cancelled_scoped);
     END IF;
     -- Jobs outside the pipeline that waited on its members go too.
     FOREACH v_id IN ARRAY coalesce(v_ids, '{}') LOOP

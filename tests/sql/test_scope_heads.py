@@ -16,6 +16,7 @@ import json
 import asyncpg
 import pytest
 from sqlharness import Connect, Session, lock_wait_kind, sessions, wait_blocked
+from test_notify import Listener
 
 SCOPE = '{"account": 7}'
 ENQUEUE = "SELECT pgqueue.enqueue('t', scope => $1::text::jsonb)"
@@ -269,3 +270,44 @@ async def test_requeue_with_a_dedup_key_and_enqueue_many_of_the_key_do_not_deadl
     await holder.commit()
     assert await fail == "queued"
     assert len(await enqueue) == 1
+
+
+async def test_the_end_of_a_scoped_job_wakes_the_queue_of_the_scope_s_next_job(
+    connect: Connect,
+) -> None:
+    """A scope's next job becomes claimable without entering 'queued', so the end of the job
+    ahead must NOTIFY its queue: the job after it (entered blocked), and a queued job older
+    than it (here queued by fan-in while the newer one ran), which is never blocked."""
+    conn = await connect()
+    listen_conn = await connect()
+    listener = Listener(listen_conn)
+    await listen_conn.add_listener("pgqueue", listener)
+    enqueue = "SELECT pgqueue.enqueue($1, queue => $2, scope => $3::text::jsonb)"
+    first = await conn.fetchval(enqueue, "t", "qa", SCOPE)
+    assert await _claim(conn) == [first]
+    after = await conn.fetchval(enqueue, "t", "qb", SCOPE)
+    assert await conn.fetchval(BLOCKED, after)
+    assert sorted(await listener.drain(1)) == ["qa"]  # the blocked one woke nobody
+    assert await conn.fetchval("SELECT pgqueue.complete($1, 'w')", first)
+    assert await listener.drain(1) == ["qb"]
+
+    assert [r["id"] for r in await conn.fetch("SELECT id FROM pgqueue.claim($1, 'w')", after)]
+    assert await conn.fetchval("SELECT pgqueue.complete($1, 'w')", after)
+
+    dep = await conn.fetchval("SELECT pgqueue.enqueue('x', queue => 'qx')")
+    older = await conn.fetchval(
+        "SELECT pgqueue.enqueue('d', queue => 'qd', scope => $1::text::jsonb,"
+        " depends_on => ARRAY[$2::bigint])",
+        SCOPE,
+        dep,
+    )
+    newer = await conn.fetchval(enqueue, "t", "qc", SCOPE)  # not blocked: d is waiting
+    assert not await conn.fetchval(BLOCKED, newer)
+    for job in (newer, dep):
+        assert [r["id"] for r in await conn.fetch("SELECT id FROM pgqueue.claim($1, 'w')", job)]
+    assert await conn.fetchval("SELECT pgqueue.complete($1, 'w')", dep)  # d queued, not free
+    assert await conn.fetch("SELECT id FROM pgqueue.claim_next('w', ARRAY['qd'], 10)") == []
+    await listener.drain()
+    assert await conn.fetchval("SELECT pgqueue.complete($1, 'w')", newer)
+    assert "qd" in await listener.drain(1)
+    assert [r["id"] for r in await conn.fetch("SELECT id FROM pgqueue.claim_next('w')")] == [older]
