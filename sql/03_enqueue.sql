@@ -29,14 +29,17 @@ LANGUAGE sql STABLE AS $$
 SELECT CASE
     WHEN jsonb_typeof(s) IS DISTINCT FROM 'object' THEN
         format('must be a JSON object, got %s', coalesce(jsonb_typeof(s), 'NULL'))
-    -- The common bulk spec (job_type, payload, queue) is settled in a handful of
-    -- operations; every other spec goes through the checks below one by one.
-    WHEN s - ARRAY['job_type', 'payload', 'queue'] = '{}'
+    -- The common bulk spec (job_type, payload, queue; key for a fan-out's
+    -- children) is settled in a handful of operations; every other spec goes
+    -- through the checks below one by one.
+    WHEN s - ARRAY['job_type', 'payload', 'queue', 'key'] = '{}'
          AND jsonb_typeof(s->'job_type') = 'string' AND btrim(s->>'job_type') <> ''
          AND coalesce(jsonb_typeof(s->'payload'), 'null') IN ('object', 'null')
          AND (coalesce(jsonb_typeof(s->'queue'), 'null') = 'null'
               OR (jsonb_typeof(s->'queue') = 'string' AND btrim(s->>'queue') <> ''
-                  AND octet_length(s->>'queue') <= 200)) THEN
+                  AND octet_length(s->>'queue') <= 200))
+         AND (coalesce(jsonb_typeof(s->'key'), 'null') = 'null'
+              OR (jsonb_typeof(s->'key') = 'string' AND s->>'key' <> '')) THEN
         NULL
     -- jsonb minus text[] drops the known keys in C; anything left is unknown.
     WHEN s - pgqueue._spec_keys() <> '{}' THEN
@@ -177,11 +180,15 @@ BEGIN
     END IF;
 
     -- A cycle among "after" lists would leave every job on it waiting forever.
+    -- Every node on a cycle has an after list of its own, so edges into a spec
+    -- without one are left out: a fan-out's join after N children walks nothing.
     WITH RECURSIVE edge(k, dep) AS (
         SELECT e.s->>'key', a.k
         FROM jsonb_array_elements(p_specs) e(s),
              jsonb_array_elements_text(coalesce(nullif(e.s->'after', 'null'), '[]')) a(k)
         WHERE e.s ? 'key'
+          AND a.k IN (SELECT o.s->>'key' FROM jsonb_array_elements(p_specs) o(s)
+                      WHERE jsonb_array_length(coalesce(nullif(o.s->'after', 'null'), '[]')) > 0)
     ), reach(start, node) AS (
         SELECT k, dep FROM edge
         UNION

@@ -51,6 +51,18 @@ CASES = [
         "form a cycle",
     ),
     (
+        'SELECT pgqueue.enqueue(\'t\', next_jobs => \'[{"job_type": "x", "key": "a", "after": ["a"]}]\')',
+        'form a cycle through key "a"',
+    ),
+    (
+        # a three-node cycle whose nodes also wait for a leaf (left out of the walk)
+        'SELECT pgqueue.enqueue(\'t\', next_jobs => \'[{"job_type": "l", "key": "leaf"}, '
+        '{"job_type": "x", "key": "a", "after": ["leaf", "c"]}, '
+        '{"job_type": "y", "key": "b", "after": ["a", "leaf"]}, '
+        '{"job_type": "z", "key": "c", "after": ["b"]}]\')',
+        "form a cycle",
+    ),
+    (
         'SELECT pgqueue.enqueue(\'t\', next_jobs => \'[{"job_type": "x", "run_after": "soon"}]\')',
         "run_after is not a valid timestamp",
     ),

@@ -6,7 +6,8 @@ import asyncio
 import random
 
 import asyncpg
-from sqlharness import Connect, sessions, wait_blocked
+import pytest
+from sqlharness import Connect, Session, lock_wait_kind, sessions, wait_blocked
 
 AUDIT = """
 CREATE TABLE queued_log (job_id bigint, at timestamptz DEFAULT clock_timestamp());
@@ -210,6 +211,63 @@ async def test_dependency_added_while_parent_completes_is_not_missed(connect: Co
     assert (
         await observer.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", child) == "queued"
     )
+
+
+async def _old_succeeded_job(observer: Session) -> int:
+    """A job that succeeded ten days ago: prune(interval '7 days') takes it."""
+    job = int(await observer.fetchval("SELECT pgqueue.enqueue('p')"))
+    await observer.fetch("SELECT id FROM pgqueue.claim($1, 'w')", job)
+    assert await observer.fetchval("SELECT pgqueue.complete($1, 'w')", job)
+    await observer.fetchval(
+        "UPDATE pgqueue.jobs SET finished_at = now() - interval '10 days' WHERE id = $1", job
+    )
+    return job
+
+
+EDGES_TO = "SELECT count(*) FROM pgqueue.job_dependencies WHERE depends_on = $1"
+
+
+async def test_prune_waits_for_an_enqueue_depending_on_the_job_and_takes_its_edge(
+    connect: Connect,
+) -> None:
+    """Edges have no foreign keys, so nothing but enqueue's FOR SHARE keeps a dependency from
+    being pruned under it. Enqueue first: prune must wait for its commit, then delete the
+    job and, through jobs_drop_edges, the edge the enqueue wrote (no edge left dangling)."""
+    observer, a, b = await sessions(connect, "obs", "a", "b")
+    dep = await _old_succeeded_job(observer)
+    await a.begin()
+    child = await a.fetchval("SELECT pgqueue.enqueue('c', depends_on => ARRAY[$1]::bigint[])", dep)
+    prune = b.start(b.fetchval("SELECT pgqueue.prune(interval '7 days')"))
+    await wait_blocked(observer.conn, b)
+    assert await lock_wait_kind(observer.conn, b) in ("transactionid", "tuple")
+    await a.commit()
+    assert await prune == 1
+    assert await observer.fetchval(EDGES_TO, dep) == 0
+    # The dependency had succeeded, so the new job never waited for it.
+    assert (
+        await observer.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", child) == "queued"
+    )
+
+
+async def test_enqueue_depending_on_a_job_being_pruned_waits_and_is_refused(
+    connect: Connect,
+) -> None:
+    """Prune first: the enqueue must wait for its commit, then find the job gone and refuse
+    the unknown id, writing nothing (a foreign key used to give this answer)."""
+    observer, a, b = await sessions(connect, "obs", "a", "b")
+    dep = await _old_succeeded_job(observer)
+    await b.begin()
+    assert await b.fetchval("SELECT pgqueue.prune(interval '7 days')") == 1
+    enqueue = a.start(
+        a.fetchval("SELECT pgqueue.enqueue('c', depends_on => ARRAY[$1]::bigint[])", dep)
+    )
+    await wait_blocked(observer.conn, a)
+    assert await lock_wait_kind(observer.conn, a) in ("transactionid", "tuple")
+    await b.commit()
+    with pytest.raises(asyncpg.ForeignKeyViolationError, match=f"unknown job id {dep}"):
+        await enqueue
+    assert await observer.fetchval("SELECT count(*) FROM pgqueue.jobs") == 0
+    assert await observer.fetchval(EDGES_TO, dep) == 0
 
 
 async def test_sibling_keys_fan_out_then_one_aggregation(connect: Connect) -> None:

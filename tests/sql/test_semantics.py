@@ -123,6 +123,37 @@ async def test_prune_removes_old_final_jobs_but_keeps_scope_current(connect: Con
     assert left == [current, fresh, pending]
 
 
+async def test_deleting_jobs_deletes_their_dependency_edges_at_both_ends(connect: Connect) -> None:
+    """The edges have no foreign keys; the statement trigger jobs_drop_edges does the cascade."""
+    conn = await _conn(connect)
+    specs = [
+        {"job_type": "a", "key": "a"},
+        {"job_type": "b", "key": "b", "after": ["a"]},
+        {"job_type": "c", "key": "c", "after": ["b"]},
+    ]
+    a, b, c = [r[0] for r in await conn.fetch("SELECT pgqueue.enqueue_many($1::jsonb)", specs)]
+    later = await conn.fetchval("SELECT pgqueue.enqueue('d', depends_on => ARRAY[$1::bigint])", a)
+    edges = "SELECT job_id, depends_on FROM pgqueue.job_dependencies ORDER BY 1, 2"
+    assert [tuple(e) for e in await conn.fetch(edges)] == [(b, a), (c, b), (later, a)]
+    for job in (a, b):
+        await _run(conn, job)
+        assert await conn.fetchval("SELECT pgqueue.complete($1, 'w')", job)
+    await conn.execute(
+        "UPDATE pgqueue.jobs SET finished_at = now() - interval '10 days' WHERE id = $1", b
+    )
+    # b is pruned: its edge to a (as job_id) and c's edge to it (as depends_on) go.
+    assert await conn.fetchval("SELECT pgqueue.prune(interval '7 days')") == 1
+    assert [tuple(e) for e in await conn.fetch(edges)] == [(later, a)]
+    # A hand delete cascades the same way.
+    await conn.execute("DELETE FROM pgqueue.jobs WHERE id = $1", a)
+    assert await conn.fetch(edges) == []
+    # TRUNCATE empties the edges: ids restart, and a stale edge would bind the new jobs.
+    await conn.fetch("SELECT pgqueue.enqueue_many($1::jsonb)", specs)
+    assert await conn.fetchval("SELECT count(*) FROM pgqueue.job_dependencies") == 2
+    await conn.execute("TRUNCATE pgqueue.jobs RESTART IDENTITY")
+    assert await conn.fetch(edges) == []
+
+
 async def test_chaining_inherits_pipeline_and_sets_parent(connect: Connect) -> None:
     conn = await _conn(connect)
     pipeline = uuid.uuid4()
