@@ -221,7 +221,10 @@ CREATE FUNCTION pgqueue._drop_edges() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
     IF TG_OP = 'TRUNCATE' THEN
-        TRUNCATE pgqueue.job_dependencies;
+        -- Empty already when the same TRUNCATE named it (and then it may not be truncated again).
+        IF EXISTS (SELECT 1 FROM pgqueue.job_dependencies) THEN
+            TRUNCATE pgqueue.job_dependencies;
+        END IF;
         RETURN NULL;
     END IF;
     DELETE FROM pgqueue.job_dependencies d USING deleted_jobs o WHERE d.job_id = o.id;

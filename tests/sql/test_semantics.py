@@ -152,6 +152,9 @@ async def test_deleting_jobs_deletes_their_dependency_edges_at_both_ends(connect
     assert await conn.fetchval("SELECT count(*) FROM pgqueue.job_dependencies") == 2
     await conn.execute("TRUNCATE pgqueue.jobs RESTART IDENTITY")
     assert await conn.fetch(edges) == []
+    await conn.fetch("SELECT pgqueue.enqueue_many($1::jsonb)", specs)
+    await conn.execute("TRUNCATE pgqueue.jobs, pgqueue.job_dependencies RESTART IDENTITY")
+    assert await conn.fetch(edges) == []
 
 
 async def test_chaining_inherits_pipeline_and_sets_parent(connect: Connect) -> None:
