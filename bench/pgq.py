@@ -48,8 +48,10 @@ class Workers:
         procs: int = 1,
         env: dict[str, str] | None = None,
         lean: bool = False,
+        args: tuple[str, ...] = (),
     ):
         self.dsn = dsn
+        self.args = args  # more `pgqueue worker` options
         self.concurrency = concurrency
         self.procs = procs
         self.env = env or {}
@@ -63,7 +65,7 @@ class Workers:
             args = ["-m", "bench.lean_worker", self.dsn, str(self.concurrency)]
         else:
             args = ["-m", "pgqueue.cli", "worker", "bench.apps:app"]
-            args += ["--concurrency", str(self.concurrency), "--grace", "5"]
+            args += ["--concurrency", str(self.concurrency), "--grace", "5", *self.args]
         for i in range(self.procs):
             self.running.append(spawn_python(args, self.logdir / f"worker-{i}.log", env))
         conn = await asyncpg.connect(self.dsn)
@@ -133,6 +135,7 @@ async def drain(
     procs: int = 1,
     scopes: int | None = None,
     lean: bool = False,
+    args: tuple[str, ...] = (),
 ) -> dict[str, float]:
     """Start the worker(s) idle, enqueue n no-op jobs in one call, time until all succeeded."""
     conn = await asyncpg.connect(dsn)
@@ -145,7 +148,7 @@ async def drain(
         else:
             specs = [{"job_type": "noop"}] * n
         payload = json.dumps(specs)
-        async with Workers(dsn, concurrency, procs, lean=lean) as workers:
+        async with Workers(dsn, concurrency, procs, lean=lean, args=args) as workers:
             meter = CpuMeter(conn, pids=workers.pids)
             # Fresh statistics, as for the raw table (ANALYZE after its COPY): ANALYZE inside
             # the enqueue transaction counts its own uncommitted rows. Committed on return.
@@ -383,7 +386,9 @@ def os_pid() -> int:
 # --------------------------------------------------------------------------- profiling
 
 
-async def profile_worker(dsn: str, n: int, concurrency: int, out: Path) -> Path | None:
+async def profile_worker(
+    dsn: str, n: int, concurrency: int, out: Path, args: tuple[str, ...] = ()
+) -> Path | None:
     """One extra drain with py-spy sampling the worker; writes ``out``.txt (collapsed stacks)
     and ``out``-summary.txt (self and inclusive time per frame, socket writes and idle
     epoll waits listed apart, since they are mostly time spent descheduled, not CPU)."""
@@ -393,7 +398,7 @@ async def profile_worker(dsn: str, n: int, concurrency: int, out: Path) -> Path 
     raw_path = out.with_suffix(".txt")
     try:
         await reset(conn)
-        async with Workers(dsn, concurrency) as workers:
+        async with Workers(dsn, concurrency, args=args) as workers:
             spy = subprocess.Popen(  # noqa: ASYNC220 - must run alongside the drain
                 [
                     "py-spy",

@@ -194,6 +194,11 @@ async def section_enqueue(cfg: dict[str, Any], dsn: str, peers: dict[str, Any]) 
     return {k: summary(v) for k, v in out.items()}
 
 
+# `pgqueue worker` configured like the peers, which log nothing per job: failures, lost
+# leases and faults are still logged, successes are not.
+QUIET_WORKER = ("--log-level", "warning")
+
+
 async def section_drain(cfg: dict[str, Any], dsn: str, peers: dict[str, Any]) -> dict[str, Any]:
     reps, n = cfg["reps"], cfg["drain_n"]
     out: dict[str, Any] = {}
@@ -219,6 +224,10 @@ async def section_drain(cfg: dict[str, Any], dsn: str, peers: dict[str, Any]) ->
         jobs = cfg["drain_n_c1"] if conc == 1 else n
         log(f"drain: pgqueue worker --concurrency {conc} ({jobs} jobs)")
         out[f"pgqueue_c{conc}"] = await repeat(reps, lambda c=conc, j=jobs: pgq.drain(dsn, j, c))
+    log("drain: pgqueue worker --concurrency 200 --log-level warning (no line per success)")
+    out["pgqueue_c200_quiet"] = await repeat(
+        reps, lambda: pgq.drain(dsn, n, 200, args=QUIET_WORKER)
+    )
     log("drain: minimal asyncpg worker on pgqueue's SQL (bench.lean_worker), concurrency 50")
     out["lean_c50"] = await repeat(reps, lambda: pgq.drain(dsn, n, 50, lean=True))
     log("drain: two pgqueue worker processes --concurrency 50")

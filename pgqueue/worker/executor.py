@@ -13,10 +13,10 @@ claiming until the flusher catches up.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import traceback
-from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,12 +71,13 @@ class Executor:
         # Plain-def handlers need their own limiter: anyio's default thread pool has 40
         # tokens, which would silently cap a larger --concurrency.
         self._threads = anyio.CapacityLimiter(concurrency)
-        # Claimed jobs no runner has taken yet. Runners with nothing to do wait on
-        # `_queued`, one event for all of them: set when jobs arrive, replaced by the first
-        # runner that finds the queue empty again. A job leaves the queue only in a runner
-        # that is running (never in one being cancelled), so none is lost at shutdown.
-        self._queue: deque[Job] = deque()
-        self._queued = anyio.Event()
+        # Claimed jobs no runner has taken yet. An asyncio queue, not anyio's primitives:
+        # each job wakes exactly one waiting runner, for the price of one future (an anyio
+        # Event is several times dearer to create and wait on, and one per batch woke every
+        # idle runner). asyncpg ties the worker to asyncio anyway. A job leaves the queue
+        # only in a runner that is running: a runner cancelled after its wake-up leaves the
+        # job and passes the wake-up on, so none is lost at shutdown.
+        self._queue: asyncio.Queue[Job] = asyncio.Queue()
         completer.attach(self._recorded, self._refused)
 
     @property
@@ -94,13 +95,12 @@ class Executor:
         """Take one slot for ``job`` and hand it to a runner."""
         self.running[job.id] = job
         self.held.add(job.id)
-        self._queue.append(job)
-        self._queued.set()
+        self._queue.put_nowait(job)
 
     async def release_unstarted(self) -> None:
         """After the runners are gone: release the jobs still queued for them."""
-        while self._queue:
-            job = self._queue.popleft()
+        while not self._queue.empty():
+            job = self._queue.get_nowait()
             try:
                 released = await self.completer.release(job)
                 self._log(job, _released(released), 0.0)
@@ -132,13 +132,9 @@ class Executor:
             self.wake.set()
 
     async def _runner(self) -> None:
-        queue = self._queue
+        get = self._queue.get
         while True:
-            while not queue:
-                if self._queued.is_set():
-                    self._queued = anyio.Event()
-                await self._queued.wait()
-            await self._run(queue.popleft())
+            await self._run(await get())
 
     async def _run(self, job: Job) -> None:
         started = time.monotonic()

@@ -110,6 +110,22 @@ async def test_sigterm_when_idle_exits_at_once_json_logs(
     assert outcome["duration_ms"] >= 0
 
 
+async def test_log_level_warning_drops_success_lines_and_keeps_failures(
+    db: asyncpg.Connection, spawn_worker: SpawnWorker
+) -> None:
+    worker = spawn_worker("--log-level", "warning")  # no "listening" line to wait for:
+    ok = await app.enqueue(db, "work")  # its first sweep finds the jobs
+    bad = await app.enqueue(db, "no_such_type", max_attempts=1)
+    await wait_for_states(db, [ok])
+    await wait_for_states(db, [bad], "failed")
+    worker.signal(signal.SIGTERM)
+    assert await worker.wait_exit(within=5) == 0
+    assert not [line for line in worker.lines if f"job {ok} " in line]
+    assert [
+        line for line in worker.lines if f"job {bad} no_such_type" in line and "WARNING" in line
+    ]
+
+
 async def test_second_sigterm_skips_the_grace_period(
     db: asyncpg.Connection, spawn_worker: SpawnWorker
 ) -> None:
