@@ -51,3 +51,34 @@ async def test_plan_of_the_pick_uses_partial_index(connect: Connect) -> None:
     text = json.dumps(plan)
     assert '"Index Name": "jobs_ready"' in text
     assert "Seq Scan" not in text
+
+
+PKEY_BLOCKS = """
+SELECT idx_blks_hit + idx_blks_read FROM pg_statio_user_indexes
+WHERE indexrelid = 'pgqueue.jobs_pkey'::regclass
+"""
+
+
+async def test_claim_next_updates_its_rows_by_primary_key_lookup(connect: Connect) -> None:
+    """claim_next runs generic plans (planned once per session). A generic plan estimates a
+    LIMIT $n at a tenth of the table, and a claim written as a join of the picked rows to
+    the table was then planned as a merge join walking the whole primary key: each claim
+    read it end to end. The claim must look its rows up by id."""
+    worker, observer = await connect(), await connect()
+    # Many queued jobs (unscoped: the one-statement path), after 100,000 finished ones in id
+    # order: the shape of a busy queue that the bad plan read the primary key through.
+    await worker.execute(
+        SEED.replace("CASE WHEN g % 2 = 0 THEN jsonb_build_object('k', g % 5) END", "NULL").replace(
+            "generate_series(1, 50)", "generate_series(1, 20000)"
+        )
+    )
+    for _ in range(6):  # past the plan cache's first custom plans, whatever the mode
+        assert len(await worker.fetch("SELECT id FROM pgqueue.claim_next('w', NULL, 1)")) == 1
+    await worker.execute("SELECT pg_stat_force_next_flush()")
+    before = await observer.fetchval(PKEY_BLOCKS)
+    for _ in range(10):
+        assert len(await worker.fetch("SELECT id FROM pgqueue.claim_next('w', NULL, 1)")) == 1
+    await worker.execute("SELECT pg_stat_force_next_flush()")
+    await observer.execute("SELECT pg_stat_clear_snapshot()")
+    per_claim = (await observer.fetchval(PKEY_BLOCKS) - before) / 10
+    assert per_claim < 10, f"each claim read {per_claim:.0f} blocks of jobs_pkey"
