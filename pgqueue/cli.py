@@ -223,7 +223,7 @@ def migrate(opts: DsnOption) -> None:
     default="info",
     show_default=True,
     help="info logs a line per job outcome; warning keeps only failures, lost leases and"
-    " faults (a busy worker spends about a fifth of its CPU on the per-job lines).",
+    " faults (a busy worker spends about a third of its CPU on the per-job lines).",
 )
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging (same as --log-level debug).")
 @pass_dsn

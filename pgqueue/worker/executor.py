@@ -73,8 +73,8 @@ class Executor:
         self._threads = anyio.CapacityLimiter(concurrency)
         # Claimed jobs no runner has taken yet. An asyncio queue, not anyio's primitives:
         # each job wakes exactly one waiting runner, for the price of one future (an anyio
-        # Event is several times dearer to create and wait on, and one per batch woke every
-        # idle runner). asyncpg ties the worker to asyncio anyway. A job leaves the queue
+        # Event is several times dearer to create and to wait on, and runners wait once per
+        # job). asyncpg ties the worker to asyncio anyway. A job leaves the queue
         # only in a runner that is running: a runner cancelled after its wake-up leaves the
         # job and passes the wake-up on, so none is lost at shutdown.
         self._queue: asyncio.Queue[Job] = asyncio.Queue()
