@@ -14,12 +14,14 @@ import signal
 import socket
 import time
 from collections.abc import Iterable
+from datetime import timedelta
 
 import anyio
 import asyncpg
 
 from pgqueue.app import App
 from pgqueue.dsn import create_pool
+from pgqueue.worker import bounded
 from pgqueue.worker.completer import Completer
 from pgqueue.worker.executor import Executor
 from pgqueue.worker.heartbeat import heartbeat_loop, heartbeat_period, read_stale_after
@@ -30,6 +32,10 @@ from pgqueue.worker.wake import Wake
 
 # After the grace period, outcome writes get this long to land before the process exits.
 FINAL_WRITE_WINDOW = 10.0
+# Bound on the schema check and settings read at start: a connection that goes half-open
+# then would otherwise hold the worker, before it claims anything, until the kernel gives
+# up on the socket. Past it the worker stops with "no answer from the database".
+STARTUP_TIMEOUT = 30.0
 
 
 def make_worker_id() -> str:
@@ -101,9 +107,11 @@ class Worker:
     async def _run(self, pool: asyncpg.Pool) -> None:
         from pgqueue.migrate import check_schema  # the infra module; refuses old schemas
 
-        async with pool.acquire() as conn:
+        async def startup_reads(conn: asyncpg.Connection) -> timedelta:
             await check_schema(conn)
-            stale_after = await read_stale_after(conn)
+            return await read_stale_after(conn)
+
+        stale_after = await bounded.call(pool, STARTUP_TIMEOUT, startup_reads)
         period = heartbeat_period(stale_after)
         completer = Completer(pool, self.id, self.logger)
         executor = Executor(self.app, completer, self.concurrency, self.logger, self._wake)

@@ -28,6 +28,7 @@ from worker_harness import wait_for_states, wait_until
 
 import pgqueue
 from pgqueue.worker import bounded, completer, leader, producer
+from pgqueue.worker import worker as worker_module
 
 _BLOCKED_WRITES = """
 SELECT pid FROM pg_stat_activity
@@ -429,6 +430,28 @@ async def test_recovery_whose_reply_is_lost_frees_the_leader_lock(
             proxy.drop()
             with anyio.move_on_after(5):
                 await pool.close()
+
+
+async def test_schema_check_whose_reply_is_lost_stops_the_worker(
+    db_dsn: str, monkeypatch: pytest.MonkeyPatch, records: tuple[logging.Logger, Records]
+) -> None:
+    """A connection that goes half-open during the start-up schema check must not hold the
+    worker forever before it claims anything: the check is cut off and the worker stops
+    with a timeout, which the CLI reports as "cannot connect to PostgreSQL"."""
+    monkeypatch.setattr(worker_module, "STARTUP_TIMEOUT", 1.0)
+    monkeypatch.setattr(bounded, "CANCEL_WAIT", 0.2)
+    logger, _ = records
+    async with _proxied(db_dsn, b"pgqueue.alembic_version") as (proxy, dsn):
+        worker = pgqueue.Worker(
+            pgqueue.App(), dsn, concurrency=1, handle_signals=False, logger=logger
+        )
+        try:
+            with anyio.fail_after(15):  # unbounded, the worker would wait here forever
+                with pytest.raises(TimeoutError, match="no answer from the database"):
+                    await worker.run()
+            assert proxy.swallowed.is_set()
+        finally:
+            proxy.drop()
 
 
 @contextlib.asynccontextmanager
