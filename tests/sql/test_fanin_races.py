@@ -270,6 +270,27 @@ async def test_enqueue_depending_on_a_job_being_pruned_waits_and_is_refused(
     assert await observer.fetchval(EDGES_TO, dep) == 0
 
 
+async def test_truncate_under_repeatable_read_empties_edges_committed_after_its_snapshot(
+    connect: Connect,
+) -> None:
+    """TRUNCATE ignores snapshots, so the trigger emptying the edges must too: a check of
+    "are there edges?" read the REPEATABLE READ snapshot, missed edges committed since,
+    and left them to bind the jobs that reuse the restarted ids."""
+    observer, a, t = await sessions(connect, "obs", "a", "t")
+    await t.conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+    assert await t.fetchval("SELECT count(*) FROM pgqueue.job_dependencies") == 0  # snapshot
+    specs = [{"job_type": "a", "key": "a"}, {"job_type": "b", "key": "b", "after": ["a"]}]
+    await a.fetch("SELECT pgqueue.enqueue_many($1::jsonb)", specs)  # committed after it
+    await t.conn.execute("TRUNCATE pgqueue.jobs RESTART IDENTITY")
+    await t.commit()
+    assert await observer.fetchval("SELECT count(*) FROM pgqueue.job_dependencies") == 0
+    ids = [r[0] for r in await a.fetch("SELECT pgqueue.enqueue_many($1::jsonb)", specs)]
+    assert await observer.fetchval("SELECT count(*) FROM pgqueue.job_dependencies") == 1
+    assert (
+        await observer.fetchval("SELECT pending_deps FROM pgqueue.jobs WHERE id = $1", ids[1]) == 1
+    )
+
+
 async def test_sibling_keys_fan_out_then_one_aggregation(connect: Connect) -> None:
     (observer,) = await sessions(connect, "obs")
     specs = [{"job_type": "recalc", "key": f"r{i}", "payload": {"i": i}} for i in range(5)]
