@@ -124,36 +124,31 @@ async def test_success_behind_a_row_lock_is_retried_not_failed(
     job = await app.enqueue(conn, "ok", {"n": 7})
     locker = await connect()
     locker_pid = await locker.fetchval("SELECT pg_backend_pid()")
-    worker = pgqueue.Worker(app, db_dsn, concurrency=1, handle_signals=False, logger=logger)
 
     async def blocked() -> list[int]:
         return [r["pid"] for r in await conn.fetch(_BLOCKED_WRITES, locker_pid)]
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(worker.run)
-        try:
-            await wait_for_states(conn, [job], "running")
-            async with locker.transaction():
-                await locker.execute("SELECT FROM pgqueue.jobs WHERE id = $1 FOR UPDATE", job)
-                release.set()
-                first = (await wait_until(blocked, what="the success write waiting on the lock"))[0]
+    async with _worker_running(app, db_dsn, logger):
+        await wait_for_states(conn, [job], "running")
+        async with locker.transaction():
+            await locker.execute("SELECT FROM pgqueue.jobs WHERE id = $1 FOR UPDATE", job)
+            release.set()
+            first = (await wait_until(blocked, what="the success write waiting on the lock"))[0]
 
-                async def retried_elsewhere() -> bool:
-                    gone = not await conn.fetchval(
-                        "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE pid = $1)", first
-                    )
-                    waiting = await blocked()
-                    return gone and bool(waiting) and first not in waiting
-
-                await wait_until(
-                    retried_elsewhere,
-                    within=10,
-                    what=f"backend {first} cancelled and the write retried on another connection",
+            async def retried_elsewhere() -> bool:
+                gone = not await conn.fetchval(
+                    "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE pid = $1)", first
                 )
-            await wait_for_states(conn, [job], "succeeded")
-            await wait_until(functools.partial(log.outcome_logged, job), what="the outcome line")
-        finally:
-            worker.stop()
+                waiting = await blocked()
+                return gone and bool(waiting) and first not in waiting
+
+            await wait_until(
+                retried_elsewhere,
+                within=10,
+                what=f"backend {first} cancelled and the write retried on another connection",
+            )
+        await wait_for_states(conn, [job], "succeeded")
+        await wait_until(functools.partial(log.outcome_logged, job), what="the outcome line")
     await _assert_succeeded_once(conn, job, log)
     assert log.count(f"recording the success of job {job} (TimeoutError") == 1, log.text()
 
@@ -173,24 +168,19 @@ async def test_lock_timeout_on_a_success_is_retried_not_a_refusal(
     app, release = _gated_app()
     job = await app.enqueue(conn, "ok", {"n": 7})
     locker = await connect()
-    worker = pgqueue.Worker(app, db_dsn, concurrency=1, handle_signals=False, logger=logger)
     interrupted = (
         f"statement interrupted while recording the success of job {job} (LockNotAvailable"
     )
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(worker.run)
-        try:
-            await wait_for_states(conn, [job], "running")
-            async with locker.transaction():
-                await locker.execute("SELECT FROM pgqueue.jobs WHERE id = $1 FOR UPDATE", job)
-                release.set()
-                await wait_until(
-                    functools.partial(log.logged, interrupted), what="a lock timeout", within=10
-                )
-            await wait_for_states(conn, [job], "succeeded")
-            await wait_until(functools.partial(log.outcome_logged, job), what="the outcome line")
-        finally:
-            worker.stop()
+    async with _worker_running(app, db_dsn, logger):
+        await wait_for_states(conn, [job], "running")
+        async with locker.transaction():
+            await locker.execute("SELECT FROM pgqueue.jobs WHERE id = $1 FOR UPDATE", job)
+            release.set()
+            await wait_until(
+                functools.partial(log.logged, interrupted), what="a lock timeout", within=10
+            )
+        await wait_for_states(conn, [job], "succeeded")
+        await wait_until(functools.partial(log.outcome_logged, job), what="the outcome line")
     await _assert_succeeded_once(conn, job, log)
 
 
@@ -235,26 +225,15 @@ async def test_batch_cut_short_is_written_job_by_job(
     free_job = await app.enqueue(conn, "free")
     locked_job = await app.enqueue(conn, "locked")
     locker = await connect()
-    worker = pgqueue.Worker(app, db_dsn, concurrency=2, handle_signals=False, logger=logger)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(worker.run)
-        try:
-            await wait_for_states(conn, [free_job, locked_job], "running")
-            async with locker.transaction():
-                await locker.execute(
-                    "SELECT FROM pgqueue.jobs WHERE id = $1 FOR UPDATE", locked_job
-                )
-                release.set()
-                await wait_for_states(conn, [free_job], "succeeded", within=10)
-                assert log.count(f"the successes of 2 jobs ({free_job}, ... {locked_job})"), (
-                    log.text()
-                )
-            await wait_for_states(conn, [locked_job], "succeeded")
-            await wait_until(
-                functools.partial(log.outcome_logged, locked_job), what="the outcome line"
-            )
-        finally:
-            worker.stop()
+    async with _worker_running(app, db_dsn, logger, concurrency=2):
+        await wait_for_states(conn, [free_job, locked_job], "running")
+        async with locker.transaction():
+            await locker.execute("SELECT FROM pgqueue.jobs WHERE id = $1 FOR UPDATE", locked_job)
+            release.set()
+            await wait_for_states(conn, [free_job], "succeeded", within=10)
+            assert log.count(f"the successes of 2 jobs ({free_job}, ... {locked_job})"), log.text()
+        await wait_for_states(conn, [locked_job], "succeeded")
+        await wait_until(functools.partial(log.outcome_logged, locked_job), what="the outcome line")
     assert log.outcomes(free_job) == ["succeeded"], log.text()
     assert log.outcomes(locked_job) == ["succeeded"], log.text()
     rows = await conn.fetch("SELECT id, attempts, result FROM pgqueue.jobs ORDER BY id")
@@ -331,31 +310,22 @@ async def test_heartbeat_whose_reply_is_lost_keeps_beating(
     app, release = _gated_app()
     job = await app.enqueue(conn, "ok", {"n": 7})
     async with _proxied(db_dsn, b"pgqueue.heartbeat") as (proxy, dsn):
-        worker = pgqueue.Worker(app, dsn, concurrency=1, handle_signals=False, logger=logger)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(worker.run)
-            try:
-                await wait_for_states(conn, [job], "running")
-                await wait_until(proxy.reply_lost, what="a heartbeat whose reply is lost")
-                lost_at = await conn.fetchval(
-                    "SELECT locked_at FROM pgqueue.jobs WHERE id = $1", job
-                )
+        async with _worker_running(app, dsn, logger):
+            await wait_for_states(conn, [job], "running")
+            await wait_until(proxy.reply_lost, what="a heartbeat whose reply is lost")
+            lost_at = await conn.fetchval("SELECT locked_at FROM pgqueue.jobs WHERE id = $1", job)
 
-                async def beaten_since() -> bool:
-                    return bool(
-                        await conn.fetchval(
-                            "SELECT locked_at > $2 FROM pgqueue.jobs WHERE id = $1", job, lost_at
-                        )
+            async def beaten_since() -> bool:
+                return bool(
+                    await conn.fetchval(
+                        "SELECT locked_at > $2 FROM pgqueue.jobs WHERE id = $1", job, lost_at
                     )
-
-                await wait_until(beaten_since, within=10, what="a heartbeat after the lost one")
-                release.set()
-                await wait_for_states(conn, [job], "succeeded")
-                await wait_until(
-                    functools.partial(log.outcome_logged, job), what="the outcome line"
                 )
-            finally:
-                worker.stop()
+
+            await wait_until(beaten_since, within=10, what="a heartbeat after the lost one")
+            release.set()
+            await wait_for_states(conn, [job], "succeeded")
+            await wait_until(functools.partial(log.outcome_logged, job), what="the outcome line")
     await _assert_succeeded_once(conn, job, log)  # never recovered as stale
     assert log.count("heartbeat: database unavailable while refreshing leases (TimeoutError") == 1
 
@@ -379,18 +349,11 @@ async def test_jobs_of_a_claim_whose_reply_is_lost_are_given_back(
     release.set()
     job = await app.enqueue(conn, "ok", {"n": 7})
     async with _proxied(db_dsn, b"pgqueue.claim_next") as (proxy, dsn):
-        worker = pgqueue.Worker(app, dsn, concurrency=1, handle_signals=False, logger=logger)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(worker.run)
-            try:
-                await wait_until(proxy.reply_lost, what="a claim whose reply is lost")
-                assert ("C", b"SELECT 1\0") in proxy.lost, proxy.lost  # it claimed our job
-                await wait_for_states(conn, [job], "succeeded", within=15)
-                await wait_until(
-                    functools.partial(log.outcome_logged, job), what="the outcome line"
-                )
-            finally:
-                worker.stop()
+        async with _worker_running(app, dsn, logger):
+            await wait_until(proxy.reply_lost, what="a claim whose reply is lost")
+            assert ("C", b"SELECT 1\0") in proxy.lost, proxy.lost  # it claimed our job
+            await wait_for_states(conn, [job], "succeeded", within=15)
+            await wait_until(functools.partial(log.outcome_logged, job), what="the outcome line")
     await _assert_succeeded_once(conn, job, log)
     assert log.count(f"job {job}: claimed by a claim whose reply was lost; released") == 1, (
         log.text()
@@ -452,6 +415,20 @@ async def test_schema_check_whose_reply_is_lost_stops_the_worker(
             assert proxy.swallowed.is_set()
         finally:
             proxy.drop()
+
+
+@contextlib.asynccontextmanager
+async def _worker_running(
+    app: pgqueue.App, dsn: str, logger: logging.Logger, concurrency: int = 1
+) -> AsyncIterator[None]:
+    """A worker for ``app`` running in the background, asked to stop on the way out."""
+    worker = pgqueue.Worker(app, dsn, concurrency=concurrency, handle_signals=False, logger=logger)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        try:
+            yield
+        finally:
+            worker.stop()
 
 
 @contextlib.asynccontextmanager
