@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, make_dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +57,24 @@ class Job:
             progress=_json(row.get("progress")),
             created_at=row.get("created_at"),
         )
+
+
+# A claimed row becomes a Job on the worker's hot path (a claim returns up to hundreds). The
+# frozen ``__init__`` sets each field through ``object.__setattr__``, 3-4 µs per Job, the
+# largest per-job cost left in the worker. ``_ClaimedRow`` has Job's fields and slot layout
+# but a plain ``__init__``; an instance is built there and then becomes a Job by
+# ``__class__`` assignment, which CPython allows between classes of identical layout. The
+# result is an ordinary, frozen Job (0.5-0.9 µs); tests/runtime/test_job_from_row.py
+# checks it equals ``Job.from_record(row)``.
+_ClaimedRow = make_dataclass("_ClaimedRow", [(f.name, f.type) for f in fields(Job)], slots=True)
+
+
+def job_from_row(row: Sequence[Any]) -> Job:
+    """A Job from a row whose values are in field order (``pgqueue.worker``'s claim selects
+    them so, with JSON already decoded): the same object as ``Job(*row)``, built faster."""
+    job: Any = _ClaimedRow(*row)
+    job.__class__ = Job
+    return cast(Job, job)
 
 
 def _json(value: Any) -> Any:

@@ -16,7 +16,7 @@ from dataclasses import fields
 import anyio
 import asyncpg
 
-from pgqueue.job import Job
+from pgqueue.job import Job, job_from_row
 from pgqueue.worker import bounded
 from pgqueue.worker.executor import Executor
 from pgqueue.worker.retry import Backoff, Outage
@@ -159,7 +159,7 @@ class Producer:
             return None
         self._outage.ok()
         self._backoff.reset()
-        return [Job(*row) for row in rows]
+        return [job_from_row(row) for row in rows]
 
     async def _release_lost_claims(self, conn: asyncpg.pool.PoolConnectionProxy) -> None:
         """Give back the jobs of a claim whose reply never arrived.
