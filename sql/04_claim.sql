@@ -111,16 +111,6 @@ BEGIN
 END
 $$;
 
--- Enqueue's test: is an active (queued or running) job of the scope older than
--- p_job_id? Read backwards from p_job_id, where the scope's live jobs are,
--- not forwards over the entries its finished jobs left.
-CREATE FUNCTION pgqueue._behind_older(p_scope jsonb, p_job_id bigint) RETURNS boolean
-LANGUAGE sql STABLE AS $$
-    SELECT EXISTS (SELECT 1 FROM (SELECT o.id FROM pgqueue.jobs o
-                                  WHERE o.scope = p_scope AND o.state IN ('queued', 'running') AND o.id < p_job_id
-                                  ORDER BY o.scope DESC, o.id DESC LIMIT 1) x)
-$$;
-
 CREATE FUNCTION pgqueue.claim(job_id bigint, worker text) RETURNS SETOF pgqueue.jobs
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
