@@ -412,6 +412,7 @@ def write_report(path: Path) -> None:
         f"- load average at start {', '.join(f'{x:.2f}' for x in env['loadavg_at_start'])}, "
         f"at end {', '.join(f'{x:.2f}' for x in meta.get('loadavg_at_end', []))} "
         "(other work on the machine shows up here)",
+        *_speed_line(env, meta),
         "- PostgreSQL settings: " + ", ".join(f"`{k}={v}`" for k, v in env["pg_settings"].items()),
         "",
         "## Targets",
@@ -651,3 +652,15 @@ def _mb(v: Any) -> str:
 
 if __name__ == "__main__":
     write_report(Path(sys.argv[1]).resolve())
+
+
+def _speed_line(env: dict[str, Any], meta: dict[str, Any]) -> list[str]:
+    """The machine-speed probe, in runs that recorded it."""
+    if "speed_probe_ms_at_start" not in env:
+        return []
+    end = meta.get("speed_probe_ms_at_end")
+    return [
+        f"- speed probe (a fixed pure-Python loop, best of 5): {env['speed_probe_ms_at_start']} ms "
+        f"at start, {end} ms at end. Ratios cancel the machine's speed; the absolute CPU figures "
+        "(the worker-CPU target's ms per 1,000 jobs) scale with this probe"
+    ]

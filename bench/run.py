@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import datetime
 import json
+import math
 import os
 import platform
 import subprocess
@@ -138,7 +139,22 @@ def _machine() -> dict[str, Any]:
         "procrastinate": available("procrastinate"),
         "git_commit": commit + (" + uncommitted changes" if dirty else ""),
         "loadavg_at_start": os.getloadavg(),
+        "speed_probe_ms_at_start": speed_probe_ms(),
     }
+
+
+def speed_probe_ms() -> float:
+    """Best of five runs of a fixed pure-Python loop, in ms: how fast this machine runs
+    Python right now. Ratios cancel the machine's speed out, absolute CPU figures (the
+    worker's ms per 1,000 jobs) do not; this says which kind of machine they came from."""
+    best = math.inf
+    for _ in range(5):
+        t0 = time.perf_counter()
+        total = 0
+        for i in range(1_000_000):
+            total += i & 7
+        best = min(best, time.perf_counter() - t0)
+    return round(best * 1000, 1)
 
 
 # --------------------------------------------------------------------------- sections
@@ -438,6 +454,7 @@ async def amain(args: argparse.Namespace) -> Path:
         result["scopes"] = await section_scopes(cfg, dsn)
     result["meta"]["seconds"] = round(time.time() - started, 1)
     result["meta"]["loadavg_at_end"] = os.getloadavg()
+    result["meta"]["speed_probe_ms_at_end"] = speed_probe_ms()
     if not args.keep:
         for db in ("pgqueue_bench", "pgqueue_bench_pgqueuer", "pgqueue_bench_procrastinate"):
             await drop_database(server, db)
