@@ -24,10 +24,12 @@ LANGUAGE sql IMMUTABLE AS $$ SELECT jsonb_hash(p_scope) $$;
 -- i.e. every running job of every worker for every candidate.
 CREATE FUNCTION pgqueue._scope_free(p_scope jsonb, p_job_id bigint) RETURNS boolean
 LANGUAGE sql STABLE AS $$
-    SELECT coalesce((SELECT o.state FROM pgqueue.jobs o WHERE o.is_current AND o.scope = p_scope LIMIT 1), '')
-               <> 'running'
+    SELECT coalesce((SELECT o.state FROM pgqueue.jobs o
+                     WHERE o.is_current AND jsonb_hash(o.scope) = jsonb_hash(p_scope) AND o.scope = p_scope
+                     LIMIT 1), '') <> 'running'
        AND NOT EXISTS (SELECT 1 FROM pgqueue.jobs o
-                       WHERE o.scope = p_scope AND o.state = 'queued' AND o.id < p_job_id)
+                       WHERE jsonb_hash(o.scope) = jsonb_hash(p_scope) AND o.scope = p_scope
+                         AND o.state = 'queued' AND o.id < p_job_id)
 $$;
 
 -- Scope heads. A queued scoped job that is not its scope's next job is kept
@@ -90,8 +92,9 @@ BEGIN
         SELECT h.id, h.queue, h.scope_blocked
         FROM ended s
         CROSS JOIN LATERAL (SELECT q.id, q.queue, q.scope_blocked FROM pgqueue.jobs q
-                            WHERE q.scope = s.scope AND q.state = 'queued' AND q.id > s.after
-                            ORDER BY q.scope, q.id LIMIT 1) h
+                            WHERE jsonb_hash(q.scope) = jsonb_hash(s.scope) AND q.scope = s.scope
+                              AND q.state = 'queued' AND q.id > s.after
+                            ORDER BY jsonb_hash(q.scope), q.id LIMIT 1) h
     ), unblocked AS (
         UPDATE pgqueue.jobs j SET scope_blocked = false
         FROM heads h WHERE j.id = h.id AND h.scope_blocked
@@ -102,8 +105,9 @@ BEGIN
         SELECT o.queue
         FROM ended s
         CROSS JOIN LATERAL (SELECT q.queue FROM pgqueue.jobs q
-                            WHERE q.scope = s.scope AND q.state = 'queued' AND q.id < s.after
-                            ORDER BY q.scope, q.id LIMIT 1) o
+                            WHERE jsonb_hash(q.scope) = jsonb_hash(s.scope) AND q.scope = s.scope
+                              AND q.state = 'queued' AND q.id < s.after
+                            ORDER BY jsonb_hash(q.scope), q.id LIMIT 1) o
     )
     SELECT array_agg(DISTINCT x.queue) INTO v_queues
     FROM (SELECT h.queue FROM heads h UNION ALL SELECT o.queue FROM older o) x;
@@ -137,7 +141,8 @@ BEGIN
         END IF;
         -- Clear the previous current job first: a single UPDATE that swaps the
         -- flag trips the unique index or not depending on row order (E14).
-        UPDATE pgqueue.jobs o SET is_current = false WHERE o.is_current AND o.scope = v_scope;
+        UPDATE pgqueue.jobs o SET is_current = false
+        WHERE o.is_current AND jsonb_hash(o.scope) = jsonb_hash(v_scope) AND o.scope = v_scope;
     END IF;
     RETURN QUERY
     UPDATE pgqueue.jobs j
@@ -217,10 +222,12 @@ BEGIN
           -- _scope_free(j.scope, j.id), written out: a SQL function with sub-selects
           -- is not inlined, and its call costs more than its two index probes.
           AND (j.scope IS NULL
-               OR (coalesce((SELECT o.state FROM pgqueue.jobs o WHERE o.is_current AND o.scope = j.scope LIMIT 1),
-                            '') <> 'running'
+               OR (coalesce((SELECT o.state FROM pgqueue.jobs o
+                             WHERE o.is_current AND jsonb_hash(o.scope) = jsonb_hash(j.scope) AND o.scope = j.scope
+                             LIMIT 1), '') <> 'running'
                    AND NOT EXISTS (SELECT 1 FROM pgqueue.jobs o
-                                   WHERE o.scope = j.scope AND o.state = 'queued' AND o.id < j.id)))
+                                   WHERE jsonb_hash(o.scope) = jsonb_hash(j.scope) AND o.scope = j.scope
+                                     AND o.state = 'queued' AND o.id < j.id)))
         ORDER BY j.priority DESC, j.run_after, j.id
         LIMIT claim_next.batch_size
         FOR NO KEY UPDATE OF j SKIP LOCKED
@@ -236,10 +243,12 @@ BEGIN
         SELECT array_agg(j.id) INTO v_ids FROM pgqueue.jobs j
         WHERE j.id = ANY (v_ids)
           AND (j.scope IS NULL
-               OR (coalesce((SELECT o.state FROM pgqueue.jobs o WHERE o.is_current AND o.scope = j.scope LIMIT 1),
-                            '') <> 'running'
+               OR (coalesce((SELECT o.state FROM pgqueue.jobs o
+                             WHERE o.is_current AND jsonb_hash(o.scope) = jsonb_hash(j.scope) AND o.scope = j.scope
+                             LIMIT 1), '') <> 'running'
                    AND NOT EXISTS (SELECT 1 FROM pgqueue.jobs o
-                                   WHERE o.scope = j.scope AND o.state = 'queued' AND o.id < j.id)));
+                                   WHERE jsonb_hash(o.scope) = jsonb_hash(j.scope) AND o.scope = j.scope
+                                     AND o.state = 'queued' AND o.id < j.id)));
         IF v_ids IS NULL THEN
             RETURN;
         END IF;
@@ -248,6 +257,8 @@ BEGIN
         -- walk of every scope's current job, each re-reading the batch.
         UPDATE pgqueue.jobs o SET is_current = false
         WHERE o.is_current
+          AND jsonb_hash(o.scope) = ANY (ARRAY(SELECT jsonb_hash(j.scope) FROM pgqueue.jobs j
+                                               WHERE j.id = ANY (v_ids) AND j.scope IS NOT NULL))
           AND o.scope = ANY (ARRAY(SELECT j.scope FROM pgqueue.jobs j
                                    WHERE j.id = ANY (v_ids) AND j.scope IS NOT NULL));
     END IF;

@@ -311,3 +311,51 @@ async def test_the_end_of_a_scoped_job_wakes_the_queue_of_the_scope_s_next_job(
     assert await conn.fetchval("SELECT pgqueue.complete($1, 'w')", newer)
     assert "qd" in await listener.drain(1)
     assert [r["id"] for r in await conn.fetch("SELECT id FROM pgqueue.claim_next('w')")] == [older]
+
+
+async def _colliding_scopes(conn: asyncpg.Connection) -> tuple[str, str]:
+    """Two different scopes with the same jsonb_hash, found on this server (the scope
+    indexes lead with the hash, so this is the case where only the scope test separates
+    them). A 32-bit hash over 300,000 values collides many times over."""
+    row = await conn.fetchrow(
+        """SELECT min(s::text) AS a, max(s::text) AS b
+           FROM (SELECT jsonb_build_object('t', i) AS s FROM generate_series(1, 300000) i) x
+           GROUP BY jsonb_hash(s) HAVING count(*) > 1 LIMIT 1"""
+    )
+    assert row is not None, "no jsonb_hash collision among 300,000 scopes"
+    assert row["a"] != row["b"]
+    return row["a"], row["b"]
+
+
+async def test_scopes_with_the_same_hash_are_still_different_scopes(
+    conn: asyncpg.Connection,
+) -> None:
+    a, b = await _colliding_scopes(conn)
+    a1 = int(await conn.fetchval(ENQUEUE, a))
+    b1 = int(await conn.fetchval(ENQUEUE, b))  # a1 shares its hash, not its scope
+    a2 = int(await conn.fetchval(ENQUEUE, a))
+    b2 = int(await conn.fetchval(ENQUEUE, b))
+    assert [await conn.fetchval(BLOCKED, j) for j in (a1, b1, a2, b2)] == [
+        False,
+        False,
+        True,
+        True,
+    ]
+    # Both heads run at once: each is current and running in its own scope, which the
+    # unique indexes on (hash, scope) allow.
+    assert await _claim(conn) == [a1, b1]
+    current = "SELECT id FROM pgqueue.jobs WHERE is_current ORDER BY id"
+    assert [r["id"] for r in await conn.fetch(current)] == [a1, b1]
+    # Ending a1 frees scope a only; claiming a2 clears a1's current flag, not b1's.
+    assert await conn.fetchval("SELECT pgqueue.complete($1, 'w')", a1)
+    assert await _claim(conn) == [a2]
+    assert [r["id"] for r in await conn.fetch(current)] == [b1, a2]
+    assert await conn.fetchval(BLOCKED, b2) is True
+    assert await conn.fetchval("SELECT pgqueue.complete($1, 'w')", b1)
+    assert await _claim(conn) == [b2]
+    assert [r["id"] for r in await conn.fetch(current)] == [a2, b2]
+    # claim() by id takes the same path for a scope with a twin.
+    a3 = int(await conn.fetchval(ENQUEUE, a))
+    assert await conn.fetchval("SELECT pgqueue.complete($1, 'w')", a2)
+    assert await conn.fetchval("SELECT count(*) FROM pgqueue.claim($1, 'w')", a3) == 1
+    assert [r["id"] for r in await conn.fetch(current)] == [b2, a3]
