@@ -464,6 +464,10 @@ $$;
 -- bad input walks the checks one by one to name its problem. A job with no
 -- dedup key, dependency, follow-ups or pipeline takes a plain INSERT: nothing
 -- can conflict, so no speculative insertion, locks or extra queries.
+-- The default max_attempts is read by a sub-select in the INSERT itself, run
+-- only when the caller gave none: a call of _setting (PL/pgSQL) cost ~17 µs of
+-- a ~230 µs enqueue. _setting, after it, runs only if the row is gone, and
+-- raises.
 CREATE FUNCTION pgqueue.enqueue(
     job_type text,
     payload jsonb DEFAULT '{}',
@@ -522,14 +526,18 @@ BEGIN
                 (id, queue, job_type, payload, state, priority, scope, max_attempts, run_after, scope_blocked)
             VALUES (v_id, coalesce(enqueue.queue, 'default'), enqueue.job_type, coalesce(enqueue.payload, '{}'),
                     'queued', coalesce(enqueue.priority, 0), enqueue.scope,
-                    coalesce(enqueue.max_attempts, pgqueue._setting_int('max_attempts')),
+                    coalesce(enqueue.max_attempts,
+                             (SELECT s.value::int FROM pgqueue.settings s WHERE s.name = 'max_attempts'),
+                             pgqueue._setting_int('max_attempts')),
                     coalesce(enqueue.run_after, now()), pgqueue._behind_older(enqueue.scope, v_id));
             RETURN v_id;
         END IF;
         INSERT INTO pgqueue.jobs AS j (queue, job_type, payload, state, priority, scope, max_attempts, run_after)
         VALUES (coalesce(enqueue.queue, 'default'), enqueue.job_type, coalesce(enqueue.payload, '{}'), 'queued',
                 coalesce(enqueue.priority, 0), nullif(enqueue.scope, 'null'),
-                coalesce(enqueue.max_attempts, pgqueue._setting_int('max_attempts')),
+                coalesce(enqueue.max_attempts,
+                         (SELECT s.value::int FROM pgqueue.settings s WHERE s.name = 'max_attempts'),
+                         pgqueue._setting_int('max_attempts')),
                 coalesce(enqueue.run_after, now()))
         RETURNING j.id INTO v_id;
         RETURN v_id;
@@ -556,7 +564,9 @@ BEGIN
     VALUES (coalesce(enqueue.queue, 'default'), enqueue.job_type, coalesce(enqueue.payload, '{}'),
             CASE WHEN v_deps <@ v_succeeded THEN 'queued' ELSE 'waiting' END,
             coalesce(enqueue.priority, 0), nullif(enqueue.scope, 'null'), enqueue.dedup_key,
-            coalesce(enqueue.max_attempts, pgqueue._setting_int('max_attempts')), coalesce(enqueue.run_after, now()),
+            coalesce(enqueue.max_attempts,
+                     (SELECT s.value::int FROM pgqueue.settings s WHERE s.name = 'max_attempts'),
+                     pgqueue._setting_int('max_attempts')), coalesce(enqueue.run_after, now()),
             enqueue.pipeline_id, enqueue.next_jobs)
     -- A pending job with the key exists: lock it (it cannot be claimed before
     -- this transaction ends) and return it instead.
