@@ -650,10 +650,6 @@ def _mb(v: Any) -> str:
     return "–" if v is None else f"{v / 1e6:.1f} MB"
 
 
-if __name__ == "__main__":
-    write_report(Path(sys.argv[1]).resolve())
-
-
 def _speed_line(env: dict[str, Any], meta: dict[str, Any]) -> list[str]:
     """The machine-speed probe, in runs that recorded it."""
     if "speed_probe_ms_at_start" not in env:
@@ -664,3 +660,7 @@ def _speed_line(env: dict[str, Any], meta: dict[str, Any]) -> list[str]:
         f"at start, {end} ms at end. Ratios cancel the machine's speed; the absolute CPU figures "
         "(the worker-CPU target's ms per 1,000 jobs) scale with this probe"
     ]
+
+
+if __name__ == "__main__":
+    write_report(Path(sys.argv[1]).resolve())
