@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, fields, make_dataclass
+from dataclasses import MISSING, dataclass, fields, make_dataclass
 from datetime import datetime
 from typing import Any, cast
 
@@ -67,11 +67,18 @@ class Job:
 # result is an ordinary, frozen Job (0.5-0.9 µs); tests/runtime/test_job_from_row.py
 # checks it equals ``Job.from_record(row)``.
 _ClaimedRow = make_dataclass("_ClaimedRow", [(f.name, f.type) for f in fields(Job)], slots=True)
+# The twin is only the same object if Job's __init__ just stores its arguments: a field that
+# is not an init argument, a default factory, keyword-only fields, a __post_init__ or a weakref
+# slot would each make job_from_row differ from Job(*row) (or fail at the first claim).
+assert not hasattr(Job, "__post_init__") and "__weakref__" not in Job.__slots__
+assert all(f.init and not f.kw_only and f.default_factory is MISSING for f in fields(Job))
+assert _ClaimedRow.__slots__ == Job.__slots__  # type: ignore[attr-defined]
 
 
 def job_from_row(row: Sequence[Any]) -> Job:
-    """A Job from a row whose values are in field order (``pgqueue.worker``'s claim selects
-    them so, with JSON already decoded): the same object as ``Job(*row)``, built faster."""
+    """A Job from a row holding every field's value in field order (``pgqueue.worker``'s
+    claim selects them so, with JSON already decoded): the same object as ``Job(*row)``,
+    built faster. A shorter row raises TypeError, where ``Job(*row)`` would fill in defaults."""
     job: Any = _ClaimedRow(*row)
     job.__class__ = Job
     return cast(Job, job)

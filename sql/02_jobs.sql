@@ -206,6 +206,7 @@ CREATE INDEX jobs_running_lease ON pgqueue.jobs (locked_by, locked_at) WHERE sta
 -- add an entry to it (~8 % of a 1,000-child fan-out's wall time). A job's
 -- children share its pipeline_id, so "children of :id" reads jobs_pipeline:
 -- WHERE pipeline_id = (SELECT pipeline_id FROM pgqueue.jobs WHERE id = :id) AND parent_id = :id.
+-- (Once the parent is pruned, use the pipeline_id of any of its children.)
 CREATE INDEX jobs_pipeline ON pgqueue.jobs (pipeline_id) WHERE pipeline_id IS NOT NULL;
 CREATE INDEX jobs_finished ON pgqueue.jobs (finished_at)
     WHERE state IN ('succeeded', 'failed', 'cancelled');

@@ -85,11 +85,11 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_mode text := (SELECT s.value FROM pgqueue.settings s WHERE s.name = 'notify');
 BEGIN
-    IF v_mode = 'always' THEN
+    IF v_mode IS NULL THEN
+        PERFORM pgqueue._setting('notify');  -- raises: a deleted setting fails loudly
+    ELSIF v_mode <> 'when_waiting' THEN
         PERFORM pg_notify('pgqueue', q.queue)
         FROM (SELECT DISTINCT n.queue FROM new_rows n WHERE n.state = 'queued' AND NOT n.scope_blocked) q;
-    ELSIF v_mode IS NULL THEN
-        PERFORM pgqueue._setting('notify');  -- raises: a deleted setting fails loudly
     ELSIF pgqueue._someone_waits(NULL) THEN  -- else every worker is busy: nothing to do
         PERFORM pgqueue._notify(ARRAY(SELECT DISTINCT n.queue FROM new_rows n
                                       WHERE n.state = 'queued' AND NOT n.scope_blocked), v_mode);

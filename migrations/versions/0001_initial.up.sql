@@ -302,6 +302,7 @@ CREATE INDEX jobs_running_lease ON pgqueue.jobs (locked_by, locked_at) WHERE sta
 -- add an entry to it (~8 % of a 1,000-child fan-out's wall time). A job's
 -- children share its pipeline_id, so "children of :id" reads jobs_pipeline:
 -- WHERE pipeline_id = (SELECT pipeline_id FROM pgqueue.jobs WHERE id = :id) AND parent_id = :id.
+-- (Once the parent is pruned, use the pipeline_id of any of its children.)
 CREATE INDEX jobs_pipeline ON pgqueue.jobs (pipeline_id) WHERE pipeline_id IS NOT NULL;
 CREATE INDEX jobs_finished ON pgqueue.jobs (finished_at)
     WHERE state IN ('succeeded', 'failed', 'cancelled');
@@ -1948,11 +1949,11 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_mode text := (SELECT s.value FROM pgqueue.settings s WHERE s.name = 'notify');
 BEGIN
-    IF v_mode = 'always' THEN
+    IF v_mode IS NULL THEN
+        PERFORM pgqueue._setting('notify');  -- raises: a deleted setting fails loudly
+    ELSIF v_mode <> 'when_waiting' THEN
         PERFORM pg_notify('pgqueue', q.queue)
         FROM (SELECT DISTINCT n.queue FROM new_rows n WHERE n.state = 'queued' AND NOT n.scope_blocked) q;
-    ELSIF v_mode IS NULL THEN
-        PERFORM pgqueue._setting('notify');  -- raises: a deleted setting fails loudly
     ELSIF pgqueue._someone_waits(NULL) THEN  -- else every worker is busy: nothing to do
         PERFORM pgqueue._notify(ARRAY(SELECT DISTINCT n.queue FROM new_rows n
                                       WHERE n.state = 'queued' AND NOT n.scope_blocked), v_mode);
