@@ -565,11 +565,10 @@ BEGIN
 END
 $$;
 
--- Create jobs from validated specs; returns their ids in spec order (a spec
--- merged into a pending job with the same dedup_key returns that job's id).
--- Enqueue's test (see the scope heads in 04_claim.sql): is an active (queued or running) job of the scope older than
--- p_job_id? Read backwards from p_job_id, where the scope's live jobs are,
--- not forwards over the entries its finished jobs left.
+-- Enqueue's test (see the scope heads in 04_claim.sql): is an active (queued
+-- or running) job of the scope older than p_job_id? Read backwards from
+-- p_job_id, where the scope's live jobs are, not forwards over the entries its
+-- finished jobs left.
 CREATE FUNCTION pgqueue._behind_older(p_scope jsonb, p_job_id bigint) RETURNS boolean
 LANGUAGE sql STABLE AS $$
     SELECT EXISTS (SELECT 1 FROM (SELECT o.id FROM pgqueue.jobs o
@@ -631,6 +630,8 @@ LANGUAGE sql STABLE AS $$
     ORDER BY sp.ord
 $$;
 
+-- Create jobs from validated specs; returns their ids in spec order (a spec
+-- merged into a pending job with the same dedup_key returns that job's id).
 CREATE FUNCTION pgqueue._insert_specs(p_specs jsonb, p_pipeline_id uuid, p_parent_id bigint, p_label text,
                                       p_single boolean DEFAULT false)
 RETURNS bigint[]
