@@ -180,8 +180,13 @@ CREATE INDEX jobs_ready ON pgqueue.jobs (priority DESC, run_after, id) WHERE sta
 -- PostgreSQL CPU when these indexes were keyed on scope itself. An int compare
 -- settles every entry of another scope. Equal scopes have equal hashes
 -- (jsonb_hash agrees with JSONB equality: key order, 1 vs 1.0), so a lookup
--- is "hash = jsonb_hash(:scope) AND scope = :scope" and the unique backstops,
--- on (hash, scope), are exactly "one per scope".
+-- tests both the hash and the scope, and the unique backstops, on (hash,
+-- scope), are exactly "one per scope".
+-- Every lookup by scope goes through _same_scope, which the planner inlines
+-- into the hash test the indexes match and the scope test that decides.
+CREATE FUNCTION pgqueue._same_scope(p_a jsonb, p_b jsonb) RETURNS boolean
+LANGUAGE sql IMMUTABLE AS $$ SELECT jsonb_hash(p_a) = jsonb_hash(p_b) AND p_a = p_b $$;
+
 -- "Is an older job of this scope queued, or one running?" for every scoped
 -- claim; scope itself is tested on the row (another scope with the same hash
 -- is filtered out, never confused with this one).

@@ -262,7 +262,7 @@ $$;
 CREATE FUNCTION pgqueue._behind_older(p_scope jsonb, p_job_id bigint) RETURNS boolean
 LANGUAGE sql STABLE AS $$
     SELECT EXISTS (SELECT 1 FROM (SELECT o.id FROM pgqueue.jobs o
-                                  WHERE jsonb_hash(o.scope) = jsonb_hash(p_scope) AND o.scope = p_scope
+                                  WHERE pgqueue._same_scope(o.scope, p_scope)
                                     AND o.state IN ('queued', 'running') AND o.id < p_job_id
                                   ORDER BY jsonb_hash(o.scope) DESC, o.id DESC LIMIT 1) x)
 $$;

@@ -25,10 +25,10 @@ LANGUAGE sql IMMUTABLE AS $$ SELECT jsonb_hash(p_scope) $$;
 CREATE FUNCTION pgqueue._scope_free(p_scope jsonb, p_job_id bigint) RETURNS boolean
 LANGUAGE sql STABLE AS $$
     SELECT coalesce((SELECT o.state FROM pgqueue.jobs o
-                     WHERE o.is_current AND jsonb_hash(o.scope) = jsonb_hash(p_scope) AND o.scope = p_scope
+                     WHERE o.is_current AND pgqueue._same_scope(o.scope, p_scope)
                      LIMIT 1), '') <> 'running'
        AND NOT EXISTS (SELECT 1 FROM pgqueue.jobs o
-                       WHERE jsonb_hash(o.scope) = jsonb_hash(p_scope) AND o.scope = p_scope
+                       WHERE pgqueue._same_scope(o.scope, p_scope)
                          AND o.state = 'queued' AND o.id < p_job_id)
 $$;
 
@@ -92,7 +92,7 @@ BEGIN
         SELECT h.id, h.queue, h.scope_blocked
         FROM ended s
         CROSS JOIN LATERAL (SELECT q.id, q.queue, q.scope_blocked FROM pgqueue.jobs q
-                            WHERE jsonb_hash(q.scope) = jsonb_hash(s.scope) AND q.scope = s.scope
+                            WHERE pgqueue._same_scope(q.scope, s.scope)
                               AND q.state = 'queued' AND q.id > s.after
                             ORDER BY jsonb_hash(q.scope), q.id LIMIT 1) h
     ), unblocked AS (
@@ -105,7 +105,7 @@ BEGIN
         SELECT o.queue
         FROM ended s
         CROSS JOIN LATERAL (SELECT q.queue FROM pgqueue.jobs q
-                            WHERE jsonb_hash(q.scope) = jsonb_hash(s.scope) AND q.scope = s.scope
+                            WHERE pgqueue._same_scope(q.scope, s.scope)
                               AND q.state = 'queued' AND q.id < s.after
                             ORDER BY jsonb_hash(q.scope), q.id LIMIT 1) o
     )
@@ -142,7 +142,7 @@ BEGIN
         -- Clear the previous current job first: a single UPDATE that swaps the
         -- flag trips the unique index or not depending on row order (E14).
         UPDATE pgqueue.jobs o SET is_current = false
-        WHERE o.is_current AND jsonb_hash(o.scope) = jsonb_hash(v_scope) AND o.scope = v_scope;
+        WHERE o.is_current AND pgqueue._same_scope(o.scope, v_scope);
     END IF;
     RETURN QUERY
     UPDATE pgqueue.jobs j
@@ -223,10 +223,10 @@ BEGIN
           -- is not inlined, and its call costs more than its two index probes.
           AND (j.scope IS NULL
                OR (coalesce((SELECT o.state FROM pgqueue.jobs o
-                             WHERE o.is_current AND jsonb_hash(o.scope) = jsonb_hash(j.scope) AND o.scope = j.scope
+                             WHERE o.is_current AND pgqueue._same_scope(o.scope, j.scope)
                              LIMIT 1), '') <> 'running'
                    AND NOT EXISTS (SELECT 1 FROM pgqueue.jobs o
-                                   WHERE jsonb_hash(o.scope) = jsonb_hash(j.scope) AND o.scope = j.scope
+                                   WHERE pgqueue._same_scope(o.scope, j.scope)
                                      AND o.state = 'queued' AND o.id < j.id)))
         ORDER BY j.priority DESC, j.run_after, j.id
         LIMIT claim_next.batch_size
@@ -244,10 +244,10 @@ BEGIN
         WHERE j.id = ANY (v_ids)
           AND (j.scope IS NULL
                OR (coalesce((SELECT o.state FROM pgqueue.jobs o
-                             WHERE o.is_current AND jsonb_hash(o.scope) = jsonb_hash(j.scope) AND o.scope = j.scope
+                             WHERE o.is_current AND pgqueue._same_scope(o.scope, j.scope)
                              LIMIT 1), '') <> 'running'
                    AND NOT EXISTS (SELECT 1 FROM pgqueue.jobs o
-                                   WHERE jsonb_hash(o.scope) = jsonb_hash(j.scope) AND o.scope = j.scope
+                                   WHERE pgqueue._same_scope(o.scope, j.scope)
                                      AND o.state = 'queued' AND o.id < j.id)));
         IF v_ids IS NULL THEN
             RETURN;

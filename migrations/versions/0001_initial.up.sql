@@ -276,8 +276,13 @@ CREATE INDEX jobs_ready ON pgqueue.jobs (priority DESC, run_after, id) WHERE sta
 -- PostgreSQL CPU when these indexes were keyed on scope itself. An int compare
 -- settles every entry of another scope. Equal scopes have equal hashes
 -- (jsonb_hash agrees with JSONB equality: key order, 1 vs 1.0), so a lookup
--- is "hash = jsonb_hash(:scope) AND scope = :scope" and the unique backstops,
--- on (hash, scope), are exactly "one per scope".
+-- tests both the hash and the scope, and the unique backstops, on (hash,
+-- scope), are exactly "one per scope".
+-- Every lookup by scope goes through _same_scope, which the planner inlines
+-- into the hash test the indexes match and the scope test that decides.
+CREATE FUNCTION pgqueue._same_scope(p_a jsonb, p_b jsonb) RETURNS boolean
+LANGUAGE sql IMMUTABLE AS $$ SELECT jsonb_hash(p_a) = jsonb_hash(p_b) AND p_a = p_b $$;
+
 -- "Is an older job of this scope queued, or one running?" for every scoped
 -- claim; scope itself is tested on the row (another scope with the same hash
 -- is filtered out, never confused with this one).
@@ -572,7 +577,7 @@ $$;
 CREATE FUNCTION pgqueue._behind_older(p_scope jsonb, p_job_id bigint) RETURNS boolean
 LANGUAGE sql STABLE AS $$
     SELECT EXISTS (SELECT 1 FROM (SELECT o.id FROM pgqueue.jobs o
-                                  WHERE jsonb_hash(o.scope) = jsonb_hash(p_scope) AND o.scope = p_scope
+                                  WHERE pgqueue._same_scope(o.scope, p_scope)
                                     AND o.state IN ('queued', 'running') AND o.id < p_job_id
                                   ORDER BY jsonb_hash(o.scope) DESC, o.id DESC LIMIT 1) x)
 $$;
@@ -1041,10 +1046,10 @@ LANGUAGE sql IMMUTABLE AS $$ SELECT jsonb_hash(p_scope) $$;
 CREATE FUNCTION pgqueue._scope_free(p_scope jsonb, p_job_id bigint) RETURNS boolean
 LANGUAGE sql STABLE AS $$
     SELECT coalesce((SELECT o.state FROM pgqueue.jobs o
-                     WHERE o.is_current AND jsonb_hash(o.scope) = jsonb_hash(p_scope) AND o.scope = p_scope
+                     WHERE o.is_current AND pgqueue._same_scope(o.scope, p_scope)
                      LIMIT 1), '') <> 'running'
        AND NOT EXISTS (SELECT 1 FROM pgqueue.jobs o
-                       WHERE jsonb_hash(o.scope) = jsonb_hash(p_scope) AND o.scope = p_scope
+                       WHERE pgqueue._same_scope(o.scope, p_scope)
                          AND o.state = 'queued' AND o.id < p_job_id)
 $$;
 
@@ -1108,7 +1113,7 @@ BEGIN
         SELECT h.id, h.queue, h.scope_blocked
         FROM ended s
         CROSS JOIN LATERAL (SELECT q.id, q.queue, q.scope_blocked FROM pgqueue.jobs q
-                            WHERE jsonb_hash(q.scope) = jsonb_hash(s.scope) AND q.scope = s.scope
+                            WHERE pgqueue._same_scope(q.scope, s.scope)
                               AND q.state = 'queued' AND q.id > s.after
                             ORDER BY jsonb_hash(q.scope), q.id LIMIT 1) h
     ), unblocked AS (
@@ -1121,7 +1126,7 @@ BEGIN
         SELECT o.queue
         FROM ended s
         CROSS JOIN LATERAL (SELECT q.queue FROM pgqueue.jobs q
-                            WHERE jsonb_hash(q.scope) = jsonb_hash(s.scope) AND q.scope = s.scope
+                            WHERE pgqueue._same_scope(q.scope, s.scope)
                               AND q.state = 'queued' AND q.id < s.after
                             ORDER BY jsonb_hash(q.scope), q.id LIMIT 1) o
     )
@@ -1158,7 +1163,7 @@ BEGIN
         -- Clear the previous current job first: a single UPDATE that swaps the
         -- flag trips the unique index or not depending on row order (E14).
         UPDATE pgqueue.jobs o SET is_current = false
-        WHERE o.is_current AND jsonb_hash(o.scope) = jsonb_hash(v_scope) AND o.scope = v_scope;
+        WHERE o.is_current AND pgqueue._same_scope(o.scope, v_scope);
     END IF;
     RETURN QUERY
     UPDATE pgqueue.jobs j
@@ -1239,10 +1244,10 @@ BEGIN
           -- is not inlined, and its call costs more than its two index probes.
           AND (j.scope IS NULL
                OR (coalesce((SELECT o.state FROM pgqueue.jobs o
-                             WHERE o.is_current AND jsonb_hash(o.scope) = jsonb_hash(j.scope) AND o.scope = j.scope
+                             WHERE o.is_current AND pgqueue._same_scope(o.scope, j.scope)
                              LIMIT 1), '') <> 'running'
                    AND NOT EXISTS (SELECT 1 FROM pgqueue.jobs o
-                                   WHERE jsonb_hash(o.scope) = jsonb_hash(j.scope) AND o.scope = j.scope
+                                   WHERE pgqueue._same_scope(o.scope, j.scope)
                                      AND o.state = 'queued' AND o.id < j.id)))
         ORDER BY j.priority DESC, j.run_after, j.id
         LIMIT claim_next.batch_size
@@ -1260,10 +1265,10 @@ BEGIN
         WHERE j.id = ANY (v_ids)
           AND (j.scope IS NULL
                OR (coalesce((SELECT o.state FROM pgqueue.jobs o
-                             WHERE o.is_current AND jsonb_hash(o.scope) = jsonb_hash(j.scope) AND o.scope = j.scope
+                             WHERE o.is_current AND pgqueue._same_scope(o.scope, j.scope)
                              LIMIT 1), '') <> 'running'
                    AND NOT EXISTS (SELECT 1 FROM pgqueue.jobs o
-                                   WHERE jsonb_hash(o.scope) = jsonb_hash(j.scope) AND o.scope = j.scope
+                                   WHERE pgqueue._same_scope(o.scope, j.scope)
                                      AND o.state = 'queued' AND o.id < j.id)));
         IF v_ids IS NULL THEN
             RETURN;
