@@ -119,7 +119,11 @@ END
 $$;
 
 -- Validate an array of specs (and, recursively, their next_jobs); raise the
--- first problem, prefixed with where it is (label[index]).
+-- first problem, prefixed with where it is (label[index]). One pass over the
+-- specs finds the first bad one and collects what the later checks need (the
+-- keys, which specs have after lists), so a fan-out of a thousand children
+-- and a join is not taken apart once per check; the queries that name a
+-- duplicate key or an unknown one run only when there is one.
 CREATE FUNCTION pgqueue._check_specs(p_specs jsonb, p_label text, p_single boolean DEFAULT false) RETURNS void
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
@@ -127,25 +131,37 @@ DECLARE
     v_problem text;
     v_key text;
     v_spec jsonb;
+    v_run_after boolean;
+    v_nested boolean;
+    v_after boolean;
+    v_keys jsonb;      -- {key: whether that spec has an after list}
+    v_nkeys bigint;
+    v_chained boolean;
 BEGIN
     IF jsonb_typeof(p_specs) IS DISTINCT FROM 'array' THEN
         RAISE EXCEPTION '%: must be a JSON array of job specs, got %', p_label, coalesce(jsonb_typeof(p_specs), 'NULL')
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
 
-    SELECT e.ord, pgqueue._spec_problem(e.s) INTO v_ord, v_problem
-    FROM jsonb_array_elements(p_specs) WITH ORDINALITY AS e(s, ord)
-    WHERE pgqueue._spec_problem(e.s) IS NOT NULL
-    ORDER BY e.ord LIMIT 1;
-    IF v_problem IS NOT NULL THEN
-        RAISE EXCEPTION '%: %', pgqueue._spec_where(p_label, v_ord, p_single), v_problem
+    SELECT min(e.ord) FILTER (WHERE pgqueue._spec_problem(e.s) IS NOT NULL),
+           bool_or(jsonb_typeof(e.s->'run_after') = 'string'),
+           bool_or(jsonb_typeof(e.s->'next_jobs') = 'array'),
+           bool_or(jsonb_typeof(e.s->'after') = 'array'),
+           jsonb_object_agg(e.s->>'key', CASE WHEN jsonb_typeof(e.s->'after') = 'array'
+                                               THEN jsonb_array_length(e.s->'after') > 0 ELSE false END)
+               FILTER (WHERE jsonb_typeof(e.s->'key') = 'string'),
+           count(*) FILTER (WHERE jsonb_typeof(e.s->'key') = 'string')
+      INTO v_ord, v_run_after, v_nested, v_after, v_keys, v_nkeys
+      FROM jsonb_array_elements(p_specs) WITH ORDINALITY AS e(s, ord);
+    IF v_ord IS NOT NULL THEN
+        RAISE EXCEPTION '%: %', pgqueue._spec_where(p_label, v_ord, p_single), pgqueue._spec_problem(p_specs->(v_ord::int - 1))
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
 
     -- Timestamps need a cast to validate; only specs that carry one pay for it.
     FOR v_ord, v_spec IN
         SELECT e.ord, e.s FROM jsonb_array_elements(p_specs) WITH ORDINALITY AS e(s, ord)
-        WHERE p_specs @? '$[*].run_after' AND jsonb_typeof(e.s->'run_after') = 'string'
+        WHERE v_run_after AND jsonb_typeof(e.s->'run_after') = 'string'
     LOOP
         BEGIN
             PERFORM (v_spec->>'run_after')::timestamptz;
@@ -156,51 +172,57 @@ BEGIN
         END;
     END LOOP;
 
-    -- The rest only concerns specs with keys and after lists (fan-in between siblings).
-    IF NOT p_specs @? '$[*].key' AND NOT p_specs @? '$[*].after' THEN
-        PERFORM pgqueue._check_nested_specs(p_specs, p_label, p_single);
-        RETURN;
-    END IF;
-
-    SELECT k INTO v_key FROM jsonb_array_elements(p_specs) e(s), LATERAL (SELECT e.s->>'key' AS k) x
-    WHERE k IS NOT NULL GROUP BY k HAVING count(*) > 1 LIMIT 1;
-    IF v_key IS NOT NULL THEN
+    -- jsonb_object_agg keeps one entry per key: fewer entries than keyed specs
+    -- means a key is used twice.
+    IF v_nkeys > 0 AND v_nkeys <> (SELECT count(*) FROM jsonb_object_keys(v_keys)) THEN
+        SELECT e.s->>'key' INTO v_key FROM jsonb_array_elements(p_specs) e(s)
+        WHERE jsonb_typeof(e.s->'key') = 'string' GROUP BY 1 HAVING count(*) > 1 ORDER BY 1 LIMIT 1;
         RAISE EXCEPTION '%: key "%" is used by more than one spec', p_label, v_key
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
 
-    SELECT e.ord, a.k INTO v_ord, v_key
-    FROM jsonb_array_elements(p_specs) WITH ORDINALITY AS e(s, ord),
-         jsonb_array_elements_text(coalesce(nullif(e.s->'after', 'null'), '[]')) AS a(k)
-    WHERE NOT EXISTS (SELECT 1 FROM jsonb_array_elements(p_specs) o(s) WHERE o.s->>'key' = a.k)
-    ORDER BY e.ord LIMIT 1;
-    IF v_key IS NOT NULL THEN
-        RAISE EXCEPTION '%: after names unknown key "%"', pgqueue._spec_where(p_label, v_ord, p_single), v_key
-            USING ERRCODE = 'invalid_parameter_value';
+    IF v_after THEN
+        -- Every name in an after list must be a key (a lookup in v_keys each);
+        -- v_chained: some after list names a spec that has one of its own.
+        SELECT bool_and(coalesce(v_keys ? a.k, false)), bool_or(coalesce((v_keys->>a.k)::boolean, false))
+          INTO v_after, v_chained
+          FROM jsonb_path_query(p_specs, '$[*].after[*] ? (@.type() == "string")') AS n(v), LATERAL (SELECT n.v #>> '{}' AS k) a;
+        IF NOT v_after THEN
+            SELECT e.ord, a.k INTO v_ord, v_key
+            FROM jsonb_array_elements(p_specs) WITH ORDINALITY AS e(s, ord),
+                 jsonb_array_elements_text(coalesce(nullif(e.s->'after', 'null'), '[]')) AS a(k)
+            WHERE NOT coalesce(v_keys ? a.k, false)
+            ORDER BY e.ord LIMIT 1;
+            RAISE EXCEPTION '%: after names unknown key "%"', pgqueue._spec_where(p_label, v_ord, p_single), v_key
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
     END IF;
 
     -- A cycle among "after" lists would leave every job on it waiting forever.
-    -- Every node on a cycle has an after list of its own, so edges into a spec
-    -- without one are left out: a fan-out's join after N children walks nothing.
-    WITH RECURSIVE edge(k, dep) AS (
-        SELECT e.s->>'key', a.k
-        FROM jsonb_array_elements(p_specs) e(s),
-             jsonb_array_elements_text(coalesce(nullif(e.s->'after', 'null'), '[]')) a(k)
-        WHERE e.s ? 'key'
-          AND a.k IN (SELECT o.s->>'key' FROM jsonb_array_elements(p_specs) o(s)
-                      WHERE jsonb_array_length(coalesce(nullif(o.s->'after', 'null'), '[]')) > 0)
-    ), reach(start, node) AS (
-        SELECT k, dep FROM edge
-        UNION
-        SELECT r.start, e.dep FROM reach r JOIN edge e ON e.k = r.node
-    )
-    SELECT start INTO v_key FROM reach WHERE start = node LIMIT 1;
-    IF v_key IS NOT NULL THEN
-        RAISE EXCEPTION '%: the after lists form a cycle through key "%"', p_label, v_key
-            USING ERRCODE = 'invalid_parameter_value';
+    -- Every node on a cycle has an after list and is named in one, so unless
+    -- an after list names a spec with an after list (v_chained) there is none:
+    -- a fan-out's join after N children walks nothing.
+    IF v_chained THEN
+        WITH RECURSIVE edge(k, dep) AS (
+            SELECT e.s->>'key', a.k
+            FROM jsonb_array_elements(p_specs) e(s),
+                 jsonb_array_elements_text(coalesce(nullif(e.s->'after', 'null'), '[]')) a(k)
+            WHERE e.s ? 'key' AND (v_keys->>a.k)::boolean
+        ), reach(start, node) AS (
+            SELECT k, dep FROM edge
+            UNION
+            SELECT r.start, e.dep FROM reach r JOIN edge e ON e.k = r.node
+        )
+        SELECT start INTO v_key FROM reach WHERE start = node LIMIT 1;
+        IF v_key IS NOT NULL THEN
+            RAISE EXCEPTION '%: the after lists form a cycle through key "%"', p_label, v_key
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
     END IF;
 
-    PERFORM pgqueue._check_nested_specs(p_specs, p_label, p_single);
+    IF v_nested THEN
+        PERFORM pgqueue._check_nested_specs(p_specs, p_label, p_single);
+    END IF;
 END
 $$;
 
