@@ -16,7 +16,7 @@ from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
 
-from pgqueue.dsn import dumps
+from pgqueue.dsn import dumps, id_array
 from pgqueue.job import Job, Spec
 from pgqueue.pipeline import Pipeline, PipelineStatus, cancel_pipeline, pipeline_status
 
@@ -32,7 +32,7 @@ SELECT pgqueue.enqueue(
     job_type => $1, payload => $2::text::jsonb, queue => $3, scope => $4::text::jsonb,
     dedup_key => $5, run_after => coalesce($6::timestamptz, now() + $7::interval),
     priority => $8, max_attempts => $9, pipeline_id => $10::uuid,
-    next_jobs => $11::text::jsonb, depends_on => $12::bigint[])
+    next_jobs => $11::text::jsonb, depends_on => $12::text::bigint[])
 """
 _ENQUEUE_MANY_SQL = "SELECT id FROM pgqueue.enqueue_many($1::text::jsonb) AS id"
 # The typed fast path. Payloads and scopes travel as one JSON array each (one json.dumps
@@ -169,7 +169,7 @@ class App:
             max_attempts,
             None if pipeline_id is None else str(pipeline_id),
             None if next_jobs is None else dumps([dict(s) for s in next_jobs]),
-            None if depends_on is None else list(depends_on),
+            None if depends_on is None else id_array(depends_on),
         )
         return job_id
 

@@ -39,6 +39,7 @@ from typing import Literal, TypeVar
 import anyio
 import asyncpg
 
+from pgqueue.dsn import id_array
 from pgqueue.job import Job
 from pgqueue.worker import bounded
 from pgqueue.worker.retry import Backoff, Outage, is_connection_error, is_transient_error
@@ -72,7 +73,7 @@ class _GivenUp(enum.Enum):
 _GIVEN_UP: Literal[_GivenUp.GIVEN_UP] = _GivenUp.GIVEN_UP
 
 _COMPLETE_MANY = (
-    "SELECT pgqueue.complete_many(worker => $1, job_ids => $2::bigint[],"
+    "SELECT pgqueue.complete_many(worker => $1, job_ids => $2::text::bigint[],"
     " results => $3::text[]::jsonb[], next_jobs => $4::text[]::jsonb[])"
 )
 _FAIL = "SELECT pgqueue.fail(job_id => $1, worker => $2, error => $3)"
@@ -82,7 +83,7 @@ _RELEASE = "SELECT pgqueue.release(job_id => $1, worker => $2)"
 # it 'succeeded', so this names exactly the jobs our own writes completed.
 _SUCCEEDED_BY = (
     "SELECT id FROM pgqueue.jobs"
-    " WHERE id = ANY($2::bigint[]) AND state = 'succeeded' AND locked_by = $1"
+    " WHERE id = ANY($2::text::bigint[]) AND state = 'succeeded' AND locked_by = $1"
 )
 
 
@@ -227,11 +228,13 @@ class Completer:
             next_jobs = [i.next_jobs for i in batch]
 
             async def op(conn: asyncpg.Connection, retried: bool) -> set[int]:
-                rows = await conn.fetch(_COMPLETE_MANY, self.worker_id, ids, results, next_jobs)
+                rows = await conn.fetch(
+                    _COMPLETE_MANY, self.worker_id, id_array(ids), results, next_jobs
+                )
                 done = {row[0] for row in rows}
                 if len(done) < len(ids):
                     missing = [i for i in ids if i not in done]
-                    rows = await conn.fetch(_SUCCEEDED_BY, self.worker_id, missing)
+                    rows = await conn.fetch(_SUCCEEDED_BY, self.worker_id, id_array(missing))
                     done.update(row[0] for row in rows)
                 return done
 

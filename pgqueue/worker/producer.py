@@ -16,6 +16,7 @@ from dataclasses import fields
 import anyio
 import asyncpg
 
+from pgqueue.dsn import id_array
 from pgqueue.job import Job, job_from_row
 from pgqueue.worker import bounded
 from pgqueue.worker.executor import Executor
@@ -33,7 +34,7 @@ STATEMENT_TIMEOUT = 30.0
 # Jobs running under this worker that it does not know it holds (see _release_lost_claims).
 _UNKNOWN_HELD = (
     "SELECT id FROM pgqueue.jobs"
-    " WHERE state = 'running' AND locked_by = $1 AND id <> ALL($2::bigint[]) ORDER BY id"
+    " WHERE state = 'running' AND locked_by = $1 AND id <> ALL($2::text::bigint[]) ORDER BY id"
 )
 _RELEASE = "SELECT pgqueue.release(job_id => $1, worker => $2)"
 # Before sleeping: the same claim, registered as waiting (settings.notify = when_waiting).
@@ -173,7 +174,7 @@ class Producer:
         for this worker between the look and the releases.
         """
         with anyio.fail_after(STATEMENT_TIMEOUT):
-            lost = await conn.fetch(_UNKNOWN_HELD, self.worker_id, list(self.executor.held))
+            lost = await conn.fetch(_UNKNOWN_HELD, self.worker_id, id_array(self.executor.held))
             for row in lost:
                 released = await conn.fetchval(_RELEASE, row["id"], self.worker_id)
                 self.logger.warning(
