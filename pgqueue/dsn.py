@@ -12,6 +12,7 @@ import datetime
 import inspect
 import json
 import json.scanner
+import operator
 import os
 import uuid
 from collections.abc import Callable, Iterable
@@ -44,14 +45,20 @@ def id_array(ids: Iterable[int]) -> str:
     asyncpg knows the binary form of only a few array types (text[] and oid[]) without asking
     the server; for any other it runs a catalog query, 8-12 ms here, on every new connection
     the first time a statement uses one: the first enqueue with a bigint[] parameter, or a
-    worker's first completion on each pooled connection. Text needs no such lookup. Only ints
-    are accepted (not bools), so the text is always a valid array of ids.
+    worker's first completion on each pooled connection. Text needs no such lookup. Anything
+    integral is taken (int subclasses, IntEnum members, numpy integers, as asyncpg took them)
+    except bools and floats, so the text is always an array of integers.
     """
-    items = list(ids)
-    for item in items:
-        if type(item) is not int:
-            raise TypeError(f"a job id must be an int, got {item!r}")
-    return "{" + ",".join(map(str, items)) + "}"
+    return "{" + ",".join(str(_job_id(item)) for item in ids) + "}"
+
+
+def _job_id(item: Any) -> int:
+    if isinstance(item, bool):
+        raise TypeError(f"a job id must be an integer, got {item!r}")
+    try:
+        return operator.index(item)
+    except TypeError:
+        raise TypeError(f"a job id must be an integer, got {item!r}") from None
 
 
 def _json_default(value: Any) -> Any:

@@ -175,8 +175,8 @@ BEGIN
     -- jsonb_object_agg keeps one entry per key: fewer entries than keyed specs
     -- means a key is used twice.
     IF v_nkeys > 0 AND v_nkeys <> (SELECT count(*) FROM jsonb_object_keys(v_keys)) THEN
-        SELECT e.s->>'key' INTO v_key FROM jsonb_array_elements(p_specs) e(s)
-        WHERE jsonb_typeof(e.s->'key') = 'string' GROUP BY 1 HAVING count(*) > 1 ORDER BY 1 LIMIT 1;
+        SELECT e.s->>'key' INTO v_key FROM jsonb_array_elements(p_specs) WITH ORDINALITY AS e(s, ord)
+        WHERE jsonb_typeof(e.s->'key') = 'string' GROUP BY 1 HAVING count(*) > 1 ORDER BY min(e.ord) LIMIT 1;
         RAISE EXCEPTION '%: key "%" is used by more than one spec', p_label, v_key
             USING ERRCODE = 'invalid_parameter_value';
     END IF;

@@ -9,6 +9,9 @@ connection. Job ids therefore travel as array text (``pgqueue.dsn.id_array``).
 
 from __future__ import annotations
 
+from enum import IntEnum
+
+import anyio.lowlevel
 import asyncpg
 import pytest
 
@@ -42,10 +45,13 @@ async def test_statement_needs_no_type_lookup(db_dsn: str, name: str) -> None:
     try:
         queries = _type_lookups(conn)
         await conn.prepare(PER_JOB_STATEMENTS[name])
+        # asyncpg hands query loggers to the event loop (call_soon): let them run.
+        await anyio.lowlevel.checkpoint()
         assert not [q for q in queries if "typeinfo_tree" in q]
         # The control: a bigint[] parameter does make asyncpg look its type up, and the
         # logger sees it (else the assertion above could not fail).
         await conn.prepare("SELECT $1::bigint[]")
+        await anyio.lowlevel.checkpoint()
         assert [q for q in queries if "typeinfo_tree" in q]
     finally:
         await conn.close()
@@ -63,8 +69,10 @@ async def test_enqueue_and_complete_with_ids_on_fresh_connections(db_dsn: str) -
         assert await conn.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", second) == (
             "waiting"
         )
-        with pytest.raises(TypeError, match="job id must be an int"):
-            await app.enqueue(conn, "c", depends_on=[True])  # type: ignore[list-item]
+        with pytest.raises(TypeError, match="job id must be an integer"):
+            await app.enqueue(conn, "c", depends_on=[True])
+        with pytest.raises(TypeError, match="job id must be an integer"):
+            await app.enqueue(conn, "c", depends_on=[3.0])  # type: ignore[list-item]
         await conn.fetch(_CLAIM, "w1", None, 1)
         done = await conn.fetch(_COMPLETE_MANY, "w1", pgqueue_dsn.id_array([first]), [None], [None])
         assert [r[0] for r in done] == [first]
@@ -72,5 +80,6 @@ async def test_enqueue_and_complete_with_ids_on_fresh_connections(db_dsn: str) -
             "queued"
         )
         assert pgqueue_dsn.id_array([]) == "{}"
+        assert pgqueue_dsn.id_array([IntEnum("Ids", {"A": 7}).A, 8]) == "{7,8}"
     finally:
         await conn.close()
