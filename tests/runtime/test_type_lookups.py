@@ -1,10 +1,12 @@
-"""The statements pgqueue sends per job need no asyncpg type lookup on a new connection.
+"""The statements pgqueue sends per job (or batch) need no asyncpg type lookup on a new
+connection.
 
 asyncpg encodes and decodes only a few array types (text[], oid[]) without asking the server;
 for any other it first runs a catalog query (``WITH RECURSIVE typeinfo_tree ...``, 8-12 ms on
 the development machine), once per connection and type. Every new application connection
 would pay it on its first ``enqueue``, and a worker on its first completion per pooled
-connection. Job ids therefore travel as array text (``pgqueue.dsn.id_array``).
+connection. Job ids, and the typed enqueue_many's integer and timestamp columns, therefore
+travel as text.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ import pytest
 
 import pgqueue
 from pgqueue import dsn as pgqueue_dsn
-from pgqueue.app import _ENQUEUE_SQL
+from pgqueue.app import _ENQUEUE_MANY_SQL, _ENQUEUE_ROWS_SQL, _ENQUEUE_SQL
 from pgqueue.worker.completer import _COMPLETE_MANY, _FAIL, _RELEASE, _SUCCEEDED_BY
 from pgqueue.worker.producer import _CLAIM, _CLAIM_OR_WAIT, _UNKNOWN_HELD
 
 PER_JOB_STATEMENTS = {
     "enqueue": _ENQUEUE_SQL,
+    "enqueue_many": _ENQUEUE_MANY_SQL,
+    "enqueue_many_typed": _ENQUEUE_ROWS_SQL,
     "claim": _CLAIM,
     "claim_or_wait": _CLAIM_OR_WAIT,
     "complete_many": _COMPLETE_MANY,
