@@ -51,13 +51,19 @@ def run_examples(dsn: str, psql: str, blocks: list[str]) -> list[str]:
 def clean(output: str) -> str:
     lines: list[str] = []
     in_follow_up = False
+    in_statement = False  # inside a CONTEXT's quoted, multi-line "SQL statement" text
     for line in output.splitlines():
+        if in_statement:
+            in_statement = not line.endswith('"')
+            continue
         if line.startswith(FOLLOW_UPS):
             in_follow_up = True
+            in_statement = _opens_statement(line.removeprefix("CONTEXT:  "))
             continue
         if in_follow_up and (
             line.startswith(FOLLOW_UP_BODY) or line.startswith(" " * 8) or re.match(r"\s+\^$", line)
         ):
+            in_statement = _opens_statement(line)
             continue
         in_follow_up = False
         line = re.sub(r"server process with PID \d+", "server process with PID 4242", line)
@@ -65,6 +71,11 @@ def clean(output: str) -> str:
     while lines and not lines[-1]:
         lines.pop()
     return "\n".join(lines) + "\n"
+
+
+def _opens_statement(line: str) -> bool:
+    """A CONTEXT line quoting a statement whose text goes on over the next lines."""
+    return line.startswith('SQL statement "') and not line.endswith('"')
 
 
 def compare(page: Path, dsn: str, psql: str, write: bool) -> list[str]:

@@ -611,11 +611,15 @@ COMMENT ON FUNCTION pgqueue.enqueue(text, jsonb, text, jsonb, text, timestamptz,
     'creating another. With depends_on, the job waits until those jobs succeed. next_jobs are created when it '
     'succeeds. Bad input raises an error naming the parameter and writes nothing.';
 
+-- PL/pgSQL for its cached plan, as complete_many (05_finish.sql): a SQL body
+-- that cannot be inlined is planned again on every call.
 CREATE FUNCTION pgqueue.enqueue_many(specs jsonb) RETURNS SETOF bigint
-LANGUAGE sql AS $$
-    SELECT u.id FROM unnest(pgqueue._insert_specs(specs, NULL, NULL, 'pgqueue.enqueue_many'))
+LANGUAGE plpgsql AS $$
+BEGIN
+    RETURN QUERY SELECT u.id FROM unnest(pgqueue._insert_specs(specs, NULL, NULL, 'pgqueue.enqueue_many'))
         WITH ORDINALITY AS u(id, ord)
-    ORDER BY u.ord
+    ORDER BY u.ord;
+END
 $$;
 COMMENT ON FUNCTION pgqueue.enqueue_many(jsonb) IS
     'Create many jobs in one statement (one notification per queue) from an array of specs: objects with '
