@@ -133,7 +133,8 @@ DECLARE
     v_spec jsonb;
     v_run_after boolean;
     v_nested boolean;
-    v_after boolean;
+    v_after boolean;   -- some spec has an after list
+    v_known boolean;   -- every name in the after lists is a key
     v_keys jsonb;      -- {key: whether that spec has an after list}
     v_nkeys bigint;
     v_chained boolean;
@@ -185,9 +186,9 @@ BEGIN
         -- Every name in an after list must be a key (a lookup in v_keys each);
         -- v_chained: some after list names a spec that has one of its own.
         SELECT bool_and(coalesce(v_keys ? a.k, false)), bool_or(coalesce((v_keys->>a.k)::boolean, false))
-          INTO v_after, v_chained
+          INTO v_known, v_chained
           FROM jsonb_path_query(p_specs, '$[*].after[*] ? (@.type() == "string")') AS n(v), LATERAL (SELECT n.v #>> '{}' AS k) a;
-        IF NOT v_after THEN
+        IF NOT v_known THEN
             SELECT e.ord, a.k INTO v_ord, v_key
             FROM jsonb_array_elements(p_specs) WITH ORDINALITY AS e(s, ord),
                  jsonb_array_elements_text(coalesce(nullif(e.s->'after', 'null'), '[]')) AS a(k)
