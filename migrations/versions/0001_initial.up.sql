@@ -1655,18 +1655,33 @@ COMMENT ON FUNCTION pgqueue.release(bigint, text) IS
     'Give a running job back unfinished (shutdown): queued again at once, the attempt not counted. '
     'Returns false, changing nothing, if the job is not running under this worker.';
 
+-- SKIP LOCKED: a lease is refreshed for the worker, not by it, so a row
+-- another transaction holds must not hold up the others. A plain UPDATE waited
+-- behind any row lock on any of the worker's jobs (an operator's SELECT ... FOR
+-- UPDATE, an application transaction that enqueued a dependent of a running job
+-- and holds it FOR SHARE until commit): every beat timed out and all of the
+-- worker's leases went stale together. recover_stale skips locked rows too, so
+-- the skipped job is refreshed by a later beat. PL/pgSQL so that the plan is
+-- kept for the session.
 CREATE FUNCTION pgqueue.heartbeat(worker text) RETURNS int
-LANGUAGE sql AS $$
-    WITH refreshed AS (
-        UPDATE pgqueue.jobs j SET locked_at = now()
-        WHERE j.state = 'running' AND j.locked_by = heartbeat.worker
-        RETURNING 1
-    )
-    SELECT count(*)::int FROM refreshed
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_count int;
+BEGIN
+    UPDATE pgqueue.jobs j SET locked_at = now()
+    WHERE j.id = ANY (ARRAY(SELECT h.id FROM pgqueue.jobs h
+                            WHERE h.state = 'running' AND h.locked_by = heartbeat.worker
+                            FOR NO KEY UPDATE SKIP LOCKED))
+      AND j.state = 'running' AND j.locked_by = heartbeat.worker;
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    RETURN v_count;
+END
 $$;
 COMMENT ON FUNCTION pgqueue.heartbeat(text) IS
     'Refresh the lease (locked_at) of every job running under worker; returns how many. Workers call it well '
-    'within settings.stale_after so healthy long jobs are never recovered.';
+    'within settings.stale_after so healthy long jobs are never recovered. Never waits: a job whose row another '
+    'transaction holds locked is skipped this time (recover_stale skips it too).';
 
 -- ==== sql/06_maintenance.sql ====
 -- =============================================================================

@@ -23,6 +23,13 @@ class Mutant:
 
 
 MUTANTS: dict[str, Mutant] = {
+    # heartbeat waiting for every row lock: one locked job holds up all the worker's leases.
+    "heartbeat_waits": Mutant(
+        "pgqueue.heartbeat(text)",
+        "FOR NO KEY UPDATE SKIP LOCKED",
+        "FOR NO KEY UPDATE",
+        "test_recovery_races.py::test_heartbeat_skips_a_job_locked_elsewhere_instead_of_waiting",
+    ),
     # claim by id without the conditional state check: every claimer wins.
     "claim_unconditional": Mutant(
         "pgqueue.claim(bigint,text)",

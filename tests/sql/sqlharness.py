@@ -82,6 +82,25 @@ async def wait_blocked(observer: asyncpg.Connection, *sessions_: Session) -> Non
         await asyncio.sleep(0.005)  # polling interval of the observer, not a synchronisation
 
 
+async def finishes_unblocked(
+    observer: asyncpg.Connection, session: Session, step: Awaitable[T]
+) -> T:
+    """Await a step that must never wait for a lock: fails the test as soon as the session is
+    seen waiting on another backend (or at the deadline), instead of hanging until the
+    holder lets go."""
+    task = asyncio.ensure_future(step)
+    deadline = time.monotonic() + BLOCK_TIMEOUT
+    while not task.done():
+        if await observer.fetchval("SELECT cardinality(pg_blocking_pids($1)) > 0", session.pid):
+            task.cancel()
+            raise AssertionError(f"session {session.name} waited for a lock")
+        if time.monotonic() > deadline:
+            task.cancel()
+            raise AssertionError(f"session {session.name} never finished")
+        await asyncio.wait({task}, timeout=0.005)  # the observer's polling interval
+    return task.result()
+
+
 async def lock_wait_kind(observer: asyncpg.Connection, session: Session) -> str | None:
     """The lock type a session waits for (``advisory``, ``transactionid``, ``tuple``...), if any."""
     return await observer.fetchval(

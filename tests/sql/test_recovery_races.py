@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from sqlharness import Connect, sessions, wait_blocked
+import asyncpg
+import pytest
+from sqlharness import Connect, finishes_unblocked, sessions, wait_blocked
 
 STALE = "UPDATE pgqueue.jobs SET locked_at = now() - interval '1 hour' WHERE id = $1"
 
@@ -97,6 +99,37 @@ async def test_heartbeat_keeps_long_job_and_stale_after_comes_from_settings(
         r[0] for r in await conn.fetch("SELECT pgqueue.recover_stale(interval '5 minutes')")
     ] == [other]
     assert await conn.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", job) == "running"
+
+
+async def test_heartbeat_skips_a_job_locked_elsewhere_instead_of_waiting(connect: Connect) -> None:
+    """An application transaction that enqueued a dependent of a running job holds that job
+    FOR SHARE until it commits. The worker's heartbeat must not queue behind it: a waiting
+    beat refreshes none of the worker's leases, and they all go stale together."""
+    observer, app, beat = await sessions(connect, "obs", "app", "beat")
+    held = await observer.fetchval("SELECT pgqueue.enqueue('t')")
+    free = await observer.fetchval("SELECT pgqueue.enqueue('t')")
+    for job in (held, free):
+        await observer.fetch("SELECT id FROM pgqueue.claim($1, 'w')", job)
+        await observer.conn.execute(STALE, job)
+    await app.begin()
+    await app.fetchval("SELECT pgqueue.enqueue('child', depends_on => ARRAY[$1]::bigint[])", held)
+    with pytest.raises(asyncpg.LockNotAvailableError):  # the row lock is really held
+        await observer.fetch("SELECT 1 FROM pgqueue.jobs WHERE id = $1 FOR UPDATE NOWAIT", held)
+
+    assert (
+        await finishes_unblocked(
+            observer.conn, beat, beat.fetchval("SELECT pgqueue.heartbeat('w')")
+        )
+        == 1
+    )
+    fresh = "SELECT id FROM pgqueue.jobs WHERE state = 'running' AND locked_at > now() - interval '1 minute'"
+    assert [r["id"] for r in await observer.fetch(fresh)] == [free]
+    # Recovery skips the locked row as well: nothing is requeued under the live worker.
+    assert await observer.fetch("SELECT pgqueue.recover_stale()") == []
+
+    await app.commit()
+    assert await beat.fetchval("SELECT pgqueue.heartbeat('w')") == 2
+    assert sorted(r["id"] for r in await observer.fetch(fresh)) == sorted([held, free])
 
 
 async def test_release_gives_back_without_counting_the_attempt(connect: Connect) -> None:
