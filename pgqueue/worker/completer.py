@@ -10,6 +10,12 @@ returned); a batch that PostgreSQL refuses is written again one job at a time, a
 refused on its own (a result it cannot store, a bad next_jobs spec) goes to the ``refused``
 callback, which fails the attempt with the error.
 
+One job must not hold up the others. A success write waits at most :data:`LOCK_WAIT` for a
+lock (an operator's ``SELECT ... FOR UPDATE`` on the row, an application transaction that
+enqueued a dependent of the job and holds it ``FOR SHARE`` until it commits); a batch cut
+short is written job by job, and a single success that is still cut short is retried in a
+task of its own, with backoff, while the flusher goes on with the next batches.
+
 Every write runs in a shielded cancel scope: a shutdown that cancels the handlers cannot
 cancel the write that records what they did. Each try is bounded (:data:`WRITE_TIMEOUT`, see
 :mod:`pgqueue.worker.bounded`), so a half-open connection cannot hold a write, and with it
@@ -37,6 +43,7 @@ from dataclasses import dataclass
 from typing import Literal, TypeVar
 
 import anyio
+import anyio.abc
 import asyncpg
 
 from pgqueue.dsn import id_array
@@ -54,6 +61,11 @@ T = TypeVar("T")
 # next_jobs) would be retried until shutdown.
 WRITE_TIMEOUT = 30.0
 MAX_BATCH = 500
+# Bound on each lock wait of a success write (the session's lock_timeout, if smaller, wins).
+# Every lock complete_many takes is held for milliseconds by pgqueue's own transactions, so a
+# longer wait means another transaction keeps one of these rows, and the write is better
+# retried later than left to hold up the worker's other successes.
+LOCK_WAIT = "2s"
 # Returned by Completer.fail in place of the job's state: see there.
 UNKNOWN = "unknown"
 
@@ -72,9 +84,14 @@ class _GivenUp(enum.Enum):
 
 _GIVEN_UP: Literal[_GivenUp.GIVEN_UP] = _GivenUp.GIVEN_UP
 
+# The FROM item runs before the select list, and set_config(..., true) lasts until the end of
+# the statement's own transaction: one round trip, as without the bound.
 _COMPLETE_MANY = (
     "SELECT pgqueue.complete_many(worker => $1, job_ids => $2::text::bigint[],"
     " results => $3::text[]::jsonb[], next_jobs => $4::text[]::jsonb[])"
+    " FROM set_config('lock_timeout', CASE WHEN current_setting('lock_timeout')::interval"
+    " BETWEEN '1 microsecond' AND $5::text::interval THEN current_setting('lock_timeout')"
+    " ELSE $5::text END, true)"
 )
 _FAIL = "SELECT pgqueue.fail(job_id => $1, worker => $2, error => $3)"
 _RELEASE = "SELECT pgqueue.release(job_id => $1, worker => $2)"
@@ -117,7 +134,9 @@ class Completer:
         # stays down cannot hold the process forever (stale recovery takes over).
         self.give_up_at = math.inf
         self._pending: list[Success] = []
-        self._in_flight = 0  # successes taken by the flusher and not yet reported
+        # Successes taken by the flusher (or a retry of its own) and not yet reported.
+        self._in_flight = 0
+        self._retries: anyio.abc.TaskGroup | None = None  # see _retry_alone
         self._kick = anyio.Event()
         self._flushed = Wake()
         self._recorded: Callable[[Success, bool], None] = _unattached_recorded
@@ -148,18 +167,18 @@ class Completer:
 
     async def run(self) -> None:
         """The flusher: write pending successes in batches until cancelled."""
-        while True:
-            await self._kick.wait()
-            self._kick = anyio.Event()
-            while self._pending:
-                batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
-                self._in_flight = len(batch)
-                try:
-                    with anyio.CancelScope(shield=True):
-                        await self._flush(batch)
-                finally:
-                    self._in_flight = 0
-                    self._flushed.set()
+        async with anyio.create_task_group() as self._retries:
+            while True:
+                await self._kick.wait()
+                self._kick = anyio.Event()
+                while self._pending:
+                    batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+                    self._in_flight += len(batch)
+                    try:
+                        with anyio.CancelScope(shield=True):
+                            await self._flush(batch, alone=False)
+                    finally:
+                        self._flushed.set()
 
     def add_success(
         self, job: Job, result: str | None, next_jobs: str | None, duration: float
@@ -203,14 +222,15 @@ class Completer:
         outcome = await self._write(f"the release of job {job.id}", op)
         return False if outcome is _GIVEN_UP else outcome
 
-    async def _flush(self, batch: list[Success]) -> None:
+    async def _flush(self, batch: list[Success], *, alone: bool) -> None:
         """Write one batch; if PostgreSQL refuses it, write its jobs one by one to find why.
 
         A batch that was cut short (timed out, or interrupted by the server: a
-        ``statement_timeout``, a ``lock_timeout``) is written one by one too, instead of
-        retried whole: a batch too big for the bound would fail the same way every time,
-        and retrying it would stall every success of this worker. Each single write then
-        retries such errors itself.
+        ``statement_timeout``, the :data:`LOCK_WAIT` bound) is written one by one too,
+        instead of retried whole: a batch too big for the bound would fail the same way
+        every time, and retrying it would stall every success of this worker. A single
+        write cut short again goes to :meth:`_retry_alone`, unless ``alone`` (it is that
+        retry), in which case it retries such errors itself.
 
         A job missing from ``complete_many``'s answer is either no longer held by this
         worker (lease lost) or already completed by this worker: by an earlier try whose
@@ -229,7 +249,7 @@ class Completer:
 
             async def op(conn: asyncpg.Connection, retried: bool) -> set[int]:
                 rows = await conn.fetch(
-                    _COMPLETE_MANY, self.worker_id, id_array(ids), results, next_jobs
+                    _COMPLETE_MANY, self.worker_id, id_array(ids), results, next_jobs, LOCK_WAIT
                 )
                 done = {row[0] for row in rows}
                 if len(done) < len(ids):
@@ -238,14 +258,16 @@ class Completer:
                     done.update(row[0] for row in rows)
                 return done
 
-            held = await self._write(what, op, whole=len(batch) == 1)
+            held = await self._write(what, op, whole=alone)
         except Exception as exc:
-            if len(batch) == 1:
+            if len(batch) > 1:
+                for item in batch:
+                    await self._flush([item], alone=False)
+            elif is_transient_error(exc):  # cut short, not refused
+                self._retry_alone(batch[0])
+            else:
                 self._in_flight -= 1
                 await self._refused(batch[0], exc)
-                return
-            for item in batch:
-                await self._flush([item])
             return
         recorded = self._recorded
         if held is _GIVEN_UP:
@@ -256,6 +278,21 @@ class Completer:
         for item in batch:
             self._in_flight -= 1  # counted down first: the callback sees what is left
             recorded(item, item.job.id in held)
+
+    def _retry_alone(self, item: Success) -> None:
+        """Retry a success that keeps being cut short (its row locked by another transaction
+        for longer than :data:`LOCK_WAIT`) in a task of its own, until it lands or fencing
+        refuses it, so that the flusher writes the worker's other successes meanwhile."""
+        assert self._retries is not None, "Completer.run() is not running"
+
+        async def retry() -> None:
+            try:
+                with anyio.CancelScope(shield=True):
+                    await self._flush([item], alone=True)
+            finally:
+                self._flushed.set()
+
+        self._retries.start_soon(retry, name=f"pgqueue retry of job {item.job.id}")
 
     async def _write(
         self,

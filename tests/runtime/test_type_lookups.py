@@ -20,7 +20,7 @@ import pytest
 import pgqueue
 from pgqueue import dsn as pgqueue_dsn
 from pgqueue.app import _ENQUEUE_MANY_SQL, _ENQUEUE_ROWS_SQL, _ENQUEUE_SQL
-from pgqueue.worker.completer import _COMPLETE_MANY, _FAIL, _RELEASE, _SUCCEEDED_BY
+from pgqueue.worker.completer import _COMPLETE_MANY, _FAIL, _RELEASE, _SUCCEEDED_BY, LOCK_WAIT
 from pgqueue.worker.producer import _CLAIM, _CLAIM_OR_WAIT, _UNKNOWN_HELD
 
 PER_JOB_STATEMENTS = {
@@ -78,7 +78,9 @@ async def test_enqueue_and_complete_with_ids_on_fresh_connections(db_dsn: str) -
         with pytest.raises(TypeError, match="job id must be an integer"):
             await app.enqueue(conn, "c", depends_on=[3.0])  # type: ignore[list-item]
         await conn.fetch(_CLAIM, "w1", None, 1)
-        done = await conn.fetch(_COMPLETE_MANY, "w1", pgqueue_dsn.id_array([first]), [None], [None])
+        done = await conn.fetch(
+            _COMPLETE_MANY, "w1", pgqueue_dsn.id_array([first]), [None], [None], LOCK_WAIT
+        )
         assert [r[0] for r in done] == [first]
         assert await conn.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", second) == (
             "queued"

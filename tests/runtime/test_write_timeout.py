@@ -243,6 +243,64 @@ async def test_batch_cut_short_is_written_job_by_job(
     ]
 
 
+async def test_a_success_behind_a_held_row_lock_does_not_hold_up_later_ones(
+    conn: asyncpg.Connection,
+    connect: Any,
+    db_dsn: str,
+    monkeypatch: pytest.MonkeyPatch,
+    records: tuple[logging.Logger, Records],
+) -> None:
+    """An application transaction enqueues a dependent of a running job and stays open: it
+    holds the job FOR SHARE, and the job's success cannot be written until it commits. The
+    write gives up its lock wait after LOCK_WAIT and is retried on its own, while the
+    worker's later successes land. Retried in the flusher, it held every later success for
+    as long as the transaction stayed open (or, with no bound on the lock wait, for the
+    30-second write timeout at each try)."""
+    monkeypatch.setattr(completer, "LOCK_WAIT", "200ms")
+    logger, log = records
+    app = pgqueue.App()
+    gates = {"first": anyio.Event(), "later": anyio.Event()}
+
+    @app.job("gated")
+    async def gated(job: pgqueue.Job) -> dict[str, Any]:
+        await gates[job.payload["gate"]].wait()
+        return {"gate": job.payload["gate"]}
+
+    first = await app.enqueue(conn, "gated", {"gate": "first"})
+    later = await app.enqueue(conn, "gated", {"gate": "later"})
+    app_conn = await connect()
+    app_pid = await app_conn.fetchval("SELECT pg_backend_pid()")
+
+    async def blocked() -> list[int]:
+        return [r["pid"] for r in await conn.fetch(_BLOCKED_WRITES, app_pid)]
+
+    async with _worker_running(app, db_dsn, logger, concurrency=2):
+        await wait_for_states(conn, [first, later], "running")
+        async with app_conn.transaction():
+            await app_conn.fetchval(
+                "SELECT pgqueue.enqueue('child', depends_on => ARRAY[$1]::bigint[])", first
+            )
+            gates["first"].set()
+            await wait_until(blocked, what="the first success waiting on the FOR SHARE lock")
+            gates["later"].set()
+            await wait_for_states(conn, [later], "succeeded", within=10)
+            assert await conn.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", first) == (
+                "running"
+            )
+        await wait_for_states(conn, [first], "succeeded")
+        await wait_until(functools.partial(log.outcome_logged, first), what="the outcome line")
+    assert log.outcomes(first) == ["succeeded"], log.text()
+    assert log.outcomes(later) == ["succeeded"], log.text()
+    rows = await conn.fetch(
+        "SELECT attempts, result FROM pgqueue.jobs WHERE id = ANY($1::bigint[]) ORDER BY id",
+        [first, later],
+    )
+    assert [(r["attempts"], json.loads(r["result"])) for r in rows] == [
+        (1, {"gate": "first"}),
+        (1, {"gate": "later"}),
+    ]
+
+
 async def test_success_whose_reply_is_lost_is_recorded_not_lease_lost(
     conn: asyncpg.Connection,
     db_dsn: str,
