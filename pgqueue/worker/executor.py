@@ -92,7 +92,26 @@ class Executor:
             task_group.start_soon(self._runner, name=f"pgqueue runner {n}")
 
     def start(self, job: Job) -> None:
-        """Take one slot for ``job`` and hand it to a runner."""
+        """Take one slot for ``job`` and hand it to a runner.
+
+        A job this worker still holds is not started again. Leases are fenced by worker, not
+        by attempt: if this worker's lease on a job went stale (an operator lowered
+        ``stale_after`` below the heartbeat period, or no heartbeat landed in time) while its
+        handler ran or its success waited to be written, stale recovery queued the job again
+        and this worker may claim it back. The attempt still under way here then settles the
+        new claim (its outcome is written against the row, which is running under this
+        worker again), instead of a second run of the handler beside it.
+        """
+        if job.id in self.held:
+            self.logger.warning(
+                "job %d: claimed again (attempt %d) while this worker still holds its earlier"
+                " attempt, whose lease had gone stale; not run twice: the earlier attempt's"
+                " outcome settles it",
+                job.id,
+                job.attempts,
+                extra={"job_id": job.id, "job_type": job.job_type},
+            )
+            return
         self.running[job.id] = job
         self.held.add(job.id)
         self._queue.put_nowait(job)

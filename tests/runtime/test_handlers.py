@@ -267,3 +267,49 @@ async def wait_until_success_write_blocked(conn: asyncpg.Connection) -> None:
         return bool(n)
 
     await wait_until(blocked, within=10, what="the success write waiting for our row lock")
+
+
+async def test_a_job_claimed_back_while_its_stale_attempt_still_runs_is_not_run_twice(
+    conn: asyncpg.Connection, db_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Leases are fenced by worker: when recovery requeues a job whose lease went stale while
+    its handler still runs, the same worker may claim it back. The running attempt settles
+    the new claim; the handler does not start a second time beside it (which also used to
+    free the same slot twice)."""
+    app = pgqueue.App()
+    release = anyio.Event()
+    runs: list[int] = []
+
+    @app.job("long")
+    async def long(job: pgqueue.Job) -> dict[str, int]:
+        runs.append(job.attempts)
+        await release.wait()
+        return {"runs": len(runs)}
+
+    job = await app.enqueue(conn, "long")
+    caplog.set_level(logging.WARNING, logger="pgqueue")
+    async with running(app, db_dsn, concurrency=2, poll_interval=0.2) as worker:
+        await wait_for_states(conn, [job], "running")
+        await conn.execute(
+            "UPDATE pgqueue.jobs SET locked_at = now() - interval '1 hour' WHERE id = $1", job
+        )
+        assert [r[0] for r in await conn.fetch("SELECT pgqueue.recover_stale()")] == [job]
+
+        async def claimed_back() -> bool:
+            row = await conn.fetchrow(
+                "SELECT state, attempts, locked_by FROM pgqueue.jobs WHERE id = $1", job
+            )
+            return tuple(row) == ("running", 2, worker.id)
+
+        await wait_until(claimed_back, what="the worker claiming the job back")
+
+        async def warned() -> bool:
+            return "claimed again (attempt 2)" in caplog.text or len(runs) > 1
+
+        await wait_until(warned, what="the claim handled")
+        release.set()
+        await wait_for_states(conn, [job], "succeeded")
+    assert runs == [1]
+    assert "claimed again (attempt 2)" in caplog.text
+    row = await conn.fetchrow("SELECT attempts, result FROM pgqueue.jobs WHERE id = $1", job)
+    assert (row["attempts"], json.loads(row["result"])) == (2, {"runs": 1})
