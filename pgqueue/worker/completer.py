@@ -57,9 +57,11 @@ T = TypeVar("T")
 # Bound on one try of a write: acquiring a connection, then the statements. Generous (an
 # outcome write takes milliseconds, a batch of MAX_BATCH with next_jobs rarely a second):
 # past it the try is cut off and retried on a fresh connection, or, for a batch, written job
-# by job. A single write that needs longer every time (a success creating a huge number of
-# next_jobs) would be retried until shutdown.
+# by job. Each later try of a single write gets twice as long as the one before, up to
+# MAX_WRITE_STRETCH times the bound: a write that needs longer than the bound every time (a
+# success creating a huge number of next_jobs) would otherwise be cut off until shutdown.
 WRITE_TIMEOUT = 30.0
+MAX_WRITE_STRETCH = 4
 MAX_BATCH = 500
 # Bound on each lock wait of a success write (the session's lock_timeout, if smaller, wins).
 # Every lock complete_many takes is held for milliseconds by pgqueue's own transactions, so a
@@ -302,10 +304,11 @@ class Completer:
         whole: bool = True,
     ) -> T | Literal[_GivenUp.GIVEN_UP]:
         """Run ``op(conn, retried)`` on a pooled connection until it lands, each try bounded
-        by :data:`WRITE_TIMEOUT`; returns its value, or ``_GIVEN_UP`` if given up at
-        shutdown. Errors that are not transient are PostgreSQL refusing the write: raised.
-        Unless ``whole``, a try cut short (a timeout, or a statement the server
-        interrupted) is raised too, for the caller to split the write.
+        by :data:`WRITE_TIMEOUT` (doubled after each try cut off by it, see there); returns
+        its value, or ``_GIVEN_UP`` if given up at shutdown. Errors that are not transient
+        are PostgreSQL refusing the write: raised. Unless ``whole``, a try cut short (a
+        timeout, or a statement the server interrupted) is raised too, for the caller to
+        split the write.
 
         ``retried`` is False on the first try and True on every later one. A failed try
         does not say whether its statement took effect: a timeout, or a connection lost
@@ -318,10 +321,11 @@ class Completer:
         """
         backoff = Backoff(base=0.05, cap=5.0)
         retried = False
+        bound = WRITE_TIMEOUT
         with anyio.CancelScope(shield=True):
             while True:
                 try:
-                    value = await bounded.call(self.pool, WRITE_TIMEOUT, op, retried)
+                    value = await bounded.call(self.pool, bound, op, retried)
                     self.outage.ok()
                     return value
                 except Exception as exc:
@@ -331,6 +335,8 @@ class Completer:
                     self.outage.failed(exc, f"recording {what}")
                     if not whole and _cut_short(exc):
                         raise
+                    if isinstance(exc, TimeoutError):
+                        bound = min(2 * bound, MAX_WRITE_STRETCH * WRITE_TIMEOUT)
                     if time.monotonic() >= self.give_up_at:
                         self.logger.error(
                             "gave up recording %s at shutdown; stale recovery will requeue it",

@@ -301,6 +301,42 @@ async def test_a_success_behind_a_held_row_lock_does_not_hold_up_later_ones(
     ]
 
 
+async def test_a_success_that_needs_longer_than_the_write_timeout_still_lands(
+    conn: asyncpg.Connection,
+    db_dsn: str,
+    monkeypatch: pytest.MonkeyPatch,
+    records: tuple[logging.Logger, Records],
+) -> None:
+    """A success whose write takes longer than the write timeout every time (here: its
+    follow-up's insert is slowed down by a trigger) is cut off, and each later try gets
+    twice as long, until one is long enough. With a fixed bound it was cut off at every try
+    until the worker stopped."""
+    monkeypatch.setattr(completer, "WRITE_TIMEOUT", 0.3)
+    await conn.execute(
+        """
+        CREATE FUNCTION public.slow_child() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN PERFORM pg_sleep(0.5); RETURN NEW; END $$;
+        CREATE TRIGGER slow_child BEFORE INSERT ON pgqueue.jobs
+            FOR EACH ROW WHEN (NEW.job_type = 'slow_child') EXECUTE FUNCTION public.slow_child();
+        """
+    )
+    logger, log = records
+    app = pgqueue.App()
+
+    @app.job("parent")
+    async def parent(job: pgqueue.Job) -> pgqueue.Result:
+        return pgqueue.Result({"n": 7}).then(pgqueue.Spec("slow_child"))
+
+    job = await app.enqueue(conn, "parent")
+    async with _worker_running(app, db_dsn, logger):
+        await wait_for_states(conn, [job], "succeeded", within=20)
+        await wait_until(functools.partial(log.outcome_logged, job), what="the outcome line")
+    await _assert_succeeded_once(conn, job, log)
+    assert log.count(f"recording the success of job {job} (TimeoutError") == 1, log.text()
+    children = await conn.fetch("SELECT job_type FROM pgqueue.jobs WHERE parent_id = $1", job)
+    assert [r["job_type"] for r in children] == ["slow_child"]
+
+
 async def test_success_whose_reply_is_lost_is_recorded_not_lease_lost(
     conn: asyncpg.Connection,
     db_dsn: str,
