@@ -35,6 +35,11 @@ Ts = TypeVarTuple("Ts")
 CANCEL_WAIT = 5.0
 
 
+class NoAnswer(TimeoutError):
+    """The statement was sent and no answer came within the bound (as opposed to a
+    ``TimeoutError`` while waiting for a pooled connection)."""
+
+
 async def call(
     pool: asyncpg.Pool,
     bound: float,
@@ -45,10 +50,10 @@ async def call(
     acquire and ``bound`` more for ``op`` (however many statements it runs).
 
     Raises ``TimeoutError`` (which :func:`~pgqueue.worker.retry.is_connection_error`
-    counts) once either is exceeded. If ``op`` was cut off, its connection is
-    :func:`discard`-ed, so a retry gets another one. Whether its statement took effect is
-    then unknown: it may have committed just before the deadline, or its reply may have
-    been lost on the way back.
+    counts) once either is exceeded: :class:`NoAnswer` for ``op``. If ``op`` was cut off,
+    its connection is :func:`discard`-ed, so a retry gets another one. Whether its
+    statement took effect is then unknown: it may have committed just before the deadline,
+    or its reply may have been lost on the way back.
     """
     async with pool.acquire(timeout=bound) as conn:
         try:
@@ -56,7 +61,7 @@ async def call(
                 return await op(conn, *args)
         except TimeoutError:
             await discard(conn)
-            raise TimeoutError(f"no answer from the database within {bound:g}s") from None
+            raise NoAnswer(f"no answer from the database within {bound:g}s") from None
 
 
 async def discard(conn: asyncpg.Connection) -> None:

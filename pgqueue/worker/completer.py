@@ -34,6 +34,7 @@ release is reported as unknown rather than as a lost lease.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import math
@@ -62,6 +63,12 @@ T = TypeVar("T")
 # success creating a huge number of next_jobs) would otherwise be cut off until shutdown.
 WRITE_TIMEOUT = 30.0
 MAX_WRITE_STRETCH = 4
+# At shutdown each try is bounded by what is left of the final window instead, but is given
+# at least this long.
+MIN_TRY = 1.0
+# Successes set aside by the flusher (see Completer._retry_alone) try at most this many at
+# a time, so that rows held for long cannot take every pooled connection.
+RETRY_TRIES = 2
 MAX_BATCH = 500
 # Bound on each lock wait of a success write (the session's lock_timeout, if smaller, wins).
 # Every lock complete_many takes is held for milliseconds by pgqueue's own transactions, so a
@@ -73,9 +80,16 @@ UNKNOWN = "unknown"
 
 
 def _cut_short(exc: BaseException) -> bool:
-    """A transient error that stopped the statement before it finished: a timeout, or an
-    interruption by the server. The other transient errors are lost connections."""
-    return isinstance(exc, TimeoutError) or not is_connection_error(exc)
+    """A transient error that stopped the statement before it finished: no answer within
+    the bound, or an interruption by the server. The other transient errors are lost
+    connections and waits for a pooled connection, which no way of splitting or setting
+    aside a write can help."""
+    return isinstance(exc, bounded.NoAnswer) or not is_connection_error(exc)
+
+
+def _stretched(bound: float) -> float:
+    """The bound for the next try of a write whose last try got no answer within ``bound``."""
+    return min(2 * bound, MAX_WRITE_STRETCH * WRITE_TIMEOUT)
 
 
 class _GivenUp(enum.Enum):
@@ -139,6 +153,10 @@ class Completer:
         # Successes taken by the flusher (or a retry of its own) and not yet reported.
         self._in_flight = 0
         self._retries: anyio.abc.TaskGroup | None = None  # see _retry_alone
+        self._retry_tries = anyio.CapacityLimiter(RETRY_TRIES)
+        # Their own outage: a row locked for an hour must not make the flusher's writes look
+        # like an outage that keeps ending and starting again.
+        self._retry_outage = Outage(logger, "completer (retries of locked rows)")
         self._kick = anyio.Event()
         self._flushed = Wake()
         self._recorded: Callable[[Success, bool], None] = _unattached_recorded
@@ -224,7 +242,9 @@ class Completer:
         outcome = await self._write(f"the release of job {job.id}", op)
         return False if outcome is _GIVEN_UP else outcome
 
-    async def _flush(self, batch: list[Success], *, alone: bool) -> None:
+    async def _flush(
+        self, batch: list[Success], *, alone: bool, bound: float | None = None
+    ) -> None:
         """Write one batch; if PostgreSQL refuses it, write its jobs one by one to find why.
 
         A batch that was cut short (timed out, or interrupted by the server: a
@@ -232,7 +252,8 @@ class Completer:
         instead of retried whole: a batch too big for the bound would fail the same way
         every time, and retrying it would stall every success of this worker. A single
         write cut short again goes to :meth:`_retry_alone`, unless ``alone`` (it is that
-        retry), in which case it retries such errors itself.
+        retry, its first try bounded by ``bound``, default :data:`WRITE_TIMEOUT`), in which
+        case it retries such errors itself.
 
         A job missing from ``complete_many``'s answer is either no longer held by this
         worker (lease lost) or already completed by this worker: by an earlier try whose
@@ -260,13 +281,15 @@ class Completer:
                     done.update(row[0] for row in rows)
                 return done
 
-            held = await self._write(what, op, whole=alone)
+            held = await self._write(what, op, whole=alone, bound=bound, set_aside=alone)
         except Exception as exc:
             if len(batch) > 1:
                 for item in batch:
                     await self._flush([item], alone=False)
             elif is_transient_error(exc):  # cut short, not refused
-                self._retry_alone(batch[0])
+                tried = WRITE_TIMEOUT if bound is None else bound
+                no_answer = isinstance(exc, bounded.NoAnswer)
+                self._retry_alone(batch[0], _stretched(tried) if no_answer else WRITE_TIMEOUT)
             else:
                 self._in_flight -= 1
                 await self._refused(batch[0], exc)
@@ -281,16 +304,17 @@ class Completer:
             self._in_flight -= 1  # counted down first: the callback sees what is left
             recorded(item, item.job.id in held)
 
-    def _retry_alone(self, item: Success) -> None:
+    def _retry_alone(self, item: Success, bound: float) -> None:
         """Retry a success that keeps being cut short (its row locked by another transaction
-        for longer than :data:`LOCK_WAIT`) in a task of its own, until it lands or fencing
-        refuses it, so that the flusher writes the worker's other successes meanwhile."""
+        for longer than :data:`LOCK_WAIT`, or a write that needs longer than ``bound``) in a
+        task of its own, until it lands or fencing refuses it, so that the flusher writes
+        the worker's other successes meanwhile."""
         assert self._retries is not None, "Completer.run() is not running"
 
         async def retry() -> None:
             try:
                 with anyio.CancelScope(shield=True):
-                    await self._flush([item], alone=True)
+                    await self._flush([item], alone=True, bound=bound)
             finally:
                 self._flushed.set()
 
@@ -302,13 +326,17 @@ class Completer:
         op: Callable[[asyncpg.Connection, bool], Awaitable[T]],
         *,
         whole: bool = True,
+        bound: float | None = None,
+        set_aside: bool = False,
     ) -> T | Literal[_GivenUp.GIVEN_UP]:
         """Run ``op(conn, retried)`` on a pooled connection until it lands, each try bounded
-        by :data:`WRITE_TIMEOUT` (doubled after each try cut off by it, see there); returns
+        by ``bound`` (default :data:`WRITE_TIMEOUT`, doubled after each try that got no
+        answer within it; at shutdown, by what is left of the final window); returns
         its value, or ``_GIVEN_UP`` if given up at shutdown. Errors that are not transient
-        are PostgreSQL refusing the write: raised. Unless ``whole``, a try cut short (a
-        timeout, or a statement the server interrupted) is raised too, for the caller to
-        split the write.
+        are PostgreSQL refusing the write: raised. Unless ``whole``, a try cut short (no
+        answer, or a statement the server interrupted) is raised too, for the caller to
+        split the write. A write the flusher ``set_aside`` tries only when one of the
+        :data:`RETRY_TRIES` slots is free, and reports its failures as its own outage.
 
         ``retried`` is False on the first try and True on every later one. A failed try
         does not say whether its statement took effect: a timeout, or a connection lost
@@ -321,22 +349,27 @@ class Completer:
         """
         backoff = Backoff(base=0.05, cap=5.0)
         retried = False
-        bound = WRITE_TIMEOUT
+        bound = WRITE_TIMEOUT if bound is None else bound
+        outage = self._retry_outage if set_aside else self.outage
+        tries = self._retry_tries if set_aside else contextlib.nullcontext()
         with anyio.CancelScope(shield=True):
             while True:
                 try:
-                    value = await bounded.call(self.pool, bound, op, retried)
-                    self.outage.ok()
+                    async with tries:
+                        # At shutdown, end near the final window instead of a full bound later.
+                        left = max(MIN_TRY, self.give_up_at - time.monotonic())
+                        value = await bounded.call(self.pool, min(bound, left), op, retried)
+                    outage.ok()
                     return value
                 except Exception as exc:
                     if not is_transient_error(exc):
                         raise
                     retried = True
-                    self.outage.failed(exc, f"recording {what}")
+                    outage.failed(exc, f"recording {what}")
                     if not whole and _cut_short(exc):
                         raise
-                    if isinstance(exc, TimeoutError):
-                        bound = min(2 * bound, MAX_WRITE_STRETCH * WRITE_TIMEOUT)
+                    if isinstance(exc, bounded.NoAnswer):
+                        bound = _stretched(bound)
                     if time.monotonic() >= self.give_up_at:
                         self.logger.error(
                             "gave up recording %s at shutdown; stale recovery will requeue it",

@@ -65,6 +65,11 @@ class Executor:
         # given up). What the database shows running under this worker and is not here was
         # claimed by a claim whose reply never arrived (see Producer._adopt_lost_claims).
         self.held: set[int] = set()
+        # Held jobs claimed again and not started a second time (see start), and whether one
+        # of them has since been settled, so that the producer must look for a claim left
+        # to nobody (Producer._release_lost_claims).
+        self._claimed_back: set[int] = set()
+        self.sweep_needed = False
         self.max_unwritten = max(concurrency, MAX_BATCH)
         self.slot_freed = Wake()
         self.idle = Wake()
@@ -100,9 +105,13 @@ class Executor:
         handler ran or its success waited to be written, stale recovery queued the job again
         and this worker may claim it back. The attempt still under way here then settles the
         new claim (its outcome is written against the row, which is running under this
-        worker again), instead of a second run of the handler beside it.
+        worker again), instead of a second run of the handler beside it. If that outcome
+        was refused before the claim committed (its reply arriving only after), the new
+        claim is left running under this worker with no attempt behind it: see
+        :meth:`_written`.
         """
         if job.id in self.held:
+            self._claimed_back.add(job.id)
             self.logger.warning(
                 "job %d: claimed again (attempt %d) while this worker still holds its earlier"
                 " attempt, whose lease had gone stale; not run twice: the earlier attempt's"
@@ -143,8 +152,18 @@ class Executor:
             self.idle.set()
 
     def _written(self, job: Job) -> None:
-        """The job's outcome is in the database (or given up)."""
+        """The job's outcome is in the database (or given up).
+
+        For a job claimed back meanwhile (see :meth:`start`), the producer then looks for
+        jobs running under this worker that it no longer holds, and releases them, before
+        its next claim: the outcome may have landed on the new claim, or been refused
+        before it, leaving it to nobody.
+        """
         self.held.discard(job.id)
+        if job.id in self._claimed_back:
+            self._claimed_back.discard(job.id)
+            self.sweep_needed = True
+            self.wake.set()
         self.slot_freed.set()  # the producer may be waiting on the unwritten cap
         if job.scope is not None:
             # The next job of this scope became claimable, and no NOTIFY says so.

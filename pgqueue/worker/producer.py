@@ -147,7 +147,7 @@ class Producer:
         query = _CLAIM_OR_WAIT if wait else _CLAIM
         try:
             conn = await self._connection()
-            if self._claim_unknown:
+            if self._claim_unknown or self.executor.sweep_needed:
                 await self._release_lost_claims(conn)
             self._claim_unknown = True  # until its rows are in hand
             with anyio.fail_after(STATEMENT_TIMEOUT):
@@ -163,22 +163,27 @@ class Producer:
         return [job_from_row(row) for row in rows]
 
     async def _release_lost_claims(self, conn: asyncpg.pool.PoolConnectionProxy) -> None:
-        """Give back the jobs of a claim whose reply never arrived.
+        """Give back the jobs running under this worker that it does not hold.
 
         A claim cut off by its timeout or a lost connection may have committed: its jobs
         are then running under this worker, which does not know them, and the heartbeat
         (by worker, not by job) would keep their leases fresh for as long as the worker
-        lives. Before the next claim, every job the database shows running under this
-        worker that the executor does not hold is released (queued again at once, the
-        attempt not counted). The producer is the only claimer, so nothing can be claimed
-        for this worker between the look and the releases.
+        lives. The same happens to a job claimed back while an earlier attempt of it was
+        still held here, if that attempt's outcome was refused before the claim committed
+        (see Executor.start). Before the next claim, every job the database shows running
+        under this worker that the executor does not hold is released (queued again at
+        once, the attempt not counted). The producer is the only claimer, so nothing can be
+        claimed for this worker between the look and the releases.
         """
+        self.executor.sweep_needed = False
         with anyio.fail_after(STATEMENT_TIMEOUT):
             lost = await conn.fetch(_UNKNOWN_HELD, self.worker_id, id_array(self.executor.held))
             for row in lost:
                 released = await conn.fetchval(_RELEASE, row["id"], self.worker_id)
                 self.logger.warning(
-                    "job %d: claimed by a claim whose reply was lost; %s",
+                    "job %d: running under this worker, which does not hold it (a claim whose"
+                    " reply was lost, or a claim back of a job whose earlier attempt was"
+                    " settling); %s",
                     row["id"],
                     "released" if released else "no longer held",
                     extra={"job_id": row["id"]},

@@ -18,6 +18,7 @@ from worker_harness import wait_for_states, wait_until
 
 import pgqueue
 from pgqueue.migrate import SchemaError
+from pgqueue.worker import completer
 from pgqueue.worker.logs import JsonFormatter
 
 
@@ -33,6 +34,26 @@ async def running(app: pgqueue.App, dsn: str, **options: Any) -> AsyncIterator[p
             yield worker
         finally:
             worker.stop()
+
+
+class Lines(logging.Handler):
+    """The messages a worker logs, on a logger of its own (``caplog`` sees nothing once a
+    test in the same process has configured the ``pgqueue`` logger not to propagate)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.logger = logging.getLogger(f"pgqueue.test.{uuid.uuid4().hex}")
+        self.logger.setLevel(logging.INFO)
+        self.logger.propagate = False
+        self.logger.addHandler(self)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
 
 
 def make_app() -> pgqueue.App:
@@ -270,7 +291,7 @@ async def wait_until_success_write_blocked(conn: asyncpg.Connection) -> None:
 
 
 async def test_a_job_claimed_back_while_its_stale_attempt_still_runs_is_not_run_twice(
-    conn: asyncpg.Connection, db_dsn: str, caplog: pytest.LogCaptureFixture
+    conn: asyncpg.Connection, db_dsn: str
 ) -> None:
     """Leases are fenced by worker: when recovery requeues a job whose lease went stale while
     its handler still runs, the same worker may claim it back. The running attempt settles
@@ -287,8 +308,8 @@ async def test_a_job_claimed_back_while_its_stale_attempt_still_runs_is_not_run_
         return {"runs": len(runs)}
 
     job = await app.enqueue(conn, "long")
-    caplog.set_level(logging.WARNING, logger="pgqueue")
-    async with running(app, db_dsn, concurrency=2, poll_interval=0.2) as worker:
+    log = Lines()
+    async with running(app, db_dsn, concurrency=2, poll_interval=0.2, logger=log.logger) as worker:
         await wait_for_states(conn, [job], "running")
         await conn.execute(
             "UPDATE pgqueue.jobs SET locked_at = now() - interval '1 hour' WHERE id = $1", job
@@ -304,12 +325,84 @@ async def test_a_job_claimed_back_while_its_stale_attempt_still_runs_is_not_run_
         await wait_until(claimed_back, what="the worker claiming the job back")
 
         async def warned() -> bool:
-            return "claimed again (attempt 2)" in caplog.text or len(runs) > 1
+            return "claimed again (attempt 2)" in log.text or len(runs) > 1
 
         await wait_until(warned, what="the claim handled")
         release.set()
         await wait_for_states(conn, [job], "succeeded")
     assert runs == [1]
-    assert "claimed again (attempt 2)" in caplog.text
+    assert "claimed again (attempt 2)" in log.text
     row = await conn.fetchrow("SELECT attempts, result FROM pgqueue.jobs WHERE id = $1", job)
     assert (row["attempts"], json.loads(row["result"])) == (2, {"runs": 1})
+
+
+async def test_a_claim_back_left_to_nobody_is_released_and_the_job_runs_again(
+    conn: asyncpg.Connection,
+    connect: Any,
+    db_dsn: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The earlier attempt's success is refused (recovery had queued the job) and the worker
+    claims the job back before that refusal reaches it: the claim is not started (the worker
+    still holds the attempt), and once the refusal arrives nobody runs the job, while the
+    heartbeat keeps its lease fresh. The worker must release such a claim and run the job.
+    The refusal is held up deterministically: the lookup that follows a refused success
+    waits on an advisory lock the test holds."""
+    gate = await connect()
+    await gate.execute("SELECT pg_advisory_lock(4242)")
+    await conn.execute(
+        """
+        CREATE FUNCTION public.gated_lookup(w text, ids text) RETURNS SETOF bigint
+        LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM pg_advisory_lock_shared(4242);
+            PERFORM pg_advisory_unlock_shared(4242);
+            RETURN QUERY SELECT id FROM pgqueue.jobs
+                         WHERE id = ANY (ids::bigint[]) AND state = 'succeeded' AND locked_by = w;
+        END $$
+        """
+    )
+    monkeypatch.setattr(
+        completer, "_SUCCEEDED_BY", "SELECT * FROM public.gated_lookup($1, $2::text)"
+    )
+    app = pgqueue.App()
+    release = anyio.Event()
+    runs: list[int] = []
+
+    @app.job("long")
+    async def long(job: pgqueue.Job) -> None:
+        runs.append(job.attempts)
+        await release.wait()
+
+    job = await app.enqueue(conn, "long")
+    log = Lines()
+    async with running(app, db_dsn, concurrency=2, poll_interval=0.2, logger=log.logger):
+        await wait_for_states(conn, [job], "running")
+        async with conn.transaction():  # recovered, and not due again until we say so
+            await conn.execute(
+                "UPDATE pgqueue.jobs SET locked_at = now() - interval '1 hour' WHERE id = $1", job
+            )
+            assert [r[0] for r in await conn.fetch("SELECT pgqueue.recover_stale()")] == [job]
+            await conn.execute(
+                "UPDATE pgqueue.jobs SET run_after = now() + interval '1 hour' WHERE id = $1", job
+            )
+        release.set()  # the success is refused: the row is queued
+
+        async def lookup_waits() -> bool:
+            return bool(
+                await conn.fetchval(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                )
+            )
+
+        await wait_until(lookup_waits, what="the lookup after the refused success waiting")
+        await conn.execute("UPDATE pgqueue.jobs SET run_after = now() WHERE id = $1", job)
+
+        async def claimed_back() -> bool:
+            return "claimed again (attempt 2)" in log.text
+
+        await wait_until(claimed_back, what="the claim back, not started")
+        await gate.execute("SELECT pg_advisory_unlock(4242)")
+        await wait_for_states(conn, [job], "succeeded")
+    assert runs == [1, 2]
+    assert "which does not hold it" in log.text
