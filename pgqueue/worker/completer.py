@@ -87,6 +87,13 @@ def _cut_short(exc: BaseException) -> bool:
     return isinstance(exc, bounded.NoAnswer) or not is_connection_error(exc)
 
 
+def _describe(ids: list[int]) -> str:
+    """The successes of these jobs, for log lines."""
+    if len(ids) == 1:
+        return f"the success of job {ids[0]}"
+    return f"the successes of {len(ids)} jobs ({ids[0]}, ... {ids[-1]})"
+
+
 def _stretched(bound: float) -> float:
     """The bound for the next try of a write whose last try got no answer within ``bound``."""
     return min(2 * bound, MAX_WRITE_STRETCH * WRITE_TIMEOUT)
@@ -262,11 +269,7 @@ class Completer:
         """
         try:
             ids = [i.job.id for i in batch]
-            what = (
-                f"the success of job {ids[0]}"
-                if len(ids) == 1
-                else f"the successes of {len(ids)} jobs ({ids[0]}, ... {ids[-1]})"
-            )
+            what = _describe(ids)
             results = [i.result for i in batch]
             next_jobs = [i.next_jobs for i in batch]
 
@@ -284,7 +287,10 @@ class Completer:
             held = await self._write(what, op, whole=alone, bound=bound, set_aside=alone)
         except Exception as exc:
             if len(batch) > 1:
-                for item in batch:
+                for n, item in enumerate(batch):
+                    if time.monotonic() >= self.give_up_at:  # not a try each, past the window
+                        self._give_up(batch[n:], logged=False)
+                        break
                     await self._flush([item], alone=False)
             elif is_transient_error(exc):  # cut short, not refused
                 tried = WRITE_TIMEOUT if bound is None else bound
@@ -294,15 +300,25 @@ class Completer:
                 self._in_flight -= 1
                 await self._refused(batch[0], exc)
             return
-        recorded = self._recorded
         if held is _GIVEN_UP:
-            for item in batch:
-                self._in_flight -= 1
-                recorded(item, False)
+            self._give_up(batch, logged=True)
             return
+        recorded = self._recorded
         for item in batch:
             self._in_flight -= 1  # counted down first: the callback sees what is left
             recorded(item, item.job.id in held)
+
+    def _give_up(self, items: list[Success], *, logged: bool) -> None:
+        """Report successes left unwritten at shutdown (their jobs stay running under this
+        worker until stale recovery requeues them); log it unless ``_write`` did."""
+        if not logged:
+            self.logger.error(
+                "gave up recording %s at shutdown; stale recovery will requeue it",
+                _describe([i.job.id for i in items]),
+            )
+        for item in items:
+            self._in_flight -= 1
+            self._recorded(item, False)
 
     def _retry_alone(self, item: Success, bound: float) -> None:
         """Retry a success that keeps being cut short (its row locked by another transaction
@@ -356,7 +372,14 @@ class Completer:
             while True:
                 try:
                     async with tries:
-                        # At shutdown, end near the final window instead of a full bound later.
+                        # Past the final window a write that already failed (a set-aside
+                        # one has) is not tried again; the others get one short try.
+                        if (retried or set_aside) and time.monotonic() >= self.give_up_at:
+                            self.logger.error(
+                                "gave up recording %s at shutdown; stale recovery will requeue it",
+                                what,
+                            )
+                            return _GIVEN_UP
                         left = max(MIN_TRY, self.give_up_at - time.monotonic())
                         value = await bounded.call(self.pool, min(bound, left), op, retried)
                     outage.ok()
@@ -370,11 +393,6 @@ class Completer:
                         raise
                     if isinstance(exc, bounded.NoAnswer):
                         bound = _stretched(bound)
-                    if time.monotonic() >= self.give_up_at:
-                        self.logger.error(
-                            "gave up recording %s at shutdown; stale recovery will requeue it",
-                            what,
-                        )
-                        return _GIVEN_UP
-                    await backoff.sleep()
+                    left = max(0.0, self.give_up_at - time.monotonic())
+                    await anyio.sleep(min(backoff.next_delay(), left))
         raise AssertionError("unreachable: a shield scope never swallows an exception")

@@ -63,7 +63,7 @@ class Executor:
         self.running: dict[int, Job] = {}
         # Every job this worker holds: from its claim until its outcome is written (or
         # given up). What the database shows running under this worker and is not here was
-        # claimed by a claim whose reply never arrived (see Producer._adopt_lost_claims).
+        # claimed by a claim whose reply never arrived (see Producer._release_lost_claims).
         self.held: set[int] = set()
         # Held jobs claimed again and not started a second time (see start), and whether one
         # of them has since been settled, so that the producer must look for a claim left

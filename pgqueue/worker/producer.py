@@ -108,7 +108,10 @@ class Producer:
         armed = False  # the last claim registered us as waiting and came back short
         while not self.stopping:
             if self.executor.free_slots == 0:
-                await self.executor.slot_freed.wait()
+                if self.executor.sweep_needed:  # not only before a claim: slots may stay busy
+                    await self._sweep()
+                else:
+                    await self.executor.slot_freed.wait()
                 continue
             if more:
                 await self._gather_slots()
@@ -162,6 +165,16 @@ class Producer:
         self._backoff.reset()
         return [job_from_row(row) for row in rows]
 
+    async def _sweep(self) -> None:
+        """:meth:`_release_lost_claims` on its own (a claim runs it first anyway); after a
+        failure, a backoff."""
+        try:
+            await self._release_lost_claims(await self._connection())
+        except Exception as exc:
+            await self._release(broken=isinstance(exc, TimeoutError))
+            self._outage.failed(exc, "releasing jobs this worker does not hold")
+            await self.wake.wait(self._backoff.next_delay())
+
     async def _release_lost_claims(self, conn: asyncpg.pool.PoolConnectionProxy) -> None:
         """Give back the jobs running under this worker that it does not hold.
 
@@ -175,19 +188,25 @@ class Producer:
         once, the attempt not counted). The producer is the only claimer, so nothing can be
         claimed for this worker between the look and the releases.
         """
+        # Cleared first: an attempt settled while the look runs asks for the next sweep.
         self.executor.sweep_needed = False
-        with anyio.fail_after(STATEMENT_TIMEOUT):
-            lost = await conn.fetch(_UNKNOWN_HELD, self.worker_id, id_array(self.executor.held))
-            for row in lost:
-                released = await conn.fetchval(_RELEASE, row["id"], self.worker_id)
-                self.logger.warning(
-                    "job %d: running under this worker, which does not hold it (a claim whose"
-                    " reply was lost, or a claim back of a job whose earlier attempt was"
-                    " settling); %s",
-                    row["id"],
-                    "released" if released else "no longer held",
-                    extra={"job_id": row["id"]},
-                )
+        try:
+            with anyio.fail_after(STATEMENT_TIMEOUT):
+                held = id_array(self.executor.held)
+                lost = await conn.fetch(_UNKNOWN_HELD, self.worker_id, held)
+                for row in lost:
+                    released = await conn.fetchval(_RELEASE, row["id"], self.worker_id)
+                    self.logger.warning(
+                        "job %d: running under this worker, which does not hold it (a claim"
+                        " whose reply was lost, or a claim back of a job whose earlier attempt"
+                        " was settling); %s",
+                        row["id"],
+                        "released" if released else "no longer held",
+                        extra={"job_id": row["id"]},
+                    )
+        except BaseException:
+            self.executor.sweep_needed = True  # not done: the next claim (or loop) tries again
+            raise
         self._claim_unknown = False
 
     async def _before_sleep(self) -> float:

@@ -391,7 +391,9 @@ async def test_a_claim_back_left_to_nobody_is_released_and_the_job_runs_again(
         async def lookup_waits() -> bool:
             return bool(
                 await conn.fetchval(
-                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                    "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database"
+                    " WHERE d.datname = current_database() AND l.locktype = 'advisory'"
+                    " AND l.classid = 0 AND l.objid = 4242 AND l.objsubid = 1 AND NOT l.granted"
                 )
             )
 
