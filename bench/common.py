@@ -72,11 +72,23 @@ def percentile(sorted_vals: list[float], p: float) -> float:
 
 async def repeat(reps: int, fn: Callable[[], Awaitable[dict[str, float]]]) -> dict[str, Any]:
     """Run ``fn`` ``reps`` times; every key it returns gets a median/min/max summary."""
-    runs: list[dict[str, float]] = []
+    return (await alternate(reps, {"": fn}))[""]
+
+
+async def alternate(
+    reps: int, fns: dict[str, Callable[[], Awaitable[dict[str, float]]]]
+) -> dict[str, dict[str, Any]]:
+    """Run each of ``fns`` ``reps`` times, taking turns (a, b, a, b...), so that the
+    machine's drift over the minutes this takes hits every variant alike; every key each
+    returns gets a median/min/max summary, per variant."""
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in fns}
     for _ in range(reps):
-        runs.append(await fn())
-    keys = runs[0].keys()
-    return {k: summary(r[k] for r in runs if r.get(k) is not None) for k in keys}
+        for name, fn in fns.items():
+            runs[name].append(await fn())
+    return {
+        name: {k: summary(r[k] for r in rs if r.get(k) is not None) for k in rs[0]}
+        for name, rs in runs.items()
+    }
 
 
 # --------------------------------------------------------------------------- CPU from /proc

@@ -25,6 +25,7 @@ from bench import pgq, raw
 from bench.common import (
     DEFAULT_DSN,
     REPO,
+    alternate,
     drop_database,
     log,
     percentile,
@@ -393,10 +394,16 @@ async def section_pipeline(cfg: dict[str, Any], dsn: str) -> dict[str, Any]:
 async def section_scopes(cfg: dict[str, Any], dsn: str) -> dict[str, Any]:
     n = cfg["scoped_n"]
     out: dict[str, Any] = {}
-    log(f"scopes: {n} jobs unscoped, concurrency 50")
-    out["unscoped"] = await repeat(cfg["reps"], lambda: pgq.drain(dsn, n, 50))
-    log(f"scopes: {n} jobs over 100 scopes, concurrency 50")
-    out["scoped_100"] = await repeat(cfg["reps"], lambda: pgq.drain(dsn, n, 50, scopes=100))
+    log(f"scopes: {n} jobs unscoped and over 100 scopes, concurrency 50, taking turns")
+    out.update(
+        await alternate(
+            cfg["reps"],
+            {
+                "unscoped": lambda: pgq.drain(dsn, n, 50),
+                "scoped_100": lambda: pgq.drain(dsn, n, 50, scopes=100),
+            },
+        )
+    )
     return out
 
 
