@@ -45,6 +45,7 @@ async def call(
     bound: float,
     op: Callable[[asyncpg.Connection, *Ts], Awaitable[T]],
     *args: *Ts,
+    under_way: set[anyio.CancelScope] | None = None,
 ) -> T:
     """``await op(conn, *args)`` on a pooled connection, within ``bound`` seconds for the
     acquire and ``bound`` more for ``op`` (however many statements it runs).
@@ -54,11 +55,20 @@ async def call(
     its connection is :func:`discard`-ed, so a retry gets another one. Whether its
     statement took effect is then unknown: it may have committed just before the deadline,
     or its reply may have been lost on the way back.
+
+    While ``op`` runs, its deadline's scope is in ``under_way`` (if given): a caller may
+    bring the deadline forward (``scope.deadline``), with the same outcome as the bound.
     """
     async with pool.acquire(timeout=bound) as conn:
         try:
-            with anyio.fail_after(bound):
-                return await op(conn, *args)
+            with anyio.fail_after(bound) as scope:
+                if under_way is not None:
+                    under_way.add(scope)
+                try:
+                    return await op(conn, *args)
+                finally:
+                    if under_way is not None:
+                        under_way.discard(scope)
         except TimeoutError:
             await discard(conn)
             raise NoAnswer(f"no answer from the database within {bound:g}s") from None

@@ -155,7 +155,9 @@ class Completer:
         self.outage = Outage(logger, "completer")
         # Past this monotonic time retries stop: set at shutdown so that a database that
         # stays down cannot hold the process forever (stale recovery takes over).
-        self.give_up_at = math.inf
+        self._give_up_at = math.inf
+        # The deadlines of the tries under way (see give_up_at).
+        self._under_way: set[anyio.CancelScope] = set()
         self._pending: list[Success] = []
         # Successes taken by the flusher (or a retry of its own) and not yet reported.
         self._in_flight = 0
@@ -181,6 +183,21 @@ class Completer:
         """
         self._recorded = recorded
         self._refused = refused
+
+    @property
+    def give_up_at(self) -> float:
+        """The monotonic time past which writes stop being retried (infinite until the
+        worker stops). Setting it also brings forward the deadline of every try under way
+        (to :data:`MIN_TRY` from now at the earliest): a try that started with a bound of
+        minutes would otherwise hold the stop that long."""
+        return self._give_up_at
+
+    @give_up_at.setter
+    def give_up_at(self, when: float) -> None:
+        self._give_up_at = when
+        latest = anyio.current_time() + max(MIN_TRY, when - time.monotonic())
+        for scope in self._under_way:
+            scope.deadline = min(scope.deadline, latest)
 
     @property
     def unwritten(self) -> int:
@@ -381,7 +398,9 @@ class Completer:
                             )
                             return _GIVEN_UP
                         left = max(MIN_TRY, self.give_up_at - time.monotonic())
-                        value = await bounded.call(self.pool, min(bound, left), op, retried)
+                        value = await bounded.call(
+                            self.pool, min(bound, left), op, retried, under_way=self._under_way
+                        )
                     outage.ok()
                     return value
                 except Exception as exc:

@@ -15,6 +15,7 @@ import contextlib
 import functools
 import json
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -335,6 +336,55 @@ async def test_a_success_that_needs_longer_than_the_write_timeout_still_lands(
     assert log.count(f"recording the success of job {job} (NoAnswer") == 1, log.text()
     children = await conn.fetch("SELECT job_type FROM pgqueue.jobs WHERE parent_id = $1", job)
     assert [r["job_type"] for r in children] == ["slow_child"]
+
+
+async def test_stop_cuts_a_write_under_way_when_the_final_window_ends(
+    conn: asyncpg.Connection,
+    connect: Any,
+    db_dsn: str,
+    monkeypatch: pytest.MonkeyPatch,
+    records: tuple[logging.Logger, Records],
+) -> None:
+    """A success write has waited on a row lock since before the stop, under a bound of a
+    minute. At the end of the grace period the final window begins: the try under way must
+    end with it, not a minute later (the job stays running under the worker, for stale
+    recovery). Only tries started after the window began used to be bounded by it."""
+    monkeypatch.setattr(completer, "LOCK_WAIT", "10min")
+    monkeypatch.setattr(completer, "WRITE_TIMEOUT", 60.0)
+    monkeypatch.setattr(worker_module, "FINAL_WRITE_WINDOW", 1.0)
+    logger, log = records
+    app, release = _gated_app()
+    job = await app.enqueue(conn, "ok", {"n": 7})
+    locker = await connect()
+    locker_pid = await locker.fetchval("SELECT pg_backend_pid()")
+
+    async def blocked() -> list[int]:
+        return [r["pid"] for r in await conn.fetch(_BLOCKED_WRITES, locker_pid)]
+
+    worker = pgqueue.Worker(app, db_dsn, grace=0.5, handle_signals=False, logger=logger)
+    returned = anyio.Event()
+    stopped_after = None
+
+    async def run() -> None:
+        await worker.run()
+        returned.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run)
+        await wait_for_states(conn, [job], "running")
+        await locker.execute("BEGIN")
+        await locker.execute("SELECT FROM pgqueue.jobs WHERE id = $1 FOR UPDATE", job)
+        release.set()
+        await wait_until(blocked, what="the success write waiting on the lock")
+        started = time.monotonic()
+        worker.stop()
+        with anyio.move_on_after(20):  # a regression fails below instead of hanging
+            await returned.wait()
+            stopped_after = time.monotonic() - started
+        await locker.execute("ROLLBACK")  # lets a regression's write land, and the worker stop
+    assert stopped_after is not None and stopped_after < 10, (stopped_after, log.text())
+    assert log.count(f"gave up recording the success of job {job} at shutdown"), log.text()
+    assert await conn.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", job) == "running"
 
 
 async def test_success_whose_reply_is_lost_is_recorded_not_lease_lost(
