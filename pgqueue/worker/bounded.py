@@ -21,7 +21,8 @@ unacknowledged.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Awaitable, Callable
+import math
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar, TypeVarTuple
 
 import anyio
@@ -40,12 +41,44 @@ class NoAnswer(TimeoutError):
     ``TimeoutError`` while waiting for a pooled connection)."""
 
 
+class Deadlines:
+    """The deadlines of calls under way, which their owner can bring forward all at once (a
+    worker's final window at shutdown). A call that starts later gets the earlier deadline
+    too. Either way a call keeps at least ``min_try`` seconds from the moment it is cut."""
+
+    def __init__(self, min_try: float) -> None:
+        self.min_try = min_try
+        self._cut = math.inf
+        self._scopes: set[anyio.CancelScope] = set()
+
+    def cut(self, at: float) -> None:
+        """Bring every deadline forward to ``at`` (on anyio's clock), now and from now on."""
+        self._cut = min(self._cut, at)
+        for scope in self._scopes:
+            self._apply(scope)
+
+    def _apply(self, scope: anyio.CancelScope) -> None:
+        latest = max(self._cut, anyio.current_time() + self.min_try)
+        scope.deadline = min(scope.deadline, latest)
+
+    @contextlib.contextmanager
+    def bound(self, seconds: float) -> Iterator[anyio.CancelScope]:
+        """``anyio.fail_after(seconds)``, brought forward by :meth:`cut`."""
+        with anyio.fail_after(seconds) as scope:
+            self._apply(scope)
+            self._scopes.add(scope)
+            try:
+                yield scope
+            finally:
+                self._scopes.discard(scope)
+
+
 async def call(
     pool: asyncpg.Pool,
     bound: float,
     op: Callable[[asyncpg.Connection, *Ts], Awaitable[T]],
     *args: *Ts,
-    under_way: set[anyio.CancelScope] | None = None,
+    deadlines: Deadlines | None = None,
 ) -> T:
     """``await op(conn, *args)`` on a pooled connection, within ``bound`` seconds for the
     acquire and ``bound`` more for ``op`` (however many statements it runs).
@@ -56,22 +89,24 @@ async def call(
     statement took effect is then unknown: it may have committed just before the deadline,
     or its reply may have been lost on the way back.
 
-    While ``op`` runs, its deadline's scope is in ``under_way`` (if given): a caller may
-    bring the deadline forward (``scope.deadline``), with the same outcome as the bound.
+    With ``deadlines``, both bounds can be brought forward while they run (see
+    :class:`Deadlines`), with the same outcome as reaching them.
     """
-    async with pool.acquire(timeout=bound) as conn:
+    within = anyio.fail_after if deadlines is None else deadlines.bound
+    with within(bound):
+        conn = await pool.acquire()
+    try:
+        started = anyio.current_time()
         try:
-            with anyio.fail_after(bound) as scope:
-                if under_way is not None:
-                    under_way.add(scope)
-                try:
-                    return await op(conn, *args)
-                finally:
-                    if under_way is not None:
-                        under_way.discard(scope)
+            with within(bound):
+                return await op(conn, *args)
         except TimeoutError:
             await discard(conn)
-            raise NoAnswer(f"no answer from the database within {bound:g}s") from None
+            waited = anyio.current_time() - started
+            cut = f" (cut short at {waited:.1f}s)" if waited < bound else ""
+            raise NoAnswer(f"no answer from the database within {bound:g}s{cut}") from None
+    finally:
+        await pool.release(conn)
 
 
 async def discard(conn: asyncpg.Connection) -> None:

@@ -157,7 +157,7 @@ class Completer:
         # stays down cannot hold the process forever (stale recovery takes over).
         self._give_up_at = math.inf
         # The deadlines of the tries under way (see give_up_at).
-        self._under_way: set[anyio.CancelScope] = set()
+        self._deadlines = bounded.Deadlines(MIN_TRY)
         self._pending: list[Success] = []
         # Successes taken by the flusher (or a retry of its own) and not yet reported.
         self._in_flight = 0
@@ -187,17 +187,16 @@ class Completer:
     @property
     def give_up_at(self) -> float:
         """The monotonic time past which writes stop being retried (infinite until the
-        worker stops). Setting it also brings forward the deadline of every try under way
-        (to :data:`MIN_TRY` from now at the earliest): a try that started with a bound of
-        minutes would otherwise hold the stop that long."""
+        worker stops). Setting it also bounds every try by it, those under way included
+        (each keeps :data:`MIN_TRY` from now at least): a try that started with a bound of
+        minutes, or is still waiting for a pooled connection, would otherwise hold the stop
+        that long."""
         return self._give_up_at
 
     @give_up_at.setter
     def give_up_at(self, when: float) -> None:
         self._give_up_at = when
-        latest = anyio.current_time() + max(MIN_TRY, when - time.monotonic())
-        for scope in self._under_way:
-            scope.deadline = min(scope.deadline, latest)
+        self._deadlines.cut(anyio.current_time() + (when - time.monotonic()))
 
     @property
     def unwritten(self) -> int:
@@ -397,9 +396,8 @@ class Completer:
                                 what,
                             )
                             return _GIVEN_UP
-                        left = max(MIN_TRY, self.give_up_at - time.monotonic())
                         value = await bounded.call(
-                            self.pool, min(bound, left), op, retried, under_way=self._under_way
+                            self.pool, bound, op, retried, deadlines=self._deadlines
                         )
                     outage.ok()
                     return value

@@ -373,18 +373,58 @@ async def test_stop_cuts_a_write_under_way_when_the_final_window_ends(
         tg.start_soon(run)
         await wait_for_states(conn, [job], "running")
         await locker.execute("BEGIN")
-        await locker.execute("SELECT FROM pgqueue.jobs WHERE id = $1 FOR UPDATE", job)
-        release.set()
-        await wait_until(blocked, what="the success write waiting on the lock")
-        started = time.monotonic()
-        worker.stop()
-        with anyio.move_on_after(20):  # a regression fails below instead of hanging
-            await returned.wait()
-            stopped_after = time.monotonic() - started
-        await locker.execute("ROLLBACK")  # lets a regression's write land, and the worker stop
+        try:
+            await locker.execute("SELECT FROM pgqueue.jobs WHERE id = $1 FOR UPDATE", job)
+            release.set()
+            await wait_until(blocked, what="the success write waiting on the lock")
+            started = time.monotonic()
+            worker.stop()
+            with anyio.move_on_after(20):  # a regression fails below instead of hanging
+                await returned.wait()
+                stopped_after = time.monotonic() - started
+        finally:
+            # Lets a regression's write (or one held up by an earlier failure) land, and the
+            # worker stop.
+            await locker.execute("ROLLBACK")
+            worker.stop()
     assert stopped_after is not None and stopped_after < 10, (stopped_after, log.text())
     assert log.count(f"gave up recording the success of job {job} at shutdown"), log.text()
     assert await conn.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", job) == "running"
+
+
+async def test_a_cut_reaches_a_call_still_waiting_for_a_pooled_connection(db_dsn: str) -> None:
+    """bounded.Deadlines brings forward the bound of a call that is still waiting for a
+    connection (the pool is exhausted), not only of one whose statement runs; a call that
+    starts after the cut gets the earlier deadline too, with at least ``min_try``."""
+    pool = await asyncpg.create_pool(db_dsn, min_size=1, max_size=1)
+    deadlines = bounded.Deadlines(min_try=0.2)
+    outcome: dict[str, Any] = {}
+
+    async def op(conn: asyncpg.Connection) -> Any:
+        return await conn.fetchval("SELECT 1")
+
+    async def attempt() -> None:
+        started = time.monotonic()
+        try:
+            await bounded.call(pool, 60, op, deadlines=deadlines)
+        except TimeoutError as exc:
+            outcome["error"], outcome["after"] = exc, time.monotonic() - started
+
+    try:
+        async with pool.acquire():  # the pool's only connection
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(attempt)
+                await anyio.wait_all_tasks_blocked()  # the call waits for a connection
+                deadlines.cut(anyio.current_time())
+            assert outcome["after"] < 5, outcome
+            assert not isinstance(outcome["error"], bounded.NoAnswer)  # it never got one
+            started = time.monotonic()
+            with pytest.raises(TimeoutError):
+                await bounded.call(pool, 60, op, deadlines=deadlines)
+            assert time.monotonic() - started < 5
+        assert await bounded.call(pool, 60, op) == 1  # the pool is fine afterwards
+    finally:
+        await pool.close()
 
 
 async def test_success_whose_reply_is_lost_is_recorded_not_lease_lost(
