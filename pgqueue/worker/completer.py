@@ -283,6 +283,7 @@ class Completer:
         reply was lost, or by the batch it was in before it was split. A lookup tells which.
         It runs only when something is missing, which is rare.
         """
+        bound = WRITE_TIMEOUT if bound is None else bound
         try:
             ids = [i.job.id for i in batch]
             what = _describe(ids)
@@ -309,9 +310,8 @@ class Completer:
                         break
                     await self._flush([item], alone=False)
             elif is_transient_error(exc):  # cut short, not refused
-                tried = WRITE_TIMEOUT if bound is None else bound
                 no_answer = isinstance(exc, bounded.NoAnswer)
-                self._retry_alone(batch[0], _stretched(tried) if no_answer else WRITE_TIMEOUT)
+                self._retry_alone(batch[0], _stretched(bound) if no_answer else WRITE_TIMEOUT)
             else:
                 self._in_flight -= 1
                 await self._refused(batch[0], exc)
@@ -328,13 +328,13 @@ class Completer:
         """Report successes left unwritten at shutdown (their jobs stay running under this
         worker until stale recovery requeues them); log it unless ``_write`` did."""
         if not logged:
-            self.logger.error(
-                "gave up recording %s at shutdown; stale recovery will requeue it",
-                _describe([i.job.id for i in items]),
-            )
+            self._log_given_up(_describe([i.job.id for i in items]))
         for item in items:
             self._in_flight -= 1
             self._recorded(item, False)
+
+    def _log_given_up(self, what: str) -> None:
+        self.logger.error("gave up recording %s at shutdown; stale recovery will requeue it", what)
 
     def _retry_alone(self, item: Success, bound: float) -> None:
         """Retry a success that keeps being cut short (its row locked by another transaction
@@ -391,10 +391,7 @@ class Completer:
                         # Past the final window a write that already failed (a set-aside
                         # one has) is not tried again; the others get one short try.
                         if (retried or set_aside) and time.monotonic() >= self.give_up_at:
-                            self.logger.error(
-                                "gave up recording %s at shutdown; stale recovery will requeue it",
-                                what,
-                            )
+                            self._log_given_up(what)
                             return _GIVEN_UP
                         value = await bounded.call(
                             self.pool, bound, op, retried, deadlines=self._deadlines

@@ -157,13 +157,18 @@ class Producer:
                 rows = await conn.fetch(query, self.worker_id, self.queues, batch_size)
             self._claim_unknown = False
         except Exception as exc:
-            await self._release(broken=isinstance(exc, TimeoutError))
-            self._outage.failed(exc, "claiming jobs")
+            await self._failed(exc, "claiming jobs")
             await self.wake.wait(self._backoff.next_delay())
             return None
         self._outage.ok()
         self._backoff.reset()
         return [job_from_row(row) for row in rows]
+
+    async def _failed(self, exc: Exception, doing: str) -> None:
+        """After a failed statement on the claim connection: give the connection back
+        (discarded if the statement timed out, see :meth:`_release`), log the outage."""
+        await self._release(broken=isinstance(exc, TimeoutError))
+        self._outage.failed(exc, doing)
 
     async def _sweep(self) -> None:
         """:meth:`_release_lost_claims` on its own (a claim runs it first anyway); after a
@@ -171,8 +176,7 @@ class Producer:
         try:
             await self._release_lost_claims(await self._connection())
         except Exception as exc:
-            await self._release(broken=isinstance(exc, TimeoutError))
-            self._outage.failed(exc, "releasing jobs this worker does not hold")
+            await self._failed(exc, "releasing jobs this worker does not hold")
             await self.wake.wait(self._backoff.next_delay())
 
     async def _release_lost_claims(self, conn: asyncpg.pool.PoolConnectionProxy) -> None:
@@ -218,8 +222,7 @@ class Producer:
             with anyio.fail_after(STATEMENT_TIMEOUT):
                 seconds, when_waiting = await conn.fetchrow(_BEFORE_SLEEP, self.queues)
         except Exception as exc:
-            await self._release(broken=isinstance(exc, TimeoutError))
-            self._outage.failed(exc, "looking up the next scheduled job")
+            await self._failed(exc, "looking up the next scheduled job")
             return poll
         self.when_waiting = bool(when_waiting)
         return poll if seconds is None else max(0.0, min(poll, seconds))

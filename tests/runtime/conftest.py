@@ -1,13 +1,15 @@
-"""Fixtures for the runtime tests: worker subprocesses and a ``runs`` table."""
+"""Fixtures for the runtime tests: worker subprocesses, a ``runs`` table, log capture."""
 
 from __future__ import annotations
 
 import functools
+import logging
+import uuid
 from collections.abc import Iterator
 
 import asyncpg
 import pytest
-from runtime_helpers import start_worker
+from runtime_helpers import Records, start_worker
 from worker_harness import SpawnWorker, spawned_workers
 
 
@@ -27,3 +29,17 @@ async def db(conn: asyncpg.Connection) -> asyncpg.Connection:
             started timestamptz NOT NULL DEFAULT clock_timestamp())"""
     )
     return conn
+
+
+@pytest.fixture
+def records() -> Iterator[tuple[logging.Logger, Records]]:
+    """A logger of its own for a Worker (``logger=``), and what it logged."""
+    logger = logging.getLogger(f"pgqueue.test.{uuid.uuid4().hex}")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    handler = Records()
+    logger.addHandler(handler)
+    try:
+        yield logger, handler
+    finally:
+        logger.removeHandler(handler)

@@ -16,8 +16,7 @@ import functools
 import json
 import logging
 import time
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -25,6 +24,7 @@ import anyio
 import anyio.abc
 import asyncpg
 import pytest
+from runtime_helpers import Records
 from worker_harness import wait_for_states, wait_until
 
 import pgqueue
@@ -38,50 +38,9 @@ ORDER BY pid
 """
 
 
-class Records(logging.Handler):
-    """Every record a worker logs, for assertions on its outcome lines."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    def outcomes(self, job_id: int) -> list[str]:
-        """The outcome of each outcome line logged for ``job_id``."""
-        return [
-            r.__dict__["outcome"]
-            for r in self.records
-            if r.__dict__.get("job_id") == job_id and "outcome" in r.__dict__
-        ]
-
-    def count(self, text: str) -> int:
-        return sum(text in r.getMessage() for r in self.records)
-
-    async def logged(self, text: str) -> bool:
-        """For ``wait_until``: has a line containing ``text`` been logged?"""
-        return self.count(text) > 0
-
-    async def outcome_logged(self, job_id: int) -> bool:
-        """For ``wait_until``: has the outcome of ``job_id`` been logged?"""
-        return bool(self.outcomes(job_id))
-
-    def text(self) -> str:
-        return "\n".join(f"{r.levelname} {r.getMessage()}" for r in self.records)
-
-
-@pytest.fixture
-def records() -> Iterator[tuple[logging.Logger, Records]]:
-    logger = logging.getLogger(f"pgqueue.test.{uuid.uuid4().hex}")
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-    handler = Records()
-    logger.addHandler(handler)
-    try:
-        yield logger, handler
-    finally:
-        logger.removeHandler(handler)
+async def _writes_blocked_by(conn: asyncpg.Connection, pid: int) -> list[int]:
+    """For ``wait_until``: the backends whose success write waits on a lock ``pid`` holds."""
+    return [r["pid"] for r in await conn.fetch(_BLOCKED_WRITES, pid)]
 
 
 def _gated_app() -> tuple[pgqueue.App, anyio.Event]:
@@ -125,9 +84,7 @@ async def test_success_behind_a_row_lock_is_retried_not_failed(
     job = await app.enqueue(conn, "ok", {"n": 7})
     locker = await connect()
     locker_pid = await locker.fetchval("SELECT pg_backend_pid()")
-
-    async def blocked() -> list[int]:
-        return [r["pid"] for r in await conn.fetch(_BLOCKED_WRITES, locker_pid)]
+    blocked = functools.partial(_writes_blocked_by, conn, locker_pid)
 
     async with _worker_running(app, db_dsn, logger):
         await wait_for_states(conn, [job], "running")
@@ -271,9 +228,7 @@ async def test_a_success_behind_a_held_row_lock_does_not_hold_up_later_ones(
     later = await app.enqueue(conn, "gated", {"gate": "later"})
     app_conn = await connect()
     app_pid = await app_conn.fetchval("SELECT pg_backend_pid()")
-
-    async def blocked() -> list[int]:
-        return [r["pid"] for r in await conn.fetch(_BLOCKED_WRITES, app_pid)]
+    blocked = functools.partial(_writes_blocked_by, conn, app_pid)
 
     async with _worker_running(app, db_dsn, logger, concurrency=2):
         await wait_for_states(conn, [first, later], "running")
@@ -357,9 +312,7 @@ async def test_stop_cuts_a_write_under_way_when_the_final_window_ends(
     job = await app.enqueue(conn, "ok", {"n": 7})
     locker = await connect()
     locker_pid = await locker.fetchval("SELECT pg_backend_pid()")
-
-    async def blocked() -> list[int]:
-        return [r["pid"] for r in await conn.fetch(_BLOCKED_WRITES, locker_pid)]
+    blocked = functools.partial(_writes_blocked_by, conn, locker_pid)
 
     worker = pgqueue.Worker(app, db_dsn, grace=0.5, handle_signals=False, logger=logger)
     returned = anyio.Event()
