@@ -17,6 +17,8 @@ import asyncio
 import logging
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +33,15 @@ from pgqueue.worker.wake import Wake
 
 _OUTCOME = "job %d %s attempt %d/%d %s in %.1fms%s"
 _QUIET = ("succeeded", "released")  # logged at INFO; any other outcome at WARNING
+_STILL_HELD = (
+    "job %d: claimed again (attempt %d) while this worker still holds its earlier attempt,"
+    " whose lease had gone stale; not run twice: the earlier attempt's outcome settles it"
+)
+_SETTLED_MEANWHILE = (
+    "job %d: claimed again (attempt %d) while its earlier attempt here was being settled;"
+    " not started: that outcome may have landed on this claim (if it did not, the claim is"
+    " released and the job runs again)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +80,8 @@ class Executor:
         # of them has since been settled, so that the producer must look for a claim left
         # to nobody (Producer._release_lost_claims).
         self._claimed_back: set[int] = set()
+        # While a claim is under way (see claiming): the held jobs settled since it was sent.
+        self._settled_in_claim: set[int] | None = None
         self.sweep_needed = False
         self.max_unwritten = max(concurrency, MAX_BATCH)
         self.slot_freed = Wake()
@@ -109,21 +122,41 @@ class Executor:
         was refused before the claim committed (its reply arriving only after), the new
         claim is left running under this worker with no attempt behind it: see
         :meth:`_written`.
+
+        The earlier attempt may also settle while the claim's reply is on its way (see
+        :meth:`claiming`): its outcome then landed on the new claim (a success makes the job
+        succeeded, a failure queues it again, for anyone to claim) or was refused before the
+        claim committed. Either way the claim is not started: a handler run now would run
+        beside another worker's or after the job's success, and a claim left to nobody is
+        released by the producer's next sweep.
         """
-        if job.id in self.held:
-            self._claimed_back.add(job.id)
+        settled = self._settled_in_claim is not None and job.id in self._settled_in_claim
+        if job.id in self.held or settled:
+            if settled:
+                self.sweep_needed = True
+                self.wake.set()
+                why = _SETTLED_MEANWHILE
+            else:
+                self._claimed_back.add(job.id)
+                why = _STILL_HELD
             self.logger.warning(
-                "job %d: claimed again (attempt %d) while this worker still holds its earlier"
-                " attempt, whose lease had gone stale; not run twice: the earlier attempt's"
-                " outcome settles it",
-                job.id,
-                job.attempts,
-                extra={"job_id": job.id, "job_type": job.job_type},
+                why, job.id, job.attempts, extra={"job_id": job.id, "job_type": job.job_type}
             )
             return
         self.running[job.id] = job
         self.held.add(job.id)
         self._queue.put_nowait(job)
+
+    @contextmanager
+    def claiming(self) -> Iterator[None]:
+        """Around a claim and the :meth:`start` of what it returned: the jobs whose outcome
+        is written (or given up) meanwhile are remembered, since the claim may have taken
+        them back (see :meth:`start`)."""
+        self._settled_in_claim = set()
+        try:
+            yield
+        finally:
+            self._settled_in_claim = None
 
     async def release_unstarted(self) -> None:
         """After the runners are gone: release the jobs still queued for them."""
@@ -160,6 +193,8 @@ class Executor:
         before it, leaving it to nobody.
         """
         self.held.discard(job.id)
+        if self._settled_in_claim is not None:
+            self._settled_in_claim.add(job.id)
         if job.id in self._claimed_back:
             self._claimed_back.discard(job.id)
             self.sweep_needed = True

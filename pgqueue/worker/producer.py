@@ -123,9 +123,10 @@ class Producer:
                     if self.stopping:
                         break
             wanted, wait = self.executor.free_slots, not more and self.when_waiting
-            claimed = await self._claim(wanted, wait=wait)
-            for job in claimed or ():
-                self.executor.start(job)
+            with self.executor.claiming():
+                claimed = await self._claim(wanted, wait=wait)
+                for job in claimed or ():
+                    self.executor.start(job)
             # A full batch means there is probably more; an error means try again.
             more = claimed is None or len(claimed) == wanted
             if claimed and not more:

@@ -21,6 +21,7 @@ import pgqueue
 from pgqueue.migrate import SchemaError
 from pgqueue.worker import completer
 from pgqueue.worker.logs import JsonFormatter
+from pgqueue.worker.producer import Producer
 
 
 @asynccontextmanager
@@ -317,19 +318,25 @@ async def test_a_job_claimed_back_while_its_stale_attempt_still_runs_is_not_run_
     assert (row["attempts"], json.loads(row["result"])) == (2, {"runs": 1})
 
 
-async def test_a_claim_back_left_to_nobody_is_released_and_the_job_runs_again(
-    conn: asyncpg.Connection,
-    connect: Any,
-    db_dsn: str,
-    monkeypatch: pytest.MonkeyPatch,
-    records: tuple[logging.Logger, Records],
-) -> None:
-    """The earlier attempt's success is refused (recovery had queued the job) and the worker
-    claims the job back before that refusal reaches it: the claim is not started (the worker
-    still holds the attempt), and once the refusal arrives nobody runs the job, while the
-    heartbeat keeps its lease fresh. The worker must release such a claim and run the job.
-    The refusal is held up deterministically: the lookup that follows a refused success
-    waits on an advisory lock the test holds."""
+def held_handler_app() -> tuple[pgqueue.App, anyio.Event, list[int]]:
+    """An app whose ``long`` handler notes its attempt and returns once the event is set."""
+    app = pgqueue.App()
+    release = anyio.Event()
+    runs: list[int] = []
+
+    @app.job("long")
+    async def long(job: pgqueue.Job) -> None:
+        runs.append(job.attempts)
+        await release.wait()
+
+    return app, release, runs
+
+
+async def gate_refusal_lookup(
+    conn: asyncpg.Connection, connect: Any, monkeypatch: pytest.MonkeyPatch
+) -> asyncpg.Connection:
+    """Hold up the lookup that follows a refused success (is the job already succeeded?):
+    it waits on advisory lock 4242, held by the returned session until it unlocks it."""
     gate = await connect()
     await gate.execute("SELECT pg_advisory_lock(4242)")
     await conn.execute(
@@ -347,40 +354,56 @@ async def test_a_claim_back_left_to_nobody_is_released_and_the_job_runs_again(
     monkeypatch.setattr(
         completer, "_SUCCEEDED_BY", "SELECT * FROM public.gated_lookup($1, $2::text)"
     )
-    app = pgqueue.App()
-    release = anyio.Event()
-    runs: list[int] = []
+    return gate
 
-    @app.job("long")
-    async def long(job: pgqueue.Job) -> None:
-        runs.append(job.attempts)
-        await release.wait()
 
+async def refuse_the_success(conn: asyncpg.Connection, job: int, release: anyio.Event) -> None:
+    """Recover ``job`` (its lease made stale) and keep it from being claimed back, let its
+    handler return (``release``), so that its success is refused; once the lookup after the
+    refusal waits on the gate (see :func:`gate_refusal_lookup`), make the job due again."""
+    async with conn.transaction():
+        await conn.execute(
+            "UPDATE pgqueue.jobs SET locked_at = now() - interval '1 hour' WHERE id = $1", job
+        )
+        assert [r[0] for r in await conn.fetch("SELECT pgqueue.recover_stale()")] == [job]
+        await conn.execute(
+            "UPDATE pgqueue.jobs SET run_after = now() + interval '1 hour' WHERE id = $1", job
+        )
+    release.set()  # the success is refused: the row is queued
+
+    async def waits() -> bool:
+        return bool(
+            await conn.fetchval(
+                "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database"
+                " WHERE d.datname = current_database() AND l.locktype = 'advisory'"
+                " AND l.classid = 0 AND l.objid = 4242 AND l.objsubid = 1 AND NOT l.granted"
+            )
+        )
+
+    await wait_until(waits, what="the lookup after the refused success waiting")
+    await conn.execute("UPDATE pgqueue.jobs SET run_after = now() WHERE id = $1", job)
+
+
+async def test_a_claim_back_left_to_nobody_is_released_and_the_job_runs_again(
+    conn: asyncpg.Connection,
+    connect: Any,
+    db_dsn: str,
+    monkeypatch: pytest.MonkeyPatch,
+    records: tuple[logging.Logger, Records],
+) -> None:
+    """The earlier attempt's success is refused (recovery had queued the job) and the worker
+    claims the job back before that refusal reaches it: the claim is not started (the worker
+    still holds the attempt), and once the refusal arrives nobody runs the job, while the
+    heartbeat keeps its lease fresh. The worker must release such a claim and run the job.
+    The refusal is held up deterministically: the lookup that follows a refused success
+    waits on an advisory lock the test holds."""
+    gate = await gate_refusal_lookup(conn, connect, monkeypatch)
+    app, release, runs = held_handler_app()
     job = await app.enqueue(conn, "long")
     logger, log = records
     async with running(app, db_dsn, concurrency=2, poll_interval=0.2, logger=logger):
         await wait_for_states(conn, [job], "running")
-        async with conn.transaction():  # recovered, and not due again until we say so
-            await conn.execute(
-                "UPDATE pgqueue.jobs SET locked_at = now() - interval '1 hour' WHERE id = $1", job
-            )
-            assert [r[0] for r in await conn.fetch("SELECT pgqueue.recover_stale()")] == [job]
-            await conn.execute(
-                "UPDATE pgqueue.jobs SET run_after = now() + interval '1 hour' WHERE id = $1", job
-            )
-        release.set()  # the success is refused: the row is queued
-
-        async def lookup_waits() -> bool:
-            return bool(
-                await conn.fetchval(
-                    "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database"
-                    " WHERE d.datname = current_database() AND l.locktype = 'advisory'"
-                    " AND l.classid = 0 AND l.objid = 4242 AND l.objsubid = 1 AND NOT l.granted"
-                )
-            )
-
-        await wait_until(lookup_waits, what="the lookup after the refused success waiting")
-        await conn.execute("UPDATE pgqueue.jobs SET run_after = now() WHERE id = $1", job)
+        await refuse_the_success(conn, job, release)
 
         async def claimed_back() -> bool:
             return log.count("claimed again (attempt 2)") > 0
@@ -390,3 +413,116 @@ async def test_a_claim_back_left_to_nobody_is_released_and_the_job_runs_again(
         await wait_for_states(conn, [job], "succeeded")
     assert runs == [1, 2]
     assert log.count("which does not hold it") > 0, log.text()
+
+
+@pytest.mark.parametrize("outcome", ["success", "failure"])
+async def test_an_attempt_settled_while_its_claim_back_is_on_its_way_is_not_run_again(
+    conn: asyncpg.Connection,
+    db_dsn: str,
+    monkeypatch: pytest.MonkeyPatch,
+    records: tuple[logging.Logger, Records],
+    outcome: str,
+) -> None:
+    """The worker claims back a job whose lease went stale while its handler still runs, and
+    the handler returns before the claim's reply is handled: the earlier attempt's outcome
+    lands on the new claim (fencing is by worker) and settles it. Starting the claim then
+    would run the handler a second time after the job's success or failure (or, had the
+    failure been retried, beside another worker's run). The reply is held up
+    deterministically: the producer's claim waits, after its statement returned, for the
+    test to let it go."""
+    app = pgqueue.App()
+    release = anyio.Event()
+    runs: list[int] = []
+
+    @app.job("long", max_attempts=2)  # recovery requeues attempt 1; attempt 2 is the last
+    async def long(job: pgqueue.Job) -> None:
+        runs.append(job.attempts)
+        await release.wait()
+        if outcome == "failure":
+            raise RuntimeError("the earlier attempt fails")
+
+    job = await app.enqueue(conn, "long")
+    claim_back_returned, let_go = hold_up_claim(monkeypatch, job, attempt=2)
+    logger, log = records
+    async with running(app, db_dsn, concurrency=2, poll_interval=0.2, logger=logger) as worker:
+        await wait_for_states(conn, [job], "running")
+        await conn.execute(
+            "UPDATE pgqueue.jobs SET locked_at = now() - interval '1 hour' WHERE id = $1", job
+        )
+        assert [r[0] for r in await conn.fetch("SELECT pgqueue.recover_stale()")] == [job]
+        with anyio.fail_after(10):
+            await claim_back_returned.wait()
+        row = await conn.fetchrow(
+            "SELECT state, attempts, locked_by FROM pgqueue.jobs WHERE id = $1", job
+        )
+        assert tuple(row) == ("running", 2, worker.id)
+        release.set()  # attempt 1 returns; its outcome lands on the claim of attempt 2
+        settled = "succeeded" if outcome == "success" else "failed"
+        await wait_for_states(conn, [job], settled)
+        let_go.set()
+
+        async def handled() -> bool:
+            return log.count("claimed again (attempt 2)") > 0 or len(runs) > 1
+
+        await wait_until(handled, what="the claim back handled")
+        await anyio.sleep(0.3)  # a second run, if started, would show in the meantime
+        assert runs == [1], log.text()
+        row = await conn.fetchrow(
+            "SELECT state, attempts, locked_by FROM pgqueue.jobs WHERE id = $1", job
+        )
+        assert tuple(row) == (settled, 2, worker.id)
+
+
+async def test_a_refusal_that_arrives_while_the_claim_back_is_on_its_way_leaves_no_job_behind(
+    conn: asyncpg.Connection,
+    connect: Any,
+    db_dsn: str,
+    monkeypatch: pytest.MonkeyPatch,
+    records: tuple[logging.Logger, Records],
+) -> None:
+    """As above, but the earlier attempt's success was refused before the claim back committed
+    (recovery had queued the job), and the refusal reaches the worker while the claim's reply
+    is held up. The claim is not started (the worker cannot tell a refusal before the claim
+    from an outcome that landed on it), so nobody runs the job while the heartbeat keeps its
+    lease fresh: the worker must release it and run the job again."""
+    gate = await gate_refusal_lookup(conn, connect, monkeypatch)
+    app, release, runs = held_handler_app()
+    job = await app.enqueue(conn, "long")
+    claim_back_returned, let_go = hold_up_claim(monkeypatch, job, attempt=2)
+    logger, log = records
+    async with running(app, db_dsn, concurrency=2, poll_interval=0.2, logger=logger):
+        await wait_for_states(conn, [job], "running")
+        await refuse_the_success(conn, job, release)
+        with anyio.fail_after(10):
+            await claim_back_returned.wait()
+        await gate.execute("SELECT pg_advisory_unlock(4242)")
+
+        async def refused() -> bool:
+            return log.count("lease lost") > 0
+
+        await wait_until(refused, what="the refusal reaching the worker")
+        let_go.set()
+        await wait_for_states(conn, [job], "succeeded")
+    assert runs == [1, 2], log.text()
+    assert log.count("was being settled") > 0, log.text()
+    assert log.count("which does not hold it") > 0, log.text()
+
+
+def hold_up_claim(
+    monkeypatch: pytest.MonkeyPatch, job: int, *, attempt: int
+) -> tuple[anyio.Event, anyio.Event]:
+    """Hold up the producer's claim that takes ``attempt`` of ``job`` after its statement
+    returned (the claim committed) and before its jobs are started, until the test sets the
+    second event; the first is set when the claim returned."""
+    original = Producer._claim
+    returned, let_go = anyio.Event(), anyio.Event()
+
+    async def held_up(self: Producer, batch_size: int, *, wait: bool) -> list[pgqueue.Job] | None:
+        jobs = await original(self, batch_size, wait=wait)
+        if jobs and any(j.id == job and j.attempts == attempt for j in jobs):
+            returned.set()
+            await let_go.wait()
+        return jobs
+
+    monkeypatch.setattr(Producer, "_claim", held_up)
+    return returned, let_go
