@@ -526,3 +526,47 @@ def hold_up_claim(
 
     monkeypatch.setattr(Producer, "_claim", held_up)
     return returned, let_go
+
+
+async def test_a_claim_left_to_nobody_is_released_while_every_slot_is_busy(
+    conn: asyncpg.Connection,
+    connect: Any,
+    db_dsn: str,
+    monkeypatch: pytest.MonkeyPatch,
+    records: tuple[logging.Logger, Records],
+) -> None:
+    """A claim back left to nobody (its earlier attempt's success refused, the refusal
+    arriving after the claim) is released even while every slot is busy: the worker must
+    not wait for a slot to free before it gives the job back, since until then nobody runs
+    it and the heartbeat keeps its lease fresh, so no other worker can take it either."""
+    gate = await gate_refusal_lookup(conn, connect, monkeypatch)
+    app, release, runs = held_handler_app()
+    let_busy_go = anyio.Event()
+
+    @app.job("busy")
+    async def busy(job: pgqueue.Job) -> None:
+        await let_busy_go.wait()
+
+    job = await app.enqueue(conn, "long")
+    first_busy = await app.enqueue(conn, "busy")
+    logger, log = records
+    async with running(app, db_dsn, concurrency=2, poll_interval=0.2, logger=logger):
+        await wait_for_states(conn, [job, first_busy], "running")
+        await refuse_the_success(conn, job, release)
+
+        async def claimed_back() -> bool:
+            return log.count("claimed again (attempt 2)") > 0
+
+        await wait_until(claimed_back, what="the claim back, not started")
+        second_busy = await app.enqueue(conn, "busy")  # takes the slot the job's handler left
+        await wait_for_states(conn, [second_busy], "running")
+        await gate.execute("SELECT pg_advisory_unlock(4242)")  # the refusal arrives
+        await wait_for_states(conn, [job], "queued")
+        states = await conn.fetch(
+            "SELECT state FROM pgqueue.jobs WHERE id = ANY($1)", [first_busy, second_busy]
+        )
+        assert [r["state"] for r in states] == ["running", "running"]
+        let_busy_go.set()
+        await wait_for_states(conn, [job, first_busy, second_busy], "succeeded")
+    assert runs == [1, 2]
+    assert log.count("which does not hold it") > 0, log.text()
