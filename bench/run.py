@@ -241,20 +241,25 @@ async def section_drain(cfg: dict[str, Any], dsn: str, peers: dict[str, Any]) ->
         jobs = cfg["drain_n_c1"] if conc == 1 else n
         log(f"drain: pgqueue worker --concurrency {conc} ({jobs} jobs)")
         out[f"pgqueue_c{conc}"] = await repeat(reps, lambda c=conc, j=jobs: pgq.drain(dsn, j, c))
-    log("drain: pgqueue worker --concurrency 200 --log-level warning (no line per success)")
-    out["pgqueue_c200_quiet"] = await repeat(
-        reps, lambda: pgq.drain(dsn, n, 200, args=QUIET_WORKER)
+    # The drain target compares these two: they take turns, so that a fast or slow minute
+    # of the machine falls on both (PGQueuer's runs spread by a third within one section).
+    rivals: dict[str, Callable[[], Awaitable[dict[str, float]]]] = {
+        "pgqueue_c200_quiet": lambda: pgq.drain(dsn, n, 200, args=QUIET_WORKER)
+    }
+    if "pgqueuer" in peers:
+        for batch in (50, 200):
+            rivals[f"pgqueuer_b{batch}"] = lambda b=batch: peers["pgqueuer"].drain(
+                cfg["peer_drain_n"], b
+            )
+    log(
+        "drain: pgqueue worker --concurrency 200 --log-level warning (no line per success)"
+        + (", taking turns with PGQueuer batch_size=50 and 200" if len(rivals) > 1 else "")
     )
+    out.update(await alternate(reps, rivals))
     log("drain: minimal asyncpg worker on pgqueue's SQL (bench.lean_worker), concurrency 50")
     out["lean_c50"] = await repeat(reps, lambda: pgq.drain(dsn, n, 50, lean=True))
     log("drain: two pgqueue worker processes --concurrency 50")
     out["pgqueue_2x_c50"] = await repeat(reps, lambda: pgq.drain(dsn, n, 50, procs=2))
-    if "pgqueuer" in peers:
-        for batch in (50, 200):
-            log(f"drain: PGQueuer batch_size={batch}")
-            out[f"pgqueuer_b{batch}"] = await repeat(
-                reps, lambda b=batch: peers["pgqueuer"].drain(cfg["peer_drain_n"], b)
-            )
     if cfg.get("profile"):
         log("drain: extra run of the concurrency-200 drain under py-spy")
         stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
