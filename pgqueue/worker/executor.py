@@ -17,8 +17,6 @@ import asyncio
 import logging
 import time
 import traceback
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,11 +74,12 @@ class Executor:
         # given up). What the database shows running under this worker and is not here was
         # claimed by a claim whose reply never arrived (see Producer._release_lost_claims).
         self.held: set[int] = set()
-        # Held jobs claimed again and not started a second time (see start), and whether one
+        # Held jobs claimed again and not started a second time (see start), or perhaps
+        # claimed again by a claim whose reply was lost (see claim_lost), and whether one
         # of them has since been settled, so that the producer must look for a claim left
         # to nobody (Producer._release_lost_claims).
         self._claimed_back: set[int] = set()
-        # While a claim is under way (see claiming): the held jobs settled since it was sent.
+        # While a claim is under way (see claim_sent): the held jobs settled since it was sent.
         self._settled_in_claim: set[int] | None = None
         self.sweep_needed = False
         self.max_unwritten = max(concurrency, MAX_BATCH)
@@ -124,11 +123,13 @@ class Executor:
         :meth:`_written`.
 
         The earlier attempt may also settle while the claim's reply is on its way (see
-        :meth:`claiming`): its outcome then landed on the new claim (a success makes the job
-        succeeded, a failure queues it again, for anyone to claim) or was refused before the
-        claim committed. Either way the claim is not started: a handler run now would run
-        beside another worker's or after the job's success, and a claim left to nobody is
-        released by the producer's next sweep.
+        :meth:`claim_sent`): its outcome then landed on the new claim (the job is succeeded,
+        failed, or queued again for anyone to claim) or was refused before the claim
+        committed. The worker cannot tell which, so the claim is not started: a handler run
+        now would run after the job's outcome was recorded, or beside another worker's run,
+        and a claim left to nobody is released by the producer's next sweep. (A job whose
+        failure was retried at once and taken by a claim already on its way looks the same:
+        it is released and claimed again.)
         """
         settled = self._settled_in_claim is not None and job.id in self._settled_in_claim
         if job.id in self.held or settled:
@@ -147,16 +148,21 @@ class Executor:
         self.held.add(job.id)
         self._queue.put_nowait(job)
 
-    @contextmanager
-    def claiming(self) -> Iterator[None]:
-        """Around a claim and the :meth:`start` of what it returned: the jobs whose outcome
-        is written (or given up) meanwhile are remembered, since the claim may have taken
-        them back (see :meth:`start`)."""
+    def claim_sent(self) -> None:
+        """A claim is about to be sent: until :meth:`claim_handled`, the jobs whose outcome
+        is written (or given up) are remembered, since the claim may take them back (see
+        :meth:`start`)."""
         self._settled_in_claim = set()
-        try:
-            yield
-        finally:
-            self._settled_in_claim = None
+
+    def claim_handled(self) -> None:
+        """The claim's jobs are started (or it failed): stop remembering."""
+        self._settled_in_claim = None
+
+    def claim_lost(self) -> None:
+        """A claim failed after it was sent: it may have committed, and taken back any job
+        this worker holds. Each of them asks for a sweep once its outcome is written, as a
+        claim back that was seen does (see :meth:`_written`)."""
+        self._claimed_back |= self.held
 
     async def release_unstarted(self) -> None:
         """After the runners are gone: release the jobs still queued for them."""
@@ -190,7 +196,8 @@ class Executor:
         For a job claimed back meanwhile (see :meth:`start`), the producer then looks for
         jobs running under this worker that it no longer holds, and releases them, before
         its next claim: the outcome may have landed on the new claim, or been refused
-        before it, leaving it to nobody.
+        before it, leaving it to nobody. While a claim is on its way the job is noted, so
+        that the claim does not start it (see :meth:`claim_sent`).
         """
         self.held.discard(job.id)
         if self._settled_in_claim is not None:

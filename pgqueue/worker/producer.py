@@ -31,6 +31,8 @@ _CLAIM = f"SELECT {_COLUMNS} FROM pgqueue.claim_next({_ARGS})"
 # Bound on acquiring the claim connection and on each claim or lookup on it: a statement
 # stuck on a half-open connection would stop this worker from claiming anything.
 STATEMENT_TIMEOUT = 30.0
+# Bound on the sweep still owed at shutdown (see Producer.release_lost_claims_at_stop).
+STOP_SWEEP_TIMEOUT = 5.0
 # Jobs running under this worker that it does not know it holds (see _release_lost_claims).
 _UNKNOWN_HELD = (
     "SELECT id FROM pgqueue.jobs"
@@ -123,10 +125,12 @@ class Producer:
                     if self.stopping:
                         break
             wanted, wait = self.executor.free_slots, not more and self.when_waiting
-            with self.executor.claiming():
+            try:
                 claimed = await self._claim(wanted, wait=wait)
                 for job in claimed or ():
                     self.executor.start(job)
+            finally:
+                self.executor.claim_handled()
             # A full batch means there is probably more; an error means try again.
             more = claimed is None or len(claimed) == wanted
             if claimed and not more:
@@ -154,10 +158,13 @@ class Producer:
             if self._claim_unknown or self.executor.sweep_needed:
                 await self._release_lost_claims(conn)
             self._claim_unknown = True  # until its rows are in hand
+            self.executor.claim_sent()
             with anyio.fail_after(STATEMENT_TIMEOUT):
                 rows = await conn.fetch(query, self.worker_id, self.queues, batch_size)
             self._claim_unknown = False
         except Exception as exc:
+            if self._claim_unknown:
+                self.executor.claim_lost()
             await self._failed(exc, "claiming jobs")
             await self.wake.wait(self._backoff.next_delay())
             return None
@@ -179,6 +186,31 @@ class Producer:
         except Exception as exc:
             await self._failed(exc, "releasing jobs this worker does not hold")
             await self.wake.wait(self._backoff.next_delay())
+
+    async def release_lost_claims_at_stop(self) -> None:
+        """After :meth:`run` returned and every outcome is written: the sweep still owed.
+
+        A claim back that was not started, or a claim whose reply was lost, asks for a
+        sweep before the next claim; at shutdown there is no next claim, and the job would
+        stay running under this worker until stale recovery requeued it, counting an
+        attempt (a job on its last one would end failed without running again). Bounded by
+        :data:`STOP_SWEEP_TIMEOUT`: a database that does not answer cannot hold the exit.
+        """
+        if not (self.executor.sweep_needed or self._claim_unknown):
+            return
+        with anyio.move_on_after(STOP_SWEEP_TIMEOUT) as scope:
+            try:
+                await self._release_lost_claims(await self._connection())
+            except Exception as exc:
+                await self._failed(exc, "releasing jobs this worker does not hold, at stop")
+            finally:
+                await self._release()
+        if scope.cancelled_caught:
+            self.logger.warning(
+                "stopping: could not release the jobs running under this worker that it does"
+                " not hold within %gs; stale recovery will requeue them",
+                STOP_SWEEP_TIMEOUT,
+            )
 
     async def _release_lost_claims(self, conn: asyncpg.pool.PoolConnectionProxy) -> None:
         """Give back the jobs running under this worker that it does not hold.

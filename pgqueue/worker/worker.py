@@ -156,6 +156,7 @@ class Worker:
                 jobs.cancel_scope.cancel()  # idle runners stop; busy ones release their job
             await executor.release_unstarted()
             await executor.settled()  # every success handed to the completer is written
+            await producer.release_lost_claims_at_stop()
             services.cancel_scope.cancel()
         self.logger.info("worker %s stopped", self.id, extra={"worker": self.id})
 

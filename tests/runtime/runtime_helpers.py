@@ -1,12 +1,19 @@
-"""The runtime tests' worker app and log capture; the subprocess and waiting helpers are
-tests/worker_harness.py."""
+"""The runtime tests' worker app, log capture and claim-back set-ups; the subprocess and
+waiting helpers are tests/worker_harness.py."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
-from worker_harness import WorkerProcess
+import anyio
+import asyncpg
+import pytest
+from worker_harness import WorkerProcess, wait_until
+
+import pgqueue
+from pgqueue.worker import completer
 
 HERE = Path(__file__).resolve().parent
 
@@ -48,3 +55,76 @@ class Records(logging.Handler):
 
     def text(self) -> str:
         return "\n".join(f"{r.levelname} {r.getMessage()}" for r in self.records)
+
+
+# --------------------------------------------------------------------------- claim backs
+
+
+def held_handler_app() -> tuple[pgqueue.App, anyio.Event, list[int]]:
+    """An app whose ``long`` handler notes its attempt and returns once the event is set."""
+    app = pgqueue.App()
+    release = anyio.Event()
+    runs: list[int] = []
+
+    @app.job("long")
+    async def long(job: pgqueue.Job) -> None:
+        runs.append(job.attempts)
+        await release.wait()
+
+    return app, release, runs
+
+
+async def gate_refusal_lookup(
+    conn: asyncpg.Connection, connect: Any, monkeypatch: pytest.MonkeyPatch
+) -> asyncpg.Connection:
+    """Hold up the lookup that follows a refused success (is the job already succeeded?):
+    it waits on advisory lock 4242, held by the returned session until it unlocks it."""
+    gate = await connect()
+    await gate.execute("SELECT pg_advisory_lock(4242)")
+    await conn.execute(
+        """
+        CREATE FUNCTION public.gated_lookup(w text, ids text) RETURNS SETOF bigint
+        LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM pg_advisory_lock_shared(4242);
+            PERFORM pg_advisory_unlock_shared(4242);
+            RETURN QUERY SELECT id FROM pgqueue.jobs
+                         WHERE id = ANY (ids::bigint[]) AND state = 'succeeded' AND locked_by = w;
+        END $$
+        """
+    )
+    monkeypatch.setattr(
+        completer, "_SUCCEEDED_BY", "SELECT * FROM public.gated_lookup($1, $2::text)"
+    )
+    return gate
+
+
+async def refuse_the_success(
+    conn: asyncpg.Connection, job: int, release: anyio.Event, *, due: bool = True
+) -> None:
+    """Recover ``job`` (its lease made stale) and keep it from being claimed back, let its
+    handler return (``release``), so that its success is refused; once the lookup after the
+    refusal waits on the gate (see :func:`gate_refusal_lookup`), make the job due again
+    (unless not ``due``)."""
+    async with conn.transaction():
+        await conn.execute(
+            "UPDATE pgqueue.jobs SET locked_at = now() - interval '1 hour' WHERE id = $1", job
+        )
+        assert [r[0] for r in await conn.fetch("SELECT pgqueue.recover_stale()")] == [job]
+        await conn.execute(
+            "UPDATE pgqueue.jobs SET run_after = now() + interval '1 hour' WHERE id = $1", job
+        )
+    release.set()  # the success is refused: the row is queued
+
+    async def waits() -> bool:
+        return bool(
+            await conn.fetchval(
+                "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database"
+                " WHERE d.datname = current_database() AND l.locktype = 'advisory'"
+                " AND l.classid = 0 AND l.objid = 4242 AND l.objsubid = 1 AND NOT l.granted"
+            )
+        )
+
+    await wait_until(waits, what="the lookup after the refused success waiting")
+    if due:
+        await conn.execute("UPDATE pgqueue.jobs SET run_after = now() WHERE id = $1", job)

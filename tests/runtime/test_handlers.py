@@ -14,12 +14,11 @@ from typing import Any
 import anyio
 import asyncpg
 import pytest
-from runtime_helpers import Records
+from runtime_helpers import Records, gate_refusal_lookup, held_handler_app, refuse_the_success
 from worker_harness import wait_for_states, wait_until
 
 import pgqueue
 from pgqueue.migrate import SchemaError
-from pgqueue.worker import completer
 from pgqueue.worker.logs import JsonFormatter
 from pgqueue.worker.producer import Producer
 
@@ -318,72 +317,6 @@ async def test_a_job_claimed_back_while_its_stale_attempt_still_runs_is_not_run_
     assert (row["attempts"], json.loads(row["result"])) == (2, {"runs": 1})
 
 
-def held_handler_app() -> tuple[pgqueue.App, anyio.Event, list[int]]:
-    """An app whose ``long`` handler notes its attempt and returns once the event is set."""
-    app = pgqueue.App()
-    release = anyio.Event()
-    runs: list[int] = []
-
-    @app.job("long")
-    async def long(job: pgqueue.Job) -> None:
-        runs.append(job.attempts)
-        await release.wait()
-
-    return app, release, runs
-
-
-async def gate_refusal_lookup(
-    conn: asyncpg.Connection, connect: Any, monkeypatch: pytest.MonkeyPatch
-) -> asyncpg.Connection:
-    """Hold up the lookup that follows a refused success (is the job already succeeded?):
-    it waits on advisory lock 4242, held by the returned session until it unlocks it."""
-    gate = await connect()
-    await gate.execute("SELECT pg_advisory_lock(4242)")
-    await conn.execute(
-        """
-        CREATE FUNCTION public.gated_lookup(w text, ids text) RETURNS SETOF bigint
-        LANGUAGE plpgsql AS $$
-        BEGIN
-            PERFORM pg_advisory_lock_shared(4242);
-            PERFORM pg_advisory_unlock_shared(4242);
-            RETURN QUERY SELECT id FROM pgqueue.jobs
-                         WHERE id = ANY (ids::bigint[]) AND state = 'succeeded' AND locked_by = w;
-        END $$
-        """
-    )
-    monkeypatch.setattr(
-        completer, "_SUCCEEDED_BY", "SELECT * FROM public.gated_lookup($1, $2::text)"
-    )
-    return gate
-
-
-async def refuse_the_success(conn: asyncpg.Connection, job: int, release: anyio.Event) -> None:
-    """Recover ``job`` (its lease made stale) and keep it from being claimed back, let its
-    handler return (``release``), so that its success is refused; once the lookup after the
-    refusal waits on the gate (see :func:`gate_refusal_lookup`), make the job due again."""
-    async with conn.transaction():
-        await conn.execute(
-            "UPDATE pgqueue.jobs SET locked_at = now() - interval '1 hour' WHERE id = $1", job
-        )
-        assert [r[0] for r in await conn.fetch("SELECT pgqueue.recover_stale()")] == [job]
-        await conn.execute(
-            "UPDATE pgqueue.jobs SET run_after = now() + interval '1 hour' WHERE id = $1", job
-        )
-    release.set()  # the success is refused: the row is queued
-
-    async def waits() -> bool:
-        return bool(
-            await conn.fetchval(
-                "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database"
-                " WHERE d.datname = current_database() AND l.locktype = 'advisory'"
-                " AND l.classid = 0 AND l.objid = 4242 AND l.objsubid = 1 AND NOT l.granted"
-            )
-        )
-
-    await wait_until(waits, what="the lookup after the refused success waiting")
-    await conn.execute("UPDATE pgqueue.jobs SET run_after = now() WHERE id = $1", job)
-
-
 async def test_a_claim_back_left_to_nobody_is_released_and_the_job_runs_again(
     conn: asyncpg.Connection,
     connect: Any,
@@ -426,8 +359,8 @@ async def test_an_attempt_settled_while_its_claim_back_is_on_its_way_is_not_run_
     """The worker claims back a job whose lease went stale while its handler still runs, and
     the handler returns before the claim's reply is handled: the earlier attempt's outcome
     lands on the new claim (fencing is by worker) and settles it. Starting the claim then
-    would run the handler a second time after the job's success or failure (or, had the
-    failure been retried, beside another worker's run). The reply is held up
+    would run the handler a second time after the job's success or failure (a retried
+    failure would also let another worker run it meanwhile). The reply is held up
     deterministically: the producer's claim waits, after its statement returned, for the
     test to let it go."""
     app = pgqueue.App()
@@ -446,10 +379,11 @@ async def test_an_attempt_settled_while_its_claim_back_is_on_its_way_is_not_run_
     logger, log = records
     async with running(app, db_dsn, concurrency=2, poll_interval=0.2, logger=logger) as worker:
         await wait_for_states(conn, [job], "running")
-        await conn.execute(
-            "UPDATE pgqueue.jobs SET locked_at = now() - interval '1 hour' WHERE id = $1", job
-        )
-        assert [r[0] for r in await conn.fetch("SELECT pgqueue.recover_stale()")] == [job]
+        async with conn.transaction():  # no heartbeat in between
+            await conn.execute(
+                "UPDATE pgqueue.jobs SET locked_at = now() - interval '1 hour' WHERE id = $1", job
+            )
+            assert [r[0] for r in await conn.fetch("SELECT pgqueue.recover_stale()")] == [job]
         with anyio.fail_after(10):
             await claim_back_returned.wait()
         row = await conn.fetchrow(
@@ -459,6 +393,9 @@ async def test_an_attempt_settled_while_its_claim_back_is_on_its_way_is_not_run_
         release.set()  # attempt 1 returns; its outcome lands on the claim of attempt 2
         settled = "succeeded" if outcome == "success" else "failed"
         await wait_for_states(conn, [job], settled)
+        # Logged right before the worker lets go of the attempt, with no await in between:
+        # from here the worker no longer holds the job when the claim's reply is handled.
+        await wait_until(lambda: log.outcome_logged(job), what="attempt 1's outcome")
         let_go.set()
 
         async def handled() -> bool:
@@ -467,6 +404,7 @@ async def test_an_attempt_settled_while_its_claim_back_is_on_its_way_is_not_run_
         await wait_until(handled, what="the claim back handled")
         await anyio.sleep(0.3)  # a second run, if started, would show in the meantime
         assert runs == [1], log.text()
+        assert log.count("was being settled") == 1, log.text()
         row = await conn.fetchrow(
             "SELECT state, attempts, locked_by FROM pgqueue.jobs WHERE id = $1", job
         )
@@ -570,3 +508,37 @@ async def test_a_claim_left_to_nobody_is_released_while_every_slot_is_busy(
         await wait_for_states(conn, [job, first_busy, second_busy], "succeeded")
     assert runs == [1, 2]
     assert log.count("which does not hold it") > 0, log.text()
+
+
+async def test_a_claim_back_left_to_nobody_is_released_when_the_worker_stops(
+    conn: asyncpg.Connection,
+    connect: Any,
+    db_dsn: str,
+    monkeypatch: pytest.MonkeyPatch,
+    records: tuple[logging.Logger, Records],
+) -> None:
+    """As above, but the worker is told to stop while the claim's reply is held up, so there
+    is no next claim to sweep before: the sweep still owed runs before the worker exits.
+    Without it the job stays running under a worker that is gone, until stale recovery
+    requeues it and counts the attempt (on its last attempt it would end failed unrun)."""
+    gate = await gate_refusal_lookup(conn, connect, monkeypatch)
+    app, release, runs = held_handler_app()
+    job = await app.enqueue(conn, "long")
+    claim_back_returned, let_go = hold_up_claim(monkeypatch, job, attempt=2)
+    logger, log = records
+    async with running(app, db_dsn, concurrency=2, poll_interval=0.2, logger=logger) as worker:
+        await wait_for_states(conn, [job], "running")
+        await refuse_the_success(conn, job, release)
+        with anyio.fail_after(10):
+            await claim_back_returned.wait()
+        await gate.execute("SELECT pg_advisory_unlock(4242)")
+        await wait_until(lambda: log.logged("lease lost"), what="the refusal reaching the worker")
+        worker.stop()
+        let_go.set()
+    row = await conn.fetchrow(
+        "SELECT state, attempts, locked_by FROM pgqueue.jobs WHERE id = $1", job
+    )
+    assert tuple(row) == ("queued", 1, None), log.text()  # released: attempt 2 not counted
+    assert runs == [1]
+    assert log.count("was being settled") == 1, log.text()
+    assert log.count("which does not hold it") == 1, log.text()

@@ -24,7 +24,7 @@ import anyio
 import anyio.abc
 import asyncpg
 import pytest
-from runtime_helpers import Records
+from runtime_helpers import Records, gate_refusal_lookup, held_handler_app, refuse_the_success
 from worker_harness import wait_for_states, wait_until
 
 import pgqueue
@@ -496,6 +496,57 @@ async def test_jobs_of_a_claim_whose_reply_is_lost_are_given_back(
     assert log.count(lost) == 1 and log.count("settling); released") == 1, log.text()
 
 
+async def test_a_claim_back_whose_reply_is_lost_is_released_once_its_attempt_settles(
+    conn: asyncpg.Connection,
+    connect: Any,
+    db_dsn: str,
+    monkeypatch: pytest.MonkeyPatch,
+    records: tuple[logging.Logger, Records],
+) -> None:
+    """A claim whose reply is lost takes back a job whose earlier attempt this worker still
+    holds, and that attempt's success was refused before the claim committed (recovery had
+    queued the job). The sweep before the next claim leaves the job alone (it is held), so
+    once the refusal arrives nothing would give the job back: it would stay running under
+    this worker, its lease kept fresh by the heartbeat, for as long as the worker lives. The
+    lost claim must count as a possible claim back of every held job, and each asks for a
+    sweep once its outcome is written."""
+    monkeypatch.setattr(producer, "STATEMENT_TIMEOUT", 1.0)
+    monkeypatch.setattr(bounded, "CANCEL_WAIT", 0.2)
+    gate = await gate_refusal_lookup(conn, connect, monkeypatch)
+    app, release, runs = held_handler_app()
+    job = await app.enqueue(conn, "long")
+    logger, log = records
+    async with _proxied(db_dsn, b"pgqueue.claim_next") as (proxy, dsn):
+        proxy.armed = False
+        worker = pgqueue.Worker(
+            app, dsn, concurrency=2, poll_interval=60, handle_signals=False, logger=logger
+        )
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker.run)
+            try:
+                await wait_for_states(conn, [job], "running")
+                await refuse_the_success(conn, job, release, due=False)
+                proxy.armed = True  # no claim runs meanwhile: no notification, no poll yet
+                await conn.execute("UPDATE pgqueue.jobs SET run_after = now() WHERE id = $1", job)
+                await conn.execute("SELECT pg_notify('pgqueue', 'default')")
+                await wait_until(proxy.reply_lost, what="the claim back whose reply is lost")
+                row = await conn.fetchrow(
+                    "SELECT state, attempts FROM pgqueue.jobs WHERE id = $1", job
+                )
+                assert tuple(row) == ("running", 2)
+                # Logged once a claim after the lost one went through, so the sweep that
+                # precedes it has run while the job was still held.
+                await wait_until(
+                    lambda: log.logged("producer: working again"), what="a claim after the lost one"
+                )
+                await gate.execute("SELECT pg_advisory_unlock(4242)")  # the refusal arrives
+                await wait_for_states(conn, [job], "succeeded", within=15)
+            finally:
+                worker.stop()
+    assert runs == [1, 2], log.text()
+    assert log.count("which does not hold it") == 1, log.text()
+
+
 async def test_recovery_whose_reply_is_lost_frees_the_leader_lock(
     conn: asyncpg.Connection,
     db_dsn: str,
@@ -591,7 +642,8 @@ class SwallowingProxy:
     """A TCP proxy to PostgreSQL that, once, turns a connection half-open after a statement.
 
     The first statement prepared with ``marker`` in its text is run normally, but from its
-    Bind on, everything the server sends on that connection is read and dropped, while both
+    first Bind while :attr:`armed` on, everything the server sends on that connection is read
+    and dropped, while both
     sockets stay open: the statement runs and commits, and the client waits for a reply that
     never comes, as on a connection whose peer vanished without FIN or RST. Everything else
     is passed through unchanged.
@@ -608,6 +660,8 @@ class SwallowingProxy:
         # the server's socket open when the client closes: a client that vanished.
         self.mute_client = mute_client
         self.swallowed = anyio.Event()
+        # Only a Bind made while armed triggers (a test may let earlier ones pass).
+        self.armed = True
         self.lost: list[tuple[str, bytes]] = []  # the server messages swallowed: (type, body)
         self._connections: set[anyio.CancelScope] = set()
 
@@ -671,7 +725,7 @@ class SwallowingProxy:
                             marked = name
                         elif name == marked:
                             marked = None  # the name now means another statement
-                    elif kind == ord("B") and marked is not None:  # Bind: portal, statement
+                    elif kind == ord("B") and marked is not None and self.armed:  # Bind
                         if body.split(b"\0", 2)[1] == marked:
                             swallow.set()  # before passing it on: its reply is the first lost
                             self.swallowed.set()
