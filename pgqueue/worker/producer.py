@@ -198,13 +198,15 @@ class Producer:
         """
         if not (self.executor.sweep_needed or self._claim_unknown):
             return
-        with anyio.move_on_after(STOP_SWEEP_TIMEOUT) as scope:
-            try:
+        try:
+            with anyio.move_on_after(STOP_SWEEP_TIMEOUT) as scope:
                 await self._release_lost_claims(await self._connection())
-            except Exception as exc:
-                await self._failed(exc, "releasing jobs this worker does not hold, at stop")
-            finally:
-                await self._release()
+        except Exception as exc:
+            await self._failed(exc, "releasing jobs this worker does not hold, at stop")
+        finally:
+            # A statement cut off by the bound leaves its connection unfit for reuse (and a
+            # pool release would wait for its cancel): discarded, within CANCEL_WAIT.
+            await self._release(broken=scope.cancelled_caught)
         if scope.cancelled_caught:
             self.logger.warning(
                 "stopping: could not release the jobs running under this worker that it does"

@@ -100,13 +100,21 @@ async def gate_refusal_lookup(
 
 
 async def refuse_the_success(
-    conn: asyncpg.Connection, job: int, release: anyio.Event, *, due: bool = True
+    conn: asyncpg.Connection,
+    job: int,
+    release: anyio.Event,
+    *,
+    due: bool = True,
+    quiet: bool = False,
 ) -> None:
     """Recover ``job`` (its lease made stale) and keep it from being claimed back, let its
     handler return (``release``), so that its success is refused; once the lookup after the
     refusal waits on the gate (see :func:`gate_refusal_lookup`), make the job due again
-    (unless not ``due``)."""
+    (unless not ``due``). ``quiet``: the requeue sends no notification (its trigger is
+    disabled for the transaction), so no worker claims anything because of it."""
     async with conn.transaction():
+        if quiet:
+            await conn.execute("ALTER TABLE pgqueue.jobs DISABLE TRIGGER jobs_notify_requeued")
         await conn.execute(
             "UPDATE pgqueue.jobs SET locked_at = now() - interval '1 hour' WHERE id = $1", job
         )
@@ -114,6 +122,8 @@ async def refuse_the_success(
         await conn.execute(
             "UPDATE pgqueue.jobs SET run_after = now() + interval '1 hour' WHERE id = $1", job
         )
+        if quiet:
+            await conn.execute("ALTER TABLE pgqueue.jobs ENABLE TRIGGER jobs_notify_requeued")
     release.set()  # the success is refused: the row is queued
 
     async def waits() -> bool:

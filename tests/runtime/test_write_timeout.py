@@ -525,8 +525,11 @@ async def test_a_claim_back_whose_reply_is_lost_is_released_once_its_attempt_set
             tg.start_soon(worker.run)
             try:
                 await wait_for_states(conn, [job], "running")
-                await refuse_the_success(conn, job, release, due=False)
-                proxy.armed = True  # no claim runs meanwhile: no notification, no poll yet
+                # No claim runs from here until our notification: the requeue sends none
+                # (quiet), the safety poll is a minute away, and a freed slot wakes a
+                # producer only when every slot was busy.
+                await refuse_the_success(conn, job, release, due=False, quiet=True)
+                proxy.armed = True
                 await conn.execute("UPDATE pgqueue.jobs SET run_after = now() WHERE id = $1", job)
                 await conn.execute("SELECT pg_notify('pgqueue', 'default')")
                 await wait_until(proxy.reply_lost, what="the claim back whose reply is lost")
