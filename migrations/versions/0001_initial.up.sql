@@ -349,17 +349,25 @@ LANGUAGE sql STABLE AS $$
 SELECT CASE
     WHEN jsonb_typeof(s) IS DISTINCT FROM 'object' THEN
         format('must be a JSON object, got %s', coalesce(jsonb_typeof(s), 'NULL'))
-    -- The common bulk spec (job_type, payload, queue; key for a fan-out's
+    -- The common bulk spec (job_type, payload, queue, max_attempts: what
+    -- App.with_defaults fills in for a registered type; key for a fan-out's
     -- children) is settled in a handful of operations; every other spec goes
     -- through the checks below one by one.
-    WHEN s - ARRAY['job_type', 'payload', 'queue', 'key'] = '{}'
+    WHEN s - ARRAY['job_type', 'payload', 'queue', 'key', 'max_attempts'] = '{}'
          AND jsonb_typeof(s->'job_type') = 'string' AND btrim(s->>'job_type') <> ''
          AND coalesce(jsonb_typeof(s->'payload'), 'null') IN ('object', 'null')
          AND (coalesce(jsonb_typeof(s->'queue'), 'null') = 'null'
               OR (jsonb_typeof(s->'queue') = 'string' AND btrim(s->>'queue') <> ''
                   AND octet_length(s->>'queue') <= 200))
          AND (coalesce(jsonb_typeof(s->'key'), 'null') = 'null'
-              OR (jsonb_typeof(s->'key') = 'string' AND s->>'key' <> '')) THEN
+              OR (jsonb_typeof(s->'key') = 'string' AND s->>'key' <> ''))
+         -- An integer in range: a JSON number between 1 and 2^31-1 (compared as jsonb,
+         -- no cast) whose text has no decimal point (numeric output never uses an
+         -- exponent); 3.0 takes the slow path, which accepts it.
+         AND (coalesce(jsonb_typeof(s->'max_attempts'), 'null') = 'null'
+              OR (jsonb_typeof(s->'max_attempts') = 'number'
+                  AND s->'max_attempts' >= '1' AND s->'max_attempts' <= '2147483647'
+                  AND strpos(s->>'max_attempts', '.') = 0)) THEN
         NULL
     -- jsonb minus text[] drops the known keys in C; anything left is unknown.
     WHEN s - pgqueue._spec_keys() <> '{}' THEN
