@@ -134,8 +134,7 @@ class Executor:
         settled = self._settled_in_claim is not None and job.id in self._settled_in_claim
         if job.id in self.held or settled:
             if settled:
-                self.sweep_needed = True
-                self.wake.set()
+                self._ask_for_sweep()
                 why = _SETTLED_MEANWHILE
             else:
                 self._claimed_back.add(job.id)
@@ -204,12 +203,17 @@ class Executor:
             self._settled_in_claim.add(job.id)
         if job.id in self._claimed_back:
             self._claimed_back.discard(job.id)
-            self.sweep_needed = True
-            self.wake.set()
+            self._ask_for_sweep()
         self.slot_freed.set()  # the producer may be waiting on the unwritten cap
         if job.scope is not None:
             # The next job of this scope became claimable, and no NOTIFY says so.
             self.wake.set()
+
+    def _ask_for_sweep(self) -> None:
+        """A job may be running under this worker with nobody behind it: have the producer
+        look (Producer._release_lost_claims) before its next claim, and wake it for that."""
+        self.sweep_needed = True
+        self.wake.set()
 
     async def _runner(self) -> None:
         get = self._queue.get

@@ -60,6 +60,16 @@ class Records(logging.Handler):
 # --------------------------------------------------------------------------- claim backs
 
 
+async def recover_as_stale(conn: asyncpg.Connection, job: int) -> None:
+    """Make ``job``'s lease an hour old and run stale recovery, which must requeue it, in
+    one transaction (no heartbeat can refresh the lease in between)."""
+    async with conn.transaction():
+        await conn.execute(
+            "UPDATE pgqueue.jobs SET locked_at = now() - interval '1 hour' WHERE id = $1", job
+        )
+        assert [r[0] for r in await conn.fetch("SELECT pgqueue.recover_stale()")] == [job]
+
+
 def held_handler_app() -> tuple[pgqueue.App, anyio.Event, list[int]]:
     """An app whose ``long`` handler notes its attempt and returns once the event is set."""
     app = pgqueue.App()
@@ -115,10 +125,7 @@ async def refuse_the_success(
     async with conn.transaction():
         if quiet:
             await conn.execute("ALTER TABLE pgqueue.jobs DISABLE TRIGGER jobs_notify_requeued")
-        await conn.execute(
-            "UPDATE pgqueue.jobs SET locked_at = now() - interval '1 hour' WHERE id = $1", job
-        )
-        assert [r[0] for r in await conn.fetch("SELECT pgqueue.recover_stale()")] == [job]
+        await recover_as_stale(conn, job)
         await conn.execute(
             "UPDATE pgqueue.jobs SET run_after = now() + interval '1 hour' WHERE id = $1", job
         )

@@ -14,7 +14,13 @@ from typing import Any
 import anyio
 import asyncpg
 import pytest
-from runtime_helpers import Records, gate_refusal_lookup, held_handler_app, refuse_the_success
+from runtime_helpers import (
+    Records,
+    gate_refusal_lookup,
+    held_handler_app,
+    recover_as_stale,
+    refuse_the_success,
+)
 from worker_harness import wait_for_states, wait_until
 
 import pgqueue
@@ -292,10 +298,7 @@ async def test_a_job_claimed_back_while_its_stale_attempt_still_runs_is_not_run_
     logger, log = records
     async with running(app, db_dsn, concurrency=2, poll_interval=0.2, logger=logger) as worker:
         await wait_for_states(conn, [job], "running")
-        await conn.execute(
-            "UPDATE pgqueue.jobs SET locked_at = now() - interval '1 hour' WHERE id = $1", job
-        )
-        assert [r[0] for r in await conn.fetch("SELECT pgqueue.recover_stale()")] == [job]
+        await recover_as_stale(conn, job)
 
         async def claimed_back() -> bool:
             row = await conn.fetchrow(
@@ -337,11 +340,9 @@ async def test_a_claim_back_left_to_nobody_is_released_and_the_job_runs_again(
     async with running(app, db_dsn, concurrency=2, poll_interval=0.2, logger=logger):
         await wait_for_states(conn, [job], "running")
         await refuse_the_success(conn, job, release)
-
-        async def claimed_back() -> bool:
-            return log.count("claimed again (attempt 2)") > 0
-
-        await wait_until(claimed_back, what="the claim back, not started")
+        await wait_until(
+            lambda: log.logged("claimed again (attempt 2)"), what="the claim back, not started"
+        )
         await gate.execute("SELECT pg_advisory_unlock(4242)")
         await wait_for_states(conn, [job], "succeeded")
     assert runs == [1, 2]
@@ -379,11 +380,7 @@ async def test_an_attempt_settled_while_its_claim_back_is_on_its_way_is_not_run_
     logger, log = records
     async with running(app, db_dsn, concurrency=2, poll_interval=0.2, logger=logger) as worker:
         await wait_for_states(conn, [job], "running")
-        async with conn.transaction():  # no heartbeat in between
-            await conn.execute(
-                "UPDATE pgqueue.jobs SET locked_at = now() - interval '1 hour' WHERE id = $1", job
-            )
-            assert [r[0] for r in await conn.fetch("SELECT pgqueue.recover_stale()")] == [job]
+        await recover_as_stale(conn, job)
         with anyio.fail_after(10):
             await claim_back_returned.wait()
         row = await conn.fetchrow(
@@ -434,11 +431,7 @@ async def test_a_refusal_that_arrives_while_the_claim_back_is_on_its_way_leaves_
         with anyio.fail_after(10):
             await claim_back_returned.wait()
         await gate.execute("SELECT pg_advisory_unlock(4242)")
-
-        async def refused() -> bool:
-            return log.count("lease lost") > 0
-
-        await wait_until(refused, what="the refusal reaching the worker")
+        await wait_until(lambda: log.logged("lease lost"), what="the refusal reaching the worker")
         let_go.set()
         await wait_for_states(conn, [job], "succeeded")
     assert runs == [1, 2], log.text()
@@ -491,11 +484,9 @@ async def test_a_claim_left_to_nobody_is_released_while_every_slot_is_busy(
     async with running(app, db_dsn, concurrency=2, poll_interval=0.2, logger=logger):
         await wait_for_states(conn, [job, first_busy], "running")
         await refuse_the_success(conn, job, release)
-
-        async def claimed_back() -> bool:
-            return log.count("claimed again (attempt 2)") > 0
-
-        await wait_until(claimed_back, what="the claim back, not started")
+        await wait_until(
+            lambda: log.logged("claimed again (attempt 2)"), what="the claim back, not started"
+        )
         second_busy = await app.enqueue(conn, "busy")  # takes the slot the job's handler left
         await wait_for_states(conn, [second_busy], "running")
         await gate.execute("SELECT pg_advisory_unlock(4242)")  # the refusal arrives
