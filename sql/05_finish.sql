@@ -206,6 +206,14 @@ BEGIN
     IF v_done IS NULL THEN
         RETURN '{}';
     END IF;
+    -- Creating children takes their pipelines' locks: take them before the
+    -- rows of waiting dependents are locked below, as cancel_pipeline takes a
+    -- pipeline's lock before its members' rows (the other order deadlocked).
+    -- A running job's row, locked above, is never waited on by a holder of a
+    -- pipeline lock. (A scoped batch took these before any row.)
+    IF v_parents IS NOT NULL THEN
+        PERFORM pgqueue._pipeline_cancelled(x.p) FROM (SELECT DISTINCT p FROM unnest(v_pipelines) p ORDER BY p) x;
+    END IF;
     IF v_scopes IS NOT NULL THEN
         PERFORM pgqueue._unblock_next(v_scopes, v_scoped);
     END IF;

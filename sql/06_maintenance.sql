@@ -138,6 +138,13 @@ BEGIN
                    WHERE d.job_id = retry.job_id OR d.job_id = ANY (v_downstream))
     ORDER BY p.id
     FOR SHARE;
+    -- Every key that becomes pending again, locked in key order (as a batch
+    -- enqueue locks them) before _keeps_dedup_key re-takes each one: a key a
+    -- newer pending job took meanwhile is dropped, never a 23505.
+    PERFORM pgqueue._lock_dedup_key(k.dedup_key)
+    FROM (SELECT DISTINCT w.dedup_key FROM pgqueue.jobs w
+          WHERE (w.id = retry.job_id OR w.id = ANY (v_downstream)) AND w.dedup_key IS NOT NULL
+          ORDER BY 1) k;
     UPDATE pgqueue.jobs j
        SET pending_deps = x.n,
            state = CASE WHEN x.n > 0 THEN 'waiting' ELSE 'queued' END,
@@ -147,17 +154,24 @@ BEGIN
       FROM (SELECT pgqueue._unfinished_deps(retry.job_id) AS n) x
      WHERE j.id = retry.job_id;
     -- Each of them depends (transitively) on this job, which has not succeeded: they wait.
+    -- A key stays with the oldest of them that holds it, if no other pending job
+    -- (this one included, a statement ago) has it by now.
     UPDATE pgqueue.jobs j
        SET state = 'waiting', finished_at = NULL,
-           pending_deps = pgqueue._unfinished_deps(j.id)
+           pending_deps = pgqueue._unfinished_deps(j.id),
+           dedup_key = CASE WHEN j.id = (SELECT min(o.id) FROM pgqueue.jobs o
+                                         WHERE o.id = ANY (v_downstream) AND o.dedup_key = j.dedup_key)
+                             AND pgqueue._keeps_dedup_key(j.dedup_key, j.id)
+                            THEN j.dedup_key END
      WHERE j.id = ANY (v_downstream);
     RETURN true;
 END
 $$;
 COMMENT ON FUNCTION pgqueue.retry(bigint) IS
     'Put a failed or cancelled job back to queued (waiting if its dependencies have not all succeeded) with '
-    'attempts reset to 0; dependents that were cancelled because of it wait for it again. Returns false if '
-    'the job is not failed or cancelled.';
+    'attempts reset to 0; dependents that were cancelled because of it wait for it again. A dedup_key that '
+    'another pending job took meanwhile is given up (by the job or a dependent), never raised on. Returns '
+    'false if the job is not failed or cancelled.';
 
 CREATE FUNCTION pgqueue.prune(older_than interval) RETURNS bigint
 LANGUAGE plpgsql AS $$

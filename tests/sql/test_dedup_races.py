@@ -125,3 +125,40 @@ async def test_enqueue_racing_requeue_of_same_key_merges_into_it(connect: Connec
     await a.commit()
     assert await step == old
     assert await observer.fetchval("SELECT count(*) FROM pgqueue.jobs") == 1
+
+
+async def test_retry_revives_dependents_whose_keys_were_taken_meanwhile(connect: Connect) -> None:
+    """retry() puts the dependents it cancelled back to waiting: one whose key a newer pending
+    job took meanwhile drops it (no 23505), and of two revived with one key, the older keeps it."""
+    (observer,) = await sessions(connect, "obs")
+    conn = observer.conn
+    root = await conn.fetchval("SELECT pgqueue.enqueue('load', max_attempts => 1)")
+    taken, shared_a, shared_b, kept = [
+        await conn.fetchval(
+            "SELECT pgqueue.enqueue('agg', depends_on => ARRAY[$1::bigint], dedup_key => $2)",
+            root,
+            key,
+        )
+        for key in ("taken", "shared", "shared-later", "kept")
+    ]
+    await conn.fetch("SELECT id FROM pgqueue.claim($1, 'w')", root)
+    assert await conn.fetchval("SELECT pgqueue.fail($1, 'w', 'boom')", root) == "failed"
+    states = await conn.fetch("SELECT state FROM pgqueue.jobs WHERE id <> $1", root)
+    assert {r["state"] for r in states} == {"cancelled"}
+    newer = await conn.fetchval("SELECT pgqueue.enqueue('agg', dedup_key => 'taken')")
+    # Two cancelled dependents come to share one key (a hand-written repair, say).
+    await conn.execute("UPDATE pgqueue.jobs SET dedup_key = 'shared' WHERE id = $1", shared_b)
+
+    assert await conn.fetchval("SELECT pgqueue.retry($1)", root)
+
+    rows = await conn.fetch("SELECT id, state, dedup_key FROM pgqueue.jobs ORDER BY id")
+    assert [tuple(r) for r in rows] == [
+        (root, "queued", None),
+        (taken, "waiting", None),  # the newer job keeps coalescing requests for the key
+        (shared_a, "waiting", "shared"),
+        (shared_b, "waiting", None),
+        (kept, "waiting", "kept"),
+        (newer, "queued", "taken"),
+    ]
+    assert await conn.fetchval("SELECT pgqueue.enqueue('agg', dedup_key => 'taken')") == newer
+    assert await conn.fetchval("SELECT pgqueue.enqueue('agg', dedup_key => 'kept')") == kept

@@ -73,6 +73,58 @@ async def test_cancel_pipeline_racing_a_completion_leaves_no_live_orphan(
     )
 
 
+async def test_completion_creating_children_waits_for_cancel_pipeline_before_locking_dependents(
+    connect: Connect,
+) -> None:
+    """A completion that creates children takes the pipeline lock before it locks the waiting
+    dependents of its batch, as cancel_pipeline does (pipeline lock, then the members' rows).
+    The other order deadlocked: the completion held the dependent's row and waited for the
+    pipeline lock, cancel_pipeline held that and waited for the row (40P01 after
+    deadlock_timeout, one of the two rolled back)."""
+    observer, canceller, completer = await sessions(connect, "obs", "cancel", "complete")
+    pipeline = uuid.uuid4()
+    root = await observer.fetchval("SELECT pgqueue.enqueue('root', pipeline_id => $1)", pipeline)
+    waiting = await observer.fetchval(
+        "SELECT pgqueue.enqueue('later', pipeline_id => $1, depends_on => ARRAY[$2]::bigint[])",
+        pipeline,
+        root,
+    )
+    await _claim(observer.conn, root)
+
+    await canceller.begin()  # cancel_pipeline's first step: the pipeline lock
+    await canceller.fetchval(
+        "SELECT pg_advisory_xact_lock(pgqueue._lock_class('pipeline'), hashtext($1::uuid::text))",
+        pipeline,
+    )
+    step = completer.start(
+        completer.fetchval(
+            "SELECT pgqueue.complete($1, 'w', next_jobs => $2::jsonb)",
+            root,
+            [{"job_type": "kid"}],
+        )
+    )
+    await wait_blocked(observer.conn, completer)
+    # The completion holds no lock the cancel needs: its dependent's row is free.
+    assert (
+        await observer.fetchval(
+            "SELECT id FROM pgqueue.jobs WHERE id = $1 FOR NO KEY UPDATE SKIP LOCKED", waiting
+        )
+        == waiting
+    )
+    assert await canceller.fetchval("SELECT pgqueue.cancel_pipeline($1)", pipeline) == 1
+    await canceller.commit()
+    assert await step is True
+
+    rows = await observer.fetch(
+        "SELECT job_type, state FROM pgqueue.jobs WHERE pipeline_id = $1 ORDER BY id", pipeline
+    )
+    assert [tuple(r) for r in rows] == [
+        ("root", "succeeded"),
+        ("later", "cancelled"),
+        ("kid", "cancelled"),  # created by a member of a cancelled pipeline: recorded cancelled
+    ]
+
+
 async def test_running_member_of_cancelled_pipeline_is_not_retried(connect: Connect) -> None:
     conn = await json_codecs(await connect())
     pipeline = uuid.uuid4()
