@@ -2,12 +2,15 @@
 
 The period is derived from the ``stale_after`` setting (a quarter of it), so a healthy job
 that runs for hours keeps its lease while a dead worker's jobs are recovered soon after
-``stale_after``.
+``stale_after``. Every beat reads the setting again (in the same round trip), so a changed
+``stale_after`` reaches a running worker at its next beat: an operator who lowers it a lot
+does not leave workers beating at a period the new lease no longer covers.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from datetime import timedelta
 
 import anyio
@@ -20,10 +23,16 @@ DEFAULT_STALE_AFTER = timedelta(minutes=5)
 _STALE_AFTER = "SELECT value::interval FROM pgqueue.settings WHERE name = 'stale_after'"
 
 
-async def read_stale_after(conn: asyncpg.Connection) -> timedelta:
-    """The ``stale_after`` setting, read once at start (default 5 minutes when unset)."""
-    value: timedelta | None = await conn.fetchval(_STALE_AFTER)
+_BEAT = f"SELECT pgqueue.heartbeat(worker => $1), ({_STALE_AFTER})"
+
+
+def _usable(value: timedelta | None) -> timedelta:
     return value if value is not None and value.total_seconds() > 0 else DEFAULT_STALE_AFTER
+
+
+async def read_stale_after(conn: asyncpg.Connection) -> timedelta:
+    """The ``stale_after`` setting (default 5 minutes when unset)."""
+    return _usable(await conn.fetchval(_STALE_AFTER))
 
 
 def heartbeat_period(stale_after: timedelta) -> float:
@@ -31,10 +40,23 @@ def heartbeat_period(stale_after: timedelta) -> float:
     return max(0.05, stale_after.total_seconds() / 4)
 
 
+@dataclass
+class Period:
+    """The heartbeat period, from ``stale_after`` as the last beat read it; stale recovery
+    runs on the same period."""
+
+    seconds: float
+
+    @classmethod
+    def of(cls, stale_after: timedelta) -> Period:
+        return cls(heartbeat_period(stale_after))
+
+
 async def heartbeat_loop(
-    pool: asyncpg.Pool, worker_id: str, period: float, logger: logging.Logger
+    pool: asyncpg.Pool, worker_id: str, period: Period, logger: logging.Logger
 ) -> None:
-    """Refresh the leases of every job this worker holds, every ``period`` seconds.
+    """Refresh the leases of every job this worker holds, every ``period`` seconds, and
+    follow ``stale_after``: the period changes at the beat that reads a new value.
 
     Each beat is bounded by ``period`` (the acquire, then the statement) and a connection
     cut off mid-beat is discarded (:func:`~pgqueue.worker.bounded.call`): a beat stuck on a
@@ -44,14 +66,24 @@ async def heartbeat_loop(
     """
     outage = Outage(logger, "heartbeat")
     while True:
-        await anyio.sleep(period)
+        await anyio.sleep(period.seconds)
         try:
-            await bounded.call(pool, period, _beat, worker_id)
+            stale_after = await bounded.call(pool, period.seconds, _beat, worker_id)
         except Exception as exc:
             outage.failed(exc, "refreshing leases")
-        else:
-            outage.ok()
+            continue
+        outage.ok()
+        seconds = heartbeat_period(stale_after)
+        if seconds != period.seconds:
+            logger.info(
+                "stale_after is now %s: heartbeat every %.2fs (was %.2fs)",
+                stale_after,
+                seconds,
+                period.seconds,
+            )
+            period.seconds = seconds
 
 
-async def _beat(conn: asyncpg.Connection, worker_id: str) -> None:
-    await conn.fetchval("SELECT pgqueue.heartbeat(worker => $1)", worker_id)
+async def _beat(conn: asyncpg.Connection, worker_id: str) -> timedelta:
+    row = await conn.fetchrow(_BEAT, worker_id)
+    return _usable(row[1] if row is not None else None)

@@ -14,6 +14,7 @@ import anyio
 import asyncpg
 
 from pgqueue.worker import bounded
+from pgqueue.worker.heartbeat import Period
 from pgqueue.worker.retry import Outage
 
 # pgqueue's advisory lock class for the recovery leader (pgqueue._lock_class('leader')).
@@ -28,11 +29,11 @@ RECOVERY_TIMEOUT = 300.0
 ABANDONED_AFTER = 60.0
 
 
-async def recovery_loop(pool: asyncpg.Pool, period: float, logger: logging.Logger) -> None:
-    """Every ``period`` (jittered), requeue jobs whose worker stopped heartbeating."""
+async def recovery_loop(pool: asyncpg.Pool, period: Period, logger: logging.Logger) -> None:
+    """Every heartbeat period (jittered), requeue jobs whose worker stopped heartbeating."""
     outage = Outage(logger, "recovery")
     while True:
-        await anyio.sleep(period * random.uniform(0.5, 1.0))
+        await anyio.sleep(period.seconds * random.uniform(0.5, 1.0))
         try:
             recovered = await _recover_once(pool)
         except Exception as exc:

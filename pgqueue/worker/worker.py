@@ -24,7 +24,7 @@ from pgqueue.dsn import create_pool
 from pgqueue.worker import bounded
 from pgqueue.worker.completer import Completer
 from pgqueue.worker.executor import Executor
-from pgqueue.worker.heartbeat import heartbeat_loop, heartbeat_period, read_stale_after
+from pgqueue.worker.heartbeat import Period, heartbeat_loop, read_stale_after
 from pgqueue.worker.leader import recovery_loop
 from pgqueue.worker.notifier import Notifier
 from pgqueue.worker.producer import Producer
@@ -112,7 +112,7 @@ class Worker:
             return await read_stale_after(conn)
 
         stale_after = await bounded.call(pool, STARTUP_TIMEOUT, startup_reads)
-        period = heartbeat_period(stale_after)
+        period = Period.of(stale_after)
         completer = Completer(pool, self.id, self.logger)
         executor = Executor(self.app, completer, self.concurrency, self.logger, self._wake)
         self.notifier = Notifier(
@@ -138,7 +138,7 @@ class Worker:
             self.id,
             ",".join(self.queues) if self.queues else "*",
             self.concurrency,
-            period,
+            period.seconds,
             extra={"worker": self.id},
         )
         async with anyio.create_task_group() as services:

@@ -73,6 +73,32 @@ async def test_long_healthy_job_keeps_its_lease(
     assert await db.fetchval("SELECT count(*) FROM runs") == 1
 
 
+async def test_lowered_stale_after_reaches_running_workers_at_their_next_beat(
+    db: asyncpg.Connection, spawn_worker: SpawnWorker
+) -> None:
+    """stale_after lowered while a job runs, 8 s -> 3 s -> 1 s (each step above the period the
+    workers beat at until their next beat reads it, as docs/sql.md asks): the worker follows
+    at its next beat each time, so the job keeps its lease and no worker recovers it. A worker
+    that sized its heartbeat once at start kept beating every 2 s under a 1 s stale_after, and
+    the job was recovered and run again."""
+    set_stale_after = "UPDATE pgqueue.settings SET value = $1 WHERE name = 'stale_after'"
+    await db.execute(set_stale_after, "8 seconds")
+    runner = spawn_worker("--concurrency", "1")
+    watcher = spawn_worker("--concurrency", "1")  # runs recover_stale too, and would rerun it
+    await runner.ready()
+    await watcher.ready()
+    job_id = await app.enqueue(db, "work", {"sleep": 8})
+    await wait_until(lambda: db.fetchval("SELECT count(*) FROM runs"), what="the run")
+    await db.execute(set_stale_after, "3 seconds")
+    await runner.wait_for_log("heartbeat every 0.75s (was 2.00s)", within=5)
+    await db.execute(set_stale_after, "1 second")
+    await runner.wait_for_log("heartbeat every 0.25s (was 0.75s)", within=5)
+    await wait_for_states(db, [job_id], "succeeded", within=15)
+    row = await db.fetchrow("SELECT attempts, last_error FROM pgqueue.jobs WHERE id = $1", job_id)
+    assert (row["attempts"], row["last_error"]) == (1, None)
+    assert await db.fetchval("SELECT count(*) FROM runs") == 1
+
+
 async def test_sigterm_finishes_within_grace_and_releases_the_rest(
     db: asyncpg.Connection, spawn_worker: SpawnWorker
 ) -> None:
