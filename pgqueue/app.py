@@ -160,7 +160,13 @@ class App:
         job_id: int = await conn_or_pool.fetchval(
             _ENQUEUE_SQL,
             job_type,
-            dumps(dict(payload or {})),
+            dumps(
+                {}
+                if payload is None
+                else dict(payload)
+                if isinstance(payload, Mapping)
+                else payload
+            ),
             queue,
             None if scope is None else dumps(scope),
             dedup_key,

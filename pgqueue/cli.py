@@ -351,7 +351,11 @@ def _job_action(name: str, doc: str) -> None:
 
 
 _job_action("retry", "Put a failed or cancelled job back in the queue, attempts reset.")
-_job_action("cancel", "Cancel a job that has not finished (its dependents are cancelled too).")
+_job_action(
+    "cancel",
+    "Cancel a waiting or queued job (its dependents are cancelled too); a running one is not "
+    "interrupted.",
+)
 
 
 @main.command()

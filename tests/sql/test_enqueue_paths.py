@@ -175,6 +175,22 @@ async def test_app_bad_plain_spec_names_it_as_the_spec_path_does(
     assert await conn.fetchval("SELECT count(*) FROM pgqueue.jobs") == 0
 
 
+@pytest.mark.parametrize(
+    ("payload", "got"),
+    [([], "array"), ([("a", 1)], "array"), ("ab", "string"), (5, "number"), (True, "boolean")],
+)
+async def test_app_enqueue_refuses_a_payload_that_is_no_object(
+    connect: Connect, payload: Any, got: str
+) -> None:
+    """The payload goes to SQL as it is, which names the problem; it was once made a dict on
+    the way (an empty list became {}, a list of pairs an object, a string a ValueError)."""
+    conn = await connect()
+    with pytest.raises(asyncpg.PostgresError, match=f"payload must be a JSON object, got {got}"):
+        await _app().enqueue(conn, "t", payload)
+    assert await conn.fetchval("SELECT count(*) FROM pgqueue.jobs") == 0
+    assert await _app().enqueue(conn, "t", None) > 0  # None: the default, {}
+
+
 async def test_single_enqueue_fast_path_matches_the_general_path(connect: Connect) -> None:
     conn = await json_codecs(await connect())
     args = "'t', '{\"a\": 1}', 'q', '{\"s\": [1]}', %s, now() + interval '1 hour', 4, 3"
