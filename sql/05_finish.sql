@@ -209,8 +209,12 @@ BEGIN
     -- Creating children takes their pipelines' locks: take them before the
     -- rows of waiting dependents are locked below, as cancel_pipeline takes a
     -- pipeline's lock before its members' rows (the other order deadlocked).
-    -- A running job's row, locked above, is never waited on by a holder of a
-    -- pipeline lock. (A scoped batch took these before any row.)
+    -- (A scoped batch took these before any row.) The batch's own rows are
+    -- locked already: an unscoped completion still meets an enqueue into the
+    -- pipeline that depends on one of them (pipeline lock, then FOR SHARE) in
+    -- the other order; PostgreSQL breaks that rare deadlock (40P01) and the
+    -- worker retries its write. Taking these locks before the UPDATE would
+    -- cost every completion a read of its batch.
     IF v_parents IS NOT NULL THEN
         PERFORM pgqueue._pipeline_cancelled(x.p) FROM (SELECT DISTINCT p FROM unnest(v_pipelines) p ORDER BY p) x;
     END IF;

@@ -1553,8 +1553,12 @@ BEGIN
     -- Creating children takes their pipelines' locks: take them before the
     -- rows of waiting dependents are locked below, as cancel_pipeline takes a
     -- pipeline's lock before its members' rows (the other order deadlocked).
-    -- A running job's row, locked above, is never waited on by a holder of a
-    -- pipeline lock. (A scoped batch took these before any row.)
+    -- (A scoped batch took these before any row.) The batch's own rows are
+    -- locked already: an unscoped completion still meets an enqueue into the
+    -- pipeline that depends on one of them (pipeline lock, then FOR SHARE) in
+    -- the other order; PostgreSQL breaks that rare deadlock (40P01) and the
+    -- worker retries its write. Taking these locks before the UPDATE would
+    -- cost every completion a read of its batch.
     IF v_parents IS NOT NULL THEN
         PERFORM pgqueue._pipeline_cancelled(x.p) FROM (SELECT DISTINCT p FROM unnest(v_pipelines) p ORDER BY p) x;
     END IF;
@@ -1764,8 +1768,11 @@ DECLARE
     v_scope jsonb;
 BEGIN
     -- A cancelled queued job may have been its scope's next: the order lock
-    -- first (before the row), then the next one is unblocked.
-    SELECT j.scope INTO v_scope FROM pgqueue.jobs j WHERE j.id = cancel.job_id AND j.state IN ('waiting', 'queued');
+    -- first (before the row), then the next one is unblocked. Taken for a
+    -- scoped job in any state (its scope never changes): one seen running here
+    -- may be requeued (released, failed, recovered) before the UPDATE below
+    -- finds it queued, and cancelling it then must unblock the job behind it.
+    SELECT j.scope INTO v_scope FROM pgqueue.jobs j WHERE j.id = cancel.job_id;
     IF v_scope IS NOT NULL THEN
         PERFORM pgqueue._lock_scope_order(ARRAY[v_scope]);
     END IF;
@@ -1801,6 +1808,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v pgqueue.jobs%ROWTYPE;
     v_downstream bigint[];
+    v_revived bigint[];
 BEGIN
     -- The scope lock (so a claim of a newer job of this scope cannot slip in
     -- between) before the row lock: a claim holding the scope lock updates the
@@ -1831,6 +1839,19 @@ BEGIN
                            AND w.last_error LIKE 'dependency failed: %'
     )
     SELECT array_agg(x.id) INTO v_downstream FROM downstream x;
+    -- One with another dependency that failed or was cancelled stays cancelled
+    -- (that dependency cancels it: revived, it would wait for good), and so does
+    -- whatever waits on it: drop them until none is left to drop.
+    LOOP
+        v_revived := ARRAY(
+            SELECT x FROM unnest(v_downstream) x
+            WHERE NOT EXISTS (SELECT 1 FROM pgqueue.job_dependencies d
+                              JOIN pgqueue.jobs p ON p.id = d.depends_on
+                              WHERE d.job_id = x AND p.state IN ('failed', 'cancelled')
+                                AND p.id <> retry.job_id AND p.id <> ALL (v_downstream)));
+        EXIT WHEN cardinality(v_revived) = coalesce(cardinality(v_downstream), 0);
+        v_downstream := v_revived;
+    END LOOP;
     -- Every job about to wait gets its fan-in counter recounted. Share-lock
     -- their dependencies first (as enqueue does): one finishing right now
     -- commits before the count and is seen succeeded, or finishes after this
@@ -1871,7 +1892,8 @@ END
 $$;
 COMMENT ON FUNCTION pgqueue.retry(bigint) IS
     'Put a failed or cancelled job back to queued (waiting if its dependencies have not all succeeded) with '
-    'attempts reset to 0; dependents that were cancelled because of it wait for it again. A dedup_key that '
+    'attempts reset to 0; dependents that were cancelled because of it wait for it again (unless another of '
+    'their dependencies failed or was cancelled too). A dedup_key that '
     'another pending job took meanwhile is given up (by the job or a dependent), never raised on. Returns '
     'false if the job is not failed or cancelled.';
 

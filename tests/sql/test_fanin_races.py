@@ -315,3 +315,32 @@ async def test_sibling_keys_fan_out_then_one_aggregation(connect: Connect) -> No
         await observer.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", kids[5]["id"])
         == "queued"
     )
+
+
+async def test_retry_leaves_cancelled_a_join_whose_other_dependency_failed_too(
+    connect: Connect,
+) -> None:
+    """Both dependencies of a join fail; retrying one must not put the join back to waiting,
+    where it would wait for good on the other, still failed (a failed dependency cancels its
+    dependents). Nor what waits on the join. Retrying the other then revives both."""
+    (observer,) = await sessions(connect, "obs")
+    conn = observer.conn
+    (p1, p2), join = await _parents_and_join(conn, 2)
+    after_join = await conn.fetchval(
+        "SELECT pgqueue.enqueue('after', depends_on => ARRAY[$1]::bigint[])", join
+    )
+    for parent in (p1, p2):
+        await conn.execute("UPDATE pgqueue.jobs SET max_attempts = 1 WHERE id = $1", parent)
+        await observer.fetch("SELECT id FROM pgqueue.claim($1, 'w')", parent)
+        assert await observer.fetchval("SELECT pgqueue.fail($1, 'w', 'boom')", parent) == "failed"
+    assert await observer.fetchval("SELECT pgqueue.retry($1)", p1)
+    states = "SELECT state FROM pgqueue.jobs WHERE id = ANY($1::bigint[]) ORDER BY id"
+    assert [r[0] for r in await conn.fetch(states, [join, after_join])] == ["cancelled"] * 2
+    await observer.fetch("SELECT id FROM pgqueue.claim($1, 'w')", p1)
+    assert await observer.fetchval("SELECT pgqueue.complete($1, 'w')", p1)
+    assert await observer.fetchval("SELECT pgqueue.retry($1)", p2)
+    assert tuple(await conn.fetchrow(PENDING, join)) == ("waiting", 1)
+    assert [r[0] for r in await conn.fetch(states, [join, after_join])] == ["waiting"] * 2
+    await observer.fetch("SELECT id FROM pgqueue.claim($1, 'w')", p2)
+    assert await observer.fetchval("SELECT pgqueue.complete($1, 'w')", p2)
+    assert tuple(await conn.fetchrow(PENDING, join)) == ("queued", 0)

@@ -359,3 +359,30 @@ async def test_scopes_with_the_same_hash_are_still_different_scopes(
     assert await conn.fetchval("SELECT pgqueue.complete($1, 'w')", a2)
     assert await conn.fetchval("SELECT count(*) FROM pgqueue.claim($1, 'w')", a3) == 1
     assert [r["id"] for r in await conn.fetch(current)] == [b2, a3]
+
+
+async def test_cancel_of_a_running_job_requeued_meanwhile_unblocks_the_next(
+    connect: Connect,
+) -> None:
+    """cancel() read the job's state, saw it running, took no scope order lock, then found it
+    queued (released meanwhile) under the row lock and cancelled it without unblocking the
+    job behind it: the scope stayed stuck for good. It now takes the order lock for any
+    scoped job, so it waits for the release's commit and unblocks the next job."""
+    observer, releaser, canceller = await sessions(connect, "obs", "release", "cancel")
+    running = await _running(observer.conn)
+    behind = await observer.fetchval(ENQUEUE, SCOPE)
+    assert await observer.fetchval(BLOCKED, behind) is True
+
+    await releaser.begin()
+    assert await releaser.fetchval("SELECT pgqueue.release($1, 'w')", running) is True
+    step = canceller.start(canceller.fetchval("SELECT pgqueue.cancel($1)", running))
+    await wait_blocked(observer.conn, canceller)
+    assert await lock_wait_kind(observer.conn, canceller) == "advisory"  # the order lock
+    await releaser.commit()
+    assert await step is True
+
+    assert await observer.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", running) == (
+        "cancelled"
+    )
+    assert await observer.fetchval(BLOCKED, behind) is False
+    assert await _claim(observer.conn) == [behind]
