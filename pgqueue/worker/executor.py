@@ -263,17 +263,22 @@ class Executor:
             self._written(job)
 
     async def _fail(self, job: Job, error: str, duration: float) -> None:
+        error = _storable(error)
         state = await self.completer.fail(job, error)
         # "failed (unknown)" when a retry's refusal may be the earlier try's own doing.
         outcome = "lease lost" if state is None else f"failed ({state})"
         self._log(job, outcome, duration, error.splitlines()[-1])
 
     def _log_unrecorded(self, job: Job) -> None:
+        """PostgreSQL refused to record the outcome. The job is still running under this
+        worker, whose heartbeat would keep its lease fresh for good: have the producer's
+        sweep release it (attempt not counted) so that it runs again."""
         self.logger.exception(
-            "job %d: could not record its outcome; stale recovery will requeue it",
+            "job %d: could not record its outcome; releasing it to run again",
             job.id,
             extra={"job_id": job.id, "job_type": job.job_type},
         )
+        self._ask_for_sweep()
 
     async def _attempt(self, job: Job) -> _Attempt:
         """Run the handler under its timeout; turn everything it does into an _Attempt."""
@@ -298,8 +303,15 @@ class Executor:
                 value = await anyio.to_thread.run_sync(
                     job_type.handler, job, abandon_on_cancel=True, limiter=self._threads
                 )
-        except Exception as exc:
-            return _Attempt(error="".join(traceback.format_exception(exc)).rstrip())
+        except (Exception, SystemExit) as exc:  # sys.exit() in a handler fails its attempt
+            return _Attempt(error=_traceback(exc))
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise  # this worker cancelled it: the job's timeout, or shutdown
+            # The handler's own (it awaited something cancelled): an error like any other,
+            # not a shutdown of the runner, which would take the worker down with it.
+            return _Attempt(error=_traceback(exc))
         return _encode(value, self.app)
 
     def _log(self, job: Job, outcome: str, duration: float, error: str | None = None) -> None:
@@ -371,5 +383,22 @@ def _encode(value: Any, app: App) -> _Attempt:
             result=None if value is None else dumps(value),
             next_jobs=None if next_jobs is None else dumps(next_jobs),
         )
-    except (TypeError, ValueError) as exc:
+    except Exception as exc:  # TypeError, ValueError, RecursionError, a failing default
         return _Attempt(error=f"handler result is not JSON-serialisable: {exc}")
+
+
+def _traceback(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc)).rstrip()
+
+
+def _storable(text: str) -> str:
+    """``text`` as PostgreSQL can store it: no NUL (text cannot hold one) and no lone
+    surrogate (not encodable as UTF-8); each is written out as its escape instead. An error
+    message carrying one would otherwise be refused, and the failure never recorded."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text

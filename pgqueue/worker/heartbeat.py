@@ -20,6 +20,9 @@ from pgqueue.worker import bounded
 from pgqueue.worker.retry import Outage
 
 DEFAULT_STALE_AFTER = timedelta(minutes=5)
+# Least bound on a beat. Without it a stale_after set so low that a beat cannot land within
+# a quarter of it would time out every beat, so the worker would never read a raised value.
+MIN_BEAT_BOUND = 1.0
 _STALE_AFTER = "SELECT value::interval FROM pgqueue.settings WHERE name = 'stale_after'"
 
 
@@ -58,7 +61,8 @@ async def heartbeat_loop(
     """Refresh the leases of every job this worker holds, every ``period`` seconds, and
     follow ``stale_after``: the period changes at the beat that reads a new value.
 
-    Each beat is bounded by ``period`` (the acquire, then the statement) and a connection
+    Each beat is bounded by ``period`` (at least :data:`MIN_BEAT_BOUND`; the acquire, then
+    the statement) and a connection
     cut off mid-beat is discarded (:func:`~pgqueue.worker.bounded.call`): a beat stuck on a
     half-open connection would otherwise stop all later ones while the leases go stale.
     ``pool.fetchval(timeout=...)`` is not enough: its release waits, with no bound, for the
@@ -68,7 +72,8 @@ async def heartbeat_loop(
     while True:
         await anyio.sleep(period.seconds)
         try:
-            stale_after = await bounded.call(pool, period.seconds, _beat, worker_id)
+            bound = max(period.seconds, MIN_BEAT_BOUND)
+            stale_after = await bounded.call(pool, bound, _beat, worker_id)
         except Exception as exc:
             outage.failed(exc, "refreshing leases")
             continue

@@ -76,6 +76,7 @@ class Worker:
         self._wake = Wake()
         self._producer: Producer | None = None
         self._stop_requested = False
+        self._force = False  # stop(force=True) before the grace period began: skip it
         self._grace_scope: anyio.CancelScope | None = None
 
     def stop(self, *, force: bool = False) -> None:
@@ -84,6 +85,7 @@ class Worker:
         Must be called from the worker's event loop (signal handlers already are).
         """
         self._stop_requested = True
+        self._force = self._force or force
         if self._producer is not None:
             self._producer.stop()
         if force and self._grace_scope is not None:
@@ -172,7 +174,7 @@ class Worker:
                 self.grace,
                 len(executor.running),
             )
-        with anyio.move_on_after(self.grace) as self._grace_scope:
+        with anyio.move_on_after(0 if self._force else self.grace) as self._grace_scope:
             while executor.running:
                 await executor.idle.wait()
             await completer.flushed()

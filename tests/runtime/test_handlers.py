@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import logging
+import sys
 import threading
 import uuid
 from collections.abc import AsyncIterator
@@ -103,6 +106,147 @@ async def test_handler_outcomes(conn: asyncpg.Connection, db_dsn: str) -> None:
     assert rows["slow"]["last_error"] == "timed out after 0.2s"
     assert "not JSON-serialisable" in rows["not_json"]["last_error"]
     assert "'no_such_type'" in rows["no_such_type"]["last_error"]
+
+
+async def test_handlers_that_raise_unusual_things_fail_their_attempt_and_the_worker_goes_on(
+    conn: asyncpg.Connection, db_dsn: str
+) -> None:
+    """An error text PostgreSQL cannot store (a NUL, a lone surrogate) was refused, so the
+    failure was never recorded and the job stayed running under the heartbeat for good; a
+    CancelledError of the handler's own ended its runner and with it the worker (the job
+    released, attempt not counted, to take down the next worker too); sys.exit() in a
+    handler crashed the worker and left the job running; a result too deep to encode
+    (RecursionError) escaped. Each now fails its attempt, and the worker runs on."""
+    app = pgqueue.App()
+
+    @app.job("nul")
+    async def nul(job: pgqueue.Job) -> None:
+        raise ValueError("bad row: a\x00b")
+
+    @app.job("surrogate")
+    async def surrogate(job: pgqueue.Job) -> None:
+        raise ValueError("bad byte: \udcff")
+
+    @app.job("cancelled")
+    async def cancelled(job: pgqueue.Job) -> None:
+        future = asyncio.get_running_loop().create_future()
+        future.cancel()
+        await future
+
+    @app.job("exits")
+    def exits(job: pgqueue.Job) -> None:
+        sys.exit(3)
+
+    @app.job("deep")
+    async def deep(job: pgqueue.Job) -> list[Any]:
+        value: list[Any] = []
+        for _ in range(100_000):
+            value = [value]
+        return value
+
+    @app.job("ok")
+    async def ok(job: pgqueue.Job) -> int:
+        return 1
+
+    kinds = ["nul", "surrogate", "cancelled", "exits", "deep"]
+    ids = {kind: await app.enqueue(conn, kind, max_attempts=1) for kind in kinds}
+    async with running(app, db_dsn, concurrency=2):
+        await wait_for_states(conn, list(ids.values()), "failed")
+        after = await app.enqueue(conn, "ok")
+        await wait_for_states(conn, [after], "succeeded")
+    errors = {
+        r["job_type"]: r["last_error"]
+        for r in await conn.fetch("SELECT job_type, last_error FROM pgqueue.jobs")
+    }
+    assert "ValueError: bad row: a\\x00b" in errors["nul"]
+    assert "ValueError: bad byte: \\udcff" in errors["surrogate"]
+    assert "CancelledError" in errors["cancelled"]
+    assert "SystemExit: 3" in errors["exits"]
+    assert "not JSON-serialisable: maximum recursion depth" in errors["deep"]
+    attempts = await conn.fetch(
+        "SELECT attempts FROM pgqueue.jobs WHERE id = ANY($1)", list(ids.values())
+    )
+    assert [r["attempts"] for r in attempts] == [1] * len(kinds)
+
+
+async def test_a_failure_postgresql_refuses_to_record_is_released_and_runs_again(
+    conn: asyncpg.Connection, db_dsn: str, records: tuple[logging.Logger, Records]
+) -> None:
+    """A failure the database refuses (here a trigger an operator added) left the job running
+    under this worker, its lease kept fresh by the heartbeat, for the worker's life. The
+    sweep now releases it (attempt not counted), and it runs again."""
+    logger, log = records
+    await conn.execute(
+        """CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN RAISE EXCEPTION 'no poison here'; END $$;
+           CREATE TRIGGER refuse_poison BEFORE UPDATE ON pgqueue.jobs FOR EACH ROW
+           WHEN (NEW.last_error LIKE '%poison%') EXECUTE FUNCTION refuse_poison();"""
+    )
+    app = pgqueue.App()
+    runs: list[int] = []
+
+    @app.job("flaky")
+    async def flaky(job: pgqueue.Job) -> None:
+        runs.append(job.attempts)
+        if len(runs) == 1:
+            raise ValueError("poison")
+
+    job_id = await app.enqueue(conn, "flaky")
+    async with running(app, db_dsn, logger=logger):
+        await wait_for_states(conn, [job_id], "succeeded")
+    assert runs == [1, 1]  # the release gave the attempt back
+    assert log.count("could not record its outcome; releasing it to run again") == 1
+
+
+async def test_a_heartbeat_slower_than_its_period_still_reads_a_raised_stale_after(
+    conn: asyncpg.Connection, db_dsn: str, records: tuple[logging.Logger, Records]
+) -> None:
+    """stale_after set so low (0.2 s: a beat every 0.05 s) that a beat takes longer than its
+    period (here 0.1 s, a slow network's round trip): every beat, bounded by the period,
+    timed out, so raising stale_after again never reached the worker. Beats are bounded by
+    at least a second now."""
+    logger, log = records
+    set_stale_after = "UPDATE pgqueue.settings SET value = $1 WHERE name = 'stale_after'"
+    await conn.execute(set_stale_after, "8 seconds")
+    body = await conn.fetchval(
+        "SELECT prosrc FROM pg_proc WHERE oid = 'pgqueue.heartbeat(text)'::regprocedure"
+    )
+    slow = body.replace("\nBEGIN\n", "\nBEGIN\n    PERFORM pg_sleep(0.1);\n", 1)
+    assert slow != body
+    await conn.execute(
+        "CREATE OR REPLACE FUNCTION pgqueue.heartbeat(worker text) RETURNS int"
+        f" LANGUAGE plpgsql AS $body${slow}$body$"
+    )
+    async with running(pgqueue.App(), db_dsn, logger=logger):
+        await conn.execute(set_stale_after, "0.2 seconds")
+        await wait_until(functools.partial(log.logged, "heartbeat every 0.05s (was 2.00s)"))
+        await conn.execute(set_stale_after, "8 seconds")
+        await wait_until(
+            functools.partial(log.logged, "heartbeat every 2.00s (was 0.05s)"), within=5
+        )
+
+
+async def test_stop_with_force_before_the_grace_period_skips_it(
+    conn: asyncpg.Connection, db_dsn: str
+) -> None:
+    """stop(force=True) while jobs run (an embedding application's hard stop, or a second
+    SIGTERM while the producer still winds down) was ignored until the grace period had
+    begun, so the worker waited out the whole grace; it now releases at once."""
+    app = pgqueue.App()
+
+    @app.job("long")
+    async def long(job: pgqueue.Job) -> None:
+        await anyio.sleep(60)
+
+    job_id = await app.enqueue(conn, "long")
+    worker = pgqueue.Worker(app, db_dsn, handle_signals=False, grace=30, poll_interval=0.5)
+    with anyio.fail_after(10):  # the grace is 30 s
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker.run)
+            await wait_for_states(conn, [job_id], "running")
+            worker.stop(force=True)
+    row = await conn.fetchrow("SELECT state, attempts FROM pgqueue.jobs WHERE id = $1", job_id)
+    assert tuple(row) == ("queued", 0)  # released: the attempt not counted
 
 
 async def test_result_with_next_jobs_creates_children(
