@@ -125,6 +125,9 @@ class Producer:
                     if self.stopping:
                         break
             wanted, wait = self.executor.free_slots, not more and self.when_waiting
+            if wanted == 0:
+                # Slots filled while it waited: successes piled up past the unwritten cap.
+                continue
             try:
                 claimed = await self._claim(wanted, wait=wait)
                 for job in claimed or ():
