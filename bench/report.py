@@ -220,7 +220,7 @@ def evaluate(r: dict[str, Any]) -> list[dict[str, Any]]:
                 "<= 1.5x",
                 a / b,
                 a / b <= 1.5,
-                f"{a:.2f} s vs {b:.2f} s",
+                f"{a * 1000:.1f} ms vs {b * 1000:.1f} ms",
             )
         )
     return t
@@ -237,6 +237,14 @@ def _fmt(v: float | None, unit: str = "") -> str:
     if abs(v) >= 10:
         return f"{v:.1f}{unit}"
     return f"{v:.2f}{unit}"
+
+
+def _scaled(s: dict[str, Any], factor: float) -> dict[str, Any]:
+    """A summary with every figure multiplied by ``factor`` (seconds to milliseconds)."""
+    if s.get("median") is None:
+        return s
+    keys = ("median", "min", "max")
+    return {**s, **{k: s[k] * factor for k in keys}, "runs": [x * factor for x in s["runs"]]}
 
 
 def cell(s: dict[str, Any] | None, unit: str = "") -> str:
@@ -396,11 +404,15 @@ def write_report(path: Path) -> None:
         "python -m bench                # full: 3 repetitions, the sizes of the targets",
         "python -m bench --dsn postgresql://user@host:5432/postgres   # or $PGQUEUE_BENCH_DSN",
         "python -m bench.report bench/results/<file>.json             # redo this page from a run",
+        "python -m bench.parts claim|enqueue|trigger --rounds N       # one call, part by part",
         "```",
         "",
         "The suite drops and creates the databases `pgqueue_bench`, `pgqueue_bench_pgqueuer` and",
         "`pgqueue_bench_procrastinate`, migrates with `pgqueue.migrate.upgrade`, and writes",
         "`bench/results/<timestamp>-<mode>.json`, this page and `docs/benchmarks-drain.png`.",
+        "`bench.parts` times a single claim or enqueue against variants that each leave one part",
+        "out (the CHECK constraints, indexes, the insert trigger, the function); section 15 of the",
+        "analysis quotes it.",
         "",
         f"## This run: `{meta['command']}`",
         "",
@@ -605,8 +617,10 @@ def write_report(path: Path) -> None:
             "",
             "One worker (concurrency 50). From the root's commit (the independent jobs': one",
             "`enqueue_many`) to the last job's `finished_at` (the server's clock, same machine).",
+            f"Each shape runs {len(next(iter(p.values()), {}).get('runs', []))} times, the shapes"
+            " taking turns.",
             "",
-            "| shape | seconds |",
+            "| shape | ms |",
             "|---|---|",
         ]
         for k, v in p.items():
@@ -615,7 +629,7 @@ def write_report(path: Path) -> None:
                 if k.startswith("fanout")
                 else f"{k.split('_')[1]} independent jobs (enqueue_many)"
             )
-            L.append(f"| {label} | {cell(v)} |")
+            L.append(f"| {label} | {cell(_scaled(v, 1000))} |")
     if "scopes" in r:
         s = r["scopes"]
         L += [
