@@ -87,11 +87,13 @@ BEGIN
 END
 $$;
 
--- The scope of a job running under p_worker, with the scope's order lock
--- taken (before the caller locks the row); NULL for an unscoped or unheld job.
--- Locks are taken in one order by every pgqueue transaction: pipeline, scope
--- order, dedup key, rows. The job's pipeline lock (which _fail_attempt takes)
--- therefore comes first.
+-- The scope of a job running under p_worker, with the job's pipeline lock and
+-- its scope's order lock taken (before the caller locks the row); NULL for an
+-- unscoped or unheld job. Locks are taken in one order by every pgqueue
+-- transaction: pipeline, scope order, dedup key, rows. The job's pipeline lock
+-- (which _fail_attempt takes) therefore comes first, scoped or not: an enqueue
+-- into the pipeline that depends on this job holds that lock and waits for
+-- the row (FOR SHARE).
 CREATE FUNCTION pgqueue._lock_held_scope(p_job_id bigint, p_worker text) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -99,9 +101,9 @@ DECLARE
     v_pipeline uuid;
 BEGIN
     SELECT j.scope, j.pipeline_id INTO v_scope, v_pipeline FROM pgqueue.jobs j
-    WHERE j.id = p_job_id AND j.state = 'running' AND j.locked_by = p_worker AND j.scope IS NOT NULL;
+    WHERE j.id = p_job_id AND j.state = 'running' AND j.locked_by = p_worker;
+    PERFORM pgqueue._pipeline_cancelled(v_pipeline);
     IF v_scope IS NOT NULL THEN
-        PERFORM pgqueue._pipeline_cancelled(v_pipeline);
         PERFORM pgqueue._lock_scope_order(ARRAY[v_scope]);
     END IF;
     RETURN v_scope;
@@ -206,9 +208,10 @@ BEGIN
     IF v_done IS NULL THEN
         RETURN '{}';
     END IF;
-    -- Creating children takes their pipelines' locks: take them before the
-    -- rows of waiting dependents are locked below, as cancel_pipeline takes a
-    -- pipeline's lock before its members' rows (the other order deadlocked).
+    -- Creating children takes their pipelines' locks and their dedup keys':
+    -- take them, in that order, before the rows of waiting dependents are
+    -- locked below, as cancel_pipeline takes a pipeline's lock before its
+    -- members' rows (the other order deadlocked).
     -- (A scoped batch took these before any row.) The batch's own rows are
     -- locked already: an unscoped completion still meets an enqueue into the
     -- pipeline that depends on one of them (pipeline lock, then FOR SHARE) in
@@ -217,6 +220,12 @@ BEGIN
     -- cost every completion a read of its batch.
     IF v_parents IS NOT NULL THEN
         PERFORM pgqueue._pipeline_cancelled(x.p) FROM (SELECT DISTINCT p FROM unnest(v_pipelines) p ORDER BY p) x;
+        -- The children's dedup keys too, for the same reason: an enqueue of a key
+        -- holds its lock and then waits for the pending job it merges into.
+        PERFORM pgqueue._lock_dedup_key(k.k)
+        FROM (SELECT DISTINCT e.s->>'dedup_key' AS k
+              FROM unnest(v_specs) sp, jsonb_array_elements(sp) e(s)
+              WHERE e.s->>'dedup_key' IS NOT NULL ORDER BY 1) k;
     END IF;
     IF v_scopes IS NOT NULL THEN
         PERFORM pgqueue._unblock_next(v_scopes, v_scoped);

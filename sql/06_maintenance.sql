@@ -15,8 +15,8 @@ BEGIN
         RAISE EXCEPTION 'pgqueue.recover_stale: stale_after must be positive, got %', v_after
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    -- A scoped job's pipeline and order locks come before its row lock (as in
-    -- every transition out of running), so candidates are read unlocked and
+    -- A job's pipeline lock and its scope's order lock come before its row lock
+    -- (as in every transition out of running), so candidates are read unlocked and
     -- each is locked and re-checked. Holding one candidate's locks while taking
     -- the next's could close a cycle with another transaction, so these are
     -- try-locks: a candidate whose locks are taken right now (its scope in a
@@ -29,12 +29,10 @@ BEGIN
         WHERE j.state = 'running' AND j.locked_at < now() - v_after
         ORDER BY j.id
     LOOP
-        IF c.scope IS NOT NULL THEN
-            CONTINUE WHEN c.pipeline_id IS NOT NULL AND NOT pg_try_advisory_xact_lock(
-                pgqueue._lock_class('pipeline'), hashtext(c.pipeline_id::text));
-            CONTINUE WHEN NOT pg_try_advisory_xact_lock(
-                pgqueue._lock_class('scope_order'), pgqueue._scope_lock_key(c.scope));
-        END IF;
+        CONTINUE WHEN c.pipeline_id IS NOT NULL AND NOT pg_try_advisory_xact_lock(
+            pgqueue._lock_class('pipeline'), hashtext(c.pipeline_id::text));
+        CONTINUE WHEN c.scope IS NOT NULL AND NOT pg_try_advisory_xact_lock(
+            pgqueue._lock_class('scope_order'), pgqueue._scope_lock_key(c.scope));
         SELECT j.id, j.locked_by, j.locked_at, j.attempts INTO v FROM pgqueue.jobs j
         WHERE j.id = c.id AND j.state = 'running' AND j.locked_at < now() - v_after
         FOR NO KEY UPDATE SKIP LOCKED;

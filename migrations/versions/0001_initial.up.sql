@@ -1431,11 +1431,13 @@ BEGIN
 END
 $$;
 
--- The scope of a job running under p_worker, with the scope's order lock
--- taken (before the caller locks the row); NULL for an unscoped or unheld job.
--- Locks are taken in one order by every pgqueue transaction: pipeline, scope
--- order, dedup key, rows. The job's pipeline lock (which _fail_attempt takes)
--- therefore comes first.
+-- The scope of a job running under p_worker, with the job's pipeline lock and
+-- its scope's order lock taken (before the caller locks the row); NULL for an
+-- unscoped or unheld job. Locks are taken in one order by every pgqueue
+-- transaction: pipeline, scope order, dedup key, rows. The job's pipeline lock
+-- (which _fail_attempt takes) therefore comes first, scoped or not: an enqueue
+-- into the pipeline that depends on this job holds that lock and waits for
+-- the row (FOR SHARE).
 CREATE FUNCTION pgqueue._lock_held_scope(p_job_id bigint, p_worker text) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -1443,9 +1445,9 @@ DECLARE
     v_pipeline uuid;
 BEGIN
     SELECT j.scope, j.pipeline_id INTO v_scope, v_pipeline FROM pgqueue.jobs j
-    WHERE j.id = p_job_id AND j.state = 'running' AND j.locked_by = p_worker AND j.scope IS NOT NULL;
+    WHERE j.id = p_job_id AND j.state = 'running' AND j.locked_by = p_worker;
+    PERFORM pgqueue._pipeline_cancelled(v_pipeline);
     IF v_scope IS NOT NULL THEN
-        PERFORM pgqueue._pipeline_cancelled(v_pipeline);
         PERFORM pgqueue._lock_scope_order(ARRAY[v_scope]);
     END IF;
     RETURN v_scope;
@@ -1550,9 +1552,10 @@ BEGIN
     IF v_done IS NULL THEN
         RETURN '{}';
     END IF;
-    -- Creating children takes their pipelines' locks: take them before the
-    -- rows of waiting dependents are locked below, as cancel_pipeline takes a
-    -- pipeline's lock before its members' rows (the other order deadlocked).
+    -- Creating children takes their pipelines' locks and their dedup keys':
+    -- take them, in that order, before the rows of waiting dependents are
+    -- locked below, as cancel_pipeline takes a pipeline's lock before its
+    -- members' rows (the other order deadlocked).
     -- (A scoped batch took these before any row.) The batch's own rows are
     -- locked already: an unscoped completion still meets an enqueue into the
     -- pipeline that depends on one of them (pipeline lock, then FOR SHARE) in
@@ -1561,6 +1564,12 @@ BEGIN
     -- cost every completion a read of its batch.
     IF v_parents IS NOT NULL THEN
         PERFORM pgqueue._pipeline_cancelled(x.p) FROM (SELECT DISTINCT p FROM unnest(v_pipelines) p ORDER BY p) x;
+        -- The children's dedup keys too, for the same reason: an enqueue of a key
+        -- holds its lock and then waits for the pending job it merges into.
+        PERFORM pgqueue._lock_dedup_key(k.k)
+        FROM (SELECT DISTINCT e.s->>'dedup_key' AS k
+              FROM unnest(v_specs) sp, jsonb_array_elements(sp) e(s)
+              WHERE e.s->>'dedup_key' IS NOT NULL ORDER BY 1) k;
     END IF;
     IF v_scopes IS NOT NULL THEN
         PERFORM pgqueue._unblock_next(v_scopes, v_scoped);
@@ -1721,8 +1730,8 @@ BEGIN
         RAISE EXCEPTION 'pgqueue.recover_stale: stale_after must be positive, got %', v_after
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    -- A scoped job's pipeline and order locks come before its row lock (as in
-    -- every transition out of running), so candidates are read unlocked and
+    -- A job's pipeline lock and its scope's order lock come before its row lock
+    -- (as in every transition out of running), so candidates are read unlocked and
     -- each is locked and re-checked. Holding one candidate's locks while taking
     -- the next's could close a cycle with another transaction, so these are
     -- try-locks: a candidate whose locks are taken right now (its scope in a
@@ -1735,12 +1744,10 @@ BEGIN
         WHERE j.state = 'running' AND j.locked_at < now() - v_after
         ORDER BY j.id
     LOOP
-        IF c.scope IS NOT NULL THEN
-            CONTINUE WHEN c.pipeline_id IS NOT NULL AND NOT pg_try_advisory_xact_lock(
-                pgqueue._lock_class('pipeline'), hashtext(c.pipeline_id::text));
-            CONTINUE WHEN NOT pg_try_advisory_xact_lock(
-                pgqueue._lock_class('scope_order'), pgqueue._scope_lock_key(c.scope));
-        END IF;
+        CONTINUE WHEN c.pipeline_id IS NOT NULL AND NOT pg_try_advisory_xact_lock(
+            pgqueue._lock_class('pipeline'), hashtext(c.pipeline_id::text));
+        CONTINUE WHEN c.scope IS NOT NULL AND NOT pg_try_advisory_xact_lock(
+            pgqueue._lock_class('scope_order'), pgqueue._scope_lock_key(c.scope));
         SELECT j.id, j.locked_by, j.locked_at, j.attempts INTO v FROM pgqueue.jobs j
         WHERE j.id = c.id AND j.state = 'running' AND j.locked_at < now() - v_after
         FOR NO KEY UPDATE SKIP LOCKED;

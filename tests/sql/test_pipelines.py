@@ -125,6 +125,79 @@ async def test_completion_creating_children_waits_for_cancel_pipeline_before_loc
     ]
 
 
+PIPELINE_LOCK = (
+    "SELECT pg_advisory_xact_lock(pgqueue._lock_class('pipeline'), hashtext($1::uuid::text))"
+)
+ROW_IS_FREE = "SELECT id FROM pgqueue.jobs WHERE id = $1 FOR NO KEY UPDATE SKIP LOCKED"
+
+
+async def test_completion_creating_deduplicated_children_takes_the_key_before_dependents_rows(
+    connect: Connect,
+) -> None:
+    """As above for a child's dedup key: an enqueue of the key holds its lock and then waits
+    for the pending job it merges into, here a dependent of the completing job. The
+    completion locked that dependent first and then waited for the key (40P01)."""
+    observer, enqueuer, completer = await sessions(connect, "obs", "enqueue", "complete")
+    root = await observer.fetchval("SELECT pgqueue.enqueue('root')")
+    waiting = await observer.fetchval(
+        "SELECT pgqueue.enqueue('agg', depends_on => ARRAY[$1]::bigint[], dedup_key => 'k')",
+        root,
+    )
+    await _claim(observer.conn, root)
+
+    await enqueuer.begin()  # enqueue's first step for a key: its lock
+    await enqueuer.fetchval("SELECT pgqueue._lock_dedup_key('k')")
+    step = completer.start(
+        completer.fetchval(
+            "SELECT pgqueue.complete($1, 'w', next_jobs => $2::jsonb)",
+            root,
+            [{"job_type": "agg", "dedup_key": "k"}],
+        )
+    )
+    await wait_blocked(observer.conn, completer)
+    assert await observer.fetchval(ROW_IS_FREE, waiting) == waiting
+    assert await enqueuer.fetchval("SELECT pgqueue.enqueue('agg', dedup_key => 'k')") == waiting
+    await enqueuer.commit()
+    assert await step is True
+    rows = await observer.fetch("SELECT id, state, dedup_key FROM pgqueue.jobs ORDER BY id")
+    # The dependent was queued by the completion, and the child merged into it.
+    assert [tuple(r) for r in rows] == [(root, "succeeded", None), (waiting, "queued", "k")]
+
+
+@pytest.mark.parametrize("transition", ["fail", "release"])
+async def test_fail_or_release_of_a_pipeline_member_takes_the_pipeline_lock_before_its_row(
+    connect: Connect, transition: str
+) -> None:
+    """An enqueue into a pipeline that depends on a running member holds the pipeline's
+    lock and then share-locks the member's row. fail() and release() of an unscoped member
+    locked the row first and then the pipeline (40P01); they take the pipeline first now."""
+    observer, enqueuer, worker = await sessions(connect, "obs", "enqueue", "worker")
+    pipeline = uuid.uuid4()
+    member = await observer.fetchval("SELECT pgqueue.enqueue('m', pipeline_id => $1)", pipeline)
+    await _claim(observer.conn, member)
+
+    await enqueuer.begin()
+    await enqueuer.fetchval(PIPELINE_LOCK, pipeline)
+    call = {
+        "fail": "SELECT pgqueue.fail($1, 'w', 'boom')",
+        "release": "SELECT pgqueue.release($1, 'w')",
+    }[transition]
+    step = worker.start(worker.fetchval(call, member))
+    await wait_blocked(observer.conn, worker)
+    assert await observer.fetchval(ROW_IS_FREE, member) == member
+    dependent = await enqueuer.fetchval(
+        "SELECT pgqueue.enqueue('d', pipeline_id => $1, depends_on => ARRAY[$2]::bigint[])",
+        pipeline,
+        member,
+    )
+    await enqueuer.commit()
+    assert await step in ("queued", True)
+    rows = await observer.fetch(
+        "SELECT id, state FROM pgqueue.jobs WHERE pipeline_id = $1 ORDER BY id", pipeline
+    )
+    assert [tuple(r) for r in rows] == [(member, "queued"), (dependent, "waiting")]
+
+
 async def test_running_member_of_cancelled_pipeline_is_not_retried(connect: Connect) -> None:
     conn = await json_codecs(await connect())
     pipeline = uuid.uuid4()
