@@ -131,6 +131,24 @@ BEGIN
                            AND w.last_error LIKE 'dependency failed: %'
     )
     SELECT array_agg(x.id) INTO v_downstream FROM downstream x;
+    -- Every key that may become pending again, locked in key order (as a batch
+    -- enqueue locks them) before _keeps_dedup_key re-takes each one: a key a
+    -- newer pending job took meanwhile is dropped, never a 23505. Keys before
+    -- rows, as a completion creating children takes them.
+    PERFORM pgqueue._lock_dedup_key(k.dedup_key)
+    FROM (SELECT DISTINCT w.dedup_key FROM pgqueue.jobs w
+          WHERE (w.id = retry.job_id OR w.id = ANY (v_downstream)) AND w.dedup_key IS NOT NULL
+          ORDER BY 1) k;
+    -- Every job that may wait again gets its fan-in counter recounted. Share-lock
+    -- their dependencies first (as enqueue does): one finishing right now
+    -- commits before the count and is seen succeeded, or finishes after this
+    -- transaction and finds its dependents waiting; one failing right now is
+    -- seen failed by the loop below, which therefore comes after the lock.
+    PERFORM 1 FROM pgqueue.jobs p
+    WHERE p.id IN (SELECT d.depends_on FROM pgqueue.job_dependencies d
+                   WHERE d.job_id = retry.job_id OR d.job_id = ANY (v_downstream))
+    ORDER BY p.id
+    FOR SHARE;
     -- One with another dependency that failed or was cancelled stays cancelled
     -- (that dependency cancels it: revived, it would wait for good), and so does
     -- whatever waits on it: drop them until none is left to drop.
@@ -144,22 +162,6 @@ BEGIN
         EXIT WHEN cardinality(v_revived) = coalesce(cardinality(v_downstream), 0);
         v_downstream := v_revived;
     END LOOP;
-    -- Every job about to wait gets its fan-in counter recounted. Share-lock
-    -- their dependencies first (as enqueue does): one finishing right now
-    -- commits before the count and is seen succeeded, or finishes after this
-    -- transaction and finds its dependents waiting.
-    PERFORM 1 FROM pgqueue.jobs p
-    WHERE p.id IN (SELECT d.depends_on FROM pgqueue.job_dependencies d
-                   WHERE d.job_id = retry.job_id OR d.job_id = ANY (v_downstream))
-    ORDER BY p.id
-    FOR SHARE;
-    -- Every key that becomes pending again, locked in key order (as a batch
-    -- enqueue locks them) before _keeps_dedup_key re-takes each one: a key a
-    -- newer pending job took meanwhile is dropped, never a 23505.
-    PERFORM pgqueue._lock_dedup_key(k.dedup_key)
-    FROM (SELECT DISTINCT w.dedup_key FROM pgqueue.jobs w
-          WHERE (w.id = retry.job_id OR w.id = ANY (v_downstream)) AND w.dedup_key IS NOT NULL
-          ORDER BY 1) k;
     UPDATE pgqueue.jobs j
        SET pending_deps = x.n,
            state = CASE WHEN x.n > 0 THEN 'waiting' ELSE 'queued' END,

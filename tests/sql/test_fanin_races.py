@@ -344,3 +344,24 @@ async def test_retry_leaves_cancelled_a_join_whose_other_dependency_failed_too(
     await observer.fetch("SELECT id FROM pgqueue.claim($1, 'w')", p2)
     assert await observer.fetchval("SELECT pgqueue.complete($1, 'w')", p2)
     assert tuple(await conn.fetchrow(PENDING, join)) == ("queued", 0)
+
+
+async def test_retry_racing_the_failure_of_another_dependency_leaves_the_join_cancelled(
+    connect: Connect,
+) -> None:
+    """retry(p1) while p2, the join's other dependency, is failing for good: retry must see
+    p2 failed, or it revives a join that waits for good. It share-locks the dependencies
+    before it decides whom to revive, so it waits for p2's failure to commit."""
+    observer, failer, retrier = await sessions(connect, "obs", "fail", "retry")
+    (p1, p2), join = await _parents_and_join(observer.conn, 2)
+    await observer.conn.execute("UPDATE pgqueue.jobs SET max_attempts = 1")
+    for parent in (p1, p2):
+        await observer.fetch("SELECT id FROM pgqueue.claim($1, 'w')", parent)
+    assert await observer.fetchval("SELECT pgqueue.fail($1, 'w', 'boom')", p1) == "failed"
+    await failer.begin()
+    assert await failer.fetchval("SELECT pgqueue.fail($1, 'w', 'boom')", p2) == "failed"
+    step = retrier.start(retrier.fetchval("SELECT pgqueue.retry($1)", p1))
+    await wait_blocked(observer.conn, retrier)
+    await failer.commit()
+    assert await step is True
+    assert (await observer.conn.fetchrow(PENDING, join))["state"] == "cancelled"
