@@ -127,6 +127,8 @@ class Producer:
             wanted, wait = self.executor.free_slots, not more and self.when_waiting
             if wanted == 0:
                 # Slots filled while it waited: successes piled up past the unwritten cap.
+                # Claim once a slot frees; a wake-up consumed here announced work.
+                more = True
                 continue
             try:
                 claimed = await self._claim(wanted, wait=wait)
