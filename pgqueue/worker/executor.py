@@ -236,7 +236,7 @@ class Executor:
                 self.completer.add_success(job, attempt.result, attempt.next_jobs, duration)
                 handed_over = True
             else:
-                await self._fail(job, attempt.error, duration)
+                await self._fail_or_fail_plainly(job, attempt.error, duration)
         except Exception:
             self._log_unrecorded(job)
         finally:
@@ -256,7 +256,9 @@ class Executor:
         """Completer callback: PostgreSQL refused this success alone; fail the attempt."""
         job = item.job
         try:
-            await self._fail(job, f"could not record the result: {error}", item.duration)
+            await self._fail_or_fail_plainly(
+                job, f"could not record the result: {error}", item.duration
+            )
         except Exception:
             self._log_unrecorded(job)
         finally:
@@ -268,6 +270,24 @@ class Executor:
         # "failed (unknown)" when a retry's refusal may be the earlier try's own doing.
         outcome = "lease lost" if state is None else f"failed ({state})"
         self._log(job, outcome, duration, error.splitlines()[-1])
+
+    async def _fail_or_fail_plainly(self, job: Job, error: str, duration: float) -> None:
+        """Fail the attempt; if PostgreSQL refuses that failure (for its text, or a trigger of
+        the operator's), record one whose text names only the refusal's class, so that the
+        attempt still counts and max_attempts still ends a job that always fails so. Raises
+        if that is refused too."""
+        try:
+            await self._fail(job, error, duration)
+        except Exception as exc:
+            self.logger.error(
+                "job %d: could not record its failure (%s: %s); recording it without its text",
+                job.id,
+                type(exc).__name__,
+                exc,
+                extra={"job_id": job.id, "job_type": job.job_type},
+            )
+            plain = f"the attempt failed; its error could not be recorded ({type(exc).__name__})"
+            await self._fail(job, plain, duration)
 
     def _log_unrecorded(self, job: Job) -> None:
         """PostgreSQL refused to record the outcome. The job is still running under this

@@ -169,33 +169,48 @@ async def test_handlers_that_raise_unusual_things_fail_their_attempt_and_the_wor
     assert [r["attempts"] for r in attempts] == [1] * len(kinds)
 
 
-async def test_a_failure_postgresql_refuses_to_record_is_released_and_runs_again(
-    conn: asyncpg.Connection, db_dsn: str, records: tuple[logging.Logger, Records]
+@pytest.mark.parametrize(
+    ("refused", "runs", "logged"),
+    [
+        # The failure's text is refused: a plain one is recorded, and the attempt counts.
+        ("NEW.last_error LIKE '%poison%'", [1, 2], "recording it without its text"),
+        # Every failure is refused: the job is released (attempt not counted), runs again.
+        ("NEW.last_error IS NOT NULL", [1, 1], "could not record its outcome; releasing it"),
+    ],
+)
+async def test_a_failure_postgresql_refuses_to_record_does_not_strand_the_job(
+    conn: asyncpg.Connection,
+    db_dsn: str,
+    records: tuple[logging.Logger, Records],
+    refused: str,
+    runs: list[int],
+    logged: str,
 ) -> None:
     """A failure the database refuses (here a trigger an operator added) left the job running
-    under this worker, its lease kept fresh by the heartbeat, for the worker's life. The
-    sweep now releases it (attempt not counted), and it runs again."""
+    under this worker, its lease kept fresh by the heartbeat, for the worker's life. A plain
+    failure (the refusal's class only) is recorded instead; if that is refused too, the sweep
+    releases the job (attempt not counted), and it runs again."""
     logger, log = records
     await conn.execute(
-        """CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
-           BEGIN RAISE EXCEPTION 'no poison here'; END $$;
-           CREATE TRIGGER refuse_poison BEFORE UPDATE ON pgqueue.jobs FOR EACH ROW
-           WHEN (NEW.last_error LIKE '%poison%') EXECUTE FUNCTION refuse_poison();"""
+        f"""CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN RAISE EXCEPTION 'no poison here'; END $$;
+            CREATE TRIGGER refuse_poison BEFORE UPDATE ON pgqueue.jobs FOR EACH ROW
+            WHEN ({refused}) EXECUTE FUNCTION refuse_poison();"""
     )
     app = pgqueue.App()
-    runs: list[int] = []
+    attempts: list[int] = []
 
     @app.job("flaky")
     async def flaky(job: pgqueue.Job) -> None:
-        runs.append(job.attempts)
-        if len(runs) == 1:
+        attempts.append(job.attempts)
+        if len(attempts) == 1:
             raise ValueError("poison")
 
     job_id = await app.enqueue(conn, "flaky")
     async with running(app, db_dsn, logger=logger):
         await wait_for_states(conn, [job_id], "succeeded")
-    assert runs == [1, 1]  # the release gave the attempt back
-    assert log.count("could not record its outcome; releasing it to run again") == 1
+    assert attempts == runs
+    assert log.count(logged) == 1
 
 
 async def test_a_heartbeat_slower_than_its_period_still_reads_a_raised_stale_after(
