@@ -256,6 +256,25 @@ BEGIN
 END
 $$;
 
+-- Many keys' locks, each once and in key order, so that two transactions
+-- locking overlapping sets never deadlock on them.
+CREATE FUNCTION pgqueue._lock_dedup_keys(p_keys text[]) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pgqueue._lock_dedup_key(k)
+    FROM (SELECT DISTINCT k FROM unnest(p_keys) k WHERE k IS NOT NULL ORDER BY 1) keys;
+END
+$$;
+
+-- Many pipelines' locks (see _pipeline_cancelled), each once and in order.
+CREATE FUNCTION pgqueue._lock_pipelines(p_pipeline_ids uuid[]) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pgqueue._pipeline_cancelled(p)
+    FROM (SELECT DISTINCT p FROM unnest(p_pipeline_ids) p WHERE p IS NOT NULL ORDER BY 1) pipelines;
+END
+$$;
+
 -- Lock the jobs named in depends_on and return those already succeeded.
 -- FOR SHARE makes a dependency that is finishing right now wait for this
 -- transaction (or us for it), so its completion always sees the new
@@ -414,9 +433,8 @@ BEGIN
     END IF;
 
     -- Dedup keys: lock in a fixed order (no deadlock between two batches).
-    PERFORM pgqueue._lock_dedup_key(k)
-    FROM (SELECT DISTINCT e.s->>'dedup_key' AS k FROM jsonb_array_elements(p_specs) e(s)
-          WHERE p_specs @? '$[*].dedup_key' AND e.s->>'dedup_key' IS NOT NULL ORDER BY 1) keys;
+    PERFORM pgqueue._lock_dedup_keys(ARRAY(SELECT e.s->>'dedup_key' FROM jsonb_array_elements(p_specs) e(s)
+                                           WHERE p_specs @? '$[*].dedup_key'));
 
     SELECT array_agg(DISTINCT d::bigint), bool_or(true) INTO v_dep_ids, v_has_edges
     FROM jsonb_array_elements(p_specs) e(s),

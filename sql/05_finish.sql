@@ -178,7 +178,7 @@ BEGIN
           FROM pgqueue.jobs j
          WHERE j.id = ANY (p_job_ids) AND j.state = 'running' AND j.locked_by = p_worker;
         IF v_scopes IS NOT NULL THEN
-            PERFORM pgqueue._pipeline_cancelled(x.p) FROM (SELECT p FROM unnest(v_pipelines) p ORDER BY p) x;
+            PERFORM pgqueue._lock_pipelines(v_pipelines);
             PERFORM pgqueue._lock_scope_order(v_scopes);
         END IF;
     END IF;
@@ -219,13 +219,11 @@ BEGIN
     -- worker retries its write. Taking these locks before the UPDATE would
     -- cost every completion a read of its batch.
     IF v_parents IS NOT NULL THEN
-        PERFORM pgqueue._pipeline_cancelled(x.p) FROM (SELECT DISTINCT p FROM unnest(v_pipelines) p ORDER BY p) x;
+        PERFORM pgqueue._lock_pipelines(v_pipelines);
         -- The children's dedup keys too, for the same reason: an enqueue of a key
         -- holds its lock and then waits for the pending job it merges into.
-        PERFORM pgqueue._lock_dedup_key(k.k)
-        FROM (SELECT DISTINCT e.s->>'dedup_key' AS k
-              FROM unnest(v_specs) sp, jsonb_array_elements(sp) e(s)
-              WHERE e.s->>'dedup_key' IS NOT NULL ORDER BY 1) k;
+        PERFORM pgqueue._lock_dedup_keys(ARRAY(SELECT e.s->>'dedup_key'
+                                               FROM unnest(v_specs) sp, jsonb_array_elements(sp) e(s)));
     END IF;
     IF v_scopes IS NOT NULL THEN
         PERFORM pgqueue._unblock_next(v_scopes, v_scoped);

@@ -135,10 +135,8 @@ BEGIN
     -- enqueue locks them) before _keeps_dedup_key re-takes each one: a key a
     -- newer pending job took meanwhile is dropped, never a 23505. Keys before
     -- rows, as a completion creating children takes them.
-    PERFORM pgqueue._lock_dedup_key(k.dedup_key)
-    FROM (SELECT DISTINCT w.dedup_key FROM pgqueue.jobs w
-          WHERE (w.id = retry.job_id OR w.id = ANY (v_downstream)) AND w.dedup_key IS NOT NULL
-          ORDER BY 1) k;
+    PERFORM pgqueue._lock_dedup_keys(ARRAY(SELECT w.dedup_key FROM pgqueue.jobs w
+                                           WHERE w.id = retry.job_id OR w.id = ANY (v_downstream)));
     -- Every job that may wait again gets its fan-in counter recounted. Share-lock
     -- their dependencies first (as enqueue does): one finishing right now
     -- commits before the count and is seen succeeded, or finishes after this

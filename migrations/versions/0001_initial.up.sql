@@ -576,6 +576,25 @@ BEGIN
 END
 $$;
 
+-- Many keys' locks, each once and in key order, so that two transactions
+-- locking overlapping sets never deadlock on them.
+CREATE FUNCTION pgqueue._lock_dedup_keys(p_keys text[]) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pgqueue._lock_dedup_key(k)
+    FROM (SELECT DISTINCT k FROM unnest(p_keys) k WHERE k IS NOT NULL ORDER BY 1) keys;
+END
+$$;
+
+-- Many pipelines' locks (see _pipeline_cancelled), each once and in order.
+CREATE FUNCTION pgqueue._lock_pipelines(p_pipeline_ids uuid[]) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pgqueue._pipeline_cancelled(p)
+    FROM (SELECT DISTINCT p FROM unnest(p_pipeline_ids) p WHERE p IS NOT NULL ORDER BY 1) pipelines;
+END
+$$;
+
 -- Lock the jobs named in depends_on and return those already succeeded.
 -- FOR SHARE makes a dependency that is finishing right now wait for this
 -- transaction (or us for it), so its completion always sees the new
@@ -734,9 +753,8 @@ BEGIN
     END IF;
 
     -- Dedup keys: lock in a fixed order (no deadlock between two batches).
-    PERFORM pgqueue._lock_dedup_key(k)
-    FROM (SELECT DISTINCT e.s->>'dedup_key' AS k FROM jsonb_array_elements(p_specs) e(s)
-          WHERE p_specs @? '$[*].dedup_key' AND e.s->>'dedup_key' IS NOT NULL ORDER BY 1) keys;
+    PERFORM pgqueue._lock_dedup_keys(ARRAY(SELECT e.s->>'dedup_key' FROM jsonb_array_elements(p_specs) e(s)
+                                           WHERE p_specs @? '$[*].dedup_key'));
 
     SELECT array_agg(DISTINCT d::bigint), bool_or(true) INTO v_dep_ids, v_has_edges
     FROM jsonb_array_elements(p_specs) e(s),
@@ -1522,7 +1540,7 @@ BEGIN
           FROM pgqueue.jobs j
          WHERE j.id = ANY (p_job_ids) AND j.state = 'running' AND j.locked_by = p_worker;
         IF v_scopes IS NOT NULL THEN
-            PERFORM pgqueue._pipeline_cancelled(x.p) FROM (SELECT p FROM unnest(v_pipelines) p ORDER BY p) x;
+            PERFORM pgqueue._lock_pipelines(v_pipelines);
             PERFORM pgqueue._lock_scope_order(v_scopes);
         END IF;
     END IF;
@@ -1563,13 +1581,11 @@ BEGIN
     -- worker retries its write. Taking these locks before the UPDATE would
     -- cost every completion a read of its batch.
     IF v_parents IS NOT NULL THEN
-        PERFORM pgqueue._pipeline_cancelled(x.p) FROM (SELECT DISTINCT p FROM unnest(v_pipelines) p ORDER BY p) x;
+        PERFORM pgqueue._lock_pipelines(v_pipelines);
         -- The children's dedup keys too, for the same reason: an enqueue of a key
         -- holds its lock and then waits for the pending job it merges into.
-        PERFORM pgqueue._lock_dedup_key(k.k)
-        FROM (SELECT DISTINCT e.s->>'dedup_key' AS k
-              FROM unnest(v_specs) sp, jsonb_array_elements(sp) e(s)
-              WHERE e.s->>'dedup_key' IS NOT NULL ORDER BY 1) k;
+        PERFORM pgqueue._lock_dedup_keys(ARRAY(SELECT e.s->>'dedup_key'
+                                               FROM unnest(v_specs) sp, jsonb_array_elements(sp) e(s)));
     END IF;
     IF v_scopes IS NOT NULL THEN
         PERFORM pgqueue._unblock_next(v_scopes, v_scoped);
@@ -1850,10 +1866,8 @@ BEGIN
     -- enqueue locks them) before _keeps_dedup_key re-takes each one: a key a
     -- newer pending job took meanwhile is dropped, never a 23505. Keys before
     -- rows, as a completion creating children takes them.
-    PERFORM pgqueue._lock_dedup_key(k.dedup_key)
-    FROM (SELECT DISTINCT w.dedup_key FROM pgqueue.jobs w
-          WHERE (w.id = retry.job_id OR w.id = ANY (v_downstream)) AND w.dedup_key IS NOT NULL
-          ORDER BY 1) k;
+    PERFORM pgqueue._lock_dedup_keys(ARRAY(SELECT w.dedup_key FROM pgqueue.jobs w
+                                           WHERE w.id = retry.job_id OR w.id = ANY (v_downstream)));
     -- Every job that may wait again gets its fan-in counter recounted. Share-lock
     -- their dependencies first (as enqueue does): one finishing right now
     -- commits before the count and is seen succeeded, or finishes after this
