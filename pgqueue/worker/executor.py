@@ -88,6 +88,8 @@ class Executor:
         # Plain-def handlers need their own limiter: anyio's default thread pool has 40
         # tokens, which would silently cap a larger --concurrency.
         self._threads = anyio.CapacityLimiter(concurrency)
+        # Plain-def handlers running now: shutdown cannot cancel them, only wait (see _invoke).
+        self.in_threads = 0
         # Claimed jobs no runner has taken yet. An asyncio queue, not anyio's primitives:
         # each job wakes exactly one waiting runner, for the price of one future (an anyio
         # Event is several times dearer to create and to wait on, and runners wait once per
@@ -311,18 +313,56 @@ class Executor:
             )
         if job_type.timeout is None:  # no cancel scope on the common path: it costs per job
             return await self._invoke(job_type, job)
+        if not job_type.is_async:
+            return await self._invoke_overrunnable(job_type, job, limit=job_type.timeout)
         with anyio.move_on_after(job_type.timeout):
             return await self._invoke(job_type, job)
         return _Attempt(error=f"timed out after {job_type.timeout:g}s")
+
+    async def _invoke_overrunnable(self, job_type: JobType, job: Job, *, limit: float) -> _Attempt:
+        """A plain def under a timeout. Its thread cannot be interrupted, so the job keeps
+        its slot and its lease (the heartbeat) until the thread returns, and the attempt
+        then fails as timed out, its outcome discarded. Failed at the deadline instead, the
+        job could be retried, here or elsewhere, beside its own thread still running: two
+        runs at once of one job, or of one scope."""
+        started = time.monotonic()
+        timer = asyncio.get_running_loop().call_later(limit, self._overran, job, limit)
+        try:
+            attempt = await self._invoke(job_type, job)
+        finally:
+            timer.cancel()
+        ran = time.monotonic() - started
+        if ran < limit:
+            return attempt
+        return _Attempt(
+            error=f"timed out after {limit:g}s (a plain def cannot be interrupted: its"
+            f" thread returned after {ran:.1f}s, and what it did is discarded)"
+        )
+
+    def _overran(self, job: Job, timeout: float) -> None:
+        self.logger.warning(
+            "job %d: past its timeout of %gs; a plain def cannot be interrupted, so the job"
+            " stays running here until its thread returns, then fails as timed out",
+            job.id,
+            timeout,
+            extra={"job_id": job.id, "job_type": job.job_type},
+        )
 
     async def _invoke(self, job_type: JobType, job: Job) -> _Attempt:
         try:
             if job_type.is_async:
                 value = await job_type.handler(job)
             else:
-                value = await anyio.to_thread.run_sync(
-                    job_type.handler, job, abandon_on_cancel=True, limiter=self._threads
-                )
+                # Never abandoned: a thread cannot be stopped, and its job given back at
+                # shutdown while it runs on could run a second time beside it (or the next
+                # job of its scope). Shutdown waits for it, and records what it did.
+                self.in_threads += 1
+                try:
+                    value = await anyio.to_thread.run_sync(
+                        job_type.handler, job, limiter=self._threads
+                    )
+                finally:
+                    self.in_threads -= 1
         except (Exception, SystemExit) as exc:  # sys.exit() in a handler fails its attempt
             return _Attempt(error=_traceback(exc))
         except asyncio.CancelledError as exc:

@@ -2,7 +2,8 @@
 
 Life of a worker: open a pool and check the schema (refuse to start on an old one), read
 ``stale_after``, start the background services, run the producer until stopped, let running
-handlers finish within ``grace``, cancel and release the rest, then stop the services.
+handlers finish within ``grace``, cancel and release the rest (plain def handlers, which
+cannot be cancelled, are waited for), then stop the services.
 """
 
 from __future__ import annotations
@@ -178,9 +179,16 @@ class Worker:
             while executor.running:
                 await executor.idle.wait()
             await completer.flushed()
-        if executor.running:
+        if len(executor.running) > executor.in_threads:
             self.logger.warning(
-                "grace period over: cancelling and releasing %d job(s)", len(executor.running)
+                "grace period over: cancelling and releasing %d job(s)",
+                len(executor.running) - executor.in_threads,
+            )
+        if executor.in_threads:
+            self.logger.warning(
+                "waiting for %d plain def handler(s): a thread cannot be interrupted, so"
+                " their jobs stay running here (leases kept) and their outcomes are recorded",
+                executor.in_threads,
             )
         if executor.running or completer.unwritten:
             completer.give_up_at = time.monotonic() + FINAL_WRITE_WINDOW

@@ -264,6 +264,93 @@ async def test_stop_with_force_before_the_grace_period_skips_it(
     assert tuple(row) == ("queued", 0)  # released: the attempt not counted
 
 
+def _gated_thread_app(
+    timeout: float | None = None, max_attempts: int = 3
+) -> tuple[pgqueue.App, threading.Event, list[int]]:
+    """A plain def handler that blocks its thread until the event is set; each run is
+    counted (by attempt number)."""
+    app = pgqueue.App()
+    gate = threading.Event()
+    runs: list[int] = []
+
+    @app.job("blocking", timeout=timeout, max_attempts=max_attempts)
+    def blocking(job: pgqueue.Job) -> str:
+        runs.append(job.attempts)
+        if not gate.wait(30):
+            raise TimeoutError("the test never opened the gate")
+        return "done"
+
+    return app, gate, runs
+
+
+async def test_a_plain_def_still_running_after_the_grace_period_is_waited_for_not_released(
+    conn: asyncpg.Connection, db_dsn: str, records: tuple[logging.Logger, Records]
+) -> None:
+    """A thread cannot be cancelled. The worker released its job at the end of the grace
+    period while the thread ran on, so another worker (or the next job of its scope) could
+    start beside it. The job now stays running under this worker, its lease kept, and the
+    thread's outcome is recorded when it returns."""
+    logger, log = records
+    app, gate, runs = _gated_thread_app()
+    job_id = await app.enqueue(conn, "blocking", scope={"site": 1})
+    behind = await app.enqueue(conn, "blocking", scope={"site": 1})
+    await conn.execute("UPDATE pgqueue.settings SET value = '2 seconds' WHERE name = 'stale_after'")
+    worker = pgqueue.Worker(app, db_dsn, handle_signals=False, grace=0.2, logger=logger)
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker.run)
+            await wait_for_states(conn, [job_id], "running")
+            worker.stop()
+            await wait_until(functools.partial(log.logged, "waiting for 1 plain def handler"))
+            row = await conn.fetchrow(
+                "SELECT state, locked_by, (SELECT state FROM pgqueue.jobs WHERE id = $2) AS behind"
+                " FROM pgqueue.jobs WHERE id = $1",
+                job_id,
+                behind,
+            )
+            assert tuple(row) == ("running", worker.id, "queued")
+            # The heartbeat still runs (every 0.5 s): the lease stays fresh while the thread does.
+            beat = await conn.fetchval("SELECT locked_at FROM pgqueue.jobs WHERE id = $1", job_id)
+            await wait_until(
+                functools.partial(
+                    conn.fetchval,
+                    "SELECT locked_at > $2 FROM pgqueue.jobs WHERE id = $1",
+                    job_id,
+                    beat,
+                ),
+                what="a heartbeat after the grace period",
+            )
+            gate.set()
+    row = await conn.fetchrow(
+        "SELECT state, attempts, result FROM pgqueue.jobs WHERE id = $1", job_id
+    )
+    assert tuple(row) == ("succeeded", 1, '"done"')
+    assert runs == [1]  # the scope's next job was never started beside it
+    assert await conn.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", behind) == "queued"
+
+
+async def test_a_plain_def_past_its_timeout_keeps_its_job_until_the_thread_returns(
+    conn: asyncpg.Connection, db_dsn: str, records: tuple[logging.Logger, Records]
+) -> None:
+    """A plain def past its timeout was failed at the deadline and its thread abandoned: a
+    retry (attempts left) could run beside the first run, still going, and the scope's next
+    job could start. The job now stays running here until the thread returns; only then
+    does the attempt fail as timed out, what the thread did discarded."""
+    logger, log = records
+    app, gate, runs = _gated_thread_app(timeout=0.2, max_attempts=1)
+    job_id = await app.enqueue(conn, "blocking")
+    async with running(app, db_dsn, logger=logger):
+        await wait_until(functools.partial(log.logged, "past its timeout of 0.2s"))
+        row = await conn.fetchrow("SELECT state, attempts FROM pgqueue.jobs WHERE id = $1", job_id)
+        assert tuple(row) == ("running", 1)
+        gate.set()
+        await wait_for_states(conn, [job_id], "failed")
+    row = await conn.fetchrow("SELECT result, last_error FROM pgqueue.jobs WHERE id = $1", job_id)
+    assert row["result"] is None
+    assert row["last_error"].startswith("timed out after 0.2s (a plain def cannot be interrupted")
+    assert runs == [1]
+
+
 async def test_result_with_next_jobs_creates_children(
     conn: asyncpg.Connection, db_dsn: str
 ) -> None:
