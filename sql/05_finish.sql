@@ -16,14 +16,17 @@ $$;
 -- May a job keep its dedup_key when it becomes pending again? Not if another
 -- pending job took the key meanwhile; then the requeued job drops its key and
 -- runs its course, and the newer job stays the one that coalesces requests.
+-- The caller holds the key's lock, taken before the job's row (see
+-- _lock_before_row): an enqueue of the key holds it and then share-locks the
+-- job it depends on, so taking it here, after the row, could deadlock.
 CREATE FUNCTION pgqueue._keeps_dedup_key(p_key text, p_job_id bigint) RETURNS boolean
 LANGUAGE plpgsql AS $$
 BEGIN
     IF p_key IS NULL THEN
         RETURN true;
     END IF;
-    PERFORM pgqueue._lock_dedup_key(p_key);
-    -- Separate statement: sees every enqueue of the key that committed before the lock.
+    -- A statement of its own: sees every enqueue of the key that committed
+    -- before the caller took the lock.
     RETURN NOT EXISTS (SELECT 1 FROM pgqueue.jobs o
                        WHERE o.dedup_key = p_key AND o.state IN ('waiting', 'queued') AND o.id <> p_job_id);
 END
@@ -41,10 +44,20 @@ LANGUAGE sql AS $$
         JOIN pgqueue.job_dependencies d ON d.depends_on = x.id
         JOIN pgqueue.jobs w ON w.id = d.job_id AND w.state = 'waiting'
     )
+    -- Locked one by one by primary key in id order, as _unblock_dependents locks
+    -- them: a completion queueing the same dependents (a join waiting on this job
+    -- and on the completed one) then waits behind this transaction instead of
+    -- deadlocking with it. (An UPDATE locks its rows in whatever order its plan
+    -- reads them.)
+    , locked AS MATERIALIZED (
+        SELECT w.id FROM (SELECT DISTINCT x.id FROM downstream x ORDER BY x.id) x
+        CROSS JOIN LATERAL (SELECT w.id FROM pgqueue.jobs w WHERE w.id = x.id AND w.state = 'waiting'
+                            FOR NO KEY UPDATE) w
+    )
     UPDATE pgqueue.jobs j
        SET state = 'cancelled', finished_at = now(),
            last_error = format('dependency failed: job %s %s', p_job_id, p_reason)
-      FROM downstream x
+      FROM locked x
      WHERE j.id = x.id AND j.state = 'waiting'
 $$;
 
@@ -87,24 +100,30 @@ BEGIN
 END
 $$;
 
--- The scope of a job running under p_worker, with the job's pipeline lock and
--- its scope's order lock taken (before the caller locks the row); NULL for an
--- unscoped or unheld job. Locks are taken in one order by every pgqueue
--- transaction: pipeline, scope order, dedup key, rows. The job's pipeline lock
--- (which _fail_attempt takes) therefore comes first, scoped or not: an enqueue
--- into the pipeline that depends on this job holds that lock and waits for
--- the row (FOR SHARE).
-CREATE FUNCTION pgqueue._lock_held_scope(p_job_id bigint, p_worker text) RETURNS jsonb
+-- The scope of a job running under p_worker, with the job's advisory locks
+-- taken before the caller locks its row: its pipeline lock, its scope's order
+-- lock and its dedup key; NULL for an unscoped or unheld job. Locks are taken
+-- in one order by every pgqueue transaction: pipeline, scope order, dedup key,
+-- rows. An enqueue into the pipeline that depends on this job holds the
+-- pipeline lock and then share-locks the row; an enqueue of the job's dedup key
+-- that depends on it holds the key and then share-locks the row. Requeued
+-- (fail with attempts left, release), the job needs its key to decide whether
+-- it keeps it (_keeps_dedup_key), so the key comes before the row too.
+CREATE FUNCTION pgqueue._lock_before_row(p_job_id bigint, p_worker text) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
     v_scope jsonb;
     v_pipeline uuid;
+    v_key text;
 BEGIN
-    SELECT j.scope, j.pipeline_id INTO v_scope, v_pipeline FROM pgqueue.jobs j
+    SELECT j.scope, j.pipeline_id, j.dedup_key INTO v_scope, v_pipeline, v_key FROM pgqueue.jobs j
     WHERE j.id = p_job_id AND j.state = 'running' AND j.locked_by = p_worker;
     PERFORM pgqueue._pipeline_cancelled(v_pipeline);
     IF v_scope IS NOT NULL THEN
         PERFORM pgqueue._lock_scope_order(ARRAY[v_scope]);
+    END IF;
+    IF v_key IS NOT NULL THEN
+        PERFORM pgqueue._lock_dedup_key(v_key);
     END IF;
     RETURN v_scope;
 END
@@ -281,7 +300,7 @@ BEGIN
         RAISE EXCEPTION 'pgqueue.fail: retry_in must not be negative, got %', retry_in
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    v_scope := pgqueue._lock_held_scope(fail.job_id, fail.worker);
+    v_scope := pgqueue._lock_before_row(fail.job_id, fail.worker);
     PERFORM 1 FROM pgqueue.jobs j
     WHERE j.id = fail.job_id AND j.state = 'running' AND j.locked_by = fail.worker
     FOR NO KEY UPDATE;
@@ -309,7 +328,7 @@ DECLARE
     v_pipeline uuid;
     v_scope jsonb;
 BEGIN
-    v_scope := pgqueue._lock_held_scope(release.job_id, release.worker);
+    v_scope := pgqueue._lock_before_row(release.job_id, release.worker);
     SELECT j.dedup_key, j.pipeline_id INTO v_key, v_pipeline FROM pgqueue.jobs j
     WHERE j.id = release.job_id AND j.state = 'running' AND j.locked_by = release.worker
     FOR NO KEY UPDATE;

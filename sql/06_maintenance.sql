@@ -15,17 +15,17 @@ BEGIN
         RAISE EXCEPTION 'pgqueue.recover_stale: stale_after must be positive, got %', v_after
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    -- A job's pipeline lock and its scope's order lock come before its row lock
-    -- (as in every transition out of running), so candidates are read unlocked and
-    -- each is locked and re-checked. Holding one candidate's locks while taking
-    -- the next's could close a cycle with another transaction, so these are
-    -- try-locks: a candidate whose locks are taken right now (its scope in a
-    -- transition or an enqueue, its pipeline being cancelled) waits for the
-    -- next round. SKIP LOCKED: a row locked right now is being completed or
-    -- failed by its worker, which proves the worker is alive; fencing settles
-    -- the rest.
+    -- A job's pipeline lock, its scope's order lock and its dedup key come
+    -- before its row lock (as in every transition out of running), so
+    -- candidates are read unlocked and each is locked and re-checked. Holding
+    -- one candidate's locks while taking the next's could close a cycle with
+    -- another transaction, so these are try-locks: a candidate whose locks are
+    -- taken right now (its scope in a transition or an enqueue, its pipeline
+    -- being cancelled, its key being enqueued) waits for the next round. SKIP
+    -- LOCKED: a row locked right now is being completed or failed by its
+    -- worker, which proves the worker is alive; fencing settles the rest.
     FOR c IN
-        SELECT j.id, j.scope, j.pipeline_id FROM pgqueue.jobs j
+        SELECT j.id, j.scope, j.pipeline_id, j.dedup_key FROM pgqueue.jobs j
         WHERE j.state = 'running' AND j.locked_at < now() - v_after
         ORDER BY j.id
     LOOP
@@ -33,6 +33,8 @@ BEGIN
             pgqueue._lock_class('pipeline'), hashtext(c.pipeline_id::text));
         CONTINUE WHEN c.scope IS NOT NULL AND NOT pg_try_advisory_xact_lock(
             pgqueue._lock_class('scope_order'), pgqueue._scope_lock_key(c.scope));
+        CONTINUE WHEN c.dedup_key IS NOT NULL AND NOT pg_try_advisory_xact_lock(
+            pgqueue._lock_class('dedup'), hashtext(c.dedup_key));
         SELECT j.id, j.locked_by, j.locked_at, j.attempts INTO v FROM pgqueue.jobs j
         WHERE j.id = c.id AND j.state = 'running' AND j.locked_at < now() - v_after
         FOR NO KEY UPDATE SKIP LOCKED;
@@ -101,22 +103,21 @@ DECLARE
     v pgqueue.jobs%ROWTYPE;
     v_downstream bigint[];
     v_revived bigint[];
+    v_cancelled boolean;
 BEGIN
-    -- The scope lock (so a claim of a newer job of this scope cannot slip in
-    -- between) before the row lock: a claim holding the scope lock updates the
-    -- scope's previous current job, which may be this one.
+    -- The job is read unlocked, and its advisory locks are taken before its row
+    -- lock, in the order every pgqueue transaction takes them: its pipeline's
+    -- (an enqueue into the pipeline that depends on this job holds it, then
+    -- share-locks the row), its scope lock (so a claim of a newer job of this
+    -- scope cannot slip in between; a claim holding it updates the scope's
+    -- previous current job, which may be this one), then the dedup keys.
     SELECT * INTO v FROM pgqueue.jobs j WHERE j.id = retry.job_id AND j.state IN ('failed', 'cancelled');
-    IF v.scope IS NOT NULL THEN
-        PERFORM pg_advisory_xact_lock(pgqueue._lock_class('scope'), pgqueue._scope_lock_key(v.scope));
-    END IF;
-    SELECT * INTO v FROM pgqueue.jobs j WHERE j.id = retry.job_id AND j.state IN ('failed', 'cancelled')
-    FOR NO KEY UPDATE;
     IF NOT FOUND THEN
         RETURN false;
     END IF;
-    -- An operator retrying a member of a cancelled pipeline resumes the pipeline.
-    IF pgqueue._pipeline_cancelled(v.pipeline_id) THEN
-        DELETE FROM pgqueue.cancelled_pipelines c WHERE c.pipeline_id = v.pipeline_id;
+    v_cancelled := pgqueue._pipeline_cancelled(v.pipeline_id);
+    IF v.scope IS NOT NULL THEN
+        PERFORM pg_advisory_xact_lock(pgqueue._lock_class('scope'), pgqueue._scope_lock_key(v.scope));
     END IF;
     -- Dependents cancelled because this job failed wait again for it.
     WITH RECURSIVE downstream(id) AS (
@@ -132,11 +133,19 @@ BEGIN
     )
     SELECT array_agg(x.id) INTO v_downstream FROM downstream x;
     -- Every key that may become pending again, locked in key order (as a batch
-    -- enqueue locks them) before _keeps_dedup_key re-takes each one: a key a
-    -- newer pending job took meanwhile is dropped, never a 23505. Keys before
-    -- rows, as a completion creating children takes them.
+    -- enqueue locks them) for _keeps_dedup_key: a key a newer pending job took
+    -- meanwhile is dropped, never a 23505.
     PERFORM pgqueue._lock_dedup_keys(ARRAY(SELECT w.dedup_key FROM pgqueue.jobs w
                                            WHERE w.id = retry.job_id OR w.id = ANY (v_downstream)));
+    SELECT * INTO v FROM pgqueue.jobs j WHERE j.id = retry.job_id AND j.state IN ('failed', 'cancelled')
+    FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    -- An operator retrying a member of a cancelled pipeline resumes the pipeline.
+    IF v_cancelled THEN
+        DELETE FROM pgqueue.cancelled_pipelines c WHERE c.pipeline_id = v.pipeline_id;
+    END IF;
     -- Every job that may wait again gets its fan-in counter recounted. Share-lock
     -- their dependencies first (as enqueue does): one finishing right now
     -- commits before the count and is seen succeeded, or finishes after this
@@ -239,6 +248,14 @@ BEGIN
                       WHERE j.pipeline_id = cancel_pipeline.pipeline_id AND j.scope IS NOT NULL
                         AND j.state IN ('waiting', 'queued', 'running'));
     PERFORM pgqueue._lock_scope_order(v_scopes);
+    -- Then the members' rows, in id order as _unblock_dependents locks them: a
+    -- completion outside the pipeline queueing members that wait on it would
+    -- otherwise hold one and wait for another. (An UPDATE locks its rows in
+    -- whatever order its plan reads them: heap order, here.)
+    PERFORM 1 FROM pgqueue.jobs j
+    WHERE j.pipeline_id = cancel_pipeline.pipeline_id AND j.state IN ('waiting', 'queued')
+    ORDER BY j.id
+    FOR NO KEY UPDATE;
     WITH cancelled AS (
         UPDATE pgqueue.jobs j
            SET state = 'cancelled', scope_blocked = false, finished_at = now(), last_error = 'pipeline cancelled'

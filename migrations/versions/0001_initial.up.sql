@@ -1378,14 +1378,17 @@ $$;
 -- May a job keep its dedup_key when it becomes pending again? Not if another
 -- pending job took the key meanwhile; then the requeued job drops its key and
 -- runs its course, and the newer job stays the one that coalesces requests.
+-- The caller holds the key's lock, taken before the job's row (see
+-- _lock_before_row): an enqueue of the key holds it and then share-locks the
+-- job it depends on, so taking it here, after the row, could deadlock.
 CREATE FUNCTION pgqueue._keeps_dedup_key(p_key text, p_job_id bigint) RETURNS boolean
 LANGUAGE plpgsql AS $$
 BEGIN
     IF p_key IS NULL THEN
         RETURN true;
     END IF;
-    PERFORM pgqueue._lock_dedup_key(p_key);
-    -- Separate statement: sees every enqueue of the key that committed before the lock.
+    -- A statement of its own: sees every enqueue of the key that committed
+    -- before the caller took the lock.
     RETURN NOT EXISTS (SELECT 1 FROM pgqueue.jobs o
                        WHERE o.dedup_key = p_key AND o.state IN ('waiting', 'queued') AND o.id <> p_job_id);
 END
@@ -1403,10 +1406,20 @@ LANGUAGE sql AS $$
         JOIN pgqueue.job_dependencies d ON d.depends_on = x.id
         JOIN pgqueue.jobs w ON w.id = d.job_id AND w.state = 'waiting'
     )
+    -- Locked one by one by primary key in id order, as _unblock_dependents locks
+    -- them: a completion queueing the same dependents (a join waiting on this job
+    -- and on the completed one) then waits behind this transaction instead of
+    -- deadlocking with it. (An UPDATE locks its rows in whatever order its plan
+    -- reads them.)
+    , locked AS MATERIALIZED (
+        SELECT w.id FROM (SELECT DISTINCT x.id FROM downstream x ORDER BY x.id) x
+        CROSS JOIN LATERAL (SELECT w.id FROM pgqueue.jobs w WHERE w.id = x.id AND w.state = 'waiting'
+                            FOR NO KEY UPDATE) w
+    )
     UPDATE pgqueue.jobs j
        SET state = 'cancelled', finished_at = now(),
            last_error = format('dependency failed: job %s %s', p_job_id, p_reason)
-      FROM downstream x
+      FROM locked x
      WHERE j.id = x.id AND j.state = 'waiting'
 $$;
 
@@ -1449,24 +1462,30 @@ BEGIN
 END
 $$;
 
--- The scope of a job running under p_worker, with the job's pipeline lock and
--- its scope's order lock taken (before the caller locks the row); NULL for an
--- unscoped or unheld job. Locks are taken in one order by every pgqueue
--- transaction: pipeline, scope order, dedup key, rows. The job's pipeline lock
--- (which _fail_attempt takes) therefore comes first, scoped or not: an enqueue
--- into the pipeline that depends on this job holds that lock and waits for
--- the row (FOR SHARE).
-CREATE FUNCTION pgqueue._lock_held_scope(p_job_id bigint, p_worker text) RETURNS jsonb
+-- The scope of a job running under p_worker, with the job's advisory locks
+-- taken before the caller locks its row: its pipeline lock, its scope's order
+-- lock and its dedup key; NULL for an unscoped or unheld job. Locks are taken
+-- in one order by every pgqueue transaction: pipeline, scope order, dedup key,
+-- rows. An enqueue into the pipeline that depends on this job holds the
+-- pipeline lock and then share-locks the row; an enqueue of the job's dedup key
+-- that depends on it holds the key and then share-locks the row. Requeued
+-- (fail with attempts left, release), the job needs its key to decide whether
+-- it keeps it (_keeps_dedup_key), so the key comes before the row too.
+CREATE FUNCTION pgqueue._lock_before_row(p_job_id bigint, p_worker text) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
     v_scope jsonb;
     v_pipeline uuid;
+    v_key text;
 BEGIN
-    SELECT j.scope, j.pipeline_id INTO v_scope, v_pipeline FROM pgqueue.jobs j
+    SELECT j.scope, j.pipeline_id, j.dedup_key INTO v_scope, v_pipeline, v_key FROM pgqueue.jobs j
     WHERE j.id = p_job_id AND j.state = 'running' AND j.locked_by = p_worker;
     PERFORM pgqueue._pipeline_cancelled(v_pipeline);
     IF v_scope IS NOT NULL THEN
         PERFORM pgqueue._lock_scope_order(ARRAY[v_scope]);
+    END IF;
+    IF v_key IS NOT NULL THEN
+        PERFORM pgqueue._lock_dedup_key(v_key);
     END IF;
     RETURN v_scope;
 END
@@ -1643,7 +1662,7 @@ BEGIN
         RAISE EXCEPTION 'pgqueue.fail: retry_in must not be negative, got %', retry_in
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    v_scope := pgqueue._lock_held_scope(fail.job_id, fail.worker);
+    v_scope := pgqueue._lock_before_row(fail.job_id, fail.worker);
     PERFORM 1 FROM pgqueue.jobs j
     WHERE j.id = fail.job_id AND j.state = 'running' AND j.locked_by = fail.worker
     FOR NO KEY UPDATE;
@@ -1671,7 +1690,7 @@ DECLARE
     v_pipeline uuid;
     v_scope jsonb;
 BEGIN
-    v_scope := pgqueue._lock_held_scope(release.job_id, release.worker);
+    v_scope := pgqueue._lock_before_row(release.job_id, release.worker);
     SELECT j.dedup_key, j.pipeline_id INTO v_key, v_pipeline FROM pgqueue.jobs j
     WHERE j.id = release.job_id AND j.state = 'running' AND j.locked_by = release.worker
     FOR NO KEY UPDATE;
@@ -1746,17 +1765,17 @@ BEGIN
         RAISE EXCEPTION 'pgqueue.recover_stale: stale_after must be positive, got %', v_after
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    -- A job's pipeline lock and its scope's order lock come before its row lock
-    -- (as in every transition out of running), so candidates are read unlocked and
-    -- each is locked and re-checked. Holding one candidate's locks while taking
-    -- the next's could close a cycle with another transaction, so these are
-    -- try-locks: a candidate whose locks are taken right now (its scope in a
-    -- transition or an enqueue, its pipeline being cancelled) waits for the
-    -- next round. SKIP LOCKED: a row locked right now is being completed or
-    -- failed by its worker, which proves the worker is alive; fencing settles
-    -- the rest.
+    -- A job's pipeline lock, its scope's order lock and its dedup key come
+    -- before its row lock (as in every transition out of running), so
+    -- candidates are read unlocked and each is locked and re-checked. Holding
+    -- one candidate's locks while taking the next's could close a cycle with
+    -- another transaction, so these are try-locks: a candidate whose locks are
+    -- taken right now (its scope in a transition or an enqueue, its pipeline
+    -- being cancelled, its key being enqueued) waits for the next round. SKIP
+    -- LOCKED: a row locked right now is being completed or failed by its
+    -- worker, which proves the worker is alive; fencing settles the rest.
     FOR c IN
-        SELECT j.id, j.scope, j.pipeline_id FROM pgqueue.jobs j
+        SELECT j.id, j.scope, j.pipeline_id, j.dedup_key FROM pgqueue.jobs j
         WHERE j.state = 'running' AND j.locked_at < now() - v_after
         ORDER BY j.id
     LOOP
@@ -1764,6 +1783,8 @@ BEGIN
             pgqueue._lock_class('pipeline'), hashtext(c.pipeline_id::text));
         CONTINUE WHEN c.scope IS NOT NULL AND NOT pg_try_advisory_xact_lock(
             pgqueue._lock_class('scope_order'), pgqueue._scope_lock_key(c.scope));
+        CONTINUE WHEN c.dedup_key IS NOT NULL AND NOT pg_try_advisory_xact_lock(
+            pgqueue._lock_class('dedup'), hashtext(c.dedup_key));
         SELECT j.id, j.locked_by, j.locked_at, j.attempts INTO v FROM pgqueue.jobs j
         WHERE j.id = c.id AND j.state = 'running' AND j.locked_at < now() - v_after
         FOR NO KEY UPDATE SKIP LOCKED;
@@ -1832,22 +1853,21 @@ DECLARE
     v pgqueue.jobs%ROWTYPE;
     v_downstream bigint[];
     v_revived bigint[];
+    v_cancelled boolean;
 BEGIN
-    -- The scope lock (so a claim of a newer job of this scope cannot slip in
-    -- between) before the row lock: a claim holding the scope lock updates the
-    -- scope's previous current job, which may be this one.
+    -- The job is read unlocked, and its advisory locks are taken before its row
+    -- lock, in the order every pgqueue transaction takes them: its pipeline's
+    -- (an enqueue into the pipeline that depends on this job holds it, then
+    -- share-locks the row), its scope lock (so a claim of a newer job of this
+    -- scope cannot slip in between; a claim holding it updates the scope's
+    -- previous current job, which may be this one), then the dedup keys.
     SELECT * INTO v FROM pgqueue.jobs j WHERE j.id = retry.job_id AND j.state IN ('failed', 'cancelled');
-    IF v.scope IS NOT NULL THEN
-        PERFORM pg_advisory_xact_lock(pgqueue._lock_class('scope'), pgqueue._scope_lock_key(v.scope));
-    END IF;
-    SELECT * INTO v FROM pgqueue.jobs j WHERE j.id = retry.job_id AND j.state IN ('failed', 'cancelled')
-    FOR NO KEY UPDATE;
     IF NOT FOUND THEN
         RETURN false;
     END IF;
-    -- An operator retrying a member of a cancelled pipeline resumes the pipeline.
-    IF pgqueue._pipeline_cancelled(v.pipeline_id) THEN
-        DELETE FROM pgqueue.cancelled_pipelines c WHERE c.pipeline_id = v.pipeline_id;
+    v_cancelled := pgqueue._pipeline_cancelled(v.pipeline_id);
+    IF v.scope IS NOT NULL THEN
+        PERFORM pg_advisory_xact_lock(pgqueue._lock_class('scope'), pgqueue._scope_lock_key(v.scope));
     END IF;
     -- Dependents cancelled because this job failed wait again for it.
     WITH RECURSIVE downstream(id) AS (
@@ -1863,11 +1883,19 @@ BEGIN
     )
     SELECT array_agg(x.id) INTO v_downstream FROM downstream x;
     -- Every key that may become pending again, locked in key order (as a batch
-    -- enqueue locks them) before _keeps_dedup_key re-takes each one: a key a
-    -- newer pending job took meanwhile is dropped, never a 23505. Keys before
-    -- rows, as a completion creating children takes them.
+    -- enqueue locks them) for _keeps_dedup_key: a key a newer pending job took
+    -- meanwhile is dropped, never a 23505.
     PERFORM pgqueue._lock_dedup_keys(ARRAY(SELECT w.dedup_key FROM pgqueue.jobs w
                                            WHERE w.id = retry.job_id OR w.id = ANY (v_downstream)));
+    SELECT * INTO v FROM pgqueue.jobs j WHERE j.id = retry.job_id AND j.state IN ('failed', 'cancelled')
+    FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    -- An operator retrying a member of a cancelled pipeline resumes the pipeline.
+    IF v_cancelled THEN
+        DELETE FROM pgqueue.cancelled_pipelines c WHERE c.pipeline_id = v.pipeline_id;
+    END IF;
     -- Every job that may wait again gets its fan-in counter recounted. Share-lock
     -- their dependencies first (as enqueue does): one finishing right now
     -- commits before the count and is seen succeeded, or finishes after this
@@ -1970,6 +1998,14 @@ BEGIN
                       WHERE j.pipeline_id = cancel_pipeline.pipeline_id AND j.scope IS NOT NULL
                         AND j.state IN ('waiting', 'queued', 'running'));
     PERFORM pgqueue._lock_scope_order(v_scopes);
+    -- Then the members' rows, in id order as _unblock_dependents locks them: a
+    -- completion outside the pipeline queueing members that wait on it would
+    -- otherwise hold one and wait for another. (An UPDATE locks its rows in
+    -- whatever order its plan reads them: heap order, here.)
+    PERFORM 1 FROM pgqueue.jobs j
+    WHERE j.pipeline_id = cancel_pipeline.pipeline_id AND j.state IN ('waiting', 'queued')
+    ORDER BY j.id
+    FOR NO KEY UPDATE;
     WITH cancelled AS (
         UPDATE pgqueue.jobs j
            SET state = 'cancelled', scope_blocked = false, finished_at = now(), last_error = 'pipeline cancelled'

@@ -98,10 +98,24 @@ MUTANTS: dict[str, Mutant] = {
     ),
     # requeue without the dedup-key lock: 23505 against a concurrent enqueue.
     "requeue_without_dedup_lock": Mutant(
-        "pgqueue._keeps_dedup_key(text,bigint)",
-        "PERFORM pgqueue._lock_dedup_key(p_key);",
+        "pgqueue._lock_before_row(bigint,text)",
+        "PERFORM pgqueue._lock_dedup_key(v_key);",
         "NULL;",
         "test_dedup_races.py::test_requeue_racing_enqueue_of_same_key",
+    ),
+    # stale recovery without the key's try-lock: it requeues a job while its key is enqueued.
+    "recover_without_key_try_lock": Mutant(
+        "pgqueue.recover_stale(interval)",
+        "CONTINUE WHEN c.dedup_key IS NOT NULL AND NOT",
+        "CONTINUE WHEN false AND NOT",
+        "test_dedup_races.py::test_recover_stale_leaves_a_job_whose_key_is_being_enqueued_for_the_next_round",
+    ),
+    # cancel_pipeline locking its members in heap order: a cycle with a completion.
+    "cancel_pipeline_in_heap_order": Mutant(
+        "pgqueue.cancel_pipeline(uuid)",
+        "ORDER BY j.id\n    FOR NO KEY UPDATE;",
+        "FOR NO KEY UPDATE;",
+        "test_pipelines.py::test_cancel_pipeline_locks_its_members_in_id_order",
     ),
     # complete without the lease-holder fence: a recovered worker overwrites.
     "complete_without_fence": Mutant(

@@ -20,6 +20,13 @@ Connect = Callable[[], Awaitable[asyncpg.Connection]]
 
 BLOCK_TIMEOUT = 15.0
 
+# Lock-order tests hold an advisory lock a transition takes, see it wait, and check that it
+# has not locked the job's row yet (the other order closes a cycle with an enqueue).
+PIPELINE_LOCK = (
+    "SELECT pg_advisory_xact_lock(pgqueue._lock_class('pipeline'), hashtext($1::uuid::text))"
+)
+ROW_IS_FREE = "SELECT id FROM pgqueue.jobs WHERE id = $1 FOR NO KEY UPDATE SKIP LOCKED"
+
 
 async def json_codecs(conn: asyncpg.Connection) -> asyncpg.Connection:
     for name in ("json", "jsonb"):

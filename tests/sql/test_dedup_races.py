@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 
-from sqlharness import Connect, Session, sessions, wait_blocked
+import pytest
+from sqlharness import (
+    PIPELINE_LOCK,
+    ROW_IS_FREE,
+    Connect,
+    Session,
+    finishes_unblocked,
+    sessions,
+    wait_blocked,
+)
 
 
 async def test_concurrent_enqueues_of_one_key_create_one_job(connect: Connect) -> None:
@@ -162,3 +172,98 @@ async def test_retry_revives_dependents_whose_keys_were_taken_meanwhile(connect:
     ]
     assert await conn.fetchval("SELECT pgqueue.enqueue('agg', dedup_key => 'taken')") == newer
     assert await conn.fetchval("SELECT pgqueue.enqueue('agg', dedup_key => 'kept')") == kept
+
+
+HOLD_KEY = "SELECT pgqueue._lock_dedup_key('k')"  # an enqueue's first step for key k
+
+
+@pytest.mark.parametrize("transition", ["fail", "release"])
+async def test_a_requeue_takes_its_dedup_key_before_its_row(
+    connect: Connect, transition: str
+) -> None:
+    """An enqueue of key k that depends on the running job holding k locks the key, then
+    share-locks that job's row. fail() with attempts left and release() locked the row and
+    then took the key, to decide whether the job keeps it (40P01 after deadlock_timeout,
+    one of the two rolled back); they take the key first now."""
+    observer, enqueuer, worker = await sessions(connect, "obs", "enqueue", "worker")
+    job = await observer.fetchval("SELECT pgqueue.enqueue('agg', dedup_key => 'k')")
+    await observer.fetch("SELECT id FROM pgqueue.claim($1, 'w')", job)
+
+    await enqueuer.begin()
+    await enqueuer.fetchval(HOLD_KEY)
+    call = {
+        "fail": "SELECT pgqueue.fail($1, 'w', 'boom')",
+        "release": "SELECT pgqueue.release($1, 'w')",
+    }[transition]
+    step = worker.start(worker.fetchval(call, job))
+    await wait_blocked(observer.conn, worker)
+    assert await observer.fetchval(ROW_IS_FREE, job) == job
+    dependent = await enqueuer.fetchval(
+        "SELECT pgqueue.enqueue('agg', dedup_key => 'k', depends_on => ARRAY[$1]::bigint[])", job
+    )
+    await enqueuer.commit()
+    assert await step in ("queued", True)
+    rows = await observer.fetch("SELECT id, state, dedup_key FROM pgqueue.jobs ORDER BY id")
+    # The newer job took the key while the old one ran; requeued, the old one gives it up.
+    assert [tuple(r) for r in rows] == [(job, "queued", None), (dependent, "waiting", "k")]
+
+
+async def test_recover_stale_leaves_a_job_whose_key_is_being_enqueued_for_the_next_round(
+    connect: Connect,
+) -> None:
+    """As above for stale recovery, which holds other candidates' locks while it takes the
+    next one's: it try-locks the key, and a job whose key is taken right now waits for its
+    next round instead of a lock wait that could close a cycle."""
+    observer, enqueuer, leader = await sessions(connect, "obs", "enqueue", "leader")
+    job = await observer.fetchval("SELECT pgqueue.enqueue('agg', dedup_key => 'k')")
+    await observer.fetch("SELECT id FROM pgqueue.claim($1, 'w')", job)
+    await observer.conn.execute(
+        "UPDATE pgqueue.jobs SET locked_at = now() - interval '1 hour' WHERE id = $1", job
+    )
+
+    await enqueuer.begin()
+    await enqueuer.fetchval(HOLD_KEY)
+    recovered = await finishes_unblocked(
+        observer.conn, leader, leader.fetch("SELECT pgqueue.recover_stale()")
+    )
+    assert recovered == []
+    assert await observer.fetchval(ROW_IS_FREE, job) == job
+    dependent = await enqueuer.fetchval(
+        "SELECT pgqueue.enqueue('agg', dedup_key => 'k', depends_on => ARRAY[$1]::bigint[])", job
+    )
+    await enqueuer.commit()
+    assert [r[0] for r in await leader.fetch("SELECT pgqueue.recover_stale()")] == [job]
+    rows = await observer.fetch("SELECT id, state, dedup_key FROM pgqueue.jobs ORDER BY id")
+    assert [tuple(r) for r in rows] == [(job, "queued", None), (dependent, "waiting", "k")]
+
+
+@pytest.mark.parametrize("lock", ["pipeline", "key"])
+async def test_retry_takes_its_pipeline_lock_and_dedup_key_before_its_row(
+    connect: Connect, lock: str
+) -> None:
+    """retry() locked the failed job's row, then its pipeline's lock and its dedup key:
+    the reverse of an enqueue into the pipeline, or of the key, that share-locks the row it
+    depends on. It reads the job unlocked and takes both first now."""
+    observer, enqueuer, operator = await sessions(connect, "obs", "enqueue", "operator")
+    pipeline = uuid.uuid4()
+    job = await observer.fetchval(
+        "SELECT pgqueue.enqueue('agg', dedup_key => 'k', pipeline_id => $1, max_attempts => 1)",
+        pipeline,
+    )
+    await observer.fetch("SELECT id FROM pgqueue.claim($1, 'w')", job)
+    assert await observer.fetchval("SELECT pgqueue.fail($1, 'w', 'boom')", job) == "failed"
+
+    await enqueuer.begin()
+    if lock == "pipeline":
+        await enqueuer.fetchval(PIPELINE_LOCK, pipeline)
+    else:
+        await enqueuer.fetchval(HOLD_KEY)
+    step = operator.start(operator.fetchval("SELECT pgqueue.retry($1)", job))
+    await wait_blocked(observer.conn, operator)
+    assert await observer.fetchval(ROW_IS_FREE, job) == job
+    await enqueuer.commit()
+    assert await step is True
+    row = await observer.conn.fetchrow(
+        "SELECT state, dedup_key FROM pgqueue.jobs WHERE id = $1", job
+    )
+    assert tuple(row) == ("queued", "k")

@@ -7,7 +7,7 @@ import random
 
 import asyncpg
 import pytest
-from sqlharness import Connect, Session, lock_wait_kind, sessions, wait_blocked
+from sqlharness import ROW_IS_FREE, Connect, Session, lock_wait_kind, sessions, wait_blocked
 
 AUDIT = """
 CREATE TABLE queued_log (job_id bigint, at timestamptz DEFAULT clock_timestamp());
@@ -365,3 +365,40 @@ async def test_retry_racing_the_failure_of_another_dependency_leaves_the_join_ca
     await failer.commit()
     assert await step is True
     assert (await observer.conn.fetchrow(PENDING, join))["state"] == "cancelled"
+
+
+async def test_a_failure_cancels_its_dependents_in_id_order(connect: Connect) -> None:
+    """A completion queueing dependents locks them in id order (_unblock_dependents); a
+    failure cancelling them locked them in whatever order the UPDATE's plan read them, so
+    a failure and a completion sharing two dependents could each hold one and wait for the
+    other (40P01). The plan here reads the recursion's order, which puts a dependent of a
+    dependent (whose id is lower: "after" may name a later sibling) last, as a plan with
+    real statistics may; the failure now waits for the lowest id first, holding nothing."""
+    observer, blocker, worker = await sessions(connect, "obs", "block", "worker")
+    parent = await observer.fetchval("SELECT pgqueue.enqueue('p', max_attempts => 1)")
+    lower, higher = [
+        r[0]
+        for r in await observer.fetch(
+            "SELECT pgqueue.enqueue_many($1::jsonb)",
+            [
+                {"job_type": "grandchild", "key": "g", "after": ["c"]},
+                {"job_type": "child", "key": "c", "depends_on": [parent]},
+            ],
+        )
+    ]
+    assert lower < higher
+    assert len(await observer.fetch("SELECT id FROM pgqueue.claim($1, 'w')", parent)) == 1
+
+    await blocker.begin()  # what a completion queueing `lower` holds first
+    await blocker.fetch("SELECT 1 FROM pgqueue.jobs WHERE id = $1 FOR NO KEY UPDATE", lower)
+    await worker.conn.execute("SET enable_seqscan = off")  # the plan that reads downstream first
+    step = worker.start(worker.fetchval("SELECT pgqueue.fail($1, 'w', 'boom')", parent))
+    await wait_blocked(observer.conn, worker)
+    assert await observer.fetchval(ROW_IS_FREE, higher) == higher
+    await blocker.commit()
+    assert await step == "failed"
+    rows = await observer.fetch(
+        "SELECT id, state FROM pgqueue.jobs WHERE id = ANY($1::bigint[]) ORDER BY id",
+        [lower, higher],
+    )
+    assert [tuple(r) for r in rows] == [(lower, "cancelled"), (higher, "cancelled")]

@@ -9,7 +9,7 @@ import asyncpg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlharness import Connect, json_codecs, sessions, wait_blocked
+from sqlharness import PIPELINE_LOCK, ROW_IS_FREE, Connect, json_codecs, sessions, wait_blocked
 
 
 async def _claim(conn: asyncpg.Connection, job: int, worker: str = "w") -> None:
@@ -123,12 +123,6 @@ async def test_completion_creating_children_waits_for_cancel_pipeline_before_loc
         ("later", "cancelled"),
         ("kid", "cancelled"),  # created by a member of a cancelled pipeline: recorded cancelled
     ]
-
-
-PIPELINE_LOCK = (
-    "SELECT pg_advisory_xact_lock(pgqueue._lock_class('pipeline'), hashtext($1::uuid::text))"
-)
-ROW_IS_FREE = "SELECT id FROM pgqueue.jobs WHERE id = $1 FOR NO KEY UPDATE SKIP LOCKED"
 
 
 async def test_completion_creating_deduplicated_children_takes_the_key_before_dependents_rows(
@@ -335,3 +329,32 @@ async def test_random_dags_finish_consistently_with_their_ancestors(connect: Con
             else:
                 expected = "succeeded"
             assert states[i] == expected, (i, deps, failing, retry, states)
+
+
+async def test_cancel_pipeline_locks_its_members_in_id_order(connect: Connect) -> None:
+    """Two members waiting on a job outside the pipeline: its completion locks them in id
+    order (_unblock_dependents). cancel_pipeline's UPDATE locked them in heap order, which
+    an update of the older member had turned around, so each could hold one and wait for
+    the other (40P01). It locks them in id order first now, holding nothing while it waits
+    for the lowest."""
+    observer, blocker, canceller = await sessions(connect, "obs", "block", "cancel")
+    pipeline = uuid.uuid4()
+    outside = await observer.fetchval("SELECT pgqueue.enqueue('x')")
+    older, newer = [
+        await observer.fetchval(
+            "SELECT pgqueue.enqueue('m', pipeline_id => $1, depends_on => ARRAY[$2]::bigint[])",
+            pipeline,
+            outside,
+        )
+        for _ in range(2)
+    ]
+    # A new row version for the older member, after the newer one's in the heap.
+    await observer.conn.execute("UPDATE pgqueue.jobs SET priority = 1 WHERE id = $1", older)
+
+    await blocker.begin()  # what the completion of `outside` holds first
+    await blocker.fetch("SELECT 1 FROM pgqueue.jobs WHERE id = $1 FOR NO KEY UPDATE", older)
+    step = canceller.start(canceller.fetchval("SELECT pgqueue.cancel_pipeline($1)", pipeline))
+    await wait_blocked(observer.conn, canceller)
+    assert await observer.fetchval(ROW_IS_FREE, newer) == newer
+    await blocker.commit()
+    assert await step == 2
