@@ -32,31 +32,34 @@ BEGIN
 END
 $$;
 
--- Cancel every waiting job downstream of p_job_id (transitively), naming it.
-CREATE FUNCTION pgqueue._cancel_dependents(p_job_id bigint, p_reason text) RETURNS void
+-- Cancel every waiting job downstream of the given jobs (transitively), naming
+-- the one it depends on (the lowest id, if several).
+CREATE FUNCTION pgqueue._cancel_dependents(p_job_ids bigint[], p_reason text) RETURNS void
 LANGUAGE sql AS $$
-    WITH RECURSIVE downstream(id) AS (
-        SELECT d.job_id FROM pgqueue.job_dependencies d
+    WITH RECURSIVE downstream(id, cause) AS (
+        SELECT d.job_id, d.depends_on FROM pgqueue.job_dependencies d
         JOIN pgqueue.jobs w ON w.id = d.job_id AND w.state = 'waiting'
-        WHERE d.depends_on = p_job_id
+        WHERE d.depends_on = ANY (p_job_ids)
         UNION
-        SELECT d.job_id FROM downstream x
+        SELECT d.job_id, x.cause FROM downstream x
         JOIN pgqueue.job_dependencies d ON d.depends_on = x.id
         JOIN pgqueue.jobs w ON w.id = d.job_id AND w.state = 'waiting'
     )
     -- Locked one by one by primary key in id order, as _unblock_dependents locks
-    -- them: a completion queueing the same dependents (a join waiting on this job
-    -- and on the completed one) then waits behind this transaction instead of
-    -- deadlocking with it. (An UPDATE locks its rows in whatever order its plan
-    -- reads them.)
+    -- them: a completion queueing the same dependents (a join waiting on one of
+    -- these jobs and on the completed one) then waits behind this transaction
+    -- instead of deadlocking with it. (An UPDATE locks its rows in whatever order
+    -- its plan reads them.) One call for all of cancel_pipeline's members, so
+    -- that the order holds across them.
     , locked AS MATERIALIZED (
-        SELECT w.id FROM (SELECT DISTINCT x.id FROM downstream x ORDER BY x.id) x
+        SELECT w.id, x.cause FROM (SELECT x.id, min(x.cause) AS cause FROM downstream x
+                                   GROUP BY x.id ORDER BY x.id) x
         CROSS JOIN LATERAL (SELECT w.id FROM pgqueue.jobs w WHERE w.id = x.id AND w.state = 'waiting'
                             FOR NO KEY UPDATE) w
     )
     UPDATE pgqueue.jobs j
        SET state = 'cancelled', finished_at = now(),
-           last_error = format('dependency failed: job %s %s', p_job_id, p_reason)
+           last_error = format('dependency failed: job %s %s', x.cause, p_reason)
       FROM locked x
      WHERE j.id = x.id AND j.state = 'waiting'
 $$;
@@ -100,32 +103,37 @@ BEGIN
 END
 $$;
 
--- The scope of a job running under p_worker, with the job's advisory locks
--- taken before the caller locks its row: its pipeline lock, its scope's order
--- lock and its dedup key; NULL for an unscoped or unheld job. Locks are taken
--- in one order by every pgqueue transaction: pipeline, scope order, dedup key,
--- rows. An enqueue into the pipeline that depends on this job holds the
--- pipeline lock and then share-locks the row; an enqueue of the job's dedup key
--- that depends on it holds the key and then share-locks the row. Requeued
--- (fail with attempts left, release), the job needs its key to decide whether
--- it keeps it (_keeps_dedup_key), so the key comes before the row too.
-CREATE FUNCTION pgqueue._lock_before_row(p_job_id bigint, p_worker text) RETURNS jsonb
+-- Is the job running under p_worker? If so, its advisory locks are taken
+-- before the caller locks its row: its pipeline lock, its scope's order lock
+-- and its dedup key; scope is the job's scope. Locks are taken in one order by
+-- every pgqueue transaction: pipeline, scope order, dedup key, rows. An enqueue
+-- into the pipeline that depends on this job holds the pipeline lock and then
+-- share-locks the row; an enqueue of the job's dedup key that depends on it
+-- holds the key and then share-locks the row. Requeued (fail with attempts
+-- left, release), the job needs its key to decide whether it keeps it
+-- (_keeps_dedup_key), so the key comes before the row too. Not held (by this
+-- read), the caller changes nothing: its row lock, a statement later, could
+-- find the job claimed back by the same worker meanwhile, and then go on
+-- without any of these locks.
+CREATE FUNCTION pgqueue._lock_before_row(p_job_id bigint, p_worker text, OUT held boolean, OUT scope jsonb)
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_scope jsonb;
     v_pipeline uuid;
     v_key text;
 BEGIN
-    SELECT j.scope, j.pipeline_id, j.dedup_key INTO v_scope, v_pipeline, v_key FROM pgqueue.jobs j
+    SELECT j.scope, j.pipeline_id, j.dedup_key INTO scope, v_pipeline, v_key FROM pgqueue.jobs j
     WHERE j.id = p_job_id AND j.state = 'running' AND j.locked_by = p_worker;
+    held := FOUND;
+    IF NOT held THEN
+        RETURN;
+    END IF;
     PERFORM pgqueue._pipeline_cancelled(v_pipeline);
-    IF v_scope IS NOT NULL THEN
-        PERFORM pgqueue._lock_scope_order(ARRAY[v_scope]);
+    IF scope IS NOT NULL THEN
+        PERFORM pgqueue._lock_scope_order(ARRAY[scope]);
     END IF;
     IF v_key IS NOT NULL THEN
         PERFORM pgqueue._lock_dedup_key(v_key);
     END IF;
-    RETURN v_scope;
 END
 $$;
 
@@ -141,7 +149,7 @@ BEGIN
         UPDATE pgqueue.jobs
            SET state = 'cancelled', finished_at = now(), last_error = p_error || E'\n(pipeline cancelled: not retried)'
          WHERE id = p_job_id;
-        PERFORM pgqueue._cancel_dependents(p_job_id, 'was cancelled with its pipeline');
+        PERFORM pgqueue._cancel_dependents(ARRAY[p_job_id], 'was cancelled with its pipeline');
         RETURN 'cancelled';
     END IF;
     IF v.attempts < v.max_attempts THEN
@@ -153,7 +161,7 @@ BEGIN
         RETURN 'queued';
     END IF;
     UPDATE pgqueue.jobs SET state = 'failed', finished_at = now(), last_error = p_error WHERE id = p_job_id;
-    PERFORM pgqueue._cancel_dependents(p_job_id, 'failed');
+    PERFORM pgqueue._cancel_dependents(ARRAY[p_job_id], 'failed');
     RETURN 'failed';
 END
 $$;
@@ -293,6 +301,7 @@ RETURNS text
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
+    v_held boolean;
     v_scope jsonb;
     v_state text;
 BEGIN
@@ -300,7 +309,10 @@ BEGIN
         RAISE EXCEPTION 'pgqueue.fail: retry_in must not be negative, got %', retry_in
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    v_scope := pgqueue._lock_before_row(fail.job_id, fail.worker);
+    SELECT l.held, l.scope INTO v_held, v_scope FROM pgqueue._lock_before_row(fail.job_id, fail.worker) l;
+    IF NOT v_held THEN
+        RETURN NULL;
+    END IF;
     PERFORM 1 FROM pgqueue.jobs j
     WHERE j.id = fail.job_id AND j.state = 'running' AND j.locked_by = fail.worker
     FOR NO KEY UPDATE;
@@ -326,9 +338,13 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_key text;
     v_pipeline uuid;
+    v_held boolean;
     v_scope jsonb;
 BEGIN
-    v_scope := pgqueue._lock_before_row(release.job_id, release.worker);
+    SELECT l.held, l.scope INTO v_held, v_scope FROM pgqueue._lock_before_row(release.job_id, release.worker) l;
+    IF NOT v_held THEN
+        RETURN false;
+    END IF;
     SELECT j.dedup_key, j.pipeline_id INTO v_key, v_pipeline FROM pgqueue.jobs j
     WHERE j.id = release.job_id AND j.state = 'running' AND j.locked_by = release.worker
     FOR NO KEY UPDATE;
@@ -339,7 +355,7 @@ BEGIN
         UPDATE pgqueue.jobs j
            SET state = 'cancelled', finished_at = now(), last_error = 'released after its pipeline was cancelled'
          WHERE j.id = release.job_id;
-        PERFORM pgqueue._cancel_dependents(release.job_id, 'was cancelled with its pipeline');
+        PERFORM pgqueue._cancel_dependents(ARRAY[release.job_id], 'was cancelled with its pipeline');
         IF v_scope IS NOT NULL THEN
             PERFORM pgqueue._unblock_next(ARRAY[v_scope], ARRAY[release.job_id]);
         END IF;

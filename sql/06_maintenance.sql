@@ -77,7 +77,7 @@ BEGIN
     IF NOT FOUND THEN
         RETURN false;
     END IF;
-    PERFORM pgqueue._cancel_dependents(cancel.job_id, 'was cancelled');
+    PERFORM pgqueue._cancel_dependents(ARRAY[cancel.job_id], 'was cancelled');
     IF v_scope IS NOT NULL THEN
         PERFORM pgqueue._unblock_next(ARRAY[v_scope], ARRAY[cancel.job_id]);
     END IF;
@@ -226,7 +226,6 @@ LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
     v_ids bigint[];
-    v_id bigint;
     v_scopes jsonb[];
     v_cancelled_scopes jsonb[];
     v_cancelled_scoped bigint[];
@@ -270,9 +269,9 @@ BEGIN
         PERFORM pgqueue._unblock_next(v_cancelled_scopes, v_cancelled_scoped);
     END IF;
     -- Jobs outside the pipeline that waited on its members go too.
-    FOREACH v_id IN ARRAY coalesce(v_ids, '{}') LOOP
-        PERFORM pgqueue._cancel_dependents(v_id, 'was cancelled with its pipeline');
-    END LOOP;
+    IF v_ids IS NOT NULL THEN
+        PERFORM pgqueue._cancel_dependents(v_ids, 'was cancelled with its pipeline');
+    END IF;
     RETURN coalesce(cardinality(v_ids), 0);
 END
 $$;

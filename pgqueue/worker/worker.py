@@ -9,6 +9,7 @@ cannot be cancelled, are waited for), then stop the services.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import secrets
 import signal
@@ -79,6 +80,7 @@ class Worker:
         self._stop_requested = False
         self._force = False  # stop(force=True) before the grace period began: skip it
         self._grace_scope: anyio.CancelScope | None = None
+        self._executor: Executor | None = None
 
     def stop(self, *, force: bool = False) -> None:
         """Stop claiming and shut down; ``force`` skips what is left of the grace period.
@@ -96,18 +98,25 @@ class Worker:
         """Work until :meth:`stop` or SIGTERM/SIGINT; return once every job is settled."""
         pool = await create_pool(
             self.dsn,
-            warm=3,  # claim, outcome, heartbeat: ready before the first job
-            max_size=min(self.concurrency, 10) + 3,
+            warm=2,  # claim, outcome: ready before the first job
+            max_size=min(self.concurrency, 10) + 2,
             application_name=f"pgqueue-worker {self.id}",
         )
         try:
-            await self._run(pool)
+            # The heartbeat's own connection: outcome writes waiting on locked rows (up to
+            # the write timeout each) can take every pooled one, and a heartbeat waiting
+            # behind them would let this worker's healthy jobs go stale.
+            beat_pool = await create_pool(
+                self.dsn, warm=1, max_size=1, application_name=f"pgqueue-heartbeat {self.id}"
+            )
+            try:
+                await self._run(pool, beat_pool)
+            finally:
+                await _close(beat_pool)
         finally:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-                await pool.close()
-            pool.terminate()
+            await _close(pool)
 
-    async def _run(self, pool: asyncpg.Pool) -> None:
+    async def _run(self, pool: asyncpg.Pool, beat_pool: asyncpg.Pool) -> None:
         from pgqueue.migrate import check_schema  # the infra module; refuses old schemas
 
         async def startup_reads(conn: asyncpg.Connection) -> timedelta:
@@ -118,6 +127,7 @@ class Worker:
         period = Period.of(stale_after)
         completer = Completer(pool, self.id, self.logger)
         executor = Executor(self.app, completer, self.concurrency, self.logger, self._wake)
+        self._executor = executor
         self.notifier = Notifier(
             self.dsn,
             self._wake,
@@ -146,7 +156,7 @@ class Worker:
         )
         async with anyio.create_task_group() as services:
             services.start_soon(self.notifier.run)
-            services.start_soon(heartbeat_loop, pool, self.id, period, self.logger)
+            services.start_soon(heartbeat_loop, beat_pool, self.id, period, self.logger)
             services.start_soon(recovery_loop, pool, period, self.logger)
             services.start_soon(completer.run)
             if self.handle_signals:
@@ -157,6 +167,10 @@ class Worker:
                 await producer.run()
                 await self._drain(executor, completer)
                 jobs.cancel_scope.cancel()  # idle runners stop; busy ones release their job
+            if completer.give_up_at == math.inf:
+                # Not started by _drain (plain def handlers were still running, or nothing
+                # was left): the writes still to come get the whole window from now.
+                completer.give_up_at = time.monotonic() + FINAL_WRITE_WINDOW
             await executor.release_unstarted()
             await executor.settled()  # every success handed to the completer is written
             await producer.release_lost_claims_at_stop()
@@ -190,6 +204,8 @@ class Worker:
                 " their jobs stay running here (leases kept) and their outcomes are recorded",
                 executor.in_threads,
             )
+        if executor.in_threads:
+            return  # the final window starts once their threads return (see _run)
         if executor.running or completer.unwritten:
             completer.give_up_at = time.monotonic() + FINAL_WRITE_WINDOW
 
@@ -201,3 +217,17 @@ class Worker:
                 force = self._stop_requested
                 self.logger.info("received %s: %s", name, "forcing stop" if force else "stopping")
                 self.stop(force=force)
+                threads = self._executor.in_threads if self._executor else 0
+                if force and threads:
+                    self.logger.warning(
+                        "%d plain def handler(s) cannot be interrupted: the worker exits when"
+                        " they return (SIGKILL ends it now; stale recovery then requeues their"
+                        " jobs)",
+                        threads,
+                    )
+
+
+async def _close(pool: asyncpg.Pool) -> None:
+    with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+        await pool.close()
+    pool.terminate()

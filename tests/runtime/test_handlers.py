@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -30,6 +31,7 @@ import pgqueue
 from pgqueue.migrate import SchemaError
 from pgqueue.worker.logs import JsonFormatter
 from pgqueue.worker.producer import Producer
+from pgqueue.worker.worker import FINAL_WRITE_WINDOW
 
 
 @asynccontextmanager
@@ -321,6 +323,11 @@ async def test_a_plain_def_still_running_after_the_grace_period_is_waited_for_no
                 what="a heartbeat after the grace period",
             )
             gate.set()
+            returned = time.monotonic()
+    # Its outcome got the whole final window from the moment the thread returned, not what
+    # was left of one begun at the end of the grace period.
+    assert worker._executor is not None
+    assert worker._executor.completer.give_up_at >= returned + FINAL_WRITE_WINDOW
     row = await conn.fetchrow(
         "SELECT state, attempts, result FROM pgqueue.jobs WHERE id = $1", job_id
     )
@@ -779,3 +786,68 @@ async def test_a_claim_back_left_to_nobody_is_released_when_the_worker_stops(
     assert runs == [1]
     assert log.count("was being settled") == 1, log.text()
     assert log.count("which does not hold it") == 1, log.text()
+
+
+async def test_the_heartbeat_beats_while_every_pooled_connection_waits_on_a_locked_row(
+    conn: asyncpg.Connection, db_dsn: str
+) -> None:
+    """A failure whose row another transaction holds keeps a pooled connection for up to the
+    write timeout (30 s). Enough of them took the whole pool, and the heartbeat, which waits
+    for a pooled connection within its period, missed beat after beat: the leases of this
+    worker's healthy jobs went stale and recovery handed them to other workers while they
+    still ran here. The heartbeat has a connection of its own now."""
+    app = pgqueue.App()
+    go, done = anyio.Event(), anyio.Event()
+
+    @app.job("fails", max_attempts=1)
+    async def fails(job: pgqueue.Job) -> None:
+        await go.wait()
+        raise RuntimeError("fails while its row is locked")
+
+    @app.job("long")
+    async def long(job: pgqueue.Job) -> None:
+        await done.wait()
+
+    failing = [await app.enqueue(conn, "fails") for _ in range(20)]  # more than the pool holds
+    healthy = await app.enqueue(conn, "long")
+    await conn.execute("UPDATE pgqueue.settings SET value = '2 seconds' WHERE name = 'stale_after'")
+    blocker = await asyncpg.connect(db_dsn)
+    async with running(app, db_dsn, concurrency=len(failing) + 1):
+        try:
+            await wait_for_states(conn, [*failing, healthy], "running")
+            await blocker.execute("BEGIN")
+            await blocker.execute(
+                "SELECT 1 FROM pgqueue.jobs WHERE id = ANY($1) FOR UPDATE", failing
+            )
+            go.set()
+
+            async def pool_taken() -> bool:
+                """Every pooled connection but the producer's (kept for its claims) waits
+                on a failure's row, and the pool is at its size (10 + 2 here; 10 + 3 when
+                the heartbeat shared it)."""
+                row = await conn.fetchrow(
+                    "SELECT count(*) AS n, count(*) FILTER (WHERE wait_event_type = 'Lock'"
+                    "  AND query LIKE '%pgqueue.fail%') AS waiting"
+                    " FROM pg_stat_activity WHERE application_name LIKE 'pgqueue-worker %'"
+                )
+                return bool(row["waiting"] == row["n"] - 1 and row["waiting"] >= 11)
+
+            await wait_until(pool_taken, what="every pooled connection waiting on a failure's row")
+            lease = await conn.fetchval("SELECT locked_at FROM pgqueue.jobs WHERE id = $1", healthy)
+            await wait_until(
+                functools.partial(
+                    conn.fetchval,
+                    "SELECT locked_at > $2 FROM pgqueue.jobs WHERE id = $1",
+                    healthy,
+                    lease,
+                ),
+                within=5,  # beats every 0.5 s
+                what="a heartbeat while the pool is taken",
+            )
+            await blocker.execute("ROLLBACK")
+            await wait_for_states(conn, failing, "failed")
+            done.set()
+            await wait_for_states(conn, [healthy], "succeeded")
+        finally:
+            done.set()
+            await blocker.close()  # its locks go with it, so the worker can stop

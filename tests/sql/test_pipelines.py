@@ -358,3 +358,38 @@ async def test_cancel_pipeline_locks_its_members_in_id_order(connect: Connect) -
     assert await observer.fetchval(ROW_IS_FREE, newer) == newer
     await blocker.commit()
     assert await step == 2
+
+
+async def test_cancel_pipeline_locks_outside_dependents_of_all_members_in_id_order(
+    connect: Connect,
+) -> None:
+    """Jobs outside the pipeline waiting on its members were cancelled one member at a
+    time, each call locking only its own dependents in id order: E5 (waiting on M1) before
+    E3 (waiting on M2), while a completion of a job both wait on locks E3 and then E5
+    (40P01). One call for all members locks them all in id order now."""
+    observer, blocker, canceller = await sessions(connect, "obs", "block", "cancel")
+    pipeline = uuid.uuid4()
+    m1, m2 = [
+        await observer.fetchval("SELECT pgqueue.enqueue('m', pipeline_id => $1)", pipeline)
+        for _ in range(2)
+    ]
+    outside = await observer.fetchval("SELECT pgqueue.enqueue('y')")
+    depends = "SELECT pgqueue.enqueue('e', depends_on => ARRAY[$1, $2]::bigint[])"
+    e_low = await observer.fetchval(depends, m2, outside)
+    e_high = await observer.fetchval(depends, m1, outside)
+
+    await blocker.begin()  # what the completion of `outside` holds first
+    await blocker.fetch("SELECT 1 FROM pgqueue.jobs WHERE id = $1 FOR NO KEY UPDATE", e_low)
+    step = canceller.start(canceller.fetchval("SELECT pgqueue.cancel_pipeline($1)", pipeline))
+    await wait_blocked(observer.conn, canceller)
+    assert await observer.fetchval(ROW_IS_FREE, e_high) == e_high
+    await blocker.commit()
+    assert await step == 2
+    rows = await observer.fetch(
+        "SELECT id, state, last_error FROM pgqueue.jobs WHERE id = ANY($1::bigint[]) ORDER BY id",
+        [e_low, e_high],
+    )
+    assert [tuple(r) for r in rows] == [
+        (e_low, "cancelled", f"dependency failed: job {m2} was cancelled with its pipeline"),
+        (e_high, "cancelled", f"dependency failed: job {m1} was cancelled with its pipeline"),
+    ]
