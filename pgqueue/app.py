@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import inspect
+import math
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ SELECT pgqueue.enqueue(
     priority => $8, max_attempts => $9, pipeline_id => $10::uuid,
     next_jobs => $11::text::jsonb, depends_on => $12::text::bigint[])
 """
+# What a timedelta can hold; PostgreSQL refuses a run_after past its own range by name.
+_MAX_DELAY_SECONDS = datetime.timedelta.max.total_seconds()
 _ENQUEUE_MANY_SQL = "SELECT id FROM pgqueue.enqueue_many($1::text::jsonb) AS id"
 # The typed fast path. Payloads and scopes travel as one JSON array each (one json.dumps
 # for the whole batch is several times cheaper than one per job) and are split in SQL;
@@ -156,6 +159,8 @@ class App:
         if max_attempts is None and registered is not None:
             max_attempts = registered.max_attempts
         if isinstance(delay, int | float):
+            if not math.isfinite(delay) or abs(delay) > _MAX_DELAY_SECONDS:
+                raise ValueError(f"delay must be a finite number of seconds, got {delay!r}")
             delay = datetime.timedelta(seconds=delay)
         job_id: int = await conn_or_pool.fetchval(
             _ENQUEUE_SQL,

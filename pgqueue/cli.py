@@ -11,6 +11,7 @@ import functools
 import importlib
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -23,11 +24,14 @@ import click
 
 from pgqueue.app import App
 from pgqueue.dsn import connect, resolve_dsn
+from pgqueue.worker.worker import MAX_CONCURRENCY
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+INT4_MIN, INT4_MAX, INT8_MAX = -(2**31), 2**31 - 1, 2**63 - 1  # the columns' ranges
+MAX_DELAY = 100 * 365.25 * 86400  # seconds; timestamps past year 9999 break Python readers
 
 
 class DsnOption:
@@ -99,17 +103,43 @@ def _json_arg(name: str, text: str | None) -> Any:
     if text is None:
         return None
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
         raise click.BadParameter(f"not valid JSON: {exc}", param_hint=name) from None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=name) from None
+
+
+def _finite(name: str, value: float | None) -> float | None:
+    """click's FloatRange lets NaN through (it compares false with both bounds)."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a number of seconds", param_hint=name)
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    """Python's json reads NaN and Infinity; JSON (and jsonb) has no such numbers."""
+    raise ValueError(f"not valid JSON: {name} is not a JSON number")
 
 
 def parse_duration(text: str) -> str:
-    """``7d``/``12h``/``30m``/``45s``/``2w`` to a PostgreSQL interval; anything else as is."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text)
-    if match:
-        return f"{match.group(1)} {_UNITS[match.group(2)]}"
-    return text
+    """``7d``/``12h``/``30m``/``45s``/``2w`` to a PostgreSQL interval; anything else as is.
+
+    A number without a unit is refused: PostgreSQL reads ``30`` as thirty seconds, so
+    ``prune --older-than 30`` meant as days would delete nearly every finished job. So is a
+    one-letter unit other than these (PostgreSQL reads ``1M`` as a minute, not a month).
+    """
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]?)\s*", text)
+    if match is None:
+        return text
+    number, unit = match.groups()
+    if unit in _UNITS:
+        return f"{number} {_UNITS[unit]}"
+    raise click.BadParameter(
+        f"{text.strip()!r} has no unit I know: write e.g. {number}d, {number}h, {number}m,"
+        f" {number}s, {number}w or a PostgreSQL interval such as '{number} days'",
+        param_hint="--older-than",
+    )
 
 
 def load_app(target: str) -> App:
@@ -149,7 +179,7 @@ def _print_table(rows: Sequence[asyncpg.Record]) -> None:
 def _cell(value: Any) -> str:
     if value is None:
         return ""
-    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    text = json.dumps(value) if isinstance(value, dict | list) else str(value)
     text = text.splitlines()[0] if text else text
     return text if len(text) <= 60 else text[:57] + "..."
 
@@ -164,7 +194,14 @@ def _cell(value: Any) -> str:
 @click.pass_context
 def main(ctx: click.Context, dsn: str | None) -> None:
     """pgqueue: a job queue that lives inside PostgreSQL."""
-    ctx.obj = DsnOption(dsn)
+    ctx.obj = DsnOption(_given_dsn(dsn))
+
+
+def _given_dsn(value: str | None) -> str | None:
+    """An empty --dsn is a mistake (an unset shell variable), not "use the defaults"."""
+    if value is not None and not value.strip():
+        raise click.BadParameter("is empty", param_hint="--dsn")
+    return resolve_dsn(value)
 
 
 _pass_options = click.make_pass_decorator(DsnOption)
@@ -172,7 +209,7 @@ _pass_options = click.make_pass_decorator(DsnOption)
 
 def _override_dsn(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
     if value is not None:
-        ctx.ensure_object(DsnOption).dsn = resolve_dsn(value)
+        ctx.ensure_object(DsnOption).dsn = _given_dsn(value)
 
 
 def pass_dsn(fn: Callable[..., T]) -> Callable[..., T]:
@@ -201,7 +238,9 @@ def migrate(opts: DsnOption) -> None:
 @main.command()
 @click.argument("target", metavar="MODULE:APP")
 @click.option("--queues", help="Comma-separated queues to work (default: every queue).")
-@click.option("--concurrency", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option(
+    "--concurrency", type=click.IntRange(min=1, max=MAX_CONCURRENCY), default=10, show_default=True
+)
 @click.option(
     "--grace",
     type=click.FloatRange(min=0),
@@ -246,7 +285,13 @@ def worker(
     app = load_app(target)
     level = logging.DEBUG if verbose else logging.getLevelNamesMapping()[log_level.upper()]
     configure_logging(log_format, level)
-    queue_list = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
+    queue_list = None
+    if queues is not None:
+        queue_list = [q.strip() for q in queues.split(",") if q.strip()]
+        if not queue_list:
+            raise click.BadParameter(
+                "names no queue (leave --queues out to work every queue)", param_hint="--queues"
+            )
     runner = Worker(
         app,
         opts.dsn,
@@ -264,9 +309,16 @@ def worker(
 @click.option("--queue", help="Queue (default: 'default').")
 @click.option("--scope", help="JSON serialization key: jobs with equal scope run one at a time.")
 @click.option("--dedup-key", help="Coalesce with a waiting/queued job that has this key.")
-@click.option("--delay", type=click.FloatRange(min=0), help="Seconds before it may run.")
-@click.option("--priority", type=int, default=0, show_default=True)
-@click.option("--max-attempts", type=click.IntRange(min=1))
+@click.option(
+    "--delay",
+    type=click.FloatRange(min=0, max=MAX_DELAY),
+    callback=lambda _ctx, _param, value: _finite("--delay", value),
+    help="Seconds before it may run (at most 100 years).",
+)
+@click.option(
+    "--priority", type=click.IntRange(min=INT4_MIN, max=INT4_MAX), default=0, show_default=True
+)
+@click.option("--max-attempts", type=click.IntRange(min=1, max=INT4_MAX))
 @pass_dsn
 @_friendly_errors
 def enqueue(
@@ -282,7 +334,7 @@ def enqueue(
 ) -> None:
     """Enqueue one job and print its id."""
     payload_obj = _json_arg("--payload", payload)
-    if payload_obj is not None and not isinstance(payload_obj, dict):
+    if payload is not None and not isinstance(payload_obj, dict):
         raise click.BadParameter("must be a JSON object", param_hint="--payload")
     scope_obj = _json_arg("--scope", scope)
 
@@ -314,8 +366,9 @@ def enqueue(
 def jobs(opts: DsnOption, state: str | None, queue: str | None, limit: int) -> None:
     """List jobs, newest first."""
     sql = """
-        SELECT id, queue, job_type, state, attempts, max_attempts, run_after, locked_by,
-               last_error
+        SELECT id, queue, job_type, state, attempts, max_attempts,
+               run_after::text AS run_after,  -- as text: a year past 9999 is no Python datetime
+               locked_by, last_error
         FROM pgqueue.jobs
         WHERE ($1::text IS NULL OR state = $1) AND ($2::text IS NULL OR queue = $2)
         ORDER BY id DESC LIMIT $3
@@ -335,26 +388,33 @@ def stats(opts: DsnOption) -> None:
     _print_table(rows)
 
 
-def _job_action(name: str, doc: str) -> None:
-    """Register a command calling ``pgqueue.<name>(job_id)``, which returns a boolean."""
+def _job_action(name: str, doc: str, takes: str) -> None:
+    """Register a command calling ``pgqueue.<name>(job_id)``, which returns a boolean
+    (false for a job in none of the states it ``takes``)."""
 
     @main.command(name=name, help=doc)
-    @click.argument("job_id", type=int)
+    @click.argument("job_id", type=click.IntRange(min=1, max=INT8_MAX))
     @pass_dsn
     @_friendly_errors
     def command(opts: DsnOption, job_id: int) -> None:
-        sql = f"SELECT pgqueue.{name}($1)"
-        done = _run(lambda: _with_connection(opts.dsn, lambda c: c.fetchval(sql, job_id)))
+        sql = f"SELECT pgqueue.{name}($1), (SELECT state FROM pgqueue.jobs WHERE id = $1)"
+        done, state = _run(lambda: _with_connection(opts.dsn, lambda c: c.fetchrow(sql, job_id)))
         if not done:
-            raise click.ClickException(f"job {job_id}: nothing to {name} (unknown id or state)")
+            why = "no such job" if state is None else f"it is {state}; {name} takes {takes}"
+            raise click.ClickException(f"job {job_id}: nothing to {name} ({why})")
         click.echo(f"job {job_id}: {name} done")
 
 
-_job_action("retry", "Put a failed or cancelled job back in the queue, attempts reset.")
+_job_action(
+    "retry",
+    "Put a failed or cancelled job back in the queue, attempts reset.",
+    "failed or cancelled jobs",
+)
 _job_action(
     "cancel",
     "Cancel a waiting or queued job (its dependents are cancelled too); a running one is not "
     "interrupted.",
+    "waiting or queued jobs",
 )
 
 

@@ -446,6 +446,32 @@ BEGIN
 END
 $$;
 
+-- Children inherit their parent's pipeline_id (a parent without one gets a new
+-- one when it creates them), so a spec stored in next_jobs that names another
+-- pipeline could never be created: its parent's completion would be refused
+-- every time. Checked when the specs are stored, at every depth, against the
+-- pipeline the children will have (NULL: unknown yet, so none may be named).
+CREATE FUNCTION pgqueue._check_child_pipelines(p_specs jsonb, p_pipeline uuid, p_label text) RETURNS void
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_ord bigint;
+    v_spec jsonb;
+BEGIN
+    FOR v_ord, v_spec IN SELECT e.ord, e.s FROM jsonb_array_elements(p_specs) WITH ORDINALITY AS e(s, ord) LOOP
+        IF coalesce(v_spec->'pipeline_id', 'null') <> 'null'
+           AND (v_spec->>'pipeline_id')::uuid IS DISTINCT FROM p_pipeline THEN
+            RAISE EXCEPTION '%[%]: pipeline_id differs from the parent''s; children inherit it (a parent without one gets a new one)',
+                p_label, v_ord - 1
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        IF jsonb_typeof(v_spec->'next_jobs') = 'array' THEN
+            PERFORM pgqueue._check_child_pipelines(v_spec->'next_jobs', p_pipeline,
+                                                   format('%s[%s]: next_jobs', p_label, v_ord - 1));
+        END IF;
+    END LOOP;
+END
+$$;
+
 -- Validate an array of specs (and, recursively, their next_jobs); raise the
 -- first problem, prefixed with where it is (label[index]). One pass over the
 -- specs finds the first bad one and collects what the later checks need (the
@@ -710,6 +736,13 @@ DECLARE
     v_block boolean;
 BEGIN
     PERFORM pgqueue._check_specs(p_specs, p_label, p_single);
+    IF p_specs @? '$[*].next_jobs[*]' THEN
+        PERFORM pgqueue._check_child_pipelines(e.s->'next_jobs',
+                    CASE WHEN p_parent_id IS NULL THEN (e.s->>'pipeline_id')::uuid ELSE p_pipeline_id END,
+                    pgqueue._spec_where(p_label, e.ord, p_single) || ': next_jobs')
+        FROM jsonb_array_elements(p_specs) WITH ORDINALITY AS e(s, ord)
+        WHERE jsonb_typeof(e.s->'next_jobs') = 'array';
+    END IF;
     v_n := jsonb_array_length(p_specs);
     IF v_n = 0 THEN
         RETURN '{}';
@@ -916,6 +949,7 @@ BEGIN
     v_deps := ARRAY(SELECT DISTINCT unnest(enqueue.depends_on));
     IF enqueue.next_jobs IS NOT NULL THEN
         PERFORM pgqueue._check_specs(enqueue.next_jobs, 'pgqueue.enqueue: next_jobs');
+        PERFORM pgqueue._check_child_pipelines(enqueue.next_jobs, enqueue.pipeline_id, 'pgqueue.enqueue: next_jobs');
     END IF;
     IF enqueue.pipeline_id IS NOT NULL AND pgqueue._pipeline_cancelled(enqueue.pipeline_id) THEN
         RAISE EXCEPTION 'pgqueue.enqueue: pipeline % was cancelled', enqueue.pipeline_id

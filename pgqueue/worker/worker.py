@@ -32,6 +32,9 @@ from pgqueue.worker.notifier import Notifier
 from pgqueue.worker.producer import Producer
 from pgqueue.worker.wake import Wake
 
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# A worker starts this many runner tasks at once; more is a typo, not a plan.
+MAX_CONCURRENCY = 10_000
 # After the grace period, outcome writes get this long to land before the process exits.
 FINAL_WRITE_WINDOW = 10.0
 # Bound on the schema check and settings read at start: a connection that goes half-open
@@ -60,8 +63,8 @@ class Worker:
         handle_signals: bool = True,
         logger: logging.Logger | None = None,
     ) -> None:
-        if concurrency < 1:
-            raise ValueError("concurrency must be at least 1")
+        if not 1 <= concurrency <= MAX_CONCURRENCY:
+            raise ValueError(f"concurrency must be from 1 to {MAX_CONCURRENCY}, got {concurrency}")
         self.queues = None if queues is None else sorted(set(queues))
         if self.queues == []:
             raise ValueError("queues must name at least one queue (None means every queue)")
@@ -81,6 +84,7 @@ class Worker:
         self._force = False  # stop(force=True) before the grace period began: skip it
         self._grace_scope: anyio.CancelScope | None = None
         self._executor: Executor | None = None
+        self._signalled = False  # stopped by SIGTERM/SIGINT (see run)
 
     def stop(self, *, force: bool = False) -> None:
         """Stop claiming and shut down; ``force`` skips what is left of the grace period.
@@ -95,7 +99,21 @@ class Worker:
             self._grace_scope.cancel()
 
     async def run(self) -> None:
-        """Work until :meth:`stop` or SIGTERM/SIGINT; return once every job is settled."""
+        """Work until :meth:`stop` or SIGTERM/SIGINT; return once every job is settled.
+
+        After a stop by signal, SIGTERM and SIGINT stay ignored: the process is on its way
+        out, and a signal in its last steps (a double Ctrl-C on an idle worker, which stops
+        in milliseconds) would abort them, or kill the interpreter while it finalises.
+        After :meth:`stop`, the handlers the worker found are put back."""
+        handlers = {s: signal.getsignal(s) for s in _STOP_SIGNALS} if self.handle_signals else {}
+        try:
+            await self._run_with_pools()
+        finally:
+            if not self._signalled:
+                for signum, handler in handlers.items():
+                    signal.signal(signum, handler)
+
+    async def _run_with_pools(self) -> None:
         pool = await create_pool(
             self.dsn,
             warm=2,  # claim, outcome: ready before the first job
@@ -210,9 +228,22 @@ class Worker:
             completer.give_up_at = time.monotonic() + FINAL_WRITE_WINDOW
 
     async def _watch_signals(self) -> None:
-        """First SIGTERM/SIGINT: graceful stop. A second one: skip the rest of the grace."""
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        """First SIGTERM/SIGINT: graceful stop. A second one: skip the rest of the grace.
+
+        Once the watcher is gone (the services are being stopped, the worker is on its way
+        out) later signals are ignored until :meth:`run` returns: the default SIGINT
+        handler would raise KeyboardInterrupt in the middle of closing connections (a double
+        Ctrl-C on an idle worker, which stops in milliseconds)."""
+        try:
+            await self._receive_signals()
+        finally:
+            for signum in _STOP_SIGNALS:
+                signal.signal(signum, signal.SIG_IGN)
+
+    async def _receive_signals(self) -> None:
+        with anyio.open_signal_receiver(*_STOP_SIGNALS) as signals:
             async for signum in signals:
+                self._signalled = True
                 name = signal.Signals(signum).name
                 force = self._stop_requested
                 self.logger.info("received %s: %s", name, "forcing stop" if force else "stopping")

@@ -40,7 +40,10 @@ def test_enqueue_list_cancel_retry_stats(db_dsn: str) -> None:
     assert re.search(rf"^{job_id}\s+q\s+report\s+queued", out.output, re.M), out.output
 
     assert run(db_dsn, "cancel", str(job_id)).exit_code == 0
-    assert run(db_dsn, "cancel", str(job_id)).exit_code == 1  # already final
+    again = run(db_dsn, "cancel", str(job_id))
+    assert again.exit_code == 1  # already final, and it says so
+    assert "(it is cancelled; cancel takes waiting or queued jobs)" in again.output
+    assert "(no such job)" in run(db_dsn, "retry", "999999").output
     assert run(db_dsn, "retry", str(job_id)).exit_code == 0
     out = run(db_dsn, "stats")
     assert out.exit_code == 0 and "q" in out.output, out.output
@@ -64,12 +67,28 @@ def test_dsn_from_environment(db_dsn: str, monkeypatch: pytest.MonkeyPatch) -> N
         (["worker", "no_such_module:app"], "cannot import module 'no_such_module'"),
         (["worker", "json:dumps"], "not a pgqueue.App"),
         (["worker", "nocolon"], "expected MODULE:APP"),
+        # Each of these was accepted (or crashed) before the CLI audit of session 10:
+        (["prune", "--older-than", "30"], "'30' has no unit"),  # 30 seconds to PostgreSQL
+        (["prune", "--older-than", "1M"], "'1M' has no unit"),  # a minute to PostgreSQL
+        (["enqueue", "x", "--payload", "null"], "must be a JSON object"),
+        (["enqueue", "x", "--payload", '{"a": NaN}'], "NaN is not a JSON number"),
+        (["enqueue", "x", "--scope", "Infinity"], "Infinity is not a JSON number"),
+        (["enqueue", "x", "--delay", "nan"], "nan is not a number of seconds"),
+        (["enqueue", "x", "--delay", "5e12"], "is not in the range"),
+        (["enqueue", "x", "--priority", "2147483648"], "is not in the range"),
+        (["cancel", "9223372036854775808"], "is not in the range"),
+        (["worker", "worker_app:app", "--queues", ","], "names no queue"),
+        (["worker", "worker_app:app", "--queues", ""], "names no queue"),
+        (["worker", "worker_app:app", "--concurrency", "99999999999"], "is not in the range"),
+        (["jobs", "--dsn", ""], "--dsn: is empty"),
     ],
 )
 def test_clear_errors_for_bad_input(db_dsn: str, args: list[str], message: str) -> None:
+    before = run(db_dsn, "jobs").output
     out = run(db_dsn, *args)
     assert out.exit_code == 2, out.output
     assert message in out.output and "Traceback" not in out.output
+    assert run(db_dsn, "jobs").output == before  # nothing written
 
 
 def test_unreachable_database_is_one_line() -> None:

@@ -851,3 +851,13 @@ async def test_the_heartbeat_beats_while_every_pooled_connection_waits_on_a_lock
         finally:
             done.set()
             await blocker.close()  # its locks go with it, so the worker can stop
+
+
+@pytest.mark.parametrize("delay", [float("nan"), float("inf"), 1e20])
+async def test_enqueue_refuses_a_delay_that_is_no_number_of_seconds(
+    conn: asyncpg.Connection, delay: float
+) -> None:
+    """NaN reached PostgreSQL as an interval; inf and 1e20 raised from timedelta itself."""
+    with pytest.raises(ValueError, match="delay must be a finite number of seconds"):
+        await pgqueue.App().enqueue(conn, "x", delay=delay)
+    assert await conn.fetchval("SELECT count(*) FROM pgqueue.jobs") == 0

@@ -7,6 +7,7 @@ import signal
 import statistics
 import time
 
+import anyio
 import asyncpg
 from worker_harness import SpawnWorker, wait_for_states, wait_until
 
@@ -267,3 +268,24 @@ async def test_pickup_latency_of_an_idle_worker(
         f" (first job after start: {first * 1000:.1f} ms)"
     )
     assert median < 100
+
+
+async def test_signals_during_the_last_steps_of_shutdown_do_not_abort_it(
+    db: asyncpg.Connection, spawn_worker: SpawnWorker
+) -> None:
+    """An idle worker stops in milliseconds; a second Ctrl-C in that time (a double tap, or
+    `timeout -s INT`) arrived after the signal watcher had gone and raised KeyboardInterrupt
+    in the middle of closing connections: exit 1 ("Aborted!") or 130, sometimes a traceback.
+    Once the watcher is gone the worker is stopping anyway; later signals are ignored."""
+    worker = spawn_worker()
+    await worker.ready()
+    worker.signal(signal.SIGINT)
+    deadline = time.monotonic() + 10
+    while worker.proc.poll() is None and time.monotonic() < deadline:
+        try:
+            worker.signal(signal.SIGINT)  # a burst over the whole shutdown
+        except ProcessLookupError:
+            break
+        await anyio.sleep(0.001)
+    assert await worker.wait_exit(within=10) == 0
+    assert worker.count("Traceback") == 0 and worker.count("Aborted") == 0

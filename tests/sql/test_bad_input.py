@@ -6,6 +6,7 @@ import asyncpg
 import pytest
 from sqlharness import Connect, json_codecs
 
+P1, P2 = "5d1c0ad4-3a29-4c1e-9a57-2f0f7b1f0001", "5d1c0ad4-3a29-4c1e-9a57-2f0f7b1f0002"
 CASES = [
     ("SELECT pgqueue.enqueue('')", "job_type must be a non-empty string"),
     ("SELECT pgqueue.enqueue(NULL)", "job_type must be a non-empty string"),
@@ -132,6 +133,21 @@ CASES = [
         "max_attempts must be a positive integer",
     ),
     ("INSERT INTO pgqueue.settings VALUES ('poll', '1')", "settings_name_known"),
+    # A stored child naming another pipeline would make every completion of its parent fail.
+    (
+        f'SELECT pgqueue.enqueue(\'t\', next_jobs => \'[{{"job_type": "x", "pipeline_id": "{P2}"}}]\')',
+        "next_jobs[0]: pipeline_id differs from the parent's",
+    ),
+    (
+        f"SELECT pgqueue.enqueue('t', pipeline_id => '{P1}', next_jobs => '[{{\"job_type\": \"x\","
+        f' "next_jobs": [{{"job_type": "y", "pipeline_id": "{P2}"}}]}}]\')',
+        "next_jobs[0]: next_jobs[0]: pipeline_id differs from the parent's",
+    ),
+    (
+        f'SELECT pgqueue.enqueue_many(\'[{{"job_type": "t", "pipeline_id": "{P1}",'
+        f' "next_jobs": [{{"job_type": "x", "pipeline_id": "{P2}"}}]}}]\')',
+        "enqueue_many[0]: next_jobs[0]: pipeline_id differs from the parent's",
+    ),
 ]
 
 
@@ -188,3 +204,16 @@ async def test_direct_inserts_fail_on_named_constraints(
         await conn.execute(f"INSERT INTO pgqueue.jobs (job_type, payload, state) VALUES {values}")
     with pytest.raises(asyncpg.NotNullViolationError, match="job_type"):
         await conn.execute("INSERT INTO pgqueue.jobs (payload) VALUES ('{}')")
+
+
+async def test_a_stored_child_may_name_its_parents_pipeline(connect: Connect) -> None:
+    conn = await json_codecs(await connect())
+    parent = await conn.fetchval(
+        "SELECT pgqueue.enqueue('t', pipeline_id => $1::uuid, next_jobs => $2::jsonb)",
+        P1,
+        [{"job_type": "x", "pipeline_id": P1, "next_jobs": [{"job_type": "y", "pipeline_id": P1}]}],
+    )
+    assert len(await conn.fetch("SELECT id FROM pgqueue.claim($1, 'w')", parent)) == 1
+    assert await conn.fetchval("SELECT pgqueue.complete($1, 'w')", parent) is True
+    rows = await conn.fetch("SELECT job_type, pipeline_id::text FROM pgqueue.jobs ORDER BY id")
+    assert [tuple(r) for r in rows] == [("t", P1), ("x", P1)]
