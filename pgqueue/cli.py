@@ -29,7 +29,7 @@ from pgqueue.worker.worker import MAX_CONCURRENCY
 P = ParamSpec("P")
 T = TypeVar("T")
 
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks", "y": "years"}
 INT4_MIN, INT4_MAX, INT8_MAX = -(2**31), 2**31 - 1, 2**63 - 1  # the columns' ranges
 MAX_DELAY = 100 * 365.25 * 86400  # seconds; timestamps past year 9999 break Python readers
 
@@ -103,7 +103,7 @@ def _json_arg(name: str, text: str | None) -> Any:
     if text is None:
         return None
     try:
-        return json.loads(text, parse_constant=_no_constant)
+        return json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
     except json.JSONDecodeError as exc:
         raise click.BadParameter(f"not valid JSON: {exc}", param_hint=name) from None
     except ValueError as exc:
@@ -114,6 +114,13 @@ def _finite(name: str, value: float | None) -> float | None:
     """click's FloatRange lets NaN through (it compares false with both bounds)."""
     if value is not None and not math.isfinite(value):
         raise click.BadParameter(f"{value} is not a number of seconds", param_hint=name)
+    return value
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400: a float, but none PostgreSQL's jsonb can hold
+        raise ValueError(f"not valid JSON: {text} is out of range for a JSON number")
     return value
 
 
@@ -133,11 +140,11 @@ def parse_duration(text: str) -> str:
     if match is None:
         return text
     number, unit = match.groups()
-    if unit in _UNITS:
-        return f"{number} {_UNITS[unit]}"
+    if unit != "M" and unit.lower() in _UNITS:
+        return f"{number} {_UNITS[unit.lower()]}"
     raise click.BadParameter(
         f"{text.strip()!r} has no unit I know: write e.g. {number}d, {number}h, {number}m,"
-        f" {number}s, {number}w or a PostgreSQL interval such as '{number} days'",
+        f" {number}s, {number}w or a PostgreSQL interval such as '2 days' or '1 month'",
         param_hint="--older-than",
     )
 
@@ -397,8 +404,13 @@ def _job_action(name: str, doc: str, takes: str) -> None:
     @pass_dsn
     @_friendly_errors
     def command(opts: DsnOption, job_id: int) -> None:
-        sql = f"SELECT pgqueue.{name}($1), (SELECT state FROM pgqueue.jobs WHERE id = $1)"
-        done, state = _run(lambda: _with_connection(opts.dsn, lambda c: c.fetchrow(sql, job_id)))
+        async def go(conn: asyncpg.Connection) -> tuple[bool, str | None]:
+            done = await conn.fetchval(f"SELECT pgqueue.{name}($1)", job_id)
+            # A statement of its own: the state now, after any lock the call waited for.
+            state = await conn.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", job_id)
+            return bool(done), state
+
+        done, state = _run(lambda: _with_connection(opts.dsn, go))
         if not done:
             why = "no such job" if state is None else f"it is {state}; {name} takes {takes}"
             raise click.ClickException(f"job {job_id}: nothing to {name} ({why})")

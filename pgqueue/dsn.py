@@ -49,16 +49,26 @@ def id_array(ids: Iterable[int]) -> str:
     integral is taken (int subclasses, IntEnum members, numpy integers, as asyncpg took them)
     except bools and floats, so the text is always an array of integers.
     """
-    return "{" + ",".join(str(_job_id(item)) for item in ids) + "}"
+    return "{" + ",".join(str(as_job_id(item)) for item in ids) + "}"
 
 
-def _job_id(item: Any) -> int:
+def as_job_id(item: Any) -> int:
     if isinstance(item, bool):
         raise TypeError(f"a job id must be an integer, got {item!r}")
     try:
         return operator.index(item)
     except TypeError:
         raise TypeError(f"a job id must be an integer, got {item!r}") from None
+
+
+def as_aware(value: Any) -> Any:
+    """A ``run_after`` without a time zone, read as UTC (as asyncpg reads one for a
+    timestamptz parameter); anything else unchanged. Sent as JSON text, or through another
+    driver, PostgreSQL would read it in the session's TimeZone instead, so one naive
+    datetime would mean a different instant on each enqueue path."""
+    if isinstance(value, datetime.datetime) and value.utcoffset() is None:
+        return value.replace(tzinfo=datetime.UTC)
+    return value
 
 
 def _json_default(value: Any) -> Any:

@@ -38,23 +38,26 @@ class Job:
     def from_record(cls, row: Mapping[str, Any]) -> Job:
         """Build a Job from a ``pgqueue.jobs`` row (an asyncpg Record or any mapping).
 
-        JSON columns arrive decoded on pgqueue's own connections; text is decoded here too so a
-        row fetched on a connection without our codecs gives the same Job.
+        JSON columns arrive decoded on pgqueue's own connections, and as JSON text on a
+        connection without its codecs; the payload (always an object) tells which, so a scope
+        that is a JSON string (``"tenant-1"``) is not parsed a second time.
         """
+        payload = row["payload"]
+        raw = isinstance(payload, str)
         return cls(
             id=row["id"],
             job_type=row["job_type"],
             queue=row["queue"],
-            payload=_json(row["payload"]) or {},
+            payload=(json.loads(payload) if raw else payload) or {},
             attempts=row["attempts"],
             max_attempts=row["max_attempts"],
             priority=row.get("priority", 0),
-            scope=_json(row.get("scope")),
+            scope=_json(row.get("scope"), raw),
             dedup_key=row.get("dedup_key"),
             pipeline_id=row.get("pipeline_id"),
             parent_id=row.get("parent_id"),
             run_after=row.get("run_after"),
-            progress=_json(row.get("progress")),
+            progress=_json(row.get("progress"), raw),
             created_at=row.get("created_at"),
         )
 
@@ -84,8 +87,8 @@ def job_from_row(row: Sequence[Any]) -> Job:
     return cast(Job, job)
 
 
-def _json(value: Any) -> Any:
-    return json.loads(value) if isinstance(value, str) else value
+def _json(value: Any, raw: bool) -> Any:
+    return json.loads(value) if raw and isinstance(value, str) else value
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +143,11 @@ SpecLike = Spec | Mapping[str, Any]
 
 def spec_dict(spec: SpecLike) -> dict[str, Any]:
     """A :class:`Spec` or a spec mapping as a plain dict (a copy)."""
-    return spec.to_dict() if isinstance(spec, Spec) else dict(spec)
+    if isinstance(spec, Spec):
+        return spec.to_dict()
+    if not isinstance(spec, Mapping):
+        raise TypeError(f"a job spec must be a Spec or a mapping, got {type(spec).__name__}")
+    return dict(spec)
 
 
 @dataclass(frozen=True, slots=True, init=False)
@@ -192,11 +199,16 @@ class Result:
             item = spec_dict(spec)
             if item.get("key") is None:
                 item["key"] = _fresh_key(used, len(existing) + len(added))
+            elif item["key"] in used:  # refused now, not when the worker records the result
+                raise ValueError(f"key {item['key']!r} is used by more than one spec")
             used.add(item["key"])
             added.append(item)
         if join is not None:
             joined = spec_dict(join)
-            joined["after"] = [*(joined.get("after") or []), *(s["key"] for s in added)]
+            after = joined.get("after") or []
+            if isinstance(after, str) or not isinstance(after, Iterable):
+                raise TypeError(f"the join's after must be a list of keys, got {after!r}")
+            joined["after"] = [*after, *(s["key"] for s in added)]
             added.append(joined)
         return Result(self.value, existing + added)
 

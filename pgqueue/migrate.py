@@ -61,8 +61,14 @@ def alembic_config(dsn: str | None) -> Config:
 def upgrade(dsn: str | None, revision: str = "head") -> None:
     """Upgrade the database to ``revision`` (default: head). Idempotent and safe to race."""
     from alembic import command
+    from alembic.util import CommandError
 
-    _run_outside_event_loop(lambda: command.upgrade(alembic_config(dsn), revision))
+    try:
+        _run_outside_event_loop(lambda: command.upgrade(alembic_config(dsn), revision))
+    except CommandError as exc:  # e.g. the database is at a revision this package lacks
+        raise SchemaError(
+            f"cannot migrate: {exc} (a schema made by a newer pgqueue needs that package)"
+        ) from None
 
 
 def downgrade(dsn: str | None, revision: str) -> None:
@@ -147,7 +153,12 @@ async def check_schema(conn: asyncpg.Connection) -> None:
     if version == HEAD_REVISION:
         return
     current, head = _revision_number(version), _revision_number(HEAD_REVISION)
-    if current is not None and head is not None and current > head:
+    if current is None or head is None:
+        raise SchemaError(
+            f"the pgqueue schema is at revision {version!r}, which this pgqueue does not know"
+            f" (expects {HEAD_REVISION}): it was made by another pgqueue, or by hand"
+        )
+    if current > head:
         raise SchemaError(
             f"the pgqueue schema is at revision {version}, newer than this pgqueue "
             f"(expects {HEAD_REVISION}): upgrade the pgqueue package"

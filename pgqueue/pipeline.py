@@ -307,6 +307,10 @@ class Pipeline:
 def _as_list(after: Upstream | Iterable[Upstream]) -> list[Upstream]:
     if isinstance(after, Node | str):
         return [after]
+    if not isinstance(after, Iterable):
+        raise PipelineError(
+            f"after must be a node, a key or a list of them, got {type(after).__name__}"
+        )
     return list(after)
 
 

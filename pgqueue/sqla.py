@@ -46,6 +46,9 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.types import TypeEngine
 
+from pgqueue.dsn import as_aware, as_job_id, dumps
+from pgqueue.job import spec_dict
+
 __all__ = ["ENQUEUE_OPTIONS", "enqueue", "enqueue_async", "jobs", "metadata", "settings"]
 
 metadata = MetaData(schema="pgqueue")
@@ -108,24 +111,47 @@ ENQUEUE_OPTIONS: Mapping[str, TypeEngine[Any]] = {
 }
 
 
+# Passed as JSON text and cast in the statement, encoded by pgqueue.dsn.dumps (the same
+# encoding App.enqueue uses: dates, UUIDs, no NaN), not by the engine's json serializer.
+_JSON_OPTIONS = frozenset({"scope", "next_jobs"})
+
+
 def _enqueue_statement(
     job_type: str, payload: Mapping[str, Any] | None, options: Mapping[str, Any]
 ) -> tuple[TextClause, dict[str, Any]]:
     unknown = sorted(set(options) - set(ENQUEUE_OPTIONS))
     if unknown:
         raise TypeError(f"enqueue() got unknown option(s): {', '.join(unknown)}")
+    if not isinstance(job_type, str):
+        raise TypeError(f"job_type must be a string, got {type(job_type).__name__}")
     types: dict[str, TypeEngine[Any]] = {"job_type": Text()}
     values: dict[str, Any] = {"job_type": job_type}
+    arguments = ["job_type => :job_type"]
     if payload is not None:
-        types["payload"], values["payload"] = JSONB(), dict(payload)
+        if not isinstance(payload, Mapping):
+            raise TypeError(
+                f"payload must be a mapping (a JSON object), got {type(payload).__name__}"
+            )
+        types["payload"], values["payload"] = Text(), dumps(dict(payload))
+        arguments.append("payload => CAST(:payload AS jsonb)")
     for name, value in options.items():
         if value is None:  # keep the SQL default (queue 'default', settings' max_attempts...)
             continue
         if name == "depends_on":
-            value = list(value)
-        types[name], values[name] = ENQUEUE_OPTIONS[name], value
-    arguments = ", ".join(f"{name} => :{name}" for name in values)
-    statement = text(f"SELECT pgqueue.enqueue({arguments})").bindparams(
+            if isinstance(value, str | bytes):
+                raise TypeError(f"depends_on must be a list of job ids, got {value!r}")
+            value = [as_job_id(item) for item in value]
+        elif name == "next_jobs":
+            value = [spec_dict(spec) for spec in value]
+        elif name == "run_after":
+            value = as_aware(value)
+        if name in _JSON_OPTIONS:
+            types[name], values[name] = Text(), dumps(value)
+            arguments.append(f"{name} => CAST(:{name} AS jsonb)")
+        else:
+            types[name], values[name] = ENQUEUE_OPTIONS[name], value
+            arguments.append(f"{name} => :{name}")
+    statement = text(f"SELECT pgqueue.enqueue({', '.join(arguments)})").bindparams(
         *(bindparam(name, type_=type_) for name, type_ in types.items())
     )
     return statement, values

@@ -37,9 +37,12 @@ $$;
 CREATE FUNCTION pgqueue._cancel_dependents(p_job_ids bigint[], p_reason text) RETURNS void
 LANGUAGE sql AS $$
     WITH RECURSIVE downstream(id, cause) AS (
-        SELECT d.job_id, d.depends_on FROM pgqueue.job_dependencies d
+        -- One cause per direct dependent (its lowest), so that a join of many of
+        -- these jobs does not carry one row per job down its whole chain.
+        SELECT d.job_id, min(d.depends_on) FROM pgqueue.job_dependencies d
         JOIN pgqueue.jobs w ON w.id = d.job_id AND w.state = 'waiting'
         WHERE d.depends_on = ANY (p_job_ids)
+        GROUP BY d.job_id
         UNION
         SELECT d.job_id, x.cause FROM downstream x
         JOIN pgqueue.job_dependencies d ON d.depends_on = x.id

@@ -1433,9 +1433,12 @@ $$;
 CREATE FUNCTION pgqueue._cancel_dependents(p_job_ids bigint[], p_reason text) RETURNS void
 LANGUAGE sql AS $$
     WITH RECURSIVE downstream(id, cause) AS (
-        SELECT d.job_id, d.depends_on FROM pgqueue.job_dependencies d
+        -- One cause per direct dependent (its lowest), so that a join of many of
+        -- these jobs does not carry one row per job down its whole chain.
+        SELECT d.job_id, min(d.depends_on) FROM pgqueue.job_dependencies d
         JOIN pgqueue.jobs w ON w.id = d.job_id AND w.state = 'waiting'
         WHERE d.depends_on = ANY (p_job_ids)
+        GROUP BY d.job_id
         UNION
         SELECT d.job_id, x.cause FROM downstream x
         JOIN pgqueue.job_dependencies d ON d.depends_on = x.id
@@ -2026,6 +2029,7 @@ LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
     v_ids bigint[];
+    v_locked bigint;
     v_scopes jsonb[];
     v_cancelled_scopes jsonb[];
     v_cancelled_scoped bigint[];
@@ -2047,14 +2051,24 @@ BEGIN
                       WHERE j.pipeline_id = cancel_pipeline.pipeline_id AND j.scope IS NOT NULL
                         AND j.state IN ('waiting', 'queued', 'running'));
     PERFORM pgqueue._lock_scope_order(v_scopes);
-    -- Then the members' rows, in id order as _unblock_dependents locks them: a
-    -- completion outside the pipeline queueing members that wait on it would
-    -- otherwise hold one and wait for another. (An UPDATE locks its rows in
-    -- whatever order its plan reads them: heap order, here.)
-    PERFORM 1 FROM pgqueue.jobs j
-    WHERE j.pipeline_id = cancel_pipeline.pipeline_id AND j.state IN ('waiting', 'queued')
-    ORDER BY j.id
-    FOR NO KEY UPDATE;
+    -- Then the rows this will cancel, the members and the jobs downstream of
+    -- them together, by key in one id order as _unblock_dependents locks them: a
+    -- completion outside the pipeline queueing some of them would otherwise hold
+    -- one and wait for another. (An UPDATE locks its rows in whatever order its
+    -- plan reads them: heap order, here.)
+    WITH RECURSIVE members AS (
+        SELECT j.id FROM pgqueue.jobs j
+        WHERE j.pipeline_id = cancel_pipeline.pipeline_id AND j.state IN ('waiting', 'queued')
+    ), downstream(id) AS (
+        SELECT m.id FROM members m
+        UNION
+        SELECT d.job_id FROM downstream x
+        JOIN pgqueue.job_dependencies d ON d.depends_on = x.id
+        JOIN pgqueue.jobs w ON w.id = d.job_id AND w.state = 'waiting'
+    )
+    SELECT count(*) INTO v_locked
+    FROM (SELECT x.id FROM downstream x ORDER BY x.id) x
+    CROSS JOIN LATERAL (SELECT w.id FROM pgqueue.jobs w WHERE w.id = x.id FOR NO KEY UPDATE) w;
     WITH cancelled AS (
         UPDATE pgqueue.jobs j
            SET state = 'cancelled', scope_blocked = false, finished_at = now(), last_error = 'pipeline cancelled'

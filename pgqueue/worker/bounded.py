@@ -57,6 +57,11 @@ class Deadlines:
         for scope in self._scopes:
             self._apply(scope)
 
+    def extend(self, at: float) -> None:
+        """Move the cut later, to ``at``, for calls that start from now on; calls under way
+        keep the deadline they were cut to."""
+        self._cut = max(self._cut, at)
+
     def _apply(self, scope: anyio.CancelScope) -> None:
         latest = max(self._cut, anyio.current_time() + self.min_try)
         scope.deadline = min(scope.deadline, latest)

@@ -156,6 +156,7 @@ class Completer:
         # Past this monotonic time retries stop: set at shutdown so that a database that
         # stays down cannot hold the process forever (stale recovery takes over).
         self._give_up_at = math.inf
+        self._final_window: float | None = None  # see start_final_window
         # The deadlines of the tries under way (see give_up_at).
         self._deadlines = bounded.Deadlines(MIN_TRY)
         self._pending: list[Success] = []
@@ -197,6 +198,22 @@ class Completer:
     def give_up_at(self, when: float) -> None:
         self._give_up_at = when
         self._deadlines.cut(anyio.current_time() + (when - time.monotonic()))
+
+    def start_final_window(self, seconds: float) -> None:
+        """Writes are retried for ``seconds`` more, then given up (see :attr:`give_up_at`)."""
+        self._final_window = seconds
+        self.give_up_at = time.monotonic() + seconds
+
+    def extend_final_window(self) -> None:
+        """Once the final window has started, give the writes still to come a whole window
+        from now (a plain def handler returning after the grace period: its outcome).
+        Tries already cut keep their bound; later ones get the new one."""
+        if self._final_window is None:
+            return
+        when = time.monotonic() + self._final_window
+        if when > self._give_up_at:
+            self._give_up_at = when
+            self._deadlines.extend(anyio.current_time() + self._final_window)
 
     @property
     def unwritten(self) -> int:

@@ -363,6 +363,9 @@ class Executor:
                     )
                 finally:
                     self.in_threads -= 1
+                    # Returned after the grace period: its outcome's write gets a whole
+                    # final window from now, not what is left of one begun without it.
+                    self.completer.extend_final_window()
         except (Exception, SystemExit) as exc:  # sys.exit() in a handler fails its attempt
             return _Attempt(error=_traceback(exc))
         except asyncio.CancelledError as exc:

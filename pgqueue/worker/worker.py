@@ -14,7 +14,6 @@ import os
 import secrets
 import signal
 import socket
-import time
 from collections.abc import Iterable
 from datetime import timedelta
 
@@ -84,7 +83,7 @@ class Worker:
         self._force = False  # stop(force=True) before the grace period began: skip it
         self._grace_scope: anyio.CancelScope | None = None
         self._executor: Executor | None = None
-        self._signalled = False  # stopped by SIGTERM/SIGINT (see run)
+        self._signalled = False  # a SIGTERM/SIGINT began the stop (see _watch_signals)
 
     def stop(self, *, force: bool = False) -> None:
         """Stop claiming and shut down; ``force`` skips what is left of the grace period.
@@ -101,19 +100,10 @@ class Worker:
     async def run(self) -> None:
         """Work until :meth:`stop` or SIGTERM/SIGINT; return once every job is settled.
 
-        After a stop by signal, SIGTERM and SIGINT stay ignored: the process is on its way
-        out, and a signal in its last steps (a double Ctrl-C on an idle worker, which stops
-        in milliseconds) would abort them, or kill the interpreter while it finalises.
-        After :meth:`stop`, the handlers the worker found are put back."""
-        handlers = {s: signal.getsignal(s) for s in _STOP_SIGNALS} if self.handle_signals else {}
-        try:
-            await self._run_with_pools()
-        finally:
-            if not self._signalled:
-                for signum, handler in handlers.items():
-                    signal.signal(signum, handler)
-
-    async def _run_with_pools(self) -> None:
+        After a stop that a signal began, SIGTERM and SIGINT stay ignored: the process is on
+        its way out, and a signal in its last steps (a double Ctrl-C on an idle worker, which
+        stops in milliseconds) would abort them, or kill the interpreter while it finalises.
+        """
         pool = await create_pool(
             self.dsn,
             warm=2,  # claim, outcome: ready before the first job
@@ -186,9 +176,9 @@ class Worker:
                 await self._drain(executor, completer)
                 jobs.cancel_scope.cancel()  # idle runners stop; busy ones release their job
             if completer.give_up_at == math.inf:
-                # Not started by _drain (plain def handlers were still running, or nothing
-                # was left): the writes still to come get the whole window from now.
-                completer.give_up_at = time.monotonic() + FINAL_WRITE_WINDOW
+                # Not started by _drain (nothing was left then): the writes still to come
+                # (releases, the last sweep) are bounded all the same.
+                completer.start_final_window(FINAL_WRITE_WINDOW)
             await executor.release_unstarted()
             await executor.settled()  # every success handed to the completer is written
             await producer.release_lost_claims_at_stop()
@@ -222,28 +212,29 @@ class Worker:
                 " their jobs stay running here (leases kept) and their outcomes are recorded",
                 executor.in_threads,
             )
-        if executor.in_threads:
-            return  # the final window starts once their threads return (see _run)
         if executor.running or completer.unwritten:
-            completer.give_up_at = time.monotonic() + FINAL_WRITE_WINDOW
+            # A plain def still running gets a whole window from when it returns
+            # (Executor._invoke extends it), the writes under way now this one.
+            completer.start_final_window(FINAL_WRITE_WINDOW)
 
     async def _watch_signals(self) -> None:
         """First SIGTERM/SIGINT: graceful stop. A second one: skip the rest of the grace.
 
-        Once the watcher is gone (the services are being stopped, the worker is on its way
-        out) later signals are ignored until :meth:`run` returns: the default SIGINT
-        handler would raise KeyboardInterrupt in the middle of closing connections (a double
-        Ctrl-C on an idle worker, which stops in milliseconds)."""
+        Once the watcher is gone (the services are being stopped) after a stop that a
+        signal began, later signals are ignored: the default SIGINT handler would raise
+        KeyboardInterrupt in the middle of closing connections. After :meth:`stop` the
+        handlers are what anyio's receiver leaves behind."""
         try:
             await self._receive_signals()
         finally:
-            for signum in _STOP_SIGNALS:
-                signal.signal(signum, signal.SIG_IGN)
+            if self._signalled:
+                for signum in _STOP_SIGNALS:
+                    signal.signal(signum, signal.SIG_IGN)
 
     async def _receive_signals(self) -> None:
         with anyio.open_signal_receiver(*_STOP_SIGNALS) as signals:
             async for signum in signals:
-                self._signalled = True
+                self._signalled = self._signalled or not self._stop_requested
                 name = signal.Signals(signum).name
                 force = self._stop_requested
                 self.logger.info("received %s: %s", name, "forcing stop" if force else "stopping")

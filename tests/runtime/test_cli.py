@@ -73,6 +73,7 @@ def test_dsn_from_environment(db_dsn: str, monkeypatch: pytest.MonkeyPatch) -> N
         (["enqueue", "x", "--payload", "null"], "must be a JSON object"),
         (["enqueue", "x", "--payload", '{"a": NaN}'], "NaN is not a JSON number"),
         (["enqueue", "x", "--scope", "Infinity"], "Infinity is not a JSON number"),
+        (["enqueue", "x", "--payload", '{"a": 1e400}'], "1e400 is out of range"),
         (["enqueue", "x", "--delay", "nan"], "nan is not a number of seconds"),
         (["enqueue", "x", "--delay", "5e12"], "is not in the range"),
         (["enqueue", "x", "--priority", "2147483648"], "is not in the range"),
@@ -120,6 +121,8 @@ def test_migrate_then_use(empty_db_dsn: str) -> None:
         ("30m", "30 minutes"),
         ("45s", "45 seconds"),
         ("1.5h", "1.5 hours"),
+        ("7D", "7 days"),
+        ("1y", "1 years"),
         ("2 days", "2 days"),
     ],
 )

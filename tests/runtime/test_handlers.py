@@ -336,6 +336,60 @@ async def test_a_plain_def_still_running_after_the_grace_period_is_waited_for_no
     assert await conn.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", behind) == "queued"
 
 
+async def test_waiting_for_a_plain_def_still_bounds_the_other_writes_of_the_shutdown(
+    conn: asyncpg.Connection,
+    db_dsn: str,
+    records: tuple[logging.Logger, Records],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While the shutdown waited for a plain def, no final window had begun at all: the
+    release of a cancelled async job whose row stayed locked was retried without end, and
+    the worker never exited (review of session 10's first fix). The window now begins at
+    the end of the grace period as before, and a thread returning later extends it."""
+    from pgqueue.worker import worker as worker_module
+
+    monkeypatch.setattr(worker_module, "FINAL_WRITE_WINDOW", 1.0)
+    logger, log = records
+    app, gate, _ = _gated_thread_app()
+
+    @app.job("long")
+    async def long(job: pgqueue.Job) -> None:
+        await anyio.sleep(60)
+
+    thread_job = await app.enqueue(conn, "blocking")
+    async_job = await app.enqueue(conn, "long")
+    locker = await asyncpg.connect(db_dsn)
+    worker = pgqueue.Worker(app, db_dsn, handle_signals=False, grace=0.2, logger=logger)
+    hung = False
+
+    async def run_worker() -> None:
+        await worker.run()
+        tg.cancel_scope.cancel()  # the watchdog's job is done
+
+    async def watchdog() -> None:
+        """The writes are shielded: a hung worker cannot be cancelled, only let go of."""
+        nonlocal hung
+        await anyio.sleep(15)
+        hung = True
+        gate.set()
+        await locker.close()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run_worker)
+        tg.start_soon(watchdog)
+        await wait_for_states(conn, [thread_job, async_job], "running")
+        await locker.execute("BEGIN")
+        await locker.execute("SELECT 1 FROM pgqueue.jobs WHERE id = $1 FOR UPDATE", async_job)
+        worker.stop()
+        await wait_until(functools.partial(log.logged, "waiting for 1 plain def"))
+        gate.set()
+    await locker.close()
+    assert not hung, "the worker did not stop while a row it had to release stayed locked"
+    assert log.count("gave up recording the release of job") == 1
+    row = await conn.fetchrow("SELECT state, result FROM pgqueue.jobs WHERE id = $1", thread_job)
+    assert tuple(row) == ("succeeded", '"done"')
+
+
 async def test_a_plain_def_past_its_timeout_keeps_its_job_until_the_thread_returns(
     conn: asyncpg.Connection, db_dsn: str, records: tuple[logging.Logger, Records]
 ) -> None:

@@ -113,8 +113,8 @@ MUTANTS: dict[str, Mutant] = {
     # cancel_pipeline locking its members in heap order: a cycle with a completion.
     "cancel_pipeline_in_heap_order": Mutant(
         "pgqueue.cancel_pipeline(uuid)",
-        "ORDER BY j.id\n    FOR NO KEY UPDATE;",
-        "FOR NO KEY UPDATE;",
+        "FROM (SELECT x.id FROM downstream x ORDER BY x.id) x",
+        "FROM (SELECT x.id FROM downstream x ORDER BY x.id DESC) x",
         "test_pipelines.py::test_cancel_pipeline_locks_its_members_in_id_order",
     ),
     # complete without the lease-holder fence: a recovered worker overwrites.

@@ -140,7 +140,8 @@ async def test_typed_overload_with_no_jobs_writes_nothing(connect: Connect) -> N
         {"job_type": "t", "max_attempts": 2**31},
         {"job_type": "t", "max_attempts": -(2**40)},
         {"job_type": "t", "run_after": "2030-01-02T03:04:05+00:00"},
-        {"job_type": "t", "run_after": datetime.datetime(2030, 1, 2)},  # naive: session zone
+        # A naive datetime is read as UTC on every path (with_defaults makes it aware), so it
+        # takes the typed path: tests/runtime/test_api_inputs.py.
     ],
 )
 def test_specs_the_typed_path_would_read_differently_take_the_spec_path(

@@ -393,3 +393,32 @@ async def test_cancel_pipeline_locks_outside_dependents_of_all_members_in_id_ord
         (e_low, "cancelled", f"dependency failed: job {m2} was cancelled with its pipeline"),
         (e_high, "cancelled", f"dependency failed: job {m1} was cancelled with its pipeline"),
     ]
+
+
+async def test_cancel_pipeline_locks_members_and_outside_dependents_in_one_id_order(
+    connect: Connect,
+) -> None:
+    """Members were locked first, then the jobs outside waiting on them, each group in id
+    order: with M1 < E (outside, waiting on M1) < M2, M2 was held while E was waited for,
+    the reverse of a completion locking E and then M2 (review of session 10's fix; the
+    reviewer's deadlock had a completion of a job both wait on). One id order now."""
+    observer, blocker, canceller = await sessions(connect, "obs", "block", "cancel")
+    pipeline = uuid.uuid4()
+    m1 = await observer.fetchval("SELECT pgqueue.enqueue('m', pipeline_id => $1)", pipeline)
+    outside = await observer.fetchval(
+        "SELECT pgqueue.enqueue('e', depends_on => ARRAY[$1]::bigint[])", m1
+    )
+    m2 = await observer.fetchval("SELECT pgqueue.enqueue('m', pipeline_id => $1)", pipeline)
+    assert m1 < outside < m2
+
+    await blocker.begin()
+    await blocker.fetch("SELECT 1 FROM pgqueue.jobs WHERE id = $1 FOR NO KEY UPDATE", outside)
+    step = canceller.start(canceller.fetchval("SELECT pgqueue.cancel_pipeline($1)", pipeline))
+    await wait_blocked(observer.conn, canceller)
+    assert await observer.fetchval(ROW_IS_FREE, m2) == m2
+    await blocker.commit()
+    assert await step == 2
+    states = await observer.fetch(
+        "SELECT state FROM pgqueue.jobs WHERE id = ANY($1::bigint[])", [m1, outside, m2]
+    )
+    assert {r["state"] for r in states} == {"cancelled"}

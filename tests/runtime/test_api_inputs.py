@@ -1,0 +1,157 @@
+"""The Python API's inputs: the same job whichever path enqueues it, and bad input refused
+before anything is written (faults from the session-10 audit of app, job, pipeline, sqla and
+migrate)."""
+
+from __future__ import annotations
+
+import datetime
+import uuid
+
+import anyio
+import asyncpg
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+
+import pgqueue
+from pgqueue.cli import main
+from pgqueue.dsn import connect as pgqueue_connect
+from pgqueue.migrate import SchemaError, check_schema
+from pgqueue.pipeline import Pipeline, PipelineError
+from pgqueue.sqla import enqueue_async
+
+NAIVE = datetime.datetime(2030, 1, 1, 12, 0)  # no time zone: read as UTC on every path
+AS_UTC = NAIVE.replace(tzinfo=datetime.UTC)
+
+
+def mail_app() -> pgqueue.App:
+    app = pgqueue.App()
+
+    @app.job("mail", queue="mailq", max_attempts=2)
+    async def mail(job: pgqueue.Job) -> None: ...
+
+    return app
+
+
+async def test_a_naive_run_after_is_the_same_instant_on_every_path(
+    conn: asyncpg.Connection, engine: AsyncEngine
+) -> None:
+    """App.enqueue (asyncpg reads a naive timestamptz parameter as UTC) and the JSON paths
+    (PostgreSQL reads naive text in the session's TimeZone) stored different instants."""
+    await conn.execute("SET TimeZone = 'Asia/Tokyo'")
+    app = mail_app()
+    ids = [
+        await app.enqueue(conn, "mail", run_after=NAIVE),
+        *await app.enqueue_many(conn, [{"job_type": "mail", "run_after": NAIVE}]),
+        *await app.enqueue_many(conn, [{"job_type": "mail", "run_after": NAIVE, "key": "k"}]),
+        *await app.enqueue_many(conn, [pgqueue.Spec("mail", run_after=NAIVE)]),
+    ]
+    async with AsyncSession(engine) as session:
+        await session.execute(text("SET TimeZone = 'Asia/Tokyo'"))
+        ids.append(await enqueue_async(session, "mail", run_after=NAIVE))
+        await session.commit()
+    rows = await conn.fetch("SELECT run_after FROM pgqueue.jobs WHERE id = ANY($1)", ids)
+    assert {r["run_after"] for r in rows} == {AS_UTC}
+
+
+async def test_null_options_take_the_registered_defaults(conn: asyncpg.Connection) -> None:
+    """An explicit None kept the SQL default in enqueue_many, where App.enqueue's None takes
+    the registered queue and max_attempts; App.spec replaced explicit bad values."""
+    app = mail_app()
+    (job,) = await app.enqueue_many(
+        conn, [{"job_type": "mail", "queue": None, "max_attempts": None}]
+    )
+    row = await conn.fetchrow("SELECT queue, max_attempts FROM pgqueue.jobs WHERE id = $1", job)
+    assert tuple(row) == ("mailq", 2)
+    with pytest.raises(ValueError, match="max_attempts"):
+        app.spec("mail", max_attempts=0)
+    assert app.spec("mail", queue="other").queue == "other"
+
+
+async def test_spec_objects_are_taken_wherever_specs_are(conn: asyncpg.Connection) -> None:
+    app = mail_app()
+    parent = await app.enqueue(conn, "mail", next_jobs=[pgqueue.Spec("mail", {"n": 1})])
+    stored = await conn.fetchval("SELECT next_jobs FROM pgqueue.jobs WHERE id = $1", parent)
+    assert '"job_type": "mail"' in stored and '"queue": "mailq"' in stored
+    (child,) = await app.enqueue_many(conn, [pgqueue.Spec("mail")])
+    assert await conn.fetchval("SELECT queue FROM pgqueue.jobs WHERE id = $1", child) == "mailq"
+
+
+async def test_sqla_enqueue_checks_its_input_as_app_enqueue_does(
+    conn: asyncpg.Connection, engine: AsyncEngine
+) -> None:
+    async with AsyncSession(engine) as session:
+        with pytest.raises(TypeError, match="depends_on must be a list of job ids"):
+            await enqueue_async(session, "x", depends_on="13")  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="a job id must be an integer"):
+            await enqueue_async(session, "x", depends_on=[True])
+        with pytest.raises(TypeError, match="payload must be a mapping"):
+            await enqueue_async(session, "x", [("a", 1)])  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="job_type must be a string"):
+            await enqueue_async(session, 5)  # type: ignore[arg-type]
+        # pgqueue's JSON encoding (dates, UUIDs), as App.enqueue has it.
+        day, ref = datetime.date(2024, 1, 2), uuid.UUID(int=7)
+        job = await enqueue_async(session, "x", {"day": day, "ref": ref})
+        await session.commit()
+    payload = await conn.fetchval("SELECT payload::text FROM pgqueue.jobs WHERE id = $1", job)
+    assert payload == f'{{"day": "2024-01-02", "ref": "{ref}"}}'
+    assert await conn.fetchval("SELECT count(*) FROM pgqueue.jobs") == 1
+
+
+async def test_job_from_record_does_not_parse_a_json_string_twice(db_dsn: str) -> None:
+    """On pgqueue's own connections JSON arrives decoded: a scope that is a JSON string
+    ("tenant-1") raised JSONDecodeError, and "42" came back as the number 42."""
+    conn = await pgqueue_connect(db_dsn)
+    try:
+        for scope in ("tenant-1", "42"):
+            job_id = await pgqueue.App().enqueue(conn, "x", scope=scope)
+            row = await conn.fetchrow("SELECT * FROM pgqueue.jobs WHERE id = $1", job_id)
+            assert pgqueue.Job.from_record(row).scope == scope
+        plain = await asyncpg.connect(db_dsn)  # no codecs: JSON as text, decoded once
+        try:
+            row = await plain.fetchrow("SELECT * FROM pgqueue.jobs WHERE id = $1", job_id)
+            assert (pgqueue.Job.from_record(row).scope, pgqueue.Job.from_record(row).payload) == (
+                "42",
+                {},
+            )
+        finally:
+            await plain.close()
+    finally:
+        await conn.close()
+
+
+def test_specs_are_checked_when_they_are_built_not_when_the_result_is_recorded() -> None:
+    with pytest.raises(ValueError, match="key 'k' is used by more than one spec"):
+        pgqueue.Result().fan_out([pgqueue.Spec("a", key="k"), pgqueue.Spec("b", key="k")])
+    with pytest.raises(TypeError, match="the join's after must be a list of keys"):
+        pgqueue.Result().fan_out([pgqueue.Spec("a")], join={"job_type": "j", "after": "abc"})
+    with pytest.raises(TypeError, match="a job spec must be a Spec or a mapping, got int"):
+        pgqueue.Result(1, [1])  # type: ignore[list-item]
+    pipeline = Pipeline()
+    with pytest.raises(PipelineError, match="after must be a node, a key or a list"):
+        pipeline.add("x", after=5)  # type: ignore[arg-type]
+
+
+def test_migrate_against_a_newer_schema_is_one_line(db_dsn: str) -> None:
+    asyncpg_run(db_dsn, "UPDATE pgqueue.alembic_version SET version_num = '0002'")
+    out = CliRunner().invoke(main, ["--dsn", db_dsn, "migrate"], catch_exceptions=False)
+    assert out.exit_code == 1
+    assert out.output.startswith("Error: cannot migrate: ") and out.output.count("\n") == 1
+
+
+async def test_an_unknown_revision_is_not_called_older(conn: asyncpg.Connection) -> None:
+    await conn.execute("UPDATE pgqueue.alembic_version SET version_num = 'abc123'")
+    with pytest.raises(SchemaError, match="'abc123', which this pgqueue does not know"):
+        await check_schema(conn)
+
+
+def asyncpg_run(dsn: str, sql: str) -> None:
+    async def go() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    anyio.run(go)
