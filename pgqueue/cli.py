@@ -306,6 +306,7 @@ def worker(
         concurrency=concurrency,
         grace=grace,
         poll_interval=poll_interval,
+        restore_signals=False,  # the process exits next: a late signal must not abort that
     )
     _run(runner.run)
 

@@ -9,6 +9,8 @@ from dataclasses import MISSING, dataclass, fields, make_dataclass
 from datetime import datetime
 from typing import Any, cast
 
+from pgqueue.dsn import as_aware
+
 
 @dataclass(frozen=True, slots=True)
 class Job:
@@ -133,6 +135,8 @@ class Spec:
             value = getattr(self, name)
             if value is not None:
                 spec[name] = value
+        if self.run_after is not None:
+            spec["run_after"] = as_aware(self.run_after)
         if self.after:
             spec["after"] = list(self.after)
         return spec
@@ -142,12 +146,25 @@ SpecLike = Spec | Mapping[str, Any]
 
 
 def spec_dict(spec: SpecLike) -> dict[str, Any]:
-    """A :class:`Spec` or a spec mapping as a plain dict (a copy)."""
+    """A :class:`Spec` or a spec mapping as a plain dict (a copy), its ``run_after`` (and
+    its follow-ups') timezone-aware (see :func:`pgqueue.dsn.as_aware`)."""
     if isinstance(spec, Spec):
         return spec.to_dict()
     if not isinstance(spec, Mapping):
         raise TypeError(f"a job spec must be a Spec or a mapping, got {type(spec).__name__}")
-    return dict(spec)
+    return normal_spec(dict(spec))
+
+
+def normal_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """``spec`` (a dict of its own, changed in place) with a naive ``run_after`` read as UTC,
+    in its ``next_jobs`` too: sent as JSON text, PostgreSQL would read it in the TimeZone of
+    whichever session creates the job."""
+    if "run_after" in spec:
+        spec["run_after"] = as_aware(spec["run_after"])
+    nested = spec.get("next_jobs")
+    if type(nested) is list:
+        spec["next_jobs"] = [spec_dict(c) if isinstance(c, Spec | Mapping) else c for c in nested]
+    return spec
 
 
 @dataclass(frozen=True, slots=True, init=False)
@@ -183,7 +200,9 @@ class Result:
 
     def then(self, *specs: SpecLike) -> Result:
         """Also create ``specs`` when this job succeeds (no ordering between them)."""
-        return Result(self.value, [*self._specs(), *(spec_dict(s) for s in specs)])
+        combined = [*self._specs(), *(spec_dict(s) for s in specs)]
+        _check_keys(combined)
+        return Result(self.value, combined)
 
     def fan_out(self, specs: Iterable[SpecLike], *, join: SpecLike | None = None) -> Result:
         """Create ``specs`` in parallel; then, if given, ``join`` once after all of them succeed.
@@ -199,8 +218,6 @@ class Result:
             item = spec_dict(spec)
             if item.get("key") is None:
                 item["key"] = _fresh_key(used, len(existing) + len(added))
-            elif item["key"] in used:  # refused now, not when the worker records the result
-                raise ValueError(f"key {item['key']!r} is used by more than one spec")
             used.add(item["key"])
             added.append(item)
         if join is not None:
@@ -210,7 +227,20 @@ class Result:
                 raise TypeError(f"the join's after must be a list of keys, got {after!r}")
             joined["after"] = [*after, *(s["key"] for s in added)]
             added.append(joined)
+        _check_keys(existing + added)
         return Result(self.value, existing + added)
+
+
+def _check_keys(specs: list[dict[str, Any]]) -> None:
+    """Refused when the Result is built, not when the worker records it (after the run)."""
+    seen: set[Any] = set()
+    for spec in specs:
+        key = spec.get("key")
+        if key is None:
+            continue
+        if key in seen:
+            raise ValueError(f"key {key!r} is used by more than one spec")
+        seen.add(key)
 
 
 def _fresh_key(used: set[str], position: int) -> str:

@@ -16,6 +16,7 @@ import signal
 import socket
 from collections.abc import Iterable
 from datetime import timedelta
+from typing import Any
 
 import anyio
 import asyncpg
@@ -60,6 +61,7 @@ class Worker:
         grace: float = 30.0,
         poll_interval: float = 5.0,
         handle_signals: bool = True,
+        restore_signals: bool = True,
         logger: logging.Logger | None = None,
     ) -> None:
         if not 1 <= concurrency <= MAX_CONCURRENCY:
@@ -73,6 +75,7 @@ class Worker:
         self.grace = grace
         self.poll_interval = poll_interval
         self.handle_signals = handle_signals
+        self.restore_signals = restore_signals
         self.logger = logger or logging.getLogger("pgqueue.worker")
         self.id = make_worker_id()
         self.notifier: Notifier | None = None  # exposed for tests: notifier.listening
@@ -83,7 +86,6 @@ class Worker:
         self._force = False  # stop(force=True) before the grace period began: skip it
         self._grace_scope: anyio.CancelScope | None = None
         self._executor: Executor | None = None
-        self._signalled = False  # a SIGTERM/SIGINT began the stop (see _watch_signals)
 
     def stop(self, *, force: bool = False) -> None:
         """Stop claiming and shut down; ``force`` skips what is left of the grace period.
@@ -100,10 +102,23 @@ class Worker:
     async def run(self) -> None:
         """Work until :meth:`stop` or SIGTERM/SIGINT; return once every job is settled.
 
-        After a stop that a signal began, SIGTERM and SIGINT stay ignored: the process is on
-        its way out, and a signal in its last steps (a double Ctrl-C on an idle worker, which
-        stops in milliseconds) would abort them, or kill the interpreter while it finalises.
+        With ``handle_signals``, SIGTERM and SIGINT are ignored from the moment the worker
+        stops listening for them until it returns; then the handlers it found are put back,
+        or, with ``restore_signals=False`` (``pgqueue worker``, which exits next), they stay
+        ignored: a signal in the process's last steps would abort them, or kill the
+        interpreter while it finalises.
         """
+        if self.handle_signals and self.restore_signals:
+            found = {s: signal.getsignal(s) for s in _STOP_SIGNALS}
+            try:
+                await self._run()
+            finally:
+                for signum, handler in found.items():
+                    signal.signal(signum, _usable_handler(signum, handler))
+        else:
+            await self._run()
+
+    async def _run(self) -> None:
         pool = await create_pool(
             self.dsn,
             warm=2,  # claim, outcome: ready before the first job
@@ -118,13 +133,13 @@ class Worker:
                 self.dsn, warm=1, max_size=1, application_name=f"pgqueue-heartbeat {self.id}"
             )
             try:
-                await self._run(pool, beat_pool)
+                await self._work(pool, beat_pool)
             finally:
                 await _close(beat_pool)
         finally:
             await _close(pool)
 
-    async def _run(self, pool: asyncpg.Pool, beat_pool: asyncpg.Pool) -> None:
+    async def _work(self, pool: asyncpg.Pool, beat_pool: asyncpg.Pool) -> None:
         from pgqueue.migrate import check_schema  # the infra module; refuses old schemas
 
         async def startup_reads(conn: asyncpg.Connection) -> timedelta:
@@ -220,21 +235,19 @@ class Worker:
     async def _watch_signals(self) -> None:
         """First SIGTERM/SIGINT: graceful stop. A second one: skip the rest of the grace.
 
-        Once the watcher is gone (the services are being stopped) after a stop that a
-        signal began, later signals are ignored: the default SIGINT handler would raise
-        KeyboardInterrupt in the middle of closing connections. After :meth:`stop` the
-        handlers are what anyio's receiver leaves behind."""
+        Once the watcher is gone (the services are being stopped) later signals are ignored
+        until :meth:`run` returns: the default SIGINT handler would raise KeyboardInterrupt
+        in the middle of closing connections (a double Ctrl-C on an idle worker, which stops
+        in milliseconds)."""
         try:
             await self._receive_signals()
         finally:
-            if self._signalled:
-                for signum in _STOP_SIGNALS:
-                    signal.signal(signum, signal.SIG_IGN)
+            for signum in _STOP_SIGNALS:
+                signal.signal(signum, signal.SIG_IGN)
 
     async def _receive_signals(self) -> None:
         with anyio.open_signal_receiver(*_STOP_SIGNALS) as signals:
             async for signum in signals:
-                self._signalled = self._signalled or not self._stop_requested
                 name = signal.Signals(signum).name
                 force = self._stop_requested
                 self.logger.info("received %s: %s", name, "forcing stop" if force else "stopping")
@@ -253,3 +266,12 @@ async def _close(pool: asyncpg.Pool) -> None:
     with anyio.CancelScope(shield=True), anyio.move_on_after(5):
         await pool.close()
     pool.terminate()
+
+
+def _usable_handler(signum: int, handler: Any) -> Any:
+    """What to put back for ``signum``. asyncio's placeholder (the loop had its own handler,
+    which anyio's receiver replaced and removed) would leave the signal doing nothing; the
+    default is what asyncio leaves in that case too."""
+    if handler is None or getattr(handler, "__name__", "") == "_sighandler_noop":
+        return signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+    return handler

@@ -5,6 +5,8 @@ migrate)."""
 from __future__ import annotations
 
 import datetime
+import os
+import signal
 import uuid
 
 import anyio
@@ -13,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from worker_harness import wait_until
 
 import pgqueue
 from pgqueue.cli import main
@@ -155,3 +158,66 @@ def asyncpg_run(dsn: str, sql: str) -> None:
             await conn.close()
 
     anyio.run(go)
+
+
+@pytest.mark.parametrize("how", ["stop", "SIGTERM"])
+async def test_an_embedded_worker_puts_the_signal_handlers_back(db_dsn: str, how: str) -> None:
+    """An application running a Worker (handle_signals=True) found SIGINT and SIGTERM
+    changed once it returned: ignored for good after a stop by signal (and in every process
+    it started later: ignored signals survive exec), or reset to the defaults."""
+    stop_signals = (signal.SIGINT, signal.SIGTERM)
+    before = {s: signal.getsignal(s) for s in stop_signals}
+    worker = pgqueue.Worker(pgqueue.App(), db_dsn, poll_interval=0.5)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        await worker.started.wait()
+        if how == "stop":
+            worker.stop()
+        else:  # once the worker's receiver has the signal (else it would end the tests)
+
+            async def receiving() -> bool:
+                return signal.getsignal(signal.SIGTERM) != before[signal.SIGTERM]
+
+            await wait_until(receiving, what="the worker's signal receiver")
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert {s: signal.getsignal(s) for s in stop_signals} == before
+
+
+async def test_naive_run_after_in_every_spec_shape_is_utc(conn: asyncpg.Connection) -> None:
+    """A Pipeline without an App, and follow-ups stored in a spec's own next_jobs, still sent
+    a naive run_after as text for the session's TimeZone (review of the first fix)."""
+    await conn.execute("SET TimeZone = 'Asia/Tokyo'")
+    pipeline = Pipeline()
+    added = pipeline.add("x", run_after=NAIVE)
+    node = (await pipeline.enqueue(conn))[added]
+    parent = await pgqueue.App().enqueue(
+        conn, "p", next_jobs=[{"job_type": "c", "run_after": NAIVE}]
+    )
+    assert await conn.fetchval("SELECT run_after FROM pgqueue.jobs WHERE id = $1", node) == AS_UTC
+    stored = await conn.fetchval(
+        "SELECT next_jobs->0->>'run_after' FROM pgqueue.jobs WHERE id = $1", parent
+    )
+    assert stored.endswith("+00:00")
+    spec = pgqueue.Result().then(
+        {"job_type": "c", "next_jobs": [{"job_type": "g", "run_after": NAIVE}]}
+    )
+    assert spec.next_jobs is not None
+    assert spec.next_jobs[0]["next_jobs"][0]["run_after"] == AS_UTC
+
+
+async def test_specs_that_are_not_mappings_are_named_on_every_path(
+    conn: asyncpg.Connection,
+) -> None:
+    app = pgqueue.App()
+    with pytest.raises(TypeError, match="a job spec must be a Spec or a mapping, got int"):
+        await app.enqueue_many(conn, [5])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="a job spec must be a Spec or a mapping, got list"):
+        await app.enqueue(conn, "x", next_jobs=[[("job_type", "y")]])  # type: ignore[list-item]
+    assert await conn.fetchval("SELECT count(*) FROM pgqueue.jobs") == 0
+
+
+def test_a_join_or_a_follow_up_reusing_a_key_is_refused_when_built() -> None:
+    with pytest.raises(ValueError, match="key 'k' is used by more than one spec"):
+        pgqueue.Result().fan_out([pgqueue.Spec("a", key="k")], join=pgqueue.Spec("j", key="k"))
+    with pytest.raises(ValueError, match="key 'k' is used by more than one spec"):
+        pgqueue.Result().fan_out([pgqueue.Spec("a", key="k")]).then(pgqueue.Spec("b", key="k"))
