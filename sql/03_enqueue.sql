@@ -152,6 +152,103 @@ BEGIN
 END
 $$;
 
+-- Raise if the "after" lists of keyed specs form a cycle (every job on it would
+-- wait forever). Kahn's algorithm over the specs' positions: take the specs
+-- whose after lists are satisfied, satisfy what waits on them, repeat; specs
+-- never taken are on a cycle or behind one. Linear in specs and edges: the
+-- transitive closure this replaced held n^2/2 pairs for a chain of n (a
+-- 10,000-job chain took 73-82 s to enqueue; now well under a second). Only to
+-- name a key on the cycle does it walk the leftover specs that way.
+CREATE FUNCTION pgqueue._check_after_cycles(p_specs jsonb, p_label text) RETURNS void
+-- The joins of function scans below are estimated at 100 rows a side and planned as
+-- nested loops: n^2 comparisons for n keyed specs. Hash joins keep them linear.
+LANGUAGE plpgsql STABLE SET enable_nestloop = off AS $$
+DECLARE
+    v_n int;           -- keyed specs, numbered 1..n in spec order
+    v_pending int[];   -- per spec: the entries of its after list not yet satisfied
+    v_waiting int[];   -- the edges sorted by the spec waited on: the spec that waits
+    v_first int[];     -- per spec: its first edge in v_waiting (v_first[i + 1] ends it)
+    v_queue int[];
+    v_head int := 1;
+    v_tail int := 0;
+    v_node int;
+    v_waiter int;
+    v_key text;
+BEGIN
+    WITH keyed AS (
+        SELECT row_number() OVER (ORDER BY e.ord)::int AS pos, e.s->>'key' AS k, e.s->'after' AS after
+        FROM jsonb_array_elements(p_specs) WITH ORDINALITY AS e(s, ord)
+        WHERE jsonb_typeof(e.s->'key') = 'string'
+    ), edge AS (
+        SELECT DISTINCT w.pos AS waiter, d.pos AS dep
+        FROM keyed w
+        CROSS JOIN LATERAL jsonb_array_elements_text(
+            CASE WHEN jsonb_typeof(w.after) = 'array' THEN w.after ELSE '[]' END) AS a(k)
+        JOIN keyed d ON d.k = a.k
+    ), pending AS (
+        SELECT e.waiter AS pos, count(*)::int AS n FROM edge e GROUP BY e.waiter
+    ), waiters AS (
+        SELECT e.dep AS pos, count(*)::int AS n FROM edge e GROUP BY e.dep
+    ), per_spec AS (
+        SELECT k.pos, coalesce(p.n, 0) AS pending,
+               1 + coalesce(sum(coalesce(w.n, 0)) OVER (ORDER BY k.pos ROWS BETWEEN UNBOUNDED PRECEDING
+                                                         AND 1 PRECEDING), 0)::int AS first
+        FROM keyed k LEFT JOIN pending p ON p.pos = k.pos LEFT JOIN waiters w ON w.pos = k.pos
+    )
+    SELECT count(*)::int, array_agg(x.pending ORDER BY x.pos), array_agg(x.first ORDER BY x.pos),
+           (SELECT coalesce(array_agg(e.waiter ORDER BY e.dep, e.waiter), '{}') FROM edge e)
+      INTO v_n, v_pending, v_first, v_waiting
+      FROM per_spec x;
+    IF v_n IS NULL OR v_n = 0 THEN
+        RETURN;
+    END IF;
+    v_first := v_first || (cardinality(v_waiting) + 1);
+    v_queue := array_fill(0, ARRAY[v_n]);
+    FOR v_node IN 1 .. v_n LOOP
+        IF v_pending[v_node] = 0 THEN
+            v_tail := v_tail + 1;
+            v_queue[v_tail] := v_node;
+        END IF;
+    END LOOP;
+    WHILE v_head <= v_tail LOOP
+        v_node := v_queue[v_head];
+        v_head := v_head + 1;
+        FOR i IN v_first[v_node] .. v_first[v_node + 1] - 1 LOOP
+            v_waiter := v_waiting[i];
+            v_pending[v_waiter] := v_pending[v_waiter] - 1;
+            IF v_pending[v_waiter] = 0 THEN
+                v_tail := v_tail + 1;
+                v_queue[v_tail] := v_waiter;
+            END IF;
+        END LOOP;
+    END LOOP;
+    IF v_tail = v_n THEN
+        RETURN;
+    END IF;
+    -- Name a key on a cycle: among the specs never taken, one that reaches itself.
+    WITH RECURSIVE keyed AS (
+        SELECT row_number() OVER (ORDER BY e.ord)::int AS pos, e.s->>'key' AS k, e.s->'after' AS after
+        FROM jsonb_array_elements(p_specs) WITH ORDINALITY AS e(s, ord)
+        WHERE jsonb_typeof(e.s->'key') = 'string'
+    ), edge(waiter, dep) AS (
+        SELECT w.pos, d.pos
+        FROM keyed w
+        CROSS JOIN LATERAL jsonb_array_elements_text(
+            CASE WHEN jsonb_typeof(w.after) = 'array' THEN w.after ELSE '[]' END) AS a(k)
+        JOIN keyed d ON d.k = a.k
+        WHERE v_pending[w.pos] > 0 AND v_pending[d.pos] > 0
+    ), reach(start, node) AS (
+        SELECT waiter, dep FROM edge
+        UNION
+        SELECT r.start, e.dep FROM reach r JOIN edge e ON e.waiter = r.node
+    )
+    SELECT k.k INTO v_key FROM reach r JOIN keyed k ON k.pos = r.start
+    WHERE r.start = r.node ORDER BY r.start LIMIT 1;
+    RAISE EXCEPTION '%: the after lists form a cycle through key "%"', p_label, v_key
+        USING ERRCODE = 'invalid_parameter_value';
+END
+$$;
+
 -- Validate an array of specs (and, recursively, their next_jobs); raise the
 -- first problem, prefixed with where it is (label[index]). One pass over the
 -- specs finds the first bad one and collects what the later checks need (the
@@ -238,21 +335,7 @@ BEGIN
     -- an after list names a spec with an after list (v_chained) there is none:
     -- a fan-out's join after N children walks nothing.
     IF v_chained THEN
-        WITH RECURSIVE edge(k, dep) AS (
-            SELECT e.s->>'key', a.k
-            FROM jsonb_array_elements(p_specs) e(s),
-                 jsonb_array_elements_text(coalesce(nullif(e.s->'after', 'null'), '[]')) a(k)
-            WHERE e.s ? 'key' AND (v_keys->>a.k)::boolean
-        ), reach(start, node) AS (
-            SELECT k, dep FROM edge
-            UNION
-            SELECT r.start, e.dep FROM reach r JOIN edge e ON e.k = r.node
-        )
-        SELECT start INTO v_key FROM reach WHERE start = node LIMIT 1;
-        IF v_key IS NOT NULL THEN
-            RAISE EXCEPTION '%: the after lists form a cycle through key "%"', p_label, v_key
-                USING ERRCODE = 'invalid_parameter_value';
-        END IF;
+        PERFORM pgqueue._check_after_cycles(p_specs, p_label);
     END IF;
 
     IF v_nested THEN

@@ -133,6 +133,16 @@ CASES = [
         "max_attempts must be a positive integer",
     ),
     ("INSERT INTO pgqueue.settings VALUES ('poll', '1')", "settings_name_known"),
+    (
+        # a cycle behind a chain, with a spec downstream of it: a key on the cycle is named
+        # (the linear check of session 10 takes what it could not order, then walks that)
+        'SELECT pgqueue.enqueue(\'t\', next_jobs => \'[{"job_type": "x", "key": "a"}, '
+        '{"job_type": "x", "key": "b", "after": ["a"]}, '
+        '{"job_type": "x", "key": "c", "after": ["b", "d"]}, '
+        '{"job_type": "x", "key": "d", "after": ["c"]}, '
+        '{"job_type": "x", "key": "e", "after": ["d"]}]\')',
+        'form a cycle through key "c"',
+    ),
     # A stored child naming another pipeline would make every completion of its parent fail.
     (
         f'SELECT pgqueue.enqueue(\'t\', next_jobs => \'[{{"job_type": "x", "pipeline_id": "{P2}"}}]\')',
