@@ -486,7 +486,9 @@ LANGUAGE plpgsql STABLE SET enable_nestloop = off AS $$
 DECLARE
     v_n int;           -- keyed specs, numbered 1..n in spec order
     v_pending int[];   -- per spec: the entries of its after list not yet satisfied
+    v_names text[];    -- per spec: its key
     v_waiting int[];   -- the edges sorted by the spec waited on: the spec that waits
+    v_deps int[];      -- ... and the spec waited on
     v_first int[];     -- per spec: its first edge in v_waiting (v_first[i + 1] ends it)
     v_queue int[];
     v_head int := 1;
@@ -510,14 +512,16 @@ BEGIN
     ), waiters AS (
         SELECT e.dep AS pos, count(*)::int AS n FROM edge e GROUP BY e.dep
     ), per_spec AS (
-        SELECT k.pos, coalesce(p.n, 0) AS pending,
+        SELECT k.pos, k.k, coalesce(p.n, 0) AS pending,
                1 + coalesce(sum(coalesce(w.n, 0)) OVER (ORDER BY k.pos ROWS BETWEEN UNBOUNDED PRECEDING
                                                          AND 1 PRECEDING), 0)::int AS first
         FROM keyed k LEFT JOIN pending p ON p.pos = k.pos LEFT JOIN waiters w ON w.pos = k.pos
     )
-    SELECT count(*)::int, array_agg(x.pending ORDER BY x.pos), array_agg(x.first ORDER BY x.pos),
-           (SELECT coalesce(array_agg(e.waiter ORDER BY e.dep, e.waiter), '{}') FROM edge e)
-      INTO v_n, v_pending, v_first, v_waiting
+    SELECT count(*)::int, array_agg(x.k ORDER BY x.pos), array_agg(x.pending ORDER BY x.pos),
+           array_agg(x.first ORDER BY x.pos),
+           (SELECT coalesce(array_agg(e.waiter ORDER BY e.dep, e.waiter), '{}') FROM edge e),
+           (SELECT coalesce(array_agg(e.dep ORDER BY e.dep, e.waiter), '{}') FROM edge e)
+      INTO v_n, v_names, v_pending, v_first, v_waiting, v_deps
       FROM per_spec x;
     IF v_n IS NULL OR v_n = 0 THEN
         RETURN;
@@ -546,24 +550,15 @@ BEGIN
         RETURN;
     END IF;
     -- Name a key on a cycle: among the specs never taken, one that reaches itself.
-    WITH RECURSIVE keyed AS (
-        SELECT row_number() OVER (ORDER BY e.ord)::int AS pos, e.s->>'key' AS k, e.s->'after' AS after
-        FROM jsonb_array_elements(p_specs) WITH ORDINALITY AS e(s, ord)
-        WHERE jsonb_typeof(e.s->'key') = 'string'
-    ), edge(waiter, dep) AS (
-        SELECT w.pos, d.pos
-        FROM keyed w
-        CROSS JOIN LATERAL jsonb_array_elements_text(
-            CASE WHEN jsonb_typeof(w.after) = 'array' THEN w.after ELSE '[]' END) AS a(k)
-        JOIN keyed d ON d.k = a.k
-        WHERE v_pending[w.pos] > 0 AND v_pending[d.pos] > 0
+    WITH RECURSIVE edge(waiter, dep) AS (
+        SELECT u.waiter, u.dep FROM unnest(v_waiting, v_deps) AS u(waiter, dep)
+        WHERE v_pending[u.waiter] > 0 AND v_pending[u.dep] > 0
     ), reach(start, node) AS (
         SELECT waiter, dep FROM edge
         UNION
         SELECT r.start, e.dep FROM reach r JOIN edge e ON e.waiter = r.node
     )
-    SELECT k.k INTO v_key FROM reach r JOIN keyed k ON k.pos = r.start
-    WHERE r.start = r.node ORDER BY r.start LIMIT 1;
+    SELECT v_names[r.start] INTO v_key FROM reach r WHERE r.start = r.node ORDER BY r.start LIMIT 1;
     RAISE EXCEPTION '%: the after lists form a cycle through key "%"', p_label, v_key
         USING ERRCODE = 'invalid_parameter_value';
 END
