@@ -159,6 +159,8 @@ class App:
             queue = registered.queue if registered else "default"
         if max_attempts is None and registered is not None:
             max_attempts = registered.max_attempts
+        if isinstance(delay, bool):  # an int to Python: True would be a one-second delay
+            raise TypeError(f"delay must be seconds or a timedelta, got {delay!r}")
         if isinstance(delay, int | float):
             if not math.isfinite(delay) or abs(delay) > _MAX_DELAY_SECONDS:
                 raise ValueError(f"delay must be a finite number of seconds, got {delay!r}")

@@ -23,7 +23,7 @@ import asyncpg
 import click
 
 from pgqueue.app import App
-from pgqueue.dsn import connect, resolve_dsn
+from pgqueue.dsn import DsnError, check_dsn, connect, resolve_dsn
 from pgqueue.worker.worker import MAX_CONCURRENCY
 
 P = ParamSpec("P")
@@ -41,8 +41,21 @@ class DsnOption:
         self.dsn = resolve_dsn(dsn)
 
 
+class InputError(click.ClickException):
+    """Input the database refused (a bad queue name, an unknown dependency): like a bad
+    argument, exit status 2, and the message is PostgreSQL's, which names the problem."""
+
+    exit_code = 2
+
+
+# What pgqueue's functions raise for bad input (sql/03_enqueue.sql and friends): class 22,
+# data exceptions such as invalid_parameter_value, and depends_on naming an unknown job.
+_INPUT_ERRORS = (asyncpg.exceptions.DataError, asyncpg.exceptions.ForeignKeyViolationError)
+
+
 def _friendly_errors(fn: Callable[P, T]) -> Callable[P, T]:
-    """Turn the errors a user can act on into ``click`` errors: one line, exit status 1."""
+    """Turn the errors a user can act on into ``click`` errors: one line, exit status 1
+    (2 for input the database refused)."""
 
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
@@ -54,6 +67,8 @@ def _friendly_errors(fn: Callable[P, T]) -> Callable[P, T]:
             message = _user_error(exc)
             if message is None:
                 raise
+            if isinstance(exc, _INPUT_ERRORS):
+                raise InputError(str(exc)) from None
             raise click.ClickException(message) from None
 
     return wrapper
@@ -71,6 +86,8 @@ def _user_error(exc: BaseException) -> str | None:
     while seen is not None:
         if isinstance(seen, SchemaError):
             return str(seen)
+        if isinstance(seen, DsnError):
+            return f"the DSN {seen}"
         if isinstance(
             seen, asyncpg.exceptions.UndefinedTableError | asyncpg.exceptions.UndefinedFunctionError
         ):
@@ -208,6 +225,10 @@ def _given_dsn(value: str | None) -> str | None:
     """An empty --dsn is a mistake (an unset shell variable), not "use the defaults"."""
     if value is not None and not value.strip():
         raise click.BadParameter("is empty", param_hint="--dsn")
+    try:
+        check_dsn(value)  # $PGQUEUE_DSN is checked when a command connects: --dsn may replace it
+    except DsnError as exc:
+        raise click.BadParameter(str(exc), param_hint="--dsn") from None
     return resolve_dsn(value)
 
 
@@ -400,7 +421,9 @@ def _job_action(name: str, doc: str, takes: str) -> None:
     """Register a command calling ``pgqueue.<name>(job_id)``, which returns a boolean
     (false for a job in none of the states it ``takes``)."""
 
-    @main.command(name=name, help=doc)
+    # Unknown options pass through as arguments, so `cancel -5` is refused as an id, not as
+    # "No such option".
+    @main.command(name=name, help=doc, context_settings={"ignore_unknown_options": True})
     @click.argument("job_id", type=click.IntRange(min=1, max=INT8_MAX))
     @pass_dsn
     @_friendly_errors

@@ -14,6 +14,7 @@ import json
 import json.scanner
 import operator
 import os
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterable
 from typing import Any, cast
@@ -32,6 +33,32 @@ def resolve_dsn(dsn: str | None = None) -> str | None:
     if dsn:
         return dsn
     return os.environ.get(ENV_VAR) or None
+
+
+class DsnError(ValueError):
+    """A DSN asyncpg cannot use; the message names the part, never the DSN itself."""
+
+
+def check_dsn(dsn: str | None) -> None:
+    """Raise :class:`DsnError` naming what is wrong with a DSN asyncpg cannot use.
+
+    asyncpg reports a bad port as ``invalid literal for int()`` or an ``OverflowError`` from
+    deep in the socket code; the message here names the port, and never repeats the DSN,
+    which may hold a password.
+    """
+    if dsn is None:
+        return
+    parts = urllib.parse.urlsplit(dsn)
+    if parts.scheme not in ("postgres", "postgresql"):
+        raise DsnError("is not a postgresql:// URL")
+    ports = urllib.parse.parse_qs(parts.query).get("port", [])
+    for host in parts.netloc.rpartition("@")[2].split(","):
+        # After an IPv6 address's closing bracket, which has colons of its own.
+        _, colon, port = host.rpartition("]")[2].rpartition(":")
+        ports += [port] if colon else []
+    for port in ",".join(ports).split(","):
+        if port and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+            raise DsnError(f"port {port!r} is not a number from 1 to 65535")
 
 
 def dumps(value: Any) -> str:
@@ -114,6 +141,7 @@ def _server_settings(application_name: str) -> dict[str, str]:
 
 async def connect(dsn: str | None, *, application_name: str = "pgqueue") -> asyncpg.Connection:
     """Open one dedicated connection (codecs set, named so ``pg_stat_activity`` shows who it is)."""
+    check_dsn(dsn)
     conn: asyncpg.Connection = await asyncpg.connect(
         dsn, server_settings=_server_settings(application_name)
     )
@@ -142,6 +170,7 @@ async def create_pool(
     during an outage; with ``init_size`` we get warm connections without that floor, and
     dead ones are replaced on the next acquire instead.
     """
+    check_dsn(dsn)
     sizing: dict[str, int] = {"min_size": warm}
     if "init_size" in inspect.signature(asyncpg.create_pool).parameters:
         sizing = {"min_size": 0, "init_size": warm}

@@ -19,6 +19,7 @@ are here for reading and reporting. The schema itself is created by
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
@@ -48,6 +49,7 @@ from sqlalchemy.types import TypeEngine
 
 from pgqueue.dsn import as_aware, as_job_id, dumps
 from pgqueue.job import spec_dict
+from pgqueue.resources import sql_dir
 
 __all__ = ["ENQUEUE_OPTIONS", "enqueue", "enqueue_async", "jobs", "metadata", "settings"]
 
@@ -86,7 +88,6 @@ jobs = Table(
     Column("pending_deps", Integer, nullable=False, server_default=text("0")),
     # Internal: queued behind an older job of its scope, out of the claim index; read-only here.
     Column("scope_blocked", Boolean, nullable=False, server_default=text("false")),
-    comment="One row per job; change rows through the pgqueue functions.",
 )
 
 settings = Table(
@@ -94,8 +95,30 @@ settings = Table(
     metadata,
     Column("name", Text, primary_key=True),
     Column("value", Text, nullable=False),
-    comment="Tunables read by the functions: max_attempts, backoff_base, backoff_cap, stale_after.",
 )
+
+_COMMENT_ON = re.compile(
+    r"COMMENT ON (?:TABLE|COLUMN) pgqueue\.([\w.]+) IS\s+((?:'(?:[^']|'')*'\s*)+);"
+)
+_LITERAL = re.compile(r"'((?:[^']|'')*)'")
+
+
+def _copy_comments(*tables: Table) -> None:
+    """Give the tables and columns the ``COMMENT ON`` text of sql/, the one place it is
+    written: alembic's autogenerate compares comments, and would otherwise propose
+    rewriting every one the database holds."""
+    sql = "".join(path.read_text() for path in sorted(sql_dir().glob("*.sql")))
+    comments = {
+        name: "".join(part.replace("''", "'") for part in _LITERAL.findall(literals))
+        for name, literals in _COMMENT_ON.findall(sql)
+    }
+    for table in tables:
+        table.comment = comments.get(table.name)
+        for column in table.columns:
+            column.comment = comments.get(f"{table.name}.{column.name}")
+
+
+_copy_comments(jobs, settings)
 
 #: Keyword options of ``pgqueue.enqueue`` besides job_type and payload, with their SQL types.
 ENQUEUE_OPTIONS: Mapping[str, TypeEngine[Any]] = {

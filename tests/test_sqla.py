@@ -22,6 +22,7 @@ def _describe_reflected(sync_conn: Connection, table: str) -> list[tuple[Any, ..
             c["type"].compile(dialect=DIALECT),
             c["nullable"],
             c.get("default") is not None or c.get("identity") is not None,
+            c["comment"],
         )
         for c in inspect(sync_conn).get_columns(table, schema="pgqueue")
     ]
@@ -34,6 +35,7 @@ def _describe_metadata(table: Table) -> list[tuple[Any, ...]]:
             c.type.compile(dialect=DIALECT),
             c.nullable,
             c.server_default is not None or c.identity is not None,
+            c.comment,
         )
         for c in table.columns
     ]
@@ -47,7 +49,11 @@ async def test_metadata_matches_the_migrated_schema(engine: AsyncEngine, table: 
         primary_key = await conn.run_sync(
             lambda c: inspect(c).get_pk_constraint(table.name, schema="pgqueue")
         )
-    assert _describe_metadata(table) == reflected
+        comment = await conn.run_sync(
+            lambda c: inspect(c).get_table_comment(table.name, schema="pgqueue")
+        )
+    # Comments too: alembic's autogenerate would propose rewriting any that differ.
+    assert (table.comment, _describe_metadata(table)) == (comment["text"], reflected)
     assert primary_key["constrained_columns"] == [c.name for c in table.primary_key]
 
 

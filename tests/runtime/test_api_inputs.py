@@ -221,3 +221,33 @@ def test_a_join_or_a_follow_up_reusing_a_key_is_refused_when_built() -> None:
         pgqueue.Result().fan_out([pgqueue.Spec("a", key="k")], join=pgqueue.Spec("j", key="k"))
     with pytest.raises(ValueError, match="key 'k' is used by more than one spec"):
         pgqueue.Result().fan_out([pgqueue.Spec("a", key="k")]).then(pgqueue.Spec("b", key="k"))
+
+
+async def test_a_boolean_delay_is_refused(conn: asyncpg.Connection) -> None:
+    """bool is an int to Python: ``delay=True`` was a one-second delay."""
+    with pytest.raises(TypeError, match="delay must be seconds or a timedelta, got True"):
+        await mail_app().enqueue(conn, "mail", delay=True)
+    assert await conn.fetchval("SELECT count(*) FROM pgqueue.jobs") == 0
+
+
+@pytest.mark.parametrize(
+    ("dsn", "problem"),
+    [
+        ("postgresql://localhost:abc/x", "port 'abc' is not a number from 1 to 65535"),
+        ("postgresql://a:5432,b:70000/x", "port '70000' is not a number from 1 to 65535"),
+        ("postgresql:///x?port=0", "port '0' is not a number from 1 to 65535"),
+        ("dbname=x user=y", "is not a postgresql:// URL"),
+    ],
+)
+async def test_a_dsn_asyncpg_cannot_use_is_named_not_echoed(dsn: str, problem: str) -> None:
+    """asyncpg said ``invalid literal for int()`` or raised OverflowError from its socket code."""
+    with pytest.raises(pgqueue.dsn.DsnError, match=problem) as caught:
+        await pgqueue_connect(dsn)
+    assert dsn not in str(caught.value)  # a DSN may carry a password
+
+
+@pytest.mark.parametrize(
+    "dsn", ["postgresql://u:p@[::1]:5432/x", "postgres://h/x", "postgresql://u:pa:ss@h,g:6432/x"]
+)
+def test_dsns_asyncpg_takes_pass_the_check(dsn: str) -> None:
+    pgqueue.dsn.check_dsn(dsn)

@@ -82,6 +82,14 @@ def test_dsn_from_environment(db_dsn: str, monkeypatch: pytest.MonkeyPatch) -> N
         (["worker", "worker_app:app", "--queues", ""], "names no queue"),
         (["worker", "worker_app:app", "--concurrency", "99999999999"], "is not in the range"),
         (["jobs", "--dsn", ""], "--dsn: is empty"),
+        # Session 11: input PostgreSQL refuses exits 2 like input click refuses (it was 1,
+        # "database error: ..."); an id that looks like an option; a DSN asyncpg cannot parse.
+        (["enqueue", "x", "--queue", ""], "Error: pgqueue.enqueue: queue must be a non-empty"),
+        (["enqueue", "", "--payload", "{}"], "Error: pgqueue.enqueue: job_type must be"),
+        (["cancel", "-5"], "-5 is not in the range"),
+        (["jobs", "--dsn", "postgresql://h:abc/x"], "port 'abc' is not a number from 1 to 65535"),
+        (["jobs", "--dsn", "postgresql://h:99999/x"], "port '99999' is not a number"),
+        (["jobs", "--dsn", "host=h dbname=x"], "--dsn: is not a postgresql:// URL"),
     ],
 )
 def test_clear_errors_for_bad_input(db_dsn: str, args: list[str], message: str) -> None:
