@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import MISSING, dataclass, fields, make_dataclass
 from datetime import datetime
 from typing import Any, cast
 
 from pgqueue.dsn import as_aware
+
+# Set by each of a worker's runners, so the handlers it runs (and their threads: anyio copies
+# the context) can save progress: (job id, progress) -> written. A context variable, not a
+# field, keeps Job a plain snapshot of the row, built as cheaply as it is now.
+_progress_saver: ContextVar[Callable[[int, Any], Awaitable[bool]] | None] = ContextVar(
+    "pgqueue_progress_saver", default=None
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +43,25 @@ class Job:
     run_after: datetime | None = None
     progress: Any = None
     created_at: datetime | None = None
+
+    async def save_progress(self, progress: Any) -> bool:
+        """Store a checkpoint for this job; the next attempt finds it in ``job.progress``.
+
+        A long handler saves how far it got (any JSON value; ``None`` clears it), and an
+        attempt that starts after a failure, a lost lease or a worker crash goes on from
+        there. The write is fenced like the job's outcome (``pgqueue.save_progress``): it
+        returns False, and writes nothing, once this worker no longer holds the job (its
+        lease was recovered and the job may be running elsewhere; stop soon, what this
+        attempt does next is discarded). It is one round trip on the worker's pool: save at
+        natural boundaries (a page, a batch), not per item. A plain ``def`` handler calls
+        ``anyio.from_thread.run(job.save_progress, value)``.
+        """
+        save = _progress_saver.get()
+        if save is None:
+            raise RuntimeError(
+                f"job {self.id}: save_progress works inside a handler that a pgqueue worker runs"
+            )
+        return await save(self.id, progress)
 
     @classmethod
     def from_record(cls, row: Mapping[str, Any]) -> Job:

@@ -1878,6 +1878,27 @@ COMMENT ON FUNCTION pgqueue.heartbeat(text) IS
     'within settings.stale_after so healthy long jobs are never recovered. Never waits: a job whose row another '
     'transaction holds locked is skipped this time (recover_stale skips it too).';
 
+-- Fenced like complete: only the attempt holding the job writes its checkpoint,
+-- so a worker whose lease was recovered cannot overwrite what the next attempt
+-- saved. Only progress changes, no indexed column: the update can be HOT, and
+-- it takes no scope, pipeline or key lock because it changes none of them.
+CREATE FUNCTION pgqueue.save_progress(job_id bigint, worker text, progress jsonb) RETURNS boolean
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+BEGIN
+    IF worker IS NULL OR worker = '' THEN
+        RAISE EXCEPTION 'pgqueue.save_progress: worker must be a non-empty string' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    UPDATE pgqueue.jobs j SET progress = save_progress.progress
+    WHERE j.id = save_progress.job_id AND j.state = 'running' AND j.locked_by = save_progress.worker;
+    RETURN FOUND;
+END
+$$;
+COMMENT ON FUNCTION pgqueue.save_progress(bigint, text, jsonb) IS
+    'Store a checkpoint in the progress column of a job running under worker (NULL clears it); false, and '
+    'nothing written, if worker does not hold the job. The next attempt (a retry, a recovery) reads it back. '
+    'Not a heartbeat: the lease is left alone.';
+
 -- ==== sql/06_maintenance.sql ====
 -- =============================================================================
 -- pgqueue: recovery and operator actions

@@ -25,11 +25,13 @@ import anyio.abc
 
 from pgqueue.app import App, JobType
 from pgqueue.dsn import dumps
-from pgqueue.job import Job, Result
+from pgqueue.job import Job, Result, _progress_saver
 from pgqueue.worker.completer import MAX_BATCH, Completer, Success
 from pgqueue.worker.wake import Wake
 
 _OUTCOME = "job %d %s attempt %d/%d %s in %.1fms%s"
+# On a pooled connection, whose JSON codec encodes the value.
+_SAVE_PROGRESS = "SELECT pgqueue.save_progress(job_id => $1, worker => $2, progress => $3)"
 _QUIET = ("succeeded", "released")  # logged at INFO; any other outcome at WARNING
 _STILL_HELD = (
     "job %d: claimed again (attempt %d) while this worker still holds its earlier attempt,"
@@ -218,6 +220,7 @@ class Executor:
         self.wake.set()
 
     async def _runner(self) -> None:
+        _progress_saver.set(self._save_progress)  # this runner's context, its handlers' too
         get = self._queue.get
         while True:
             await self._run(await get())
@@ -245,6 +248,18 @@ class Executor:
             if not handed_over:
                 self._written(job)
             self._free(job)
+
+    async def _save_progress(self, job_id: int, progress: Any) -> bool:
+        """Job.save_progress: only while the job's handler runs here (a handler that saves
+        another job's progress, or a task it left behind, writes nothing), and fenced in SQL
+        by this worker's lease."""
+        if job_id not in self.running:
+            return False
+        async with self.completer.pool.acquire() as conn:
+            saved: bool = await conn.fetchval(
+                _SAVE_PROGRESS, job_id, self.completer.worker_id, progress
+            )
+        return saved
 
     def _recorded(self, item: Success, held: bool) -> None:
         """Completer callback: a success was written (or fencing refused it)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import logging
@@ -915,3 +916,48 @@ async def test_enqueue_refuses_a_delay_that_is_no_number_of_seconds(
     with pytest.raises(ValueError, match="delay must be a finite number of seconds"):
         await pgqueue.App().enqueue(conn, "x", delay=delay)
     assert await conn.fetchval("SELECT count(*) FROM pgqueue.jobs") == 0
+
+
+async def test_a_handler_saves_progress_and_its_next_attempt_goes_on_from_there(
+    conn: asyncpg.Connection, db_dsn: str
+) -> None:
+    """``job.progress`` is the last checkpoint an earlier attempt saved, from an async handler
+    or (through anyio's portal) a plain def; only the job the handler was given is saved."""
+    app = pgqueue.App()
+    seen: dict[str, list[Any]] = {"async": [], "thread": []}
+
+    @app.job("pages", max_attempts=2)
+    async def pages(job: pgqueue.Job) -> Any:
+        seen["async"].append(job.progress)
+        if job.attempts == 1:
+            assert await job.save_progress({"page": 7}) is True
+            other = dataclasses.replace(job, id=job.id + 1000)  # not the job it runs
+            assert await other.save_progress({"page": 0}) is False
+            raise RuntimeError("the connection dropped at page 8")
+        return job.progress
+
+    @app.job("pages_in_thread", max_attempts=2)
+    def pages_in_thread(job: pgqueue.Job) -> Any:
+        seen["thread"].append(job.progress)
+        if job.attempts == 1:
+            assert anyio.from_thread.run(job.save_progress, ["a", "b"]) is True
+            raise RuntimeError("stopped after b")
+        return job.progress
+
+    await conn.execute(
+        "UPDATE pgqueue.settings SET value = '1 millisecond' WHERE name = 'backoff_base'"
+    )
+    ids = [await app.enqueue(conn, name) for name in ("pages", "pages_in_thread")]
+    async with running(app, db_dsn):
+        await wait_for_states(conn, ids, "succeeded")
+    results = await conn.fetch(
+        "SELECT result::text FROM pgqueue.jobs WHERE id = ANY($1) ORDER BY id", ids
+    )
+    assert [json.loads(r["result"]) for r in results] == [{"page": 7}, ["a", "b"]]
+    assert seen == {"async": [None, {"page": 7}], "thread": [None, ["a", "b"]]}
+
+
+async def test_save_progress_outside_a_worker_says_where_it_works() -> None:
+    job = pgqueue.Job(id=5, job_type="t", queue="q", payload={}, attempts=1, max_attempts=1)
+    with pytest.raises(RuntimeError, match="job 5: save_progress works inside a handler"):
+        await job.save_progress({"page": 1})

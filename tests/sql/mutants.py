@@ -23,6 +23,14 @@ class Mutant:
 
 
 MUTANTS: dict[str, Mutant] = {
+    # save_progress without its fence: a worker whose lease was recovered overwrites the
+    # checkpoint of the attempt that took the job over.
+    "save_progress_unfenced": Mutant(
+        "pgqueue.save_progress(bigint,text,jsonb)",
+        "AND j.state = 'running' AND j.locked_by = save_progress.worker",
+        "",
+        "test_semantics.py::test_save_progress_is_fenced_and_read_back_by_the_next_attempt",
+    ),
     # heartbeat waiting for every row lock: one locked job holds up all the worker's leases.
     "heartbeat_waits": Mutant(
         "pgqueue.heartbeat(text)",

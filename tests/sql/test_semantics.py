@@ -242,3 +242,43 @@ async def test_json_null_scope_is_no_scope_and_views_answer(connect: Connect) ->
         for r in await conn.fetch("SELECT * FROM pgqueue.queue_stats")
     }
     assert stats == {("default", "running"): 1}
+
+
+async def test_save_progress_is_fenced_and_read_back_by_the_next_attempt(
+    connect: Connect,
+) -> None:
+    """The checkpoint of a long handler: written only by the attempt holding the job, so a
+    worker whose lease was recovered cannot overwrite what the next attempt saved."""
+    conn = await _conn(connect)
+    job = await conn.fetchval("SELECT pgqueue.enqueue('t')")
+    save = "SELECT pgqueue.save_progress($1, $2, $3)"
+    assert await conn.fetchval(save, job, "w", {"page": 1}) is False  # queued: nobody holds it
+    await _run(conn, job, "w")
+    assert await conn.fetchval(save, job, "w", {"page": 3}) is True
+    assert await conn.fetchval(save, job, "other", {"page": 99}) is False
+    # The lease goes stale and another worker takes the job: it starts from page 3.
+    await conn.execute("UPDATE pgqueue.jobs SET locked_at = now() - interval '1 day'")
+    assert [r[0] for r in await conn.fetch("SELECT pgqueue.recover_stale()")] == [job]
+    (row,) = await conn.fetch("SELECT progress, attempts FROM pgqueue.claim($1, 'w2')", job)
+    assert (row["progress"], row["attempts"]) == ({"page": 3}, 2)
+    assert await conn.fetchval(save, job, "w", {"page": 4}) is False  # the old attempt, late
+    assert await conn.fetchval(save, job, "w2", {"page": 5}) is True
+    assert await conn.fetchval("SELECT pgqueue.complete($1, 'w2')", job) is True
+    assert await conn.fetchval(save, job, "w2", None) is False  # finished: kept as it ended
+    assert await conn.fetchval("SELECT progress FROM pgqueue.jobs WHERE id = $1", job) == {
+        "page": 5
+    }
+
+
+async def test_save_progress_names_a_missing_worker_and_writes_nothing(connect: Connect) -> None:
+    conn = await _conn(connect)
+    job = await conn.fetchval("SELECT pgqueue.enqueue('t')")
+    await _run(conn, job, "w")
+    for worker in (None, ""):
+        try:
+            await conn.fetchval("SELECT pgqueue.save_progress($1, $2, '1')", job, worker)
+        except asyncpg.exceptions.InvalidParameterValueError as exc:
+            assert "worker must be a non-empty string" in str(exc)
+        else:
+            raise AssertionError("accepted a missing worker")
+    assert await conn.fetchval("SELECT progress FROM pgqueue.jobs WHERE id = $1", job) is None
