@@ -20,6 +20,7 @@ import asyncpg
 from pgqueue.dsn import as_aware, dumps, id_array
 from pgqueue.job import Job, Spec, SpecLike, normal_spec, spec_dict
 from pgqueue.pipeline import Pipeline, PipelineStatus, cancel_pipeline, pipeline_status
+from pgqueue.schedule import Schedule
 
 Handler = Callable[[Job], Awaitable[Any]] | Callable[[Job], Any]
 H = TypeVar("H", bound=Handler)
@@ -97,6 +98,7 @@ class App:
 
     def __init__(self) -> None:
         self.job_types: dict[str, JobType] = {}
+        self.schedules: dict[str, Schedule] = {}
 
     def job(
         self,
@@ -125,6 +127,58 @@ class App:
             return handler
 
         return register
+
+    def periodic(
+        self,
+        job_type: str,
+        payload: Mapping[str, Any] | None = None,
+        *,
+        cron: str | None = None,
+        every: datetime.timedelta | float | None = None,
+        timezone: str = "UTC",
+        name: str | None = None,
+        queue: str | None = None,
+        scope: Any = None,
+        dedup_key: str | None = None,
+        priority: int | None = None,
+        max_attempts: int | None = None,
+    ) -> Schedule:
+        """Enqueue ``job_type`` on a schedule: ``cron`` (five fields, minute resolution, in
+        ``timezone``) or ``every`` (seconds or a timedelta, counted from the Unix epoch).
+
+        Every worker running this App enqueues the ticks, and the database makes each tick
+        one job, ``run_after`` its tick. A tick that no worker was running for is skipped,
+        not made up later. ``name`` (default: the job type) names the schedule in
+        ``pgqueue.periodic``; two schedules of one type need two names. A ``dedup_key``
+        makes a tick coalesce into its predecessor while that one is still pending.
+        """
+        if isinstance(every, bool):
+            raise TypeError(f"every must be seconds or a timedelta, got {every!r}")
+        if isinstance(every, int | float):
+            if not math.isfinite(every) or abs(every) > _MAX_DELAY_SECONDS:
+                raise ValueError(f"every must be a finite number of seconds, got {every!r}")
+            every = datetime.timedelta(seconds=every)
+        schedule = Schedule(
+            name=job_type if name is None else name,
+            spec=Spec(
+                job_type,
+                payload,
+                queue=queue,
+                scope=scope,
+                dedup_key=dedup_key,
+                priority=priority,
+                max_attempts=max_attempts,
+            ),
+            cron=cron,
+            every=every,
+            timezone=timezone,
+        )
+        if schedule.name in self.schedules:
+            raise ValueError(
+                f"a schedule named {schedule.name!r} is already registered (pass name=...)"
+            )
+        self.schedules[schedule.name] = schedule
+        return schedule
 
     def queues(self) -> list[str]:
         """The queues named by registered handlers, sorted."""

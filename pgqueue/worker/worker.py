@@ -30,6 +30,7 @@ from pgqueue.worker.heartbeat import Period, heartbeat_loop, read_stale_after
 from pgqueue.worker.leader import recovery_loop
 from pgqueue.worker.notifier import Notifier
 from pgqueue.worker.producer import Producer
+from pgqueue.worker.scheduler import schedule_loop
 from pgqueue.worker.wake import Wake
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -182,6 +183,7 @@ class Worker:
             services.start_soon(heartbeat_loop, beat_pool, self.id, period, self.logger)
             services.start_soon(recovery_loop, pool, period, self.logger)
             services.start_soon(completer.run)
+            services.start_soon(schedule_loop, pool, self.app, self.logger)
             if self.handle_signals:
                 services.start_soon(self._watch_signals)
             self.started.set()

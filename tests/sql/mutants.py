@@ -23,6 +23,14 @@ class Mutant:
 
 
 MUTANTS: dict[str, Mutant] = {
+    # enqueue_periodic that moves the schedule to any tick, not only a later one: every
+    # racer for a tick enqueues it once the first commits.
+    "periodic_any_tick": Mutant(
+        "pgqueue.enqueue_periodic(text,timestamp with time zone,jsonb)",
+        "WHERE p.last_tick < EXCLUDED.last_tick",
+        "",
+        "test_periodic_ticks.py::test_racers_for_one_tick_wait_and_exactly_one_enqueues",
+    ),
     # save_progress without its fence: a worker whose lease was recovered overwrites the
     # checkpoint of the attempt that took the job over.
     "save_progress_unfenced": Mutant(

@@ -1,0 +1,154 @@
+"""App.periodic: when ticks fall, what a schedule refuses, and workers that race for ticks."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from collections.abc import Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import asyncpg
+import pytest
+from runtime_helpers import Records
+from worker_harness import wait_until
+
+import pgqueue
+from pgqueue.schedule import Schedule
+
+UTC = datetime.UTC
+
+
+def at(*args: int) -> datetime.datetime:
+    return datetime.datetime(*args, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("options", "after", "tick"),
+    [
+        # Intervals count from the Unix epoch, so every worker names the same ticks.
+        ({"every": 600}, at(2030, 1, 1, 12, 3, 7), at(2030, 1, 1, 12, 10)),
+        ({"every": 600}, at(2030, 1, 1, 12, 10), at(2030, 1, 1, 12, 20)),  # strictly after
+        ({"every": datetime.timedelta(days=1)}, at(2030, 1, 1, 0, 0, 1), at(2030, 1, 2)),
+        ({"cron": "*/15 * * * *"}, at(2030, 1, 1, 12, 3, 7), at(2030, 1, 1, 12, 15)),
+        ({"cron": "0 9 * * *"}, at(2030, 1, 1, 9), at(2030, 1, 2, 9)),
+        # 09:00 in Berlin is 08:00 UTC in winter, 07:00 UTC in summer.
+        ({"cron": "0 9 * * *", "timezone": "Europe/Berlin"}, at(2030, 1, 1), at(2030, 1, 1, 8)),
+        ({"cron": "0 9 * * *", "timezone": "Europe/Berlin"}, at(2030, 7, 1), at(2030, 7, 1, 7)),
+    ],
+)
+def test_next_tick(options: dict[str, Any], after: datetime.datetime, tick: Any) -> None:
+    schedule = pgqueue.App().periodic("report", **options)
+    assert schedule.next_tick(after) == tick
+
+
+@pytest.mark.parametrize(
+    ("options", "problem"),
+    [
+        ({}, "give exactly one of cron= and every="),
+        ({"cron": "* * * * *", "every": 60}, "give exactly one of cron= and every="),
+        ({"cron": "61 * * * *"}, "bad cron '61 \\* \\* \\* \\*'"),
+        ({"every": 0.5}, "every must be at least 1 second"),
+        ({"every": float("nan")}, "every must be a finite number of seconds"),
+        ({"every": 60, "timezone": "Mars/Olympus"}, "unknown time zone 'Mars/Olympus'"),
+        ({"every": 60, "payload": {"at": {1, 2}}}, "not JSON serializable"),
+        ({"every": 60, "name": ""}, "name must be 1 to 200 bytes"),
+    ],
+)
+def test_bad_schedules_are_refused_when_registered(options: dict[str, Any], problem: str) -> None:
+    app = pgqueue.App()
+    with pytest.raises((ValueError, TypeError), match=problem):
+        app.periodic("report", **options)
+    assert app.schedules == {}
+
+
+def test_two_schedules_of_one_type_need_two_names() -> None:
+    app = pgqueue.App()
+    app.periodic("report", cron="0 * * * *")
+    with pytest.raises(ValueError, match="a schedule named 'report' is already registered"):
+        app.periodic("report", cron="30 * * * *")
+    assert app.periodic("report", cron="30 * * * *", name="report-half-past").name == (
+        "report-half-past"
+    )
+    with pytest.raises(TypeError, match="every must be seconds or a timedelta, got True"):
+        app.periodic("report", every=True, name="other")  # type: ignore[arg-type]
+    assert isinstance(app.schedules["report"], Schedule)
+
+
+@pytest.fixture
+def records() -> Iterator[tuple[logging.Logger, Records]]:
+    logger = logging.getLogger("pgqueue.test.periodic")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    handler = Records()
+    logger.addHandler(handler)
+    try:
+        yield logger, handler
+    finally:
+        logger.removeHandler(handler)
+
+
+@asynccontextmanager
+async def workers(app: pgqueue.App, dsn: str, n: int, logger: logging.Logger) -> Any:
+    async with anyio.create_task_group() as tg:
+        started = []
+        for _ in range(n):
+            worker = pgqueue.Worker(app, dsn, handle_signals=False, logger=logger)
+            tg.start_soon(worker.run)
+            await worker.started.wait()
+            started.append(worker)
+        try:
+            yield started
+        finally:
+            for worker in started:
+                worker.stop()
+
+
+async def test_workers_racing_for_ticks_make_one_job_each(
+    conn: asyncpg.Connection, db_dsn: str, records: tuple[logging.Logger, Records]
+) -> None:
+    """Three workers know a schedule ticking every second; each tick becomes one job, run at
+    its tick, with the queue of a handler registered after the schedule."""
+    logger, log = records
+    app = pgqueue.App()
+    app.periodic("beat", {"n": 1}, every=1)
+    ran: list[datetime.datetime | None] = []
+
+    @app.job("beat", queue="beats")
+    async def beat(job: pgqueue.Job) -> None:
+        ran.append(job.run_after)
+
+    started = datetime.datetime.now(UTC)
+    async with workers(app, db_dsn, 3, logger):
+
+        async def three_run() -> bool:
+            return len(ran) >= 3
+
+        await wait_until(three_run, what="three ticks run")
+    rows = await conn.fetch("SELECT run_after, queue, payload::text FROM pgqueue.jobs")
+    ticks = sorted(r["run_after"] for r in rows)
+    assert len(ticks) == len(set(ticks)) >= 3  # one job per tick, never two
+    assert all(t.microsecond == 0 and t > started for t in ticks)  # whole seconds, none missed
+    assert {(r["queue"], r["payload"]) for r in rows} == {("beats", '{"n": 1}')}
+    assert sorted(t for t in ran if t is not None) == ticks[: len(ran)]
+    last = await conn.fetchrow("SELECT last_tick, last_job_id FROM pgqueue.periodic")
+    assert last["last_tick"] == ticks[-1]
+    assert log.count("enqueued as job") == len(ticks)  # the losers of a race log nothing
+
+
+async def test_a_refused_spec_is_logged_each_tick_and_the_worker_goes_on(
+    conn: asyncpg.Connection, db_dsn: str, records: tuple[logging.Logger, Records]
+) -> None:
+    logger, log = records
+    app = pgqueue.App()
+    app.periodic("beat", every=1, queue="q" * 300)  # PostgreSQL refuses the queue's length
+
+    async with workers(app, db_dsn, 1, logger):
+        await wait_until(lambda: log.logged("refused: pgqueue.enqueue_periodic: spec: queue"))
+        ok = await pgqueue.App().enqueue(conn, "other", max_attempts=1)
+        await wait_until(
+            lambda: conn.fetchval("SELECT state = 'failed' FROM pgqueue.jobs WHERE id = $1", ok),
+            what="the worker still claims (and fails the unknown type)",
+        )
+    assert await conn.fetchval("SELECT count(*) FROM pgqueue.periodic") == 0
