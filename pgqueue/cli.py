@@ -35,10 +35,26 @@ MAX_DELAY = 100 * 365.25 * 86400  # seconds; timestamps past year 9999 break Pyt
 
 
 class DsnOption:
-    """What the group passes down to its commands."""
+    """What the group passes down to its commands.
+
+    The DSN is checked when a command reads it, not when the group resolves it: a bad
+    ``$PGQUEUE_DSN`` must not stop a command given a good ``--dsn`` after its name.
+    """
 
     def __init__(self, dsn: str | None) -> None:
-        self.dsn = resolve_dsn(dsn)
+        self._dsn = resolve_dsn(dsn)
+
+    @property
+    def dsn(self) -> str | None:
+        try:
+            check_dsn(self._dsn)
+        except DsnError as exc:
+            raise click.BadParameter(str(exc), param_hint="--dsn / $PGQUEUE_DSN") from None
+        return self._dsn
+
+    @dsn.setter
+    def dsn(self, value: str | None) -> None:
+        self._dsn = resolve_dsn(value)
 
 
 class InputError(click.ClickException):
@@ -86,8 +102,6 @@ def _user_error(exc: BaseException) -> str | None:
     while seen is not None:
         if isinstance(seen, SchemaError):
             return str(seen)
-        if isinstance(seen, DsnError):
-            return f"the DSN {seen}"
         if isinstance(
             seen, asyncpg.exceptions.UndefinedTableError | asyncpg.exceptions.UndefinedFunctionError
         ):
@@ -225,11 +239,7 @@ def _given_dsn(value: str | None) -> str | None:
     """An empty --dsn is a mistake (an unset shell variable), not "use the defaults"."""
     if value is not None and not value.strip():
         raise click.BadParameter("is empty", param_hint="--dsn")
-    try:
-        check_dsn(value)  # $PGQUEUE_DSN is checked when a command connects: --dsn may replace it
-    except DsnError as exc:
-        raise click.BadParameter(str(exc), param_hint="--dsn") from None
-    return resolve_dsn(value)
+    return value
 
 
 _pass_options = click.make_pass_decorator(DsnOption)

@@ -44,21 +44,46 @@ def check_dsn(dsn: str | None) -> None:
 
     asyncpg reports a bad port as ``invalid literal for int()`` or an ``OverflowError`` from
     deep in the socket code; the message here names the port, and never repeats the DSN,
-    which may hold a password.
+    which may hold a password. Without a DSN, asyncpg reads ``$PGPORT``, checked alike.
     """
     if dsn is None:
+        _check_ports(os.environ.get("PGPORT", "").split(","), cut_short=False, what="$PGPORT")
         return
-    parts = urllib.parse.urlsplit(dsn)
+    try:
+        parts = urllib.parse.urlsplit(dsn)
+        query = urllib.parse.parse_qs(parts.query)
+    except ValueError as exc:  # an unclosed IPv6 bracket, say
+        raise DsnError(f"is not a valid URL ({exc})") from None
     if parts.scheme not in ("postgres", "postgresql"):
         raise DsnError("is not a postgresql:// URL")
-    ports = urllib.parse.parse_qs(parts.query).get("port", [])
-    for host in parts.netloc.rpartition("@")[2].split(","):
-        # After an IPv6 address's closing bracket, which has colons of its own.
-        _, colon, port = host.rpartition("]")[2].rpartition(":")
-        ports += [port] if colon else []
-    for port in ",".join(ports).split(","):
-        if port and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
-            raise DsnError(f"port {port!r} is not a number from 1 to 65535")
+    hosts = parts.netloc.rpartition("@")[2].split(",")
+    hosts += [h for value in query.get("host", []) for h in value.split(",")]
+    ports = [_port_of(host) for host in hosts if not host.startswith("/")]  # "/": a socket dir
+    ports += [p for value in query.get("port", []) for p in value.split(",")]
+    # A '#', '?' or '/' in the password ends the URL's host part early (urlsplit and asyncpg
+    # agree): what looks like a port may then be a piece of the password.
+    _check_ports(ports, cut_short="@" in dsn and "@" not in parts.netloc)
+
+
+def _port_of(host: str) -> str:
+    """The port of ``host:port`` or ``[ipv6]:port``, split where asyncpg splits it."""
+    if host.startswith("["):
+        return host.partition("]")[2].removeprefix(":")
+    return host.partition(":")[2]
+
+
+def _check_ports(ports: list[str], *, cut_short: bool, what: str = "port") -> None:
+    for port in ports:
+        digits = port.lstrip("0")  # int() of 4,300 digits raises; a port has at most 5
+        if port and not (
+            port.isascii() and port.isdigit() and 0 < len(digits) <= 5 and int(digits) < 65536
+        ):
+            if cut_short:
+                raise DsnError(
+                    "has a port that is not a number from 1 to 65535 (percent-encode a '#',"
+                    " '?' or '/' in the password)"
+                )
+            raise DsnError(f"{what} {port[:20]!r} is not a number from 1 to 65535")
 
 
 def dumps(value: Any) -> str:

@@ -13,9 +13,9 @@ from typing import Any, cast
 from pgqueue.dsn import as_aware
 
 # Set by each of a worker's runners, so the handlers it runs (and their threads: anyio copies
-# the context) can save progress: (job id, progress) -> written. A context variable, not a
+# the context) can save progress: (job, progress) -> written. A context variable, not a
 # field, keeps Job a plain snapshot of the row, built as cheaply as it is now.
-_progress_saver: ContextVar[Callable[[int, Any], Awaitable[bool]] | None] = ContextVar(
+_progress_saver: ContextVar[Callable[[Job, Any], Awaitable[bool]] | None] = ContextVar(
     "pgqueue_progress_saver", default=None
 )
 
@@ -55,13 +55,17 @@ class Job:
         attempt does next is discarded). It is one round trip on the worker's pool: save at
         natural boundaries (a page, a batch), not per item. A plain ``def`` handler calls
         ``anyio.from_thread.run(job.save_progress, value)``.
+
+        Raises what the write raises: a value that is not JSON, ``asyncpg``'s
+        ``LockNotAvailableError`` when another transaction keeps the job's row locked for
+        2 s, ``TimeoutError`` when the database does not answer within 30 s.
         """
         save = _progress_saver.get()
         if save is None:
             raise RuntimeError(
                 f"job {self.id}: save_progress works inside a handler that a pgqueue worker runs"
             )
-        return await save(self.id, progress)
+        return await save(self, progress)
 
     @classmethod
     def from_record(cls, row: Mapping[str, Any]) -> Job:

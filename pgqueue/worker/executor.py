@@ -22,16 +22,25 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import asyncpg
 
 from pgqueue.app import App, JobType
 from pgqueue.dsn import dumps
 from pgqueue.job import Job, Result, _progress_saver
-from pgqueue.worker.completer import MAX_BATCH, Completer, Success
+from pgqueue.worker import bounded
+from pgqueue.worker.completer import LOCK_WAIT, MAX_BATCH, WRITE_TIMEOUT, Completer, Success
 from pgqueue.worker.wake import Wake
 
 _OUTCOME = "job %d %s attempt %d/%d %s in %.1fms%s"
-# On a pooled connection, whose JSON codec encodes the value.
-_SAVE_PROGRESS = "SELECT pgqueue.save_progress(job_id => $1, worker => $2, progress => $3)"
+# On a pooled connection, whose JSON codec encodes the value. Its lock wait is bounded like an
+# outcome write's: a row another transaction keeps locked (an operator's SELECT ... FOR
+# UPDATE) fails the save in the handler instead of holding a pooled connection, which claims
+# and outcome writes need, for as long as the lock lasts. (set_config(..., true) lasts until
+# the end of the statement's own transaction, and the FROM item runs first.)
+_SAVE_PROGRESS = (
+    "SELECT pgqueue.save_progress(job_id => $1, worker => $2, progress => $3)"
+    f" FROM set_config('lock_timeout', '{LOCK_WAIT}', true)"
+)
 _QUIET = ("succeeded", "released")  # logged at INFO; any other outcome at WARNING
 _STILL_HELD = (
     "job %d: claimed again (attempt %d) while this worker still holds its earlier attempt,"
@@ -90,6 +99,8 @@ class Executor:
         # Plain-def handlers need their own limiter: anyio's default thread pool has 40
         # tokens, which would silently cap a larger --concurrency.
         self._threads = anyio.CapacityLimiter(concurrency)
+        # Saves of progress share the pool with claims and outcome writes: at most half of it.
+        self._saves = anyio.CapacityLimiter(max(1, min(concurrency, 10) // 2))
         # Plain-def handlers running now: shutdown cannot cancel them, only wait (see _invoke).
         self.in_threads = 0
         # Claimed jobs no runner has taken yet. An asyncio queue, not anyio's primitives:
@@ -249,17 +260,22 @@ class Executor:
                 self._written(job)
             self._free(job)
 
-    async def _save_progress(self, job_id: int, progress: Any) -> bool:
-        """Job.save_progress: only while the job's handler runs here (a handler that saves
-        another job's progress, or a task it left behind, writes nothing), and fenced in SQL
-        by this worker's lease."""
-        if job_id not in self.running:
+    async def _save_progress(self, job: Job, progress: Any) -> bool:
+        """Job.save_progress: only for the attempt whose handler runs here now, by the very
+        Job it was given. The SQL fence is by worker, so without this a task that an earlier
+        attempt left behind would overwrite the checkpoint of this worker's next attempt (or
+        a handler that kept another running job's Job could write that one's)."""
+        if self.running.get(job.id) is not job:
             return False
-        async with self.completer.pool.acquire() as conn:
-            saved: bool = await conn.fetchval(
-                _SAVE_PROGRESS, job_id, self.completer.worker_id, progress
+        async with self._saves:
+            return await bounded.call(
+                self.completer.pool,
+                WRITE_TIMEOUT,
+                _save,
+                job.id,
+                self.completer.worker_id,
+                progress,
             )
-        return saved
 
     def _recorded(self, item: Success, held: bool) -> None:
         """Completer callback: a success was written (or fencing refused it)."""
@@ -480,3 +496,8 @@ def _storable(text: str) -> str:
     except UnicodeEncodeError:
         text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     return text
+
+
+async def _save(conn: asyncpg.Connection, job_id: int, worker: str, progress: Any) -> bool:
+    saved: bool = await conn.fetchval(_SAVE_PROGRESS, job_id, worker, progress)
+    return saved

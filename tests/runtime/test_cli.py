@@ -89,7 +89,9 @@ def test_dsn_from_environment(db_dsn: str, monkeypatch: pytest.MonkeyPatch) -> N
         (["cancel", "-5"], "-5 is not in the range"),
         (["jobs", "--dsn", "postgresql://h:abc/x"], "port 'abc' is not a number from 1 to 65535"),
         (["jobs", "--dsn", "postgresql://h:99999/x"], "port '99999' is not a number"),
-        (["jobs", "--dsn", "host=h dbname=x"], "--dsn: is not a postgresql:// URL"),
+        (["jobs", "--dsn", "host=h dbname=x"], "$PGQUEUE_DSN: is not a postgresql:// URL"),
+        (["jobs", "--dsn", "postgresql:///x?host=h:99999"], "port '99999' is not a number"),
+        (["jobs", "--dsn", "postgresql://u:pw#rd@h/x"], "percent-encode a '#', '?' or '/'"),
     ],
 )
 def test_clear_errors_for_bad_input(db_dsn: str, args: list[str], message: str) -> None:
@@ -98,6 +100,15 @@ def test_clear_errors_for_bad_input(db_dsn: str, args: list[str], message: str) 
     assert out.exit_code == 2, out.output
     assert message in out.output and "Traceback" not in out.output
     assert run(db_dsn, "jobs").output == before  # nothing written
+
+
+def test_a_bad_dsn_in_the_environment_is_bad_input_and_a_given_dsn_replaces_it(
+    db_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PGQUEUE_DSN", "postgresql://h:5432:1/x")
+    out = CliRunner().invoke(main, ["jobs"])
+    assert out.exit_code == 2 and "port '5432:1' is not a number" in out.output, out.output
+    assert CliRunner().invoke(main, ["jobs", "--dsn", db_dsn]).exit_code == 0
 
 
 def test_unreachable_database_is_one_line() -> None:

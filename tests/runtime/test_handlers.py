@@ -961,3 +961,72 @@ async def test_save_progress_outside_a_worker_says_where_it_works() -> None:
     job = pgqueue.Job(id=5, job_type="t", queue="q", payload={}, attempts=1, max_attempts=1)
     with pytest.raises(RuntimeError, match="job 5: save_progress works inside a handler"):
         await job.save_progress({"page": 1})
+
+
+async def test_a_task_an_attempt_left_behind_cannot_overwrite_the_next_attempts_progress(
+    conn: asyncpg.Connection, db_dsn: str
+) -> None:
+    """The SQL fence is by worker: a task the first attempt left running saves after the
+    same worker claimed the retry. Only the Job the running attempt was given may save."""
+    app = pgqueue.App()
+    second_saved = anyio.Event()
+    saved: dict[str, bool] = {}
+    left_behind: list[asyncio.Task[None]] = []
+
+    @app.job("leaky", max_attempts=2)
+    async def leaky(job: pgqueue.Job) -> None:
+        if job.attempts == 1:
+
+            async def late() -> None:
+                await second_saved.wait()
+                saved["attempt 1, late"] = await job.save_progress({"by": "attempt 1"})
+
+            left_behind.append(asyncio.get_running_loop().create_task(late()))
+            raise RuntimeError("the first attempt fails, its task runs on")
+        saved["attempt 2"] = await job.save_progress({"by": "attempt 2"})
+        second_saved.set()
+        await left_behind[0]
+
+    await conn.execute(
+        "UPDATE pgqueue.settings SET value = '1 millisecond' WHERE name = 'backoff_base'"
+    )
+    job_id = await app.enqueue(conn, "leaky")
+    async with running(app, db_dsn):
+        await wait_for_states(conn, [job_id], "succeeded")
+    assert saved == {"attempt 2": True, "attempt 1, late": False}
+    progress = await conn.fetchval("SELECT progress::text FROM pgqueue.jobs WHERE id = $1", job_id)
+    assert json.loads(progress) == {"by": "attempt 2"}
+
+
+async def test_save_progress_behind_a_locked_row_fails_instead_of_holding_a_connection(
+    conn: asyncpg.Connection, db_dsn: str
+) -> None:
+    """An open transaction holding the job's row (psql, SELECT ... FOR UPDATE) made the save
+    wait as long as it lasted, on a pooled connection claims and outcome writes need."""
+    app = pgqueue.App()
+    started, locked = anyio.Event(), anyio.Event()
+    raised: list[BaseException] = []
+
+    @app.job("saver", max_attempts=1)
+    async def saver(job: pgqueue.Job) -> str:
+        started.set()
+        await locked.wait()
+        try:
+            await job.save_progress({"page": 1})
+        except Exception as exc:
+            raised.append(exc)
+        return "went on"
+
+    job_id = await app.enqueue(conn, "saver")
+    async with running(app, db_dsn):
+        await started.wait()
+        async with conn.transaction():
+            await conn.execute("SELECT 1 FROM pgqueue.jobs WHERE id = $1 FOR UPDATE", job_id)
+            locked.set()
+
+            async def save_gave_up() -> bool:
+                return bool(raised)
+
+            await wait_until(save_gave_up, within=10, what="the save to give up on the lock")
+        await wait_for_states(conn, [job_id], "succeeded")
+    assert [type(e) for e in raised] == [asyncpg.exceptions.LockNotAvailableError]
