@@ -2,6 +2,7 @@
 
 from pgqueue.app import App, JobType
 from pgqueue.job import Job, Result, Spec
+from pgqueue.outcome import Outcome, job_outcome, wait_for_job
 from pgqueue.pipeline import (
     EnqueuedPipeline,
     Node,
@@ -21,6 +22,7 @@ __all__ = [
     "Job",
     "JobType",
     "Node",
+    "Outcome",
     "Pipeline",
     "PipelineError",
     "PipelineStatus",
@@ -29,5 +31,7 @@ __all__ = [
     "Worker",
     "__version__",
     "cancel_pipeline",
+    "job_outcome",
     "pipeline_status",
+    "wait_for_job",
 ]

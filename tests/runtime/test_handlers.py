@@ -1030,3 +1030,43 @@ async def test_save_progress_behind_a_locked_row_fails_instead_of_holding_a_conn
             await wait_until(save_gave_up, within=10, what="the save to give up on the lock")
         await wait_for_states(conn, [job_id], "succeeded")
     assert [type(e) for e in raised] == [asyncpg.exceptions.LockNotAvailableError]
+
+
+async def test_wait_for_job_returns_each_final_outcome(
+    conn: asyncpg.Connection, db_dsn: str
+) -> None:
+    """The application side of a job: what it ended with, awaited without a worker's help
+    (procrastinate #370). A pool or a connection outside a transaction; never inside one."""
+    app = make_app()
+    ok = await app.enqueue(conn, "ok", {"n": 2}, max_attempts=1)
+    boom = await app.enqueue(conn, "boom", max_attempts=1)
+    waiting = await app.enqueue(conn, "ok", depends_on=[boom])  # cancelled when boom fails
+    pending = await pgqueue.job_outcome(conn, ok)
+    assert pending is not None and (pending.state, pending.done) == ("queued", False)
+    with pytest.raises(TimeoutError):
+        with anyio.fail_after(0.2):  # no worker yet: it waits
+            await pgqueue.wait_for_job(conn, ok)
+    async with running(app, db_dsn):
+        pool = await asyncpg.create_pool(db_dsn, min_size=1, max_size=2)
+        try:
+            with anyio.fail_after(15):
+                done = await pgqueue.wait_for_job(pool, ok)
+                failed = await pgqueue.wait_for_job(conn, boom)
+                cancelled = await pgqueue.wait_for_job(conn, waiting)
+        finally:
+            await pool.close()
+    assert (done.state, done.result, done.done) == (
+        "succeeded",
+        {"echo": {"n": 2}, "attempt": 1},
+        True,
+    )
+    assert failed.state == "failed" and "ValueError: boom goes the handler" in str(
+        failed.last_error
+    )
+    assert cancelled.state == "cancelled" and cancelled.result is None
+    assert done.finished_at is not None
+    with pytest.raises(LookupError, match="no job 999999"):
+        await pgqueue.wait_for_job(conn, 999999)
+    async with conn.transaction():
+        with pytest.raises(RuntimeError, match="would wait for its own commit"):
+            await pgqueue.wait_for_job(conn, ok)

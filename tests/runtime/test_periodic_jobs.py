@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-from collections.abc import Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -74,19 +73,6 @@ def test_two_schedules_of_one_type_need_two_names() -> None:
     with pytest.raises(TypeError, match="every must be seconds or a timedelta, got True"):
         app.periodic("report", every=True, name="other")  # type: ignore[arg-type]
     assert isinstance(app.schedules["report"], Schedule)
-
-
-@pytest.fixture
-def records() -> Iterator[tuple[logging.Logger, Records]]:
-    logger = logging.getLogger("pgqueue.test.periodic")
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-    handler = Records()
-    logger.addHandler(handler)
-    try:
-        yield logger, handler
-    finally:
-        logger.removeHandler(handler)
 
 
 @asynccontextmanager
