@@ -20,7 +20,7 @@ import asyncpg
 from pgqueue.dsn import as_aware, dumps, id_array
 from pgqueue.job import Job, Spec, SpecLike, normal_spec, spec_dict
 from pgqueue.pipeline import Pipeline, PipelineStatus, cancel_pipeline, pipeline_status
-from pgqueue.schedule import Schedule
+from pgqueue.schedule import MAX_EVERY, Schedule
 
 Handler = Callable[[Job], Awaitable[Any]] | Callable[[Job], Any]
 H = TypeVar("H", bound=Handler)
@@ -155,8 +155,8 @@ class App:
         if isinstance(every, bool):
             raise TypeError(f"every must be seconds or a timedelta, got {every!r}")
         if isinstance(every, int | float):
-            if not math.isfinite(every) or abs(every) > _MAX_DELAY_SECONDS:
-                raise ValueError(f"every must be a finite number of seconds, got {every!r}")
+            if not (math.isfinite(every) and abs(every) <= MAX_EVERY.total_seconds()):
+                raise ValueError(f"every must be from 1 second to 100 years, got {every!r}")
             every = datetime.timedelta(seconds=every)
         schedule = Schedule(
             name=job_type if name is None else name,

@@ -20,6 +20,7 @@ from pgqueue.job import Spec, spec_dict
 
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 MIN_EVERY = datetime.timedelta(seconds=1)
+MAX_EVERY = datetime.timedelta(days=100 * 365)  # past this, ticks leave datetime's range
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,17 +38,23 @@ class Schedule:
             raise ValueError(f"a schedule's name must be 1 to 200 bytes, got {self.name!r}")
         if (self.cron is None) == (self.every is None):
             raise ValueError(f"schedule {self.name!r}: give exactly one of cron= and every=")
-        if self.every is not None and self.every < MIN_EVERY:
-            raise ValueError(f"schedule {self.name!r}: every must be at least 1 second")
+        if self.every is not None and not MIN_EVERY <= self.every <= MAX_EVERY:
+            raise ValueError(f"schedule {self.name!r}: every must be from 1 second to 100 years")
         try:
-            zone = ZoneInfo(self.timezone)
+            ZoneInfo(self.timezone)
         except (ZoneInfoNotFoundError, ValueError):
             raise ValueError(
                 f"schedule {self.name!r}: unknown time zone {self.timezone!r}"
             ) from None
         if self.cron is not None:
+            # cronsim would read a sixth field as seconds; minute resolution is the contract.
+            if len(self.cron.split()) != 5:
+                raise ValueError(
+                    f"schedule {self.name!r}: cron {self.cron!r} must have five fields"
+                    " (minute hour day-of-month month day-of-week)"
+                )
             try:
-                CronSim(self.cron, datetime.datetime.now(zone))
+                CronSim(self.cron, datetime.datetime.now(datetime.UTC))
             except CronSimError as exc:
                 raise ValueError(f"schedule {self.name!r}: bad cron {self.cron!r}: {exc}") from None
         if self.spec.run_after is not None or self.spec.key is not None or self.spec.after:
@@ -56,11 +63,20 @@ class Schedule:
                 " siblings a periodic job does not have"
             )
         dumps(spec_dict(self.spec))  # refuse a payload or scope that is not JSON now, not per tick
+        self.next_tick(datetime.datetime.now(datetime.UTC))  # one that never ticks is refused
 
     def next_tick(self, after: datetime.datetime) -> datetime.datetime:
-        """The first tick strictly after ``after`` (an aware datetime), in UTC."""
+        """The first tick strictly after ``after`` (an aware datetime), in UTC.
+
+        Raises ``ValueError`` for a cron with no tick in the next 50 years ("0 0 30 2 *").
+        """
         if self.every is not None:
             return _EPOCH + ((after - _EPOCH) // self.every + 1) * self.every
         assert self.cron is not None
-        local = after.astimezone(ZoneInfo(self.timezone))
-        return next(CronSim(self.cron, local)).astimezone(datetime.UTC)
+        # In the hour a fall-back repeats, cronsim answers with the first pass of a time
+        # when ``after`` is already in the second: take ticks until one is later.
+        for tick in CronSim(self.cron, after.astimezone(ZoneInfo(self.timezone))):
+            utc = tick.astimezone(datetime.UTC)
+            if utc > after:
+                return utc
+        raise ValueError(f"schedule {self.name!r}: cron {self.cron!r} has no tick after {after}")

@@ -56,7 +56,7 @@ BEGIN
     -- The job runs at its tick, unless the spec says otherwise: a tick enqueued
     -- early (a worker whose clock is ahead) still runs on the database's time.
     v_id := (pgqueue._insert_specs(
-                 jsonb_build_array(CASE WHEN spec ? 'run_after' THEN spec
+                 jsonb_build_array(CASE WHEN spec->>'run_after' IS NOT NULL THEN spec
                                         ELSE spec || jsonb_build_object('run_after', tick) END),
                  NULL, NULL, 'pgqueue.enqueue_periodic: spec', true))[1];
     UPDATE pgqueue.periodic p SET last_job_id = v_id WHERE p.name = enqueue_periodic.name;

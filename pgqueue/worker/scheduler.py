@@ -1,12 +1,13 @@
 """Enqueues the ticks of an App's periodic jobs (``App.periodic``).
 
-Every worker whose App has schedules runs this loop; ``pgqueue.enqueue_periodic`` makes
-each tick one job however many workers try, so there is no leader to lose. The loop sleeps
-until the earliest tick of any schedule, enqueues it, and moves that schedule on to its next
-tick after now: ticks that fell while the worker was not running (or was suspended) are
-skipped, not made up. A tick whose enqueue fails for a transient reason (the database is
-restarting) is tried again with backoff until the schedule's next tick is due; the other
-workers are trying it too.
+Every worker whose App has schedules runs these loops; ``pgqueue.enqueue_periodic`` makes
+each tick one job however many workers try, so there is no leader to lose. Each schedule has
+a loop of its own, so one whose enqueue waits (its row or its dedup key locked by an open
+transaction) holds up no other. A loop sleeps until its next tick, enqueues it, and moves on
+to the next tick after now: ticks that fell while the worker was not running (or was
+suspended) are skipped, not made up. A tick whose enqueue fails for a transient reason (the
+database is restarting, a lock wait) is tried again with backoff until the schedule's next
+tick is due; the other workers are trying it too.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from pgqueue.schedule import Schedule
 from pgqueue.worker import bounded
 from pgqueue.worker.retry import Backoff, Outage, is_transient_error
 
-# Bound on one enqueue of a tick (it waits only for other enqueues of the same tick).
+# Bound on one try of a tick's enqueue (it waits only for other enqueues of the same tick, or
+# for locks an application holds on its dedup key); never past the schedule's next tick.
 ENQUEUE_TIMEOUT = 30.0
+MIN_TRY = 1.0
 _ENQUEUE_PERIODIC = (
     "SELECT pgqueue.enqueue_periodic(name => $1, tick => $2, spec => $3::text::jsonb)"
 )
@@ -34,20 +37,28 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
-async def schedule_loop(pool: asyncpg.Pool, app: App, logger: logging.Logger) -> None:
+async def run_schedules(pool: asyncpg.Pool, app: App, logger: logging.Logger) -> None:
     """Enqueue every schedule's ticks from now on, until cancelled."""
-    if not app.schedules:
-        return
-    outage = Outage(logger, "scheduler")
-    now = _now()
-    due = {name: schedule.next_tick(now) for name, schedule in app.schedules.items()}
-    while True:
-        name, tick = min(due.items(), key=lambda item: item[1])
-        await anyio.sleep(max(0.0, (tick - _now()).total_seconds()))
-        schedule = app.schedules[name]
-        following = schedule.next_tick(tick)
-        await _enqueue_tick(pool, app, schedule, tick, following, outage, logger)
-        due[name] = schedule.next_tick(max(tick, _now()))
+    async with anyio.create_task_group() as loops:
+        for schedule in app.schedules.values():
+            loops.start_soon(_schedule_loop, pool, app, schedule, logger)
+
+
+async def _schedule_loop(
+    pool: asyncpg.Pool, app: App, schedule: Schedule, logger: logging.Logger
+) -> None:
+    outage = Outage(logger, f"periodic {schedule.name}")
+    try:
+        tick = schedule.next_tick(_now())
+        while True:
+            await anyio.sleep(max(0.0, (tick - _now()).total_seconds()))
+            following = schedule.next_tick(tick)
+            await _enqueue_tick(pool, app, schedule, tick, following, outage, logger)
+            tick = schedule.next_tick(max(tick, _now()))
+    except (ValueError, TypeError) as exc:
+        # next_tick found none (registration checked there is one now), or a payload
+        # changed after registration is no longer JSON: this schedule stops, the worker not.
+        logger.error("periodic %s: stopped: %s", schedule.name, exc)
 
 
 async def _enqueue(
@@ -69,8 +80,11 @@ async def _enqueue_tick(
     spec = dumps(app.with_defaults(schedule.spec))  # a handler registered after periodic()
     backoff = Backoff(base=0.5, cap=30.0)
     while True:
+        left = (give_up_at - _now()).total_seconds()
         try:
-            job_id = await bounded.call(pool, ENQUEUE_TIMEOUT, _enqueue, schedule.name, tick, spec)
+            job_id = await bounded.call(
+                pool, max(MIN_TRY, min(ENQUEUE_TIMEOUT, left)), _enqueue, schedule.name, tick, spec
+            )
         except Exception as exc:
             if not is_transient_error(exc):
                 # PostgreSQL refused the spec (a queue name too long, say): every tick
@@ -79,12 +93,12 @@ async def _enqueue_tick(
                     "periodic %s: tick %s refused: %s", schedule.name, tick.isoformat(), exc
                 )
                 return
-            outage.failed(exc, f"enqueueing periodic {schedule.name}")
+            outage.failed(exc, f"enqueueing tick {tick.isoformat()}")
             delay = backoff.next_delay()
             if _now() + datetime.timedelta(seconds=delay) >= give_up_at:
                 logger.warning(
-                    "periodic %s: tick %s skipped (the database did not answer before the"
-                    " next tick)",
+                    "periodic %s: tick %s skipped (it could not be enqueued before the next"
+                    " tick was due)",
                     schedule.name,
                     tick.isoformat(),
                 )
@@ -94,9 +108,10 @@ async def _enqueue_tick(
         outage.ok()
         if job_id is not None:
             logger.info(
-                "periodic %s: tick %s enqueued as job %d",
+                "periodic %s: tick %s %s job %d",
                 schedule.name,
                 tick.isoformat(),
+                "enqueued as" if schedule.spec.dedup_key is None else "enqueued or coalesced into",
                 job_id,
                 extra={"job_id": job_id},
             )

@@ -30,7 +30,7 @@ from pgqueue.worker.heartbeat import Period, heartbeat_loop, read_stale_after
 from pgqueue.worker.leader import recovery_loop
 from pgqueue.worker.notifier import Notifier
 from pgqueue.worker.producer import Producer
-from pgqueue.worker.scheduler import schedule_loop
+from pgqueue.worker.scheduler import run_schedules
 from pgqueue.worker.wake import Wake
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -183,13 +183,15 @@ class Worker:
             services.start_soon(heartbeat_loop, beat_pool, self.id, period, self.logger)
             services.start_soon(recovery_loop, pool, period, self.logger)
             services.start_soon(completer.run)
-            services.start_soon(schedule_loop, pool, self.app, self.logger)
+            schedules = anyio.CancelScope()  # a stopping worker enqueues no more ticks
+            services.start_soon(self._run_schedules, pool, schedules)
             if self.handle_signals:
                 services.start_soon(self._watch_signals)
             self.started.set()
             async with anyio.create_task_group() as jobs:
                 executor.start_runners(jobs)
                 await producer.run()
+                schedules.cancel()
                 await self._drain(executor, completer)
                 jobs.cancel_scope.cancel()  # idle runners stop; busy ones release their job
             if completer.give_up_at == math.inf:
@@ -201,6 +203,10 @@ class Worker:
             await producer.release_lost_claims_at_stop()
             services.cancel_scope.cancel()
         self.logger.info("worker %s stopped", self.id, extra={"worker": self.id})
+
+    async def _run_schedules(self, pool: asyncpg.Pool, scope: anyio.CancelScope) -> None:
+        with scope:
+            await run_schedules(pool, self.app, self.logger)
 
     async def _drain(self, executor: Executor, completer: Completer) -> None:
         """Let running jobs finish, and their successes be written, within the grace period;

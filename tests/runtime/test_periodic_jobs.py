@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import itertools
 import logging
 from contextlib import asynccontextmanager
 from typing import Any
@@ -17,6 +18,7 @@ import pgqueue
 from pgqueue.schedule import Schedule
 
 UTC = datetime.UTC
+BERLIN_0230 = {"cron": "30 2 * * *", "timezone": "Europe/Berlin"}
 
 
 def at(*args: int) -> datetime.datetime:
@@ -35,6 +37,12 @@ def at(*args: int) -> datetime.datetime:
         # 09:00 in Berlin is 08:00 UTC in winter, 07:00 UTC in summer.
         ({"cron": "0 9 * * *", "timezone": "Europe/Berlin"}, at(2030, 1, 1), at(2030, 1, 1, 8)),
         ({"cron": "0 9 * * *", "timezone": "Europe/Berlin"}, at(2030, 7, 1), at(2030, 7, 1, 7)),
+        # The fall-back hour: 02:30 Berlin is 00:30 UTC (first pass) and 01:30 UTC (second);
+        # the tick is the first pass, and from the second pass on the next tick is tomorrow's
+        # (cronsim answered 00:30, a tick in the past: a worker started then spun on it).
+        (BERLIN_0230, at(2030, 10, 27, 0, 10), at(2030, 10, 27, 0, 30)),
+        (BERLIN_0230, at(2030, 10, 27, 1, 10), at(2030, 10, 28, 1, 30)),
+        (BERLIN_0230, at(2030, 10, 27, 0, 59), at(2030, 10, 28, 1, 30)),
     ],
 )
 def test_next_tick(options: dict[str, Any], after: datetime.datetime, tick: Any) -> None:
@@ -48,8 +56,12 @@ def test_next_tick(options: dict[str, Any], after: datetime.datetime, tick: Any)
         ({}, "give exactly one of cron= and every="),
         ({"cron": "* * * * *", "every": 60}, "give exactly one of cron= and every="),
         ({"cron": "61 * * * *"}, "bad cron '61 \\* \\* \\* \\*'"),
-        ({"every": 0.5}, "every must be at least 1 second"),
-        ({"every": float("nan")}, "every must be a finite number of seconds"),
+        ({"every": 0.5}, "every must be from 1 second to 100 years"),
+        ({"every": float("nan")}, "every must be from 1 second to 100 years"),
+        ({"every": datetime.timedelta.max.total_seconds()}, "from 1 second to 100 years"),
+        ({"every": datetime.timedelta(days=3_000_000)}, "from 1 second to 100 years"),
+        ({"cron": "0 0 * * * *"}, "must have five fields"),  # cronsim reads six as seconds
+        ({"cron": "0 0 LW 2 */7"}, "has no tick after"),  # a weekday of Feb 29 every 7th year
         ({"every": 60, "timezone": "Mars/Olympus"}, "unknown time zone 'Mars/Olympus'"),
         ({"every": 60, "payload": {"at": {1, 2}}}, "not JSON serializable"),
         ({"every": 60, "name": ""}, "name must be 1 to 200 bytes"),
@@ -115,6 +127,7 @@ async def test_workers_racing_for_ticks_make_one_job_each(
     rows = await conn.fetch("SELECT run_after, queue, payload::text FROM pgqueue.jobs")
     ticks = sorted(r["run_after"] for r in rows)
     assert len(ticks) == len(set(ticks)) >= 3  # one job per tick, never two
+    assert all(b - a == datetime.timedelta(seconds=1) for a, b in itertools.pairwise(ticks))
     assert all(t.microsecond == 0 and t > started for t in ticks)  # whole seconds, none missed
     assert {(r["queue"], r["payload"]) for r in rows} == {("beats", '{"n": 1}')}
     assert sorted(t for t in ran if t is not None) == ticks[: len(ran)]
@@ -138,3 +151,26 @@ async def test_a_refused_spec_is_logged_each_tick_and_the_worker_goes_on(
             what="the worker still claims (and fails the unknown type)",
         )
     assert await conn.fetchval("SELECT count(*) FROM pgqueue.periodic") == 0
+
+
+async def test_a_schedule_whose_enqueue_waits_holds_up_no_other(
+    conn: asyncpg.Connection, db_dsn: str, records: tuple[logging.Logger, Records]
+) -> None:
+    """An open transaction holds one schedule's row (a psql session mid-enqueue_periodic):
+    the other schedule's ticks go on. One loop for all schedules stalled them all."""
+    logger, _ = records
+    app = pgqueue.App()
+    app.periodic("held", every=1)
+    app.periodic("free", every=1)
+    await conn.execute(
+        "SELECT pgqueue.enqueue_periodic('held', now() - interval '1 hour', '{\"job_type\": \"x\"}')"
+    )
+    async with conn.transaction():
+        await conn.execute("SELECT 1 FROM pgqueue.periodic WHERE name = 'held' FOR UPDATE")
+        async with workers(app, db_dsn, 1, logger):
+
+            async def free_ticked_twice() -> bool:
+                n = await conn.fetchval("SELECT count(*) FROM pgqueue.jobs WHERE job_type = 'free'")
+                return bool(n >= 2)
+
+            await wait_until(free_ticked_twice, within=10, what="two ticks of the free schedule")

@@ -47,6 +47,11 @@ async def test_only_a_later_tick_enqueues_again(connect: Connect) -> None:
     assert await s.fetchval(ENQUEUE, "hourly", TICK - hour, SPEC) is None  # an older one
     later = await s.fetchval(ENQUEUE, "hourly", TICK + hour, {**SPEC, "run_after": "2031-01-01"})
     assert first is not None and later is not None and later != first
+    # A JSON null run_after is no run_after: the job runs at its tick.
+    nulled = await s.fetchval(ENQUEUE, "hourly", TICK + 2 * hour, {**SPEC, "run_after": None})
+    assert await s.fetchval("SELECT run_after FROM pgqueue.jobs WHERE id = $1", nulled) == (
+        TICK + 2 * hour
+    )
     # Another schedule has a row of its own.
     assert await s.fetchval(ENQUEUE, "other", TICK, SPEC) is not None
     rows = await s.fetch("SELECT id, run_after FROM pgqueue.jobs ORDER BY id")
