@@ -46,6 +46,8 @@ class DsnOption:
 
     @property
     def dsn(self) -> str | None:
+        if self._dsn is None:
+            return None  # libpq's variables: read (and $PGPORT checked) when a command connects
         try:
             check_dsn(self._dsn)
         except DsnError as exc:
@@ -66,7 +68,11 @@ class InputError(click.ClickException):
 
 # What pgqueue's functions raise for bad input (sql/03_enqueue.sql and friends): class 22,
 # data exceptions such as invalid_parameter_value, and depends_on naming an unknown job.
-_INPUT_ERRORS = (asyncpg.exceptions.DataError, asyncpg.exceptions.ForeignKeyViolationError)
+_INPUT_ERRORS = (
+    asyncpg.exceptions.DataError,
+    asyncpg.exceptions.ForeignKeyViolationError,
+    DsnError,  # $PGPORT, when no DSN is given
+)
 
 
 def _friendly_errors(fn: Callable[P, T]) -> Callable[P, T]:
@@ -100,7 +106,7 @@ def _user_error(exc: BaseException) -> str | None:
 
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(seen, SchemaError):
+        if isinstance(seen, SchemaError | DsnError):
             return str(seen)
         if isinstance(
             seen, asyncpg.exceptions.UndefinedTableError | asyncpg.exceptions.UndefinedFunctionError

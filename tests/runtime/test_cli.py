@@ -109,6 +109,13 @@ def test_a_bad_dsn_in_the_environment_is_bad_input_and_a_given_dsn_replaces_it(
     out = CliRunner().invoke(main, ["jobs"])
     assert out.exit_code == 2 and "port '5432:1' is not a number" in out.output, out.output
     assert CliRunner().invoke(main, ["jobs", "--dsn", db_dsn]).exit_code == 0
+    monkeypatch.delenv("PGQUEUE_DSN")
+    monkeypatch.setenv("PGPORT", "54e2")  # no DSN: asyncpg reads the libpq variables
+    out = CliRunner().invoke(main, ["jobs"])
+    assert (out.exit_code, out.output) == (
+        2,
+        "Error: $PGPORT '54e2' is not a number from 1 to 65535\n",
+    )
 
 
 def test_unreachable_database_is_one_line() -> None:
