@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -21,6 +22,7 @@ from pgqueue.dsn import as_job_id
 
 ConnOrPool: TypeAlias = "asyncpg.Connection | asyncpg.Pool"
 
+_INT8_MAX = 2**63 - 1
 FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 # The result as text: the caller's connection may have no JSON codecs.
 _OUTCOME_SQL = (
@@ -46,6 +48,8 @@ class Outcome:
 async def job_outcome(conn_or_pool: ConnOrPool, job_id: int) -> Outcome | None:
     """The job's state now (final or not), or None if there is no such job."""
     job_id = as_job_id(job_id)
+    if not 0 < job_id <= _INT8_MAX:
+        return None  # no such id can exist (and asyncpg would refuse to send one past bigint)
     row = await conn_or_pool.fetchrow(_OUTCOME_SQL, job_id)
     if row is None:
         return None
@@ -70,12 +74,13 @@ async def wait_for_job(
     cannot run before it commits, and under REPEATABLE READ no other job's progress would
     ever be seen.
     """
+    job_id = as_job_id(job_id)
     if isinstance(conn_or_pool, asyncpg.Connection) and conn_or_pool.is_in_transaction():
         raise RuntimeError(
             f"job {job_id}: wait_for_job in a transaction would wait for its own commit;"
             " commit first, or pass the pool"
         )
-    if not max_interval > 0:
+    if not (math.isfinite(max_interval) and max_interval > 0):
         raise ValueError(f"max_interval must be a positive number of seconds, got {max_interval}")
     delay = 0.01
     while True:

@@ -22,15 +22,24 @@ from pgqueue.app import App
 from pgqueue.dsn import dumps
 from pgqueue.schedule import Schedule
 from pgqueue.worker import bounded
+from pgqueue.worker.completer import LOCK_WAIT
 from pgqueue.worker.retry import Backoff, Outage, is_transient_error
 
 # Bound on one try of a tick's enqueue (it waits only for other enqueues of the same tick, or
 # for locks an application holds on its dedup key); never past the schedule's next tick.
 ENQUEUE_TIMEOUT = 30.0
 MIN_TRY = 1.0
+# The lock wait is bounded: a schedule's row or dedup key held by another transaction (an
+# operator's SELECT ... FOR UPDATE on pgqueue.periodic, a migration) must not keep a pooled
+# connection, which claims and outcome writes need, for the whole try. A lock timeout is a
+# transient error: the loop backs off, connection returned, and tries again.
 _ENQUEUE_PERIODIC = (
     "SELECT pgqueue.enqueue_periodic(name => $1, tick => $2, spec => $3::text::jsonb)"
+    f" FROM set_config('lock_timeout', '{LOCK_WAIT}', true)"
 )
+# Schedules enqueue at most this many ticks at once, whatever their number: the pool is
+# min(concurrency, 10) + 2 connections.
+MAX_ENQUEUES = 2
 
 
 def _now() -> datetime.datetime:
@@ -39,13 +48,18 @@ def _now() -> datetime.datetime:
 
 async def run_schedules(pool: asyncpg.Pool, app: App, logger: logging.Logger) -> None:
     """Enqueue every schedule's ticks from now on, until cancelled."""
+    enqueues = anyio.CapacityLimiter(MAX_ENQUEUES)
     async with anyio.create_task_group() as loops:
         for schedule in app.schedules.values():
-            loops.start_soon(_schedule_loop, pool, app, schedule, logger)
+            loops.start_soon(_schedule_loop, pool, app, schedule, enqueues, logger)
 
 
 async def _schedule_loop(
-    pool: asyncpg.Pool, app: App, schedule: Schedule, logger: logging.Logger
+    pool: asyncpg.Pool,
+    app: App,
+    schedule: Schedule,
+    enqueues: anyio.CapacityLimiter,
+    logger: logging.Logger,
 ) -> None:
     outage = Outage(logger, f"periodic {schedule.name}")
     try:
@@ -53,8 +67,20 @@ async def _schedule_loop(
         while True:
             await anyio.sleep(max(0.0, (tick - _now()).total_seconds()))
             following = schedule.next_tick(tick)
-            await _enqueue_tick(pool, app, schedule, tick, following, outage, logger)
-            tick = schedule.next_tick(max(tick, _now()))
+            async with enqueues:
+                await _enqueue_tick(pool, app, schedule, tick, following, outage, logger)
+            # A try that ran past the next tick (a lock wait, an outage) leaves that tick
+            # due: it is enqueued at once, late. Further behind than that (the process was
+            # suspended), the ticks already past are skipped, and said so.
+            tick = following
+            if schedule.next_tick(tick) <= _now():
+                tick = schedule.next_tick(_now())
+                logger.warning(
+                    "periodic %s: ticks from %s until %s skipped (the worker fell behind)",
+                    schedule.name,
+                    following.isoformat(),
+                    tick.isoformat(),
+                )
     except (ValueError, TypeError) as exc:
         # next_tick found none (registration checked there is one now), or a payload
         # changed after registration is no longer JSON: this schedule stops, the worker not.

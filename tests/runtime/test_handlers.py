@@ -1067,6 +1067,12 @@ async def test_wait_for_job_returns_each_final_outcome(
     assert done.finished_at is not None
     with pytest.raises(LookupError, match="no job 999999"):
         await pgqueue.wait_for_job(conn, 999999)
+    with pytest.raises(LookupError, match="no job 9223372036854775808"):  # past bigint
+        await pgqueue.wait_for_job(conn, 2**63)
+    with pytest.raises(ValueError, match="max_interval must be a positive number"):
+        await pgqueue.wait_for_job(conn, ok, max_interval=float("inf"))  # slept forever
     async with conn.transaction():
         with pytest.raises(RuntimeError, match="would wait for its own commit"):
             await pgqueue.wait_for_job(conn, ok)
+        with pytest.raises(TypeError, match="a job id must be an integer"):
+            await pgqueue.wait_for_job(conn, "7")  # type: ignore[arg-type]

@@ -61,7 +61,9 @@ def test_next_tick(options: dict[str, Any], after: datetime.datetime, tick: Any)
         ({"every": datetime.timedelta.max.total_seconds()}, "from 1 second to 100 years"),
         ({"every": datetime.timedelta(days=3_000_000)}, "from 1 second to 100 years"),
         ({"cron": "0 0 * * * *"}, "must have five fields"),  # cronsim reads six as seconds
-        ({"cron": "0 0 LW 2 */7"}, "has no tick after"),  # a weekday of Feb 29 every 7th year
+        # The last weekday of February that is also a Sunday (a day-of-week field starting
+        # with '*' is ANDed with the day of month): never.
+        ({"cron": "0 0 LW 2 */7"}, "has no tick after"),
         ({"every": 60, "timezone": "Mars/Olympus"}, "unknown time zone 'Mars/Olympus'"),
         ({"every": 60, "payload": {"at": {1, 2}}}, "not JSON serializable"),
         ({"every": 60, "name": ""}, "name must be 1 to 200 bytes"),
