@@ -249,9 +249,13 @@ class Worker:
         in milliseconds)."""
         try:
             await self._receive_signals()
+        except KeyboardInterrupt:
+            # The receiver's exit puts Python's default SIGINT handler back (asyncio's
+            # remove_signal_handler), and a SIGINT of a burst can land before the line
+            # below: it raised KeyboardInterrupt out of the exit. The worker is stopping.
+            pass
         finally:
-            for signum in _STOP_SIGNALS:
-                signal.signal(signum, signal.SIG_IGN)
+            _ignore_stop_signals()
 
     async def _receive_signals(self) -> None:
         with anyio.open_signal_receiver(*_STOP_SIGNALS) as signals:
@@ -268,6 +272,18 @@ class Worker:
                         " jobs)",
                         threads,
                     )
+
+
+def _ignore_stop_signals() -> None:
+    """SIG_IGN for SIGTERM and SIGINT; a SIGINT that lands before it takes effect raises
+    KeyboardInterrupt here (see _watch_signals), and the setting is simply made again."""
+    for _ in range(100):
+        try:
+            for signum in _STOP_SIGNALS:
+                signal.signal(signum, signal.SIG_IGN)
+            return
+        except KeyboardInterrupt:
+            continue
 
 
 async def _close(pool: asyncpg.Pool) -> None:
