@@ -170,6 +170,15 @@ class Worker:
         )
         if self._stop_requested:
             producer.stop()
+        unknown = sorted(set(self.queues or ()) - set(self.app.queues()))
+        if unknown:
+            # A typo in --queues would otherwise idle silently: nothing ever arrives there.
+            self.logger.warning(
+                "queue(s) %s: no handler of this app is registered to them; only jobs"
+                " enqueued there with an explicit queue will be claimed",
+                ", ".join(unknown),
+                extra={"worker": self.id},
+            )
         self.logger.info(
             "worker %s starting: queues=%s concurrency=%d heartbeat every %.2fs",
             self.id,

@@ -1076,3 +1076,18 @@ async def test_wait_for_job_returns_each_final_outcome(
             await pgqueue.wait_for_job(conn, ok)
         with pytest.raises(TypeError, match="a job id must be an integer"):
             await pgqueue.wait_for_job(conn, "7")  # type: ignore[arg-type]
+
+
+async def test_queues_no_handler_is_registered_to_are_named_at_start(
+    db_dsn: str, records: tuple[logging.Logger, Records]
+) -> None:
+    """`--queues recalcs` for `recalc`: the worker idled without a word."""
+    logger, log = records
+    app = make_app()  # its handlers are registered to 'default'
+    async with running(app, db_dsn, queues=["default", "defualt"], logger=logger):
+        pass
+    warnings = [r.getMessage() for r in log.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        "queue(s) defualt: no handler of this app is registered to them; only jobs enqueued"
+        " there with an explicit queue will be claimed"
+    ]
