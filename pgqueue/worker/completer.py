@@ -75,6 +75,14 @@ MAX_BATCH = 500
 # longer wait means another transaction keeps one of these rows, and the write is better
 # retried later than left to hold up the worker's other successes.
 LOCK_WAIT = "2s"
+# The same bound for other statements of the worker, as a FROM item: it runs before the
+# select list, and set_config(..., true) lasts until the end of the statement's own
+# transaction. A stricter lock_timeout of the role or database is kept.
+BOUNDED_LOCK_WAIT = (
+    "set_config('lock_timeout', CASE WHEN current_setting('lock_timeout')::interval"
+    f" BETWEEN '1 microsecond' AND '{LOCK_WAIT}' THEN current_setting('lock_timeout')"
+    f" ELSE '{LOCK_WAIT}' END, true)"
+)
 # Returned by Completer.fail in place of the job's state: see there.
 UNKNOWN = "unknown"
 

@@ -28,18 +28,23 @@ from pgqueue.app import App, JobType
 from pgqueue.dsn import dumps
 from pgqueue.job import Job, Result, _progress_saver
 from pgqueue.worker import bounded
-from pgqueue.worker.completer import LOCK_WAIT, MAX_BATCH, WRITE_TIMEOUT, Completer, Success
+from pgqueue.worker.completer import (
+    BOUNDED_LOCK_WAIT,
+    MAX_BATCH,
+    WRITE_TIMEOUT,
+    Completer,
+    Success,
+)
 from pgqueue.worker.wake import Wake
 
 _OUTCOME = "job %d %s attempt %d/%d %s in %.1fms%s"
 # On a pooled connection, whose JSON codec encodes the value. Its lock wait is bounded like an
 # outcome write's: a row another transaction keeps locked (an operator's SELECT ... FOR
 # UPDATE) fails the save in the handler instead of holding a pooled connection, which claims
-# and outcome writes need, for as long as the lock lasts. (set_config(..., true) lasts until
-# the end of the statement's own transaction, and the FROM item runs first.)
+# and outcome writes need, for as long as the lock lasts.
 _SAVE_PROGRESS = (
     "SELECT pgqueue.save_progress(job_id => $1, worker => $2, progress => $3)"
-    f" FROM set_config('lock_timeout', '{LOCK_WAIT}', true)"
+    f" FROM {BOUNDED_LOCK_WAIT}"
 )
 _QUIET = ("succeeded", "released")  # logged at INFO; any other outcome at WARNING
 _STILL_HELD = (

@@ -22,7 +22,7 @@ from pgqueue.app import App
 from pgqueue.dsn import dumps
 from pgqueue.schedule import Schedule
 from pgqueue.worker import bounded
-from pgqueue.worker.completer import LOCK_WAIT
+from pgqueue.worker.completer import BOUNDED_LOCK_WAIT
 from pgqueue.worker.retry import Backoff, Outage, is_transient_error
 
 # Bound on one try of a tick's enqueue (it waits only for other enqueues of the same tick, or
@@ -35,10 +35,11 @@ MIN_TRY = 1.0
 # transient error: the loop backs off, connection returned, and tries again.
 _ENQUEUE_PERIODIC = (
     "SELECT pgqueue.enqueue_periodic(name => $1, tick => $2, spec => $3::text::jsonb)"
-    f" FROM set_config('lock_timeout', '{LOCK_WAIT}', true)"
+    f" FROM {BOUNDED_LOCK_WAIT}"
 )
-# Schedules enqueue at most this many ticks at once, whatever their number: the pool is
-# min(concurrency, 10) + 2 connections.
+# At most this many tries of tick enqueues run at once, whatever the number of schedules:
+# the pool is min(concurrency, 10) + 2 connections. Held for one try, never across the
+# backoff between tries, so schedules stuck on locks cannot keep the others waiting.
 MAX_ENQUEUES = 2
 
 
@@ -67,8 +68,7 @@ async def _schedule_loop(
         while True:
             await anyio.sleep(max(0.0, (tick - _now()).total_seconds()))
             following = schedule.next_tick(tick)
-            async with enqueues:
-                await _enqueue_tick(pool, app, schedule, tick, following, outage, logger)
+            await _enqueue_tick(pool, app, schedule, tick, following, enqueues, outage, logger)
             # A try that ran past the next tick (a lock wait, an outage) leaves that tick
             # due: it is enqueued at once, late. Further behind than that (the process was
             # suspended), the ticks already past are skipped, and said so.
@@ -76,7 +76,8 @@ async def _schedule_loop(
             if schedule.next_tick(tick) <= _now():
                 tick = schedule.next_tick(_now())
                 logger.warning(
-                    "periodic %s: ticks from %s until %s skipped (the worker fell behind)",
+                    "periodic %s: ticks from %s until %s skipped (the worker fell behind: a"
+                    " suspended process, or tries that waited for locks or connections)",
                     schedule.name,
                     following.isoformat(),
                     tick.isoformat(),
@@ -100,6 +101,7 @@ async def _enqueue_tick(
     schedule: Schedule,
     tick: datetime.datetime,
     give_up_at: datetime.datetime,
+    enqueues: anyio.CapacityLimiter,
     outage: Outage,
     logger: logging.Logger,
 ) -> None:
@@ -108,9 +110,15 @@ async def _enqueue_tick(
     while True:
         left = (give_up_at - _now()).total_seconds()
         try:
-            job_id = await bounded.call(
-                pool, max(MIN_TRY, min(ENQUEUE_TIMEOUT, left)), _enqueue, schedule.name, tick, spec
-            )
+            async with enqueues:
+                job_id = await bounded.call(
+                    pool,
+                    max(MIN_TRY, min(ENQUEUE_TIMEOUT, left)),
+                    _enqueue,
+                    schedule.name,
+                    tick,
+                    spec,
+                )
         except Exception as exc:
             if not is_transient_error(exc):
                 # PostgreSQL refused the spec (a queue name too long, say): every tick

@@ -8,6 +8,7 @@ cannot be cancelled, are waited for), then stop the services.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import os
@@ -170,12 +171,13 @@ class Worker:
         )
         if self._stop_requested:
             producer.stop()
-        unknown = sorted(set(self.queues or ()) - set(self.app.queues()))
+        periodic = {s.spec.queue for s in self.app.schedules.values() if s.spec.queue}
+        unknown = sorted(set(self.queues or ()) - set(self.app.queues()) - periodic)
         if unknown:
             # A typo in --queues would otherwise idle silently: nothing ever arrives there.
             self.logger.warning(
-                "queue(s) %s: no handler of this app is registered to them; only jobs"
-                " enqueued there with an explicit queue will be claimed",
+                "queue(s) %s: no handler or schedule of this app is registered to them; only"
+                " jobs enqueued there with an explicit queue will be claimed",
                 ", ".join(unknown),
                 extra={"worker": self.id},
             )
@@ -264,7 +266,7 @@ class Worker:
             # below: it raised KeyboardInterrupt out of the exit. The worker is stopping.
             pass
         finally:
-            _ignore_stop_signals()
+            _ignore_stop_signals(asyncio.get_running_loop())
 
     async def _receive_signals(self) -> None:
         with anyio.open_signal_receiver(*_STOP_SIGNALS) as signals:
@@ -283,13 +285,20 @@ class Worker:
                     )
 
 
-def _ignore_stop_signals() -> None:
+def _ignore_stop_signals(loop: asyncio.AbstractEventLoop) -> None:
     """SIG_IGN for SIGTERM and SIGINT; a SIGINT that lands before it takes effect raises
-    KeyboardInterrupt here (see _watch_signals), and the setting is simply made again."""
+    KeyboardInterrupt here (see _watch_signals), and the setting is simply made again.
+
+    A KeyboardInterrupt out of the receiver's exit may have left a signal registered with
+    the event loop, which would put SIG_DFL back when the loop closes (a SIGTERM then kills
+    the exiting process): each is removed from the loop first (a no-op if it is not there).
+    """
     for _ in range(100):
         try:
             for signum in _STOP_SIGNALS:
                 signal.signal(signum, signal.SIG_IGN)
+                if loop.remove_signal_handler(signum):  # which put the default back
+                    signal.signal(signum, signal.SIG_IGN)
             return
         except KeyboardInterrupt:
             continue

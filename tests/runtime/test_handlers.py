@@ -1084,10 +1084,11 @@ async def test_queues_no_handler_is_registered_to_are_named_at_start(
     """`--queues recalcs` for `recalc`: the worker idled without a word."""
     logger, log = records
     app = make_app()  # its handlers are registered to 'default'
-    async with running(app, db_dsn, queues=["default", "defualt"], logger=logger):
+    app.periodic("ok", cron="0 0 1 1 *", queue="yearly")  # a schedule's queue counts too
+    async with running(app, db_dsn, queues=["default", "defualt", "yearly"], logger=logger):
         pass
     warnings = [r.getMessage() for r in log.records if r.levelno == logging.WARNING]
     assert warnings == [
-        "queue(s) defualt: no handler of this app is registered to them; only jobs enqueued"
-        " there with an explicit queue will be claimed"
+        "queue(s) defualt: no handler or schedule of this app is registered to them; only"
+        " jobs enqueued there with an explicit queue will be claimed"
     ]
