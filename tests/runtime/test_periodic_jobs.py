@@ -16,6 +16,8 @@ from worker_harness import wait_until
 
 import pgqueue
 from pgqueue.schedule import Schedule
+from pgqueue.worker import scheduler
+from pgqueue.worker.retry import Outage
 
 UTC = datetime.UTC
 BERLIN_0230 = {"cron": "30 2 * * *", "timezone": "Europe/Berlin"}
@@ -176,3 +178,46 @@ async def test_a_schedule_whose_enqueue_waits_holds_up_no_other(
                 return bool(n >= 2)
 
             await wait_until(free_ticked_twice, within=10, what="two ticks of the free schedule")
+
+
+async def test_ticks_stuck_on_locks_keep_no_slot_between_tries(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two schedules whose enqueues keep hitting lock timeouts back off for as long as their
+    next tick is away; holding a slot of the limiter across that backoff starved every other
+    schedule of the worker. A slot is held for one try."""
+    app = pgqueue.App()
+    for name in "abc":
+        app.periodic("x", every=60, name=name)
+    tries: list[str] = []
+
+    async def call(pool: Any, bound: float, op: Any, name: str, *args: Any) -> int:
+        tries.append(name)
+        if name != "c":
+            raise asyncpg.exceptions.LockNotAvailableError("row held elsewhere")
+        return 1
+
+    monkeypatch.setattr(scheduler.bounded, "call", call)
+    slots = anyio.CapacityLimiter(scheduler.MAX_ENQUEUES)
+    logger = logging.getLogger("pgqueue.test.stuck")
+    now = datetime.datetime.now(UTC)
+    later = now + datetime.timedelta(seconds=30)
+
+    def tick(name: str) -> Any:
+        schedule = app.schedules[name]
+        return scheduler._enqueue_tick(
+            None, app, schedule, now, later, slots, Outage(logger, name), logger
+        )
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(tick, "a")
+        tg.start_soon(tick, "b")
+
+        async def both_stuck() -> bool:
+            return {"a", "b"} <= set(tries)
+
+        await wait_until(both_stuck, what="both stuck schedules trying")
+        with anyio.fail_after(5):  # they back off for up to 30 s
+            await tick("c")
+        tg.cancel_scope.cancel()
+    assert tries.count("c") == 1
