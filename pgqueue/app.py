@@ -13,11 +13,9 @@ import math
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias, TypeVar
+from typing import Any, TypeVar
 
-import asyncpg
-
-from pgqueue.dsn import as_aware, dumps, id_array
+from pgqueue.dsn import ConnOrPool, as_aware, dumps, id_array
 from pgqueue.job import Job, Spec, SpecLike, normal_spec, spec_dict
 from pgqueue.pipeline import Pipeline, PipelineStatus, cancel_pipeline, pipeline_status
 from pgqueue.schedule import MAX_EVERY, Schedule
@@ -25,7 +23,6 @@ from pgqueue.schedule import MAX_EVERY, Schedule
 Handler = Callable[[Job], Awaitable[Any]] | Callable[[Job], Any]
 H = TypeVar("H", bound=Handler)
 
-ConnOrPool: TypeAlias = "asyncpg.Connection | asyncpg.Pool"
 
 # Every parameter is always passed, by name: one prepared statement for every call.
 # JSON goes as text and is cast in SQL so that any connection works, with or without codecs.
@@ -66,6 +63,20 @@ def _is_int4(value: object) -> bool:
 def _is_aware(value: object) -> bool:
     """A timezone-aware datetime: one instant, whatever the session's TimeZone."""
     return isinstance(value, datetime.datetime) and value.utcoffset() is not None
+
+
+def _timedelta(
+    name: str, value: datetime.timedelta | float | None, limit: float, expected: str
+) -> datetime.timedelta | None:
+    """Seconds (an int or a float, within ``limit``) or a timedelta, as a timedelta. A bool
+    is an int to Python: True would be one second."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be seconds or a timedelta, got {value!r}")
+    if isinstance(value, int | float):
+        if not (math.isfinite(value) and abs(value) <= limit):
+            raise ValueError(f"{name} must be {expected}, got {value!r}")
+        return datetime.timedelta(seconds=value)
+    return value
 
 
 # Spec keys the typed path carries; a spec with any other key takes the spec (jsonb) path.
@@ -152,12 +163,7 @@ class App:
         ``pgqueue.periodic``; two schedules of one type need two names. A ``dedup_key``
         makes a tick coalesce into its predecessor while that one is still pending.
         """
-        if isinstance(every, bool):
-            raise TypeError(f"every must be seconds or a timedelta, got {every!r}")
-        if isinstance(every, int | float):
-            if not (math.isfinite(every) and abs(every) <= MAX_EVERY.total_seconds()):
-                raise ValueError(f"every must be from 1 second to 100 years, got {every!r}")
-            every = datetime.timedelta(seconds=every)
+        every = _timedelta("every", every, MAX_EVERY.total_seconds(), "from 1 second to 100 years")
         schedule = Schedule(
             name=job_type if name is None else name,
             spec=Spec(
@@ -213,12 +219,7 @@ class App:
             queue = registered.queue if registered else "default"
         if max_attempts is None and registered is not None:
             max_attempts = registered.max_attempts
-        if isinstance(delay, bool):  # an int to Python: True would be a one-second delay
-            raise TypeError(f"delay must be seconds or a timedelta, got {delay!r}")
-        if isinstance(delay, int | float):
-            if not math.isfinite(delay) or abs(delay) > _MAX_DELAY_SECONDS:
-                raise ValueError(f"delay must be a finite number of seconds, got {delay!r}")
-            delay = datetime.timedelta(seconds=delay)
+        delay = _timedelta("delay", delay, _MAX_DELAY_SECONDS, "a finite number of seconds")
         job_id: int = await conn_or_pool.fetchval(
             _ENQUEUE_SQL,
             job_type,

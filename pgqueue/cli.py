@@ -23,14 +23,14 @@ import asyncpg
 import click
 
 from pgqueue.app import App
-from pgqueue.dsn import DsnError, check_dsn, connect, resolve_dsn
+from pgqueue.dsn import INT8_MAX, DsnError, check_dsn, connect, resolve_dsn
 from pgqueue.worker.worker import MAX_CONCURRENCY
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks", "y": "years"}
-INT4_MIN, INT4_MAX, INT8_MAX = -(2**31), 2**31 - 1, 2**63 - 1  # the columns' ranges
+INT4_MIN, INT4_MAX = -(2**31), 2**31 - 1  # the int columns' range
 MAX_DELAY = 100 * 365.25 * 86400  # seconds; timestamps past year 9999 break Python readers
 
 

@@ -17,11 +17,14 @@ import os
 import urllib.parse
 import uuid
 from collections.abc import Callable, Iterable
-from typing import Any, cast
+from typing import Any, TypeAlias, cast
 
 import asyncpg
 
 ENV_VAR = "PGQUEUE_DSN"
+# What every public call that runs SQL takes: the caller's connection or pool, never modified.
+ConnOrPool: TypeAlias = "asyncpg.Connection | asyncpg.Pool"
+INT8_MAX = 2**63 - 1  # the largest job id (bigint)
 
 
 def resolve_dsn(dsn: str | None = None) -> str | None:

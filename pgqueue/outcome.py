@@ -13,16 +13,13 @@ import datetime
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any
 
 import anyio
 import asyncpg
 
-from pgqueue.dsn import as_job_id
+from pgqueue.dsn import INT8_MAX, ConnOrPool, as_job_id
 
-ConnOrPool: TypeAlias = "asyncpg.Connection | asyncpg.Pool"
-
-_INT8_MAX = 2**63 - 1
 FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 # The result as text: the caller's connection may have no JSON codecs.
 _OUTCOME_SQL = (
@@ -48,7 +45,7 @@ class Outcome:
 async def job_outcome(conn_or_pool: ConnOrPool, job_id: int) -> Outcome | None:
     """The job's state now (final or not), or None if there is no such job."""
     job_id = as_job_id(job_id)
-    if not 0 < job_id <= _INT8_MAX:
+    if not 0 < job_id <= INT8_MAX:
         return None  # no such id can exist (and asyncpg would refuse to send one past bigint)
     row = await conn_or_pool.fetchrow(_OUTCOME_SQL, job_id)
     if row is None:

@@ -21,11 +21,9 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypeGuard, cast
+from typing import TYPE_CHECKING, Any, Literal, TypeGuard, cast
 
-import asyncpg
-
-from pgqueue.dsn import dumps
+from pgqueue.dsn import ConnOrPool, dumps
 from pgqueue.job import Spec
 
 if TYPE_CHECKING:
@@ -46,7 +44,6 @@ __all__ = [
     "pipeline_status",
 ]
 
-ConnOrPool: TypeAlias = "asyncpg.Connection | asyncpg.Pool"
 
 _ENQUEUE_MANY_ASYNCPG = (
     "SELECT id FROM pgqueue.enqueue_many($1::text::jsonb) WITH ORDINALITY AS t(id, ord)"
