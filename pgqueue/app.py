@@ -187,8 +187,9 @@ class App:
         return schedule
 
     def queues(self) -> list[str]:
-        """The queues named by registered handlers, sorted."""
-        return sorted({jt.queue for jt in self.job_types.values()})
+        """The queues named by registered handlers and schedules, sorted."""
+        scheduled = {s.spec.queue for s in self.schedules.values() if s.spec.queue is not None}
+        return sorted({jt.queue for jt in self.job_types.values()} | scheduled)
 
     async def enqueue(
         self,

@@ -171,8 +171,7 @@ class Worker:
         )
         if self._stop_requested:
             producer.stop()
-        periodic = {s.spec.queue for s in self.app.schedules.values() if s.spec.queue}
-        unknown = sorted(set(self.queues or ()) - set(self.app.queues()) - periodic)
+        unknown = sorted(set(self.queues or ()) - set(self.app.queues()))
         if unknown:
             # A typo in --queues would otherwise idle silently: nothing ever arrives there.
             self.logger.warning(
