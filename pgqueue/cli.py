@@ -465,9 +465,32 @@ _job_action(
 _job_action(
     "cancel",
     "Cancel a waiting or queued job (its dependents are cancelled too); a running one is not "
-    "interrupted.",
+    "interrupted (see abort).",
     "waiting or queued jobs",
 )
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("job_id", type=click.IntRange(min=1, max=INT8_MAX))
+@pass_dsn
+@_friendly_errors
+def abort(opts: DsnOption, job_id: int) -> None:
+    """Stop a job wherever it is: cancel it if it has not started; if it runs, its worker
+    cancels the handler and the job ends cancelled, not retried (unless it succeeds first)."""
+
+    async def go(conn: asyncpg.Connection) -> tuple[str | None, str | None]:
+        done = await conn.fetchval("SELECT pgqueue.abort($1)", job_id)
+        state = await conn.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", job_id)
+        return done, state
+
+    done, state = _run(lambda: _with_connection(opts.dsn, go))
+    if done is None:
+        why = "no such job" if state is None else f"it is {state} already"
+        raise click.ClickException(f"job {job_id}: nothing to abort ({why})")
+    if done == "cancelled":
+        click.echo(f"job {job_id}: cancelled")
+    else:
+        click.echo(f"job {job_id}: running; its worker was asked to stop it (it ends cancelled)")
 
 
 @main.command()

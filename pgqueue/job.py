@@ -20,6 +20,13 @@ _progress_saver: ContextVar[Callable[[Job, Any], Awaitable[bool]] | None] = Cont
 )
 
 
+# Set by each runner as well: (job) -> whether pgqueue.abort() was called for this attempt and
+# the worker has heard of it.
+_abort_check: ContextVar[Callable[[Job], bool] | None] = ContextVar(
+    "pgqueue_abort_check", default=None
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Job:
     """One claimed attempt of a job.
@@ -66,6 +73,19 @@ class Job:
                 f"job {self.id}: save_progress works inside a handler that a pgqueue worker runs"
             )
         return await save(self, progress)
+
+    @property
+    def abort_requested(self) -> bool:
+        """True once ``pgqueue.abort()`` was called for this job while this attempt runs, and
+        the worker has heard of it (a notification, or at the latest its next heartbeat).
+
+        An async handler does not need it: its task is cancelled. A plain ``def`` cannot be
+        interrupted, so a long one looks at this between steps and returns early: once the
+        worker has heard of the abort, the attempt ends the job cancelled whatever the handler
+        returns. False outside a worker's handler.
+        """
+        check = _abort_check.get()
+        return check is not None and check(self)
 
     @classmethod
     def from_record(cls, row: Mapping[str, Any]) -> Job:

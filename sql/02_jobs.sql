@@ -173,6 +173,24 @@ COMMENT ON TABLE pgqueue.cancelled_pipelines IS
 COMMENT ON COLUMN pgqueue.cancelled_pipelines.pipeline_id IS 'The cancelled pipeline.';
 COMMENT ON COLUMN pgqueue.cancelled_pipelines.cancelled_at IS 'When cancel_pipeline() was called.';
 
+-- Running jobs asked to stop (pgqueue.abort). The request is read by the
+-- transition that ends the attempt: a failure, a release or a recovery of the
+-- job ends it cancelled instead of queued again, so an aborted job never runs
+-- another attempt, whichever worker holds it and whether or not its handler
+-- could be interrupted. A success that lands first wins (the work is done).
+-- A table of its own, not a column: the jobs row and every hot path stay as
+-- they are. No foreign key: it would put a trigger on every job prune deletes;
+-- prune removes the requests whose job no longer runs instead.
+CREATE TABLE pgqueue.abort_requests (
+    job_id       bigint PRIMARY KEY,
+    requested_at timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE pgqueue.abort_requests IS
+    'Running jobs asked to stop with pgqueue.abort(): the attempt ends cancelled, never retried, unless it '
+    'succeeds first. A row is consumed by the fail, release or recovery that ends the attempt.';
+COMMENT ON COLUMN pgqueue.abort_requests.job_id IS 'The running job (pgqueue.jobs.id).';
+COMMENT ON COLUMN pgqueue.abort_requests.requested_at IS 'When abort() was first called for this attempt.';
+
 -- Claim order over live work only: finished jobs never enter this index, so
 -- claiming stays fast however many finished jobs pile up. Nor do queued jobs
 -- waiting behind an older job of their scope (scope_blocked): a claim reads

@@ -146,13 +146,21 @@ CREATE FUNCTION pgqueue._fail_attempt(p_job_id bigint, p_error text, p_retry_in 
 LANGUAGE plpgsql AS $$
 DECLARE
     v pgqueue.jobs%ROWTYPE;
+    v_aborted boolean;
 BEGIN
     SELECT * INTO v FROM pgqueue.jobs WHERE id = p_job_id;
-    IF pgqueue._pipeline_cancelled(v.pipeline_id) THEN
+    -- An abort requested for this attempt is consumed here: the job ends
+    -- cancelled, whatever attempts it has left, as in a cancelled pipeline.
+    DELETE FROM pgqueue.abort_requests r WHERE r.job_id = p_job_id;
+    v_aborted := FOUND;
+    IF v_aborted OR pgqueue._pipeline_cancelled(v.pipeline_id) THEN
         UPDATE pgqueue.jobs
-           SET state = 'cancelled', finished_at = now(), last_error = p_error || E'\n(pipeline cancelled: not retried)'
+           SET state = 'cancelled', finished_at = now(),
+               last_error = p_error || CASE WHEN v_aborted THEN E'\n(aborted: not retried)'
+                                            ELSE E'\n(pipeline cancelled: not retried)' END
          WHERE id = p_job_id;
-        PERFORM pgqueue._cancel_dependents(ARRAY[p_job_id], 'was cancelled with its pipeline');
+        PERFORM pgqueue._cancel_dependents(ARRAY[p_job_id],
+                                           CASE WHEN v_aborted THEN 'was aborted' ELSE 'was cancelled with its pipeline' END);
         RETURN 'cancelled';
     END IF;
     IF v.attempts < v.max_attempts THEN
@@ -332,7 +340,8 @@ END
 $$;
 COMMENT ON FUNCTION pgqueue.fail(bigint, text, text, interval) IS
     'Record a failed attempt of a job held by worker: requeued after retry_in (default: exponential backoff '
-    'with jitter from settings) while attempts < max_attempts, else failed, cancelling its dependents. '
+    'with jitter from settings) while attempts < max_attempts, else failed, cancelling its dependents '
+    '(cancelled instead, never retried, if abort() was called for it or its pipeline was cancelled). '
     'Returns the new state, or NULL (nothing changed) if the job is not running under this worker.';
 
 CREATE FUNCTION pgqueue.release(job_id bigint, worker text) RETURNS boolean
@@ -343,6 +352,7 @@ DECLARE
     v_pipeline uuid;
     v_held boolean;
     v_scope jsonb;
+    v_aborted boolean;
 BEGIN
     SELECT l.held, l.scope INTO v_held, v_scope FROM pgqueue._lock_before_row(release.job_id, release.worker) l;
     IF NOT v_held THEN
@@ -354,11 +364,17 @@ BEGIN
     IF NOT FOUND THEN
         RETURN false;
     END IF;
-    IF pgqueue._pipeline_cancelled(v_pipeline) THEN
+    -- An aborted job is not given back to run again: it ends cancelled here.
+    DELETE FROM pgqueue.abort_requests r WHERE r.job_id = release.job_id;
+    v_aborted := FOUND;
+    IF v_aborted OR pgqueue._pipeline_cancelled(v_pipeline) THEN
         UPDATE pgqueue.jobs j
-           SET state = 'cancelled', finished_at = now(), last_error = 'released after its pipeline was cancelled'
+           SET state = 'cancelled', finished_at = now(),
+               last_error = CASE WHEN v_aborted THEN 'aborted: released unfinished after abort() was called'
+                                 ELSE 'released after its pipeline was cancelled' END
          WHERE j.id = release.job_id;
-        PERFORM pgqueue._cancel_dependents(ARRAY[release.job_id], 'was cancelled with its pipeline');
+        PERFORM pgqueue._cancel_dependents(ARRAY[release.job_id],
+                                           CASE WHEN v_aborted THEN 'was aborted' ELSE 'was cancelled with its pipeline' END);
         IF v_scope IS NOT NULL THEN
             PERFORM pgqueue._unblock_next(ARRAY[v_scope], ARRAY[release.job_id]);
         END IF;
@@ -373,7 +389,8 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION pgqueue.release(bigint, text) IS
-    'Give a running job back unfinished (shutdown): queued again at once, the attempt not counted. '
+    'Give a running job back unfinished (shutdown): queued again at once, the attempt not counted (cancelled '
+    'instead if abort() was called for it or its pipeline was cancelled). '
     'Returns false, changing nothing, if the job is not running under this worker.';
 
 -- SKIP LOCKED: a lease is refreshed for the worker, not by it, so a row

@@ -88,6 +88,46 @@ COMMENT ON FUNCTION pgqueue.cancel(bigint) IS
     'Cancel a waiting or queued job and, transitively, the jobs waiting on it. Returns false for a running or '
     'finished job (a running handler is not interrupted; its worker''s outcome decides).';
 
+CREATE FUNCTION pgqueue.abort(job_id bigint) RETURNS text
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_scope jsonb;
+    v_state text;
+BEGIN
+    -- The scope's order lock before any row lock, as every transition takes
+    -- them (cancel below takes it too; held already, it is not waited for).
+    SELECT j.scope INTO v_scope FROM pgqueue.jobs j WHERE j.id = abort.job_id;
+    IF v_scope IS NOT NULL THEN
+        PERFORM pgqueue._lock_scope_order(ARRAY[v_scope]);
+    END IF;
+    LOOP
+        IF pgqueue.cancel(abort.job_id) THEN
+            RETURN 'cancelled';
+        END IF;
+        -- FOR SHARE waits for a transition out of running that is under way and
+        -- holds off the next until this commits: whichever transition ends the
+        -- attempt reads the request (fail, release and recovery lock the row
+        -- first, then look).
+        SELECT j.state INTO v_state FROM pgqueue.jobs j WHERE j.id = abort.job_id FOR SHARE;
+        IF v_state = 'running' THEN
+            INSERT INTO pgqueue.abort_requests (job_id) VALUES (abort.job_id) ON CONFLICT (job_id) DO NOTHING;
+            PERFORM pg_notify('pgqueue_abort', abort.job_id::text);
+            RETURN 'running';
+        END IF;
+        IF v_state IS NULL OR v_state IN ('succeeded', 'failed', 'cancelled') THEN
+            RETURN NULL;
+        END IF;
+        -- Queued or waiting again (requeued after cancel looked): cancel it now.
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION pgqueue.abort(bigint) IS
+    'Stop a job wherever it is: a waiting or queued job is cancelled as cancel() does (returns ''cancelled''); '
+    'for a running job a request is recorded and its worker told on channel pgqueue_abort (returns '
+    '''running''): the worker cancels an async handler, and the attempt then ends cancelled, never retried, '
+    'its dependents cancelled. A handler that succeeds first wins. NULL for a finished or unknown job.';
+
 -- The fan-in counter's definition: how many dependencies of the job have not
 -- succeeded. Used where a counter is rebuilt (retry) rather than decremented.
 CREATE FUNCTION pgqueue._unfinished_deps(p_job_id bigint) RETURNS int
@@ -142,6 +182,9 @@ BEGIN
     IF NOT FOUND THEN
         RETURN false;
     END IF;
+    -- A request left by an abort that did not end the attempt (none should be):
+    -- the new attempts are not aborted.
+    DELETE FROM pgqueue.abort_requests r WHERE r.job_id = retry.job_id;
     -- An operator retrying a member of a cancelled pipeline resumes the pipeline.
     IF v_cancelled THEN
         DELETE FROM pgqueue.cancelled_pipelines c WHERE c.pipeline_id = v.pipeline_id;
@@ -214,12 +257,15 @@ BEGIN
       AND j.finished_at < now() - prune.older_than
       AND NOT j.is_current;
     GET DIAGNOSTICS v_count = ROW_COUNT;
+    -- Abort requests whose attempt ended without reading them (it succeeded first).
+    DELETE FROM pgqueue.abort_requests r
+    WHERE NOT EXISTS (SELECT 1 FROM pgqueue.jobs j WHERE j.id = r.job_id AND j.state = 'running');
     RETURN v_count;
 END
 $$;
 COMMENT ON FUNCTION pgqueue.prune(interval) IS
-    'Delete final jobs whose finished_at is older than older_than (except the current job of each scope); '
-    'returns how many were deleted.';
+    'Delete final jobs whose finished_at is older than older_than (except the current job of each scope), and '
+    'abort requests whose job no longer runs; returns how many jobs were deleted.';
 
 CREATE FUNCTION pgqueue.cancel_pipeline(pipeline_id uuid) RETURNS bigint
 LANGUAGE plpgsql AS $$

@@ -269,6 +269,24 @@ COMMENT ON TABLE pgqueue.cancelled_pipelines IS
 COMMENT ON COLUMN pgqueue.cancelled_pipelines.pipeline_id IS 'The cancelled pipeline.';
 COMMENT ON COLUMN pgqueue.cancelled_pipelines.cancelled_at IS 'When cancel_pipeline() was called.';
 
+-- Running jobs asked to stop (pgqueue.abort). The request is read by the
+-- transition that ends the attempt: a failure, a release or a recovery of the
+-- job ends it cancelled instead of queued again, so an aborted job never runs
+-- another attempt, whichever worker holds it and whether or not its handler
+-- could be interrupted. A success that lands first wins (the work is done).
+-- A table of its own, not a column: the jobs row and every hot path stay as
+-- they are. No foreign key: it would put a trigger on every job prune deletes;
+-- prune removes the requests whose job no longer runs instead.
+CREATE TABLE pgqueue.abort_requests (
+    job_id       bigint PRIMARY KEY,
+    requested_at timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE pgqueue.abort_requests IS
+    'Running jobs asked to stop with pgqueue.abort(): the attempt ends cancelled, never retried, unless it '
+    'succeeds first. A row is consumed by the fail, release or recovery that ends the attempt.';
+COMMENT ON COLUMN pgqueue.abort_requests.job_id IS 'The running job (pgqueue.jobs.id).';
+COMMENT ON COLUMN pgqueue.abort_requests.requested_at IS 'When abort() was first called for this attempt.';
+
 -- Claim order over live work only: finished jobs never enter this index, so
 -- claiming stays fast however many finished jobs pile up. Nor do queued jobs
 -- waiting behind an older job of their scope (scope_blocked): a claim reads
@@ -1620,13 +1638,21 @@ CREATE FUNCTION pgqueue._fail_attempt(p_job_id bigint, p_error text, p_retry_in 
 LANGUAGE plpgsql AS $$
 DECLARE
     v pgqueue.jobs%ROWTYPE;
+    v_aborted boolean;
 BEGIN
     SELECT * INTO v FROM pgqueue.jobs WHERE id = p_job_id;
-    IF pgqueue._pipeline_cancelled(v.pipeline_id) THEN
+    -- An abort requested for this attempt is consumed here: the job ends
+    -- cancelled, whatever attempts it has left, as in a cancelled pipeline.
+    DELETE FROM pgqueue.abort_requests r WHERE r.job_id = p_job_id;
+    v_aborted := FOUND;
+    IF v_aborted OR pgqueue._pipeline_cancelled(v.pipeline_id) THEN
         UPDATE pgqueue.jobs
-           SET state = 'cancelled', finished_at = now(), last_error = p_error || E'\n(pipeline cancelled: not retried)'
+           SET state = 'cancelled', finished_at = now(),
+               last_error = p_error || CASE WHEN v_aborted THEN E'\n(aborted: not retried)'
+                                            ELSE E'\n(pipeline cancelled: not retried)' END
          WHERE id = p_job_id;
-        PERFORM pgqueue._cancel_dependents(ARRAY[p_job_id], 'was cancelled with its pipeline');
+        PERFORM pgqueue._cancel_dependents(ARRAY[p_job_id],
+                                           CASE WHEN v_aborted THEN 'was aborted' ELSE 'was cancelled with its pipeline' END);
         RETURN 'cancelled';
     END IF;
     IF v.attempts < v.max_attempts THEN
@@ -1806,7 +1832,8 @@ END
 $$;
 COMMENT ON FUNCTION pgqueue.fail(bigint, text, text, interval) IS
     'Record a failed attempt of a job held by worker: requeued after retry_in (default: exponential backoff '
-    'with jitter from settings) while attempts < max_attempts, else failed, cancelling its dependents. '
+    'with jitter from settings) while attempts < max_attempts, else failed, cancelling its dependents '
+    '(cancelled instead, never retried, if abort() was called for it or its pipeline was cancelled). '
     'Returns the new state, or NULL (nothing changed) if the job is not running under this worker.';
 
 CREATE FUNCTION pgqueue.release(job_id bigint, worker text) RETURNS boolean
@@ -1817,6 +1844,7 @@ DECLARE
     v_pipeline uuid;
     v_held boolean;
     v_scope jsonb;
+    v_aborted boolean;
 BEGIN
     SELECT l.held, l.scope INTO v_held, v_scope FROM pgqueue._lock_before_row(release.job_id, release.worker) l;
     IF NOT v_held THEN
@@ -1828,11 +1856,17 @@ BEGIN
     IF NOT FOUND THEN
         RETURN false;
     END IF;
-    IF pgqueue._pipeline_cancelled(v_pipeline) THEN
+    -- An aborted job is not given back to run again: it ends cancelled here.
+    DELETE FROM pgqueue.abort_requests r WHERE r.job_id = release.job_id;
+    v_aborted := FOUND;
+    IF v_aborted OR pgqueue._pipeline_cancelled(v_pipeline) THEN
         UPDATE pgqueue.jobs j
-           SET state = 'cancelled', finished_at = now(), last_error = 'released after its pipeline was cancelled'
+           SET state = 'cancelled', finished_at = now(),
+               last_error = CASE WHEN v_aborted THEN 'aborted: released unfinished after abort() was called'
+                                 ELSE 'released after its pipeline was cancelled' END
          WHERE j.id = release.job_id;
-        PERFORM pgqueue._cancel_dependents(ARRAY[release.job_id], 'was cancelled with its pipeline');
+        PERFORM pgqueue._cancel_dependents(ARRAY[release.job_id],
+                                           CASE WHEN v_aborted THEN 'was aborted' ELSE 'was cancelled with its pipeline' END);
         IF v_scope IS NOT NULL THEN
             PERFORM pgqueue._unblock_next(ARRAY[v_scope], ARRAY[release.job_id]);
         END IF;
@@ -1847,7 +1881,8 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION pgqueue.release(bigint, text) IS
-    'Give a running job back unfinished (shutdown): queued again at once, the attempt not counted. '
+    'Give a running job back unfinished (shutdown): queued again at once, the attempt not counted (cancelled '
+    'instead if abort() was called for it or its pipeline was cancelled). '
     'Returns false, changing nothing, if the job is not running under this worker.';
 
 -- SKIP LOCKED: a lease is refreshed for the worker, not by it, so a row
@@ -1990,6 +2025,46 @@ COMMENT ON FUNCTION pgqueue.cancel(bigint) IS
     'Cancel a waiting or queued job and, transitively, the jobs waiting on it. Returns false for a running or '
     'finished job (a running handler is not interrupted; its worker''s outcome decides).';
 
+CREATE FUNCTION pgqueue.abort(job_id bigint) RETURNS text
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_scope jsonb;
+    v_state text;
+BEGIN
+    -- The scope's order lock before any row lock, as every transition takes
+    -- them (cancel below takes it too; held already, it is not waited for).
+    SELECT j.scope INTO v_scope FROM pgqueue.jobs j WHERE j.id = abort.job_id;
+    IF v_scope IS NOT NULL THEN
+        PERFORM pgqueue._lock_scope_order(ARRAY[v_scope]);
+    END IF;
+    LOOP
+        IF pgqueue.cancel(abort.job_id) THEN
+            RETURN 'cancelled';
+        END IF;
+        -- FOR SHARE waits for a transition out of running that is under way and
+        -- holds off the next until this commits: whichever transition ends the
+        -- attempt reads the request (fail, release and recovery lock the row
+        -- first, then look).
+        SELECT j.state INTO v_state FROM pgqueue.jobs j WHERE j.id = abort.job_id FOR SHARE;
+        IF v_state = 'running' THEN
+            INSERT INTO pgqueue.abort_requests (job_id) VALUES (abort.job_id) ON CONFLICT (job_id) DO NOTHING;
+            PERFORM pg_notify('pgqueue_abort', abort.job_id::text);
+            RETURN 'running';
+        END IF;
+        IF v_state IS NULL OR v_state IN ('succeeded', 'failed', 'cancelled') THEN
+            RETURN NULL;
+        END IF;
+        -- Queued or waiting again (requeued after cancel looked): cancel it now.
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION pgqueue.abort(bigint) IS
+    'Stop a job wherever it is: a waiting or queued job is cancelled as cancel() does (returns ''cancelled''); '
+    'for a running job a request is recorded and its worker told on channel pgqueue_abort (returns '
+    '''running''): the worker cancels an async handler, and the attempt then ends cancelled, never retried, '
+    'its dependents cancelled. A handler that succeeds first wins. NULL for a finished or unknown job.';
+
 -- The fan-in counter's definition: how many dependencies of the job have not
 -- succeeded. Used where a counter is rebuilt (retry) rather than decremented.
 CREATE FUNCTION pgqueue._unfinished_deps(p_job_id bigint) RETURNS int
@@ -2044,6 +2119,9 @@ BEGIN
     IF NOT FOUND THEN
         RETURN false;
     END IF;
+    -- A request left by an abort that did not end the attempt (none should be):
+    -- the new attempts are not aborted.
+    DELETE FROM pgqueue.abort_requests r WHERE r.job_id = retry.job_id;
     -- An operator retrying a member of a cancelled pipeline resumes the pipeline.
     IF v_cancelled THEN
         DELETE FROM pgqueue.cancelled_pipelines c WHERE c.pipeline_id = v.pipeline_id;
@@ -2116,12 +2194,15 @@ BEGIN
       AND j.finished_at < now() - prune.older_than
       AND NOT j.is_current;
     GET DIAGNOSTICS v_count = ROW_COUNT;
+    -- Abort requests whose attempt ended without reading them (it succeeded first).
+    DELETE FROM pgqueue.abort_requests r
+    WHERE NOT EXISTS (SELECT 1 FROM pgqueue.jobs j WHERE j.id = r.job_id AND j.state = 'running');
     RETURN v_count;
 END
 $$;
 COMMENT ON FUNCTION pgqueue.prune(interval) IS
-    'Delete final jobs whose finished_at is older than older_than (except the current job of each scope); '
-    'returns how many were deleted.';
+    'Delete final jobs whose finished_at is older than older_than (except the current job of each scope), and '
+    'abort requests whose job no longer runs; returns how many jobs were deleted.';
 
 CREATE FUNCTION pgqueue.cancel_pipeline(pipeline_id uuid) RETURNS bigint
 LANGUAGE plpgsql AS $$

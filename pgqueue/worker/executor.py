@@ -17,6 +17,7 @@ import asyncio
 import logging
 import time
 import traceback
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +27,7 @@ import asyncpg
 
 from pgqueue.app import App, JobType
 from pgqueue.dsn import dumps
-from pgqueue.job import Job, Result, _progress_saver
+from pgqueue.job import Job, Result, _abort_check, _progress_saver
 from pgqueue.worker import bounded
 from pgqueue.worker.completer import (
     BOUNDED_LOCK_WAIT,
@@ -46,6 +47,7 @@ _SAVE_PROGRESS = (
     "SELECT pgqueue.save_progress(job_id => $1, worker => $2, progress => $3)"
     f" FROM {BOUNDED_LOCK_WAIT}"
 )
+ABORTED = "aborted: pgqueue.abort() was called for this job while it ran"
 _QUIET = ("succeeded", "released")  # logged at INFO; any other outcome at WARNING
 _STILL_HELD = (
     "job %d: claimed again (attempt %d) while this worker still holds its earlier attempt,"
@@ -98,6 +100,13 @@ class Executor:
         # While a claim is under way (see claim_sent): the held jobs settled since it was sent.
         self._settled_in_claim: set[int] | None = None
         self.sweep_needed = False
+        # Running jobs whose abort this worker has heard of (see abort), and the tasks of the
+        # async handlers running now, so that one can be cancelled; for each job whose
+        # handler's task was cancelled here, the cancellation is taken back once it is
+        # handled (see _invoke), since anyio counts a task's pending cancellations.
+        self.aborting: set[int] = set()
+        self._handler_tasks: dict[int, asyncio.Task[Any]] = {}
+        self._abort_sent: set[int] = set()
         self.max_unwritten = max(concurrency, MAX_BATCH)
         self.slot_freed = Wake()
         self.idle = Wake()
@@ -202,8 +211,41 @@ class Executor:
             await self.idle.wait()
         await self.completer.flushed()
 
+    def abort(self, job_ids: Iterable[int]) -> None:
+        """``pgqueue.abort()`` was called for these jobs (a notification, or the heartbeat's
+        look at this worker's requests): stop the handlers of those that run here.
+
+        An async handler's task is cancelled, so the handler stops at what it awaits; the
+        attempt then fails, and the database, which holds the request, ends the job
+        cancelled. A plain ``def`` cannot be interrupted: ``job.abort_requested`` turns true
+        for it to look at. A job not started yet is not started. Ids of jobs that do not run
+        here (another worker's, or ended already) are ignored."""
+        for job_id in job_ids:
+            job = self.running.get(job_id)
+            if job is None or job_id in self.aborting:
+                continue
+            self.aborting.add(job_id)
+            task = self._handler_tasks.get(job_id)
+            self.logger.warning(
+                "job %d: abort requested; %s",
+                job_id,
+                "cancelling its handler"
+                if task is not None
+                else "not interruptible (a plain def, or not started yet): it stops when it"
+                " returns or at once if it has not started",
+                extra={"job_id": job_id, "job_type": job.job_type},
+            )
+            if task is not None:
+                self._abort_sent.add(job_id)
+                task.cancel(ABORTED)
+
+    def _abort_requested(self, job: Job) -> bool:
+        """Job.abort_requested: for the attempt running here now, by the Job it was given."""
+        return job.id in self.aborting and self.running.get(job.id) is job
+
     def _free(self, job: Job) -> None:
         """The job's handler is done (or the job was given back): free its slot."""
+        self.aborting.discard(job.id)
         del self.running[job.id]
         self.slot_freed.set()
         if not self.running:
@@ -237,6 +279,7 @@ class Executor:
 
     async def _runner(self) -> None:
         _progress_saver.set(self._save_progress)  # this runner's context, its handlers' too
+        _abort_check.set(self._abort_requested)
         get = self._queue.get
         while True:
             await self._run(await get())
@@ -253,6 +296,8 @@ class Executor:
                 self._log(job, _released(released), time.monotonic() - started)
                 raise
             duration = time.monotonic() - started
+            if job.id in self.aborting:  # heard before the handler returned: what it did is void
+                attempt = _ABORTED
             if attempt.error is None:
                 self.completer.add_success(job, attempt.result, attempt.next_jobs, duration)
                 handed_over = True
@@ -347,6 +392,8 @@ class Executor:
                 error=f"no handler for job type {job.job_type!r} in this worker"
                 f" (registered: {known})"
             )
+        if job.id in self.aborting:  # aborted before a runner took it
+            return _ABORTED
         if job_type.timeout is None:  # no cancel scope on the common path: it costs per job
             return await self._invoke(job_type, job)
         if not job_type.is_async:
@@ -387,7 +434,12 @@ class Executor:
     async def _invoke(self, job_type: JobType, job: Job) -> _Attempt:
         try:
             if job_type.is_async:
-                value = await job_type.handler(job)
+                tasks = self._handler_tasks
+                tasks[job.id] = asyncio.current_task()  # type: ignore[assignment]
+                try:
+                    value = await job_type.handler(job)
+                finally:
+                    del tasks[job.id]
             else:
                 # Never abandoned: a thread cannot be stopped, and its job given back at
                 # shutdown while it runs on could run a second time beside it (or the next
@@ -406,12 +458,30 @@ class Executor:
             return _Attempt(error=_traceback(exc))
         except asyncio.CancelledError as exc:
             task = asyncio.current_task()
+            if self._took_back_abort(job) and task is not None and not task.cancelling():
+                return _ABORTED  # the abort alone, not the timeout or shutdown as well
             if task is None or task.cancelling():
                 raise  # this worker cancelled it: the job's timeout, or shutdown
             # The handler's own (it awaited something cancelled): an error like any other,
             # not a shutdown of the runner, which would take the worker down with it.
             return _Attempt(error=_traceback(exc))
+        finally:
+            if self._abort_sent:  # one the handler swallowed, or turned into an error
+                self._took_back_abort(job)
         return _encode(value, self.app)
+
+    def _took_back_abort(self, job: Job) -> bool:
+        """If abort() cancelled this runner's task for ``job``, take that cancellation back
+        (it has been handled, or swallowed by the handler) and say so. asyncio counts a
+        task's pending cancellations: once ours is taken back, one still pending is anyio's
+        (the job's timeout, shutdown), and a CancelledError with none is the handler's own."""
+        if job.id not in self._abort_sent:
+            return False
+        self._abort_sent.discard(job.id)
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        return True
 
     def _log(self, job: Job, outcome: str, duration: float, error: str | None = None) -> None:
         """One line per job outcome: id, type, attempt, duration (and the error's last line).
@@ -455,6 +525,7 @@ class Executor:
 
 _LOG_LINE = Executor._log.__code__.co_firstlineno
 _NO_RESULT = _Attempt()
+_ABORTED = _Attempt(error=ABORTED)
 
 
 def _released(released: bool | None) -> str:

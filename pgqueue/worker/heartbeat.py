@@ -10,6 +10,7 @@ does not leave workers beating at a period the new lease no longer covers.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -26,7 +27,13 @@ MIN_BEAT_BOUND = 1.0
 _STALE_AFTER = "SELECT value::interval FROM pgqueue.settings WHERE name = 'stale_after'"
 
 
-_BEAT = f"SELECT pgqueue.heartbeat(worker => $1), ({_STALE_AFTER})"
+# With the beat, the worker's running jobs that pgqueue.abort() was called for: a notification
+# the LISTEN connection missed (it was reconnecting) is made up for within a period.
+_BEAT = (
+    f"SELECT pgqueue.heartbeat(worker => $1), ({_STALE_AFTER}),"
+    " ARRAY(SELECT r.job_id FROM pgqueue.abort_requests r JOIN pgqueue.jobs j ON j.id = r.job_id"
+    " WHERE j.state = 'running' AND j.locked_by = $1)"
+)
 
 
 def _usable(value: timedelta | None) -> timedelta:
@@ -56,10 +63,15 @@ class Period:
 
 
 async def heartbeat_loop(
-    pool: asyncpg.Pool, worker_id: str, period: Period, logger: logging.Logger
+    pool: asyncpg.Pool,
+    worker_id: str,
+    period: Period,
+    logger: logging.Logger,
+    on_abort: Callable[[list[int]], None] | None = None,
 ) -> None:
     """Refresh the leases of every job this worker holds, every ``period`` seconds, and
-    follow ``stale_after``: the period changes at the beat that reads a new value.
+    follow ``stale_after``: the period changes at the beat that reads a new value. The
+    jobs it runs that ``pgqueue.abort()`` was called for go to ``on_abort``.
 
     Each beat is bounded by ``period`` (at least :data:`MIN_BEAT_BOUND`; the acquire, then
     the statement) and a connection
@@ -73,11 +85,13 @@ async def heartbeat_loop(
         await anyio.sleep(period.seconds)
         try:
             bound = max(period.seconds, MIN_BEAT_BOUND)
-            stale_after = await bounded.call(pool, bound, _beat, worker_id)
+            stale_after, aborted = await bounded.call(pool, bound, _beat, worker_id)
         except Exception as exc:
             outage.failed(exc, "refreshing leases")
             continue
         outage.ok()
+        if aborted and on_abort is not None:
+            on_abort(aborted)
         seconds = heartbeat_period(stale_after)
         if seconds != period.seconds:
             logger.info(
@@ -89,6 +103,8 @@ async def heartbeat_loop(
             period.seconds = seconds
 
 
-async def _beat(conn: asyncpg.Connection, worker_id: str) -> timedelta:
+async def _beat(conn: asyncpg.Connection, worker_id: str) -> tuple[timedelta, list[int]]:
     row = await conn.fetchrow(_BEAT, worker_id)
-    return _usable(row[1] if row is not None else None)
+    if row is None:
+        return _usable(None), []
+    return _usable(row[1]), list(row[2] or ())

@@ -159,6 +159,7 @@ class Worker:
             queues=self.queues,
             application_name=f"pgqueue-notifier {self.id}",
             logger=self.logger,
+            on_abort=executor.abort,
         )
         self._producer = producer = Producer(
             pool,
@@ -190,7 +191,9 @@ class Worker:
         )
         async with anyio.create_task_group() as services:
             services.start_soon(self.notifier.run)
-            services.start_soon(heartbeat_loop, beat_pool, self.id, period, self.logger)
+            services.start_soon(
+                heartbeat_loop, beat_pool, self.id, period, self.logger, executor.abort
+            )
             services.start_soon(recovery_loop, pool, period, self.logger)
             services.start_soon(completer.run)
             schedules = anyio.CancelScope()  # a stopping worker enqueues no more ticks

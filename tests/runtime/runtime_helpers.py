@@ -4,6 +4,8 @@ waiting helpers are tests/worker_harness.py."""
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,20 @@ import pgqueue
 from pgqueue.worker import completer
 
 HERE = Path(__file__).resolve().parent
+
+
+@asynccontextmanager
+async def running(app: pgqueue.App, dsn: str, **options: Any) -> AsyncIterator[pgqueue.Worker]:
+    """Run a Worker in this event loop for the duration of the block."""
+    options.setdefault("poll_interval", 0.5)
+    worker = pgqueue.Worker(app, dsn, handle_signals=False, **options)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        await worker.started.wait()
+        try:
+            yield worker
+        finally:
+            worker.stop()
 
 
 def start_worker(dsn: str, *args: str) -> WorkerProcess:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 
+import asyncpg
 import pytest
 from click.testing import CliRunner, Result
 
@@ -52,6 +54,31 @@ def test_enqueue_list_cancel_retry_stats(db_dsn: str) -> None:
     assert run(db_dsn, "prune", "--older-than", "1 day 2 hours").exit_code == 0
 
 
+def test_abort_cancels_a_queued_job_and_asks_for_a_running_one(db_dsn: str) -> None:
+    queued = int(run(db_dsn, "enqueue", "report").output)
+    assert run(db_dsn, "abort", str(queued)).output == f"job {queued}: cancelled\n"
+    again = run(db_dsn, "abort", str(queued))
+    assert again.exit_code == 1
+    assert "nothing to abort (it is cancelled already)" in again.output
+    assert "nothing to abort (no such job)" in run(db_dsn, "abort", "999999").output
+
+    running = int(run(db_dsn, "enqueue", "report").output)
+
+    async def claim() -> None:  # as a worker would
+        conn = await asyncpg.connect(db_dsn)
+        try:
+            await conn.fetch("SELECT pgqueue.claim($1, 'w')", running)
+        finally:
+            await conn.close()
+
+    asyncio.run(claim())
+    out = run(db_dsn, "abort", str(running))
+    assert (out.exit_code, out.output) == (
+        0,
+        f"job {running}: running; its worker was asked to stop it (it ends cancelled)\n",
+    )
+
+
 def test_dsn_from_environment(db_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PGQUEUE_DSN", db_dsn)
     out = CliRunner().invoke(main, ["enqueue", "x"])
@@ -87,6 +114,7 @@ def test_dsn_from_environment(db_dsn: str, monkeypatch: pytest.MonkeyPatch) -> N
         (["enqueue", "x", "--queue", ""], "Error: pgqueue.enqueue: queue must be a non-empty"),
         (["enqueue", "", "--payload", "{}"], "Error: pgqueue.enqueue: job_type must be"),
         (["cancel", "-5"], "-5 is not in the range"),
+        (["abort", "-5"], "-5 is not in the range"),
         (["jobs", "--dsn", "postgresql://h:abc/x"], "port 'abc' is not a number from 1 to 65535"),
         (["jobs", "--dsn", "postgresql://h:99999/x"], "port '99999' is not a number"),
         (["jobs", "--dsn", "host=h dbname=x"], "$PGQUEUE_DSN: is not a postgresql:// URL"),

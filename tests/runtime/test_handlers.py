@@ -11,8 +11,6 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -25,6 +23,7 @@ from runtime_helpers import (
     held_handler_app,
     recover_as_stale,
     refuse_the_success,
+    running,
 )
 from worker_harness import wait_for_states, wait_until
 
@@ -33,20 +32,6 @@ from pgqueue.migrate import SchemaError
 from pgqueue.worker.logs import JsonFormatter
 from pgqueue.worker.producer import Producer
 from pgqueue.worker.worker import FINAL_WRITE_WINDOW
-
-
-@asynccontextmanager
-async def running(app: pgqueue.App, dsn: str, **options: Any) -> AsyncIterator[pgqueue.Worker]:
-    """Run a Worker in this event loop for the duration of the block."""
-    options.setdefault("poll_interval", 0.5)
-    worker = pgqueue.Worker(app, dsn, handle_signals=False, **options)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(worker.run)
-        await worker.started.wait()
-        try:
-            yield worker
-        finally:
-            worker.stop()
 
 
 def make_app() -> pgqueue.App:

@@ -23,6 +23,21 @@ class Mutant:
 
 
 MUTANTS: dict[str, Mutant] = {
+    # abort without its row lock: a failure under way requeues the job, and the request
+    # recorded beside it is read by nobody (the job runs again, not aborted).
+    "abort_without_row_lock": Mutant(
+        "pgqueue.abort(bigint)",
+        "WHERE j.id = abort.job_id FOR SHARE;",
+        "WHERE j.id = abort.job_id;",
+        "test_abort.py::test_a_failure_waits_for_an_abort_under_way_and_reads_its_request",
+    ),
+    # abort that gives up on a job requeued while it looked, instead of cancelling it.
+    "abort_gives_up_on_a_requeued_job": Mutant(
+        "pgqueue.abort(bigint)",
+        "-- Queued or waiting again (requeued after cancel looked): cancel it now.",
+        "RETURN NULL;",
+        "test_abort.py::test_an_abort_waits_for_a_failure_under_way_and_cancels_the_requeued_job",
+    ),
     # enqueue_periodic that moves the schedule to any tick, not only a later one: every
     # racer for a tick enqueues it once the first commits.
     "periodic_any_tick": Mutant(
