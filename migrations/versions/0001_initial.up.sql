@@ -2042,11 +2042,12 @@ BEGIN
         IF pgqueue.cancel(abort.job_id) THEN
             RETURN 'cancelled';
         END IF;
-        -- FOR SHARE waits for a transition out of running that is under way and
+        -- The row lock waits for a transition out of running that is under way and
         -- holds off the next until this commits: whichever transition ends the
         -- attempt reads the request (fail, release and recovery lock the row
-        -- first, then look).
-        SELECT j.state INTO v_state FROM pgqueue.jobs j WHERE j.id = abort.job_id FOR SHARE;
+        -- first, then look). Not FOR SHARE: two aborts would both hold it, find
+        -- the job requeued, and deadlock upgrading it in cancel().
+        SELECT j.state INTO v_state FROM pgqueue.jobs j WHERE j.id = abort.job_id FOR NO KEY UPDATE;
         IF v_state = 'running' THEN
             INSERT INTO pgqueue.abort_requests (job_id) VALUES (abort.job_id) ON CONFLICT (job_id) DO NOTHING;
             PERFORM pg_notify('pgqueue_abort', abort.job_id::text);

@@ -227,12 +227,11 @@ class Executor:
             self.aborting.add(job_id)
             task = self._handler_tasks.get(job_id)
             self.logger.warning(
-                "job %d: abort requested; %s",
+                "job %d: abort requested%s",
                 job_id,
-                "cancelling its handler"
-                if task is not None
-                else "not interruptible (a plain def, or not started yet): it stops when it"
-                " returns or at once if it has not started",
+                # Else a plain def (it sees job.abort_requested), a job not started yet (it
+                # will not be), or a handler that has just returned (its outcome is voided).
+                "; cancelling its handler" if task is not None else "",
                 extra={"job_id": job_id, "job_type": job.job_type},
             )
             if task is not None:

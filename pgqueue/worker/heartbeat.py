@@ -18,6 +18,7 @@ import anyio
 import asyncpg
 
 from pgqueue.worker import bounded
+from pgqueue.worker.aborts import ABORTED_JOBS
 from pgqueue.worker.retry import Outage
 
 DEFAULT_STALE_AFTER = timedelta(minutes=5)
@@ -27,13 +28,9 @@ MIN_BEAT_BOUND = 1.0
 _STALE_AFTER = "SELECT value::interval FROM pgqueue.settings WHERE name = 'stale_after'"
 
 
-# With the beat, the worker's running jobs that pgqueue.abort() was called for: a notification
-# the LISTEN connection missed (it was reconnecting) is made up for within a period.
-_BEAT = (
-    f"SELECT pgqueue.heartbeat(worker => $1), ({_STALE_AFTER}),"
-    " ARRAY(SELECT r.job_id FROM pgqueue.abort_requests r JOIN pgqueue.jobs j ON j.id = r.job_id"
-    " WHERE j.state = 'running' AND j.locked_by = $1)"
-)
+# With the beat, the jobs running under this worker that pgqueue.abort() was called for: a
+# notification the LISTEN connection missed is made up for within a period (see aborts.py).
+_BEAT = f"SELECT pgqueue.heartbeat(worker => $1), ({_STALE_AFTER}), {ABORTED_JOBS}"
 
 
 def _usable(value: timedelta | None) -> timedelta:

@@ -10,7 +10,7 @@ for jobs whose notifications were missed while it was away.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import anyio
 import asyncpg
@@ -20,15 +20,14 @@ from pgqueue.worker.retry import Backoff, Outage
 from pgqueue.worker.wake import Wake
 
 CHANNEL = "pgqueue"
-# pgqueue.abort() of a running job: the payload is the job's id.
+# pgqueue.abort() of a running job (the payload, the job's id, is not trusted: see aborts.py).
 ABORT_CHANNEL = "pgqueue_abort"
 
 
 class Notifier:
     """Turns ``NOTIFY pgqueue, '<queue>'`` for our queues into wake-ups of the producer, and
-    ``NOTIFY pgqueue_abort, '<job id>'`` into calls of ``on_abort``. An abort sent while the
-    connection was down is found by the heartbeat instead (see
-    :func:`pgqueue.worker.heartbeat.heartbeat_loop`)."""
+    ``NOTIFY pgqueue_abort`` into wake-ups of ``aborts`` (see
+    :mod:`pgqueue.worker.aborts`)."""
 
     def __init__(
         self,
@@ -38,7 +37,7 @@ class Notifier:
         queues: Iterable[str] | None,
         application_name: str,
         logger: logging.Logger,
-        on_abort: Callable[[list[int]], None] | None = None,
+        aborts: Wake | None = None,
         health_interval: float = 15.0,
         health_timeout: float = 5.0,
     ) -> None:
@@ -47,7 +46,7 @@ class Notifier:
         self.queues = None if queues is None else frozenset(queues)
         self.application_name = application_name
         self.logger = logger
-        self.on_abort = on_abort
+        self.aborts = aborts
         self.health_interval = health_interval
         self.health_timeout = health_timeout
         self.listening = anyio.Event()  # set while LISTEN is active; replaced when lost
@@ -82,7 +81,7 @@ class Notifier:
         conn.add_termination_listener(lambda _conn: lost.set())
         with anyio.fail_after(self.health_timeout):  # a LISTEN can hang like any statement
             await conn.add_listener(CHANNEL, self._on_notify)
-            if self.on_abort is not None:
+            if self.aborts is not None:
                 await conn.add_listener(ABORT_CHANNEL, self._on_abort)
         self.connects += 1
         backoff.reset()
@@ -104,6 +103,6 @@ class Notifier:
         if self.queues is None or payload in self.queues:
             self.wake.set()
 
-    def _on_abort(self, _conn: asyncpg.Connection, _pid: int, _channel: str, payload: str) -> None:
-        if self.on_abort is not None and payload.isdecimal():  # anyone may NOTIFY this channel
-            self.on_abort([int(payload)])
+    def _on_abort(self, _conn: asyncpg.Connection, _pid: int, _channel: str, _payload: str) -> None:
+        if self.aborts is not None:
+            self.aborts.set()

@@ -25,6 +25,7 @@ import asyncpg
 from pgqueue.app import App
 from pgqueue.dsn import create_pool
 from pgqueue.worker import bounded
+from pgqueue.worker.aborts import abort_loop
 from pgqueue.worker.completer import Completer
 from pgqueue.worker.executor import Executor
 from pgqueue.worker.heartbeat import Period, heartbeat_loop, read_stale_after
@@ -88,6 +89,7 @@ class Worker:
         self._force = False  # stop(force=True) before the grace period began: skip it
         self._grace_scope: anyio.CancelScope | None = None
         self._executor: Executor | None = None
+        self._aborts_heard = Wake()  # a pgqueue_abort notification: read the requests
 
     def stop(self, *, force: bool = False) -> None:
         """Stop claiming and shut down; ``force`` skips what is left of the grace period.
@@ -159,7 +161,7 @@ class Worker:
             queues=self.queues,
             application_name=f"pgqueue-notifier {self.id}",
             logger=self.logger,
-            on_abort=executor.abort,
+            aborts=self._aborts_heard,
         )
         self._producer = producer = Producer(
             pool,
@@ -196,6 +198,9 @@ class Worker:
             )
             services.start_soon(recovery_loop, pool, period, self.logger)
             services.start_soon(completer.run)
+            services.start_soon(
+                abort_loop, pool, self.id, self._aborts_heard, executor.abort, self.logger
+            )
             schedules = anyio.CancelScope()  # a stopping worker enqueues no more ticks
             services.start_soon(self._run_schedules, pool, schedules)
             if self.handle_signals:

@@ -164,17 +164,27 @@ async def test_an_abort_at_shutdown_does_not_hold_it_up_and_the_job_ends_cancell
     assert await conn.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", job) == "cancelled"
 
 
-async def test_abort_ignores_jobs_it_does_not_run(
+async def test_a_notification_without_a_request_aborts_nothing(
     db_dsn: str, conn: asyncpg.Connection, records: tuple[Any, Records]
 ) -> None:
+    """Notifications are hints: the worker acts on the requests it reads, not on a payload
+    (before, a bare NOTIFY with a running job's id cancelled its handler, and the job, with
+    no request to read, was queued again with an attempt used)."""
     logger, logged = records
     probe = Probe()
-    async with running(make_app(probe), db_dsn, concurrency=2, logger=logger) as worker:
-        executor = worker._executor  # type: ignore[attr-defined]
-        assert executor is not None
-        executor.abort([123456789])
+    async with running(make_app(probe), db_dsn, concurrency=2, logger=logger, grace=0.5):
+        job, _ = await _enqueue(conn, "long")
+        await probe.started_(job)
+        await conn.execute(f"NOTIFY pgqueue_abort, '{job}'")
         await conn.execute("NOTIFY pgqueue_abort, 'not a job id'")
-        # The NOTIFY went out before this enqueue's: heard first, if heard at all.
-        fresh = await conn.fetchval("SELECT pgqueue.enqueue('ok')")
-        await wait_for_states(conn, [fresh])
-        assert logged.count("abort requested") == 0
+        # The worker reads the requests once it hears a notification; an abort of another job,
+        # sent after these, is heard and carried out after them.
+        other = await conn.fetchval("SELECT pgqueue.enqueue('long')")
+        await probe.started_(other)
+        assert await conn.fetchval(ABORT, other) == "running"
+        await wait_for_states(conn, [other], "cancelled", within=10)
+        assert await conn.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", job) == (
+            "running"
+        )
+        assert probe.cancelled == [other]
+        assert logged.count("abort requested") == 1

@@ -166,8 +166,8 @@ async def test_an_abort_waits_for_a_failure_under_way_and_cancels_the_requeued_j
 async def test_a_failure_waits_for_an_abort_under_way_and_reads_its_request(
     connect: Connect,
 ) -> None:
-    """abort holds the row FOR SHARE until it commits: the failure waits (observed), then
-    sees the request and ends the job cancelled, not queued."""
+    """abort holds the row until it commits: the failure waits (observed), then sees the
+    request and ends the job cancelled, not queued."""
     observer, worker, operator = await sessions(connect, "obs", "w", "op")
     job = await _running(observer.conn)
     await operator.begin()
@@ -176,3 +176,17 @@ async def test_a_failure_waits_for_an_abort_under_way_and_reads_its_request(
     await wait_blocked(observer.conn, worker)
     await operator.commit()
     assert await step == "cancelled"
+
+
+async def test_two_aborts_of_a_job_requeued_meanwhile_take_turns(connect: Connect) -> None:
+    """Both wait on the failure under way (observed); then one cancels the job and the
+    other finds it cancelled. With the row share-locked, both held the lock and deadlocked
+    upgrading it in cancel() (40P01, in about half of the runs)."""
+    observer, worker, a, b = await sessions(connect, "obs", "w", "a", "b")
+    job = await _running(observer.conn)
+    await worker.begin()
+    assert await worker.fetchval("SELECT pgqueue.fail($1, 'w', 'flaky')", job) == "queued"
+    steps = [s.start(s.fetchval(ABORT, job)) for s in (a, b)]
+    await wait_blocked(observer.conn, a, b)
+    await worker.commit()
+    assert sorted(await asyncio.gather(*steps), key=str) == [None, "cancelled"]
