@@ -374,13 +374,17 @@ class App:
         """The pipeline's row of ``pgqueue.pipelines`` (None if no job carries that id)."""
         return await pipeline_status(conn_or_pool, pipeline_id)
 
-    async def cancel_pipeline(self, conn_or_pool: ConnOrPool, pipeline_id: uuid.UUID | str) -> int:
+    async def cancel_pipeline(
+        self, conn_or_pool: ConnOrPool, pipeline_id: uuid.UUID | str, *, abort_running: bool = False
+    ) -> int:
         """``pgqueue.cancel_pipeline``: cancel every job of it that has not started.
 
         Returns how many jobs were cancelled. Running members finish, but the jobs they would
-        create are created cancelled; ``pgqueue.retry`` of a member resumes the pipeline.
+        create are created cancelled; with ``abort_running`` their workers stop them as
+        ``pgqueue.abort`` does (and the count includes them). ``pgqueue.retry`` of a member
+        resumes the pipeline.
         """
-        return await cancel_pipeline(conn_or_pool, pipeline_id)
+        return await cancel_pipeline(conn_or_pool, pipeline_id, abort_running=abort_running)
 
     def with_defaults(self, spec: SpecLike) -> dict[str, Any]:
         """``spec`` with the registered queue and max_attempts of its job type filled in

@@ -72,6 +72,7 @@ SELECT pipeline_id, jobs, waiting, queued, running, succeeded, failed, cancelled
 FROM pgqueue.pipelines WHERE pipeline_id = $1::text::uuid
 """
 _CANCEL_SQL = "SELECT pgqueue.cancel_pipeline(pipeline_id => $1::text::uuid)"
+_ABORT_SQL = "SELECT pgqueue.abort_pipeline(pipeline_id => $1::text::uuid)"
 
 
 class PipelineError(ValueError):
@@ -416,11 +417,15 @@ async def pipeline_status(
     return None if row is None else PipelineStatus.from_record(row)
 
 
-async def cancel_pipeline(conn_or_pool: ConnOrPool, pipeline_id: uuid.UUID | str) -> int:
+async def cancel_pipeline(
+    conn_or_pool: ConnOrPool, pipeline_id: uuid.UUID | str, *, abort_running: bool = False
+) -> int:
     """``pgqueue.cancel_pipeline``: cancel what has not started; return how many were cancelled.
 
-    Running members finish, but what they would create is created cancelled. ``pgqueue.retry``
-    of a member resumes the pipeline.
+    Running members finish, but what they would create is created cancelled. With
+    ``abort_running`` (``pgqueue.abort_pipeline``) their workers are asked to stop them too,
+    and the count includes them. ``pgqueue.retry`` of a member resumes the pipeline.
     """
-    count: int = await conn_or_pool.fetchval(_CANCEL_SQL, str(_pipeline_uuid(pipeline_id)))
+    sql = _ABORT_SQL if abort_running else _CANCEL_SQL
+    count: int = await conn_or_pool.fetchval(sql, str(_pipeline_uuid(pipeline_id)))
     return count

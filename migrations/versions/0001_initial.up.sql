@@ -2275,6 +2275,37 @@ COMMENT ON FUNCTION pgqueue.cancel_pipeline(uuid) IS
     'but their children are created cancelled and their retries end cancelled. Returns how many jobs were '
     'cancelled. pgqueue.retry() of a member resumes the pipeline.';
 
+CREATE FUNCTION pgqueue.abort_pipeline(pipeline_id uuid) RETURNS bigint
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_cancelled bigint;
+    v_asked bigint;
+BEGIN
+    v_cancelled := pgqueue.cancel_pipeline(abort_pipeline.pipeline_id);
+    -- The running members. The pipeline's mark, written under its lock, already
+    -- ends their attempts cancelled however they end but a success (fail,
+    -- release and recovery read it under the same lock); a request per member
+    -- tells its worker to stop the handler now. No row lock is needed for that.
+    WITH asked AS (
+        INSERT INTO pgqueue.abort_requests (job_id)
+        SELECT j.id FROM pgqueue.jobs j
+        WHERE j.pipeline_id = abort_pipeline.pipeline_id AND j.state = 'running'
+        ON CONFLICT (job_id) DO NOTHING
+        RETURNING 1
+    )
+    SELECT count(*) INTO v_asked FROM asked;
+    IF v_asked > 0 THEN
+        PERFORM pg_notify('pgqueue_abort', abort_pipeline.pipeline_id::text);
+    END IF;
+    RETURN v_cancelled + v_asked;
+END
+$$;
+COMMENT ON FUNCTION pgqueue.abort_pipeline(uuid) IS
+    'cancel_pipeline(), and abort() of every running member: their workers stop the handlers and the attempts '
+    'end cancelled (unless they succeed first; their children are then created cancelled). Returns how many '
+    'jobs were cancelled or asked to stop.';
+
 -- ==== sql/07_notify.sql ====
 -- =============================================================================
 -- pgqueue: notifications

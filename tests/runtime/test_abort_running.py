@@ -188,3 +188,25 @@ async def test_a_notification_without_a_request_aborts_nothing(
         )
         assert probe.cancelled == [other]
         assert logged.count("abort requested") == 1
+
+
+async def test_cancel_pipeline_with_abort_running_stops_its_running_members(
+    db_dsn: str, conn: asyncpg.Connection
+) -> None:
+    probe = Probe()
+    app = make_app(probe)
+    async with running(app, db_dsn, concurrency=4, grace=0.5):
+        pipe = app.pipeline()
+        long = pipe.add("long")
+        pipe.add("ok", after=long)
+        run = await pipe.enqueue(conn)
+        first = run[long]
+        await probe.started_(first)
+        assert await app.cancel_pipeline(conn, run.pipeline_id, abort_running=True) == 2
+        status = None
+        with anyio.fail_after(10):
+            while status is None or not status.done:
+                status = await app.pipeline_status(conn, run.pipeline_id)
+                await anyio.sleep(0.02)
+        assert status.state == "cancelled" and status.counts.get("cancelled") == 2
+        assert probe.cancelled == [first]

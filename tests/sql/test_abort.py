@@ -190,3 +190,34 @@ async def test_two_aborts_of_a_job_requeued_meanwhile_take_turns(connect: Connec
     await wait_blocked(observer.conn, a, b)
     await worker.commit()
     assert sorted(await asyncio.gather(*steps), key=str) == [None, "cancelled"]
+
+
+async def test_abort_pipeline_cancels_what_waits_and_stops_what_runs(
+    conn: asyncpg.Connection, connect: Connect
+) -> None:
+    root = await conn.fetchval(
+        'SELECT pgqueue.enqueue(\'root\', next_jobs => \'[{"job_type": "a"}, {"job_type": "b"}]\')'
+    )
+    await conn.fetch("SELECT pgqueue.claim($1, 'w')", root)
+    assert await conn.fetchval("SELECT pgqueue.complete($1, 'w')", root)
+    pipeline, a, b = await conn.fetchrow(
+        "SELECT min(pipeline_id::text)::uuid, min(id) FILTER (WHERE job_type = 'a'),"
+        " min(id) FILTER (WHERE job_type = 'b') FROM pgqueue.jobs WHERE parent_id = $1",
+        root,
+    )
+    await conn.fetch("SELECT pgqueue.claim($1, 'w')", a)
+    listener = await connect()
+    heard: asyncio.Queue[str] = asyncio.Queue()
+    await listener.add_listener("pgqueue_abort", lambda *args: heard.put_nowait(args[-1]))
+    assert await conn.fetchval("SELECT pgqueue.abort_pipeline($1)", pipeline) == 2  # b and a
+    assert await asyncio.wait_for(heard.get(), 5) == str(pipeline)
+    assert (await _state(conn, b))[0] == "cancelled"
+    assert await conn.fetchval("SELECT array_agg(job_id) FROM pgqueue.abort_requests") == [a]
+    # The handler stops; its failure ends the member cancelled, and the pipeline with it.
+    assert await conn.fetchval("SELECT pgqueue.fail($1, 'w', 'stopped')", a) == "cancelled"
+    assert (
+        await conn.fetchval("SELECT state FROM pgqueue.pipelines WHERE pipeline_id = $1", pipeline)
+        == "cancelled"
+    )
+    # Called again, nothing is left to cancel or stop.
+    assert await conn.fetchval("SELECT pgqueue.abort_pipeline($1)", pipeline) == 0
