@@ -101,16 +101,21 @@ BEGIN
     IF v_scope IS NOT NULL THEN
         PERFORM pgqueue._lock_scope_order(ARRAY[v_scope]);
     END IF;
+    -- Aborts of one job take turns: two holding the row FOR SHARE below, both
+    -- finding the job requeued, would deadlock upgrading it in cancel().
+    PERFORM pg_advisory_xact_lock(pgqueue._lock_class('abort'), hashtext(abort.job_id::text));
     LOOP
         IF pgqueue.cancel(abort.job_id) THEN
             RETURN 'cancelled';
         END IF;
-        -- The row lock waits for a transition out of running that is under way and
+        -- FOR SHARE waits for a transition out of running that is under way and
         -- holds off the next until this commits: whichever transition ends the
         -- attempt reads the request (fail, release and recovery lock the row
-        -- first, then look). Not FOR SHARE: two aborts would both hold it, find
-        -- the job requeued, and deadlock upgrading it in cancel().
-        SELECT j.state INTO v_state FROM pgqueue.jobs j WHERE j.id = abort.job_id FOR NO KEY UPDATE;
+        -- first, then look). Not a stronger lock: that would also wait for an
+        -- application's transaction that enqueued a dependent of the job (it
+        -- holds the row FOR SHARE until it commits) while holding the scope's
+        -- order lock, which that transaction's next scoped enqueue needs.
+        SELECT j.state INTO v_state FROM pgqueue.jobs j WHERE j.id = abort.job_id FOR SHARE;
         IF v_state = 'running' THEN
             INSERT INTO pgqueue.abort_requests (job_id) VALUES (abort.job_id) ON CONFLICT (job_id) DO NOTHING;
             PERFORM pg_notify('pgqueue_abort', abort.job_id::text);
@@ -367,4 +372,4 @@ $$;
 COMMENT ON FUNCTION pgqueue.abort_pipeline(uuid) IS
     'cancel_pipeline(), and abort() of every running member: their workers stop the handlers and the attempts '
     'end cancelled (unless they succeed first; their children are then created cancelled). Returns how many '
-    'jobs were cancelled or asked to stop.';
+    'jobs were cancelled plus how many running members were asked to stop (not counting those asked already).';

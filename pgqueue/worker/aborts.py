@@ -2,56 +2,83 @@
 
 A notification on ``pgqueue_abort`` is a hint, like the queues' notifications: anyone who can
 connect can send one, and one sent while the LISTEN connection was reconnecting is lost. So
-the worker never acts on a notification's payload. A notification wakes
-:func:`abort_loop`, which reads the requests for the jobs running under this worker from
-``pgqueue.abort_requests``; the heartbeat reads the same in its round trip, which makes up
-for a lost notification within a period. Only a job with a request in the table is
-aborted: a stray notification changes nothing.
+the worker never acts on a notification's payload. A notification wakes :func:`abort_loop`,
+which reads the requests for the jobs running under this worker from
+``pgqueue.abort_requests``; the heartbeat counts the same requests in its round trip and
+wakes the loop when there are any, which makes up for a lost notification within a period.
+Only a job with a request in the table is aborted: a stray notification changes nothing.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Iterable, Mapping
+from typing import Protocol
 
+import anyio
 import asyncpg
 
+from pgqueue.job import Job
 from pgqueue.worker import bounded
 from pgqueue.worker.retry import Outage
 from pgqueue.worker.wake import Wake
 
-# The jobs running under worker $1 that an abort was asked for, as an array expression (the
-# heartbeat selects it beside its beat).
-ABORTED_JOBS = (
-    "ARRAY(SELECT r.job_id FROM pgqueue.abort_requests r JOIN pgqueue.jobs j ON j.id = r.job_id"
-    " WHERE j.state = 'running' AND j.locked_by = $1)"
+# The jobs running under worker $1 that an abort was asked for.
+_REQUESTED = (
+    " FROM pgqueue.abort_requests r JOIN pgqueue.jobs j ON j.id = r.job_id"
+    " WHERE j.state = 'running' AND j.locked_by = $1"
 )
-# Bound on one read; past it, the heartbeat's read is the fallback.
+# How many there are, as an expression the heartbeat selects beside its beat.
+REQUESTED_COUNT = f"(SELECT count(*){_REQUESTED})"
+_READ = f"SELECT coalesce(array_agg(r.job_id), '{{}}'){_REQUESTED}"
+# Bound on one read; past it, the heartbeat's count wakes the loop again.
 READ_TIMEOUT = 10.0
+# Least time between two reads: a flood of notifications costs each worker at most this
+# many reads a second.
+READ_GAP = 0.1
+# A request can be read for a job whose claim's reply has not reached the worker yet (or
+# whose success is being written): read again, after READ_GAP, at most this many times.
+REREADS = 10
+
+
+class Target(Protocol):
+    """What the loop aborts: the executor (see :meth:`Executor.abort`)."""
+
+    @property
+    def running(self) -> Mapping[int, Job]: ...
+
+    def abort(self, job_ids: Iterable[int], seen: Mapping[int, Job]) -> bool: ...
 
 
 async def abort_loop(
-    pool: asyncpg.Pool,
-    worker_id: str,
-    heard: Wake,
-    on_abort: Callable[[list[int]], None],
-    logger: logging.Logger,
+    pool: asyncpg.Pool, worker_id: str, heard: Wake, target: Target, logger: logging.Logger
 ) -> None:
-    """Each time an abort is heard of (``heard``), read this worker's requests and pass the
-    job ids to ``on_abort``. Notifications heard during a read are answered by one more
-    read. A failed read is logged and left to the heartbeat's."""
+    """Each time an abort is heard of (``heard``), read this worker's requests and abort
+    those jobs in ``target``. Notifications heard during a read are answered by one more
+    read. A failed read is logged and left to the heartbeat, which wakes the loop again.
+
+    The jobs running here are noted before the read is sent: by the time its answer arrives
+    an aborted attempt may have ended, been retried and claimed back by this worker, and
+    that new attempt has no request (see :meth:`Executor.abort`).
+    """
     outage = Outage(logger, "aborts")
+    rereads = 0
     while True:
         await heard.wait()
+        seen = dict(target.running)
         try:
             ids = await bounded.call(pool, READ_TIMEOUT, _read, worker_id)
         except Exception as exc:
             outage.failed(exc, "reading abort requests")
             continue
         outage.ok()
-        if ids:
-            on_abort(ids)
+        if ids and target.abort(ids, seen) and rereads < REREADS:
+            rereads += 1
+            heard.set()
+        else:
+            rereads = 0
+        await anyio.sleep(READ_GAP)
 
 
 async def _read(conn: asyncpg.Connection, worker_id: str) -> list[int]:
-    return list(await conn.fetchval(f"SELECT {ABORTED_JOBS}", worker_id) or ())
+    return list(await conn.fetchval(_READ, worker_id))

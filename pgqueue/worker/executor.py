@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 import traceback
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -211,18 +211,27 @@ class Executor:
             await self.idle.wait()
         await self.completer.flushed()
 
-    def abort(self, job_ids: Iterable[int]) -> None:
-        """``pgqueue.abort()`` was called for these jobs (a notification, or the heartbeat's
-        look at this worker's requests): stop the handlers of those that run here.
+    def abort(self, job_ids: Iterable[int], seen: Mapping[int, Job]) -> bool:
+        """``pgqueue.abort()`` was called for these jobs, as a read of the requests sent
+        when ``seen`` ran here says (see :mod:`pgqueue.worker.aborts`): stop their handlers.
 
         An async handler's task is cancelled, so the handler stops at what it awaits; the
         attempt then fails, and the database, which holds the request, ends the job
         cancelled. A plain ``def`` cannot be interrupted: ``job.abort_requested`` turns true
-        for it to look at. A job not started yet is not started. Ids of jobs that do not run
-        here (another worker's, or ended already) are ignored."""
+        for it to look at. A job not started yet is not started.
+
+        Only the very attempts in ``seen`` are aborted: by the time the read's answer
+        arrives, an aborted attempt may have ended, been retried and been claimed back here,
+        and that attempt has no request. Returns whether the read named a job that was not
+        running here when it was sent but may be now or soon (a later attempt, a claim
+        whose reply was on its way): the caller reads again for it."""
+        unsettled = False
         for job_id in job_ids:
             job = self.running.get(job_id)
-            if job is None or job_id in self.aborting:
+            if job is None or seen.get(job_id) is not job:
+                unsettled = unsettled or job_id not in seen or job is not None
+                continue
+            if job_id in self.aborting:
                 continue
             self.aborting.add(job_id)
             task = self._handler_tasks.get(job_id)
@@ -237,6 +246,7 @@ class Executor:
             if task is not None:
                 self._abort_sent.add(job_id)
                 task.cancel(ABORTED)
+        return unsettled
 
     def _abort_requested(self, job: Job) -> bool:
         """Job.abort_requested: for the attempt running here now, by the Job it was given."""

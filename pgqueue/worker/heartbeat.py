@@ -10,7 +10,6 @@ does not leave workers beating at a period the new lease no longer covers.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -18,8 +17,9 @@ import anyio
 import asyncpg
 
 from pgqueue.worker import bounded
-from pgqueue.worker.aborts import ABORTED_JOBS
+from pgqueue.worker.aborts import REQUESTED_COUNT
 from pgqueue.worker.retry import Outage
+from pgqueue.worker.wake import Wake
 
 DEFAULT_STALE_AFTER = timedelta(minutes=5)
 # Least bound on a beat. Without it a stale_after set so low that a beat cannot land within
@@ -28,9 +28,9 @@ MIN_BEAT_BOUND = 1.0
 _STALE_AFTER = "SELECT value::interval FROM pgqueue.settings WHERE name = 'stale_after'"
 
 
-# With the beat, the jobs running under this worker that pgqueue.abort() was called for: a
+# With the beat, how many jobs running under this worker pgqueue.abort() was called for: a
 # notification the LISTEN connection missed is made up for within a period (see aborts.py).
-_BEAT = f"SELECT pgqueue.heartbeat(worker => $1), ({_STALE_AFTER}), {ABORTED_JOBS}"
+_BEAT = f"SELECT pgqueue.heartbeat(worker => $1), ({_STALE_AFTER}), {REQUESTED_COUNT}"
 
 
 def _usable(value: timedelta | None) -> timedelta:
@@ -64,11 +64,11 @@ async def heartbeat_loop(
     worker_id: str,
     period: Period,
     logger: logging.Logger,
-    on_abort: Callable[[list[int]], None] | None = None,
+    aborts: Wake | None = None,
 ) -> None:
     """Refresh the leases of every job this worker holds, every ``period`` seconds, and
-    follow ``stale_after``: the period changes at the beat that reads a new value. The
-    jobs it runs that ``pgqueue.abort()`` was called for go to ``on_abort``.
+    follow ``stale_after``: the period changes at the beat that reads a new value. When
+    ``pgqueue.abort()`` was called for jobs it runs, it wakes ``aborts``.
 
     Each beat is bounded by ``period`` (at least :data:`MIN_BEAT_BOUND`; the acquire, then
     the statement) and a connection
@@ -82,13 +82,13 @@ async def heartbeat_loop(
         await anyio.sleep(period.seconds)
         try:
             bound = max(period.seconds, MIN_BEAT_BOUND)
-            stale_after, aborted = await bounded.call(pool, bound, _beat, worker_id)
+            stale_after, requested = await bounded.call(pool, bound, _beat, worker_id)
         except Exception as exc:
             outage.failed(exc, "refreshing leases")
             continue
         outage.ok()
-        if aborted and on_abort is not None:
-            on_abort(aborted)
+        if requested and aborts is not None:
+            aborts.set()
         seconds = heartbeat_period(stale_after)
         if seconds != period.seconds:
             logger.info(
@@ -100,8 +100,8 @@ async def heartbeat_loop(
             period.seconds = seconds
 
 
-async def _beat(conn: asyncpg.Connection, worker_id: str) -> tuple[timedelta, list[int]]:
+async def _beat(conn: asyncpg.Connection, worker_id: str) -> tuple[timedelta, int]:
     row = await conn.fetchrow(_BEAT, worker_id)
     if row is None:
-        return _usable(None), []
-    return _usable(row[1]), list(row[2] or ())
+        return _usable(None), 0
+    return _usable(row[1]), int(row[2])

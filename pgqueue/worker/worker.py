@@ -194,12 +194,12 @@ class Worker:
         async with anyio.create_task_group() as services:
             services.start_soon(self.notifier.run)
             services.start_soon(
-                heartbeat_loop, beat_pool, self.id, period, self.logger, executor.abort
+                heartbeat_loop, beat_pool, self.id, period, self.logger, self._aborts_heard
             )
             services.start_soon(recovery_loop, pool, period, self.logger)
             services.start_soon(completer.run)
             services.start_soon(
-                abort_loop, pool, self.id, self._aborts_heard, executor.abort, self.logger
+                abort_loop, pool, self.id, self._aborts_heard, executor, self.logger
             )
             schedules = anyio.CancelScope()  # a stopping worker enqueues no more ticks
             services.start_soon(self._run_schedules, pool, schedules)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from typing import Any
 
@@ -159,7 +160,7 @@ async def test_an_abort_at_shutdown_does_not_hold_it_up_and_the_job_ends_cancell
         await conn.execute("INSERT INTO pgqueue.abort_requests (job_id) VALUES ($1)", job)
         executor = worker._executor  # type: ignore[attr-defined]
         assert executor is not None
-        executor.abort([job])
+        executor.abort([job], dict(executor.running))
         worker.stop()
     assert await conn.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", job) == "cancelled"
 
@@ -210,3 +211,26 @@ async def test_cancel_pipeline_with_abort_running_stops_its_running_members(
                 await anyio.sleep(0.02)
         assert status.state == "cancelled" and status.counts.get("cancelled") == 2
         assert probe.cancelled == [first]
+
+
+async def test_a_read_answered_after_the_attempt_changed_aborts_nothing(
+    db_dsn: str, conn: asyncpg.Connection
+) -> None:
+    """A read of the requests is matched with the attempts running when it was sent. One
+    whose answer arrives after the aborted attempt ended and the job was claimed back here
+    (another Job object for the same id) leaves that new attempt alone, and asks for another
+    read; before, it cancelled the new attempt, whose failure then requeued the job."""
+    probe = Probe()
+    async with running(make_app(probe), db_dsn, concurrency=2, grace=0.5) as worker:
+        job, _ = await _enqueue(conn, "long")
+        await probe.started_(job)
+        executor = worker._executor  # type: ignore[attr-defined]
+        assert executor is not None
+        earlier_attempt = dataclasses.replace(executor.running[job])
+        assert executor.abort([job], {job: earlier_attempt}) is True
+        assert executor.abort([job], {}) is True  # not running here when the read was sent
+        assert not executor.aborting and probe.cancelled == []
+        await conn.execute("INSERT INTO pgqueue.abort_requests (job_id) VALUES ($1)", job)
+        assert executor.abort([job], dict(executor.running)) is False  # the attempt read about
+        await wait_for_states(conn, [job], "cancelled", within=10)
+        assert probe.cancelled == [job]

@@ -27,7 +27,7 @@ MUTANTS: dict[str, Mutant] = {
     # recorded beside it is read by nobody (the job runs again, not aborted).
     "abort_without_row_lock": Mutant(
         "pgqueue.abort(bigint)",
-        "WHERE j.id = abort.job_id FOR NO KEY UPDATE;",
+        "WHERE j.id = abort.job_id FOR SHARE;",
         "WHERE j.id = abort.job_id;",
         "test_abort.py::test_a_failure_waits_for_an_abort_under_way_and_reads_its_request",
     ),

@@ -7,7 +7,7 @@ import asyncio
 
 import asyncpg
 import pytest
-from sqlharness import Connect, sessions, wait_blocked
+from sqlharness import Connect, finishes_unblocked, sessions, wait_blocked
 
 ABORT = "SELECT pgqueue.abort($1)"
 STALE = "UPDATE pgqueue.jobs SET locked_at = now() - interval '1 hour' WHERE id = $1"
@@ -221,3 +221,21 @@ async def test_abort_pipeline_cancels_what_waits_and_stops_what_runs(
     )
     # Called again, nothing is left to cancel or stop.
     assert await conn.fetchval("SELECT pgqueue.abort_pipeline($1)", pipeline) == 0
+
+
+async def test_an_abort_does_not_wait_for_a_transaction_that_enqueued_a_dependent(
+    connect: Connect,
+) -> None:
+    """An application's transaction enqueued a job depending on a running scoped job (it
+    holds that job's row FOR SHARE until it commits), and goes on to enqueue into the same
+    scope. The abort must not wait for it while holding the scope's order lock, which that
+    enqueue needs: with the row locked FOR NO KEY UPDATE the two deadlocked (40P01)."""
+    observer, app, operator = await sessions(connect, "obs", "app", "op")
+    job = await _running(observer.conn, scope='{"tenant": 1}')
+    await app.begin()
+    await app.fetchval("SELECT pgqueue.enqueue('report', depends_on => ARRAY[$1::bigint])", job)
+    assert await finishes_unblocked(observer.conn, operator, operator.fetchval(ABORT, job)) == (
+        "running"
+    )
+    await app.fetchval("SELECT pgqueue.enqueue('y', scope => '{\"tenant\": 1}')")
+    await app.commit()
