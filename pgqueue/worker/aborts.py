@@ -33,12 +33,9 @@ REQUESTED_COUNT = f"(SELECT count(*){_REQUESTED})"
 _READ = f"SELECT coalesce(array_agg(r.job_id), '{{}}'){_REQUESTED}"
 # Bound on one read; past it, the heartbeat's count wakes the loop again.
 READ_TIMEOUT = 10.0
-# Least time between two reads: a flood of notifications costs each worker at most this
-# many reads a second.
+# Least time between two reads, failed ones included: a flood of notifications costs each
+# worker at most ten reads a second.
 READ_GAP = 0.1
-# A request can be read for a job whose claim's reply has not reached the worker yet (or
-# whose success is being written): read again, after READ_GAP, at most this many times.
-REREADS = 10
 
 
 class Target(Protocol):
@@ -47,7 +44,7 @@ class Target(Protocol):
     @property
     def running(self) -> Mapping[int, Job]: ...
 
-    def abort(self, job_ids: Iterable[int], seen: Mapping[int, Job]) -> bool: ...
+    def abort(self, job_ids: Iterable[int], seen: Mapping[int, Job]) -> None: ...
 
 
 async def abort_loop(
@@ -55,14 +52,15 @@ async def abort_loop(
 ) -> None:
     """Each time an abort is heard of (``heard``), read this worker's requests and abort
     those jobs in ``target``. Notifications heard during a read are answered by one more
-    read. A failed read is logged and left to the heartbeat, which wakes the loop again.
+    read. A failed read is logged; the next notification or the heartbeat, which wakes the
+    loop every period while a request is pending, tries again.
 
     The jobs running here are noted before the read is sent: by the time its answer arrives
     an aborted attempt may have ended, been retried and claimed back by this worker, and
-    that new attempt has no request (see :meth:`Executor.abort`).
+    that new attempt has no request (see :meth:`Executor.abort`, which also wakes the loop
+    when a job the read named starts here later).
     """
     outage = Outage(logger, "aborts")
-    rereads = 0
     while True:
         await heard.wait()
         seen = dict(target.running)
@@ -70,13 +68,9 @@ async def abort_loop(
             ids = await bounded.call(pool, READ_TIMEOUT, _read, worker_id)
         except Exception as exc:
             outage.failed(exc, "reading abort requests")
-            continue
-        outage.ok()
-        if ids and target.abort(ids, seen) and rereads < REREADS:
-            rereads += 1
-            heard.set()
         else:
-            rereads = 0
+            outage.ok()
+            target.abort(ids, seen)
         await anyio.sleep(READ_GAP)
 
 

@@ -79,6 +79,7 @@ class Executor:
         concurrency: int,
         logger: logging.Logger,
         wake: Wake,
+        aborts: Wake | None = None,
     ) -> None:
         self.app = app
         self.wake = wake
@@ -107,6 +108,10 @@ class Executor:
         self.aborting: set[int] = set()
         self._handler_tasks: dict[int, asyncio.Task[Any]] = {}
         self._abort_sent: set[int] = set()
+        # Jobs the last read of the requests named that this worker did not hold yet, and
+        # the reader to wake when one of them starts here (see abort).
+        self._named_elsewhere: set[int] = set()
+        self._abort_wake = aborts if aborts is not None else Wake()
         self.max_unwritten = max(concurrency, MAX_BATCH)
         self.slot_freed = Wake()
         self.idle = Wake()
@@ -175,6 +180,9 @@ class Executor:
         self.running[job.id] = job
         self.held.add(job.id)
         self._queue.put_nowait(job)
+        if self._named_elsewhere and job.id in self._named_elsewhere:
+            self._named_elsewhere.discard(job.id)
+            self._abort_wake.set()  # an abort read named it before its claim's reply came
 
     def claim_sent(self) -> None:
         """A claim is about to be sent: until :meth:`claim_handled`, the jobs whose outcome
@@ -211,7 +219,7 @@ class Executor:
             await self.idle.wait()
         await self.completer.flushed()
 
-    def abort(self, job_ids: Iterable[int], seen: Mapping[int, Job]) -> bool:
+    def abort(self, job_ids: Iterable[int], seen: Mapping[int, Job]) -> None:
         """``pgqueue.abort()`` was called for these jobs, as a read of the requests sent
         when ``seen`` ran here says (see :mod:`pgqueue.worker.aborts`): stop their handlers.
 
@@ -222,14 +230,17 @@ class Executor:
 
         Only the very attempts in ``seen`` are aborted: by the time the read's answer
         arrives, an aborted attempt may have ended, been retried and been claimed back here,
-        and that attempt has no request. Returns whether the read named a job that was not
-        running here when it was sent but may be now or soon (a later attempt, a claim
-        whose reply was on its way): the caller reads again for it."""
-        unsettled = False
+        and that attempt has no request. A job the read named that started here since, or
+        that this worker does not hold yet (a claim whose reply is on its way), is read about
+        again: at once for the first, when it starts for the second (see :meth:`start`)."""
+        self._named_elsewhere = set()
         for job_id in job_ids:
             job = self.running.get(job_id)
             if job is None or seen.get(job_id) is not job:
-                unsettled = unsettled or job_id not in seen or job is not None
+                if job is not None:
+                    self._abort_wake.set()  # a later attempt: has it a request of its own?
+                elif job_id not in self.held:
+                    self._named_elsewhere.add(job_id)
                 continue
             if job_id in self.aborting:
                 continue
@@ -246,7 +257,6 @@ class Executor:
             if task is not None:
                 self._abort_sent.add(job_id)
                 task.cancel(ABORTED)
-        return unsettled
 
     def _abort_requested(self, job: Job) -> bool:
         """Job.abort_requested: for the attempt running here now, by the Job it was given."""

@@ -153,7 +153,9 @@ class Worker:
         stale_after = await bounded.call(pool, STARTUP_TIMEOUT, startup_reads)
         period = Period.of(stale_after)
         completer = Completer(pool, self.id, self.logger)
-        executor = Executor(self.app, completer, self.concurrency, self.logger, self._wake)
+        executor = Executor(
+            self.app, completer, self.concurrency, self.logger, self._wake, self._aborts_heard
+        )
         self._executor = executor
         self.notifier = Notifier(
             self.dsn,

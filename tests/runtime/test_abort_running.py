@@ -218,19 +218,37 @@ async def test_a_read_answered_after_the_attempt_changed_aborts_nothing(
 ) -> None:
     """A read of the requests is matched with the attempts running when it was sent. One
     whose answer arrives after the aborted attempt ended and the job was claimed back here
-    (another Job object for the same id) leaves that new attempt alone, and asks for another
-    read; before, it cancelled the new attempt, whose failure then requeued the job."""
+    (another Job object for the same id) leaves that new attempt alone; before, it cancelled
+    the new attempt, whose failure then requeued the job."""
     probe = Probe()
     async with running(make_app(probe), db_dsn, concurrency=2, grace=0.5) as worker:
         job, _ = await _enqueue(conn, "long")
         await probe.started_(job)
         executor = worker._executor  # type: ignore[attr-defined]
         assert executor is not None
-        earlier_attempt = dataclasses.replace(executor.running[job])
-        assert executor.abort([job], {job: earlier_attempt}) is True
-        assert executor.abort([job], {}) is True  # not running here when the read was sent
+        executor.abort([job], {job: dataclasses.replace(executor.running[job])})
         assert not executor.aborting and probe.cancelled == []
         await conn.execute("INSERT INTO pgqueue.abort_requests (job_id) VALUES ($1)", job)
-        assert executor.abort([job], dict(executor.running)) is False  # the attempt read about
+        executor.abort([job], dict(executor.running))  # the attempt the read was about
+        await wait_for_states(conn, [job], "cancelled", within=10)
+        assert probe.cancelled == [job]
+
+
+async def test_a_job_a_read_named_before_its_claim_came_back_is_aborted_when_it_starts(
+    db_dsn: str, conn: asyncpg.Connection
+) -> None:
+    """The read can name a job whose claim has committed but whose reply has not reached the
+    worker: once the job starts here, the worker reads again and aborts it, instead of
+    waiting for the heartbeat (75 s here). The request is written without a NOTIFY."""
+    probe = Probe()
+    async with running(make_app(probe), db_dsn, concurrency=2, grace=0.5) as worker:
+        executor = worker._executor  # type: ignore[attr-defined]
+        assert executor is not None
+        job = await conn.fetchval(
+            "SELECT pgqueue.enqueue('long', run_after => now() + interval '0.5 seconds')"
+        )
+        await conn.execute("INSERT INTO pgqueue.abort_requests (job_id) VALUES ($1)", job)
+        executor.abort([job], {})  # the read's answer, before the job is held here
+        await probe.started_(job)
         await wait_for_states(conn, [job], "cancelled", within=10)
         assert probe.cancelled == [job]
