@@ -91,6 +91,8 @@ class Notifier:
         )
         self.listening.set()
         self.wake.set()  # sweep: notifications sent while we were not listening are gone
+        if self.aborts is not None:
+            self.aborts.set()  # and read the abort requests, for the same reason
         while True:
             with anyio.move_on_after(self.health_interval):
                 await lost.wait()
