@@ -118,7 +118,9 @@ BEGIN
         SELECT j.state INTO v_state FROM pgqueue.jobs j WHERE j.id = abort.job_id FOR SHARE;
         IF v_state = 'running' THEN
             INSERT INTO pgqueue.abort_requests (job_id) VALUES (abort.job_id) ON CONFLICT (job_id) DO NOTHING;
-            PERFORM pg_notify('pgqueue_abort', abort.job_id::text);
+            -- On the queues' channel with an empty payload, which no queue name is:
+            -- a second channel LISTENed by every worker cost each pickup ~0.2 ms.
+            PERFORM pg_notify('pgqueue', '');
             RETURN 'running';
         END IF;
         IF v_state IS NULL OR v_state IN ('succeeded', 'failed', 'cancelled') THEN
@@ -130,7 +132,7 @@ END
 $$;
 COMMENT ON FUNCTION pgqueue.abort(bigint) IS
     'Stop a job wherever it is: a waiting or queued job is cancelled as cancel() does (returns ''cancelled''); '
-    'for a running job a request is recorded and its worker told on channel pgqueue_abort (returns '
+    'for a running job a request is recorded and workers told (NOTIFY pgqueue with an empty payload; returns '
     '''running''): the worker cancels an async handler, and the attempt then ends cancelled, never retried, '
     'its dependents cancelled. A handler that succeeds first wins. NULL for a finished or unknown job.';
 
@@ -364,7 +366,7 @@ BEGIN
     )
     SELECT count(*) INTO v_asked FROM asked;
     IF v_asked > 0 THEN
-        PERFORM pg_notify('pgqueue_abort', abort_pipeline.pipeline_id::text);
+        PERFORM pg_notify('pgqueue', '');  -- as abort() does
     END IF;
     RETURN v_cancelled + v_asked;
 END

@@ -1,12 +1,12 @@
 """Which of this worker's running jobs ``pgqueue.abort()`` was called for.
 
-A notification on ``pgqueue_abort`` is a hint, like the queues' notifications: anyone who can
-connect can send one, and one sent while the LISTEN connection was reconnecting is lost. So
-the worker never acts on a notification's payload. A notification wakes :func:`abort_loop`,
-which reads the requests for the jobs running under this worker from
-``pgqueue.abort_requests``; the heartbeat counts the same requests in its round trip and
-wakes the loop when there are any, which makes up for a lost notification within a period.
-Only a job with a request in the table is aborted: a stray notification changes nothing.
+``pgqueue.abort()``'s notification (``NOTIFY pgqueue, ''``) is a hint, like the queues' ones:
+anyone who can connect can send one, and one sent while the LISTEN connection was
+reconnecting is lost. So a notification only wakes :func:`abort_loop`, which reads the
+requests for the jobs running under this worker from ``pgqueue.abort_requests``; the
+heartbeat counts the same requests in its round trip and wakes the loop when there are any,
+which makes up for a lost notification within a period. Only a job with a request in the
+table is aborted: a stray notification changes nothing.
 """
 
 from __future__ import annotations

@@ -20,13 +20,14 @@ from pgqueue.worker.retry import Backoff, Outage
 from pgqueue.worker.wake import Wake
 
 CHANNEL = "pgqueue"
-# pgqueue.abort() of a running job (the payload, the job's id, is not trusted: see aborts.py).
-ABORT_CHANNEL = "pgqueue_abort"
+# The payload of pgqueue.abort()'s notification on the same channel: no queue name is empty.
+# (A channel of its own, LISTENed too, measured ~0.2 ms more per idle pickup.)
+ABORTS = ""
 
 
 class Notifier:
     """Turns ``NOTIFY pgqueue, '<queue>'`` for our queues into wake-ups of the producer, and
-    ``NOTIFY pgqueue_abort`` into wake-ups of ``aborts`` (see
+    ``NOTIFY pgqueue, ''`` (``pgqueue.abort()``) into wake-ups of ``aborts`` (see
     :mod:`pgqueue.worker.aborts`)."""
 
     def __init__(
@@ -81,8 +82,6 @@ class Notifier:
         conn.add_termination_listener(lambda _conn: lost.set())
         with anyio.fail_after(self.health_timeout):  # a LISTEN can hang like any statement
             await conn.add_listener(CHANNEL, self._on_notify)
-            if self.aborts is not None:
-                await conn.add_listener(ABORT_CHANNEL, self._on_abort)
         self.connects += 1
         backoff.reset()
         outage.ok()
@@ -102,9 +101,8 @@ class Notifier:
                 await conn.fetchval("SELECT 1")
 
     def _on_notify(self, _conn: asyncpg.Connection, _pid: int, _channel: str, payload: str) -> None:
-        if self.queues is None or payload in self.queues:
+        if payload == ABORTS:
+            if self.aborts is not None:
+                self.aborts.set()
+        elif self.queues is None or payload in self.queues:
             self.wake.set()
-
-    def _on_abort(self, _conn: asyncpg.Connection, _pid: int, _channel: str, _payload: str) -> None:
-        if self.aborts is not None:
-            self.aborts.set()

@@ -89,7 +89,7 @@ class Worker:
         self._force = False  # stop(force=True) before the grace period began: skip it
         self._grace_scope: anyio.CancelScope | None = None
         self._executor: Executor | None = None
-        self._aborts_heard = Wake()  # a pgqueue_abort notification: read the requests
+        self._aborts_heard = Wake()  # pgqueue.abort() was called: read the requests
 
     def stop(self, *, force: bool = False) -> None:
         """Stop claiming and shut down; ``force`` skips what is left of the grace period.

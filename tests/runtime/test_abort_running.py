@@ -9,7 +9,7 @@ from typing import Any
 import anyio
 import asyncpg
 from runtime_helpers import Records, running
-from worker_harness import wait_for_states
+from worker_harness import wait_for_states, wait_until
 
 import pgqueue
 
@@ -176,8 +176,7 @@ async def test_a_notification_without_a_request_aborts_nothing(
     async with running(make_app(probe), db_dsn, concurrency=2, logger=logger, grace=0.5):
         job, _ = await _enqueue(conn, "long")
         await probe.started_(job)
-        await conn.execute(f"NOTIFY pgqueue_abort, '{job}'")
-        await conn.execute("NOTIFY pgqueue_abort, 'not a job id'")
+        await conn.execute("NOTIFY pgqueue, ''")
         # The worker reads the requests once it hears a notification; an abort of another job,
         # sent after these, is heard and carried out after them.
         other = await conn.fetchval("SELECT pgqueue.enqueue('long')")
@@ -244,6 +243,13 @@ async def test_a_job_a_read_named_before_its_claim_came_back_is_aborted_when_it_
     async with running(make_app(probe), db_dsn, concurrency=2, grace=0.5) as worker:
         executor = worker._executor  # type: ignore[attr-defined]
         assert executor is not None
+        heard = worker._aborts_heard  # type: ignore[attr-defined]
+
+        async def reader_idle() -> bool:  # the read after connecting is done
+            return not heard.is_set() and heard._event.statistics().tasks_waiting == 1
+
+        await worker.notifier.listening.wait()
+        await wait_until(reader_idle, what="the abort reader waiting")
         job = await conn.fetchval(
             "SELECT pgqueue.enqueue('long', run_after => now() + interval '0.5 seconds')"
         )
