@@ -140,27 +140,42 @@ BEGIN
 END
 $$;
 
+-- An attempt that ends unfinished (failed, released, recovered), of a job
+-- whose row the caller has locked: if an abort was requested for it (the
+-- request is consumed here) or its pipeline was cancelled, the job ends
+-- cancelled with the matching last_error, whatever attempts it has left, its
+-- dependents with it, and this returns true; else nothing changes.
+CREATE FUNCTION pgqueue._cancel_if_stopped(p_job_id bigint, p_pipeline_id uuid,
+                                           p_if_aborted text, p_if_pipeline text) RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_aborted boolean;
+BEGIN
+    DELETE FROM pgqueue.abort_requests r WHERE r.job_id = p_job_id;
+    v_aborted := FOUND;
+    IF NOT v_aborted AND NOT pgqueue._pipeline_cancelled(p_pipeline_id) THEN
+        RETURN false;
+    END IF;
+    UPDATE pgqueue.jobs
+       SET state = 'cancelled', finished_at = now(),
+           last_error = CASE WHEN v_aborted THEN p_if_aborted ELSE p_if_pipeline END
+     WHERE id = p_job_id;
+    PERFORM pgqueue._cancel_dependents(ARRAY[p_job_id],
+                                       CASE WHEN v_aborted THEN 'was aborted' ELSE 'was cancelled with its pipeline' END);
+    RETURN true;
+END
+$$;
+
 -- Count a failed attempt on a job whose row the caller has locked: requeue
 -- with backoff while attempts remain, else fail it and cancel its dependents.
 CREATE FUNCTION pgqueue._fail_attempt(p_job_id bigint, p_error text, p_retry_in interval) RETURNS text
 LANGUAGE plpgsql AS $$
 DECLARE
     v pgqueue.jobs%ROWTYPE;
-    v_aborted boolean;
 BEGIN
     SELECT * INTO v FROM pgqueue.jobs WHERE id = p_job_id;
-    -- An abort requested for this attempt is consumed here: the job ends
-    -- cancelled, whatever attempts it has left, as in a cancelled pipeline.
-    DELETE FROM pgqueue.abort_requests r WHERE r.job_id = p_job_id;
-    v_aborted := FOUND;
-    IF v_aborted OR pgqueue._pipeline_cancelled(v.pipeline_id) THEN
-        UPDATE pgqueue.jobs
-           SET state = 'cancelled', finished_at = now(),
-               last_error = p_error || CASE WHEN v_aborted THEN E'\n(aborted: not retried)'
-                                            ELSE E'\n(pipeline cancelled: not retried)' END
-         WHERE id = p_job_id;
-        PERFORM pgqueue._cancel_dependents(ARRAY[p_job_id],
-                                           CASE WHEN v_aborted THEN 'was aborted' ELSE 'was cancelled with its pipeline' END);
+    IF pgqueue._cancel_if_stopped(p_job_id, v.pipeline_id, p_error || E'\n(aborted: not retried)',
+                                  p_error || E'\n(pipeline cancelled: not retried)') THEN
         RETURN 'cancelled';
     END IF;
     IF v.attempts < v.max_attempts THEN
@@ -352,7 +367,6 @@ DECLARE
     v_pipeline uuid;
     v_held boolean;
     v_scope jsonb;
-    v_aborted boolean;
 BEGIN
     SELECT l.held, l.scope INTO v_held, v_scope FROM pgqueue._lock_before_row(release.job_id, release.worker) l;
     IF NOT v_held THEN
@@ -365,16 +379,9 @@ BEGIN
         RETURN false;
     END IF;
     -- An aborted job is not given back to run again: it ends cancelled here.
-    DELETE FROM pgqueue.abort_requests r WHERE r.job_id = release.job_id;
-    v_aborted := FOUND;
-    IF v_aborted OR pgqueue._pipeline_cancelled(v_pipeline) THEN
-        UPDATE pgqueue.jobs j
-           SET state = 'cancelled', finished_at = now(),
-               last_error = CASE WHEN v_aborted THEN 'aborted: released unfinished after abort() was called'
-                                 ELSE 'released after its pipeline was cancelled' END
-         WHERE j.id = release.job_id;
-        PERFORM pgqueue._cancel_dependents(ARRAY[release.job_id],
-                                           CASE WHEN v_aborted THEN 'was aborted' ELSE 'was cancelled with its pipeline' END);
+    IF pgqueue._cancel_if_stopped(release.job_id, v_pipeline,
+                                  'aborted: released unfinished after abort() was called',
+                                  'released after its pipeline was cancelled') THEN
         IF v_scope IS NOT NULL THEN
             PERFORM pgqueue._unblock_next(ARRAY[v_scope], ARRAY[release.job_id]);
         END IF;
