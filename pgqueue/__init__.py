@@ -12,6 +12,7 @@ from pgqueue.pipeline import (
     cancel_pipeline,
     pipeline_status,
 )
+from pgqueue.queues import pause_queue, paused_queues, resume_queue
 from pgqueue.worker import Worker
 
 __version__ = "0.1.0"
@@ -32,6 +33,9 @@ __all__ = [
     "__version__",
     "cancel_pipeline",
     "job_outcome",
+    "pause_queue",
+    "paused_queues",
     "pipeline_status",
+    "resume_queue",
     "wait_for_job",
 ]

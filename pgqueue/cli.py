@@ -24,6 +24,7 @@ import click
 
 from pgqueue.app import App
 from pgqueue.dsn import INT8_MAX, DsnError, check_dsn, connect, resolve_dsn
+from pgqueue.queues import pause_queue, paused_queues, resume_queue
 from pgqueue.worker.worker import MAX_CONCURRENCY
 
 P = ParamSpec("P")
@@ -426,11 +427,46 @@ def jobs(opts: DsnOption, state: str | None, queue: str | None, limit: int) -> N
 @pass_dsn
 @_friendly_errors
 def stats(opts: DsnOption) -> None:
-    """Per queue and state: how many jobs, and how old the oldest ready one is."""
-    rows = _run(
-        lambda: _with_connection(opts.dsn, lambda c: c.fetch("SELECT * FROM pgqueue.queue_stats"))
-    )
+    """Per queue and state: how many jobs, and how old the oldest ready one is; then the
+    paused queues, if any."""
+
+    async def go(conn: asyncpg.Connection) -> tuple[list[asyncpg.Record], list[str]]:
+        return await conn.fetch("SELECT * FROM pgqueue.queue_stats"), await paused_queues(conn)
+
+    rows, paused = _run(lambda: _with_connection(opts.dsn, go))
     _print_table(rows)
+    if paused:
+        click.echo(f"paused queues: {', '.join(paused)}")
+
+
+@main.command()
+@click.argument("queues", nargs=-1, required=True, metavar="QUEUE...")
+@pass_dsn
+@_friendly_errors
+def pause(opts: DsnOption, queues: tuple[str, ...]) -> None:
+    """Stop workers from claiming jobs of these queues (enqueues and running jobs go on)."""
+
+    async def go(conn: asyncpg.Connection) -> list[bool]:
+        async with conn.transaction():  # all or none: a bad name pauses nothing
+            return [await pause_queue(conn, q) for q in queues]
+
+    for queue, done in zip(queues, _run(lambda: _with_connection(opts.dsn, go)), strict=True):
+        click.echo(f"queue {queue}: {'paused' if done else 'paused already'}")
+
+
+@main.command()
+@click.argument("queues", nargs=-1, required=True, metavar="QUEUE...")
+@pass_dsn
+@_friendly_errors
+def resume(opts: DsnOption, queues: tuple[str, ...]) -> None:
+    """Let workers claim jobs of these paused queues again (idle ones are woken)."""
+
+    async def go(conn: asyncpg.Connection) -> list[bool]:
+        async with conn.transaction():
+            return [await resume_queue(conn, q) for q in queues]
+
+    for queue, done in zip(queues, _run(lambda: _with_connection(opts.dsn, go)), strict=True):
+        click.echo(f"queue {queue}: {'resumed' if done else 'not paused'}")
 
 
 def _job_action(name: str, doc: str, takes: str) -> None:

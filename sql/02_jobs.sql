@@ -191,6 +191,20 @@ COMMENT ON TABLE pgqueue.abort_requests IS
 COMMENT ON COLUMN pgqueue.abort_requests.job_id IS 'The running job (pgqueue.jobs.id).';
 COMMENT ON COLUMN pgqueue.abort_requests.requested_at IS 'When abort() was first called for this attempt.';
 
+-- Queues whose jobs are not handed out (pause_queue, resume_queue). Claims read
+-- it once per call, as an InitPlan of their pick: while nothing is paused that
+-- is one probe of an empty index, not one per candidate job.
+CREATE TABLE pgqueue.paused_queues (
+    queue     text        PRIMARY KEY,
+    paused_at timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT paused_queues_queue_valid CHECK (btrim(queue) <> '' AND octet_length(queue) <= 200)
+);
+COMMENT ON TABLE pgqueue.paused_queues IS
+    'Paused queues: claims take none of their jobs until resume_queue(); enqueues, running jobs and '
+    'their outcomes go on as usual. Written by pause_queue() and resume_queue().';
+COMMENT ON COLUMN pgqueue.paused_queues.queue IS 'The paused queue (pgqueue.jobs.queue).';
+COMMENT ON COLUMN pgqueue.paused_queues.paused_at IS 'When pause_queue() paused it.';
+
 -- Claim order over live work only: finished jobs never enter this index, so
 -- claiming stays fast however many finished jobs pile up. Nor do queued jobs
 -- waiting behind an older job of their scope (scope_blocked): a claim reads

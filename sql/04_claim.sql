@@ -125,7 +125,8 @@ BEGIN
         RAISE EXCEPTION 'pgqueue.claim: worker must be a non-empty string' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     SELECT j.scope INTO v_scope FROM pgqueue.jobs j
-    WHERE j.id = claim.job_id AND j.state = 'queued' AND j.run_after <= now();
+    WHERE j.id = claim.job_id AND j.state = 'queued' AND j.run_after <= now()
+      AND NOT EXISTS (SELECT 1 FROM pgqueue.paused_queues p WHERE p.queue = j.queue);
     IF NOT FOUND THEN
         RETURN;
     END IF;
@@ -154,7 +155,7 @@ END
 $$;
 COMMENT ON FUNCTION pgqueue.claim(bigint, text) IS
     'Claim a known job by id for worker: a conditional UPDATE that returns the running row, or no row if the '
-    'job is not queued, not due, or its scope is busy. Never raises for a lost race. Sets state, is_current, '
+    'job is not queued, not due, in a paused queue, or its scope is busy. Never raises for a lost race. Sets state, is_current, '
     'locked_by, locked_at, started_at (first claim only) and attempts together.';
 
 CREATE FUNCTION pgqueue.claim_next(worker text, queues text[] DEFAULT NULL, batch_size int DEFAULT 1)
@@ -197,6 +198,7 @@ BEGIN
             SELECT j.id FROM pgqueue.jobs j
             WHERE j.state = 'queued' AND NOT j.scope_blocked AND j.run_after <= now() AND j.scope IS NULL
               AND (claim_next.queues IS NULL OR j.queue = ANY (claim_next.queues))
+              AND j.queue <> ALL (ARRAY(SELECT p.queue FROM pgqueue.paused_queues p))
             ORDER BY j.priority DESC, j.run_after, j.id
             LIMIT claim_next.batch_size
             FOR NO KEY UPDATE OF j SKIP LOCKED
@@ -219,6 +221,8 @@ BEGIN
         SELECT j.id, j.scope FROM pgqueue.jobs j
         WHERE j.state = 'queued' AND NOT j.scope_blocked AND j.run_after <= now()
           AND (claim_next.queues IS NULL OR j.queue = ANY (claim_next.queues))
+          -- Paused queues: read once per call (an InitPlan), not per candidate.
+          AND j.queue <> ALL (ARRAY(SELECT p.queue FROM pgqueue.paused_queues p))
           -- _scope_free(j.scope, j.id), written out: a SQL function with sub-selects
           -- is not inlined, and its call costs more than its two index probes.
           AND (j.scope IS NULL
@@ -277,5 +281,6 @@ END
 $$;
 COMMENT ON FUNCTION pgqueue.claim_next(text, text[], int) IS
     'Claim up to batch_size due jobs (in queues, or any queue when NULL) for worker, by priority desc, '
-    'run_after, id, with FOR NO KEY UPDATE SKIP LOCKED. A batch never holds two jobs of one scope, and a '
-    'scoped job is claimed only when no job of its scope runs and none older is queued. Returns the claimed rows.';
+    'run_after, id, with FOR NO KEY UPDATE SKIP LOCKED, skipping paused queues. A batch never holds two jobs '
+    'of one scope, and a scoped job is claimed only when no job of its scope runs and none older is queued. '
+    'Returns the claimed rows.';

@@ -375,3 +375,46 @@ COMMENT ON FUNCTION pgqueue.abort_pipeline(uuid) IS
     'cancel_pipeline(), and abort() of every running member: their workers stop the handlers and the attempts '
     'end cancelled (unless they succeed first; their children are then created cancelled). Returns how many '
     'jobs were cancelled plus how many running members were asked to stop (not counting those asked already).';
+
+-- Pausing stops claims, nothing else: jobs are still enqueued into the queue,
+-- and its running jobs finish and record their outcomes. A claim reads the
+-- paused set with its statement's snapshot, so a claim already under way when
+-- pause_queue() commits may still take jobs of the queue; claims that start
+-- after it do not. Idempotent: false when the queue was paused already.
+CREATE FUNCTION pgqueue.pause_queue(queue text) RETURNS boolean
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+BEGIN
+    IF pause_queue.queue IS NULL OR btrim(pause_queue.queue) = '' THEN
+        RAISE EXCEPTION 'pgqueue.pause_queue: queue must be a non-empty name, got %', coalesce(quote_literal(pause_queue.queue), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    INSERT INTO pgqueue.paused_queues (queue) VALUES (pause_queue.queue) ON CONFLICT DO NOTHING;
+    RETURN FOUND;
+END
+$$;
+COMMENT ON FUNCTION pgqueue.pause_queue(text) IS
+    'Stop handing out jobs of the queue (claim, claim_next, claim_or_wait skip it) until resume_queue(). '
+    'Enqueues and running jobs are unaffected. Returns false if it was paused already.';
+
+-- Its due jobs became claimable without entering 'queued', so no trigger
+-- fires: the queue's workers are notified here, as an enqueue would.
+CREATE FUNCTION pgqueue.resume_queue(queue text) RETURNS boolean
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+BEGIN
+    IF resume_queue.queue IS NULL OR btrim(resume_queue.queue) = '' THEN
+        RAISE EXCEPTION 'pgqueue.resume_queue: queue must be a non-empty name, got %', coalesce(quote_literal(resume_queue.queue), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    DELETE FROM pgqueue.paused_queues p WHERE p.queue = resume_queue.queue;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    PERFORM pgqueue._notify(ARRAY[resume_queue.queue], pgqueue._setting('notify'));
+    RETURN true;
+END
+$$;
+COMMENT ON FUNCTION pgqueue.resume_queue(text) IS
+    'Hand out jobs of a paused queue again, and NOTIFY pgqueue, <queue> so idle workers claim them at once. '
+    'Returns false if it was not paused.';

@@ -287,6 +287,20 @@ COMMENT ON TABLE pgqueue.abort_requests IS
 COMMENT ON COLUMN pgqueue.abort_requests.job_id IS 'The running job (pgqueue.jobs.id).';
 COMMENT ON COLUMN pgqueue.abort_requests.requested_at IS 'When abort() was first called for this attempt.';
 
+-- Queues whose jobs are not handed out (pause_queue, resume_queue). Claims read
+-- it once per call, as an InitPlan of their pick: while nothing is paused that
+-- is one probe of an empty index, not one per candidate job.
+CREATE TABLE pgqueue.paused_queues (
+    queue     text        PRIMARY KEY,
+    paused_at timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT paused_queues_queue_valid CHECK (btrim(queue) <> '' AND octet_length(queue) <= 200)
+);
+COMMENT ON TABLE pgqueue.paused_queues IS
+    'Paused queues: claims take none of their jobs until resume_queue(); enqueues, running jobs and '
+    'their outcomes go on as usual. Written by pause_queue() and resume_queue().';
+COMMENT ON COLUMN pgqueue.paused_queues.queue IS 'The paused queue (pgqueue.jobs.queue).';
+COMMENT ON COLUMN pgqueue.paused_queues.paused_at IS 'When pause_queue() paused it.';
+
 -- Claim order over live work only: finished jobs never enter this index, so
 -- claiming stays fast however many finished jobs pile up. Nor do queued jobs
 -- waiting behind an older job of their scope (scope_blocked): a claim reads
@@ -1335,7 +1349,8 @@ BEGIN
         RAISE EXCEPTION 'pgqueue.claim: worker must be a non-empty string' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     SELECT j.scope INTO v_scope FROM pgqueue.jobs j
-    WHERE j.id = claim.job_id AND j.state = 'queued' AND j.run_after <= now();
+    WHERE j.id = claim.job_id AND j.state = 'queued' AND j.run_after <= now()
+      AND NOT EXISTS (SELECT 1 FROM pgqueue.paused_queues p WHERE p.queue = j.queue);
     IF NOT FOUND THEN
         RETURN;
     END IF;
@@ -1364,7 +1379,7 @@ END
 $$;
 COMMENT ON FUNCTION pgqueue.claim(bigint, text) IS
     'Claim a known job by id for worker: a conditional UPDATE that returns the running row, or no row if the '
-    'job is not queued, not due, or its scope is busy. Never raises for a lost race. Sets state, is_current, '
+    'job is not queued, not due, in a paused queue, or its scope is busy. Never raises for a lost race. Sets state, is_current, '
     'locked_by, locked_at, started_at (first claim only) and attempts together.';
 
 CREATE FUNCTION pgqueue.claim_next(worker text, queues text[] DEFAULT NULL, batch_size int DEFAULT 1)
@@ -1407,6 +1422,7 @@ BEGIN
             SELECT j.id FROM pgqueue.jobs j
             WHERE j.state = 'queued' AND NOT j.scope_blocked AND j.run_after <= now() AND j.scope IS NULL
               AND (claim_next.queues IS NULL OR j.queue = ANY (claim_next.queues))
+              AND j.queue <> ALL (ARRAY(SELECT p.queue FROM pgqueue.paused_queues p))
             ORDER BY j.priority DESC, j.run_after, j.id
             LIMIT claim_next.batch_size
             FOR NO KEY UPDATE OF j SKIP LOCKED
@@ -1429,6 +1445,8 @@ BEGIN
         SELECT j.id, j.scope FROM pgqueue.jobs j
         WHERE j.state = 'queued' AND NOT j.scope_blocked AND j.run_after <= now()
           AND (claim_next.queues IS NULL OR j.queue = ANY (claim_next.queues))
+          -- Paused queues: read once per call (an InitPlan), not per candidate.
+          AND j.queue <> ALL (ARRAY(SELECT p.queue FROM pgqueue.paused_queues p))
           -- _scope_free(j.scope, j.id), written out: a SQL function with sub-selects
           -- is not inlined, and its call costs more than its two index probes.
           AND (j.scope IS NULL
@@ -1487,8 +1505,9 @@ END
 $$;
 COMMENT ON FUNCTION pgqueue.claim_next(text, text[], int) IS
     'Claim up to batch_size due jobs (in queues, or any queue when NULL) for worker, by priority desc, '
-    'run_after, id, with FOR NO KEY UPDATE SKIP LOCKED. A batch never holds two jobs of one scope, and a '
-    'scoped job is claimed only when no job of its scope runs and none older is queued. Returns the claimed rows.';
+    'run_after, id, with FOR NO KEY UPDATE SKIP LOCKED, skipping paused queues. A batch never holds two jobs '
+    'of one scope, and a scoped job is claimed only when no job of its scope runs and none older is queued. '
+    'Returns the claimed rows.';
 
 -- ==== sql/05_finish.sql ====
 -- =============================================================================
@@ -2320,6 +2339,49 @@ COMMENT ON FUNCTION pgqueue.abort_pipeline(uuid) IS
     'cancel_pipeline(), and abort() of every running member: their workers stop the handlers and the attempts '
     'end cancelled (unless they succeed first; their children are then created cancelled). Returns how many '
     'jobs were cancelled plus how many running members were asked to stop (not counting those asked already).';
+
+-- Pausing stops claims, nothing else: jobs are still enqueued into the queue,
+-- and its running jobs finish and record their outcomes. A claim reads the
+-- paused set with its statement's snapshot, so a claim already under way when
+-- pause_queue() commits may still take jobs of the queue; claims that start
+-- after it do not. Idempotent: false when the queue was paused already.
+CREATE FUNCTION pgqueue.pause_queue(queue text) RETURNS boolean
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+BEGIN
+    IF pause_queue.queue IS NULL OR btrim(pause_queue.queue) = '' THEN
+        RAISE EXCEPTION 'pgqueue.pause_queue: queue must be a non-empty name, got %', coalesce(quote_literal(pause_queue.queue), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    INSERT INTO pgqueue.paused_queues (queue) VALUES (pause_queue.queue) ON CONFLICT DO NOTHING;
+    RETURN FOUND;
+END
+$$;
+COMMENT ON FUNCTION pgqueue.pause_queue(text) IS
+    'Stop handing out jobs of the queue (claim, claim_next, claim_or_wait skip it) until resume_queue(). '
+    'Enqueues and running jobs are unaffected. Returns false if it was paused already.';
+
+-- Its due jobs became claimable without entering 'queued', so no trigger
+-- fires: the queue's workers are notified here, as an enqueue would.
+CREATE FUNCTION pgqueue.resume_queue(queue text) RETURNS boolean
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+BEGIN
+    IF resume_queue.queue IS NULL OR btrim(resume_queue.queue) = '' THEN
+        RAISE EXCEPTION 'pgqueue.resume_queue: queue must be a non-empty name, got %', coalesce(quote_literal(resume_queue.queue), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    DELETE FROM pgqueue.paused_queues p WHERE p.queue = resume_queue.queue;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    PERFORM pgqueue._notify(ARRAY[resume_queue.queue], pgqueue._setting('notify'));
+    RETURN true;
+END
+$$;
+COMMENT ON FUNCTION pgqueue.resume_queue(text) IS
+    'Hand out jobs of a paused queue again, and NOTIFY pgqueue, <queue> so idle workers claim them at once. '
+    'Returns false if it was not paused.';
 
 -- ==== sql/07_notify.sql ====
 -- =============================================================================
