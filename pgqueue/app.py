@@ -147,6 +147,7 @@ class App:
         cron: str | None = None,
         every: datetime.timedelta | float | None = None,
         timezone: str = "UTC",
+        catch_up: bool = False,
         name: str | None = None,
         queue: str | None = None,
         scope: Any = None,
@@ -159,7 +160,10 @@ class App:
 
         Every worker running this App enqueues the ticks, and the database makes each tick
         one job, ``run_after`` its tick. A tick that no worker was running for is skipped,
-        not made up later. ``name`` (default: the job type) names the schedule in
+        not made up later, unless ``catch_up``: then a worker that starts (or falls behind)
+        enqueues the latest tick it missed, once, late; older missed ticks stay skipped, and
+        a schedule that never enqueued a tick has none to make up. ``name`` (default: the
+        job type) names the schedule in
         ``pgqueue.periodic``; two schedules of one type need two names. A ``dedup_key``
         makes a tick coalesce into its predecessor while that one is still pending.
         """
@@ -178,6 +182,7 @@ class App:
             cron=cron,
             every=every,
             timezone=timezone,
+            catch_up=catch_up,
         )
         if schedule.name in self.schedules:
             raise ValueError(

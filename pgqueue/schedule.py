@@ -32,10 +32,13 @@ class Schedule:
     cron: str | None = None
     every: datetime.timedelta | None = None
     timezone: str = "UTC"
+    catch_up: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or len(self.name.encode()) > 200:
             raise ValueError(f"a schedule's name must be 1 to 200 bytes, got {self.name!r}")
+        if not isinstance(self.catch_up, bool):
+            raise TypeError(f"schedule {self.name!r}: catch_up must be True or False")
         if (self.cron is None) == (self.every is None):
             raise ValueError(f"schedule {self.name!r}: give exactly one of cron= and every=")
         if self.every is not None and not MIN_EVERY <= self.every <= MAX_EVERY:
@@ -64,6 +67,33 @@ class Schedule:
             )
         dumps(spec_dict(self.spec))  # refuse a payload or scope that is not JSON now, not per tick
         self.next_tick(datetime.datetime.now(datetime.UTC))  # one that never ticks is refused
+
+    def previous_tick(self, at: datetime.datetime) -> datetime.datetime | None:
+        """The latest tick at or before ``at`` (an aware datetime), in UTC; None if there is
+        none in the 50 years before it.
+
+        Found by :meth:`next_tick` from a point two of cronsim's reverse steps back, so it is
+        always a tick :meth:`next_tick` names (in the hour daylight saving time repeats, the
+        reverse walk meets the second pass of a time, which is not a tick).
+        """
+        if self.every is not None:
+            return _EPOCH + ((at - _EPOCH) // self.every) * self.every
+        assert self.cron is not None
+        back = None
+        for n, earlier in enumerate(
+            CronSim(self.cron, at.astimezone(ZoneInfo(self.timezone)), reverse=True)
+        ):
+            back = earlier.astimezone(datetime.UTC)
+            if n == 1:
+                break
+        if back is None:
+            return None
+        tick = self.next_tick(back - datetime.timedelta(minutes=1))
+        if tick > at:
+            return None
+        while (following := self.next_tick(tick)) <= at:
+            tick = following
+        return tick
 
     def next_tick(self, after: datetime.datetime) -> datetime.datetime:
         """The first tick strictly after ``after`` (an aware datetime), in UTC.

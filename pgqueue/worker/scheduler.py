@@ -5,9 +5,10 @@ each tick one job however many workers try, so there is no leader to lose. Each 
 a loop of its own, so one whose enqueue waits (its row or its dedup key locked by an open
 transaction) holds up no other. A loop sleeps until its next tick, enqueues it, and moves on
 to the next tick after now: ticks that fell while the worker was not running (or was
-suspended) are skipped, not made up. A tick whose enqueue fails for a transient reason (the
-database is restarting, a lock wait) is tried again with backoff until the schedule's next
-tick is due; the other workers are trying it too.
+suspended) are skipped, not made up; with ``catch_up``, the latest of them is enqueued late.
+A tick whose enqueue fails for a transient reason (the database is restarting, a lock wait)
+is tried again with backoff until the schedule's next tick is due; the other workers are
+trying it too.
 """
 
 from __future__ import annotations
@@ -37,6 +38,13 @@ _ENQUEUE_PERIODIC = (
     "SELECT pgqueue.enqueue_periodic(name => $1, tick => $2, spec => $3::text::jsonb)"
     f" FROM {BOUNDED_LOCK_WAIT}"
 )
+# A schedule's latest tick, missed: enqueued only if the schedule has enqueued a tick before
+# (its row says when) and not this one or a later one. A first start has nothing to make up.
+_CATCH_UP = (
+    "SELECT pgqueue.enqueue_periodic(name => $1, tick => $2, spec => $3::text::jsonb)"
+    f" FROM {BOUNDED_LOCK_WAIT}"
+    " WHERE EXISTS (SELECT 1 FROM pgqueue.periodic p WHERE p.name = $1 AND p.last_tick < $2)"
+)
 # At most this many tries of tick enqueues run at once, whatever the number of schedules:
 # the pool is min(concurrency, 10) + 2 connections. Held for one try, never across the
 # backoff between tries, so schedules stuck on locks cannot keep the others waiting.
@@ -65,16 +73,23 @@ async def _schedule_loop(
     outage = Outage(logger, f"periodic {schedule.name}")
     try:
         tick = schedule.next_tick(_now())
+        missed = schedule.previous_tick(_now()) if schedule.catch_up else None
+        if missed is not None:
+            await _enqueue_tick(
+                pool, app, schedule, missed, tick, enqueues, outage, logger, sql=_CATCH_UP
+            )
         while True:
             await anyio.sleep(max(0.0, (tick - _now()).total_seconds()))
             following = schedule.next_tick(tick)
             await _enqueue_tick(pool, app, schedule, tick, following, enqueues, outage, logger)
             # A try that ran past the next tick (a lock wait, an outage) leaves that tick
             # due: it is enqueued at once, late. Further behind than that (the process was
-            # suspended), the ticks already past are skipped, and said so.
+            # suspended), the ticks already past are skipped, and said so; with catch_up,
+            # all but the latest, which is enqueued at once.
             tick = following
             if schedule.next_tick(tick) <= _now():
-                tick = schedule.next_tick(_now())
+                latest = schedule.previous_tick(_now()) if schedule.catch_up else None
+                tick = latest if latest is not None else schedule.next_tick(_now())
                 logger.warning(
                     "periodic %s: ticks from %s until %s skipped (the worker fell behind: a"
                     " suspended process, or tries that waited for locks or connections)",
@@ -89,9 +104,9 @@ async def _schedule_loop(
 
 
 async def _enqueue(
-    conn: asyncpg.Connection, name: str, tick: datetime.datetime, spec: str
+    conn: asyncpg.Connection, sql: str, name: str, tick: datetime.datetime, spec: str
 ) -> int | None:
-    job_id: int | None = await conn.fetchval(_ENQUEUE_PERIODIC, name, tick, spec)
+    job_id: int | None = await conn.fetchval(sql, name, tick, spec)
     return job_id
 
 
@@ -104,7 +119,12 @@ async def _enqueue_tick(
     enqueues: anyio.CapacityLimiter,
     outage: Outage,
     logger: logging.Logger,
+    *,
+    sql: str = _ENQUEUE_PERIODIC,
 ) -> None:
+    """Enqueue one tick (through ``sql``: the plain enqueue, or :data:`_CATCH_UP` for a
+    missed one), retrying transient failures until ``give_up_at``."""
+    late = sql is _CATCH_UP
     spec = dumps(app.with_defaults(schedule.spec))  # a handler registered after periodic()
     backoff = Backoff(base=0.5, cap=30.0)
     while True:
@@ -115,6 +135,7 @@ async def _enqueue_tick(
                     pool,
                     max(MIN_TRY, min(ENQUEUE_TIMEOUT, left)),
                     _enqueue,
+                    sql,
                     schedule.name,
                     tick,
                     spec,
@@ -142,8 +163,9 @@ async def _enqueue_tick(
         outage.ok()
         if job_id is not None:
             logger.info(
-                "periodic %s: tick %s %s job %d",
+                "periodic %s: %stick %s %s job %d",
                 schedule.name,
+                "missed " if late else "",
                 tick.isoformat(),
                 "enqueued as" if schedule.spec.dedup_key is None else "enqueued or coalesced into",
                 job_id,

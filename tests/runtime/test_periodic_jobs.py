@@ -12,7 +12,7 @@ import anyio
 import asyncpg
 import pytest
 from runtime_helpers import Records
-from worker_harness import wait_until
+from worker_harness import wait_for_states, wait_until
 
 import pgqueue
 from pgqueue.schedule import Schedule
@@ -53,6 +53,45 @@ def test_next_tick(options: dict[str, Any], after: datetime.datetime, tick: Any)
 
 
 @pytest.mark.parametrize(
+    ("options", "at_", "tick"),
+    [
+        ({"every": 600}, at(2030, 1, 1, 12, 3, 7), at(2030, 1, 1, 12)),
+        ({"every": 600}, at(2030, 1, 1, 12, 10), at(2030, 1, 1, 12, 10)),  # at or before
+        ({"cron": "0 9 * * 1-5"}, at(2030, 1, 6, 12), at(2030, 1, 4, 9)),  # a Sunday: Friday's
+        # The fall-back hour: from the second pass of 02:30 Berlin (01:30 UTC) the latest tick
+        # is the first pass, 00:30 UTC, the one next_tick names (a reverse walk meets 01:30).
+        (BERLIN_0230, at(2030, 10, 27, 1, 45), at(2030, 10, 27, 0, 30)),
+        (BERLIN_0230, at(2030, 10, 27, 0, 20), at(2030, 10, 26, 0, 30)),
+        ({"cron": "0 0 29 2 *"}, at(2030, 3, 1), at(2028, 2, 29)),
+    ],
+)
+def test_previous_tick(options: dict[str, Any], at_: datetime.datetime, tick: Any) -> None:
+    assert pgqueue.App().periodic("report", **options).previous_tick(at_) == tick
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        BERLIN_0230,
+        {"cron": "0 2 * * *", "timezone": "Europe/Berlin"},  # in the hour spring skips
+        {"cron": "59 1 * * *", "timezone": "America/New_York"},
+        {"cron": "*/7 9-17 * * 1-5"},
+        {"every": 3 * 3600 + 17},
+    ],
+)
+def test_previous_tick_is_the_tick_next_tick_names(options: dict[str, Any]) -> None:
+    """Around both daylight saving changes of a year: the latest tick at or before a time is
+    a tick, and the next one is after that time."""
+    schedule = pgqueue.App().periodic("report", **options)
+    for start in (at(2030, 3, 30), at(2030, 3, 9), at(2030, 10, 26), at(2030, 11, 2)):
+        for minutes in range(0, 3 * 24 * 60, 13):
+            when = start + datetime.timedelta(minutes=minutes, seconds=minutes % 60)
+            tick = schedule.previous_tick(when)
+            assert tick is not None and tick <= when < schedule.next_tick(tick), when
+            assert schedule.next_tick(tick - datetime.timedelta(microseconds=1)) == tick, when
+
+
+@pytest.mark.parametrize(
     ("options", "problem"),
     [
         ({}, "give exactly one of cron= and every="),
@@ -69,6 +108,7 @@ def test_next_tick(options: dict[str, Any], after: datetime.datetime, tick: Any)
         ({"every": 60, "timezone": "Mars/Olympus"}, "unknown time zone 'Mars/Olympus'"),
         ({"every": 60, "payload": {"at": {1, 2}}}, "not JSON serializable"),
         ({"every": 60, "name": ""}, "name must be 1 to 200 bytes"),
+        ({"every": 60, "catch_up": "yes"}, "catch_up must be True or False"),
     ],
 )
 def test_bad_schedules_are_refused_when_registered(options: dict[str, Any], problem: str) -> None:
@@ -140,6 +180,77 @@ async def test_workers_racing_for_ticks_make_one_job_each(
     assert log.count("enqueued as job") == len(ticks)  # the losers of a race log nothing
 
 
+async def test_a_missed_tick_is_caught_up_once_when_workers_start(
+    conn: asyncpg.Connection, db_dsn: str, records: tuple[logging.Logger, Records]
+) -> None:
+    """The schedule enqueued a tick before, then missed two (no worker ran): two workers
+    that start make up the latest of them, once; the older one stays skipped."""
+    logger, log = records
+    app = pgqueue.App()
+    schedule = app.periodic("hourly", every=3600, catch_up=True)
+
+    @app.job("hourly")
+    async def hourly(job: pgqueue.Job) -> None:
+        return None
+
+    missed = schedule.previous_tick(datetime.datetime.now(UTC))
+    assert missed is not None
+    await conn.execute(
+        "INSERT INTO pgqueue.periodic (name, last_tick) VALUES ('hourly', $1)",
+        missed - datetime.timedelta(hours=2),
+    )
+    async with workers(app, db_dsn, 2, logger):
+        await wait_until(lambda: log.logged("periodic hourly: missed tick"))
+        job = await conn.fetchrow("SELECT id, run_after FROM pgqueue.jobs")
+        assert job["run_after"] == missed  # due: it runs at once
+        await wait_for_states(conn, [job["id"]])
+        assert await conn.fetchval("SELECT last_tick FROM pgqueue.periodic") == missed
+    assert await conn.fetchval("SELECT count(*) FROM pgqueue.jobs") == 1
+    assert log.count("periodic hourly: missed tick") == 1  # the other worker found it done
+
+
+async def test_catch_up_makes_up_nothing_for_a_schedule_that_never_ticked(
+    conn: asyncpg.Connection, db_dsn: str, records: tuple[logging.Logger, Records]
+) -> None:
+    """Without a row the schedule never enqueued a tick, so it missed none (a first deploy
+    does not run a nightly job at once); with a row at or past the latest tick, nothing is
+    missed either."""
+    logger, log = records
+    schedule = pgqueue.App().periodic("hourly", every=3600, catch_up=True)
+    missed = schedule.previous_tick(datetime.datetime.now(UTC))
+    assert missed is not None
+    outage = Outage(logger, "test")
+    pool = await asyncpg.create_pool(db_dsn, min_size=1, max_size=1)
+    try:
+
+        async def catch_up() -> None:
+            await scheduler._enqueue_tick(
+                pool,
+                pgqueue.App(),
+                schedule,
+                missed,
+                missed + datetime.timedelta(hours=1),
+                anyio.CapacityLimiter(1),
+                outage,
+                logger,
+                sql=scheduler._CATCH_UP,
+            )
+
+        await catch_up()
+        assert await conn.fetchval("SELECT count(*) FROM pgqueue.periodic") == 0
+        await conn.execute(
+            "INSERT INTO pgqueue.periodic (name, last_tick) VALUES ('hourly', $1)", missed
+        )
+        await catch_up()
+        assert await conn.fetchval("SELECT count(*) FROM pgqueue.jobs") == 0
+        await conn.execute("UPDATE pgqueue.periodic SET last_tick = last_tick - interval '1 s'")
+        await catch_up()  # the guard is what held it back: one second earlier, it is made up
+        assert await conn.fetchval("SELECT run_after FROM pgqueue.jobs") == missed
+    finally:
+        await pool.close()
+    assert log.count("missed tick") == 1
+
+
 async def test_a_refused_spec_is_logged_each_tick_and_the_worker_goes_on(
     conn: asyncpg.Connection, db_dsn: str, records: tuple[logging.Logger, Records]
 ) -> None:
@@ -191,7 +302,7 @@ async def test_ticks_stuck_on_locks_keep_no_slot_between_tries(
         app.periodic("x", every=60, name=name)
     tries: list[str] = []
 
-    async def call(pool: Any, bound: float, op: Any, name: str, *args: Any) -> int:
+    async def call(pool: Any, bound: float, op: Any, sql: str, name: str, *args: Any) -> int:
         tries.append(name)
         if name != "c":
             raise asyncpg.exceptions.LockNotAvailableError("row held elsewhere")
