@@ -52,16 +52,17 @@ CREATE TABLE pgqueue.jobs_plain (LIKE pgqueue.jobs INCLUDING DEFAULTS INCLUDING 
 ALTER TABLE pgqueue.jobs_checks_2idx ADD PRIMARY KEY (id);
 ALTER TABLE pgqueue.jobs_plain ADD PRIMARY KEY (id);
 CREATE INDEX ON pgqueue.jobs_checks_2idx (priority DESC, run_after, id)
-    WHERE state = 'queued' AND NOT scope_blocked;
+    WHERE state = 'queued' AND NOT scope_blocked AND NOT queue_paused;
 CREATE INDEX ON pgqueue.jobs_plain (priority DESC, run_after, id)
-    WHERE state = 'queued' AND NOT scope_blocked;
+    WHERE state = 'queued' AND NOT scope_blocked AND NOT queue_paused;
 """
 
 # claim_next's one-statement path (no scoped job active), on any copy of the table.
 PICK_AND_CLAIM = f"""
 WITH picked AS (
     SELECT j.id FROM pgqueue.{{table}} j
-    WHERE j.state = 'queued' AND NOT j.scope_blocked AND j.run_after <= now() AND j.scope IS NULL
+    WHERE j.state = 'queued' AND NOT j.scope_blocked AND NOT j.queue_paused AND j.run_after <= now()
+      AND j.scope IS NULL
     ORDER BY j.priority DESC, j.run_after, j.id
     LIMIT $2
     FOR NO KEY UPDATE OF j SKIP LOCKED

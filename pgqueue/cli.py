@@ -439,34 +439,45 @@ def stats(opts: DsnOption) -> None:
         click.echo(f"paused queues: {', '.join(paused)}")
 
 
-@main.command()
-@click.argument("queues", nargs=-1, required=True, metavar="QUEUE...")
-@pass_dsn
-@_friendly_errors
-def pause(opts: DsnOption, queues: tuple[str, ...]) -> None:
-    """Stop workers from claiming jobs of these queues (enqueues and running jobs go on)."""
+def _queue_action(
+    name: str,
+    doc: str,
+    action: Callable[[asyncpg.Connection, str], Awaitable[bool]],
+    done: str,
+    not_done: str,
+) -> None:
+    """Register a command running ``action`` (pause_queue, resume_queue) for each QUEUE."""
 
-    async def go(conn: asyncpg.Connection) -> list[bool]:
-        async with conn.transaction():  # all or none: a bad name pauses nothing
-            return [await pause_queue(conn, q) for q in queues]
+    @main.command(name=name, help=doc)
+    @click.argument("queues", nargs=-1, required=True, metavar="QUEUE...")
+    @pass_dsn
+    @_friendly_errors
+    def command(opts: DsnOption, queues: tuple[str, ...]) -> None:
+        async def go(conn: asyncpg.Connection) -> dict[str, bool]:
+            # All or none: a bad name changes nothing. In name order, the order every pgqueue
+            # transaction takes the queues' locks in (two such commands never deadlock).
+            async with conn.transaction():
+                return {q: await action(conn, q) for q in sorted(set(queues))}
 
-    for queue, done in zip(queues, _run(lambda: _with_connection(opts.dsn, go)), strict=True):
-        click.echo(f"queue {queue}: {'paused' if done else 'paused already'}")
+        changed = _run(lambda: _with_connection(opts.dsn, go))
+        for queue in dict.fromkeys(queues):
+            click.echo(f"queue {queue}: {done if changed[queue] else not_done}")
 
 
-@main.command()
-@click.argument("queues", nargs=-1, required=True, metavar="QUEUE...")
-@pass_dsn
-@_friendly_errors
-def resume(opts: DsnOption, queues: tuple[str, ...]) -> None:
-    """Let workers claim jobs of these paused queues again (idle ones are woken)."""
-
-    async def go(conn: asyncpg.Connection) -> list[bool]:
-        async with conn.transaction():
-            return [await resume_queue(conn, q) for q in queues]
-
-    for queue, done in zip(queues, _run(lambda: _with_connection(opts.dsn, go)), strict=True):
-        click.echo(f"queue {queue}: {'resumed' if done else 'not paused'}")
+_queue_action(
+    "pause",
+    "Stop workers from claiming jobs of these queues (enqueues and running jobs go on).",
+    pause_queue,
+    "paused",
+    "paused already",
+)
+_queue_action(
+    "resume",
+    "Let workers claim jobs of these paused queues again (idle ones are woken).",
+    resume_queue,
+    "resumed",
+    "not paused",
+)
 
 
 def _job_action(name: str, doc: str, takes: str) -> None:

@@ -88,6 +88,8 @@ jobs = Table(
     Column("pending_deps", Integer, nullable=False, server_default=text("0")),
     # Internal: queued behind an older job of its scope, out of the claim index; read-only here.
     Column("scope_blocked", Boolean, nullable=False, server_default=text("false")),
+    # Internal: queued in a paused queue, out of the claim index; read-only here.
+    Column("queue_paused", Boolean, nullable=False, server_default=text("false")),
 )
 
 settings = Table(

@@ -196,7 +196,7 @@ BEGIN
         RETURN QUERY
         WITH picked AS (
             SELECT j.id FROM pgqueue.jobs j
-            WHERE j.state = 'queued' AND NOT j.scope_blocked AND j.run_after <= now() AND j.scope IS NULL
+            WHERE j.state = 'queued' AND NOT j.scope_blocked AND NOT j.queue_paused AND j.run_after <= now() AND j.scope IS NULL
               AND (claim_next.queues IS NULL OR j.queue = ANY (claim_next.queues))
               AND j.queue <> ALL (ARRAY(SELECT p.queue FROM pgqueue.paused_queues p))
             ORDER BY j.priority DESC, j.run_after, j.id
@@ -219,9 +219,10 @@ BEGIN
     SELECT array_agg(c.id), bool_or(c.scope IS NOT NULL) INTO v_ids, v_scoped
     FROM (
         SELECT j.id, j.scope FROM pgqueue.jobs j
-        WHERE j.state = 'queued' AND NOT j.scope_blocked AND j.run_after <= now()
+        WHERE j.state = 'queued' AND NOT j.scope_blocked AND NOT j.queue_paused AND j.run_after <= now()
           AND (claim_next.queues IS NULL OR j.queue = ANY (claim_next.queues))
-          -- Paused queues: read once per call (an InitPlan), not per candidate.
+          -- Paused queues' jobs are flagged out of jobs_ready; the few an enqueue under
+          -- way at the pause left unflagged are skipped by name (an InitPlan, once per call).
           AND j.queue <> ALL (ARRAY(SELECT p.queue FROM pgqueue.paused_queues p))
           -- _scope_free(j.scope, j.id), written out: a SQL function with sub-selects
           -- is not inlined, and its call costs more than its two index probes.

@@ -376,41 +376,104 @@ COMMENT ON FUNCTION pgqueue.abort_pipeline(uuid) IS
     'end cancelled (unless they succeed first; their children are then created cancelled). Returns how many '
     'jobs were cancelled plus how many running members were asked to stop (not counting those asked already).';
 
+-- Of p_queues, the paused ones whose pause lock this transaction now holds
+-- shared (until commit): the queues whose jobs it may flag out of the claim
+-- index. resume_queue() takes the lock exclusively before it clears the
+-- queue's flags, so it waits for every flagging transaction under way and then
+-- sees their rows. This side never waits: a queue whose lock a pause or resume
+-- holds right now is left out (its jobs stay unflagged and are notified; claims
+-- skip them by name all the same). Waiting here, under the row locks the
+-- caller may hold, deadlocked with a resume waiting for those rows. The second
+-- look, a new statement after the locks, drops a queue whose resume committed
+-- after the first look's snapshot. Under REPEATABLE READ or SERIALIZABLE every
+-- statement reads the transaction's first snapshot, so nothing is flagged.
+CREATE FUNCTION pgqueue._hold_paused(p_queues text[]) RETURNS text[]
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_locked text[];
+BEGIN
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RETURN '{}';
+    END IF;
+    v_locked := ARRAY(SELECT x.queue
+                      FROM (SELECT p.queue FROM pgqueue.paused_queues p
+                            WHERE p.queue = ANY (p_queues) ORDER BY 1 OFFSET 0) x
+                      WHERE pg_try_advisory_xact_lock_shared(pgqueue._lock_class('pause'), hashtext(x.queue)));
+    RETURN ARRAY(SELECT p.queue FROM pgqueue.paused_queues p WHERE p.queue = ANY (v_locked) ORDER BY 1);
+END
+$$;
+
+-- pause_queue and resume_queue read and write with fresh snapshots after
+-- taking the queue's lock; under REPEATABLE READ a resume would clear only the
+-- flags its first snapshot saw, and leave later ones for good.
+CREATE FUNCTION pgqueue._check_read_committed(p_function text) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'pgqueue.%: needs READ COMMITTED, the transaction is %', p_function,
+            upper(current_setting('transaction_isolation'))
+            USING ERRCODE = 'invalid_transaction_state';
+    END IF;
+END
+$$;
+
+CREATE FUNCTION pgqueue._check_queue_name(p_function text, p_queue text) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_queue IS NULL OR btrim(p_queue) = '' OR octet_length(p_queue) > 200 THEN
+        RAISE EXCEPTION 'pgqueue.%: queue must be a non-empty string of at most 200 bytes, got %', p_function,
+            CASE WHEN p_queue IS NULL THEN 'NULL'
+                 WHEN octet_length(p_queue) > 200 THEN octet_length(p_queue) || ' bytes'
+                 ELSE quote_literal(p_queue) END
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+END
+$$;
+
 -- Pausing stops claims, nothing else: jobs are still enqueued into the queue,
--- and its running jobs finish and record their outcomes. A claim reads the
--- paused set with its statement's snapshot, so a claim already under way when
--- pause_queue() commits may still take jobs of the queue; claims that start
--- after it do not. Idempotent: false when the queue was paused already.
+-- and its running jobs finish and record their outcomes. The queue's queued
+-- jobs are flagged out of the claim index (one write each, once), and so is
+-- every job that enters queued while it stays paused (the triggers). A claim
+-- reads the paused set with its statement's snapshot, so a claim already under
+-- way when pause_queue() commits may still take jobs of the queue; claims that
+-- start after it do not. Idempotent: false when the queue was paused already.
 CREATE FUNCTION pgqueue.pause_queue(queue text) RETURNS boolean
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 BEGIN
-    IF pause_queue.queue IS NULL OR btrim(pause_queue.queue) = '' THEN
-        RAISE EXCEPTION 'pgqueue.pause_queue: queue must be a non-empty name, got %', coalesce(quote_literal(pause_queue.queue), 'NULL')
-            USING ERRCODE = 'invalid_parameter_value';
-    END IF;
+    PERFORM pgqueue._check_queue_name('pause_queue', pause_queue.queue);
+    PERFORM pgqueue._check_read_committed('pause_queue');
+    PERFORM pg_advisory_xact_lock(pgqueue._lock_class('pause'), hashtext(pause_queue.queue));
     INSERT INTO pgqueue.paused_queues (queue) VALUES (pause_queue.queue) ON CONFLICT DO NOTHING;
-    RETURN FOUND;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    UPDATE pgqueue.jobs j SET queue_paused = true
+    WHERE j.queue = pause_queue.queue AND j.state = 'queued' AND NOT j.queue_paused;
+    RETURN true;
 END
 $$;
 COMMENT ON FUNCTION pgqueue.pause_queue(text) IS
     'Stop handing out jobs of the queue (claim, claim_next, claim_or_wait skip it) until resume_queue(). '
     'Enqueues and running jobs are unaffected. Returns false if it was paused already.';
 
--- Its due jobs became claimable without entering 'queued', so no trigger
--- fires: the queue's workers are notified here, as an enqueue would.
+-- The lock first: every transaction that flagged jobs of the queue (holding
+-- the lock shared, see _hold_paused) has committed, so the UPDATE, a later
+-- statement, sees and clears all its flags (finished jobs that kept theirs
+-- included). Its due jobs became claimable without entering 'queued', so no
+-- trigger fires: the queue's workers are notified here, as an enqueue would.
 CREATE FUNCTION pgqueue.resume_queue(queue text) RETURNS boolean
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 BEGIN
-    IF resume_queue.queue IS NULL OR btrim(resume_queue.queue) = '' THEN
-        RAISE EXCEPTION 'pgqueue.resume_queue: queue must be a non-empty name, got %', coalesce(quote_literal(resume_queue.queue), 'NULL')
-            USING ERRCODE = 'invalid_parameter_value';
-    END IF;
+    PERFORM pgqueue._check_queue_name('resume_queue', resume_queue.queue);
+    PERFORM pgqueue._check_read_committed('resume_queue');
+    PERFORM pg_advisory_xact_lock(pgqueue._lock_class('pause'), hashtext(resume_queue.queue));
     DELETE FROM pgqueue.paused_queues p WHERE p.queue = resume_queue.queue;
     IF NOT FOUND THEN
         RETURN false;
     END IF;
+    UPDATE pgqueue.jobs j SET queue_paused = false WHERE j.queue = resume_queue.queue AND j.queue_paused;
     PERFORM pgqueue._notify(ARRAY[resume_queue.queue], pgqueue._setting('notify'));
     RETURN true;
 END

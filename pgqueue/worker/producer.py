@@ -46,7 +46,8 @@ _CLAIM_OR_WAIT = f"SELECT {_COLUMNS} FROM pgqueue.claim_or_wait({_ARGS})"
 _BEFORE_SLEEP = """
 SELECT (SELECT extract(epoch FROM min(run_after) - clock_timestamp())::float8
         FROM pgqueue.jobs
-        WHERE state = 'queued' AND NOT scope_blocked AND run_after > clock_timestamp()
+        WHERE state = 'queued' AND NOT scope_blocked AND NOT queue_paused
+          AND run_after > clock_timestamp()
           AND ($1::text[] IS NULL OR queue = ANY($1::text[]))),
        (SELECT value = 'when_waiting' FROM pgqueue.settings WHERE name = 'notify')
 """

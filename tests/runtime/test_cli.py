@@ -80,15 +80,18 @@ def test_abort_cancels_a_queued_job_and_asks_for_a_running_one(db_dsn: str) -> N
 
 
 def test_pause_and_resume_queues(db_dsn: str) -> None:
-    out = run(db_dsn, "pause", "emails", "reports")
-    assert (out.exit_code, out.output) == (0, "queue emails: paused\nqueue reports: paused\n")
+    out = run(db_dsn, "pause", "reports", "emails", "reports")
+    assert (out.exit_code, out.output) == (0, "queue reports: paused\nqueue emails: paused\n")
     assert run(db_dsn, "pause", "emails").output == "queue emails: paused already\n"
     assert run(db_dsn, "stats").output.endswith("paused queues: emails, reports\n")
     out = run(db_dsn, "resume", "emails", "nowhere")
     assert (out.exit_code, out.output) == (0, "queue emails: resumed\nqueue nowhere: not paused\n")
     # All or nothing: a name no queue can have pauses none of the others.
     bad = run(db_dsn, "pause", "emails", " ")
-    assert bad.exit_code == 2 and "queue must be a non-empty name, got ' '" in bad.output
+    assert (
+        bad.exit_code == 2
+        and "queue must be a non-empty string of at most 200 bytes, got ' '" in bad.output
+    )
     assert "paused queues: reports\n" in run(db_dsn, "stats").output
     assert run(db_dsn, "resume", "reports").output == "queue reports: resumed\n"
     assert "paused" not in run(db_dsn, "stats").output

@@ -187,26 +187,27 @@ async def test_a_missed_tick_is_caught_up_once_when_workers_start(
     that start make up the latest of them, once; the older one stays skipped."""
     logger, log = records
     app = pgqueue.App()
-    schedule = app.periodic("hourly", every=3600, catch_up=True)
+    schedule = app.periodic("daily", every=86400, catch_up=True)  # no tick falls between
+    # this test's look and the workers'
 
-    @app.job("hourly")
-    async def hourly(job: pgqueue.Job) -> None:
+    @app.job("daily")
+    async def daily(job: pgqueue.Job) -> None:
         return None
 
     missed = schedule.previous_tick(datetime.datetime.now(UTC))
     assert missed is not None
     await conn.execute(
-        "INSERT INTO pgqueue.periodic (name, last_tick) VALUES ('hourly', $1)",
-        missed - datetime.timedelta(hours=2),
+        "INSERT INTO pgqueue.periodic (name, last_tick) VALUES ('daily', $1)",
+        missed - datetime.timedelta(days=2),
     )
     async with workers(app, db_dsn, 2, logger):
-        await wait_until(lambda: log.logged("periodic hourly: missed tick"))
+        await wait_until(lambda: log.logged("periodic daily: missed tick"))
         job = await conn.fetchrow("SELECT id, run_after FROM pgqueue.jobs")
         assert job["run_after"] == missed  # due: it runs at once
         await wait_for_states(conn, [job["id"]])
         assert await conn.fetchval("SELECT last_tick FROM pgqueue.periodic") == missed
     assert await conn.fetchval("SELECT count(*) FROM pgqueue.jobs") == 1
-    assert log.count("periodic hourly: missed tick") == 1  # the other worker found it done
+    assert log.count("periodic daily: missed tick") == 1  # the other worker found it done
 
 
 async def test_catch_up_makes_up_nothing_for_a_schedule_that_never_ticked(

@@ -38,6 +38,22 @@ MUTANTS: dict[str, Mutant] = {
         "RETURN NULL;",
         "test_abort.py::test_an_abort_waits_for_a_failure_under_way_and_cancels_the_requeued_job",
     ),
+    # resume_queue without the pause lock: it does not wait for an enqueue under way that
+    # flags its jobs, misses them, and they stay out of the claim index for good.
+    "resume_without_pause_lock": Mutant(
+        "pgqueue.resume_queue(text)",
+        "    PERFORM pg_advisory_xact_lock(pgqueue._lock_class('pause'), hashtext(resume_queue.queue));\n",
+        "",
+        "test_pause.py::test_a_resume_waits_for_an_enqueue_that_flagged_jobs_and_clears_them",
+    ),
+    # _hold_paused waiting for the queue's lock instead of trying it: a transaction holding a
+    # row that a resume (holding the lock) waits for deadlocks with it.
+    "hold_paused_waits": Mutant(
+        "pgqueue._hold_paused(text[])",
+        "WHERE pg_try_advisory_xact_lock_shared(pgqueue._lock_class('pause'), hashtext(x.queue)));",
+        "WHERE pg_advisory_xact_lock_shared(pgqueue._lock_class('pause'), hashtext(x.queue)) IS NOT NULL);",
+        "test_pause.py::test_a_resume_waiting_for_a_row_never_deadlocks_with_its_holder",
+    ),
     # enqueue_periodic that moves the schedule to any tick, not only a later one: every
     # racer for a tick enqueues it once the first commits.
     "periodic_any_tick": Mutant(

@@ -51,6 +51,9 @@ class Session:
     async def rollback(self) -> None:
         await self.conn.execute("ROLLBACK")
 
+    async def execute(self, sql: str, *args: Any) -> str:
+        return await self.conn.execute(sql, *args)
+
     async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         return await self.conn.fetch(sql, *args)
 

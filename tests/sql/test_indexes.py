@@ -45,7 +45,7 @@ async def test_plan_of_the_pick_uses_partial_index(connect: Connect) -> None:
         await conn.fetchval("""
         EXPLAIN (FORMAT JSON)
         SELECT j.id FROM pgqueue.jobs j
-        WHERE j.state = 'queued' AND NOT j.scope_blocked AND j.run_after <= now()
+        WHERE j.state = 'queued' AND NOT j.scope_blocked AND NOT j.queue_paused AND j.run_after <= now()
         ORDER BY j.priority DESC, j.run_after, j.id LIMIT 10 FOR NO KEY UPDATE SKIP LOCKED""")
     )
     text = json.dumps(plan)

@@ -7,7 +7,7 @@ import asyncio
 
 import asyncpg
 import pytest
-from sqlharness import Connect
+from sqlharness import Connect, finishes_unblocked, lock_wait_kind, sessions, wait_blocked
 
 PAUSE = "SELECT pgqueue.pause_queue($1)"
 RESUME = "SELECT pgqueue.resume_queue($1)"
@@ -131,11 +131,31 @@ async def test_in_when_waiting_mode_resuming_wakes_a_waiting_worker(
 @pytest.mark.parametrize(
     ("function", "queue", "message"),
     [
-        ("pause_queue", None, "pgqueue.pause_queue: queue must be a non-empty name, got NULL"),
-        ("pause_queue", "", "pgqueue.pause_queue: queue must be a non-empty name, got ''"),
-        ("pause_queue", "  ", "pgqueue.pause_queue: queue must be a non-empty name, got '  '"),
-        ("resume_queue", None, "pgqueue.resume_queue: queue must be a non-empty name, got NULL"),
-        ("resume_queue", " ", "pgqueue.resume_queue: queue must be a non-empty name, got ' '"),
+        (
+            "pause_queue",
+            None,
+            "pgqueue.pause_queue: queue must be a non-empty string of at most 200 bytes, got NULL",
+        ),
+        (
+            "pause_queue",
+            "",
+            "pgqueue.pause_queue: queue must be a non-empty string of at most 200 bytes, got ''",
+        ),
+        (
+            "pause_queue",
+            "  ",
+            "pgqueue.pause_queue: queue must be a non-empty string of at most 200 bytes, got '  '",
+        ),
+        (
+            "resume_queue",
+            None,
+            "pgqueue.resume_queue: queue must be a non-empty string of at most 200 bytes, got NULL",
+        ),
+        (
+            "resume_queue",
+            " ",
+            "pgqueue.resume_queue: queue must be a non-empty string of at most 200 bytes, got ' '",
+        ),
     ],
 )
 async def test_a_missing_queue_name_is_refused(
@@ -148,6 +168,201 @@ async def test_a_missing_queue_name_is_refused(
 
 
 async def test_a_queue_name_no_job_could_have_is_refused(conn: asyncpg.Connection) -> None:
-    with pytest.raises(asyncpg.CheckViolationError, match="paused_queues_queue_valid"):
-        await conn.fetchval(PAUSE, "q" * 201)
+    for function in ("pause_queue", "resume_queue"):
+        with pytest.raises(asyncpg.InvalidParameterValueError) as raised:
+            await conn.fetchval(f"SELECT pgqueue.{function}($1)", "q" * 201)
+        assert str(raised.value) == (
+            f"pgqueue.{function}: queue must be a non-empty string of at most 200 bytes,"
+            " got 201 bytes"
+        )
     assert await conn.fetchval("SELECT count(*) FROM pgqueue.paused_queues") == 0
+
+
+READY = (
+    "SELECT id FROM pgqueue.jobs WHERE state = 'queued' AND NOT scope_blocked"
+    " AND NOT queue_paused ORDER BY id"
+)
+FLAGGED = "SELECT id FROM pgqueue.jobs WHERE queue_paused ORDER BY id"
+
+
+async def _ids(conn: asyncpg.Connection, sql: str) -> list[int]:
+    return [r["id"] for r in await conn.fetch(sql)]
+
+
+async def test_a_paused_queues_jobs_are_kept_out_of_the_claim_index(
+    conn: asyncpg.Connection,
+) -> None:
+    """Whichever way a job enters queued while its queue is paused, it is flagged out of
+    jobs_ready (a claim never reads a paused backlog); resuming clears every flag."""
+    before = [await _enqueue(conn, "p"), await _enqueue(conn, "p", '{"s": 1}')]
+    blocked = await _enqueue(conn, "p", '{"s": 1}')  # behind the scoped one: scope_blocked
+    failing = await _enqueue(conn, "p")
+    assert await conn.fetchval("SELECT count(*) FROM pgqueue.claim($1, 'w')", failing) == 1
+    waiting = await conn.fetchval(
+        "SELECT pgqueue.enqueue('t', queue => 'p', depends_on => ARRAY[$1::bigint])", failing
+    )
+    elsewhere = await _enqueue(conn, "q")
+    await conn.fetchval(PAUSE, "p")
+    assert await _ids(conn, FLAGGED) == [*before, blocked]
+    # While paused: enqueued one by one and in bulk, failed with attempts left, retried by
+    # hand, queued by fan-in.
+    single = await _enqueue(conn, "p")
+    bulk = await _ids(
+        conn,
+        """SELECT id FROM pgqueue.enqueue_many('[{"job_type": "t", "queue": "p"},
+                                                     {"job_type": "t", "queue": "q"}]') id""",
+    )
+    assert await conn.fetchval("SELECT pgqueue.fail($1, 'w', 'boom', '0 s')", failing) == "queued"
+    await conn.execute(
+        "UPDATE pgqueue.jobs SET state = 'failed', finished_at = now() WHERE id = $1", failing
+    )
+    assert await conn.fetchval("SELECT pgqueue.retry($1)", failing) is True
+    await conn.execute("SELECT pgqueue.cancel($1)", before[0])  # a flagged job that ends
+    assert await _ids(conn, READY) == [elsewhere, bulk[1]]
+    assert await _ids(conn, FLAGGED) == [*before, blocked, failing, single, bulk[0]]
+    # The fan-in dependent of the retried job is still waiting; it is queued by the
+    # completion, while the queue is still paused.
+    await conn.fetch("SELECT pgqueue.claim_next('w', ARRAY['q'], 10)")
+    assert await conn.fetchval("SELECT pgqueue.resume_queue('p')") is True
+    assert await _ids(conn, FLAGGED) == []
+    await conn.fetchval(PAUSE, "p")
+    assert await conn.fetchval("SELECT count(*) FROM pgqueue.claim($1, 'w')", failing) == 0
+    await conn.fetchval(RESUME, "p")
+    assert await conn.fetchval("SELECT count(*) FROM pgqueue.claim($1, 'w')", failing) == 1
+    await conn.fetchval(PAUSE, "p")
+    assert await conn.fetchval("SELECT pgqueue.complete($1, 'w')", failing) is True
+    assert waiting in await _ids(conn, FLAGGED)
+    await conn.fetchval(RESUME, "p")
+    assert await _ids(conn, FLAGGED) == []
+    claimed = await _claim_next(conn, ["p"])
+    assert claimed == sorted([before[1], single, bulk[0], waiting])  # blocked: behind 2
+
+
+async def test_a_claim_reads_none_of_a_paused_backlog(
+    conn: asyncpg.Connection, connect: Connect
+) -> None:
+    """Pausing rewrites the queue's queued jobs once; the first scan of the claim index after
+    it steps over their old entries (and marks them dead), later claims never meet them."""
+    await conn.execute(
+        "SELECT pgqueue.enqueue_many(array_fill('t'::text, ARRAY[2000]),"
+        " NULL, array_fill('p'::text, ARRAY[2000]), NULL, NULL, NULL, NULL)"
+    )
+    await conn.fetchval(PAUSE, "p")
+    first = await _enqueue(conn, "q")
+    assert await _claim_next(conn) == [first]
+    observer = await connect()
+    read = (
+        "SELECT idx_tup_read FROM pg_stat_user_indexes"
+        " WHERE indexrelid = 'pgqueue.jobs_ready'::regclass"
+    )
+
+    async def entries_read() -> int:
+        await conn.execute("SELECT pg_stat_force_next_flush()")
+        await conn.execute("SELECT 1")  # the flush happens when the backend goes idle
+        await observer.execute("SELECT pg_stat_clear_snapshot()")
+        count: int = await observer.fetchval(read)
+        return count
+
+    before = await entries_read()
+    second = await _enqueue(conn, "q")
+    assert await _claim_next(conn) == [second]
+    assert await _claim_next(conn) == []
+    assert await entries_read() - before < 10  # unflagged: 2,000 entries per claim
+
+
+async def test_enqueues_into_a_paused_queue_wake_nobody(
+    conn: asyncpg.Connection, connect: Connect
+) -> None:
+    listener = await connect()
+    heard: asyncio.Queue[str] = asyncio.Queue()
+    await listener.add_listener("pgqueue", lambda *args: heard.put_nowait(args[-1]))
+    await conn.fetchval(PAUSE, "p")
+    await _enqueue(conn, "p")
+    await conn.execute('SELECT pgqueue.enqueue_many(\'[{"job_type": "t", "queue": "p"}]\')')
+    await _enqueue(conn, "q")
+    assert await asyncio.wait_for(heard.get(), 5) == "q"
+
+
+async def test_a_resume_waits_for_an_enqueue_that_flagged_jobs_and_clears_them(
+    conn: asyncpg.Connection, connect: Connect
+) -> None:
+    """An enqueue under way in the paused queue holds the queue's pause lock shared; the
+    resume waits for its commit, then sees and clears its job's flag."""
+    app, operator = await sessions(connect, "app", "operator")
+    await conn.fetchval(PAUSE, "p")
+    await app.begin()
+    job = await app.fetchval("SELECT pgqueue.enqueue('t', queue => 'p')")
+    resume = operator.start(operator.fetchval(RESUME, "p"))
+    await wait_blocked(conn, operator)
+    assert await lock_wait_kind(conn, operator) == "advisory"
+    await app.commit()
+    assert await resume is True
+    assert await _ids(conn, FLAGGED) == []
+    assert await _claim_next(conn) == [job]
+
+
+async def test_an_enqueue_never_waits_for_a_resume_under_way_and_flags_nothing(
+    conn: asyncpg.Connection, connect: Connect
+) -> None:
+    """The other order: a resume holds the queue's lock. The enqueue does not wait for it (it
+    may hold row locks the resume needs): it leaves its job unflagged, and the job is
+    claimable once the resume commits."""
+    app, operator = await sessions(connect, "app", "operator")
+    await conn.fetchval(PAUSE, "p")
+    await operator.begin()
+    assert await operator.fetchval(RESUME, "p") is True
+    job = await finishes_unblocked(
+        conn, app, app.fetchval("SELECT pgqueue.enqueue('t', queue => 'p')")
+    )
+    assert await _ids(conn, FLAGGED) == []
+    assert await _claim_next(conn) == []  # still paused: skipped by name
+    await operator.commit()
+    assert await _claim_next(conn) == [job]
+
+
+async def test_a_resume_waiting_for_a_row_never_deadlocks_with_its_holder(
+    conn: asyncpg.Connection, connect: Connect
+) -> None:
+    """An application transaction cancels a flagged job (its row stays locked until commit),
+    a resume waits for that row while holding the queue's lock, and the transaction then
+    enqueues into the queue: the enqueue must not wait for the lock (that was a deadlock)."""
+    app, operator = await sessions(connect, "app", "operator")
+    cancelled = await _enqueue(conn, "p")
+    await conn.fetchval(PAUSE, "p")
+    await app.begin()
+    assert await app.fetchval("SELECT pgqueue.cancel($1)", cancelled) is True
+    resume = operator.start(operator.fetchval(RESUME, "p"))
+    await wait_blocked(conn, operator)
+    assert await lock_wait_kind(conn, operator) == "transactionid"
+    job = await finishes_unblocked(
+        conn, app, app.fetchval("SELECT pgqueue.enqueue('t', queue => 'p')")
+    )
+    await app.commit()
+    assert await resume is True
+    assert await _ids(conn, FLAGGED) == []
+    assert await _claim_next(conn) == [job]
+
+
+async def test_under_repeatable_read_nothing_is_flagged_and_resume_refuses(
+    conn: asyncpg.Connection, connect: Connect
+) -> None:
+    """A transaction whose snapshot predates a resume would flag its job in a queue no longer
+    paused (for good): above READ COMMITTED the triggers flag nothing, and pause_queue and
+    resume_queue refuse to run."""
+    (app,) = await sessions(connect, "app")
+    await conn.fetchval(PAUSE, "p")
+    await app.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+    assert await app.fetchval("SELECT count(*) FROM pgqueue.paused_queues") == 1  # snapshot
+    await conn.fetchval(RESUME, "p")
+    job = await app.fetchval("SELECT pgqueue.enqueue('t', queue => 'p')")
+    await app.commit()
+    assert await _ids(conn, FLAGGED) == []
+    assert await _claim_next(conn) == [job]
+    for function in ("pause_queue", "resume_queue"):
+        await app.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        with pytest.raises(asyncpg.InvalidTransactionStateError) as raised:
+            await app.fetchval(f"SELECT pgqueue.{function}('p')")
+        assert str(raised.value) == (
+            f"pgqueue.{function}: needs READ COMMITTED, the transaction is REPEATABLE READ"
+        )
+        await app.rollback()

@@ -56,6 +56,9 @@ INVARIANTS = {
         SELECT b.id FROM pgqueue.jobs b WHERE b.scope_blocked AND NOT EXISTS (
             SELECT 1 FROM pgqueue.jobs a WHERE a.scope = b.scope AND a.state IN ('queued', 'running')
             AND a.id < b.id)""",
+    "job flagged out of the claim index in a queue that is not paused (stranded)": """
+        SELECT id FROM pgqueue.jobs
+        WHERE queue_paused AND queue NOT IN (SELECT queue FROM pgqueue.paused_queues)""",
     "two pending jobs with one dedup key": """
         SELECT dedup_key FROM pgqueue.jobs WHERE state IN ('waiting', 'queued') AND dedup_key IS NOT NULL
         GROUP BY dedup_key HAVING count(*) > 1""",
@@ -127,9 +130,11 @@ class Machine(RuleBasedStateMachine):
 
     @rule(worker=st.sampled_from(WORKERS), batch=st.integers(1, 3))
     def claim_next(self, worker: str, batch: int) -> None:
+        paused = self.call("op", "fetchval", "SELECT count(*) FROM pgqueue.paused_queues")
         rows = self.call(
             worker, "fetch", "SELECT id, scope FROM pgqueue.claim_next($1, NULL, $2)", worker, batch
         )
+        assert not (paused and rows), "claimed a job of a paused queue"
         scopes = [json.dumps(r["scope"], sort_keys=True) for r in rows if r["scope"] is not None]
         assert len(scopes) == len(set(scopes)), "one batch holds two jobs of one scope"
 
@@ -211,6 +216,11 @@ class Machine(RuleBasedStateMachine):
         ids = self._ids("state IN ('failed', 'cancelled')")
         if ids:
             assert self.call("op", "fetchval", "SELECT pgqueue.retry($1)", ids[pick % len(ids)])
+
+    @rule(pause=st.booleans())
+    def pause_or_resume(self, pause: bool) -> None:
+        function = "pause_queue" if pause else "resume_queue"
+        self.call("op", "fetchval", f"SELECT pgqueue.{function}('default')")
 
     @rule(pick=st.integers(0, 50))
     def cancel(self, pick: int) -> None:
