@@ -454,8 +454,10 @@ def _queue_action(
     @_friendly_errors
     def command(opts: DsnOption, queues: tuple[str, ...]) -> None:
         async def go(conn: asyncpg.Connection) -> dict[str, bool]:
-            # All or none: a bad name changes nothing. In name order, the order every pgqueue
-            # transaction takes the queues' locks in (two such commands never deadlock).
+            # All or none: a bad name changes nothing. In name order, so that two such
+            # commands never deadlock with each other (with an application transaction that
+            # holds a flagged row and the pause lock of a later queue they still can: PostgreSQL
+            # ends one side, and the command, all or none, can simply be run again).
             async with conn.transaction():
                 return {q: await action(conn, q) for q in sorted(set(queues))}
 

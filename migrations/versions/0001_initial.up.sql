@@ -2429,6 +2429,11 @@ BEGIN
     IF NOT FOUND THEN
         RETURN false;
     END IF;
+    -- Rows in id order, as every multi-row transition locks them (an UPDATE locks
+    -- in the order its scan meets rows: a pause deadlocked with cancel_pipeline).
+    PERFORM 1 FROM pgqueue.jobs j
+    WHERE j.queue = pause_queue.queue AND j.state = 'queued' AND NOT j.queue_paused
+    ORDER BY j.id FOR NO KEY UPDATE;
     UPDATE pgqueue.jobs j SET queue_paused = true
     WHERE j.queue = pause_queue.queue AND j.state = 'queued' AND NOT j.queue_paused;
     RETURN true;
@@ -2454,6 +2459,8 @@ BEGIN
     IF NOT FOUND THEN
         RETURN false;
     END IF;
+    PERFORM 1 FROM pgqueue.jobs j
+    WHERE j.queue = resume_queue.queue AND j.queue_paused ORDER BY j.id FOR NO KEY UPDATE;
     UPDATE pgqueue.jobs j SET queue_paused = false WHERE j.queue = resume_queue.queue AND j.queue_paused;
     PERFORM pgqueue._notify(ARRAY[resume_queue.queue], pgqueue._setting('notify'));
     RETURN true;

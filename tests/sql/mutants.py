@@ -54,6 +54,14 @@ MUTANTS: dict[str, Mutant] = {
         "WHERE pg_advisory_xact_lock_shared(pgqueue._lock_class('pause'), hashtext(x.queue)) IS NOT NULL);",
         "test_pause.py::test_a_resume_waiting_for_a_row_never_deadlocks_with_its_holder",
     ),
+    # pause_queue flagging rows in the order its scan meets them: it holds a row while it
+    # waits for another, and deadlocks with cancel_pipeline locking in id order.
+    "pause_locks_in_scan_order": Mutant(
+        "pgqueue.pause_queue(text)",
+        "    ORDER BY j.id FOR NO KEY UPDATE;\n    UPDATE pgqueue.jobs j SET queue_paused = true",
+        "    AND false;\n    UPDATE pgqueue.jobs j SET queue_paused = true",
+        "test_pause.py::test_a_pause_locks_rows_in_id_order_and_never_deadlocks_with_cancel_pipeline",
+    ),
     # enqueue_periodic that moves the schedule to any tick, not only a later one: every
     # racer for a tick enqueues it once the first commits.
     "periodic_any_tick": Mutant(

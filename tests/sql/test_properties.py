@@ -74,7 +74,9 @@ class Machine(RuleBasedStateMachine):
         self.conns: dict[str, asyncpg.Connection] = {}
         for name in (*WORKERS, "op"):
             self.conns[name] = self.portal.call(self._connect)
-        self.call("op", "execute", "TRUNCATE pgqueue.jobs RESTART IDENTITY CASCADE")
+        self.call(
+            "op", "execute", "TRUNCATE pgqueue.jobs, pgqueue.paused_queues RESTART IDENTITY CASCADE"
+        )
         self.expected_children: dict[int, int] = {}
 
     async def _connect(self) -> asyncpg.Connection:
