@@ -448,13 +448,14 @@ BEGIN
     IF NOT FOUND THEN
         RETURN false;
     END IF;
-    -- Rows in id order, as every multi-row transition locks them (an UPDATE locks
-    -- in the order its scan meets rows: a pause deadlocked with cancel_pipeline).
-    PERFORM 1 FROM pgqueue.jobs j
-    WHERE j.queue = pause_queue.queue AND j.state = 'queued' AND NOT j.queue_paused
-    ORDER BY j.id FOR NO KEY UPDATE;
+    -- Rows locked in id order, as every multi-row transition locks them (an UPDATE
+    -- locks in the order its scan meets rows: a pause deadlocked with
+    -- cancel_pipeline), then updated by primary key: one scan of the table.
     UPDATE pgqueue.jobs j SET queue_paused = true
-    WHERE j.queue = pause_queue.queue AND j.state = 'queued' AND NOT j.queue_paused;
+    WHERE j.id = ANY (ARRAY(SELECT o.id FROM pgqueue.jobs o
+                            WHERE o.queue = pause_queue.queue AND o.state = 'queued' AND NOT o.queue_paused
+                            ORDER BY o.id FOR NO KEY UPDATE))
+      AND j.state = 'queued' AND NOT j.queue_paused;
     RETURN true;
 END
 $$;
@@ -478,9 +479,10 @@ BEGIN
     IF NOT FOUND THEN
         RETURN false;
     END IF;
-    PERFORM 1 FROM pgqueue.jobs j
-    WHERE j.queue = resume_queue.queue AND j.queue_paused ORDER BY j.id FOR NO KEY UPDATE;
-    UPDATE pgqueue.jobs j SET queue_paused = false WHERE j.queue = resume_queue.queue AND j.queue_paused;
+    UPDATE pgqueue.jobs j SET queue_paused = false
+    WHERE j.id = ANY (ARRAY(SELECT o.id FROM pgqueue.jobs o
+                            WHERE o.queue = resume_queue.queue AND o.queue_paused
+                            ORDER BY o.id FOR NO KEY UPDATE));
     PERFORM pgqueue._notify(ARRAY[resume_queue.queue], pgqueue._setting('notify'));
     RETURN true;
 END

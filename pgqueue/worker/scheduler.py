@@ -72,8 +72,9 @@ async def _schedule_loop(
 ) -> None:
     outage = Outage(logger, f"periodic {schedule.name}")
     try:
-        tick = schedule.next_tick(_now())
-        missed = schedule.previous_tick(_now()) if schedule.catch_up else None
+        now = _now()  # one reading: a tick falling between two would count as missed
+        tick = schedule.next_tick(now)
+        missed = schedule.previous_tick(now) if schedule.catch_up else None
         if missed is not None:
             await _enqueue_tick(
                 pool, app, schedule, missed, tick, enqueues, outage, logger, sql=_CATCH_UP

@@ -58,8 +58,11 @@ MUTANTS: dict[str, Mutant] = {
     # waits for another, and deadlocks with cancel_pipeline locking in id order.
     "pause_locks_in_scan_order": Mutant(
         "pgqueue.pause_queue(text)",
-        "    ORDER BY j.id FOR NO KEY UPDATE;\n    UPDATE pgqueue.jobs j SET queue_paused = true",
-        "    AND false;\n    UPDATE pgqueue.jobs j SET queue_paused = true",
+        "WHERE j.id = ANY (ARRAY(SELECT o.id FROM pgqueue.jobs o\n"
+        "                            WHERE o.queue = pause_queue.queue AND o.state = 'queued'"
+        " AND NOT o.queue_paused\n"
+        "                            ORDER BY o.id FOR NO KEY UPDATE))",
+        "WHERE j.queue = pause_queue.queue",
         "test_pause.py::test_a_pause_locks_rows_in_id_order_and_never_deadlocks_with_cancel_pipeline",
     ),
     # enqueue_periodic that moves the schedule to any tick, not only a later one: every
