@@ -1,7 +1,7 @@
 """pgqueue: a job queue that lives inside PostgreSQL."""
 
 from pgqueue.app import App, JobType
-from pgqueue.job import Job, Result, Spec
+from pgqueue.job import Job, Result, Snooze, Spec
 from pgqueue.outcome import Outcome, job_outcome, wait_for_job
 from pgqueue.pipeline import (
     EnqueuedPipeline,
@@ -28,6 +28,7 @@ __all__ = [
     "PipelineError",
     "PipelineStatus",
     "Result",
+    "Snooze",
     "Spec",
     "Worker",
     "__version__",

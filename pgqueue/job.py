@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import MISSING, dataclass, fields, make_dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, cast
 
 from pgqueue.dsn import as_aware
@@ -216,6 +217,39 @@ def normal_spec(spec: dict[str, Any]) -> dict[str, Any]:
     if type(nested) is list:
         spec["next_jobs"] = [spec_dict(c) if isinstance(c, Spec | Mapping) else c for c in nested]
     return spec
+
+
+class Snooze(Exception):
+    """Raise in a handler to put its job back for later, the attempt not counted.
+
+    The job runs again (on any worker) not before ``delay`` from now: seconds, or a
+    timedelta (``pgqueue.snooze``). For a handler that finds it cannot proceed yet (a rate
+    limit, a resource not ready); a failure with a delay would count the attempt, and end
+    the job failed once ``max_attempts`` waits are spent. A scoped job keeps its place: the
+    later jobs of its scope wait for it. Refused here, when it is raised, if ``delay`` is not
+    a non-negative number of seconds or timedelta: the attempt then fails with that error.
+    """
+
+    delay: timedelta
+
+    def __init__(self, delay: float | timedelta) -> None:
+        if isinstance(delay, timedelta):
+            value = delay
+        elif isinstance(delay, int | float) and not isinstance(delay, bool):
+            if not (math.isfinite(delay) and 0 <= delay <= _MAX_SECONDS):
+                raise ValueError(
+                    f"Snooze delay must be a non-negative number of seconds, got {delay!r}"
+                )
+            value = timedelta(seconds=delay)
+        else:
+            raise TypeError(f"Snooze delay must be seconds or a timedelta, got {delay!r}")
+        if value < timedelta(0):
+            raise ValueError(f"Snooze delay must not be negative, got {delay!r}")
+        super().__init__(f"snoozed for {value.total_seconds():g}s")
+        self.delay = value
+
+
+_MAX_SECONDS = timedelta.max.total_seconds()
 
 
 @dataclass(frozen=True, slots=True, init=False)

@@ -63,7 +63,7 @@ CREATE TABLE pgqueue.jobs (
 
 COMMENT ON TABLE pgqueue.jobs IS
     'One row per job. Change rows through the pgqueue functions (enqueue, claim, complete, fail, release, '
-    'cancel, retry): they keep scopes, dedup keys, dependencies and notifications consistent. '
+    'snooze, cancel, retry): they keep scopes, dedup keys, dependencies and notifications consistent. '
     'States: waiting -> queued -> running -> succeeded | failed | cancelled.';
 COMMENT ON COLUMN pgqueue.jobs.id IS 'Identity; also the order in which jobs of one scope run.';
 COMMENT ON COLUMN pgqueue.jobs.queue IS 'Workers listen to a set of queues; NOTIFY pgqueue carries this name.';
@@ -181,7 +181,7 @@ COMMENT ON COLUMN pgqueue.cancelled_pipelines.pipeline_id IS 'The cancelled pipe
 COMMENT ON COLUMN pgqueue.cancelled_pipelines.cancelled_at IS 'When cancel_pipeline() was called.';
 
 -- Running jobs asked to stop (pgqueue.abort). The request is read by the
--- transition that ends the attempt: a failure, a release or a recovery of the
+-- transition that ends the attempt: a failure, a release, a snooze or a recovery of the
 -- job ends it cancelled instead of queued again, so an aborted job never runs
 -- another attempt, whichever worker holds it and whether or not its handler
 -- could be interrupted. A success that lands first wins (the work is done).
@@ -194,7 +194,7 @@ CREATE TABLE pgqueue.abort_requests (
 );
 COMMENT ON TABLE pgqueue.abort_requests IS
     'Running jobs asked to stop with pgqueue.abort(): the attempt ends cancelled, never retried, unless it '
-    'succeeds first. A row is consumed by the fail, release or recovery that ends the attempt.';
+    'succeeds first. A row is consumed by the fail, release, snooze or recovery that ends the attempt.';
 COMMENT ON COLUMN pgqueue.abort_requests.job_id IS 'The running job (pgqueue.jobs.id).';
 COMMENT ON COLUMN pgqueue.abort_requests.requested_at IS 'When abort() was first called for this attempt.';
 

@@ -152,7 +152,7 @@ CREATE TRIGGER jobs_notify_requeued
     WHEN (NEW.state = 'queued' AND OLD.state <> 'queued')
     EXECUTE FUNCTION pgqueue._notify_requeued();
 COMMENT ON TRIGGER jobs_notify_requeued ON pgqueue.jobs IS
-    'NOTIFY pgqueue, <queue> once per queue whose jobs entered queued (retried, recovered, released, unblocked); '
+    'NOTIFY pgqueue, <queue> once per queue whose jobs entered queued (retried, recovered, released, snoozed, unblocked); '
     'a job of a paused queue is flagged out of the claim index instead.';
 
 CREATE FUNCTION pgqueue.claim_or_wait(worker text, queues text[] DEFAULT NULL, batch_size int DEFAULT 1)

@@ -35,6 +35,7 @@ release is reported as unknown rather than as a lost lease.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import enum
 import logging
 import math
@@ -126,6 +127,7 @@ _COMPLETE_MANY = (
 )
 _FAIL = "SELECT pgqueue.fail(job_id => $1, worker => $2, error => $3)"
 _RELEASE = "SELECT pgqueue.release(job_id => $1, worker => $2)"
+_SNOOZE = "SELECT pgqueue.snooze(job_id => $1, worker => $2, delay => $3)"
 # Which of these jobs, left out by complete_many, had this worker already completed? A row
 # keeps locked_by when it succeeds, and only a complete by the worker holding the job makes
 # it 'succeeded', so this names exactly the jobs our own writes completed.
@@ -275,19 +277,24 @@ class Completer:
         state = await self._write(f"the failure of job {job.id}", op)
         return None if state is _GIVEN_UP else state
 
-    async def release(self, job: Job) -> bool | None:
-        """Give the job back unfinished (the attempt is not counted); False if not held (or
-        given up at shutdown), None if unknown.
+    async def release(self, job: Job, snooze: datetime.timedelta | None = None) -> bool | None:
+        """Give the job back unfinished (the attempt is not counted), to run again at once or,
+        with ``snooze``, not before that long from now; False if not held (or given up at
+        shutdown), None if unknown.
 
         None: fencing refused a retry after a try whose outcome is unknown; as with
         :meth:`fail`, a released job (queued, unlocked) looks the same as a recovered one.
         """
 
         async def op(conn: asyncpg.Connection, retried: bool) -> bool | None:
-            held: bool = await conn.fetchval(_RELEASE, job.id, self.worker_id)
+            if snooze is None:
+                held: bool = await conn.fetchval(_RELEASE, job.id, self.worker_id)
+            else:
+                held = await conn.fetchval(_SNOOZE, job.id, self.worker_id, snooze)
             return None if not held and retried else held
 
-        outcome = await self._write(f"the release of job {job.id}", op)
+        what = "release" if snooze is None else "snooze"
+        outcome = await self._write(f"the {what} of job {job.id}", op)
         return False if outcome is _GIVEN_UP else outcome
 
     async def _flush(

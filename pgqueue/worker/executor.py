@@ -14,6 +14,7 @@ claiming until the flusher catches up.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 import time
 import traceback
@@ -27,7 +28,7 @@ import asyncpg
 
 from pgqueue.app import App, JobType
 from pgqueue.dsn import dumps
-from pgqueue.job import Job, Result, _abort_check, _progress_saver
+from pgqueue.job import Job, Result, Snooze, _abort_check, _progress_saver
 from pgqueue.worker import bounded
 from pgqueue.worker.completer import (
     BOUNDED_LOCK_WAIT,
@@ -48,7 +49,8 @@ _SAVE_PROGRESS = (
     f" FROM {BOUNDED_LOCK_WAIT}"
 )
 ABORTED = "aborted: pgqueue.abort() was called for this job while it ran"
-_QUIET = ("succeeded", "released")  # logged at INFO; any other outcome at WARNING
+# Logged at INFO; any other outcome at WARNING.
+_QUIET = ("succeeded", "released", "snoozed")
 _STILL_HELD = (
     "job %d: claimed again (attempt %d) while this worker still holds its earlier attempt,"
     " whose lease had gone stale; not run twice: the earlier attempt's outcome settles it"
@@ -62,11 +64,13 @@ _SETTLED_MEANWHILE = (
 
 @dataclass(frozen=True, slots=True)
 class _Attempt:
-    """What a handler run produced: JSON text to store, or an error to fail with."""
+    """What a handler run produced: JSON text to store, an error to fail with, or how long
+    to snooze the job for."""
 
     result: str | None = None
     next_jobs: str | None = None
     error: str | None = None
+    snooze: datetime.timedelta | None = None
 
 
 class Executor:
@@ -206,7 +210,7 @@ class Executor:
             job = self._queue.get_nowait()
             try:
                 released = await self.completer.release(job)
-                self._log(job, _released(released), 0.0)
+                self._log(job, _given_back(released, "released"), 0.0)
             except Exception:
                 self._log_unrecorded(job)
             finally:
@@ -312,12 +316,16 @@ class Executor:
             except anyio.get_cancelled_exc_class():
                 # Shutdown after the grace period: give the job back, attempt not counted.
                 released = await self.completer.release(job)
-                self._log(job, _released(released), time.monotonic() - started)
+                self._log(job, _given_back(released, "released"), time.monotonic() - started)
                 raise
             duration = time.monotonic() - started
             if job.id in self.aborting:  # heard before the handler returned: what it did is void
                 attempt = _ABORTED
-            if attempt.error is None:
+            if attempt.snooze is not None:
+                snoozed = await self.completer.release(job, snooze=attempt.snooze)
+                delay = f"runs again in {attempt.snooze.total_seconds():g}s"
+                self._log(job, _given_back(snoozed, "snoozed"), duration, delay)
+            elif attempt.error is None:
                 self.completer.add_success(job, attempt.result, attempt.next_jobs, duration)
                 handed_over = True
             else:
@@ -473,6 +481,8 @@ class Executor:
                     # Returned after the grace period: its outcome's write gets a whole
                     # final window from now, not what is left of one begun without it.
                     self.completer.extend_final_window()
+        except Snooze as snooze:
+            return _Attempt(snooze=snooze.delay)
         except (Exception, SystemExit) as exc:  # sys.exit() in a handler fails its attempt
             return _Attempt(error=_traceback(exc))
         except asyncio.CancelledError as exc:
@@ -547,12 +557,12 @@ _NO_RESULT = _Attempt()
 _ABORTED = _Attempt(error=ABORTED)
 
 
-def _released(released: bool | None) -> str:
-    """The logged outcome of a release (None: a retry was refused after a try whose outcome
-    is unknown, see Completer.release)."""
-    if released is None:
-        return "released or lease lost (unknown)"
-    return "released" if released else "lease lost"
+def _given_back(held: bool | None, verb: str) -> str:
+    """The logged outcome of a release or snooze (None: a retry was refused after a try whose
+    outcome is unknown, see Completer.release)."""
+    if held is None:
+        return f"{verb} or lease lost (unknown)"
+    return verb if held else "lease lost"
 
 
 def _encode(value: Any, app: App) -> _Attempt:

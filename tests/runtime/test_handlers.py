@@ -1077,3 +1077,59 @@ async def test_queues_no_handler_is_registered_to_are_named_at_start(
         "queue(s) defualt: no handler or schedule of this app is registered to them; only"
         " jobs enqueued there with an explicit queue will be claimed"
     ]
+
+
+async def test_a_handler_that_raises_snooze_runs_again_later_without_spending_an_attempt(
+    conn: asyncpg.Connection, db_dsn: str, records: tuple[logging.Logger, Records]
+) -> None:
+    """max_attempts 1: a snooze counted as an attempt would end the job failed. An async and
+    a plain def handler each snooze twice, then succeed; a bad delay fails the attempt."""
+    logger, log = records
+    app = pgqueue.App()
+    runs: dict[str, list[float]] = {"async": [], "def": []}
+
+    @app.job("snoozes", max_attempts=1)
+    async def snoozes(job: pgqueue.Job) -> int:
+        runs["async"].append(time.monotonic())
+        if len(runs["async"]) < 3:
+            raise pgqueue.Snooze(0.3)
+        return job.attempts
+
+    @app.job("snoozes_in_thread", max_attempts=1)
+    def snoozes_in_thread(job: pgqueue.Job) -> int:
+        runs["def"].append(time.monotonic())
+        if len(runs["def"]) < 3:
+            raise pgqueue.Snooze(timedelta(seconds=0.3))
+        return job.attempts
+
+    @app.job("bad_delay", max_attempts=1)
+    async def bad_delay(job: pgqueue.Job) -> None:
+        raise pgqueue.Snooze(-1)
+
+    ids = [await app.enqueue(conn, t) for t in ("snoozes", "snoozes_in_thread", "bad_delay")]
+    async with running(app, db_dsn, poll_interval=0.1, logger=logger):
+        await wait_for_states(conn, ids[:2], "succeeded")
+        await wait_for_states(conn, ids[2:], "failed")
+    rows = await conn.fetch(
+        "SELECT id, attempts, result::text, last_error FROM pgqueue.jobs ORDER BY id"
+    )
+    assert [(r["attempts"], r["result"]) for r in rows[:2]] == [(1, "1"), (1, "1")]
+    assert "Snooze delay must be a non-negative number of seconds, got -1" in rows[2]["last_error"]
+    for kind in runs:
+        gaps = [b - a for a, b in zip(runs[kind], runs[kind][1:], strict=False)]
+        assert len(gaps) == 2 and min(gaps) >= 0.25, (kind, gaps)
+    assert log.outcomes(ids[0]) == ["snoozed", "snoozed", "succeeded"]
+    assert log.count("snoozed in") == 4 and log.count(": runs again in 0.3s") == 4
+
+
+def test_snooze_takes_seconds_or_a_timedelta_and_refuses_anything_else() -> None:
+    assert pgqueue.Snooze(2).delay == timedelta(seconds=2)
+    assert pgqueue.Snooze(0.5).delay == timedelta(seconds=0.5)
+    assert pgqueue.Snooze(timedelta(minutes=1)).delay == timedelta(minutes=1)
+    assert pgqueue.Snooze(0).delay == timedelta(0)
+    for bad in (-1, float("nan"), float("inf"), timedelta(seconds=-1)):
+        with pytest.raises(ValueError, match="Snooze delay must"):
+            pgqueue.Snooze(bad)
+    for wrong in (True, "5", None):
+        with pytest.raises(TypeError, match="Snooze delay must be seconds or a timedelta"):
+            pgqueue.Snooze(wrong)  # type: ignore[arg-type]

@@ -98,14 +98,23 @@ async def test_the_failed_attempt_ends_cancelled_with_attempts_left(
         assert [r["id"] for r in claimed] == [behind]
 
 
-async def test_a_release_at_shutdown_ends_it_cancelled_instead_of_queued(
-    conn: asyncpg.Connection,
+@pytest.mark.parametrize(
+    ("give_back", "verb"),
+    [
+        ("SELECT pgqueue.release($1, 'w')", "released"),
+        ("SELECT pgqueue.snooze($1, 'w', interval '1 minute')", "snoozed"),
+    ],
+    ids=["release", "snooze"],
+)
+async def test_a_release_or_snooze_ends_it_cancelled_instead_of_queued(
+    conn: asyncpg.Connection, give_back: str, verb: str
 ) -> None:
     job = await _running(conn)
     await conn.fetchval(ABORT, job)
-    assert await conn.fetchval("SELECT pgqueue.release($1, 'w')", job) is True
+    assert await conn.fetchval(give_back, job) is True
     state, error = await _state(conn, job)
-    assert state == "cancelled" and error is not None and error.startswith("aborted")
+    assert state == "cancelled"
+    assert error == f"aborted: {verb} unfinished after abort() was called"
     assert await _dependent_state(conn, job) == "cancelled"
 
 

@@ -82,7 +82,7 @@ async def test_fail_meets_newer_pending_job_with_same_key(connect: Connect) -> N
 async def test_release_recover_and_retry_meet_newer_job_with_same_key(connect: Connect) -> None:
     (observer,) = await sessions(connect, "obs")
     conn = observer.conn
-    for action in ("release", "recover", "retry"):
+    for action in ("release", "snooze", "recover", "retry"):
         key = f"k-{action}"
         old = await conn.fetchval(
             "SELECT pgqueue.enqueue('agg', dedup_key => $1, max_attempts => 1)", key
@@ -93,6 +93,8 @@ async def test_release_recover_and_retry_meet_newer_job_with_same_key(connect: C
         new = await conn.fetchval("SELECT pgqueue.enqueue('agg', dedup_key => $1)", key)
         if action == "release":
             assert await conn.fetchval("SELECT pgqueue.release($1, 'w')", old)
+        elif action == "snooze":
+            assert await conn.fetchval("SELECT pgqueue.snooze($1, 'w', interval '0')", old)
         elif action == "recover":
             await conn.execute("UPDATE pgqueue.jobs SET max_attempts = 3 WHERE id = $1", old)
             await conn.execute(

@@ -78,6 +78,9 @@ async def test_requeue_paths_notify(connect: Connect) -> None:
     assert await conn.fetchval("SELECT pgqueue.release($1, 'w')", job)
     assert await listener.drain(1) == ["r"]  # released
     await conn.fetch("SELECT id FROM pgqueue.claim($1, 'w')", job)
+    assert await conn.fetchval("SELECT pgqueue.snooze($1, 'w', interval '0')", job)
+    assert await listener.drain(1) == ["r"]  # snoozed
+    await conn.fetch("SELECT id FROM pgqueue.claim($1, 'w')", job)
     await conn.execute(
         "UPDATE pgqueue.jobs SET locked_at = now() - interval '1 day' WHERE id = $1", job
     )

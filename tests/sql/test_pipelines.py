@@ -158,7 +158,7 @@ async def test_completion_creating_deduplicated_children_takes_the_key_before_de
     assert [tuple(r) for r in rows] == [(root, "succeeded", None), (waiting, "queued", "k")]
 
 
-@pytest.mark.parametrize("transition", ["fail", "release"])
+@pytest.mark.parametrize("transition", ["fail", "release", "snooze"])
 async def test_fail_or_release_of_a_pipeline_member_takes_the_pipeline_lock_before_its_row(
     connect: Connect, transition: str
 ) -> None:
@@ -175,6 +175,7 @@ async def test_fail_or_release_of_a_pipeline_member_takes_the_pipeline_lock_befo
     call = {
         "fail": "SELECT pgqueue.fail($1, 'w', 'boom')",
         "release": "SELECT pgqueue.release($1, 'w')",
+        "snooze": "SELECT pgqueue.snooze($1, 'w', interval '0')",
     }[transition]
     step = worker.start(worker.fetchval(call, member))
     await wait_blocked(observer.conn, worker)

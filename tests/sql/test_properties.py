@@ -1,7 +1,7 @@
 """Stateful property test: random interleavings of every operation across sessions.
 
 Three worker sessions (plus an operator) enqueue, claim, complete, fail,
-release, recover, retry and cancel in random order; after every step the
+release, snooze, recover, retry and cancel in random order; after every step the
 invariants the contract promises are checked in the database itself.
 """
 
@@ -200,6 +200,17 @@ class Machine(RuleBasedStateMachine):
         job = self._running(worker, pick, True)
         if job is not None:
             assert self.call(worker, "fetchval", "SELECT pgqueue.release($1, $2)", job, worker)
+
+    @rule(
+        worker=st.sampled_from(WORKERS),
+        pick=st.integers(0, 50),
+        delay=st.sampled_from(["0", "1 hour"]),
+    )
+    def snooze(self, worker: str, pick: int, delay: str) -> None:
+        job = self._running(worker, pick, True)
+        if job is not None:
+            snoozed = "SELECT pgqueue.snooze($1, $2, $3::text::interval)"
+            assert self.call(worker, "fetchval", snoozed, job, worker, delay)
 
     @rule(pick=st.integers(0, 50))
     def recover(self, pick: int) -> None:

@@ -82,10 +82,11 @@ async def test_bulk_enqueue_blocks_all_but_the_oldest_of_each_scope(
         # requeued: the running job is the oldest queued again, `ahead` stays behind it
         ("SELECT pgqueue.fail($1, 'w', 'boom', retry_in => interval '1 hour')", "first"),
         ("SELECT pgqueue.release($1, 'w')", "first"),
+        ("SELECT pgqueue.snooze($1, 'w', interval '1 hour')", "first"),
         # the queued job ahead of ours is cancelled: ours is next (after the running one)
         ("SELECT pgqueue.cancel($1 + 1)", "ours"),
     ],
-    ids=["complete", "fail-final", "fail-retry", "release", "cancel-queued"],
+    ids=["complete", "fail-final", "fail-retry", "release", "snooze", "cancel-queued"],
 )
 async def test_every_transition_that_frees_the_scope_unblocks_the_next(
     conn: asyncpg.Connection, end: str, unblocked: str
