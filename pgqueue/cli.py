@@ -454,12 +454,13 @@ def _queue_action(
     @_friendly_errors
     def command(opts: DsnOption, queues: tuple[str, ...]) -> None:
         async def go(conn: asyncpg.Connection) -> dict[str, bool]:
-            # All or none: a bad name changes nothing. In name order, so that two such
-            # commands never deadlock with each other (with an application transaction that
-            # holds a flagged row and the pause lock of a later queue they still can: PostgreSQL
-            # ends one side, and the command, all or none, can simply be run again).
+            # All or none: a bad name changes nothing. Every queue's pause lock first, before
+            # any row (see pgqueue._lock_pause): no deadlock with another such command, nor
+            # with an application transaction holding one queue's lock and a row of another.
+            names = sorted(set(queues))
             async with conn.transaction():
-                return {q: await action(conn, q) for q in sorted(set(queues))}
+                await conn.execute("SELECT pgqueue._lock_pause($1::text[])", names)
+                return {q: await action(conn, q) for q in names}
 
         changed = _run(lambda: _with_connection(opts.dsn, go))
         for queue in dict.fromkeys(queues):

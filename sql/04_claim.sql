@@ -89,9 +89,9 @@ BEGIN
         SELECT u.scope, min(u.after) AS after FROM unnest(p_scopes, p_after) u(scope, after)
         WHERE u.scope IS NOT NULL GROUP BY u.scope
     ), heads AS (
-        SELECT h.id, h.queue, h.scope_blocked
+        SELECT h.id, h.queue, h.scope_blocked, h.queue_paused
         FROM ended s
-        CROSS JOIN LATERAL (SELECT q.id, q.queue, q.scope_blocked FROM pgqueue.jobs q
+        CROSS JOIN LATERAL (SELECT q.id, q.queue, q.scope_blocked, q.queue_paused FROM pgqueue.jobs q
                             WHERE pgqueue._same_scope(q.scope, s.scope)
                               AND q.state = 'queued' AND q.id > s.after
                             ORDER BY jsonb_hash(q.scope), q.id LIMIT 1) h
@@ -102,15 +102,17 @@ BEGIN
         -- A queued job older than the one that ended (retried, queued by fan-in,
         -- or enqueued out of id order while a newer one ran) is never blocked,
         -- but it became claimable now too: its queue is woken as well.
-        SELECT o.queue
+        SELECT o.queue, o.queue_paused
         FROM ended s
-        CROSS JOIN LATERAL (SELECT q.queue FROM pgqueue.jobs q
+        CROSS JOIN LATERAL (SELECT q.queue, q.queue_paused FROM pgqueue.jobs q
                             WHERE pgqueue._same_scope(q.scope, s.scope)
                               AND q.state = 'queued' AND q.id < s.after
                             ORDER BY jsonb_hash(q.scope), q.id LIMIT 1) o
     )
+    -- A job of a paused queue (flagged) wakes nobody: no claim could take it.
     SELECT array_agg(DISTINCT x.queue) INTO v_queues
-    FROM (SELECT h.queue FROM heads h UNION ALL SELECT o.queue FROM older o) x;
+    FROM (SELECT h.queue FROM heads h WHERE NOT h.queue_paused
+          UNION ALL SELECT o.queue FROM older o WHERE NOT o.queue_paused) x;
     PERFORM pgqueue._notify(v_queues, pgqueue._setting('notify'));
 END
 $$;

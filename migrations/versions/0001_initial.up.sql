@@ -1329,9 +1329,9 @@ BEGIN
         SELECT u.scope, min(u.after) AS after FROM unnest(p_scopes, p_after) u(scope, after)
         WHERE u.scope IS NOT NULL GROUP BY u.scope
     ), heads AS (
-        SELECT h.id, h.queue, h.scope_blocked
+        SELECT h.id, h.queue, h.scope_blocked, h.queue_paused
         FROM ended s
-        CROSS JOIN LATERAL (SELECT q.id, q.queue, q.scope_blocked FROM pgqueue.jobs q
+        CROSS JOIN LATERAL (SELECT q.id, q.queue, q.scope_blocked, q.queue_paused FROM pgqueue.jobs q
                             WHERE pgqueue._same_scope(q.scope, s.scope)
                               AND q.state = 'queued' AND q.id > s.after
                             ORDER BY jsonb_hash(q.scope), q.id LIMIT 1) h
@@ -1342,15 +1342,17 @@ BEGIN
         -- A queued job older than the one that ended (retried, queued by fan-in,
         -- or enqueued out of id order while a newer one ran) is never blocked,
         -- but it became claimable now too: its queue is woken as well.
-        SELECT o.queue
+        SELECT o.queue, o.queue_paused
         FROM ended s
-        CROSS JOIN LATERAL (SELECT q.queue FROM pgqueue.jobs q
+        CROSS JOIN LATERAL (SELECT q.queue, q.queue_paused FROM pgqueue.jobs q
                             WHERE pgqueue._same_scope(q.scope, s.scope)
                               AND q.state = 'queued' AND q.id < s.after
                             ORDER BY jsonb_hash(q.scope), q.id LIMIT 1) o
     )
+    -- A job of a paused queue (flagged) wakes nobody: no claim could take it.
     SELECT array_agg(DISTINCT x.queue) INTO v_queues
-    FROM (SELECT h.queue FROM heads h UNION ALL SELECT o.queue FROM older o) x;
+    FROM (SELECT h.queue FROM heads h WHERE NOT h.queue_paused
+          UNION ALL SELECT o.queue FROM older o WHERE NOT o.queue_paused) x;
     PERFORM pgqueue._notify(v_queues, pgqueue._setting('notify'));
 END
 $$;
@@ -2397,13 +2399,14 @@ COMMENT ON FUNCTION pgqueue.abort_pipeline(uuid) IS
 -- caller may hold, deadlocked with a resume waiting for those rows. The second
 -- look, a new statement after the locks, drops a queue whose resume committed
 -- after the first look's snapshot. Under REPEATABLE READ or SERIALIZABLE every
--- statement reads the transaction's first snapshot, so nothing is flagged.
+-- statement reads the transaction's first snapshot, so nothing is flagged
+-- (READ UNCOMMITTED is READ COMMITTED in PostgreSQL).
 CREATE FUNCTION pgqueue._hold_paused(p_queues text[]) RETURNS text[]
 LANGUAGE plpgsql AS $$
 DECLARE
     v_locked text[];
 BEGIN
-    IF current_setting('transaction_isolation') <> 'read committed' THEN
+    IF current_setting('transaction_isolation') NOT IN ('read committed', 'read uncommitted') THEN
         RETURN '{}';
     END IF;
     v_locked := ARRAY(SELECT x.queue
@@ -2416,11 +2419,12 @@ $$;
 
 -- pause_queue and resume_queue read and write with fresh snapshots after
 -- taking the queue's lock; under REPEATABLE READ a resume would clear only the
--- flags its first snapshot saw, and leave later ones for good.
+-- flags its first snapshot saw, and leave later ones for good. READ
+-- UNCOMMITTED is run as READ COMMITTED by PostgreSQL, so it is accepted.
 CREATE FUNCTION pgqueue._check_read_committed(p_function text) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
-    IF current_setting('transaction_isolation') <> 'read committed' THEN
+    IF current_setting('transaction_isolation') NOT IN ('read committed', 'read uncommitted') THEN
         RAISE EXCEPTION 'pgqueue.%: needs READ COMMITTED, the transaction is %', p_function,
             upper(current_setting('transaction_isolation'))
             USING ERRCODE = 'invalid_transaction_state';
@@ -2438,6 +2442,23 @@ BEGIN
                  ELSE quote_literal(p_queue) END
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
+END
+$$;
+
+-- Several queues paused (or resumed) in one transaction, as `pgqueue pause a b`
+-- does: their pause locks first, all of them, in name order, before any row.
+-- One by one, the first queue's rows were locked (flagged) while the command
+-- waited for the next queue's lock, and an application transaction holding
+-- that lock shared (it had enqueued into the paused queue) that then wanted
+-- one of those rows deadlocked with it.
+CREATE FUNCTION pgqueue._lock_pause(p_queues text[]) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_queue text;
+BEGIN
+    FOR v_queue IN SELECT DISTINCT q FROM unnest(p_queues) q WHERE q IS NOT NULL ORDER BY 1 LOOP
+        PERFORM pg_advisory_xact_lock(pgqueue._lock_class('pause'), hashtext(v_queue));
+    END LOOP;
 END
 $$;
 

@@ -60,7 +60,7 @@ async def abort_loop(
     that new attempt has no request (see :meth:`Executor.abort`, which also wakes the loop
     when a job the read named starts here later).
     """
-    outage = Outage(logger, "aborts")
+    outage = Outage(logger, "aborts", "trying again at the next notification or heartbeat")
     while True:
         await heard.wait()
         seen = dict(target.running)

@@ -80,9 +80,12 @@ class Backoff:
 class Outage:
     """Logs an outage of one component once when it starts and once when it ends."""
 
-    def __init__(self, logger: logging.Logger, component: str) -> None:
+    def __init__(
+        self, logger: logging.Logger, component: str, retry: str = "retrying with backoff"
+    ) -> None:
         self.logger = logger
         self.component = component
+        self.retry = retry  # what the component does next, for the log line
         self.started: float | None = None
 
     def failed(self, exc: BaseException, doing: str) -> None:
@@ -92,18 +95,20 @@ class Outage:
         self.started = time.monotonic()
         if is_transient_error(exc):
             self.logger.warning(
-                "%s: %s while %s (%s: %s); retrying with backoff",
+                "%s: %s while %s (%s: %s); %s",
                 self.component,
                 "database unavailable" if is_connection_error(exc) else "statement interrupted",
                 doing,
                 type(exc).__name__,
                 exc,
+                self.retry,
             )
         else:
             self.logger.error(
-                "%s: unexpected error while %s; retrying with backoff",
+                "%s: unexpected error while %s; %s",
                 self.component,
                 doing,
+                self.retry,
                 exc_info=exc,
             )
 

@@ -200,3 +200,45 @@ def test_migrate_then_use(empty_db_dsn: str) -> None:
 )
 def test_parse_duration(text: str, interval: str) -> None:
     assert parse_duration(text) == interval
+
+
+@pytest.mark.parametrize("command", ["pause", "resume"])
+async def test_several_queues_take_every_pause_lock_before_any_row(
+    db_dsn: str, command: str
+) -> None:
+    """`pgqueue pause a b` flagged (locked) a's rows, then waited for b's pause lock; an
+    application transaction holding b's lock shared (it had enqueued into paused b) that then
+    wanted one of a's rows deadlocked with it (the same for resume, which clears flags). The
+    command takes every queue's pause lock first now: the transaction's row lock is free."""
+    conn = await asyncpg.connect(db_dsn)
+    app = await asyncpg.connect(db_dsn)
+    try:
+        job = await conn.fetchval("SELECT pgqueue.enqueue('t', queue => 'a')")
+        if command == "resume":
+            await conn.execute("SELECT pgqueue.pause_queue('a'), pgqueue.pause_queue('b')")
+        await app.execute("BEGIN")
+        await app.execute(
+            "SELECT pg_advisory_xact_lock_shared(pgqueue._lock_class('pause'), hashtext('b'))"
+        )
+        # run_in_executor, not to_thread: a copied context would tell anyio that asyncio
+        # runs in the command's thread.
+        loop = asyncio.get_running_loop()
+        cli = loop.run_in_executor(None, run, db_dsn, command, "a", "b")
+        waits = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+        for _ in range(2000):
+            if await conn.fetchval(waits) == 1:
+                break
+            await asyncio.sleep(0.005)  # polling the observer, not a synchronisation
+        else:
+            raise AssertionError("the command never waited for b's pause lock")
+        await app.execute("SET LOCAL lock_timeout = '500ms'")  # below deadlock_timeout
+        assert await app.fetchval("SELECT id FROM pgqueue.jobs WHERE id = $1 FOR UPDATE", job)
+        await app.execute("COMMIT")
+        out = await cli
+        done = "paused" if command == "pause" else "resumed"
+        assert (out.exit_code, out.output) == (0, f"queue a: {done}\nqueue b: {done}\n")
+        flagged = await conn.fetchval("SELECT queue_paused FROM pgqueue.jobs WHERE id = $1", job)
+        assert flagged is (command == "pause")
+    finally:
+        await app.close()
+        await conn.close()

@@ -283,6 +283,26 @@ async def test_enqueues_into_a_paused_queue_wake_nobody(
     assert await asyncio.wait_for(heard.get(), 5) == "q"
 
 
+async def test_a_scope_head_freed_in_a_paused_queue_wakes_nobody(
+    conn: asyncpg.Connection, connect: Connect
+) -> None:
+    """The completion of a scope's running job frees its next job: no NOTIFY for it while
+    its queue is paused (no claim could take it); the resume sends one."""
+    listener = await connect()
+    heard: asyncio.Queue[str] = asyncio.Queue()
+    await listener.add_listener("pgqueue", lambda *args: heard.put_nowait(args[-1]))
+    running = await _enqueue(conn, "p", '{"s": 1}')
+    assert await _claim_next(conn) == [running]
+    await _enqueue(conn, "p", '{"s": 1}')  # entered blocked: no notification
+    assert await asyncio.wait_for(heard.get(), 5) == "p"  # the first enqueue's
+    await conn.fetchval(PAUSE, "p")
+    assert await conn.fetchval("SELECT pgqueue.complete($1, 'w')", running) is True
+    await conn.execute("NOTIFY pgqueue, 'marker'")
+    assert await asyncio.wait_for(heard.get(), 5) == "marker"
+    await conn.fetchval(RESUME, "p")
+    assert await asyncio.wait_for(heard.get(), 5) == "p"
+
+
 async def test_a_resume_waits_for_an_enqueue_that_flagged_jobs_and_clears_them(
     conn: asyncpg.Connection, connect: Connect
 ) -> None:
@@ -366,6 +386,23 @@ async def test_under_repeatable_read_nothing_is_flagged_and_resume_refuses(
             f"pgqueue.{function}: needs READ COMMITTED, the transaction is REPEATABLE READ"
         )
         await app.rollback()
+
+
+async def test_read_uncommitted_is_read_committed_pauses_and_flags(
+    conn: asyncpg.Connection, connect: Connect
+) -> None:
+    """PostgreSQL runs READ UNCOMMITTED as READ COMMITTED: nothing to refuse or skip."""
+    (app,) = await sessions(connect, "app")
+    queued = await _enqueue(conn, "p")
+    await app.execute("BEGIN ISOLATION LEVEL READ UNCOMMITTED")
+    assert await app.fetchval(PAUSE, "p") is True
+    job = await app.fetchval("SELECT pgqueue.enqueue('t', queue => 'p')")
+    await app.commit()
+    assert await _ids(conn, FLAGGED) == [queued, job]
+    await app.execute("BEGIN ISOLATION LEVEL READ UNCOMMITTED")
+    assert await app.fetchval(RESUME, "p") is True
+    await app.commit()
+    assert await _ids(conn, FLAGGED) == []
 
 
 async def test_a_pause_locks_rows_in_id_order_and_never_deadlocks_with_cancel_pipeline(
