@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import math
+import numbers
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar
@@ -222,12 +222,13 @@ def normal_spec(spec: dict[str, Any]) -> dict[str, Any]:
 class Snooze(Exception):
     """Raise in a handler to put its job back for later, the attempt not counted.
 
-    The job runs again (on any worker) not before ``delay`` from now: seconds, or a
-    timedelta (``pgqueue.snooze``). For a handler that finds it cannot proceed yet (a rate
-    limit, a resource not ready); a failure with a delay would count the attempt, and end
-    the job failed once ``max_attempts`` waits are spent. A scoped job keeps its place: the
-    later jobs of its scope wait for it. Refused here, when it is raised, if ``delay`` is not
-    a non-negative number of seconds or timedelta: the attempt then fails with that error.
+    The job runs again (on any worker) not before ``delay`` from now: seconds (any real
+    number), or a timedelta, from 0 to 100 years (``pgqueue.snooze``). For a handler that
+    finds it cannot proceed yet (a rate limit, a resource not ready); a failure with a delay
+    would count the attempt, and end the job failed once ``max_attempts`` waits are spent. A
+    scoped job keeps its place: the later jobs of its scope wait for it. A ``delay`` out of
+    range, or not a number of seconds or a timedelta, is refused here, when the Snooze is
+    built: the attempt then fails with that error.
     """
 
     delay: timedelta
@@ -235,21 +236,25 @@ class Snooze(Exception):
     def __init__(self, delay: float | timedelta) -> None:
         if isinstance(delay, timedelta):
             value = delay
-        elif isinstance(delay, int | float) and not isinstance(delay, bool):
-            if not (math.isfinite(delay) and 0 <= delay <= _MAX_SECONDS):
-                raise ValueError(
-                    f"Snooze delay must be a non-negative number of seconds, got {delay!r}"
-                )
-            value = timedelta(seconds=delay)
+        elif isinstance(delay, numbers.Real) and not isinstance(delay, bool):
+            # Compared before it is converted: NaN fails both comparisons, and an int too
+            # large for a float compares exactly.
+            if not 0 <= delay <= MAX_SNOOZE.total_seconds():
+                raise ValueError(f"Snooze delay must be from 0 seconds to 100 years, got {delay!r}")
+            value = timedelta(seconds=float(delay))
         else:
             raise TypeError(f"Snooze delay must be seconds or a timedelta, got {delay!r}")
-        if value < timedelta(0):
-            raise ValueError(f"Snooze delay must not be negative, got {delay!r}")
-        super().__init__(f"snoozed for {value.total_seconds():g}s")
+        if not timedelta(0) <= value <= MAX_SNOOZE:
+            raise ValueError(f"Snooze delay must be from 0 seconds to 100 years, got {delay!r}")
+        super().__init__(value)
         self.delay = value
 
+    def __str__(self) -> str:
+        return f"snooze for {self.delay}"
 
-_MAX_SECONDS = timedelta.max.total_seconds()
+
+# What pgqueue.snooze takes (it measures 100 years on the calendar: a few days more).
+MAX_SNOOZE = timedelta(days=100 * 365)
 
 
 @dataclass(frozen=True, slots=True, init=False)

@@ -360,13 +360,14 @@ COMMENT ON FUNCTION pgqueue.fail(bigint, text, text, interval) IS
     'Returns the new state, or NULL (nothing changed) if the job is not running under this worker.';
 
 -- Give a running job held by p_worker back to the queue, the attempt not
--- counted: at once (p_delay NULL: release) or not before now() + p_delay
--- (snooze). Requeued, the job is still active and still ahead of the jobs
--- behind it in its scope, so they wait for it (nothing to unblock); it stays
--- its scope's current job. An aborted job, or one of a cancelled pipeline,
--- ends cancelled instead, p_verb naming what it was given back by.
-CREATE FUNCTION pgqueue._give_back(p_job_id bigint, p_worker text, p_delay interval, p_verb text)
-RETURNS boolean
+-- counted: at once (p_run_after NULL: release, the job keeps its place) or
+-- not before p_run_after (snooze). Requeued, the job is still active and still
+-- ahead of the jobs behind it in its scope, so they wait for it (nothing to
+-- unblock); it stays its scope's current job. An aborted job, or one of a
+-- cancelled pipeline, ends cancelled instead, p_verb naming what it was given
+-- back by. Returns the new state, or NULL if the worker does not hold the job.
+CREATE FUNCTION pgqueue._give_back(p_job_id bigint, p_worker text, p_run_after timestamptz, p_verb text)
+RETURNS text
 LANGUAGE plpgsql AS $$
 DECLARE
     v_key text;
@@ -376,13 +377,13 @@ DECLARE
 BEGIN
     SELECT l.held, l.scope INTO v_held, v_scope FROM pgqueue._lock_before_row(p_job_id, p_worker) l;
     IF NOT v_held THEN
-        RETURN false;
+        RETURN NULL;
     END IF;
     SELECT j.dedup_key, j.pipeline_id INTO v_key, v_pipeline FROM pgqueue.jobs j
     WHERE j.id = p_job_id AND j.state = 'running' AND j.locked_by = p_worker
     FOR NO KEY UPDATE;
     IF NOT FOUND THEN
-        RETURN false;
+        RETURN NULL;
     END IF;
     -- An aborted job is not given back to run again: it ends cancelled here.
     IF pgqueue._cancel_if_stopped(p_job_id, v_pipeline,
@@ -391,19 +392,19 @@ BEGIN
         IF v_scope IS NOT NULL THEN
             PERFORM pgqueue._unblock_next(ARRAY[v_scope], ARRAY[p_job_id]);
         END IF;
-        RETURN true;
+        RETURN 'cancelled';
     END IF;
     UPDATE pgqueue.jobs j
        SET state = 'queued', attempts = greatest(j.attempts - 1, 0), locked_by = NULL, locked_at = NULL,
-           run_after = CASE WHEN p_delay IS NULL THEN j.run_after ELSE now() + p_delay END,
+           run_after = coalesce(p_run_after, j.run_after),
            dedup_key = CASE WHEN pgqueue._keeps_dedup_key(v_key, j.id) THEN v_key END
      WHERE j.id = p_job_id;
-    RETURN true;
+    RETURN 'queued';
 END
 $$;
 
 CREATE FUNCTION pgqueue.release(job_id bigint, worker text) RETURNS boolean
-LANGUAGE sql AS $$ SELECT pgqueue._give_back(job_id, worker, NULL, 'released') $$;
+LANGUAGE sql AS $$ SELECT pgqueue._give_back(job_id, worker, NULL, 'released') IS NOT NULL $$;
 COMMENT ON FUNCTION pgqueue.release(bigint, text) IS
     'Give a running job back unfinished (shutdown): queued again at once, the attempt not counted (cancelled '
     'instead if abort() was called for it or its pipeline was cancelled). '
@@ -413,22 +414,30 @@ COMMENT ON FUNCTION pgqueue.release(bigint, text) IS
 -- rate limit, a resource not ready) puts it back for later without spending
 -- an attempt, so max_attempts keeps counting only real failures. fail() with
 -- retry_in would count one, and the job would end failed after max_attempts
--- waits. A snoozing job keeps its place at the head of its scope.
-CREATE FUNCTION pgqueue.snooze(job_id bigint, worker text, delay interval) RETURNS boolean
+-- waits. The time is checked, not the interval: '1 month -30 days' compares
+-- equal to zero but lands in the past from January 31st, and a job due in the
+-- past would jump ahead of the jobs due now. A century bounds it well inside
+-- timestamptz (an overflow would name neither snooze nor the delay).
+CREATE FUNCTION pgqueue.snooze(job_id bigint, worker text, delay interval) RETURNS text
 LANGUAGE plpgsql AS $$
+DECLARE
+    v_until timestamptz;
 BEGIN
-    IF delay IS NULL OR delay < interval '0' THEN
-        RAISE EXCEPTION 'pgqueue.snooze: delay must be a non-negative interval, got %', coalesce(delay::text, 'NULL')
+    IF delay BETWEEN interval '-1000 years' AND interval '1000 years' THEN  -- else now() + delay could overflow
+        v_until := now() + delay;
+    END IF;
+    IF v_until IS NULL OR v_until < now() OR v_until > now() + interval '100 years' THEN
+        RAISE EXCEPTION 'pgqueue.snooze: delay must be from 0 to 100 years, got %', coalesce(delay::text, 'NULL')
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    RETURN pgqueue._give_back(job_id, worker, delay, 'snoozed');
+    RETURN pgqueue._give_back(job_id, worker, v_until, 'snoozed');
 END
 $$;
 COMMENT ON FUNCTION pgqueue.snooze(bigint, text, interval) IS
     'Put a running job held by worker back to run again not before now() + delay, the attempt not counted '
-    '(a handler that cannot proceed yet; fail() would count it). Cancelled instead if abort() was called '
-    'for it or its pipeline was cancelled. Returns false, changing nothing, if the job is not running under '
-    'this worker.';
+    '(a handler that cannot proceed yet; fail() would count it). Returns the new state: queued, or cancelled '
+    'if abort() was called for it or its pipeline was cancelled; NULL, changing nothing, if the job is not '
+    'running under this worker.';
 
 -- SKIP LOCKED: a lease is refreshed for the worker, not by it, so a row
 -- another transaction holds must not hold up the others. A plain UPDATE waited

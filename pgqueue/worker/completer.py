@@ -277,25 +277,33 @@ class Completer:
         state = await self._write(f"the failure of job {job.id}", op)
         return None if state is _GIVEN_UP else state
 
-    async def release(self, job: Job, snooze: datetime.timedelta | None = None) -> bool | None:
-        """Give the job back unfinished (the attempt is not counted), to run again at once or,
-        with ``snooze``, not before that long from now; False if not held (or given up at
-        shutdown), None if unknown.
+    async def release(self, job: Job) -> bool | None:
+        """Give the job back unfinished (the attempt is not counted); False if not held (or
+        given up at shutdown), None if unknown.
 
         None: fencing refused a retry after a try whose outcome is unknown; as with
         :meth:`fail`, a released job (queued, unlocked) looks the same as a recovered one.
         """
 
         async def op(conn: asyncpg.Connection, retried: bool) -> bool | None:
-            if snooze is None:
-                held: bool = await conn.fetchval(_RELEASE, job.id, self.worker_id)
-            else:
-                held = await conn.fetchval(_SNOOZE, job.id, self.worker_id, snooze)
+            held: bool = await conn.fetchval(_RELEASE, job.id, self.worker_id)
             return None if not held and retried else held
 
-        what = "release" if snooze is None else "snooze"
-        outcome = await self._write(f"the {what} of job {job.id}", op)
+        outcome = await self._write(f"the release of job {job.id}", op)
         return False if outcome is _GIVEN_UP else outcome
+
+    async def snooze(self, job: Job, delay: datetime.timedelta) -> str | None:
+        """Give the job back to run again not before ``delay`` from now (the attempt is not
+        counted); returns its new state (queued, or cancelled: it was aborted meanwhile), None
+        if not held (or given up at shutdown), or :data:`UNKNOWN` (as for :meth:`fail`).
+        Raises if PostgreSQL refuses the write."""
+
+        async def op(conn: asyncpg.Connection, retried: bool) -> str | None:
+            state: str | None = await conn.fetchval(_SNOOZE, job.id, self.worker_id, delay)
+            return UNKNOWN if state is None and retried else state
+
+        state = await self._write(f"the snooze of job {job.id}", op)
+        return None if state is _GIVEN_UP else state
 
     async def _flush(
         self, batch: list[Success], *, alone: bool, bound: float | None = None

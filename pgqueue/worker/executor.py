@@ -33,6 +33,7 @@ from pgqueue.worker import bounded
 from pgqueue.worker.completer import (
     BOUNDED_LOCK_WAIT,
     MAX_BATCH,
+    UNKNOWN,
     WRITE_TIMEOUT,
     Completer,
     Success,
@@ -210,7 +211,7 @@ class Executor:
             job = self._queue.get_nowait()
             try:
                 released = await self.completer.release(job)
-                self._log(job, _given_back(released, "released"), 0.0)
+                self._log(job, _released(released), 0.0)
             except Exception:
                 self._log_unrecorded(job)
             finally:
@@ -316,15 +317,13 @@ class Executor:
             except anyio.get_cancelled_exc_class():
                 # Shutdown after the grace period: give the job back, attempt not counted.
                 released = await self.completer.release(job)
-                self._log(job, _given_back(released, "released"), time.monotonic() - started)
+                self._log(job, _released(released), time.monotonic() - started)
                 raise
             duration = time.monotonic() - started
             if job.id in self.aborting:  # heard before the handler returned: what it did is void
                 attempt = _ABORTED
             if attempt.snooze is not None:
-                snoozed = await self.completer.release(job, snooze=attempt.snooze)
-                delay = f"runs again in {attempt.snooze.total_seconds():g}s"
-                self._log(job, _given_back(snoozed, "snoozed"), duration, delay)
+                await self._snooze(job, attempt.snooze, duration)
             elif attempt.error is None:
                 self.completer.add_success(job, attempt.result, attempt.next_jobs, duration)
                 handed_over = True
@@ -373,6 +372,31 @@ class Executor:
             self._log_unrecorded(job)
         finally:
             self._written(job)
+
+    async def _snooze(self, job: Job, delay: datetime.timedelta, duration: float) -> None:
+        """Snooze the job; if PostgreSQL refuses that (a trigger of yours, say), fail the
+        attempt instead: given back at once, uncounted, it would run and snooze again in a
+        loop that max_attempts never ends."""
+        try:
+            state = await self.completer.snooze(job, delay)
+        except Exception as exc:
+            self.logger.error(
+                "job %d: could not snooze it (%s: %s); failing the attempt instead",
+                job.id,
+                type(exc).__name__,
+                exc,
+                extra={"job_id": job.id, "job_type": job.job_type},
+            )
+            await self._fail_or_fail_plainly(job, f"could not snooze the job: {exc}", duration)
+            return
+        if state == "queued":
+            self._log(job, "snoozed", duration, f"runs again in {_seconds(delay)}")
+        elif state is None:
+            self._log(job, "lease lost", duration)
+        elif state == UNKNOWN:
+            self._log(job, "snoozed or lease lost (unknown)", duration)
+        else:  # cancelled: abort() was called for it, or its pipeline was cancelled
+            self._log(job, f"snoozed ({state})", duration)
 
     async def _fail(self, job: Job, error: str, duration: float) -> None:
         error = _storable(error)
@@ -557,12 +581,20 @@ _NO_RESULT = _Attempt()
 _ABORTED = _Attempt(error=ABORTED)
 
 
-def _given_back(held: bool | None, verb: str) -> str:
-    """The logged outcome of a release or snooze (None: a retry was refused after a try whose
-    outcome is unknown, see Completer.release)."""
-    if held is None:
-        return f"{verb} or lease lost (unknown)"
-    return verb if held else "lease lost"
+def _released(released: bool | None) -> str:
+    """The logged outcome of a release (None: a retry was refused after a try whose outcome
+    is unknown, see Completer.release)."""
+    if released is None:
+        return "released or lease lost (unknown)"
+    return "released" if released else "lease lost"
+
+
+def _seconds(delay: datetime.timedelta) -> str:
+    """A delay for the log: seconds below a minute and a half, else what timedelta prints."""
+    seconds = delay.total_seconds()
+    if seconds < 90:
+        return f"{seconds:g}s"
+    return str(datetime.timedelta(seconds=round(seconds)))
 
 
 def _encode(value: Any, app: App) -> _Attempt:

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import functools
 import json
 import logging
+import pickle
 import sys
 import threading
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 
 import anyio
@@ -1114,7 +1118,7 @@ async def test_a_handler_that_raises_snooze_runs_again_later_without_spending_an
         "SELECT id, attempts, result::text, last_error FROM pgqueue.jobs ORDER BY id"
     )
     assert [(r["attempts"], r["result"]) for r in rows[:2]] == [(1, "1"), (1, "1")]
-    assert "Snooze delay must be a non-negative number of seconds, got -1" in rows[2]["last_error"]
+    assert "Snooze delay must be from 0 seconds to 100 years, got -1" in rows[2]["last_error"]
     for kind in runs:
         gaps = [b - a for a, b in zip(runs[kind], runs[kind][1:], strict=False)]
         assert len(gaps) == 2 and min(gaps) >= 0.25, (kind, gaps)
@@ -1125,11 +1129,79 @@ async def test_a_handler_that_raises_snooze_runs_again_later_without_spending_an
 def test_snooze_takes_seconds_or_a_timedelta_and_refuses_anything_else() -> None:
     assert pgqueue.Snooze(2).delay == timedelta(seconds=2)
     assert pgqueue.Snooze(0.5).delay == timedelta(seconds=0.5)
+    assert pgqueue.Snooze(Fraction(1, 4)).delay == timedelta(seconds=0.25)
     assert pgqueue.Snooze(timedelta(minutes=1)).delay == timedelta(minutes=1)
     assert pgqueue.Snooze(0).delay == timedelta(0)
-    for bad in (-1, float("nan"), float("inf"), timedelta(seconds=-1)):
-        with pytest.raises(ValueError, match="Snooze delay must"):
+    century = timedelta(days=36500)
+    assert pgqueue.Snooze(century).delay == pgqueue.Snooze(century.total_seconds()).delay
+    too_big = (10**400, century.total_seconds() + 1, century + timedelta(microseconds=1))
+    for bad in (-1, float("nan"), float("inf"), timedelta(seconds=-1), *too_big):
+        with pytest.raises(ValueError, match="Snooze delay must be from 0 seconds to 100 years"):
             pgqueue.Snooze(bad)
-    for wrong in (True, "5", None):
+    for wrong in (True, "5", None, Decimal(5)):
         with pytest.raises(TypeError, match="Snooze delay must be seconds or a timedelta"):
             pgqueue.Snooze(wrong)  # type: ignore[arg-type]
+    snooze = pgqueue.Snooze(30)
+    assert pickle.loads(pickle.dumps(snooze)).delay == copy.copy(snooze).delay == snooze.delay
+    assert str(snooze) == "snooze for 0:00:30"
+
+
+async def test_a_snooze_postgresql_refuses_fails_the_attempt_instead(
+    conn: asyncpg.Connection, db_dsn: str, records: tuple[logging.Logger, Records]
+) -> None:
+    """Given back at once instead, uncounted, the job ran and snoozed again in a loop
+    max_attempts never ended (654 runs in 3 s when a reviewer tried)."""
+    logger, log = records
+    await conn.execute(
+        """CREATE FUNCTION no_far_snoozes() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.run_after > now() + interval '1 day' THEN
+                RAISE EXCEPTION 'run_after too far for this shop';
+            END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER no_far_snoozes BEFORE UPDATE ON pgqueue.jobs
+            FOR EACH ROW EXECUTE FUNCTION no_far_snoozes()"""
+    )
+    app = pgqueue.App()
+    runs: list[int] = []
+
+    @app.job("far", max_attempts=2)
+    async def far(job: pgqueue.Job) -> None:
+        runs.append(job.attempts)
+        raise pgqueue.Snooze(timedelta(days=2))
+
+    job = await app.enqueue(conn, "far")
+    await conn.execute(
+        "UPDATE pgqueue.settings SET value = '1 millisecond'"
+        " WHERE name IN ('backoff_base', 'backoff_cap')"
+    )
+    async with running(app, db_dsn, poll_interval=0.1, logger=logger):
+        await wait_for_states(conn, [job], "failed")
+    assert runs == [1, 2]
+    error = await conn.fetchval("SELECT last_error FROM pgqueue.jobs WHERE id = $1", job)
+    assert error == "could not snooze the job: run_after too far for this shop"
+    assert log.count("could not snooze it (RaiseError: run_after too far for this shop)") == 2
+
+
+async def test_a_snooze_of_a_job_aborted_meanwhile_is_logged_as_cancelled(
+    conn: asyncpg.Connection, db_dsn: str, records: tuple[logging.Logger, Records]
+) -> None:
+    logger, log = records
+    app = pgqueue.App()
+
+    @app.job("aborted")
+    async def aborted(job: pgqueue.Job) -> None:
+        other = await asyncpg.connect(db_dsn)
+        try:
+            await other.fetchval("SELECT pgqueue.abort($1)", job.id)
+        finally:
+            await other.close()
+        raise pgqueue.Snooze(3600)
+
+    job = await app.enqueue(conn, "aborted")
+    async with running(app, db_dsn, poll_interval=0.1, logger=logger):
+        await wait_for_states(conn, [job], "cancelled")
+        await wait_until(lambda: log.outcome_logged(job), what="the outcome line")
+    assert log.outcomes(job) == ["snoozed (cancelled)"]
+    assert "runs again" not in log.text()

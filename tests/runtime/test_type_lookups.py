@@ -20,7 +20,14 @@ import pytest
 import pgqueue
 from pgqueue import dsn as pgqueue_dsn
 from pgqueue.app import _ENQUEUE_MANY_SQL, _ENQUEUE_ROWS_SQL, _ENQUEUE_SQL
-from pgqueue.worker.completer import _COMPLETE_MANY, _FAIL, _RELEASE, _SUCCEEDED_BY, LOCK_WAIT
+from pgqueue.worker.completer import (
+    _COMPLETE_MANY,
+    _FAIL,
+    _RELEASE,
+    _SNOOZE,
+    _SUCCEEDED_BY,
+    LOCK_WAIT,
+)
 from pgqueue.worker.producer import _CLAIM, _CLAIM_OR_WAIT, _UNKNOWN_HELD
 
 PER_JOB_STATEMENTS = {
@@ -33,6 +40,7 @@ PER_JOB_STATEMENTS = {
     "succeeded_by": _SUCCEEDED_BY,
     "fail": _FAIL,
     "release": _RELEASE,
+    "snooze": _SNOOZE,
     "unknown_held": _UNKNOWN_HELD,
 }
 
