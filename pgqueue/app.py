@@ -16,11 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from pgqueue.dsn import ConnOrPool, as_aware, dumps, id_array
-from pgqueue.job import Job, Spec, SpecLike, normal_spec, spec_dict
+from pgqueue.job import Job, Spec, SpecLike, as_delay, normal_spec, spec_dict
 from pgqueue.pipeline import Pipeline, PipelineStatus, cancel_pipeline, pipeline_status
 from pgqueue.schedule import MAX_EVERY, Schedule
 
 Handler = Callable[[Job], Awaitable[Any]] | Callable[[Job], Any]
+# A retry delay: fixed (seconds or a timedelta), or a function of the failed attempt's number.
+Backoff = float | datetime.timedelta | Callable[[int], float | datetime.timedelta]
 H = TypeVar("H", bound=Handler)
 
 
@@ -94,6 +96,9 @@ class JobType:
     queue: str
     max_attempts: int | None
     timeout: float | None
+    # The delay before the retry of a failed attempt, from its number (1 for the first);
+    # None: the settings' exponential backoff.
+    backoff: Callable[[int], datetime.timedelta | float] | None = None
     # Async handlers run on the event loop; plain ``def`` ones in a worker thread. Decided
     # once at registration: the inspection costs more than a no-op job.
     is_async: bool = field(init=False)
@@ -118,11 +123,15 @@ class App:
         queue: str = "default",
         max_attempts: int | None = None,
         timeout: float | None = None,
+        backoff: Backoff | None = None,
     ) -> Callable[[H], H]:
         """Register the decorated function as the handler of ``name``.
 
         ``queue`` and ``max_attempts`` become the defaults of :meth:`enqueue` for this type;
-        ``timeout`` (seconds) fails an attempt that runs longer.
+        ``timeout`` (seconds) fails an attempt that runs longer. ``backoff`` is how long a
+        failed attempt waits before its retry: seconds or a timedelta, or a function of the
+        attempt's number (1 for the first) that returns one, e.g. ``lambda n: 30 * n``;
+        default: the exponential backoff of ``pgqueue.settings``, with jitter.
         """
         if not name:
             raise ValueError("job name must not be empty")
@@ -130,11 +139,16 @@ class App:
             raise ValueError("max_attempts must be at least 1")
         if timeout is not None and timeout <= 0:
             raise ValueError("timeout must be positive")
+        if backoff is None or callable(backoff):
+            delay = backoff
+        else:
+            fixed = as_delay("backoff", backoff)
+            delay = lambda attempt: fixed  # noqa: E731
 
         def register(handler: H) -> H:
             if name in self.job_types:
                 raise ValueError(f"job type {name!r} is already registered")
-            self.job_types[name] = JobType(name, handler, queue, max_attempts, timeout)
+            self.job_types[name] = JobType(name, handler, queue, max_attempts, timeout, delay)
             return handler
 
         return register

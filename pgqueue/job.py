@@ -219,6 +219,30 @@ def normal_spec(spec: dict[str, Any]) -> dict[str, Any]:
     return spec
 
 
+# The longest delay a worker writes (a snooze, a retry): pgqueue.snooze measures 100 years on
+# the calendar, a few days more.
+MAX_DELAY = timedelta(days=100 * 365)
+
+
+def as_delay(what: str, value: object) -> timedelta:
+    """``value`` (seconds, any real number, or a timedelta) as a timedelta from 0 to 100 years;
+    ValueError or TypeError naming ``what`` otherwise."""
+    if isinstance(value, timedelta):
+        delay = value
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        # Compared before it is converted: NaN fails both comparisons, and an int too large
+        # for a float compares exactly.
+        seconds = cast(float, value)  # any Real: Fraction, numpy scalars
+        if not 0 <= seconds <= MAX_DELAY.total_seconds():
+            raise ValueError(f"{what} must be from 0 seconds to 100 years, got {value!r}")
+        delay = timedelta(seconds=float(seconds))
+    else:
+        raise TypeError(f"{what} must be seconds or a timedelta, got {value!r}")
+    if not timedelta(0) <= delay <= MAX_DELAY:
+        raise ValueError(f"{what} must be from 0 seconds to 100 years, got {value!r}")
+    return delay
+
+
 class Snooze(Exception):
     """Raise in a handler to put its job back for later, the attempt not counted.
 
@@ -234,27 +258,12 @@ class Snooze(Exception):
     delay: timedelta
 
     def __init__(self, delay: float | timedelta) -> None:
-        if isinstance(delay, timedelta):
-            value = delay
-        elif isinstance(delay, numbers.Real) and not isinstance(delay, bool):
-            # Compared before it is converted: NaN fails both comparisons, and an int too
-            # large for a float compares exactly.
-            if not 0 <= delay <= MAX_SNOOZE.total_seconds():
-                raise ValueError(f"Snooze delay must be from 0 seconds to 100 years, got {delay!r}")
-            value = timedelta(seconds=float(delay))
-        else:
-            raise TypeError(f"Snooze delay must be seconds or a timedelta, got {delay!r}")
-        if not timedelta(0) <= value <= MAX_SNOOZE:
-            raise ValueError(f"Snooze delay must be from 0 seconds to 100 years, got {delay!r}")
+        value = as_delay("Snooze delay", delay)
         super().__init__(value)
         self.delay = value
 
     def __str__(self) -> str:
         return f"snooze for {self.delay}"
-
-
-# What pgqueue.snooze takes (it measures 100 years on the calendar: a few days more).
-MAX_SNOOZE = timedelta(days=100 * 365)
 
 
 @dataclass(frozen=True, slots=True, init=False)

@@ -18,6 +18,15 @@ BEGIN
             RAISE EXCEPTION 'pgqueue.settings: notify must be ''always'' or ''when_waiting'', got "%"', value
                 USING ERRCODE = 'invalid_parameter_value';
         END IF;
+    ELSIF name = 'prune_after' THEN
+        BEGIN
+            IF value <> 'never' AND value::interval < interval '0' THEN
+                RAISE EXCEPTION 'negative';
+            END IF;
+        EXCEPTION WHEN OTHERS THEN
+            RAISE EXCEPTION 'pgqueue.settings: prune_after must be ''never'' or an interval such as ''7 days'', got "%"',
+                value USING ERRCODE = 'invalid_parameter_value';
+        END;
     ELSIF name IN ('backoff_base', 'backoff_cap', 'stale_after') THEN
         BEGIN
             IF value::interval <= interval '0' THEN
@@ -36,25 +45,29 @@ CREATE TABLE pgqueue.settings (
     name  text PRIMARY KEY,
     value text NOT NULL,
     CONSTRAINT settings_name_known
-        CHECK (name IN ('max_attempts', 'backoff_base', 'backoff_cap', 'stale_after', 'notify')),
+        CHECK (name IN ('max_attempts', 'backoff_base', 'backoff_cap', 'stale_after', 'notify', 'prune_after')),
     CONSTRAINT settings_value_valid CHECK (pgqueue._setting_valid(name, value))
 );
 COMMENT ON TABLE pgqueue.settings IS
     'Tunables read by the functions on every call: max_attempts (default for new jobs), backoff_base and '
     'backoff_cap (retry delay = min(cap, base * 2^(attempts-1)) with jitter), stale_after (lease length; '
     'workers heartbeat well within it), notify (always: every transaction that queues jobs sends NOTIFY; '
-    'when_waiting: only when a worker waits for them, see pgqueue.notify_waiters). Change with UPDATE; takes '
-    'effect at once.';
-COMMENT ON COLUMN pgqueue.settings.name IS 'One of max_attempts, backoff_base, backoff_cap, stale_after, notify.';
+    'when_waiting: only when a worker waits for them, see pgqueue.notify_waiters), prune_after (workers delete '
+    'final jobs this long after they finished, see pgqueue.prune_expired; never: keep them). Change with '
+    'UPDATE; takes effect at once.';
+COMMENT ON COLUMN pgqueue.settings.name IS
+    'One of max_attempts, backoff_base, backoff_cap, stale_after, notify, prune_after.';
 COMMENT ON COLUMN pgqueue.settings.value IS
-    'Text form: an integer for max_attempts, always or when_waiting for notify, an interval for the others.';
+    'Text form: an integer for max_attempts, always or when_waiting for notify, an interval or never for '
+    'prune_after, an interval for the others.';
 
 INSERT INTO pgqueue.settings (name, value) VALUES
     ('max_attempts', '5'),
     ('backoff_base', '2 seconds'),
     ('backoff_cap', '10 minutes'),
     ('stale_after', '5 minutes'),
-    ('notify', 'always');
+    ('notify', 'always'),
+    ('prune_after', '7 days');
 
 -- A deleted setting must fail loudly, not turn into NULL arithmetic.
 CREATE FUNCTION pgqueue._setting(p_name text) RETURNS text

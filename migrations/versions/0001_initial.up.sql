@@ -34,6 +34,15 @@ BEGIN
             RAISE EXCEPTION 'pgqueue.settings: notify must be ''always'' or ''when_waiting'', got "%"', value
                 USING ERRCODE = 'invalid_parameter_value';
         END IF;
+    ELSIF name = 'prune_after' THEN
+        BEGIN
+            IF value <> 'never' AND value::interval < interval '0' THEN
+                RAISE EXCEPTION 'negative';
+            END IF;
+        EXCEPTION WHEN OTHERS THEN
+            RAISE EXCEPTION 'pgqueue.settings: prune_after must be ''never'' or an interval such as ''7 days'', got "%"',
+                value USING ERRCODE = 'invalid_parameter_value';
+        END;
     ELSIF name IN ('backoff_base', 'backoff_cap', 'stale_after') THEN
         BEGIN
             IF value::interval <= interval '0' THEN
@@ -52,25 +61,29 @@ CREATE TABLE pgqueue.settings (
     name  text PRIMARY KEY,
     value text NOT NULL,
     CONSTRAINT settings_name_known
-        CHECK (name IN ('max_attempts', 'backoff_base', 'backoff_cap', 'stale_after', 'notify')),
+        CHECK (name IN ('max_attempts', 'backoff_base', 'backoff_cap', 'stale_after', 'notify', 'prune_after')),
     CONSTRAINT settings_value_valid CHECK (pgqueue._setting_valid(name, value))
 );
 COMMENT ON TABLE pgqueue.settings IS
     'Tunables read by the functions on every call: max_attempts (default for new jobs), backoff_base and '
     'backoff_cap (retry delay = min(cap, base * 2^(attempts-1)) with jitter), stale_after (lease length; '
     'workers heartbeat well within it), notify (always: every transaction that queues jobs sends NOTIFY; '
-    'when_waiting: only when a worker waits for them, see pgqueue.notify_waiters). Change with UPDATE; takes '
-    'effect at once.';
-COMMENT ON COLUMN pgqueue.settings.name IS 'One of max_attempts, backoff_base, backoff_cap, stale_after, notify.';
+    'when_waiting: only when a worker waits for them, see pgqueue.notify_waiters), prune_after (workers delete '
+    'final jobs this long after they finished, see pgqueue.prune_expired; never: keep them). Change with '
+    'UPDATE; takes effect at once.';
+COMMENT ON COLUMN pgqueue.settings.name IS
+    'One of max_attempts, backoff_base, backoff_cap, stale_after, notify, prune_after.';
 COMMENT ON COLUMN pgqueue.settings.value IS
-    'Text form: an integer for max_attempts, always or when_waiting for notify, an interval for the others.';
+    'Text form: an integer for max_attempts, always or when_waiting for notify, an interval or never for '
+    'prune_after, an interval for the others.';
 
 INSERT INTO pgqueue.settings (name, value) VALUES
     ('max_attempts', '5'),
     ('backoff_base', '2 seconds'),
     ('backoff_cap', '10 minutes'),
     ('stale_after', '5 minutes'),
-    ('notify', 'always');
+    ('notify', 'always'),
+    ('prune_after', '7 days');
 
 -- A deleted setting must fail loudly, not turn into NULL arithmetic.
 CREATE FUNCTION pgqueue._setting(p_name text) RETURNS text
@@ -2296,6 +2309,44 @@ $$;
 COMMENT ON FUNCTION pgqueue.prune(interval) IS
     'Delete final jobs whose finished_at is older than older_than (except the current job of each scope), and '
     'abort requests whose job no longer runs; returns how many jobs were deleted.';
+
+-- Retention: what every worker runs (one at a time, under a leader lock), and
+-- what pg_cron can run where no worker does. A batch of the oldest final jobs
+-- past settings.prune_after per call, so that each call is a short
+-- transaction however large the backlog (the first run after a year without
+-- one): the caller calls again while a call returns batch_size. The ids come
+-- from the finished-jobs index in finished_at order; the DELETE repeats the
+-- test, for a job retried (or made current) since the ids were read.
+CREATE FUNCTION pgqueue.prune_expired(batch_size int DEFAULT 10000) RETURNS bigint
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_after text := pgqueue._setting('prune_after');
+    v_count bigint;
+BEGIN
+    IF batch_size IS NULL OR batch_size < 1 THEN
+        RAISE EXCEPTION 'pgqueue.prune_expired: batch_size must be >= 1, got %', coalesce(batch_size::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF v_after = 'never' THEN
+        RETURN 0;
+    END IF;
+    DELETE FROM pgqueue.jobs j
+    WHERE j.id = ANY (ARRAY(SELECT o.id FROM pgqueue.jobs o
+                            WHERE o.state IN ('succeeded', 'failed', 'cancelled')
+                              AND o.finished_at < now() - v_after::interval AND NOT o.is_current
+                            ORDER BY o.finished_at LIMIT prune_expired.batch_size))
+      AND j.state IN ('succeeded', 'failed', 'cancelled')
+      AND j.finished_at < now() - v_after::interval AND NOT j.is_current;
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    DELETE FROM pgqueue.abort_requests r
+    WHERE NOT EXISTS (SELECT 1 FROM pgqueue.jobs j WHERE j.id = r.job_id AND j.state = 'running');
+    RETURN v_count;
+END
+$$;
+COMMENT ON FUNCTION pgqueue.prune_expired(int) IS
+    'prune() by settings.prune_after (nothing if never), at most batch_size jobs, oldest first; returns how many '
+    'were deleted (call again while that is batch_size). Workers run it every heartbeat period, one at a time.';
 
 CREATE FUNCTION pgqueue.cancel_pipeline(pipeline_id uuid) RETURNS bigint
 LANGUAGE plpgsql AS $$

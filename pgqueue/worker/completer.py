@@ -125,7 +125,7 @@ _COMPLETE_MANY = (
     " BETWEEN '1 microsecond' AND $5::text::interval THEN current_setting('lock_timeout')"
     " ELSE $5::text END, true)"
 )
-_FAIL = "SELECT pgqueue.fail(job_id => $1, worker => $2, error => $3)"
+_FAIL = "SELECT pgqueue.fail(job_id => $1, worker => $2, error => $3, retry_in => $4)"
 _RELEASE = "SELECT pgqueue.release(job_id => $1, worker => $2)"
 _SNOOZE = "SELECT pgqueue.snooze(job_id => $1, worker => $2, delay => $3)"
 # Which of these jobs, left out by complete_many, had this worker already completed? A row
@@ -260,9 +260,12 @@ class Completer:
         self._pending.append(Success(job, result, next_jobs, duration))
         self._kick.set()
 
-    async def fail(self, job: Job, error: str) -> str | None:
-        """Fail the attempt; returns the job's new state, None if the lease was lost (or the
-        write was given up at shutdown), or :data:`UNKNOWN`.
+    async def fail(
+        self, job: Job, error: str, retry_in: datetime.timedelta | None = None
+    ) -> str | None:
+        """Fail the attempt (retried after ``retry_in``, default: the settings' backoff);
+        returns the job's new state, None if the lease was lost (or the write was given up at
+        shutdown), or :data:`UNKNOWN`.
 
         :data:`UNKNOWN`: fencing refused a retry after a try whose outcome is unknown. That
         try may have failed the attempt itself, or the lease may have been lost. The row
@@ -271,7 +274,7 @@ class Completer:
         """
 
         async def op(conn: asyncpg.Connection, retried: bool) -> str | None:
-            state: str | None = await conn.fetchval(_FAIL, job.id, self.worker_id, error)
+            state: str | None = await conn.fetchval(_FAIL, job.id, self.worker_id, error, retry_in)
             return UNKNOWN if state is None and retried else state
 
         state = await self._write(f"the failure of job {job.id}", op)

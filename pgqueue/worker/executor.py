@@ -28,7 +28,7 @@ import asyncpg
 
 from pgqueue.app import App, JobType
 from pgqueue.dsn import dumps
-from pgqueue.job import Job, Result, Snooze, _abort_check, _progress_saver
+from pgqueue.job import Job, Result, Snooze, _abort_check, _progress_saver, as_delay
 from pgqueue.worker import bounded
 from pgqueue.worker.completer import (
     BOUNDED_LOCK_WAIT,
@@ -400,10 +400,29 @@ class Executor:
 
     async def _fail(self, job: Job, error: str, duration: float) -> None:
         error = _storable(error)
-        state = await self.completer.fail(job, error)
+        state = await self.completer.fail(job, error, self._retry_in(job))
         # "failed (unknown)" when a retry's refusal may be the earlier try's own doing.
         outcome = "lease lost" if state is None else f"failed ({state})"
         self._log(job, outcome, duration, error.splitlines()[-1])
+
+    def _retry_in(self, job: Job) -> datetime.timedelta | None:
+        """The delay the job type's ``backoff`` gives this attempt's retry; None (the
+        settings' backoff) without one, or if it fails: the failure must be recorded."""
+        job_type = self.app.job_types.get(job.job_type)
+        if job_type is None or job_type.backoff is None:
+            return None
+        try:
+            return as_delay("backoff", job_type.backoff(job.attempts))
+        except Exception:
+            self.logger.exception(
+                "job %d: the backoff of %r failed for attempt %d; retrying after the default"
+                " backoff",
+                job.id,
+                job.job_type,
+                job.attempts,
+                extra={"job_id": job.id, "job_type": job.job_type},
+            )
+            return None
 
     async def _fail_or_fail_plainly(self, job: Job, error: str, duration: float) -> None:
         """Fail the attempt; if PostgreSQL refuses that failure (for its text, or a trigger of

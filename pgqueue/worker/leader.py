@@ -1,8 +1,9 @@
-"""Stale recovery, run by one worker at a time.
+"""Stale recovery and retention, each run by one worker at a time.
 
-Every worker runs this loop, but ``pgqueue.recover_stale()`` only runs under a
-transaction-scoped advisory lock, so at most one worker recovers at any moment. There is no
-leader connection to keep alive and nothing to hand over when a worker dies.
+Every worker runs these loops, but ``pgqueue.recover_stale()`` and
+``pgqueue.prune_expired()`` only run under transaction-scoped advisory locks (one each), so
+at most one worker recovers, and one prunes, at any moment. There is no leader connection to
+keep alive and nothing to hand over when a worker dies.
 """
 
 from __future__ import annotations
@@ -17,8 +18,14 @@ from pgqueue.worker import bounded
 from pgqueue.worker.heartbeat import Period
 from pgqueue.worker.retry import Outage
 
-# pgqueue's advisory lock class for the recovery leader (pgqueue._lock_class('leader')).
+# pgqueue's advisory lock class for the leaders (pgqueue._lock_class('leader')): key 0 for
+# recovery, key 1 for retention.
 LEADER_LOCK_CLASS = 7216003
+RECOVERY_KEY = 0
+RETENTION_KEY = 1
+# Jobs one retention transaction deletes at most; a round repeats until a batch comes back
+# short. Each batch is a short transaction whatever the backlog.
+PRUNE_BATCH = 10_000
 # Bound on one recovery round, from the client. Generous: recovering even a large backlog
 # takes seconds, and a round cut short is rolled back and repeated whole.
 RECOVERY_TIMEOUT = 300.0
@@ -56,10 +63,49 @@ async def _recover_once(pool: asyncpg.Pool) -> list[int]:
 
 async def _recover_in_transaction(conn: asyncpg.Connection) -> list[int]:
     async with conn.transaction():
-        await conn.execute(
-            f"SET LOCAL idle_in_transaction_session_timeout = '{int(ABANDONED_AFTER * 1000)}ms'"
-        )
-        if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1, 0)", LEADER_LOCK_CLASS):
+        if not await _lead(conn, RECOVERY_KEY):
             return []
         rows = await conn.fetch("SELECT id FROM pgqueue.recover_stale() AS id")
     return [row["id"] for row in rows]
+
+
+async def _lead(conn: asyncpg.Connection, key: int) -> bool:
+    """Take the leader lock ``key`` for this transaction, unless another worker holds it;
+    the server ends the transaction if its client goes quiet inside it (see
+    ABANDONED_AFTER)."""
+    await conn.execute(
+        f"SET LOCAL idle_in_transaction_session_timeout = '{int(ABANDONED_AFTER * 1000)}ms'"
+    )
+    took: bool = await conn.fetchval(
+        "SELECT pg_try_advisory_xact_lock($1, $2)", LEADER_LOCK_CLASS, key
+    )
+    return took
+
+
+async def retention_loop(pool: asyncpg.Pool, period: Period, logger: logging.Logger) -> None:
+    """Every heartbeat period (jittered), delete the final jobs past settings.prune_after,
+    a batch per transaction, until a batch comes back short."""
+    outage = Outage(logger, "retention")
+    while True:
+        await anyio.sleep(period.seconds * random.uniform(0.5, 1.0))
+        pruned = 0
+        try:
+            while True:
+                n = await bounded.call(pool, RECOVERY_TIMEOUT, _prune_in_transaction)
+                pruned += n
+                if n < PRUNE_BATCH:
+                    break
+        except Exception as exc:
+            outage.failed(exc, "pruning finished jobs")
+        else:
+            outage.ok()
+        if pruned:
+            logger.info("pruned %d finished job(s) past settings.prune_after", pruned)
+
+
+async def _prune_in_transaction(conn: asyncpg.Connection) -> int:
+    async with conn.transaction():
+        if not await _lead(conn, RETENTION_KEY):
+            return 0
+        pruned: int = await conn.fetchval("SELECT pgqueue.prune_expired($1)", PRUNE_BATCH)
+    return pruned

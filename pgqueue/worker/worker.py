@@ -29,7 +29,7 @@ from pgqueue.worker.aborts import abort_loop
 from pgqueue.worker.completer import Completer
 from pgqueue.worker.executor import Executor
 from pgqueue.worker.heartbeat import Period, heartbeat_loop, read_stale_after
-from pgqueue.worker.leader import recovery_loop
+from pgqueue.worker.leader import recovery_loop, retention_loop
 from pgqueue.worker.notifier import Notifier
 from pgqueue.worker.producer import Producer
 from pgqueue.worker.scheduler import run_schedules
@@ -199,6 +199,7 @@ class Worker:
                 heartbeat_loop, beat_pool, self.id, period, self.logger, self._aborts_heard
             )
             services.start_soon(recovery_loop, pool, period, self.logger)
+            services.start_soon(retention_loop, pool, period, self.logger)
             services.start_soon(completer.run)
             services.start_soon(
                 abort_loop, pool, self.id, self._aborts_heard, executor, self.logger

@@ -6,6 +6,7 @@ import asyncio
 import copy
 import dataclasses
 import functools
+import itertools
 import json
 import logging
 import pickle
@@ -33,6 +34,7 @@ from worker_harness import wait_for_states, wait_until
 
 import pgqueue
 from pgqueue.migrate import SchemaError
+from pgqueue.worker import leader
 from pgqueue.worker.logs import JsonFormatter
 from pgqueue.worker.producer import Producer
 from pgqueue.worker.worker import FINAL_WRITE_WINDOW
@@ -1120,7 +1122,7 @@ async def test_a_handler_that_raises_snooze_runs_again_later_without_spending_an
     assert [(r["attempts"], r["result"]) for r in rows[:2]] == [(1, "1"), (1, "1")]
     assert "Snooze delay must be from 0 seconds to 100 years, got -1" in rows[2]["last_error"]
     for kind in runs:
-        gaps = [b - a for a, b in zip(runs[kind], runs[kind][1:], strict=False)]
+        gaps = [b - a for a, b in itertools.pairwise(runs[kind])]
         assert len(gaps) == 2 and min(gaps) >= 0.25, (kind, gaps)
     assert log.outcomes(ids[0]) == ["snoozed", "snoozed", "succeeded"]
     assert log.count("snoozed in") == 4 and log.count(": runs again in 0.3s") == 4
@@ -1205,3 +1207,90 @@ async def test_a_snooze_of_a_job_aborted_meanwhile_is_logged_as_cancelled(
         await wait_until(lambda: log.outcome_logged(job), what="the outcome line")
     assert log.outcomes(job) == ["snoozed (cancelled)"]
     assert "runs again" not in log.text()
+
+
+async def test_a_job_types_backoff_sets_the_delay_before_each_retry(
+    conn: asyncpg.Connection, db_dsn: str, records: tuple[logging.Logger, Records]
+) -> None:
+    """The settings' backoff is an hour here: only the type's own backoff (0.3 s, then 0.6 s)
+    lets the attempts run within the test. A backoff that raises falls back to the settings'
+    (the failure is recorded all the same)."""
+    logger, log = records
+    await conn.execute(
+        "UPDATE pgqueue.settings SET value = '1 hour' WHERE name IN ('backoff_base', 'backoff_cap')"
+    )
+    app = pgqueue.App()
+    runs: list[float] = []
+
+    @app.job("flaky", max_attempts=3, backoff=lambda attempt: 0.3 * attempt)
+    async def flaky(job: pgqueue.Job) -> None:
+        runs.append(time.monotonic())
+        raise RuntimeError("still down")
+
+    @app.job("broken_backoff", max_attempts=3, backoff=lambda attempt: 1 / 0)
+    async def broken_backoff(job: pgqueue.Job) -> None:
+        raise RuntimeError("down")
+
+    flaky_id = await app.enqueue(conn, "flaky")
+    broken = await app.enqueue(conn, "broken_backoff")
+    async with running(app, db_dsn, poll_interval=0.1, logger=logger):
+        await wait_for_states(conn, [flaky_id], "failed")
+        await wait_until(lambda: log.outcome_logged(broken), what="the broken backoff's failure")
+    gaps = [b - a for a, b in itertools.pairwise(runs)]
+    assert len(gaps) == 2 and gaps[0] >= 0.28 and gaps[1] >= 0.58, gaps
+    state, wait = await conn.fetchrow(
+        "SELECT state, extract(epoch FROM run_after - now()) FROM pgqueue.jobs WHERE id = $1",
+        broken,
+    )
+    assert state == "queued" and wait > 1200  # the settings' hour, with its jitter
+    assert log.count("the backoff of 'broken_backoff' failed for attempt 1") == 1
+
+
+def test_a_backoff_is_seconds_a_timedelta_or_a_function() -> None:
+    app = pgqueue.App()
+
+    def handler(job: pgqueue.Job) -> None:
+        return None
+
+    app.job("fixed", backoff=5)(handler)
+    app.job("delta", backoff=timedelta(minutes=2))(handler)
+    app.job("curve", backoff=lambda n: 2**n)(handler)
+    types = app.job_types
+    assert types["fixed"].backoff is not None and types["fixed"].backoff(3) == timedelta(seconds=5)
+    assert types["delta"].backoff is not None and types["delta"].backoff(1) == timedelta(minutes=2)
+    assert types["curve"].backoff is not None and types["curve"].backoff(3) == 8
+    with pytest.raises(ValueError, match="backoff must be from 0 seconds to 100 years, got -1"):
+        app.job("negative", backoff=-1)
+    with pytest.raises(TypeError, match="backoff must be seconds or a timedelta, got '5'"):
+        app.job("text", backoff="5")  # type: ignore[arg-type]
+
+
+async def test_workers_delete_finished_jobs_past_prune_after(
+    conn: asyncpg.Connection,
+    db_dsn: str,
+    records: tuple[logging.Logger, Records],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Retention runs on the heartbeat period (0.5 s with stale_after at 2 s), in batches
+    (of 10 here) until one comes back short: one round, one line, for 25 jobs. A job finished
+    more recently, and unfinished ones, stay."""
+    logger, log = records
+    monkeypatch.setattr(leader, "PRUNE_BATCH", 10)
+    await conn.execute("UPDATE pgqueue.settings SET value = '2 seconds' WHERE name = 'stale_after'")
+    await conn.execute(
+        "INSERT INTO pgqueue.jobs (job_type, state, attempts, finished_at, run_after)"
+        " SELECT 'old', 'succeeded', 1, now() - interval '8 days', now() - interval '8 days'"
+        " FROM generate_series(1, 25)"
+    )
+    recent = await conn.fetchval(
+        "INSERT INTO pgqueue.jobs (job_type, state, attempts, finished_at)"
+        " VALUES ('recent', 'failed', 1, now() - interval '6 days') RETURNING id"
+    )
+    waiting = await conn.fetchval("SELECT pgqueue.enqueue('elsewhere', queue => 'nobody')")
+    async with running(pgqueue.App(), db_dsn, logger=logger, queues=["unused"]):
+        await wait_until(
+            lambda: log.logged("pruned 25 finished job(s) past settings.prune_after"),
+            what="the retention round",
+        )
+    left = [r["id"] for r in await conn.fetch("SELECT id FROM pgqueue.jobs ORDER BY id")]
+    assert left == [recent, waiting]

@@ -189,6 +189,15 @@ MUTANTS: dict[str, Mutant] = {
         "WHERE true",
         "test_notify.py::test_silent_for_zero_rows_waiting_jobs_and_claims",
     ),
+    # retention deleting by the ids it read, without testing the rows it locked again: a job
+    # retried meanwhile (queued again) is deleted.
+    "prune_expired_without_recheck": Mutant(
+        "pgqueue.prune_expired(integer)",
+        """      AND j.state IN ('succeeded', 'failed', 'cancelled')
+      AND j.finished_at < now() - v_after::interval AND NOT j.is_current;""",
+        ";",
+        "test_retention.py::test_a_job_retried_while_the_batch_was_read_is_not_deleted",
+    ),
     # claims leave is_current alone: the property test's invariant catches nothing? It must.
     "claim_next_keeps_old_current": Mutant(
         "pgqueue.claim_next(text,text[],integer)",

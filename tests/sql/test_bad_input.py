@@ -134,6 +134,20 @@ CASES = [
     ),
     ("INSERT INTO pgqueue.settings VALUES ('poll', '1')", "settings_name_known"),
     (
+        "UPDATE pgqueue.settings SET value = 'forever' WHERE name = 'prune_after'",
+        "prune_after must be 'never' or an interval such as '7 days', got \"forever\"",
+    ),
+    (
+        "UPDATE pgqueue.settings SET value = '-1 day' WHERE name = 'prune_after'",
+        "prune_after must be 'never' or an interval",
+    ),
+    ("SELECT pgqueue.prune_expired(0)", "prune_expired: batch_size must be >= 1, got 0"),
+    ("SELECT pgqueue.prune_expired(NULL)", "prune_expired: batch_size must be >= 1, got NULL"),
+    (
+        "SELECT pgqueue.snooze(1, 'w', interval '-1 hour')",
+        "snooze: delay must be from 0 to 100 years, got -01:00:00",
+    ),
+    (
         # a cycle behind a chain, with a spec downstream of it: a key on the cycle is named
         # (the linear check of session 10 takes what it could not order, then walks that)
         'SELECT pgqueue.enqueue(\'t\', next_jobs => \'[{"job_type": "x", "key": "a"}, '

@@ -204,7 +204,9 @@ class Machine(RuleBasedStateMachine):
     @rule(
         worker=st.sampled_from(WORKERS),
         pick=st.integers(0, 50),
-        delay=st.sampled_from(["0", "1 hour"]),
+        # Not longer: a job snoozed for an hour leaves the example, and fewer scoped claims
+        # let the claim_next_keeps_old_current mutant survive the 60 derandomized examples.
+        delay=st.sampled_from(["0", "1 millisecond"]),
     )
     def snooze(self, worker: str, pick: int, delay: str) -> None:
         job = self._running(worker, pick, True)
