@@ -129,9 +129,10 @@ class App:
 
         ``queue`` and ``max_attempts`` become the defaults of :meth:`enqueue` for this type;
         ``timeout`` (seconds) fails an attempt that runs longer. ``backoff`` is how long a
-        failed attempt waits before its retry: seconds or a timedelta, or a function of the
-        attempt's number (1 for the first) that returns one, e.g. ``lambda n: 30 * n``;
-        default: the exponential backoff of ``pgqueue.settings``, with jitter.
+        failed attempt waits before its retry: seconds or a timedelta, or a (quick, plain)
+        function of the attempt's number (1 for the first) that returns one, e.g.
+        ``lambda n: 30 * n``; default: the exponential backoff of ``pgqueue.settings``, with
+        jitter.
         """
         if not name:
             raise ValueError("job name must not be empty")
@@ -139,6 +140,8 @@ class App:
             raise ValueError("max_attempts must be at least 1")
         if timeout is not None and timeout <= 0:
             raise ValueError("timeout must be positive")
+        if inspect.iscoroutinefunction(backoff):
+            raise TypeError("backoff must be a plain function of the attempt number, not async")
         if backoff is None or callable(backoff):
             delay = backoff
         else:

@@ -19,12 +19,14 @@ BEGIN
                 USING ERRCODE = 'invalid_parameter_value';
         END IF;
     ELSIF name = 'prune_after' THEN
+        -- Bounded: now() - '10000 years' is out of timestamptz's range, and every
+        -- retention round would fail (keeping jobs for good is 'never').
         BEGIN
-            IF value <> 'never' AND value::interval < interval '0' THEN
-                RAISE EXCEPTION 'negative';
+            IF value <> 'never' AND NOT value::interval BETWEEN interval '0' AND interval '100 years' THEN
+                RAISE EXCEPTION 'out of range';
             END IF;
         EXCEPTION WHEN OTHERS THEN
-            RAISE EXCEPTION 'pgqueue.settings: prune_after must be ''never'' or an interval such as ''7 days'', got "%"',
+            RAISE EXCEPTION 'pgqueue.settings: prune_after must be ''never'' or an interval from 0 to 100 years such as ''7 days'', got "%"',
                 value USING ERRCODE = 'invalid_parameter_value';
         END;
     ELSIF name IN ('backoff_base', 'backoff_cap', 'stale_after') THEN

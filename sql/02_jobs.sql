@@ -265,5 +265,8 @@ CREATE INDEX jobs_running_lease ON pgqueue.jobs (locked_by, locked_at) WHERE sta
 -- WHERE pipeline_id = (SELECT pipeline_id FROM pgqueue.jobs WHERE id = :id) AND parent_id = :id.
 -- (Once the parent is pruned, use the pipeline_id of any of its children.)
 CREATE INDEX jobs_pipeline ON pgqueue.jobs (pipeline_id) WHERE pipeline_id IS NOT NULL;
+-- What prune and retention delete, oldest first. A scope's current job is never
+-- pruned, so it is left out: kept for good, it would be read again by every
+-- retention round (is_current changes already make the update non-HOT).
 CREATE INDEX jobs_finished ON pgqueue.jobs (finished_at)
-    WHERE state IN ('succeeded', 'failed', 'cancelled');
+    WHERE state IN ('succeeded', 'failed', 'cancelled') AND NOT is_current;

@@ -89,9 +89,9 @@ BEGIN
         SELECT u.scope, min(u.after) AS after FROM unnest(p_scopes, p_after) u(scope, after)
         WHERE u.scope IS NOT NULL GROUP BY u.scope
     ), heads AS (
-        SELECT h.id, h.queue, h.scope_blocked, h.queue_paused
+        SELECT h.id, h.queue, h.scope_blocked
         FROM ended s
-        CROSS JOIN LATERAL (SELECT q.id, q.queue, q.scope_blocked, q.queue_paused FROM pgqueue.jobs q
+        CROSS JOIN LATERAL (SELECT q.id, q.queue, q.scope_blocked FROM pgqueue.jobs q
                             WHERE pgqueue._same_scope(q.scope, s.scope)
                               AND q.state = 'queued' AND q.id > s.after
                             ORDER BY jsonb_hash(q.scope), q.id LIMIT 1) h
@@ -102,17 +102,22 @@ BEGIN
         -- A queued job older than the one that ended (retried, queued by fan-in,
         -- or enqueued out of id order while a newer one ran) is never blocked,
         -- but it became claimable now too: its queue is woken as well.
-        SELECT o.queue, o.queue_paused
+        SELECT o.queue
         FROM ended s
-        CROSS JOIN LATERAL (SELECT q.queue, q.queue_paused FROM pgqueue.jobs q
+        CROSS JOIN LATERAL (SELECT q.queue FROM pgqueue.jobs q
                             WHERE pgqueue._same_scope(q.scope, s.scope)
                               AND q.state = 'queued' AND q.id < s.after
                             ORDER BY jsonb_hash(q.scope), q.id LIMIT 1) o
     )
-    -- A job of a paused queue (flagged) wakes nobody: no claim could take it.
     SELECT array_agg(DISTINCT x.queue) INTO v_queues
-    FROM (SELECT h.queue FROM heads h WHERE NOT h.queue_paused
-          UNION ALL SELECT o.queue FROM older o WHERE NOT o.queue_paused) x;
+    FROM (SELECT h.queue FROM heads h UNION ALL SELECT o.queue FROM older o) x;
+    -- A paused queue's job wakes nobody (no claim could take it), but only a pause
+    -- this transaction holds the lock of (_hold_paused, a later statement) stays
+    -- paused until it commits: a resume under way, or one that committed after
+    -- this transaction's last snapshot, has notified before this job was free.
+    IF v_queues IS NOT NULL AND EXISTS (SELECT 1 FROM pgqueue.paused_queues) THEN
+        v_queues := ARRAY(SELECT q FROM unnest(v_queues) q WHERE q <> ALL (pgqueue._hold_paused(v_queues)));
+    END IF;
     PERFORM pgqueue._notify(v_queues, pgqueue._setting('notify'));
 END
 $$;

@@ -279,9 +279,13 @@ COMMENT ON FUNCTION pgqueue.prune(interval) IS
 -- what pg_cron can run where no worker does. A batch of the oldest final jobs
 -- past settings.prune_after per call, so that each call is a short
 -- transaction however large the backlog (the first run after a year without
--- one): the caller calls again while a call returns batch_size. The ids come
--- from the finished-jobs index in finished_at order; the DELETE repeats the
--- test, for a job retried (or made current) since the ids were read.
+-- one): the caller calls again while a call returns batch_size. It never
+-- waits: rows another transaction holds (a retry, an enqueue depending on the
+-- job) are skipped this time, so it neither deadlocks with them nor makes them
+-- queue behind a batch. FOR UPDATE re-tests a row changed since the snapshot
+-- (retried: queued again) before locking it; the DELETE repeats the test all
+-- the same. Scopes' current jobs are kept for good, so they are not in the
+-- index (jobs_finished) the batch is read from.
 CREATE FUNCTION pgqueue.prune_expired(batch_size int DEFAULT 10000) RETURNS bigint
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
@@ -300,7 +304,8 @@ BEGIN
     WHERE j.id = ANY (ARRAY(SELECT o.id FROM pgqueue.jobs o
                             WHERE o.state IN ('succeeded', 'failed', 'cancelled')
                               AND o.finished_at < now() - v_after::interval AND NOT o.is_current
-                            ORDER BY o.finished_at LIMIT prune_expired.batch_size))
+                            ORDER BY o.finished_at LIMIT prune_expired.batch_size
+                            FOR UPDATE SKIP LOCKED))
       AND j.state IN ('succeeded', 'failed', 'cancelled')
       AND j.finished_at < now() - v_after::interval AND NOT j.is_current;
     GET DIAGNOSTICS v_count = ROW_COUNT;
@@ -310,8 +315,9 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION pgqueue.prune_expired(int) IS
-    'prune() by settings.prune_after (nothing if never), at most batch_size jobs, oldest first; returns how many '
-    'were deleted (call again while that is batch_size). Workers run it every heartbeat period, one at a time.';
+    'prune() by settings.prune_after (nothing if never), at most batch_size jobs, oldest first, skipping rows '
+    'other transactions hold (it never waits); returns how many were deleted (call again while that is '
+    'batch_size). Workers run it every heartbeat period, one at a time.';
 
 CREATE FUNCTION pgqueue.cancel_pipeline(pipeline_id uuid) RETURNS bigint
 LANGUAGE plpgsql AS $$
@@ -471,7 +477,7 @@ END
 $$;
 
 -- Several queues paused (or resumed) in one transaction, as `pgqueue pause a b`
--- does: their pause locks first, all of them, in name order, before any row.
+-- does: their pause locks first, all of them, in key order, before any row.
 -- One by one, the first queue's rows were locked (flagged) while the command
 -- waited for the next queue's lock, and an application transaction holding
 -- that lock shared (it had enqueued into the paused queue) that then wanted
@@ -479,10 +485,11 @@ $$;
 CREATE FUNCTION pgqueue._lock_pause(p_queues text[]) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_queue text;
+    v_key int;
 BEGIN
-    FOR v_queue IN SELECT DISTINCT q FROM unnest(p_queues) q WHERE q IS NOT NULL ORDER BY 1 LOOP
-        PERFORM pg_advisory_xact_lock(pgqueue._lock_class('pause'), hashtext(v_queue));
+    -- In key order, not name order: two names can share a key (hashtext).
+    FOR v_key IN SELECT DISTINCT hashtext(q) FROM unnest(p_queues) q WHERE q IS NOT NULL ORDER BY 1 LOOP
+        PERFORM pg_advisory_xact_lock(pgqueue._lock_class('pause'), v_key);
     END LOOP;
 END
 $$;

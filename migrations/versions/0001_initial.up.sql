@@ -35,12 +35,14 @@ BEGIN
                 USING ERRCODE = 'invalid_parameter_value';
         END IF;
     ELSIF name = 'prune_after' THEN
+        -- Bounded: now() - '10000 years' is out of timestamptz's range, and every
+        -- retention round would fail (keeping jobs for good is 'never').
         BEGIN
-            IF value <> 'never' AND value::interval < interval '0' THEN
-                RAISE EXCEPTION 'negative';
+            IF value <> 'never' AND NOT value::interval BETWEEN interval '0' AND interval '100 years' THEN
+                RAISE EXCEPTION 'out of range';
             END IF;
         EXCEPTION WHEN OTHERS THEN
-            RAISE EXCEPTION 'pgqueue.settings: prune_after must be ''never'' or an interval such as ''7 days'', got "%"',
+            RAISE EXCEPTION 'pgqueue.settings: prune_after must be ''never'' or an interval from 0 to 100 years such as ''7 days'', got "%"',
                 value USING ERRCODE = 'invalid_parameter_value';
         END;
     ELSIF name IN ('backoff_base', 'backoff_cap', 'stale_after') THEN
@@ -374,8 +376,11 @@ CREATE INDEX jobs_running_lease ON pgqueue.jobs (locked_by, locked_at) WHERE sta
 -- WHERE pipeline_id = (SELECT pipeline_id FROM pgqueue.jobs WHERE id = :id) AND parent_id = :id.
 -- (Once the parent is pruned, use the pipeline_id of any of its children.)
 CREATE INDEX jobs_pipeline ON pgqueue.jobs (pipeline_id) WHERE pipeline_id IS NOT NULL;
+-- What prune and retention delete, oldest first. A scope's current job is never
+-- pruned, so it is left out: kept for good, it would be read again by every
+-- retention round (is_current changes already make the update non-HOT).
 CREATE INDEX jobs_finished ON pgqueue.jobs (finished_at)
-    WHERE state IN ('succeeded', 'failed', 'cancelled');
+    WHERE state IN ('succeeded', 'failed', 'cancelled') AND NOT is_current;
 
 -- ==== sql/03_enqueue.sql ====
 -- =============================================================================
@@ -1342,9 +1347,9 @@ BEGIN
         SELECT u.scope, min(u.after) AS after FROM unnest(p_scopes, p_after) u(scope, after)
         WHERE u.scope IS NOT NULL GROUP BY u.scope
     ), heads AS (
-        SELECT h.id, h.queue, h.scope_blocked, h.queue_paused
+        SELECT h.id, h.queue, h.scope_blocked
         FROM ended s
-        CROSS JOIN LATERAL (SELECT q.id, q.queue, q.scope_blocked, q.queue_paused FROM pgqueue.jobs q
+        CROSS JOIN LATERAL (SELECT q.id, q.queue, q.scope_blocked FROM pgqueue.jobs q
                             WHERE pgqueue._same_scope(q.scope, s.scope)
                               AND q.state = 'queued' AND q.id > s.after
                             ORDER BY jsonb_hash(q.scope), q.id LIMIT 1) h
@@ -1355,17 +1360,22 @@ BEGIN
         -- A queued job older than the one that ended (retried, queued by fan-in,
         -- or enqueued out of id order while a newer one ran) is never blocked,
         -- but it became claimable now too: its queue is woken as well.
-        SELECT o.queue, o.queue_paused
+        SELECT o.queue
         FROM ended s
-        CROSS JOIN LATERAL (SELECT q.queue, q.queue_paused FROM pgqueue.jobs q
+        CROSS JOIN LATERAL (SELECT q.queue FROM pgqueue.jobs q
                             WHERE pgqueue._same_scope(q.scope, s.scope)
                               AND q.state = 'queued' AND q.id < s.after
                             ORDER BY jsonb_hash(q.scope), q.id LIMIT 1) o
     )
-    -- A job of a paused queue (flagged) wakes nobody: no claim could take it.
     SELECT array_agg(DISTINCT x.queue) INTO v_queues
-    FROM (SELECT h.queue FROM heads h WHERE NOT h.queue_paused
-          UNION ALL SELECT o.queue FROM older o WHERE NOT o.queue_paused) x;
+    FROM (SELECT h.queue FROM heads h UNION ALL SELECT o.queue FROM older o) x;
+    -- A paused queue's job wakes nobody (no claim could take it), but only a pause
+    -- this transaction holds the lock of (_hold_paused, a later statement) stays
+    -- paused until it commits: a resume under way, or one that committed after
+    -- this transaction's last snapshot, has notified before this job was free.
+    IF v_queues IS NOT NULL AND EXISTS (SELECT 1 FROM pgqueue.paused_queues) THEN
+        v_queues := ARRAY(SELECT q FROM unnest(v_queues) q WHERE q <> ALL (pgqueue._hold_paused(v_queues)));
+    END IF;
     PERFORM pgqueue._notify(v_queues, pgqueue._setting('notify'));
 END
 $$;
@@ -2314,9 +2324,13 @@ COMMENT ON FUNCTION pgqueue.prune(interval) IS
 -- what pg_cron can run where no worker does. A batch of the oldest final jobs
 -- past settings.prune_after per call, so that each call is a short
 -- transaction however large the backlog (the first run after a year without
--- one): the caller calls again while a call returns batch_size. The ids come
--- from the finished-jobs index in finished_at order; the DELETE repeats the
--- test, for a job retried (or made current) since the ids were read.
+-- one): the caller calls again while a call returns batch_size. It never
+-- waits: rows another transaction holds (a retry, an enqueue depending on the
+-- job) are skipped this time, so it neither deadlocks with them nor makes them
+-- queue behind a batch. FOR UPDATE re-tests a row changed since the snapshot
+-- (retried: queued again) before locking it; the DELETE repeats the test all
+-- the same. Scopes' current jobs are kept for good, so they are not in the
+-- index (jobs_finished) the batch is read from.
 CREATE FUNCTION pgqueue.prune_expired(batch_size int DEFAULT 10000) RETURNS bigint
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
@@ -2335,7 +2349,8 @@ BEGIN
     WHERE j.id = ANY (ARRAY(SELECT o.id FROM pgqueue.jobs o
                             WHERE o.state IN ('succeeded', 'failed', 'cancelled')
                               AND o.finished_at < now() - v_after::interval AND NOT o.is_current
-                            ORDER BY o.finished_at LIMIT prune_expired.batch_size))
+                            ORDER BY o.finished_at LIMIT prune_expired.batch_size
+                            FOR UPDATE SKIP LOCKED))
       AND j.state IN ('succeeded', 'failed', 'cancelled')
       AND j.finished_at < now() - v_after::interval AND NOT j.is_current;
     GET DIAGNOSTICS v_count = ROW_COUNT;
@@ -2345,8 +2360,9 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION pgqueue.prune_expired(int) IS
-    'prune() by settings.prune_after (nothing if never), at most batch_size jobs, oldest first; returns how many '
-    'were deleted (call again while that is batch_size). Workers run it every heartbeat period, one at a time.';
+    'prune() by settings.prune_after (nothing if never), at most batch_size jobs, oldest first, skipping rows '
+    'other transactions hold (it never waits); returns how many were deleted (call again while that is '
+    'batch_size). Workers run it every heartbeat period, one at a time.';
 
 CREATE FUNCTION pgqueue.cancel_pipeline(pipeline_id uuid) RETURNS bigint
 LANGUAGE plpgsql AS $$
@@ -2506,7 +2522,7 @@ END
 $$;
 
 -- Several queues paused (or resumed) in one transaction, as `pgqueue pause a b`
--- does: their pause locks first, all of them, in name order, before any row.
+-- does: their pause locks first, all of them, in key order, before any row.
 -- One by one, the first queue's rows were locked (flagged) while the command
 -- waited for the next queue's lock, and an application transaction holding
 -- that lock shared (it had enqueued into the paused queue) that then wanted
@@ -2514,10 +2530,11 @@ $$;
 CREATE FUNCTION pgqueue._lock_pause(p_queues text[]) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_queue text;
+    v_key int;
 BEGIN
-    FOR v_queue IN SELECT DISTINCT q FROM unnest(p_queues) q WHERE q IS NOT NULL ORDER BY 1 LOOP
-        PERFORM pg_advisory_xact_lock(pgqueue._lock_class('pause'), hashtext(v_queue));
+    -- In key order, not name order: two names can share a key (hashtext).
+    FOR v_key IN SELECT DISTINCT hashtext(q) FROM unnest(p_queues) q WHERE q IS NOT NULL ORDER BY 1 LOOP
+        PERFORM pg_advisory_xact_lock(pgqueue._lock_class('pause'), v_key);
     END LOOP;
 END
 $$;

@@ -407,10 +407,13 @@ class Executor:
 
     def _retry_in(self, job: Job) -> datetime.timedelta | None:
         """The delay the job type's ``backoff`` gives this attempt's retry; None (the
-        settings' backoff) without one, or if it fails: the failure must be recorded."""
+        settings' backoff) without one, or if it fails: the failure must be recorded. Called
+        on the event loop: a backoff must be quick."""
         job_type = self.app.job_types.get(job.job_type)
         if job_type is None or job_type.backoff is None:
             return None
+        if job.attempts >= job.max_attempts or job.id in self.aborting:
+            return None  # no retry follows: the job ends failed (or cancelled)
         try:
             return as_delay("backoff", job_type.backoff(job.attempts))
         except Exception:

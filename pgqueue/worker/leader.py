@@ -38,7 +38,7 @@ ABANDONED_AFTER = 60.0
 
 async def recovery_loop(pool: asyncpg.Pool, period: Period, logger: logging.Logger) -> None:
     """Every heartbeat period (jittered), requeue jobs whose worker stopped heartbeating."""
-    outage = Outage(logger, "recovery")
+    outage = Outage(logger, "recovery", "trying again next period")
     while True:
         await anyio.sleep(period.seconds * random.uniform(0.5, 1.0))
         try:
@@ -85,7 +85,7 @@ async def _lead(conn: asyncpg.Connection, key: int) -> bool:
 async def retention_loop(pool: asyncpg.Pool, period: Period, logger: logging.Logger) -> None:
     """Every heartbeat period (jittered), delete the final jobs past settings.prune_after,
     a batch per transaction, until a batch comes back short."""
-    outage = Outage(logger, "retention")
+    outage = Outage(logger, "retention", "trying again next period")
     while True:
         await anyio.sleep(period.seconds * random.uniform(0.5, 1.0))
         pruned = 0

@@ -1221,8 +1221,13 @@ async def test_a_job_types_backoff_sets_the_delay_before_each_retry(
     )
     app = pgqueue.App()
     runs: list[float] = []
+    asked: list[int] = []
 
-    @app.job("flaky", max_attempts=3, backoff=lambda attempt: 0.3 * attempt)
+    def backoff(attempt: int) -> float:
+        asked.append(attempt)
+        return 0.3 * attempt
+
+    @app.job("flaky", max_attempts=3, backoff=backoff)
     async def flaky(job: pgqueue.Job) -> None:
         runs.append(time.monotonic())
         raise RuntimeError("still down")
@@ -1238,6 +1243,7 @@ async def test_a_job_types_backoff_sets_the_delay_before_each_retry(
         await wait_until(lambda: log.outcome_logged(broken), what="the broken backoff's failure")
     gaps = [b - a for a, b in itertools.pairwise(runs)]
     assert len(gaps) == 2 and gaps[0] >= 0.28 and gaps[1] >= 0.58, gaps
+    assert asked == [1, 2]  # not for the last attempt: no retry follows it
     state, wait = await conn.fetchrow(
         "SELECT state, extract(epoch FROM run_after - now()) FROM pgqueue.jobs WHERE id = $1",
         broken,
@@ -1263,6 +1269,12 @@ def test_a_backoff_is_seconds_a_timedelta_or_a_function() -> None:
         app.job("negative", backoff=-1)
     with pytest.raises(TypeError, match="backoff must be seconds or a timedelta, got '5'"):
         app.job("text", backoff="5")  # type: ignore[arg-type]
+
+    async def later(attempt: int) -> float:
+        return 1.0
+
+    with pytest.raises(TypeError, match="backoff must be a plain function"):
+        app.job("async", backoff=later)  # type: ignore[arg-type]
 
 
 async def test_workers_delete_finished_jobs_past_prune_after(

@@ -189,14 +189,13 @@ MUTANTS: dict[str, Mutant] = {
         "WHERE true",
         "test_notify.py::test_silent_for_zero_rows_waiting_jobs_and_claims",
     ),
-    # retention deleting by the ids it read, without testing the rows it locked again: a job
-    # retried meanwhile (queued again) is deleted.
-    "prune_expired_without_recheck": Mutant(
+    # retention waiting for rows other transactions hold: it deadlocked with retries and
+    # enqueues that lock rows in another order, and they queued behind its batch.
+    "prune_expired_waits": Mutant(
         "pgqueue.prune_expired(integer)",
-        """      AND j.state IN ('succeeded', 'failed', 'cancelled')
-      AND j.finished_at < now() - v_after::interval AND NOT j.is_current;""",
-        ";",
-        "test_retention.py::test_a_job_retried_while_the_batch_was_read_is_not_deleted",
+        "FOR UPDATE SKIP LOCKED))",
+        "FOR UPDATE))",
+        "test_retention.py::test_it_never_waits_for_a_row_another_transaction_holds",
     ),
     # claims leave is_current alone: the property test's invariant catches nothing? It must.
     "claim_next_keeps_old_current": Mutant(

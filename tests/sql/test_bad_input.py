@@ -135,11 +135,17 @@ CASES = [
     ("INSERT INTO pgqueue.settings VALUES ('poll', '1')", "settings_name_known"),
     (
         "UPDATE pgqueue.settings SET value = 'forever' WHERE name = 'prune_after'",
-        "prune_after must be 'never' or an interval such as '7 days', got \"forever\"",
+        "prune_after must be 'never' or an interval from 0 to 100 years such as '7 days',"
+        ' got "forever"',
     ),
     (
         "UPDATE pgqueue.settings SET value = '-1 day' WHERE name = 'prune_after'",
         "prune_after must be 'never' or an interval",
+    ),
+    (
+        # now() minus that is out of timestamptz's range: every retention round would fail
+        "UPDATE pgqueue.settings SET value = '10000 years' WHERE name = 'prune_after'",
+        "prune_after must be 'never' or an interval from 0 to 100 years",
     ),
     ("SELECT pgqueue.prune_expired(0)", "prune_expired: batch_size must be >= 1, got 0"),
     ("SELECT pgqueue.prune_expired(NULL)", "prune_expired: batch_size must be >= 1, got NULL"),

@@ -303,6 +303,36 @@ async def test_a_scope_head_freed_in_a_paused_queue_wakes_nobody(
     assert await asyncio.wait_for(heard.get(), 5) == "p"
 
 
+async def test_a_head_freed_while_a_resume_commits_is_still_notified(
+    conn: asyncpg.Connection, connect: Connect
+) -> None:
+    """The completion frees the next job of its scope while a resume of the queue is under
+    way: it waits for the resume (which holds the job's row to clear its flag), whose
+    NOTIFY then finds the job still blocked. Its own NOTIFY must not be skipped: deciding
+    "paused" from its statement's snapshot (taken before the resume committed) lost the
+    wake-up; it asks in a later statement, under the queue's pause lock."""
+    listener = await connect()
+    heard: asyncio.Queue[str] = asyncio.Queue()
+    await listener.add_listener("pgqueue", lambda *args: heard.put_nowait(args[-1]))
+    resumer, completer = await sessions(connect, "resume", "complete")
+    running = await _enqueue(conn, "p", '{"s": 1}')
+    assert await _claim_next(conn) == [running]
+    head = await _enqueue(conn, "p", '{"s": 1}')
+    assert await asyncio.wait_for(heard.get(), 5) == "p"  # the first enqueue's
+    await conn.fetchval(PAUSE, "p")
+    await resumer.begin()
+    assert await resumer.fetchval(RESUME, "p") is True
+    step = completer.start(completer.fetchval("SELECT pgqueue.complete($1, 'w')", running))
+    await wait_blocked(conn, completer)
+    await resumer.commit()
+    assert await asyncio.wait_for(heard.get(), 5) == "p"  # the resume's
+    assert await step is True
+    await conn.execute("NOTIFY pgqueue, 'marker'")
+    assert await asyncio.wait_for(heard.get(), 5) == "p"  # the completion's
+    assert await asyncio.wait_for(heard.get(), 5) == "marker"
+    assert await _claim_next(conn) == [head]
+
+
 async def test_a_resume_waits_for_an_enqueue_that_flagged_jobs_and_clears_them(
     conn: asyncpg.Connection, connect: Connect
 ) -> None:

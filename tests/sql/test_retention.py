@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncpg
-from sqlharness import Connect, sessions, wait_blocked
+from sqlharness import Connect, finishes_unblocked, sessions
 
 AGE = "UPDATE pgqueue.jobs SET finished_at = now() - $2::text::interval WHERE id = $1"
 IDS = "SELECT id FROM pgqueue.jobs ORDER BY id"
@@ -63,22 +63,26 @@ async def test_never_keeps_everything_and_a_shorter_setting_takes_effect_at_once
     assert young not in await _ids(conn)
 
 
-async def test_a_job_retried_while_the_batch_was_read_is_not_deleted(connect: Connect) -> None:
-    """The batch's ids are read before the DELETE locks the rows: a retry that commits in
-    between makes the job queued again, and the DELETE, which waits for that retry's row
-    lock, must test the job again rather than delete it by id."""
+async def test_it_never_waits_for_a_row_another_transaction_holds(connect: Connect) -> None:
+    """A retry under way holds the job (and share-locks its dependencies): waiting for it,
+    a batch deadlocked with retries and enqueues that lock rows in another order, and made
+    them queue behind its own locks. The batch skips such rows, and deletes the rest."""
     observer, retrier, pruner = await sessions(connect, "obs", "retry", "prune")
     job = await _finished(observer.conn, "30 days", state="failed")
+    other = await _finished(observer.conn, "30 days")
     await retrier.begin()
     assert await retrier.fetchval("SELECT pgqueue.retry($1)", job) is True
-    step = pruner.start(pruner.fetchval("SELECT pgqueue.prune_expired()"))
-    await wait_blocked(observer.conn, pruner)
-    await retrier.commit()
-    assert await step == 0
-    row = await observer.conn.fetchrow(
-        "SELECT state, finished_at FROM pgqueue.jobs WHERE id = $1", job
+    assert (
+        await finishes_unblocked(
+            observer.conn, pruner, pruner.fetchval("SELECT pgqueue.prune_expired()")
+        )
+        == 1
     )
-    assert tuple(row) == ("queued", None)
+    await retrier.commit()
+    assert await _ids(observer.conn) == [job]
+    state = await observer.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", job)
+    assert state == "queued"
+    assert other not in await _ids(observer.conn)
 
 
 async def test_it_drops_abort_requests_whose_job_no_longer_runs(conn: asyncpg.Connection) -> None:
