@@ -402,3 +402,23 @@ async def test_a_failure_cancels_its_dependents_in_id_order(connect: Connect) ->
         [lower, higher],
     )
     assert [tuple(r) for r in rows] == [(lower, "cancelled"), (higher, "cancelled")]
+
+
+async def test_enqueue_locks_its_dependencies_in_id_order(connect: Connect) -> None:
+    """They were share-locked in the order DISTINCT's hash gave ({10, 11, 12, 13} as 11, 13,
+    10, 12): a transaction locking two of them in id order, as every multi-row transition
+    does, could deadlock with the enqueue. Waiting for the lowest id, it holds none of the
+    others yet."""
+    observer, holder, enqueuer = await sessions(connect, "obs", "hold", "enqueue")
+    ids = [await observer.fetchval("SELECT pgqueue.enqueue('t')") for _ in range(13)]
+    deps = ids[9:13]
+    await holder.begin()
+    await holder.fetchval("SELECT id FROM pgqueue.jobs WHERE id = $1 FOR NO KEY UPDATE", deps[0])
+    step = enqueuer.start(
+        enqueuer.fetchval("SELECT pgqueue.enqueue('j', depends_on => $1::bigint[])", deps[::-1])
+    )
+    await wait_blocked(observer.conn, enqueuer)
+    for dep in deps[1:]:
+        assert await observer.fetchval(ROW_IS_FREE, dep) == dep, f"job {dep} held early"
+    await holder.commit()
+    assert await step
