@@ -310,6 +310,13 @@ def migrate(opts: DsnOption) -> None:
     " faults (a busy worker spends about a third of its CPU on the per-job lines).",
 )
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging (same as --log-level debug).")
+@click.option(
+    "--listen-dsn",
+    envvar="PGQUEUE_LISTEN_DSN",
+    metavar="DSN",
+    help="DSN of the LISTEN connection, when the main DSN goes through a transaction-mode"
+    " pooler such as PgBouncer. Default: $PGQUEUE_LISTEN_DSN, else the main DSN.",
+)
 @pass_dsn
 @_friendly_errors
 def worker(
@@ -322,6 +329,7 @@ def worker(
     log_format: str,
     log_level: str,
     verbose: bool,
+    listen_dsn: str | None,
 ) -> None:
     """Run a worker for the handlers of MODULE:APP until SIGTERM or SIGINT."""
     from pgqueue.worker import Worker
@@ -345,6 +353,7 @@ def worker(
         grace=grace,
         poll_interval=poll_interval,
         restore_signals=False,  # the process exits next: a late signal must not abort that
+        listen_dsn=listen_dsn,
     )
     _run(runner.run)
 

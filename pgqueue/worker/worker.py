@@ -52,7 +52,13 @@ def make_worker_id() -> str:
 
 
 class Worker:
-    """Runs an :class:`~pgqueue.App`'s handlers for jobs claimed from PostgreSQL."""
+    """Runs an :class:`~pgqueue.App`'s handlers for jobs claimed from PostgreSQL.
+
+    ``listen_dsn`` (default: ``dsn``) is where the one LISTEN connection goes. Give it when
+    ``dsn`` goes through a pooler in transaction mode (PgBouncer), where LISTEN does not
+    work: the notifications then come straight from PostgreSQL while claims and outcomes
+    take the pooled connections.
+    """
 
     def __init__(
         self,
@@ -66,6 +72,7 @@ class Worker:
         handle_signals: bool = True,
         restore_signals: bool = True,
         logger: logging.Logger | None = None,
+        listen_dsn: str | None = None,
     ) -> None:
         if not 1 <= concurrency <= MAX_CONCURRENCY:
             raise ValueError(f"concurrency must be from 1 to {MAX_CONCURRENCY}, got {concurrency}")
@@ -74,6 +81,7 @@ class Worker:
             raise ValueError("queues must name at least one queue (None means every queue)")
         self.app = app
         self.dsn = dsn
+        self.listen_dsn = dsn if listen_dsn is None else listen_dsn
         self.concurrency = concurrency
         self.grace = grace
         self.poll_interval = poll_interval
@@ -158,7 +166,7 @@ class Worker:
         )
         self._executor = executor
         self.notifier = Notifier(
-            self.dsn,
+            self.listen_dsn,
             self._wake,
             queues=self.queues,
             application_name=f"pgqueue-notifier {self.id}",

@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import asyncpg
@@ -1306,3 +1307,41 @@ async def test_workers_delete_finished_jobs_past_prune_after(
         )
     left = [r["id"] for r in await conn.fetch("SELECT id FROM pgqueue.jobs ORDER BY id")]
     assert left == [recent, waiting]
+
+
+async def test_the_listen_connection_can_go_to_another_dsn(
+    conn: asyncpg.Connection, db_dsn: str
+) -> None:
+    """With a pooler in transaction mode in front of the main DSN, LISTEN must go straight
+    to PostgreSQL: listen_dsn takes only the LISTEN connection (here as another role, to
+    tell it apart), and its notifications wake an idle worker at once (the poll is a
+    minute)."""
+    role = f"pgqueue_listen_{uuid.uuid4().hex[:8]}"
+    await conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'listen'")
+    parts = urlsplit(db_dsn)
+    host = parts.hostname or ""
+    netloc = f"{role}:listen@{host}" + (f":{parts.port}" if parts.port else "")
+    listen_dsn = urlunsplit(parts._replace(netloc=netloc))
+    app = pgqueue.App()
+
+    @app.job("ok")
+    async def ok(job: pgqueue.Job) -> None:
+        return None
+
+    try:
+        async with running(app, db_dsn, poll_interval=60, listen_dsn=listen_dsn):
+            rows = await conn.fetch(
+                "SELECT split_part(application_name, ' ', 1) AS who, usename FROM pg_stat_activity"
+                " WHERE datname = current_database() AND application_name LIKE 'pgqueue-%'"
+            )
+            users = {(r["who"], r["usename"]) for r in rows}
+            assert ("pgqueue-notifier", role) in users
+            me = await conn.fetchval("SELECT current_user")
+            assert {u for who, u in users if who != "pgqueue-notifier"} == {me}
+            job = await app.enqueue(conn, "ok")
+            await wait_for_states(conn, [job], "succeeded", within=10)
+    finally:
+        await conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", role
+        )
+        await conn.execute(f"DROP ROLE {role}")
