@@ -2296,6 +2296,14 @@ COMMENT ON FUNCTION pgqueue.retry(bigint) IS
     'another pending job took meanwhile is given up (by the job or a dependent), never raised on. Returns '
     'false if the job is not failed or cancelled.';
 
+-- Abort requests whose attempt ended without reading them (it succeeded first):
+-- prune and retention take them with the jobs.
+CREATE FUNCTION pgqueue._drop_ended_abort_requests() RETURNS void
+LANGUAGE sql AS $$
+    DELETE FROM pgqueue.abort_requests r
+    WHERE NOT EXISTS (SELECT 1 FROM pgqueue.jobs j WHERE j.id = r.job_id AND j.state = 'running')
+$$;
+
 CREATE FUNCTION pgqueue.prune(older_than interval) RETURNS bigint
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
@@ -2312,9 +2320,7 @@ BEGIN
       AND j.finished_at < now() - prune.older_than
       AND NOT j.is_current;
     GET DIAGNOSTICS v_count = ROW_COUNT;
-    -- Abort requests whose attempt ended without reading them (it succeeded first).
-    DELETE FROM pgqueue.abort_requests r
-    WHERE NOT EXISTS (SELECT 1 FROM pgqueue.jobs j WHERE j.id = r.job_id AND j.state = 'running');
+    PERFORM pgqueue._drop_ended_abort_requests();
     RETURN v_count;
 END
 $$;
@@ -2356,8 +2362,7 @@ BEGIN
       AND j.state IN ('succeeded', 'failed', 'cancelled')
       AND j.finished_at < now() - v_after::interval AND NOT j.is_current;
     GET DIAGNOSTICS v_count = ROW_COUNT;
-    DELETE FROM pgqueue.abort_requests r
-    WHERE NOT EXISTS (SELECT 1 FROM pgqueue.jobs j WHERE j.id = r.job_id AND j.state = 'running');
+    PERFORM pgqueue._drop_ended_abort_requests();
     RETURN v_count;
 END
 $$;
