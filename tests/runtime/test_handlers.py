@@ -1329,7 +1329,9 @@ async def test_the_listen_connection_can_go_to_another_dsn(
         return None
 
     try:
-        async with running(app, db_dsn, poll_interval=60, listen_dsn=listen_dsn):
+        async with running(app, db_dsn, poll_interval=60, listen_dsn=listen_dsn) as worker:
+            assert worker.notifier is not None
+            await worker.notifier.listening.wait()  # it connects after the worker started
             rows = await conn.fetch(
                 "SELECT split_part(application_name, ' ', 1) AS who, usename FROM pg_stat_activity"
                 " WHERE datname = current_database() AND application_name LIKE 'pgqueue-%'"
