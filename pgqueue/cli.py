@@ -252,6 +252,22 @@ def _given_dsn(value: str | None) -> str | None:
 _pass_options = click.make_pass_decorator(DsnOption)
 
 
+def _listen_dsn(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """--listen-dsn checked up front like --dsn: the notifier would only log its error and
+    retry, and the worker would run on its poll alone."""
+    if value is None:
+        return None
+    if not value.strip():
+        raise click.BadParameter("is empty", param_hint="--listen-dsn / $PGQUEUE_LISTEN_DSN")
+    try:
+        check_dsn(value)
+    except DsnError as exc:
+        raise click.BadParameter(
+            str(exc), param_hint="--listen-dsn / $PGQUEUE_LISTEN_DSN"
+        ) from None
+    return value
+
+
 def _override_dsn(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
     if value is not None:
         ctx.ensure_object(DsnOption).dsn = _given_dsn(value)
@@ -314,6 +330,7 @@ def migrate(opts: DsnOption) -> None:
     "--listen-dsn",
     envvar="PGQUEUE_LISTEN_DSN",
     metavar="DSN",
+    callback=_listen_dsn,
     help="DSN of the LISTEN connection, when the main DSN goes through a transaction-mode"
     " pooler such as PgBouncer. Default: $PGQUEUE_LISTEN_DSN, else the main DSN.",
 )

@@ -284,6 +284,21 @@ BEGIN
     -- Dependents first, children after: a child that depends on a job of this
     -- batch sees it succeeded and never counts it, so it must not be decremented.
     PERFORM pgqueue._unblock_dependents(v_done);
+    -- The children's dependencies, share-locked in id order across the batch
+    -- (each parent's _insert_specs sorts only its own children's): two parents'
+    -- children depending on 20 and on 10 locked 20 first, and deadlocked with a
+    -- transition locking both in id order. Malformed ids are left to the
+    -- validation _insert_specs does, which names them.
+    IF cardinality(v_parents) > 1 AND EXISTS (SELECT 1 FROM unnest(v_specs) sp WHERE sp @? '$[*].depends_on[*]') THEN
+        PERFORM 1 FROM pgqueue.jobs j
+        WHERE j.id = ANY (ARRAY(
+                  SELECT DISTINCT (d #>> '{}')::bigint
+                  FROM unnest(v_specs) sp,
+                       jsonb_path_query(sp, 'strict $[*].depends_on[*] ? (@.type() == "number" && @ >= 1
+                                             && @ <= 9223372036854775807 && @ == @.floor())') d))
+        ORDER BY j.id
+        FOR SHARE;
+    END IF;
     FOR i IN 1 .. coalesce(cardinality(v_parents), 0) LOOP
         PERFORM pgqueue._insert_specs(v_specs[i], v_pipelines[i], v_parents[i], p_label || ': next_jobs');
     END LOOP;

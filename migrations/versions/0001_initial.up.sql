@@ -771,8 +771,9 @@ $$;
 -- transaction (or us for it), so its completion always sees the new
 -- dependents and a fan-in can never be missed. Unknown ids and dependencies
 -- that already failed or were cancelled are refused. The rows are locked in
--- p_ids' order, which the callers sort: id order, as every multi-row
--- transition locks rows (hash order, from a DISTINCT, could deadlock).
+-- id order (the nested loop follows the sorted ids), the order the
+-- transitions that lock several of them take: enqueue's ids came in a
+-- DISTINCT's hash order (11, 13, 10, 12), which could deadlock.
 CREATE FUNCTION pgqueue._lock_dependencies(p_ids bigint[], p_label text) RETURNS bigint[]
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -780,7 +781,7 @@ DECLARE
     v_succeeded bigint[];
 BEGIN
     SELECT want.id, x.state INTO v_bad
-    FROM unnest(p_ids) AS want(id)
+    FROM (SELECT DISTINCT i FROM unnest(p_ids) i ORDER BY 1) AS want(id)
     LEFT JOIN LATERAL (SELECT j.id, j.state FROM pgqueue.jobs j WHERE j.id = want.id FOR SHARE) x ON true
     WHERE x.id IS NULL OR x.state IN ('failed', 'cancelled')
     ORDER BY x.id IS NOT NULL, want.id LIMIT 1;
@@ -936,7 +937,7 @@ BEGIN
     PERFORM pgqueue._lock_dedup_keys(ARRAY(SELECT e.s->>'dedup_key' FROM jsonb_array_elements(p_specs) e(s)
                                            WHERE p_specs @? '$[*].dedup_key'));
 
-    SELECT array_agg(DISTINCT d::bigint ORDER BY d::bigint), bool_or(true) INTO v_dep_ids, v_has_edges
+    SELECT array_agg(DISTINCT d::bigint), bool_or(true) INTO v_dep_ids, v_has_edges
     FROM jsonb_array_elements(p_specs) e(s),
          jsonb_array_elements_text(coalesce(nullif(e.s->'depends_on', 'null'), '[]')) d
     WHERE p_specs @? '$[*].depends_on[*]';
@@ -1093,7 +1094,7 @@ BEGIN
         RETURN v_id;
     END IF;
 
-    v_deps := ARRAY(SELECT DISTINCT unnest(enqueue.depends_on) ORDER BY 1);
+    v_deps := ARRAY(SELECT DISTINCT unnest(enqueue.depends_on));
     IF enqueue.next_jobs IS NOT NULL THEN
         PERFORM pgqueue._check_specs(enqueue.next_jobs, 'pgqueue.enqueue: next_jobs');
         PERFORM pgqueue._check_child_pipelines(enqueue.next_jobs, enqueue.pipeline_id, 'pgqueue.enqueue: next_jobs');
@@ -1840,6 +1841,21 @@ BEGIN
     -- Dependents first, children after: a child that depends on a job of this
     -- batch sees it succeeded and never counts it, so it must not be decremented.
     PERFORM pgqueue._unblock_dependents(v_done);
+    -- The children's dependencies, share-locked in id order across the batch
+    -- (each parent's _insert_specs sorts only its own children's): two parents'
+    -- children depending on 20 and on 10 locked 20 first, and deadlocked with a
+    -- transition locking both in id order. Malformed ids are left to the
+    -- validation _insert_specs does, which names them.
+    IF cardinality(v_parents) > 1 AND EXISTS (SELECT 1 FROM unnest(v_specs) sp WHERE sp @? '$[*].depends_on[*]') THEN
+        PERFORM 1 FROM pgqueue.jobs j
+        WHERE j.id = ANY (ARRAY(
+                  SELECT DISTINCT (d #>> '{}')::bigint
+                  FROM unnest(v_specs) sp,
+                       jsonb_path_query(sp, 'strict $[*].depends_on[*] ? (@.type() == "number" && @ >= 1
+                                             && @ <= 9223372036854775807 && @ == @.floor())') d))
+        ORDER BY j.id
+        FOR SHARE;
+    END IF;
     FOR i IN 1 .. coalesce(cardinality(v_parents), 0) LOOP
         PERFORM pgqueue._insert_specs(v_specs[i], v_pipelines[i], v_parents[i], p_label || ': next_jobs');
     END LOOP;

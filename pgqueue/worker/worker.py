@@ -23,7 +23,7 @@ import anyio
 import asyncpg
 
 from pgqueue.app import App
-from pgqueue.dsn import create_pool
+from pgqueue.dsn import check_dsn, create_pool
 from pgqueue.worker import bounded
 from pgqueue.worker.aborts import abort_loop
 from pgqueue.worker.completer import Completer
@@ -79,6 +79,10 @@ class Worker:
         self.queues = None if queues is None else sorted(set(queues))
         if self.queues == []:
             raise ValueError("queues must name at least one queue (None means every queue)")
+        if listen_dsn is not None:
+            if not listen_dsn.strip():
+                raise ValueError("listen_dsn is empty (None means: the same as dsn)")
+            check_dsn(listen_dsn)  # else the notifier would retry it for good, logging errors
         self.app = app
         self.dsn = dsn
         self.listen_dsn = dsn if listen_dsn is None else listen_dsn

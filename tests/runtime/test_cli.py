@@ -242,3 +242,16 @@ async def test_several_queues_take_every_pause_lock_before_any_row(
     finally:
         await app.close()
         await conn.close()
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"), [("", "is empty"), ("  ", "is empty"), ("mysql://x", "postgresql://")]
+)
+def test_a_bad_listen_dsn_is_refused_before_the_worker_starts(
+    db_dsn: str, value: str, problem: str
+) -> None:
+    out = CliRunner().invoke(
+        main, ["--dsn", db_dsn, "worker", "x:app", "--listen-dsn", value], catch_exceptions=False
+    )
+    assert out.exit_code == 2
+    assert "--listen-dsn / $PGQUEUE_LISTEN_DSN" in out.output and problem in out.output

@@ -1347,3 +1347,10 @@ async def test_the_listen_connection_can_go_to_another_dsn(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", role
         )
         await conn.execute(f"DROP ROLE {role}")
+
+
+def test_an_empty_or_malformed_listen_dsn_is_refused_when_the_worker_is_made() -> None:
+    with pytest.raises(ValueError, match="listen_dsn is empty"):
+        pgqueue.Worker(pgqueue.App(), "postgresql://x/y", listen_dsn=" ")
+    with pytest.raises(ValueError, match="postgresql://"):
+        pgqueue.Worker(pgqueue.App(), "postgresql://x/y", listen_dsn="mysql://x")

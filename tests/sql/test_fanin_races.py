@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 
 import asyncpg
@@ -422,3 +423,32 @@ async def test_enqueue_locks_its_dependencies_in_id_order(connect: Connect) -> N
         assert await observer.fetchval(ROW_IS_FREE, dep) == dep, f"job {dep} held early"
     await holder.commit()
     assert await step
+
+
+async def test_a_batch_completion_locks_its_childrens_dependencies_in_id_order(
+    connect: Connect,
+) -> None:
+    """Each parent's children had their dependencies locked in order, but parent by parent:
+    the first parent's child depending on `high` and the second's on `low` locked `high`
+    first. Waiting for `low`, the completion must hold nothing of `high`."""
+    observer, holder, worker = await sessions(connect, "obs", "hold", "worker")
+    low = await observer.fetchval("SELECT pgqueue.enqueue('t')")
+    high = await observer.fetchval("SELECT pgqueue.enqueue('t')")
+    parents = [await observer.fetchval("SELECT pgqueue.enqueue('p')") for _ in range(2)]
+    for parent in parents:
+        await observer.fetch("SELECT id FROM pgqueue.claim($1, 'w')", parent)
+    await holder.begin()
+    await holder.fetchval("SELECT id FROM pgqueue.jobs WHERE id = $1 FOR NO KEY UPDATE", low)
+    children = [[{"job_type": "c", "depends_on": [dep]}] for dep in (high, low)]
+    step = worker.start(
+        worker.fetch(
+            "SELECT pgqueue.complete_many('w', ARRAY[$1, $2]::bigint[], NULL,"
+            " ARRAY[$3::text::jsonb, $4::text::jsonb])",
+            *parents,
+            *(json.dumps(c) for c in children),
+        )
+    )
+    await wait_blocked(observer.conn, worker)
+    assert await observer.fetchval(ROW_IS_FREE, high) == high, "high held before low"
+    await holder.commit()
+    assert sorted(r[0] for r in await step) == parents
