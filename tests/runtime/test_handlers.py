@@ -1319,9 +1319,8 @@ async def test_the_listen_connection_can_go_to_another_dsn(
     role = f"pgqueue_listen_{uuid.uuid4().hex[:8]}"
     await conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'listen'")
     parts = urlsplit(db_dsn)
-    host = parts.hostname or ""
-    netloc = f"{role}:listen@{host}" + (f":{parts.port}" if parts.port else "")
-    listen_dsn = urlunsplit(parts._replace(netloc=netloc))
+    host_and_port = parts.netloc.rpartition("@")[2]  # as written: IPv6 brackets kept
+    listen_dsn = urlunsplit(parts._replace(netloc=f"{role}:listen@{host_and_port}"))
     app = pgqueue.App()
 
     @app.job("ok")
