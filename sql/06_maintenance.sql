@@ -250,11 +250,16 @@ COMMENT ON FUNCTION pgqueue.retry(bigint) IS
     'false if the job is not failed or cancelled.';
 
 -- Abort requests whose attempt ended without reading them (it succeeded first):
--- prune and retention take them with the jobs.
+-- prune and retention take them with the jobs. A request another transaction
+-- holds (a retry consuming it) is left for the next round: retention never waits.
 CREATE FUNCTION pgqueue._drop_ended_abort_requests() RETURNS void
 LANGUAGE sql AS $$
     DELETE FROM pgqueue.abort_requests r
-    WHERE NOT EXISTS (SELECT 1 FROM pgqueue.jobs j WHERE j.id = r.job_id AND j.state = 'running')
+    WHERE r.job_id = ANY (ARRAY(SELECT x.job_id FROM pgqueue.abort_requests x
+                                WHERE NOT EXISTS (SELECT 1 FROM pgqueue.jobs j
+                                                  WHERE j.id = x.job_id AND j.state = 'running')
+                                FOR UPDATE SKIP LOCKED))
+      AND NOT EXISTS (SELECT 1 FROM pgqueue.jobs j WHERE j.id = r.job_id AND j.state = 'running')
 $$;
 
 CREATE FUNCTION pgqueue.prune(older_than interval) RETURNS bigint

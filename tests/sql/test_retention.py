@@ -93,3 +93,21 @@ async def test_it_drops_abort_requests_whose_job_no_longer_runs(conn: asyncpg.Co
     assert await conn.fetchval("SELECT count(*) FROM pgqueue.abort_requests") == 1
     assert await conn.fetchval("SELECT pgqueue.prune_expired()") == 0
     assert await conn.fetchval("SELECT count(*) FROM pgqueue.abort_requests") == 0
+
+
+async def test_it_never_waits_for_an_abort_request_another_transaction_holds(
+    connect: Connect,
+) -> None:
+    observer, holder, pruner = await sessions(connect, "obs", "hold", "prune")
+    job = await observer.fetchval("SELECT pgqueue.enqueue('t')")
+    await observer.fetch("SELECT id FROM pgqueue.claim($1, 'w')", job)
+    assert await observer.fetchval("SELECT pgqueue.abort($1)", job) == "running"
+    assert await observer.fetchval("SELECT pgqueue.complete($1, 'w')", job)  # a success wins
+    await holder.begin()
+    await holder.fetch("SELECT job_id FROM pgqueue.abort_requests FOR UPDATE")
+    prune = pruner.fetchval("SELECT pgqueue.prune_expired()")
+    assert await finishes_unblocked(observer.conn, pruner, prune) == 0
+    await holder.commit()
+    assert await observer.fetchval("SELECT count(*) FROM pgqueue.abort_requests") == 1
+    assert await observer.fetchval("SELECT pgqueue.prune_expired()") == 0
+    assert await observer.fetchval("SELECT count(*) FROM pgqueue.abort_requests") == 0
