@@ -398,9 +398,11 @@ class Executor:
         else:  # cancelled: abort() was called for it, or its pipeline was cancelled
             self._log(job, f"snoozed ({state})", duration)
 
-    async def _fail(self, job: Job, error: str, duration: float) -> None:
+    async def _fail(
+        self, job: Job, error: str, duration: float, retry_in: datetime.timedelta | None
+    ) -> None:
         error = _storable(error)
-        state = await self.completer.fail(job, error, self._retry_in(job))
+        state = await self.completer.fail(job, error, retry_in)
         # "failed (unknown)" when a retry's refusal may be the earlier try's own doing.
         outcome = "lease lost" if state is None else f"failed ({state})"
         self._log(job, outcome, duration, error.splitlines()[-1])
@@ -432,8 +434,9 @@ class Executor:
         the operator's), record one whose text names only the refusal's class, so that the
         attempt still counts and max_attempts still ends a job that always fails so. Raises
         if that is refused too."""
+        retry_in = self._retry_in(job)  # once: the type's backoff is the user's code
         try:
-            await self._fail(job, error, duration)
+            await self._fail(job, error, duration, retry_in)
         except Exception as exc:
             self.logger.error(
                 "job %d: could not record its failure (%s: %s); recording it without its text",
@@ -443,7 +446,7 @@ class Executor:
                 extra={"job_id": job.id, "job_type": job.job_type},
             )
             plain = f"the attempt failed; its error could not be recorded ({type(exc).__name__})"
-            await self._fail(job, plain, duration)
+            await self._fail(job, plain, duration, retry_in)
 
     def _log_unrecorded(self, job: Job) -> None:
         """PostgreSQL refused to record the outcome. The job is still running under this
