@@ -90,7 +90,8 @@ SELECT CASE
         'next_jobs must be an array of job specs'
     WHEN coalesce(s->'depends_on', 'null') <> 'null'
          AND (jsonb_typeof(s->'depends_on') <> 'array'
-              OR jsonb_path_exists(s, 'strict $.depends_on[*] ? (@.type() != "number" || @ < 0 || @ != @.floor())')) THEN
+              OR jsonb_path_exists(s, 'strict $.depends_on[*] ? (@.type() != "number" || @ < 0 || @ != @.floor()
+                                                              || @ > 9223372036854775807)')) THEN
         'depends_on must be an array of job ids'
     WHEN coalesce(s->'key', 'null') <> 'null'
          AND (jsonb_typeof(s->'key') <> 'string' OR s->>'key' = '') THEN
@@ -445,7 +446,7 @@ LANGUAGE sql STABLE AS $$
                     WHEN jsonb_array_length(coalesce(nullif(e.s->'after', 'null'), '[]')) > 0
                       OR EXISTS (SELECT 1 FROM jsonb_array_elements_text(
                                      coalesce(nullif(e.s->'depends_on', 'null'), '[]')) d
-                                 WHERE d::bigint <> ALL (p_succeeded))
+                                 WHERE d::numeric::bigint <> ALL (p_succeeded))
                     THEN 'waiting' ELSE 'queued' END AS st
         FROM jsonb_array_elements(p_specs) WITH ORDINALITY AS e(s, ord)
     ), spec AS (
@@ -552,7 +553,7 @@ BEGIN
     PERFORM pgqueue._lock_dedup_keys(ARRAY(SELECT e.s->>'dedup_key' FROM jsonb_array_elements(p_specs) e(s)
                                            WHERE p_specs @? '$[*].dedup_key'));
 
-    SELECT array_agg(DISTINCT d::bigint), bool_or(true) INTO v_dep_ids, v_has_edges
+    SELECT array_agg(DISTINCT d::numeric::bigint), bool_or(true) INTO v_dep_ids, v_has_edges
     FROM jsonb_array_elements(p_specs) e(s),
          jsonb_array_elements_text(coalesce(nullif(e.s->'depends_on', 'null'), '[]')) d
     WHERE p_specs @? '$[*].depends_on[*]';
@@ -604,7 +605,7 @@ BEGIN
             SELECT kd.id FROM jsonb_array_elements_text(coalesce(nullif(e.s->'after', 'null'), '[]')) a(k)
             JOIN keyed kd ON kd.k = a.k
             UNION ALL
-            SELECT d::bigint FROM jsonb_array_elements_text(coalesce(nullif(e.s->'depends_on', 'null'), '[]')) d
+            SELECT d::numeric::bigint FROM jsonb_array_elements_text(coalesce(nullif(e.s->'depends_on', 'null'), '[]')) d
         ) dep
         WHERE v_ids[e.ord] = v_new[e.ord]      -- merged specs add no edges to the job they merged into
           AND dep.id <> v_ids[e.ord]

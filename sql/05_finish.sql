@@ -292,9 +292,9 @@ BEGIN
     IF cardinality(v_parents) > 1 AND EXISTS (SELECT 1 FROM unnest(v_specs) sp WHERE sp @? '$[*].depends_on[*]') THEN
         PERFORM 1 FROM pgqueue.jobs j
         WHERE j.id = ANY (ARRAY(
-                  SELECT DISTINCT (d #>> '{}')::bigint
+                  SELECT DISTINCT (d #>> '{}')::numeric::bigint
                   FROM unnest(v_specs) sp,
-                       jsonb_path_query(sp, 'strict $[*].depends_on[*] ? (@.type() == "number" && @ >= 1
+                       jsonb_path_query(sp, 'lax $[*].depends_on[*] ? (@.type() == "number" && @ >= 1
                                              && @ <= 9223372036854775807 && @ == @.floor())') d))
         ORDER BY j.id
         FOR SHARE;

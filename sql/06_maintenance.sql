@@ -284,7 +284,8 @@ END
 $$;
 COMMENT ON FUNCTION pgqueue.prune(interval) IS
     'Delete final jobs whose finished_at is older than older_than (except the current job of each scope), and '
-    'abort requests whose job no longer runs; returns how many jobs were deleted.';
+    'abort requests whose job no longer runs (one another transaction holds: at a later call); returns how '
+    'many jobs were deleted.';
 
 -- Retention: what every worker runs (one at a time, under a leader lock), and
 -- what pg_cron can run where no worker does. A batch of the oldest final jobs

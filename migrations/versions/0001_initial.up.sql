@@ -475,7 +475,8 @@ SELECT CASE
         'next_jobs must be an array of job specs'
     WHEN coalesce(s->'depends_on', 'null') <> 'null'
          AND (jsonb_typeof(s->'depends_on') <> 'array'
-              OR jsonb_path_exists(s, 'strict $.depends_on[*] ? (@.type() != "number" || @ < 0 || @ != @.floor())')) THEN
+              OR jsonb_path_exists(s, 'strict $.depends_on[*] ? (@.type() != "number" || @ < 0 || @ != @.floor()
+                                                              || @ > 9223372036854775807)')) THEN
         'depends_on must be an array of job ids'
     WHEN coalesce(s->'key', 'null') <> 'null'
          AND (jsonb_typeof(s->'key') <> 'string' OR s->>'key' = '') THEN
@@ -830,7 +831,7 @@ LANGUAGE sql STABLE AS $$
                     WHEN jsonb_array_length(coalesce(nullif(e.s->'after', 'null'), '[]')) > 0
                       OR EXISTS (SELECT 1 FROM jsonb_array_elements_text(
                                      coalesce(nullif(e.s->'depends_on', 'null'), '[]')) d
-                                 WHERE d::bigint <> ALL (p_succeeded))
+                                 WHERE d::numeric::bigint <> ALL (p_succeeded))
                     THEN 'waiting' ELSE 'queued' END AS st
         FROM jsonb_array_elements(p_specs) WITH ORDINALITY AS e(s, ord)
     ), spec AS (
@@ -937,7 +938,7 @@ BEGIN
     PERFORM pgqueue._lock_dedup_keys(ARRAY(SELECT e.s->>'dedup_key' FROM jsonb_array_elements(p_specs) e(s)
                                            WHERE p_specs @? '$[*].dedup_key'));
 
-    SELECT array_agg(DISTINCT d::bigint), bool_or(true) INTO v_dep_ids, v_has_edges
+    SELECT array_agg(DISTINCT d::numeric::bigint), bool_or(true) INTO v_dep_ids, v_has_edges
     FROM jsonb_array_elements(p_specs) e(s),
          jsonb_array_elements_text(coalesce(nullif(e.s->'depends_on', 'null'), '[]')) d
     WHERE p_specs @? '$[*].depends_on[*]';
@@ -989,7 +990,7 @@ BEGIN
             SELECT kd.id FROM jsonb_array_elements_text(coalesce(nullif(e.s->'after', 'null'), '[]')) a(k)
             JOIN keyed kd ON kd.k = a.k
             UNION ALL
-            SELECT d::bigint FROM jsonb_array_elements_text(coalesce(nullif(e.s->'depends_on', 'null'), '[]')) d
+            SELECT d::numeric::bigint FROM jsonb_array_elements_text(coalesce(nullif(e.s->'depends_on', 'null'), '[]')) d
         ) dep
         WHERE v_ids[e.ord] = v_new[e.ord]      -- merged specs add no edges to the job they merged into
           AND dep.id <> v_ids[e.ord]
@@ -1849,9 +1850,9 @@ BEGIN
     IF cardinality(v_parents) > 1 AND EXISTS (SELECT 1 FROM unnest(v_specs) sp WHERE sp @? '$[*].depends_on[*]') THEN
         PERFORM 1 FROM pgqueue.jobs j
         WHERE j.id = ANY (ARRAY(
-                  SELECT DISTINCT (d #>> '{}')::bigint
+                  SELECT DISTINCT (d #>> '{}')::numeric::bigint
                   FROM unnest(v_specs) sp,
-                       jsonb_path_query(sp, 'strict $[*].depends_on[*] ? (@.type() == "number" && @ >= 1
+                       jsonb_path_query(sp, 'lax $[*].depends_on[*] ? (@.type() == "number" && @ >= 1
                                              && @ <= 9223372036854775807 && @ == @.floor())') d))
         ORDER BY j.id
         FOR SHARE;
@@ -2347,7 +2348,8 @@ END
 $$;
 COMMENT ON FUNCTION pgqueue.prune(interval) IS
     'Delete final jobs whose finished_at is older than older_than (except the current job of each scope), and '
-    'abort requests whose job no longer runs; returns how many jobs were deleted.';
+    'abort requests whose job no longer runs (one another transaction holds: at a later call); returns how '
+    'many jobs were deleted.';
 
 -- Retention: what every worker runs (one at a time, under a leader lock), and
 -- what pg_cron can run where no worker does. A batch of the oldest final jobs

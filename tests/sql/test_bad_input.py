@@ -148,6 +148,11 @@ CASES = [
         "prune_after must be 'never' or an interval from 0 to 100 years",
     ),
     ("SELECT pgqueue.prune_expired(0)", "prune_expired: batch_size must be >= 1, got 0"),
+    (
+        # past bigint: accepted, every completion of the parent failed on the cast
+        'SELECT pgqueue.enqueue(\'t\', next_jobs => \'[{"job_type": "x", "depends_on": [1e30]}]\')',
+        "next_jobs[0]: depends_on must be an array of job ids",
+    ),
     ("SELECT pgqueue.prune_expired(NULL)", "prune_expired: batch_size must be >= 1, got NULL"),
     (
         "SELECT pgqueue.snooze(1, 'w', interval '-1 hour')",

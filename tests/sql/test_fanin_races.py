@@ -452,3 +452,34 @@ async def test_a_batch_completion_locks_its_childrens_dependencies_in_id_order(
     assert await observer.fetchval(ROW_IS_FREE, high) == high, "high held before low"
     await holder.commit()
     assert sorted(r[0] for r in await step) == parents
+
+
+async def test_a_batch_of_parents_whose_children_mix_dependencies_completes(
+    connect: Connect,
+) -> None:
+    """The batch-wide dependency lock read every child's depends_on strictly: a child without
+    one, or with null, in a batch where another had one, made the whole batch fail. A
+    dependency written 7.0 is the id 7 (JSON has one number type)."""
+    (observer,) = await sessions(connect, "obs")
+    dep = await observer.fetchval("SELECT pgqueue.enqueue('t')")
+    parents = [await observer.fetchval("SELECT pgqueue.enqueue('p')") for _ in range(2)]
+    for parent in parents:
+        await observer.fetch("SELECT id FROM pgqueue.claim($1, 'w')", parent)
+    first = [{"job_type": "c", "depends_on": [dep]}, {"job_type": "c"}, {"job_type": "c"}]
+    second = [{"job_type": "c", "depends_on": None}, {"job_type": "c", "depends_on": [f"{dep}.0"]}]
+    second_json = json.dumps(second).replace(f'"{dep}.0"', f"{dep}.0")  # a JSON number 7.0
+    done = await observer.fetch(
+        "SELECT pgqueue.complete_many('w', ARRAY[$1, $2]::bigint[], NULL,"
+        " ARRAY[$3::text::jsonb, $4::text::jsonb])",
+        *parents,
+        json.dumps(first),
+        second_json,
+    )
+    assert sorted(r[0] for r in done) == parents
+    rows = await observer.fetch(
+        "SELECT j.state, count(*) FROM pgqueue.jobs j WHERE j.parent_id IS NOT NULL"
+        " GROUP BY 1 ORDER BY 1"
+    )
+    assert [tuple(r) for r in rows] == [("queued", 3), ("waiting", 2)]
+    edges = await observer.fetch("SELECT depends_on FROM pgqueue.job_dependencies")
+    assert [r[0] for r in edges] == [dep, dep]
