@@ -30,12 +30,14 @@ BEGIN
                 value USING ERRCODE = 'invalid_parameter_value';
         END;
     ELSIF name IN ('backoff_base', 'backoff_cap', 'stale_after') THEN
+        -- Bounded, as prune_after: now() plus or minus a larger one can leave
+        -- timestamptz's range, and every retry or recovery would fail.
         BEGIN
-            IF value::interval <= interval '0' THEN
-                RAISE EXCEPTION 'not positive';
+            IF value::interval <= interval '0' OR value::interval > interval '100 years' THEN
+                RAISE EXCEPTION 'out of range';
             END IF;
         EXCEPTION WHEN OTHERS THEN
-            RAISE EXCEPTION 'pgqueue.settings: % must be a positive interval such as ''30 seconds'', got "%"',
+            RAISE EXCEPTION 'pgqueue.settings: % must be a positive interval of at most 100 years such as ''30 seconds'', got "%"',
                 name, value USING ERRCODE = 'invalid_parameter_value';
         END;
     END IF;

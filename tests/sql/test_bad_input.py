@@ -132,6 +132,11 @@ CASES = [
         "UPDATE pgqueue.settings SET value = '0' WHERE name = 'max_attempts'",
         "max_attempts must be a positive integer",
     ),
+    (
+        # now() + that leaves timestamptz's range: every retry would fail
+        "UPDATE pgqueue.settings SET value = '300000 years' WHERE name = 'backoff_cap'",
+        "backoff_cap must be a positive interval of at most 100 years",
+    ),
     ("INSERT INTO pgqueue.settings VALUES ('poll', '1')", "settings_name_known"),
     (
         "UPDATE pgqueue.settings SET value = 'forever' WHERE name = 'prune_after'",
