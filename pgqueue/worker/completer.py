@@ -273,12 +273,7 @@ class Completer:
         failed under this worker, and stale recovery does exactly the same.
         """
 
-        async def op(conn: asyncpg.Connection, retried: bool) -> str | None:
-            state: str | None = await conn.fetchval(_FAIL, job.id, self.worker_id, error, retry_in)
-            return UNKNOWN if state is None and retried else state
-
-        state = await self._write(f"the failure of job {job.id}", op)
-        return None if state is _GIVEN_UP else state
+        return await self._write_state(f"the failure of job {job.id}", _FAIL, job, error, retry_in)
 
     async def release(self, job: Job) -> bool | None:
         """Give the job back unfinished (the attempt is not counted); False if not held (or
@@ -300,12 +295,19 @@ class Completer:
         counted); returns its new state (queued, or cancelled: it was aborted meanwhile), None
         if not held (or given up at shutdown), or :data:`UNKNOWN` (as for :meth:`fail`).
         Raises if PostgreSQL refuses the write."""
+        return await self._write_state(f"the snooze of job {job.id}", _SNOOZE, job, delay)
+
+    async def _write_state(self, what: str, sql: str, job: Job, *args: object) -> str | None:
+        """Run ``sql`` (job id, worker, ``args``), which returns the job's new state or NULL
+        when this worker does not hold it, through :meth:`_write`: None if not held (or given
+        up at shutdown), :data:`UNKNOWN` if a retry was refused after a try whose outcome is
+        unknown."""
 
         async def op(conn: asyncpg.Connection, retried: bool) -> str | None:
-            state: str | None = await conn.fetchval(_SNOOZE, job.id, self.worker_id, delay)
+            state: str | None = await conn.fetchval(sql, job.id, self.worker_id, *args)
             return UNKNOWN if state is None and retried else state
 
-        state = await self._write(f"the snooze of job {job.id}", op)
+        state = await self._write(what, op)
         return None if state is _GIVEN_UP else state
 
     async def _flush(
