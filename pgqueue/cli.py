@@ -242,10 +242,10 @@ def main(ctx: click.Context, dsn: str | None) -> None:
     ctx.obj = DsnOption(_given_dsn(dsn))
 
 
-def _given_dsn(value: str | None) -> str | None:
+def _given_dsn(value: str | None, param_hint: str = "--dsn") -> str | None:
     """An empty --dsn is a mistake (an unset shell variable), not "use the defaults"."""
     if value is not None and not value.strip():
-        raise click.BadParameter("is empty", param_hint="--dsn")
+        raise click.BadParameter("is empty", param_hint=param_hint)
     return value
 
 
@@ -255,16 +255,13 @@ _pass_options = click.make_pass_decorator(DsnOption)
 def _listen_dsn(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
     """--listen-dsn checked up front like --dsn: the notifier would only log its error and
     retry, and the worker would run on its poll alone."""
-    if value is None:
+    hint = "--listen-dsn / $PGQUEUE_LISTEN_DSN"
+    if _given_dsn(value, hint) is None:
         return None
-    if not value.strip():
-        raise click.BadParameter("is empty", param_hint="--listen-dsn / $PGQUEUE_LISTEN_DSN")
     try:
         check_dsn(value)
     except DsnError as exc:
-        raise click.BadParameter(
-            str(exc), param_hint="--listen-dsn / $PGQUEUE_LISTEN_DSN"
-        ) from None
+        raise click.BadParameter(str(exc), param_hint=hint) from None
     return value
 
 
