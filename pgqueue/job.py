@@ -252,7 +252,9 @@ class Snooze(Exception):
     would count the attempt, and end the job failed once ``max_attempts`` waits are spent. A
     scoped job keeps its place: the later jobs of its scope wait for it. A ``delay`` out of
     range, or not a number of seconds or a timedelta, is refused here, when the Snooze is
-    built: the attempt then fails with that error.
+    built: the attempt then fails with that error. Raised by tasks of a task group, Snoozes
+    arrive as an ExceptionGroup: Snoozes only snooze for the longest delay; anything beside
+    them fails the attempt.
     """
 
     delay: timedelta

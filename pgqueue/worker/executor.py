@@ -532,6 +532,9 @@ class Executor:
                     self.completer.extend_final_window()
         except Snooze as snooze:
             return _Attempt(snooze=snooze.delay)
+        except ExceptionGroup as group:  # what a task group in the handler raised
+            delay = _snooze_delay(group)  # only Snoozes inside: a snooze
+            return _Attempt(error=_traceback(group)) if delay is None else _Attempt(snooze=delay)
         except (Exception, SystemExit) as exc:  # sys.exit() in a handler fails its attempt
             return _Attempt(error=_traceback(exc))
         except asyncio.CancelledError as exc:
@@ -641,6 +644,21 @@ def _encode(value: Any, app: App) -> _Attempt:
         )
     except Exception as exc:  # TypeError, ValueError, RecursionError, a failing default
         return _Attempt(error=f"handler result is not JSON-serialisable: {exc}")
+
+
+def _snooze_delay(group: BaseExceptionGroup[BaseException]) -> datetime.timedelta | None:
+    """The longest delay of a group of Snoozes only (nested groups too): each task asked to
+    wait, the longest wait satisfies them all. None if anything else is in it."""
+    snoozes, rest = group.split(Snooze)
+    if snoozes is None or rest is not None:
+        return None
+    return max(_delays(snoozes))
+
+
+def _delays(exc: BaseException) -> list[datetime.timedelta]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [d for e in exc.exceptions for d in _delays(e)]
+    return [exc.delay] if isinstance(exc, Snooze) else []
 
 
 def _traceback(exc: BaseException) -> str:

@@ -176,6 +176,7 @@ class Worker:
             application_name=f"pgqueue-notifier {self.id}",
             logger=self.logger,
             aborts=self._aborts_heard,
+            pool=pool,
         )
         self._producer = producer = Producer(
             pool,

@@ -1129,6 +1129,52 @@ async def test_a_handler_that_raises_snooze_runs_again_later_without_spending_an
     assert log.count("snoozed in") == 4 and log.count(": runs again in 0.3s") == 4
 
 
+async def test_snoozes_from_a_handlers_task_group_snooze_the_job_for_the_longest_delay(
+    conn: asyncpg.Connection, db_dsn: str, records: tuple[logging.Logger, Records]
+) -> None:
+    """A task group raises what its tasks raised as an ExceptionGroup: Snoozes alone (nested
+    groups too) snooze the job for the longest of their delays; a Snooze beside an error
+    fails the attempt with the error."""
+    logger, log = records
+    app = pgqueue.App()
+    runs: list[float] = []
+
+    async def snooze(seconds: float) -> None:
+        raise pgqueue.Snooze(seconds)
+
+    async def snooze_in_tasks(seconds: float) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(snooze, seconds)
+
+    @app.job("snoozes_in_tasks", max_attempts=1)
+    async def snoozes_in_tasks(job: pgqueue.Job) -> int:
+        runs.append(time.monotonic())
+        if len(runs) == 1:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(snooze, 0.1)
+                tg.start_soon(snooze_in_tasks, 0.6)  # a group inside the group
+        return len(runs)
+
+    @app.job("snooze_and_error", max_attempts=1)
+    async def snooze_and_error(job: pgqueue.Job) -> None:
+        async def error() -> None:
+            raise ValueError("the real problem")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(snooze, 0.1)
+            tg.start_soon(error)
+
+    ids = [await app.enqueue(conn, t) for t in ("snoozes_in_tasks", "snooze_and_error")]
+    async with running(app, db_dsn, poll_interval=0.1, logger=logger):
+        await wait_for_states(conn, ids[:1], "succeeded")
+        await wait_for_states(conn, ids[1:], "failed")
+    assert len(runs) == 2 and runs[1] - runs[0] >= 0.55, runs
+    assert log.outcomes(ids[0]) == ["snoozed", "succeeded"]
+    assert log.count(": runs again in 0.6s") == 1
+    error = await conn.fetchval("SELECT last_error FROM pgqueue.jobs WHERE id = $1", ids[1])
+    assert "ValueError: the real problem" in error
+
+
 def test_snooze_takes_seconds_or_a_timedelta_and_refuses_anything_else() -> None:
     assert pgqueue.Snooze(2).delay == timedelta(seconds=2)
     assert pgqueue.Snooze(0.5).delay == timedelta(seconds=0.5)
