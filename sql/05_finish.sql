@@ -337,35 +337,47 @@ COMMENT ON FUNCTION pgqueue.complete_many(text, bigint[], jsonb[], jsonb[]) IS
     'complete() for a batch of jobs held by worker (results and next_jobs aligned with job_ids, or NULL): '
     'one statement for all of them. Returns the ids it completed; jobs not held by worker are left unchanged.';
 
-CREATE FUNCTION pgqueue.fail(job_id bigint, worker text, error text, retry_in interval DEFAULT NULL)
-RETURNS text
+-- fail() with, for the worker's log line, how long until a requeued job runs
+-- again (NULL unless requeued): the backoff is drawn here, with its jitter.
+-- No row when the worker does not hold the job. p_retry_in is checked by its
+-- callers (fail() below; the worker's delays are 0 to 100 years).
+CREATE FUNCTION pgqueue._fail(p_job_id bigint, p_worker text, p_error text, p_retry_in interval)
+RETURNS TABLE (state text, runs_in interval)
 LANGUAGE plpgsql AS $$
-#variable_conflict use_column
 DECLARE
     v_held boolean;
     v_scope jsonb;
     v_state text;
 BEGIN
+    SELECT l.held, l.scope INTO v_held, v_scope FROM pgqueue._lock_before_row(p_job_id, p_worker) l;
+    IF NOT v_held THEN
+        RETURN;
+    END IF;
+    PERFORM 1 FROM pgqueue.jobs j
+    WHERE j.id = p_job_id AND j.state = 'running' AND j.locked_by = p_worker
+    FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    v_state := pgqueue._fail_attempt(p_job_id, coalesce(p_error, '(no error message)'), p_retry_in);
+    -- Requeued, the job is still active and still ahead of the jobs behind it.
+    IF v_scope IS NOT NULL AND v_state <> 'queued' THEN
+        PERFORM pgqueue._unblock_next(ARRAY[v_scope], ARRAY[p_job_id]);
+    END IF;
+    RETURN QUERY SELECT v_state, CASE WHEN v_state = 'queued' THEN j.run_after - now() END
+                 FROM pgqueue.jobs j WHERE j.id = p_job_id;
+END
+$$;
+
+CREATE FUNCTION pgqueue.fail(job_id bigint, worker text, error text, retry_in interval DEFAULT NULL)
+RETURNS text
+LANGUAGE plpgsql AS $$
+BEGIN
     IF retry_in < interval '0' THEN
         RAISE EXCEPTION 'pgqueue.fail: retry_in must not be negative, got %', retry_in
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    SELECT l.held, l.scope INTO v_held, v_scope FROM pgqueue._lock_before_row(fail.job_id, fail.worker) l;
-    IF NOT v_held THEN
-        RETURN NULL;
-    END IF;
-    PERFORM 1 FROM pgqueue.jobs j
-    WHERE j.id = fail.job_id AND j.state = 'running' AND j.locked_by = fail.worker
-    FOR NO KEY UPDATE;
-    IF NOT FOUND THEN
-        RETURN NULL;
-    END IF;
-    v_state := pgqueue._fail_attempt(fail.job_id, coalesce(fail.error, '(no error message)'), fail.retry_in);
-    -- Requeued, the job is still active and still ahead of the jobs behind it.
-    IF v_scope IS NOT NULL AND v_state <> 'queued' THEN
-        PERFORM pgqueue._unblock_next(ARRAY[v_scope], ARRAY[fail.job_id]);
-    END IF;
-    RETURN v_state;
+    RETURN (SELECT f.state FROM pgqueue._fail(job_id, worker, error, retry_in) f);
 END
 $$;
 COMMENT ON FUNCTION pgqueue.fail(bigint, text, text, interval) IS

@@ -42,7 +42,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import anyio
 import anyio.abc
@@ -125,7 +125,8 @@ _COMPLETE_MANY = (
     " BETWEEN '1 microsecond' AND $5::text::interval THEN current_setting('lock_timeout')"
     " ELSE $5::text END, true)"
 )
-_FAIL = "SELECT pgqueue.fail(job_id => $1, worker => $2, error => $3, retry_in => $4)"
+# pgqueue.fail, with how long until a requeued job runs again (for the log line).
+_FAIL = "SELECT state, runs_in FROM pgqueue._fail($1, $2, $3, $4)"
 _RELEASE = "SELECT pgqueue.release(job_id => $1, worker => $2)"
 _SNOOZE = "SELECT pgqueue.snooze(job_id => $1, worker => $2, delay => $3)"
 # Which of these jobs, left out by complete_many, had this worker already completed? A row
@@ -262,10 +263,11 @@ class Completer:
 
     async def fail(
         self, job: Job, error: str, retry_in: datetime.timedelta | None = None
-    ) -> str | None:
+    ) -> tuple[str | None, datetime.timedelta | None]:
         """Fail the attempt (retried after ``retry_in``, default: the settings' backoff);
         returns the job's new state, None if the lease was lost (or the write was given up at
-        shutdown), or :data:`UNKNOWN`.
+        shutdown), or :data:`UNKNOWN`; and, when it was requeued, how long until it runs
+        again.
 
         :data:`UNKNOWN`: fencing refused a retry after a try whose outcome is unknown. That
         try may have failed the attempt itself, or the lease may have been lost. The row
@@ -273,7 +275,10 @@ class Completer:
         failed under this worker, and stale recovery does exactly the same.
         """
 
-        return await self._write_state(f"the failure of job {job.id}", _FAIL, job, error, retry_in)
+        state, runs_in = await self._write_state(
+            f"the failure of job {job.id}", _FAIL, job, error, retry_in
+        )
+        return state, runs_in
 
     async def release(self, job: Job) -> bool | None:
         """Give the job back unfinished (the attempt is not counted); False if not held (or
@@ -295,20 +300,26 @@ class Completer:
         counted); returns its new state (queued, or cancelled: it was aborted meanwhile), None
         if not held (or given up at shutdown), or :data:`UNKNOWN` (as for :meth:`fail`).
         Raises if PostgreSQL refuses the write."""
-        return await self._write_state(f"the snooze of job {job.id}", _SNOOZE, job, delay)
+        state, _ = await self._write_state(f"the snooze of job {job.id}", _SNOOZE, job, delay)
+        return state
 
-    async def _write_state(self, what: str, sql: str, job: Job, *args: object) -> str | None:
-        """Run ``sql`` (job id, worker, ``args``), which returns the job's new state or NULL
-        when this worker does not hold it, through :meth:`_write`: None if not held (or given
-        up at shutdown), :data:`UNKNOWN` if a retry was refused after a try whose outcome is
-        unknown."""
+    async def _write_state(
+        self, what: str, sql: str, job: Job, *args: object
+    ) -> tuple[str | None, Any]:
+        """Run ``sql`` (job id, worker, ``args``), whose row holds the job's new state (no row,
+        or NULL, when this worker does not hold it) and perhaps a detail after it, through
+        :meth:`_write`. Returns the state and the detail; the state is None if not held (or
+        given up at shutdown), :data:`UNKNOWN` if a retry was refused after a try whose
+        outcome is unknown."""
 
-        async def op(conn: asyncpg.Connection, retried: bool) -> str | None:
-            state: str | None = await conn.fetchval(sql, job.id, self.worker_id, *args)
-            return UNKNOWN if state is None and retried else state
+        async def op(conn: asyncpg.Connection, retried: bool) -> tuple[str | None, Any]:
+            row = await conn.fetchrow(sql, job.id, self.worker_id, *args)
+            if row is None or row[0] is None:
+                return (UNKNOWN if retried else None), None
+            return row[0], (row[1] if len(row) > 1 else None)
 
-        state = await self._write(what, op)
-        return None if state is _GIVEN_UP else state
+        outcome = await self._write(what, op)
+        return (None, None) if outcome is _GIVEN_UP else outcome
 
     async def _flush(
         self, batch: list[Success], *, alone: bool, bound: float | None = None

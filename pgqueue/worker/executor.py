@@ -402,10 +402,13 @@ class Executor:
         self, job: Job, error: str, duration: float, retry_in: datetime.timedelta | None
     ) -> None:
         error = _storable(error)
-        state = await self.completer.fail(job, error, retry_in)
+        state, runs_in = await self.completer.fail(job, error, retry_in)
         # "failed (unknown)" when a retry's refusal may be the earlier try's own doing.
         outcome = "lease lost" if state is None else f"failed ({state})"
-        self._log(job, outcome, duration, error.splitlines()[-1])
+        detail = error.splitlines()[-1]
+        if runs_in is not None:
+            detail += f"; runs again in {_seconds(runs_in)}"
+        self._log(job, outcome, duration, detail)
 
     def _retry_in(self, job: Job) -> datetime.timedelta | None:
         """The delay the job type's ``backoff`` gives this attempt's retry; None (the
@@ -621,7 +624,7 @@ def _seconds(delay: datetime.timedelta) -> str:
     """A delay for the log: seconds below a minute and a half, else what timedelta prints."""
     seconds = delay.total_seconds()
     if seconds < 90:
-        return f"{seconds:g}s"
+        return f"{seconds:.3g}s"
     return str(datetime.timedelta(seconds=round(seconds)))
 
 

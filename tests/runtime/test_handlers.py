@@ -10,6 +10,7 @@ import itertools
 import json
 import logging
 import pickle
+import re
 import sys
 import threading
 import time
@@ -874,7 +875,7 @@ async def test_the_heartbeat_beats_while_every_pooled_connection_waits_on_a_lock
                 the heartbeat shared it)."""
                 row = await conn.fetchrow(
                     "SELECT count(*) AS n, count(*) FILTER (WHERE wait_event_type = 'Lock'"
-                    "  AND query LIKE '%pgqueue.fail%') AS waiting"
+                    "  AND query LIKE '%pgqueue._fail(%') AS waiting"
                     " FROM pg_stat_activity WHERE application_name LIKE 'pgqueue-worker %'"
                 )
                 return bool(row["waiting"] == row["n"] - 1 and row["waiting"] >= 11)
@@ -1297,6 +1298,14 @@ async def test_a_job_types_backoff_sets_the_delay_before_each_retry(
     )
     assert state == "queued" and wait > 1200  # the settings' hour, with its jitter
     assert log.count("the backoff of 'broken_backoff' failed for attempt 1") == 1
+    # Each failure's line says when the job runs again: the type's delay, or the one the
+    # settings' backoff drew (in SQL) for broken_backoff; a last attempt's says nothing.
+    lines = [r.getMessage() for r in log.records if "RuntimeError" in r.getMessage()]
+    assert sum("runs again in 0.3s" in line for line in lines) == 1
+    assert sum("runs again in 0.6s" in line for line in lines) == 1
+    drawn = [line for line in lines if "broken_backoff" in line]
+    assert len(drawn) == 1 and re.search(r"runs again in \d+:\d\d:\d\d$", drawn[0])
+    assert sum("failed (failed)" in line and "runs again" not in line for line in lines) == 1
 
 
 def test_a_backoff_is_seconds_a_timedelta_or_a_function() -> None:

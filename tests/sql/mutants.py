@@ -236,7 +236,7 @@ MUTANTS: dict[str, Mutant] = {
     ),
     # a transition that forgets to unblock the scope's next job.
     "fail_keeps_next_blocked": Mutant(
-        "pgqueue.fail(bigint,text,text,interval)",
+        "pgqueue._fail(bigint,text,text,interval)",
         "IF v_scope IS NOT NULL AND v_state <> 'queued' THEN",
         "IF false THEN",
         "test_scope_heads.py::test_every_transition_that_frees_the_scope_unblocks_the_next",
