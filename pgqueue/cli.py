@@ -331,6 +331,12 @@ def migrate(opts: DsnOption) -> None:
     help="DSN of the LISTEN connection, when the main DSN goes through a transaction-mode"
     " pooler such as PgBouncer. Default: $PGQUEUE_LISTEN_DSN, else the main DSN.",
 )
+@click.option(
+    "--until-empty",
+    is_flag=True,
+    help="Exit once no job is due in its queues (and nothing it ran made one due): the"
+    " backlog, then stop, e.g. from cron or CI.",
+)
 @pass_dsn
 @_friendly_errors
 def worker(
@@ -344,8 +350,10 @@ def worker(
     log_level: str,
     verbose: bool,
     listen_dsn: str | None,
+    until_empty: bool,
 ) -> None:
-    """Run a worker for the handlers of MODULE:APP until SIGTERM or SIGINT."""
+    """Run a worker for the handlers of MODULE:APP until SIGTERM or SIGINT (or, with
+    --until-empty, until no job is due)."""
     from pgqueue.worker import Worker
     from pgqueue.worker.logs import configure_logging
 
@@ -368,6 +376,7 @@ def worker(
         poll_interval=poll_interval,
         restore_signals=False,  # the process exits next: a late signal must not abort that
         listen_dsn=listen_dsn,
+        until_empty=until_empty,
     )
     _run(runner.run)
 

@@ -120,6 +120,9 @@ class Executor:
         self.max_unwritten = max(concurrency, MAX_BATCH)
         self.slot_freed = Wake()
         self.idle = Wake()
+        # Wake the producer when the last held job's outcome is written (--until-empty: its
+        # jobs may have made others due, and a claim that finds none then ends the worker).
+        self.wake_when_idle = False
         # Plain-def handlers need their own limiter: anyio's default thread pool has 40
         # tokens, which would silently cap a larger --concurrency.
         self._threads = anyio.CapacityLimiter(concurrency)
@@ -291,6 +294,8 @@ class Executor:
             self._claimed_back.discard(job.id)
             self._ask_for_sweep()
         self.slot_freed.set()  # the producer may be waiting on the unwritten cap
+        if self.wake_when_idle and not self.held:
+            self.wake.set()
         if job.scope is not None:
             # The next job of this scope became claimable, and no NOTIFY says so.
             self.wake.set()

@@ -3,7 +3,8 @@
 It claims only through ``pgqueue.claim_next``, in batches sized to the free slots. Between
 claims it sleeps until something may have changed: a notification for one of its queues
 (or a (re)connect of the notifier, which asks for a sweep), a freed slot when it was full,
-the earliest future ``run_after`` among its queues, or a jittered safety poll.
+the earliest future ``run_after`` among its queues, or a jittered safety poll. With
+``until_empty`` it stops once a claim made while it held no job finds none.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class Producer:
         poll_interval: float,
         logger: logging.Logger,
         batch_window: float = 0.005,
+        until_empty: bool = False,
     ) -> None:
         self.pool = pool
         self.executor = executor
@@ -75,6 +77,8 @@ class Producer:
         self.queues = None if queues is None else list(queues)
         self.poll_interval = poll_interval
         self.batch_window = batch_window
+        self.until_empty = until_empty
+        executor.wake_when_idle = until_empty
         self.logger = logger
         self.stopping = False
         self.when_waiting = False  # settings.notify, read before each sleep
@@ -131,12 +135,19 @@ class Producer:
                 # Claim once a slot frees; a wake-up consumed here announced work.
                 more = True
                 continue
+            # Nothing held here: what this claim does not find is due nowhere in our queues
+            # (every outcome of ours is written, so every job it made due is committed).
+            idle = not self.executor.held
             try:
                 claimed = await self._claim(wanted, wait=wait)
                 for job in claimed or ():
                     self.executor.start(job)
             finally:
                 self.executor.claim_handled()
+            if self.until_empty and idle and claimed == []:
+                self.logger.info("no job is due in this worker's queues: stopping (until empty)")
+                self.stopping = True
+                break
             # A full batch means there is probably more; an error means try again.
             more = claimed is None or len(claimed) == wanted
             if claimed and not more:

@@ -58,6 +58,11 @@ class Worker:
     ``dsn`` goes through a pooler in transaction mode (PgBouncer), where LISTEN does not
     work: the notifications then come straight from PostgreSQL while claims and outcomes
     take the pooled connections.
+
+    ``until_empty``: stop (as :meth:`stop` does) once a claim made while the worker held no
+    job finds none due in its queues, i.e. after the work that is due now, and what that
+    work makes due, is done. Jobs scheduled later, or held up by another worker's jobs (a
+    scope, a fan-in), are left for the next run.
     """
 
     def __init__(
@@ -73,6 +78,7 @@ class Worker:
         restore_signals: bool = True,
         logger: logging.Logger | None = None,
         listen_dsn: str | None = None,
+        until_empty: bool = False,
     ) -> None:
         if not 1 <= concurrency <= MAX_CONCURRENCY:
             raise ValueError(f"concurrency must be from 1 to {MAX_CONCURRENCY}, got {concurrency}")
@@ -86,6 +92,7 @@ class Worker:
         self.app = app
         self.dsn = dsn
         self.listen_dsn = dsn if listen_dsn is None else listen_dsn
+        self.until_empty = until_empty
         self.concurrency = concurrency
         self.grace = grace
         self.poll_interval = poll_interval
@@ -186,6 +193,7 @@ class Worker:
             queues=self.queues,
             poll_interval=self.poll_interval,
             logger=self.logger,
+            until_empty=self.until_empty,
         )
         if self._stop_requested:
             producer.stop()

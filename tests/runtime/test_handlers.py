@@ -1176,6 +1176,57 @@ async def test_snoozes_from_a_handlers_task_group_snooze_the_job_for_the_longest
     assert "ValueError: the real problem" in error
 
 
+async def test_until_empty_stops_after_what_is_due_and_what_it_made_due(
+    conn: asyncpg.Connection, db_dsn: str, records: tuple[logging.Logger, Records]
+) -> None:
+    """A fan-out's children and join (due only once the parent and then the children are
+    done) run before the worker stops; so do a slow job and a retried one. The safety poll is
+    a minute: the worker stops because the last outcome it wrote woke it for a final claim,
+    which found nothing. A job scheduled later stays queued; an idle worker stops at once."""
+    logger, log = records
+    app = pgqueue.App()
+    tries: list[int] = []
+
+    @app.job("leaf")
+    async def leaf(job: pgqueue.Job) -> None:
+        return None
+
+    @app.job("parent")
+    async def parent(job: pgqueue.Job) -> pgqueue.Result:
+        return pgqueue.Result(None).fan_out([{"job_type": "leaf"}] * 3, join={"job_type": "leaf"})
+
+    @app.job("slow")
+    async def slow(job: pgqueue.Job) -> None:
+        await anyio.sleep(0.5)
+
+    @app.job("flaky", max_attempts=2, backoff=0)  # due again at once
+    async def flaky(job: pgqueue.Job) -> None:
+        tries.append(job.attempts)
+        if job.attempts == 1:
+            raise RuntimeError("once")
+
+    for job_type in ("parent", "slow", "flaky"):
+        await app.enqueue(conn, job_type)
+    later = await app.enqueue(conn, "leaf", delay=3600)
+    worker = pgqueue.Worker(
+        app, db_dsn, handle_signals=False, logger=logger, poll_interval=60, until_empty=True
+    )
+    with anyio.fail_after(20):
+        await worker.run()
+    states = dict(await conn.fetch("SELECT id, state FROM pgqueue.jobs"))
+    assert states.pop(later) == "queued"
+    assert set(states.values()) == {"succeeded"} and len(states) == 3 + 3 + 1, states
+    assert tries == [1, 2]
+    assert log.count("stopping (until empty)") == 1
+
+    idle = pgqueue.Worker(
+        app, db_dsn, handle_signals=False, logger=logger, poll_interval=60, until_empty=True
+    )
+    with anyio.fail_after(10):
+        await idle.run()
+    assert log.count("stopping (until empty)") == 2
+
+
 def test_snooze_takes_seconds_or_a_timedelta_and_refuses_anything_else() -> None:
     assert pgqueue.Snooze(2).delay == timedelta(seconds=2)
     assert pgqueue.Snooze(0.5).delay == timedelta(seconds=0.5)

@@ -289,3 +289,17 @@ async def test_signals_during_the_last_steps_of_shutdown_do_not_abort_it(
         await anyio.sleep(0.001)
     assert await worker.wait_exit(within=10) == 0
     assert worker.count("Traceback") == 0 and worker.count("Aborted") == 0
+
+
+async def test_until_empty_runs_the_backlog_then_exits(
+    db: asyncpg.Connection, spawn_worker: SpawnWorker
+) -> None:
+    """`pgqueue worker --until-empty` runs what is due and exits 0; a job scheduled for later
+    stays queued for the next run."""
+    due = [await app.enqueue(db, "work", {"sleep": 0.2}) for _ in range(3)]
+    later = await app.enqueue(db, "work", delay=3600)
+    worker = spawn_worker("--until-empty", "--poll-interval", "60")
+    assert await worker.wait_exit(within=30) == 0, worker.log()
+    await wait_for_states(db, due, "succeeded", within=1)
+    assert await db.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", later) == "queued"
+    assert "stopping (until empty)" in worker.log()
