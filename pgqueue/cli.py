@@ -455,6 +455,59 @@ def jobs(opts: DsnOption, state: str | None, queue: str | None, limit: int) -> N
     _print_table(rows)
 
 
+# One job, every column a person reads (timestamps as text: a year past 9999 is no Python
+# datetime; JSON indented), and the jobs it waits for and that wait for it.
+_SHOW = """
+    SELECT id, queue, job_type, state, priority, attempts || '/' || max_attempts AS attempts,
+           scope::text AS scope, is_current::text AS is_current, dedup_key, pipeline_id, parent_id,
+           run_after::text AS run_after, created_at::text AS created_at,
+           started_at::text AS started_at, finished_at::text AS finished_at, locked_by,
+           locked_at::text AS locked_at, jsonb_pretty(payload) AS payload,
+           jsonb_pretty(result) AS result, jsonb_pretty(progress) AS progress,
+           jsonb_pretty(next_jobs) AS next_jobs, last_error
+    FROM pgqueue.jobs WHERE id = $1
+"""
+_SHOW_EDGES = """
+    SELECT 'depends on' AS side, d.depends_on AS id, coalesce(o.state, 'pruned') AS state
+    FROM pgqueue.job_dependencies d LEFT JOIN pgqueue.jobs o ON o.id = d.depends_on
+    WHERE d.job_id = $1
+    UNION ALL
+    SELECT 'dependents', d.job_id, coalesce(o.state, 'pruned')
+    FROM pgqueue.job_dependencies d LEFT JOIN pgqueue.jobs o ON o.id = d.job_id
+    WHERE d.depends_on = $1
+    ORDER BY 1 DESC, 2
+"""
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("job_id", type=click.IntRange(min=1, max=INT8_MAX))
+@pass_dsn
+@_friendly_errors
+def show(opts: DsnOption, job_id: int) -> None:
+    """Show one job: its columns (the whole last_error, the JSON indented), the jobs it
+    depends on and its dependents, with their states."""
+
+    async def go(conn: asyncpg.Connection) -> tuple[asyncpg.Record | None, list[asyncpg.Record]]:
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            return await conn.fetchrow(_SHOW, job_id), await conn.fetch(_SHOW_EDGES, job_id)
+
+    row, edges = _run(lambda: _with_connection(opts.dsn, go))
+    if row is None:
+        raise click.ClickException(f"job {job_id}: no such job")
+    width = max(len(name) for name in row.keys())
+    for name, value in row.items():
+        if value is None:
+            continue
+        lines = str(value).splitlines() or [""]
+        click.echo(f"{name.ljust(width)}  {lines[0]}")
+        for line in lines[1:]:
+            click.echo(f"{'':{width}}  {line}")
+    for side in ("depends on", "dependents"):
+        named = [f"{e['id']} ({e['state']})" for e in edges if e["side"] == side]
+        if named:
+            click.echo(f"{side.ljust(width)}  {', '.join(named)}")
+
+
 @main.command()
 @pass_dsn
 @_friendly_errors

@@ -54,6 +54,41 @@ def test_enqueue_list_cancel_retry_stats(db_dsn: str) -> None:
     assert run(db_dsn, "prune", "--older-than", "1 day 2 hours").exit_code == 0
 
 
+def test_show_prints_one_job_whole_with_its_dependencies(db_dsn: str) -> None:
+    error = "Traceback (most recent call last):\n  File x, line 1\nValueError: boom"
+
+    async def setup() -> tuple[int, int]:
+        conn = await asyncpg.connect(db_dsn)
+        try:
+            first = await conn.fetchval(
+                "SELECT pgqueue.enqueue('a', '{\"k\": [1, 2]}', scope => '{\"s\": 1}')"
+            )
+            then = await conn.fetchval("SELECT pgqueue.enqueue('b', depends_on => $1)", [first])
+            await conn.execute("SELECT pgqueue.claim_next('w')")
+            await conn.execute("SELECT pgqueue.fail($1, 'w', $2, interval '1 hour')", first, error)
+            return first, then
+        finally:
+            await conn.close()
+
+    first, then = asyncio.run(setup())
+    out = run(db_dsn, "show", str(first))
+    assert out.exit_code == 0, out.output
+    lines = out.output.splitlines()
+    assert re.fullmatch(r"state\s+queued", lines[3]), lines
+    assert re.fullmatch(r"attempts\s+1/5", lines[5]), lines
+    assert any(re.fullmatch(r'scope\s+\{"s": 1\}', line) for line in lines), lines
+    assert any(re.fullmatch(r"is_current\s+true", line) for line in lines), lines
+    assert re.search(r"^last_error\s+Traceback \(most recent call last\):$", out.output, re.M)
+    assert re.search(r"^\s+ValueError: boom$", out.output, re.M)  # the whole error, not a line
+    assert re.search(r'^payload\s+\{\n\s+"k": \[', out.output, re.M)
+    assert re.search(rf"^dependents\s+{then} \(waiting\)$", out.output, re.M)
+    out = run(db_dsn, "show", str(then))
+    assert re.search(rf"^depends on\s+{first} \(queued\)$", out.output, re.M), out.output
+    assert not re.search(r"^(result|finished_at|locked_by)\s", out.output, re.M)  # NULLs left out
+    missing = run(db_dsn, "show", "999999")
+    assert missing.exit_code == 1 and "job 999999: no such job" in missing.output
+
+
 def test_abort_cancels_a_queued_job_and_asks_for_a_running_one(db_dsn: str) -> None:
     queued = int(run(db_dsn, "enqueue", "report").output)
     assert run(db_dsn, "abort", str(queued)).output == f"job {queued}: cancelled\n"
