@@ -1898,9 +1898,10 @@ COMMENT ON FUNCTION pgqueue.complete_many(text, bigint[], jsonb[], jsonb[]) IS
     'one statement for all of them. Returns the ids it completed; jobs not held by worker are left unchanged.';
 
 -- fail() with, for the worker's log line, how long until a requeued job runs
--- again (NULL unless requeued): the backoff is drawn here, with its jitter.
--- No row when the worker does not hold the job. p_retry_in is checked by its
--- callers (fail() below; the worker's delays are 0 to 100 years).
+-- again (NULL unless requeued). No row when the worker does not hold the job.
+-- p_retry_in is checked by its callers (fail() below; the worker's delays are
+-- 0 to 100 years). Running workers call it (they check the schema only when
+-- they start): a later revision keeps this signature and result.
 CREATE FUNCTION pgqueue._fail(p_job_id bigint, p_worker text, p_error text, p_retry_in interval)
 RETURNS TABLE (state text, runs_in interval)
 LANGUAGE plpgsql AS $$
@@ -1924,8 +1925,9 @@ BEGIN
     IF v_scope IS NOT NULL AND v_state <> 'queued' THEN
         PERFORM pgqueue._unblock_next(ARRAY[v_scope], ARRAY[p_job_id]);
     END IF;
-    RETURN QUERY SELECT v_state, CASE WHEN v_state = 'queued' THEN j.run_after - now() END
-                 FROM pgqueue.jobs j WHERE j.id = p_job_id;
+    -- The state as _fail_attempt left it, whatever a trigger of yours did to the row since.
+    RETURN QUERY SELECT v_state, (SELECT j.run_after - now() FROM pgqueue.jobs j
+                                  WHERE j.id = p_job_id AND v_state = 'queued');
 END
 $$;
 

@@ -41,19 +41,25 @@ async def recovery_loop(pool: asyncpg.Pool, period: Period, logger: logging.Logg
     outage = Outage(logger, "recovery", "trying again next period")
     while True:
         await anyio.sleep(period.seconds * random.uniform(0.5, 1.0))
-        try:
-            recovered = await _recover_once(pool)
-        except Exception as exc:
-            outage.failed(exc, "recovering stale jobs")
-            continue
-        outage.ok()
-        if recovered:
-            logger.warning(
-                "recovered %d stale job(s) (lease older than stale_after): %s",
-                len(recovered),
-                ", ".join(map(str, recovered)),
-                extra={"job_ids": recovered},
-            )
+        await recovery_round(pool, logger, outage)
+
+
+async def recovery_round(pool: asyncpg.Pool, logger: logging.Logger, outage: Outage) -> None:
+    """One round of stale recovery (none if another worker runs one now); failures are
+    reported through ``outage``."""
+    try:
+        recovered = await _recover_once(pool)
+    except Exception as exc:
+        outage.failed(exc, "recovering stale jobs")
+        return
+    outage.ok()
+    if recovered:
+        logger.warning(
+            "recovered %d stale job(s) (lease older than stale_after): %s",
+            len(recovered),
+            ", ".join(map(str, recovered)),
+            extra={"job_ids": recovered},
+        )
 
 
 async def _recover_once(pool: asyncpg.Pool) -> list[int]:
@@ -83,24 +89,29 @@ async def _lead(conn: asyncpg.Connection, key: int) -> bool:
 
 
 async def retention_loop(pool: asyncpg.Pool, period: Period, logger: logging.Logger) -> None:
-    """Every heartbeat period (jittered), delete the final jobs past settings.prune_after,
-    a batch per transaction, until a batch comes back short."""
+    """Every heartbeat period (jittered), delete the final jobs past settings.prune_after."""
     outage = Outage(logger, "retention", "trying again next period")
     while True:
         await anyio.sleep(period.seconds * random.uniform(0.5, 1.0))
-        pruned = 0
-        try:
-            while True:
-                n = await bounded.call(pool, RECOVERY_TIMEOUT, _prune_in_transaction)
-                pruned += n
-                if n < PRUNE_BATCH:
-                    break
-        except Exception as exc:
-            outage.failed(exc, "pruning finished jobs")
-        else:
-            outage.ok()
-        if pruned:
-            logger.info("pruned %d finished job(s) past settings.prune_after", pruned)
+        await retention_round(pool, logger, outage)
+
+
+async def retention_round(pool: asyncpg.Pool, logger: logging.Logger, outage: Outage) -> None:
+    """Delete the final jobs past settings.prune_after, a batch per transaction, until a batch
+    comes back short (nothing if another worker prunes now); failures go to ``outage``."""
+    pruned = 0
+    try:
+        while True:
+            n = await bounded.call(pool, RECOVERY_TIMEOUT, _prune_in_transaction)
+            pruned += n
+            if n < PRUNE_BATCH:
+                break
+    except Exception as exc:
+        outage.failed(exc, "pruning finished jobs")
+    else:
+        outage.ok()
+    if pruned:
+        logger.info("pruned %d finished job(s) past settings.prune_after", pruned)
 
 
 async def _prune_in_transaction(conn: asyncpg.Connection) -> int:

@@ -42,6 +42,7 @@ _UNKNOWN_HELD = (
 _RELEASE = "SELECT pgqueue.release(job_id => $1, worker => $2)"
 # Before sleeping: the same claim, registered as waiting (settings.notify = when_waiting).
 _CLAIM_OR_WAIT = f"SELECT {_COLUMNS} FROM pgqueue.claim_or_wait({_ARGS})"
+_UNREGISTER = "DELETE FROM pgqueue.notify_waiters WHERE worker = $1"
 # Seconds until the earliest scheduled job of our queues, on the database's clock, and
 # whether producers notify only waiting workers (settings.notify).
 _BEFORE_SLEEP = """
@@ -129,24 +130,26 @@ class Producer:
                     armed = False  # a notification consumed the registration; renew it
                     if self.stopping:
                         break
-            wanted, wait = self.executor.free_slots, not more and self.when_waiting
+            # Nothing held here: what this claim does not find is due nowhere in our queues
+            # (every outcome of ours is written, so every job it made due is committed).
+            idle = not self.executor.held
+            last = self.until_empty and idle  # if it finds nothing: no registration to leave
+            wanted, wait = self.executor.free_slots, not more and self.when_waiting and not last
             if wanted == 0:
                 # Slots filled while it waited: successes piled up past the unwritten cap.
                 # Claim once a slot frees; a wake-up consumed here announced work.
                 more = True
                 continue
-            # Nothing held here: what this claim does not find is due nowhere in our queues
-            # (every outcome of ours is written, so every job it made due is committed).
-            idle = not self.executor.held
             try:
                 claimed = await self._claim(wanted, wait=wait)
                 for job in claimed or ():
                     self.executor.start(job)
             finally:
                 self.executor.claim_handled()
-            if self.until_empty and idle and claimed == []:
+            if last and claimed == []:
                 self.logger.info("no job is due in this worker's queues: stopping (until empty)")
                 self.stopping = True
+                await self._unregister()
                 break
             # A full batch means there is probably more; an error means try again.
             more = claimed is None or len(claimed) == wanted
@@ -154,6 +157,19 @@ class Producer:
                 # Let the runners start these jobs before the next round trip is prepared.
                 await anyio.lowlevel.checkpoint()
             armed = wait and not more
+
+    async def _unregister(self) -> None:
+        """Leaving for good (until empty, in when_waiting mode): drop the registration an
+        earlier claim left (one a run from cron would leave every time, and every queueing
+        transaction would notify it). A failure leaves it: one spurious notification."""
+        if not self.when_waiting:
+            return
+        try:
+            conn = await self._connection()
+            with anyio.fail_after(STATEMENT_TIMEOUT):
+                await conn.execute(_UNREGISTER, self.worker_id)
+        except Exception as exc:
+            await self._failed(exc, "leaving the waiting workers")
 
     async def _gather_slots(self) -> None:
         """With a backlog, let freed slots add up briefly so claims come in batches.

@@ -29,9 +29,10 @@ from pgqueue.worker.aborts import abort_loop
 from pgqueue.worker.completer import Completer
 from pgqueue.worker.executor import Executor
 from pgqueue.worker.heartbeat import Period, heartbeat_loop, read_stale_after
-from pgqueue.worker.leader import recovery_loop, retention_loop
+from pgqueue.worker.leader import recovery_loop, recovery_round, retention_loop, retention_round
 from pgqueue.worker.notifier import Notifier
 from pgqueue.worker.producer import Producer
+from pgqueue.worker.retry import Outage
 from pgqueue.worker.scheduler import run_schedules
 from pgqueue.worker.wake import Wake
 
@@ -62,7 +63,8 @@ class Worker:
     ``until_empty``: stop (as :meth:`stop` does) once a claim made while the worker held no
     job finds none due in its queues, i.e. after the work that is due now, and what that
     work makes due, is done. Jobs scheduled later, or held up by another worker's jobs (a
-    scope, a fan-in), are left for the next run.
+    scope, a fan-in), are left for the next run. Such a worker runs one round of stale
+    recovery and of retention before its first claim, and no schedules of periodic jobs.
     """
 
     def __init__(
@@ -214,6 +216,11 @@ class Worker:
             period.seconds,
             extra={"worker": self.id},
         )
+        if self.until_empty:
+            # Before the first claim: a short run would end before the loops' first rounds,
+            # and jobs whose lease went stale (an earlier run killed mid-job) are due again.
+            await recovery_round(pool, self.logger, Outage(self.logger, "recovery"))
+            await retention_round(pool, self.logger, Outage(self.logger, "retention"))
         async with anyio.create_task_group() as services:
             services.start_soon(self.notifier.run)
             services.start_soon(
@@ -226,7 +233,8 @@ class Worker:
                 abort_loop, pool, self.id, self._aborts_heard, executor, self.logger
             )
             schedules = anyio.CancelScope()  # a stopping worker enqueues no more ticks
-            services.start_soon(self._run_schedules, pool, schedules)
+            if not self.until_empty:  # its schedule is the caller's (cron): no ticks, no catch-up
+                services.start_soon(self._run_schedules, pool, schedules)
             if self.handle_signals:
                 services.start_soon(self._watch_signals)
             self.started.set()

@@ -1227,6 +1227,47 @@ async def test_until_empty_stops_after_what_is_due_and_what_it_made_due(
     assert log.count("stopping (until empty)") == 2
 
 
+async def test_until_empty_recovers_first_runs_no_schedules_and_leaves_no_registration(
+    conn: asyncpg.Connection, db_dsn: str, records: tuple[logging.Logger, Records]
+) -> None:
+    """A run from cron: a job an earlier run left running (its lease stale) is recovered
+    before the first claim and runs in this run; a schedule of the app enqueues nothing (the
+    run lasts past one of its ticks); in when_waiting mode, the last claim does not register
+    the worker as waiting (the row would outlive it, and make producers notify nobody)."""
+    logger, log = records
+    await conn.execute(
+        "UPDATE pgqueue.settings SET value = CASE name WHEN 'notify' THEN 'when_waiting'"
+        " ELSE '1 millisecond' END WHERE name IN ('notify', 'backoff_base', 'backoff_cap')"
+    )
+    app = pgqueue.App()
+    ran: list[int] = []
+
+    @app.job("slow")
+    async def slow(job: pgqueue.Job) -> None:
+        ran.append(job.id)
+        await anyio.sleep(1.2)  # past a tick of the schedule
+
+    app.periodic("slow", every=1, name="often")
+    left = await app.enqueue(conn, "slow")
+    await conn.execute(
+        "UPDATE pgqueue.jobs SET state = 'running', attempts = 1, locked_by = 'killed-run',"
+        " locked_at = now() - interval '1 hour', started_at = now() - interval '1 hour'"
+        " WHERE id = $1",
+        left,
+    )
+    worker = pgqueue.Worker(
+        app, db_dsn, handle_signals=False, logger=logger, poll_interval=60, until_empty=True
+    )
+    with anyio.fail_after(20):
+        await worker.run()
+    assert ran == [left]
+    assert log.count("recovered 1 stale job(s)") == 1
+    row = await conn.fetchrow("SELECT state, attempts FROM pgqueue.jobs WHERE id = $1", left)
+    assert tuple(row) == ("succeeded", 2)
+    assert await conn.fetchval("SELECT count(*) FROM pgqueue.jobs") == 1  # no tick enqueued
+    assert await conn.fetchval("SELECT count(*) FROM pgqueue.notify_waiters") == 0
+
+
 def test_snooze_takes_seconds_or_a_timedelta_and_refuses_anything_else() -> None:
     assert pgqueue.Snooze(2).delay == timedelta(seconds=2)
     assert pgqueue.Snooze(0.5).delay == timedelta(seconds=0.5)

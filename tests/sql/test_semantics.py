@@ -45,6 +45,42 @@ async def test_fail_backs_off_exponentially_within_cap_then_fails(connect: Conne
     assert row["locked_by"] == "w"
 
 
+async def test_fail_returns_the_state_it_wrote_whatever_a_trigger_does_to_the_row(
+    connect: Connect,
+) -> None:
+    """An operator's trigger archives failed jobs and deletes them: fail still says failed
+    (reading the row back would have answered NULL, 'not held'); the worker's _fail says how
+    long until a requeued job runs again, and nothing for a job that ended."""
+    conn = await _conn(connect)
+    await conn.execute(
+        """CREATE TABLE archive AS SELECT * FROM pgqueue.jobs WITH NO DATA;
+        CREATE FUNCTION archive_failed() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            INSERT INTO archive SELECT NEW.*;
+            DELETE FROM pgqueue.jobs WHERE id = NEW.id;
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER archive_failed AFTER UPDATE OF state ON pgqueue.jobs
+            FOR EACH ROW WHEN (NEW.state = 'failed') EXECUTE FUNCTION archive_failed();"""
+    )
+    gone = await conn.fetchval("SELECT pgqueue.enqueue('t', max_attempts => 1)")
+    await _run(conn, gone)
+    assert await conn.fetchval("SELECT pgqueue.fail($1, 'w', 'boom')", gone) == "failed"
+    assert await conn.fetchval("SELECT state FROM archive WHERE id = $1", gone) == "failed"
+
+    again = await conn.fetchval("SELECT pgqueue.enqueue('t', max_attempts => 2)")
+    await _run(conn, again)
+    row = await conn.fetchrow(
+        "SELECT * FROM pgqueue._fail($1, 'w', 'boom', interval '90 seconds')", again
+    )
+    assert (row["state"], row["runs_in"]) == ("queued", timedelta(seconds=90))
+    await conn.execute("UPDATE pgqueue.jobs SET run_after = now() WHERE id = $1", again)
+    await _run(conn, again)
+    row = await conn.fetchrow("SELECT * FROM pgqueue._fail($1, 'w', 'boom', NULL)", again)
+    assert (row["state"], row["runs_in"]) == ("failed", None)
+    assert await conn.fetch("SELECT * FROM pgqueue._fail($1, 'w', 'late', NULL)", again) == []
+
+
 async def test_retry_in_overrides_backoff_and_max_attempts_defaults_from_settings(
     connect: Connect,
 ) -> None:
