@@ -459,6 +459,7 @@ def jobs(opts: DsnOption, state: str | None, queue: str | None, limit: int) -> N
 # datetime; JSON indented), and the jobs it waits for and that wait for it.
 _SHOW = """
     SELECT id, queue, job_type, state, priority, attempts || '/' || max_attempts AS attempts,
+           CASE WHEN state = 'waiting' THEN pending_deps END AS waiting_for,
            scope::text AS scope, is_current::text AS is_current, dedup_key, pipeline_id, parent_id,
            run_after::text AS run_after, created_at::text AS created_at,
            started_at::text AS started_at, finished_at::text AS finished_at, locked_by,

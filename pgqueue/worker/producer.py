@@ -90,6 +90,8 @@ class Producer:
         self._conn: asyncpg.pool.PoolConnectionProxy | None = None
         # A claim failed after it was sent: it may have committed, its jobs unknown to us.
         self._claim_unknown = False
+        # A claim_or_wait was sent: this worker may be in pgqueue.notify_waiters.
+        self._registered = False
 
     def stop(self) -> None:
         """Stop claiming; :meth:`run` returns promptly (running jobs are not touched)."""
@@ -159,17 +161,22 @@ class Producer:
             armed = wait and not more
 
     async def _unregister(self) -> None:
-        """Leaving for good (until empty, in when_waiting mode): drop the registration an
-        earlier claim left (one a run from cron would leave every time, and every queueing
-        transaction would notify it). A failure leaves it: one spurious notification."""
-        if not self.when_waiting:
+        """Leaving for good (until empty): drop the registration an earlier claim_or_wait
+        left (a run from cron would leave one every time, for a queueing transaction to
+        notify for nothing). A failure leaves it: one such notification."""
+        if not self._registered:
             return
         try:
             conn = await self._connection()
             with anyio.fail_after(STATEMENT_TIMEOUT):
                 await conn.execute(_UNREGISTER, self.worker_id)
         except Exception as exc:
-            await self._failed(exc, "leaving the waiting workers")
+            await self._release(broken=isinstance(exc, TimeoutError))
+            self.logger.warning(
+                "could not leave pgqueue.notify_waiters (%s): the next job queued in its queues"
+                " notifies it once, for nothing",
+                exc,
+            )
 
     async def _gather_slots(self) -> None:
         """With a backlog, let freed slots add up briefly so claims come in batches.
@@ -186,6 +193,7 @@ class Producer:
         """Claim up to ``batch_size`` jobs (registering as waiting if ``wait``); None (after
         a backoff) if the database failed."""
         query = _CLAIM_OR_WAIT if wait else _CLAIM
+        self._registered = self._registered or wait
         try:
             conn = await self._connection()
             if self._claim_unknown or self.executor.sweep_needed:

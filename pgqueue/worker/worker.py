@@ -216,11 +216,6 @@ class Worker:
             period.seconds,
             extra={"worker": self.id},
         )
-        if self.until_empty:
-            # Before the first claim: a short run would end before the loops' first rounds,
-            # and jobs whose lease went stale (an earlier run killed mid-job) are due again.
-            await recovery_round(pool, self.logger, Outage(self.logger, "recovery"))
-            await retention_round(pool, self.logger, Outage(self.logger, "retention"))
         async with anyio.create_task_group() as services:
             services.start_soon(self.notifier.run)
             services.start_soon(
@@ -238,6 +233,8 @@ class Worker:
             if self.handle_signals:
                 services.start_soon(self._watch_signals)
             self.started.set()
+            if self.until_empty and not self._stop_requested:
+                await self._first_rounds(pool)
             async with anyio.create_task_group() as jobs:
                 executor.start_runners(jobs)
                 await producer.run()
@@ -253,6 +250,15 @@ class Worker:
             await producer.release_lost_claims_at_stop()
             services.cancel_scope.cancel()
         self.logger.info("worker %s stopped", self.id, extra={"worker": self.id})
+
+    async def _first_rounds(self, pool: asyncpg.Pool) -> None:
+        """An until-empty worker's stale recovery and retention, before its first claim: its
+        run may end before the loops' first rounds, and jobs whose lease went stale (an
+        earlier run killed mid-job) are due again. A stop asked for meanwhile (the signal
+        watcher runs) takes effect when they end: each is a few short transactions."""
+        again = "trying again next period"
+        await recovery_round(pool, self.logger, Outage(self.logger, "recovery", again))
+        await retention_round(pool, self.logger, Outage(self.logger, "retention", again))
 
     async def _run_schedules(self, pool: asyncpg.Pool, scope: anyio.CancelScope) -> None:
         with scope:
