@@ -438,10 +438,13 @@ def enqueue(
     type=click.Choice(["waiting", "queued", "running", "succeeded", "failed", "cancelled"]),
 )
 @click.option("--queue")
+@click.option("--job-type")
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
 @pass_dsn
 @_friendly_errors
-def jobs(opts: DsnOption, state: str | None, queue: str | None, limit: int) -> None:
+def jobs(
+    opts: DsnOption, state: str | None, queue: str | None, job_type: str | None, limit: int
+) -> None:
     """List jobs, newest first."""
     sql = """
         SELECT id, queue, job_type, state, attempts, max_attempts,
@@ -449,9 +452,12 @@ def jobs(opts: DsnOption, state: str | None, queue: str | None, limit: int) -> N
                locked_by, last_error
         FROM pgqueue.jobs
         WHERE ($1::text IS NULL OR state = $1) AND ($2::text IS NULL OR queue = $2)
+          AND ($4::text IS NULL OR job_type = $4)
         ORDER BY id DESC LIMIT $3
     """
-    rows = _run(lambda: _with_connection(opts.dsn, lambda c: c.fetch(sql, state, queue, limit)))
+    rows = _run(
+        lambda: _with_connection(opts.dsn, lambda c: c.fetch(sql, state, queue, limit, job_type))
+    )
     _print_table(rows)
 
 

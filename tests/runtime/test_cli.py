@@ -40,6 +40,8 @@ def test_enqueue_list_cancel_retry_stats(db_dsn: str) -> None:
     out = run(db_dsn, "jobs", "--queue", "q", "--state", "queued")
     assert out.exit_code == 0, out.output
     assert re.search(rf"^{job_id}\s+q\s+report\s+queued", out.output, re.M), out.output
+    assert str(job_id) in run(db_dsn, "jobs", "--job-type", "report").output
+    assert run(db_dsn, "jobs", "--job-type", "other").output == "(no rows)\n"
 
     assert run(db_dsn, "cancel", str(job_id)).exit_code == 0
     again = run(db_dsn, "cancel", str(job_id))
