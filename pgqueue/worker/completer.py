@@ -275,10 +275,7 @@ class Completer:
         failed under this worker, and stale recovery does exactly the same.
         """
 
-        state, runs_in = await self._write_state(
-            f"the failure of job {job.id}", _FAIL, job, error, retry_in
-        )
-        return state, runs_in
+        return await self._write_state(f"the failure of job {job.id}", _FAIL, job, error, retry_in)
 
     async def release(self, job: Job) -> bool | None:
         """Give the job back unfinished (the attempt is not counted); False if not held (or
