@@ -1231,7 +1231,8 @@ async def test_until_empty_recovers_first_runs_no_schedules_and_leaves_no_regist
     conn: asyncpg.Connection, db_dsn: str, records: tuple[logging.Logger, Records]
 ) -> None:
     """A run from cron: a job an earlier run left running (its lease stale) is recovered
-    before the first claim and runs in this run; a schedule of the app enqueues nothing (the
+    before the first claim and runs in this run, and a job finished past prune_after is
+    deleted; a schedule of the app enqueues nothing (the
     run lasts past one of its ticks); in when_waiting mode, the last claim does not register
     the worker as waiting (the row would outlive it, and make producers notify nobody)."""
     logger, log = records
@@ -1248,6 +1249,10 @@ async def test_until_empty_recovers_first_runs_no_schedules_and_leaves_no_regist
         await anyio.sleep(1.2)  # past a tick of the schedule
 
     app.periodic("slow", every=1, name="often")
+    await conn.execute(
+        "INSERT INTO pgqueue.jobs (job_type, state, attempts, finished_at)"
+        " VALUES ('slow', 'succeeded', 1, now() - interval '8 days')"
+    )
     left = await app.enqueue(conn, "slow")
     await conn.execute(
         "UPDATE pgqueue.jobs SET state = 'running', attempts = 1, locked_by = 'killed-run',"
@@ -1262,6 +1267,7 @@ async def test_until_empty_recovers_first_runs_no_schedules_and_leaves_no_regist
         await worker.run()
     assert ran == [left]
     assert log.count("recovered 1 stale job(s)") == 1
+    assert log.count("pruned 1 finished job(s) past settings.prune_after") == 1
     row = await conn.fetchrow("SELECT state, attempts FROM pgqueue.jobs WHERE id = $1", left)
     assert tuple(row) == ("succeeded", 2)
     assert await conn.fetchval("SELECT count(*) FROM pgqueue.jobs") == 1  # no tick enqueued
