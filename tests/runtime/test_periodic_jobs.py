@@ -292,6 +292,54 @@ async def test_a_schedule_whose_enqueue_waits_holds_up_no_other(
             await wait_until(free_ticked_twice, within=10, what="two ticks of the free schedule")
 
 
+async def test_at_most_max_enqueues_ticks_wait_at_once(
+    conn: asyncpg.Connection, db_dsn: str, records: tuple[logging.Logger, Records]
+) -> None:
+    """Four schedules whose rows an open transaction holds: their enqueues wait on the row
+    locks, but never more than MAX_ENQUEUES of them at once (each keeps a pooled connection,
+    which claims and outcomes need), as pg_stat_activity shows while they wait. Once the rows
+    are free, every schedule ticks."""
+    logger, _ = records
+    app = pgqueue.App()
+    names = [f"held{i}" for i in range(4)]
+    for name in names:
+        app.periodic("x", every=1, name=name)
+        await conn.execute(
+            "SELECT pgqueue.enqueue_periodic($1, now() - interval '1 hour', '{\"job_type\": \"x\"}')",
+            name,
+        )
+    waiting = (
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'pgqueue-worker %'"
+        " AND wait_event_type = 'Lock' AND query LIKE '%enqueue_periodic%'"
+    )
+    observer = await asyncpg.connect(db_dsn)
+    seen: list[int] = []
+    try:
+        async with workers(app, db_dsn, 1, logger):
+            async with conn.transaction():
+                await conn.execute("SELECT 1 FROM pgqueue.periodic FOR UPDATE")
+
+                async def two_waiting() -> bool:
+                    seen.append(await observer.fetchval(waiting))
+                    return seen[-1] >= scheduler.MAX_ENQUEUES
+
+                await wait_until(two_waiting, what="the enqueues waiting on the held rows")
+                for _ in range(100):  # 2 s of the enqueues' retries (each waits up to 2 s)
+                    seen.append(await observer.fetchval(waiting))
+                    await anyio.sleep(0.02)
+            assert max(seen) == scheduler.MAX_ENQUEUES, seen
+
+            async def every_schedule_ticked() -> bool:
+                n = await conn.fetchval(
+                    "SELECT count(*) FROM pgqueue.periodic WHERE last_tick > now() - interval '1 minute'"
+                )
+                return bool(n == len(names))
+
+            await wait_until(every_schedule_ticked, within=10, what="every schedule's tick")
+    finally:
+        await observer.close()
+
+
 async def test_ticks_stuck_on_locks_keep_no_slot_between_tries(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
