@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Awaitable, Callable
 
 import anyio
 import asyncpg
@@ -36,12 +37,23 @@ RECOVERY_TIMEOUT = 300.0
 ABANDONED_AFTER = 60.0
 
 
-async def recovery_loop(pool: asyncpg.Pool, period: Period, logger: logging.Logger) -> None:
-    """Every heartbeat period (jittered), requeue jobs whose worker stopped heartbeating."""
-    outage = Outage(logger, "recovery", "trying again next period")
+async def every_period(
+    round_: Callable[[asyncpg.Pool, logging.Logger, Outage], Awaitable[None]],
+    pool: asyncpg.Pool,
+    period: Period,
+    logger: logging.Logger,
+    outage: Outage,
+) -> None:
+    """``round_`` (:func:`recovery_round`, :func:`retention_round`) every heartbeat period,
+    jittered, until cancelled."""
     while True:
         await anyio.sleep(period.seconds * random.uniform(0.5, 1.0))
-        await recovery_round(pool, logger, outage)
+        await round_(pool, logger, outage)
+
+
+def leader_outage(logger: logging.Logger, component: str) -> Outage:
+    """The Outage a component's rounds report to: a failed round is tried again next period."""
+    return Outage(logger, component, "trying again next period")
 
 
 async def recovery_round(pool: asyncpg.Pool, logger: logging.Logger, outage: Outage) -> None:
@@ -86,14 +98,6 @@ async def _lead(conn: asyncpg.Connection, key: int) -> bool:
         "SELECT pg_try_advisory_xact_lock($1, $2)", LEADER_LOCK_CLASS, key
     )
     return took
-
-
-async def retention_loop(pool: asyncpg.Pool, period: Period, logger: logging.Logger) -> None:
-    """Every heartbeat period (jittered), delete the final jobs past settings.prune_after."""
-    outage = Outage(logger, "retention", "trying again next period")
-    while True:
-        await anyio.sleep(period.seconds * random.uniform(0.5, 1.0))
-        await retention_round(pool, logger, outage)
 
 
 async def retention_round(pool: asyncpg.Pool, logger: logging.Logger, outage: Outage) -> None:

@@ -29,10 +29,9 @@ from pgqueue.worker.aborts import abort_loop
 from pgqueue.worker.completer import Completer
 from pgqueue.worker.executor import Executor
 from pgqueue.worker.heartbeat import Period, heartbeat_loop, read_stale_after
-from pgqueue.worker.leader import recovery_loop, recovery_round, retention_loop, retention_round
+from pgqueue.worker.leader import every_period, leader_outage, recovery_round, retention_round
 from pgqueue.worker.notifier import Notifier
 from pgqueue.worker.producer import Producer
-from pgqueue.worker.retry import Outage
 from pgqueue.worker.scheduler import run_schedules
 from pgqueue.worker.wake import Wake
 
@@ -221,8 +220,10 @@ class Worker:
             services.start_soon(
                 heartbeat_loop, beat_pool, self.id, period, self.logger, self._aborts_heard
             )
-            services.start_soon(recovery_loop, pool, period, self.logger)
-            services.start_soon(retention_loop, pool, period, self.logger)
+            recovery = leader_outage(self.logger, "recovery")
+            retention = leader_outage(self.logger, "retention")
+            services.start_soon(every_period, recovery_round, pool, period, self.logger, recovery)
+            services.start_soon(every_period, retention_round, pool, period, self.logger, retention)
             services.start_soon(completer.run)
             services.start_soon(
                 abort_loop, pool, self.id, self._aborts_heard, executor, self.logger
@@ -234,7 +235,12 @@ class Worker:
                 services.start_soon(self._watch_signals)
             self.started.set()
             if self.until_empty and not self._stop_requested:
-                await self._first_rounds(pool)
+                # Before the first claim: the run may end before the periodic rounds' first,
+                # and jobs whose lease went stale (an earlier run killed mid-job) are due
+                # again. A stop asked for meanwhile (the signal watcher runs) takes effect
+                # when they end: each is a few short transactions.
+                await recovery_round(pool, self.logger, recovery)
+                await retention_round(pool, self.logger, retention)
             async with anyio.create_task_group() as jobs:
                 executor.start_runners(jobs)
                 await producer.run()
@@ -250,15 +256,6 @@ class Worker:
             await producer.release_lost_claims_at_stop()
             services.cancel_scope.cancel()
         self.logger.info("worker %s stopped", self.id, extra={"worker": self.id})
-
-    async def _first_rounds(self, pool: asyncpg.Pool) -> None:
-        """An until-empty worker's stale recovery and retention, before its first claim: its
-        run may end before the loops' first rounds, and jobs whose lease went stale (an
-        earlier run killed mid-job) are due again. A stop asked for meanwhile (the signal
-        watcher runs) takes effect when they end: each is a few short transactions."""
-        again = "trying again next period"
-        await recovery_round(pool, self.logger, Outage(self.logger, "recovery", again))
-        await retention_round(pool, self.logger, Outage(self.logger, "retention", again))
 
     async def _run_schedules(self, pool: asyncpg.Pool, scope: anyio.CancelScope) -> None:
         with scope:
