@@ -12,7 +12,7 @@ from pgqueue.pipeline import (
     cancel_pipeline,
     pipeline_status,
 )
-from pgqueue.queues import pause_queue, paused_queues, resume_queue
+from pgqueue.queues import pause_queue, paused_queues, queue_limits, resume_queue, set_queue_limit
 from pgqueue.worker import Worker
 
 __version__ = "0.1.0"
@@ -37,6 +37,8 @@ __all__ = [
     "pause_queue",
     "paused_queues",
     "pipeline_status",
+    "queue_limits",
     "resume_queue",
+    "set_queue_limit",
     "wait_for_job",
 ]

@@ -24,7 +24,7 @@ import click
 
 from pgqueue.app import App
 from pgqueue.dsn import INT8_MAX, DsnError, check_dsn, connect, resolve_dsn
-from pgqueue.queues import pause_queue, paused_queues, resume_queue
+from pgqueue.queues import pause_queue, paused_queues, resume_queue, set_queue_limit
 from pgqueue.worker.worker import MAX_CONCURRENCY
 
 P = ParamSpec("P")
@@ -520,15 +520,68 @@ def show(opts: DsnOption, job_id: int) -> None:
 @_friendly_errors
 def stats(opts: DsnOption) -> None:
     """Per queue and state: how many jobs, and how old the oldest ready one is; then the
-    paused queues, if any."""
+    paused queues and the limited ones, if any."""
 
-    async def go(conn: asyncpg.Connection) -> tuple[list[asyncpg.Record], list[str]]:
-        return await conn.fetch("SELECT * FROM pgqueue.queue_stats"), await paused_queues(conn)
+    async def go(
+        conn: asyncpg.Connection,
+    ) -> tuple[list[asyncpg.Record], list[str], list[asyncpg.Record]]:
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            return (
+                await conn.fetch("SELECT * FROM pgqueue.queue_stats"),
+                await paused_queues(conn),
+                await conn.fetch(_LIMITS),
+            )
 
-    rows, paused = _run(lambda: _with_connection(opts.dsn, go))
+    rows, paused, limits = _run(lambda: _with_connection(opts.dsn, go))
     _print_table(rows)
     if paused:
         click.echo(f"paused queues: {', '.join(paused)}")
+    if limits:
+        named = (f"{r['queue']} ({r['running']}/{r['max_running']} running)" for r in limits)
+        click.echo(f"limited queues: {', '.join(named)}")
+
+
+_LIMITS = """
+SELECT l.queue, l.max_running,
+       (SELECT count(*) FROM pgqueue.jobs j
+        WHERE j.state = 'running' AND j.queue = l.queue) AS running
+FROM pgqueue.queue_limits l ORDER BY l.queue
+"""
+
+
+def _max_running(text: str) -> int | None:
+    """A number of jobs from 1 to 2**31-1, or ``none``."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= INT4_MAX:
+        raise click.BadParameter(
+            f"expected a number of jobs from 1 to {INT4_MAX}, or none; got {text!r}",
+            param_hint="'MAX_RUNNING'",
+        )
+    return value
+
+
+@main.command(name="limit")
+@click.argument("queue")
+@click.argument("max_running", metavar="MAX_RUNNING|none")
+@pass_dsn
+@_friendly_errors
+def limit_(opts: DsnOption, queue: str, max_running: str) -> None:
+    """Let at most MAX_RUNNING jobs of QUEUE run at once across all workers (`none`: no limit).
+
+    Jobs running past a lowered limit finish; workers take more once fewer run.
+    """
+    wanted = _max_running(max_running)
+    was = _run(
+        lambda: _with_connection(opts.dsn, lambda conn: set_queue_limit(conn, queue, wanted))
+    )
+    now = "no limit" if wanted is None else f"at most {wanted} running"
+    before = "no limit" if was is None else f"at most {was}"
+    click.echo(f"queue {queue}: {now} (was {before})")
 
 
 def _queue_action(

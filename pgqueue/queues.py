@@ -1,7 +1,9 @@
-"""Pausing and resuming queues: ``pgqueue.pause_queue`` and ``pgqueue.resume_queue``.
+"""Steering queues: pausing and resuming them (``pgqueue.pause_queue``,
+``pgqueue.resume_queue``) and capping their running jobs (``pgqueue.set_queue_limit``).
 
 A paused queue keeps accepting jobs, and its running jobs finish; claims just take none of
-its jobs until it is resumed, which also wakes the workers listening on it.
+its jobs until it is resumed, which also wakes the workers listening on it. A limited queue
+has at most ``max_running`` jobs running at once across every worker.
 """
 
 from __future__ import annotations
@@ -30,3 +32,26 @@ async def paused_queues(conn_or_pool: ConnOrPool) -> list[str]:
     """The paused queues, by name."""
     rows = await conn_or_pool.fetch("SELECT queue FROM pgqueue.paused_queues ORDER BY queue")
     return [row["queue"] for row in rows]
+
+
+async def set_queue_limit(
+    conn_or_pool: ConnOrPool, queue: str, max_running: int | None
+) -> int | None:
+    """Let at most ``max_running`` jobs of ``queue`` run at once across all workers (None: no
+    limit); returns the previous limit, None if there was none.
+
+    Jobs running past a lowered limit finish; claims take more once fewer run. Raising or
+    removing a limit wakes the queue's workers.
+    """
+    was: int | None = await conn_or_pool.fetchval(
+        "SELECT pgqueue.set_queue_limit(queue => $1, max_running => $2)", queue, max_running
+    )
+    return was
+
+
+async def queue_limits(conn_or_pool: ConnOrPool) -> dict[str, int]:
+    """The limited queues and their ``max_running``, by name."""
+    rows = await conn_or_pool.fetch(
+        "SELECT queue, max_running FROM pgqueue.queue_limits ORDER BY queue"
+    )
+    return {row["queue"]: row["max_running"] for row in rows}

@@ -214,6 +214,25 @@ COMMENT ON TABLE pgqueue.paused_queues IS
 COMMENT ON COLUMN pgqueue.paused_queues.queue IS 'The paused queue (pgqueue.jobs.queue).';
 COMMENT ON COLUMN pgqueue.paused_queues.paused_at IS 'When pause_queue() paused it.';
 
+-- Queues with a cap on how many of their jobs run at once, across every worker
+-- (set_queue_limit). A claim takes jobs of a limited queue only under the
+-- queue's limit lock, counting its running jobs in a snapshot taken after the
+-- lock was granted, so two workers never both take the last free place. A
+-- worker's own concurrency is its own business; this is the cap they share (an
+-- API's rate of connections, a licence seat count).
+CREATE TABLE pgqueue.queue_limits (
+    queue       text PRIMARY KEY,
+    max_running int  NOT NULL,
+    CONSTRAINT queue_limits_queue_valid CHECK (btrim(queue) <> '' AND octet_length(queue) <= 200),
+    CONSTRAINT queue_limits_max_running_positive CHECK (max_running >= 1)
+);
+COMMENT ON TABLE pgqueue.queue_limits IS
+    'Queues whose running jobs are capped across all workers: claims take a job of such a queue only while '
+    'fewer than max_running of its jobs run. Written by set_queue_limit().';
+COMMENT ON COLUMN pgqueue.queue_limits.queue IS 'The limited queue (pgqueue.jobs.queue).';
+COMMENT ON COLUMN pgqueue.queue_limits.max_running IS
+    'At most this many of the queue''s jobs run at once (jobs already running past a lowered limit finish).';
+
 -- Claim order over live work only: finished jobs never enter this index, so
 -- claiming stays fast however many finished jobs pile up. Nor do queued jobs
 -- waiting behind an older job of their scope (scope_blocked), or in a paused

@@ -122,16 +122,42 @@ BEGIN
 END
 $$;
 
+-- Whether a job of p_queue may start now: true for a queue without a limit;
+-- for a limited one, its limit lock is taken (to commit: a claim waits for the
+-- one before it) and its running jobs are counted in a snapshot taken after
+-- the lock, which sees every claim that held it before. The caller holds the
+-- job's row already (rows before limit locks, in every claim), and under
+-- REPEATABLE READ gets false: its snapshot may predate such a claim.
+CREATE FUNCTION pgqueue._limit_room(p_queue text) RETURNS boolean
+LANGUAGE plpgsql
+SET enable_seqscan = off SET enable_bitmapscan = off
+AS $$
+BEGIN
+    PERFORM 1 FROM pgqueue.queue_limits l WHERE l.queue = p_queue;
+    IF NOT FOUND THEN
+        RETURN true;
+    END IF;
+    IF current_setting('transaction_isolation') IN ('repeatable read', 'serializable') THEN
+        RETURN false;
+    END IF;
+    PERFORM pg_advisory_xact_lock(pgqueue._lock_class('limit'), hashtext(p_queue));
+    RETURN (SELECT count(*) FROM pgqueue.jobs r WHERE r.state = 'running' AND r.queue = p_queue)
+         < (SELECT l.max_running FROM pgqueue.queue_limits l WHERE l.queue = p_queue);
+END
+$$;
+
 CREATE FUNCTION pgqueue.claim(job_id bigint, worker text) RETURNS SETOF pgqueue.jobs
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
     v_scope jsonb;
+    v_queue text;
+    v_limited boolean;
 BEGIN
     IF worker IS NULL OR worker = '' THEN
         RAISE EXCEPTION 'pgqueue.claim: worker must be a non-empty string' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    SELECT j.scope INTO v_scope FROM pgqueue.jobs j
+    SELECT j.scope, j.queue INTO v_scope, v_queue FROM pgqueue.jobs j
     WHERE j.id = claim.job_id AND j.state = 'queued' AND j.run_after <= now()
       AND NOT EXISTS (SELECT 1 FROM pgqueue.paused_queues p WHERE p.queue = j.queue);
     IF NOT FOUND THEN
@@ -139,14 +165,30 @@ BEGIN
     END IF;
     IF v_scope IS NOT NULL THEN
         PERFORM pg_advisory_xact_lock(pgqueue._lock_class('scope'), pgqueue._scope_lock_key(v_scope));
+    END IF;
+    v_limited := EXISTS (SELECT 1 FROM pgqueue.queue_limits l WHERE l.queue = v_queue);
+    IF v_scope IS NOT NULL OR v_limited THEN
         -- New statements, new snapshot: every claim of this scope that committed
         -- before we got the lock is visible from here on.
         PERFORM 1 FROM pgqueue.jobs j
         WHERE j.id = claim.job_id AND j.state = 'queued' AND j.run_after <= now()
         FOR NO KEY UPDATE;
-        IF NOT FOUND OR NOT pgqueue._scope_free(v_scope, claim.job_id) THEN
+        IF NOT FOUND OR (v_scope IS NOT NULL AND NOT pgqueue._scope_free(v_scope, claim.job_id)) THEN
             RETURN;
         END IF;
+    END IF;
+    IF v_limited THEN
+        -- The rows it writes before the limit lock, as claim_next takes them: a
+        -- claim holding a limit lock waits for nothing.
+        IF v_scope IS NOT NULL THEN
+            PERFORM 1 FROM pgqueue.jobs o WHERE o.is_current AND pgqueue._same_scope(o.scope, v_scope)
+            FOR NO KEY UPDATE;
+        END IF;
+        IF NOT pgqueue._limit_room(v_queue) THEN
+            RETURN;
+        END IF;
+    END IF;
+    IF v_scope IS NOT NULL THEN
         -- Clear the previous current job first: a single UPDATE that swaps the
         -- flag trips the unique index or not depending on row order (E14).
         UPDATE pgqueue.jobs o SET is_current = false
@@ -162,7 +204,7 @@ END
 $$;
 COMMENT ON FUNCTION pgqueue.claim(bigint, text) IS
     'Claim a known job by id for worker: a conditional UPDATE that returns the running row, or no row if the '
-    'job is not queued, not due, in a paused queue, or its scope is busy. Never raises for a lost race. Sets state, is_current, '
+    'job is not queued, not due, in a paused queue or a full limited one, or its scope is busy. Never raises for a lost race. Sets state, is_current, '
     'locked_by, locked_at, started_at (first claim only) and attempts together.';
 
 CREATE FUNCTION pgqueue.claim_next(worker text, queues text[] DEFAULT NULL, batch_size int DEFAULT 1)
@@ -185,6 +227,16 @@ AS $$
 DECLARE
     v_ids bigint[];
     v_scoped boolean;
+    v_picked bigint[];
+    v_seen bigint[] := '{}';
+    v_limited text[] := '{}';
+    v_full text[] := '{}';
+    v_filled text[];
+    v_busy text[];
+    v_try_only boolean;
+    v_kept bigint[];
+    v_left int := batch_size;
+    v_round int := 0;
 BEGIN
     IF worker IS NULL OR worker = '' THEN
         RAISE EXCEPTION 'pgqueue.claim_next: worker must be a non-empty string' USING ERRCODE = 'invalid_parameter_value';
@@ -195,11 +247,14 @@ BEGIN
     END IF;
 
     -- No scoped job is queued or running (one probe of an index that holds only
-    -- those): pick and claim in one statement, a third cheaper than the general
-    -- path below. A scoped job committed after this check is not picked; the
-    -- next claim takes it (its own NOTIFY wakes the workers).
+    -- those) and none of these queues is limited: pick and claim in one
+    -- statement, a third cheaper than the general path below. A scoped job
+    -- committed after this check is not picked; the next claim takes it (its
+    -- own NOTIFY wakes the workers).
     IF NOT EXISTS (SELECT 1 FROM pgqueue.jobs j
-                   WHERE j.scope IS NOT NULL AND j.state IN ('queued', 'running')) THEN
+                   WHERE j.scope IS NOT NULL AND j.state IN ('queued', 'running'))
+       AND NOT EXISTS (SELECT 1 FROM pgqueue.queue_limits l
+                       WHERE claim_next.queues IS NULL OR l.queue = ANY (claim_next.queues)) THEN
         RETURN QUERY
         WITH picked AS (
             SELECT j.id FROM pgqueue.jobs j
@@ -220,75 +275,174 @@ BEGIN
         RETURN;
     END IF;
 
-    -- Pick: due jobs in claim order, only the head of each scope, row-locked,
-    -- skipping rows other claimers hold; a scoped pick also needs its scope's
-    -- try-lock, so a scope another transaction is claiming is skipped.
-    SELECT array_agg(c.id), bool_or(c.scope IS NOT NULL) INTO v_ids, v_scoped
-    FROM (
-        SELECT j.id, j.scope FROM pgqueue.jobs j
-        WHERE j.state = 'queued' AND NOT j.scope_blocked AND NOT j.queue_paused AND j.run_after <= now()
-          AND (claim_next.queues IS NULL OR j.queue = ANY (claim_next.queues))
-          -- Paused queues' jobs are flagged out of jobs_ready; the few an enqueue under
-          -- way at the pause left unflagged are skipped by name (an InitPlan, once per call).
-          AND j.queue <> ALL (ARRAY(SELECT p.queue FROM pgqueue.paused_queues p))
-          -- _scope_free(j.scope, j.id), written out: a SQL function with sub-selects
-          -- is not inlined, and its call costs more than its two index probes.
-          AND (j.scope IS NULL
-               OR (coalesce((SELECT o.state FROM pgqueue.jobs o
-                             WHERE o.is_current AND pgqueue._same_scope(o.scope, j.scope)
-                             LIMIT 1), '') <> 'running'
-                   AND NOT EXISTS (SELECT 1 FROM pgqueue.jobs o
-                                   WHERE pgqueue._same_scope(o.scope, j.scope)
-                                     AND o.state = 'queued' AND o.id < j.id)))
-        ORDER BY j.priority DESC, j.run_after, j.id
-        LIMIT claim_next.batch_size
-        FOR NO KEY UPDATE OF j SKIP LOCKED
-    ) c
-    WHERE c.scope IS NULL
-       OR pg_try_advisory_xact_lock(pgqueue._lock_class('scope'), pgqueue._scope_lock_key(c.scope));
-    IF v_ids IS NULL THEN
-        RETURN;
-    END IF;
-
-    IF v_scoped THEN
-        -- Re-check with a snapshot taken after the scope locks were granted.
-        SELECT array_agg(j.id) INTO v_ids FROM pgqueue.jobs j
-        WHERE j.id = ANY (v_ids)
-          AND (j.scope IS NULL
-               OR (coalesce((SELECT o.state FROM pgqueue.jobs o
-                             WHERE o.is_current AND pgqueue._same_scope(o.scope, j.scope)
-                             LIMIT 1), '') <> 'running'
-                   AND NOT EXISTS (SELECT 1 FROM pgqueue.jobs o
-                                   WHERE pgqueue._same_scope(o.scope, j.scope)
-                                     AND o.state = 'queued' AND o.id < j.id)));
-        IF v_ids IS NULL THEN
+    -- Limited queues: the ones full in this snapshot are left out of the pick
+    -- (a hint: the count that decides is taken under the limit lock below), in
+    -- one pass over the running jobs. Under REPEATABLE READ no later snapshot
+    -- exists, so none of their jobs is taken: a count from the transaction's
+    -- first snapshot could hand out a place another worker took since.
+    v_limited := ARRAY(SELECT l.queue FROM pgqueue.queue_limits l
+                       WHERE claim_next.queues IS NULL OR l.queue = ANY (claim_next.queues));
+    IF v_limited <> '{}' THEN
+        IF current_setting('transaction_isolation') IN ('repeatable read', 'serializable') THEN
+            v_full := v_limited;
+        ELSE
+            v_full := ARRAY(
+                SELECT l.queue FROM pgqueue.queue_limits l
+                LEFT JOIN (SELECT r.queue, count(*) AS running FROM pgqueue.jobs r
+                           WHERE r.state = 'running' AND r.queue = ANY (v_limited)
+                           GROUP BY r.queue) r ON r.queue = l.queue
+                WHERE l.queue = ANY (v_limited) AND l.max_running <= coalesce(r.running, 0));
+        END IF;
+        -- Every queue of this claim full: nothing to pick (and no backlog of theirs to step over).
+        IF claim_next.queues <@ v_full THEN
             RETURN;
         END IF;
-        -- One probe of the current-per-scope index per claimed scope: a scope
-        -- array, not a semi-join, which with stale statistics was planned as a
-        -- walk of every scope's current job, each re-reading the batch.
-        UPDATE pgqueue.jobs o SET is_current = false
-        WHERE o.is_current
-          AND jsonb_hash(o.scope) = ANY (ARRAY(SELECT jsonb_hash(j.scope) FROM pgqueue.jobs j
-                                               WHERE j.id = ANY (v_ids) AND j.scope IS NOT NULL))
-          AND o.scope = ANY (ARRAY(SELECT j.scope FROM pgqueue.jobs j
-                                   WHERE j.id = ANY (v_ids) AND j.scope IS NOT NULL));
+        -- claim_or_wait holds the 'waiters' lock, which every enqueue needs: it never
+        -- waits for a limit lock (see below).
+        v_try_only := coalesce(current_setting('pgqueue.limit_locks', true), '') = 'try';
     END IF;
 
-    RETURN QUERY
-    WITH claimed AS (
-        UPDATE pgqueue.jobs j
-           SET state = 'running', is_current = (j.scope IS NOT NULL), scope_blocked = false,
-               locked_by = claim_next.worker,
-               locked_at = now(), started_at = coalesce(j.started_at, now()), attempts = j.attempts + 1
-         WHERE j.id = ANY (v_ids)
-        RETURNING j.*
-    )
-    SELECT * FROM claimed c ORDER BY c.priority DESC, c.run_after, c.id;
+    -- Rounds: one, unless a limited queue's places ran out under the jobs picked
+    -- for it; then the batch is filled up from the other queues, without it.
+    LOOP
+        v_round := v_round + 1;
+        -- Pick: due jobs in claim order, only the head of each scope, row-locked,
+        -- skipping rows other claimers hold; a scoped pick also needs its scope's
+        -- try-lock, so a scope another transaction is claiming is skipped.
+        SELECT array_agg(c.id) FILTER (WHERE c.free), bool_or(c.scope IS NOT NULL AND c.free), array_agg(c.id)
+          INTO v_ids, v_scoped, v_picked
+        FROM (
+            SELECT p.id, p.scope,
+                   p.scope IS NULL
+                   OR pg_try_advisory_xact_lock(pgqueue._lock_class('scope'), pgqueue._scope_lock_key(p.scope)) AS free
+            FROM (
+                SELECT j.id, j.scope FROM pgqueue.jobs j
+                WHERE j.state = 'queued' AND NOT j.scope_blocked AND NOT j.queue_paused AND j.run_after <= now()
+                  AND (claim_next.queues IS NULL OR j.queue = ANY (claim_next.queues))
+                  -- Paused queues' jobs are flagged out of jobs_ready; the few an enqueue under
+                  -- way at the pause left unflagged are skipped by name (an InitPlan, once per call).
+                  AND j.queue <> ALL (ARRAY(SELECT p.queue FROM pgqueue.paused_queues p))
+                  AND j.queue <> ALL (v_full)
+                  -- rows an earlier round locked and did not claim (FOR UPDATE does not skip our own)
+                  AND j.id <> ALL (v_seen)
+                  -- _scope_free(j.scope, j.id), written out: a SQL function with sub-selects
+                  -- is not inlined, and its call costs more than its two index probes.
+                  AND (j.scope IS NULL
+                       OR (coalesce((SELECT o.state FROM pgqueue.jobs o
+                                     WHERE o.is_current AND pgqueue._same_scope(o.scope, j.scope)
+                                     LIMIT 1), '') <> 'running'
+                           AND NOT EXISTS (SELECT 1 FROM pgqueue.jobs o
+                                           WHERE pgqueue._same_scope(o.scope, j.scope)
+                                             AND o.state = 'queued' AND o.id < j.id)))
+                ORDER BY j.priority DESC, j.run_after, j.id
+                LIMIT v_left
+                FOR NO KEY UPDATE OF j SKIP LOCKED
+            ) p
+        ) c;
+        EXIT WHEN v_ids IS NULL;
+        v_seen := v_seen || v_picked;
+
+        IF v_scoped THEN
+            -- Re-check with a snapshot taken after the scope locks were granted.
+            SELECT array_agg(j.id) INTO v_ids FROM pgqueue.jobs j
+            WHERE j.id = ANY (v_ids)
+              AND (j.scope IS NULL
+                   OR (coalesce((SELECT o.state FROM pgqueue.jobs o
+                                 WHERE o.is_current AND pgqueue._same_scope(o.scope, j.scope)
+                                 LIMIT 1), '') <> 'running'
+                       AND NOT EXISTS (SELECT 1 FROM pgqueue.jobs o
+                                       WHERE pgqueue._same_scope(o.scope, j.scope)
+                                         AND o.state = 'queued' AND o.id < j.id)));
+            EXIT WHEN v_ids IS NULL;
+        END IF;
+
+        v_filled := '{}';
+        IF v_limited <> '{}' THEN
+            -- Every row this claim will write is locked before any limit lock: the
+            -- picks are, and so are the previous current jobs of their scopes (the
+            -- update below clears their flag). A claim that holds a limit lock then
+            -- waits for nothing, so no cycle runs through the limit locks.
+            IF v_scoped THEN
+                PERFORM 1 FROM pgqueue.jobs o
+                WHERE o.is_current
+                  AND jsonb_hash(o.scope) = ANY (ARRAY(SELECT jsonb_hash(j.scope) FROM pgqueue.jobs j
+                                                       WHERE j.id = ANY (v_ids) AND j.scope IS NOT NULL))
+                  AND o.scope = ANY (ARRAY(SELECT j.scope FROM pgqueue.jobs j
+                                           WHERE j.id = ANY (v_ids) AND j.scope IS NOT NULL))
+                ORDER BY o.id
+                FOR NO KEY UPDATE;
+            END IF;
+            -- The picked rows' limited queues: their limit locks, in key order in the
+            -- first round. Later rounds hold some already, and claim_or_wait holds the
+            -- 'waiters' lock: they only try, and a queue whose lock another claim holds
+            -- counts as full for this one; it is notified when this claim commits, so
+            -- its workers claim again then (waiting for the lock: nothing is lost).
+            SELECT coalesce(array_agg(x.queue) FILTER (WHERE NOT x.got), '{}') INTO v_busy
+            FROM (SELECT y.queue,
+                         CASE WHEN v_round = 1 AND NOT v_try_only
+                              THEN pg_advisory_xact_lock(pgqueue._lock_class('limit'), hashtext(y.queue)) IS NOT NULL
+                              ELSE pg_try_advisory_xact_lock(pgqueue._lock_class('limit'), hashtext(y.queue)) END AS got
+                  FROM (SELECT DISTINCT hashtext(j.queue) AS key, j.queue FROM pgqueue.jobs j
+                        WHERE j.id = ANY (v_ids) AND j.queue = ANY (v_limited)
+                        ORDER BY 1, 2) y) x;
+            IF v_busy <> '{}' THEN
+                PERFORM pg_notify('pgqueue', q) FROM unnest(v_busy) q;
+            END IF;
+            -- A later statement, a snapshot taken after the locks were granted: the
+            -- places left, counted with every claim that held them before; a queue's
+            -- jobs past its places stay queued (and locked until this claim commits).
+            WITH picked AS (
+                SELECT j.id, j.queue,
+                       row_number() OVER (PARTITION BY j.queue ORDER BY j.priority DESC, j.run_after, j.id) AS n
+                FROM pgqueue.jobs j WHERE j.id = ANY (v_ids)
+            ), room AS (
+                SELECT l.queue,
+                       CASE WHEN l.queue = ANY (v_busy) THEN 0
+                            ELSE l.max_running - (SELECT count(*) FROM pgqueue.jobs r
+                                                  WHERE r.state = 'running' AND r.queue = l.queue) END AS places
+                FROM pgqueue.queue_limits l
+                WHERE l.queue = ANY (ARRAY(SELECT DISTINCT p.queue FROM picked p)) AND l.queue = ANY (v_limited)
+            )
+            SELECT array_agg(p.id) FILTER (WHERE r.places IS NULL OR p.n <= r.places),
+                   coalesce(array_agg(DISTINCT p.queue) FILTER (WHERE p.n >= r.places), '{}')
+              INTO v_kept, v_filled
+              FROM picked p LEFT JOIN room r ON r.queue = p.queue;
+            v_full := v_full || v_filled;
+            v_ids := v_kept;
+        END IF;
+
+        IF v_ids IS NOT NULL THEN
+            IF v_scoped THEN
+                -- One probe of the current-per-scope index per claimed scope: a scope
+                -- array, not a semi-join, which with stale statistics was planned as a
+                -- walk of every scope's current job, each re-reading the batch.
+                UPDATE pgqueue.jobs o SET is_current = false
+                WHERE o.is_current
+                  AND jsonb_hash(o.scope) = ANY (ARRAY(SELECT jsonb_hash(j.scope) FROM pgqueue.jobs j
+                                                       WHERE j.id = ANY (v_ids) AND j.scope IS NOT NULL))
+                  AND o.scope = ANY (ARRAY(SELECT j.scope FROM pgqueue.jobs j
+                                           WHERE j.id = ANY (v_ids) AND j.scope IS NOT NULL));
+            END IF;
+            RETURN QUERY
+            WITH claimed AS (
+                UPDATE pgqueue.jobs j
+                   SET state = 'running', is_current = (j.scope IS NOT NULL), scope_blocked = false,
+                       locked_by = claim_next.worker,
+                       locked_at = now(), started_at = coalesce(j.started_at, now()), attempts = j.attempts + 1
+                 WHERE j.id = ANY (v_ids)
+                RETURNING j.*
+            )
+            SELECT * FROM claimed c ORDER BY c.priority DESC, c.run_after, c.id;
+            v_left := v_left - cardinality(v_ids);
+        END IF;
+        -- Another round only if a queue filled up with jobs left over and places remain.
+        EXIT WHEN v_filled = '{}' OR v_left = 0 OR cardinality(v_picked) < v_left + coalesce(cardinality(v_ids), 0);
+    END LOOP;
 END
 $$;
 COMMENT ON FUNCTION pgqueue.claim_next(text, text[], int) IS
     'Claim up to batch_size due jobs (in queues, or any queue when NULL) for worker, by priority desc, '
     'run_after, id, with FOR NO KEY UPDATE SKIP LOCKED, skipping paused queues. A batch never holds two jobs '
     'of one scope, and a scoped job is claimed only when no job of its scope runs and none older is queued. '
+    'A limited queue (queue_limits) gives at most its free places, counted under its limit lock. '
     'Returns the claimed rows.';

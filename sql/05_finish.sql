@@ -210,6 +210,7 @@ DECLARE
     v_specs jsonb[];
     v_scopes jsonb[];
     v_scoped bigint[];
+    v_limited boolean;
 BEGIN
     IF cardinality(p_results) <> cardinality(p_job_ids) OR cardinality(p_next_jobs) <> cardinality(p_job_ids) THEN
         RAISE EXCEPTION '%: job_ids, results and next_jobs must have the same length', p_label
@@ -255,8 +256,10 @@ BEGIN
            array_agg(d.id) FILTER (WHERE d.scope IS NOT NULL),
            array_agg(d.id) FILTER (WHERE d.specs <> '[]'),
            array_agg(d.pipeline_id) FILTER (WHERE d.specs <> '[]'),
-           array_agg(d.specs) FILTER (WHERE d.specs <> '[]')
-      INTO v_done, v_scopes, v_scoped, v_parents, v_pipelines, v_specs
+           array_agg(d.specs) FILTER (WHERE d.specs <> '[]'),
+           -- one probe of an empty index while no queue is limited
+           EXISTS (SELECT 1 FROM pgqueue.queue_limits)
+      INTO v_done, v_scopes, v_scoped, v_parents, v_pipelines, v_specs, v_limited
       FROM done d;
     IF v_done IS NULL THEN
         RETURN '{}';
@@ -280,6 +283,9 @@ BEGIN
     END IF;
     IF v_scopes IS NOT NULL THEN
         PERFORM pgqueue._unblock_next(v_scopes, v_scoped);
+    END IF;
+    IF v_limited THEN
+        PERFORM pgqueue._notify_limited(v_done);
     END IF;
     -- Dependents first, children after: a child that depends on a job of this
     -- batch sees it succeeded and never counts it, so it must not be decremented.
@@ -361,6 +367,10 @@ BEGIN
         RETURN;
     END IF;
     v_state := pgqueue._fail_attempt(p_job_id, coalesce(p_error, '(no error message)'), p_retry_in);
+    -- Requeued, it announces itself (jobs_notify_requeued); ended, its place is free.
+    IF v_state <> 'queued' THEN
+        PERFORM pgqueue._notify_limited(ARRAY[p_job_id]);
+    END IF;
     -- Requeued, the job is still active and still ahead of the jobs behind it.
     IF v_scope IS NOT NULL AND v_state <> 'queued' THEN
         PERFORM pgqueue._unblock_next(ARRAY[v_scope], ARRAY[p_job_id]);
@@ -421,6 +431,7 @@ BEGIN
         IF v_scope IS NOT NULL THEN
             PERFORM pgqueue._unblock_next(ARRAY[v_scope], ARRAY[p_job_id]);
         END IF;
+        PERFORM pgqueue._notify_limited(ARRAY[p_job_id]);
         RETURN 'cancelled';
     END IF;
     UPDATE pgqueue.jobs j

@@ -46,6 +46,9 @@ BEGIN
         IF c.scope IS NOT NULL AND v_state <> 'queued' THEN
             PERFORM pgqueue._unblock_next(ARRAY[c.scope], ARRAY[c.id]);
         END IF;
+        IF v_state <> 'queued' THEN
+            PERFORM pgqueue._notify_limited(ARRAY[c.id]);
+        END IF;
         RETURN NEXT v.id;
     END LOOP;
 END
@@ -565,3 +568,35 @@ $$;
 COMMENT ON FUNCTION pgqueue.resume_queue(text) IS
     'Hand out jobs of a paused queue again, and NOTIFY pgqueue, <queue> so idle workers claim them at once. '
     'Returns false if it was not paused.';
+
+-- A cap on a queue's running jobs across all workers, or none (NULL). Lowering
+-- it stops nothing that runs: claims wait until fewer than the new cap run.
+-- Raising or removing it wakes the queue's workers, which may have found it full.
+CREATE FUNCTION pgqueue.set_queue_limit(queue text, max_running int) RETURNS int
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_was int;
+BEGIN
+    PERFORM pgqueue._check_queue_name('set_queue_limit', set_queue_limit.queue);
+    IF set_queue_limit.max_running < 1 THEN
+        RAISE EXCEPTION 'pgqueue.set_queue_limit: max_running must be at least 1 (NULL removes the limit), got %',
+            set_queue_limit.max_running USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT l.max_running INTO v_was FROM pgqueue.queue_limits l WHERE l.queue = set_queue_limit.queue FOR UPDATE;
+    IF set_queue_limit.max_running IS NULL THEN
+        DELETE FROM pgqueue.queue_limits l WHERE l.queue = set_queue_limit.queue;
+    ELSE
+        INSERT INTO pgqueue.queue_limits AS l (queue, max_running)
+        VALUES (set_queue_limit.queue, set_queue_limit.max_running)
+        ON CONFLICT (queue) DO UPDATE SET max_running = EXCLUDED.max_running;
+    END IF;
+    IF v_was < coalesce(set_queue_limit.max_running, 2147483647) THEN
+        PERFORM pgqueue._notify(ARRAY[set_queue_limit.queue], pgqueue._setting('notify'));
+    END IF;
+    RETURN v_was;
+END
+$$;
+COMMENT ON FUNCTION pgqueue.set_queue_limit(text, int) IS
+    'Let at most max_running jobs of the queue run at once, across all workers (NULL: no limit). Jobs running '
+    'past a lowered limit finish; claims take more once fewer run. Returns the previous limit, NULL if none.';

@@ -74,6 +74,20 @@ BEGIN
 END
 $$;
 
+-- A job of a limited queue ended (succeeded, failed, cancelled): a place is
+-- free, so the queue's idle workers are woken. A worker that found the queue
+-- full claimed none of its jobs and waits for a notification; nothing else
+-- would send one (a job requeued instead announces itself, by the
+-- jobs_notify_requeued trigger). Callers that end jobs in batches test first
+-- whether any queue is limited.
+CREATE FUNCTION pgqueue._notify_limited(p_job_ids bigint[]) RETURNS void
+LANGUAGE sql AS $$
+    SELECT pgqueue._notify(ARRAY(SELECT DISTINCT j.queue FROM pgqueue.jobs j
+                                 JOIN pgqueue.queue_limits l ON l.queue = j.queue
+                                 WHERE j.id = ANY (p_job_ids)),
+                           pgqueue._setting('notify'))
+$$;
+
 -- Every single enqueue runs this, so the default mode takes two statements and
 -- no nested function calls (a statement's executor start and a PL/pgSQL call
 -- each cost more than the query they run: this trigger was 14 % of a single
@@ -175,8 +189,13 @@ BEGIN
         DELETE FROM pgqueue.notify_waiters w
         WHERE w.since < now() - pgqueue._setting_interval('stale_after');
     END IF;
-    -- claim_next's statements take snapshots after the lock was granted.
+    -- claim_next's statements take snapshots after the lock was granted. It
+    -- only tries limit locks here: waiting for one while holding the 'waiters'
+    -- lock would hold up every enqueue, and deadlock with a transaction that
+    -- claimed (holding a limit lock) and then enqueues or completes.
+    PERFORM set_config('pgqueue.limit_locks', 'try', true);
     RETURN QUERY SELECT * FROM pgqueue.claim_next(claim_or_wait.worker, claim_or_wait.queues, claim_or_wait.batch_size);
+    PERFORM set_config('pgqueue.limit_locks', '', true);
 END
 $$;
 COMMENT ON FUNCTION pgqueue.claim_or_wait(text, text[], int) IS

@@ -327,6 +327,25 @@ COMMENT ON TABLE pgqueue.paused_queues IS
 COMMENT ON COLUMN pgqueue.paused_queues.queue IS 'The paused queue (pgqueue.jobs.queue).';
 COMMENT ON COLUMN pgqueue.paused_queues.paused_at IS 'When pause_queue() paused it.';
 
+-- Queues with a cap on how many of their jobs run at once, across every worker
+-- (set_queue_limit). A claim takes jobs of a limited queue only under the
+-- queue's limit lock, counting its running jobs in a snapshot taken after the
+-- lock was granted, so two workers never both take the last free place. A
+-- worker's own concurrency is its own business; this is the cap they share (an
+-- API's rate of connections, a licence seat count).
+CREATE TABLE pgqueue.queue_limits (
+    queue       text PRIMARY KEY,
+    max_running int  NOT NULL,
+    CONSTRAINT queue_limits_queue_valid CHECK (btrim(queue) <> '' AND octet_length(queue) <= 200),
+    CONSTRAINT queue_limits_max_running_positive CHECK (max_running >= 1)
+);
+COMMENT ON TABLE pgqueue.queue_limits IS
+    'Queues whose running jobs are capped across all workers: claims take a job of such a queue only while '
+    'fewer than max_running of its jobs run. Written by set_queue_limit().';
+COMMENT ON COLUMN pgqueue.queue_limits.queue IS 'The limited queue (pgqueue.jobs.queue).';
+COMMENT ON COLUMN pgqueue.queue_limits.max_running IS
+    'At most this many of the queue''s jobs run at once (jobs already running past a lowered limit finish).';
+
 -- Claim order over live work only: finished jobs never enter this index, so
 -- claiming stays fast however many finished jobs pile up. Nor do queued jobs
 -- waiting behind an older job of their scope (scope_blocked), or in a paused
@@ -400,7 +419,7 @@ LANGUAGE sql IMMUTABLE AS $$
     SELECT CASE p_kind WHEN 'scope' THEN 7216001 WHEN 'dedup' THEN 7216002 WHEN 'leader' THEN 7216003
                        WHEN 'pipeline' THEN 7216004 WHEN 'waiters' THEN 7216005 WHEN 'scope_order' THEN 7216006
                        WHEN 'abort' THEN 7216007
-                       WHEN 'pause' THEN 7216008 END
+                       WHEN 'pause' THEN 7216008 WHEN 'limit' THEN 7216009 END
 $$;
 
 -- The keys a job spec may carry: enqueue's parameter names plus key/after.
@@ -1386,16 +1405,42 @@ BEGIN
 END
 $$;
 
+-- Whether a job of p_queue may start now: true for a queue without a limit;
+-- for a limited one, its limit lock is taken (to commit: a claim waits for the
+-- one before it) and its running jobs are counted in a snapshot taken after
+-- the lock, which sees every claim that held it before. The caller holds the
+-- job's row already (rows before limit locks, in every claim), and under
+-- REPEATABLE READ gets false: its snapshot may predate such a claim.
+CREATE FUNCTION pgqueue._limit_room(p_queue text) RETURNS boolean
+LANGUAGE plpgsql
+SET enable_seqscan = off SET enable_bitmapscan = off
+AS $$
+BEGIN
+    PERFORM 1 FROM pgqueue.queue_limits l WHERE l.queue = p_queue;
+    IF NOT FOUND THEN
+        RETURN true;
+    END IF;
+    IF current_setting('transaction_isolation') IN ('repeatable read', 'serializable') THEN
+        RETURN false;
+    END IF;
+    PERFORM pg_advisory_xact_lock(pgqueue._lock_class('limit'), hashtext(p_queue));
+    RETURN (SELECT count(*) FROM pgqueue.jobs r WHERE r.state = 'running' AND r.queue = p_queue)
+         < (SELECT l.max_running FROM pgqueue.queue_limits l WHERE l.queue = p_queue);
+END
+$$;
+
 CREATE FUNCTION pgqueue.claim(job_id bigint, worker text) RETURNS SETOF pgqueue.jobs
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
     v_scope jsonb;
+    v_queue text;
+    v_limited boolean;
 BEGIN
     IF worker IS NULL OR worker = '' THEN
         RAISE EXCEPTION 'pgqueue.claim: worker must be a non-empty string' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    SELECT j.scope INTO v_scope FROM pgqueue.jobs j
+    SELECT j.scope, j.queue INTO v_scope, v_queue FROM pgqueue.jobs j
     WHERE j.id = claim.job_id AND j.state = 'queued' AND j.run_after <= now()
       AND NOT EXISTS (SELECT 1 FROM pgqueue.paused_queues p WHERE p.queue = j.queue);
     IF NOT FOUND THEN
@@ -1403,14 +1448,30 @@ BEGIN
     END IF;
     IF v_scope IS NOT NULL THEN
         PERFORM pg_advisory_xact_lock(pgqueue._lock_class('scope'), pgqueue._scope_lock_key(v_scope));
+    END IF;
+    v_limited := EXISTS (SELECT 1 FROM pgqueue.queue_limits l WHERE l.queue = v_queue);
+    IF v_scope IS NOT NULL OR v_limited THEN
         -- New statements, new snapshot: every claim of this scope that committed
         -- before we got the lock is visible from here on.
         PERFORM 1 FROM pgqueue.jobs j
         WHERE j.id = claim.job_id AND j.state = 'queued' AND j.run_after <= now()
         FOR NO KEY UPDATE;
-        IF NOT FOUND OR NOT pgqueue._scope_free(v_scope, claim.job_id) THEN
+        IF NOT FOUND OR (v_scope IS NOT NULL AND NOT pgqueue._scope_free(v_scope, claim.job_id)) THEN
             RETURN;
         END IF;
+    END IF;
+    IF v_limited THEN
+        -- The rows it writes before the limit lock, as claim_next takes them: a
+        -- claim holding a limit lock waits for nothing.
+        IF v_scope IS NOT NULL THEN
+            PERFORM 1 FROM pgqueue.jobs o WHERE o.is_current AND pgqueue._same_scope(o.scope, v_scope)
+            FOR NO KEY UPDATE;
+        END IF;
+        IF NOT pgqueue._limit_room(v_queue) THEN
+            RETURN;
+        END IF;
+    END IF;
+    IF v_scope IS NOT NULL THEN
         -- Clear the previous current job first: a single UPDATE that swaps the
         -- flag trips the unique index or not depending on row order (E14).
         UPDATE pgqueue.jobs o SET is_current = false
@@ -1426,7 +1487,7 @@ END
 $$;
 COMMENT ON FUNCTION pgqueue.claim(bigint, text) IS
     'Claim a known job by id for worker: a conditional UPDATE that returns the running row, or no row if the '
-    'job is not queued, not due, in a paused queue, or its scope is busy. Never raises for a lost race. Sets state, is_current, '
+    'job is not queued, not due, in a paused queue or a full limited one, or its scope is busy. Never raises for a lost race. Sets state, is_current, '
     'locked_by, locked_at, started_at (first claim only) and attempts together.';
 
 CREATE FUNCTION pgqueue.claim_next(worker text, queues text[] DEFAULT NULL, batch_size int DEFAULT 1)
@@ -1449,6 +1510,16 @@ AS $$
 DECLARE
     v_ids bigint[];
     v_scoped boolean;
+    v_picked bigint[];
+    v_seen bigint[] := '{}';
+    v_limited text[] := '{}';
+    v_full text[] := '{}';
+    v_filled text[];
+    v_busy text[];
+    v_try_only boolean;
+    v_kept bigint[];
+    v_left int := batch_size;
+    v_round int := 0;
 BEGIN
     IF worker IS NULL OR worker = '' THEN
         RAISE EXCEPTION 'pgqueue.claim_next: worker must be a non-empty string' USING ERRCODE = 'invalid_parameter_value';
@@ -1459,11 +1530,14 @@ BEGIN
     END IF;
 
     -- No scoped job is queued or running (one probe of an index that holds only
-    -- those): pick and claim in one statement, a third cheaper than the general
-    -- path below. A scoped job committed after this check is not picked; the
-    -- next claim takes it (its own NOTIFY wakes the workers).
+    -- those) and none of these queues is limited: pick and claim in one
+    -- statement, a third cheaper than the general path below. A scoped job
+    -- committed after this check is not picked; the next claim takes it (its
+    -- own NOTIFY wakes the workers).
     IF NOT EXISTS (SELECT 1 FROM pgqueue.jobs j
-                   WHERE j.scope IS NOT NULL AND j.state IN ('queued', 'running')) THEN
+                   WHERE j.scope IS NOT NULL AND j.state IN ('queued', 'running'))
+       AND NOT EXISTS (SELECT 1 FROM pgqueue.queue_limits l
+                       WHERE claim_next.queues IS NULL OR l.queue = ANY (claim_next.queues)) THEN
         RETURN QUERY
         WITH picked AS (
             SELECT j.id FROM pgqueue.jobs j
@@ -1484,77 +1558,176 @@ BEGIN
         RETURN;
     END IF;
 
-    -- Pick: due jobs in claim order, only the head of each scope, row-locked,
-    -- skipping rows other claimers hold; a scoped pick also needs its scope's
-    -- try-lock, so a scope another transaction is claiming is skipped.
-    SELECT array_agg(c.id), bool_or(c.scope IS NOT NULL) INTO v_ids, v_scoped
-    FROM (
-        SELECT j.id, j.scope FROM pgqueue.jobs j
-        WHERE j.state = 'queued' AND NOT j.scope_blocked AND NOT j.queue_paused AND j.run_after <= now()
-          AND (claim_next.queues IS NULL OR j.queue = ANY (claim_next.queues))
-          -- Paused queues' jobs are flagged out of jobs_ready; the few an enqueue under
-          -- way at the pause left unflagged are skipped by name (an InitPlan, once per call).
-          AND j.queue <> ALL (ARRAY(SELECT p.queue FROM pgqueue.paused_queues p))
-          -- _scope_free(j.scope, j.id), written out: a SQL function with sub-selects
-          -- is not inlined, and its call costs more than its two index probes.
-          AND (j.scope IS NULL
-               OR (coalesce((SELECT o.state FROM pgqueue.jobs o
-                             WHERE o.is_current AND pgqueue._same_scope(o.scope, j.scope)
-                             LIMIT 1), '') <> 'running'
-                   AND NOT EXISTS (SELECT 1 FROM pgqueue.jobs o
-                                   WHERE pgqueue._same_scope(o.scope, j.scope)
-                                     AND o.state = 'queued' AND o.id < j.id)))
-        ORDER BY j.priority DESC, j.run_after, j.id
-        LIMIT claim_next.batch_size
-        FOR NO KEY UPDATE OF j SKIP LOCKED
-    ) c
-    WHERE c.scope IS NULL
-       OR pg_try_advisory_xact_lock(pgqueue._lock_class('scope'), pgqueue._scope_lock_key(c.scope));
-    IF v_ids IS NULL THEN
-        RETURN;
-    END IF;
-
-    IF v_scoped THEN
-        -- Re-check with a snapshot taken after the scope locks were granted.
-        SELECT array_agg(j.id) INTO v_ids FROM pgqueue.jobs j
-        WHERE j.id = ANY (v_ids)
-          AND (j.scope IS NULL
-               OR (coalesce((SELECT o.state FROM pgqueue.jobs o
-                             WHERE o.is_current AND pgqueue._same_scope(o.scope, j.scope)
-                             LIMIT 1), '') <> 'running'
-                   AND NOT EXISTS (SELECT 1 FROM pgqueue.jobs o
-                                   WHERE pgqueue._same_scope(o.scope, j.scope)
-                                     AND o.state = 'queued' AND o.id < j.id)));
-        IF v_ids IS NULL THEN
+    -- Limited queues: the ones full in this snapshot are left out of the pick
+    -- (a hint: the count that decides is taken under the limit lock below), in
+    -- one pass over the running jobs. Under REPEATABLE READ no later snapshot
+    -- exists, so none of their jobs is taken: a count from the transaction's
+    -- first snapshot could hand out a place another worker took since.
+    v_limited := ARRAY(SELECT l.queue FROM pgqueue.queue_limits l
+                       WHERE claim_next.queues IS NULL OR l.queue = ANY (claim_next.queues));
+    IF v_limited <> '{}' THEN
+        IF current_setting('transaction_isolation') IN ('repeatable read', 'serializable') THEN
+            v_full := v_limited;
+        ELSE
+            v_full := ARRAY(
+                SELECT l.queue FROM pgqueue.queue_limits l
+                LEFT JOIN (SELECT r.queue, count(*) AS running FROM pgqueue.jobs r
+                           WHERE r.state = 'running' AND r.queue = ANY (v_limited)
+                           GROUP BY r.queue) r ON r.queue = l.queue
+                WHERE l.queue = ANY (v_limited) AND l.max_running <= coalesce(r.running, 0));
+        END IF;
+        -- Every queue of this claim full: nothing to pick (and no backlog of theirs to step over).
+        IF claim_next.queues <@ v_full THEN
             RETURN;
         END IF;
-        -- One probe of the current-per-scope index per claimed scope: a scope
-        -- array, not a semi-join, which with stale statistics was planned as a
-        -- walk of every scope's current job, each re-reading the batch.
-        UPDATE pgqueue.jobs o SET is_current = false
-        WHERE o.is_current
-          AND jsonb_hash(o.scope) = ANY (ARRAY(SELECT jsonb_hash(j.scope) FROM pgqueue.jobs j
-                                               WHERE j.id = ANY (v_ids) AND j.scope IS NOT NULL))
-          AND o.scope = ANY (ARRAY(SELECT j.scope FROM pgqueue.jobs j
-                                   WHERE j.id = ANY (v_ids) AND j.scope IS NOT NULL));
+        -- claim_or_wait holds the 'waiters' lock, which every enqueue needs: it never
+        -- waits for a limit lock (see below).
+        v_try_only := coalesce(current_setting('pgqueue.limit_locks', true), '') = 'try';
     END IF;
 
-    RETURN QUERY
-    WITH claimed AS (
-        UPDATE pgqueue.jobs j
-           SET state = 'running', is_current = (j.scope IS NOT NULL), scope_blocked = false,
-               locked_by = claim_next.worker,
-               locked_at = now(), started_at = coalesce(j.started_at, now()), attempts = j.attempts + 1
-         WHERE j.id = ANY (v_ids)
-        RETURNING j.*
-    )
-    SELECT * FROM claimed c ORDER BY c.priority DESC, c.run_after, c.id;
+    -- Rounds: one, unless a limited queue's places ran out under the jobs picked
+    -- for it; then the batch is filled up from the other queues, without it.
+    LOOP
+        v_round := v_round + 1;
+        -- Pick: due jobs in claim order, only the head of each scope, row-locked,
+        -- skipping rows other claimers hold; a scoped pick also needs its scope's
+        -- try-lock, so a scope another transaction is claiming is skipped.
+        SELECT array_agg(c.id) FILTER (WHERE c.free), bool_or(c.scope IS NOT NULL AND c.free), array_agg(c.id)
+          INTO v_ids, v_scoped, v_picked
+        FROM (
+            SELECT p.id, p.scope,
+                   p.scope IS NULL
+                   OR pg_try_advisory_xact_lock(pgqueue._lock_class('scope'), pgqueue._scope_lock_key(p.scope)) AS free
+            FROM (
+                SELECT j.id, j.scope FROM pgqueue.jobs j
+                WHERE j.state = 'queued' AND NOT j.scope_blocked AND NOT j.queue_paused AND j.run_after <= now()
+                  AND (claim_next.queues IS NULL OR j.queue = ANY (claim_next.queues))
+                  -- Paused queues' jobs are flagged out of jobs_ready; the few an enqueue under
+                  -- way at the pause left unflagged are skipped by name (an InitPlan, once per call).
+                  AND j.queue <> ALL (ARRAY(SELECT p.queue FROM pgqueue.paused_queues p))
+                  AND j.queue <> ALL (v_full)
+                  -- rows an earlier round locked and did not claim (FOR UPDATE does not skip our own)
+                  AND j.id <> ALL (v_seen)
+                  -- _scope_free(j.scope, j.id), written out: a SQL function with sub-selects
+                  -- is not inlined, and its call costs more than its two index probes.
+                  AND (j.scope IS NULL
+                       OR (coalesce((SELECT o.state FROM pgqueue.jobs o
+                                     WHERE o.is_current AND pgqueue._same_scope(o.scope, j.scope)
+                                     LIMIT 1), '') <> 'running'
+                           AND NOT EXISTS (SELECT 1 FROM pgqueue.jobs o
+                                           WHERE pgqueue._same_scope(o.scope, j.scope)
+                                             AND o.state = 'queued' AND o.id < j.id)))
+                ORDER BY j.priority DESC, j.run_after, j.id
+                LIMIT v_left
+                FOR NO KEY UPDATE OF j SKIP LOCKED
+            ) p
+        ) c;
+        EXIT WHEN v_ids IS NULL;
+        v_seen := v_seen || v_picked;
+
+        IF v_scoped THEN
+            -- Re-check with a snapshot taken after the scope locks were granted.
+            SELECT array_agg(j.id) INTO v_ids FROM pgqueue.jobs j
+            WHERE j.id = ANY (v_ids)
+              AND (j.scope IS NULL
+                   OR (coalesce((SELECT o.state FROM pgqueue.jobs o
+                                 WHERE o.is_current AND pgqueue._same_scope(o.scope, j.scope)
+                                 LIMIT 1), '') <> 'running'
+                       AND NOT EXISTS (SELECT 1 FROM pgqueue.jobs o
+                                       WHERE pgqueue._same_scope(o.scope, j.scope)
+                                         AND o.state = 'queued' AND o.id < j.id)));
+            EXIT WHEN v_ids IS NULL;
+        END IF;
+
+        v_filled := '{}';
+        IF v_limited <> '{}' THEN
+            -- Every row this claim will write is locked before any limit lock: the
+            -- picks are, and so are the previous current jobs of their scopes (the
+            -- update below clears their flag). A claim that holds a limit lock then
+            -- waits for nothing, so no cycle runs through the limit locks.
+            IF v_scoped THEN
+                PERFORM 1 FROM pgqueue.jobs o
+                WHERE o.is_current
+                  AND jsonb_hash(o.scope) = ANY (ARRAY(SELECT jsonb_hash(j.scope) FROM pgqueue.jobs j
+                                                       WHERE j.id = ANY (v_ids) AND j.scope IS NOT NULL))
+                  AND o.scope = ANY (ARRAY(SELECT j.scope FROM pgqueue.jobs j
+                                           WHERE j.id = ANY (v_ids) AND j.scope IS NOT NULL))
+                ORDER BY o.id
+                FOR NO KEY UPDATE;
+            END IF;
+            -- The picked rows' limited queues: their limit locks, in key order in the
+            -- first round. Later rounds hold some already, and claim_or_wait holds the
+            -- 'waiters' lock: they only try, and a queue whose lock another claim holds
+            -- counts as full for this one; it is notified when this claim commits, so
+            -- its workers claim again then (waiting for the lock: nothing is lost).
+            SELECT coalesce(array_agg(x.queue) FILTER (WHERE NOT x.got), '{}') INTO v_busy
+            FROM (SELECT y.queue,
+                         CASE WHEN v_round = 1 AND NOT v_try_only
+                              THEN pg_advisory_xact_lock(pgqueue._lock_class('limit'), hashtext(y.queue)) IS NOT NULL
+                              ELSE pg_try_advisory_xact_lock(pgqueue._lock_class('limit'), hashtext(y.queue)) END AS got
+                  FROM (SELECT DISTINCT hashtext(j.queue) AS key, j.queue FROM pgqueue.jobs j
+                        WHERE j.id = ANY (v_ids) AND j.queue = ANY (v_limited)
+                        ORDER BY 1, 2) y) x;
+            IF v_busy <> '{}' THEN
+                PERFORM pg_notify('pgqueue', q) FROM unnest(v_busy) q;
+            END IF;
+            -- A later statement, a snapshot taken after the locks were granted: the
+            -- places left, counted with every claim that held them before; a queue's
+            -- jobs past its places stay queued (and locked until this claim commits).
+            WITH picked AS (
+                SELECT j.id, j.queue,
+                       row_number() OVER (PARTITION BY j.queue ORDER BY j.priority DESC, j.run_after, j.id) AS n
+                FROM pgqueue.jobs j WHERE j.id = ANY (v_ids)
+            ), room AS (
+                SELECT l.queue,
+                       CASE WHEN l.queue = ANY (v_busy) THEN 0
+                            ELSE l.max_running - (SELECT count(*) FROM pgqueue.jobs r
+                                                  WHERE r.state = 'running' AND r.queue = l.queue) END AS places
+                FROM pgqueue.queue_limits l
+                WHERE l.queue = ANY (ARRAY(SELECT DISTINCT p.queue FROM picked p)) AND l.queue = ANY (v_limited)
+            )
+            SELECT array_agg(p.id) FILTER (WHERE r.places IS NULL OR p.n <= r.places),
+                   coalesce(array_agg(DISTINCT p.queue) FILTER (WHERE p.n >= r.places), '{}')
+              INTO v_kept, v_filled
+              FROM picked p LEFT JOIN room r ON r.queue = p.queue;
+            v_full := v_full || v_filled;
+            v_ids := v_kept;
+        END IF;
+
+        IF v_ids IS NOT NULL THEN
+            IF v_scoped THEN
+                -- One probe of the current-per-scope index per claimed scope: a scope
+                -- array, not a semi-join, which with stale statistics was planned as a
+                -- walk of every scope's current job, each re-reading the batch.
+                UPDATE pgqueue.jobs o SET is_current = false
+                WHERE o.is_current
+                  AND jsonb_hash(o.scope) = ANY (ARRAY(SELECT jsonb_hash(j.scope) FROM pgqueue.jobs j
+                                                       WHERE j.id = ANY (v_ids) AND j.scope IS NOT NULL))
+                  AND o.scope = ANY (ARRAY(SELECT j.scope FROM pgqueue.jobs j
+                                           WHERE j.id = ANY (v_ids) AND j.scope IS NOT NULL));
+            END IF;
+            RETURN QUERY
+            WITH claimed AS (
+                UPDATE pgqueue.jobs j
+                   SET state = 'running', is_current = (j.scope IS NOT NULL), scope_blocked = false,
+                       locked_by = claim_next.worker,
+                       locked_at = now(), started_at = coalesce(j.started_at, now()), attempts = j.attempts + 1
+                 WHERE j.id = ANY (v_ids)
+                RETURNING j.*
+            )
+            SELECT * FROM claimed c ORDER BY c.priority DESC, c.run_after, c.id;
+            v_left := v_left - cardinality(v_ids);
+        END IF;
+        -- Another round only if a queue filled up with jobs left over and places remain.
+        EXIT WHEN v_filled = '{}' OR v_left = 0 OR cardinality(v_picked) < v_left + coalesce(cardinality(v_ids), 0);
+    END LOOP;
 END
 $$;
 COMMENT ON FUNCTION pgqueue.claim_next(text, text[], int) IS
     'Claim up to batch_size due jobs (in queues, or any queue when NULL) for worker, by priority desc, '
     'run_after, id, with FOR NO KEY UPDATE SKIP LOCKED, skipping paused queues. A batch never holds two jobs '
     'of one scope, and a scoped job is claimed only when no job of its scope runs and none older is queued. '
+    'A limited queue (queue_limits) gives at most its free places, counted under its limit lock. '
     'Returns the claimed rows.';
 
 -- ==== sql/05_finish.sql ====
@@ -1770,6 +1943,7 @@ DECLARE
     v_specs jsonb[];
     v_scopes jsonb[];
     v_scoped bigint[];
+    v_limited boolean;
 BEGIN
     IF cardinality(p_results) <> cardinality(p_job_ids) OR cardinality(p_next_jobs) <> cardinality(p_job_ids) THEN
         RAISE EXCEPTION '%: job_ids, results and next_jobs must have the same length', p_label
@@ -1815,8 +1989,10 @@ BEGIN
            array_agg(d.id) FILTER (WHERE d.scope IS NOT NULL),
            array_agg(d.id) FILTER (WHERE d.specs <> '[]'),
            array_agg(d.pipeline_id) FILTER (WHERE d.specs <> '[]'),
-           array_agg(d.specs) FILTER (WHERE d.specs <> '[]')
-      INTO v_done, v_scopes, v_scoped, v_parents, v_pipelines, v_specs
+           array_agg(d.specs) FILTER (WHERE d.specs <> '[]'),
+           -- one probe of an empty index while no queue is limited
+           EXISTS (SELECT 1 FROM pgqueue.queue_limits)
+      INTO v_done, v_scopes, v_scoped, v_parents, v_pipelines, v_specs, v_limited
       FROM done d;
     IF v_done IS NULL THEN
         RETURN '{}';
@@ -1840,6 +2016,9 @@ BEGIN
     END IF;
     IF v_scopes IS NOT NULL THEN
         PERFORM pgqueue._unblock_next(v_scopes, v_scoped);
+    END IF;
+    IF v_limited THEN
+        PERFORM pgqueue._notify_limited(v_done);
     END IF;
     -- Dependents first, children after: a child that depends on a job of this
     -- batch sees it succeeded and never counts it, so it must not be decremented.
@@ -1921,6 +2100,10 @@ BEGIN
         RETURN;
     END IF;
     v_state := pgqueue._fail_attempt(p_job_id, coalesce(p_error, '(no error message)'), p_retry_in);
+    -- Requeued, it announces itself (jobs_notify_requeued); ended, its place is free.
+    IF v_state <> 'queued' THEN
+        PERFORM pgqueue._notify_limited(ARRAY[p_job_id]);
+    END IF;
     -- Requeued, the job is still active and still ahead of the jobs behind it.
     IF v_scope IS NOT NULL AND v_state <> 'queued' THEN
         PERFORM pgqueue._unblock_next(ARRAY[v_scope], ARRAY[p_job_id]);
@@ -1981,6 +2164,7 @@ BEGIN
         IF v_scope IS NOT NULL THEN
             PERFORM pgqueue._unblock_next(ARRAY[v_scope], ARRAY[p_job_id]);
         END IF;
+        PERFORM pgqueue._notify_limited(ARRAY[p_job_id]);
         RETURN 'cancelled';
     END IF;
     UPDATE pgqueue.jobs j
@@ -2125,6 +2309,9 @@ BEGIN
             interval '0');
         IF c.scope IS NOT NULL AND v_state <> 'queued' THEN
             PERFORM pgqueue._unblock_next(ARRAY[c.scope], ARRAY[c.id]);
+        END IF;
+        IF v_state <> 'queued' THEN
+            PERFORM pgqueue._notify_limited(ARRAY[c.id]);
         END IF;
         RETURN NEXT v.id;
     END LOOP;
@@ -2646,6 +2833,38 @@ COMMENT ON FUNCTION pgqueue.resume_queue(text) IS
     'Hand out jobs of a paused queue again, and NOTIFY pgqueue, <queue> so idle workers claim them at once. '
     'Returns false if it was not paused.';
 
+-- A cap on a queue's running jobs across all workers, or none (NULL). Lowering
+-- it stops nothing that runs: claims wait until fewer than the new cap run.
+-- Raising or removing it wakes the queue's workers, which may have found it full.
+CREATE FUNCTION pgqueue.set_queue_limit(queue text, max_running int) RETURNS int
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_was int;
+BEGIN
+    PERFORM pgqueue._check_queue_name('set_queue_limit', set_queue_limit.queue);
+    IF set_queue_limit.max_running < 1 THEN
+        RAISE EXCEPTION 'pgqueue.set_queue_limit: max_running must be at least 1 (NULL removes the limit), got %',
+            set_queue_limit.max_running USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT l.max_running INTO v_was FROM pgqueue.queue_limits l WHERE l.queue = set_queue_limit.queue FOR UPDATE;
+    IF set_queue_limit.max_running IS NULL THEN
+        DELETE FROM pgqueue.queue_limits l WHERE l.queue = set_queue_limit.queue;
+    ELSE
+        INSERT INTO pgqueue.queue_limits AS l (queue, max_running)
+        VALUES (set_queue_limit.queue, set_queue_limit.max_running)
+        ON CONFLICT (queue) DO UPDATE SET max_running = EXCLUDED.max_running;
+    END IF;
+    IF v_was < coalesce(set_queue_limit.max_running, 2147483647) THEN
+        PERFORM pgqueue._notify(ARRAY[set_queue_limit.queue], pgqueue._setting('notify'));
+    END IF;
+    RETURN v_was;
+END
+$$;
+COMMENT ON FUNCTION pgqueue.set_queue_limit(text, int) IS
+    'Let at most max_running jobs of the queue run at once, across all workers (NULL: no limit). Jobs running '
+    'past a lowered limit finish; claims take more once fewer run. Returns the previous limit, NULL if none.';
+
 -- ==== sql/07_notify.sql ====
 -- =============================================================================
 -- pgqueue: notifications
@@ -2721,6 +2940,20 @@ BEGIN
     END IF;
     PERFORM pg_notify('pgqueue', q) FROM unnest(p_queues) q;
 END
+$$;
+
+-- A job of a limited queue ended (succeeded, failed, cancelled): a place is
+-- free, so the queue's idle workers are woken. A worker that found the queue
+-- full claimed none of its jobs and waits for a notification; nothing else
+-- would send one (a job requeued instead announces itself, by the
+-- jobs_notify_requeued trigger). Callers that end jobs in batches test first
+-- whether any queue is limited.
+CREATE FUNCTION pgqueue._notify_limited(p_job_ids bigint[]) RETURNS void
+LANGUAGE sql AS $$
+    SELECT pgqueue._notify(ARRAY(SELECT DISTINCT j.queue FROM pgqueue.jobs j
+                                 JOIN pgqueue.queue_limits l ON l.queue = j.queue
+                                 WHERE j.id = ANY (p_job_ids)),
+                           pgqueue._setting('notify'))
 $$;
 
 -- Every single enqueue runs this, so the default mode takes two statements and
@@ -2824,8 +3057,13 @@ BEGIN
         DELETE FROM pgqueue.notify_waiters w
         WHERE w.since < now() - pgqueue._setting_interval('stale_after');
     END IF;
-    -- claim_next's statements take snapshots after the lock was granted.
+    -- claim_next's statements take snapshots after the lock was granted. It
+    -- only tries limit locks here: waiting for one while holding the 'waiters'
+    -- lock would hold up every enqueue, and deadlock with a transaction that
+    -- claimed (holding a limit lock) and then enqueues or completes.
+    PERFORM set_config('pgqueue.limit_locks', 'try', true);
     RETURN QUERY SELECT * FROM pgqueue.claim_next(claim_or_wait.worker, claim_or_wait.queues, claim_or_wait.batch_size);
+    PERFORM set_config('pgqueue.limit_locks', '', true);
 END
 $$;
 COMMENT ON FUNCTION pgqueue.claim_or_wait(text, text[], int) IS

@@ -132,6 +132,18 @@ def test_pause_and_resume_queues(db_dsn: str) -> None:
     assert "paused" not in run(db_dsn, "stats").output
 
 
+def test_limit_caps_a_queue_and_none_lifts_it(db_dsn: str) -> None:
+    out = run(db_dsn, "limit", "api", "2")
+    assert (out.exit_code, out.output) == (0, "queue api: at most 2 running (was no limit)\n")
+    assert run(db_dsn, "limit", "api", "5").output == (
+        "queue api: at most 5 running (was at most 2)\n"
+    )
+    run(db_dsn, "enqueue", "x", "--queue", "api")
+    assert run(db_dsn, "stats").output.endswith("limited queues: api (0/5 running)\n")
+    assert run(db_dsn, "limit", "api", "None").output == "queue api: no limit (was at most 5)\n"
+    assert "limited queues" not in run(db_dsn, "stats").output
+
+
 def test_dsn_from_environment(db_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PGQUEUE_DSN", db_dsn)
     out = CliRunner().invoke(main, ["enqueue", "x"])
@@ -173,6 +185,9 @@ def test_dsn_from_environment(db_dsn: str, monkeypatch: pytest.MonkeyPatch) -> N
         (["jobs", "--dsn", "host=h dbname=x"], "$PGQUEUE_DSN: is not a postgresql:// URL"),
         (["jobs", "--dsn", "postgresql:///x?host=h:99999"], "port '99999' is not a number"),
         (["jobs", "--dsn", "postgresql://u:pw#rd@h/x"], "percent-encode a '#', '?' or '/'"),
+        (["limit", "api", "0"], "expected a number of jobs from 1 to 2147483647, or none; got '0'"),
+        (["limit", "api", "two"], "expected a number of jobs from 1 to 2147483647, or none"),
+        (["limit", " ", "2"], "Error: pgqueue.set_queue_limit: queue must be a non-empty"),
     ],
 )
 def test_clear_errors_for_bad_input(db_dsn: str, args: list[str], message: str) -> None:
@@ -181,6 +196,7 @@ def test_clear_errors_for_bad_input(db_dsn: str, args: list[str], message: str) 
     assert out.exit_code == 2, out.output
     assert message in out.output and "Traceback" not in out.output
     assert run(db_dsn, "jobs").output == before  # nothing written
+    assert "limited queues" not in run(db_dsn, "stats").output
 
 
 def test_a_bad_dsn_in_the_environment_is_bad_input_and_a_given_dsn_replaces_it(

@@ -149,7 +149,7 @@ MUTANTS: dict[str, Mutant] = {
     ),
     # a dependency recorded without FOR SHARE on the parent: its completion misses the new child.
     "depends_on_without_share_lock": Mutant(
-        "pgqueue._insert_specs(jsonb,uuid,bigint,text,boolean)",
+        "pgqueue._lock_dependencies(bigint[],text)",
         "WHERE j.id = want.id FOR SHARE",
         "WHERE j.id = want.id",
         "test_fanin_races.py::test_dependency_added_while_parent_completes_is_not_missed",
@@ -249,6 +249,76 @@ MUTANTS: dict[str, Mutant] = {
         "AND o.id < p_job_id",
         "AND (o.id < p_job_id OR o.state = 'running')",
         "test_scope_heads.py::test_a_job_older_than_the_running_one_enters_unblocked",
+    ),
+    # claim_next without the limit lock: the count is taken in a snapshot that may predate a
+    # claim under way, and two claimers both take the last place.
+    "limit_unlocked": Mutant(
+        "pgqueue.claim_next(text,text[],integer)",
+        "THEN pg_advisory_xact_lock(pgqueue._lock_class('limit'), hashtext(y.queue)) IS NOT NULL",
+        "THEN true",
+        "test_queue_limits.py::test_two_claimers_never_both_take_the_last_place",
+    ),
+    # claim() without the limit: a claim by id takes a job of a full queue.
+    "claim_by_id_ignores_the_limit": Mutant(
+        "pgqueue.claim(bigint,text)",
+        "IF NOT pgqueue._limit_room(v_queue) THEN",
+        "IF false THEN",
+        "test_queue_limits.py::test_a_claim_by_id_waits_for_a_claim_under_way_and_then_counts_it",
+    ),
+    # later rounds waiting for limit locks out of key order: a claim holding the lock of a
+    # queue it met later makes this one wait (and two such claims could deadlock).
+    "limit_later_rounds_wait": Mutant(
+        "pgqueue.claim_next(text,text[],integer)",
+        "ELSE pg_try_advisory_xact_lock(pgqueue._lock_class('limit'), hashtext(y.queue)) END AS got",
+        "ELSE pg_advisory_xact_lock(pgqueue._lock_class('limit'), hashtext(y.queue)) IS NOT NULL END AS got",
+        "test_queue_limits.py::test_a_later_round_never_waits_for_a_limit_lock",
+    ),
+    # one round only: a batch that met a full queue's jobs first comes back short, and the
+    # worker sleeps while jobs of other queues are due.
+    "limit_one_round": Mutant(
+        "pgqueue.claim_next(text,text[],integer)",
+        "EXIT WHEN v_filled = '{}' OR v_left = 0",
+        "EXIT WHEN true OR v_left = 0",
+        "test_queue_limits.py::test_a_batch_takes_a_limited_queues_free_places_and_fills_up_elsewhere",
+    ),
+    # a place freed by a failure announced to nobody.
+    "fail_frees_a_place_silently": Mutant(
+        "pgqueue._fail(bigint,text,text,interval)",
+        "IF v_state <> 'queued' THEN\n        PERFORM pgqueue._notify_limited(ARRAY[p_job_id]);",
+        "IF false THEN\n        PERFORM pgqueue._notify_limited(ARRAY[p_job_id]);",
+        "test_queue_limits.py::test_every_end_of_a_running_job_of_a_limited_queue_wakes_it",
+    ),
+    # the count taken from a REPEATABLE READ snapshot, which may predate another claim.
+    "limit_counts_in_repeatable_read": Mutant(
+        "pgqueue.claim_next(text,text[],integer)",
+        "IF current_setting('transaction_isolation') IN ('repeatable read', 'serializable') THEN\n"
+        "            v_full := v_limited;",
+        "IF false THEN\n            v_full := v_limited;",
+        "test_queue_limits.py::test_under_repeatable_read_no_limited_job_is_claimed",
+    ),
+    # claim_or_wait waiting for limit locks while it holds the 'waiters' lock: every enqueue
+    # waits behind it, and a transaction that claimed and then completes deadlocks with it.
+    "claim_or_wait_waits_for_limit_locks": Mutant(
+        "pgqueue.claim_or_wait(text,text[],integer)",
+        "PERFORM set_config('pgqueue.limit_locks', 'try', true);",
+        "NULL;",
+        "test_queue_limits.py::test_claim_or_wait_never_waits_for_a_limit_lock",
+    ),
+    # claim() clearing the previous current job after the limit lock, with no row lock
+    # before it: it waits, holding the lock, for a claim queued up behind it (deadlock).
+    "claim_locks_current_after_limit": Mutant(
+        "pgqueue.claim(bigint,text)",
+        "PERFORM 1 FROM pgqueue.jobs o WHERE o.is_current AND pgqueue._same_scope(o.scope, v_scope)\n"
+        "            FOR NO KEY UPDATE;",
+        "NULL;",
+        "test_queue_limits.py::test_a_claim_locks_the_rows_it_writes_before_the_limit_lock",
+    ),
+    # a queue skipped for a busy limit lock, not announced: its jobs wait for a poll.
+    "busy_limited_queue_silent": Mutant(
+        "pgqueue.claim_next(text,text[],integer)",
+        "PERFORM pg_notify('pgqueue', q) FROM unnest(v_busy) q;",
+        "NULL;",
+        "test_queue_limits.py::test_a_later_round_never_waits_for_a_limit_lock",
     ),
 }
 

@@ -116,3 +116,11 @@ async def lock_wait_kind(observer: asyncpg.Connection, session: Session) -> str 
     return await observer.fetchval(
         "SELECT locktype FROM pg_locks WHERE pid = $1 AND NOT granted LIMIT 1", session.pid
     )
+
+
+async def listen(connect: Connect) -> asyncio.Queue[str]:
+    """The payloads of the notifications on channel pgqueue, as a listener receives them."""
+    listener = await connect()
+    payloads: asyncio.Queue[str] = asyncio.Queue()
+    await listener.add_listener("pgqueue", lambda *args: payloads.put_nowait(args[-1]))
+    return payloads

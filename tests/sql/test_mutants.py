@@ -45,3 +45,9 @@ def test_race_test_kills_mutant(name: str) -> None:
     assert proc.returncode == 1, (
         f"mutant {name} survived {mutant.killed_by} (exit {proc.returncode}):\n{tail}"
     )
+    # Killed by the test's assertions, not by an error setting the mutant up (its text not
+    # found in the function, a definition that does not compile): that would kill anything.
+    summary = proc.stdout.splitlines()[-1]
+    assert "1 failed" in summary and "error" not in summary, (
+        f"mutant {name}: {mutant.killed_by} did not fail on the mutant itself:\n{tail}"
+    )

@@ -7,7 +7,7 @@ import asyncio
 
 import asyncpg
 import pytest
-from sqlharness import Connect, finishes_unblocked, lock_wait_kind, sessions, wait_blocked
+from sqlharness import Connect, finishes_unblocked, listen, lock_wait_kind, sessions, wait_blocked
 
 PAUSE = "SELECT pgqueue.pause_queue($1)"
 RESUME = "SELECT pgqueue.resume_queue($1)"
@@ -20,14 +20,6 @@ async def _enqueue(conn: asyncpg.Connection, queue: str, scope: str | None = Non
         "SELECT pgqueue.enqueue('t', queue => $1, scope => $2::jsonb)", queue, scope
     )
     return job
-
-
-async def _heard(connect: Connect) -> asyncio.Queue[str]:
-    """The payloads of the notifications on channel pgqueue, as a listener receives them."""
-    listener = await connect()
-    heard: asyncio.Queue[str] = asyncio.Queue()
-    await listener.add_listener("pgqueue", lambda *args: heard.put_nowait(args[-1]))
-    return heard
 
 
 async def _claim_next(conn: asyncpg.Connection, queues: list[str] | None = None) -> list[int]:
@@ -109,7 +101,7 @@ async def test_pause_and_resume_say_whether_they_changed_anything(
 async def test_resuming_wakes_the_queues_workers(
     conn: asyncpg.Connection, connect: Connect
 ) -> None:
-    heard = await _heard(connect)
+    heard = await listen(connect)
     await conn.fetchval(PAUSE, "p")
     await conn.fetchval(RESUME, "p")
     assert await asyncio.wait_for(heard.get(), 5) == "p"
@@ -123,7 +115,7 @@ async def test_in_when_waiting_mode_resuming_wakes_a_waiting_worker(
     conn: asyncpg.Connection, connect: Connect
 ) -> None:
     await conn.execute("UPDATE pgqueue.settings SET value = 'when_waiting' WHERE name = 'notify'")
-    heard = await _heard(connect)
+    heard = await listen(connect)
     await _enqueue(conn, "p")
     await conn.fetchval(PAUSE, "p")
     assert [r["id"] for r in await conn.fetch(CLAIM_OR_WAIT, ["p"])] == []  # registers
@@ -277,7 +269,7 @@ async def test_a_claim_reads_none_of_a_paused_backlog(
 async def test_enqueues_into_a_paused_queue_wake_nobody(
     conn: asyncpg.Connection, connect: Connect
 ) -> None:
-    heard = await _heard(connect)
+    heard = await listen(connect)
     await conn.fetchval(PAUSE, "p")
     await _enqueue(conn, "p")
     await conn.execute('SELECT pgqueue.enqueue_many(\'[{"job_type": "t", "queue": "p"}]\')')
@@ -290,7 +282,7 @@ async def test_a_scope_head_freed_in_a_paused_queue_wakes_nobody(
 ) -> None:
     """The completion of a scope's running job frees its next job: no NOTIFY for it while
     its queue is paused (no claim could take it); the resume sends one."""
-    heard = await _heard(connect)
+    heard = await listen(connect)
     running = await _enqueue(conn, "p", '{"s": 1}')
     assert await _claim_next(conn) == [running]
     await _enqueue(conn, "p", '{"s": 1}')  # entered blocked: no notification
@@ -311,7 +303,7 @@ async def test_a_head_freed_while_a_resume_commits_is_still_notified(
     NOTIFY then finds the job still blocked. Its own NOTIFY must not be skipped: deciding
     "paused" from its statement's snapshot (taken before the resume committed) lost the
     wake-up; it asks in a later statement, under the queue's pause lock."""
-    heard = await _heard(connect)
+    heard = await listen(connect)
     resumer, completer = await sessions(connect, "resume", "complete")
     running = await _enqueue(conn, "p", '{"s": 1}')
     assert await _claim_next(conn) == [running]

@@ -1,0 +1,266 @@
+"""set_queue_limit(): at most max_running jobs of a queue run at once across all claimers, the
+count decided under the queue's limit lock, and a place that frees wakes the queue."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import asyncpg
+import pytest
+from sqlharness import Connect, finishes_unblocked, listen, lock_wait_kind, sessions, wait_blocked
+
+LIMIT = "SELECT pgqueue.set_queue_limit($1, $2)"
+CLAIM_NEXT = "SELECT id FROM pgqueue.claim_next('w', $1::text[], $2)"
+CLAIM = "SELECT id FROM pgqueue.claim($1, 'w')"
+
+
+async def _enqueue(
+    conn: asyncpg.Connection, queue: str, n: int = 1, priority: int = 0, scope: str | None = None
+) -> list[int]:
+    return [
+        await conn.fetchval(
+            "SELECT pgqueue.enqueue('t', queue => $1, priority => $2, scope => $3::jsonb)",
+            queue,
+            priority,
+            scope,
+        )
+        for _ in range(n)
+    ]
+
+
+async def _claim_next(conn: asyncpg.Connection, queues: list[str] | None, batch: int) -> list[int]:
+    return sorted(r["id"] for r in await conn.fetch(CLAIM_NEXT, queues, batch))
+
+
+async def _running(conn: asyncpg.Connection, queue: str) -> int:
+    n: int = await conn.fetchval(
+        "SELECT count(*) FROM pgqueue.jobs WHERE queue = $1 AND state = 'running'", queue
+    )
+    return n
+
+
+async def test_a_batch_takes_a_limited_queues_free_places_and_fills_up_elsewhere(
+    conn: asyncpg.Connection,
+) -> None:
+    limited = await _enqueue(conn, "q", 5, priority=5)  # first in claim order
+    other = await _enqueue(conn, "r", 3)
+    assert await conn.fetchval(LIMIT, "q", 2) is None
+    # The pick meets the five q jobs first; two places, so the batch is filled up from r.
+    assert await _claim_next(conn, None, 5) == limited[:2] + other
+    assert await _running(conn, "q") == 2
+    assert await _claim_next(conn, None, 5) == []
+    assert await conn.fetchval("SELECT count(*) FROM pgqueue.claim($1, 'w')", limited[2]) == 0
+
+    assert await conn.fetchval("SELECT pgqueue.complete($1, 'w')", limited[0]) is True
+    assert await _claim_next(conn, ["q"], 5) == [limited[2]]
+    assert await _claim_next(conn, ["q"], 5) == []
+
+
+async def test_the_scoped_path_and_claim_by_id_keep_the_limit(conn: asyncpg.Connection) -> None:
+    jobs = [(await _enqueue(conn, "q", scope=f'{{"s": {i}}}'))[0] for i in range(3)]
+    await conn.fetchval(LIMIT, "q", 1)
+    assert await _claim_next(conn, None, 3) == [jobs[0]]
+    assert await conn.fetchval("SELECT count(*) FROM pgqueue.claim($1, 'w')", jobs[1]) == 0
+    assert await conn.fetchval("SELECT pgqueue.fail($1, 'w', 'x', '1 hour')", jobs[0]) == "queued"
+    assert await conn.fetchval(CLAIM, jobs[1]) == jobs[1]
+    assert await _claim_next(conn, None, 3) == []
+
+
+async def test_raising_or_removing_a_limit_wakes_the_queue_lowering_does_not(
+    conn: asyncpg.Connection, connect: Connect
+) -> None:
+    await _enqueue(conn, "q", 3)
+    heard = await listen(connect)
+    assert await conn.fetchval(LIMIT, "q", 1) is None
+    assert await _claim_next(conn, None, 3) != []
+    assert await conn.fetchval(LIMIT, "q", 3) == 1
+    assert await asyncio.wait_for(heard.get(), 5) == "q"
+    assert await _claim_next(conn, None, 3) != []
+    assert await conn.fetchval(LIMIT, "q", 2) == 3  # lowered below the 2 running: nothing stops
+    assert await _running(conn, "q") == 3
+    assert await conn.fetchval(LIMIT, "q", None) == 2
+    assert await asyncio.wait_for(heard.get(), 5) == "q"
+    assert heard.empty()
+    assert await conn.fetchval("SELECT count(*) FROM pgqueue.queue_limits") == 0
+    assert await conn.fetchval(LIMIT, "q", None) is None
+
+
+@pytest.mark.parametrize(
+    ("queue", "max_running", "message"),
+    [
+        ("q", 0, "max_running must be at least 1 (NULL removes the limit), got 0"),
+        ("q", -3, "max_running must be at least 1 (NULL removes the limit), got -3"),
+        (None, 2, "queue must be a non-empty string of at most 200 bytes, got NULL"),
+        (" ", 2, "queue must be a non-empty string of at most 200 bytes, got ' '"),
+    ],
+)
+async def test_bad_input_is_refused_and_writes_nothing(
+    conn: asyncpg.Connection, queue: str | None, max_running: int, message: str
+) -> None:
+    with pytest.raises(
+        asyncpg.InvalidParameterValueError, match=re.escape("set_queue_limit: " + message)
+    ):
+        await conn.fetchval(LIMIT, queue, max_running)
+    assert await conn.fetchval("SELECT count(*) FROM pgqueue.queue_limits") == 0
+
+
+async def test_every_end_of_a_running_job_of_a_limited_queue_wakes_it(
+    conn: asyncpg.Connection, connect: Connect
+) -> None:
+    """A worker that found the queue full claimed nothing and sleeps; the place freed by a
+    success, a final failure, a cancelled give-back or a final recovery is announced, or it
+    would sleep to its next poll (a requeued job announces itself). A queue without a limit
+    is not woken by its jobs' ends."""
+    await conn.fetchval(LIMIT, "q", 10)
+    jobs = [
+        await conn.fetchval("SELECT pgqueue.enqueue('t', queue => 'q', max_attempts => 1)")
+        for _ in range(4)
+    ]
+    free = (await _enqueue(conn, "r"))[0]
+    assert len(await _claim_next(conn, None, 10)) == 5
+    await conn.fetchval("SELECT pgqueue.abort($1)", jobs[2])
+    heard = await listen(connect)
+    ends = [
+        ("SELECT pgqueue.complete($1, 'w')", True),
+        ("SELECT pgqueue.fail($1, 'w', 'x')", "failed"),
+        ("SELECT pgqueue.release($1, 'w')", True),  # aborted: it ends cancelled
+        ("SELECT $1 = ANY (ARRAY(SELECT pgqueue.recover_stale('1 us')))", True),
+    ]
+    assert await conn.fetchval(ends[0][0], free) is True
+    for job, (end, result) in zip(jobs, ends, strict=True):
+        assert await conn.fetchval(end, job) == result
+        assert await asyncio.wait_for(heard.get(), 5) == "q", end
+    assert heard.empty()
+    states = await conn.fetch(
+        "SELECT state FROM pgqueue.jobs WHERE id = ANY ($1) ORDER BY id", jobs
+    )
+    assert [r["state"] for r in states] == ["succeeded", "failed", "cancelled", "failed"]
+
+
+async def test_two_claimers_never_both_take_the_last_place(
+    connect: Connect, conn: asyncpg.Connection
+) -> None:
+    jobs = await _enqueue(conn, "q", 3)
+    await conn.fetchval(LIMIT, "q", 1)
+    a, b = await sessions(connect, "a", "b")
+    await a.begin()
+    assert await _claim_next(a.conn, None, 1) == [jobs[0]]
+    # b picks the next job and waits for the queue's limit lock a holds until it commits.
+    claim = b.start(_claim_next(b.conn, None, 1))
+    await wait_blocked(conn, b)
+    assert await lock_wait_kind(conn, b) == "advisory"
+    await a.commit()
+    # Counted after the lock was granted: a's claim is seen, no place is left.
+    assert await claim == []
+    assert await _running(conn, "q") == 1
+
+
+async def test_a_claim_by_id_waits_for_a_claim_under_way_and_then_counts_it(
+    connect: Connect, conn: asyncpg.Connection
+) -> None:
+    jobs = await _enqueue(conn, "q", 2)
+    await conn.fetchval(LIMIT, "q", 1)
+    a, b = await sessions(connect, "a", "b")
+    await a.begin()
+    assert await _claim_next(a.conn, None, 1) == [jobs[0]]
+    claim = b.start(b.fetch(CLAIM, jobs[1]))
+    await wait_blocked(conn, b)
+    assert await lock_wait_kind(conn, b) == "advisory"
+    await a.rollback()
+    # The claim before it rolled back: its place is free again.
+    assert [r["id"] for r in await claim] == [jobs[1]]
+
+
+async def test_a_later_round_never_waits_for_a_limit_lock(
+    connect: Connect, conn: asyncpg.Connection
+) -> None:
+    """Rounds after the first hold some limit locks already; waiting for another there could
+    close a cycle with a claim that took them in key order. A queue locked by another claim
+    counts as full for this one."""
+    first = await _enqueue(conn, "q", 3, priority=5)
+    held = await _enqueue(conn, "r", 2)
+    await conn.fetchval(LIMIT, "q", 1)
+    await conn.fetchval(LIMIT, "r", 5)
+    a, b = await sessions(connect, "a", "b")
+    heard = await listen(connect)
+    await a.begin()
+    assert await a.fetchval(CLAIM, held[0]) == held[0]  # a holds r's limit lock
+    # b: round 1 takes q's one place; round 2 meets r, whose lock a holds.
+    assert await finishes_unblocked(conn, b, _claim_next(b.conn, None, 3)) == [first[0]]
+    # ... and announces r: its workers claim again (and wait for a's lock then).
+    assert await asyncio.wait_for(heard.get(), 5) == "r"
+    await a.commit()
+    assert await _claim_next(b.conn, None, 3) == [held[1]]
+
+
+async def test_claim_or_wait_never_waits_for_a_limit_lock(
+    connect: Connect, conn: asyncpg.Connection
+) -> None:
+    """claim_or_wait holds the 'waiters' lock, which every enqueue and completion takes too in
+    when_waiting mode: waiting there for a limit lock held by an application transaction held
+    up every enqueue, and deadlocked with that transaction's completion."""
+    await conn.execute("UPDATE pgqueue.settings SET value = 'when_waiting' WHERE name = 'notify'")
+    jobs = await _enqueue(conn, "api", 2)
+    await conn.fetchval(LIMIT, "api", 5)
+    app, worker = await sessions(connect, "app", "worker")
+    heard = await listen(connect)
+    await app.begin()
+    assert await app.fetchval(CLAIM, jobs[0]) == jobs[0]  # holds api's limit lock
+    claimed = await finishes_unblocked(
+        conn, worker, worker.fetch("SELECT id FROM pgqueue.claim_or_wait('w', '{api}', 1)")
+    )
+    assert claimed == []
+    # The queue it could not count is announced: the worker claims again at once.
+    assert await asyncio.wait_for(heard.get(), 5) == "api"
+    assert await finishes_unblocked(
+        conn, app, app.fetchval("SELECT pgqueue.complete($1, 'w')", jobs[0])
+    )
+    await app.commit()
+    assert await _claim_next(worker.conn, ["api"], 1) == [jobs[1]]
+
+
+async def test_a_claim_locks_the_rows_it_writes_before_the_limit_lock(
+    connect: Connect, conn: asyncpg.Connection
+) -> None:
+    """A claim holding a limit lock must wait for no row: one that cleared the previous
+    current job of its scope after the lock waited for a claim that had picked that job and
+    queued up for the same limit lock (deadlock)."""
+    await conn.fetchval(LIMIT, "q", 10)
+    older = await conn.fetchval(
+        "SELECT pgqueue.enqueue('t', queue => 'q', scope => '{\"s\": 1}', max_attempts => 1)"
+    )
+    current = (await _enqueue(conn, "q", scope='{"s": 1}'))[0]
+    assert await conn.fetchval(CLAIM, older) == older
+    assert await conn.fetchval("SELECT pgqueue.fail($1, 'w', 'x')", older) == "failed"
+    assert await conn.fetchval(CLAIM, current) == current
+    # Requeued, it is still its scope's current job.
+    assert await conn.fetchval("SELECT pgqueue.fail($1, 'w', 'x', '0')", current) == "queued"
+    other = (await _enqueue(conn, "q", priority=-1))[0]
+    last = (await _enqueue(conn, "q", priority=-5))[0]
+    holder, app, worker = await sessions(connect, "holder", "app", "worker")
+    await holder.begin()
+    assert await holder.fetchval(CLAIM, last) == last  # holds q's limit lock
+    await app.begin()
+    assert await app.fetchval("SELECT pgqueue.retry($1)", older) is True  # now the head again
+    app_claim = app.start(app.fetch(CLAIM, older))
+    await wait_blocked(conn, app)
+    assert await lock_wait_kind(conn, app) == "advisory"
+    # The worker's snapshot still has `current` as the scope's head: it picks it (the scope's
+    # try-lock fails: app holds it), and `other`, then queues up for q's limit lock.
+    worker_claim = worker.start(_claim_next(worker.conn, None, 2))
+    await wait_blocked(conn, worker)
+    await holder.commit()
+    assert [r["id"] for r in await app_claim] == [older]
+    await app.commit()
+    assert await worker_claim == [other]
+
+
+async def test_under_repeatable_read_no_limited_job_is_claimed(conn: asyncpg.Connection) -> None:
+    limited = await _enqueue(conn, "q")
+    other = await _enqueue(conn, "r")
+    await conn.fetchval(LIMIT, "q", 5)
+    async with conn.transaction(isolation="repeatable_read"):
+        assert await conn.fetchval("SELECT count(*) FROM pgqueue.claim($1, 'w')", limited[0]) == 0
+        assert await _claim_next(conn, None, 5) == other
+    assert await _claim_next(conn, None, 5) == limited
