@@ -565,7 +565,8 @@ def _max_running(text: str) -> int | None:
     return value
 
 
-@main.command(name="limit")
+# Unknown options pass through as arguments, so `limit api -1` is refused as a number.
+@main.command(name="limit", context_settings={"ignore_unknown_options": True})
 @click.argument("queue")
 @click.argument("max_running", metavar="MAX_RUNNING|none")
 @pass_dsn

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pgqueue.dsn import ConnOrPool
 
+_INT4_MAX = 2**31 - 1  # max_running is an int column
+
 
 async def pause_queue(conn_or_pool: ConnOrPool, queue: str) -> bool:
     """Stop workers from claiming jobs of ``queue``; False if it was paused already.
@@ -43,6 +45,12 @@ async def set_queue_limit(
     Jobs running past a lowered limit finish; claims take more once fewer run. Raising or
     removing a limit wakes the queue's workers.
     """
+    if max_running is not None and type(max_running) is not int:  # a bool is an int to Python
+        raise TypeError(f"max_running must be an int or None, got {max_running!r}")
+    if max_running is not None and not 1 <= max_running <= _INT4_MAX:
+        raise ValueError(
+            f"max_running must be from 1 to {_INT4_MAX} (None removes the limit), got {max_running}"
+        )
     was: int | None = await conn_or_pool.fetchval(
         "SELECT pgqueue.set_queue_limit(queue => $1, max_running => $2)", queue, max_running
     )

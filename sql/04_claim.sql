@@ -126,8 +126,9 @@ $$;
 -- for a limited one, its limit lock is taken (to commit: a claim waits for the
 -- one before it) and its running jobs are counted in a snapshot taken after
 -- the lock, which sees every claim that held it before. The caller holds the
--- job's row already (rows before limit locks, in every claim), and under
--- REPEATABLE READ gets false: its snapshot may predate such a claim.
+-- rows it writes already (rows before limit locks, in every claim). False
+-- under REPEATABLE READ (its snapshot may predate such a claim), and when the
+-- lock is taken in a transaction that may only try it (see claim_or_wait).
 CREATE FUNCTION pgqueue._limit_room(p_queue text) RETURNS boolean
 LANGUAGE plpgsql
 SET enable_seqscan = off SET enable_bitmapscan = off
@@ -140,7 +141,13 @@ BEGIN
     IF current_setting('transaction_isolation') IN ('repeatable read', 'serializable') THEN
         RETURN false;
     END IF;
-    PERFORM pg_advisory_xact_lock(pgqueue._lock_class('limit'), hashtext(p_queue));
+    IF coalesce(current_setting('pgqueue.limit_locks', true), '') = 'try' THEN
+        IF NOT pg_try_advisory_xact_lock(pgqueue._lock_class('limit'), hashtext(p_queue)) THEN
+            RETURN false;
+        END IF;
+    ELSE
+        PERFORM pg_advisory_xact_lock(pgqueue._lock_class('limit'), hashtext(p_queue));
+    END IF;
     RETURN (SELECT count(*) FROM pgqueue.jobs r WHERE r.state = 'running' AND r.queue = p_queue)
          < (SELECT l.max_running FROM pgqueue.queue_limits l WHERE l.queue = p_queue);
 END
@@ -361,8 +368,10 @@ BEGIN
             -- Every row this claim will write is locked before any limit lock: the
             -- picks are, and so are the previous current jobs of their scopes (the
             -- update below clears their flag). A claim that holds a limit lock then
-            -- waits for nothing, so no cycle runs through the limit locks.
-            IF v_scoped THEN
+            -- waits for nothing, so no cycle runs through the limit locks. Later
+            -- rounds hold limit locks already: they skip a current row another
+            -- transaction holds, leave its scope's pick, and announce its queue.
+            IF v_scoped AND v_round = 1 THEN
                 PERFORM 1 FROM pgqueue.jobs o
                 WHERE o.is_current
                   AND jsonb_hash(o.scope) = ANY (ARRAY(SELECT jsonb_hash(j.scope) FROM pgqueue.jobs j
@@ -371,6 +380,23 @@ BEGIN
                                            WHERE j.id = ANY (v_ids) AND j.scope IS NOT NULL))
                 ORDER BY o.id
                 FOR NO KEY UPDATE;
+            ELSIF v_scoped THEN
+                SELECT array_agg(j.id) FILTER (WHERE x.free), array_agg(DISTINCT j.queue) FILTER (WHERE NOT x.free)
+                  INTO v_kept, v_busy
+                FROM pgqueue.jobs j
+                CROSS JOIN LATERAL (
+                    SELECT j.scope IS NULL
+                           OR NOT EXISTS (SELECT 1 FROM pgqueue.jobs o
+                                          WHERE o.is_current AND pgqueue._same_scope(o.scope, j.scope))
+                           OR EXISTS (SELECT 1 FROM (SELECT o.id FROM pgqueue.jobs o
+                                                     WHERE o.is_current AND pgqueue._same_scope(o.scope, j.scope)
+                                                     FOR NO KEY UPDATE SKIP LOCKED) l) AS free) x
+                WHERE j.id = ANY (v_ids);
+                IF v_busy IS NOT NULL THEN
+                    PERFORM pg_notify('pgqueue', q) FROM unnest(v_busy) q;
+                END IF;
+                v_ids := v_kept;
+                EXIT WHEN v_ids IS NULL;
             END IF;
             -- The picked rows' limited queues: their limit locks, in key order in the
             -- first round. Later rounds hold some already, and claim_or_wait holds the

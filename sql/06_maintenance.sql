@@ -583,6 +583,10 @@ BEGIN
         RAISE EXCEPTION 'pgqueue.set_queue_limit: max_running must be at least 1 (NULL removes the limit), got %',
             set_queue_limit.max_running USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    PERFORM pgqueue._check_read_committed('set_queue_limit');
+    -- The queue's limit lock: two calls take turns (each returns the limit the
+    -- other left), and claims of the queue under way finish first.
+    PERFORM pg_advisory_xact_lock(pgqueue._lock_class('limit'), hashtext(set_queue_limit.queue));
     SELECT l.max_running INTO v_was FROM pgqueue.queue_limits l WHERE l.queue = set_queue_limit.queue FOR UPDATE;
     IF set_queue_limit.max_running IS NULL THEN
         DELETE FROM pgqueue.queue_limits l WHERE l.queue = set_queue_limit.queue;

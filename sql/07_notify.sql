@@ -188,18 +188,19 @@ BEGIN
         -- every poll, well within stale_after).
         DELETE FROM pgqueue.notify_waiters w
         WHERE w.since < now() - pgqueue._setting_interval('stale_after');
+        -- While this transaction holds the 'waiters' lock, its claims only try limit
+        -- locks: waiting for one would hold up every enqueue, and deadlock with a
+        -- transaction that claimed (holding a limit lock) and then enqueues or
+        -- completes. Set for the rest of the transaction, as long as the lock is held.
+        PERFORM set_config('pgqueue.limit_locks', 'try', true);
     END IF;
-    -- claim_next's statements take snapshots after the lock was granted. It
-    -- only tries limit locks here: waiting for one while holding the 'waiters'
-    -- lock would hold up every enqueue, and deadlock with a transaction that
-    -- claimed (holding a limit lock) and then enqueues or completes.
-    PERFORM set_config('pgqueue.limit_locks', 'try', true);
+    -- claim_next's statements take snapshots after the lock was granted.
     RETURN QUERY SELECT * FROM pgqueue.claim_next(claim_or_wait.worker, claim_or_wait.queues, claim_or_wait.batch_size);
-    PERFORM set_config('pgqueue.limit_locks', '', true);
 END
 $$;
 COMMENT ON FUNCTION pgqueue.claim_or_wait(text, text[], int) IS
     'claim_next for a worker about to sleep: with settings.notify = when_waiting it first registers the worker '
     'in notify_waiters (after every producer that saw no waiter has committed), so the next job queued in its '
     'queues sends a NOTIFY; a worker calls it after a claim came back short and sleeps if this one does too. '
+    'Holding that lock, the transaction''s claims only try limit locks (a busy limited queue is announced). '
     'In always mode it is claim_next.';

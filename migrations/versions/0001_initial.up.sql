@@ -1409,8 +1409,9 @@ $$;
 -- for a limited one, its limit lock is taken (to commit: a claim waits for the
 -- one before it) and its running jobs are counted in a snapshot taken after
 -- the lock, which sees every claim that held it before. The caller holds the
--- job's row already (rows before limit locks, in every claim), and under
--- REPEATABLE READ gets false: its snapshot may predate such a claim.
+-- rows it writes already (rows before limit locks, in every claim). False
+-- under REPEATABLE READ (its snapshot may predate such a claim), and when the
+-- lock is taken in a transaction that may only try it (see claim_or_wait).
 CREATE FUNCTION pgqueue._limit_room(p_queue text) RETURNS boolean
 LANGUAGE plpgsql
 SET enable_seqscan = off SET enable_bitmapscan = off
@@ -1423,7 +1424,13 @@ BEGIN
     IF current_setting('transaction_isolation') IN ('repeatable read', 'serializable') THEN
         RETURN false;
     END IF;
-    PERFORM pg_advisory_xact_lock(pgqueue._lock_class('limit'), hashtext(p_queue));
+    IF coalesce(current_setting('pgqueue.limit_locks', true), '') = 'try' THEN
+        IF NOT pg_try_advisory_xact_lock(pgqueue._lock_class('limit'), hashtext(p_queue)) THEN
+            RETURN false;
+        END IF;
+    ELSE
+        PERFORM pg_advisory_xact_lock(pgqueue._lock_class('limit'), hashtext(p_queue));
+    END IF;
     RETURN (SELECT count(*) FROM pgqueue.jobs r WHERE r.state = 'running' AND r.queue = p_queue)
          < (SELECT l.max_running FROM pgqueue.queue_limits l WHERE l.queue = p_queue);
 END
@@ -1644,8 +1651,10 @@ BEGIN
             -- Every row this claim will write is locked before any limit lock: the
             -- picks are, and so are the previous current jobs of their scopes (the
             -- update below clears their flag). A claim that holds a limit lock then
-            -- waits for nothing, so no cycle runs through the limit locks.
-            IF v_scoped THEN
+            -- waits for nothing, so no cycle runs through the limit locks. Later
+            -- rounds hold limit locks already: they skip a current row another
+            -- transaction holds, leave its scope's pick, and announce its queue.
+            IF v_scoped AND v_round = 1 THEN
                 PERFORM 1 FROM pgqueue.jobs o
                 WHERE o.is_current
                   AND jsonb_hash(o.scope) = ANY (ARRAY(SELECT jsonb_hash(j.scope) FROM pgqueue.jobs j
@@ -1654,6 +1663,23 @@ BEGIN
                                            WHERE j.id = ANY (v_ids) AND j.scope IS NOT NULL))
                 ORDER BY o.id
                 FOR NO KEY UPDATE;
+            ELSIF v_scoped THEN
+                SELECT array_agg(j.id) FILTER (WHERE x.free), array_agg(DISTINCT j.queue) FILTER (WHERE NOT x.free)
+                  INTO v_kept, v_busy
+                FROM pgqueue.jobs j
+                CROSS JOIN LATERAL (
+                    SELECT j.scope IS NULL
+                           OR NOT EXISTS (SELECT 1 FROM pgqueue.jobs o
+                                          WHERE o.is_current AND pgqueue._same_scope(o.scope, j.scope))
+                           OR EXISTS (SELECT 1 FROM (SELECT o.id FROM pgqueue.jobs o
+                                                     WHERE o.is_current AND pgqueue._same_scope(o.scope, j.scope)
+                                                     FOR NO KEY UPDATE SKIP LOCKED) l) AS free) x
+                WHERE j.id = ANY (v_ids);
+                IF v_busy IS NOT NULL THEN
+                    PERFORM pg_notify('pgqueue', q) FROM unnest(v_busy) q;
+                END IF;
+                v_ids := v_kept;
+                EXIT WHEN v_ids IS NULL;
             END IF;
             -- The picked rows' limited queues: their limit locks, in key order in the
             -- first round. Later rounds hold some already, and claim_or_wait holds the
@@ -2847,6 +2873,10 @@ BEGIN
         RAISE EXCEPTION 'pgqueue.set_queue_limit: max_running must be at least 1 (NULL removes the limit), got %',
             set_queue_limit.max_running USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    PERFORM pgqueue._check_read_committed('set_queue_limit');
+    -- The queue's limit lock: two calls take turns (each returns the limit the
+    -- other left), and claims of the queue under way finish first.
+    PERFORM pg_advisory_xact_lock(pgqueue._lock_class('limit'), hashtext(set_queue_limit.queue));
     SELECT l.max_running INTO v_was FROM pgqueue.queue_limits l WHERE l.queue = set_queue_limit.queue FOR UPDATE;
     IF set_queue_limit.max_running IS NULL THEN
         DELETE FROM pgqueue.queue_limits l WHERE l.queue = set_queue_limit.queue;
@@ -3056,20 +3086,21 @@ BEGIN
         -- every poll, well within stale_after).
         DELETE FROM pgqueue.notify_waiters w
         WHERE w.since < now() - pgqueue._setting_interval('stale_after');
+        -- While this transaction holds the 'waiters' lock, its claims only try limit
+        -- locks: waiting for one would hold up every enqueue, and deadlock with a
+        -- transaction that claimed (holding a limit lock) and then enqueues or
+        -- completes. Set for the rest of the transaction, as long as the lock is held.
+        PERFORM set_config('pgqueue.limit_locks', 'try', true);
     END IF;
-    -- claim_next's statements take snapshots after the lock was granted. It
-    -- only tries limit locks here: waiting for one while holding the 'waiters'
-    -- lock would hold up every enqueue, and deadlock with a transaction that
-    -- claimed (holding a limit lock) and then enqueues or completes.
-    PERFORM set_config('pgqueue.limit_locks', 'try', true);
+    -- claim_next's statements take snapshots after the lock was granted.
     RETURN QUERY SELECT * FROM pgqueue.claim_next(claim_or_wait.worker, claim_or_wait.queues, claim_or_wait.batch_size);
-    PERFORM set_config('pgqueue.limit_locks', '', true);
 END
 $$;
 COMMENT ON FUNCTION pgqueue.claim_or_wait(text, text[], int) IS
     'claim_next for a worker about to sleep: with settings.notify = when_waiting it first registers the worker '
     'in notify_waiters (after every producer that saw no waiter has committed), so the next job queued in its '
     'queues sends a NOTIFY; a worker calls it after a claim came back short and sleeps if this one does too. '
+    'Holding that lock, the transaction''s claims only try limit locks (a busy limited queue is announced). '
     'In always mode it is claim_next.';
 
 -- ==== sql/08_views.sql ====

@@ -116,6 +116,7 @@ class Producer:
         """
         more = True  # start with a sweep: jobs may have been queued while nobody listened
         armed = False  # the last claim registered us as waiting and came back short
+        woken = False  # a notification ended that wait
         while not self.stopping:
             if self.executor.free_slots == 0:
                 if self.executor.sweep_needed:  # not only before a claim: slots may stay busy
@@ -129,14 +130,20 @@ class Producer:
                 timeout = await self._before_sleep()
                 if armed or not self.when_waiting:
                     await self.wake.wait(timeout)
-                    armed = False  # a notification consumed the registration; renew it
+                    # A notification consumed the registration: renew it, but claim without
+                    # first. claim_or_wait only tries a limited queue's lock (it holds one
+                    # that every enqueue needs) and announces the queue when it finds the lock
+                    # taken; a plain claim waits for it, so that announcement cannot loop.
+                    woken, armed = armed, False
                     if self.stopping:
                         break
             # Nothing held here: what this claim does not find is due nowhere in our queues
             # (every outcome of ours is written, so every job it made due is committed).
             idle = not self.executor.held
             last = self.until_empty and idle  # if it finds nothing: no registration to leave
-            wanted, wait = self.executor.free_slots, not more and self.when_waiting and not last
+            wanted = self.executor.free_slots
+            wait = not more and self.when_waiting and not last and not woken
+            woken = False
             if wanted == 0:
                 # Slots filled while it waited: successes piled up past the unwritten cap.
                 # Claim once a slot frees; a wake-up consumed here announced work.

@@ -187,6 +187,7 @@ def test_dsn_from_environment(db_dsn: str, monkeypatch: pytest.MonkeyPatch) -> N
         (["jobs", "--dsn", "postgresql://u:pw#rd@h/x"], "percent-encode a '#', '?' or '/'"),
         (["limit", "api", "0"], "expected a number of jobs from 1 to 2147483647, or none; got '0'"),
         (["limit", "api", "two"], "expected a number of jobs from 1 to 2147483647, or none"),
+        (["limit", "api", "-1"], "expected a number of jobs from 1 to 2147483647, or none"),
         (["limit", " ", "2"], "Error: pgqueue.set_queue_limit: queue must be a non-empty"),
     ],
 )

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import datetime
+import re
+from typing import Any
+
 import anyio
 import asyncpg
+import pytest
 from runtime_helpers import running
-from worker_harness import wait_for_states
+from worker_harness import wait_for_states, wait_until
 
 import pgqueue
 
@@ -39,3 +44,68 @@ async def test_two_workers_never_run_more_than_the_limit_and_need_no_poll(
         jobs = [await app.enqueue(conn, "slow") for _ in range(12)]
         await wait_for_states(conn, jobs, within=20)
     assert most == 2
+
+
+async def test_a_woken_worker_waits_for_a_busy_limit_lock_instead_of_notifying_in_a_loop(
+    db_dsn: str, conn: asyncpg.Connection, connect: Any
+) -> None:
+    """In when_waiting mode claim_or_wait only tries a limit lock and announces a queue whose
+    lock is taken; the worker it wakes claims with claim_next, which waits for the lock. A
+    worker that went on with claim_or_wait announced the queue to itself again and again
+    while the lock's holder stayed open."""
+    await conn.execute("UPDATE pgqueue.settings SET value = 'when_waiting' WHERE name = 'notify'")
+    app = pgqueue.App()
+
+    @app.job("call", queue="api")
+    async def call(job: pgqueue.Job) -> None:
+        return None
+
+    await pgqueue.set_queue_limit(conn, "api", 3)
+    held = await app.enqueue(conn, "call", delay=datetime.timedelta(hours=1))
+    holder = await connect()
+    announced = 0
+
+    def count(*args: object) -> None:
+        nonlocal announced
+        announced += args[-1] == "api"
+
+    listener = await connect()
+    await listener.add_listener("pgqueue", count)
+    async with running(app, db_dsn, concurrency=2, poll_interval=60, queues=["api"]):
+        async with holder.transaction():
+            # An application's claim holds the queue's limit lock until it commits.
+            await holder.execute("UPDATE pgqueue.jobs SET run_after = now() WHERE id = $1", held)
+            assert await holder.fetchval("SELECT id FROM pgqueue.claim($1, 'app')", held) == held
+            job = await app.enqueue(conn, "call")
+
+            async def worker_waits_for_the_lock() -> bool:
+                return bool(
+                    await conn.fetchval(
+                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+                        " AND classid = 7216009 AND NOT granted"
+                    )
+                )
+
+            await wait_until(worker_waits_for_the_lock, what="the worker waiting for the lock")
+            seen = announced
+            await anyio.sleep(0.3)  # a looping worker sent hundreds in this time
+            assert announced - seen <= 1
+        await wait_for_states(conn, [job])
+
+
+@pytest.mark.parametrize(
+    ("max_running", "error", "message"),
+    [
+        (True, TypeError, "max_running must be an int or None, got True"),
+        ("3", TypeError, "max_running must be an int or None, got '3'"),
+        (2.0, TypeError, "max_running must be an int or None, got 2.0"),
+        (0, ValueError, "max_running must be from 1 to 2147483647 (None removes the limit), got 0"),
+        (2**31, ValueError, "max_running must be from 1 to 2147483647"),
+    ],
+)
+async def test_a_bad_limit_is_refused_before_anything_is_written(
+    conn: asyncpg.Connection, max_running: object, error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=re.escape(message)):
+        await pgqueue.set_queue_limit(conn, "api", max_running)  # type: ignore[arg-type]
+    assert await pgqueue.queue_limits(conn) == {}

@@ -320,6 +320,31 @@ MUTANTS: dict[str, Mutant] = {
         "NULL;",
         "test_queue_limits.py::test_a_later_round_never_waits_for_a_limit_lock",
     ),
+    # claim_or_wait resetting the try-only mode on its way out while the 'waiters' lock it
+    # took lasts to commit: a later claim in the transaction waits for a limit lock.
+    "claim_or_wait_resets_try_only": Mutant(
+        "pgqueue.claim_or_wait(text,text[],integer)",
+        "RETURN QUERY SELECT * FROM pgqueue.claim_next(claim_or_wait.worker, claim_or_wait.queues, "
+        "claim_or_wait.batch_size);",
+        "RETURN QUERY SELECT * FROM pgqueue.claim_next(claim_or_wait.worker, claim_or_wait.queues, "
+        "claim_or_wait.batch_size); PERFORM set_config('pgqueue.limit_locks', '', true);",
+        "test_queue_limits.py::test_after_claim_or_wait_a_transactions_claims_only_try_limit_locks",
+    ),
+    # later rounds waiting for a previous current row while they hold a limit lock.
+    "later_round_waits_for_current_row": Mutant(
+        "pgqueue.claim_next(text,text[],integer)",
+        "IF v_scoped AND v_round = 1 THEN",
+        "IF v_scoped THEN",
+        "test_queue_limits.py::test_a_later_round_skips_a_scope_whose_current_row_is_held",
+    ),
+    # set_queue_limit without the queue's lock: a concurrent change reads no limit and
+    # announces nothing though it raised one.
+    "limit_change_unlocked": Mutant(
+        "pgqueue.set_queue_limit(text,integer)",
+        "PERFORM pg_advisory_xact_lock(pgqueue._lock_class('limit'), hashtext(set_queue_limit.queue));",
+        "NULL;",
+        "test_queue_limits.py::test_two_limit_changes_take_turns",
+    ),
 }
 
 

@@ -264,3 +264,71 @@ async def test_under_repeatable_read_no_limited_job_is_claimed(conn: asyncpg.Con
         assert await conn.fetchval("SELECT count(*) FROM pgqueue.claim($1, 'w')", limited[0]) == 0
         assert await _claim_next(conn, None, 5) == other
     assert await _claim_next(conn, None, 5) == limited
+
+
+async def test_after_claim_or_wait_a_transactions_claims_only_try_limit_locks(
+    connect: Connect, conn: asyncpg.Connection
+) -> None:
+    """The 'waiters' lock claim_or_wait took lasts to commit: a claim later in that transaction
+    that waited for a limit lock would deadlock with a holder that then enqueues."""
+    await conn.execute("UPDATE pgqueue.settings SET value = 'when_waiting' WHERE name = 'notify'")
+    jobs = await _enqueue(conn, "api", 3)
+    await conn.fetchval(LIMIT, "api", 5)
+    holder, worker = await sessions(connect, "holder", "worker")
+    await holder.begin()
+    assert await holder.fetchval(CLAIM, jobs[0]) == jobs[0]
+    await worker.begin()
+    assert await worker.fetch("SELECT id FROM pgqueue.claim_or_wait('w', '{other}', 1)") == []
+    assert await finishes_unblocked(conn, worker, _claim_next(worker.conn, ["api"], 1)) == []
+    assert await finishes_unblocked(conn, worker, worker.fetch(CLAIM, jobs[1])) == []
+    await worker.commit()
+    await holder.commit()
+    assert await _claim_next(worker.conn, ["api"], 1) == [jobs[1]]
+
+
+async def test_a_later_round_skips_a_scope_whose_current_row_is_held(
+    connect: Connect, conn: asyncpg.Connection
+) -> None:
+    """Rounds after the first hold a limit lock: waiting there for the previous current job's
+    row (held FOR SHARE by an enqueue that depends on it) held up every claim of the queue."""
+    done = (await _enqueue(conn, "b", scope='{"s": 1}'))[0]
+    assert await conn.fetchval(CLAIM, done) == done
+    assert await conn.fetchval("SELECT pgqueue.complete($1, 'w')", done) is True
+    scoped = (await _enqueue(conn, "b", scope='{"s": 1}'))[0]
+    first = await _enqueue(conn, "a", 3, priority=10)
+    await conn.fetchval(LIMIT, "a", 1)
+    app, worker = await sessions(connect, "app", "worker")
+    heard = await listen(connect)
+    await app.begin()
+    await app.fetchval(
+        "SELECT pgqueue.enqueue('report', queue => 'c', depends_on => ARRAY[$1::bigint])", done
+    )
+    claimed = await finishes_unblocked(conn, worker, _claim_next(worker.conn, ["a", "b"], 2))
+    assert claimed == [first[0]]
+    assert await asyncio.wait_for(heard.get(), 5) == "b"  # its workers claim it again
+    await app.commit()
+    assert await _claim_next(worker.conn, ["b"], 2) == [scoped]
+
+
+async def test_two_limit_changes_take_turns(connect: Connect, conn: asyncpg.Connection) -> None:
+    a, b = await sessions(connect, "a", "b")
+    heard = await listen(connect)
+    await a.begin()
+    assert await a.fetchval(LIMIT, "r", 1) is None
+    raised = b.start(b.fetchval(LIMIT, "r", 5))
+    await wait_blocked(conn, b)
+    assert await lock_wait_kind(conn, b) == "advisory"
+    await a.commit()
+    assert await raised == 1  # it saw a's limit, and raised it
+    assert await asyncio.wait_for(heard.get(), 5) == "r"
+    assert await conn.fetchval("SELECT max_running FROM pgqueue.queue_limits") == 5
+
+
+async def test_a_limit_change_needs_read_committed(conn: asyncpg.Connection) -> None:
+    async with conn.transaction(isolation="repeatable_read"):
+        with pytest.raises(
+            asyncpg.InvalidTransactionStateError,
+            match=re.escape("pgqueue.set_queue_limit: needs READ COMMITTED"),
+        ):
+            await conn.fetchval(LIMIT, "q", 2)
+    assert await conn.fetchval("SELECT count(*) FROM pgqueue.queue_limits") == 0
