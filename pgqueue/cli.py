@@ -576,6 +576,8 @@ def limit_(opts: DsnOption, queue: str, max_running: str) -> None:
 
     Jobs running past a lowered limit finish; workers take more once fewer run.
     """
+    if queue.startswith("-"):  # unknown options pass through: a mistyped one is not a queue
+        raise click.UsageError(f"No such option: {queue}")
     wanted = _max_running(max_running)
     was = _run(
         lambda: _with_connection(opts.dsn, lambda conn: set_queue_limit(conn, queue, wanted))

@@ -192,7 +192,7 @@ BEGIN
         -- locks: waiting for one would hold up every enqueue, and deadlock with a
         -- transaction that claimed (holding a limit lock) and then enqueues or
         -- completes. Set for the rest of the transaction, as long as the lock is held.
-        PERFORM set_config('pgqueue.limit_locks', 'try', true);
+        PERFORM set_config('pgqueue.claim_waits', 'never', true);
     END IF;
     -- claim_next's statements take snapshots after the lock was granted.
     RETURN QUERY SELECT * FROM pgqueue.claim_next(claim_or_wait.worker, claim_or_wait.queues, claim_or_wait.batch_size);

@@ -1424,7 +1424,7 @@ BEGIN
     IF current_setting('transaction_isolation') IN ('repeatable read', 'serializable') THEN
         RETURN false;
     END IF;
-    IF coalesce(current_setting('pgqueue.limit_locks', true), '') = 'try' THEN
+    IF coalesce(current_setting('pgqueue.claim_waits', true), '') = 'never' THEN
         IF NOT pg_try_advisory_xact_lock(pgqueue._lock_class('limit'), hashtext(p_queue)) THEN
             RETURN false;
         END IF;
@@ -1587,10 +1587,11 @@ BEGIN
         IF claim_next.queues <@ v_full THEN
             RETURN;
         END IF;
-        -- claim_or_wait holds the 'waiters' lock, which every enqueue needs: it never
-        -- waits for a limit lock (see below).
-        v_try_only := coalesce(current_setting('pgqueue.limit_locks', true), '') = 'try';
     END IF;
+
+    -- A transaction that holds the 'waiters' lock (claim_or_wait), which every
+    -- enqueue needs, waits for no lock of its claims: not a limit lock, not a row.
+    v_try_only := coalesce(current_setting('pgqueue.claim_waits', true), '') = 'never';
 
     -- Rounds: one, unless a limited queue's places ran out under the jobs picked
     -- for it; then the batch is filled up from the other queues, without it.
@@ -1646,41 +1647,43 @@ BEGIN
             EXIT WHEN v_ids IS NULL;
         END IF;
 
+        -- Every row this claim will write is locked before any limit lock: the
+        -- picks are, and so are the previous current jobs of their scopes (the
+        -- update below clears their flag). A claim that holds a limit lock then
+        -- waits for nothing, so no cycle runs through the limit locks. Later
+        -- rounds hold limit locks already, and claim_or_wait the 'waiters' lock:
+        -- they skip a current row another transaction holds, leave its scope's
+        -- pick, and announce its queue (a plain claim will wait for that row).
+        IF v_scoped AND (v_round > 1 OR v_try_only) THEN
+            SELECT array_agg(j.id) FILTER (WHERE x.free), array_agg(DISTINCT j.queue) FILTER (WHERE NOT x.free)
+              INTO v_kept, v_busy
+            FROM pgqueue.jobs j
+            CROSS JOIN LATERAL (
+                SELECT j.scope IS NULL
+                       OR NOT EXISTS (SELECT 1 FROM pgqueue.jobs o
+                                      WHERE o.is_current AND pgqueue._same_scope(o.scope, j.scope))
+                       OR EXISTS (SELECT 1 FROM (SELECT o.id FROM pgqueue.jobs o
+                                                 WHERE o.is_current AND pgqueue._same_scope(o.scope, j.scope)
+                                                 FOR NO KEY UPDATE SKIP LOCKED) l) AS free) x
+            WHERE j.id = ANY (v_ids);
+            IF v_busy IS NOT NULL THEN
+                PERFORM pg_notify('pgqueue', q) FROM unnest(v_busy) q;
+            END IF;
+            v_ids := v_kept;
+            EXIT WHEN v_ids IS NULL;
+        ELSIF v_scoped AND v_limited <> '{}' THEN
+            PERFORM 1 FROM pgqueue.jobs o
+            WHERE o.is_current
+              AND jsonb_hash(o.scope) = ANY (ARRAY(SELECT jsonb_hash(j.scope) FROM pgqueue.jobs j
+                                                   WHERE j.id = ANY (v_ids) AND j.scope IS NOT NULL))
+              AND o.scope = ANY (ARRAY(SELECT j.scope FROM pgqueue.jobs j
+                                       WHERE j.id = ANY (v_ids) AND j.scope IS NOT NULL))
+            ORDER BY o.id
+            FOR NO KEY UPDATE;
+        END IF;
+
         v_filled := '{}';
         IF v_limited <> '{}' THEN
-            -- Every row this claim will write is locked before any limit lock: the
-            -- picks are, and so are the previous current jobs of their scopes (the
-            -- update below clears their flag). A claim that holds a limit lock then
-            -- waits for nothing, so no cycle runs through the limit locks. Later
-            -- rounds hold limit locks already: they skip a current row another
-            -- transaction holds, leave its scope's pick, and announce its queue.
-            IF v_scoped AND v_round = 1 THEN
-                PERFORM 1 FROM pgqueue.jobs o
-                WHERE o.is_current
-                  AND jsonb_hash(o.scope) = ANY (ARRAY(SELECT jsonb_hash(j.scope) FROM pgqueue.jobs j
-                                                       WHERE j.id = ANY (v_ids) AND j.scope IS NOT NULL))
-                  AND o.scope = ANY (ARRAY(SELECT j.scope FROM pgqueue.jobs j
-                                           WHERE j.id = ANY (v_ids) AND j.scope IS NOT NULL))
-                ORDER BY o.id
-                FOR NO KEY UPDATE;
-            ELSIF v_scoped THEN
-                SELECT array_agg(j.id) FILTER (WHERE x.free), array_agg(DISTINCT j.queue) FILTER (WHERE NOT x.free)
-                  INTO v_kept, v_busy
-                FROM pgqueue.jobs j
-                CROSS JOIN LATERAL (
-                    SELECT j.scope IS NULL
-                           OR NOT EXISTS (SELECT 1 FROM pgqueue.jobs o
-                                          WHERE o.is_current AND pgqueue._same_scope(o.scope, j.scope))
-                           OR EXISTS (SELECT 1 FROM (SELECT o.id FROM pgqueue.jobs o
-                                                     WHERE o.is_current AND pgqueue._same_scope(o.scope, j.scope)
-                                                     FOR NO KEY UPDATE SKIP LOCKED) l) AS free) x
-                WHERE j.id = ANY (v_ids);
-                IF v_busy IS NOT NULL THEN
-                    PERFORM pg_notify('pgqueue', q) FROM unnest(v_busy) q;
-                END IF;
-                v_ids := v_kept;
-                EXIT WHEN v_ids IS NULL;
-            END IF;
             -- The picked rows' limited queues: their limit locks, in key order in the
             -- first round. Later rounds hold some already, and claim_or_wait holds the
             -- 'waiters' lock: they only try, and a queue whose lock another claim holds
@@ -3090,7 +3093,7 @@ BEGIN
         -- locks: waiting for one would hold up every enqueue, and deadlock with a
         -- transaction that claimed (holding a limit lock) and then enqueues or
         -- completes. Set for the rest of the transaction, as long as the lock is held.
-        PERFORM set_config('pgqueue.limit_locks', 'try', true);
+        PERFORM set_config('pgqueue.claim_waits', 'never', true);
     END IF;
     -- claim_next's statements take snapshots after the lock was granted.
     RETURN QUERY SELECT * FROM pgqueue.claim_next(claim_or_wait.worker, claim_or_wait.queues, claim_or_wait.batch_size);

@@ -51,7 +51,9 @@ SELECT (SELECT extract(epoch FROM min(run_after) - clock_timestamp())::float8
         WHERE state = 'queued' AND NOT scope_blocked AND NOT queue_paused
           AND run_after > clock_timestamp()
           AND ($1::text[] IS NULL OR queue = ANY($1::text[]))),
-       (SELECT value = 'when_waiting' FROM pgqueue.settings WHERE name = 'notify')
+       (SELECT value = 'when_waiting' FROM pgqueue.settings WHERE name = 'notify'),
+       EXISTS (SELECT 1 FROM pgqueue.queue_limits
+               WHERE $1::text[] IS NULL OR queue = ANY($1::text[]))
 """
 
 
@@ -83,6 +85,7 @@ class Producer:
         self.logger = logger
         self.stopping = False
         self.when_waiting = False  # settings.notify, read before each sleep
+        self.limited = False  # a queue limit names one of our queues, read before each sleep
         self._backoff = Backoff()
         self._outage = Outage(logger, "producer")
         # Claims run on one pooled connection kept between claims: acquiring and releasing
@@ -116,7 +119,7 @@ class Producer:
         """
         more = True  # start with a sweep: jobs may have been queued while nobody listened
         armed = False  # the last claim registered us as waiting and came back short
-        woken = False  # a notification ended that wait
+        woken = False  # a notification ended that wait, and one of our queues is limited
         while not self.stopping:
             if self.executor.free_slots == 0:
                 if self.executor.sweep_needed:  # not only before a claim: slots may stay busy
@@ -129,12 +132,13 @@ class Producer:
             else:
                 timeout = await self._before_sleep()
                 if armed or not self.when_waiting:
-                    await self.wake.wait(timeout)
-                    # A notification consumed the registration: renew it, but claim without
-                    # first. claim_or_wait only tries a limited queue's lock (it holds one
-                    # that every enqueue needs) and announces the queue when it finds the lock
-                    # taken; a plain claim waits for it, so that announcement cannot loop.
-                    woken, armed = armed, False
+                    notified = await self.wake.wait(timeout)
+                    # A notification consumed the registration: renew it; but where a limit
+                    # names one of our queues, claim without first. claim_or_wait only tries
+                    # a limited queue's lock (it holds one that every enqueue needs) and
+                    # announces the queue when it finds the lock taken; a plain claim waits
+                    # for it, so that announcement cannot loop.
+                    woken, armed = armed and notified and self.limited, False
                     if self.stopping:
                         break
             # Nothing held here: what this claim does not find is due nowhere in our queues
@@ -303,11 +307,12 @@ class Producer:
         try:
             conn = await self._connection()
             with anyio.fail_after(STATEMENT_TIMEOUT):
-                seconds, when_waiting = await conn.fetchrow(_BEFORE_SLEEP, self.queues)
+                seconds, when_waiting, limited = await conn.fetchrow(_BEFORE_SLEEP, self.queues)
         except Exception as exc:
             await self._failed(exc, "looking up the next scheduled job")
             return poll
         self.when_waiting = bool(when_waiting)
+        self.limited = bool(limited)
         return poll if seconds is None else max(0.0, min(poll, seconds))
 
     async def _connection(self) -> asyncpg.pool.PoolConnectionProxy:

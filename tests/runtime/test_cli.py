@@ -188,6 +188,7 @@ def test_dsn_from_environment(db_dsn: str, monkeypatch: pytest.MonkeyPatch) -> N
         (["limit", "api", "0"], "expected a number of jobs from 1 to 2147483647, or none; got '0'"),
         (["limit", "api", "two"], "expected a number of jobs from 1 to 2147483647, or none"),
         (["limit", "api", "-1"], "expected a number of jobs from 1 to 2147483647, or none"),
+        (["limit", "--queue=api", "3"], "No such option: --queue=api"),
         (["limit", " ", "2"], "Error: pgqueue.set_queue_limit: queue must be a non-empty"),
     ],
 )

@@ -82,7 +82,8 @@ async def test_a_woken_worker_waits_for_a_busy_limit_lock_instead_of_notifying_i
                 return bool(
                     await conn.fetchval(
                         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
-                        " AND classid = 7216009 AND NOT granted"
+                        " AND classid = 7216009 AND NOT granted AND database ="
+                        " (SELECT oid FROM pg_database WHERE datname = current_database())"
                     )
                 )
 

@@ -300,7 +300,7 @@ MUTANTS: dict[str, Mutant] = {
     # waits behind it, and a transaction that claimed and then completes deadlocks with it.
     "claim_or_wait_waits_for_limit_locks": Mutant(
         "pgqueue.claim_or_wait(text,text[],integer)",
-        "PERFORM set_config('pgqueue.limit_locks', 'try', true);",
+        "PERFORM set_config('pgqueue.claim_waits', 'never', true);",
         "NULL;",
         "test_queue_limits.py::test_claim_or_wait_never_waits_for_a_limit_lock",
     ),
@@ -327,14 +327,14 @@ MUTANTS: dict[str, Mutant] = {
         "RETURN QUERY SELECT * FROM pgqueue.claim_next(claim_or_wait.worker, claim_or_wait.queues, "
         "claim_or_wait.batch_size);",
         "RETURN QUERY SELECT * FROM pgqueue.claim_next(claim_or_wait.worker, claim_or_wait.queues, "
-        "claim_or_wait.batch_size); PERFORM set_config('pgqueue.limit_locks', '', true);",
+        "claim_or_wait.batch_size); PERFORM set_config('pgqueue.claim_waits', '', true);",
         "test_queue_limits.py::test_after_claim_or_wait_a_transactions_claims_only_try_limit_locks",
     ),
     # later rounds waiting for a previous current row while they hold a limit lock.
     "later_round_waits_for_current_row": Mutant(
         "pgqueue.claim_next(text,text[],integer)",
-        "IF v_scoped AND v_round = 1 THEN",
-        "IF v_scoped THEN",
+        "IF v_scoped AND (v_round > 1 OR v_try_only) THEN",
+        "IF v_scoped AND v_try_only THEN",
         "test_queue_limits.py::test_a_later_round_skips_a_scope_whose_current_row_is_held",
     ),
     # set_queue_limit without the queue's lock: a concurrent change reads no limit and
@@ -344,6 +344,14 @@ MUTANTS: dict[str, Mutant] = {
         "PERFORM pg_advisory_xact_lock(pgqueue._lock_class('limit'), hashtext(set_queue_limit.queue));",
         "NULL;",
         "test_queue_limits.py::test_two_limit_changes_take_turns",
+    ),
+    # claim_or_wait waiting, under the 'waiters' lock, for a scope's current row another
+    # transaction holds: every enqueue waits behind it (and it deadlocks with the holder).
+    "claim_or_wait_waits_for_current_row": Mutant(
+        "pgqueue.claim_next(text,text[],integer)",
+        "IF v_scoped AND (v_round > 1 OR v_try_only) THEN",
+        "IF v_scoped AND v_round > 1 THEN",
+        "test_queue_limits.py::test_claim_or_wait_skips_a_scope_whose_current_row_is_held",
     ),
 }
 

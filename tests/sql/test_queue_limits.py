@@ -332,3 +332,29 @@ async def test_a_limit_change_needs_read_committed(conn: asyncpg.Connection) -> 
         ):
             await conn.fetchval(LIMIT, "q", 2)
     assert await conn.fetchval("SELECT count(*) FROM pgqueue.queue_limits") == 0
+
+
+async def test_claim_or_wait_skips_a_scope_whose_current_row_is_held(
+    connect: Connect, conn: asyncpg.Connection
+) -> None:
+    """claim_or_wait holds the 'waiters' lock: clearing the flag of a scope's current job held
+    FOR SHARE by an enqueue that depends on it, it waited there, and every enqueue behind it
+    (with or without limits)."""
+    await conn.execute("UPDATE pgqueue.settings SET value = 'when_waiting' WHERE name = 'notify'")
+    done = (await _enqueue(conn, "b", scope='{"s": 1}'))[0]
+    assert await conn.fetchval(CLAIM, done) == done
+    assert await conn.fetchval("SELECT pgqueue.complete($1, 'w')", done) is True
+    scoped = (await _enqueue(conn, "b", scope='{"s": 1}'))[0]
+    app, worker = await sessions(connect, "app", "worker")
+    heard = await listen(connect)
+    await app.begin()
+    # What an enqueue that depends on it holds until it commits (without the 'waiters' lock an
+    # enqueue of a queued job also takes, shared, which claim_or_wait waits for by design).
+    await app.fetchval("SELECT id FROM pgqueue.jobs WHERE id = $1 FOR SHARE", done)
+    claimed = await finishes_unblocked(
+        conn, worker, worker.fetch("SELECT id FROM pgqueue.claim_or_wait('w', '{b}', 2)")
+    )
+    assert claimed == []
+    assert await asyncio.wait_for(heard.get(), 5) == "b"  # its workers claim it again
+    await app.commit()
+    assert await _claim_next(worker.conn, ["b"], 2) == [scoped]
