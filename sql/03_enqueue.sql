@@ -13,7 +13,8 @@ LANGUAGE sql IMMUTABLE AS $$
     SELECT CASE p_kind WHEN 'scope' THEN 7216001 WHEN 'dedup' THEN 7216002 WHEN 'leader' THEN 7216003
                        WHEN 'pipeline' THEN 7216004 WHEN 'waiters' THEN 7216005 WHEN 'scope_order' THEN 7216006
                        WHEN 'abort' THEN 7216007
-                       WHEN 'pause' THEN 7216008 WHEN 'limit' THEN 7216009 END
+                       WHEN 'pause' THEN 7216008 WHEN 'limit' THEN 7216009
+                       WHEN 'limits' THEN 7216010 END
 $$;
 
 -- The keys a job spec may carry: enqueue's parameter names plus key/after.

@@ -257,8 +257,7 @@ BEGIN
            array_agg(d.id) FILTER (WHERE d.specs <> '[]'),
            array_agg(d.pipeline_id) FILTER (WHERE d.specs <> '[]'),
            array_agg(d.specs) FILTER (WHERE d.specs <> '[]'),
-           -- one probe of an empty index while no queue is limited
-           EXISTS (SELECT 1 FROM pgqueue.queue_limits)
+           pgqueue._any_queue_limit()
       INTO v_done, v_scopes, v_scoped, v_parents, v_pipelines, v_specs, v_limited
       FROM done d;
     IF v_done IS NULL THEN

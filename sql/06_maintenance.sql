@@ -569,6 +569,18 @@ COMMENT ON FUNCTION pgqueue.resume_queue(text) IS
     'Hand out jobs of a paused queue again, and NOTIFY pgqueue, <queue> so idle workers claim them at once. '
     'Returns false if it was not paused.';
 
+-- Replaces _any_queue_limit when its answer changes (DDL: the caller must own
+-- the pgqueue functions, as the role that migrated the schema does).
+CREATE FUNCTION pgqueue._set_any_queue_limit(p_any boolean) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_any IS DISTINCT FROM pgqueue._any_queue_limit() THEN
+        EXECUTE format('CREATE OR REPLACE FUNCTION pgqueue._any_queue_limit() RETURNS boolean '
+                       'LANGUAGE sql IMMUTABLE AS %L', CASE WHEN p_any THEN 'SELECT true' ELSE 'SELECT false' END);
+    END IF;
+END
+$$;
+
 -- A cap on a queue's running jobs across all workers, or none (NULL). Lowering
 -- it stops nothing that runs: claims wait until fewer than the new cap run.
 -- Raising or removing it wakes the queue's workers, which may have found it full.
@@ -598,6 +610,10 @@ BEGIN
     IF v_was < coalesce(set_queue_limit.max_running, 2147483647) THEN
         PERFORM pgqueue._notify(ARRAY[set_queue_limit.queue], pgqueue._setting('notify'));
     END IF;
+    -- Whether any queue is limited now, for _any_queue_limit: under a lock of
+    -- its own (changes of two queues take turns here), read after it.
+    PERFORM pg_advisory_xact_lock(pgqueue._lock_class('limits'), 0);
+    PERFORM pgqueue._set_any_queue_limit(EXISTS (SELECT 1 FROM pgqueue.queue_limits));
     RETURN v_was;
 END
 $$;

@@ -419,7 +419,8 @@ LANGUAGE sql IMMUTABLE AS $$
     SELECT CASE p_kind WHEN 'scope' THEN 7216001 WHEN 'dedup' THEN 7216002 WHEN 'leader' THEN 7216003
                        WHEN 'pipeline' THEN 7216004 WHEN 'waiters' THEN 7216005 WHEN 'scope_order' THEN 7216006
                        WHEN 'abort' THEN 7216007
-                       WHEN 'pause' THEN 7216008 WHEN 'limit' THEN 7216009 END
+                       WHEN 'pause' THEN 7216008 WHEN 'limit' THEN 7216009
+                       WHEN 'limits' THEN 7216010 END
 $$;
 
 -- The keys a job spec may carry: enqueue's parameter names plus key/after.
@@ -1405,6 +1406,15 @@ BEGIN
 END
 $$;
 
+-- Whether any queue has a limit, as a constant: claim_next's one-statement
+-- path asks it on every call, and reading pgqueue.queue_limits there cost an
+-- idle worker's pickup 65-85 us (a relation opened on a cold backend), where
+-- this is folded into the cached plan. set_queue_limit replaces it when the
+-- answer changes, which invalidates every session's plans that used it. A later
+-- revision that redefines it keeps its answer (SELECT EXISTS over queue_limits).
+CREATE FUNCTION pgqueue._any_queue_limit() RETURNS boolean
+LANGUAGE sql IMMUTABLE AS $$ SELECT false $$;
+
 -- Whether a job of p_queue may start now: true for a queue without a limit;
 -- for a limited one, its limit lock is taken (to commit: a claim waits for the
 -- one before it) and its running jobs are counted in a snapshot taken after
@@ -1518,15 +1528,17 @@ DECLARE
     v_ids bigint[];
     v_scoped boolean;
     v_picked bigint[];
-    v_seen bigint[] := '{}';
-    v_limited text[] := '{}';
-    v_full text[] := '{}';
+    -- No defaults: the one-statement path below uses none of these, and every
+    -- default is an expression evaluated on every call.
+    v_seen bigint[];
+    v_limited text[];
+    v_full text[];
     v_filled text[];
     v_busy text[];
     v_try_only boolean;
     v_kept bigint[];
-    v_left int := batch_size;
-    v_round int := 0;
+    v_left int;
+    v_round int;
 BEGIN
     IF worker IS NULL OR worker = '' THEN
         RAISE EXCEPTION 'pgqueue.claim_next: worker must be a non-empty string' USING ERRCODE = 'invalid_parameter_value';
@@ -1543,8 +1555,9 @@ BEGIN
     -- own NOTIFY wakes the workers).
     IF NOT EXISTS (SELECT 1 FROM pgqueue.jobs j
                    WHERE j.scope IS NOT NULL AND j.state IN ('queued', 'running'))
-       AND NOT EXISTS (SELECT 1 FROM pgqueue.queue_limits l
-                       WHERE claim_next.queues IS NULL OR l.queue = ANY (claim_next.queues)) THEN
+       AND (NOT pgqueue._any_queue_limit()
+            OR NOT EXISTS (SELECT 1 FROM pgqueue.queue_limits l
+                           WHERE claim_next.queues IS NULL OR l.queue = ANY (claim_next.queues))) THEN
         RETURN QUERY
         WITH picked AS (
             SELECT j.id FROM pgqueue.jobs j
@@ -1565,6 +1578,10 @@ BEGIN
         RETURN;
     END IF;
 
+    v_seen := '{}';
+    v_full := '{}';
+    v_left := batch_size;
+    v_round := 0;
     -- Limited queues: the ones full in this snapshot are left out of the pick
     -- (a hint: the count that decides is taken under the limit lock below), in
     -- one pass over the running jobs. Under REPEATABLE READ no later snapshot
@@ -2019,8 +2036,7 @@ BEGIN
            array_agg(d.id) FILTER (WHERE d.specs <> '[]'),
            array_agg(d.pipeline_id) FILTER (WHERE d.specs <> '[]'),
            array_agg(d.specs) FILTER (WHERE d.specs <> '[]'),
-           -- one probe of an empty index while no queue is limited
-           EXISTS (SELECT 1 FROM pgqueue.queue_limits)
+           pgqueue._any_queue_limit()
       INTO v_done, v_scopes, v_scoped, v_parents, v_pipelines, v_specs, v_limited
       FROM done d;
     IF v_done IS NULL THEN
@@ -2862,6 +2878,18 @@ COMMENT ON FUNCTION pgqueue.resume_queue(text) IS
     'Hand out jobs of a paused queue again, and NOTIFY pgqueue, <queue> so idle workers claim them at once. '
     'Returns false if it was not paused.';
 
+-- Replaces _any_queue_limit when its answer changes (DDL: the caller must own
+-- the pgqueue functions, as the role that migrated the schema does).
+CREATE FUNCTION pgqueue._set_any_queue_limit(p_any boolean) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_any IS DISTINCT FROM pgqueue._any_queue_limit() THEN
+        EXECUTE format('CREATE OR REPLACE FUNCTION pgqueue._any_queue_limit() RETURNS boolean '
+                       'LANGUAGE sql IMMUTABLE AS %L', CASE WHEN p_any THEN 'SELECT true' ELSE 'SELECT false' END);
+    END IF;
+END
+$$;
+
 -- A cap on a queue's running jobs across all workers, or none (NULL). Lowering
 -- it stops nothing that runs: claims wait until fewer than the new cap run.
 -- Raising or removing it wakes the queue's workers, which may have found it full.
@@ -2891,6 +2919,10 @@ BEGIN
     IF v_was < coalesce(set_queue_limit.max_running, 2147483647) THEN
         PERFORM pgqueue._notify(ARRAY[set_queue_limit.queue], pgqueue._setting('notify'));
     END IF;
+    -- Whether any queue is limited now, for _any_queue_limit: under a lock of
+    -- its own (changes of two queues take turns here), read after it.
+    PERFORM pg_advisory_xact_lock(pgqueue._lock_class('limits'), 0);
+    PERFORM pgqueue._set_any_queue_limit(EXISTS (SELECT 1 FROM pgqueue.queue_limits));
     RETURN v_was;
 END
 $$;

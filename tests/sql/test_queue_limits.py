@@ -358,3 +358,19 @@ async def test_claim_or_wait_skips_a_scope_whose_current_row_is_held(
     assert await asyncio.wait_for(heard.get(), 5) == "b"  # its workers claim it again
     await app.commit()
     assert await _claim_next(worker.conn, ["b"], 2) == [scoped]
+
+
+async def test_a_limit_set_elsewhere_binds_a_session_that_claimed_before(
+    connect: Connect, conn: asyncpg.Connection
+) -> None:
+    """Whether any queue is limited is a constant in claim_next's cached plan (reading the
+    table cost every idle pickup); set_queue_limit replaces it, and so every session's plan."""
+    worker = (await sessions(connect, "worker"))[0]
+    first = await _enqueue(conn, "q", 4)
+    assert await _claim_next(worker.conn, None, 1) == first[:1]  # planned without a limit
+    assert await conn.fetchval(LIMIT, "q", 2) is None
+    assert await conn.fetchval("SELECT pgqueue._any_queue_limit()") is True
+    assert await _claim_next(worker.conn, None, 3) == first[1:2]
+    assert await conn.fetchval(LIMIT, "q", None) == 2
+    assert await conn.fetchval("SELECT pgqueue._any_queue_limit()") is False
+    assert await _claim_next(worker.conn, None, 3) == first[2:]
