@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from pgqueue.dsn import ConnOrPool, as_aware, dumps, id_array
+from pgqueue.dsn import INT4_MAX, ConnOrPool, as_aware, dumps, id_array
 from pgqueue.job import Job, Spec, SpecLike, as_delay, normal_spec, spec_dict
 from pgqueue.pipeline import Pipeline, PipelineStatus, cancel_pipeline, pipeline_status
 from pgqueue.schedule import MAX_EVERY, Schedule
@@ -54,12 +54,11 @@ SELECT array_agg(id)::text FROM pgqueue.enqueue_many(
      FROM jsonb_array_elements($7::text::jsonb) WITH ORDINALITY AS a(e, i))
 ) AS id
 """
-_INT4_MAX = 2**31 - 1
 
 
 def _is_int4(value: object) -> bool:
     """An int (not a bool) that fits PostgreSQL's int4 (the spec path refuses the rest)."""
-    return type(value) is int and abs(value) <= _INT4_MAX
+    return type(value) is int and abs(value) <= INT4_MAX
 
 
 def _is_aware(value: object) -> bool:

@@ -23,7 +23,7 @@ import asyncpg
 import click
 
 from pgqueue.app import App
-from pgqueue.dsn import INT8_MAX, DsnError, check_dsn, connect, resolve_dsn
+from pgqueue.dsn import INT4_MAX, INT4_MIN, INT8_MAX, DsnError, check_dsn, connect, resolve_dsn
 from pgqueue.queues import pause_queue, paused_queues, resume_queue, set_queue_limit
 from pgqueue.worker.worker import MAX_CONCURRENCY
 
@@ -31,7 +31,6 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks", "y": "years"}
-INT4_MIN, INT4_MAX = -(2**31), 2**31 - 1  # the int columns' range
 MAX_DELAY = 100 * 365.25 * 86400  # seconds; timestamps past year 9999 break Python readers
 
 

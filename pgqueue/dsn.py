@@ -25,6 +25,7 @@ ENV_VAR = "PGQUEUE_DSN"
 # What every public call that runs SQL takes: the caller's connection or pool, never modified.
 ConnOrPool: TypeAlias = "asyncpg.Connection | asyncpg.Pool"
 INT8_MAX = 2**63 - 1  # the largest job id (bigint)
+INT4_MIN, INT4_MAX = -(2**31), 2**31 - 1  # the int columns' range (priority, max_running)
 
 
 def resolve_dsn(dsn: str | None = None) -> str | None:

@@ -8,9 +8,7 @@ has at most ``max_running`` jobs running at once across every worker.
 
 from __future__ import annotations
 
-from pgqueue.dsn import ConnOrPool
-
-_INT4_MAX = 2**31 - 1  # max_running is an int column
+from pgqueue.dsn import INT4_MAX, ConnOrPool
 
 
 async def pause_queue(conn_or_pool: ConnOrPool, queue: str) -> bool:
@@ -47,9 +45,9 @@ async def set_queue_limit(
     """
     if max_running is not None and type(max_running) is not int:  # a bool is an int to Python
         raise TypeError(f"max_running must be an int or None, got {max_running!r}")
-    if max_running is not None and not 1 <= max_running <= _INT4_MAX:
+    if max_running is not None and not 1 <= max_running <= INT4_MAX:
         raise ValueError(
-            f"max_running must be from 1 to {_INT4_MAX} (None removes the limit), got {max_running}"
+            f"max_running must be from 1 to {INT4_MAX} (None removes the limit), got {max_running}"
         )
     was: int | None = await conn_or_pool.fetchval(
         "SELECT pgqueue.set_queue_limit(queue => $1, max_running => $2)", queue, max_running

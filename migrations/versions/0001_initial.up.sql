@@ -3011,14 +3011,16 @@ $$;
 -- free, so the queue's idle workers are woken. A worker that found the queue
 -- full claimed none of its jobs and waits for a notification; nothing else
 -- would send one (a job requeued instead announces itself, by the
--- jobs_notify_requeued trigger). Callers that end jobs in batches test first
--- whether any queue is limited.
+-- jobs_notify_requeued trigger). While no queue is limited it reads nothing
+-- (_any_queue_limit is a constant); _complete also tests that constant in a
+-- statement it runs anyway, to skip the call on its hot path.
 CREATE FUNCTION pgqueue._notify_limited(p_job_ids bigint[]) RETURNS void
 LANGUAGE sql AS $$
     SELECT pgqueue._notify(ARRAY(SELECT DISTINCT j.queue FROM pgqueue.jobs j
                                  JOIN pgqueue.queue_limits l ON l.queue = j.queue
                                  WHERE j.id = ANY (p_job_ids)),
                            pgqueue._setting('notify'))
+    WHERE pgqueue._any_queue_limit()
 $$;
 
 -- Every single enqueue runs this, so the default mode takes two statements and

@@ -40,6 +40,15 @@ async def _running(conn: asyncpg.Connection, queue: str) -> int:
     return n
 
 
+async def _finished_current_and_next(conn: asyncpg.Connection) -> tuple[int, int]:
+    """Scope {"s": 1} in queue b: a succeeded job (still its current job) and the next, queued."""
+    done = (await _enqueue(conn, "b", scope='{"s": 1}'))[0]
+    assert await conn.fetchval(CLAIM, done) == done
+    assert await conn.fetchval("SELECT pgqueue.complete($1, 'w')", done) is True
+    scoped = (await _enqueue(conn, "b", scope='{"s": 1}'))[0]
+    return done, scoped
+
+
 async def test_a_batch_takes_a_limited_queues_free_places_and_fills_up_elsewhere(
     conn: asyncpg.Connection,
 ) -> None:
@@ -291,10 +300,7 @@ async def test_a_later_round_skips_a_scope_whose_current_row_is_held(
 ) -> None:
     """Rounds after the first hold a limit lock: waiting there for the previous current job's
     row (held FOR SHARE by an enqueue that depends on it) held up every claim of the queue."""
-    done = (await _enqueue(conn, "b", scope='{"s": 1}'))[0]
-    assert await conn.fetchval(CLAIM, done) == done
-    assert await conn.fetchval("SELECT pgqueue.complete($1, 'w')", done) is True
-    scoped = (await _enqueue(conn, "b", scope='{"s": 1}'))[0]
+    done, scoped = await _finished_current_and_next(conn)
     first = await _enqueue(conn, "a", 3, priority=10)
     await conn.fetchval(LIMIT, "a", 1)
     app, worker = await sessions(connect, "app", "worker")
@@ -341,10 +347,7 @@ async def test_claim_or_wait_skips_a_scope_whose_current_row_is_held(
     FOR SHARE by an enqueue that depends on it, it waited there, and every enqueue behind it
     (with or without limits)."""
     await conn.execute("UPDATE pgqueue.settings SET value = 'when_waiting' WHERE name = 'notify'")
-    done = (await _enqueue(conn, "b", scope='{"s": 1}'))[0]
-    assert await conn.fetchval(CLAIM, done) == done
-    assert await conn.fetchval("SELECT pgqueue.complete($1, 'w')", done) is True
-    scoped = (await _enqueue(conn, "b", scope='{"s": 1}'))[0]
+    done, scoped = await _finished_current_and_next(conn)
     app, worker = await sessions(connect, "app", "worker")
     heard = await listen(connect)
     await app.begin()
