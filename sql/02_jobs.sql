@@ -241,6 +241,14 @@ COMMENT ON COLUMN pgqueue.queue_limits.max_running IS
 CREATE INDEX jobs_ready ON pgqueue.jobs (priority DESC, run_after, id)
     WHERE state = 'queued' AND NOT scope_blocked AND NOT queue_paused;
 
+-- The same jobs keyed by queue first, for a worker of one queue: its claim
+-- reads that queue's part in claim order. Through jobs_ready it stepped over
+-- every due job of other queues ahead of its own, one heap fetch each
+-- (100,000 jobs of another queue: 22 ms per claim, against 0.2 ms here).
+-- Costs an enqueue one more index entry (a 10,000-job enqueue_many ~10-20 %).
+CREATE INDEX jobs_ready_in_queue ON pgqueue.jobs (queue, priority DESC, run_after, id)
+    WHERE state = 'queued' AND NOT scope_blocked AND NOT queue_paused;
+
 -- No index finds a paused queue's flagged jobs: pause_queue() and resume_queue()
 -- read the table once per call, where an index would cost every INSERT and
 -- UPDATE of a job one more index to open (~4 us of a ~190 us enqueue).

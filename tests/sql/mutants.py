@@ -23,6 +23,35 @@ class Mutant:
 
 
 MUTANTS: dict[str, Mutant] = {
+    # claim_next for one queue through jobs_ready, as for several: it reads every due job of
+    # other queues ahead of its own.
+    "one_queue_claim_walks_jobs_ready": Mutant(
+        "pgqueue.claim_next(text,text[],integer)",
+        "IF cardinality(claim_next.queues) = 1 THEN",
+        "IF false THEN",
+        "test_indexes.py::test_a_claim_of_one_queue_reads_none_of_another_queues_backlog[one statement]",
+    ),
+    "one_queue_general_pick_walks_jobs_ready": Mutant(
+        "pgqueue.claim_next(text,text[],integer)",
+        "WHERE cardinality(claim_next.queues) IS DISTINCT FROM 1",
+        "WHERE true",
+        "test_indexes.py::test_a_claim_of_one_queue_reads_none_of_another_queues_backlog[general]",
+        (("WHERE cardinality(claim_next.queues) = 1", "WHERE false"),),
+    ),
+    # The one-queue picks without the paused-queue filter: a job left unflagged is claimed.
+    "one_queue_claim_ignores_pause": Mutant(
+        "pgqueue.claim_next(text,text[],integer)",
+        "\n                  AND j.queue <> ALL (ARRAY(SELECT p.queue FROM pgqueue.paused_queues p))\n",
+        "\n",
+        "test_pause.py::test_a_claim_of_one_queue_skips_its_unflagged_paused_jobs[one statement]",
+    ),
+    "one_queue_general_pick_ignores_pause": Mutant(
+        "pgqueue.claim_next(text,text[],integer)",
+        "                      AND j.run_after <= now()\n"
+        "                      AND j.queue <> ALL (ARRAY(SELECT p.queue FROM pgqueue.paused_queues p))\n",
+        "                      AND j.run_after <= now()\n",
+        "test_pause.py::test_a_claim_of_one_queue_skips_its_unflagged_paused_jobs[general]",
+    ),
     # abort without its row lock: a failure under way requeues the job, and the request
     # recorded beside it is read by nobody (the job runs again, not aborted).
     "abort_without_row_lock": Mutant(

@@ -1,7 +1,7 @@
 """Every public object documents itself (COMMENT ON) and is covered by docs/sql.md.
 
-Public = in schema pgqueue: tables and their columns, views, functions whose
-name does not start with ``_``, and the user triggers on pgqueue.jobs.
+Public = in schema pgqueue: tables and their columns, views and functions whose
+names do not start with ``_``, and the user triggers on pgqueue.jobs.
 ``\\d+`` and ``\\df+`` in psql show these comments, so a missing one is a
 hole in the documentation an operator sees.
 """
@@ -55,7 +55,7 @@ WHERE c.relnamespace = 'pgqueue'::regnamespace AND c.relkind IN ('r', 'p')
 UNION ALL
 SELECT 'view', c.relname, obj_description(c.oid, 'pg_class')
 FROM pg_class c
-WHERE c.relnamespace = 'pgqueue'::regnamespace AND c.relkind IN ('v', 'm')
+WHERE c.relnamespace = 'pgqueue'::regnamespace AND c.relkind IN ('v', 'm') AND c.relname NOT LIKE '\\_%'
 UNION ALL
 SELECT 'function', p.oid::regprocedure::text, obj_description(p.oid, 'pg_proc')
 FROM pg_proc p

@@ -1,9 +1,10 @@
-"""Claiming stays on its partial index as finished jobs pile up."""
+"""Claiming stays on its partial indexes as finished jobs and other queues' backlogs pile up."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
 from sqlharness import Connect
 
 SEED = """
@@ -82,3 +83,49 @@ async def test_claim_next_updates_its_rows_by_primary_key_lookup(connect: Connec
     await observer.execute("SELECT pg_stat_clear_snapshot()")
     per_claim = (await observer.fetchval(PKEY_BLOCKS) - before) / 10
     assert per_claim < 10, f"each claim read {per_claim:.0f} blocks of jobs_pkey"
+
+
+# Heap tuples this transaction fetched through an index of pgqueue.jobs, so far.
+FETCHED = (
+    "SELECT idx_tup_fetch FROM pg_stat_xact_user_tables WHERE relid = 'pgqueue.jobs'::regclass"
+)
+
+
+@pytest.mark.parametrize("path", ["one statement", "general"])
+async def test_a_claim_of_one_queue_reads_none_of_another_queues_backlog(
+    connect: Connect, path: str
+) -> None:
+    """A worker of one queue claims through jobs_ready_in_queue, in claim order. Through
+    jobs_ready it read every due job of other queues ahead of its own, a heap fetch each to
+    learn its queue: here 3,000 per claim, for a backlog it does not work."""
+    conn = await connect()
+    await conn.execute(
+        "INSERT INTO pgqueue.jobs (job_type, queue, priority)"
+        " SELECT 'bulk', 'bulk', 5 FROM generate_series(1, 3000)"
+    )
+    # Behind all of them in claim order (lower priorities), in an order of their own.
+    for priority, age in [(0, 5), (1, 1), (0, 9), (2, 0), (1, 3), (0, 9)]:
+        await conn.execute(
+            "SELECT pgqueue.enqueue('mail', queue => 'email', priority => $1,"
+            " run_after => now() - make_interval(secs => $2))",
+            priority,
+            age,
+        )
+    if path == "general":  # a scoped job queued anywhere sends claims down the general path
+        await conn.execute("""SELECT pgqueue.enqueue('s', queue => 'other', scope => '{"k": 1}')""")
+    await conn.execute("ANALYZE pgqueue.jobs")
+    expected = [
+        r["id"]
+        for r in await conn.fetch(
+            "SELECT id FROM pgqueue.jobs WHERE queue = 'email' ORDER BY priority DESC, run_after, id"
+        )
+    ]
+    claimed: list[int] = []
+    async with conn.transaction():
+        before = await conn.fetchval(FETCHED)
+        for _ in range(3):
+            batch = await conn.fetch("SELECT id FROM pgqueue.claim_next('w', ARRAY['email'], 2)")
+            claimed += [r["id"] for r in batch]
+        fetched = await conn.fetchval(FETCHED) - before
+    assert claimed == expected
+    assert fetched < 100, f"3 claims of 2 jobs fetched {fetched} rows"

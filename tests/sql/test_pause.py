@@ -53,6 +53,22 @@ async def test_the_scoped_claim_path_skips_paused_queues_too(conn: asyncpg.Conne
     assert await _claim_next(conn) == [paused, paused_scoped]
 
 
+@pytest.mark.parametrize("path", ["one statement", "general"])
+async def test_a_claim_of_one_queue_skips_its_unflagged_paused_jobs(
+    conn: asyncpg.Connection, path: str
+) -> None:
+    """A job an enqueue under way at the pause left unflagged is in the claim indexes; a
+    claim naming only its queue (read through jobs_ready_in_queue) skips it by name too."""
+    if path == "general":
+        await _enqueue(conn, "q", '{"s": 1}')
+    job = await _enqueue(conn, "p")
+    await conn.fetchval(PAUSE, "p")
+    await conn.execute("UPDATE pgqueue.jobs SET queue_paused = false WHERE id = $1", job)
+    assert await _claim_next(conn, ["p"]) == []
+    await conn.fetchval(RESUME, "p")
+    assert await _claim_next(conn, ["p"]) == [job]
+
+
 async def test_a_scope_waits_behind_its_head_in_a_paused_queue(conn: asyncpg.Connection) -> None:
     """Scopes run in id order across queues: pausing the queue of a scope's next job holds
     up the scope's later jobs in other queues."""
