@@ -7,6 +7,7 @@ schema, bad ``MODULE:APP``, bad JSON) into one line on stderr instead of a trace
 
 from __future__ import annotations
 
+import datetime
 import functools
 import importlib
 import json
@@ -518,26 +519,52 @@ def show(opts: DsnOption, job_id: int) -> None:
 @pass_dsn
 @_friendly_errors
 def stats(opts: DsnOption) -> None:
-    """Per queue and state: how many jobs, and how old the oldest ready one is; then the
-    paused queues and the limited ones, if any."""
+    """Per queue and state: how many jobs, and how old the oldest ready one is; the dead job
+    rows vacuum has yet to remove and the oldest snapshot that keeps it from doing so; then
+    the paused queues and the limited ones, if any."""
 
     async def go(
         conn: asyncpg.Connection,
-    ) -> tuple[list[asyncpg.Record], list[str], list[asyncpg.Record]]:
+    ) -> tuple[list[asyncpg.Record], asyncpg.Record, list[str], list[asyncpg.Record]]:
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             return (
                 await conn.fetch("SELECT * FROM pgqueue.queue_stats"),
+                await conn.fetchrow(_HORIZON),
                 await paused_queues(conn),
                 await conn.fetch(_LIMITS),
             )
 
-    rows, paused, limits = _run(lambda: _with_connection(opts.dsn, go))
+    rows, horizon, paused, limits = _run(lambda: _with_connection(opts.dsn, go))
     _print_table(rows)
+    click.echo(f"dead job rows: {horizon['dead']:,}")
+    if horizon["kind"] is not None:
+        click.echo(f"oldest snapshot: {_holder(horizon)}")
     if paused:
         click.echo(f"paused queues: {', '.join(paused)}")
     if limits:
         named = (f"{r['queue']} ({r['running']}/{r['max_running']} running)" for r in limits)
         click.echo(f"limited queues: {', '.join(named)}")
+
+
+# Dead row versions of pgqueue.jobs (the statistics' count, a second or so behind) and the
+# first row of pgqueue.vacuum_blockers, if any.
+_HORIZON = """
+SELECT coalesce((SELECT n_dead_tup FROM pg_stat_user_tables
+                 WHERE relid = 'pgqueue.jobs'::regclass), 0) AS dead,
+       b.kind, b.pid, b.name, b.state, b.xmin_age, b.open_for
+FROM (SELECT 1) one LEFT JOIN (SELECT * FROM pgqueue.vacuum_blockers LIMIT 1) b ON true
+"""
+
+
+def _holder(row: asyncpg.Record) -> str:
+    """``session 4242 (report, idle in transaction), open 0:05:12, 48,211 transactions old``."""
+    who = row["kind"] if row["pid"] is None else f"{row['kind']} {row['pid']}"
+    detail = ", ".join(part for part in (row["name"], row["state"]) if part)
+    parts = [f"{who} ({detail})" if detail else who]
+    if row["open_for"] is not None:
+        parts.append(f"open {datetime.timedelta(seconds=int(row['open_for'].total_seconds()))}")
+    parts.append(f"{row['xmin_age']:,} transactions old")
+    return ", ".join(parts)
 
 
 _LIMITS = """

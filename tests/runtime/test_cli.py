@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
 
 import asyncpg
 import pytest
@@ -308,3 +309,30 @@ def test_a_bad_listen_dsn_is_refused_before_the_worker_starts(
     )
     assert out.exit_code == 2
     assert "--listen-dsn / $PGQUEUE_LISTEN_DSN" in out.output and problem in out.output
+
+
+def test_stats_counts_dead_rows_and_names_the_oldest_snapshot(db_dsn: str) -> None:
+    held, release, pids = threading.Event(), threading.Event(), []
+
+    async def hold() -> None:  # a report left open in another session
+        conn = await asyncpg.connect(db_dsn, server_settings={"application_name": "report"})
+        try:
+            async with conn.transaction(isolation="repeatable_read"):
+                await conn.fetchval("SELECT 1")
+                pids.append(conn.get_server_pid())
+                held.set()
+                await asyncio.to_thread(release.wait, 30)
+        finally:
+            await conn.close()
+
+    holder = threading.Thread(target=asyncio.run, args=(hold(),))
+    holder.start()
+    try:
+        assert held.wait(30)
+        out = run(db_dsn, "stats").output
+    finally:
+        release.set()
+        holder.join()
+    assert re.search(r"^dead job rows: [\d,]+$", out, re.M), out
+    assert f"oldest snapshot: session {pids[0]} (report, idle in transaction), open 0:00:" in out
+    assert "oldest snapshot" not in run(db_dsn, "stats").output

@@ -318,3 +318,29 @@ async def test_save_progress_names_a_missing_worker_and_writes_nothing(connect: 
         else:
             raise AssertionError("accepted a missing worker")
     assert await conn.fetchval("SELECT progress FROM pgqueue.jobs WHERE id = $1", job) is None
+
+
+async def test_vacuum_blockers_names_open_snapshots_oldest_first(connect: Connect) -> None:
+    """A transaction holding a snapshot keeps every dead job row it could still see: the view
+    lists it first, never the session asking, and nothing once the transactions end."""
+    report, newer, me = await connect(), await connect(), await connect()
+    await report.execute("SET application_name = 'nightly-report'")
+    old = report.transaction(isolation="repeatable_read")
+    await old.start()
+    await report.fetchval("SELECT 1")
+    await me.execute("SELECT pgqueue.enqueue('t')")  # a transaction goes by
+    young = newer.transaction(isolation="repeatable_read")
+    await young.start()
+    await newer.fetchval("SELECT 1")
+    rows = await me.fetch("SELECT * FROM pgqueue.vacuum_blockers")
+    assert [(r["kind"], r["pid"], r["state"]) for r in rows] == [
+        ("session", report.get_server_pid(), "idle in transaction"),
+        ("session", newer.get_server_pid(), "idle in transaction"),
+    ]
+    assert rows[0]["name"] == "nightly-report" and rows[0]["query"] == "SELECT 1"
+    # Other databases' transactions can hold both snapshots' xmin back alike.
+    assert rows[0]["xmin_age"] >= rows[1]["xmin_age"] >= 0
+    assert rows[0]["open_for"] >= rows[1]["open_for"] >= timedelta(0)
+    await old.rollback()
+    await young.rollback()
+    assert await me.fetch("SELECT * FROM pgqueue.vacuum_blockers") == []
