@@ -231,7 +231,7 @@ COMMENT ON FUNCTION pgqueue.claim(bigint, text) IS
 -- inlined into each query that reads it, whichever ready index that query
 -- uses, and FOR UPDATE through it locks the jobs row.
 CREATE VIEW pgqueue._claimable AS
-SELECT j.* FROM pgqueue.jobs j
+SELECT j.id, j.queue, j.scope, j.priority, j.run_after FROM pgqueue.jobs j
 WHERE j.state = 'queued' AND NOT j.scope_blocked AND NOT j.queue_paused
   AND (j.scope IS NULL
        OR (coalesce((SELECT o.state FROM pgqueue.jobs o

@@ -1,7 +1,7 @@
 """Deliberately broken variants of the SQL functions.
 
-Each mutant rewrites one function (text substitution on ``pg_get_functiondef``)
-to remove one safeguard. ``test_mutants.py`` runs the race test that guards
+Each mutant rewrites one function (text substitution on ``pg_get_functiondef``) or view
+(on ``pg_get_viewdef``) to remove one safeguard. ``test_mutants.py`` runs the race test that guards
 that safeguard against the mutant and requires it to fail: a race test that
 cannot fail proves nothing.
 """
@@ -15,7 +15,7 @@ import asyncpg
 
 @dataclass(frozen=True)
 class Mutant:
-    function: str  # regprocedure text
+    function: str  # regprocedure text, or "view " and the view's name
     old: str
     new: str
     killed_by: str  # pytest node id (relative to tests/sql) that must fail
@@ -37,6 +37,19 @@ MUTANTS: dict[str, Mutant] = {
         "WHERE true",
         "test_indexes.py::test_a_claim_of_one_queue_reads_none_of_another_queues_backlog[general]",
         (("WHERE cardinality(claim_next.queues) = 1", "WHERE false"),),
+    ),
+    # The one-queue picks without their row locks: a second claim takes the job the first holds.
+    "one_queue_claim_without_row_lock": Mutant(
+        "pgqueue.claim_next(text,text[],integer)",
+        "                LIMIT claim_next.batch_size\n                FOR NO KEY UPDATE OF j SKIP LOCKED\n            )",
+        "                LIMIT claim_next.batch_size\n            )",
+        "test_claim_races.py::test_a_one_queue_claim_skips_what_another_claim_holds[one statement]",
+    ),
+    "one_queue_general_pick_without_row_lock": Mutant(
+        "pgqueue.claim_next(text,text[],integer)",
+        "                    LIMIT v_left\n                    FOR NO KEY UPDATE OF j SKIP LOCKED) b",
+        "                    LIMIT v_left) b",
+        "test_claim_races.py::test_a_one_queue_claim_skips_what_another_claim_holds[general]",
     ),
     # The one-queue picks without the paused-queue filter: a job left unflagged is claimed.
     "one_queue_claim_ignores_pause": Mutant(
@@ -133,9 +146,9 @@ MUTANTS: dict[str, Mutant] = {
     ),
     # claim_next without the per-scope head check.
     "claim_next_ignores_scope": Mutant(
-        "pgqueue.claim_next(text,text[],integer)",
-        "AND (j.scope IS NULL\n",
-        "AND (true\n",
+        "view pgqueue._claimable",
+        "((j.scope IS NULL) OR",
+        "(true OR",
         "test_claim_races.py::test_concurrent_claims_across_one_scope_oldest_first_one_winner",
     ),
     # fan-in counter read from the statement's snapshot without locking the dependents
@@ -395,7 +408,14 @@ MUTANTS: dict[str, Mutant] = {
 
 async def apply(conn: asyncpg.Connection, name: str) -> None:
     mutant = MUTANTS[name]
-    definition = await conn.fetchval("SELECT pg_get_functiondef($1::regprocedure)", mutant.function)
+    if mutant.function.startswith("view "):
+        view = mutant.function.removeprefix("view ")
+        body = await conn.fetchval("SELECT pg_get_viewdef($1::regclass)", view)
+        definition = f"CREATE OR REPLACE VIEW {view} AS {body}"
+    else:
+        definition = await conn.fetchval(
+            "SELECT pg_get_functiondef($1::regprocedure)", mutant.function
+        )
     for old, new in ((mutant.old, mutant.new), *mutant.more):
         if old not in definition:
             raise AssertionError(f"mutant {name}: text to replace not found in {mutant.function}")

@@ -7,7 +7,14 @@ from collections import Counter
 
 import asyncpg
 import pytest
-from sqlharness import Connect, Session, lock_wait_kind, sessions, wait_blocked
+from sqlharness import (
+    Connect,
+    Session,
+    finishes_unblocked,
+    lock_wait_kind,
+    sessions,
+    wait_blocked,
+)
 
 
 async def _enqueue(conn: asyncpg.Connection, job_type: str = "t", **kw: object) -> int:
@@ -46,7 +53,10 @@ async def test_claim_winner_rolls_back_then_a_waiter_wins(connect: Connect) -> N
     assert await observer.fetchval("SELECT attempts FROM pgqueue.jobs WHERE id = $1", job) == 1
 
 
-async def test_drain_with_claim_next_batches_every_job_exactly_once(connect: Connect) -> None:
+@pytest.mark.parametrize("queues", [None, ["default"]], ids=["every queue", "one queue"])
+async def test_drain_with_claim_next_batches_every_job_exactly_once(
+    connect: Connect, queues: list[str] | None
+) -> None:
     observer, *workers = await sessions(connect, "obs", "w1", "w2", "w3", "w4", "w5", "w6")
     specs = []
     for i in range(300):
@@ -64,7 +74,9 @@ async def test_drain_with_claim_next_batches_every_job_exactly_once(connect: Con
         idle = 0
         while idle < 3:
             batch = await w.fetch(
-                "SELECT id, scope::text AS scope FROM pgqueue.claim_next($1, NULL, 7)", w.name
+                "SELECT id, scope::text AS scope FROM pgqueue.claim_next($1, $2, 7)",
+                w.name,
+                queues,
             )
             if not batch:
                 idle += 1
@@ -210,6 +222,31 @@ async def test_claim_next_skips_busy_scope_and_takes_other_work(connect: Connect
     got = await asyncio.wait_for(b.fetch("SELECT id FROM pgqueue.claim_next('b', NULL, 5)"), 10)
     assert [r["id"] for r in got] == [plain]
     await a.commit()
+
+
+@pytest.mark.parametrize("path", ["one statement", "general"])
+async def test_a_one_queue_claim_skips_what_another_claim_holds(
+    connect: Connect, path: str
+) -> None:
+    """Two workers of one queue (claims through jobs_ready_in_queue): the second takes the
+    next job without waiting for the first's transaction, and no job goes to both."""
+    observer, a, b = await sessions(connect, "obs", "a", "b")
+    if path == "general":  # a scoped job queued anywhere sends claims down the general path
+        await _enqueue(observer.conn, queue="other", scope={"k": 1})
+    first = await _enqueue(observer.conn, queue="q")
+    second = await _enqueue(observer.conn, queue="q")
+    await a.begin()
+    got_a = await a.fetch("SELECT id FROM pgqueue.claim_next('a', ARRAY['q'], 1)")
+    assert [r["id"] for r in got_a] == [first]
+    got_b = await finishes_unblocked(
+        observer.conn, b, b.fetch("SELECT id FROM pgqueue.claim_next('b', ARRAY['q'], 2)")
+    )
+    assert [r["id"] for r in got_b] == [second]
+    await a.commit()
+    rows = await observer.fetch(
+        "SELECT id, attempts, locked_by FROM pgqueue.jobs WHERE queue = 'q' ORDER BY id"
+    )
+    assert [tuple(r) for r in rows] == [(first, 1, "a"), (second, 1, "b")]
 
 
 async def test_one_running_per_scope_is_an_index(connect: Connect) -> None:
