@@ -2525,6 +2525,8 @@ DECLARE
     v_downstream bigint[];
     v_revived bigint[];
     v_cancelled boolean;
+    v_id bigint;
+    v_write boolean;
 BEGIN
     -- The job is read unlocked, and its advisory locks are taken before its row
     -- lock, in the order every pgqueue transaction takes them: its pipeline's
@@ -2558,8 +2560,32 @@ BEGIN
     -- meanwhile is dropped, never a 23505.
     PERFORM pgqueue._lock_dedup_keys(ARRAY(SELECT w.dedup_key FROM pgqueue.jobs w
                                            WHERE w.id = retry.job_id OR w.id = ANY (v_downstream)));
-    SELECT * INTO v FROM pgqueue.jobs j WHERE j.id = retry.job_id AND j.state IN ('failed', 'cancelled')
-    FOR NO KEY UPDATE;
+    -- The rows, in id order, each in its mode: this job and the dependents it may
+    -- revive (written below) for update; their dependencies shared, as enqueue
+    -- shares them, since every job that may wait again gets its fan-in counter
+    -- recounted: a dependency finishing right now commits before the count and is
+    -- seen succeeded, or finishes after this transaction and finds its dependents
+    -- waiting; one failing right now is seen failed by the loop below. In one id
+    -- order, retries of a job and of its dependency meet at the older row; locking
+    -- its own row first, each held the row the other wanted next (40P01).
+    FOR v_id, v_write IN
+        SELECT x.id, bool_or(x.write)
+        FROM (SELECT retry.job_id AS id, true AS write
+              UNION ALL
+              SELECT u.id, true FROM unnest(v_downstream) u(id)
+              UNION ALL
+              SELECT d.depends_on, false FROM pgqueue.job_dependencies d
+              WHERE d.job_id = retry.job_id OR d.job_id = ANY (v_downstream)) x
+        GROUP BY x.id
+        ORDER BY x.id
+    LOOP
+        IF v_write THEN
+            PERFORM 1 FROM pgqueue.jobs j WHERE j.id = v_id FOR NO KEY UPDATE;
+        ELSE
+            PERFORM 1 FROM pgqueue.jobs j WHERE j.id = v_id FOR SHARE;
+        END IF;
+    END LOOP;
+    SELECT * INTO v FROM pgqueue.jobs j WHERE j.id = retry.job_id AND j.state IN ('failed', 'cancelled');
     IF NOT FOUND THEN
         RETURN false;
     END IF;
@@ -2570,16 +2596,6 @@ BEGIN
     IF v_cancelled THEN
         DELETE FROM pgqueue.cancelled_pipelines c WHERE c.pipeline_id = v.pipeline_id;
     END IF;
-    -- Every job that may wait again gets its fan-in counter recounted. Share-lock
-    -- their dependencies first (as enqueue does): one finishing right now
-    -- commits before the count and is seen succeeded, or finishes after this
-    -- transaction and finds its dependents waiting; one failing right now is
-    -- seen failed by the loop below, which therefore comes after the lock.
-    PERFORM 1 FROM pgqueue.jobs p
-    WHERE p.id IN (SELECT d.depends_on FROM pgqueue.job_dependencies d
-                   WHERE d.job_id = retry.job_id OR d.job_id = ANY (v_downstream))
-    ORDER BY p.id
-    FOR SHARE;
     -- One with another dependency that failed or was cancelled stays cancelled
     -- (that dependency cancels it: revived, it would wait for good), and so does
     -- whatever waits on it: drop them until none is left to drop.

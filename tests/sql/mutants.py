@@ -38,6 +38,14 @@ MUTANTS: dict[str, Mutant] = {
         "test_indexes.py::test_a_claim_of_one_queue_reads_none_of_another_queues_backlog[general]",
         (("WHERE cardinality(claim_next.queues) = 1", "WHERE false"),),
     ),
+    # retry locking its own row before its dependencies' (the order before the fix): it holds
+    # the job while it waits for a dependency another retry holds, which then wants the job.
+    "retry_locks_its_row_first": Mutant(
+        "pgqueue.retry(bigint)",
+        "        GROUP BY x.id\n        ORDER BY x.id\n    LOOP",
+        "        GROUP BY x.id\n        ORDER BY x.id DESC\n    LOOP",
+        "test_fanin_races.py::test_retries_of_a_job_and_its_dependency_lock_in_id_order",
+    ),
     # The one-queue picks without their row locks: a second claim takes the job the first holds.
     "one_queue_claim_without_row_lock": Mutant(
         "pgqueue.claim_next(text,text[],integer)",
@@ -185,8 +193,8 @@ MUTANTS: dict[str, Mutant] = {
     # counted as unfinished, and its completion (which saw the job cancelled) never decrements it.
     "retry_without_share_lock": Mutant(
         "pgqueue.retry(bigint)",
-        "    ORDER BY p.id\n    FOR SHARE;",
-        "    ORDER BY p.id;",
+        "PERFORM 1 FROM pgqueue.jobs j WHERE j.id = v_id FOR SHARE;",
+        "PERFORM 1 FROM pgqueue.jobs j WHERE j.id = v_id;",
         "test_fanin_races.py::test_retry_racing_completion_of_another_dependency_counts_it",
     ),
     # a dependency recorded without FOR SHARE on the parent: its completion misses the new child.

@@ -483,3 +483,35 @@ async def test_a_batch_of_parents_whose_children_mix_dependencies_completes(
     assert [tuple(r) for r in rows] == [("queued", 3), ("waiting", 2)]
     edges = await observer.fetch("SELECT depends_on FROM pgqueue.job_dependencies")
     assert [r[0] for r in edges] == [dep, dep]
+
+
+async def test_retries_of_a_job_and_its_dependency_lock_in_id_order(connect: Connect) -> None:
+    """retry() locks its rows in id order: the dependency (older) before the job. Locking its
+    own row first, retry(job) held it while it waited for the dependency that a concurrent
+    retry(dependency) held, which then wanted the job as its dependent: 40P01."""
+    observer, holder, a, b, probe = await sessions(connect, "obs", "holder", "a", "b", "probe")
+    dep = await observer.fetchval("SELECT pgqueue.enqueue('p', max_attempts => 1)")
+    job = await observer.fetchval(
+        "SELECT pgqueue.enqueue('j', depends_on => ARRAY[$1::bigint])", dep
+    )
+    await observer.fetch("SELECT id FROM pgqueue.claim($1, 'w')", dep)
+    assert await observer.fetchval("SELECT pgqueue.fail($1, 'w', 'boom')", dep) == "failed"
+    assert await observer.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", job) == (
+        "cancelled"
+    )
+    await holder.begin()
+    await holder.execute("SELECT 1 FROM pgqueue.jobs WHERE id = $1 FOR NO KEY UPDATE", dep)
+    retry_job = a.start(a.fetchval("SELECT pgqueue.retry($1)", job))
+    await wait_blocked(observer.conn, a)
+    # a waits at the dependency's row and holds no lock on its own job yet.
+    await probe.begin()
+    await probe.execute("SELECT 1 FROM pgqueue.jobs WHERE id = $1 FOR NO KEY UPDATE NOWAIT", job)
+    await probe.rollback()
+    retry_dep = b.start(b.fetchval("SELECT pgqueue.retry($1)", dep))
+    await wait_blocked(observer.conn, b)
+    await holder.commit()
+    assert await asyncio.gather(retry_job, retry_dep) == [True, True]
+    rows = await observer.fetch(
+        "SELECT state, pending_deps FROM pgqueue.jobs WHERE id = ANY($1) ORDER BY id", [dep, job]
+    )
+    assert [tuple(r) for r in rows] == [("queued", 0), ("waiting", 1)]
