@@ -58,39 +58,46 @@ COMMENT ON VIEW pgqueue.current_jobs IS
     'The current job of each scope: the latest one claimed; its state and result are the scope''s latest outcome.';
 
 -- Every claim and completion leaves a dead row version and dead index entries
--- behind, which vacuum can remove only once no snapshot can still see them. An
--- open transaction (idle in transaction, a long report, a forgotten psql
--- session), a standby with hot_standby_feedback or a replication slot holding an
--- old xmin keeps them all, and each claim steps over the dead entries of every
--- job claimed since, at the front of the ready index: claims get slower the
--- longer it lasts (docs/sql.md). This lists what holds the horizon, oldest
--- first. Only this database's sessions count for its tables (PostgreSQL 14+);
--- other roles' queries show only to members of pg_read_all_stats.
+-- behind, which vacuum can remove only once no transaction can still see them.
+-- An open transaction (idle in transaction, a long report, a forgotten psql
+-- session), a standby with hot_standby_feedback, a replication slot holding an
+-- old xmin or a prepared transaction keeps them all, and each claim steps over
+-- the dead entries of every job claimed since, at the front of the ready index:
+-- claims get slower the longer it lasts (docs/sql.md). This lists what holds
+-- the horizon, oldest first. A session counts by the older of its snapshot's
+-- xmin and its own transaction id (one that wrote and sits idle in a READ
+-- COMMITTED transaction has no snapshot). Sessions of other databases hold this
+-- database's tables only through a transaction id (every snapshot taken here
+-- meanwhile sees it running), so only those are listed. No filter on the
+-- columns pg_stat_activity hides from roles without pg_read_all_stats
+-- (backend_type, state, query): such a reader still sees every holder.
 CREATE VIEW pgqueue.vacuum_blockers AS
-SELECT b.kind, b.pid, b.role, b.name, b.state, b.xmin_age, now() - b.since AS open_for, b.since, b.query
+SELECT b.kind, b.pid, b.database, b.role, b.name, b.state, b.xmin_age, now() - b.since AS open_for, b.since,
+       b.query
 FROM (
-    SELECT 'session' AS kind, a.pid, a.usename::text AS role, a.application_name AS name, a.state,
-           age(a.backend_xmin) AS xmin_age, a.xact_start AS since, a.query
+    SELECT 'session' AS kind, a.pid, a.datname::text AS database, a.usename::text AS role,
+           a.application_name AS name, a.state,
+           greatest(age(a.backend_xid), age(a.backend_xmin)) AS xmin_age, a.xact_start AS since, a.query
     FROM pg_stat_activity a
-    WHERE a.backend_xmin IS NOT NULL AND a.pid <> pg_backend_pid()
-      AND a.datname = current_database() AND a.backend_type = 'client backend'
+    WHERE a.pid <> pg_backend_pid()
+      AND (a.backend_xid IS NOT NULL
+           OR (a.backend_xmin IS NOT NULL AND a.datname = current_database()))
     UNION ALL
-    SELECT 'standby', r.pid, r.usename::text, r.application_name, r.state,
-           age(r.backend_xmin), r.backend_start, NULL
+    SELECT 'standby', r.pid, NULL, r.usename::text, r.application_name, r.state, age(r.backend_xmin), NULL, NULL
     FROM pg_stat_replication r
     WHERE r.backend_xmin IS NOT NULL
     UNION ALL
-    SELECT 'replication slot', s.active_pid, NULL, s.slot_name, CASE WHEN s.active THEN 'active' ELSE 'inactive' END,
-           age(s.xmin), NULL, NULL
+    SELECT 'replication slot', s.active_pid, s.database::text, NULL, s.slot_name,
+           CASE WHEN s.active THEN 'active' ELSE 'inactive' END, age(s.xmin), NULL, NULL
     FROM pg_replication_slots s
     WHERE s.xmin IS NOT NULL
     UNION ALL
-    SELECT 'prepared transaction', NULL, p.owner::text, p.gid, 'prepared', age(p.transaction), p.prepared, NULL
+    SELECT 'prepared transaction', NULL, p.database::text, p.owner::text, p.gid, 'prepared', age(p.transaction),
+           p.prepared, NULL
     FROM pg_prepared_xacts p
-    WHERE p.database = current_database()
 ) b
 ORDER BY b.xmin_age DESC, b.since;
 COMMENT ON VIEW pgqueue.vacuum_blockers IS
-    'What keeps vacuum from removing dead job rows, oldest first: this database''s open transactions, standbys '
-    'with hot_standby_feedback, replication slots and prepared transactions, with xmin_age (transactions since '
-    'their snapshot) and open_for. Claims slow down while an old one stays open.';
+    'What keeps vacuum from removing dead job rows, oldest first: this database''s open transactions (and other '
+    'databases'' that have written), standbys with hot_standby_feedback, replication slots and prepared '
+    'transactions, with xmin_age (transactions since) and open_for. Claims slow down while an old one stays open.';

@@ -321,26 +321,47 @@ async def test_save_progress_names_a_missing_worker_and_writes_nothing(connect: 
 
 
 async def test_vacuum_blockers_names_open_snapshots_oldest_first(connect: Connect) -> None:
-    """A transaction holding a snapshot keeps every dead job row it could still see: the view
-    lists it first, never the session asking, and nothing once the transactions end."""
-    report, newer, me = await connect(), await connect(), await connect()
+    """A transaction holding a snapshot, or a transaction id, keeps every dead job row it could
+    still see: the view lists it, oldest first, never the session asking, and nothing once
+    the transactions end."""
+    report, writer, newer, me = await connect(), await connect(), await connect(), await connect()
     await report.execute("SET application_name = 'nightly-report'")
     old = report.transaction(isolation="repeatable_read")
     await old.start()
     await report.fetchval("SELECT 1")
-    await me.execute("SELECT pgqueue.enqueue('t')")  # a transaction goes by
+    # Wrote and sits idle in a READ COMMITTED transaction: a transaction id, no snapshot.
+    wrote = writer.transaction()
+    await wrote.start()
+    await writer.execute("SELECT pgqueue.enqueue('t')")
     young = newer.transaction(isolation="repeatable_read")
     await young.start()
     await newer.fetchval("SELECT 1")
-    rows = await me.fetch("SELECT * FROM pgqueue.vacuum_blockers")
+    here = "SELECT * FROM pgqueue.vacuum_blockers WHERE database = current_database()"
+    rows = await me.fetch(here)
     assert [(r["kind"], r["pid"], r["state"]) for r in rows] == [
         ("session", report.get_server_pid(), "idle in transaction"),
+        ("session", writer.get_server_pid(), "idle in transaction"),
         ("session", newer.get_server_pid(), "idle in transaction"),
     ]
     assert rows[0]["name"] == "nightly-report" and rows[0]["query"] == "SELECT 1"
-    # Other databases' transactions can hold both snapshots' xmin back alike.
-    assert rows[0]["xmin_age"] >= rows[1]["xmin_age"] >= 0
-    assert rows[0]["open_for"] >= rows[1]["open_for"] >= timedelta(0)
-    await old.rollback()
-    await young.rollback()
-    assert await me.fetch("SELECT * FROM pgqueue.vacuum_blockers") == []
+    # Other databases' transactions can hold the snapshots' xmin back alike.
+    assert rows[0]["xmin_age"] >= rows[1]["xmin_age"] >= rows[2]["xmin_age"] >= 0
+    assert rows[0]["open_for"] >= rows[1]["open_for"] >= rows[2]["open_for"] >= timedelta(0)
+    # A role without pg_read_all_stats sees other roles' sessions with their state and query
+    # hidden: they are listed all the same.
+    role = f"pgqueue_reader_{uuid.uuid4().hex[:8]}"
+    await me.execute(f"CREATE ROLE {role}")
+    try:
+        await me.execute(f"GRANT USAGE ON SCHEMA pgqueue TO {role}")
+        await me.execute(f"GRANT SELECT ON pgqueue.vacuum_blockers TO {role}")
+        async with me.transaction():
+            await me.execute(f"SET LOCAL ROLE {role}")
+            seen = await me.fetch(here)
+        assert [r["pid"] for r in seen] == [r["pid"] for r in rows]
+        assert {r["state"] for r in seen} == {None}
+    finally:
+        await me.execute(f"DROP OWNED BY {role}")
+        await me.execute(f"DROP ROLE {role}")
+    for transaction in (old, wrote, young):
+        await transaction.rollback()
+    assert await me.fetch(here) == []
