@@ -487,8 +487,8 @@ async def test_a_batch_of_parents_whose_children_mix_dependencies_completes(
 
 async def test_retries_of_a_job_and_its_dependency_lock_in_id_order(connect: Connect) -> None:
     """retry() locks its rows in id order: the dependency (older) before the job. Locking its
-    own row first, retry(job) held it while it waited for the dependency that a concurrent
-    retry(dependency) held, which then wanted the job as its dependent: 40P01."""
+    own row first, retry(job) held it while it waited for the dependency, which a retry of the
+    dependency queued ahead of it then held while it wanted the job as its dependent: 40P01."""
     observer, holder, a, b, probe = await sessions(connect, "obs", "holder", "a", "b", "probe")
     dep = await observer.fetchval("SELECT pgqueue.enqueue('p', max_attempts => 1)")
     job = await observer.fetchval(
@@ -501,16 +501,17 @@ async def test_retries_of_a_job_and_its_dependency_lock_in_id_order(connect: Con
     )
     await holder.begin()
     await holder.execute("SELECT 1 FROM pgqueue.jobs WHERE id = $1 FOR NO KEY UPDATE", dep)
+    retry_dep = b.start(b.fetchval("SELECT pgqueue.retry($1)", dep))
+    await wait_blocked(observer.conn, b)
     retry_job = a.start(a.fetchval("SELECT pgqueue.retry($1)", job))
     await wait_blocked(observer.conn, a)
-    # a waits at the dependency's row and holds no lock on its own job yet.
+    # a waits at the dependency's row, behind b, and holds no lock on its own job yet.
     await probe.begin()
     await probe.execute("SELECT 1 FROM pgqueue.jobs WHERE id = $1 FOR NO KEY UPDATE NOWAIT", job)
     await probe.rollback()
-    retry_dep = b.start(b.fetchval("SELECT pgqueue.retry($1)", dep))
-    await wait_blocked(observer.conn, b)
     await holder.commit()
-    assert await asyncio.gather(retry_job, retry_dep) == [True, True]
+    # b revives both; a then finds its job waiting again, no longer failed or cancelled.
+    assert await asyncio.gather(retry_dep, retry_job) == [True, False]
     rows = await observer.fetch(
         "SELECT state, pending_deps FROM pgqueue.jobs WHERE id = ANY($1) ORDER BY id", [dep, job]
     )
