@@ -1523,23 +1523,32 @@ COMMENT ON FUNCTION pgqueue.claim(bigint, text) IS
     'job is not queued, not due, in a paused queue or a full limited one, or its scope is busy. Never raises for a lost race. Sets state, is_current, '
     'locked_by, locked_at, started_at (first claim only) and attempts together.';
 
--- A queued job a claim may take now, but for run_after, locks and limits: not
--- blocked behind an older job of its scope, not in a paused queue, and, for a
--- scoped job, no job of its scope running and none older queued. That last
--- test is _scope_free written out: a SQL function with sub-selects is not
--- inlined, and its call costs more than its two index probes; a view is
--- inlined into each query that reads it, whichever ready index that query
--- uses, and FOR UPDATE through it locks the jobs row.
+-- A job whose turn it is in its scope: unscoped, or no job of its scope running
+-- and none older queued. _scope_free written out: a SQL function with sub-selects
+-- is not inlined, and its call costs more than its two index probes; a view is
+-- inlined into each query that reads it. claim_next's re-check under the scope
+-- locks reads it by id (through the primary key: no state test here, which would
+-- let the planner read a whole ready index for the ids).
+CREATE VIEW pgqueue._scope_turn AS
+SELECT j.id, j.queue, j.scope, j.priority, j.run_after, j.state, j.scope_blocked, j.queue_paused
+FROM pgqueue.jobs j
+WHERE j.scope IS NULL
+   OR (coalesce((SELECT o.state FROM pgqueue.jobs o
+                 WHERE o.is_current AND pgqueue._same_scope(o.scope, j.scope)
+                 LIMIT 1), '') <> 'running'
+       AND NOT EXISTS (SELECT 1 FROM pgqueue.jobs o
+                       WHERE pgqueue._same_scope(o.scope, j.scope)
+                         AND o.state = 'queued' AND o.id < j.id));
+COMMENT ON VIEW pgqueue._scope_turn IS
+    'Internal: jobs whose turn it is in their scope (unscoped, or none of the scope running and none older queued).';
+
+-- A queued job a claim may take now, but for run_after, locks and limits: its
+-- scope's turn, not blocked, not in a paused queue. claim_next's picks read it,
+-- through whichever ready index their queues call for; FOR UPDATE through it
+-- locks the jobs row.
 CREATE VIEW pgqueue._claimable AS
-SELECT j.id, j.queue, j.scope, j.priority, j.run_after FROM pgqueue.jobs j
-WHERE j.state = 'queued' AND NOT j.scope_blocked AND NOT j.queue_paused
-  AND (j.scope IS NULL
-       OR (coalesce((SELECT o.state FROM pgqueue.jobs o
-                     WHERE o.is_current AND pgqueue._same_scope(o.scope, j.scope)
-                     LIMIT 1), '') <> 'running'
-           AND NOT EXISTS (SELECT 1 FROM pgqueue.jobs o
-                           WHERE pgqueue._same_scope(o.scope, j.scope)
-                             AND o.state = 'queued' AND o.id < j.id)));
+SELECT t.id, t.queue, t.scope, t.priority, t.run_after FROM pgqueue._scope_turn t
+WHERE t.state = 'queued' AND NOT t.scope_blocked AND NOT t.queue_paused;
 COMMENT ON VIEW pgqueue._claimable IS
     'Internal: queued jobs a claim may take (scope head, scope idle, queue not paused); claim_next picks from it.';
 
@@ -1721,7 +1730,7 @@ BEGIN
         IF v_scoped THEN
             -- Re-check with a snapshot taken after the scope locks were granted (the
             -- rows are ours: only their scopes' other jobs can have changed).
-            SELECT array_agg(j.id) INTO v_ids FROM pgqueue._claimable j WHERE j.id = ANY (v_ids);
+            SELECT array_agg(t.id) INTO v_ids FROM pgqueue._scope_turn t WHERE t.id = ANY (v_ids);
             EXIT WHEN v_ids IS NULL;
         END IF;
 

@@ -46,6 +46,13 @@ MUTANTS: dict[str, Mutant] = {
         "        GROUP BY x.id\n        ORDER BY x.id DESC\n    LOOP",
         "test_fanin_races.py::test_retries_of_a_job_and_its_dependency_lock_in_id_order",
     ),
+    # The scope re-check reading the ready rows' view: planned as a scan of a whole ready index.
+    "scope_recheck_scans_a_ready_index": Mutant(
+        "pgqueue.claim_next(text,text[],integer)",
+        "FROM pgqueue._scope_turn t WHERE t.id = ANY (v_ids);",
+        "FROM pgqueue._claimable t WHERE t.id = ANY (v_ids);",
+        "test_indexes.py::test_a_scoped_claim_of_every_queue_never_reads_the_queue_index",
+    ),
     # The one-queue picks without their row locks: a second claim takes the job the first holds.
     "one_queue_claim_without_row_lock": Mutant(
         "pgqueue.claim_next(text,text[],integer)",
@@ -154,7 +161,7 @@ MUTANTS: dict[str, Mutant] = {
     ),
     # claim_next without the per-scope head check.
     "claim_next_ignores_scope": Mutant(
-        "view pgqueue._claimable",
+        "view pgqueue._scope_turn",
         "((j.scope IS NULL) OR",
         "(true OR",
         "test_claim_races.py::test_concurrent_claims_across_one_scope_oldest_first_one_winner",

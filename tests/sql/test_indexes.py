@@ -135,3 +135,35 @@ async def test_a_claim_of_one_queue_reads_none_of_another_queues_backlog(
         fetched = await worker.fetchval(FETCHED) - before
     assert claimed == expected
     assert fetched < 100, f"3 claims of 2 jobs fetched {fetched} rows"
+
+
+IN_QUEUE_SCANS = """
+SELECT idx_scan FROM pg_stat_user_indexes WHERE indexrelid = 'pgqueue.jobs_ready_in_queue'::regclass
+"""
+
+
+async def test_a_scoped_claim_of_every_queue_never_reads_the_queue_index(connect: Connect) -> None:
+    """The general path re-checks its picks by id: through the primary key. Read through a view
+    that names the ready rows' state, it was planned as a scan of the whole of
+    jobs_ready_in_queue for the ids (id is its last column): 1.4 ms of a 5 ms scoped claim,
+    growing with the index's dead entries."""
+    worker, observer = await connect(), await connect()
+    await worker.execute(
+        "SELECT pgqueue.enqueue_many(jsonb_agg(jsonb_build_object('job_type', 't',"
+        " 'scope', jsonb_build_object('s', g % 20)))) FROM generate_series(1, 400) g"
+    )
+    await worker.execute("ANALYZE pgqueue.jobs")
+    await worker.execute("SELECT pg_stat_force_next_flush()")
+    before = await observer.fetchval(IN_QUEUE_SCANS)
+    previous: list[int] = []
+    for _ in range(5):
+        batch = [
+            r["id"] for r in await worker.fetch("SELECT id FROM pgqueue.claim_next('w', NULL, 10)")
+        ]
+        assert len(batch) == 10
+        if previous:
+            await worker.fetch("SELECT pgqueue.complete_many('w', $1::bigint[])", previous)
+        previous = batch
+    await worker.execute("SELECT pg_stat_force_next_flush()")
+    await observer.execute("SELECT pg_stat_clear_snapshot()")
+    assert await observer.fetchval(IN_QUEUE_SCANS) == before
