@@ -1314,23 +1314,41 @@ COMMENT ON FUNCTION pgqueue.enqueue_many(text[], jsonb[], text[], int[], int[], 
 CREATE FUNCTION pgqueue._scope_lock_key(p_scope jsonb) RETURNS int
 LANGUAGE sql IMMUTABLE AS $$ SELECT jsonb_hash(p_scope) $$;
 
--- True when no job of the scope is running and none older is queued.
--- Two probes, not one OR: each is a single index lookup, where the OR planned
--- as a bitmap of two indexes. A running scoped job is always its scope's
--- current job (the claim sets both in one UPDATE, and only a claim of the next
--- job clears the flag), so the first probe reads the current job through the
--- current-per-scope index and tests its state outside the lookup: a lookup by
--- state = 'running' was, with stale statistics, planned over the lease index,
--- i.e. every running job of every worker for every candidate.
-CREATE FUNCTION pgqueue._scope_free(p_scope jsonb, p_job_id bigint) RETURNS boolean
-LANGUAGE sql STABLE AS $$
-    SELECT coalesce((SELECT o.state FROM pgqueue.jobs o
-                     WHERE o.is_current AND pgqueue._same_scope(o.scope, p_scope)
-                     LIMIT 1), '') <> 'running'
+-- A job whose turn it is in its scope: unscoped, or no job of its scope running
+-- and none older queued. A view, not a SQL function: one with sub-selects is
+-- not inlined, and its call cost more than its two index probes; a view is
+-- inlined into each query that reads it. Two probes, not one OR: each is a
+-- single index lookup, where the OR planned as a bitmap of two indexes. A
+-- running scoped job is always its scope's current job (the claim sets both in
+-- one UPDATE, and only a claim of the next job clears the flag), so the first
+-- probe reads the current job through the current-per-scope index and tests
+-- its state outside the lookup: a lookup by state = 'running' was, with stale
+-- statistics, planned over the lease index, i.e. every running job of every
+-- worker for every candidate. claim() and claim_next's re-check under the
+-- scope locks read it by id (through the primary key: no state test here,
+-- which would let the planner read a whole ready index for the ids).
+CREATE VIEW pgqueue._scope_turn AS
+SELECT j.id, j.queue, j.scope, j.priority, j.run_after, j.state, j.scope_blocked, j.queue_paused
+FROM pgqueue.jobs j
+WHERE j.scope IS NULL
+   OR (coalesce((SELECT o.state FROM pgqueue.jobs o
+                 WHERE o.is_current AND pgqueue._same_scope(o.scope, j.scope)
+                 LIMIT 1), '') <> 'running'
        AND NOT EXISTS (SELECT 1 FROM pgqueue.jobs o
-                       WHERE pgqueue._same_scope(o.scope, p_scope)
-                         AND o.state = 'queued' AND o.id < p_job_id)
-$$;
+                       WHERE pgqueue._same_scope(o.scope, j.scope)
+                         AND o.state = 'queued' AND o.id < j.id));
+COMMENT ON VIEW pgqueue._scope_turn IS
+    'Internal: jobs whose turn it is in their scope (unscoped, or none of the scope running and none older queued).';
+
+-- A queued job a claim may take now, but for run_after, locks and limits: its
+-- scope's turn, not blocked, not in a paused queue. claim_next's picks read it,
+-- through whichever ready index their queues call for; FOR UPDATE through it
+-- locks the jobs row.
+CREATE VIEW pgqueue._claimable AS
+SELECT t.id, t.queue, t.scope, t.priority, t.run_after FROM pgqueue._scope_turn t
+WHERE t.state = 'queued' AND NOT t.scope_blocked AND NOT t.queue_paused;
+COMMENT ON VIEW pgqueue._claimable IS
+    'Internal: queued jobs a claim may take (scope head, scope idle, queue not paused); claim_next picks from it.';
 
 -- Scope heads. A queued scoped job that is not its scope's next job is kept
 -- out of the claim index (jobs.scope_blocked), so claims never walk the
@@ -1489,7 +1507,8 @@ BEGIN
         PERFORM 1 FROM pgqueue.jobs j
         WHERE j.id = claim.job_id AND j.state = 'queued' AND j.run_after <= now()
         FOR NO KEY UPDATE;
-        IF NOT FOUND OR (v_scope IS NOT NULL AND NOT pgqueue._scope_free(v_scope, claim.job_id)) THEN
+        IF NOT FOUND
+           OR (v_scope IS NOT NULL AND NOT EXISTS (SELECT 1 FROM pgqueue._scope_turn t WHERE t.id = claim.job_id)) THEN
             RETURN;
         END IF;
     END IF;
@@ -1522,35 +1541,6 @@ COMMENT ON FUNCTION pgqueue.claim(bigint, text) IS
     'Claim a known job by id for worker: a conditional UPDATE that returns the running row, or no row if the '
     'job is not queued, not due, in a paused queue or a full limited one, or its scope is busy. Never raises for a lost race. Sets state, is_current, '
     'locked_by, locked_at, started_at (first claim only) and attempts together.';
-
--- A job whose turn it is in its scope: unscoped, or no job of its scope running
--- and none older queued. _scope_free written out: a SQL function with sub-selects
--- is not inlined, and its call costs more than its two index probes; a view is
--- inlined into each query that reads it. claim_next's re-check under the scope
--- locks reads it by id (through the primary key: no state test here, which would
--- let the planner read a whole ready index for the ids).
-CREATE VIEW pgqueue._scope_turn AS
-SELECT j.id, j.queue, j.scope, j.priority, j.run_after, j.state, j.scope_blocked, j.queue_paused
-FROM pgqueue.jobs j
-WHERE j.scope IS NULL
-   OR (coalesce((SELECT o.state FROM pgqueue.jobs o
-                 WHERE o.is_current AND pgqueue._same_scope(o.scope, j.scope)
-                 LIMIT 1), '') <> 'running'
-       AND NOT EXISTS (SELECT 1 FROM pgqueue.jobs o
-                       WHERE pgqueue._same_scope(o.scope, j.scope)
-                         AND o.state = 'queued' AND o.id < j.id));
-COMMENT ON VIEW pgqueue._scope_turn IS
-    'Internal: jobs whose turn it is in their scope (unscoped, or none of the scope running and none older queued).';
-
--- A queued job a claim may take now, but for run_after, locks and limits: its
--- scope's turn, not blocked, not in a paused queue. claim_next's picks read it,
--- through whichever ready index their queues call for; FOR UPDATE through it
--- locks the jobs row.
-CREATE VIEW pgqueue._claimable AS
-SELECT t.id, t.queue, t.scope, t.priority, t.run_after FROM pgqueue._scope_turn t
-WHERE t.state = 'queued' AND NOT t.scope_blocked AND NOT t.queue_paused;
-COMMENT ON VIEW pgqueue._claimable IS
-    'Internal: queued jobs a claim may take (scope head, scope idle, queue not paused); claim_next picks from it.';
 
 CREATE FUNCTION pgqueue.claim_next(worker text, queues text[] DEFAULT NULL, batch_size int DEFAULT 1)
 RETURNS SETOF pgqueue.jobs
