@@ -326,8 +326,7 @@ class App:
             if run_after is not None:
                 if not isinstance(run_after, datetime.datetime):
                     return None
-                if run_after.utcoffset() is None:  # naive: UTC, as as_aware reads it
-                    run_after = run_after.replace(tzinfo=datetime.UTC)
+                run_after = as_aware(run_after)
             if not (
                 (queue is None or type(queue) is str)
                 and (priority is None or _is_int4(priority))
