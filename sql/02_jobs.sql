@@ -133,14 +133,22 @@ CREATE INDEX job_dependencies_depends_on ON pgqueue.job_dependencies (depends_on
 -- What ON DELETE CASCADE did, once per statement instead of per row: prune()
 -- and hand deletes take the deleted jobs' edges with them, and TRUNCATE of
 -- the jobs empties the edges (ids restart, and a stale edge would then bind
--- new jobs). A pruned job was final, so no waiting job's count includes it.
+-- new jobs).
 -- One difference: a delete under REPEATABLE READ or SERIALIZABLE that waited
 -- for an enqueue depending on the job it deletes cannot see that enqueue's
 -- edge, and leaves it (the foreign key raised 40001 instead). Every reader
 -- joins the edge to its job, so such an edge is inert, and it goes when its
 -- waiting job is deleted.
+-- A deleted job that had not succeeded never will, so a job waiting for it
+-- would wait for good (its pending_deps still counts it): it is cancelled, as
+-- when that dependency fails, with what waits on it. prune keeps such jobs, so
+-- this is a hand delete, or retention that read the dependent as cancelled
+-- just before a retry of it committed. (Under REPEATABLE READ a dependent its
+-- snapshot cannot see waiting is left: hand deletes belong in READ COMMITTED.)
 CREATE FUNCTION pgqueue._drop_edges() RETURNS trigger
 LANGUAGE plpgsql AS $$
+DECLARE
+    v_unsucceeded bigint[];
 BEGIN
     IF TG_OP = 'TRUNCATE' THEN
         -- Not "if it has rows": under REPEATABLE READ that test reads an old snapshot and
@@ -152,6 +160,10 @@ BEGIN
         END;
         RETURN NULL;
     END IF;
+    v_unsucceeded := ARRAY(SELECT o.id FROM deleted_jobs o WHERE o.state <> 'succeeded');
+    IF cardinality(v_unsucceeded) > 0 THEN
+        PERFORM pgqueue._cancel_dependents(v_unsucceeded, 'was deleted');
+    END IF;
     DELETE FROM pgqueue.job_dependencies d USING deleted_jobs o WHERE d.job_id = o.id;
     DELETE FROM pgqueue.job_dependencies d USING deleted_jobs o WHERE d.depends_on = o.id;
     RETURN NULL;
@@ -161,7 +173,8 @@ CREATE TRIGGER jobs_drop_edges AFTER DELETE ON pgqueue.jobs
     REFERENCING OLD TABLE AS deleted_jobs
     FOR EACH STATEMENT EXECUTE FUNCTION pgqueue._drop_edges();
 COMMENT ON TRIGGER jobs_drop_edges ON pgqueue.jobs IS
-    'Deleting jobs deletes their fan-in edges (both ends), as a cascade would; the edges have no foreign keys '
+    'Deleting jobs deletes their fan-in edges (both ends), as a cascade would, and cancels the jobs waiting '
+    'for a deleted one that had not succeeded (they could never run); the edges have no foreign keys '
     'because checking them cost two probes per edge on every fan-out.';
 CREATE TRIGGER jobs_truncate_edges AFTER TRUNCATE ON pgqueue.jobs
     FOR EACH STATEMENT EXECUTE FUNCTION pgqueue._drop_edges();

@@ -281,6 +281,17 @@ LANGUAGE sql AS $$
       AND NOT EXISTS (SELECT 1 FROM pgqueue.jobs j WHERE j.id = r.job_id AND j.state = 'running')
 $$;
 
+-- Is a job that failed or was cancelled still awaited? retry() of a dependent
+-- makes it wait for that job again (until the job is retried and succeeds, or
+-- the dependent is cancelled); pruned, the dependent would wait for good, so
+-- prune and retention keep the job meanwhile.
+CREATE FUNCTION pgqueue._awaited(p_job_id bigint) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT EXISTS (SELECT 1 FROM pgqueue.job_dependencies d
+                   JOIN pgqueue.jobs w ON w.id = d.job_id AND w.state = 'waiting'
+                   WHERE d.depends_on = p_job_id)
+$$;
+
 CREATE FUNCTION pgqueue.prune(older_than interval) RETURNS bigint
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
@@ -295,14 +306,16 @@ BEGIN
     DELETE FROM pgqueue.jobs j
     WHERE j.state IN ('succeeded', 'failed', 'cancelled')
       AND j.finished_at < now() - prune.older_than
-      AND NOT j.is_current;
+      AND NOT j.is_current
+      AND (j.state = 'succeeded' OR NOT pgqueue._awaited(j.id));
     GET DIAGNOSTICS v_count = ROW_COUNT;
     PERFORM pgqueue._drop_ended_abort_requests();
     RETURN v_count;
 END
 $$;
 COMMENT ON FUNCTION pgqueue.prune(interval) IS
-    'Delete final jobs whose finished_at is older than older_than (except the current job of each scope), and '
+    'Delete final jobs whose finished_at is older than older_than (except the current job of each scope, and '
+    'a failed or cancelled job that a retried dependent waits for again), and '
     'abort requests whose job no longer runs (one another transaction holds: at a later call); returns how '
     'many jobs were deleted.';
 
@@ -335,6 +348,7 @@ BEGIN
     WHERE j.id = ANY (ARRAY(SELECT o.id FROM pgqueue.jobs o
                             WHERE o.state IN ('succeeded', 'failed', 'cancelled')
                               AND o.finished_at < now() - v_after::interval AND NOT o.is_current
+                              AND (o.state = 'succeeded' OR NOT pgqueue._awaited(o.id))
                             ORDER BY o.finished_at LIMIT prune_expired.batch_size
                             FOR UPDATE SKIP LOCKED))
       AND j.state IN ('succeeded', 'failed', 'cancelled')

@@ -246,14 +246,22 @@ CREATE INDEX job_dependencies_depends_on ON pgqueue.job_dependencies (depends_on
 -- What ON DELETE CASCADE did, once per statement instead of per row: prune()
 -- and hand deletes take the deleted jobs' edges with them, and TRUNCATE of
 -- the jobs empties the edges (ids restart, and a stale edge would then bind
--- new jobs). A pruned job was final, so no waiting job's count includes it.
+-- new jobs).
 -- One difference: a delete under REPEATABLE READ or SERIALIZABLE that waited
 -- for an enqueue depending on the job it deletes cannot see that enqueue's
 -- edge, and leaves it (the foreign key raised 40001 instead). Every reader
 -- joins the edge to its job, so such an edge is inert, and it goes when its
 -- waiting job is deleted.
+-- A deleted job that had not succeeded never will, so a job waiting for it
+-- would wait for good (its pending_deps still counts it): it is cancelled, as
+-- when that dependency fails, with what waits on it. prune keeps such jobs, so
+-- this is a hand delete, or retention that read the dependent as cancelled
+-- just before a retry of it committed. (Under REPEATABLE READ a dependent its
+-- snapshot cannot see waiting is left: hand deletes belong in READ COMMITTED.)
 CREATE FUNCTION pgqueue._drop_edges() RETURNS trigger
 LANGUAGE plpgsql AS $$
+DECLARE
+    v_unsucceeded bigint[];
 BEGIN
     IF TG_OP = 'TRUNCATE' THEN
         -- Not "if it has rows": under REPEATABLE READ that test reads an old snapshot and
@@ -265,6 +273,10 @@ BEGIN
         END;
         RETURN NULL;
     END IF;
+    v_unsucceeded := ARRAY(SELECT o.id FROM deleted_jobs o WHERE o.state <> 'succeeded');
+    IF cardinality(v_unsucceeded) > 0 THEN
+        PERFORM pgqueue._cancel_dependents(v_unsucceeded, 'was deleted');
+    END IF;
     DELETE FROM pgqueue.job_dependencies d USING deleted_jobs o WHERE d.job_id = o.id;
     DELETE FROM pgqueue.job_dependencies d USING deleted_jobs o WHERE d.depends_on = o.id;
     RETURN NULL;
@@ -274,7 +286,8 @@ CREATE TRIGGER jobs_drop_edges AFTER DELETE ON pgqueue.jobs
     REFERENCING OLD TABLE AS deleted_jobs
     FOR EACH STATEMENT EXECUTE FUNCTION pgqueue._drop_edges();
 COMMENT ON TRIGGER jobs_drop_edges ON pgqueue.jobs IS
-    'Deleting jobs deletes their fan-in edges (both ends), as a cascade would; the edges have no foreign keys '
+    'Deleting jobs deletes their fan-in edges (both ends), as a cascade would, and cancels the jobs waiting '
+    'for a deleted one that had not succeeded (they could never run); the edges have no foreign keys '
     'because checking them cost two probes per edge on every fan-out.';
 CREATE TRIGGER jobs_truncate_edges AFTER TRUNCATE ON pgqueue.jobs
     FOR EACH STATEMENT EXECUTE FUNCTION pgqueue._drop_edges();
@@ -2650,6 +2663,17 @@ LANGUAGE sql AS $$
       AND NOT EXISTS (SELECT 1 FROM pgqueue.jobs j WHERE j.id = r.job_id AND j.state = 'running')
 $$;
 
+-- Is a job that failed or was cancelled still awaited? retry() of a dependent
+-- makes it wait for that job again (until the job is retried and succeeds, or
+-- the dependent is cancelled); pruned, the dependent would wait for good, so
+-- prune and retention keep the job meanwhile.
+CREATE FUNCTION pgqueue._awaited(p_job_id bigint) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT EXISTS (SELECT 1 FROM pgqueue.job_dependencies d
+                   JOIN pgqueue.jobs w ON w.id = d.job_id AND w.state = 'waiting'
+                   WHERE d.depends_on = p_job_id)
+$$;
+
 CREATE FUNCTION pgqueue.prune(older_than interval) RETURNS bigint
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
@@ -2664,14 +2688,16 @@ BEGIN
     DELETE FROM pgqueue.jobs j
     WHERE j.state IN ('succeeded', 'failed', 'cancelled')
       AND j.finished_at < now() - prune.older_than
-      AND NOT j.is_current;
+      AND NOT j.is_current
+      AND (j.state = 'succeeded' OR NOT pgqueue._awaited(j.id));
     GET DIAGNOSTICS v_count = ROW_COUNT;
     PERFORM pgqueue._drop_ended_abort_requests();
     RETURN v_count;
 END
 $$;
 COMMENT ON FUNCTION pgqueue.prune(interval) IS
-    'Delete final jobs whose finished_at is older than older_than (except the current job of each scope), and '
+    'Delete final jobs whose finished_at is older than older_than (except the current job of each scope, and '
+    'a failed or cancelled job that a retried dependent waits for again), and '
     'abort requests whose job no longer runs (one another transaction holds: at a later call); returns how '
     'many jobs were deleted.';
 
@@ -2704,6 +2730,7 @@ BEGIN
     WHERE j.id = ANY (ARRAY(SELECT o.id FROM pgqueue.jobs o
                             WHERE o.state IN ('succeeded', 'failed', 'cancelled')
                               AND o.finished_at < now() - v_after::interval AND NOT o.is_current
+                              AND (o.state = 'succeeded' OR NOT pgqueue._awaited(o.id))
                             ORDER BY o.finished_at LIMIT prune_expired.batch_size
                             FOR UPDATE SKIP LOCKED))
       AND j.state IN ('succeeded', 'failed', 'cancelled')

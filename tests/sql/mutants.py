@@ -254,6 +254,27 @@ MUTANTS: dict[str, Mutant] = {
         "FOR UPDATE))",
         "test_retention.py::test_it_never_waits_for_a_row_another_transaction_holds",
     ),
+    # retention and prune deleting a failed job that a retried dependent waits for again:
+    # the dependent's pending_deps counts it for good.
+    "prune_expired_drops_awaited_jobs": Mutant(
+        "pgqueue.prune_expired(integer)",
+        "AND (o.state = 'succeeded' OR NOT pgqueue._awaited(o.id))",
+        "",
+        "test_retention.py::test_a_failed_job_a_retried_dependent_waits_for_is_kept",
+    ),
+    "prune_drops_awaited_jobs": Mutant(
+        "pgqueue.prune(interval)",
+        "AND (j.state = 'succeeded' OR NOT pgqueue._awaited(j.id))",
+        "",
+        "test_retention.py::test_a_failed_job_a_retried_dependent_waits_for_is_kept",
+    ),
+    # Deleting a dependency that never succeeded leaves what waits for it waiting for good.
+    "delete_strands_dependents": Mutant(
+        "pgqueue._drop_edges()",
+        "IF cardinality(v_unsucceeded) > 0 THEN",
+        "IF false THEN",
+        "test_retention.py::test_deleting_a_job_that_had_not_succeeded_cancels_what_waits_for_it",
+    ),
     # claims leave is_current alone: the property test's invariant catches nothing? It must.
     "claim_next_keeps_old_current": Mutant(
         "pgqueue.claim_next(text,text[],integer)",

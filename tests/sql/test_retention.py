@@ -111,3 +111,85 @@ async def test_it_never_waits_for_an_abort_request_another_transaction_holds(
     assert await observer.fetchval("SELECT count(*) FROM pgqueue.abort_requests") == 1
     assert await observer.fetchval("SELECT pgqueue.prune_expired()") == 0
     assert await observer.fetchval("SELECT count(*) FROM pgqueue.abort_requests") == 0
+
+
+async def _failed_with_dependent(conn: asyncpg.Connection) -> tuple[int, int]:
+    """A dependency that failed 30 days ago, and its dependent, retried since: waiting for it."""
+    dependency: int = await conn.fetchval("SELECT pgqueue.enqueue('t', max_attempts => 1)")
+    dependent: int = await conn.fetchval(
+        "SELECT pgqueue.enqueue('t', depends_on => ARRAY[$1::bigint])", dependency
+    )
+    await conn.fetch("SELECT id FROM pgqueue.claim($1, 'w')", dependency)
+    assert await conn.fetchval("SELECT pgqueue.fail($1, 'w', 'boom')", dependency) == "failed"
+    await conn.execute(AGE, dependency, "30 days")
+    await conn.execute(AGE, dependent, "30 days")
+    assert await conn.fetchval("SELECT pgqueue.retry($1)", dependent)
+    row = await conn.fetchrow(
+        "SELECT state, pending_deps FROM pgqueue.jobs WHERE id = $1", dependent
+    )
+    assert (row["state"], row["pending_deps"]) == ("waiting", 1)
+    return dependency, dependent
+
+
+async def test_a_failed_job_a_retried_dependent_waits_for_is_kept(
+    conn: asyncpg.Connection,
+) -> None:
+    """retry() of a dependent makes it wait again for its failed dependency. Pruned, that
+    dependency would be waited for for good (pending_deps counts it and nothing would ever
+    settle it); kept, retrying it still queues the dependent when it succeeds."""
+    dependency, dependent = await _failed_with_dependent(conn)
+    other = await _finished(conn, "30 days", state="failed")
+    assert await conn.fetchval("SELECT pgqueue.prune_expired()") == 1
+    assert await conn.fetchval("SELECT pgqueue.prune('0')") == 0
+    assert await _ids(conn) == [dependency, dependent]
+    assert other not in await _ids(conn)
+    assert await conn.fetchval("SELECT pgqueue.retry($1)", dependency)
+    await conn.fetch("SELECT id FROM pgqueue.claim($1, 'w')", dependency)
+    assert await conn.fetchval("SELECT pgqueue.complete($1, 'w')", dependency)
+    state = await conn.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", dependent)
+    assert state == "queued"
+
+
+async def test_a_failed_job_is_pruned_once_nothing_waits_for_it(conn: asyncpg.Connection) -> None:
+    _, dependent = await _failed_with_dependent(conn)
+    assert await conn.fetchval("SELECT pgqueue.cancel($1)", dependent)
+    assert await conn.fetchval("SELECT pgqueue.prune_expired()") == 1
+    assert await _ids(conn) == [dependent]
+    assert await conn.fetchval("SELECT count(*) FROM pgqueue.job_dependencies") == 0
+
+
+async def test_deleting_a_job_that_had_not_succeeded_cancels_what_waits_for_it(
+    conn: asyncpg.Connection,
+) -> None:
+    """A hand delete (or retention that read a dependent as cancelled just before a retry of
+    it committed) of a job that never succeeded: what waits for it could never run, and is
+    cancelled as if it had failed, transitively. A deleted success settles nothing more."""
+    queued = await conn.fetchval("SELECT pgqueue.enqueue('t')")
+    done = await conn.fetchval("SELECT pgqueue.enqueue('t')")
+    await conn.fetch("SELECT id FROM pgqueue.claim($1, 'w')", done)
+    assert await conn.fetchval("SELECT pgqueue.complete($1, 'w')", done)
+    open_ = await conn.fetchval("SELECT pgqueue.enqueue('t')")
+    join = await conn.fetchval(
+        "SELECT pgqueue.enqueue('t', depends_on => ARRAY[$1, $2]::bigint[])", done, open_
+    )
+    direct = await conn.fetchval(
+        "SELECT pgqueue.enqueue('t', depends_on => ARRAY[$1::bigint])", queued
+    )
+    further = await conn.fetchval(
+        "SELECT pgqueue.enqueue('t', depends_on => ARRAY[$1::bigint])", direct
+    )
+    await conn.execute("DELETE FROM pgqueue.jobs WHERE id = ANY ($1::bigint[])", [queued, done])
+    rows = await conn.fetch(
+        "SELECT id, state, pending_deps, last_error FROM pgqueue.jobs WHERE id = ANY ($1::bigint[])"
+        " ORDER BY id",
+        [join, direct, further],
+    )
+    assert [(r["state"], r["pending_deps"], r["last_error"]) for r in rows] == [
+        ("waiting", 1, None),
+        ("cancelled", 1, f"dependency failed: job {queued} was deleted"),
+        ("cancelled", 1, f"dependency failed: job {queued} was deleted"),
+    ]
+    edges = await conn.fetch(
+        "SELECT job_id, depends_on FROM pgqueue.job_dependencies ORDER BY 1, 2"
+    )
+    assert [tuple(e) for e in edges] == [(join, open_), (further, direct)]
