@@ -141,10 +141,10 @@ CREATE INDEX job_dependencies_depends_on ON pgqueue.job_dependencies (depends_on
 -- waiting job is deleted.
 -- A deleted job that had not succeeded never will, so a job waiting for it
 -- would wait for good (its pending_deps still counts it): it is cancelled, as
--- when that dependency fails, with what waits on it. prune keeps such jobs, so
--- this is a hand delete, or retention that read the dependent as cancelled
--- just before a retry of it committed. (Under REPEATABLE READ a dependent its
--- snapshot cannot see waiting is left: hand deletes belong in READ COMMITTED.)
+-- when that dependency fails, with what waits on it. prune never deletes a job
+-- that did not succeed while another depends on it, so this is a hand delete.
+-- (Under REPEATABLE READ a dependent its snapshot cannot see waiting is left:
+-- hand deletes of such jobs belong in READ COMMITTED.)
 CREATE FUNCTION pgqueue._drop_edges() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE

@@ -281,15 +281,19 @@ LANGUAGE sql AS $$
       AND NOT EXISTS (SELECT 1 FROM pgqueue.jobs j WHERE j.id = r.job_id AND j.state = 'running')
 $$;
 
--- Is a job that failed or was cancelled still awaited? retry() of a dependent
--- makes it wait for that job again (until the job is retried and succeeds, or
--- the dependent is cancelled); pruned, the dependent would wait for good, so
--- prune and retention keep the job meanwhile.
-CREATE FUNCTION pgqueue._awaited(p_job_id bigint) RETURNS boolean
+-- Does any job depend on this one? A job that failed or was cancelled is kept
+-- while one does: retry() of that dependent makes it wait for the job again
+-- (until the job is retried and succeeds), and pruned, it would wait for good.
+-- Any edge, not only a waiting dependent's: edges to a job that failed or was
+-- cancelled are never created (enqueue refuses it), so their absence in a
+-- statement's snapshot cannot be undone by a retry committing during the
+-- statement, where "is a dependent waiting" can (retry(J) only shares the row
+-- prune deletes, so prune's row lock re-tests nothing). The dependents are
+-- pruned first; the job goes a round later. A function: written inline, the
+-- planner hashed the whole edge table for one probe per failed job.
+CREATE FUNCTION pgqueue._depended_on(p_job_id bigint) RETURNS boolean
 LANGUAGE sql STABLE AS $$
-    SELECT EXISTS (SELECT 1 FROM pgqueue.job_dependencies d
-                   JOIN pgqueue.jobs w ON w.id = d.job_id AND w.state = 'waiting'
-                   WHERE d.depends_on = p_job_id)
+    SELECT EXISTS (SELECT 1 FROM pgqueue.job_dependencies d WHERE d.depends_on = p_job_id)
 $$;
 
 CREATE FUNCTION pgqueue.prune(older_than interval) RETURNS bigint
@@ -307,7 +311,7 @@ BEGIN
     WHERE j.state IN ('succeeded', 'failed', 'cancelled')
       AND j.finished_at < now() - prune.older_than
       AND NOT j.is_current
-      AND (j.state = 'succeeded' OR NOT pgqueue._awaited(j.id));
+      AND (j.state = 'succeeded' OR NOT pgqueue._depended_on(j.id));
     GET DIAGNOSTICS v_count = ROW_COUNT;
     PERFORM pgqueue._drop_ended_abort_requests();
     RETURN v_count;
@@ -315,7 +319,7 @@ END
 $$;
 COMMENT ON FUNCTION pgqueue.prune(interval) IS
     'Delete final jobs whose finished_at is older than older_than (except the current job of each scope, and '
-    'a failed or cancelled job that a retried dependent waits for again), and '
+    'a failed or cancelled job while a job that depends on it remains), and '
     'abort requests whose job no longer runs (one another transaction holds: at a later call); returns how '
     'many jobs were deleted.';
 
@@ -348,7 +352,7 @@ BEGIN
     WHERE j.id = ANY (ARRAY(SELECT o.id FROM pgqueue.jobs o
                             WHERE o.state IN ('succeeded', 'failed', 'cancelled')
                               AND o.finished_at < now() - v_after::interval AND NOT o.is_current
-                              AND (o.state = 'succeeded' OR NOT pgqueue._awaited(o.id))
+                              AND (o.state = 'succeeded' OR NOT pgqueue._depended_on(o.id))
                             ORDER BY o.finished_at LIMIT prune_expired.batch_size
                             FOR UPDATE SKIP LOCKED))
       AND j.state IN ('succeeded', 'failed', 'cancelled')

@@ -254,10 +254,10 @@ CREATE INDEX job_dependencies_depends_on ON pgqueue.job_dependencies (depends_on
 -- waiting job is deleted.
 -- A deleted job that had not succeeded never will, so a job waiting for it
 -- would wait for good (its pending_deps still counts it): it is cancelled, as
--- when that dependency fails, with what waits on it. prune keeps such jobs, so
--- this is a hand delete, or retention that read the dependent as cancelled
--- just before a retry of it committed. (Under REPEATABLE READ a dependent its
--- snapshot cannot see waiting is left: hand deletes belong in READ COMMITTED.)
+-- when that dependency fails, with what waits on it. prune never deletes a job
+-- that did not succeed while another depends on it, so this is a hand delete.
+-- (Under REPEATABLE READ a dependent its snapshot cannot see waiting is left:
+-- hand deletes of such jobs belong in READ COMMITTED.)
 CREATE FUNCTION pgqueue._drop_edges() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -2663,15 +2663,19 @@ LANGUAGE sql AS $$
       AND NOT EXISTS (SELECT 1 FROM pgqueue.jobs j WHERE j.id = r.job_id AND j.state = 'running')
 $$;
 
--- Is a job that failed or was cancelled still awaited? retry() of a dependent
--- makes it wait for that job again (until the job is retried and succeeds, or
--- the dependent is cancelled); pruned, the dependent would wait for good, so
--- prune and retention keep the job meanwhile.
-CREATE FUNCTION pgqueue._awaited(p_job_id bigint) RETURNS boolean
+-- Does any job depend on this one? A job that failed or was cancelled is kept
+-- while one does: retry() of that dependent makes it wait for the job again
+-- (until the job is retried and succeeds), and pruned, it would wait for good.
+-- Any edge, not only a waiting dependent's: edges to a job that failed or was
+-- cancelled are never created (enqueue refuses it), so their absence in a
+-- statement's snapshot cannot be undone by a retry committing during the
+-- statement, where "is a dependent waiting" can (retry(J) only shares the row
+-- prune deletes, so prune's row lock re-tests nothing). The dependents are
+-- pruned first; the job goes a round later. A function: written inline, the
+-- planner hashed the whole edge table for one probe per failed job.
+CREATE FUNCTION pgqueue._depended_on(p_job_id bigint) RETURNS boolean
 LANGUAGE sql STABLE AS $$
-    SELECT EXISTS (SELECT 1 FROM pgqueue.job_dependencies d
-                   JOIN pgqueue.jobs w ON w.id = d.job_id AND w.state = 'waiting'
-                   WHERE d.depends_on = p_job_id)
+    SELECT EXISTS (SELECT 1 FROM pgqueue.job_dependencies d WHERE d.depends_on = p_job_id)
 $$;
 
 CREATE FUNCTION pgqueue.prune(older_than interval) RETURNS bigint
@@ -2689,7 +2693,7 @@ BEGIN
     WHERE j.state IN ('succeeded', 'failed', 'cancelled')
       AND j.finished_at < now() - prune.older_than
       AND NOT j.is_current
-      AND (j.state = 'succeeded' OR NOT pgqueue._awaited(j.id));
+      AND (j.state = 'succeeded' OR NOT pgqueue._depended_on(j.id));
     GET DIAGNOSTICS v_count = ROW_COUNT;
     PERFORM pgqueue._drop_ended_abort_requests();
     RETURN v_count;
@@ -2697,7 +2701,7 @@ END
 $$;
 COMMENT ON FUNCTION pgqueue.prune(interval) IS
     'Delete final jobs whose finished_at is older than older_than (except the current job of each scope, and '
-    'a failed or cancelled job that a retried dependent waits for again), and '
+    'a failed or cancelled job while a job that depends on it remains), and '
     'abort requests whose job no longer runs (one another transaction holds: at a later call); returns how '
     'many jobs were deleted.';
 
@@ -2730,7 +2734,7 @@ BEGIN
     WHERE j.id = ANY (ARRAY(SELECT o.id FROM pgqueue.jobs o
                             WHERE o.state IN ('succeeded', 'failed', 'cancelled')
                               AND o.finished_at < now() - v_after::interval AND NOT o.is_current
-                              AND (o.state = 'succeeded' OR NOT pgqueue._awaited(o.id))
+                              AND (o.state = 'succeeded' OR NOT pgqueue._depended_on(o.id))
                             ORDER BY o.finished_at LIMIT prune_expired.batch_size
                             FOR UPDATE SKIP LOCKED))
       AND j.state IN ('succeeded', 'failed', 'cancelled')

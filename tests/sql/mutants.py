@@ -258,13 +258,13 @@ MUTANTS: dict[str, Mutant] = {
     # the dependent's pending_deps counts it for good.
     "prune_expired_drops_awaited_jobs": Mutant(
         "pgqueue.prune_expired(integer)",
-        "AND (o.state = 'succeeded' OR NOT pgqueue._awaited(o.id))",
+        "AND (o.state = 'succeeded' OR NOT pgqueue._depended_on(o.id))",
         "",
         "test_retention.py::test_a_failed_job_a_retried_dependent_waits_for_is_kept",
     ),
     "prune_drops_awaited_jobs": Mutant(
         "pgqueue.prune(interval)",
-        "AND (j.state = 'succeeded' OR NOT pgqueue._awaited(j.id))",
+        "AND (j.state = 'succeeded' OR NOT pgqueue._depended_on(j.id))",
         "",
         "test_retention.py::test_a_failed_job_a_retried_dependent_waits_for_is_kept",
     ),

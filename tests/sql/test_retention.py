@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncpg
-from sqlharness import Connect, finishes_unblocked, sessions
+from sqlharness import Connect, finishes_unblocked, sessions, wait_blocked
 
 AGE = "UPDATE pgqueue.jobs SET finished_at = now() - $2::text::interval WHERE id = $1"
 IDS = "SELECT id FROM pgqueue.jobs ORDER BY id"
@@ -150,12 +150,57 @@ async def test_a_failed_job_a_retried_dependent_waits_for_is_kept(
     assert state == "queued"
 
 
-async def test_a_failed_job_is_pruned_once_nothing_waits_for_it(conn: asyncpg.Connection) -> None:
-    _, dependent = await _failed_with_dependent(conn)
-    assert await conn.fetchval("SELECT pgqueue.cancel($1)", dependent)
+async def test_a_failed_job_goes_a_round_after_the_last_job_depending_on_it(
+    conn: asyncpg.Connection,
+) -> None:
+    """Kept while any job depends on it, not only a waiting one: a chain that failed at its
+    root is pruned from its end, a link a round, so no retry ever finds its dependency gone."""
+    root: int = await conn.fetchval("SELECT pgqueue.enqueue('t', max_attempts => 1)")
+    middle = await conn.fetchval(
+        "SELECT pgqueue.enqueue('t', depends_on => ARRAY[$1::bigint])", root
+    )
+    await conn.fetchval("SELECT pgqueue.enqueue('t', depends_on => ARRAY[$1::bigint])", middle)
+    await conn.fetch("SELECT id FROM pgqueue.claim($1, 'w')", root)
+    assert await conn.fetchval("SELECT pgqueue.fail($1, 'w', 'boom')", root) == "failed"
+    await conn.execute("UPDATE pgqueue.jobs SET finished_at = now() - interval '30 days'")
     assert await conn.fetchval("SELECT pgqueue.prune_expired()") == 1
-    assert await _ids(conn) == [dependent]
-    assert await conn.fetchval("SELECT count(*) FROM pgqueue.job_dependencies") == 0
+    assert await _ids(conn) == [root, middle]
+    assert await conn.fetchval("SELECT pgqueue.prune('0')") == 1
+    assert await _ids(conn) == [root]
+    assert await conn.fetchval("SELECT pgqueue.prune_expired()") == 1
+    assert await _ids(conn) == []
+
+
+async def test_retention_never_reads_a_dependent_a_retry_is_reviving_as_gone(
+    connect: Connect,
+) -> None:
+    """retry(J) shares its failed dependency's row, so a prune behind it deleted the row once
+    the retry committed, having read J as cancelled: J was left waiting for a deleted job.
+    Now the dependency is not a candidate while J exists: retention skips J's held row and
+    deletes nothing, and prune, having waited for J, deletes nothing either."""
+    observer, retrier, pruner = await sessions(connect, "obs", "retry", "prune")
+    dependency: int = await observer.fetchval("SELECT pgqueue.enqueue('t', max_attempts => 1)")
+    dependent = await observer.fetchval(
+        "SELECT pgqueue.enqueue('t', depends_on => ARRAY[$1::bigint])", dependency
+    )
+    await observer.fetch("SELECT id FROM pgqueue.claim($1, 'w')", dependency)
+    assert await observer.fetchval("SELECT pgqueue.fail($1, 'w', 'boom')", dependency) == "failed"
+    await observer.execute("UPDATE pgqueue.jobs SET finished_at = now() - interval '30 days'")
+    await retrier.begin()
+    assert await retrier.fetchval("SELECT pgqueue.retry($1)", dependent) is True
+    prune_expired = pruner.fetchval("SELECT pgqueue.prune_expired()")
+    assert await finishes_unblocked(observer.conn, pruner, prune_expired) == 0
+    # prune() waits for the dependent the retry holds (a candidate: cancelled 30 days ago,
+    # in its snapshot), then finds it waiting; the dependency was never a candidate.
+    prune = pruner.start(pruner.fetchval("SELECT pgqueue.prune('0')"))
+    await wait_blocked(observer.conn, pruner)
+    await retrier.commit()
+    assert await prune == 0
+    assert await _ids(observer.conn) == [dependency, dependent]
+    row = await observer.conn.fetchrow(
+        "SELECT state, pending_deps FROM pgqueue.jobs WHERE id = $1", dependent
+    )
+    assert (row["state"], row["pending_deps"]) == ("waiting", 1)
 
 
 async def test_deleting_a_job_that_had_not_succeeded_cancels_what_waits_for_it(
