@@ -1884,10 +1884,10 @@ BEGIN
 END
 $$;
 
--- Cancel every waiting job downstream of the given jobs (transitively), naming
--- the one it depends on (the lowest id, if several).
-CREATE FUNCTION pgqueue._cancel_dependents(p_job_ids bigint[], p_reason text) RETURNS void
-LANGUAGE sql AS $$
+-- Every waiting job downstream of the given jobs (transitively), with the one
+-- it depends on (the lowest id, if several).
+CREATE FUNCTION pgqueue._waiting_downstream(p_job_ids bigint[]) RETURNS TABLE (id bigint, cause bigint)
+LANGUAGE sql STABLE AS $$
     WITH RECURSIVE downstream(id, cause) AS (
         -- One cause per direct dependent (its lowest), so that a join of many of
         -- these jobs does not carry one row per job down its whole chain.
@@ -1900,23 +1900,56 @@ LANGUAGE sql AS $$
         JOIN pgqueue.job_dependencies d ON d.depends_on = x.id
         JOIN pgqueue.jobs w ON w.id = d.job_id AND w.state = 'waiting'
     )
-    -- Locked one by one by primary key in id order, as _unblock_dependents locks
-    -- them: a completion queueing the same dependents (a join waiting on one of
-    -- these jobs and on the completed one) then waits behind this transaction
-    -- instead of deadlocking with it. (An UPDATE locks its rows in whatever order
-    -- its plan reads them.) One call for all of cancel_pipeline's members, so
-    -- that the order holds across them.
-    , locked AS MATERIALIZED (
-        SELECT w.id, x.cause FROM (SELECT x.id, min(x.cause) AS cause FROM downstream x
-                                   GROUP BY x.id ORDER BY x.id) x
-        CROSS JOIN LATERAL (SELECT w.id FROM pgqueue.jobs w WHERE w.id = x.id AND w.state = 'waiting'
-                            FOR NO KEY UPDATE) w
-    )
+    SELECT x.id, min(x.cause) FROM downstream x GROUP BY x.id
+$$;
+
+-- Cancel every waiting job downstream of the given jobs, naming the one it
+-- depends on. They are locked one by one by primary key in id order, as
+-- _unblock_dependents locks them: a completion queueing the same dependents (a
+-- join waiting on one of these jobs and on the completed one) then waits
+-- behind this transaction instead of deadlocking with it. (An UPDATE locks its
+-- rows in whatever order its plan reads them.) One call for all of
+-- cancel_pipeline's members, so that the order holds across them.
+-- The downstream is read again once they are locked, until it holds no job
+-- left unlocked: an enqueue depending on one of them that committed after the
+-- first read (it share-locked the job, so this waited for it) added a
+-- dependent that read did not see, and it would have waited for a cancelled job
+-- for good. Once every one is locked, no enqueue can depend on them until this
+-- commits (and then it is refused: the job is cancelled). Only a race adds a
+-- round, and its locks come after the first round's, out of id order: a
+-- completion queueing the same jobs may then deadlock with it (40P01, one of
+-- them retried) where the dependent was stranded before. Under REPEATABLE READ
+-- a re-read sees nothing new; pgqueue's callers run in READ COMMITTED.
+CREATE FUNCTION pgqueue._cancel_dependents(p_job_ids bigint[], p_reason text) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_locked bigint[] := '{}';
+    v_causes bigint[] := '{}';
+    v_new bigint[];
+    v_new_causes bigint[];
+BEGIN
+    LOOP
+        SELECT coalesce(array_agg(x.id ORDER BY x.id), '{}'), coalesce(array_agg(x.cause ORDER BY x.id), '{}')
+          INTO v_new, v_new_causes
+          FROM pgqueue._waiting_downstream(p_job_ids) x
+         WHERE NOT EXISTS (SELECT 1 FROM unnest(v_locked) l(id) WHERE l.id = x.id);  -- hashed
+        EXIT WHEN cardinality(v_new) = 0;
+        PERFORM 1
+        FROM unnest(v_new) u(id)  -- in the array's (id) order: a nested loop
+        CROSS JOIN LATERAL (SELECT w.id FROM pgqueue.jobs w WHERE w.id = u.id AND w.state = 'waiting'
+                            FOR NO KEY UPDATE) w;
+        v_locked := v_locked || v_new;
+        v_causes := v_causes || v_new_causes;
+    END LOOP;
+    IF cardinality(v_locked) = 0 THEN
+        RETURN;
+    END IF;
     UPDATE pgqueue.jobs j
        SET state = 'cancelled', finished_at = now(),
            last_error = format('dependency failed: job %s %s', x.cause, p_reason)
-      FROM locked x
-     WHERE j.id = x.id AND j.state = 'waiting'
+      FROM unnest(v_locked, v_causes) x(id, cause)
+     WHERE j.id = x.id AND j.state = 'waiting';
+END
 $$;
 
 -- Queue the waiting dependents of the given jobs (which have just succeeded)

@@ -275,6 +275,15 @@ MUTANTS: dict[str, Mutant] = {
         "IF false THEN",
         "test_retention.py::test_deleting_a_job_that_had_not_succeeded_cancels_what_waits_for_it",
     ),
+    # A cancellation reading its downstream once, before the locks it waits for: a dependent
+    # enqueued meanwhile waits for a cancelled job for good.
+    "cancel_dependents_reads_downstream_once": Mutant(
+        "pgqueue._cancel_dependents(bigint[],text)",
+        "        v_causes := v_causes || v_new_causes;\n    END LOOP;",
+        "        v_causes := v_causes || v_new_causes;\n        EXIT;\n    END LOOP;",
+        "test_fanin_races.py::"
+        "test_a_dependent_enqueued_while_a_failure_cancels_its_dependency_is_cancelled_too",
+    ),
     # claims leave is_current alone: the property test's invariant catches nothing? It must.
     "claim_next_keeps_old_current": Mutant(
         "pgqueue.claim_next(text,text[],integer)",

@@ -516,3 +516,34 @@ async def test_retries_of_a_job_and_its_dependency_lock_in_id_order(connect: Con
         "SELECT state, pending_deps FROM pgqueue.jobs WHERE id = ANY($1) ORDER BY id", [dep, job]
     )
     assert [tuple(r) for r in rows] == [("queued", 0), ("waiting", 1)]
+
+
+async def test_a_dependent_enqueued_while_a_failure_cancels_its_dependency_is_cancelled_too(
+    connect: Connect,
+) -> None:
+    """fail(P) cancels J (waiting for P) while an enqueue of K depending on J is open: the
+    enqueue share-locks J, so the cancellation waits for it. Its downstream had been read
+    before that wait, without K: K was left waiting for a cancelled J for good."""
+    observer, enqueuer, worker = await sessions(connect, "obs", "enqueue", "worker")
+    parent = await observer.fetchval("SELECT pgqueue.enqueue('p', max_attempts => 1)")
+    child = await observer.fetchval(
+        "SELECT pgqueue.enqueue('c', depends_on => ARRAY[$1]::bigint[])", parent
+    )
+    assert len(await observer.fetch("SELECT id FROM pgqueue.claim($1, 'w')", parent)) == 1
+    await enqueuer.begin()
+    grandchild = await enqueuer.fetchval(
+        "SELECT pgqueue.enqueue('g', depends_on => ARRAY[$1]::bigint[])", child
+    )
+    step = worker.start(worker.fetchval("SELECT pgqueue.fail($1, 'w', 'boom')", parent))
+    await wait_blocked(observer.conn, worker)
+    assert await lock_wait_kind(observer.conn, worker) == "transactionid"
+    await enqueuer.commit()
+    assert await step == "failed"
+    rows = await observer.fetch(
+        "SELECT id, state, last_error FROM pgqueue.jobs WHERE id = ANY($1::bigint[]) ORDER BY id",
+        [child, grandchild],
+    )
+    assert [tuple(r) for r in rows] == [
+        (child, "cancelled", f"dependency failed: job {parent} failed"),
+        (grandchild, "cancelled", f"dependency failed: job {parent} failed"),
+    ]
