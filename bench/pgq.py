@@ -236,11 +236,14 @@ FROM generate_series(1, $1)
 CLAIM_ONE = "SELECT id FROM pgqueue.claim_next(worker => $1, batch_size => 1)"
 COMPLETE = "SELECT pgqueue.complete(job_id => $1, worker => $2)"
 COMPLETE_MANY = "SELECT pgqueue.complete_many(worker => $1, job_ids => $2::bigint[])"
+# The pick of claim_next's one-statement path for every queue (sql/04_claim.sql), the path
+# the growth claims take (no scoped jobs, no queue limits).
 EXPLAIN_PICK = """
 EXPLAIN (ANALYZE, BUFFERS, COSTS OFF)
 SELECT j.id FROM pgqueue.jobs j
-WHERE j.state = 'queued' AND j.run_after <= now()
-  AND (j.scope IS NULL OR pgqueue._scope_free(j.scope, j.id))
+WHERE j.state = 'queued' AND NOT j.scope_blocked AND NOT j.queue_paused AND j.run_after <= now()
+  AND j.scope IS NULL
+  AND j.queue <> ALL (ARRAY(SELECT p.queue FROM pgqueue.paused_queues p))
 ORDER BY j.priority DESC, j.run_after, j.id
 LIMIT 1 FOR NO KEY UPDATE OF j SKIP LOCKED
 """
