@@ -34,7 +34,7 @@ def test_the_statements_are_found() -> None:
 async def test_a_benchmark_statement_plans_against_the_schema(
     conn: asyncpg.Connection, name: str
 ) -> None:
-    sql = STATEMENTS[name]
-    if sql.lstrip().upper().startswith("EXPLAIN"):
-        sql = sql.lstrip()[sql.lstrip().index("\n") :]  # the statement it explains
+    sql = STATEMENTS[name].lstrip()
+    if sql.upper().startswith("EXPLAIN"):
+        sql = sql[sql.index("\n") :]  # the statement it explains
     await conn.prepare(sql)

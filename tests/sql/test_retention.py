@@ -114,7 +114,7 @@ async def test_it_never_waits_for_an_abort_request_another_transaction_holds(
 
 
 async def _failed_with_dependent(conn: asyncpg.Connection) -> tuple[int, int]:
-    """A dependency that failed 30 days ago, and its dependent, retried since: waiting for it."""
+    """A dependency that failed 30 days ago, and its dependent, cancelled by it then."""
     dependency: int = await conn.fetchval("SELECT pgqueue.enqueue('t', max_attempts => 1)")
     dependent: int = await conn.fetchval(
         "SELECT pgqueue.enqueue('t', depends_on => ARRAY[$1::bigint])", dependency
@@ -123,6 +123,12 @@ async def _failed_with_dependent(conn: asyncpg.Connection) -> tuple[int, int]:
     assert await conn.fetchval("SELECT pgqueue.fail($1, 'w', 'boom')", dependency) == "failed"
     await conn.execute(AGE, dependency, "30 days")
     await conn.execute(AGE, dependent, "30 days")
+    return dependency, dependent
+
+
+async def _retried_dependent(conn: asyncpg.Connection) -> tuple[int, int]:
+    """As _failed_with_dependent, and the dependent retried since: waiting for it."""
+    dependency, dependent = await _failed_with_dependent(conn)
     assert await conn.fetchval("SELECT pgqueue.retry($1)", dependent)
     row = await conn.fetchrow(
         "SELECT state, pending_deps FROM pgqueue.jobs WHERE id = $1", dependent
@@ -137,7 +143,7 @@ async def test_a_failed_job_a_retried_dependent_waits_for_is_kept(
     """retry() of a dependent makes it wait again for its failed dependency. Pruned, that
     dependency would be waited for for good (pending_deps counts it and nothing would ever
     settle it); kept, retrying it still queues the dependent when it succeeds."""
-    dependency, dependent = await _failed_with_dependent(conn)
+    dependency, dependent = await _retried_dependent(conn)
     other = await _finished(conn, "30 days", state="failed")
     assert await conn.fetchval("SELECT pgqueue.prune_expired()") == 1
     assert await conn.fetchval("SELECT pgqueue.prune('0')") == 0
@@ -179,13 +185,7 @@ async def test_retention_never_reads_a_dependent_a_retry_is_reviving_as_gone(
     Now the dependency is not a candidate while J exists: retention skips J's held row and
     deletes nothing, and prune, having waited for J, deletes nothing either."""
     observer, retrier, pruner = await sessions(connect, "obs", "retry", "prune")
-    dependency: int = await observer.fetchval("SELECT pgqueue.enqueue('t', max_attempts => 1)")
-    dependent = await observer.fetchval(
-        "SELECT pgqueue.enqueue('t', depends_on => ARRAY[$1::bigint])", dependency
-    )
-    await observer.fetch("SELECT id FROM pgqueue.claim($1, 'w')", dependency)
-    assert await observer.fetchval("SELECT pgqueue.fail($1, 'w', 'boom')", dependency) == "failed"
-    await observer.execute("UPDATE pgqueue.jobs SET finished_at = now() - interval '30 days'")
+    dependency, dependent = await _failed_with_dependent(observer.conn)
     await retrier.begin()
     assert await retrier.fetchval("SELECT pgqueue.retry($1)", dependent) is True
     prune_expired = pruner.fetchval("SELECT pgqueue.prune_expired()")
