@@ -33,6 +33,18 @@ def _dsn() -> str | None:
     return str(dsn) if dsn is not None else None
 
 
+_VERSION_TABLE_UNCOMMENTED = """
+SELECT coalesce(bool_and(obj_description(c.oid, 'pg_class') IS NULL
+                         AND pg_has_role(current_user, c.relowner, 'USAGE')), false)
+FROM pg_class c WHERE c.oid = to_regclass('pgqueue.alembic_version')
+"""
+_VERSION_TABLE_COMMENTS = (
+    "COMMENT ON TABLE pgqueue.alembic_version IS"
+    " 'Alembic bookkeeping: the schema revision pgqueue migrate last applied.'",
+    "COMMENT ON COLUMN pgqueue.alembic_version.version_num IS 'The applied revision, e.g. 0001.'",
+)
+
+
 def _migrate(connection: Connection) -> None:
     # One transaction for everything: concurrent `pgqueue migrate` runs queue on
     # this lock, and the later one finds the version table already at head.
@@ -46,6 +58,12 @@ def _migrate(connection: Connection) -> None:
     )
     with context.begin_transaction():
         context.run_migrations()
+        # Alembic creates its version table in schema pgqueue; \dt+ there shows what it is.
+        # Only its owner may comment on it, and once is enough (a role that only migrates
+        # a schema at head needs no more than it did).
+        if connection.execute(text(_VERSION_TABLE_UNCOMMENTED)).scalar_one():
+            for statement in _VERSION_TABLE_COMMENTS:
+                connection.execute(text(statement))
 
 
 async def _run_online() -> None:

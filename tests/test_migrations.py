@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import uuid
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import asyncpg
@@ -195,6 +197,51 @@ def test_concurrent_upgrades_on_an_empty_database(empty_db_dsn: str) -> None:
         _, stderr = proc.communicate(timeout=60)
         assert proc.returncode == 0, stderr.decode()
     assert anyio.run(version, empty_db_dsn) == [migrate.HEAD_REVISION]
+
+
+async def test_the_version_table_documents_itself(db_dsn: str) -> None:
+    """Alembic's version table lives in schema pgqueue, where every table carries a comment."""
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        comments = await conn.fetchrow(
+            "SELECT obj_description('pgqueue.alembic_version'::regclass, 'pg_class') AS tbl,"
+            " col_description('pgqueue.alembic_version'::regclass, 1) AS col"
+        )
+    finally:
+        await conn.close()
+    assert comments["tbl"] and comments["col"]
+
+
+async def test_a_role_that_does_not_own_the_version_table_can_migrate_at_head(
+    db_dsn: str,
+) -> None:
+    """A deploy role with rights on the version table but not its owner: `migrate` at head
+    reads it and changes nothing, and never comments on it (only the owner may)."""
+    role = f"pgqueue_migrator_{uuid.uuid4().hex[:8]}"
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        await conn.execute("COMMENT ON TABLE pgqueue.alembic_version IS NULL")  # as before
+        await conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'migrate'")
+        await conn.execute(f"GRANT USAGE ON SCHEMA pgqueue TO {role}")
+        await conn.execute(
+            f"GRANT SELECT, INSERT, UPDATE, DELETE ON pgqueue.alembic_version TO {role}"
+        )
+        parts = urlsplit(db_dsn)
+        host_and_port = parts.netloc.rpartition("@")[2]
+        role_dsn = urlunsplit(parts._replace(netloc=f"{role}:migrate@{host_and_port}"))
+        await anyio.to_thread.run_sync(migrate.upgrade, role_dsn)
+        assert await version(db_dsn) == [migrate.HEAD_REVISION]
+        comment = "SELECT obj_description('pgqueue.alembic_version'::regclass, 'pg_class')"
+        assert await conn.fetchval(comment) is None
+        await anyio.to_thread.run_sync(migrate.upgrade, db_dsn)  # the owner comments it
+        assert await conn.fetchval(comment)
+    finally:
+        await conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", role
+        )
+        await conn.execute(f"DROP OWNED BY {role}")
+        await conn.execute(f"DROP ROLE IF EXISTS {role}")
+        await conn.close()
 
 
 def test_head_revision_constant_matches_the_scripts() -> None:
