@@ -296,23 +296,64 @@ LANGUAGE sql STABLE AS $$
     SELECT EXISTS (SELECT 1 FROM pgqueue.job_dependencies d WHERE d.depends_on = p_job_id)
 $$;
 
+-- The jobs that failed or were cancelled and that the given (deleted) jobs
+-- depended on: the ones prune() kept for them, tried again after them. Read in
+-- the deleting statement's snapshot, where the deleted jobs' edges still exist.
+CREATE FUNCTION pgqueue._failed_dependencies(p_job_ids bigint[]) RETURNS bigint[]
+LANGUAGE sql STABLE AS $$
+    SELECT ARRAY(SELECT DISTINCT d.depends_on FROM pgqueue.job_dependencies d
+                 JOIN pgqueue.jobs p ON p.id = d.depends_on
+                 WHERE d.job_id = ANY (p_job_ids) AND p.state IN ('failed', 'cancelled')
+                   AND p.id <> ALL (p_job_ids))
+$$;
+
 CREATE FUNCTION pgqueue.prune(older_than interval) RETURNS bigint
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
     v_count bigint;
+    v_deleted bigint;
+    v_next bigint[];
 BEGIN
     IF older_than IS NULL OR older_than < interval '0' THEN
         RAISE EXCEPTION 'pgqueue.prune: older_than must be a non-negative interval, got %', older_than
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    -- The current job of a scope is kept: it holds the scope's latest outcome.
-    DELETE FROM pgqueue.jobs j
-    WHERE j.state IN ('succeeded', 'failed', 'cancelled')
-      AND j.finished_at < now() - prune.older_than
-      AND NOT j.is_current
-      AND (j.state = 'succeeded' OR NOT pgqueue._depended_on(j.id));
-    GET DIAGNOSTICS v_count = ROW_COUNT;
+    -- The current job of a scope is kept: it holds the scope's latest outcome. A
+    -- job that failed or was cancelled is kept while a job depends on it
+    -- (_depended_on); the statement that deletes its last dependent cannot know
+    -- whether that one goes (a retry of it may commit meanwhile), so the jobs
+    -- that failed and that the deleted jobs depended on are tried again, in a
+    -- later statement (which sees such a retry): one call prunes a whole chain.
+    WITH gone AS (
+        DELETE FROM pgqueue.jobs j
+        WHERE j.state IN ('succeeded', 'failed', 'cancelled')
+          AND j.finished_at < now() - prune.older_than
+          AND NOT j.is_current
+          AND (j.state = 'succeeded' OR NOT pgqueue._depended_on(j.id))
+        RETURNING j.id
+    )
+    SELECT (SELECT count(*) FROM gone), pgqueue._failed_dependencies(ARRAY(SELECT g.id FROM gone g))
+      INTO v_count, v_next;
+    -- These never wait: the first statement holds the rows it deleted, and a
+    -- retry holding one of these (in id order, before the dependent it waits
+    -- for) would wait for those: such a job is left for the next call.
+    WHILE cardinality(v_next) > 0 LOOP
+        WITH gone AS (
+            DELETE FROM pgqueue.jobs j
+            WHERE j.id = ANY (ARRAY(SELECT f.id FROM pgqueue.jobs f
+                                    WHERE f.id = ANY (v_next)
+                                      AND f.state IN ('failed', 'cancelled')
+                                      AND f.finished_at < now() - prune.older_than
+                                      AND NOT f.is_current
+                                      AND NOT pgqueue._depended_on(f.id)
+                                    FOR UPDATE SKIP LOCKED))
+            RETURNING j.id
+        )
+        SELECT (SELECT count(*) FROM gone), pgqueue._failed_dependencies(ARRAY(SELECT g.id FROM gone g))
+          INTO v_deleted, v_next;
+        v_count := v_count + v_deleted;
+    END LOOP;
     PERFORM pgqueue._drop_ended_abort_requests();
     RETURN v_count;
 END

@@ -1586,7 +1586,11 @@ DECLARE
     v_try_only boolean;
     v_kept bigint[];
     v_left int;
-    v_round int;
+    v_holds_limit boolean;
+    v_quota_queues text[];
+    v_quotas int[];
+    v_picked_queues text[];
+    v_short text[];
 BEGIN
     IF worker IS NULL OR worker = '' THEN
         RAISE EXCEPTION 'pgqueue.claim_next: worker must be a non-empty string' USING ERRCODE = 'invalid_parameter_value';
@@ -1607,9 +1611,9 @@ BEGIN
             OR NOT EXISTS (SELECT 1 FROM pgqueue.queue_limits l
                            WHERE claim_next.queues IS NULL OR l.queue = ANY (claim_next.queues))) THEN
         -- One queue: its part of jobs_ready_in_queue, whatever other queues hold.
-        -- Every queue, or several: jobs_ready, in claim order. Two statements, not
-        -- one with an arm for each case: starting the arm a call does not run cost
-        -- a one-job claim ~2 %.
+        -- Several: their parts of it, below. Every queue: jobs_ready, in claim
+        -- order. Separate statements, not one with an arm for each case: starting
+        -- the arm a call does not run cost a one-job claim ~2 %.
         IF cardinality(claim_next.queues) = 1 THEN
             RETURN QUERY
             WITH picked AS (
@@ -1631,11 +1635,79 @@ BEGIN
             SELECT * FROM claimed c ORDER BY c.priority DESC, c.run_after, c.id;
             RETURN;
         END IF;
+        -- Several queues: how many jobs to take from each (a quota) from their first
+        -- due jobs merged in claim order, read unlocked through jobs_ready_in_queue;
+        -- then each queue's first free jobs, as many as its quota, FOR NO KEY UPDATE
+        -- SKIP LOCKED. Through jobs_ready (claim order, no queue) the claim stepped
+        -- over every due job of other queues ahead of its own, a heap fetch each.
+        -- Why quotas: locking in the merge itself would lock up to batch_size jobs
+        -- of every queue only to leave most (a claimer that skipped those could
+        -- sleep while they are free again: no NOTIFY comes for them); locking the
+        -- merged candidates by id made every concurrent claimer contend for the
+        -- same few rows, round after round. A queue's scan skips what other claims
+        -- hold and takes the next free jobs, as a scan of jobs_ready did. A queue
+        -- with fewer free jobs than its quota is left out of a further round that
+        -- fills the batch up from the others (at most one round per queue). The
+        -- quotas are a hint, so their read leaves out the scope test (a heap
+        -- fetch per job, where the index alone can serve it); the scans test it.
+        IF cardinality(claim_next.queues) > 1 THEN
+            v_full := '{}';
+            v_left := batch_size;
+            LOOP
+                WITH quota AS (
+                    SELECT c.queue AS name, count(*)::int AS n
+                    FROM (SELECT c.queue
+                          FROM (SELECT DISTINCT q.name FROM unnest(claim_next.queues) q(name)
+                                WHERE q.name <> ALL (ARRAY(SELECT p.queue FROM pgqueue.paused_queues p))
+                                  AND q.name <> ALL (v_full)) q
+                          CROSS JOIN LATERAL (
+                              SELECT j.queue, j.priority, j.run_after, j.id FROM pgqueue.jobs j
+                              WHERE j.queue = q.name
+                                AND j.state = 'queued' AND NOT j.scope_blocked AND NOT j.queue_paused
+                                AND j.run_after <= now()
+                              ORDER BY j.priority DESC, j.run_after, j.id
+                              LIMIT v_left) c
+                          ORDER BY c.priority DESC, c.run_after, c.id
+                          LIMIT v_left) c
+                    GROUP BY c.queue
+                ), picked AS (
+                    SELECT q.name, l.id
+                    FROM quota q
+                    CROSS JOIN LATERAL (
+                        SELECT j.id FROM pgqueue.jobs j
+                        WHERE j.queue = q.name
+                          AND j.state = 'queued' AND NOT j.scope_blocked AND NOT j.queue_paused
+                          AND j.run_after <= now() AND j.scope IS NULL
+                        ORDER BY j.priority DESC, j.run_after, j.id
+                        LIMIT q.n
+                        FOR NO KEY UPDATE OF j SKIP LOCKED) l
+                )
+                SELECT ARRAY(SELECT p.id FROM picked p),
+                       ARRAY(SELECT q.name FROM quota q
+                             WHERE q.n > (SELECT count(*) FROM picked p WHERE p.name = q.name))
+                  INTO v_ids, v_busy;
+                IF v_ids <> '{}' THEN
+                    RETURN QUERY
+                    WITH claimed AS (
+                        UPDATE pgqueue.jobs j
+                           SET state = 'running', is_current = false, locked_by = claim_next.worker,
+                               locked_at = now(), started_at = coalesce(j.started_at, now()), attempts = j.attempts + 1
+                         WHERE j.id = ANY (v_ids)
+                        RETURNING j.*
+                    )
+                    SELECT * FROM claimed c ORDER BY c.priority DESC, c.run_after, c.id;
+                    v_left := v_left - cardinality(v_ids);
+                END IF;
+                EXIT WHEN v_left = 0 OR v_busy = '{}';
+                v_full := v_full || v_busy;
+            END LOOP;
+            RETURN;
+        END IF;
         RETURN QUERY
         WITH picked AS (
             SELECT j.id FROM pgqueue.jobs j
             WHERE j.state = 'queued' AND NOT j.scope_blocked AND NOT j.queue_paused AND j.run_after <= now() AND j.scope IS NULL
-              AND (claim_next.queues IS NULL OR j.queue = ANY (claim_next.queues))
+              AND claim_next.queues IS NULL
               AND j.queue <> ALL (ARRAY(SELECT p.queue FROM pgqueue.paused_queues p))
             ORDER BY j.priority DESC, j.run_after, j.id
             LIMIT claim_next.batch_size
@@ -1654,7 +1726,7 @@ BEGIN
     v_seen := '{}';
     v_full := '{}';
     v_left := batch_size;
-    v_round := 0;
+    v_holds_limit := false;
     -- Limited queues: the ones full in this snapshot are left out of the pick
     -- (a hint: the count that decides is taken under the limit lock below), in
     -- one pass over the running jobs. Under REPEATABLE READ no later snapshot
@@ -1686,24 +1758,42 @@ BEGIN
     -- Rounds: one, unless a limited queue's places ran out under the jobs picked
     -- for it; then the batch is filled up from the other queues, without it.
     LOOP
-        v_round := v_round + 1;
+        IF cardinality(claim_next.queues) > 1 THEN
+            -- Several queues: each one's quota, as in the one-statement path (here
+            -- through _claimable, without the rows earlier rounds locked).
+            SELECT array_agg(c.queue), array_agg(c.n) INTO v_quota_queues, v_quotas
+            FROM (SELECT c.queue, count(*)::int AS n
+                  FROM (SELECT c.queue
+                        FROM (SELECT DISTINCT q.name FROM unnest(claim_next.queues) q(name)
+                              WHERE q.name <> ALL (ARRAY(SELECT p.queue FROM pgqueue.paused_queues p))
+                                AND q.name <> ALL (v_full)) q
+                        CROSS JOIN LATERAL (
+                            SELECT j.queue, j.priority, j.run_after, j.id FROM pgqueue._claimable j
+                            WHERE j.queue = q.name AND j.run_after <= now() AND j.id <> ALL (v_seen)
+                            ORDER BY j.priority DESC, j.run_after, j.id
+                            LIMIT v_left) c
+                        ORDER BY c.priority DESC, c.run_after, c.id
+                        LIMIT v_left) c
+                  GROUP BY c.queue) c;
+            EXIT WHEN v_quota_queues IS NULL;
+        END IF;
         -- Pick: due jobs in claim order, only the head of each scope, row-locked,
         -- skipping rows other claimers hold; a scoped pick also needs its scope's
         -- try-lock, so a scope another transaction is claiming is skipped.
-        SELECT array_agg(c.id) FILTER (WHERE c.free), bool_or(c.scope IS NOT NULL AND c.free), array_agg(c.id)
-          INTO v_ids, v_scoped, v_picked
+        SELECT array_agg(c.id) FILTER (WHERE c.free), bool_or(c.scope IS NOT NULL AND c.free), array_agg(c.id),
+               array_agg(c.queue)
+          INTO v_ids, v_scoped, v_picked, v_picked_queues
         FROM (
-            SELECT p.id, p.scope,
+            SELECT p.id, p.scope, p.queue,
                    p.scope IS NULL
                    OR pg_try_advisory_xact_lock(pgqueue._lock_class('scope'), pgqueue._scope_lock_key(p.scope)) AS free
             FROM (
-                -- As in the fast path: every queue or several through jobs_ready, one
-                -- through jobs_ready_in_queue.
-                SELECT a.id, a.scope FROM (
-                    SELECT j.id, j.scope FROM pgqueue._claimable j
-                    WHERE cardinality(claim_next.queues) IS DISTINCT FROM 1
+                -- As in the fast path: every queue through jobs_ready, one through
+                -- jobs_ready_in_queue, several by their quotas.
+                SELECT a.id, a.scope, a.queue FROM (
+                    SELECT j.id, j.scope, j.queue FROM pgqueue._claimable j
+                    WHERE claim_next.queues IS NULL
                       AND j.run_after <= now()
-                      AND (claim_next.queues IS NULL OR j.queue = ANY (claim_next.queues))
                       -- Paused queues' jobs are flagged out of jobs_ready; the few an enqueue under
                       -- way at the pause left unflagged are skipped by name (an InitPlan, once per call).
                       AND j.queue <> ALL (ARRAY(SELECT p.queue FROM pgqueue.paused_queues p))
@@ -1714,8 +1804,8 @@ BEGIN
                     LIMIT v_left
                     FOR NO KEY UPDATE OF j SKIP LOCKED) a
                 UNION ALL
-                SELECT b.id, b.scope FROM (
-                    SELECT j.id, j.scope FROM pgqueue._claimable j
+                SELECT b.id, b.scope, b.queue FROM (
+                    SELECT j.id, j.scope, j.queue FROM pgqueue._claimable j
                     WHERE cardinality(claim_next.queues) = 1
                       AND j.queue = (SELECT q FROM unnest(claim_next.queues) q)
                       AND j.run_after <= now()
@@ -1725,10 +1815,30 @@ BEGIN
                     ORDER BY j.priority DESC, j.run_after, j.id
                     LIMIT v_left
                     FOR NO KEY UPDATE OF j SKIP LOCKED) b
+                UNION ALL
+                SELECT m.id, m.scope, m.queue
+                FROM unnest(v_quota_queues, v_quotas) q(name, n)
+                CROSS JOIN LATERAL (
+                    SELECT j.id, j.scope, j.queue FROM pgqueue._claimable j
+                    WHERE cardinality(claim_next.queues) > 1
+                      AND j.queue = q.name AND j.run_after <= now() AND j.id <> ALL (v_seen)
+                    ORDER BY j.priority DESC, j.run_after, j.id
+                    LIMIT q.n
+                    FOR NO KEY UPDATE OF j SKIP LOCKED) m
             ) p
         ) c;
-        EXIT WHEN v_ids IS NULL;
         v_seen := v_seen || v_picked;
+        -- Several queues: those with fewer free jobs than their quota; the batch is
+        -- filled up from the others in a further round.
+        IF cardinality(claim_next.queues) > 1 THEN
+            v_short := ARRAY(SELECT x.name FROM unnest(v_quota_queues, v_quotas) x(name, n)
+                             WHERE x.n > (SELECT count(*) FROM unnest(v_picked_queues) y(name) WHERE y.name = x.name));
+            IF v_ids IS NULL AND v_short <> '{}' THEN
+                v_full := v_full || v_short;
+                CONTINUE;
+            END IF;
+        END IF;
+        EXIT WHEN v_ids IS NULL;
 
         IF v_scoped THEN
             -- Re-check with a snapshot taken after the scope locks were granted (the
@@ -1740,11 +1850,11 @@ BEGIN
         -- Every row this claim will write is locked before any limit lock: the
         -- picks are, and so are the previous current jobs of their scopes (the
         -- update below clears their flag). A claim that holds a limit lock then
-        -- waits for nothing, so no cycle runs through the limit locks. Later
-        -- rounds hold limit locks already, and claim_or_wait the 'waiters' lock:
-        -- they skip a current row another transaction holds, leave its scope's
+        -- waits for nothing, so no cycle runs through the limit locks. A round
+        -- after one that took a limit lock, and claim_or_wait (the 'waiters'
+        -- lock), skip a current row another transaction holds, leave its scope's
         -- pick, and announce its queue (a plain claim will wait for that row).
-        IF v_scoped AND (v_round > 1 OR v_try_only) THEN
+        IF v_scoped AND (v_holds_limit OR v_try_only) THEN
             SELECT array_agg(j.id) FILTER (WHERE x.free), array_agg(DISTINCT j.queue) FILTER (WHERE NOT x.free)
               INTO v_kept, v_busy
             FROM pgqueue.jobs j
@@ -1774,14 +1884,16 @@ BEGIN
 
         v_filled := '{}';
         IF v_limited <> '{}' THEN
-            -- The picked rows' limited queues: their limit locks, in key order in the
-            -- first round. Later rounds hold some already, and claim_or_wait holds the
-            -- 'waiters' lock: they only try, and a queue whose lock another claim holds
+            -- The picked rows' limited queues: their limit locks, in key order, until
+            -- this claim holds one (not "in the first round": a round of several
+            -- queues may take none). After that, and under claim_or_wait's 'waiters'
+            -- lock, it only tries, and a queue whose lock another claim holds
             -- counts as full for this one; it is notified when this claim commits, so
             -- its workers claim again then (waiting for the lock: nothing is lost).
-            SELECT coalesce(array_agg(x.queue) FILTER (WHERE NOT x.got), '{}') INTO v_busy
+            SELECT coalesce(array_agg(x.queue) FILTER (WHERE NOT x.got), '{}'), v_holds_limit OR coalesce(bool_or(x.got), false)
+              INTO v_busy, v_holds_limit
             FROM (SELECT y.queue,
-                         CASE WHEN v_round = 1 AND NOT v_try_only
+                         CASE WHEN NOT v_holds_limit AND NOT v_try_only
                               THEN pg_advisory_xact_lock(pgqueue._lock_class('limit'), hashtext(y.queue)) IS NOT NULL
                               ELSE pg_try_advisory_xact_lock(pgqueue._lock_class('limit'), hashtext(y.queue)) END AS got
                   FROM (SELECT DISTINCT hashtext(j.queue) AS key, j.queue FROM pgqueue.jobs j
@@ -1837,14 +1949,19 @@ BEGIN
             SELECT * FROM claimed c ORDER BY c.priority DESC, c.run_after, c.id;
             v_left := v_left - cardinality(v_ids);
         END IF;
-        -- Another round only if a queue filled up with jobs left over and places remain.
-        EXIT WHEN v_filled = '{}' OR v_left = 0 OR cardinality(v_picked) < v_left + coalesce(cardinality(v_ids), 0);
+        -- Another round only if places remain, and a queue filled up with jobs left
+        -- over or one of several queues had fewer free jobs than its quota.
+        EXIT WHEN v_left = 0
+               OR (coalesce(v_short, '{}') = '{}'
+                   AND (v_filled = '{}' OR cardinality(v_picked) < v_left + coalesce(cardinality(v_ids), 0)));
+        v_full := v_full || coalesce(v_short, '{}');
     END LOOP;
 END
 $$;
 COMMENT ON FUNCTION pgqueue.claim_next(text, text[], int) IS
     'Claim up to batch_size due jobs (in queues, or any queue when NULL) for worker, by priority desc, '
-    'run_after, id, with FOR NO KEY UPDATE SKIP LOCKED, skipping paused queues. A batch never holds two jobs '
+    'run_after, id, with FOR NO KEY UPDATE SKIP LOCKED, skipping paused queues (of several queues: each one''s '
+    'share of the batch by that order, then its first free jobs). A batch never holds two jobs '
     'of one scope, and a scoped job is claimed only when no job of its scope runs and none older is queued. '
     'A limited queue (queue_limits) gives at most its free places, counted under its limit lock. '
     'Returns the claimed rows.';
@@ -2711,23 +2828,64 @@ LANGUAGE sql STABLE AS $$
     SELECT EXISTS (SELECT 1 FROM pgqueue.job_dependencies d WHERE d.depends_on = p_job_id)
 $$;
 
+-- The jobs that failed or were cancelled and that the given (deleted) jobs
+-- depended on: the ones prune() kept for them, tried again after them. Read in
+-- the deleting statement's snapshot, where the deleted jobs' edges still exist.
+CREATE FUNCTION pgqueue._failed_dependencies(p_job_ids bigint[]) RETURNS bigint[]
+LANGUAGE sql STABLE AS $$
+    SELECT ARRAY(SELECT DISTINCT d.depends_on FROM pgqueue.job_dependencies d
+                 JOIN pgqueue.jobs p ON p.id = d.depends_on
+                 WHERE d.job_id = ANY (p_job_ids) AND p.state IN ('failed', 'cancelled')
+                   AND p.id <> ALL (p_job_ids))
+$$;
+
 CREATE FUNCTION pgqueue.prune(older_than interval) RETURNS bigint
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
     v_count bigint;
+    v_deleted bigint;
+    v_next bigint[];
 BEGIN
     IF older_than IS NULL OR older_than < interval '0' THEN
         RAISE EXCEPTION 'pgqueue.prune: older_than must be a non-negative interval, got %', older_than
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    -- The current job of a scope is kept: it holds the scope's latest outcome.
-    DELETE FROM pgqueue.jobs j
-    WHERE j.state IN ('succeeded', 'failed', 'cancelled')
-      AND j.finished_at < now() - prune.older_than
-      AND NOT j.is_current
-      AND (j.state = 'succeeded' OR NOT pgqueue._depended_on(j.id));
-    GET DIAGNOSTICS v_count = ROW_COUNT;
+    -- The current job of a scope is kept: it holds the scope's latest outcome. A
+    -- job that failed or was cancelled is kept while a job depends on it
+    -- (_depended_on); the statement that deletes its last dependent cannot know
+    -- whether that one goes (a retry of it may commit meanwhile), so the jobs
+    -- that failed and that the deleted jobs depended on are tried again, in a
+    -- later statement (which sees such a retry): one call prunes a whole chain.
+    WITH gone AS (
+        DELETE FROM pgqueue.jobs j
+        WHERE j.state IN ('succeeded', 'failed', 'cancelled')
+          AND j.finished_at < now() - prune.older_than
+          AND NOT j.is_current
+          AND (j.state = 'succeeded' OR NOT pgqueue._depended_on(j.id))
+        RETURNING j.id
+    )
+    SELECT (SELECT count(*) FROM gone), pgqueue._failed_dependencies(ARRAY(SELECT g.id FROM gone g))
+      INTO v_count, v_next;
+    -- These never wait: the first statement holds the rows it deleted, and a
+    -- retry holding one of these (in id order, before the dependent it waits
+    -- for) would wait for those: such a job is left for the next call.
+    WHILE cardinality(v_next) > 0 LOOP
+        WITH gone AS (
+            DELETE FROM pgqueue.jobs j
+            WHERE j.id = ANY (ARRAY(SELECT f.id FROM pgqueue.jobs f
+                                    WHERE f.id = ANY (v_next)
+                                      AND f.state IN ('failed', 'cancelled')
+                                      AND f.finished_at < now() - prune.older_than
+                                      AND NOT f.is_current
+                                      AND NOT pgqueue._depended_on(f.id)
+                                    FOR UPDATE SKIP LOCKED))
+            RETURNING j.id
+        )
+        SELECT (SELECT count(*) FROM gone), pgqueue._failed_dependencies(ARRAY(SELECT g.id FROM gone g))
+          INTO v_deleted, v_next;
+        v_count := v_count + v_deleted;
+    END LOOP;
     PERFORM pgqueue._drop_ended_abort_requests();
     RETURN v_count;
 END

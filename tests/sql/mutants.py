@@ -23,20 +23,86 @@ class Mutant:
 
 
 MUTANTS: dict[str, Mutant] = {
-    # claim_next for one queue through jobs_ready, as for several: it reads every due job of
-    # other queues ahead of its own.
+    # claim_next for one queue, or several, through jobs_ready, as for every queue: it reads
+    # every due job of other queues ahead of its own.
     "one_queue_claim_walks_jobs_ready": Mutant(
         "pgqueue.claim_next(text,text[],integer)",
         "IF cardinality(claim_next.queues) = 1 THEN",
         "IF false THEN",
-        "test_indexes.py::test_a_claim_of_one_queue_reads_none_of_another_queues_backlog[one statement]",
+        "test_indexes.py::test_a_claim_of_its_queues_reads_none_of_another_queues_backlog[one statement-one queue]",
+        (
+            (
+                "AND claim_next.queues IS NULL\n",
+                "AND (claim_next.queues IS NULL OR j.queue = ANY (claim_next.queues))\n",
+            ),
+        ),
+    ),
+    "several_queues_claim_walks_jobs_ready": Mutant(
+        "pgqueue.claim_next(text,text[],integer)",
+        "IF cardinality(claim_next.queues) > 1 THEN\n            v_full := '{}';",
+        "IF false THEN\n            v_full := '{}';",
+        "test_indexes.py::test_a_claim_of_its_queues_reads_none_of_another_queues_backlog[one statement-two queues]",
+        (
+            (
+                "AND claim_next.queues IS NULL\n",
+                "AND (claim_next.queues IS NULL OR j.queue = ANY (claim_next.queues))\n",
+            ),
+        ),
+    ),
+    # A claim of several queues that ends after its first round: a queue with fewer free
+    # jobs than its share of the batch leaves the batch short while others have jobs.
+    "several_queues_claim_no_fill_up": Mutant(
+        "pgqueue.claim_next(text,text[],integer)",
+        "EXIT WHEN v_left = 0 OR v_busy = '{}';",
+        "EXIT;",
+        "test_claim_races.py::test_a_claim_of_several_queues_skips_what_other_claims_hold[one statement]",
+    ),
+    "several_queues_general_claim_no_fill_up": Mutant(
+        "pgqueue.claim_next(text,text[],integer)",
+        "OR (coalesce(v_short, '{}') = '{}'",
+        "OR (true",
+        "test_claim_races.py::test_a_claim_of_several_queues_skips_what_other_claims_hold[general]",
+    ),
+    # ... and one that gives up when its first round found nothing free.
+    "several_queues_general_claim_gives_up_when_all_held": Mutant(
+        "pgqueue.claim_next(text,text[],integer)",
+        "IF v_ids IS NULL AND v_short <> '{}' THEN",
+        "IF false THEN",
+        "test_claim_races.py::test_a_claim_of_several_queues_skips_what_other_claims_hold[general]",
+    ),
+    "several_queues_general_pick_walks_jobs_ready": Mutant(
+        "pgqueue.claim_next(text,text[],integer)",
+        "IF cardinality(claim_next.queues) > 1 THEN\n            -- Several queues: each one's quota",
+        "IF false THEN\n            -- Several queues: each one's quota",
+        "test_indexes.py::test_a_claim_of_its_queues_reads_none_of_another_queues_backlog[general-two queues]",
+        (
+            (
+                "WHERE claim_next.queues IS NULL\n",
+                "WHERE (claim_next.queues IS NULL OR cardinality(claim_next.queues) > 1)"
+                " AND (claim_next.queues IS NULL OR j.queue = ANY (claim_next.queues))\n",
+            ),
+        ),
+    ),
+    # A round after one that took nothing only tries the limit locks, as if it held one:
+    # a claim of several queues comes back empty with a limited queue's places free.
+    "several_queues_later_round_only_tries_limits": Mutant(
+        "pgqueue.claim_next(text,text[],integer)",
+        "IF v_ids IS NULL AND v_short <> '{}' THEN\n",
+        "IF v_ids IS NULL AND v_short <> '{}' THEN\n                v_holds_limit := true;\n",
+        "test_queue_limits.py::test_a_claim_of_several_queues_waits_for_a_limit_lock_it_does_not_hold",
     ),
     "one_queue_general_pick_walks_jobs_ready": Mutant(
         "pgqueue.claim_next(text,text[],integer)",
-        "WHERE cardinality(claim_next.queues) IS DISTINCT FROM 1",
-        "WHERE true",
-        "test_indexes.py::test_a_claim_of_one_queue_reads_none_of_another_queues_backlog[general]",
-        (("WHERE cardinality(claim_next.queues) = 1", "WHERE false"),),
+        "WHERE cardinality(claim_next.queues) = 1",
+        "WHERE false",
+        "test_indexes.py::test_a_claim_of_its_queues_reads_none_of_another_queues_backlog[general-one queue]",
+        (
+            (
+                "WHERE claim_next.queues IS NULL\n",
+                "WHERE (claim_next.queues IS NULL OR cardinality(claim_next.queues) = 1)"
+                " AND (claim_next.queues IS NULL OR j.queue = ANY (claim_next.queues))\n",
+            ),
+        ),
     ),
     # retry locking its own row before its dependencies' (the order before the fix): it holds
     # the job while it waits for a dependency another retry holds, which then wants the job.
@@ -268,6 +334,28 @@ MUTANTS: dict[str, Mutant] = {
         "",
         "test_retention.py::test_a_failed_job_a_retried_dependent_waits_for_is_kept",
     ),
+    # prune() leaving the failed dependencies of the jobs it deleted to its next call (a chain
+    # that failed at its root took a call per link).
+    "prune_stops_after_its_first_statement": Mutant(
+        "pgqueue.prune(interval)",
+        "WHILE cardinality(v_next) > 0 LOOP",
+        "WHILE false LOOP",
+        "test_retention.py::test_a_failed_job_goes_after_the_last_job_depending_on_it",
+    ),
+    # ... and following them without asking whether another job still depends on them.
+    "prune_follow_up_drops_awaited_jobs": Mutant(
+        "pgqueue.prune(interval)",
+        "AND NOT f.is_current\n                                      AND NOT pgqueue._depended_on(f.id)",
+        "AND NOT f.is_current",
+        "test_retention.py::test_a_failed_job_goes_after_the_last_job_depending_on_it",
+    ),
+    # ... and waiting for a job a retry holds while the retry waits for a row prune deleted.
+    "prune_follow_up_waits": Mutant(
+        "pgqueue.prune(interval)",
+        "FOR UPDATE SKIP LOCKED))",
+        "FOR UPDATE))",
+        "test_retention.py::test_prune_following_a_chain_never_waits_for_a_retry[dependent]",
+    ),
     # Deleting a dependency that never succeeded leaves what waits for it waiting for good.
     "delete_strands_dependents": Mutant(
         "pgqueue._drop_edges()",
@@ -364,9 +452,15 @@ MUTANTS: dict[str, Mutant] = {
     # worker sleeps while jobs of other queues are due.
     "limit_one_round": Mutant(
         "pgqueue.claim_next(text,text[],integer)",
-        "EXIT WHEN v_filled = '{}' OR v_left = 0",
-        "EXIT WHEN true OR v_left = 0",
-        "test_queue_limits.py::test_a_batch_takes_a_limited_queues_free_places_and_fills_up_elsewhere",
+        "AND (v_filled = '{}' OR cardinality(v_picked)",
+        "AND (true OR cardinality(v_picked)",
+        "test_queue_limits.py::test_a_batch_takes_a_limited_queues_free_places_and_fills_up_elsewhere[every queue]",
+    ),
+    "limit_one_round_of_several_queues": Mutant(
+        "pgqueue.claim_next(text,text[],integer)",
+        "AND (v_filled = '{}' OR cardinality(v_picked)",
+        "AND (true OR cardinality(v_picked)",
+        "test_queue_limits.py::test_a_batch_takes_a_limited_queues_free_places_and_fills_up_elsewhere[two queues]",
     ),
     # a place freed by a failure announced to nobody.
     "fail_frees_a_place_silently": Mutant(
@@ -420,7 +514,7 @@ MUTANTS: dict[str, Mutant] = {
     # later rounds waiting for a previous current row while they hold a limit lock.
     "later_round_waits_for_current_row": Mutant(
         "pgqueue.claim_next(text,text[],integer)",
-        "IF v_scoped AND (v_round > 1 OR v_try_only) THEN",
+        "IF v_scoped AND (v_holds_limit OR v_try_only) THEN",
         "IF v_scoped AND v_try_only THEN",
         "test_queue_limits.py::test_a_later_round_skips_a_scope_whose_current_row_is_held",
     ),
@@ -436,8 +530,8 @@ MUTANTS: dict[str, Mutant] = {
     # transaction holds: every enqueue waits behind it (and it deadlocks with the holder).
     "claim_or_wait_waits_for_current_row": Mutant(
         "pgqueue.claim_next(text,text[],integer)",
-        "IF v_scoped AND (v_round > 1 OR v_try_only) THEN",
-        "IF v_scoped AND v_round > 1 THEN",
+        "IF v_scoped AND (v_holds_limit OR v_try_only) THEN",
+        "IF v_scoped AND v_holds_limit THEN",
         "test_queue_limits.py::test_claim_or_wait_skips_a_scope_whose_current_row_is_held",
     ),
     # set_queue_limit leaving _any_queue_limit as it was: claims keep their one-statement

@@ -249,6 +249,45 @@ async def test_a_one_queue_claim_skips_what_another_claim_holds(
     assert [tuple(r) for r in rows] == [(first, 1, "a"), (second, 1, "b")]
 
 
+@pytest.mark.parametrize("path", ["one statement", "general"])
+async def test_a_claim_of_several_queues_skips_what_other_claims_hold(
+    connect: Connect, path: str
+) -> None:
+    """Claims of several queues share a batch among the queues by their first due jobs (read
+    unlocked: jobs other open claims took still look queued), then take each queue's first
+    free jobs, skipping what other claims hold, without waiting; a queue with fewer free jobs
+    than its share leaves the rest of the batch to the others. No job goes to two claims.
+    c's share of q finds nothing free and r fills it up; d's whole batch falls to q at first."""
+    observer, a, b, c, d = await sessions(connect, "obs", "a", "b", "c", "d")
+    if path == "general":  # a scoped job queued anywhere sends claims down the general path
+        await _enqueue(observer.conn, queue="other", scope={"k": 1})
+    q1, r1, q2, r2, q3, r3, r4, r5, r6 = [
+        await _enqueue(observer.conn, queue=q) for q in "qrqrqrrrr"
+    ]
+    await _enqueue(observer.conn, queue="elsewhere")
+    claims = {}
+    for s, n in ((a, 2), (b, 3), (c, 3), (d, 1)):
+        await s.begin()
+        claims[s.name] = await finishes_unblocked(
+            observer.conn,
+            s,
+            s.fetch("SELECT id FROM pgqueue.claim_next($1, '{r,q}', $2)", s.name, n),
+        )
+    assert {k: sorted(r["id"] for r in v) for k, v in claims.items()} == {
+        "a": [q1, r1],
+        "b": [q2, r2, q3],
+        "c": [r3, r4, r5],
+        "d": [r6],
+    }
+    for s in (a, b, c, d):
+        await s.commit()
+    rows = await observer.fetch(
+        "SELECT locked_by, count(*) AS n, max(attempts) AS attempts FROM pgqueue.jobs"
+        " WHERE queue IN ('q', 'r') GROUP BY locked_by ORDER BY locked_by"
+    )
+    assert [tuple(r) for r in rows] == [("a", 2, 1), ("b", 3, 1), ("c", 3, 1), ("d", 1, 1)]
+
+
 async def test_one_running_per_scope_is_an_index(connect: Connect) -> None:
     (observer,) = await sessions(connect, "obs")
     j1 = await _enqueue(observer.conn, scope={"k": 1})

@@ -85,17 +85,24 @@ async def test_claim_next_updates_its_rows_by_primary_key_lookup(connect: Connec
     assert per_claim < 10, f"each claim read {per_claim:.0f} blocks of jobs_pkey"
 
 
-# Heap tuples this transaction fetched through an index of pgqueue.jobs, so far.
+# Heap tuples this transaction fetched through an index of pgqueue.jobs, so far, and entries
+# it read in the two ready indexes (where a plan reading a whole index for ids shows).
 FETCHED = (
     "SELECT idx_tup_fetch FROM pg_stat_xact_user_tables WHERE relid = 'pgqueue.jobs'::regclass"
 )
+READY_READ = """
+SELECT pg_stat_get_xact_tuples_returned('pgqueue.jobs_ready'::regclass)
+     + pg_stat_get_xact_tuples_returned('pgqueue.jobs_ready_in_queue'::regclass)
+"""
 
 
+@pytest.mark.parametrize("queues", [["email"], ["email", "sms"]], ids=["one queue", "two queues"])
 @pytest.mark.parametrize("path", ["one statement", "general"])
-async def test_a_claim_of_one_queue_reads_none_of_another_queues_backlog(
-    connect: Connect, path: str
+async def test_a_claim_of_its_queues_reads_none_of_another_queues_backlog(
+    connect: Connect, path: str, queues: list[str]
 ) -> None:
-    """A worker of one queue claims through jobs_ready_in_queue, in claim order. Through
+    """A worker of one queue claims through jobs_ready_in_queue, in claim order; a worker of
+    several reads each queue's first jobs there and merges them in claim order. Through
     jobs_ready it read every due job of other queues ahead of its own, a heap fetch each to
     learn its queue: here 3,000 per claim, for a backlog it does not work. The statistics
     say the table holds one queue (the worst case for the claim's generic plan, which then
@@ -109,32 +116,36 @@ async def test_a_claim_of_one_queue_reads_none_of_another_queues_backlog(
     # Behind all of them in claim order (lower priorities), in an order of their own; the
     # last two tie on priority and run_after, so id decides.
     at = "2026-01-01 00:00:00+00"
-    for priority, age in [(0, 5), (1, 1), (0, 9), (2, 0), (1, 3), (0, 9)]:
+    for n, (priority, age) in enumerate([(0, 5), (1, 1), (0, 9), (2, 0), (1, 3), (0, 9)]):
         await conn.execute(
-            "SELECT pgqueue.enqueue('mail', queue => 'email', priority => $1,"
+            "SELECT pgqueue.enqueue('mail', queue => $4, priority => $1,"
             " run_after => $2::text::timestamptz - make_interval(secs => $3))",
             priority,
             at,
             age,
+            queues[n % len(queues)],
         )
     if path == "general":  # a scoped job queued anywhere sends claims down the general path
         await conn.execute("""SELECT pgqueue.enqueue('s', queue => 'other', scope => '{"k": 1}')""")
     expected = [
         r["id"]
         for r in await conn.fetch(
-            "SELECT id FROM pgqueue.jobs WHERE queue = 'email' ORDER BY priority DESC, run_after, id"
+            "SELECT id FROM pgqueue.jobs WHERE queue = ANY ($1) ORDER BY priority DESC, run_after, id",
+            queues,
         )
     ]
     worker = await connect()  # plans its claims now, with those statistics
     claimed: list[int] = []
     async with worker.transaction():
-        before = await worker.fetchval(FETCHED)
+        before, read_before = await worker.fetchval(FETCHED), await worker.fetchval(READY_READ)
         for _ in range(3):
-            batch = await worker.fetch("SELECT id FROM pgqueue.claim_next('w', ARRAY['email'], 2)")
+            batch = await worker.fetch("SELECT id FROM pgqueue.claim_next('w', $1, 2)", queues)
             claimed += [r["id"] for r in batch]
         fetched = await worker.fetchval(FETCHED) - before
+        read = await worker.fetchval(READY_READ) - read_before
     assert claimed == expected
     assert fetched < 100, f"3 claims of 2 jobs fetched {fetched} rows"
+    assert read < 100, f"3 claims of 2 jobs read {read} entries of the ready indexes"
 
 
 IN_QUEUE_SCANS = """
@@ -167,3 +178,46 @@ async def test_a_scoped_claim_of_every_queue_never_reads_the_queue_index(connect
     await worker.execute("SELECT pg_stat_force_next_flush()")
     await observer.execute("SELECT pg_stat_clear_snapshot()")
     assert await observer.fetchval(IN_QUEUE_SCANS) == before
+
+
+READY_BLOCKS = """
+SELECT sum(idx_blks_hit + idx_blks_read) FROM pg_statio_user_indexes
+WHERE indexrelid IN ('pgqueue.jobs_ready'::regclass, 'pgqueue.jobs_ready_in_queue'::regclass)
+"""
+
+
+async def test_a_scoped_claim_of_several_queues_reads_only_their_first_jobs(
+    connect: Connect,
+) -> None:
+    """The general path's claims of several queues read each queue's first jobs, twice (the
+    shares, then the locking scans), whatever their plans (made once per session, here while
+    20 jobs were ready) and however large another queue's part of the index has grown since:
+    an earlier version that locked its candidates by id, written with the ready rows' flags,
+    was planned as a read of all of jobs_ready_in_queue for the ids."""
+    worker, producer, observer = await connect(), await connect(), await connect()
+    await producer.execute(
+        "SELECT pgqueue.enqueue_many(jsonb_agg(jsonb_build_object('job_type', 't',"
+        " 'scope', jsonb_build_object('s', g % 20)))) FROM generate_series(1, 400) g"
+    )
+    await producer.execute("ANALYZE pgqueue.jobs")
+    assert len(await worker.fetch("SELECT id FROM pgqueue.claim_next('w', '{default,x}', 5)")) == 5
+    await producer.execute(
+        "INSERT INTO pgqueue.jobs (job_type, queue) SELECT 'bulk', 'bulk' FROM generate_series(1, 20000)"
+    )
+
+    async def blocks_read() -> int:
+        # Each backend reports its counts when it goes idle after the request; the
+        # producer's insert must be counted before the window, not in it.
+        for backend in (worker, producer):
+            await backend.execute("SELECT pg_stat_force_next_flush()")
+            await backend.execute("SELECT 1")
+        await observer.execute("SELECT pg_stat_clear_snapshot()")
+        count: int = await observer.fetchval(READY_BLOCKS)
+        return count
+
+    before = await blocks_read()
+    for _ in range(3):
+        batch = await worker.fetch("SELECT id FROM pgqueue.claim_next('w', '{default,x}', 5)")
+        assert len(batch) == 5
+    read = await blocks_read() - before
+    assert read < 60, f"3 claims of 5 jobs read {read} blocks of the ready indexes"

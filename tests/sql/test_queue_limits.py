@@ -49,16 +49,17 @@ async def _finished_current_and_next(conn: asyncpg.Connection) -> tuple[int, int
     return done, scoped
 
 
+@pytest.mark.parametrize("queues", [None, ["r", "q"]], ids=["every queue", "two queues"])
 async def test_a_batch_takes_a_limited_queues_free_places_and_fills_up_elsewhere(
-    conn: asyncpg.Connection,
+    conn: asyncpg.Connection, queues: list[str] | None
 ) -> None:
     limited = await _enqueue(conn, "q", 5, priority=5)  # first in claim order
     other = await _enqueue(conn, "r", 3)
     assert await conn.fetchval(LIMIT, "q", 2) is None
     # The pick meets the five q jobs first; two places, so the batch is filled up from r.
-    assert await _claim_next(conn, None, 5) == limited[:2] + other
+    assert await _claim_next(conn, queues, 5) == limited[:2] + other
     assert await _running(conn, "q") == 2
-    assert await _claim_next(conn, None, 5) == []
+    assert await _claim_next(conn, queues, 5) == []
     assert await conn.fetchval("SELECT count(*) FROM pgqueue.claim($1, 'w')", limited[2]) == 0
 
     assert await conn.fetchval("SELECT pgqueue.complete($1, 'w')", limited[0]) is True
@@ -377,3 +378,33 @@ async def test_a_limit_set_elsewhere_binds_a_session_that_claimed_before(
     assert await conn.fetchval(LIMIT, "q", None) == 2
     assert await conn.fetchval("SELECT pgqueue._any_queue_limit()") is False
     assert await _claim_next(worker.conn, None, 3) == first[2:]
+
+
+async def test_a_claim_of_several_queues_waits_for_a_limit_lock_it_does_not_hold(
+    conn: asyncpg.Connection, connect: Connect
+) -> None:
+    """The share of q, first in claim order, finds every q job held by another claim, so a
+    further round fills the batch from L. That round holds no limit lock yet, so it waits for
+    L's, as any claim's first take of a limit lock does; an earlier version only tried it in
+    any round but the first, came back empty with L's places free and announced L, and a
+    worker woken by its own notification claimed nothing again, as long as the lock was held."""
+    q = await _enqueue(conn, "q", 2, priority=10)
+    limited = await _enqueue(conn, "L", 5)
+    assert await conn.fetchval(LIMIT, "L", 5) is None
+    observer, holder_q, holder_l, me = await sessions(connect, "obs", "q", "l", "me")
+    await holder_q.begin()
+    assert _ids(await holder_q.fetch("SELECT id FROM pgqueue.claim_next('hq', '{q}', 2)")) == q
+    await holder_l.begin()
+    assert _ids(await holder_l.fetch("SELECT id FROM pgqueue.claim_next('hl', '{L}', 1)")) == [
+        limited[0]
+    ]
+    claim = me.start(me.fetch("SELECT id FROM pgqueue.claim_next('me', '{q,L}', 2)"))
+    await wait_blocked(observer.conn, me)
+    assert await lock_wait_kind(observer.conn, me) == "advisory"
+    await holder_l.commit()
+    assert _ids(await claim) == limited[1:3]
+    await holder_q.rollback()
+
+
+def _ids(rows: list[asyncpg.Record]) -> list[int]:
+    return sorted(r["id"] for r in rows)

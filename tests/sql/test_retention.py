@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncpg
+import pytest
 from sqlharness import Connect, finishes_unblocked, sessions, wait_blocked
 
 AGE = "UPDATE pgqueue.jobs SET finished_at = now() - $2::text::interval WHERE id = $1"
@@ -156,11 +157,12 @@ async def test_a_failed_job_a_retried_dependent_waits_for_is_kept(
     assert state == "queued"
 
 
-async def test_a_failed_job_goes_a_round_after_the_last_job_depending_on_it(
+async def test_a_failed_job_goes_after_the_last_job_depending_on_it(
     conn: asyncpg.Connection,
 ) -> None:
     """Kept while any job depends on it, not only a waiting one: a chain that failed at its
-    root is pruned from its end, a link a round, so no retry ever finds its dependency gone."""
+    root is pruned from its end, so no retry ever finds its dependency gone. Retention takes
+    a link a round; prune follows the chain in later statements of one call."""
     root: int = await conn.fetchval("SELECT pgqueue.enqueue('t', max_attempts => 1)")
     middle = await conn.fetchval(
         "SELECT pgqueue.enqueue('t', depends_on => ARRAY[$1::bigint])", root
@@ -171,9 +173,27 @@ async def test_a_failed_job_goes_a_round_after_the_last_job_depending_on_it(
     await conn.execute("UPDATE pgqueue.jobs SET finished_at = now() - interval '30 days'")
     assert await conn.fetchval("SELECT pgqueue.prune_expired()") == 1
     assert await _ids(conn) == [root, middle]
-    assert await conn.fetchval("SELECT pgqueue.prune('0')") == 1
+    assert await conn.fetchval("SELECT pgqueue.prune_expired()") == 1
     assert await _ids(conn) == [root]
     assert await conn.fetchval("SELECT pgqueue.prune_expired()") == 1
+    assert await _ids(conn) == []
+    # Again, for prune: root <- a <- b and root <- c (all cancelled by root's failure) and an
+    # unrelated job; d depends on root too but is recent, so root is kept for it.
+    root = await conn.fetchval("SELECT pgqueue.enqueue('t', max_attempts => 1)")
+    a = await conn.fetchval("SELECT pgqueue.enqueue('t', depends_on => ARRAY[$1::bigint])", root)
+    await conn.fetchval("SELECT pgqueue.enqueue('t', depends_on => ARRAY[$1::bigint])", a)
+    await conn.fetchval("SELECT pgqueue.enqueue('t', depends_on => ARRAY[$1::bigint])", root)
+    d = await conn.fetchval("SELECT pgqueue.enqueue('t', depends_on => ARRAY[$1::bigint])", root)
+    await _finished(conn, "30 days", state="failed")
+    await conn.fetch("SELECT id FROM pgqueue.claim($1, 'w')", root)
+    assert await conn.fetchval("SELECT pgqueue.fail($1, 'w', 'boom')", root) == "failed"
+    await conn.execute(
+        "UPDATE pgqueue.jobs SET finished_at = now() - interval '30 days' WHERE id <> $1", d
+    )
+    assert await conn.fetchval("SELECT pgqueue.prune('1 day')") == 4
+    assert await _ids(conn) == [root, d]
+    await conn.execute(AGE, d, "30 days")
+    assert await conn.fetchval("SELECT pgqueue.prune('1 day')") == 2
     assert await _ids(conn) == []
 
 
@@ -238,3 +258,31 @@ async def test_deleting_a_job_that_had_not_succeeded_cancels_what_waits_for_it(
         "SELECT job_id, depends_on FROM pgqueue.job_dependencies ORDER BY 1, 2"
     )
     assert [tuple(e) for e in edges] == [(join, open_), (further, direct)]
+
+
+@pytest.mark.parametrize("retried", ["dependent", "dependency"])
+async def test_prune_following_a_chain_never_waits_for_a_retry(
+    connect: Connect, retried: str
+) -> None:
+    """prune's first statement deletes the old cancelled dependent D and then waits for a
+    row another session holds (an old success X); meanwhile retry(D) or retry(J) locks the
+    failed dependency J (rows in id order) and waits for D. Had prune's next statement
+    waited for J, the two would deadlock; it skips J, which the next call prunes."""
+    observer, holder, pruner, retrier = await sessions(connect, "obs", "hold", "prune", "retry")
+    conn = observer.conn
+    dependency, dependent = await _failed_with_dependent(conn)
+    success = await _finished(conn, "10 days")
+    await conn.execute(AGE, dependent, "20 days")
+    await holder.begin()
+    await holder.fetch("SELECT 1 FROM pgqueue.jobs WHERE id = $1 FOR SHARE", success)
+    prune = pruner.start(pruner.fetchval("SELECT pgqueue.prune('1 day')"))
+    await wait_blocked(conn, pruner)  # D deleted, waiting for X
+    target = dependent if retried == "dependent" else dependency
+    retry = retrier.start(retrier.fetchval("SELECT pgqueue.retry($1)", target))
+    await wait_blocked(conn, retrier)  # J locked, waiting for D
+    await holder.commit()
+    assert await prune == 2
+    assert await retry is (retried == "dependency")
+    left = await conn.fetch("SELECT id, state FROM pgqueue.jobs ORDER BY id")
+    expected = "failed" if retried == "dependent" else "queued"
+    assert [tuple(r) for r in left] == [(dependency, expected)]
