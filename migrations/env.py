@@ -34,7 +34,8 @@ def _dsn() -> str | None:
 
 
 _VERSION_TABLE_UNCOMMENTED = """
-SELECT coalesce(bool_and(obj_description(c.oid, 'pg_class') IS NULL
+SELECT coalesce(bool_and((obj_description(c.oid, 'pg_class') IS NULL
+                          OR col_description(c.oid, 1) IS NULL)
                          AND pg_has_role(current_user, c.relowner, 'USAGE')), false)
 FROM pg_class c WHERE c.oid = to_regclass('pgqueue.alembic_version')
 """

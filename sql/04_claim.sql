@@ -538,10 +538,14 @@ BEGIN
         -- picks are, and so are the previous current jobs of their scopes (the
         -- update below clears their flag). A claim that holds a limit lock then
         -- waits for nothing, so no cycle runs through the limit locks. A round
-        -- after one that took a limit lock, and claim_or_wait (the 'waiters'
-        -- lock), skip a current row another transaction holds, leave its scope's
-        -- pick, and announce its queue (a plain claim will wait for that row).
-        IF v_scoped AND (v_holds_limit OR v_try_only) THEN
+        -- after one that took a limit lock or claimed rows, and claim_or_wait (the
+        -- 'waiters' lock), skip a current row another transaction holds, leave its
+        -- scope's pick, and announce its queue (a plain claim will wait for that
+        -- row). Waiting there while holding the rows an earlier round claimed
+        -- takes two scopes' current rows out of id order, which deadlocked with
+        -- share-lockers of both (retry, enqueue with depends_on); a round after
+        -- one that claimed nothing waits, as a first round does.
+        IF v_scoped AND (v_holds_limit OR v_try_only OR v_left < batch_size) THEN
             SELECT array_agg(j.id) FILTER (WHERE x.free), array_agg(DISTINCT j.queue) FILTER (WHERE NOT x.free)
               INTO v_kept, v_busy
             FROM pgqueue.jobs j

@@ -91,6 +91,14 @@ MUTANTS: dict[str, Mutant] = {
         "IF v_ids IS NULL AND v_short <> '{}' THEN\n                v_holds_limit := true;\n",
         "test_queue_limits.py::test_a_claim_of_several_queues_waits_for_a_limit_lock_it_does_not_hold",
     ),
+    # A round after one that claimed rows waiting for a held current row of another scope:
+    # it holds the current row it cleared, out of id order, and deadlocks with a retry.
+    "round_after_a_claim_waits_for_current_row": Mutant(
+        "pgqueue.claim_next(text,text[],integer)",
+        "IF v_scoped AND (v_holds_limit OR v_try_only OR v_left < batch_size) THEN",
+        "IF v_scoped AND (v_holds_limit OR v_try_only) THEN",
+        "test_claim_races.py::test_a_round_after_one_that_claimed_never_waits_for_a_current_row",
+    ),
     "one_queue_general_pick_walks_jobs_ready": Mutant(
         "pgqueue.claim_next(text,text[],integer)",
         "WHERE cardinality(claim_next.queues) = 1",
@@ -514,7 +522,7 @@ MUTANTS: dict[str, Mutant] = {
     # later rounds waiting for a previous current row while they hold a limit lock.
     "later_round_waits_for_current_row": Mutant(
         "pgqueue.claim_next(text,text[],integer)",
-        "IF v_scoped AND (v_holds_limit OR v_try_only) THEN",
+        "IF v_scoped AND (v_holds_limit OR v_try_only OR v_left < batch_size) THEN",
         "IF v_scoped AND v_try_only THEN",
         "test_queue_limits.py::test_a_later_round_skips_a_scope_whose_current_row_is_held",
     ),
@@ -530,8 +538,8 @@ MUTANTS: dict[str, Mutant] = {
     # transaction holds: every enqueue waits behind it (and it deadlocks with the holder).
     "claim_or_wait_waits_for_current_row": Mutant(
         "pgqueue.claim_next(text,text[],integer)",
-        "IF v_scoped AND (v_holds_limit OR v_try_only) THEN",
-        "IF v_scoped AND v_holds_limit THEN",
+        "IF v_scoped AND (v_holds_limit OR v_try_only OR v_left < batch_size) THEN",
+        "IF v_scoped AND (v_holds_limit OR v_left < batch_size) THEN",
         "test_queue_limits.py::test_claim_or_wait_skips_a_scope_whose_current_row_is_held",
     ),
     # set_queue_limit leaving _any_queue_limit as it was: claims keep their one-statement

@@ -288,6 +288,49 @@ async def test_a_claim_of_several_queues_skips_what_other_claims_hold(
     assert [tuple(r) for r in rows] == [("a", 2, 1), ("b", 3, 1), ("c", 3, 1), ("d", 1, 1)]
 
 
+async def test_a_round_after_one_that_claimed_never_waits_for_a_current_row(
+    connect: Connect,
+) -> None:
+    """A claim of several queues whose first round claimed X (clearing and holding scope 1's
+    current row C1) and came up short in q3 fills up from q2 in a second round, whose pick
+    Y needs scope 2's current row C2, held now (here by u). Had that round waited for C2,
+    it would hold C1 and wait for C2 (out of id order: C2 is older) while retry(R) of a job
+    depending on both holds C2 and waits for C1: a deadlock. It skips Y's scope instead
+    (claim_or_wait does the same), and the retry goes through."""
+    observer, b, u, t, a = await sessions(connect, "obs", "b", "u", "t", "a")
+    conn = observer.conn
+    current = []
+    for scope in ({"s": 2}, {"s": 1}):
+        job = await _enqueue(conn, queue="done", scope=scope)
+        assert await conn.fetch("SELECT id FROM pgqueue.claim($1, 'w')", job)
+        assert await conn.fetchval("SELECT pgqueue.complete($1, 'w')", job)
+        current.append(job)
+    c2, c1 = current
+    r = await _enqueue(conn, depends_on=[c2, c1], max_attempts=1)
+    assert await conn.fetch("SELECT id FROM pgqueue.claim($1, 'w')", r)
+    assert await conn.fetchval("SELECT pgqueue.fail($1, 'w', 'boom')", r) == "failed"
+    x = await _enqueue(conn, queue="q1", scope={"s": 1}, priority=10)
+    z = await _enqueue(conn, queue="q3", priority=10)
+    await _enqueue(conn, queue="q2", scope={"s": 2})
+    await b.begin()
+    assert [
+        row["id"] for row in await b.fetch("SELECT id FROM pgqueue.claim_next('b', '{q3}', 1)")
+    ] == [z]
+    await u.begin()
+    await u.fetch("SELECT 1 FROM pgqueue.jobs WHERE id = $1 FOR NO KEY UPDATE", c2)
+    retry = t.start(t.fetchval("SELECT pgqueue.retry($1)", r))
+    await wait_blocked(conn, t)  # waits for C2, to share-lock it and then C1
+    await a.begin()
+    got = await finishes_unblocked(
+        conn, a, a.fetch("SELECT id FROM pgqueue.claim_next('a', '{q1,q3,q2}', 2)")
+    )
+    assert [row["id"] for row in got] == [x]
+    await u.commit()
+    await a.commit()
+    assert await retry is True
+    await b.rollback()
+
+
 async def test_one_running_per_scope_is_an_index(connect: Connect) -> None:
     (observer,) = await sessions(connect, "obs")
     j1 = await _enqueue(observer.conn, scope={"k": 1})
