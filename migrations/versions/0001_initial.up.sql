@@ -2834,13 +2834,17 @@ $$;
 
 -- The jobs that failed or were cancelled and that the given (deleted) jobs
 -- depended on: the ones prune() kept for them, tried again after them. Read in
--- the deleting statement's snapshot, where the deleted jobs' edges still exist.
+-- the deleting statement's snapshot, where the deleted jobs' edges still exist
+-- (and the jobs it deleted too: the next statement finds those gone). One probe
+-- of the edges' primary key per id; a test against the whole id array per edge
+-- ("not one of those deleted") made a prune of 100,000 jobs take 11 s.
 CREATE FUNCTION pgqueue._failed_dependencies(p_job_ids bigint[]) RETURNS bigint[]
 LANGUAGE sql STABLE AS $$
-    SELECT ARRAY(SELECT DISTINCT d.depends_on FROM pgqueue.job_dependencies d
+    SELECT ARRAY(SELECT DISTINCT d.depends_on
+                 FROM unnest(p_job_ids) g(id)
+                 JOIN pgqueue.job_dependencies d ON d.job_id = g.id
                  JOIN pgqueue.jobs p ON p.id = d.depends_on
-                 WHERE d.job_id = ANY (p_job_ids) AND p.state IN ('failed', 'cancelled')
-                   AND p.id <> ALL (p_job_ids))
+                 WHERE p.state IN ('failed', 'cancelled'))
 $$;
 
 CREATE FUNCTION pgqueue.prune(older_than interval) RETURNS bigint
