@@ -372,7 +372,7 @@ BEGIN
                 SELECT ARRAY(SELECT p.id FROM picked p),
                        ARRAY(SELECT q.name FROM quota q
                              WHERE q.n > (SELECT count(*) FROM picked p WHERE p.name = q.name))
-                  INTO v_ids, v_busy;
+                  INTO v_ids, v_short;
                 IF v_ids <> '{}' THEN
                     RETURN QUERY
                     WITH claimed AS (
@@ -385,8 +385,8 @@ BEGIN
                     SELECT * FROM claimed c ORDER BY c.priority DESC, c.run_after, c.id;
                     v_left := v_left - cardinality(v_ids);
                 END IF;
-                EXIT WHEN v_left = 0 OR v_busy = '{}';
-                v_full := v_full || v_busy;
+                EXIT WHEN v_left = 0 OR v_short = '{}';
+                v_full := v_full || v_short;
             END LOOP;
             RETURN;
         END IF;

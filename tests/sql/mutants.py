@@ -53,7 +53,7 @@ MUTANTS: dict[str, Mutant] = {
     # jobs than its share of the batch leaves the batch short while others have jobs.
     "several_queues_claim_no_fill_up": Mutant(
         "pgqueue.claim_next(text,text[],integer)",
-        "EXIT WHEN v_left = 0 OR v_busy = '{}';",
+        "EXIT WHEN v_left = 0 OR v_short = '{}';",
         "EXIT;",
         "test_claim_races.py::test_a_claim_of_several_queues_skips_what_other_claims_hold[one statement]",
     ),
