@@ -11,8 +11,11 @@ DECLARE
     v record;
     v_state text;
 BEGIN
-    IF v_after <= interval '0' THEN
-        RAISE EXCEPTION 'pgqueue.recover_stale: stale_after must be positive, got %', v_after
+    -- Zero is allowed: "every lease taken before this transaction" (a test or an
+    -- operator after a crash forcing recovery now). A negative interval is a
+    -- mistake (a lease from the future), refused.
+    IF v_after < interval '0' THEN
+        RAISE EXCEPTION 'pgqueue.recover_stale: stale_after must not be negative, got %', v_after
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     -- A job's pipeline lock, its scope's order lock and its dedup key come

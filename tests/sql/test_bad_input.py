@@ -123,7 +123,7 @@ CASES = [
     ("SELECT * FROM pgqueue.claim_next('w', NULL, 0)", "batch_size must be >= 1"),
     ("SELECT * FROM pgqueue.claim_next('')", "worker must be a non-empty string"),
     ("SELECT pgqueue.prune(NULL)", "older_than must be a non-negative interval"),
-    ("SELECT pgqueue.recover_stale(interval '-1 second')", "stale_after must be positive"),
+    ("SELECT pgqueue.recover_stale(interval '-1 second')", "stale_after must not be negative"),
     (
         "UPDATE pgqueue.settings SET value = 'soon' WHERE name = 'stale_after'",
         "stale_after must be a positive interval",

@@ -1,7 +1,7 @@
 """Every public object documents itself (COMMENT ON) and is covered by docs/sql.md.
 
-Public = in schema pgqueue: tables and their columns, views and functions whose
-names do not start with ``_``, and the user triggers on pgqueue.jobs.
+Public = in schema pgqueue: tables and their columns, views (and their columns) and
+functions whose names do not start with ``_``, and the user triggers on pgqueue.jobs.
 ``\\d+`` and ``\\df+`` in psql show these comments, so a missing one is a
 hole in the documentation an operator sees.
 """
@@ -55,6 +55,11 @@ WHERE c.relnamespace = 'pgqueue'::regnamespace AND c.relkind IN ('r', 'p')
 UNION ALL
 SELECT 'view', c.relname, obj_description(c.oid, 'pg_class')
 FROM pg_class c
+WHERE c.relnamespace = 'pgqueue'::regnamespace AND c.relkind IN ('v', 'm') AND c.relname NOT LIKE '\\_%'
+UNION ALL
+SELECT 'column', c.relname || '.' || a.attname, col_description(c.oid, a.attnum)
+FROM pg_class c
+JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
 WHERE c.relnamespace = 'pgqueue'::regnamespace AND c.relkind IN ('v', 'm') AND c.relname NOT LIKE '\\_%'
 UNION ALL
 SELECT 'function', p.oid::regprocedure::text, obj_description(p.oid, 'pg_proc')

@@ -79,6 +79,23 @@ async def test_recovery_fails_job_when_attempts_are_spent(connect: Connect) -> N
     )
 
 
+async def test_zero_recovers_every_lease_taken_before_the_call(connect: Connect) -> None:
+    """``recover_stale(interval '0')``: every job claimed in an earlier transaction is stale
+    (a test, or an operator who knows every worker is dead); one claimed in the calling
+    transaction is not. A negative interval is refused (test_bad_input)."""
+    (observer,) = await sessions(connect, "obs")
+    earlier = await observer.fetchval("SELECT pgqueue.enqueue('t')")
+    now = await observer.fetchval("SELECT pgqueue.enqueue('t')")
+    await observer.fetch("SELECT id FROM pgqueue.claim($1, 'w')", earlier)
+    await observer.begin()
+    await observer.fetch("SELECT id FROM pgqueue.claim($1, 'w')", now)
+    recovered = await observer.fetch("SELECT pgqueue.recover_stale(interval '0')")
+    await observer.commit()
+    assert [r[0] for r in recovered] == [earlier]
+    states = await observer.fetch("SELECT id, state FROM pgqueue.jobs ORDER BY id")
+    assert [tuple(r) for r in states] == [(earlier, "queued"), (now, "running")]
+
+
 async def test_heartbeat_keeps_long_job_and_stale_after_comes_from_settings(
     connect: Connect,
 ) -> None:
