@@ -16,6 +16,7 @@ from sqlalchemy import Connection, text
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
+from pgqueue.dsn import check_dsn, server_settings, service_dsn
 from pgqueue.migrate import MIGRATION_LOCK_KEY
 
 config = context.config
@@ -71,7 +72,12 @@ async def _run_online() -> None:
     dsn = _dsn()
 
     async def connect() -> asyncpg.Connection:
-        return await asyncpg.connect(dsn)
+        check_dsn(dsn)
+        # $PGSERVICE as a URL: asyncpg alone would migrate the database named after the OS user.
+        target = dsn or service_dsn()
+        return await asyncpg.connect(
+            target, server_settings=server_settings(target, "pgqueue migrate")
+        )
 
     engine = create_async_engine("postgresql+asyncpg://", poolclass=NullPool, async_creator=connect)
     try:

@@ -8,12 +8,14 @@ statements send JSON as text and cast it in SQL, so they work with or without th
 
 from __future__ import annotations
 
+import configparser
 import datetime
 import inspect
 import json
 import json.scanner
 import operator
 import os
+import pathlib
 import urllib.parse
 import uuid
 from collections.abc import Callable, Iterable
@@ -32,7 +34,9 @@ def resolve_dsn(dsn: str | None = None) -> str | None:
     """Return the DSN to use: the explicit one, else ``$PGQUEUE_DSN``, else ``None``.
 
     ``None`` is a valid answer: asyncpg (like libpq) then reads ``PGHOST``, ``PGPORT``,
-    ``PGUSER``, ``PGDATABASE``, ``PGPASSWORD`` and friends from the environment.
+    ``PGUSER``, ``PGDATABASE``, ``PGPASSWORD`` and friends from the environment, and
+    pgqueue passes ``PGOPTIONS`` on (:func:`server_settings`) and ``PGSERVICE`` as a
+    ``service=`` URL (:func:`service_dsn`), two variables asyncpg does not read itself.
     """
     if dsn:
         return dsn
@@ -51,6 +55,10 @@ def check_dsn(dsn: str | None) -> None:
     which may hold a password. Without a DSN, asyncpg reads ``$PGPORT``, checked alike.
     """
     if dsn is None:
+        service = service_dsn()
+        if service is not None:
+            check_dsn(service)
+            return
         _check_ports(os.environ.get("PGPORT", "").split(","), cut_short=False, what="$PGPORT")
         return
     try:
@@ -59,7 +67,14 @@ def check_dsn(dsn: str | None) -> None:
     except ValueError as exc:  # an unclosed IPv6 bracket, say
         raise DsnError(f"is not a valid URL ({exc})") from None
     if parts.scheme not in ("postgres", "postgresql"):
+        if "=" in dsn and "://" not in dsn:
+            raise DsnError(
+                "is a keyword/value connection string; pgqueue (asyncpg) takes URLs only:"
+                " postgresql://USER@HOST:PORT/DBNAME"
+            )
         raise DsnError("is not a postgresql:// URL")
+    if "service" in query:
+        _check_service(query["service"][-1])
     hosts = parts.netloc.rpartition("@")[2].split(",")
     hosts += [h for value in query.get("host", []) for h in value.split(",")]
     ports = [_port_of(host) for host in hosts if not host.startswith("/")]  # "/": a socket dir
@@ -67,6 +82,42 @@ def check_dsn(dsn: str | None) -> None:
     # A '#', '?' or '/' in the password ends the URL's host part early (urlsplit and asyncpg
     # agree): what looks like a port may then be a piece of the password.
     _check_ports(ports, cut_short="@" in dsn and "@" not in parts.netloc)
+
+
+def service_dsn() -> str | None:
+    """``$PGSERVICE`` as the URL asyncpg reads it from (``postgresql://?service=NAME``).
+
+    asyncpg reads a service named in a DSN, but not ``$PGSERVICE`` when it is given no DSN:
+    it then connected to its defaults (the database named after the OS user), and
+    ``pgqueue migrate`` created the schema there. Parts the service leaves out still come
+    from ``PGHOST`` and friends, as with libpq.
+    """
+    service = os.environ.get("PGSERVICE")
+    if not service:
+        return None
+    return "postgresql://?" + urllib.parse.urlencode({"service": service})
+
+
+def _check_service(name: str) -> None:
+    """Refuse a connection service asyncpg would not find: it ignores an unknown one and
+    connects to its defaults. asyncpg reads ``$PGSERVICEFILE``, else ``~/.pg_service.conf``;
+    not libpq's system-wide ``pg_service.conf``."""
+    if "service" not in inspect.signature(asyncpg.connect).parameters:
+        raise DsnError(
+            f"names the connection service {name!r}, but this asyncpg cannot read service"
+            " files (asyncpg >= 0.30 can): give host, port, user and database in the URL"
+        )
+    path = os.environ.get("PGSERVICEFILE") or str(pathlib.Path.home() / ".pg_service.conf")
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read(path)
+    except configparser.Error as exc:
+        raise DsnError(f"cannot read the connection service file {path}: {exc}") from None
+    if name not in parser.sections():
+        raise DsnError(
+            f"the connection service {name!r} is not defined in {path} (asyncpg reads"
+            " $PGSERVICEFILE, else ~/.pg_service.conf; not the system-wide pg_service.conf)"
+        )
 
 
 def _port_of(host: str) -> str:
@@ -164,15 +215,25 @@ async def init_connection(conn: asyncpg.Connection) -> None:
         )
 
 
-def _server_settings(application_name: str) -> dict[str, str]:
-    return {"application_name": application_name[:63]}
+def server_settings(dsn: str | None, application_name: str) -> dict[str, str]:
+    """Startup parameters for pgqueue's own connections: the ``application_name``, and
+    ``$PGOPTIONS`` (``-c name=value ...``) as libpq sends it, unless the DSN gives
+    ``options`` itself. asyncpg reads neither variable; the server parses ``options``."""
+    settings = {"application_name": application_name[:63]}
+    options = os.environ.get("PGOPTIONS")
+    if options and not (
+        dsn and "options" in urllib.parse.parse_qs(urllib.parse.urlsplit(dsn).query)
+    ):
+        settings["options"] = options
+    return settings
 
 
 async def connect(dsn: str | None, *, application_name: str = "pgqueue") -> asyncpg.Connection:
     """Open one dedicated connection (codecs set, named so ``pg_stat_activity`` shows who it is)."""
     check_dsn(dsn)
+    dsn = dsn or service_dsn()
     conn: asyncpg.Connection = await asyncpg.connect(
-        dsn, server_settings=_server_settings(application_name)
+        dsn, server_settings=server_settings(dsn, application_name)
     )
     await init_connection(conn)
     return conn
@@ -200,6 +261,7 @@ async def create_pool(
     dead ones are replaced on the next acquire instead.
     """
     check_dsn(dsn)
+    dsn = dsn or service_dsn()
     sizing: dict[str, int] = {"min_size": warm}
     if "init_size" in inspect.signature(asyncpg.create_pool).parameters:
         sizing = {"min_size": 0, "init_size": warm}
@@ -209,7 +271,7 @@ async def create_pool(
         max_inactive_connection_lifetime=0,
         init=init_connection,
         reset=_reset_connection,
-        server_settings=_server_settings(application_name),
+        server_settings=server_settings(dsn, application_name),
         **sizing,
     )
     return pool

@@ -237,7 +237,9 @@ async def test_a_boolean_delay_is_refused(conn: asyncpg.Connection) -> None:
         ("postgresql://localhost:abc/x", "port 'abc' is not a number from 1 to 65535"),
         ("postgresql://a:5432,b:70000/x", "port '70000' is not a number from 1 to 65535"),
         ("postgresql:///x?port=0", "port '0' is not a number from 1 to 65535"),
-        ("dbname=x user=y", "is not a postgresql:// URL"),
+        ("dbname=x user=y", "is a keyword/value connection string"),
+        ("mysql://h/x", "is not a postgresql:// URL"),
+        ("postgresql://h/x?service=nowhere", "service 'nowhere' is not defined"),
         # From the review of the first version: host= in the query, asyncpg's first-colon
         # split, an unclosed bracket, a port of thousands of digits, a '#' in a password.
         ("postgresql:///x?host=127.0.0.1:99999", "port '99999' is not a number"),

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
+import urllib.parse
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -183,7 +185,8 @@ def test_dsn_from_environment(db_dsn: str, monkeypatch: pytest.MonkeyPatch) -> N
         (["abort", "-5"], "-5 is not in the range"),
         (["jobs", "--dsn", "postgresql://h:abc/x"], "port 'abc' is not a number from 1 to 65535"),
         (["jobs", "--dsn", "postgresql://h:99999/x"], "port '99999' is not a number"),
-        (["jobs", "--dsn", "host=h dbname=x"], "$PGQUEUE_DSN: is not a postgresql:// URL"),
+        (["jobs", "--dsn", "host=h dbname=x"], "$PGQUEUE_DSN: is a keyword/value connection"),
+        (["jobs", "--dsn", "postgresql:///x?service=nowhere"], "service 'nowhere' is not defined"),
         (["jobs", "--dsn", "postgresql:///x?host=h:99999"], "port '99999' is not a number"),
         (["jobs", "--dsn", "postgresql://u:pw#rd@h/x"], "percent-encode a '#', '?' or '/'"),
         (["limit", "api", "0"], "expected a number of jobs from 1 to 2147483647, or none; got '0'"),
@@ -216,6 +219,47 @@ def test_a_bad_dsn_in_the_environment_is_bad_input_and_a_given_dsn_replaces_it(
         2,
         "Error: $PGPORT '54e2' is not a number from 1 to 65535\n",
     )
+
+
+@pytest.mark.parametrize("command", ["jobs", "migrate"])
+def test_pgservice_names_the_database_or_is_refused(
+    db_dsn: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, command: str
+) -> None:
+    """asyncpg reads a service named in a URL but not $PGSERVICE: given no DSN it connected
+    to its default database (named after the OS user), and `pgqueue migrate` created the
+    schema there. pgqueue passes $PGSERVICE on as a URL, and refuses a service that asyncpg
+    would not find (it ignores one silently)."""
+    url = urllib.parse.urlsplit(db_dsn)
+    services = tmp_path / "pg_service.conf"
+    services.write_text(
+        f"[queue]\nhost={url.hostname}\nport={url.port or 5432}\nuser={url.username}\n"
+        f"dbname={url.path.lstrip('/')}\n"
+    )
+    for name in ("PGQUEUE_DSN", "PGHOST", "PGPORT", "PGUSER", "PGDATABASE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PGSERVICEFILE", str(services))
+    monkeypatch.setenv("PGSERVICE", "queue")
+    assert CliRunner().invoke(main, ["enqueue", "via-service"]).exit_code == 0
+    out = CliRunner().invoke(main, [command])
+    assert out.exit_code == 0, out.output
+    assert "via-service" in run(db_dsn, "jobs").output
+    monkeypatch.setenv("PGSERVICE", "other")
+    out = CliRunner().invoke(main, [command])
+    assert out.exit_code != 0, out.output
+    assert "connection service 'other' is not defined in" in out.output
+    assert "Traceback" not in out.output and out.output.count("\n") == 1
+
+
+def test_pgoptions_reach_the_server_unless_the_dsn_gives_options(
+    db_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """libpq sends $PGOPTIONS as the `options` startup parameter; asyncpg does not read it."""
+    monkeypatch.setenv("PGOPTIONS", "-c default_transaction_read_only=on")
+    out = CliRunner().invoke(main, ["enqueue", "x", "--dsn", db_dsn])
+    assert out.exit_code == 1 and "read-only transaction" in out.output, out.output
+    given = db_dsn + ("&" if "?" in db_dsn else "?") + "options=-c%20statement_timeout%3D5000"
+    assert CliRunner().invoke(main, ["enqueue", "x", "--dsn", given]).exit_code == 0
+    assert run(db_dsn, "jobs").output.count(" x ") == 1
 
 
 def test_unreachable_database_is_one_line() -> None:
