@@ -241,6 +241,7 @@ DECLARE
     v_parents bigint[];
     v_pipelines uuid[];
     v_specs jsonb[];
+    v_stored int[];  -- per parent: how many of its specs were stored (the rest passed here)
     v_scopes jsonb[];
     v_scoped bigint[];
     v_limited boolean;
@@ -282,7 +283,8 @@ BEGIN
                                   THEN gen_random_uuid() ELSE j.pipeline_id END
           FROM input i
          WHERE j.id = i.id AND j.state = 'running' AND j.locked_by = p_worker
-        RETURNING j.id, j.scope, j.pipeline_id, coalesce(j.next_jobs, '[]') || coalesce(i.next_jobs, '[]') AS specs
+        RETURNING j.id, j.scope, j.pipeline_id, coalesce(j.next_jobs, '[]') || coalesce(i.next_jobs, '[]') AS specs,
+                  jsonb_array_length(coalesce(j.next_jobs, '[]')) AS stored
     )
     SELECT array_agg(d.id),
            array_agg(d.scope) FILTER (WHERE d.scope IS NOT NULL),
@@ -290,8 +292,9 @@ BEGIN
            array_agg(d.id) FILTER (WHERE d.specs <> '[]'),
            array_agg(d.pipeline_id) FILTER (WHERE d.specs <> '[]'),
            array_agg(d.specs) FILTER (WHERE d.specs <> '[]'),
+           array_agg(d.stored) FILTER (WHERE d.specs <> '[]'),
            pgqueue._any_queue_limit()
-      INTO v_done, v_scopes, v_scoped, v_parents, v_pipelines, v_specs, v_limited
+      INTO v_done, v_scopes, v_scoped, v_parents, v_pipelines, v_specs, v_stored, v_limited
       FROM done d;
     IF v_done IS NULL THEN
         RETURN '{}';
@@ -338,7 +341,8 @@ BEGIN
         FOR SHARE;
     END IF;
     FOR i IN 1 .. coalesce(cardinality(v_parents), 0) LOOP
-        PERFORM pgqueue._insert_specs(v_specs[i], v_pipelines[i], v_parents[i], p_label || ': next_jobs');
+        PERFORM pgqueue._insert_specs(v_specs[i], v_pipelines[i], v_parents[i], p_label || ': next_jobs', false,
+                                      v_stored[i]);
     END LOOP;
     RETURN v_done;
 END

@@ -41,19 +41,18 @@ FROM pgqueue.running_jobs r
 WHERE r.locked_at < now() - pgqueue._setting_interval('stale_after');
 COMMENT ON VIEW pgqueue.stale_jobs IS
     'Running jobs whose lease is older than settings.stale_after: recover_stale() will requeue or fail them.';
-COMMENT ON COLUMN pgqueue.stale_jobs.id IS 'The job''s id (pgqueue.jobs.id).';
-COMMENT ON COLUMN pgqueue.stale_jobs.queue IS 'The job''s queue.';
-COMMENT ON COLUMN pgqueue.stale_jobs.job_type IS 'The handler name.';
-COMMENT ON COLUMN pgqueue.stale_jobs.worker IS 'The worker holding the lease (jobs.locked_by).';
-COMMENT ON COLUMN pgqueue.stale_jobs.attempts IS 'This attempt''s number, from 1.';
-COMMENT ON COLUMN pgqueue.stale_jobs.max_attempts IS 'Attempts allowed before the job ends failed.';
-COMMENT ON COLUMN pgqueue.stale_jobs.scope IS 'The job''s scope, if any.';
-COMMENT ON COLUMN pgqueue.stale_jobs.pipeline_id IS 'The job''s pipeline, if any.';
-COMMENT ON COLUMN pgqueue.stale_jobs.lease_age IS 'Time since the claim or the worker''s last heartbeat; stale past settings.stale_after.';
-COMMENT ON COLUMN pgqueue.stale_jobs.runtime IS 'Time since the job''s first claim (started_at, which retries do not move).';
-COMMENT ON COLUMN pgqueue.stale_jobs.locked_at IS 'When the lease was taken or last refreshed.';
-COMMENT ON COLUMN pgqueue.stale_jobs.started_at IS 'The job''s first claim.';
-COMMENT ON COLUMN pgqueue.stale_jobs.progress IS 'The last checkpoint the handler saved (save_progress), if any.';
+-- stale_jobs has running_jobs' columns, which mean the same here.
+DO $$
+DECLARE
+    c record;
+BEGIN
+    FOR c IN SELECT a.attname, col_description(a.attrelid, a.attnum) AS comment FROM pg_attribute a
+             WHERE a.attrelid = 'pgqueue.running_jobs'::regclass AND a.attnum > 0 AND NOT a.attisdropped
+    LOOP
+        EXECUTE format('COMMENT ON COLUMN pgqueue.stale_jobs.%I IS %L', c.attname, c.comment);
+    END LOOP;
+END
+$$;
 
 CREATE VIEW pgqueue.pipelines AS
 SELECT j.pipeline_id,

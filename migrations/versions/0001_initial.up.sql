@@ -591,6 +591,43 @@ BEGIN
 END
 $$;
 
+-- Stored specs (a job's next_jobs, at every depth) are created only when their
+-- parent succeeds, maybe days later: a depends_on id among them must name a job
+-- that exists when they are stored, or the mistake would surface only then.
+-- (What becomes of a dependency meanwhile, failed, cancelled or pruned, is the
+-- completion's to handle: see _insert_specs.) p_specs is an array of stored
+-- specs; labels name the spec as _check_specs does.
+CREATE FUNCTION pgqueue._check_stored_dependencies(p_specs jsonb, p_label text) RETURNS void
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_bad record;
+BEGIN
+    IF NOT p_specs @? 'lax $.**.depends_on' THEN
+        RETURN;
+    END IF;
+    WITH RECURSIVE stored(s, label) AS (
+        SELECT e.s, format('%s[%s]', p_label, e.ord - 1)
+        FROM jsonb_array_elements(p_specs) WITH ORDINALITY AS e(s, ord)
+        UNION ALL
+        SELECT c.s, format('%s: next_jobs[%s]', st.label, c.ord - 1)
+        FROM stored st,
+             jsonb_array_elements(CASE WHEN jsonb_typeof(st.s->'next_jobs') = 'array' THEN st.s->'next_jobs'
+                                       ELSE '[]' END) WITH ORDINALITY AS c(s, ord)
+    )
+    SELECT st.label, d.id INTO v_bad
+    FROM stored st
+    CROSS JOIN LATERAL (SELECT (x #>> '{}')::numeric::bigint AS id
+                        FROM jsonb_path_query(st.s, 'lax $.depends_on[*] ? (@.type() == "number" && @ >= 0
+                                                      && @ <= 9223372036854775807 && @ == @.floor())') x) d
+    WHERE NOT EXISTS (SELECT 1 FROM pgqueue.jobs j WHERE j.id = d.id)
+    LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION '%: depends_on names unknown job id %', v_bad.label, v_bad.id
+            USING ERRCODE = 'foreign_key_violation';
+    END IF;
+END
+$$;
+
 -- Raise if the "after" lists of keyed specs form a cycle (every job on it would
 -- wait forever). Kahn's algorithm over the specs' positions: take the specs
 -- whose after lists are satisfied, satisfy what waits on them, repeat; specs
@@ -919,7 +956,7 @@ $$;
 -- Create jobs from validated specs; returns their ids in spec order (a spec
 -- merged into a pending job with the same dedup_key returns that job's id).
 CREATE FUNCTION pgqueue._insert_specs(p_specs jsonb, p_pipeline_id uuid, p_parent_id bigint, p_label text,
-                                      p_single boolean DEFAULT false)
+                                      p_single boolean DEFAULT false, p_stored int DEFAULT 0)
 RETURNS bigint[]
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -934,14 +971,20 @@ DECLARE
     v_cancelled boolean := false;
     v_pipeline uuid;
     v_block boolean;
+    v_dead bigint[];      -- dependencies of stored specs that can no longer succeed
+    v_dead_why text[];
+    v_doomed bigint[];    -- the children cancelled for them
 BEGIN
     PERFORM pgqueue._check_specs(p_specs, p_label, p_single);
     IF p_specs @? '$[*].next_jobs[*]' THEN
         PERFORM pgqueue._check_child_pipelines(e.s->'next_jobs',
                     CASE WHEN p_parent_id IS NULL THEN (e.s->>'pipeline_id')::uuid ELSE p_pipeline_id END,
+                    pgqueue._spec_where(p_label, e.ord, p_single) || ': next_jobs'),
+                pgqueue._check_stored_dependencies(e.s->'next_jobs',
                     pgqueue._spec_where(p_label, e.ord, p_single) || ': next_jobs')
         FROM jsonb_array_elements(p_specs) WITH ORDINALITY AS e(s, ord)
-        WHERE jsonb_typeof(e.s->'next_jobs') = 'array';
+        WHERE jsonb_typeof(e.s->'next_jobs') = 'array'
+          AND e.ord > p_stored;  -- specs stored earlier were checked when they were stored
     END IF;
     v_n := jsonb_array_length(p_specs);
     IF v_n = 0 THEN
@@ -993,8 +1036,49 @@ BEGIN
     FROM jsonb_array_elements(p_specs) e(s),
          jsonb_array_elements_text(coalesce(nullif(e.s->'depends_on', 'null'), '[]')) d
     WHERE p_specs @? '$[*].depends_on[*]';
-    IF v_dep_ids IS NOT NULL THEN
+    IF v_dep_ids IS NOT NULL AND p_stored > 0 THEN
+        -- The parent's stored specs (the first p_stored) were checked when they were
+        -- stored; a dependency may have failed, been cancelled or pruned since. Their
+        -- parent's success must not be refused for it (it would be, every time): such a
+        -- child is created, then cancelled below. Every dependency is share-locked in
+        -- id order first, as _lock_dependencies does; the specs passed to complete()
+        -- then get its checks (they are the caller's input: refused).
+        SELECT coalesce(array_agg(w.id) FILTER (WHERE x.state = 'succeeded'), '{}'),
+               array_agg(w.id) FILTER (WHERE x.id IS NULL OR x.state IN ('failed', 'cancelled')),
+               array_agg(CASE x.state WHEN 'failed' THEN 'failed' WHEN 'cancelled' THEN 'was cancelled'
+                                      ELSE 'no longer exists' END)
+                   FILTER (WHERE x.id IS NULL OR x.state IN ('failed', 'cancelled'))
+          INTO v_succeeded, v_dead, v_dead_why
+          FROM (SELECT DISTINCT i FROM unnest(v_dep_ids) i ORDER BY 1) AS w(id)
+          LEFT JOIN LATERAL (SELECT j.id, j.state FROM pgqueue.jobs j WHERE j.id = w.id FOR SHARE) x ON true;
+        PERFORM pgqueue._lock_dependencies(ARRAY(
+                    SELECT DISTINCT d::numeric::bigint
+                    FROM jsonb_array_elements(p_specs) WITH ORDINALITY AS e(s, ord),
+                         jsonb_array_elements_text(coalesce(nullif(e.s->'depends_on', 'null'), '[]')) d
+                    WHERE e.ord > p_stored), p_label);
+    ELSIF v_dep_ids IS NOT NULL THEN
         v_succeeded := pgqueue._lock_dependencies(v_dep_ids, p_label);
+    END IF;
+    -- The specs cancelled below (a stored spec naming a dependency that ended, and
+    -- what waits on it through "after") take part in no coalescing: they give their
+    -- dedup keys up, so that none merges into a pending job it would not run for, and
+    -- none takes in a later spec of the array with its key, which would be lost.
+    IF v_dead IS NOT NULL AND p_specs @? '$[*].dedup_key ? (@ != null)' THEN
+        WITH RECURSIVE spec AS (
+            SELECT e.ord, e.s FROM jsonb_array_elements(p_specs) WITH ORDINALITY AS e(s, ord)
+        ), doomed(ord, k) AS (
+            SELECT sp.ord, sp.s->>'key' FROM spec sp
+            WHERE sp.ord <= p_stored
+              AND EXISTS (SELECT 1 FROM jsonb_array_elements_text(coalesce(nullif(sp.s->'depends_on', 'null'), '[]')) d
+                          WHERE d::numeric::bigint = ANY (v_dead))
+            UNION
+            SELECT sp.ord, sp.s->>'key' FROM doomed dm JOIN spec sp ON jsonb_typeof(sp.s->'after') = 'array'
+                                                                   AND sp.s->'after' ? dm.k
+        )
+        SELECT jsonb_agg(CASE WHEN sp.ord IN (SELECT dm.ord FROM doomed dm) THEN sp.s - 'dedup_key' ELSE sp.s END
+                         ORDER BY sp.ord)
+          INTO p_specs
+          FROM spec sp;
     END IF;
     v_has_edges := coalesce(v_has_edges, false) OR p_specs @? '$[*].after[*]';
 
@@ -1045,6 +1129,10 @@ BEGIN
         ) dep
         WHERE v_ids[e.ord] = v_new[e.ord]      -- merged specs add no edges to the job they merged into
           AND dep.id <> v_ids[e.ord]
+          -- Nor to a dependency that can no longer succeed: retry and prune rely on no
+          -- edge to a failed or cancelled job ever being created (a retry waiting for
+          -- our lock would not see it; a prune would delete the job and the edge).
+          AND (v_dead IS NULL OR dep.id <> ALL (v_dead))
           AND (e.s ? 'after' OR e.s ? 'depends_on')
         -- No ON CONFLICT: every job_id here is new, and DISTINCT removes repeats.
         RETURNING job_id, depends_on
@@ -1055,6 +1143,33 @@ BEGIN
         FROM (SELECT e.job_id, count(*)::int AS n FROM edges e WHERE e.depends_on <> ALL (v_succeeded)
               GROUP BY e.job_id) c
         WHERE j.id = c.job_id;
+    END IF;
+    -- The stored specs whose dependency can no longer succeed were created (or merged
+    -- into a pending job with their dedup key, which they leave alone) waiting; they
+    -- are cancelled now, naming it, and with them what waits on them through "after".
+    -- Nothing links them to that dependency, and their last_error is not "dependency
+    -- failed: ...", so a retry of it, or of another of their dependencies, does not
+    -- revive them (they would run without it); a retry of such a job itself does.
+    IF v_dead IS NOT NULL THEN
+        WITH doomed AS (
+            SELECT v_new[e.ord] AS id, min(d::numeric::bigint) AS dep
+            FROM jsonb_array_elements(p_specs) WITH ORDINALITY AS e(s, ord),
+                 jsonb_array_elements_text(coalesce(nullif(e.s->'depends_on', 'null'), '[]')) d
+            WHERE e.ord <= p_stored AND v_ids[e.ord] = v_new[e.ord] AND d::numeric::bigint = ANY (v_dead)
+            GROUP BY 1
+        ), cancelled AS (
+            UPDATE pgqueue.jobs j
+               SET state = 'cancelled', finished_at = now(),
+                   last_error = format('cancelled at creation: dependency job %s %s', x.dep,
+                                       v_dead_why[array_position(v_dead, x.dep)])
+              FROM doomed x
+             WHERE j.id = x.id AND j.state = 'waiting'
+            RETURNING j.id
+        )
+        SELECT array_agg(c.id) INTO v_doomed FROM cancelled c;
+        IF v_doomed IS NOT NULL THEN
+            PERFORM pgqueue._cancel_dependents(v_doomed, 'was cancelled');
+        END IF;
     END IF;
 
     RETURN v_ids;
@@ -1150,6 +1265,7 @@ BEGIN
     IF enqueue.next_jobs IS NOT NULL THEN
         PERFORM pgqueue._check_specs(enqueue.next_jobs, 'pgqueue.enqueue: next_jobs');
         PERFORM pgqueue._check_child_pipelines(enqueue.next_jobs, enqueue.pipeline_id, 'pgqueue.enqueue: next_jobs');
+        PERFORM pgqueue._check_stored_dependencies(enqueue.next_jobs, 'pgqueue.enqueue: next_jobs');
     END IF;
     IF enqueue.pipeline_id IS NOT NULL AND pgqueue._pipeline_cancelled(enqueue.pipeline_id) THEN
         RAISE EXCEPTION 'pgqueue.enqueue: pipeline % was cancelled', enqueue.pipeline_id
@@ -2214,6 +2330,7 @@ DECLARE
     v_parents bigint[];
     v_pipelines uuid[];
     v_specs jsonb[];
+    v_stored int[];  -- per parent: how many of its specs were stored (the rest passed here)
     v_scopes jsonb[];
     v_scoped bigint[];
     v_limited boolean;
@@ -2255,7 +2372,8 @@ BEGIN
                                   THEN gen_random_uuid() ELSE j.pipeline_id END
           FROM input i
          WHERE j.id = i.id AND j.state = 'running' AND j.locked_by = p_worker
-        RETURNING j.id, j.scope, j.pipeline_id, coalesce(j.next_jobs, '[]') || coalesce(i.next_jobs, '[]') AS specs
+        RETURNING j.id, j.scope, j.pipeline_id, coalesce(j.next_jobs, '[]') || coalesce(i.next_jobs, '[]') AS specs,
+                  jsonb_array_length(coalesce(j.next_jobs, '[]')) AS stored
     )
     SELECT array_agg(d.id),
            array_agg(d.scope) FILTER (WHERE d.scope IS NOT NULL),
@@ -2263,8 +2381,9 @@ BEGIN
            array_agg(d.id) FILTER (WHERE d.specs <> '[]'),
            array_agg(d.pipeline_id) FILTER (WHERE d.specs <> '[]'),
            array_agg(d.specs) FILTER (WHERE d.specs <> '[]'),
+           array_agg(d.stored) FILTER (WHERE d.specs <> '[]'),
            pgqueue._any_queue_limit()
-      INTO v_done, v_scopes, v_scoped, v_parents, v_pipelines, v_specs, v_limited
+      INTO v_done, v_scopes, v_scoped, v_parents, v_pipelines, v_specs, v_stored, v_limited
       FROM done d;
     IF v_done IS NULL THEN
         RETURN '{}';
@@ -2311,7 +2430,8 @@ BEGIN
         FOR SHARE;
     END IF;
     FOR i IN 1 .. coalesce(cardinality(v_parents), 0) LOOP
-        PERFORM pgqueue._insert_specs(v_specs[i], v_pipelines[i], v_parents[i], p_label || ': next_jobs');
+        PERFORM pgqueue._insert_specs(v_specs[i], v_pipelines[i], v_parents[i], p_label || ': next_jobs', false,
+                                      v_stored[i]);
     END LOOP;
     RETURN v_done;
 END
@@ -3493,19 +3613,18 @@ FROM pgqueue.running_jobs r
 WHERE r.locked_at < now() - pgqueue._setting_interval('stale_after');
 COMMENT ON VIEW pgqueue.stale_jobs IS
     'Running jobs whose lease is older than settings.stale_after: recover_stale() will requeue or fail them.';
-COMMENT ON COLUMN pgqueue.stale_jobs.id IS 'The job''s id (pgqueue.jobs.id).';
-COMMENT ON COLUMN pgqueue.stale_jobs.queue IS 'The job''s queue.';
-COMMENT ON COLUMN pgqueue.stale_jobs.job_type IS 'The handler name.';
-COMMENT ON COLUMN pgqueue.stale_jobs.worker IS 'The worker holding the lease (jobs.locked_by).';
-COMMENT ON COLUMN pgqueue.stale_jobs.attempts IS 'This attempt''s number, from 1.';
-COMMENT ON COLUMN pgqueue.stale_jobs.max_attempts IS 'Attempts allowed before the job ends failed.';
-COMMENT ON COLUMN pgqueue.stale_jobs.scope IS 'The job''s scope, if any.';
-COMMENT ON COLUMN pgqueue.stale_jobs.pipeline_id IS 'The job''s pipeline, if any.';
-COMMENT ON COLUMN pgqueue.stale_jobs.lease_age IS 'Time since the claim or the worker''s last heartbeat; stale past settings.stale_after.';
-COMMENT ON COLUMN pgqueue.stale_jobs.runtime IS 'Time since the job''s first claim (started_at, which retries do not move).';
-COMMENT ON COLUMN pgqueue.stale_jobs.locked_at IS 'When the lease was taken or last refreshed.';
-COMMENT ON COLUMN pgqueue.stale_jobs.started_at IS 'The job''s first claim.';
-COMMENT ON COLUMN pgqueue.stale_jobs.progress IS 'The last checkpoint the handler saved (save_progress), if any.';
+-- stale_jobs has running_jobs' columns, which mean the same here.
+DO $$
+DECLARE
+    c record;
+BEGIN
+    FOR c IN SELECT a.attname, col_description(a.attrelid, a.attnum) AS comment FROM pg_attribute a
+             WHERE a.attrelid = 'pgqueue.running_jobs'::regclass AND a.attnum > 0 AND NOT a.attisdropped
+    LOOP
+        EXECUTE format('COMMENT ON COLUMN pgqueue.stale_jobs.%I IS %L', c.attname, c.comment);
+    END LOOP;
+END
+$$;
 
 CREATE VIEW pgqueue.pipelines AS
 SELECT j.pipeline_id,

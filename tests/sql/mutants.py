@@ -550,6 +550,67 @@ MUTANTS: dict[str, Mutant] = {
         "IF false THEN",
         "test_queue_limits.py::test_a_limit_set_elsewhere_binds_a_session_that_claimed_before",
     ),
+    # Stored specs whose dependencies are never checked when they are stored: the mistake
+    # surfaces at the parent's completion, which raises every time.
+    "stored_dependencies_unchecked": Mutant(
+        "pgqueue.enqueue(text,jsonb,text,jsonb,text,timestamp with time zone,integer,integer,uuid,jsonb,bigint[])",
+        "PERFORM pgqueue._check_stored_dependencies(enqueue.next_jobs, 'pgqueue.enqueue: next_jobs');",
+        "NULL;",
+        "test_semantics.py::test_a_stored_spec_naming_an_unknown_job_is_refused_when_stored[SELECT pgqueue.enqueue('p', next_jobs => $1::jsonb)-pgqueue.enqueue: next_jobs[1]: next_jobs[0]]",
+    ),
+    # A completion that treats the parent's stored specs like passed ones: a dependency
+    # that ended meanwhile refuses the parent's success, every time.
+    "stored_spec_dependency_refuses_success": Mutant(
+        "pgqueue._insert_specs(jsonb,uuid,bigint,text,boolean,integer)",
+        "IF v_dep_ids IS NOT NULL AND p_stored > 0 THEN",
+        "IF false THEN",
+        "test_semantics.py::test_a_stored_specs_dependency_that_ended_cancels_the_child_not_the_success[cancelled]",
+    ),
+    # A child created cancelled whose "after" siblings are left waiting for it.
+    "cancelled_child_strands_siblings": Mutant(
+        "pgqueue._insert_specs(jsonb,uuid,bigint,text,boolean,integer)",
+        "PERFORM pgqueue._cancel_dependents(v_doomed, 'was cancelled');",
+        "NULL;",
+        "test_semantics.py::test_a_stored_specs_dependency_that_ended_cancels_the_child_not_the_success[failed]",
+    ),
+    # An edge to a dependency that ended: a retry waiting for the completion's lock never
+    # sees it, a prune deletes the job and the edge.
+    "edge_to_ended_dependency": Mutant(
+        "pgqueue._insert_specs(jsonb,uuid,bigint,text,boolean,integer)",
+        "AND (v_dead IS NULL OR dep.id <> ALL (v_dead))",
+        "AND true",
+        "test_fanin_races.py::test_a_completion_creating_a_child_of_an_ended_dependency_links_nothing_to_it[retry]",
+    ),
+    # A child's own stored specs checked again when the child is created: a dependency
+    # pruned since makes the parent's completion raise, every time.
+    "stored_specs_checked_again": Mutant(
+        "pgqueue._insert_specs(jsonb,uuid,bigint,text,boolean,integer)",
+        "AND e.ord > p_stored;",
+        ";",
+        "test_semantics.py::test_a_grandchilds_dependency_pruned_meanwhile_refuses_nothing",
+    ),
+    # A doomed spec keeping a key nobody holds: it takes in a later spec of its array.
+    "doomed_spec_keeps_its_key": Mutant(
+        "pgqueue._insert_specs(jsonb,uuid,bigint,text,boolean,integer)",
+        "THEN sp.s - 'dedup_key' ELSE sp.s END",
+        "THEN sp.s ELSE sp.s END",
+        "test_semantics.py::test_a_stored_spec_with_an_ended_dependency_gives_up_a_key_nobody_holds",
+    ),
+    # Only the doomed specs give their keys up, not what waits on them through "after".
+    "after_chain_keeps_its_key": Mutant(
+        "pgqueue._insert_specs(jsonb,uuid,bigint,text,boolean,integer)",
+        "AND sp.s->'after' ? dm.k",
+        "AND false",
+        "test_semantics.py::test_specs_cancelled_at_creation_take_part_in_no_coalescing",
+    ),
+    # A child cancelled at creation named like one a failure cancelled: a retry of its
+    # other dependency revives it, and it runs without the one that had failed.
+    "doomed_child_named_like_a_cancelled_dependent": Mutant(
+        "pgqueue._insert_specs(jsonb,uuid,bigint,text,boolean,integer)",
+        "format('cancelled at creation: dependency job %s %s'",
+        "format('dependency failed: job %s %s'",
+        "test_semantics.py::test_a_child_cancelled_at_creation_is_revived_only_by_its_own_retry",
+    ),
 }
 
 

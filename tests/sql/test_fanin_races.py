@@ -547,3 +547,54 @@ async def test_a_dependent_enqueued_while_a_failure_cancels_its_dependency_is_ca
         (child, "cancelled", f"dependency failed: job {parent} failed"),
         (grandchild, "cancelled", f"dependency failed: job {parent} failed"),
     ]
+
+
+@pytest.mark.parametrize("other", ["retry", "prune"])
+async def test_a_completion_creating_a_child_of_an_ended_dependency_links_nothing_to_it(
+    connect: Connect, other: str
+) -> None:
+    """A parent's stored spec depends on a job that failed meanwhile; the parent completes
+    while that job is retried or pruned. The completion share-locks it, so the other waits
+    (observed), then goes on with what it read before: a retry does not re-read the jobs
+    downstream, a prune does not re-check that nothing depends on it. So the child, created
+    cancelled, must get no edge to it (from the review of the first version, which wrote one:
+    a retry left the child and its sibling cancelled with an edge it never followed; a prune
+    deleted the job and the edge, which the retry case catches and this one only shows
+    proceeding: waiting, then deleting, with nothing left pointing at the job)."""
+    observer, completer, rival = await sessions(connect, "obs", "complete", other)
+    dep = await observer.fetchval("SELECT pgqueue.enqueue('dep', max_attempts => 1)")
+    parent = await observer.fetchval(
+        "SELECT pgqueue.enqueue('parent', next_jobs => $1::jsonb)",
+        [
+            {"job_type": "child", "key": "c", "depends_on": [dep]},
+            {"job_type": "sibling", "after": ["c"]},
+        ],
+    )
+    await observer.fetch("SELECT id FROM pgqueue.claim($1, 'w')", dep)
+    assert await observer.fetchval("SELECT pgqueue.fail($1, 'w', 'boom')", dep) == "failed"
+    await observer.conn.execute(
+        "UPDATE pgqueue.jobs SET finished_at = now() - interval '2 days' WHERE id = $1", dep
+    )
+    await observer.fetch("SELECT id FROM pgqueue.claim($1, 'w')", parent)
+
+    await completer.begin()
+    assert await completer.fetchval("SELECT pgqueue.complete($1, 'w')", parent) is True
+    call = "SELECT pgqueue.retry($1)" if other == "retry" else "SELECT pgqueue.prune('1 day')"
+    step = rival.start(rival.fetchval(call, dep) if other == "retry" else rival.fetchval(call))
+    await wait_blocked(observer.conn, rival)
+    await completer.commit()
+    assert await step == (True if other == "retry" else 1)
+
+    kids = await observer.fetch(
+        "SELECT id, job_type, state FROM pgqueue.jobs WHERE parent_id = $1 ORDER BY id", parent
+    )
+    assert [(k["job_type"], k["state"]) for k in kids] == [
+        ("child", "cancelled"),
+        ("sibling", "cancelled"),
+    ]
+    assert (
+        await observer.fetchval(
+            "SELECT count(*) FROM pgqueue.job_dependencies WHERE depends_on = $1", dep
+        )
+        == 0
+    )

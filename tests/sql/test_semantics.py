@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import timedelta
 
 import asyncpg
+import pytest
 from sqlharness import Connect, json_codecs
 
 
@@ -219,6 +221,237 @@ async def test_chaining_inherits_pipeline_and_sets_parent(connect: Connect) -> N
     assert {k["pipeline_id"] for k in kids} == {pipeline}
     assert kids[0]["payload"] == {"a": 1}
     assert await conn.fetchval("SELECT result FROM pgqueue.jobs WHERE id = $1", root) == {"n": 1}
+
+
+@pytest.mark.parametrize(
+    ("call", "where"),
+    [
+        (
+            "SELECT pgqueue.enqueue('p', next_jobs => $1::jsonb)",
+            "pgqueue.enqueue: next_jobs[1]: next_jobs[0]",
+        ),
+        (
+            "SELECT pgqueue.enqueue_many(jsonb_build_array(jsonb_build_object("
+            "'job_type', 'p', 'next_jobs', $1::jsonb)))",
+            "pgqueue.enqueue_many[0]: next_jobs[1]: next_jobs[0]",
+        ),
+    ],
+)
+async def test_a_stored_spec_naming_an_unknown_job_is_refused_when_stored(
+    connect: Connect, call: str, where: str
+) -> None:
+    """Stored specs are created when their parent succeeds, maybe days later: an unknown
+    depends_on id among them (at any depth) was accepted, and every completion of the
+    parent then raised, leaving it running."""
+    conn = await _conn(connect)
+    known = await conn.fetchval("SELECT pgqueue.enqueue('known')")
+    specs = [
+        {"job_type": "c", "depends_on": [known]},
+        {"job_type": "c", "next_jobs": [{"job_type": "g", "depends_on": [known, 987654321]}]},
+    ]
+    with pytest.raises(asyncpg.ForeignKeyViolationError) as caught:
+        await conn.fetchval(call, specs)
+    assert str(caught.value) == f"{where}: depends_on names unknown job id 987654321"
+    specs = [{"job_type": "c", "depends_on": [known, 987654321]}]
+    with pytest.raises(asyncpg.ForeignKeyViolationError, match=r"next_jobs\[0\]: depends_on"):
+        await conn.fetchval(call, specs)
+    assert await conn.fetchval("SELECT count(*) FROM pgqueue.jobs") == 1
+
+
+@pytest.mark.parametrize("fate", ["cancelled", "failed", "pruned"])
+async def test_a_stored_specs_dependency_that_ended_cancels_the_child_not_the_success(
+    connect: Connect, fate: str
+) -> None:
+    """A dependency named by a stored spec may fail, be cancelled or pruned before the
+    parent succeeds. The parent's success stands and the child is created cancelled (with
+    what waits on it through "after"). Before, complete() raised every time: the parent
+    could never succeed."""
+    conn = await _conn(connect)
+    dep = await conn.fetchval("SELECT pgqueue.enqueue('dep', max_attempts => 1)")
+    live = await conn.fetchval("SELECT pgqueue.enqueue('live')")
+    parent = await conn.fetchval(
+        "SELECT pgqueue.enqueue('parent', next_jobs => $1::jsonb)",
+        [
+            {"job_type": "child", "key": "c", "depends_on": [dep, live]},
+            {"job_type": "sibling", "after": ["c"]},
+            {"job_type": "other", "depends_on": [live]},
+        ],
+    )
+    if fate == "cancelled":
+        assert await conn.fetchval("SELECT pgqueue.cancel($1)", dep) is True
+    else:
+        await _run(conn, dep)
+        assert await conn.fetchval("SELECT pgqueue.fail($1, 'w', 'boom')", dep) == "failed"
+        if fate == "pruned":
+            await conn.execute(
+                "UPDATE pgqueue.jobs SET finished_at = now() - interval '2 days' WHERE id = $1", dep
+            )
+            assert await conn.fetchval("SELECT pgqueue.prune(interval '1 day')") == 1
+    await _run(conn, parent)
+    assert await conn.fetchval("SELECT pgqueue.complete($1, 'w')", parent) is True
+    kids = await conn.fetch(
+        "SELECT id, job_type, state, last_error FROM pgqueue.jobs WHERE parent_id = $1 ORDER BY id",
+        parent,
+    )
+    why = {"cancelled": "was cancelled", "failed": "failed", "pruned": "no longer exists"}[fate]
+    assert [(k["job_type"], k["state"], k["last_error"]) for k in kids] == [
+        ("child", "cancelled", f"cancelled at creation: dependency job {dep} {why}"),
+        ("sibling", "cancelled", f"dependency failed: job {kids[0]['id']} was cancelled"),
+        ("other", "waiting", None),
+    ]
+    edges = await conn.fetch(
+        "SELECT depends_on FROM pgqueue.job_dependencies WHERE job_id = $1 ORDER BY 1",
+        kids[0]["id"],
+    )
+    # No edge to the dependency that ended: retry and prune rely on none to a failed or
+    # cancelled job ever being created. A retry of it leaves the child as it is.
+    assert [e["depends_on"] for e in edges] == [live]
+    if fate != "pruned":
+        assert await conn.fetchval("SELECT pgqueue.retry($1)", dep) is True
+        assert await conn.fetchval(
+            "SELECT state FROM pgqueue.jobs WHERE id = $1", kids[0]["id"]
+        ) == ("cancelled")
+
+
+async def test_specs_cancelled_at_creation_take_part_in_no_coalescing(connect: Connect) -> None:
+    """Specs cancelled at creation (an ended dependency, or "after" one that has) give their
+    dedup keys up: they merge into no pending job (which they would not run for) and take in
+    no other spec. From the reviews: a doomed spec merged first, then kept its key and took
+    in a later spec of its array (lost); then a spec cancelled through "after" did the same,
+    and the holder could be claimed between the check and the INSERT."""
+    conn = await _conn(connect)
+    dep = await conn.fetchval("SELECT pgqueue.enqueue('dep')")
+    pending = await conn.fetchval("SELECT pgqueue.enqueue('agg', dedup_key => 'p')")
+    parent = await conn.fetchval(
+        "SELECT pgqueue.enqueue('parent', next_jobs => $1::jsonb)",
+        [
+            {"job_type": "agg", "dedup_key": "p", "key": "a", "depends_on": [dep]},
+            {"job_type": "after_agg", "after": ["a"], "dedup_key": "k"},
+        ],
+    )
+    assert await conn.fetchval("SELECT pgqueue.cancel($1)", dep) is True
+    await _run(conn, parent)
+    passed = [{"job_type": "passed", "dedup_key": "k"}, {"job_type": "again", "dedup_key": "p"}]
+    assert await conn.fetchval("SELECT pgqueue.complete($1, 'w', NULL, $2::jsonb)", parent, passed)
+    rows = await conn.fetch(
+        "SELECT id, job_type, state, dedup_key FROM pgqueue.jobs"
+        " WHERE parent_id = $1 OR id = $2 ORDER BY id",
+        parent,
+        pending,
+    )
+    assert [tuple(r)[1:] for r in rows] == [
+        ("agg", "queued", "p"),  # the pending holder, untouched; "again" merged into it
+        ("agg", "cancelled", None),
+        ("after_agg", "cancelled", None),
+        ("passed", "queued", "k"),
+    ]
+
+
+async def test_a_stored_spec_with_an_ended_dependency_gives_up_a_key_nobody_holds(
+    connect: Connect,
+) -> None:
+    """From the second review: the doomed spec held the key first in its array, took in a
+    later spec with that key (never created, its work lost) and was cancelled."""
+    conn = await _conn(connect)
+    dep = await conn.fetchval("SELECT pgqueue.enqueue('dep')")
+    live = await conn.fetchval("SELECT pgqueue.enqueue('live')")
+    parent = await conn.fetchval(
+        "SELECT pgqueue.enqueue('parent', next_jobs => $1::jsonb)",
+        [
+            {"job_type": "doomed", "dedup_key": "k", "depends_on": [dep]},
+            {"job_type": "kept", "key": "a", "dedup_key": "k", "depends_on": [live]},
+            {"job_type": "after_kept", "after": ["a"]},
+        ],
+    )
+    assert await conn.fetchval("SELECT pgqueue.cancel($1)", dep) is True
+    await _run(conn, parent)
+    assert await conn.fetchval("SELECT pgqueue.complete($1, 'w')", parent) is True
+    rows = await conn.fetch(
+        "SELECT job_type, state, dedup_key FROM pgqueue.jobs WHERE parent_id = $1 ORDER BY id",
+        parent,
+    )
+    assert [tuple(r) for r in rows] == [
+        ("doomed", "cancelled", None),
+        ("kept", "waiting", "k"),
+        ("after_kept", "waiting", None),
+    ]
+
+
+async def test_a_child_cancelled_at_creation_is_revived_only_by_its_own_retry(
+    connect: Connect,
+) -> None:
+    """From the second review: named "dependency failed", the child was revived by a retry
+    of its other dependency (it has no edge to the one that had failed) and ran."""
+    conn = await _conn(connect)
+    dep = await conn.fetchval("SELECT pgqueue.enqueue('dep', max_attempts => 1)")
+    other = await conn.fetchval("SELECT pgqueue.enqueue('other', max_attempts => 1)")
+    parent = await conn.fetchval(
+        "SELECT pgqueue.enqueue('parent', next_jobs => $1::jsonb)",
+        [{"job_type": "child", "depends_on": [dep, other]}],
+    )
+    for job in (dep, parent):
+        await _run(conn, job)
+    assert await conn.fetchval("SELECT pgqueue.fail($1, 'w', 'boom')", dep) == "failed"
+    assert await conn.fetchval("SELECT pgqueue.complete($1, 'w')", parent) is True
+    child = await conn.fetchval("SELECT id FROM pgqueue.jobs WHERE parent_id = $1", parent)
+    await _run(conn, other)
+    assert await conn.fetchval("SELECT pgqueue.fail($1, 'w', 'boom')", other) == "failed"
+    assert await conn.fetchval("SELECT pgqueue.retry($1)", other) is True
+    state = "SELECT state FROM pgqueue.jobs WHERE id = $1"
+    assert await conn.fetchval(state, child) == "cancelled"
+    # A retry of the child itself is the operator's call: it waits for what it still links to.
+    assert await conn.fetchval("SELECT pgqueue.retry($1)", child) is True
+    assert await conn.fetchval(state, child) == "waiting"
+
+
+async def test_a_grandchilds_dependency_pruned_meanwhile_refuses_nothing(
+    connect: Connect,
+) -> None:
+    """Stored specs are checked when stored, at every depth; a child's own stored specs are
+    not checked again when the child is created (from the review: checking them made the
+    parent's completion raise "unknown job id" once the dependency was pruned)."""
+    conn = await _conn(connect)
+    dep = await conn.fetchval("SELECT pgqueue.enqueue('dep', max_attempts => 1)")
+    parent = await conn.fetchval(
+        "SELECT pgqueue.enqueue('parent', next_jobs => $1::jsonb)",
+        [{"job_type": "child", "next_jobs": [{"job_type": "g", "depends_on": [dep]}]}],
+    )
+    await _run(conn, dep)
+    assert await conn.fetchval("SELECT pgqueue.fail($1, 'w', 'boom')", dep) == "failed"
+    await conn.execute(
+        "UPDATE pgqueue.jobs SET finished_at = now() - interval '2 days' WHERE id = $1", dep
+    )
+    assert await conn.fetchval("SELECT pgqueue.prune(interval '1 day')") == 1
+    await _run(conn, parent)
+    assert await conn.fetchval("SELECT pgqueue.complete($1, 'w')", parent) is True
+    child = await conn.fetchval("SELECT id FROM pgqueue.jobs WHERE parent_id = $1", parent)
+    await _run(conn, child)
+    assert await conn.fetchval("SELECT pgqueue.complete($1, 'w')", child) is True
+    assert await conn.fetchrow(
+        "SELECT state, last_error FROM pgqueue.jobs WHERE parent_id = $1", child
+    ) == ("cancelled", f"cancelled at creation: dependency job {dep} no longer exists")
+
+
+async def test_a_passed_spec_naming_a_cancelled_job_is_still_refused(connect: Connect) -> None:
+    """Specs passed to complete() are the caller's input now: refused, nothing written."""
+    conn = await _conn(connect)
+    dep = await conn.fetchval("SELECT pgqueue.enqueue('dep')")
+    assert await conn.fetchval("SELECT pgqueue.cancel($1)", dep) is True
+    parent = await conn.fetchval(
+        "SELECT pgqueue.enqueue('parent', next_jobs => '[{\"job_type\": \"stored\"}]')"
+    )
+    await _run(conn, parent)
+    for passed, message in (
+        ([{"job_type": "x", "depends_on": [dep]}], f"dependency {dep} is already cancelled"),
+        (
+            [{"job_type": "x", "next_jobs": [{"job_type": "y", "depends_on": [987654321]}]}],
+            "next_jobs[1]: next_jobs[0]: depends_on names unknown job id 987654321",
+        ),
+    ):
+        with pytest.raises(asyncpg.PostgresError, match=re.escape(message)):
+            await conn.fetchval("SELECT pgqueue.complete($1, 'w', NULL, $2::jsonb)", parent, passed)
+    assert await conn.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", parent) == "running"
+    assert await conn.fetchval("SELECT count(*) FROM pgqueue.jobs") == 2
 
 
 async def test_failed_job_creates_no_children(connect: Connect) -> None:
