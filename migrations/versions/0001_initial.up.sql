@@ -973,6 +973,8 @@ DECLARE
     v_block boolean;
     v_dead bigint[];      -- dependencies of stored specs that can no longer succeed
     v_dead_why text[];
+    v_doomed_ords bigint[];  -- the stored specs naming one (positions), and the lowest they name
+    v_doomed_deps bigint[];
     v_doomed bigint[];    -- the children cancelled for them
 BEGIN
     PERFORM pgqueue._check_specs(p_specs, p_label, p_single);
@@ -1051,6 +1053,13 @@ BEGIN
           INTO v_succeeded, v_dead, v_dead_why
           FROM (SELECT DISTINCT i FROM unnest(v_dep_ids) i ORDER BY 1) AS w(id)
           LEFT JOIN LATERAL (SELECT j.id, j.state FROM pgqueue.jobs j WHERE j.id = w.id FOR SHARE) x ON true;
+        -- The stored specs that name one of them (by position), with the lowest such.
+        SELECT array_agg(e.ord ORDER BY e.ord), array_agg(x.dep ORDER BY e.ord) INTO v_doomed_ords, v_doomed_deps
+          FROM jsonb_array_elements(p_specs) WITH ORDINALITY AS e(s, ord)
+         CROSS JOIN LATERAL (SELECT min(d::numeric::bigint) AS dep
+                             FROM jsonb_array_elements_text(coalesce(nullif(e.s->'depends_on', 'null'), '[]')) d
+                             WHERE d::numeric::bigint = ANY (v_dead)) x
+         WHERE e.ord <= p_stored AND x.dep IS NOT NULL;
         PERFORM pgqueue._lock_dependencies(ARRAY(
                     SELECT DISTINCT d::numeric::bigint
                     FROM jsonb_array_elements(p_specs) WITH ORDINALITY AS e(s, ord),
@@ -1063,14 +1072,11 @@ BEGIN
     -- what waits on it through "after") take part in no coalescing: they give their
     -- dedup keys up, so that none merges into a pending job it would not run for, and
     -- none takes in a later spec of the array with its key, which would be lost.
-    IF v_dead IS NOT NULL AND p_specs @? '$[*].dedup_key ? (@ != null)' THEN
+    IF v_doomed_ords IS NOT NULL AND p_specs @? '$[*].dedup_key ? (@ != null)' THEN
         WITH RECURSIVE spec AS (
             SELECT e.ord, e.s FROM jsonb_array_elements(p_specs) WITH ORDINALITY AS e(s, ord)
         ), doomed(ord, k) AS (
-            SELECT sp.ord, sp.s->>'key' FROM spec sp
-            WHERE sp.ord <= p_stored
-              AND EXISTS (SELECT 1 FROM jsonb_array_elements_text(coalesce(nullif(sp.s->'depends_on', 'null'), '[]')) d
-                          WHERE d::numeric::bigint = ANY (v_dead))
+            SELECT sp.ord, sp.s->>'key' FROM spec sp WHERE sp.ord = ANY (v_doomed_ords)
             UNION
             SELECT sp.ord, sp.s->>'key' FROM doomed dm JOIN spec sp ON jsonb_typeof(sp.s->'after') = 'array'
                                                                    AND sp.s->'after' ? dm.k
@@ -1144,26 +1150,20 @@ BEGIN
               GROUP BY e.job_id) c
         WHERE j.id = c.job_id;
     END IF;
-    -- The stored specs whose dependency can no longer succeed were created (or merged
-    -- into a pending job with their dedup key, which they leave alone) waiting; they
-    -- are cancelled now, naming it, and with them what waits on them through "after".
+    -- The stored specs whose dependency can no longer succeed were created waiting
+    -- (without their dedup keys, see above); they are cancelled now, naming it, and
+    -- with them what waits on them through "after".
     -- Nothing links them to that dependency, and their last_error is not "dependency
     -- failed: ...", so a retry of it, or of another of their dependencies, does not
     -- revive them (they would run without it); a retry of such a job itself does.
-    IF v_dead IS NOT NULL THEN
-        WITH doomed AS (
-            SELECT v_new[e.ord] AS id, min(d::numeric::bigint) AS dep
-            FROM jsonb_array_elements(p_specs) WITH ORDINALITY AS e(s, ord),
-                 jsonb_array_elements_text(coalesce(nullif(e.s->'depends_on', 'null'), '[]')) d
-            WHERE e.ord <= p_stored AND v_ids[e.ord] = v_new[e.ord] AND d::numeric::bigint = ANY (v_dead)
-            GROUP BY 1
-        ), cancelled AS (
+    IF v_doomed_ords IS NOT NULL THEN
+        WITH cancelled AS (
             UPDATE pgqueue.jobs j
                SET state = 'cancelled', finished_at = now(),
                    last_error = format('cancelled at creation: dependency job %s %s', x.dep,
                                        v_dead_why[array_position(v_dead, x.dep)])
-              FROM doomed x
-             WHERE j.id = x.id AND j.state = 'waiting'
+              FROM unnest(v_doomed_ords, v_doomed_deps) x(ord, dep)
+             WHERE j.id = v_new[x.ord] AND j.state = 'waiting'
             RETURNING j.id
         )
         SELECT array_agg(c.id) INTO v_doomed FROM cancelled c;
