@@ -341,8 +341,12 @@ BEGIN
         FOR SHARE;
     END IF;
     FOR i IN 1 .. coalesce(cardinality(v_parents), 0) LOOP
-        PERFORM pgqueue._insert_specs(v_specs[i], v_pipelines[i], v_parents[i], p_label || ': next_jobs', false,
-                                      v_stored[i]);
+        -- A refusal names the job when the batch has several.
+        PERFORM pgqueue._insert_specs(v_specs[i], v_pipelines[i], v_parents[i],
+                                      p_label || CASE WHEN cardinality(p_job_ids) > 1
+                                                      THEN format(': job %s', v_parents[i]) ELSE '' END
+                                              || ': next_jobs',
+                                      false, v_stored[i]);
     END LOOP;
     RETURN v_done;
 END

@@ -540,13 +540,20 @@ END
 $$;
 
 -- "label[i]" for a spec in an array, or just "label" for enqueue's single spec.
-CREATE FUNCTION pgqueue._spec_where(p_label text, p_ord bigint, p_single boolean) RETURNS text
+-- p_stored: a completion validates the specs stored in the job's next_jobs
+-- followed by those passed to it, as one array; a passed spec is named by its
+-- place in the caller's array, a stored one as stored.
+CREATE FUNCTION pgqueue._spec_where(p_label text, p_ord bigint, p_single boolean, p_stored int DEFAULT 0)
+RETURNS text
 LANGUAGE sql IMMUTABLE AS $$
-    SELECT CASE WHEN p_single THEN p_label ELSE format('%s[%s]', p_label, p_ord - 1) END
+    SELECT CASE WHEN p_single THEN p_label
+                WHEN p_ord <= p_stored THEN format('%s[%s] (stored in the job''s next_jobs)', p_label, p_ord - 1)
+                ELSE format('%s[%s]', p_label, p_ord - p_stored - 1) END
 $$;
 
 -- Validate the next_jobs arrays inside specs (recursion of _check_specs).
-CREATE FUNCTION pgqueue._check_nested_specs(p_specs jsonb, p_label text, p_single boolean) RETURNS void
+CREATE FUNCTION pgqueue._check_nested_specs(p_specs jsonb, p_label text, p_single boolean, p_stored int DEFAULT 0)
+RETURNS void
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
     v_ord bigint;
@@ -560,7 +567,7 @@ BEGIN
         WHERE jsonb_typeof(e.s->'next_jobs') = 'array'
     LOOP
         PERFORM pgqueue._check_specs(v_spec->'next_jobs',
-                                     pgqueue._spec_where(p_label, v_ord, p_single) || ': next_jobs');
+                                     pgqueue._spec_where(p_label, v_ord, p_single, p_stored) || ': next_jobs');
     END LOOP;
 END
 $$;
@@ -726,7 +733,8 @@ $$;
 -- keys, which specs have after lists), so a fan-out of a thousand children
 -- and a join is not taken apart once per check; the queries that name a
 -- duplicate key or an unknown one run only when there is one.
-CREATE FUNCTION pgqueue._check_specs(p_specs jsonb, p_label text, p_single boolean DEFAULT false) RETURNS void
+CREATE FUNCTION pgqueue._check_specs(p_specs jsonb, p_label text, p_single boolean DEFAULT false,
+                                     p_stored int DEFAULT 0) RETURNS void
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
     v_ord bigint;
@@ -757,7 +765,7 @@ BEGIN
       INTO v_ord, v_run_after, v_nested, v_after, v_keys, v_nkeys
       FROM jsonb_array_elements(p_specs) WITH ORDINALITY AS e(s, ord);
     IF v_ord IS NOT NULL THEN
-        RAISE EXCEPTION '%: %', pgqueue._spec_where(p_label, v_ord, p_single), pgqueue._spec_problem(p_specs->(v_ord::int - 1))
+        RAISE EXCEPTION '%: %', pgqueue._spec_where(p_label, v_ord, p_single, p_stored), pgqueue._spec_problem(p_specs->(v_ord::int - 1))
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
 
@@ -769,7 +777,7 @@ BEGIN
         BEGIN
             PERFORM (v_spec->>'run_after')::timestamptz;
         EXCEPTION WHEN others THEN
-            RAISE EXCEPTION '%: run_after is not a valid timestamp: %', pgqueue._spec_where(p_label, v_ord, p_single),
+            RAISE EXCEPTION '%: run_after is not a valid timestamp: %', pgqueue._spec_where(p_label, v_ord, p_single, p_stored),
                 v_spec->>'run_after'
                 USING ERRCODE = 'invalid_parameter_value';
         END;
@@ -796,7 +804,7 @@ BEGIN
                  jsonb_array_elements_text(coalesce(nullif(e.s->'after', 'null'), '[]')) AS a(k)
             WHERE NOT coalesce(v_keys ? a.k, false)
             ORDER BY e.ord LIMIT 1;
-            RAISE EXCEPTION '%: after names unknown key "%"', pgqueue._spec_where(p_label, v_ord, p_single), v_key
+            RAISE EXCEPTION '%: after names unknown key "%"', pgqueue._spec_where(p_label, v_ord, p_single, p_stored), v_key
                 USING ERRCODE = 'invalid_parameter_value';
         END IF;
     END IF;
@@ -810,7 +818,7 @@ BEGIN
     END IF;
 
     IF v_nested THEN
-        PERFORM pgqueue._check_nested_specs(p_specs, p_label, p_single);
+        PERFORM pgqueue._check_nested_specs(p_specs, p_label, p_single, p_stored);
     END IF;
 END
 $$;
@@ -977,13 +985,13 @@ DECLARE
     v_doomed_deps bigint[];
     v_doomed bigint[];    -- the children cancelled for them
 BEGIN
-    PERFORM pgqueue._check_specs(p_specs, p_label, p_single);
+    PERFORM pgqueue._check_specs(p_specs, p_label, p_single, p_stored);
     IF p_specs @? '$[*].next_jobs[*]' THEN
         PERFORM pgqueue._check_child_pipelines(e.s->'next_jobs',
                     CASE WHEN p_parent_id IS NULL THEN (e.s->>'pipeline_id')::uuid ELSE p_pipeline_id END,
-                    pgqueue._spec_where(p_label, e.ord, p_single) || ': next_jobs'),
+                    pgqueue._spec_where(p_label, e.ord, p_single, p_stored) || ': next_jobs'),
                 pgqueue._check_stored_dependencies(e.s->'next_jobs',
-                    pgqueue._spec_where(p_label, e.ord, p_single) || ': next_jobs')
+                    pgqueue._spec_where(p_label, e.ord, p_single, p_stored) || ': next_jobs')
         FROM jsonb_array_elements(p_specs) WITH ORDINALITY AS e(s, ord)
         WHERE jsonb_typeof(e.s->'next_jobs') = 'array'
           AND e.ord > p_stored;  -- specs stored earlier were checked when they were stored
@@ -997,12 +1005,13 @@ BEGIN
     -- that was still running when it was cancelled are recorded as cancelled;
     -- an explicit enqueue into it is refused.
     IF p_parent_id IS NOT NULL THEN
-        SELECT e.ord - 1 AS i INTO v_bad FROM jsonb_array_elements(p_specs) WITH ORDINALITY e(s, ord)
+        SELECT e.ord INTO v_bad FROM jsonb_array_elements(p_specs) WITH ORDINALITY e(s, ord)
         WHERE (e.s->>'pipeline_id')::uuid IS DISTINCT FROM p_pipeline_id AND e.s ? 'pipeline_id'
               AND e.s->'pipeline_id' <> 'null'
-        LIMIT 1;
+        ORDER BY e.ord LIMIT 1;
         IF FOUND THEN
-            RAISE EXCEPTION '%[%]: pipeline_id differs from the parent''s; children inherit it', p_label, v_bad.i
+            RAISE EXCEPTION '%: pipeline_id differs from the parent''s; children inherit it',
+                pgqueue._spec_where(p_label, v_bad.ord, p_single, p_stored)
                 USING ERRCODE = 'invalid_parameter_value';
         END IF;
         v_cancelled := pgqueue._pipeline_cancelled(p_pipeline_id);
@@ -2430,8 +2439,12 @@ BEGIN
         FOR SHARE;
     END IF;
     FOR i IN 1 .. coalesce(cardinality(v_parents), 0) LOOP
-        PERFORM pgqueue._insert_specs(v_specs[i], v_pipelines[i], v_parents[i], p_label || ': next_jobs', false,
-                                      v_stored[i]);
+        -- A refusal names the job when the batch has several.
+        PERFORM pgqueue._insert_specs(v_specs[i], v_pipelines[i], v_parents[i],
+                                      p_label || CASE WHEN cardinality(p_job_ids) > 1
+                                                      THEN format(': job %s', v_parents[i]) ELSE '' END
+                                              || ': next_jobs',
+                                      false, v_stored[i]);
     END LOOP;
     RETURN v_done;
 END

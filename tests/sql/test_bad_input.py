@@ -226,6 +226,59 @@ async def test_bad_next_jobs_at_complete_leaves_job_running(connect: Connect) ->
     assert await conn.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", job) == "running"
 
 
+async def test_a_refused_spec_at_complete_is_named_where_the_caller_put_it(
+    connect: Connect,
+) -> None:
+    """A completion checks the job's stored specs and the passed ones as one array: a refusal
+    names a passed spec by its place in the caller's array, a stored one as stored, and a
+    batch's refusal names the job."""
+    conn = await json_codecs(await connect())
+    stored = [{"job_type": "a"}, {"job_type": "b"}]
+    job = await conn.fetchval("SELECT pgqueue.enqueue('t', next_jobs => $1::jsonb)", stored)
+    other = await conn.fetchval("SELECT pgqueue.enqueue('t')")
+    await conn.fetch("SELECT id FROM pgqueue.claim_next('w', batch_size => 2)")
+    passed = [{"job_type": "x"}, {"job_type": "y", "payload": 3}]
+    with pytest.raises(
+        asyncpg.PostgresError,
+        match=r"^pgqueue.complete: next_jobs\[1\]: payload must be a JSON object, got number$",
+    ):
+        await conn.fetchval("SELECT pgqueue.complete($1, 'w', NULL, $2::jsonb)", job, passed)
+    with pytest.raises(
+        asyncpg.PostgresError,
+        match=r"^pgqueue.complete: next_jobs\[0\]: pipeline_id differs from the parent's",
+    ):
+        await conn.fetchval(
+            "SELECT pgqueue.complete($1, 'w', NULL, $2::jsonb)",
+            job,
+            [{"job_type": "x", "pipeline_id": "00000000-0000-0000-0000-000000000001"}],
+        )
+    with pytest.raises(
+        asyncpg.PostgresError,
+        match=rf"^pgqueue.complete_many: job {job}: next_jobs\[1\]: payload must be a JSON object",
+    ):
+        await conn.fetch(
+            "SELECT pgqueue.complete_many('w', ARRAY[$1, $2]::bigint[], NULL, ARRAY[NULL, $3]::jsonb[])",
+            other,
+            job,
+            passed,
+        )
+    # A stored spec made invalid by hand is named as stored.
+    await conn.execute(
+        """UPDATE pgqueue.jobs SET next_jobs = '[{"job_type": "a"}, {"job_type": ""}]' WHERE id = $1""",
+        job,
+    )
+    with pytest.raises(
+        asyncpg.PostgresError,
+        match=r"^pgqueue.complete: next_jobs\[1\] \(stored in the job's next_jobs\): job_type",
+    ):
+        await conn.fetchval("SELECT pgqueue.complete($1, 'w')", job)
+    states = await conn.fetch(
+        "SELECT state FROM pgqueue.jobs WHERE id = ANY($1::bigint[])", [job, other]
+    )
+    assert [r["state"] for r in states] == ["running", "running"]
+    assert await conn.fetchval("SELECT count(*) FROM pgqueue.jobs") == 2
+
+
 @pytest.mark.parametrize(
     ("values", "constraint"),
     [

@@ -445,7 +445,7 @@ async def test_a_passed_spec_naming_a_cancelled_job_is_still_refused(connect: Co
         ([{"job_type": "x", "depends_on": [dep]}], f"dependency {dep} is already cancelled"),
         (
             [{"job_type": "x", "next_jobs": [{"job_type": "y", "depends_on": [987654321]}]}],
-            "next_jobs[1]: next_jobs[0]: depends_on names unknown job id 987654321",
+            "complete: next_jobs[0]: next_jobs[0]: depends_on names unknown job id 987654321",
         ),
     ):
         with pytest.raises(asyncpg.PostgresError, match=re.escape(message)):
