@@ -510,10 +510,11 @@ LANGUAGE sql STABLE AS $$
            sp.s->>'job_type',
            coalesce(nullif(sp.s->'payload', 'null'), '{}'),
            sp.st,
-           coalesce((sp.s->>'priority')::int, 0),
+           -- through numeric: the validator accepts an integral 2.0, which ::int refuses
+           coalesce((sp.s->>'priority')::numeric::int, 0),
            sp.scope,
            sp.dk,
-           coalesce((sp.s->>'max_attempts')::int, p_max_attempts),
+           coalesce((sp.s->>'max_attempts')::numeric::int, p_max_attempts),
            coalesce((sp.s->>'run_after')::timestamptz, now()),
            coalesce(p_pipeline_id, (sp.s->>'pipeline_id')::uuid),
            p_parent_id,

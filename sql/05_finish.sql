@@ -6,11 +6,17 @@
 -- =============================================================================
 
 -- Exponential backoff with jitter in [50 %, 100 %] of min(cap, base * 2^(attempt-1)).
+-- The doubling stops once it passes the cap: an interval's day and month
+-- fields are 32-bit, so '2 days' * 2^30 is out of range (fail() raised, and the
+-- job stayed running), though least() would have taken the cap anyway.
 CREATE FUNCTION pgqueue._backoff(p_attempts int) RETURNS interval
 LANGUAGE sql VOLATILE AS $$
-    SELECT least(pgqueue._setting_interval('backoff_cap'),
-                 pgqueue._setting_interval('backoff_base') * power(2, least(greatest(p_attempts, 1) - 1, 30)))
+    SELECT least(s.cap, s.base * power(2, least(greatest(p_attempts, 1) - 1, 30,
+                                                ceil(log(2, greatest(extract(epoch FROM s.cap)
+                                                                     / nullif(extract(epoch FROM s.base), 0), 1)))::int)))
            * (0.5 + random() * 0.5)
+    FROM (SELECT pgqueue._setting_interval('backoff_cap') AS cap,
+                 pgqueue._setting_interval('backoff_base') AS base) s
 $$;
 
 -- May a job keep its dedup_key when it becomes pending again? Not if another

@@ -19,6 +19,48 @@ async def _run(conn: asyncpg.Connection, job: int, worker: str = "w") -> None:
     assert len(await conn.fetch("SELECT id FROM pgqueue.claim($1, $2)", job, worker)) == 1
 
 
+async def test_a_long_backoff_base_doubles_up_to_the_cap_at_any_attempt(connect: Connect) -> None:
+    """'2 days' doubled 30 times is out of an interval's range; the doubling stops at the cap,
+    so a late attempt's failure is recorded (it raised, and the job stayed running)."""
+    conn = await _conn(connect)
+    await conn.execute("UPDATE pgqueue.settings SET value = '2 days' WHERE name = 'backoff_base'")
+    await conn.execute("UPDATE pgqueue.settings SET value = '7 days' WHERE name = 'backoff_cap'")
+    job = await conn.fetchval("SELECT pgqueue.enqueue('t', max_attempts => 50)")
+    await conn.execute("UPDATE pgqueue.jobs SET attempts = 30 WHERE id = $1", job)
+    await _run(conn, job)
+    assert await conn.fetchval("SELECT pgqueue.fail($1, 'w', 'boom')", job) == "queued"
+    delay = await conn.fetchval("SELECT run_after - now() FROM pgqueue.jobs WHERE id = $1", job)
+    assert timedelta(days=3.5) <= delay <= timedelta(days=7)
+    for attempts in (1, 2, 3, 31, 1000):
+        backoff = await conn.fetchval("SELECT pgqueue._backoff($1)", attempts)
+        assert backoff <= timedelta(days=7), (attempts, backoff)
+        assert backoff >= min(timedelta(days=2 * 2 ** min(attempts - 1, 10)), timedelta(days=7)) / 2
+
+
+async def test_a_spec_with_an_integral_decimal_is_created_with_the_integer(
+    connect: Connect,
+) -> None:
+    """The validator accepts 2.0 for an integer field; the insert read it with ::int, which
+    refuses '2.0': a stored spec made every completion of its parent raise."""
+    conn = await _conn(connect)
+    parent = await conn.fetchval(
+        "SELECT pgqueue.enqueue('parent', next_jobs => $1::jsonb)",
+        [{"job_type": "child", "priority": 2.0, "max_attempts": 3.0}],
+    )
+    await _run(conn, parent)
+    assert await conn.fetchval("SELECT pgqueue.complete($1, 'w')", parent) is True
+    assert await conn.fetchrow(
+        "SELECT priority, max_attempts FROM pgqueue.jobs WHERE parent_id = $1", parent
+    ) == (2, 3)
+    ids = await conn.fetchval(
+        "SELECT array_agg(e) FROM pgqueue.enqueue_many($1::jsonb) e",
+        [{"job_type": "x", "priority": -4.0, "max_attempts": 1e1}],
+    )
+    assert await conn.fetchrow(
+        "SELECT priority, max_attempts FROM pgqueue.jobs WHERE id = $1", ids[0]
+    ) == (-4, 10)
+
+
 async def test_fail_backs_off_exponentially_within_cap_then_fails(connect: Connect) -> None:
     conn = await _conn(connect)
     await conn.execute(
