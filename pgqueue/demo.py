@@ -5,8 +5,9 @@ from the ``pgserver`` package (``pip install 'pgqueue[embedded]'``). It migrates
 database, creates the example's tables, runs an in-process :class:`~pgqueue.Worker` with
 the handlers of ``examples/emissions/app.py``, enqueues a factor ingest as a new pipeline and
 prints ``pgqueue.pipelines`` and the pipeline's jobs as they change. Exit status 0 when the
-pipeline succeeded. Given a DSN, it uses that database and leaves the example's tables
-(schema ``emissions``) and jobs in it, to look at in psql afterwards.
+pipeline succeeded. Its worker claims only the example's queues. Given a DSN, it uses that
+database and leaves the example's tables (schema ``emissions``) and jobs in it, to look at
+in psql afterwards.
 """
 
 from __future__ import annotations
@@ -116,7 +117,16 @@ async def _demo(dsn: str, example: ModuleType) -> bool:
     try:
         _say("-- creating the example's tables (schema emissions) and sample activity data")
         await example.setup(conn)
-        worker = Worker(example.app, dsn, concurrency=4, poll_interval=0.5, handle_signals=False)
+        # Only the example's queues: on a database of the user's, other jobs are not ours.
+        queues = sorted({t.queue for t in example.app.job_types.values()})
+        worker = Worker(
+            example.app,
+            dsn,
+            queues=queues,
+            concurrency=4,
+            poll_interval=0.5,
+            handle_signals=False,
+        )
         async with anyio.create_task_group() as tg:
             tg.start_soon(worker.run)
             with anyio.fail_after(15):

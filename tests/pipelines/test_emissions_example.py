@@ -7,6 +7,7 @@ is claimed, the worst case for the plan review's "N aggregation jobs" problem.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -105,6 +106,33 @@ async def test_dedup_answer_at_most_one_pending_aggregation(
 
 
 def test_pgqueue_demo_runs_the_pipeline_on_the_given_database(db_dsn: str) -> None:
+    """And leaves the database's other jobs alone: its worker claimed every queue, and failed
+    the user's jobs for want of a handler."""
+    from pgqueue.migrate import upgrade
+
+    upgrade(db_dsn)
+
+    async def enqueue_others() -> None:
+        conn = await asyncpg.connect(db_dsn)
+        try:
+            for queue in ("default", "billing"):
+                await conn.fetchval(
+                    "SELECT pgqueue.enqueue('send_invoice', queue => $1, max_attempts => 1)", queue
+                )
+        finally:
+            await conn.close()
+
+    async def others() -> list[tuple[str, int]]:
+        conn = await asyncpg.connect(db_dsn)
+        try:
+            rows = await conn.fetch(
+                "SELECT state, attempts FROM pgqueue.jobs WHERE job_type = 'send_invoice'"
+            )
+            return [(r["state"], r["attempts"]) for r in rows]
+        finally:
+            await conn.close()
+
+    asyncio.run(enqueue_others())
     env = {k: v for k, v in os.environ.items() if k != "PGQUEUE_DSN"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     out = subprocess.run(
@@ -118,3 +146,4 @@ def test_pgqueue_demo_runs_the_pipeline_on_the_given_database(db_dsn: str) -> No
     assert out.returncode == 0, out.stdout + out.stderr
     assert "| succeeded" in out.stdout
     assert "aggregations = 3" in out.stdout
+    assert asyncio.run(others()) == [("queued", 0), ("queued", 0)]
