@@ -132,8 +132,8 @@ class App:
             raise ValueError("job name must not be empty")
         if max_attempts is not None and max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
-        if timeout is not None and timeout <= 0:
-            raise ValueError("timeout must be positive")
+        if timeout is not None and not timeout > 0:  # NaN compares false with everything
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout}")
         if inspect.iscoroutinefunction(backoff):
             raise TypeError("backoff must be a plain function of the attempt number, not async")
         if backoff is None or callable(backoff):

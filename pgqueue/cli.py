@@ -302,6 +302,7 @@ def migrate(opts: DsnOption) -> None:
 @click.option(
     "--grace",
     type=click.FloatRange(min=0),
+    callback=lambda _ctx, _param, value: _finite("--grace", value),
     default=30.0,
     show_default=True,
     help="Seconds running jobs get to finish after SIGTERM before they are released.",
@@ -309,6 +310,7 @@ def migrate(opts: DsnOption) -> None:
 @click.option(
     "--poll-interval",
     type=click.FloatRange(min=0.01),
+    callback=lambda _ctx, _param, value: _finite("--poll-interval", value),
     default=5.0,
     show_default=True,
     help="Safety poll, in seconds, for notifications that never arrive.",

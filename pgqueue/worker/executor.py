@@ -482,9 +482,14 @@ class Executor:
             return await self._invoke(job_type, job)
         if not job_type.is_async:
             return await self._invoke_overrunnable(job_type, job, limit=job_type.timeout)
-        with anyio.move_on_after(job_type.timeout):
-            return await self._invoke(job_type, job)
-        return _Attempt(error=f"timed out after {job_type.timeout:g}s")
+        attempt: _Attempt | None = None
+        with anyio.move_on_after(job_type.timeout) as deadline:
+            attempt = await self._invoke(job_type, job)
+        # Past the deadline, what the handler did after catching its cancellation (a result
+        # it returned anyway) is not its outcome: the attempt timed out.
+        if attempt is None or (deadline.cancel_called and attempt is not _ABORTED):
+            return _Attempt(error=f"timed out after {job_type.timeout:g}s")
+        return attempt
 
     async def _invoke_overrunnable(self, job_type: JobType, job: Job, *, limit: float) -> _Attempt:
         """A plain def under a timeout. Its thread cannot be interrupted, so the job keeps
@@ -553,6 +558,15 @@ class Executor:
                 raise  # this worker cancelled it: the job's timeout, or shutdown
             # The handler's own (it awaited something cancelled): an error like any other,
             # not a shutdown of the runner, which would take the worker down with it.
+            return _Attempt(error=_traceback(exc))
+        except GeneratorExit:
+            raise
+        except BaseException as exc:
+            # KeyboardInterrupt or a handler's own BaseException subclass: its attempt fails,
+            # where it would take the worker down, and every job running in it.
+            task = asyncio.current_task()
+            if isinstance(exc, BaseExceptionGroup) and task is not None and task.cancelling():
+                raise  # a group carrying this worker's cancellation
             return _Attempt(error=_traceback(exc))
         finally:
             if self._abort_sent:  # one the handler swallowed, or turned into an error

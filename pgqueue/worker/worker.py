@@ -83,6 +83,12 @@ class Worker:
     ) -> None:
         if not 1 <= concurrency <= MAX_CONCURRENCY:
             raise ValueError(f"concurrency must be from 1 to {MAX_CONCURRENCY}, got {concurrency}")
+        if not (math.isfinite(grace) and grace >= 0):
+            raise ValueError(f"grace must be a number of seconds >= 0, got {grace}")
+        if not (math.isfinite(poll_interval) and poll_interval > 0):
+            raise ValueError(
+                f"poll_interval must be a positive number of seconds, got {poll_interval}"
+            )
         self.queues = None if queues is None else sorted(set(queues))
         if self.queues == []:
             raise ValueError("queues must name at least one queue (None means every queue)")

@@ -9,6 +9,7 @@ import datetime
 import os
 import signal
 import uuid
+from typing import Any
 
 import anyio
 import asyncpg
@@ -304,3 +305,23 @@ async def test_a_sigint_between_the_receivers_exit_and_sig_ign_does_not_escape(
     finally:
         for signum, handler in found.items():
             signal.signal(signum, handler)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: pgqueue.App().job("t", timeout=float("nan")), "timeout must be a positive number"),
+        (lambda: pgqueue.App().job("t", timeout=0), "timeout must be a positive number"),
+        (lambda: pgqueue.Worker(pgqueue.App(), grace=float("nan")), "grace must be a number"),
+        (lambda: pgqueue.Worker(pgqueue.App(), grace=-1), "grace must be a number"),
+        (
+            lambda: pgqueue.Worker(pgqueue.App(), poll_interval=float("nan")),
+            "poll_interval must be a positive number",
+        ),
+    ],
+)
+def test_nan_and_out_of_range_seconds_are_refused(make: Any, message: str) -> None:
+    """NaN compares false with every bound: a NaN timeout had every claim of its job released
+    at once, in a tight loop; a NaN grace or poll interval crashed the worker later."""
+    with pytest.raises(ValueError, match=message):
+        make()

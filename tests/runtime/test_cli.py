@@ -170,6 +170,8 @@ def test_dsn_from_environment(db_dsn: str, monkeypatch: pytest.MonkeyPatch) -> N
         (["enqueue", "x", "--scope", "Infinity"], "Infinity is not a JSON number"),
         (["enqueue", "x", "--payload", '{"a": 1e400}'], "1e400 is out of range"),
         (["enqueue", "x", "--delay", "nan"], "nan is not a number of seconds"),
+        (["worker", "worker_app:app", "--grace", "nan"], "nan is not a number of seconds"),
+        (["worker", "worker_app:app", "--poll-interval", "nan"], "nan is not a number of seconds"),
         (["enqueue", "x", "--delay", "5e12"], "is not in the range"),
         (["enqueue", "x", "--priority", "2147483648"], "is not in the range"),
         (["cancel", "9223372036854775808"], "is not in the range"),
@@ -230,9 +232,12 @@ def test_pgservice_names_the_database_or_is_refused(
     schema there. pgqueue passes $PGSERVICE on as a URL, and refuses a service that asyncpg
     would not find (it ignores one silently)."""
     url = urllib.parse.urlsplit(db_dsn)
+    # The embedded server's DSN names its socket directory in the query (no host part).
+    query = dict(urllib.parse.parse_qsl(url.query))
+    host, port = url.hostname or query["host"], url.port or query.get("port", 5432)
     services = tmp_path / "pg_service.conf"
     services.write_text(
-        f"[queue]\nhost={url.hostname}\nport={url.port or 5432}\nuser={url.username}\n"
+        f"[queue]\nhost={host}\nport={port}\nuser={url.username or query.get('user')}\n"
         f"dbname={url.path.lstrip('/')}\n"
     )
     for name in ("PGQUEUE_DSN", "PGHOST", "PGPORT", "PGUSER", "PGDATABASE"):

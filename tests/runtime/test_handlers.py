@@ -112,7 +112,9 @@ async def test_handlers_that_raise_unusual_things_fail_their_attempt_and_the_wor
     CancelledError of the handler's own ended its runner and with it the worker (the job
     released, attempt not counted, to take down the next worker too); sys.exit() in a
     handler crashed the worker and left the job running; a result too deep to encode
-    (RecursionError) escaped. Each now fails its attempt, and the worker runs on."""
+    (RecursionError) escaped; so did KeyboardInterrupt and a handler's own BaseException,
+    and a handler that caught its timeout's cancellation and returned was recorded as a
+    success. Each now fails its attempt, and the worker runs on."""
     app = pgqueue.App()
 
     @app.job("nul")
@@ -140,11 +142,39 @@ async def test_handlers_that_raise_unusual_things_fail_their_attempt_and_the_wor
             value = [value]
         return value
 
+    class Own(BaseException):
+        pass
+
+    @app.job("own_base")
+    async def own_base(job: pgqueue.Job) -> None:
+        raise Own("not an Exception")
+
+    @app.job("interrupted")
+    def interrupted(job: pgqueue.Job) -> None:
+        raise KeyboardInterrupt
+
+    @app.job("swallows_timeout", timeout=0.2)
+    async def swallows_timeout(job: pgqueue.Job) -> str:
+        try:
+            await anyio.sleep(30)
+        except asyncio.CancelledError:
+            return "finished anyway"
+        return "finished"
+
     @app.job("ok")
     async def ok(job: pgqueue.Job) -> int:
         return 1
 
-    kinds = ["nul", "surrogate", "cancelled", "exits", "deep"]
+    kinds = [
+        "nul",
+        "surrogate",
+        "cancelled",
+        "exits",
+        "deep",
+        "own_base",
+        "interrupted",
+        "swallows_timeout",
+    ]
     ids = {kind: await app.enqueue(conn, kind, max_attempts=1) for kind in kinds}
     async with running(app, db_dsn, concurrency=2):
         await wait_for_states(conn, list(ids.values()), "failed")
@@ -159,6 +189,9 @@ async def test_handlers_that_raise_unusual_things_fail_their_attempt_and_the_wor
     assert "CancelledError" in errors["cancelled"]
     assert "SystemExit: 3" in errors["exits"]
     assert "not JSON-serialisable: maximum recursion depth" in errors["deep"]
+    assert "Own: not an Exception" in errors["own_base"]
+    assert "KeyboardInterrupt" in errors["interrupted"]
+    assert errors["swallows_timeout"] == "timed out after 0.2s"
     attempts = await conn.fetch(
         "SELECT attempts FROM pgqueue.jobs WHERE id = ANY($1)", list(ids.values())
     )
