@@ -307,6 +307,7 @@ DECLARE
     v_key text;
     v_spec jsonb;
     v_run_after boolean;
+    v_at timestamptz;
     v_nested boolean;
     v_after boolean;   -- some spec has an after list
     v_known boolean;   -- every name in the after lists is a key
@@ -340,12 +341,17 @@ BEGIN
         WHERE v_run_after AND jsonb_typeof(e.s->'run_after') = 'string'
     LOOP
         BEGIN
-            PERFORM (v_spec->>'run_after')::timestamptz;
+            v_at := (v_spec->>'run_after')::timestamptz;
         EXCEPTION WHEN others THEN
             RAISE EXCEPTION '%: run_after is not a valid timestamp: %', pgqueue._spec_where(p_label, v_ord, p_single, p_stored),
                 v_spec->>'run_after'
                 USING ERRCODE = 'invalid_parameter_value';
         END;
+        IF NOT isfinite(v_at) THEN
+            RAISE EXCEPTION '%: run_after must be a finite timestamp, got %',
+                pgqueue._spec_where(p_label, v_ord, p_single, p_stored), v_spec->>'run_after'
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
     END LOOP;
 
     -- jsonb_object_agg keeps one entry per key: fewer entries than keyed specs
@@ -784,7 +790,8 @@ DECLARE
 BEGIN
     IF enqueue.job_type IS NULL OR btrim(enqueue.job_type) = '' OR jsonb_typeof(enqueue.payload) <> 'object'
        OR btrim(enqueue.queue) = '' OR octet_length(enqueue.queue) > 200 OR enqueue.dedup_key = ''
-       OR octet_length(enqueue.scope::text) > 1000 OR enqueue.max_attempts < 1 THEN
+       OR octet_length(enqueue.scope::text) > 1000 OR enqueue.max_attempts < 1
+       OR NOT isfinite(enqueue.run_after) THEN
         IF enqueue.job_type IS NULL OR btrim(enqueue.job_type) = '' THEN
             RAISE EXCEPTION 'pgqueue.enqueue: job_type must be a non-empty string'
                 USING ERRCODE = 'invalid_parameter_value';
@@ -796,6 +803,10 @@ BEGIN
                 USING ERRCODE = 'invalid_parameter_value';
         ELSIF enqueue.dedup_key = '' THEN
             RAISE EXCEPTION 'pgqueue.enqueue: dedup_key must be a non-empty string'
+                USING ERRCODE = 'invalid_parameter_value';
+        ELSIF NOT isfinite(enqueue.run_after) THEN
+            -- never due, or due before every job (and the views' ages cannot subtract it)
+            RAISE EXCEPTION 'pgqueue.enqueue: run_after must be a finite timestamp, got %', enqueue.run_after
                 USING ERRCODE = 'invalid_parameter_value';
         ELSIF octet_length(enqueue.scope::text) > 1000 THEN
             RAISE EXCEPTION 'pgqueue.enqueue: scope must be at most 1000 bytes of JSON'
@@ -943,11 +954,13 @@ BEGIN
         WHEN jsonb_typeof(u.p) <> 'object' THEN format('payload must be a JSON object, got %s', jsonb_typeof(u.p))
         WHEN btrim(u.q) = '' OR octet_length(u.q) > 200 THEN 'queue must be a non-empty string of at most 200 bytes'
         WHEN octet_length(u.s::text) > 1000 THEN 'scope must be at most 1000 bytes of JSON'
+        WHEN NOT isfinite(u.r) THEN format('run_after must be a finite timestamp, got %s', u.r)
         ELSE format('max_attempts must be an integer >= 1, got %s', u.m)
     END AS problem INTO v_bad
-    FROM unnest(job_types, payloads, queues, enqueue_many.max_attempts, scopes) WITH ORDINALITY AS u(t, p, q, m, s, i)
+    FROM unnest(job_types, payloads, queues, enqueue_many.max_attempts, scopes, run_afters)
+         WITH ORDINALITY AS u(t, p, q, m, s, r, i)
     WHERE u.t IS NULL OR btrim(u.t) = '' OR jsonb_typeof(u.p) <> 'object' OR btrim(u.q) = ''
-       OR octet_length(u.q) > 200 OR octet_length(u.s::text) > 1000 OR u.m < 1
+       OR octet_length(u.q) > 200 OR octet_length(u.s::text) > 1000 OR u.m < 1 OR NOT isfinite(u.r)
     ORDER BY u.i
     LIMIT 1;
     IF FOUND THEN

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import asyncpg
 import pytest
 from sqlharness import Connect, json_codecs
@@ -310,3 +312,38 @@ async def test_a_stored_child_may_name_its_parents_pipeline(connect: Connect) ->
     assert await conn.fetchval("SELECT pgqueue.complete($1, 'w')", parent) is True
     rows = await conn.fetch("SELECT job_type, pipeline_id::text FROM pgqueue.jobs ORDER BY id")
     assert [tuple(r) for r in rows] == [("t", P1), ("x", P1)]
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (
+            "SELECT pgqueue.enqueue('x', run_after => '-infinity')",
+            "pgqueue.enqueue: run_after must be a finite timestamp, got -infinity",
+        ),
+        (
+            "SELECT pgqueue.enqueue('x', run_after => 'infinity')",
+            "pgqueue.enqueue: run_after must be a finite timestamp, got infinity",
+        ),
+        (
+            """SELECT * FROM pgqueue.enqueue_many('[{"job_type": "x"}, {"job_type": "y", "run_after": "infinity"}]')""",
+            "pgqueue.enqueue_many[1]: run_after must be a finite timestamp, got infinity",
+        ),
+        (
+            """SELECT pgqueue.enqueue('x', next_jobs => '[{"job_type": "y", "run_after": "-infinity"}]')""",
+            "pgqueue.enqueue: next_jobs[0]: run_after must be a finite timestamp, got -infinity",
+        ),
+        (
+            "SELECT * FROM pgqueue.enqueue_many(ARRAY['x', 'y'], ARRAY['{}', '{}']::jsonb[],"
+            " run_afters => ARRAY[now(), '-infinity']::timestamptz[])",
+            "pgqueue.enqueue_many[1]: run_after must be a finite timestamp, got -infinity",
+        ),
+    ],
+)
+async def test_an_infinite_run_after_is_refused(connect: Connect, call: str, message: str) -> None:
+    """-infinity put a job before every other and broke queue_stats ("cannot subtract infinite
+    timestamps"); infinity made a job that never runs and broke the worker's wake-up query."""
+    conn = await connect()
+    with pytest.raises(asyncpg.InvalidParameterValueError, match=re.escape(message)):
+        await conn.execute(call)
+    assert await conn.fetchval("SELECT count(*) FROM pgqueue.jobs") == 0
