@@ -230,6 +230,7 @@ class App:
         exactly when that transaction commits. ``delay`` (seconds or a timedelta) is measured
         on the database clock; ``run_after`` wins when both are given.
         """
+        _asyncpg_only("app.enqueue", conn_or_pool)
         registered = self.job_types.get(job_type)
         run_after = as_aware(run_after)
         if queue is None:
@@ -269,6 +270,7 @@ class App:
         Plain specs go as typed arrays to ``pgqueue.enqueue_many``'s array form, which is
         cheaper per job than taking JSON specs apart; the rows are the same either way.
         """
+        _asyncpg_only("app.enqueue_many", conn_or_pool)
         if not specs:
             return []
         columns = self._plain_columns(specs)
@@ -429,3 +431,13 @@ class App:
             if registered.max_attempts is not None and full.get("max_attempts") is None:
                 full["max_attempts"] = registered.max_attempts
         return full
+
+
+def _asyncpg_only(api: str, conn_or_pool: object) -> None:
+    """A SQLAlchemy session failed deep inside with "'AsyncSession' object has no attribute
+    'fetchval'"; say what to pass instead."""
+    if not hasattr(conn_or_pool, "fetchval"):
+        raise TypeError(
+            f"{api} takes an asyncpg connection or pool, got {type(conn_or_pool).__name__};"
+            " with SQLAlchemy use pgqueue.sqla.enqueue / enqueue_async"
+        )

@@ -454,7 +454,10 @@ BEGIN
     WHERE x.id IS NULL OR x.state IN ('failed', 'cancelled')
     ORDER BY x.id IS NOT NULL, want.id LIMIT 1;
     IF FOUND THEN
-        IF v_bad.state IS NULL THEN
+        IF v_bad.id IS NULL THEN
+            RAISE EXCEPTION '%: depends_on must not contain NULL', p_label
+                USING ERRCODE = 'invalid_parameter_value';
+        ELSIF v_bad.state IS NULL THEN
             RAISE EXCEPTION '%: depends_on names unknown job id %', p_label, v_bad.id
                 USING ERRCODE = 'foreign_key_violation';
         END IF;

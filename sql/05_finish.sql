@@ -430,9 +430,19 @@ $$;
 CREATE FUNCTION pgqueue.fail(job_id bigint, worker text, error text, retry_in interval DEFAULT NULL)
 RETURNS text
 LANGUAGE plpgsql AS $$
+DECLARE
+    v_until timestamptz;
 BEGIN
-    IF retry_in < interval '0' THEN
+    -- A mixed interval can be positive yet land in the past ('-2 months 60 days');
+    -- far enough out, now() + retry_in leaves timestamptz's range (as in snooze).
+    IF retry_in BETWEEN interval '-1000 years' AND interval '1000 years' THEN
+        v_until := now() + retry_in;
+    END IF;
+    IF retry_in < interval '0' OR v_until < now() THEN
         RAISE EXCEPTION 'pgqueue.fail: retry_in must not be negative, got %', retry_in
+            USING ERRCODE = 'invalid_parameter_value';
+    ELSIF (retry_in IS NOT NULL AND v_until IS NULL) OR v_until > now() + interval '100 years' THEN
+        RAISE EXCEPTION 'pgqueue.fail: retry_in must be at most 100 years, got %', retry_in
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     RETURN (SELECT f.state FROM pgqueue._fail(job_id, worker, error, retry_in) f);

@@ -17,6 +17,9 @@ BEGIN
     IF v_after < interval '0' THEN
         RAISE EXCEPTION 'pgqueue.recover_stale: stale_after must not be negative, got %', v_after
             USING ERRCODE = 'invalid_parameter_value';
+    ELSIF v_after > interval '1000 years' THEN  -- now() - v_after would leave timestamptz's range
+        RAISE EXCEPTION 'pgqueue.recover_stale: stale_after must be at most 1000 years, got %', v_after
+            USING ERRCODE = 'invalid_parameter_value';
     END IF;
     -- A job's pipeline lock, its scope's order lock and its dedup key come
     -- before its row lock (as in every transition out of running), so
@@ -324,6 +327,9 @@ DECLARE
 BEGIN
     IF older_than IS NULL OR older_than < interval '0' THEN
         RAISE EXCEPTION 'pgqueue.prune: older_than must be a non-negative interval, got %', older_than
+            USING ERRCODE = 'invalid_parameter_value';
+    ELSIF older_than > interval '1000 years' THEN  -- now() - older_than would leave timestamptz's range
+        RAISE EXCEPTION 'pgqueue.prune: older_than must be at most 1000 years, got %', older_than
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     -- The current job of a scope is kept: it holds the scope's latest outcome. A

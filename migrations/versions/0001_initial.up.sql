@@ -889,7 +889,10 @@ BEGIN
     WHERE x.id IS NULL OR x.state IN ('failed', 'cancelled')
     ORDER BY x.id IS NOT NULL, want.id LIMIT 1;
     IF FOUND THEN
-        IF v_bad.state IS NULL THEN
+        IF v_bad.id IS NULL THEN
+            RAISE EXCEPTION '%: depends_on must not contain NULL', p_label
+                USING ERRCODE = 'invalid_parameter_value';
+        ELSIF v_bad.state IS NULL THEN
             RAISE EXCEPTION '%: depends_on names unknown job id %', p_label, v_bad.id
                 USING ERRCODE = 'foreign_key_violation';
         END IF;
@@ -2542,9 +2545,19 @@ $$;
 CREATE FUNCTION pgqueue.fail(job_id bigint, worker text, error text, retry_in interval DEFAULT NULL)
 RETURNS text
 LANGUAGE plpgsql AS $$
+DECLARE
+    v_until timestamptz;
 BEGIN
-    IF retry_in < interval '0' THEN
+    -- A mixed interval can be positive yet land in the past ('-2 months 60 days');
+    -- far enough out, now() + retry_in leaves timestamptz's range (as in snooze).
+    IF retry_in BETWEEN interval '-1000 years' AND interval '1000 years' THEN
+        v_until := now() + retry_in;
+    END IF;
+    IF retry_in < interval '0' OR v_until < now() THEN
         RAISE EXCEPTION 'pgqueue.fail: retry_in must not be negative, got %', retry_in
+            USING ERRCODE = 'invalid_parameter_value';
+    ELSIF (retry_in IS NOT NULL AND v_until IS NULL) OR v_until > now() + interval '100 years' THEN
+        RAISE EXCEPTION 'pgqueue.fail: retry_in must be at most 100 years, got %', retry_in
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     RETURN (SELECT f.state FROM pgqueue._fail(job_id, worker, error, retry_in) f);
@@ -2705,6 +2718,9 @@ BEGIN
     -- mistake (a lease from the future), refused.
     IF v_after < interval '0' THEN
         RAISE EXCEPTION 'pgqueue.recover_stale: stale_after must not be negative, got %', v_after
+            USING ERRCODE = 'invalid_parameter_value';
+    ELSIF v_after > interval '1000 years' THEN  -- now() - v_after would leave timestamptz's range
+        RAISE EXCEPTION 'pgqueue.recover_stale: stale_after must be at most 1000 years, got %', v_after
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     -- A job's pipeline lock, its scope's order lock and its dedup key come
@@ -3013,6 +3029,9 @@ DECLARE
 BEGIN
     IF older_than IS NULL OR older_than < interval '0' THEN
         RAISE EXCEPTION 'pgqueue.prune: older_than must be a non-negative interval, got %', older_than
+            USING ERRCODE = 'invalid_parameter_value';
+    ELSIF older_than > interval '1000 years' THEN  -- now() - older_than would leave timestamptz's range
+        RAISE EXCEPTION 'pgqueue.prune: older_than must be at most 1000 years, got %', older_than
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     -- The current job of a scope is kept: it holds the scope's latest outcome. A

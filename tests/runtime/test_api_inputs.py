@@ -325,3 +325,14 @@ def test_nan_and_out_of_range_seconds_are_refused(make: Any, message: str) -> No
     at once, in a tight loop; a NaN grace or poll interval crashed the worker later."""
     with pytest.raises(ValueError, match=message):
         make()
+
+
+async def test_app_enqueue_names_what_to_pass_instead_of_a_sqlalchemy_session(
+    engine: AsyncEngine,
+) -> None:
+    app = pgqueue.App()
+    async with AsyncSession(engine) as session:
+        with pytest.raises(TypeError, match=r"use pgqueue\.sqla\.enqueue / enqueue_async"):
+            await app.enqueue(session, "x")  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="got AsyncSession"):
+            await app.enqueue_many(session, [{"job_type": "x"}])  # type: ignore[arg-type]

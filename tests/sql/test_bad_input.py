@@ -347,3 +347,59 @@ async def test_an_infinite_run_after_is_refused(connect: Connect, call: str, mes
     with pytest.raises(asyncpg.InvalidParameterValueError, match=re.escape(message)):
         await conn.execute(call)
     assert await conn.fetchval("SELECT count(*) FROM pgqueue.jobs") == 0
+
+
+@pytest.mark.parametrize(
+    ("retry_in", "message"),
+    [
+        ("-2 months 60 days", "retry_in must not be negative"),  # compares equal to zero
+        ("1000000 years", "retry_in must be at most 100 years"),  # was: timestamp out of range
+        ("101 years", "retry_in must be at most 100 years"),
+    ],
+)
+async def test_a_retry_in_that_lands_in_the_past_or_too_far_is_refused(
+    connect: Connect, retry_in: str, message: str
+) -> None:
+    conn = await connect()
+    job = await conn.fetchval("SELECT pgqueue.enqueue('t')")
+    await conn.fetch("SELECT id FROM pgqueue.claim($1, 'w')", job)
+    with pytest.raises(asyncpg.InvalidParameterValueError, match=re.escape(message)):
+        await conn.fetchval("SELECT pgqueue.fail($1, 'w', 'e', $2::text::interval)", job, retry_in)
+    assert await conn.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", job) == "running"
+    assert (
+        await conn.fetchval("SELECT pgqueue.fail($1, 'w', 'e', interval '100 years')", job)
+        == "queued"
+    )
+
+
+async def test_a_null_dependency_id_is_named_as_null(connect: Connect) -> None:
+    conn = await connect()
+    with pytest.raises(
+        asyncpg.InvalidParameterValueError,
+        match=re.escape("pgqueue.enqueue: depends_on must not contain NULL"),
+    ):
+        await conn.fetchval("SELECT pgqueue.enqueue('x', depends_on => ARRAY[NULL]::bigint[])")
+    assert await conn.fetchval("SELECT count(*) FROM pgqueue.jobs") == 0
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (
+            "SELECT pgqueue.prune('10000 years')",
+            "pgqueue.prune: older_than must be at most 1000 years",
+        ),
+        (
+            "SELECT * FROM pgqueue.recover_stale('10000 years')",
+            "pgqueue.recover_stale: stale_after must be at most 1000 years",
+        ),
+    ],
+)
+async def test_an_interval_past_the_timestamp_range_is_refused_by_name(
+    connect: Connect, call: str, message: str
+) -> None:
+    """Both said "timestamp out of range"."""
+    conn = await connect()
+    with pytest.raises(asyncpg.InvalidParameterValueError, match=re.escape(message)):
+        await conn.execute(call)
+    assert await conn.fetchval("SELECT pgqueue.prune('1000 years')") == 0  # the bound itself works
