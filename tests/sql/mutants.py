@@ -236,8 +236,9 @@ MUTANTS: dict[str, Mutant] = {
     # claim_next without the per-scope head check.
     "claim_next_ignores_scope": Mutant(
         "view pgqueue._scope_turn",
-        "((j.scope IS NULL) OR",
-        "(true OR",
+        # PostgreSQL 16 prints the column unqualified ("(scope IS NULL)"), 15 as "(j.scope IS NULL)".
+        "scope IS NULL) OR",
+        "scope IS NULL OR true) OR",
         "test_claim_races.py::test_concurrent_claims_across_one_scope_oldest_first_one_winner",
     ),
     # fan-in counter read from the statement's snapshot without locking the dependents
