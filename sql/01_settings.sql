@@ -9,7 +9,7 @@ CREATE FUNCTION pgqueue._setting_valid(name text, value text) RETURNS boolean
 LANGUAGE plpgsql IMMUTABLE AS $$
 BEGIN
     IF name = 'max_attempts' THEN
-        IF value !~ '^\s*[0-9]+\s*$' OR value::bigint < 1 OR value::bigint > 2147483647 THEN
+        IF value !~ '^\s*[0-9]+\s*$' OR value::numeric < 1 OR value::numeric > 2147483647 THEN
             RAISE EXCEPTION 'pgqueue.settings: max_attempts must be a positive integer, got "%"', value
                 USING ERRCODE = 'invalid_parameter_value';
         END IF;

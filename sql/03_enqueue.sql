@@ -85,7 +85,9 @@ SELECT CASE
         'run_after must be a timestamp string'
     WHEN coalesce(s->'pipeline_id', 'null') <> 'null'
          AND (jsonb_typeof(s->'pipeline_id') <> 'string'
-              OR s->>'pipeline_id' !~* '^\{?[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}\}?$') THEN
+              -- uuid's input syntax: braces around all of it or none, a hyphen after any
+              -- group of four digits (what fails the cast fails here, with the key named).
+              OR s->>'pipeline_id' !~* '^([0-9a-f]{4}(-?[0-9a-f]{4}){7}|\{[0-9a-f]{4}(-?[0-9a-f]{4}){7}\})$') THEN
         'pipeline_id must be a UUID string'
     WHEN coalesce(s->'next_jobs', 'null') <> 'null' AND jsonb_typeof(s->'next_jobs') <> 'array' THEN
         'next_jobs must be an array of job specs'

@@ -378,10 +378,11 @@ CREATE FUNCTION pgqueue.complete_many(worker text, job_ids bigint[], results jso
 RETURNS SETOF bigint
 LANGUAGE plpgsql AS $$
 BEGIN
+    -- No ids (NULL as well as '{}'): nothing held, nothing completed, as complete(NULL).
     RETURN QUERY SELECT unnest(pgqueue._complete(
-        worker, job_ids,
-        coalesce(results, array_fill(NULL::jsonb, ARRAY[cardinality(job_ids)])),
-        coalesce(next_jobs, array_fill(NULL::jsonb, ARRAY[cardinality(job_ids)])),
+        worker, coalesce(job_ids, '{}'),
+        coalesce(results, array_fill(NULL::jsonb, ARRAY[coalesce(cardinality(job_ids), 0)])),
+        coalesce(next_jobs, array_fill(NULL::jsonb, ARRAY[coalesce(cardinality(job_ids), 0)])),
         'pgqueue.complete_many'));
 END
 $$;

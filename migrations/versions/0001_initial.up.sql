@@ -25,7 +25,7 @@ CREATE FUNCTION pgqueue._setting_valid(name text, value text) RETURNS boolean
 LANGUAGE plpgsql IMMUTABLE AS $$
 BEGIN
     IF name = 'max_attempts' THEN
-        IF value !~ '^\s*[0-9]+\s*$' OR value::bigint < 1 OR value::bigint > 2147483647 THEN
+        IF value !~ '^\s*[0-9]+\s*$' OR value::numeric < 1 OR value::numeric > 2147483647 THEN
             RAISE EXCEPTION 'pgqueue.settings: max_attempts must be a positive integer, got "%"', value
                 USING ERRCODE = 'invalid_parameter_value';
         END IF;
@@ -520,7 +520,9 @@ SELECT CASE
         'run_after must be a timestamp string'
     WHEN coalesce(s->'pipeline_id', 'null') <> 'null'
          AND (jsonb_typeof(s->'pipeline_id') <> 'string'
-              OR s->>'pipeline_id' !~* '^\{?[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}\}?$') THEN
+              -- uuid's input syntax: braces around all of it or none, a hyphen after any
+              -- group of four digits (what fails the cast fails here, with the key named).
+              OR s->>'pipeline_id' !~* '^([0-9a-f]{4}(-?[0-9a-f]{4}){7}|\{[0-9a-f]{4}(-?[0-9a-f]{4}){7}\})$') THEN
         'pipeline_id must be a UUID string'
     WHEN coalesce(s->'next_jobs', 'null') <> 'null' AND jsonb_typeof(s->'next_jobs') <> 'array' THEN
         'next_jobs must be an array of job specs'
@@ -2493,10 +2495,11 @@ CREATE FUNCTION pgqueue.complete_many(worker text, job_ids bigint[], results jso
 RETURNS SETOF bigint
 LANGUAGE plpgsql AS $$
 BEGIN
+    -- No ids (NULL as well as '{}'): nothing held, nothing completed, as complete(NULL).
     RETURN QUERY SELECT unnest(pgqueue._complete(
-        worker, job_ids,
-        coalesce(results, array_fill(NULL::jsonb, ARRAY[cardinality(job_ids)])),
-        coalesce(next_jobs, array_fill(NULL::jsonb, ARRAY[cardinality(job_ids)])),
+        worker, coalesce(job_ids, '{}'),
+        coalesce(results, array_fill(NULL::jsonb, ARRAY[coalesce(cardinality(job_ids), 0)])),
+        coalesce(next_jobs, array_fill(NULL::jsonb, ARRAY[coalesce(cardinality(job_ids), 0)])),
         'pgqueue.complete_many'));
 END
 $$;

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import asyncpg
@@ -133,6 +134,22 @@ CASES = [
     (
         "UPDATE pgqueue.settings SET value = '0' WHERE name = 'max_attempts'",
         "max_attempts must be a positive integer",
+    ),
+    (
+        # past bigint: was "value ... is out of range for type bigint"
+        "UPDATE pgqueue.settings SET value = '99999999999999999999' WHERE name = 'max_attempts'",
+        'max_attempts must be a positive integer, got "99999999999999999999"',
+    ),
+    (
+        # an unbalanced brace passed the check, then failed the uuid cast unnamed
+        'SELECT pgqueue.enqueue(\'t\', next_jobs => \'[{"job_type": "x",'
+        ' "pipeline_id": "{a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"}]\')',
+        "next_jobs[0]: pipeline_id must be a UUID string",
+    ),
+    (
+        'SELECT pgqueue.enqueue_many(\'[{"job_type": "x",'
+        ' "pipeline_id": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11}"}]\')',
+        "enqueue_many[0]: pipeline_id must be a UUID string",
     ),
     (
         # now() + that leaves timestamptz's range: every retry would fail
@@ -403,3 +420,39 @@ async def test_an_interval_past_the_timestamp_range_is_refused_by_name(
     with pytest.raises(asyncpg.InvalidParameterValueError, match=re.escape(message)):
         await conn.execute(call)
     assert await conn.fetchval("SELECT pgqueue.prune('1000 years')") == 0  # the bound itself works
+
+
+async def test_complete_many_of_no_ids_completes_nothing(connect: Connect) -> None:
+    """complete(NULL, w) returns false; complete_many(w, NULL) raised "dimension values cannot
+    be null" (the array it builds for the missing results was sized by a NULL)."""
+    conn = await connect()
+    job = await conn.fetchval("SELECT pgqueue.enqueue('x')")
+    await conn.fetchval("SELECT id FROM pgqueue.claim_next('w')")
+    for call in (
+        "SELECT pgqueue.complete_many('w', NULL)",
+        "SELECT pgqueue.complete_many('w', NULL, NULL, NULL)",
+        "SELECT pgqueue.complete_many('w', '{}')",
+    ):
+        assert await conn.fetch(call) == []
+    assert await conn.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", job) == "running"
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        "{a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11}",
+        "a0ee-bc99-9c0b-4ef8-bb6d-6bb9-bd38-0a11",  # a hyphen after any group of four
+        "A0EEBC999C0B4EF8BB6D6BB9BD380A11",
+    ],
+)
+async def test_a_spec_pipeline_id_takes_every_form_uuid_input_takes(
+    connect: Connect, form: str
+) -> None:
+    """The spec check follows uuid's input syntax: the second form was refused."""
+    conn = await connect()
+    specs = json.dumps([{"job_type": "x", "pipeline_id": form}])
+    await conn.fetchval("SELECT pgqueue.enqueue_many($1::jsonb)", specs)
+    assert (
+        await conn.fetchval("SELECT pipeline_id::text FROM pgqueue.jobs")
+        == "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"
+    )
