@@ -141,11 +141,27 @@ def _json_arg(name: str, text: str | None) -> Any:
     if text is None:
         return None
     try:
-        return json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+        value = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
     except json.JSONDecodeError as exc:
         raise click.BadParameter(f"not valid JSON: {exc}", param_hint=name) from None
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint=name) from None
+    if _holds_nul(value):  # PostgreSQL's own refusal is two lines about escape sequences
+        raise click.BadParameter(
+            "a string in it holds \\u0000 (NUL), which PostgreSQL's jsonb cannot store",
+            param_hint=name,
+        )
+    return value
+
+
+def _holds_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_holds_nul(v) for v in value)
+    return False
 
 
 def _finite(name: str, value: float | None) -> float | None:
@@ -476,6 +492,7 @@ _SHOW = """
            jsonb_pretty(next_jobs) AS next_jobs, last_error
     FROM pgqueue.jobs WHERE id = $1
 """
+_EMPTY_PRETTY = re.compile(r"([{\[])\n *([}\]])")
 _SHOW_EDGES = """
     SELECT 'depends on' AS side, d.depends_on AS id, coalesce(o.state, 'pruned') AS state
     FROM pgqueue.job_dependencies d LEFT JOIN pgqueue.jobs o ON o.id = d.depends_on
@@ -507,7 +524,9 @@ def show(opts: DsnOption, job_id: int) -> None:
     for name, value in row.items():
         if value is None:
             continue
-        lines = str(value).splitlines() or [""]
+        # jsonb_pretty opens an empty object or array on one line and closes it on the next.
+        # A line break in its output is never inside a string (those are escaped as \n).
+        lines = _EMPTY_PRETTY.sub(r"\1\2", str(value)).splitlines() or [""]
         click.echo(f"{name.ljust(width)}  {lines[0]}")
         for line in lines[1:]:
             click.echo(f"{'':{width}}  {line}")

@@ -85,6 +85,8 @@ def test_show_prints_one_job_whole_with_its_dependencies(db_dsn: str) -> None:
     assert re.search(r'^payload\s+\{\n\s+"k": \[', out.output, re.M)
     assert re.search(rf"^dependents\s+{then} \(waiting\)$", out.output, re.M)
     out = run(db_dsn, "show", str(then))
+    # empty JSON on one line (jsonb_pretty opens "{" on one line and closes it on the next)
+    assert re.search(r"^payload\s+\{\}$", out.output, re.M), out.output
     assert re.search(rf"^depends on\s+{first} \(queued\)$", out.output, re.M), out.output
     assert re.search(r"^waiting_for\s+1$", out.output, re.M), out.output
     assert not re.search(r"^(result|finished_at|locked_by)\s", out.output, re.M)  # NULLs left out
@@ -169,6 +171,9 @@ def test_dsn_from_environment(db_dsn: str, monkeypatch: pytest.MonkeyPatch) -> N
         (["enqueue", "x", "--payload", '{"a": NaN}'], "NaN is not a JSON number"),
         (["enqueue", "x", "--scope", "Infinity"], "Infinity is not a JSON number"),
         (["enqueue", "x", "--payload", '{"a": 1e400}'], "1e400 is out of range"),
+        # PostgreSQL's refusal was two lines about "unsupported Unicode escape sequence"
+        (["enqueue", "x", "--payload", '{"a": ["\\u0000"]}'], "holds \\u0000 (NUL)"),
+        (["enqueue", "x", "--scope", '{"\\u0000": 1}'], "holds \\u0000 (NUL)"),
         (["enqueue", "x", "--delay", "nan"], "nan is not a number of seconds"),
         (["worker", "worker_app:app", "--grace", "nan"], "nan is not a number of seconds"),
         (["worker", "worker_app:app", "--poll-interval", "nan"], "nan is not a number of seconds"),
@@ -214,6 +219,10 @@ def test_a_bad_dsn_in_the_environment_is_bad_input_and_a_given_dsn_replaces_it(
     out = CliRunner().invoke(main, ["jobs"])
     assert out.exit_code == 2 and "port '5432:1' is not a number" in out.output, out.output
     assert CliRunner().invoke(main, ["jobs", "--dsn", db_dsn]).exit_code == 0
+    # docs/cli.md: given before and after the command, the one after it wins
+    bad = "postgresql://h:5432:1/x"
+    assert CliRunner().invoke(main, ["--dsn", bad, "jobs", "--dsn", db_dsn]).exit_code == 0
+    assert CliRunner().invoke(main, ["--dsn", db_dsn, "jobs", "--dsn", bad]).exit_code == 2
     monkeypatch.delenv("PGQUEUE_DSN")
     monkeypatch.setenv("PGPORT", "54e2")  # no DSN: asyncpg reads the libpq variables
     out = CliRunner().invoke(main, ["jobs"])
