@@ -36,6 +36,8 @@ DEADLINE = 45.0  # seconds; the demo takes about two
 
 _STATUS_COLUMNS = "jobs, waiting, queued, running, succeeded, failed, cancelled, done, state"
 _STATUS_SQL = f"SELECT {_STATUS_COLUMNS} FROM pgqueue.pipelines WHERE pipeline_id = $1"
+_STALE_SQL = "SELECT result->'stale' FROM pgqueue.jobs WHERE id = $1"
+_AGGREGATIONS_SQL = "SELECT sum(aggregations) FROM emissions.module_stats"
 _JOBS_SQL = (
     "SELECT id, job_type, state, parent_id, scope, result FROM pgqueue.jobs"
     " WHERE pipeline_id = $1 ORDER BY id"
@@ -97,9 +99,14 @@ def _database(dsn: str | None) -> Iterator[str]:
         ) from None
     _say("-- no DSN given: starting an embedded PostgreSQL (pgserver)")
     with tempfile.TemporaryDirectory(prefix="pgqueue-demo-") as tmp:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            server = get_server(Path(tmp) / "pgdata", cleanup_mode="delete")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                server = get_server(Path(tmp) / "pgdata", cleanup_mode="delete")
+        except Exception as exc:  # an OSError here is not "cannot connect" (the CLI's reading)
+            raise click.ClickException(
+                f"could not start the embedded PostgreSQL (pgserver): {type(exc).__name__}: {exc}"
+            ) from exc
         try:
             yield server.get_uri("postgres")
         finally:
@@ -127,30 +134,22 @@ async def _demo(dsn: str, example: ModuleType) -> bool:
             poll_interval=0.5,
             handle_signals=False,
         )
+        # Counted before: on a database the demo ran on before, the example's tables hold
+        # what those runs did, and each step is told from what its own run found.
+        before = await conn.fetchval(_AGGREGATIONS_SQL) or 0
         async with anyio.create_task_group() as tg:
             tg.start_soon(worker.run)
             with anyio.fail_after(15):
                 await worker.started.wait()
             try:
                 csv_text = example.SAMPLE_CSV.read_text(encoding="utf-8")
-                ok = await _run_pipeline(
-                    conn,
-                    example,
-                    "1. upload factors.csv: every data-entry type is stale",
-                    csv_text,
-                )
+                ok = await _run_pipeline(conn, example, "1. upload factors.csv", csv_text)
                 ok = ok and await _run_pipeline(
-                    conn,
-                    example,
-                    "2. upload the same file again: nothing is stale, the aggregation runs at once",
-                    csv_text,
+                    conn, example, "2. upload the same file again", csv_text
                 )
                 changed = csv_text.replace(",natural_gas,,0.202", ",natural_gas,,0.19")
                 ok = ok and await _run_pipeline(
-                    conn,
-                    example,
-                    "3. one factor changed: only heating is recalculated",
-                    changed,
+                    conn, example, "3. one factor changed (natural gas, used for heating)", changed
                 )
             finally:
                 worker.stop()
@@ -158,11 +157,18 @@ async def _demo(dsn: str, example: ModuleType) -> bool:
             conn,
             "SELECT module, year, kg_co2e, aggregations, job_id FROM emissions.module_stats",
         )
-        _say(
-            "aggregations = 3: one per upload, however many recalculations each one fanned out"
-            if ok
-            else "the demo pipeline did not succeed"
-        )
+        after = await conn.fetchval(_AGGREGATIONS_SQL) or 0
+        counted = f"= {after}" if before == 0 else f"{before} -> {after}"
+        if not ok:
+            _say("the demo pipeline did not succeed")
+        elif after - before == 3:
+            _say(
+                f"aggregations {counted}: one per upload, however many recalculations each"
+                " one fanned out"
+            )
+        else:
+            _say(f"aggregations {counted}: expected one per upload (3 more)")
+            ok = False
     finally:
         await example.close()
         await conn.close()
@@ -200,6 +206,13 @@ async def _run_pipeline(
         _JOBS_SQL,
         pid,
     )
+    found = await conn.fetchval(_STALE_SQL, run.job_ids[0])  # jsonb, as text
+    stale = None if found is None else json.loads(found)
+    if stale:
+        named = ", ".join("(no type)" if t is None else t for t in stale)
+        _say(f"-- stale: {named}: one recalculation each, then one aggregation joins them")
+    elif stale is not None:
+        _say("-- nothing stale: no recalculation, the aggregation ran at once")
     return bool(row["state"] == "succeeded")
 
 

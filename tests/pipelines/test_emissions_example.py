@@ -146,4 +146,42 @@ def test_pgqueue_demo_runs_the_pipeline_on_the_given_database(db_dsn: str) -> No
     assert out.returncode == 0, out.stdout + out.stderr
     assert "| succeeded" in out.stdout
     assert "aggregations = 3" in out.stdout
+    assert "-- stale: electricity, heating, water, (no type): one recalculation each" in out.stdout
     assert asyncio.run(others()) == [("queued", 0), ("queued", 0)]
+    # Run again on the same database: each step told from what its own run found (a rerun
+    # said "every data-entry type is stale" above a single recalculation, "aggregations = 3"
+    # under a counter at 6).
+    again = subprocess.run(out.args, capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
+    assert again.returncode == 0, again.stdout + again.stderr
+    lines = [
+        line for line in again.stdout.splitlines() if line.startswith(("-- stale", "-- nothing"))
+    ]
+    assert lines == [
+        "-- stale: heating: one recalculation each, then one aggregation joins them",
+        "-- nothing stale: no recalculation, the aggregation ran at once",
+        "-- stale: heating: one recalculation each, then one aggregation joins them",
+    ], again.stdout
+    assert "aggregations 3 -> 6: one per upload" in again.stdout
+
+
+def test_the_demo_names_an_embedded_server_that_would_not_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An OSError starting pgserver (a full disk, a directory it may not write) was reported
+    as "cannot connect to PostgreSQL", the CLI's reading of an OSError."""
+    from click.testing import CliRunner
+
+    pgserver = pytest.importorskip("pgserver.postgres_server")
+    from pgqueue.cli import main
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise PermissionError(13, "Permission denied", "/tmp/x/pgdata")
+
+    monkeypatch.setattr(pgserver, "get_server", refuse)
+    monkeypatch.delenv("PGQUEUE_DSN", raising=False)
+    out = CliRunner().invoke(main, ["demo"])
+    assert out.exit_code == 1, out.output
+    assert out.output.endswith(
+        "Error: could not start the embedded PostgreSQL (pgserver): PermissionError:"
+        " [Errno 13] Permission denied: '/tmp/x/pgdata'\n"
+    ), out.output
