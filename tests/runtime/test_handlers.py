@@ -293,6 +293,31 @@ async def test_stop_with_force_before_the_grace_period_skips_it(
     assert tuple(row) == ("queued", 0)  # released: the attempt not counted
 
 
+async def test_a_cancelled_run_gives_its_running_jobs_back(
+    conn: asyncpg.Connection, db_dsn: str
+) -> None:
+    """An application embedding the worker with handle_signals=False stops it on Ctrl-C by
+    cancelling its task (asyncio.run and anyio.run cancel the main task): worker.md says the
+    running jobs are given back, their attempts not counted, and run() returns."""
+    app = pgqueue.App()
+
+    @app.job("long")
+    async def long(job: pgqueue.Job) -> None:
+        await anyio.sleep(60)
+
+    job_id = await app.enqueue(conn, "long")
+    worker = pgqueue.Worker(app, db_dsn, handle_signals=False, grace=30, poll_interval=0.5)
+    with anyio.fail_after(10):  # the grace is 30 s: a cancellation does not wait it out
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker.run)
+            await wait_for_states(conn, [job_id], "running")
+            tg.cancel_scope.cancel()
+    row = await conn.fetchrow(
+        "SELECT state, attempts, locked_by FROM pgqueue.jobs WHERE id = $1", job_id
+    )
+    assert tuple(row) == ("queued", 0, None)
+
+
 def _gated_thread_app(
     timeout: float | None = None, max_attempts: int = 3
 ) -> tuple[pgqueue.App, threading.Event, list[int]]:
