@@ -270,12 +270,15 @@ async def test_a_heartbeat_slower_than_its_period_still_reads_a_raised_stale_aft
         )
 
 
-async def test_stop_with_force_before_the_grace_period_skips_it(
-    conn: asyncpg.Connection, db_dsn: str
+@pytest.mark.parametrize("how", ["stop(force=True)", "cancel run()"])
+async def test_a_hard_stop_before_the_grace_period_gives_the_jobs_back_at_once(
+    conn: asyncpg.Connection, db_dsn: str, how: str
 ) -> None:
     """stop(force=True) while jobs run (an embedding application's hard stop, or a second
     SIGTERM while the producer still winds down) was ignored until the grace period had
-    begun, so the worker waited out the whole grace; it now releases at once."""
+    begun, so the worker waited out the whole grace; it now releases at once. Cancelling
+    run() is how asyncio.run and anyio.run stop it on Ctrl-C with handle_signals=False:
+    worker.md says its running jobs are given back, their attempts not counted."""
     app = pgqueue.App()
 
     @app.job("long")
@@ -288,34 +291,14 @@ async def test_stop_with_force_before_the_grace_period_skips_it(
         async with anyio.create_task_group() as tg:
             tg.start_soon(worker.run)
             await wait_for_states(conn, [job_id], "running")
-            worker.stop(force=True)
-    row = await conn.fetchrow("SELECT state, attempts FROM pgqueue.jobs WHERE id = $1", job_id)
-    assert tuple(row) == ("queued", 0)  # released: the attempt not counted
-
-
-async def test_a_cancelled_run_gives_its_running_jobs_back(
-    conn: asyncpg.Connection, db_dsn: str
-) -> None:
-    """An application embedding the worker with handle_signals=False stops it on Ctrl-C by
-    cancelling its task (asyncio.run and anyio.run cancel the main task): worker.md says the
-    running jobs are given back, their attempts not counted, and run() returns."""
-    app = pgqueue.App()
-
-    @app.job("long")
-    async def long(job: pgqueue.Job) -> None:
-        await anyio.sleep(60)
-
-    job_id = await app.enqueue(conn, "long")
-    worker = pgqueue.Worker(app, db_dsn, handle_signals=False, grace=30, poll_interval=0.5)
-    with anyio.fail_after(10):  # the grace is 30 s: a cancellation does not wait it out
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(worker.run)
-            await wait_for_states(conn, [job_id], "running")
-            tg.cancel_scope.cancel()
+            if how == "stop(force=True)":
+                worker.stop(force=True)
+            else:
+                tg.cancel_scope.cancel()
     row = await conn.fetchrow(
         "SELECT state, attempts, locked_by FROM pgqueue.jobs WHERE id = $1", job_id
     )
-    assert tuple(row) == ("queued", 0, None)
+    assert tuple(row) == ("queued", 0, None)  # released: the attempt not counted
 
 
 def _gated_thread_app(
