@@ -237,11 +237,16 @@ def _print_table(rows: Sequence[asyncpg.Record]) -> None:
         click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
+_TRACEBACK = "Traceback (most recent call last):"
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return ""
     text = json.dumps(value) if isinstance(value, dict | list) else str(value)
-    text = text.splitlines()[0] if text else text
+    lines = text.splitlines()
+    # A handler's error: its traceback's last line says what happened; the first, that it did.
+    text = (lines[-1] if text.startswith(_TRACEBACK) else lines[0]) if lines else text
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -536,6 +541,13 @@ def show(opts: DsnOption, job_id: int) -> None:
             click.echo(f"{side.ljust(width)}  {', '.join(named)}")
 
 
+# Queues by name, each one's states in the order a job goes through them (the view has none).
+_STATS = """
+    SELECT * FROM pgqueue.queue_stats
+    ORDER BY queue, array_position('{waiting,queued,running,succeeded,failed,cancelled}', state)
+"""
+
+
 @main.command()
 @pass_dsn
 @_friendly_errors
@@ -549,7 +561,7 @@ def stats(opts: DsnOption) -> None:
     ) -> tuple[list[asyncpg.Record], asyncpg.Record, list[str], list[asyncpg.Record]]:
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             return (
-                await conn.fetch("SELECT * FROM pgqueue.queue_stats"),
+                await conn.fetch(_STATS),
                 await conn.fetchrow(_HORIZON),
                 await paused_queues(conn),
                 await conn.fetch(_LIMITS),

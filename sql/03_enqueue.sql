@@ -211,12 +211,11 @@ $$;
 -- name a key on the cycle does it walk the leftover specs that way.
 CREATE FUNCTION pgqueue._check_after_cycles(p_specs jsonb, p_label text) RETURNS void
 -- The joins of function scans below are estimated at 100 rows a side and planned as
--- nested loops: n^2 comparisons for n keyed specs. Hash joins keep them linear.
+-- nested loops: n^2 comparisons for n specs. Hash joins keep them linear.
 LANGUAGE plpgsql STABLE SET enable_nestloop = off AS $$
 DECLARE
-    v_n int;           -- keyed specs, numbered 1..n in spec order
-    v_pending int[];   -- per spec: the entries of its after list not yet satisfied
-    v_names text[];    -- per spec: its key
+    v_n int;           -- specs, numbered 1..n in spec order (_insert_specs' ord)
+    v_pending int[];   -- per spec: the specs it waits for not taken yet
     v_waiting int[];   -- the edges sorted by the spec waited on: the spec that waits
     v_deps int[];      -- ... and the spec waited on
     v_first int[];     -- per spec: its first edge in v_waiting (v_first[i + 1] ends it)
@@ -225,33 +224,49 @@ DECLARE
     v_tail int := 0;
     v_node int;
     v_waiter int;
+    v_names text[];    -- per spec: its key
+    v_merged text[];   -- per spec: its dedup_key, if later specs merge into it
     v_key text;
+    v_dedup text;
 BEGIN
-    WITH keyed AS (
-        SELECT row_number() OVER (ORDER BY e.ord)::int AS pos, e.s->>'key' AS k, e.s->'after' AS after
+    -- The graph _insert_specs writes: specs with the same dedup_key are one job, the
+    -- first of them (the others merge into it and add no edges), so a spec's "after"
+    -- naming a merged spec waits for that first one. A survivor waiting, directly or
+    -- through others, for a spec merged into itself is a cycle too: its job would wait
+    -- for itself (an edge it cannot have) or for a job that waits for it.
+    WITH spec AS (
+        SELECT e.ord::int AS pos, CASE WHEN jsonb_typeof(e.s->'key') = 'string' THEN e.s->>'key' END AS k,
+               e.s->'after' AS after,
+               CASE WHEN jsonb_typeof(e.s->'dedup_key') = 'string' THEN e.s->>'dedup_key' END AS dk
         FROM jsonb_array_elements(p_specs) WITH ORDINALITY AS e(s, ord)
-        WHERE jsonb_typeof(e.s->'key') = 'string'
+    ), node AS (
+        SELECT sp.*, CASE WHEN sp.dk IS NULL THEN sp.pos
+                          ELSE min(sp.pos) OVER (PARTITION BY sp.dk) END AS job,
+               count(*) OVER (PARTITION BY sp.dk) AS copies
+        FROM spec sp
     ), edge AS (
-        SELECT DISTINCT w.pos AS waiter, d.pos AS dep
-        FROM keyed w
+        SELECT DISTINCT w.pos AS waiter, d.job AS dep
+        FROM node w
         CROSS JOIN LATERAL jsonb_array_elements_text(
             CASE WHEN jsonb_typeof(w.after) = 'array' THEN w.after ELSE '[]' END) AS a(k)
-        JOIN keyed d ON d.k = a.k
+        JOIN node d ON d.k = a.k
+        WHERE w.job = w.pos
     ), pending AS (
         SELECT e.waiter AS pos, count(*)::int AS n FROM edge e GROUP BY e.waiter
     ), waiters AS (
         SELECT e.dep AS pos, count(*)::int AS n FROM edge e GROUP BY e.dep
     ), per_spec AS (
-        SELECT k.pos, k.k, coalesce(p.n, 0) AS pending,
-               1 + coalesce(sum(coalesce(w.n, 0)) OVER (ORDER BY k.pos ROWS BETWEEN UNBOUNDED PRECEDING
+        SELECT x.pos, x.k, CASE WHEN x.job = x.pos AND x.copies > 1 THEN x.dk END AS merged,
+               coalesce(p.n, 0) AS pending,
+               1 + coalesce(sum(coalesce(w.n, 0)) OVER (ORDER BY x.pos ROWS BETWEEN UNBOUNDED PRECEDING
                                                          AND 1 PRECEDING), 0)::int AS first
-        FROM keyed k LEFT JOIN pending p ON p.pos = k.pos LEFT JOIN waiters w ON w.pos = k.pos
+        FROM node x LEFT JOIN pending p ON p.pos = x.pos LEFT JOIN waiters w ON w.pos = x.pos
     )
-    SELECT count(*)::int, array_agg(x.k ORDER BY x.pos), array_agg(x.pending ORDER BY x.pos),
-           array_agg(x.first ORDER BY x.pos),
+    SELECT count(*)::int, array_agg(x.pending ORDER BY x.pos), array_agg(x.first ORDER BY x.pos),
+           array_agg(x.k ORDER BY x.pos), array_agg(x.merged ORDER BY x.pos),
            (SELECT coalesce(array_agg(e.waiter ORDER BY e.dep, e.waiter), '{}') FROM edge e),
            (SELECT coalesce(array_agg(e.dep ORDER BY e.dep, e.waiter), '{}') FROM edge e)
-      INTO v_n, v_names, v_pending, v_first, v_waiting, v_deps
+      INTO v_n, v_pending, v_first, v_names, v_merged, v_waiting, v_deps
       FROM per_spec x;
     IF v_n IS NULL OR v_n = 0 THEN
         RETURN;
@@ -279,7 +294,8 @@ BEGIN
     IF v_tail = v_n THEN
         RETURN;
     END IF;
-    -- Name a key on a cycle: among the specs never taken, one that reaches itself.
+    -- Name the cycle: among the specs never taken, one that reaches itself (the lowest),
+    -- by its key; one that others merged into, by its dedup_key.
     WITH RECURSIVE edge(waiter, dep) AS (
         SELECT u.waiter, u.dep FROM unnest(v_waiting, v_deps) AS u(waiter, dep)
         WHERE v_pending[u.waiter] > 0 AND v_pending[u.dep] > 0
@@ -287,8 +303,16 @@ BEGIN
         SELECT waiter, dep FROM edge
         UNION
         SELECT r.start, e.dep FROM reach r JOIN edge e ON e.waiter = r.node
+    ), on_cycle AS (
+        SELECT DISTINCT r.start AS pos FROM reach r WHERE r.start = r.node
     )
-    SELECT v_names[r.start] INTO v_key FROM reach r WHERE r.start = r.node ORDER BY r.start LIMIT 1;
+    SELECT v_names[c.pos], v_merged[c.pos] INTO v_key, v_dedup
+      FROM on_cycle c ORDER BY v_merged[c.pos] IS NULL, c.pos LIMIT 1;
+    IF v_dedup IS NOT NULL THEN
+        RAISE EXCEPTION '%: the after lists form a cycle through the specs with dedup_key "%" (one job: the first of them)',
+            p_label, v_dedup
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     RAISE EXCEPTION '%: the after lists form a cycle through key "%"', p_label, v_key
         USING ERRCODE = 'invalid_parameter_value';
 END
@@ -316,6 +340,8 @@ DECLARE
     v_keys jsonb;      -- {key: whether that spec has an after list}
     v_nkeys bigint;
     v_chained boolean;
+    v_dedups jsonb;    -- {dedup_key: true}: fewer entries than specs with one, some merge
+    v_ndedups bigint;
 BEGIN
     IF jsonb_typeof(p_specs) IS DISTINCT FROM 'array' THEN
         RAISE EXCEPTION '%: must be a JSON array of job specs, got %', p_label, coalesce(jsonb_typeof(p_specs), 'NULL')
@@ -329,8 +355,10 @@ BEGIN
            jsonb_object_agg(e.s->>'key', CASE WHEN jsonb_typeof(e.s->'after') = 'array'
                                                THEN jsonb_array_length(e.s->'after') > 0 ELSE false END)
                FILTER (WHERE jsonb_typeof(e.s->'key') = 'string'),
-           count(*) FILTER (WHERE jsonb_typeof(e.s->'key') = 'string')
-      INTO v_ord, v_run_after, v_nested, v_after, v_keys, v_nkeys
+           count(*) FILTER (WHERE jsonb_typeof(e.s->'key') = 'string'),
+           jsonb_object_agg(e.s->>'dedup_key', true) FILTER (WHERE jsonb_typeof(e.s->'dedup_key') = 'string'),
+           count(*) FILTER (WHERE jsonb_typeof(e.s->'dedup_key') = 'string')
+      INTO v_ord, v_run_after, v_nested, v_after, v_keys, v_nkeys, v_dedups, v_ndedups
       FROM jsonb_array_elements(p_specs) WITH ORDINALITY AS e(s, ord);
     IF v_ord IS NOT NULL THEN
         RAISE EXCEPTION '%: %', pgqueue._spec_where(p_label, v_ord, p_single, p_stored), pgqueue._spec_problem(p_specs->(v_ord::int - 1))
@@ -386,7 +414,10 @@ BEGIN
     -- Every node on a cycle has an after list and is named in one, so unless
     -- an after list names a spec with an after list (v_chained) there is none:
     -- a fan-out's join after N children walks nothing.
-    IF v_chained THEN
+    -- Specs sharing a dedup_key are one job: "after" between them (or through others)
+    -- makes a cycle of one job, which v_chained alone does not see.
+    IF v_chained OR (v_after AND v_ndedups > 0
+                     AND v_ndedups <> (SELECT count(*) FROM jsonb_object_keys(v_dedups))) THEN
         PERFORM pgqueue._check_after_cycles(p_specs, p_label);
     END IF;
 
@@ -558,10 +589,27 @@ DECLARE
     v_block boolean;
     v_dead bigint[];      -- dependencies of stored specs that can no longer succeed
     v_dead_why text[];
+    v_gone bigint[];      -- ... of them, the ones no longer there (pruned)
     v_doomed_ords bigint[];  -- the stored specs naming one (positions), and the lowest they name
     v_doomed_deps bigint[];
     v_doomed bigint[];    -- the children cancelled for them
 BEGIN
+    -- A parent's stored specs and the ones passed to complete() are two arrays, and keys
+    -- are local to their array: the stored keys (and their after lists, which name only
+    -- stored keys, checked when stored) are set apart, so that the same key in both (a
+    -- fan-out stored at enqueue and another returned by the handler) is no duplicate, and
+    -- a passed "after" finds no stored key.
+    IF p_stored > 0 AND jsonb_array_length(p_specs) > p_stored AND p_specs @? '$[*].key' THEN
+        SELECT jsonb_agg(CASE WHEN e.ord <= p_stored THEN e.s || jsonb_strip_nulls(jsonb_build_object(
+                   'key', CASE WHEN jsonb_typeof(e.s->'key') = 'string'
+                               THEN to_jsonb(E'\x1fstored:' || (e.s->>'key')) END,
+                   'after', CASE WHEN jsonb_typeof(e.s->'after') = 'array' AND jsonb_array_length(e.s->'after') > 0
+                                 THEN (SELECT jsonb_agg(to_jsonb(E'\x1fstored:' || (a.k #>> '{}')))
+                                       FROM jsonb_array_elements(e.s->'after') a(k)) END))
+                   ELSE e.s END ORDER BY e.ord)
+          INTO p_specs
+          FROM jsonb_array_elements(p_specs) WITH ORDINALITY AS e(s, ord);
+    END IF;
     PERFORM pgqueue._check_specs(p_specs, p_label, p_single, p_stored);
     IF p_specs @? '$[*].next_jobs[*]' THEN
         PERFORM pgqueue._check_child_pipelines(e.s->'next_jobs',
@@ -635,14 +683,17 @@ BEGIN
                array_agg(w.id) FILTER (WHERE x.id IS NULL OR x.state IN ('failed', 'cancelled')),
                array_agg(CASE x.state WHEN 'failed' THEN 'failed' WHEN 'cancelled' THEN 'was cancelled'
                                       ELSE 'no longer exists' END)
-                   FILTER (WHERE x.id IS NULL OR x.state IN ('failed', 'cancelled'))
-          INTO v_succeeded, v_dead, v_dead_why
+                   FILTER (WHERE x.id IS NULL OR x.state IN ('failed', 'cancelled')),
+               array_agg(w.id) FILTER (WHERE x.id IS NULL)
+          INTO v_succeeded, v_dead, v_dead_why, v_gone
           FROM (SELECT DISTINCT i FROM unnest(v_dep_ids) i ORDER BY 1) AS w(id)
           LEFT JOIN LATERAL (SELECT j.id, j.state FROM pgqueue.jobs j WHERE j.id = w.id FOR SHARE) x ON true;
-        -- The stored specs that name one of them (by position), with the lowest such.
+        -- The stored specs that name one of them (by position), with the lowest such: the
+        -- lowest pruned one if any (see below).
         SELECT array_agg(e.ord ORDER BY e.ord), array_agg(x.dep ORDER BY e.ord) INTO v_doomed_ords, v_doomed_deps
           FROM jsonb_array_elements(p_specs) WITH ORDINALITY AS e(s, ord)
-         CROSS JOIN LATERAL (SELECT min(d::numeric::bigint) AS dep
+         CROSS JOIN LATERAL (SELECT coalesce(min(d::numeric::bigint) FILTER (WHERE d::numeric::bigint = ANY (v_gone)),
+                                             min(d::numeric::bigint)) AS dep
                              FROM jsonb_array_elements_text(coalesce(nullif(e.s->'depends_on', 'null'), '[]')) d
                              WHERE d::numeric::bigint = ANY (v_dead)) x
          WHERE e.ord <= p_stored AND x.dep IS NOT NULL;
@@ -721,10 +772,10 @@ BEGIN
         ) dep
         WHERE v_ids[e.ord] = v_new[e.ord]      -- merged specs add no edges to the job they merged into
           AND dep.id <> v_ids[e.ord]
-          -- Nor to a dependency that can no longer succeed: retry and prune rely on no
-          -- edge to a failed or cancelled job ever being created (a retry waiting for
-          -- our lock would not see it; a prune would delete the job and the edge).
-          AND (v_dead IS NULL OR dep.id <> ALL (v_dead))
+          -- Nor to a dependency that is gone (pruned). One to a dependency that failed
+          -- or was cancelled is written, as for any job that depended on it then: the
+          -- child, cancelled below, waits for it again when either is retried.
+          AND (v_gone IS NULL OR dep.id <> ALL (v_gone))
           AND (e.s ? 'after' OR e.s ? 'depends_on')
         -- No ON CONFLICT: every job_id here is new, and DISTINCT removes repeats.
         RETURNING job_id, depends_on
@@ -739,15 +790,21 @@ BEGIN
     -- The stored specs whose dependency can no longer succeed were created waiting
     -- (without their dedup keys, see above); they are cancelled now, naming it, and
     -- with them what waits on them through "after".
-    -- Nothing links them to that dependency, and their last_error is not "dependency
-    -- failed: ...", so a retry of it, or of another of their dependencies, does not
-    -- revive them (they would run without it); a retry of such a job itself does.
+    -- Named as any job a dependency's failure cancels ("dependency failed: job N
+    -- failed"), with an edge to it: a retry of that dependency revives the child (it
+    -- waits for it again), a retry of another of its dependencies does not (this one
+    -- still failed), and a retry of the child makes it wait for all of them. A
+    -- dependency that is gone cannot be waited for: a child naming one is "cancelled
+    -- at creation" (no retry of another job revives it; a retry of the child itself
+    -- runs it without that one, which is the operator's call).
     IF v_doomed_ords IS NOT NULL THEN
         WITH cancelled AS (
             UPDATE pgqueue.jobs j
                SET state = 'cancelled', finished_at = now(),
-                   last_error = format('cancelled at creation: dependency job %s %s', x.dep,
-                                       v_dead_why[array_position(v_dead, x.dep)])
+                   last_error = CASE WHEN x.dep = ANY (v_gone)
+                                     THEN format('cancelled at creation: dependency job %s no longer exists', x.dep)
+                                     ELSE format('dependency failed: job %s %s', x.dep,
+                                                 v_dead_why[array_position(v_dead, x.dep)]) END
               FROM unnest(v_doomed_ords, v_doomed_deps) x(ord, dep)
              WHERE j.id = v_new[x.ord] AND j.state = 'waiting'
             RETURNING j.id

@@ -79,9 +79,13 @@ BEGIN
     IF v_scope IS NOT NULL THEN
         PERFORM pgqueue._lock_scope_order(ARRAY[v_scope]);
     END IF;
+    -- An earlier attempt's error stays (a queued job between retries). One a dependency's
+    -- failure wrote (a job revived by a retry of that dependency, or retried itself)
+    -- does not: retry() revives jobs by it, and this one was cancelled by hand.
     UPDATE pgqueue.jobs j
        SET state = 'cancelled', scope_blocked = false, finished_at = now(),
-           last_error = coalesce(j.last_error, 'cancelled')
+           last_error = CASE WHEN j.last_error IS NULL OR j.last_error LIKE 'dependency failed: %'
+                             THEN 'cancelled' ELSE j.last_error END
      WHERE j.id = cancel.job_id AND j.state IN ('waiting', 'queued');
     IF NOT FOUND THEN
         RETURN false;
@@ -178,17 +182,18 @@ BEGIN
     IF v.scope IS NOT NULL THEN
         PERFORM pg_advisory_xact_lock(pgqueue._lock_class('scope'), pgqueue._scope_lock_key(v.scope));
     END IF;
-    -- Dependents cancelled because this job failed wait again for it.
+    -- Dependents cancelled because this job failed wait again for it, and so do those
+    -- cancelled with its pipeline: a retry of a member resumes the pipeline downstream of it.
     WITH RECURSIVE downstream(id) AS (
         SELECT d.job_id FROM pgqueue.job_dependencies d
         JOIN pgqueue.jobs w ON w.id = d.job_id AND w.state = 'cancelled'
-                           AND w.last_error LIKE 'dependency failed: %'
+                           AND (w.last_error LIKE 'dependency failed: %' OR w.last_error = 'pipeline cancelled')
         WHERE d.depends_on = retry.job_id
         UNION
         SELECT d.job_id FROM downstream x
         JOIN pgqueue.job_dependencies d ON d.depends_on = x.id
         JOIN pgqueue.jobs w ON w.id = d.job_id AND w.state = 'cancelled'
-                           AND w.last_error LIKE 'dependency failed: %'
+                           AND (w.last_error LIKE 'dependency failed: %' OR w.last_error = 'pipeline cancelled')
     )
     SELECT array_agg(x.id) INTO v_downstream FROM downstream x;
     -- Every key that may become pending again, locked in key order (as a batch
@@ -256,8 +261,9 @@ BEGIN
     -- Each of them depends (transitively) on this job, which has not succeeded: they wait.
     -- A key stays with the oldest of them that holds it, if no other pending job
     -- (this one included, a statement ago) has it by now.
+    -- Their "dependency failed" no longer holds (and they never ran: nothing else to keep).
     UPDATE pgqueue.jobs j
-       SET state = 'waiting', finished_at = NULL,
+       SET state = 'waiting', finished_at = NULL, last_error = NULL,
            pending_deps = pgqueue._unfinished_deps(j.id),
            dedup_key = CASE WHEN j.id = (SELECT min(o.id) FROM pgqueue.jobs o
                                          WHERE o.id = ANY (v_downstream) AND o.dedup_key = j.dedup_key)
@@ -269,8 +275,9 @@ END
 $$;
 COMMENT ON FUNCTION pgqueue.retry(bigint) IS
     'Put a failed or cancelled job back to queued (waiting if its dependencies have not all succeeded) with '
-    'attempts reset to 0; dependents that were cancelled because of it wait for it again (unless another of '
-    'their dependencies failed or was cancelled too). A dedup_key that '
+    'attempts reset to 0; dependents that were cancelled because of it, or with its pipeline, wait for it '
+    'again (unless another of their dependencies failed or was cancelled too); a cancelled pipeline''s mark '
+    'is lifted. A dedup_key that '
     'another pending job took meanwhile is given up (by the job or a dependent), never raised on. Returns '
     'false if the job is not failed or cancelled.';
 
@@ -315,6 +322,18 @@ LANGUAGE sql STABLE AS $$
                  JOIN pgqueue.job_dependencies d ON d.job_id = g.id
                  JOIN pgqueue.jobs p ON p.id = d.depends_on
                  WHERE p.state IN ('failed', 'cancelled'))
+$$;
+
+-- The marks of cancelled pipelines none of whose jobs is left, cancelled before
+-- p_before: kept for good, the table would grow with every cancel, and an id
+-- reused later (a deterministic one) would be refused forever. A recent mark of
+-- an id with no jobs stays: the pipeline may have been cancelled while its
+-- first jobs were being enqueued.
+CREATE FUNCTION pgqueue._drop_ended_pipeline_marks(p_before timestamptz) RETURNS void
+LANGUAGE sql AS $$
+    DELETE FROM pgqueue.cancelled_pipelines c
+    WHERE c.cancelled_at < p_before
+      AND NOT EXISTS (SELECT 1 FROM pgqueue.jobs j WHERE j.pipeline_id = c.pipeline_id)
 $$;
 
 CREATE FUNCTION pgqueue.prune(older_than interval) RETURNS bigint
@@ -368,14 +387,15 @@ BEGIN
         v_count := v_count + v_deleted;
     END LOOP;
     PERFORM pgqueue._drop_ended_abort_requests();
+    PERFORM pgqueue._drop_ended_pipeline_marks(now() - prune.older_than);
     RETURN v_count;
 END
 $$;
 COMMENT ON FUNCTION pgqueue.prune(interval) IS
     'Delete final jobs whose finished_at is older than older_than (except the current job of each scope, and '
-    'a failed or cancelled job while a job that depends on it remains), and '
-    'abort requests whose job no longer runs (one another transaction holds: at a later call); returns how '
-    'many jobs were deleted.';
+    'a failed or cancelled job while a job that depends on it remains), '
+    'abort requests whose job no longer runs (one another transaction holds: at a later call), and the marks '
+    'of cancelled pipelines cancelled before then with no job left; returns how many jobs were deleted.';
 
 -- Retention: what every worker runs (one at a time, under a leader lock), and
 -- what pg_cron can run where no worker does. A batch of the oldest final jobs
@@ -413,12 +433,14 @@ BEGIN
       AND j.finished_at < now() - v_after::interval AND NOT j.is_current;
     GET DIAGNOSTICS v_count = ROW_COUNT;
     PERFORM pgqueue._drop_ended_abort_requests();
+    PERFORM pgqueue._drop_ended_pipeline_marks(now() - v_after::interval);
     RETURN v_count;
 END
 $$;
 COMMENT ON FUNCTION pgqueue.prune_expired(int) IS
     'prune() by settings.prune_after (nothing if never), at most batch_size jobs, oldest first, skipping rows '
-    'other transactions hold (it never waits); returns how many were deleted (call again while that is '
+    'other transactions hold (it never waits), with the marks of cancelled pipelines that have no job left; '
+    'returns how many were deleted (call again while that is '
     'batch_size). Workers run it every heartbeat period, one at a time.';
 
 CREATE FUNCTION pgqueue.cancel_pipeline(pipeline_id uuid) RETURNS bigint
@@ -489,7 +511,7 @@ $$;
 COMMENT ON FUNCTION pgqueue.cancel_pipeline(uuid) IS
     'Cancel every waiting or queued job of a pipeline and mark it cancelled: members still running finish, '
     'but their children are created cancelled and their retries end cancelled. Returns how many jobs were '
-    'cancelled. pgqueue.retry() of a member resumes the pipeline.';
+    'cancelled. pgqueue.retry() of a member lifts the mark and revives what waits on it, cancelled with the pipeline.';
 
 CREATE FUNCTION pgqueue.abort_pipeline(pipeline_id uuid) RETURNS bigint
 LANGUAGE plpgsql AS $$

@@ -54,6 +54,12 @@ def test_enqueue_list_cancel_retry_stats(db_dsn: str) -> None:
     assert run(db_dsn, "retry", str(job_id)).exit_code == 0
     out = run(db_dsn, "stats")
     assert out.exit_code == 0 and "q" in out.output, out.output
+    # Queues by name, states in a job's order (the rows came unordered).
+    for queue in ("b", "a", "b"):
+        run(db_dsn, "enqueue", "x", "--queue", queue)
+    assert run(db_dsn, "cancel", str(job_id + 3)).exit_code == 0
+    lines = [line.split()[:2] for line in run(db_dsn, "stats").output.splitlines()[1:5]]
+    assert lines == [["a", "queued"], ["b", "queued"], ["b", "cancelled"], ["q", "queued"]]
     assert run(db_dsn, "recover").output.startswith("recovered 0 job(s)")
     assert run(db_dsn, "prune", "--older-than", "7d").output == "pruned 0 job(s)\n"
     assert run(db_dsn, "prune", "--older-than", "1 day 2 hours").exit_code == 0
@@ -90,6 +96,9 @@ def test_show_prints_one_job_whole_with_its_dependencies(db_dsn: str) -> None:
     assert re.search(rf"^depends on\s+{first} \(queued\)$", out.output, re.M), out.output
     assert re.search(r"^waiting_for\s+1$", out.output, re.M), out.output
     assert not re.search(r"^(result|finished_at|locked_by)\s", out.output, re.M)  # NULLs left out
+    # The list shows a traceback's last line, what happened (its first said only that it did).
+    listed = run(db_dsn, "jobs", "--job-type", "a").output
+    assert re.search(r"\s+ValueError: boom$", listed, re.M), listed
     missing = run(db_dsn, "show", "999999")
     assert missing.exit_code == 1 and "job 999999: no such job" in missing.output
 

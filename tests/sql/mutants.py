@@ -574,13 +574,12 @@ MUTANTS: dict[str, Mutant] = {
         "NULL;",
         "test_semantics.py::test_a_stored_specs_dependency_that_ended_cancels_the_child_not_the_success[failed]",
     ),
-    # An edge to a dependency that ended: a retry waiting for the completion's lock never
-    # sees it, a prune deletes the job and the edge.
-    "edge_to_ended_dependency": Mutant(
+    # An edge to a dependency that is gone (pruned): inert, but counted as pending.
+    "edge_to_pruned_dependency": Mutant(
         "pgqueue._insert_specs(jsonb,uuid,bigint,text,boolean,integer)",
-        "AND (v_dead IS NULL OR dep.id <> ALL (v_dead))",
+        "AND (v_gone IS NULL OR dep.id <> ALL (v_gone))",
         "AND true",
-        "test_fanin_races.py::test_a_completion_creating_a_child_of_an_ended_dependency_links_nothing_to_it[retry]",
+        "test_semantics.py::test_a_stored_specs_dependency_that_ended_cancels_the_child_not_the_success[pruned]",
     ),
     # A child's own stored specs checked again when the child is created: a dependency
     # pruned since makes the parent's completion raise, every time.
@@ -604,13 +603,49 @@ MUTANTS: dict[str, Mutant] = {
         "AND false",
         "test_semantics.py::test_specs_cancelled_at_creation_take_part_in_no_coalescing",
     ),
-    # A child cancelled at creation named like one a failure cancelled: a retry of its
-    # other dependency revives it, and it runs without the one that had failed.
-    "doomed_child_named_like_a_cancelled_dependent": Mutant(
+    # A stored spec's child written with no edge to the dependency that failed (session
+    # 20's design): a retry of that dependency does not revive it.
+    "stored_child_without_edge_to_failed_dependency": Mutant(
         "pgqueue._insert_specs(jsonb,uuid,bigint,text,boolean,integer)",
-        "format('cancelled at creation: dependency job %s %s'",
-        "format('dependency failed: job %s %s'",
-        "test_semantics.py::test_a_child_cancelled_at_creation_is_revived_only_by_its_own_retry",
+        "AND (v_gone IS NULL OR dep.id <> ALL (v_gone))",
+        "AND (v_dead IS NULL OR dep.id <> ALL (v_dead))",
+        "test_semantics.py::test_a_retry_of_the_stored_dependency_revives_the_child",
+    ),
+    # A prune that waited for the completion creating a cancelled dependent deletes the job
+    # and its new edge; named "dependency failed", a retry of another dependency revives it.
+    "deleted_dependency_keeps_the_revivable_name": Mutant(
+        "pgqueue._drop_edges()",
+        "AND j.last_error LIKE 'dependency failed: %';",
+        "AND false;",
+        "test_fanin_races.py::test_a_child_of_an_ended_dependency_created_during_its_retry_or_prune_never_runs_without_it[prune]",
+    ),
+    # Specs merged by dedup_key not seen as one node: the first waits for itself.
+    "merged_specs_not_checked_for_cycles": Mutant(
+        "pgqueue._check_specs(jsonb,text,boolean,integer)",
+        "IF v_chained OR (v_after AND v_ndedups > 0",
+        "IF v_chained OR (false AND v_ndedups > 0",
+        "test_semantics.py::test_specs_merged_by_dedup_key_waiting_on_each_other_are_a_cycle",
+    ),
+    # cancel() keeping a dependency's "dependency failed" text: retry revives by it.
+    "cancel_keeps_dependency_failed": Mutant(
+        "pgqueue.cancel(bigint)",
+        "OR j.last_error LIKE 'dependency failed: %'",
+        "",
+        "test_semantics.py::test_a_job_cancelled_by_hand_is_not_revived_by_a_retry_of_its_dependency[retried itself]",
+    ),
+    # A retry of a member lifting the pipeline's mark only: what waits on it stays cancelled.
+    "retry_does_not_resume_the_pipeline": Mutant(
+        "pgqueue.retry(bigint)",
+        " OR w.last_error = 'pipeline cancelled')",
+        ")",
+        "test_semantics.py::test_a_retry_of_a_member_resumes_a_cancelled_pipeline_downstream_of_it",
+    ),
+    # One key namespace for a parent's stored and passed specs.
+    "stored_and_passed_keys_shared": Mutant(
+        "pgqueue._insert_specs(jsonb,uuid,bigint,text,boolean,integer)",
+        "IF p_stored > 0 AND jsonb_array_length(p_specs) > p_stored AND p_specs @? '$[*].key' THEN",
+        "IF false THEN",
+        "test_semantics.py::test_stored_and_passed_specs_have_keys_of_their_own",
     ),
 }
 

@@ -550,23 +550,24 @@ async def test_a_dependent_enqueued_while_a_failure_cancels_its_dependency_is_ca
 
 
 @pytest.mark.parametrize("other", ["retry", "prune"])
-async def test_a_completion_creating_a_child_of_an_ended_dependency_links_nothing_to_it(
+async def test_a_child_of_an_ended_dependency_created_during_its_retry_or_prune_never_runs_without_it(
     connect: Connect, other: str
 ) -> None:
     """A parent's stored spec depends on a job that failed meanwhile; the parent completes
     while that job is retried or pruned. The completion share-locks it, so the other waits
     (observed), then goes on with what it read before: a retry does not re-read the jobs
-    downstream, a prune does not re-check that nothing depends on it. So the child, created
-    cancelled, must get no edge to it (from the review of the first version, which wrote one:
-    a retry left the child and its sibling cancelled with an edge it never followed; a prune
-    deleted the job and the edge, which the retry case catches and this one only shows
-    proceeding: waiting, then deleting, with nothing left pointing at the job)."""
+    downstream, a prune does not re-check that nothing depends on it. The child, created
+    cancelled with an edge to the failed job (session 22: as any dependent of it), is then
+    left cancelled: after the retry with that edge, so that a retry of the child waits for
+    the job; after the prune with no edge and a name retry does not revive by, so that a
+    retry of another of its dependencies leaves it be (it would run without the job)."""
     observer, completer, rival = await sessions(connect, "obs", "complete", other)
     dep = await observer.fetchval("SELECT pgqueue.enqueue('dep', max_attempts => 1)")
+    live = await observer.fetchval("SELECT pgqueue.enqueue('live', max_attempts => 1)")
     parent = await observer.fetchval(
         "SELECT pgqueue.enqueue('parent', next_jobs => $1::jsonb)",
         [
-            {"job_type": "child", "key": "c", "depends_on": [dep]},
+            {"job_type": "child", "key": "c", "depends_on": [dep, live]},
             {"job_type": "sibling", "after": ["c"]},
         ],
     )
@@ -586,15 +587,27 @@ async def test_a_completion_creating_a_child_of_an_ended_dependency_links_nothin
     assert await step == (True if other == "retry" else 1)
 
     kids = await observer.fetch(
-        "SELECT id, job_type, state FROM pgqueue.jobs WHERE parent_id = $1 ORDER BY id", parent
+        "SELECT id, job_type, state, last_error FROM pgqueue.jobs WHERE parent_id = $1 ORDER BY id",
+        parent,
     )
+    child = kids[0]["id"]
     assert [(k["job_type"], k["state"]) for k in kids] == [
         ("child", "cancelled"),
         ("sibling", "cancelled"),
     ]
-    assert (
-        await observer.fetchval(
-            "SELECT count(*) FROM pgqueue.job_dependencies WHERE depends_on = $1", dep
-        )
-        == 0
+    edges = await observer.fetch(
+        "SELECT depends_on FROM pgqueue.job_dependencies WHERE job_id = $1 ORDER BY 1", child
     )
+    state = "SELECT state, pending_deps FROM pgqueue.jobs WHERE id = $1"
+    if other == "retry":
+        assert [e["depends_on"] for e in edges] == [dep, live]
+        assert kids[0]["last_error"] == f"dependency failed: job {dep} failed"
+        assert await observer.fetchval("SELECT pgqueue.retry($1)", child) is True
+        assert tuple(await observer.conn.fetchrow(state, child)) == ("waiting", 2)
+    else:
+        assert [e["depends_on"] for e in edges] == [live]
+        assert kids[0]["last_error"] == f"cancelled: dependency job {dep} was deleted"
+        await observer.fetch("SELECT id FROM pgqueue.claim($1, 'w')", live)
+        assert await observer.fetchval("SELECT pgqueue.fail($1, 'w', 'x')", live) == "failed"
+        assert await observer.fetchval("SELECT pgqueue.retry($1)", live) is True
+        assert (await observer.conn.fetchrow(state, child))[0] == "cancelled"

@@ -251,7 +251,9 @@ async def test_deleting_a_job_that_had_not_succeeded_cancels_what_waits_for_it(
     )
     assert [(r["state"], r["pending_deps"], r["last_error"]) for r in rows] == [
         ("waiting", 1, None),
-        ("cancelled", 1, f"dependency failed: job {queued} was deleted"),
+        # Named apart from a failure: a retry of another dependency of it would revive it
+        # by that name and run it without the deleted one (session 22's review).
+        ("cancelled", 1, f"cancelled: dependency job {queued} was deleted"),
         ("cancelled", 1, f"dependency failed: job {queued} was deleted"),
     ]
     edges = await conn.fetch(
@@ -286,3 +288,41 @@ async def test_prune_following_a_chain_never_waits_for_a_retry(
     left = await conn.fetch("SELECT id, state FROM pgqueue.jobs ORDER BY id")
     expected = "failed" if retried == "dependent" else "queued"
     assert [tuple(r) for r in left] == [(dependency, expected)]
+
+
+async def test_prune_drops_the_marks_of_cancelled_pipelines_with_no_job_left(
+    conn: asyncpg.Connection,
+) -> None:
+    """From the review: the marks were kept for good (the table grew with every cancel, and
+    a reused id was refused forever). A mark goes with the pipeline's last job, once older
+    than the bound; a recent mark of an id with no jobs stays (a pipeline cancelled while its
+    first jobs are enqueued); one whose pipeline still has jobs stays."""
+    gone, fresh, kept = (
+        "11111111-1111-1111-1111-111111111111",
+        "22222222-2222-2222-2222-222222222222",
+        "33333333-3333-3333-3333-333333333333",
+    )
+    await conn.fetchval("SELECT pgqueue.enqueue('t', pipeline_id => $1::uuid)", kept)
+    for pid in (gone, fresh, kept):
+        await conn.fetchval("SELECT pgqueue.cancel_pipeline($1::uuid)", pid)
+    await conn.execute(
+        "UPDATE pgqueue.cancelled_pipelines SET cancelled_at = now() - interval '2 days'"
+        " WHERE pipeline_id <> $1::uuid",
+        fresh,
+    )
+    await conn.execute(  # the kept pipeline's job: cancelled, but not old enough to prune
+        "UPDATE pgqueue.jobs SET finished_at = now() WHERE pipeline_id = $1::uuid", kept
+    )
+    assert await conn.fetchval("SELECT pgqueue.prune(interval '1 day')") == 0
+    marks = await conn.fetch("SELECT pipeline_id::text FROM pgqueue.cancelled_pipelines ORDER BY 1")
+    assert [m[0] for m in marks] == [fresh, kept]
+    await conn.execute("UPDATE pgqueue.settings SET value = '1 day' WHERE name = 'prune_after'")
+    await conn.execute(
+        "UPDATE pgqueue.jobs SET finished_at = now() - interval '3 days' WHERE pipeline_id = $1::uuid",
+        kept,
+    )
+    assert await conn.fetchval("SELECT pgqueue.prune_expired()") == 1
+    marks = await conn.fetch("SELECT pipeline_id::text FROM pgqueue.cancelled_pipelines ORDER BY 1")
+    assert [m[0] for m in marks] == [fresh]
+    # The id can be used again.
+    await conn.fetchval("SELECT pgqueue.enqueue('t', pipeline_id => $1::uuid)", gone)

@@ -335,9 +335,13 @@ async def test_a_stored_specs_dependency_that_ended_cancels_the_child_not_the_su
         "SELECT id, job_type, state, last_error FROM pgqueue.jobs WHERE parent_id = $1 ORDER BY id",
         parent,
     )
-    why = {"cancelled": "was cancelled", "failed": "failed", "pruned": "no longer exists"}[fate]
+    why = {
+        "cancelled": f"dependency failed: job {dep} was cancelled",
+        "failed": f"dependency failed: job {dep} failed",
+        "pruned": f"cancelled at creation: dependency job {dep} no longer exists",
+    }[fate]
     assert [(k["job_type"], k["state"], k["last_error"]) for k in kids] == [
-        ("child", "cancelled", f"cancelled at creation: dependency job {dep} {why}"),
+        ("child", "cancelled", why),
         ("sibling", "cancelled", f"dependency failed: job {kids[0]['id']} was cancelled"),
         ("other", "waiting", None),
     ]
@@ -345,14 +349,18 @@ async def test_a_stored_specs_dependency_that_ended_cancels_the_child_not_the_su
         "SELECT depends_on FROM pgqueue.job_dependencies WHERE job_id = $1 ORDER BY 1",
         kids[0]["id"],
     )
-    # No edge to the dependency that ended: retry and prune rely on none to a failed or
-    # cancelled job ever being created. A retry of it leaves the child as it is.
-    assert [e["depends_on"] for e in edges] == [live]
+    # An edge to the dependency that ended, as for a job that depended on it when it ended
+    # (none to a pruned one: it cannot be waited for). A retry of it revives the child and
+    # its sibling, which wait for it again, as design.md's fan-in says.
+    assert [e["depends_on"] for e in edges] == ([live] if fate == "pruned" else [dep, live])
     if fate != "pruned":
         assert await conn.fetchval("SELECT pgqueue.retry($1)", dep) is True
-        assert await conn.fetchval(
-            "SELECT state FROM pgqueue.jobs WHERE id = $1", kids[0]["id"]
-        ) == ("cancelled")
+        revived = await conn.fetch(
+            "SELECT state, pending_deps, last_error FROM pgqueue.jobs WHERE id = ANY ($1)"
+            " ORDER BY id",
+            [kids[0]["id"], kids[1]["id"]],
+        )
+        assert [tuple(r) for r in revived] == [("waiting", 2, None), ("waiting", 1, None)]
 
 
 async def test_specs_cancelled_at_creation_take_part_in_no_coalescing(connect: Connect) -> None:
@@ -419,11 +427,14 @@ async def test_a_stored_spec_with_an_ended_dependency_gives_up_a_key_nobody_hold
     ]
 
 
-async def test_a_child_cancelled_at_creation_is_revived_only_by_its_own_retry(
+async def test_a_child_whose_stored_dependency_failed_waits_for_it_when_retried(
     connect: Connect,
 ) -> None:
-    """From the second review: named "dependency failed", the child was revived by a retry
-    of its other dependency (it has no edge to the one that had failed) and ran."""
+    """From the reviews: with no edge to the dependency that had failed, the child was
+    revived by a retry of its other dependency and ran without it (session 20); then, named
+    apart so that it was not, a retry of the child queued it at once while that dependency
+    was queued again (session 22: design.md says it waits until every dependency has
+    succeeded). It now has its edge, like any job a dependency's failure cancels."""
     conn = await _conn(connect)
     dep = await conn.fetchval("SELECT pgqueue.enqueue('dep', max_attempts => 1)")
     other = await conn.fetchval("SELECT pgqueue.enqueue('other', max_attempts => 1)")
@@ -439,11 +450,36 @@ async def test_a_child_cancelled_at_creation_is_revived_only_by_its_own_retry(
     await _run(conn, other)
     assert await conn.fetchval("SELECT pgqueue.fail($1, 'w', 'boom')", other) == "failed"
     assert await conn.fetchval("SELECT pgqueue.retry($1)", other) is True
-    state = "SELECT state FROM pgqueue.jobs WHERE id = $1"
-    assert await conn.fetchval(state, child) == "cancelled"
-    # A retry of the child itself is the operator's call: it waits for what it still links to.
+    state = "SELECT state, pending_deps FROM pgqueue.jobs WHERE id = $1"
+    assert (await conn.fetchrow(state, child))[0] == "cancelled"  # dep still failed
+    # A retry of the child itself waits for both: neither has succeeded.
     assert await conn.fetchval("SELECT pgqueue.retry($1)", child) is True
-    assert await conn.fetchval(state, child) == "waiting"
+    assert tuple(await conn.fetchrow(state, child)) == ("waiting", 2)
+    assert await conn.fetchval("SELECT pgqueue.retry($1)", dep) is True
+    for job in (dep, other):
+        await _run(conn, job)
+        assert await conn.fetchval("SELECT pgqueue.complete($1, 'w')", job) is True
+    assert tuple(await conn.fetchrow(state, child)) == ("queued", 0)
+
+
+async def test_a_retry_of_the_stored_dependency_revives_the_child(connect: Connect) -> None:
+    """The review's case: the child's dependency failed before its parent succeeded; a retry
+    of that dependency brings the child back waiting for it, not queued beside it."""
+    conn = await _conn(connect)
+    dep = await conn.fetchval("SELECT pgqueue.enqueue('dep', max_attempts => 1)")
+    parent = await conn.fetchval(
+        "SELECT pgqueue.enqueue('parent', next_jobs => $1::jsonb)",
+        [{"job_type": "child", "key": "c", "depends_on": [dep]}, {"job_type": "d", "after": ["c"]}],
+    )
+    for job in (dep, parent):
+        await _run(conn, job)
+    assert await conn.fetchval("SELECT pgqueue.fail($1, 'w', 'boom')", dep) == "failed"
+    assert await conn.fetchval("SELECT pgqueue.complete($1, 'w')", parent) is True
+    assert await conn.fetchval("SELECT pgqueue.retry($1)", dep) is True
+    kids = await conn.fetch(
+        "SELECT state, pending_deps FROM pgqueue.jobs WHERE parent_id = $1 ORDER BY id", parent
+    )
+    assert [tuple(k) for k in kids] == [("waiting", 1), ("waiting", 1)]
 
 
 async def test_a_grandchilds_dependency_pruned_meanwhile_refuses_nothing(
@@ -646,3 +682,175 @@ async def test_vacuum_blockers_names_open_snapshots_oldest_first(connect: Connec
     for transaction in (old, wrote, young):
         await transaction.rollback()
     assert await me.fetch(here) == []
+
+
+# --------------------------------------------------------------------------- session 22 review
+
+
+@pytest.mark.parametrize(
+    "specs",
+    [
+        # the first of two with a key waits for the second, merged into it: for itself
+        [
+            {"job_type": "t", "key": "a", "dedup_key": "K", "after": ["b"]},
+            {"job_type": "t", "key": "b", "dedup_key": "K"},
+        ],
+        # ... through another spec: a real cycle of two jobs
+        [
+            {"job_type": "t", "key": "a", "dedup_key": "K", "after": ["x"]},
+            {"job_type": "t", "key": "x", "after": ["b"]},
+            {"job_type": "t", "key": "b", "dedup_key": "K"},
+        ],
+        # the first one without a key
+        [
+            {"job_type": "t", "dedup_key": "K", "after": ["b"]},
+            {"job_type": "t", "key": "b", "dedup_key": "K"},
+        ],
+    ],
+)
+async def test_specs_merged_by_dedup_key_waiting_on_each_other_are_a_cycle(
+    connect: Connect, specs: list[dict[str, object]]
+) -> None:
+    """From the review: accepted, the first was left waiting with no edge for good (or two
+    jobs waited for each other), and later enqueues of the key merged into it."""
+    conn = await _conn(connect)
+    message = 'the after lists form a cycle through the specs with dedup_key "K"'
+    with pytest.raises(asyncpg.InvalidParameterValueError, match=re.escape(message)):
+        await conn.fetch("SELECT pgqueue.enqueue_many($1::jsonb)", specs)
+    parent = await conn.fetchval("SELECT pgqueue.enqueue('parent')")
+    await _run(conn, parent)
+    with pytest.raises(asyncpg.InvalidParameterValueError, match=re.escape(message)):
+        await conn.fetchval("SELECT pgqueue.complete($1, 'w', NULL, $2::jsonb)", parent, specs)
+    assert await conn.fetchval("SELECT count(*) FROM pgqueue.jobs") == 1
+    assert await conn.fetchval("SELECT count(*) FROM pgqueue.job_dependencies") == 0
+    # The other order merges the waiter into the one it waits for: no cycle, one job.
+    ids = [
+        r[0]
+        for r in await conn.fetch(
+            "SELECT pgqueue.enqueue_many($1::jsonb)",
+            [
+                {"job_type": "t", "key": "b", "dedup_key": "K"},
+                {"job_type": "t", "key": "a", "dedup_key": "K", "after": ["b"]},
+            ],
+        )
+    ]
+    assert ids[0] == ids[1]
+    assert await conn.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", ids[0]) == "queued"
+
+
+@pytest.mark.parametrize("back", ["revived", "retried itself"])
+async def test_a_job_cancelled_by_hand_is_not_revived_by_a_retry_of_its_dependency(
+    connect: Connect, back: str
+) -> None:
+    """From the review: back to waiting (revived by a retry of A, or retried itself), the
+    dependent kept "dependency failed: job A failed", which cancel() kept too; a later retry
+    of A revived the job the operator had cancelled."""
+    conn = await _conn(connect)
+    a = await conn.fetchval("SELECT pgqueue.enqueue('a', max_attempts => 1)")
+    d = await conn.fetchval("SELECT pgqueue.enqueue('d', depends_on => ARRAY[$1::bigint])", a)
+    await _run(conn, a)
+    assert await conn.fetchval("SELECT pgqueue.fail($1, 'w', 'boom')", a) == "failed"
+    row = "SELECT state, last_error FROM pgqueue.jobs WHERE id = $1"
+    if back == "revived":
+        assert await conn.fetchval("SELECT pgqueue.retry($1)", a) is True
+        assert tuple(await conn.fetchrow(row, d)) == ("waiting", None)
+    else:  # it waits for A, failed, until A is retried and succeeds
+        assert await conn.fetchval("SELECT pgqueue.retry($1)", d) is True
+        assert (await conn.fetchrow(row, d))[0] == "waiting"
+        assert await conn.fetchval("SELECT pgqueue.retry($1)", a) is True
+    assert await conn.fetchval("SELECT pgqueue.cancel($1)", d) is True
+    assert tuple(await conn.fetchrow(row, d)) == ("cancelled", "cancelled")
+    await _run(conn, a)
+    assert await conn.fetchval("SELECT pgqueue.fail($1, 'w', 'again')", a) == "failed"
+    assert await conn.fetchval("SELECT pgqueue.retry($1)", a) is True
+    assert tuple(await conn.fetchrow(row, d)) == ("cancelled", "cancelled")
+
+
+async def test_stored_and_passed_specs_have_keys_of_their_own(connect: Connect) -> None:
+    """From the review: a fan-out stored at enqueue and another returned by the handler both
+    use the keys Result.fan_out makes; complete() refused the success ("key used by more
+    than one spec") on every attempt. Keys are local to their array."""
+    conn = await _conn(connect)
+    fan_out = [
+        {"job_type": "part", "key": "p0"},
+        {"job_type": "join", "after": ["p0"]},
+    ]
+    parent = await conn.fetchval(
+        "SELECT pgqueue.enqueue('parent', next_jobs => $1::jsonb)", fan_out
+    )
+    await _run(conn, parent)
+    unknown = [{"job_type": "x", "after": ["stored_only"]}]
+    stored_key = [{"job_type": "x", "after": ["p9"]}]
+    await conn.execute(
+        "UPDATE pgqueue.jobs SET next_jobs = next_jobs || $2::jsonb WHERE id = $1",
+        parent,
+        [{"job_type": "s", "key": "p9"}],
+    )
+    for passed in (unknown, stored_key):  # a passed "after" finds no stored key
+        with pytest.raises(asyncpg.InvalidParameterValueError, match="after names unknown key"):
+            await conn.fetchval("SELECT pgqueue.complete($1, 'w', NULL, $2::jsonb)", parent, passed)
+    assert await conn.fetchval("SELECT pgqueue.complete($1, 'w', NULL, $2::jsonb)", parent, fan_out)
+    rows = await conn.fetch(
+        "SELECT job_type, state, pending_deps FROM pgqueue.jobs WHERE parent_id = $1 ORDER BY id",
+        parent,
+    )
+    assert [tuple(r) for r in rows] == [
+        ("part", "queued", 0),
+        ("join", "waiting", 1),
+        ("s", "queued", 0),
+        ("part", "queued", 0),
+        ("join", "waiting", 1),
+    ]
+    joins = await conn.fetch(
+        "SELECT j.id, d.depends_on FROM pgqueue.jobs j"
+        " JOIN pgqueue.job_dependencies d ON d.job_id = j.id"
+        " WHERE j.parent_id = $1 ORDER BY j.id",
+        parent,
+    )
+    parts = [
+        r[0]
+        for r in await conn.fetch(
+            "SELECT id FROM pgqueue.jobs WHERE parent_id = $1 AND job_type = 'part' ORDER BY id",
+            parent,
+        )
+    ]
+    assert [j["depends_on"] for j in joins] == parts  # each join waits for its own part
+
+
+async def test_a_retry_of_a_member_resumes_a_cancelled_pipeline_downstream_of_it(
+    connect: Connect,
+) -> None:
+    """From the review: the docs said a retry of a member "resumes the pipeline"; it lifted
+    the mark only, and the members after it stayed cancelled. What waits on the member,
+    cancelled with the pipeline, waits again; another branch stays cancelled."""
+    conn = await _conn(connect)
+    pid = str(uuid.uuid4())
+    a = await conn.fetchval("SELECT pgqueue.enqueue('a', pipeline_id => $1::uuid)", pid)
+    b = await conn.fetchval(
+        "SELECT pgqueue.enqueue('b', pipeline_id => $1::uuid, depends_on => ARRAY[$2::bigint])",
+        pid,
+        a,
+    )
+    c = await conn.fetchval(
+        "SELECT pgqueue.enqueue('c', pipeline_id => $1::uuid, depends_on => ARRAY[$2::bigint])",
+        pid,
+        b,
+    )
+    other = await conn.fetchval("SELECT pgqueue.enqueue('other', pipeline_id => $1::uuid)", pid)
+    outside = await conn.fetchval(
+        "SELECT pgqueue.enqueue('outside', depends_on => ARRAY[$1::bigint])", c
+    )
+    assert await conn.fetchval("SELECT pgqueue.cancel_pipeline($1::uuid)", pid) == 4
+    assert await conn.fetchval("SELECT pgqueue.retry($1)", a) is True
+    rows = await conn.fetch(
+        "SELECT state, last_error FROM pgqueue.jobs WHERE id = ANY ($1) ORDER BY id",
+        [a, b, c, other, outside],
+    )
+    assert [tuple(r) for r in rows] == [
+        ("queued", "pipeline cancelled"),  # the retried job keeps its last_error
+        ("waiting", None),
+        ("waiting", None),
+        ("cancelled", "pipeline cancelled"),  # another branch: retried by itself
+        ("waiting", None),
+    ]
+    assert await conn.fetchval("SELECT count(*) FROM pgqueue.cancelled_pipelines") == 0
