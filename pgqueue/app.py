@@ -16,7 +16,17 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from pgqueue.dsn import INT4_MAX, ConnOrPool, as_aware, dumps, id_array
-from pgqueue.job import Job, Spec, SpecLike, as_delay, normal_spec, spec_dict
+from pgqueue.job import (
+    Job,
+    Spec,
+    SpecLike,
+    as_delay,
+    job_id_list,
+    normal_spec,
+    pipeline_id_text,
+    spec_dict,
+    spec_list,
+)
 from pgqueue.pipeline import Pipeline, PipelineStatus, cancel_pipeline, pipeline_status
 from pgqueue.schedule import MAX_EVERY, Schedule
 
@@ -255,9 +265,11 @@ class App:
             delay,
             priority,
             max_attempts,
-            None if pipeline_id is None else str(pipeline_id),
-            None if next_jobs is None else dumps([self.with_defaults(s) for s in next_jobs]),
-            None if depends_on is None else id_array(depends_on),
+            pipeline_id_text(pipeline_id),
+            None
+            if next_jobs is None
+            else dumps([self.with_defaults(s) for s in spec_list("next_jobs", next_jobs)]),
+            None if depends_on is None else id_array(job_id_list("depends_on", depends_on)),
         )
         return job_id
 
@@ -377,8 +389,9 @@ class App:
     ) -> Spec:
         """A :class:`~pgqueue.Spec` with ``job_type``'s registered queue and ``max_attempts``.
 
-        Use it for follow-ups (``Result(...).then(app.spec(...))``): specs a handler returns go
-        to ``pgqueue.complete`` as they are, so a registered type's queue must be in the spec.
+        The worker fills the same defaults into the follow-ups a handler returns (as the app's
+        enqueue methods do into their specs), but not into their nested ``next_jobs``, which
+        go to PostgreSQL as they are: build those with this.
         """
         registered = self.job_types.get(job_type)
         if registered is not None:
@@ -415,7 +428,7 @@ class App:
         Returns how many jobs were cancelled. Running members finish, but the jobs they would
         create are created cancelled; with ``abort_running`` their workers stop them as
         ``pgqueue.abort`` does (and the count includes them). ``pgqueue.retry`` of a member
-        resumes the pipeline.
+        resumes the pipeline downstream of it.
         """
         return await cancel_pipeline(conn_or_pool, pipeline_id, abort_running=abort_running)
 

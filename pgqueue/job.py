@@ -219,6 +219,34 @@ def normal_spec(spec: dict[str, Any]) -> dict[str, Any]:
     return spec
 
 
+def pipeline_id_text(value: object) -> str | None:
+    """A ``pipeline_id`` argument as the uuid's text, or None; ValueError naming it otherwise
+    (PostgreSQL's refusal named only the query's argument number)."""
+    if value is None or isinstance(value, uuid.UUID):
+        return None if value is None else str(value)
+    if isinstance(value, str):
+        try:
+            return str(uuid.UUID(value))
+        except ValueError:
+            pass
+    raise ValueError(f"pipeline_id must be a UUID, got {value!r}")
+
+
+def spec_list(name: str, value: object) -> list[Any]:
+    """A list of specs given as ``name``: one spec (a mapping or a Spec) or a string is not one,
+    and iterated it would be taken apart into its keys or characters."""
+    if isinstance(value, Mapping | Spec | str | bytes) or not isinstance(value, Iterable):
+        raise TypeError(f"{name} must be a list of job specs, got {type(value).__name__}")
+    return list(value)
+
+
+def job_id_list(name: str, value: object) -> list[Any]:
+    """A list of job ids given as ``name`` (not one id, not a string)."""
+    if isinstance(value, str | bytes | Mapping) or not isinstance(value, Iterable):
+        raise TypeError(f"{name} must be a list of job ids, got {value!r}")
+    return list(value)
+
+
 # The longest delay a worker writes (a snooze, a retry): pgqueue.snooze measures 100 years on
 # the calendar, a few days more.
 MAX_DELAY = timedelta(days=100 * 365)

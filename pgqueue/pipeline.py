@@ -24,7 +24,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal, TypeGuard, cast
 
 from pgqueue.dsn import ConnOrPool, dumps
-from pgqueue.job import Spec
+from pgqueue.job import Spec, pipeline_id_text
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection
@@ -125,6 +125,7 @@ class Pipeline:
         self._nodes: list[Node] = []
         self._specs: list[dict[str, Any]] = []
         self._after: list[list[Upstream]] = []
+        self._edges: list[tuple[Upstream, Upstream]] = []  # add_edge's, resolved by specs()
         self._user_keys: set[str] = set()
 
     def __len__(self) -> int:
@@ -205,8 +206,12 @@ class Pipeline:
             while key in self._user_keys:
                 key += "_"
         else:
-            if any(n.key == key for n in self._nodes):
-                raise PipelineError(f"key {key!r} is used by more than one node")
+            for other in self._nodes:
+                if other.key == key:  # a default key (user keys were refused above)
+                    raise PipelineError(
+                        f"key {key!r} is the default key of node {other.index}"
+                        f" ({other.job_type}); give that node a key, or choose another"
+                    )
             self._user_keys.add(key)
         node = Node(self, index, key, spec["job_type"])
         self._nodes.append(node)
@@ -215,28 +220,36 @@ class Pipeline:
         return node
 
     def add_edge(self, upstream: Upstream, downstream: Upstream) -> None:
-        """Make ``downstream`` wait for ``upstream`` (both nodes of this pipeline, or keys)."""
+        """Make ``downstream`` wait for ``upstream`` (both nodes of this pipeline, or keys,
+        also of nodes added later)."""
         self._check_upstream(upstream)
         self._check_upstream(downstream)
-        target = self._resolve(downstream, "add_edge")
-        self._after[target.index].append(upstream)
+        self._edges.append((upstream, downstream))
 
     def specs(self, pipeline_id: uuid.UUID | str | None = None) -> list[dict[str, Any]]:
         """The JSON specs :meth:`enqueue` sends, checked: every node with its key and ``after``."""
         if not self._nodes:
             raise PipelineError("the pipeline has no jobs")
+        waits_for = [list(items) for items in self._after]
+        for source, target in self._edges:
+            waits_for[self._resolve(target, "add_edge", "downstream").index].append(source)
         edges: list[list[int]] = []
-        for node, upstream in zip(self._nodes, self._after, strict=True):
+        for node, items in zip(self._nodes, waits_for, strict=True):
             deps: list[int] = []
-            for item in upstream:
+            for item in items:
                 dep = self._resolve(item, f"node {node.key!r} ({node.job_type})")
                 if dep.index not in deps:
                     deps.append(dep.index)
             edges.append(deps)
-        cycle = _find_cycle(edges)
+        cycle = _find_cycle(_merged_edges(edges, [spec.get("dedup_key") for spec in self._specs]))
         if cycle:
             path = " -> ".join(repr(self._nodes[i].key) for i in cycle)
-            raise PipelineError(f"the pipeline has a cycle: {path}")
+            note = (
+                " (nodes with the same dedup_key are one job, the first of them)"
+                if _shares_a_key(self._specs, cycle)
+                else ""
+            )
+            raise PipelineError(f"the pipeline has a cycle: {path}{note}")
         out: list[dict[str, Any]] = []
         for node, spec, deps in zip(self._nodes, self._specs, edges, strict=True):
             full = {**spec, "key": node.key}
@@ -293,13 +306,13 @@ class Pipeline:
         elif not isinstance(item, str) or not item:
             raise PipelineError(f"after takes nodes or keys, got {item!r}")
 
-    def _resolve(self, item: Upstream, where: str) -> Node:
+    def _resolve(self, item: Upstream, where: str, role: str = "after") -> Node:
         if isinstance(item, Node):
             return item
         for node in self._nodes:
             if node.key == item:
                 return node
-        raise PipelineError(f"{where}: after names unknown key {item!r}")
+        raise PipelineError(f"{where}: {role} names unknown key {item!r}")
 
 
 def _as_list(after: Upstream | Iterable[Upstream]) -> list[Upstream]:
@@ -312,13 +325,35 @@ def _as_list(after: Upstream | Iterable[Upstream]) -> list[Upstream]:
     return list(after)
 
 
-def _pipeline_uuid(value: uuid.UUID | str | None) -> uuid.UUID:
+def _pipeline_uuid(value: uuid.UUID | str | None, *, new: bool = True) -> uuid.UUID:
+    """``value`` as a UUID; None makes a new one where a pipeline is being created (``new``),
+    and is refused where one is named (status, cancel): a new id there names nothing, and
+    cancelling it would mark an id nobody asked for."""
     if value is None:
-        return uuid.uuid4()
+        if new:
+            return uuid.uuid4()
+        raise PipelineError("pipeline_id is required, got None")
     try:
-        return value if isinstance(value, uuid.UUID) else uuid.UUID(value)
-    except ValueError:
-        raise PipelineError(f"pipeline_id must be a UUID, got {value!r}") from None
+        return uuid.UUID(pipeline_id_text(value))
+    except ValueError as exc:
+        raise PipelineError(str(exc)) from None
+
+
+def _merged_edges(edges: list[list[int]], dedup_keys: Sequence[Any]) -> list[list[int]]:
+    """The graph the SQL writes: nodes with the same dedup_key are one job, the first of them.
+    The others merge into it and add no edges; an edge to one of them waits for the first."""
+    first: dict[Any, int] = {}
+    job = [i if key is None else first.setdefault(key, i) for i, key in enumerate(dedup_keys)]
+    merged: list[list[int]] = []
+    for i, deps in enumerate(edges):
+        merged.append(list(dict.fromkeys(job[d] for d in deps)) if job[i] == i else [])
+    return merged
+
+
+def _shares_a_key(specs: Sequence[Mapping[str, Any]], cycle: list[int]) -> bool:
+    """Is a node on the cycle the first of several with its dedup_key?"""
+    keys = [spec.get("dedup_key") for spec in specs]
+    return any(keys[i] is not None and keys.count(keys[i]) > 1 for i in cycle)
 
 
 def _find_cycle(edges: list[list[int]]) -> list[int]:
@@ -413,7 +448,7 @@ async def pipeline_status(
     conn_or_pool: ConnOrPool, pipeline_id: uuid.UUID | str
 ) -> PipelineStatus | None:
     """The pipeline's row of ``pgqueue.pipelines``, or None if no job carries that id."""
-    row = await conn_or_pool.fetchrow(_STATUS_SQL, str(_pipeline_uuid(pipeline_id)))
+    row = await conn_or_pool.fetchrow(_STATUS_SQL, str(_pipeline_uuid(pipeline_id, new=False)))
     return None if row is None else PipelineStatus.from_record(row)
 
 
@@ -424,8 +459,9 @@ async def cancel_pipeline(
 
     Running members finish, but what they would create is created cancelled. With
     ``abort_running`` (``pgqueue.abort_pipeline``) their workers are asked to stop them too,
-    and the count includes them. ``pgqueue.retry`` of a member resumes the pipeline.
+    and the count includes them. ``pgqueue.retry`` of a member resumes the pipeline downstream
+    of it.
     """
     sql = _ABORT_SQL if abort_running else _CANCEL_SQL
-    count: int = await conn_or_pool.fetchval(sql, str(_pipeline_uuid(pipeline_id)))
+    count: int = await conn_or_pool.fetchval(sql, str(_pipeline_uuid(pipeline_id, new=False)))
     return count

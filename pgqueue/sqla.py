@@ -48,7 +48,7 @@ from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.types import TypeEngine
 
 from pgqueue.dsn import as_aware, as_job_id, dumps
-from pgqueue.job import spec_dict
+from pgqueue.job import job_id_list, pipeline_id_text, spec_dict, spec_list
 from pgqueue.resources import sql_dir
 
 __all__ = ["ENQUEUE_OPTIONS", "enqueue", "enqueue_async", "jobs", "metadata", "settings"]
@@ -163,11 +163,11 @@ def _enqueue_statement(
         if value is None:  # keep the SQL default (queue 'default', settings' max_attempts...)
             continue
         if name == "depends_on":
-            if isinstance(value, str | bytes):
-                raise TypeError(f"depends_on must be a list of job ids, got {value!r}")
-            value = [as_job_id(item) for item in value]
+            value = [as_job_id(item) for item in job_id_list("depends_on", value)]
         elif name == "next_jobs":
-            value = [spec_dict(spec) for spec in value]
+            value = [spec_dict(spec) for spec in spec_list("next_jobs", value)]
+        elif name == "pipeline_id":
+            value = UUID(pipeline_id_text(value))
         elif name == "run_after":
             value = as_aware(value)
         if name in _JSON_OPTIONS:

@@ -181,6 +181,52 @@ async def test_builder_refuses_bad_graphs_before_sending(conn: asyncpg.Connectio
     assert await _count(conn) == 2
 
 
+async def test_builder_findings_of_the_session_22_review(conn: asyncpg.Connection) -> None:
+    """Each was let through to the SQL (or raised a confusing error)."""
+    merged = pgqueue.Pipeline()  # one job by dedup_key, waiting for itself through "x"
+    merged.add("dd", key="a", dedup_key="K", after="x")
+    merged.add("dd", key="x", after="b")
+    merged.add("dd", key="b", dedup_key="K")
+    with pytest.raises(pgqueue.PipelineError, match=r"cycle: .* same dedup_key are one job"):
+        await merged.enqueue(conn)
+    harmless = pgqueue.Pipeline()  # the waiter merges into the one it waits for: one job
+    harmless.add("dd", key="b", dedup_key="K")
+    harmless.add("dd", key="a", dedup_key="K", after="b")
+    ids = (await harmless.enqueue(conn)).job_ids
+    assert ids[0] == ids[1]
+
+    default_key = pgqueue.Pipeline()
+    default_key.add("a")
+    with pytest.raises(pgqueue.PipelineError, match="'#0' is the default key of node 0 \\(a\\)"):
+        default_key.add("b", key="#0")
+
+    later = pgqueue.Pipeline()  # add_edge's downstream may be a key added later, as after's
+    first = later.add("a")
+    later.add_edge(first, "z")
+    later.add("z", key="z")
+    run = await later.enqueue(conn)
+    assert (
+        await conn.fetchval(
+            "SELECT depends_on FROM pgqueue.job_dependencies WHERE job_id = $1", run.job_ids[1]
+        )
+        == run.job_ids[0]
+    )
+    unknown = pgqueue.Pipeline()
+    unknown.add_edge(unknown.add("a"), "nowhere")
+    with pytest.raises(pgqueue.PipelineError, match="add_edge: downstream names unknown key"):
+        unknown.specs()
+
+    before = await _count(conn)
+    marks = "SELECT count(*) FROM pgqueue.cancelled_pipelines"
+    for call in (app.cancel_pipeline, app.pipeline_status):  # a new uuid4 was made and used
+        with pytest.raises(pgqueue.PipelineError, match="pipeline_id is required, got None"):
+            await call(conn, None)  # type: ignore[arg-type]
+    with pytest.raises(pgqueue.PipelineError, match="pipeline_id must be a UUID, got 5"):
+        await app.cancel_pipeline(conn, 5)  # type: ignore[arg-type]
+    assert await conn.fetchval(marks) == 0
+    assert await _count(conn) == before
+
+
 async def test_sql_refuses_a_dependency_that_already_failed_and_writes_nothing(
     conn: asyncpg.Connection,
 ) -> None:

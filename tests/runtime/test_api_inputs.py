@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import os
+import re
 import signal
 import uuid
 from typing import Any
@@ -83,6 +84,25 @@ async def test_spec_objects_are_taken_wherever_specs_are(conn: asyncpg.Connectio
     assert await conn.fetchval("SELECT queue FROM pgqueue.jobs WHERE id = $1", child) == "mailq"
 
 
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        # each raised something naming no argument: DataError "invalid input for query
+        # argument $10", "a job spec must be ... got str", "'int' object is not iterable"
+        ({"pipeline_id": "nope"}, ValueError, "pipeline_id must be a UUID, got 'nope'"),
+        ({"pipeline_id": 5}, ValueError, "pipeline_id must be a UUID, got 5"),
+        ({"next_jobs": {"job_type": "y"}}, TypeError, "next_jobs must be a list of job specs"),
+        ({"depends_on": 5}, TypeError, "depends_on must be a list of job ids, got 5"),
+    ],
+)
+async def test_app_enqueue_names_the_argument_it_refuses(
+    conn: asyncpg.Connection, options: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=re.escape(message)):
+        await pgqueue.App().enqueue(conn, "x", **options)
+    assert await conn.fetchval("SELECT count(*) FROM pgqueue.jobs") == 0
+
+
 async def test_sqla_enqueue_checks_its_input_as_app_enqueue_does(
     conn: asyncpg.Connection, engine: AsyncEngine
 ) -> None:
@@ -95,6 +115,10 @@ async def test_sqla_enqueue_checks_its_input_as_app_enqueue_does(
             await enqueue_async(session, "x", [("a", 1)])  # type: ignore[arg-type]
         with pytest.raises(TypeError, match="job_type must be a string"):
             await enqueue_async(session, 5)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="next_jobs must be a list of job specs, got dict"):
+            await enqueue_async(session, "x", next_jobs={"job_type": "y"})  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="pipeline_id must be a UUID, got 'nope'"):
+            await enqueue_async(session, "x", pipeline_id="nope")  # type: ignore[arg-type]
         # pgqueue's JSON encoding (dates, UUIDs), as App.enqueue has it.
         day, ref = datetime.date(2024, 1, 2), uuid.UUID(int=7)
         job = await enqueue_async(session, "x", {"day": day, "ref": ref})
