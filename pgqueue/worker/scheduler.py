@@ -8,13 +8,14 @@ to the next tick after now: ticks that fell while the worker was not running (or
 suspended) are skipped, not made up; with ``catch_up``, the latest of them is enqueued late.
 A tick whose enqueue fails for a transient reason (the database is restarting, a lock wait)
 is tried again with backoff until the schedule's next tick is due; the other workers are
-trying it too.
+trying it too. Ticks fall on the database's clock (:class:`DatabaseClock`), not the host's.
 """
 
 from __future__ import annotations
 
 import datetime
 import logging
+import time
 
 import anyio
 import asyncpg
@@ -35,14 +36,14 @@ MIN_TRY = 1.0
 # connection, which claims and outcome writes need, for the whole try. A lock timeout is a
 # transient error: the loop backs off, connection returned, and tries again.
 _ENQUEUE_PERIODIC = (
-    "SELECT pgqueue.enqueue_periodic(name => $1, tick => $2, spec => $3::text::jsonb)"
-    f" FROM {BOUNDED_LOCK_WAIT}"
+    "SELECT pgqueue.enqueue_periodic(name => $1, tick => $2, spec => $3::text::jsonb),"
+    f" clock_timestamp() FROM {BOUNDED_LOCK_WAIT}"
 )
 # A schedule's latest tick, missed: enqueued only if the schedule has enqueued a tick before
 # (its row says when) and not this one or a later one. A first start has nothing to make up.
 _CATCH_UP = (
-    "SELECT pgqueue.enqueue_periodic(name => $1, tick => $2, spec => $3::text::jsonb)"
-    f" FROM {BOUNDED_LOCK_WAIT}"
+    "SELECT pgqueue.enqueue_periodic(name => $1, tick => $2, spec => $3::text::jsonb),"
+    f" clock_timestamp() FROM {BOUNDED_LOCK_WAIT}"
     " WHERE EXISTS (SELECT 1 FROM pgqueue.periodic p WHERE p.name = $1 AND p.last_tick < $2)"
 )
 # At most this many tries of tick enqueues run at once, whatever the number of schedules:
@@ -51,16 +52,46 @@ _CATCH_UP = (
 MAX_ENQUEUES = 2
 
 
-def _now() -> datetime.datetime:
+def _host_now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
+
+
+class DatabaseClock:
+    """The database's time: read from it (when the schedules start, then with every tick's
+    enqueue) and carried forward between readings on this process's monotonic clock.
+
+    ``enqueue_periodic`` keeps each schedule's latest tick. On its host's clock, a worker
+    whose clock ran ahead enqueued the coming ticks early, moving the schedule past ticks the
+    others had not enqueued yet: each of those was then lost, and nothing said so. On the
+    database's clock every worker waits for the same instants, whatever its host says.
+    """
+
+    def __init__(self) -> None:
+        self.set(_host_now())  # until the first reading
+
+    def set(self, now: datetime.datetime) -> None:
+        self._base, self._at = now, time.monotonic()
+
+    def now(self) -> datetime.datetime:
+        return self._base + datetime.timedelta(seconds=time.monotonic() - self._at)
 
 
 async def run_schedules(pool: asyncpg.Pool, app: App, logger: logging.Logger) -> None:
     """Enqueue every schedule's ticks from now on, until cancelled."""
     enqueues = anyio.CapacityLimiter(MAX_ENQUEUES)
+    clock = DatabaseClock()
+    try:
+        clock.set(await bounded.call(pool, ENQUEUE_TIMEOUT, _database_time))
+    except Exception as exc:  # it is read again with every enqueue
+        logger.warning("periodic jobs: could not read the database's clock yet (%s)", exc)
     async with anyio.create_task_group() as loops:
         for schedule in app.schedules.values():
-            loops.start_soon(_schedule_loop, pool, app, schedule, enqueues, logger)
+            loops.start_soon(_schedule_loop, pool, app, schedule, enqueues, logger, clock)
+
+
+async def _database_time(conn: asyncpg.Connection) -> datetime.datetime:
+    now: datetime.datetime = await conn.fetchval("SELECT clock_timestamp()")
+    return now
 
 
 async def _schedule_loop(
@@ -69,28 +100,40 @@ async def _schedule_loop(
     schedule: Schedule,
     enqueues: anyio.CapacityLimiter,
     logger: logging.Logger,
+    clock: DatabaseClock,
 ) -> None:
     outage = Outage(logger, f"periodic {schedule.name}")
     try:
-        now = _now()  # one reading: a tick falling between two would count as missed
+        now = clock.now()  # one reading: a tick falling between two would count as missed
         tick = schedule.next_tick(now)
         missed = schedule.previous_tick(now) if schedule.catch_up else None
         if missed is not None:
             await _enqueue_tick(
-                pool, app, schedule, missed, tick, enqueues, outage, logger, sql=_CATCH_UP
+                pool,
+                app,
+                schedule,
+                missed,
+                tick,
+                enqueues,
+                outage,
+                logger,
+                sql=_CATCH_UP,
+                clock=clock,
             )
         while True:
-            await anyio.sleep(max(0.0, (tick - _now()).total_seconds()))
+            await anyio.sleep(max(0.0, (tick - clock.now()).total_seconds()))
             following = schedule.next_tick(tick)
-            await _enqueue_tick(pool, app, schedule, tick, following, enqueues, outage, logger)
+            await _enqueue_tick(
+                pool, app, schedule, tick, following, enqueues, outage, logger, clock=clock
+            )
             # A try that ran past the next tick (a lock wait, an outage) leaves that tick
             # due: it is enqueued at once, late. Further behind than that (the process was
             # suspended), the ticks already past are skipped, and said so; with catch_up,
             # all but the latest, which is enqueued at once.
             tick = following
-            if schedule.next_tick(tick) <= _now():
-                latest = schedule.previous_tick(_now()) if schedule.catch_up else None
-                tick = latest if latest is not None else schedule.next_tick(_now())
+            if schedule.next_tick(tick) <= clock.now():
+                latest = schedule.previous_tick(clock.now()) if schedule.catch_up else None
+                tick = latest if latest is not None else schedule.next_tick(clock.now())
                 logger.warning(
                     "periodic %s: ticks from %s until %s skipped (the worker fell behind: a"
                     " suspended process, or tries that waited for locks or connections)",
@@ -105,9 +148,18 @@ async def _schedule_loop(
 
 
 async def _enqueue(
-    conn: asyncpg.Connection, sql: str, name: str, tick: datetime.datetime, spec: str
+    conn: asyncpg.Connection,
+    sql: str,
+    name: str,
+    tick: datetime.datetime,
+    spec: str,
+    clock: DatabaseClock,
 ) -> int | None:
-    job_id: int | None = await conn.fetchval(sql, name, tick, spec)
+    row = await conn.fetchrow(sql, name, tick, spec)
+    if row is None:  # _CATCH_UP's guard held it back
+        return None
+    clock.set(row[1])
+    job_id: int | None = row[0]
     return job_id
 
 
@@ -122,14 +174,16 @@ async def _enqueue_tick(
     logger: logging.Logger,
     *,
     sql: str = _ENQUEUE_PERIODIC,
+    clock: DatabaseClock | None = None,
 ) -> None:
     """Enqueue one tick (through ``sql``: the plain enqueue, or :data:`_CATCH_UP` for a
-    missed one), retrying transient failures until ``give_up_at``."""
+    missed one), retrying transient failures until ``give_up_at`` (on ``clock``)."""
+    clock = clock or DatabaseClock()
     late = sql is _CATCH_UP
     spec = dumps(app.with_defaults(schedule.spec))  # a handler registered after periodic()
     backoff = Backoff(base=0.5, cap=30.0)
     while True:
-        left = (give_up_at - _now()).total_seconds()
+        left = (give_up_at - clock.now()).total_seconds()
         try:
             async with enqueues:
                 job_id = await bounded.call(
@@ -140,6 +194,7 @@ async def _enqueue_tick(
                     schedule.name,
                     tick,
                     spec,
+                    clock,
                 )
         except Exception as exc:
             if not is_transient_error(exc):
@@ -151,7 +206,7 @@ async def _enqueue_tick(
                 return
             outage.failed(exc, f"enqueueing tick {tick.isoformat()}")
             delay = backoff.next_delay()
-            if _now() + datetime.timedelta(seconds=delay) >= give_up_at:
+            if clock.now() + datetime.timedelta(seconds=delay) >= give_up_at:
                 logger.warning(
                     "periodic %s: tick %s skipped (it could not be enqueued before the next"
                     " tick was due)",

@@ -381,3 +381,36 @@ async def test_ticks_stuck_on_locks_keep_no_slot_between_tries(
             await tick("c")
         tg.cancel_scope.cancel()
     assert tries.count("c") == 1
+
+
+async def test_ticks_fall_on_the_databases_clock_not_the_hosts(
+    conn: asyncpg.Connection,
+    db_dsn: str,
+    records: tuple[logging.Logger, Records],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """From the review: a worker whose host clock ran ahead enqueued coming ticks early and
+    moved the schedule past ticks the others had not enqueued yet; each of those was lost,
+    unlogged. Here the host clock is an hour ahead: the ticks enqueued are the database's
+    next ones, and the schedule never runs ahead of the database."""
+    logger, log = records
+
+    host_now = scheduler._host_now
+    monkeypatch.setattr(scheduler, "_host_now", lambda: host_now() + datetime.timedelta(hours=1))
+    app = pgqueue.App()
+    app.periodic("beat", every=1)
+
+    @app.job("beat")
+    async def beat(job: pgqueue.Job) -> None:
+        return None
+
+    async with workers(app, db_dsn, 1, logger):
+        await wait_until(lambda: log.logged("periodic beat: tick"), what="a tick enqueued")
+    ahead = await conn.fetchval(
+        "SELECT max(last_tick) - clock_timestamp() FROM pgqueue.periodic WHERE name = 'beat'"
+    )
+    assert ahead < datetime.timedelta(seconds=2), ahead
+    runs = await conn.fetchval(
+        "SELECT max(run_after) - clock_timestamp() FROM pgqueue.jobs WHERE job_type = 'beat'"
+    )
+    assert runs < datetime.timedelta(seconds=2), runs
