@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
 from pgqueue.dsn import check_dsn, server_settings, service_dsn
-from pgqueue.migrate import MIGRATION_LOCK_KEY
+from pgqueue.migrate import MIGRATION_LOCK_KEY, SchemaError
 
 config = context.config
 
@@ -53,6 +53,8 @@ def _migrate(connection: Connection) -> None:
     connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
     if connection.execute(text("SELECT to_regnamespace('pgqueue') IS NULL")).scalar_one():
         connection.execute(text("CREATE SCHEMA IF NOT EXISTS pgqueue"))
+    elif not _revision_recorded(connection):
+        _refuse_foreign_objects(connection)
     context.configure(
         connection=connection,
         version_table_schema="pgqueue",
@@ -68,6 +70,45 @@ def _migrate(connection: Connection) -> None:
                 connection.execute(text(statement))
 
 
+def _revision_recorded(connection: Connection) -> bool:
+    if connection.execute(text("SELECT to_regclass('pgqueue.alembic_version') IS NULL")).scalar():
+        return False
+    return bool(connection.execute(text("SELECT count(*) FROM pgqueue.alembic_version")).scalar())
+
+
+# What a schema pgqueue holds before any revision is recorded, but for Alembic's version table.
+_FOREIGN_OBJECTS = """
+SELECT string_agg(x.what, ', ' ORDER BY x.what) FROM (
+    SELECT format('%s %I', CASE c.relkind WHEN 'r' THEN 'table' WHEN 'v' THEN 'view'
+                                          WHEN 'S' THEN 'sequence' ELSE 'relation' END,
+                  c.relname) AS what
+    FROM pg_class c
+    WHERE c.relnamespace = 'pgqueue'::regnamespace
+      AND c.relname NOT IN ('alembic_version', 'alembic_version_pkc')
+    UNION ALL
+    SELECT format('function %I', p.proname) FROM pg_proc p
+    WHERE p.pronamespace = 'pgqueue'::regnamespace
+    UNION ALL
+    SELECT format('type %I', t.typname) FROM pg_type t
+    WHERE t.typnamespace = 'pgqueue'::regnamespace AND t.typrelid = 0 AND t.typelem = 0
+) x
+"""
+
+
+def _refuse_foreign_objects(connection: Connection) -> None:
+    """Revision 0001 installs into an empty schema: its downgrade drops everything in the
+    schema but the version table, which would take another's objects with it (or it fails
+    half-way on one of its own names, "function ... already exists")."""
+    found = connection.execute(text(_FOREIGN_OBJECTS)).scalar()
+    if found:
+        shown = found if len(found) <= 200 else found[:197] + "..."
+        raise SchemaError(
+            f"cannot install pgqueue: schema pgqueue already holds objects pgqueue did not"
+            f" record making ({shown}); move them out of it, or drop the schema if it is a"
+            " pgqueue whose alembic_version was lost"
+        )
+
+
 async def _run_online() -> None:
     dsn = _dsn()
 
@@ -79,7 +120,15 @@ async def _run_online() -> None:
             target, server_settings=server_settings(target, "pgqueue migrate")
         )
 
-    engine = create_async_engine("postgresql+asyncpg://", poolclass=NullPool, async_creator=connect)
+    # READ COMMITTED whatever the database's default: under REPEATABLE READ the snapshot
+    # is taken before the lock below is granted, and a migration that waited for another
+    # did not see the schema that one committed ("relation alembic_version already exists").
+    engine = create_async_engine(
+        "postgresql+asyncpg://",
+        poolclass=NullPool,
+        async_creator=connect,
+        isolation_level="READ COMMITTED",
+    )
     try:
         async with engine.begin() as connection:
             await connection.run_sync(_migrate)

@@ -272,3 +272,64 @@ async def test_check_schema(db_dsn: str, empty_db_dsn: str) -> None:
             await migrate.check_schema(empty)
     finally:
         await empty.close()
+
+
+def test_a_schema_holding_objects_of_another_is_not_installed_into(empty_db_dsn: str) -> None:
+    """From the review: accepted, and `downgrade base` then dropped the other's table with
+    pgqueue's (the down script drops everything in the schema but the version table)."""
+
+    async def run(*statements: str) -> list[Any]:
+        conn = await asyncpg.connect(empty_db_dsn)
+        try:
+            return [await conn.fetchval(s) for s in statements]
+        finally:
+            await conn.close()
+
+    anyio.run(run, "CREATE SCHEMA pgqueue", "CREATE TABLE pgqueue.mine (x int)")
+    with pytest.raises(migrate.SchemaError, match=r"already holds objects .*\(table mine\)"):
+        migrate.upgrade(empty_db_dsn)
+    assert anyio.run(
+        run, "SELECT to_regclass('pgqueue.jobs') IS NULL", "SELECT count(*) FROM pgqueue.mine"
+    ) == [True, 0]
+    assert anyio.run(version, empty_db_dsn) == []
+
+
+async def test_a_migration_that_waited_for_another_sees_its_schema_under_repeatable_read(
+    empty_db_dsn: str,
+) -> None:
+    """From the review: with the database's default at REPEATABLE READ, a migration's snapshot
+    was taken before the lock it waits for was granted, so it did not see the schema the
+    migration ahead of it committed: "relation alembic_version already exists"."""
+    admin = await asyncpg.connect(empty_db_dsn)
+    ahead = await asyncpg.connect(empty_db_dsn)
+    try:
+        name = await admin.fetchval("SELECT current_database()")
+        await admin.execute(
+            f"ALTER DATABASE {name} SET default_transaction_isolation = 'repeatable read'"
+        )
+        up = (migrations_dir() / "versions" / "0001_initial.up.sql").read_text(encoding="utf-8")
+        tx = ahead.transaction()
+        await tx.start()
+        await ahead.execute("SELECT pg_advisory_xact_lock($1)", migrate.MIGRATION_LOCK_KEY)
+        async with anyio.create_task_group() as tg:
+
+            async def upgrade() -> None:
+                await anyio.to_thread.run_sync(migrate.upgrade, empty_db_dsn)
+
+            tg.start_soon(upgrade)
+            with anyio.fail_after(30):  # until it waits for the lock, observed
+                while not await admin.fetchval(  # noqa: ASYNC110 (polling pg_locks)
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                ):
+                    await anyio.sleep(0.02)
+            # What the migration ahead does: the schema, and the version table at head.
+            await ahead.execute(up)
+            await ahead.execute(
+                "CREATE TABLE pgqueue.alembic_version (version_num varchar(32) PRIMARY KEY);"
+                f"INSERT INTO pgqueue.alembic_version VALUES ('{migrate.HEAD_REVISION}')"
+            )
+            await tx.commit()
+        assert await version(empty_db_dsn) == [migrate.HEAD_REVISION]
+    finally:
+        await ahead.close()
+        await admin.close()
