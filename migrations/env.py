@@ -9,6 +9,7 @@ with the ``alembic`` command instead, the DSN comes from ``-x dsn=...`` or
 from __future__ import annotations
 
 import asyncio
+import re
 
 import asyncpg
 from alembic import context
@@ -29,8 +30,9 @@ def _dsn() -> str | None:
     if dsn is None:
         dsn = config.get_main_option("sqlalchemy.url")
     if dsn is not None:
-        # asyncpg wants a plain libpq URL, not SQLAlchemy's dialect+driver form.
-        dsn = dsn.replace("postgresql+asyncpg://", "postgresql://", 1)
+        # asyncpg wants a plain libpq URL, not SQLAlchemy's dialect+driver form (the URL an
+        # application has at hand: postgresql+asyncpg://, +psycopg://, +psycopg2://).
+        dsn = re.sub(r"^postgresql\+\w+://", "postgresql://", dsn)
     return str(dsn) if dsn is not None else None
 
 

@@ -21,9 +21,11 @@ from pgqueue.job import (
     Spec,
     SpecLike,
     as_delay,
+    int_option,
     job_id_list,
     normal_spec,
     pipeline_id_text,
+    run_after_option,
     spec_dict,
     spec_list,
 )
@@ -82,6 +84,8 @@ def _timedelta(
         if not (math.isfinite(value) and abs(value) <= limit):
             raise ValueError(f"{name} must be {expected}, got {value!r}")
         return datetime.timedelta(seconds=value)
+    if value is not None and not isinstance(value, datetime.timedelta):
+        raise TypeError(f"{name} must be seconds or a timedelta, got {value!r}")
     return value
 
 
@@ -242,7 +246,11 @@ class App:
         """
         _asyncpg_only("app.enqueue", conn_or_pool)
         registered = self.job_types.get(job_type)
-        run_after = as_aware(run_after)
+        run_after = run_after_option(run_after)
+        priority, max_attempts = (
+            int_option("priority", priority),
+            int_option("max_attempts", max_attempts),
+        )
         if queue is None:
             queue = registered.queue if registered else "default"
         if max_attempts is None and registered is not None:

@@ -216,11 +216,13 @@ def load_app(target: str) -> App:
         raise click.BadParameter(
             f"cannot import module {module_name!r}: {exc}", param_hint="MODULE:APP"
         ) from None
-    app = getattr(module, attr, None)
+    if not hasattr(module, attr):
+        raise click.BadParameter(f"module {module_name!r} has no {attr!r}", param_hint="MODULE:APP")
+    app = getattr(module, attr)
     if not isinstance(app, App):
-        found = "nothing" if app is None else type(app).__name__
         raise click.BadParameter(
-            f"{module_name}:{attr} is {found}, not a pgqueue.App", param_hint="MODULE:APP"
+            f"{module_name}:{attr} is a {type(app).__name__}, not a pgqueue.App",
+            param_hint="MODULE:APP",
         )
     return app
 

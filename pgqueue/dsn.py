@@ -173,8 +173,10 @@ def as_aware(value: Any) -> Any:
     timestamptz parameter); anything else unchanged. Sent as JSON text, or through another
     driver, PostgreSQL would read it in the session's TimeZone instead, so one naive
     datetime would mean a different instant on each enqueue path."""
-    if isinstance(value, datetime.datetime) and value.utcoffset() is None:
-        return value.replace(tzinfo=datetime.UTC)
+    if isinstance(value, datetime.datetime):
+        return value.replace(tzinfo=datetime.UTC) if value.utcoffset() is None else value
+    if isinstance(value, datetime.date):  # a day: its midnight, UTC (asyncpg's reading too)
+        return datetime.datetime.combine(value, datetime.time(), datetime.UTC)
     return value
 
 

@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import MISSING, dataclass, fields, make_dataclass
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any, cast
 
 from pgqueue.dsn import as_aware
@@ -230,6 +230,22 @@ def pipeline_id_text(value: object) -> str | None:
         except ValueError:
             pass
     raise ValueError(f"pipeline_id must be a UUID, got {value!r}")
+
+
+def int_option(name: str, value: Any) -> Any:
+    """``priority`` / ``max_attempts``: an integer or None. A float was rounded one way by
+    one path and the other way by another (1.5 became 2, or 1); a bool is no number here."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    raise TypeError(f"{name} must be an integer, got {value!r}")
+
+
+def run_after_option(value: Any) -> Any:
+    """``run_after``: a datetime (naive: UTC), a date (its midnight, UTC) or None. A string
+    would be read by PostgreSQL in the session's TimeZone."""
+    if value is None or isinstance(value, datetime | date):
+        return as_aware(value)
+    raise TypeError(f"run_after must be a datetime, got {type(value).__name__}")
 
 
 def spec_list(name: str, value: object) -> list[Any]:

@@ -39,6 +39,8 @@ class Schedule:
             raise ValueError(f"a schedule's name must be 1 to 200 bytes, got {self.name!r}")
         if not isinstance(self.catch_up, bool):
             raise TypeError(f"schedule {self.name!r}: catch_up must be True or False")
+        if self.cron is not None and not isinstance(self.cron, str):
+            raise TypeError(f"schedule {self.name!r}: cron must be a string, got {self.cron!r}")
         if (self.cron is None) == (self.every is None):
             raise ValueError(f"schedule {self.name!r}: give exactly one of cron= and every=")
         if self.every is not None and not MIN_EVERY <= self.every <= MAX_EVERY:

@@ -47,8 +47,15 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.types import TypeEngine
 
-from pgqueue.dsn import as_aware, as_job_id, dumps
-from pgqueue.job import job_id_list, pipeline_id_text, spec_dict, spec_list
+from pgqueue.dsn import as_job_id, dumps
+from pgqueue.job import (
+    int_option,
+    job_id_list,
+    pipeline_id_text,
+    run_after_option,
+    spec_dict,
+    spec_list,
+)
 from pgqueue.resources import sql_dir
 
 __all__ = ["ENQUEUE_OPTIONS", "enqueue", "enqueue_async", "jobs", "metadata", "settings"]
@@ -141,6 +148,21 @@ ENQUEUE_OPTIONS: Mapping[str, TypeEngine[Any]] = {
 _JSON_OPTIONS = frozenset({"scope", "next_jobs"})
 
 
+def _check_target(api: str, target: object, takes: tuple[type, ...], other: str) -> None:
+    """A wrong target failed deep inside ("'Engine' object has no attribute 'execute'", an
+    un-awaited coroutine, MissingGreenlet): say what to pass."""
+    if isinstance(target, takes):
+        return
+    kind = type(target).__name__
+    hint = (
+        f"use pgqueue.sqla.{other}"
+        if isinstance(target, AsyncSession | AsyncConnection | Session | Connection)
+        else "pass a Session or a Connection of your transaction (engine.begin()), not an engine"
+    )
+    names = " or ".join(t.__name__ for t in takes)
+    raise TypeError(f"pgqueue.sqla.{api} takes a {names}, got {kind}: {hint}")
+
+
 def _enqueue_statement(
     job_type: str, payload: Mapping[str, Any] | None, options: Mapping[str, Any]
 ) -> tuple[TextClause, dict[str, Any]]:
@@ -169,7 +191,9 @@ def _enqueue_statement(
         elif name == "pipeline_id":
             value = UUID(pipeline_id_text(value))
         elif name == "run_after":
-            value = as_aware(value)
+            value = run_after_option(value)
+        elif name in ("priority", "max_attempts"):
+            value = int_option(name, value)
         if name in _JSON_OPTIONS:
             types[name], values[name] = Text(), dumps(value)
             arguments.append(f"{name} => CAST(:{name} AS jsonb)")
@@ -202,6 +226,7 @@ def enqueue(
     Nothing is committed here: the job exists once the caller's transaction
     commits, and vanishes with it on rollback. ``None`` options keep the SQL defaults.
     """
+    _check_target("enqueue", session_or_connection, (Session, Connection), "enqueue_async")
     statement, values = _enqueue_statement(
         job_type,
         payload,
@@ -236,6 +261,9 @@ async def enqueue_async(
     depends_on: list[int] | None = None,
 ) -> int:
     """:func:`enqueue` for ``AsyncSession`` / ``AsyncConnection``."""
+    _check_target(
+        "enqueue_async", session_or_connection, (AsyncSession, AsyncConnection), "enqueue"
+    )
     statement, values = _enqueue_statement(
         job_type,
         payload,

@@ -25,7 +25,7 @@ from pgqueue.cli import main
 from pgqueue.dsn import connect as pgqueue_connect
 from pgqueue.migrate import SchemaError, check_schema
 from pgqueue.pipeline import Pipeline, PipelineError
-from pgqueue.sqla import enqueue_async
+from pgqueue.sqla import enqueue, enqueue_async
 
 NAIVE = datetime.datetime(2030, 1, 1, 12, 0)  # no time zone: read as UTC on every path
 AS_UTC = NAIVE.replace(tzinfo=datetime.UTC)
@@ -84,6 +84,24 @@ async def test_spec_objects_are_taken_wherever_specs_are(conn: asyncpg.Connectio
     assert await conn.fetchval("SELECT queue FROM pgqueue.jobs WHERE id = $1", child) == "mailq"
 
 
+async def test_a_date_run_after_is_its_midnight_utc_on_every_path(
+    conn: asyncpg.Connection, engine: AsyncEngine
+) -> None:
+    """From the review: pgqueue.sqla sent a date for PostgreSQL to read in the session's
+    TimeZone (05:00 UTC under America/New_York), app.enqueue read it as 00:00 UTC."""
+    day = datetime.date(2030, 1, 1)
+    midnight = datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC)
+    first = await pgqueue.App().enqueue(conn, "x", run_after=day)
+    async with AsyncSession(engine) as session:
+        await session.execute(text("SET LOCAL TimeZone = 'America/New_York'"))
+        second = await enqueue_async(session, "x", run_after=day)
+        await session.commit()
+    rows = await conn.fetch(
+        "SELECT run_after FROM pgqueue.jobs WHERE id = ANY ($1) ORDER BY id", [first, second]
+    )
+    assert [r[0] for r in rows] == [midnight, midnight]
+
+
 @pytest.mark.parametrize(
     ("options", "error", "message"),
     [
@@ -93,6 +111,11 @@ async def test_spec_objects_are_taken_wherever_specs_are(conn: asyncpg.Connectio
         ({"pipeline_id": 5}, ValueError, "pipeline_id must be a UUID, got 5"),
         ({"next_jobs": {"job_type": "y"}}, TypeError, "next_jobs must be a list of job specs"),
         ({"depends_on": 5}, TypeError, "depends_on must be a list of job ids, got 5"),
+        # stored as 1 here and as 2 by pgqueue.sqla
+        ({"priority": 1.5}, TypeError, "priority must be an integer, got 1.5"),
+        ({"max_attempts": 2.5}, TypeError, "max_attempts must be an integer, got 2.5"),
+        ({"run_after": "2030-01-01"}, TypeError, "run_after must be a datetime, got str"),
+        ({"delay": "10"}, TypeError, "delay must be seconds or a timedelta, got '10'"),
     ],
 )
 async def test_app_enqueue_names_the_argument_it_refuses(
@@ -119,6 +142,14 @@ async def test_sqla_enqueue_checks_its_input_as_app_enqueue_does(
             await enqueue_async(session, "x", next_jobs={"job_type": "y"})  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="pipeline_id must be a UUID, got 'nope'"):
             await enqueue_async(session, "x", pipeline_id="nope")  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=r"priority must be an integer, got 1\.5"):
+            await enqueue_async(session, "x", priority=1.5)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="run_after must be a datetime, got str"):
+            await enqueue_async(session, "x", run_after="2030-01-01 00:00")  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="takes a Session or Connection, got AsyncSession"):
+            enqueue(session, "x")  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="got AsyncEngine: pass a Session or a Connection"):
+            await enqueue_async(engine, "x")  # type: ignore[arg-type]
         # pgqueue's JSON encoding (dates, UUIDs), as App.enqueue has it.
         day, ref = datetime.date(2024, 1, 2), uuid.UUID(int=7)
         job = await enqueue_async(session, "x", {"day": day, "ref": ref})

@@ -171,7 +171,8 @@ def test_dsn_from_environment(db_dsn: str, monkeypatch: pytest.MonkeyPatch) -> N
         (["enqueue", "x", "--payload", "[1]"], "must be a JSON object"),
         (["prune", "--older-than", "soon"], "not a duration"),
         (["worker", "no_such_module:app"], "cannot import module 'no_such_module'"),
-        (["worker", "json:dumps"], "not a pgqueue.App"),
+        (["worker", "json:dumps"], "json:dumps is a function, not a pgqueue.App"),
+        (["worker", "json:nope"], "module 'json' has no 'nope'"),  # was "json:nope is nothing"
         (["worker", "nocolon"], "expected MODULE:APP"),
         # Each of these was accepted (or crashed) before the CLI audit of session 10:
         (["prune", "--older-than", "30"], "'30' has no unit"),  # 30 seconds to PostgreSQL
