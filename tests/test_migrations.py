@@ -181,6 +181,8 @@ async def test_upgrade_downgrade_upgrade_round_trips(db_dsn: str) -> None:
 async def test_upgrade_is_idempotent(db_dsn: str) -> None:
     before = await catalog(db_dsn)
     migrate.upgrade(db_dsn)  # from inside a running event loop, too
+    # the SQLAlchemy URL an application has at hand (was "is not a postgresql:// URL")
+    migrate.upgrade(db_dsn.replace("postgresql://", "postgresql+psycopg://", 1))
     await anyio.to_thread.run_sync(migrate.upgrade, db_dsn)
     assert await version(db_dsn) == [migrate.HEAD_REVISION]
     assert_same_catalog(before, await catalog(db_dsn))

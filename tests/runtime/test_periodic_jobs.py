@@ -109,6 +109,9 @@ def test_previous_tick_is_the_tick_next_tick_names(options: dict[str, Any]) -> N
         ({"every": 60, "payload": {"at": {1, 2}}}, "not JSON serializable"),
         ({"every": 60, "name": ""}, "name must be 1 to 200 bytes"),
         ({"every": 60, "catch_up": "yes"}, "catch_up must be True or False"),
+        # a TypeError comparing a timedelta with a str; an AttributeError on .split
+        ({"every": "10"}, "every must be seconds or a timedelta, got '10'"),
+        ({"cron": 123}, "cron must be a string, got 123"),
     ],
 )
 def test_bad_schedules_are_refused_when_registered(options: dict[str, Any], problem: str) -> None:
