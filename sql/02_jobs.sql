@@ -163,16 +163,17 @@ BEGIN
     v_unsucceeded := ARRAY(SELECT o.id FROM deleted_jobs o WHERE o.state <> 'succeeded');
     IF cardinality(v_unsucceeded) > 0 THEN
         PERFORM pgqueue._cancel_dependents(v_unsucceeded, 'was deleted');
-        -- Their edges to it go below. Named "dependency failed", a retry of another of
-        -- their dependencies would revive them (it revives by that name, and no edge
-        -- would show this one) and they would run without it: named apart, only a retry
-        -- of the job itself does. (A prune that waited for a completion creating such a
+        -- Their edges to it go below. Named "dependency failed" (or "pipeline cancelled"),
+        -- a retry of another of their dependencies would revive them (it revives by those
+        -- names, and no edge would show this one) and they would run without it: named
+        -- apart, only a retry of the job itself does. (A prune that waited for a completion creating such a
         -- dependent, cancelled at once, deletes the job without seeing its new edge.)
         UPDATE pgqueue.jobs j
            SET last_error = format('cancelled: dependency job %s was deleted', d.dep)
           FROM (SELECT e.job_id, min(e.depends_on) AS dep FROM pgqueue.job_dependencies e
                 WHERE e.depends_on = ANY (v_unsucceeded) GROUP BY e.job_id) d
-         WHERE j.id = d.job_id AND j.state = 'cancelled' AND j.last_error LIKE 'dependency failed: %';
+         WHERE j.id = d.job_id AND j.state = 'cancelled'
+           AND (j.last_error LIKE 'dependency failed: %' OR j.last_error = 'pipeline cancelled');
     END IF;
     DELETE FROM pgqueue.job_dependencies d USING deleted_jobs o WHERE d.job_id = o.id;
     DELETE FROM pgqueue.job_dependencies d USING deleted_jobs o WHERE d.depends_on = o.id;

@@ -80,11 +80,12 @@ BEGIN
         PERFORM pgqueue._lock_scope_order(ARRAY[v_scope]);
     END IF;
     -- An earlier attempt's error stays (a queued job between retries). One a dependency's
-    -- failure wrote (a job revived by a retry of that dependency, or retried itself)
-    -- does not: retry() revives jobs by it, and this one was cancelled by hand.
+    -- failure or a pipeline's cancel wrote (a job retried itself since) does not:
+    -- retry() revives jobs by it, and this one was cancelled by hand.
     UPDATE pgqueue.jobs j
        SET state = 'cancelled', scope_blocked = false, finished_at = now(),
            last_error = CASE WHEN j.last_error IS NULL OR j.last_error LIKE 'dependency failed: %'
+                                  OR j.last_error = 'pipeline cancelled'
                              THEN 'cancelled' ELSE j.last_error END
      WHERE j.id = cancel.job_id AND j.state IN ('waiting', 'queued');
     IF NOT FOUND THEN
@@ -157,12 +158,42 @@ LANGUAGE sql STABLE AS $$
     WHERE d.job_id = p_job_id AND p.state <> 'succeeded'
 $$;
 
+-- A job a retry revives, reached from the retried job (see _revivable_downstream).
+CREATE FUNCTION pgqueue._revivable(w pgqueue.jobs, p_pipeline_id uuid) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT w.state = 'cancelled'
+       AND (w.last_error LIKE 'dependency failed: %' OR w.last_error = 'pipeline cancelled')
+       AND (w.pipeline_id IS NULL OR w.pipeline_id IS NOT DISTINCT FROM p_pipeline_id
+            OR NOT EXISTS (SELECT 1 FROM pgqueue.cancelled_pipelines c
+                           WHERE c.pipeline_id = w.pipeline_id))
+$$;
+
+-- The jobs a retry of p_job_id revives, transitively: cancelled because it failed
+-- ("dependency failed: ...") or cancelled with its pipeline, p_pipeline_id, whose mark
+-- the retry lifts ("pipeline cancelled"). Not one of another pipeline that is still
+-- cancelled: that pipeline grows nothing until a member of it is retried.
+CREATE FUNCTION pgqueue._revivable_downstream(p_job_id bigint, p_pipeline_id uuid) RETURNS bigint[]
+LANGUAGE sql STABLE AS $$
+    WITH RECURSIVE downstream(id) AS (
+        SELECT d.job_id FROM pgqueue.job_dependencies d
+        JOIN pgqueue.jobs w ON w.id = d.job_id
+        WHERE d.depends_on = p_job_id AND pgqueue._revivable(w, p_pipeline_id)
+        UNION
+        SELECT d.job_id FROM downstream x
+        JOIN pgqueue.job_dependencies d ON d.depends_on = x.id
+        JOIN pgqueue.jobs w ON w.id = d.job_id
+        WHERE pgqueue._revivable(w, p_pipeline_id)
+    )
+    SELECT array_agg(x.id) FROM downstream x
+$$;
+
 CREATE FUNCTION pgqueue.retry(job_id bigint) RETURNS boolean
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
     v pgqueue.jobs%ROWTYPE;
     v_downstream bigint[];
+    v_more bigint[];
     v_revived bigint[];
     v_cancelled boolean;
     v_id bigint;
@@ -182,20 +213,7 @@ BEGIN
     IF v.scope IS NOT NULL THEN
         PERFORM pg_advisory_xact_lock(pgqueue._lock_class('scope'), pgqueue._scope_lock_key(v.scope));
     END IF;
-    -- Dependents cancelled because this job failed wait again for it, and so do those
-    -- cancelled with its pipeline: a retry of a member resumes the pipeline downstream of it.
-    WITH RECURSIVE downstream(id) AS (
-        SELECT d.job_id FROM pgqueue.job_dependencies d
-        JOIN pgqueue.jobs w ON w.id = d.job_id AND w.state = 'cancelled'
-                           AND (w.last_error LIKE 'dependency failed: %' OR w.last_error = 'pipeline cancelled')
-        WHERE d.depends_on = retry.job_id
-        UNION
-        SELECT d.job_id FROM downstream x
-        JOIN pgqueue.job_dependencies d ON d.depends_on = x.id
-        JOIN pgqueue.jobs w ON w.id = d.job_id AND w.state = 'cancelled'
-                           AND (w.last_error LIKE 'dependency failed: %' OR w.last_error = 'pipeline cancelled')
-    )
-    SELECT array_agg(x.id) INTO v_downstream FROM downstream x;
+    v_downstream := pgqueue._revivable_downstream(retry.job_id, v.pipeline_id);
     -- Every key that may become pending again, locked in key order (as a batch
     -- enqueue locks them) for _keeps_dedup_key: a key a newer pending job took
     -- meanwhile is dropped, never a 23505.
@@ -226,6 +244,20 @@ BEGIN
             PERFORM 1 FROM pgqueue.jobs j WHERE j.id = v_id FOR SHARE;
         END IF;
     END LOOP;
+    -- A completion that created a dependent of this job while the row lock above waited
+    -- for it (a stored spec's child of this failed job, created cancelled: it has no
+    -- dedup_key) committed an edge the first read could not see. Read again, once every
+    -- lock is held, and lock what is new (after the others, out of id order: only that
+    -- race adds them, and a deadlock it may then meet is broken by PostgreSQL, 40P01).
+    v_more := ARRAY(SELECT x FROM unnest(pgqueue._revivable_downstream(retry.job_id, v.pipeline_id)) x
+                    WHERE x <> ALL (coalesce(v_downstream, '{}')));
+    IF cardinality(v_more) > 0 THEN
+        PERFORM 1 FROM pgqueue.jobs j WHERE j.id = ANY (v_more) ORDER BY j.id FOR NO KEY UPDATE;
+        PERFORM 1 FROM pgqueue.jobs j
+        WHERE j.id IN (SELECT d.depends_on FROM pgqueue.job_dependencies d WHERE d.job_id = ANY (v_more))
+        ORDER BY j.id FOR SHARE;
+        v_downstream := coalesce(v_downstream, '{}') || v_more;
+    END IF;
     SELECT * INTO v FROM pgqueue.jobs j WHERE j.id = retry.job_id AND j.state IN ('failed', 'cancelled');
     IF NOT FOUND THEN
         RETURN false;
@@ -331,8 +363,14 @@ $$;
 -- first jobs were being enqueued.
 CREATE FUNCTION pgqueue._drop_ended_pipeline_marks(p_before timestamptz) RETURNS void
 LANGUAGE sql AS $$
+    -- A mark another transaction holds (a prune deleting it, a retry lifting it) is left
+    -- for a later round: retention never waits.
     DELETE FROM pgqueue.cancelled_pipelines c
-    WHERE c.cancelled_at < p_before
+    WHERE c.pipeline_id = ANY (ARRAY(SELECT m.pipeline_id FROM pgqueue.cancelled_pipelines m
+                                     WHERE m.cancelled_at < p_before
+                                       AND NOT EXISTS (SELECT 1 FROM pgqueue.jobs j
+                                                       WHERE j.pipeline_id = m.pipeline_id)
+                                     FOR UPDATE SKIP LOCKED))
       AND NOT EXISTS (SELECT 1 FROM pgqueue.jobs j WHERE j.pipeline_id = c.pipeline_id)
 $$;
 

@@ -615,7 +615,7 @@ MUTANTS: dict[str, Mutant] = {
     # and its new edge; named "dependency failed", a retry of another dependency revives it.
     "deleted_dependency_keeps_the_revivable_name": Mutant(
         "pgqueue._drop_edges()",
-        "AND j.last_error LIKE 'dependency failed: %';",
+        "AND (j.last_error LIKE 'dependency failed: %' OR j.last_error = 'pipeline cancelled');",
         "AND false;",
         "test_fanin_races.py::test_a_child_of_an_ended_dependency_created_during_its_retry_or_prune_never_runs_without_it[prune]",
     ),
@@ -635,10 +635,32 @@ MUTANTS: dict[str, Mutant] = {
     ),
     # A retry of a member lifting the pipeline's mark only: what waits on it stays cancelled.
     "retry_does_not_resume_the_pipeline": Mutant(
-        "pgqueue.retry(bigint)",
+        "pgqueue._revivable(pgqueue.jobs,uuid)",
         " OR w.last_error = 'pipeline cancelled')",
         ")",
         "test_semantics.py::test_a_retry_of_a_member_resumes_a_cancelled_pipeline_downstream_of_it",
+    ),
+    # Reviving a job of another pipeline that is still cancelled.
+    "retry_revives_into_a_cancelled_pipeline": Mutant(
+        "pgqueue._revivable(pgqueue.jobs,uuid)",
+        "OR NOT EXISTS (SELECT 1 FROM pgqueue.cancelled_pipelines c",
+        "OR true OR NOT EXISTS (SELECT 1 FROM pgqueue.cancelled_pipelines c",
+        "test_semantics.py::test_a_retry_revives_no_job_of_another_pipeline_still_cancelled",
+    ),
+    # The cycle check on the merged graph only: a spec's own edges, written when a stored
+    # spec's ended dependency undoes the merge, are not checked.
+    "cycle_check_merged_graph_only": Mutant(
+        "pgqueue._check_after_cycles(jsonb,text)",
+        "(VALUES (d.pos), (CASE WHEN w.job = w.pos THEN d.job END))",
+        "(VALUES (CASE WHEN w.job = w.pos THEN d.job END))",
+        "test_semantics.py::test_a_cycle_of_specs_that_only_merging_would_hide_is_refused",
+    ),
+    # A retry not reading its downstream again once its locks are held.
+    "retry_reads_downstream_once": Mutant(
+        "pgqueue.retry(bigint)",
+        "IF cardinality(v_more) > 0 THEN",
+        "IF false THEN",
+        "test_fanin_races.py::test_a_child_of_an_ended_dependency_created_during_its_retry_or_prune_never_runs_without_it[retry]",
     ),
     # One key namespace for a parent's stored and passed specs.
     "stored_and_passed_keys_shared": Mutant(

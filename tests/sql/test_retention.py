@@ -326,3 +326,25 @@ async def test_prune_drops_the_marks_of_cancelled_pipelines_with_no_job_left(
     assert [m[0] for m in marks] == [fresh]
     # The id can be used again.
     await conn.fetchval("SELECT pgqueue.enqueue('t', pipeline_id => $1::uuid)", gone)
+
+
+async def test_retention_leaves_a_mark_another_transaction_holds(connect: Connect) -> None:
+    """From the second review: dropping the marks waited for a transaction holding one (a
+    prune deleting it), where retention never waits."""
+    holder, retention, observer = await sessions(connect, "holder", "retention", "observer")
+    gone = "44444444-4444-4444-4444-444444444444"
+    await observer.fetchval("SELECT pgqueue.cancel_pipeline($1::uuid)", gone)
+    await observer.conn.execute(
+        "UPDATE pgqueue.cancelled_pipelines SET cancelled_at = now() - interval '30 days'"
+    )
+    await holder.begin()
+    await holder.fetchval(
+        "SELECT pipeline_id FROM pgqueue.cancelled_pipelines WHERE pipeline_id = $1::uuid FOR UPDATE",
+        gone,
+    )
+    step = retention.fetchval("SELECT pgqueue.prune_expired()")
+    assert await finishes_unblocked(observer.conn, retention, step) == 0
+    await holder.rollback()
+    assert await observer.fetchval("SELECT count(*) FROM pgqueue.cancelled_pipelines") == 1
+    assert await retention.fetchval("SELECT pgqueue.prune_expired()") == 0
+    assert await observer.fetchval("SELECT count(*) FROM pgqueue.cancelled_pipelines") == 0

@@ -854,3 +854,104 @@ async def test_a_retry_of_a_member_resumes_a_cancelled_pipeline_downstream_of_it
         ("waiting", None),
     ]
     assert await conn.fetchval("SELECT count(*) FROM pgqueue.cancelled_pipelines") == 0
+
+
+async def test_a_retry_revives_no_job_of_another_pipeline_still_cancelled(
+    connect: Connect,
+) -> None:
+    """From the second review: the revival by "pipeline cancelled" took jobs of any
+    pipeline, and lifted only the retried job's mark: a job of a pipeline still cancelled
+    waited, was queued and ran. Nor is one of its jobs a dependency's failure cancelled."""
+    conn = await _conn(connect)
+    pid = str(uuid.uuid4())
+    a = await conn.fetchval("SELECT pgqueue.enqueue('a', max_attempts => 1)")
+    b = await conn.fetchval("SELECT pgqueue.enqueue('b', max_attempts => 1)")
+    by_cancel = await conn.fetchval(
+        "SELECT pgqueue.enqueue('d', pipeline_id => $1::uuid, depends_on => ARRAY[$2::bigint])",
+        pid,
+        a,
+    )
+    by_failure = await conn.fetchval(
+        "SELECT pgqueue.enqueue('e', pipeline_id => $1::uuid, depends_on => ARRAY[$2::bigint])",
+        pid,
+        b,
+    )
+    await _run(conn, b)
+    assert await conn.fetchval("SELECT pgqueue.fail($1, 'w', 'boom')", b) == "failed"
+    assert await conn.fetchval("SELECT pgqueue.cancel_pipeline($1::uuid)", pid) == 1
+    await _run(conn, a)
+    assert await conn.fetchval("SELECT pgqueue.fail($1, 'w', 'boom')", a) == "failed"
+    for job in (a, b):
+        assert await conn.fetchval("SELECT pgqueue.retry($1)", job) is True
+    rows = await conn.fetch(
+        "SELECT state, last_error FROM pgqueue.jobs WHERE id = ANY ($1) ORDER BY id",
+        [by_cancel, by_failure],
+    )
+    assert [tuple(r) for r in rows] == [
+        ("cancelled", "pipeline cancelled"),
+        ("cancelled", f"dependency failed: job {b} failed"),
+    ]
+    assert await conn.fetchval("SELECT count(*) FROM pgqueue.cancelled_pipelines") == 1
+
+
+async def test_a_job_of_a_cancelled_pipeline_whose_dependency_was_deleted_stays_cancelled(
+    connect: Connect,
+) -> None:
+    """From the second review: cancelled with its pipeline, the job kept that name when a
+    dependency was deleted by hand, and a retry of its other dependency revived it: it ran
+    without the deleted one."""
+    conn = await _conn(connect)
+    pid = str(uuid.uuid4())
+    n = await conn.fetchval("SELECT pgqueue.enqueue('n', pipeline_id => $1::uuid)", pid)
+    m = await conn.fetchval("SELECT pgqueue.enqueue('m', pipeline_id => $1::uuid)", pid)
+    d = await conn.fetchval(
+        "SELECT pgqueue.enqueue('d', pipeline_id => $1::uuid, depends_on => ARRAY[$2, $3]::bigint[])",
+        pid,
+        n,
+        m,
+    )
+    assert await conn.fetchval("SELECT pgqueue.cancel_pipeline($1::uuid)", pid) == 3
+    await conn.execute("DELETE FROM pgqueue.jobs WHERE id = $1", n)
+    assert await conn.fetchval("SELECT pgqueue.retry($1)", m) is True
+    assert tuple(
+        await conn.fetchrow("SELECT state, last_error FROM pgqueue.jobs WHERE id = $1", d)
+    ) == ("cancelled", f"cancelled: dependency job {n} was deleted")
+
+
+async def test_a_job_retried_after_its_pipeline_was_cancelled_then_cancelled_by_hand_stays_so(
+    connect: Connect,
+) -> None:
+    """From the second review: retried, it kept "pipeline cancelled", which cancel() kept
+    too; a retry of its dependency then revived the job the operator had cancelled."""
+    conn = await _conn(connect)
+    pid = str(uuid.uuid4())
+    a = await conn.fetchval("SELECT pgqueue.enqueue('a', pipeline_id => $1::uuid)", pid)
+    x = await conn.fetchval(
+        "SELECT pgqueue.enqueue('x', pipeline_id => $1::uuid, depends_on => ARRAY[$2::bigint])",
+        pid,
+        a,
+    )
+    assert await conn.fetchval("SELECT pgqueue.cancel_pipeline($1::uuid)", pid) == 2
+    assert await conn.fetchval("SELECT pgqueue.retry($1)", x) is True
+    assert await conn.fetchval("SELECT pgqueue.cancel($1)", x) is True
+    assert await conn.fetchval("SELECT pgqueue.retry($1)", a) is True
+    assert tuple(
+        await conn.fetchrow("SELECT state, last_error FROM pgqueue.jobs WHERE id = $1", x)
+    ) == ("cancelled", "cancelled")
+
+
+async def test_a_cycle_of_specs_that_only_merging_would_hide_is_refused(connect: Connect) -> None:
+    """From the second review: the merged graph drops a merged spec's own "after"; but a
+    stored spec whose dependency ended gives its dedup_key up at completion, the later spec
+    then does not merge, and its own edges (a cycle) were written: two jobs waiting for
+    each other for good, one holding the key."""
+    conn = await _conn(connect)
+    f = await conn.fetchval("SELECT pgqueue.enqueue('f', max_attempts => 1)")
+    specs = [
+        {"job_type": "s1", "key": "a", "dedup_key": "k", "depends_on": [f]},
+        {"job_type": "s2", "key": "b", "dedup_key": "k", "after": ["c"]},
+        {"job_type": "s3", "key": "c", "after": ["b"]},
+    ]
+    with pytest.raises(asyncpg.InvalidParameterValueError, match='cycle through key "b"'):
+        await conn.fetchval("SELECT pgqueue.enqueue('p', next_jobs => $1::jsonb)", specs)
+    assert await conn.fetchval("SELECT count(*) FROM pgqueue.jobs") == 1
