@@ -247,9 +247,16 @@ def _cell(value: Any) -> str:
         return ""
     text = json.dumps(value) if isinstance(value, dict | list) else str(value)
     lines = text.splitlines()
-    # A handler's error: its traceback's last line says what happened; the first, that it did.
-    text = (lines[-1] if text.startswith(_TRACEBACK) else lines[0]) if lines else text
+    text = _exception_line(lines) if text.startswith(_TRACEBACK) else lines[0] if lines else text
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _exception_line(lines: list[str]) -> str:
+    """A handler's traceback says that something failed in its first line and what in the
+    first line after its frames (indented): the exception's type and message (a message of
+    several lines, or notes, follow it)."""
+    last_frame = max((i for i, line in enumerate(lines) if line.startswith(" ")), default=0)
+    return next((line for line in lines[last_frame + 1 :] if line.strip()), lines[-1])
 
 
 @click.group()
@@ -500,6 +507,7 @@ _SHOW = """
     FROM pgqueue.jobs WHERE id = $1
 """
 _EMPTY_PRETTY = re.compile(r"([{\[])\n *([}\]])")
+_PRETTY = frozenset({"payload", "result", "progress", "next_jobs"})
 _SHOW_EDGES = """
     SELECT 'depends on' AS side, d.depends_on AS id, coalesce(o.state, 'pruned') AS state
     FROM pgqueue.job_dependencies d LEFT JOIN pgqueue.jobs o ON o.id = d.depends_on
@@ -533,7 +541,8 @@ def show(opts: DsnOption, job_id: int) -> None:
             continue
         # jsonb_pretty opens an empty object or array on one line and closes it on the next.
         # A line break in its output is never inside a string (those are escaped as \n).
-        lines = _EMPTY_PRETTY.sub(r"\1\2", str(value)).splitlines() or [""]
+        text = _EMPTY_PRETTY.sub(r"\1\2", str(value)) if name in _PRETTY else str(value)
+        lines = text.splitlines() or [""]
         click.echo(f"{name.ljust(width)}  {lines[0]}")
         for line in lines[1:]:
             click.echo(f"{'':{width}}  {line}")

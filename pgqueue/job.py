@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import numbers
+import operator
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar
@@ -233,10 +234,16 @@ def pipeline_id_text(value: object) -> str | None:
 
 
 def int_option(name: str, value: Any) -> Any:
-    """``priority`` / ``max_attempts``: an integer or None. A float was rounded one way by
-    one path and the other way by another (1.5 became 2, or 1); a bool is no number here."""
-    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
-        return value
+    """``priority`` / ``max_attempts``: an integer (anything integral: numpy's too) or None.
+    A float was rounded one way by one path and the other way by another (1.5 became 2, or
+    1); a bool is no number here."""
+    if value is None:
+        return None
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
     raise TypeError(f"{name} must be an integer, got {value!r}")
 
 

@@ -232,6 +232,7 @@ class Pipeline:
             raise PipelineError("the pipeline has no jobs")
         waits_for = [list(items) for items in self._after]
         for source, target in self._edges:
+            self._resolve(source, "add_edge", "upstream")
             waits_for[self._resolve(target, "add_edge", "downstream").index].append(source)
         edges: list[list[int]] = []
         for node, items in zip(self._nodes, waits_for, strict=True):
@@ -241,14 +242,13 @@ class Pipeline:
                 if dep.index not in deps:
                     deps.append(dep.index)
             edges.append(deps)
-        cycle = _find_cycle(_merged_edges(edges, [spec.get("dedup_key") for spec in self._specs]))
+        note = ""
+        cycle = _find_cycle(edges)
+        if not cycle:  # one only merging by dedup_key makes
+            cycle = _find_cycle(_merged_edges(edges, [s.get("dedup_key") for s in self._specs]))
+            note = " (nodes with the same dedup_key are one job, the first of them)"
         if cycle:
             path = " -> ".join(repr(self._nodes[i].key) for i in cycle)
-            note = (
-                " (nodes with the same dedup_key are one job, the first of them)"
-                if _shares_a_key(self._specs, cycle)
-                else ""
-            )
             raise PipelineError(f"the pipeline has a cycle: {path}{note}")
         out: list[dict[str, Any]] = []
         for node, spec, deps in zip(self._nodes, self._specs, edges, strict=True):
@@ -340,20 +340,17 @@ def _pipeline_uuid(value: uuid.UUID | str | None, *, new: bool = True) -> uuid.U
 
 
 def _merged_edges(edges: list[list[int]], dedup_keys: Sequence[Any]) -> list[list[int]]:
-    """The graph the SQL writes: nodes with the same dedup_key are one job, the first of them.
-    The others merge into it and add no edges; an edge to one of them waits for the first."""
+    """The edges as the SQL checks them: each node's own, and those of the graph it writes
+    when nodes with the same dedup_key are one job, the first of them (the others merge into
+    it and add no edges; an edge to one of them waits for the first). A cycle in either is
+    refused: merging does not always happen (a node whose dependency ended gives its key up)."""
     first: dict[Any, int] = {}
     job = [i if key is None else first.setdefault(key, i) for i, key in enumerate(dedup_keys)]
     merged: list[list[int]] = []
     for i, deps in enumerate(edges):
-        merged.append(list(dict.fromkeys(job[d] for d in deps)) if job[i] == i else [])
+        written = [job[d] for d in deps] if job[i] == i else []
+        merged.append(list(dict.fromkeys([*deps, *written])))
     return merged
-
-
-def _shares_a_key(specs: Sequence[Mapping[str, Any]], cycle: list[int]) -> bool:
-    """Is a node on the cycle the first of several with its dedup_key?"""
-    keys = [spec.get("dedup_key") for spec in specs]
-    return any(keys[i] is not None and keys.count(keys[i]) > 1 for i in cycle)
 
 
 def _find_cycle(edges: list[list[int]]) -> list[int]:

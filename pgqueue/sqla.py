@@ -42,8 +42,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.dialects.postgresql import UUID as PG_UUID
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
-from sqlalchemy.orm import Session
+from sqlalchemy.engine import Engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_scoped_session
+from sqlalchemy.orm import Session, scoped_session
 from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.types import TypeEngine
 
@@ -148,19 +149,18 @@ ENQUEUE_OPTIONS: Mapping[str, TypeEngine[Any]] = {
 _JSON_OPTIONS = frozenset({"scope", "next_jobs"})
 
 
-def _check_target(api: str, target: object, takes: tuple[type, ...], other: str) -> None:
+def _check_target(api: str, target: object, wrong_kind: tuple[type, ...], other: str) -> None:
     """A wrong target failed deep inside ("'Engine' object has no attribute 'execute'", an
-    un-awaited coroutine, MissingGreenlet): say what to pass."""
-    if isinstance(target, takes):
-        return
+    un-awaited coroutine, MissingGreenlet): say what to pass. Anything else is taken as a
+    session or connection (scoped sessions are proxies, not subclasses)."""
     kind = type(target).__name__
-    hint = (
-        f"use pgqueue.sqla.{other}"
-        if isinstance(target, AsyncSession | AsyncConnection | Session | Connection)
-        else "pass a Session or a Connection of your transaction (engine.begin()), not an engine"
-    )
-    names = " or ".join(t.__name__ for t in takes)
-    raise TypeError(f"pgqueue.sqla.{api} takes a {names}, got {kind}: {hint}")
+    if isinstance(target, wrong_kind):
+        raise TypeError(f"pgqueue.sqla.{api} got {kind}: use pgqueue.sqla.{other}")
+    if isinstance(target, Engine | AsyncEngine):
+        raise TypeError(
+            f"pgqueue.sqla.{api} got {kind}: pass a Session or a Connection of your"
+            " transaction (engine.begin()), not an engine"
+        )
 
 
 def _enqueue_statement(
@@ -226,7 +226,12 @@ def enqueue(
     Nothing is committed here: the job exists once the caller's transaction
     commits, and vanishes with it on rollback. ``None`` options keep the SQL defaults.
     """
-    _check_target("enqueue", session_or_connection, (Session, Connection), "enqueue_async")
+    _check_target(
+        "enqueue",
+        session_or_connection,
+        (AsyncSession, AsyncConnection, async_scoped_session),
+        "enqueue_async",
+    )
     statement, values = _enqueue_statement(
         job_type,
         payload,
@@ -262,7 +267,7 @@ async def enqueue_async(
 ) -> int:
     """:func:`enqueue` for ``AsyncSession`` / ``AsyncConnection``."""
     _check_target(
-        "enqueue_async", session_or_connection, (AsyncSession, AsyncConnection), "enqueue"
+        "enqueue_async", session_or_connection, (Session, Connection, scoped_session), "enqueue"
     )
     statement, values = _enqueue_statement(
         job_type,

@@ -346,8 +346,7 @@ DECLARE
     v_keys jsonb;      -- {key: whether that spec has an after list}
     v_nkeys bigint;
     v_chained boolean;
-    v_dedups jsonb;    -- {dedup_key: true}: fewer entries than specs with one, some merge
-    v_ndedups bigint;
+    v_merging boolean; -- two specs share a dedup_key
 BEGIN
     IF jsonb_typeof(p_specs) IS DISTINCT FROM 'array' THEN
         RAISE EXCEPTION '%: must be a JSON array of job specs, got %', p_label, coalesce(jsonb_typeof(p_specs), 'NULL')
@@ -361,10 +360,8 @@ BEGIN
            jsonb_object_agg(e.s->>'key', CASE WHEN jsonb_typeof(e.s->'after') = 'array'
                                                THEN jsonb_array_length(e.s->'after') > 0 ELSE false END)
                FILTER (WHERE jsonb_typeof(e.s->'key') = 'string'),
-           count(*) FILTER (WHERE jsonb_typeof(e.s->'key') = 'string'),
-           jsonb_object_agg(e.s->>'dedup_key', true) FILTER (WHERE jsonb_typeof(e.s->'dedup_key') = 'string'),
-           count(*) FILTER (WHERE jsonb_typeof(e.s->'dedup_key') = 'string')
-      INTO v_ord, v_run_after, v_nested, v_after, v_keys, v_nkeys, v_dedups, v_ndedups
+           count(*) FILTER (WHERE jsonb_typeof(e.s->'key') = 'string')
+      INTO v_ord, v_run_after, v_nested, v_after, v_keys, v_nkeys
       FROM jsonb_array_elements(p_specs) WITH ORDINALITY AS e(s, ord);
     IF v_ord IS NOT NULL THEN
         RAISE EXCEPTION '%: %', pgqueue._spec_where(p_label, v_ord, p_single, p_stored), pgqueue._spec_problem(p_specs->(v_ord::int - 1))
@@ -421,9 +418,15 @@ BEGIN
     -- an after list names a spec with an after list (v_chained) there is none:
     -- a fan-out's join after N children walks nothing.
     -- Specs sharing a dedup_key are one job: "after" between them (or through others)
-    -- makes a cycle of one job, which v_chained alone does not see.
-    IF v_chained OR (v_after AND v_ndedups > 0
-                     AND v_ndedups <> (SELECT count(*) FROM jsonb_object_keys(v_dedups))) THEN
+    -- makes a cycle of one job, which v_chained alone does not see. Looked for only where
+    -- there are after lists and dedup keys both (a fan-out and its join have no keys).
+    IF v_after AND NOT coalesce(v_chained, false)
+       AND p_specs @? '$[*].dedup_key ? (@.type() == "string")' THEN
+        SELECT count(*) <> count(DISTINCT e.s->>'dedup_key') INTO v_merging
+          FROM jsonb_array_elements(p_specs) AS e(s)
+         WHERE jsonb_typeof(e.s->'dedup_key') = 'string';
+    END IF;
+    IF v_chained OR v_merging THEN
         PERFORM pgqueue._check_after_cycles(p_specs, p_label);
     END IF;
 

@@ -35,17 +35,24 @@ MIN_TRY = 1.0
 # operator's SELECT ... FOR UPDATE on pgqueue.periodic, a migration) must not keep a pooled
 # connection, which claims and outcome writes need, for the whole try. A lock timeout is a
 # transient error: the loop backs off, connection returned, and tries again.
+# A tick early by the database's clock (this worker's reading of it was not made yet, or
+# is off) is not enqueued: it would move the schedule past ticks the others have not
+# enqueued. The reply says so, with the database's time, and the tick is tried again then.
 _ENQUEUE_PERIODIC = (
-    "SELECT pgqueue.enqueue_periodic(name => $1, tick => $2, spec => $3::text::jsonb),"
-    f" clock_timestamp() FROM {BOUNDED_LOCK_WAIT}"
+    "SELECT CASE WHEN $2 <= c.now"
+    " THEN pgqueue.enqueue_periodic(name => $1, tick => $2, spec => $3::text::jsonb) END,"
+    f" c.now, $2 > c.now FROM (SELECT clock_timestamp() AS now) c, {BOUNDED_LOCK_WAIT}"
 )
 # A schedule's latest tick, missed: enqueued only if the schedule has enqueued a tick before
 # (its row says when) and not this one or a later one. A first start has nothing to make up.
 _CATCH_UP = (
-    "SELECT pgqueue.enqueue_periodic(name => $1, tick => $2, spec => $3::text::jsonb),"
-    f" clock_timestamp() FROM {BOUNDED_LOCK_WAIT}"
+    "SELECT CASE WHEN $2 <= c.now"
+    " THEN pgqueue.enqueue_periodic(name => $1, tick => $2, spec => $3::text::jsonb) END,"
+    f" c.now, $2 > c.now FROM (SELECT clock_timestamp() AS now) c, {BOUNDED_LOCK_WAIT}"
     " WHERE EXISTS (SELECT 1 FROM pgqueue.periodic p WHERE p.name = $1 AND p.last_tick < $2)"
 )
+# _enqueue's answer for a tick that was early.
+_EARLY = -1
 # At most this many tries of tick enqueues run at once, whatever the number of schedules:
 # the pool is min(concurrency, 10) + 2 connections. Held for one try, never across the
 # backoff between tries, so schedules stuck on locks cannot keep the others waiting.
@@ -78,6 +85,8 @@ class DatabaseClock:
 
 async def run_schedules(pool: asyncpg.Pool, app: App, logger: logging.Logger) -> None:
     """Enqueue every schedule's ticks from now on, until cancelled."""
+    if not app.schedules:
+        return
     enqueues = anyio.CapacityLimiter(MAX_ENQUEUES)
     clock = DatabaseClock()
     try:
@@ -123,9 +132,11 @@ async def _schedule_loop(
         while True:
             await anyio.sleep(max(0.0, (tick - clock.now()).total_seconds()))
             following = schedule.next_tick(tick)
-            await _enqueue_tick(
+            if await _enqueue_tick(
                 pool, app, schedule, tick, following, enqueues, outage, logger, clock=clock
-            )
+            ):  # early: the clock was the host's, and is the database's now
+                tick = schedule.next_tick(clock.now())
+                continue
             # A try that ran past the next tick (a lock wait, an outage) leaves that tick
             # due: it is enqueued at once, late. Further behind than that (the process was
             # suspended), the ticks already past are skipped, and said so; with catch_up,
@@ -159,6 +170,8 @@ async def _enqueue(
     if row is None:  # _CATCH_UP's guard held it back
         return None
     clock.set(row[1])
+    if row[2]:
+        return _EARLY
     job_id: int | None = row[0]
     return job_id
 
@@ -175,9 +188,10 @@ async def _enqueue_tick(
     *,
     sql: str = _ENQUEUE_PERIODIC,
     clock: DatabaseClock | None = None,
-) -> None:
+) -> bool:
     """Enqueue one tick (through ``sql``: the plain enqueue, or :data:`_CATCH_UP` for a
-    missed one), retrying transient failures until ``give_up_at`` (on ``clock``)."""
+    missed one), retrying transient failures until ``give_up_at`` (on ``clock``). True if
+    the tick was early by the database's clock, and so not enqueued."""
     clock = clock or DatabaseClock()
     late = sql is _CATCH_UP
     spec = dumps(app.with_defaults(schedule.spec))  # a handler registered after periodic()
@@ -203,7 +217,7 @@ async def _enqueue_tick(
                 logger.error(
                     "periodic %s: tick %s refused: %s", schedule.name, tick.isoformat(), exc
                 )
-                return
+                return False
             outage.failed(exc, f"enqueueing tick {tick.isoformat()}")
             delay = backoff.next_delay()
             if clock.now() + datetime.timedelta(seconds=delay) >= give_up_at:
@@ -213,10 +227,19 @@ async def _enqueue_tick(
                     schedule.name,
                     tick.isoformat(),
                 )
-                return
+                return False
             await anyio.sleep(delay)
             continue
         outage.ok()
+        if job_id == _EARLY:
+            logger.warning(
+                "periodic %s: tick %s is still %.1fs away by the database's clock; this"
+                " worker's clock was off, and waits for the database's",
+                schedule.name,
+                tick.isoformat(),
+                (tick - clock.now()).total_seconds(),
+            )
+            return True
         if job_id is not None:
             logger.info(
                 "periodic %s: %stick %s %s job %d",
@@ -227,4 +250,4 @@ async def _enqueue_tick(
                 job_id,
                 extra={"job_id": job_id},
             )
-        return
+        return False

@@ -216,6 +216,17 @@ async def test_builder_findings_of_the_session_22_review(conn: asyncpg.Connectio
     with pytest.raises(pgqueue.PipelineError, match="add_edge: downstream names unknown key"):
         unknown.specs()
 
+    own = pgqueue.Pipeline()  # a cycle of own edges: written when the merge does not happen
+    own.add("s1", key="a", dedup_key="k")
+    own.add("s2", key="b", dedup_key="k", after="c")
+    own.add("s3", key="c", after="b")
+    with pytest.raises(pgqueue.PipelineError, match=r"cycle: 'b' -> 'c' -> 'b'$"):
+        own.specs()
+    upstream = pgqueue.Pipeline()
+    upstream.add_edge("nowhere", upstream.add("a"))
+    with pytest.raises(pgqueue.PipelineError, match="add_edge: upstream names unknown key"):
+        upstream.specs()
+
     before = await _count(conn)
     marks = "SELECT count(*) FROM pgqueue.cancelled_pipelines"
     for call in (app.cancel_pipeline, app.pipeline_status):  # a new uuid4 was made and used

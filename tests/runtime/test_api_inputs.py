@@ -17,7 +17,13 @@ import asyncpg
 import pytest
 from click.testing import CliRunner
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_scoped_session,
+    async_sessionmaker,
+)
+from sqlalchemy.orm import scoped_session
 from worker_harness import wait_until
 
 import pgqueue
@@ -113,6 +119,7 @@ async def test_a_date_run_after_is_its_midnight_utc_on_every_path(
         ({"depends_on": 5}, TypeError, "depends_on must be a list of job ids, got 5"),
         # stored as 1 here and as 2 by pgqueue.sqla
         ({"priority": 1.5}, TypeError, "priority must be an integer, got 1.5"),
+        ({"priority": True}, TypeError, "priority must be an integer, got True"),
         ({"max_attempts": 2.5}, TypeError, "max_attempts must be an integer, got 2.5"),
         ({"run_after": "2030-01-01"}, TypeError, "run_after must be a datetime, got str"),
         ({"delay": "10"}, TypeError, "delay must be seconds or a timedelta, got '10'"),
@@ -124,6 +131,20 @@ async def test_app_enqueue_names_the_argument_it_refuses(
     with pytest.raises(error, match=re.escape(message)):
         await pgqueue.App().enqueue(conn, "x", **options)
     assert await conn.fetchval("SELECT count(*) FROM pgqueue.jobs") == 0
+
+
+async def test_sqla_takes_scoped_sessions(conn: asyncpg.Connection, engine: AsyncEngine) -> None:
+    """From the review of the target check: a scoped session (Flask-SQLAlchemy's db.session)
+    is a proxy, not a Session, and was refused."""
+    scoped = async_scoped_session(async_sessionmaker(engine), scopefunc=asyncio.current_task)
+    first = await enqueue_async(scoped, "x")
+    await scoped.commit()
+    await scoped.remove()
+    async with AsyncSession(engine) as session:
+        second = await session.run_sync(lambda s: enqueue(scoped_session(lambda: s), "y"))
+        await session.commit()
+    rows = await conn.fetch("SELECT id FROM pgqueue.jobs ORDER BY id")
+    assert [r[0] for r in rows] == [first, second]
 
 
 async def test_sqla_enqueue_checks_its_input_as_app_enqueue_does(
@@ -146,7 +167,7 @@ async def test_sqla_enqueue_checks_its_input_as_app_enqueue_does(
             await enqueue_async(session, "x", priority=1.5)  # type: ignore[arg-type]
         with pytest.raises(TypeError, match="run_after must be a datetime, got str"):
             await enqueue_async(session, "x", run_after="2030-01-01 00:00")  # type: ignore[arg-type]
-        with pytest.raises(TypeError, match="takes a Session or Connection, got AsyncSession"):
+        with pytest.raises(TypeError, match=r"got AsyncSession: use pgqueue\.sqla\.enqueue_async"):
             enqueue(session, "x")  # type: ignore[arg-type]
         with pytest.raises(TypeError, match="got AsyncEngine: pass a Session or a Connection"):
             await enqueue_async(engine, "x")  # type: ignore[arg-type]
@@ -391,3 +412,23 @@ async def test_app_enqueue_names_what_to_pass_instead_of_a_sqlalchemy_session(
             await app.enqueue(session, "x")  # type: ignore[arg-type]
         with pytest.raises(TypeError, match="got AsyncSession"):
             await app.enqueue_many(session, [{"job_type": "x"}])  # type: ignore[arg-type]
+
+
+def test_integral_options_of_any_integral_type_are_taken() -> None:
+    """From the review: numpy's integers (pandas hands them out) were refused by the check
+    that refuses floats; asyncpg took them before."""
+    from enum import IntEnum
+
+    from pgqueue.job import int_option
+
+    class Level(IntEnum):
+        HIGH = 7
+
+    class Integral:
+        def __index__(self) -> int:
+            return 3
+
+    assert int_option("priority", Level.HIGH) == 7
+    assert int_option("priority", Integral()) == 3
+    numpy = pytest.importorskip("numpy")
+    assert int_option("max_attempts", numpy.int64(2)) == 2

@@ -158,6 +158,28 @@ def test_limit_caps_a_queue_and_none_lifts_it(db_dsn: str) -> None:
     assert "limited queues" not in run(db_dsn, "stats").output
 
 
+@pytest.mark.parametrize(
+    ("error", "shown"),
+    [
+        (
+            "Traceback (most recent call last):\n  File x, line 1\nValueError: boom",
+            "ValueError: boom",
+        ),
+        # a message of several lines, and a note: the exception's line, not the last
+        (
+            "Traceback (most recent call last):\n  File x, line 1\n"
+            "ValueError: expected 4 columns,\ngot 2\nwhile reading factors.csv",
+            "ValueError: expected 4 columns,",
+        ),
+        ("mailbox full\nmore", "mailbox full"),
+    ],
+)
+def test_jobs_shows_the_line_of_an_error_that_says_what_happened(error: str, shown: str) -> None:
+    from pgqueue.cli import _cell
+
+    assert _cell(error) == shown
+
+
 def test_dsn_from_environment(db_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PGQUEUE_DSN", db_dsn)
     out = CliRunner().invoke(main, ["enqueue", "x"])

@@ -417,3 +417,39 @@ async def test_ticks_fall_on_the_databases_clock_not_the_hosts(
         "SELECT max(run_after) - clock_timestamp() FROM pgqueue.jobs WHERE job_type = 'beat'"
     )
     assert runs < datetime.timedelta(seconds=2), runs
+
+
+async def test_a_tick_early_by_the_databases_clock_is_not_enqueued(
+    conn: asyncpg.Connection,
+    db_dsn: str,
+    records: tuple[logging.Logger, Records],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """From the review of the database clock: when its first reading failed (a database
+    failing over as workers start), the loops ran on the host's clock, an hour ahead here,
+    and the first tick moved the schedule an hour past the ticks of every other worker. The
+    database now refuses a tick that is early by its own clock; the worker takes its clock
+    from that answer and goes on with the database's next tick."""
+    logger, log = records
+    host_now = scheduler._host_now
+    monkeypatch.setattr(scheduler, "_host_now", lambda: host_now() + datetime.timedelta(hours=1))
+
+    async def unreadable(conn: asyncpg.Connection) -> datetime.datetime:
+        raise OSError("connection refused")
+
+    monkeypatch.setattr(scheduler, "_database_time", unreadable)
+    app = pgqueue.App()
+    app.periodic("beat", every=1)
+
+    @app.job("beat")
+    async def beat(job: pgqueue.Job) -> None:
+        return None
+
+    async with workers(app, db_dsn, 1, logger):
+        await wait_until(lambda: log.logged("enqueued as job"), what="a tick enqueued")
+    assert log.count("could not read the database's clock yet") == 1
+    assert log.count("away by the database's clock") == 1
+    ahead = await conn.fetchval(
+        "SELECT max(last_tick) - clock_timestamp() FROM pgqueue.periodic WHERE name = 'beat'"
+    )
+    assert ahead < datetime.timedelta(seconds=2), ahead
