@@ -87,12 +87,18 @@ SELECT string_agg(x.what, ', ' ORDER BY x.what) FROM (
     FROM pg_class c
     WHERE c.relnamespace = 'pgqueue'::regnamespace
       AND c.relname NOT IN ('alembic_version', 'alembic_version_pkc')
+      AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = c.oid AND d.deptype = 'e')
     UNION ALL
     SELECT format('function %I', p.proname) FROM pg_proc p
     WHERE p.pronamespace = 'pgqueue'::regnamespace
+      AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = p.oid AND d.deptype = 'e')
     UNION ALL
     SELECT format('type %I', t.typname) FROM pg_type t
     WHERE t.typnamespace = 'pgqueue'::regnamespace AND t.typrelid = 0 AND t.typelem = 0
+      AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = t.oid AND d.deptype = 'e')
+    UNION ALL  -- an extension's objects are named by it (ALTER EXTENSION ... SET SCHEMA)
+    SELECT format('extension %I', e.extname) FROM pg_extension e
+    WHERE e.extnamespace = 'pgqueue'::regnamespace
 ) x
 """
 

@@ -67,6 +67,11 @@ def check_dsn(dsn: str | None) -> None:
     except ValueError as exc:  # an unclosed IPv6 bracket, say
         raise DsnError(f"is not a valid URL ({exc})") from None
     if parts.scheme not in ("postgres", "postgresql"):
+        if parts.scheme.startswith(("postgres+", "postgresql+")):
+            raise DsnError(
+                f"is a SQLAlchemy URL ({parts.scheme}://); pgqueue takes the plain"
+                " postgresql:// URL it names"
+            )
         if "=" in dsn and "://" not in dsn:
             raise DsnError(
                 "is a keyword/value connection string; pgqueue (asyncpg) takes URLs only:"

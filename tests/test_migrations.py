@@ -335,3 +335,24 @@ async def test_a_migration_that_waited_for_another_sees_its_schema_under_repeata
     finally:
         await ahead.close()
         await admin.close()
+
+
+def test_an_extension_in_the_schema_is_named_as_one(empty_db_dsn: str) -> None:
+    """Its functions were listed one by one (function armor, function armor, ...)."""
+
+    async def setup() -> None:
+        conn = await asyncpg.connect(empty_db_dsn)
+        try:
+            await conn.execute("CREATE SCHEMA pgqueue")
+            try:
+                await conn.execute("CREATE EXTENSION pgcrypto SCHEMA pgqueue")
+            except asyncpg.PostgresError as exc:  # not every server ships contrib
+                pytest.skip(f"pgcrypto: {exc}")
+        finally:
+            await conn.close()
+
+    anyio.run(setup)
+    with pytest.raises(
+        migrate.SchemaError, match=r"already holds objects .*\(extension pgcrypto\);"
+    ):
+        migrate.upgrade(empty_db_dsn)

@@ -225,6 +225,10 @@ def test_dsn_from_environment(db_dsn: str, monkeypatch: pytest.MonkeyPatch) -> N
         (["jobs", "--dsn", "postgresql://h:abc/x"], "port 'abc' is not a number from 1 to 65535"),
         (["jobs", "--dsn", "postgresql://h:99999/x"], "port '99999' is not a number"),
         (["jobs", "--dsn", "host=h dbname=x"], "$PGQUEUE_DSN: is a keyword/value connection"),
+        (
+            ["migrate", "--dsn", "postgresql+psycopg://h/x"],
+            "is a SQLAlchemy URL (postgresql+psycopg://)",
+        ),
         (["jobs", "--dsn", "postgresql:///x?service=nowhere"], "service 'nowhere' is not defined"),
         (["jobs", "--dsn", "postgresql:///x?host=h:99999"], "port '99999' is not a number"),
         (["jobs", "--dsn", "postgresql://u:pw#rd@h/x"], "percent-encode a '#', '?' or '/'"),
