@@ -398,21 +398,10 @@ async def test_ticks_fall_on_the_databases_clock_not_the_hosts(
     next ones, and the schedule never runs ahead of the database."""
     logger, log = records
 
-    host_now = scheduler._host_now
-    monkeypatch.setattr(scheduler, "_host_now", lambda: host_now() + datetime.timedelta(hours=1))
-    app = pgqueue.App()
-    app.periodic("beat", every=1)
-
-    @app.job("beat")
-    async def beat(job: pgqueue.Job) -> None:
-        return None
-
-    async with workers(app, db_dsn, 1, logger):
-        await wait_until(lambda: log.logged("periodic beat: tick"), what="a tick enqueued")
-    ahead = await conn.fetchval(
-        "SELECT max(last_tick) - clock_timestamp() FROM pgqueue.periodic WHERE name = 'beat'"
-    )
-    assert ahead < datetime.timedelta(seconds=2), ahead
+    _host_clock_ahead(monkeypatch)
+    async with workers(_beat_every_second(), db_dsn, 1, logger):
+        await wait_until(lambda: log.logged("enqueued as job"), what="a tick enqueued")
+    await _assert_schedule_not_ahead(conn)
     runs = await conn.fetchval(
         "SELECT max(run_after) - clock_timestamp() FROM pgqueue.jobs WHERE job_type = 'beat'"
     )
@@ -431,13 +420,25 @@ async def test_a_tick_early_by_the_databases_clock_is_not_enqueued(
     database now refuses a tick that is early by its own clock; the worker takes its clock
     from that answer and goes on with the database's next tick."""
     logger, log = records
-    host_now = scheduler._host_now
-    monkeypatch.setattr(scheduler, "_host_now", lambda: host_now() + datetime.timedelta(hours=1))
+    _host_clock_ahead(monkeypatch)
 
     async def unreadable(conn: asyncpg.Connection) -> datetime.datetime:
         raise OSError("connection refused")
 
     monkeypatch.setattr(scheduler, "_database_time", unreadable)
+    async with workers(_beat_every_second(), db_dsn, 1, logger):
+        await wait_until(lambda: log.logged("enqueued as job"), what="a tick enqueued")
+    assert log.count("could not read the database's clock yet") == 1
+    assert log.count("away by the database's clock") == 1
+    await _assert_schedule_not_ahead(conn)
+
+
+def _host_clock_ahead(monkeypatch: pytest.MonkeyPatch) -> None:
+    host_now = scheduler._host_now
+    monkeypatch.setattr(scheduler, "_host_now", lambda: host_now() + datetime.timedelta(hours=1))
+
+
+def _beat_every_second() -> pgqueue.App:
     app = pgqueue.App()
     app.periodic("beat", every=1)
 
@@ -445,10 +446,10 @@ async def test_a_tick_early_by_the_databases_clock_is_not_enqueued(
     async def beat(job: pgqueue.Job) -> None:
         return None
 
-    async with workers(app, db_dsn, 1, logger):
-        await wait_until(lambda: log.logged("enqueued as job"), what="a tick enqueued")
-    assert log.count("could not read the database's clock yet") == 1
-    assert log.count("away by the database's clock") == 1
+    return app
+
+
+async def _assert_schedule_not_ahead(conn: asyncpg.Connection) -> None:
     ahead = await conn.fetchval(
         "SELECT max(last_tick) - clock_timestamp() FROM pgqueue.periodic WHERE name = 'beat'"
     )
