@@ -58,12 +58,13 @@ _ENQUEUE_MANY_SQLA = (
 
 
 def _is_sqlalchemy(target: object) -> TypeGuard[AsyncSession | AsyncConnection]:
-    """A SQLAlchemy async session or connection? Never imports SQLAlchemy to find out."""
+    """A SQLAlchemy async session or connection (a scoped session too: a proxy, not an
+    AsyncSession)? Never imports SQLAlchemy to find out."""
     if "sqlalchemy.ext.asyncio" not in sys.modules:
         return False
-    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_scoped_session
 
-    return isinstance(target, AsyncSession | AsyncConnection)
+    return isinstance(target, AsyncSession | AsyncConnection | async_scoped_session)
 
 
 _STATUS_SQL = """

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import asyncpg
 import pytest
 from sqlalchemy import create_engine
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_scoped_session,
+    async_sessionmaker,
+)
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
@@ -327,6 +333,12 @@ async def test_pipeline_on_an_async_session_joins_the_callers_transaction(
     rows = await conn.fetch("SELECT id, pipeline_id FROM pgqueue.jobs ORDER BY id")
     assert [r["id"] for r in rows] == list(run.job_ids)
     assert {r["pipeline_id"] for r in rows} == {run.pipeline_id}
+    # A scoped session (a proxy, not an AsyncSession) was taken for asyncpg: no 'fetch'.
+    scoped = async_scoped_session(async_sessionmaker(engine), scopefunc=asyncio.current_task)
+    again = await pipe.enqueue(scoped)
+    await scoped.commit()
+    await scoped.remove()
+    assert await _count(conn) == len(run.job_ids) + len(again.job_ids)
 
 
 async def test_pipeline_on_a_sync_session(db_dsn: str, conn: asyncpg.Connection) -> None:
