@@ -223,8 +223,10 @@ def normal_spec(spec: dict[str, Any]) -> dict[str, Any]:
 def pipeline_id_text(value: object) -> str | None:
     """A ``pipeline_id`` argument as the uuid's text, or None; ValueError naming it otherwise
     (PostgreSQL's refusal named only the query's argument number)."""
-    if value is None or isinstance(value, uuid.UUID):
-        return None if value is None else str(value)
+    if value is None:
+        return None
+    if isinstance(value, uuid.UUID):
+        return str(value)
     if isinstance(value, str):
         try:
             return str(uuid.UUID(value))
