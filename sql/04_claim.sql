@@ -158,7 +158,8 @@ LANGUAGE sql IMMUTABLE AS $$ SELECT false $$;
 -- lock is taken in a transaction that may only try it (see claim_or_wait).
 CREATE FUNCTION pgqueue._limit_room(p_queue text) RETURNS boolean
 LANGUAGE plpgsql
-SET enable_seqscan = off SET enable_bitmapscan = off
+-- No JIT, as in _complete: claim() calls this with the session's own setting.
+SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
 AS $$
 BEGIN
     PERFORM 1 FROM pgqueue.queue_limits l WHERE l.queue = p_queue;

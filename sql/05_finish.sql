@@ -240,7 +240,11 @@ RETURNS bigint[]
 LANGUAGE plpgsql
 -- Queue tables change faster than ANALYZE runs; stale statistics make the
 -- planner sort or bitmap-scan every pending job. These lookups are by key.
-SET enable_seqscan = off SET enable_bitmapscan = off
+-- No JIT: the settings hold for every statement this call runs (children's
+-- inserts, fan-in, scope heads included), and a statement left with only a
+-- disabled path carries its 1e10 cost past jit_above_cost: compiling it would
+-- cost hundreds of ms (a SET per call costs ~0.1 us).
+SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
 AS $$
 DECLARE
     v_done bigint[];

@@ -1692,7 +1692,8 @@ LANGUAGE sql IMMUTABLE AS $$ SELECT false $$;
 -- lock is taken in a transaction that may only try it (see claim_or_wait).
 CREATE FUNCTION pgqueue._limit_room(p_queue text) RETURNS boolean
 LANGUAGE plpgsql
-SET enable_seqscan = off SET enable_bitmapscan = off
+-- No JIT, as in _complete: claim() calls this with the session's own setting.
+SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
 AS $$
 BEGIN
     PERFORM 1 FROM pgqueue.queue_limits l WHERE l.queue = p_queue;
@@ -2434,7 +2435,11 @@ RETURNS bigint[]
 LANGUAGE plpgsql
 -- Queue tables change faster than ANALYZE runs; stale statistics make the
 -- planner sort or bitmap-scan every pending job. These lookups are by key.
-SET enable_seqscan = off SET enable_bitmapscan = off
+-- No JIT: the settings hold for every statement this call runs (children's
+-- inserts, fan-in, scope heads included), and a statement left with only a
+-- disabled path carries its 1e10 cost past jit_above_cost: compiling it would
+-- cost hundreds of ms (a SET per call costs ~0.1 us).
+SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
 AS $$
 DECLARE
     v_done bigint[];

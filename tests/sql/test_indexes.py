@@ -221,3 +221,21 @@ async def test_a_scoped_claim_of_several_queues_reads_only_their_first_jobs(
         assert len(batch) == 5
     read = await blocks_read() - before
     assert read < 60, f"3 claims of 5 jobs read {read} blocks of the ready indexes"
+
+
+async def test_functions_that_disable_plan_types_also_disable_jit(connect: Connect) -> None:
+    """A statement left with only a disabled path costs 1e10 and would be JIT-compiled.
+
+    `enable_seqscan = off` (or bitmapscan, nestloop) on a function holds for every
+    statement it runs, nested calls included; with JIT on, one such statement compiles
+    for hundreds of ms per call.
+    """
+    conn = await connect()
+    rows = await conn.fetch("""
+        SELECT p.oid::regprocedure::text AS fn, p.proconfig
+        FROM pg_proc p
+        WHERE p.pronamespace = 'pgqueue'::regnamespace
+          AND EXISTS (SELECT 1 FROM unnest(p.proconfig) c WHERE c ~ '^enable_[a-z]+=off$')""")
+    assert len(rows) >= 3, "the planner pins moved: update this test"
+    missing = [r["fn"] for r in rows if "jit=off" not in r["proconfig"]]
+    assert not missing, f"functions that disable plan types but leave JIT on: {missing}"
