@@ -343,10 +343,10 @@ class Result:
 
     def __init__(self, value: Any = None, next_jobs: Sequence[SpecLike] | None = None) -> None:
         # Stored as plain dicts (copies): the worker sends them to pgqueue.complete as JSON.
-        if next_jobs is not None and isinstance(next_jobs, Spec | Mapping | str):
-            raise TypeError("next_jobs must be a sequence of job specs")
         object.__setattr__(self, "value", value)
-        specs = None if next_jobs is None else [spec_dict(s) for s in next_jobs]
+        specs = (
+            None if next_jobs is None else [spec_dict(s) for s in spec_list("next_jobs", next_jobs)]
+        )
         object.__setattr__(self, "next_jobs", specs)
 
     def _specs(self) -> list[dict[str, Any]]:

@@ -67,8 +67,10 @@ def test_result_reads_naturally_for_one_follow_up_a_fan_out_and_a_join() -> None
 def test_result_keeps_plain_dict_specs_and_refuses_a_single_spec() -> None:
     legacy = pgqueue.Result(1, next_jobs=[{"job_type": "a"}, pgqueue.Spec("b", queue="q")])
     assert legacy.next_jobs == [{"job_type": "a"}, {"job_type": "b", "queue": "q"}]
-    with pytest.raises(TypeError, match="sequence of job specs"):
+    with pytest.raises(TypeError, match="next_jobs must be a list of job specs, got Spec"):
         pgqueue.Result(1, next_jobs=pgqueue.Spec("b"))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="next_jobs must be a list of job specs, got bytes"):
+        pgqueue.Result(1, next_jobs=b"ab")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="job_type"):
         pgqueue.Spec("")
     with pytest.raises(ValueError, match="max_attempts"):
