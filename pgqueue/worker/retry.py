@@ -56,6 +56,15 @@ def is_transient_error(exc: BaseException) -> bool:
     return is_connection_error(exc) or isinstance(exc, _INTERRUPTIONS)
 
 
+def _cause(exc: BaseException) -> str:
+    """What a transient error says happened. A call that got no answer within its bound is
+    as likely a statement waiting for a row lock an operator holds in psql as a database
+    that is down: the line names both."""
+    if isinstance(exc, TimeoutError):
+        return "no answer in time (the database is unreachable, or a lock is held)"
+    return "database unavailable" if is_connection_error(exc) else "statement interrupted"
+
+
 class Backoff:
     """Exponential backoff with full jitter, so many workers do not reconnect in lockstep."""
 
@@ -97,7 +106,7 @@ class Outage:
             self.logger.warning(
                 "%s: %s while %s (%s: %s); %s",
                 self.component,
-                "database unavailable" if is_connection_error(exc) else "statement interrupted",
+                _cause(exc),
                 doing,
                 type(exc).__name__,
                 exc,
