@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from urllib.parse import parse_qsl, urlencode
 
 import asyncpg
 from alembic import context
@@ -29,11 +30,42 @@ def _dsn() -> str | None:
         dsn = context.get_x_argument(as_dictionary=True).get("dsn")
     if dsn is None:
         dsn = config.get_main_option("sqlalchemy.url")
-    if dsn is not None:
-        # asyncpg wants a plain libpq URL, not SQLAlchemy's dialect+driver form (the URL an
-        # application has at hand: postgresql+asyncpg://, +psycopg://, +psycopg2://).
-        dsn = re.sub(r"^postgresql\+\w+://", "postgresql://", dsn)
+    if dsn is not None and re.match(r"postgresql\+\w+://", dsn):
+        dsn = _libpq_url(dsn)
     return str(dsn) if dsn is not None else None
+
+
+# libpq's connection keywords. A SQLAlchemy URL's other query parameters are options of its
+# dialect (asyncpg's prepared_statement_cache_size, say), which asyncpg would send to the
+# server as settings ("unrecognized configuration parameter").
+_LIBPQ_KEYWORDS = frozenset(
+    "host hostaddr port dbname user password passfile channel_binding connect_timeout"
+    " client_encoding options application_name fallback_application_name keepalives"
+    " keepalives_idle keepalives_interval keepalives_count tcp_user_timeout gssencmode"
+    " sslmode sslcompression sslcert sslkey sslpassword sslrootcert sslcrl sslcrldir sslsni"
+    " requirepeer ssl_min_protocol_version ssl_max_protocol_version krbsrvname gsslib"
+    " service target_session_attrs load_balance_hosts".split()
+)
+_SSLMODES = frozenset("disable allow prefer require verify-ca verify-full".split())
+
+
+def _libpq_url(url: str) -> str:
+    """A SQLAlchemy URL (the one an application has at hand: postgresql+asyncpg://,
+    +psycopg://, +psycopg2://) as the plain libpq URL asyncpg takes: the driver and the
+    dialect's own query options dropped, libpq's connection parameters kept, and the asyncpg
+    dialect's ``ssl=MODE`` read as ``sslmode``."""
+    base, _, query = re.sub(r"^postgresql\+\w+://", "postgresql://", url).partition("?")
+    params = parse_qsl(query, keep_blank_values=True)
+    kept = [(key, value) for key, value in params if key in _LIBPQ_KEYWORDS]
+    for key, value in params:
+        if key == "ssl" and not any(k == "sslmode" for k, _ in kept):
+            if value not in _SSLMODES:
+                raise SchemaError(
+                    f"cannot migrate: ssl={value!r} in the SQLAlchemy URL; give an sslmode"
+                    f" ({', '.join(sorted(_SSLMODES))})"
+                )
+            kept.append(("sslmode", value))
+    return base + ("?" + urlencode(kept) if kept else "")
 
 
 _VERSION_TABLE_UNCOMMENTED = """

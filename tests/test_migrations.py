@@ -183,6 +183,14 @@ async def test_upgrade_is_idempotent(db_dsn: str) -> None:
     migrate.upgrade(db_dsn)  # from inside a running event loop, too
     # the SQLAlchemy URL an application has at hand (was "is not a postgresql:// URL")
     migrate.upgrade(db_dsn.replace("postgresql://", "postgresql+psycopg://", 1))
+    # with the asyncpg dialect's options, which the server would refuse as settings
+    options = "prepared_statement_cache_size=0&ssl=disable&application_name=deploy"
+    sep = "&" if "?" in db_dsn else "?"
+    migrate.upgrade(db_dsn.replace("postgresql://", "postgresql+asyncpg://", 1) + sep + options)
+    with pytest.raises(migrate.SchemaError, match="ssl='yes' in the SQLAlchemy URL"):
+        migrate.upgrade(
+            db_dsn.replace("postgresql://", "postgresql+asyncpg://", 1) + sep + "ssl=yes"
+        )
     await anyio.to_thread.run_sync(migrate.upgrade, db_dsn)
     assert await version(db_dsn) == [migrate.HEAD_REVISION]
     assert_same_catalog(before, await catalog(db_dsn))
