@@ -158,7 +158,7 @@ def test_limit_caps_a_queue_and_none_lifts_it(db_dsn: str) -> None:
     assert "limited queues" not in run(db_dsn, "stats").output
 
 
-@pytest.mark.parametrize(
+ERRORS = pytest.mark.parametrize(
     ("error", "shown"),
     [
         (
@@ -171,13 +171,42 @@ def test_limit_caps_a_queue_and_none_lifts_it(db_dsn: str) -> None:
             "ValueError: expected 4 columns,\ngot 2\nwhile reading factors.csv",
             "ValueError: expected 4 columns,",
         ),
+        # a chained exception: the one raised last
+        (
+            "Traceback (most recent call last):\n  File x, line 1\nZeroDivisionError: division"
+            " by zero\n\nDuring handling of the above exception, another exception occurred:\n\n"
+            "Traceback (most recent call last):\n  File y, line 2\n    raise KeyError\nKeyError: 'k'\n",
+            "KeyError: 'k'",
+        ),
         ("mailbox full\nmore", "mailbox full"),
     ],
 )
+
+
+@ERRORS
 def test_jobs_shows_the_line_of_an_error_that_says_what_happened(error: str, shown: str) -> None:
     from pgqueue.cli import _cell
 
     assert _cell(error) == shown
+
+
+@ERRORS
+def test_the_cookbooks_error_grouping_takes_that_line_too(
+    db_dsn: str, error: str, shown: str
+) -> None:
+    cookbook = (Path(__file__).parents[2] / "docs" / "cookbook.md").read_text()
+    grouping = re.search(r"CASE WHEN last_error LIKE 'stale: %'.*?END", cookbook, re.S)
+    assert grouping is not None, "the cookbook's 'Failed jobs by error' query moved"
+
+    async def group() -> str:
+        conn = await asyncpg.connect(db_dsn)
+        try:
+            sql = f"SELECT {grouping.group(0)} FROM (SELECT $1::text AS last_error) j"
+            return str(await conn.fetchval(sql, error))
+        finally:
+            await conn.close()
+
+    assert asyncio.run(group()) == shown
 
 
 def test_dsn_from_environment(db_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
