@@ -2452,7 +2452,8 @@ DECLARE
     v_limited boolean;
 BEGIN
     IF cardinality(p_results) <> cardinality(p_job_ids) OR cardinality(p_next_jobs) <> cardinality(p_job_ids) THEN
-        RAISE EXCEPTION '%: job_ids, results and next_jobs must have the same length', p_label
+        RAISE EXCEPTION '%: job_ids, results and next_jobs must have the same length, got % job id(s), % result(s), % next_jobs',
+            p_label, cardinality(p_job_ids), cardinality(p_results), cardinality(p_next_jobs)
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF EXISTS (SELECT 1 FROM unnest(p_next_jobs) n WHERE jsonb_typeof(n) <> 'array') THEN

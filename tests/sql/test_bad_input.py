@@ -173,6 +173,11 @@ CASES = [
     ),
     ("SELECT pgqueue.prune_expired(0)", "prune_expired: batch_size must be >= 1, got 0"),
     (
+        "SELECT pgqueue.complete_many('w', ARRAY[1, 2], ARRAY['{}']::jsonb[])",
+        "complete_many: job_ids, results and next_jobs must have the same length,"
+        " got 2 job id(s), 1 result(s), 2 next_jobs",
+    ),
+    (
         # past bigint: accepted, every completion of the parent failed on the cast
         'SELECT pgqueue.enqueue(\'t\', next_jobs => \'[{"job_type": "x", "depends_on": [1e30]}]\')',
         "next_jobs[0]: depends_on must be an array of job ids",
