@@ -8,6 +8,7 @@ import statistics
 import subprocess
 import sys
 import time
+import tracemalloc
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,6 +104,36 @@ def proc_cpu_seconds(pid: int) -> float | None:
         return None
     fields = data[data.rindex(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def proc_memory_mib(pid: int) -> dict[str, float] | None:
+    """Resident memory of one process from /proc: ``rss`` now and ``peak`` (the most it has
+    held since it started, VmHWM), in MiB; None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+    except OSError:
+        return None
+    kib = {name: int(fields[key].split()[0]) for name, key in (("rss", "VmRSS"), ("peak", "VmHWM"))}
+    return {name: value / 1024 for name, value in kib.items()}
+
+
+def peak_mib(pids: Iterable[int]) -> float | None:
+    """The largest peak resident memory among ``pids`` (each worker process on its own)."""
+    peaks = [m["peak"] for p in pids if (m := proc_memory_mib(p)) is not None]
+    return max(peaks) if peaks else None
+
+
+async def traced_peak_kib(call: Any) -> float:
+    """The most Python memory allocated at once while ``call()`` runs, in KiB (what was
+    allocated before it does not count)."""
+    tracemalloc.start()
+    try:
+        await call()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return peak / 1024
 
 
 _PG_PIDS = """

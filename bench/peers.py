@@ -23,7 +23,7 @@ from typing import Any
 
 import asyncpg
 
-from bench.common import CpuMeter, python_env, spawn_python, stop_process, wait_until
+from bench.common import CpuMeter, peak_mib, python_env, spawn_python, stop_process, wait_until
 from bench.raw import timed_loop
 
 
@@ -87,12 +87,14 @@ async def _drain(
 
             t1 = await wait_until(done, 600, 0.01)
             cpu = await meter.stop()
+            peak = peak_mib([w.proc.pid])
     finally:
         await conn.close()
     return {
         "jobs_per_s": n / (t1 - t0),
         "worker_cpu_ms_per_1k": cpu["client_cpu_s"] * 1e6 / n,
         "pg_cpu_ms_per_1k": cpu["pg_cpu_s"] * 1e6 / n,
+        "worker_peak_mib": peak,
     }
 
 

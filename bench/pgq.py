@@ -18,10 +18,13 @@ from bench.apps import app
 from bench.common import (
     CpuMeter,
     drain_loops,
+    peak_mib,
+    proc_memory_mib,
     python_env,
     read_stamps,
     spawn_python,
     stop_process,
+    traced_peak_kib,
     wait_until,
 )
 from bench.raw import interleaved, timed_loop
@@ -160,6 +163,7 @@ async def drain(
             t_done = await wait_drained(conn)
             cpu = await meter.stop()
             wall = t_done - t_committed
+            peak = peak_mib(workers.pids)
         counts = dict(await conn.fetch("SELECT state, count(*) FROM pgqueue.jobs GROUP BY 1"))
         assert counts.get("succeeded") == n, counts
         db_span = await conn.fetchval(
@@ -173,7 +177,54 @@ async def drain(
         "db_span_jobs_per_s": n / db_span if db_span else None,
         "worker_cpu_ms_per_1k": cpu["client_cpu_s"] * 1e6 / n,
         "pg_cpu_ms_per_1k": cpu["pg_cpu_s"] * 1e6 / n,
+        "worker_peak_mib": peak,
     }
+
+
+async def memory_rounds(
+    dsn: str, n: int, concurrency: int, rounds: int, lean: bool = False
+) -> dict[str, float]:
+    """One worker process drains ``rounds`` batches of ``n`` no-op jobs; its resident memory
+    is read once it is ready (idle) and after each batch.
+
+    The first batches include warm-up (imports on first use, plan and statement caches,
+    buffers sized to the concurrency); what the last batch adds, per 1,000 jobs, is what a
+    worker that runs for weeks would keep adding: a leak, if it is not about zero.
+    """
+    conn = await asyncpg.connect(dsn)
+    out: dict[str, float] = {}
+    try:
+        await reset(conn)
+        async with Workers(dsn, concurrency, lean=lean) as workers:
+            pid = workers.pids[0]
+
+            def rss() -> float:
+                memory = proc_memory_mib(pid)
+                assert memory is not None, "the worker exited"
+                return memory["rss"]
+
+            readings = [rss()]
+            for _ in range(rounds):
+                await conn.fetch(ENQUEUE_MANY, json.dumps([{"job_type": "noop"}] * n))
+                await wait_drained(conn)
+                await asyncio.sleep(0.2)  # the last outcomes' log lines and frees
+                readings.append(rss())
+            out["peak_mib"] = peak_mib([pid]) or 0.0
+    finally:
+        await conn.close()
+    out["idle_mib"] = readings[0]
+    out["after_first_mib"] = readings[1]
+    out["after_last_mib"] = readings[-1]
+    out["last_round_kib_per_1k"] = (readings[-1] - readings[-2]) * 1024 / (n / 1000)
+    return out
+
+
+async def enqueue_many_traced(conn: asyncpg.Connection, n: int) -> float:
+    """Peak Python memory (KiB, tracemalloc) of one ``app.enqueue_many`` of ``n`` plain specs,
+    the spec list made beforehand."""
+    await reset(conn)
+    specs = [{"job_type": "noop"}] * n
+    return await traced_peak_kib(lambda: app.enqueue_many(conn, specs))
 
 
 async def sql_drain(dsn: str, conns: list[asyncpg.Connection], n: int, k: int) -> dict[str, float]:

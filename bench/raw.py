@@ -22,7 +22,14 @@ if __package__ in (None, ""):  # pragma: no cover - run as a script
 
 import asyncpg
 
-from bench.common import drain_loops, read_stamps, spawn_python, stop_process, wait_until
+from bench.common import (
+    drain_loops,
+    read_stamps,
+    spawn_python,
+    stop_process,
+    traced_peak_kib,
+    wait_until,
+)
 
 SCHEMA = """
 DROP SCHEMA IF EXISTS bench_raw CASCADE;
@@ -144,6 +151,16 @@ async def enqueue_unnest(conn: asyncpg.Connection, n: int) -> float:
     t0 = time.perf_counter()
     await conn.execute(INSERT_UNNEST, types, payloads)
     return n / (time.perf_counter() - t0)
+
+
+async def enqueue_unnest_traced(conn: asyncpg.Connection, n: int) -> float:
+    """Peak Python memory (KiB) of the raw unnest insert of ``n`` rows, its arrays made
+    beforehand; RETURNING id, as ``enqueue_many`` returns the ids."""
+    await reset(conn)
+    types, payloads = ["noop"] * n, ["{}"] * n
+    return await traced_peak_kib(
+        lambda: conn.fetch(INSERT_UNNEST + " RETURNING id", types, payloads)
+    )
 
 
 async def enqueue_copy(conn: asyncpg.Connection, n: int) -> float:

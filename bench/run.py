@@ -37,7 +37,7 @@ from bench.peers import PGQueuer, Procrastinate, available
 
 # The pipeline section repeats each shape this many times the configured repetitions.
 PIPELINE_REPS = 3
-SECTIONS = ["enqueue", "drain", "latency", "growth", "notify", "pipeline", "scopes"]
+SECTIONS = ["enqueue", "drain", "latency", "growth", "notify", "pipeline", "scopes", "memory"]
 
 
 def config(quick: bool) -> dict[str, Any]:
@@ -62,6 +62,8 @@ def config(quick: bool) -> dict[str, Any]:
             "notify_seconds": 1.0,
             "fanouts": [100, 1_000],
             "scoped_n": 2_000,
+            "memory_n": 4_000,
+            "memory_rounds": 3,
         }
     return {
         "mode": "full",
@@ -83,6 +85,8 @@ def config(quick: bool) -> dict[str, Any]:
         "notify_seconds": 3.0,
         "fanouts": [100, 1_000],
         "scoped_n": 20_000,
+        "memory_n": 20_000,
+        "memory_rounds": 5,
     }
 
 
@@ -416,6 +420,38 @@ async def section_scopes(cfg: dict[str, Any], dsn: str) -> dict[str, Any]:
     return out
 
 
+async def section_memory(cfg: dict[str, Any], dsn: str) -> dict[str, Any]:
+    """Resident memory of a worker process over several drains, against the minimal asyncpg
+    worker (the floor for any Python worker on this SQL); Python memory of one bulk enqueue,
+    against the raw unnest insert of the same rows. The drains' peaks are in the drain section."""
+    n, rounds = cfg["memory_n"], cfg["memory_rounds"]
+    out: dict[str, Any] = {}
+    log(
+        f"memory: one worker process, {rounds} drains of {n} jobs each, concurrency 50;"
+        " the lean worker too"
+    )
+    out.update(
+        await alternate(
+            cfg["reps"],
+            {
+                "pgqueue_c50": lambda: pgq.memory_rounds(dsn, n, 50, rounds),
+                "lean_c50": lambda: pgq.memory_rounds(dsn, n, 50, rounds, lean=True),
+            },
+        )
+    )
+    log(f"memory: Python memory of one enqueue of {cfg['bulk_n']} jobs (tracemalloc)")
+    conn = await asyncpg.connect(dsn)
+    try:
+        runs: dict[str, list[float]] = {"pgqueue_many_kib": [], "raw_unnest_kib": []}
+        for _ in range(cfg["reps"]):
+            runs["raw_unnest_kib"].append(await raw.enqueue_unnest_traced(conn, cfg["bulk_n"]))
+            runs["pgqueue_many_kib"].append(await pgq.enqueue_many_traced(conn, cfg["bulk_n"]))
+    finally:
+        await conn.close()
+    out["enqueue"] = {k: summary(v) for k, v in runs.items()}
+    return out
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -468,6 +504,8 @@ async def amain(args: argparse.Namespace) -> Path:
         result["pipeline"] = await section_pipeline(cfg, dsn)
     if "scopes" in only:
         result["scopes"] = await section_scopes(cfg, dsn)
+    if "memory" in only:
+        result["memory"] = await section_memory(cfg, dsn)
     result["meta"]["seconds"] = round(time.time() - started, 1)
     result["meta"]["loadavg_at_end"] = os.getloadavg()
     result["meta"]["speed_probe_ms_at_end"] = speed_probe_ms()
