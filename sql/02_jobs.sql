@@ -149,6 +149,8 @@ CREATE FUNCTION pgqueue._drop_edges() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
     v_unsucceeded bigint[];
+    v_scopes jsonb[];
+    v_scoped bigint[];
 BEGIN
     IF TG_OP = 'TRUNCATE' THEN
         -- Not "if it has rows": under REPEATABLE READ that test reads an old snapshot and
@@ -160,7 +162,21 @@ BEGIN
         END;
         RETURN NULL;
     END IF;
-    v_unsucceeded := ARRAY(SELECT o.id FROM deleted_jobs o WHERE o.state <> 'succeeded');
+    SELECT array_agg(o.id) FILTER (WHERE o.state <> 'succeeded'),
+           array_agg(o.scope) FILTER (WHERE o.scope IS NOT NULL AND o.state IN ('queued', 'running')),
+           array_agg(o.id) FILTER (WHERE o.scope IS NOT NULL AND o.state IN ('queued', 'running'))
+      INTO v_unsucceeded, v_scopes, v_scoped
+      FROM deleted_jobs o;
+    -- A deleted queued or running job of a scope (a hand DELETE: prune and
+    -- retention take final jobs only) frees its scope as a cancel would: the
+    -- next job, entered blocked behind it, is unblocked. The order locks come
+    -- after the deleted rows' locks here, against every transition's order: a
+    -- transition of the same scope under way may meet this in a deadlock, which
+    -- PostgreSQL breaks (40P01); the worker retries its writes.
+    IF v_scopes IS NOT NULL THEN
+        PERFORM pgqueue._lock_scope_order(v_scopes);
+        PERFORM pgqueue._unblock_next(v_scopes, v_scoped);
+    END IF;
     IF cardinality(v_unsucceeded) > 0 THEN
         PERFORM pgqueue._cancel_dependents(v_unsucceeded, 'was deleted');
         -- Their edges to it go below. Named "dependency failed" (or "pipeline cancelled"),
@@ -186,7 +202,8 @@ CREATE TRIGGER jobs_drop_edges AFTER DELETE ON pgqueue.jobs
 COMMENT ON TRIGGER jobs_drop_edges ON pgqueue.jobs IS
     'Deleting jobs deletes their fan-in edges (both ends), as a cascade would, and cancels the jobs waiting '
     'for a deleted one that had not succeeded (they could never run); the edges have no foreign keys '
-    'because checking them cost two probes per edge on every fan-out.';
+    'because checking them cost two probes per edge on every fan-out. A deleted queued or running scoped '
+    'job lets its scope''s next job run, as a cancel does.';
 CREATE TRIGGER jobs_truncate_edges AFTER TRUNCATE ON pgqueue.jobs
     FOR EACH STATEMENT EXECUTE FUNCTION pgqueue._drop_edges();
 COMMENT ON TRIGGER jobs_truncate_edges ON pgqueue.jobs IS

@@ -515,10 +515,14 @@ $$;
 -- Enqueue's test (see the scope heads in 04_claim.sql): is an active (queued
 -- or running) job of the scope older than p_job_id? Read backwards from
 -- p_job_id, where the scope's live jobs are, not forwards over the entries its
--- finished jobs left.
+-- finished jobs left. Only under READ COMMITTED: a REPEATABLE READ snapshot
+-- may predate the end of that job (a transition this enqueue's order lock
+-- waited for, or one before), and the new job would stay blocked for good.
+-- Entered unblocked, a job is always safe (claims re-check the scope).
 CREATE FUNCTION pgqueue._behind_older(p_scope jsonb, p_job_id bigint) RETURNS boolean
 LANGUAGE sql STABLE AS $$
-    SELECT EXISTS (SELECT 1 FROM (SELECT o.id FROM pgqueue.jobs o
+    SELECT current_setting('transaction_isolation') IN ('read committed', 'read uncommitted')
+       AND EXISTS (SELECT 1 FROM (SELECT o.id FROM pgqueue.jobs o
                                   WHERE pgqueue._same_scope(o.scope, p_scope)
                                     AND o.state IN ('queued', 'running') AND o.id < p_job_id
                                   ORDER BY jsonb_hash(o.scope) DESC, o.id DESC LIMIT 1) x)

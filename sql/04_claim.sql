@@ -80,9 +80,20 @@ BEGIN
 END
 $$;
 
+-- The transitions' side needs READ COMMITTED: the statement after the lock must
+-- see a job an enqueue entered blocked and committed while the lock was waited
+-- for, and under REPEATABLE READ or SERIALIZABLE the snapshot can predate it:
+-- the job would stay blocked for good, silently. Refused instead.
 CREATE FUNCTION pgqueue._lock_scope_order(p_scopes jsonb[]) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
+    IF cardinality(p_scopes) > 0
+       AND current_setting('transaction_isolation') NOT IN ('read committed', 'read uncommitted') THEN
+        RAISE EXCEPTION 'pgqueue: a transition of a scoped job needs READ COMMITTED, the transaction is %',
+            upper(current_setting('transaction_isolation'))
+            USING ERRCODE = 'invalid_transaction_state',
+                  HINT = 'Under a later snapshot, a job of the scope enqueued meanwhile would stay blocked.';
+    END IF;
     PERFORM pg_advisory_xact_lock(pgqueue._lock_class('scope_order'), k) FROM pgqueue._scope_order_keys(p_scopes) k;
 END
 $$;

@@ -37,6 +37,9 @@ BEGIN
     LOOP
         CONTINUE WHEN c.pipeline_id IS NOT NULL AND NOT pg_try_advisory_xact_lock(
             pgqueue._lock_class('pipeline'), hashtext(c.pipeline_id::text));
+        IF c.scope IS NOT NULL THEN
+            PERFORM pgqueue._check_read_committed('recover_stale');  -- as in _lock_scope_order
+        END IF;
         CONTINUE WHEN c.scope IS NOT NULL AND NOT pg_try_advisory_xact_lock(
             pgqueue._lock_class('scope_order'), pgqueue._scope_lock_key(c.scope));
         CONTINUE WHEN c.dedup_key IS NOT NULL AND NOT pg_try_advisory_xact_lock(
@@ -205,15 +208,21 @@ BEGIN
     -- share-locks the row), its scope lock (so a claim of a newer job of this
     -- scope cannot slip in between; a claim holding it updates the scope's
     -- previous current job, which may be this one), then the dedup keys.
+    -- The pipelines are the job's and those of the dependents it may revive
+    -- (read unlocked first): a cancel_pipeline of one of them that commits while
+    -- this waits for a row must be seen below, where the revived are read again.
     SELECT * INTO v FROM pgqueue.jobs j WHERE j.id = retry.job_id AND j.state IN ('failed', 'cancelled');
     IF NOT FOUND THEN
         RETURN false;
     END IF;
-    v_cancelled := pgqueue._pipeline_cancelled(v.pipeline_id);
+    v_downstream := pgqueue._revivable_downstream(retry.job_id, v.pipeline_id);
+    PERFORM pgqueue._lock_pipelines(v.pipeline_id || ARRAY(SELECT w.pipeline_id FROM pgqueue.jobs w
+                                                           WHERE w.id = ANY (v_downstream)));
+    v_cancelled := v.pipeline_id IS NOT NULL
+                   AND EXISTS (SELECT 1 FROM pgqueue.cancelled_pipelines c WHERE c.pipeline_id = v.pipeline_id);
     IF v.scope IS NOT NULL THEN
         PERFORM pg_advisory_xact_lock(pgqueue._lock_class('scope'), pgqueue._scope_lock_key(v.scope));
     END IF;
-    v_downstream := pgqueue._revivable_downstream(retry.job_id, v.pipeline_id);
     -- Every key that may become pending again, locked in key order (as a batch
     -- enqueue locks them) for _keeps_dedup_key: a key a newer pending job took
     -- meanwhile is dropped, never a 23505.
@@ -252,6 +261,7 @@ BEGIN
     v_more := ARRAY(SELECT x FROM unnest(pgqueue._revivable_downstream(retry.job_id, v.pipeline_id)) x
                     WHERE x <> ALL (coalesce(v_downstream, '{}')));
     IF cardinality(v_more) > 0 THEN
+        PERFORM pgqueue._lock_pipelines(ARRAY(SELECT w.pipeline_id FROM pgqueue.jobs w WHERE w.id = ANY (v_more)));
         PERFORM 1 FROM pgqueue.jobs j WHERE j.id = ANY (v_more) ORDER BY j.id FOR NO KEY UPDATE;
         PERFORM 1 FROM pgqueue.jobs j
         WHERE j.id IN (SELECT d.depends_on FROM pgqueue.job_dependencies d WHERE d.job_id = ANY (v_more))
@@ -269,6 +279,10 @@ BEGIN
     IF v_cancelled THEN
         DELETE FROM pgqueue.cancelled_pipelines c WHERE c.pipeline_id = v.pipeline_id;
     END IF;
+    -- Read again with every lock held: a pipeline of theirs cancelled while this
+    -- waited (its mark committed before its lock was ours) keeps its members.
+    v_downstream := ARRAY(SELECT w.id FROM pgqueue.jobs w
+                          WHERE w.id = ANY (v_downstream) AND pgqueue._revivable(w, v.pipeline_id));
     -- One with another dependency that failed or was cancelled stays cancelled
     -- (that dependency cancels it: revived, it would wait for good), and so does
     -- whatever waits on it: drop them until none is left to drop.

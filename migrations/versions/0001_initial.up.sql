@@ -262,6 +262,8 @@ CREATE FUNCTION pgqueue._drop_edges() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
     v_unsucceeded bigint[];
+    v_scopes jsonb[];
+    v_scoped bigint[];
 BEGIN
     IF TG_OP = 'TRUNCATE' THEN
         -- Not "if it has rows": under REPEATABLE READ that test reads an old snapshot and
@@ -273,7 +275,21 @@ BEGIN
         END;
         RETURN NULL;
     END IF;
-    v_unsucceeded := ARRAY(SELECT o.id FROM deleted_jobs o WHERE o.state <> 'succeeded');
+    SELECT array_agg(o.id) FILTER (WHERE o.state <> 'succeeded'),
+           array_agg(o.scope) FILTER (WHERE o.scope IS NOT NULL AND o.state IN ('queued', 'running')),
+           array_agg(o.id) FILTER (WHERE o.scope IS NOT NULL AND o.state IN ('queued', 'running'))
+      INTO v_unsucceeded, v_scopes, v_scoped
+      FROM deleted_jobs o;
+    -- A deleted queued or running job of a scope (a hand DELETE: prune and
+    -- retention take final jobs only) frees its scope as a cancel would: the
+    -- next job, entered blocked behind it, is unblocked. The order locks come
+    -- after the deleted rows' locks here, against every transition's order: a
+    -- transition of the same scope under way may meet this in a deadlock, which
+    -- PostgreSQL breaks (40P01); the worker retries its writes.
+    IF v_scopes IS NOT NULL THEN
+        PERFORM pgqueue._lock_scope_order(v_scopes);
+        PERFORM pgqueue._unblock_next(v_scopes, v_scoped);
+    END IF;
     IF cardinality(v_unsucceeded) > 0 THEN
         PERFORM pgqueue._cancel_dependents(v_unsucceeded, 'was deleted');
         -- Their edges to it go below. Named "dependency failed" (or "pipeline cancelled"),
@@ -299,7 +315,8 @@ CREATE TRIGGER jobs_drop_edges AFTER DELETE ON pgqueue.jobs
 COMMENT ON TRIGGER jobs_drop_edges ON pgqueue.jobs IS
     'Deleting jobs deletes their fan-in edges (both ends), as a cascade would, and cancels the jobs waiting '
     'for a deleted one that had not succeeded (they could never run); the edges have no foreign keys '
-    'because checking them cost two probes per edge on every fan-out.';
+    'because checking them cost two probes per edge on every fan-out. A deleted queued or running scoped '
+    'job lets its scope''s next job run, as a cancel does.';
 CREATE TRIGGER jobs_truncate_edges AFTER TRUNCATE ON pgqueue.jobs
     FOR EACH STATEMENT EXECUTE FUNCTION pgqueue._drop_edges();
 COMMENT ON TRIGGER jobs_truncate_edges ON pgqueue.jobs IS
@@ -961,10 +978,14 @@ $$;
 -- Enqueue's test (see the scope heads in 04_claim.sql): is an active (queued
 -- or running) job of the scope older than p_job_id? Read backwards from
 -- p_job_id, where the scope's live jobs are, not forwards over the entries its
--- finished jobs left.
+-- finished jobs left. Only under READ COMMITTED: a REPEATABLE READ snapshot
+-- may predate the end of that job (a transition this enqueue's order lock
+-- waited for, or one before), and the new job would stay blocked for good.
+-- Entered unblocked, a job is always safe (claims re-check the scope).
 CREATE FUNCTION pgqueue._behind_older(p_scope jsonb, p_job_id bigint) RETURNS boolean
 LANGUAGE sql STABLE AS $$
-    SELECT EXISTS (SELECT 1 FROM (SELECT o.id FROM pgqueue.jobs o
+    SELECT current_setting('transaction_isolation') IN ('read committed', 'read uncommitted')
+       AND EXISTS (SELECT 1 FROM (SELECT o.id FROM pgqueue.jobs o
                                   WHERE pgqueue._same_scope(o.scope, p_scope)
                                     AND o.state IN ('queued', 'running') AND o.id < p_job_id
                                   ORDER BY jsonb_hash(o.scope) DESC, o.id DESC LIMIT 1) x)
@@ -1614,9 +1635,20 @@ BEGIN
 END
 $$;
 
+-- The transitions' side needs READ COMMITTED: the statement after the lock must
+-- see a job an enqueue entered blocked and committed while the lock was waited
+-- for, and under REPEATABLE READ or SERIALIZABLE the snapshot can predate it:
+-- the job would stay blocked for good, silently. Refused instead.
 CREATE FUNCTION pgqueue._lock_scope_order(p_scopes jsonb[]) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
+    IF cardinality(p_scopes) > 0
+       AND current_setting('transaction_isolation') NOT IN ('read committed', 'read uncommitted') THEN
+        RAISE EXCEPTION 'pgqueue: a transition of a scoped job needs READ COMMITTED, the transaction is %',
+            upper(current_setting('transaction_isolation'))
+            USING ERRCODE = 'invalid_transaction_state',
+                  HINT = 'Under a later snapshot, a job of the scope enqueued meanwhile would stay blocked.';
+    END IF;
     PERFORM pg_advisory_xact_lock(pgqueue._lock_class('scope_order'), k) FROM pgqueue._scope_order_keys(p_scopes) k;
 END
 $$;
@@ -2825,6 +2857,9 @@ BEGIN
     LOOP
         CONTINUE WHEN c.pipeline_id IS NOT NULL AND NOT pg_try_advisory_xact_lock(
             pgqueue._lock_class('pipeline'), hashtext(c.pipeline_id::text));
+        IF c.scope IS NOT NULL THEN
+            PERFORM pgqueue._check_read_committed('recover_stale');  -- as in _lock_scope_order
+        END IF;
         CONTINUE WHEN c.scope IS NOT NULL AND NOT pg_try_advisory_xact_lock(
             pgqueue._lock_class('scope_order'), pgqueue._scope_lock_key(c.scope));
         CONTINUE WHEN c.dedup_key IS NOT NULL AND NOT pg_try_advisory_xact_lock(
@@ -2993,15 +3028,21 @@ BEGIN
     -- share-locks the row), its scope lock (so a claim of a newer job of this
     -- scope cannot slip in between; a claim holding it updates the scope's
     -- previous current job, which may be this one), then the dedup keys.
+    -- The pipelines are the job's and those of the dependents it may revive
+    -- (read unlocked first): a cancel_pipeline of one of them that commits while
+    -- this waits for a row must be seen below, where the revived are read again.
     SELECT * INTO v FROM pgqueue.jobs j WHERE j.id = retry.job_id AND j.state IN ('failed', 'cancelled');
     IF NOT FOUND THEN
         RETURN false;
     END IF;
-    v_cancelled := pgqueue._pipeline_cancelled(v.pipeline_id);
+    v_downstream := pgqueue._revivable_downstream(retry.job_id, v.pipeline_id);
+    PERFORM pgqueue._lock_pipelines(v.pipeline_id || ARRAY(SELECT w.pipeline_id FROM pgqueue.jobs w
+                                                           WHERE w.id = ANY (v_downstream)));
+    v_cancelled := v.pipeline_id IS NOT NULL
+                   AND EXISTS (SELECT 1 FROM pgqueue.cancelled_pipelines c WHERE c.pipeline_id = v.pipeline_id);
     IF v.scope IS NOT NULL THEN
         PERFORM pg_advisory_xact_lock(pgqueue._lock_class('scope'), pgqueue._scope_lock_key(v.scope));
     END IF;
-    v_downstream := pgqueue._revivable_downstream(retry.job_id, v.pipeline_id);
     -- Every key that may become pending again, locked in key order (as a batch
     -- enqueue locks them) for _keeps_dedup_key: a key a newer pending job took
     -- meanwhile is dropped, never a 23505.
@@ -3040,6 +3081,7 @@ BEGIN
     v_more := ARRAY(SELECT x FROM unnest(pgqueue._revivable_downstream(retry.job_id, v.pipeline_id)) x
                     WHERE x <> ALL (coalesce(v_downstream, '{}')));
     IF cardinality(v_more) > 0 THEN
+        PERFORM pgqueue._lock_pipelines(ARRAY(SELECT w.pipeline_id FROM pgqueue.jobs w WHERE w.id = ANY (v_more)));
         PERFORM 1 FROM pgqueue.jobs j WHERE j.id = ANY (v_more) ORDER BY j.id FOR NO KEY UPDATE;
         PERFORM 1 FROM pgqueue.jobs j
         WHERE j.id IN (SELECT d.depends_on FROM pgqueue.job_dependencies d WHERE d.job_id = ANY (v_more))
@@ -3057,6 +3099,10 @@ BEGIN
     IF v_cancelled THEN
         DELETE FROM pgqueue.cancelled_pipelines c WHERE c.pipeline_id = v.pipeline_id;
     END IF;
+    -- Read again with every lock held: a pipeline of theirs cancelled while this
+    -- waited (its mark committed before its lock was ours) keeps its members.
+    v_downstream := ARRAY(SELECT w.id FROM pgqueue.jobs w
+                          WHERE w.id = ANY (v_downstream) AND pgqueue._revivable(w, v.pipeline_id));
     -- One with another dependency that failed or was cancelled stays cancelled
     -- (that dependency cancels it: revived, it would wait for good), and so does
     -- whatever waits on it: drop them until none is left to drop.

@@ -341,6 +341,36 @@ def test_pgoptions_reach_the_server_unless_the_dsn_gives_options(
     assert run(db_dsn, "jobs").output.count(" x ") == 1
 
 
+def test_pgqueues_own_connections_run_read_committed_whatever_the_default(
+    empty_db_dsn: str,
+) -> None:
+    """A database (or role) whose default is REPEATABLE READ would run the worker's claims and
+    transitions at it: lost claim races raising 40001, scoped transitions refused."""
+    from pgqueue.dsn import connect, create_pool
+
+    async def check() -> list[str]:
+        admin = await asyncpg.connect(empty_db_dsn)
+        try:
+            name = await admin.fetchval("SELECT current_database()")
+            await admin.execute(
+                f"ALTER DATABASE {name} SET default_transaction_isolation = 'repeatable read'"
+            )
+        finally:
+            await admin.close()
+        conn = await connect(empty_db_dsn)
+        pool = await create_pool(empty_db_dsn, warm=1, max_size=1)
+        try:
+            return [
+                await conn.fetchval("SHOW transaction_isolation"),
+                await pool.fetchval("SHOW transaction_isolation"),
+            ]
+        finally:
+            await conn.close()
+            await pool.close()
+
+    assert asyncio.run(check()) == ["read committed", "read committed"]
+
+
 def test_unreachable_database_is_one_line() -> None:
     out = run("postgresql://postgres@127.0.0.1:1/nothing", "jobs")
     assert out.exit_code == 1

@@ -669,6 +669,36 @@ MUTANTS: dict[str, Mutant] = {
         "IF false THEN",
         "test_semantics.py::test_stored_and_passed_specs_have_keys_of_their_own",
     ),
+    # A hand DELETE of a scope's running (or queued) job that leaves the next one blocked.
+    "delete_keeps_the_scope_blocked": Mutant(
+        "pgqueue._drop_edges()",
+        "IF v_scopes IS NOT NULL THEN",
+        "IF false THEN",
+        "test_scope_heads.py::test_a_hand_delete_of_the_scopes_active_job_lets_the_next_run[running]",
+    ),
+    # A scoped enqueue under REPEATABLE READ entered blocked behind a job its snapshot
+    # still sees active.
+    "enqueue_blocks_under_repeatable_read": Mutant(
+        "pgqueue._behind_older(jsonb,bigint)",
+        "SELECT current_setting('transaction_isolation') IN ('read committed', 'read uncommitted')\n"
+        "       AND EXISTS",
+        "SELECT EXISTS",
+        "test_scope_heads.py::test_an_enqueue_under_repeatable_read_never_enters_blocked_behind_an_ended_job[waits-for-the-completion]",
+    ),
+    # A scoped transition run under REPEATABLE READ.
+    "scope_transition_under_repeatable_read": Mutant(
+        "pgqueue._lock_scope_order(jsonb[])",
+        "IF cardinality(p_scopes) > 0\n",
+        "IF false\n",
+        "test_scope_heads.py::test_a_transition_of_a_scoped_job_refuses_repeatable_read[complete]",
+    ),
+    # A retry reviving the dependents its first, unlocked read found.
+    "retry_trusts_its_first_read": Mutant(
+        "pgqueue.retry(bigint)",
+        "WHERE w.id = ANY (v_downstream) AND pgqueue._revivable(w, v.pipeline_id));",
+        "WHERE w.id = ANY (v_downstream));",
+        "test_pipelines.py::test_a_retry_revives_no_member_of_a_pipeline_cancelled_while_it_waited",
+    ),
 }
 
 

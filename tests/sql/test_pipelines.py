@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import uuid
 
@@ -9,7 +10,15 @@ import asyncpg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlharness import PIPELINE_LOCK, ROW_IS_FREE, Connect, json_codecs, sessions, wait_blocked
+from sqlharness import (
+    PIPELINE_LOCK,
+    ROW_IS_FREE,
+    Connect,
+    json_codecs,
+    lock_wait_kind,
+    sessions,
+    wait_blocked,
+)
 
 
 async def _claim(conn: asyncpg.Connection, job: int, worker: str = "w") -> None:
@@ -423,3 +432,77 @@ async def test_cancel_pipeline_locks_members_and_outside_dependents_in_one_id_or
         "SELECT state FROM pgqueue.jobs WHERE id = ANY($1::bigint[])", [m1, outside, m2]
     )
     assert {r["state"] for r in states} == {"cancelled"}
+
+
+async def _failed_with_dependent_in(
+    conn: asyncpg.Connection, pipeline: uuid.UUID
+) -> tuple[int, int]:
+    """x (no pipeline) failed; d, a member of ``pipeline`` that depends on it, cancelled."""
+    x = await conn.fetchval("SELECT pgqueue.enqueue('x', max_attempts => 1)")
+    d = await conn.fetchval(
+        "SELECT pgqueue.enqueue('d', depends_on => ARRAY[$1::bigint], pipeline_id => $2)",
+        x,
+        pipeline,
+    )
+    await _claim(conn, x)
+    assert await conn.fetchval("SELECT pgqueue.fail($1, 'w', 'boom')", x) == "failed"
+    assert await conn.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", d) == "cancelled"
+    return x, d
+
+
+async def _blocked_or_done(
+    observer: asyncpg.Connection, pid: int, task: asyncio.Task[object]
+) -> bool:
+    """Whether the session waits for a lock (True) or its step finished (False): the old code
+    did not wait, and the test must then fail on its outcome, not hang."""
+    while not task.done():
+        if await observer.fetchval("SELECT cardinality(pg_blocking_pids($1)) > 0", pid):
+            return True
+        await asyncio.wait({task}, timeout=0.005)  # the observer's polling interval
+    return False
+
+
+async def test_a_retry_revives_no_member_of_a_pipeline_cancelled_while_it_waited(
+    connect: Connect,
+) -> None:
+    """From review: retry(x) read its revivable dependents before its locks; a cancel_pipeline
+    of a dependent's pipeline committing meanwhile left the dependent revived (waiting, then
+    queued and run) in a cancelled pipeline. Retry now takes those pipelines' locks and reads
+    again once they are held."""
+    observer, canceller, retrier = await sessions(connect, "obs", "canceller", "retrier")
+    pipeline = uuid.uuid4()
+    x, d = await _failed_with_dependent_in(observer.conn, pipeline)
+    await canceller.begin()
+    assert await canceller.fetchval("SELECT pgqueue.cancel_pipeline($1)", pipeline) == 0
+    retry = retrier.start(retrier.fetchval("SELECT pgqueue.retry($1)", x))
+    if await _blocked_or_done(observer.conn, retrier.pid, retry):
+        assert await lock_wait_kind(observer.conn, retrier) == "advisory"  # the pipeline's
+    await canceller.commit()
+    assert await retry is True
+    assert await observer.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", d) == "cancelled"
+    assert await observer.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", x) == "queued"
+
+
+async def test_a_cancel_pipeline_waiting_for_a_retry_cancels_the_member_it_revived(
+    connect: Connect,
+) -> None:
+    """The reviewer's interleaving: retry(x) waits for x's row (held by another transaction)
+    while cancel_pipeline of d's pipeline runs. The cancel now waits for the retry's pipeline
+    lock and cancels d once the retry has revived it; before, it committed first and the
+    retry revived d into the cancelled pipeline."""
+    observer, holder, canceller, retrier = await sessions(
+        connect, "obs", "holder", "canceller", "retrier"
+    )
+    pipeline = uuid.uuid4()
+    x, d = await _failed_with_dependent_in(observer.conn, pipeline)
+    await holder.begin()
+    await holder.execute("SELECT 1 FROM pgqueue.jobs WHERE id = $1 FOR UPDATE", x)
+    retry = retrier.start(retrier.fetchval("SELECT pgqueue.retry($1)", x))
+    await wait_blocked(observer.conn, retrier)
+    cancel = canceller.start(canceller.fetchval("SELECT pgqueue.cancel_pipeline($1)", pipeline))
+    if await _blocked_or_done(observer.conn, canceller.pid, cancel):
+        assert await lock_wait_kind(observer.conn, canceller) == "advisory"
+    await holder.commit()
+    assert await retry is True
+    await cancel
+    assert await observer.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", d) == "cancelled"

@@ -387,3 +387,72 @@ async def test_cancel_of_a_running_job_requeued_meanwhile_unblocks_the_next(
     )
     assert await observer.fetchval(BLOCKED, behind) is False
     assert await _claim(observer.conn) == [behind]
+
+
+@pytest.mark.parametrize("state", ["running", "queued"])
+async def test_a_hand_delete_of_the_scopes_active_job_lets_the_next_run(
+    conn: asyncpg.Connection, state: str
+) -> None:
+    """From review: the delete trigger cancelled the deleted job's dependents but left the job
+    entered blocked behind it blocked for good (every later job of the scope too)."""
+    first = await _running(conn) if state == "running" else await conn.fetchval(ENQUEUE, SCOPE)
+    nxt = await conn.fetchval(ENQUEUE, SCOPE)
+    assert await conn.fetchval(BLOCKED, nxt) is True
+    await conn.execute("DELETE FROM pgqueue.jobs WHERE id = $1", first)
+    assert await conn.fetchval(BLOCKED, nxt) is False
+    assert await _claim(conn) == [nxt]
+
+
+@pytest.mark.parametrize("waits", [True, False], ids=["waits-for-the-completion", "snapshot-older"])
+async def test_an_enqueue_under_repeatable_read_never_enters_blocked_behind_an_ended_job(
+    connect: Connect, waits: bool
+) -> None:
+    """From review: under REPEATABLE READ the enqueue's snapshot could predate the end of the
+    scope's running job (a completion its order lock waited for, or one that committed after
+    the transaction's first statement): the new job entered blocked, and nothing ever
+    unblocked it. Entered unblocked it is safe: claims re-check the scope."""
+    producer, worker = await sessions(connect, "producer", "worker")
+    observer = await connect()
+    first = await _running(observer)
+    await producer.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+    if waits:
+        await worker.begin()
+        assert await worker.fetchval("SELECT pgqueue.complete($1, 'w')", first)
+        enqueue = producer.start(producer.fetchval(ENQUEUE, SCOPE))
+        await wait_blocked(observer, producer)
+        assert await lock_wait_kind(observer, producer) == "advisory"
+        await worker.commit()
+        job = await enqueue
+    else:
+        await producer.fetchval("SELECT count(*) FROM pgqueue.jobs")  # the snapshot
+        assert await worker.fetchval("SELECT pgqueue.complete($1, 'w')", first)
+        job = await producer.fetchval(ENQUEUE, SCOPE)
+    await producer.commit()
+    assert await observer.fetchval(BLOCKED, job) is False
+    assert await _claim(observer) == [job]
+
+
+@pytest.mark.parametrize(
+    "transition",
+    [
+        "SELECT pgqueue.complete($1, 'w')",
+        "SELECT pgqueue.fail($1, 'w', 'boom')",
+        "SELECT pgqueue.cancel($1)",
+        "SELECT pgqueue.recover_stale('0')",
+    ],
+    ids=["complete", "fail", "cancel", "recover_stale"],
+)
+async def test_a_transition_of_a_scoped_job_refuses_repeatable_read(
+    conn: asyncpg.Connection, transition: str
+) -> None:
+    """Its unblocking reads a snapshot that may predate a job entered blocked meanwhile, which
+    would then stay blocked, silently: refused, as pause_queue refuses it."""
+    first = await _running(conn)
+    args = [first] if "$1" in transition else []
+    await conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+    try:
+        with pytest.raises(asyncpg.InvalidTransactionStateError, match="needs READ COMMITTED"):
+            await conn.execute(transition, *args)
+    finally:
+        await conn.execute("ROLLBACK")
+    assert await conn.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", first) == "running"
