@@ -316,6 +316,17 @@ BEGIN
                              AND pgqueue._keeps_dedup_key(j.dedup_key, j.id)
                             THEN j.dedup_key END
      WHERE j.id = ANY (v_downstream);
+    -- Their dependencies, share-locked above, that are queued: see _announce_held.
+    -- And the scope's next job, in whatever queue: claims skip a scope whose lock
+    -- this transaction holds (they try it), and no row of that job changes here.
+    PERFORM pgqueue._announce_held(ARRAY(SELECT d.depends_on FROM pgqueue.job_dependencies d
+                                         WHERE d.job_id = retry.job_id OR d.job_id = ANY (v_downstream)
+                                         UNION ALL
+                                         SELECT h.id FROM (SELECT q.id FROM pgqueue.jobs q
+                                                           WHERE v.scope IS NOT NULL
+                                                             AND pgqueue._same_scope(q.scope, v.scope)
+                                                             AND q.state = 'queued' AND q.id <> retry.job_id
+                                                           ORDER BY jsonb_hash(q.scope), q.id LIMIT 1) h));
     RETURN true;
 END
 $$;

@@ -952,6 +952,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_bad record;
     v_succeeded bigint[];
+    v_held text[];
 BEGIN
     SELECT want.id, x.state INTO v_bad
     FROM (SELECT DISTINCT i FROM unnest(p_ids) i ORDER BY 1) AS want(id)
@@ -969,9 +970,31 @@ BEGIN
         RAISE EXCEPTION '%: dependency % is already %, so the job could never run', p_label, v_bad.id, v_bad.state
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    SELECT coalesce(array_agg(j.id), '{}') INTO v_succeeded
-    FROM pgqueue.jobs j WHERE j.id = ANY (p_ids) AND j.state = 'succeeded';
+    SELECT coalesce(array_agg(j.id) FILTER (WHERE j.state = 'succeeded'), '{}'),
+           array_agg(DISTINCT j.queue) FILTER (WHERE j.state = 'queued' AND NOT j.scope_blocked AND NOT j.queue_paused)
+      INTO v_succeeded, v_held
+      FROM pgqueue.jobs j WHERE j.id = ANY (p_ids);
+    IF v_held IS NOT NULL THEN
+        PERFORM pgqueue._notify(v_held, pgqueue._setting('notify'));  -- see _announce_held
+    END IF;
     RETURN v_succeeded;
+END
+$$;
+
+-- Queued jobs this transaction holds a row lock on and leaves queued (a
+-- dependency an enqueue share-locks, a pending job a dedup key merges into, a
+-- retry's dependencies): a claim running meanwhile skips them (SKIP LOCKED),
+-- comes back short, and its worker sleeps; nothing announces them when the
+-- lock goes (no row enters queued), so they waited for the worker's poll
+-- (5 s by default). Their queues are notified: delivered at this commit, once
+-- the row locks are gone.
+CREATE FUNCTION pgqueue._announce_held(p_ids bigint[]) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pgqueue._notify(ARRAY(SELECT DISTINCT j.queue FROM pgqueue.jobs j
+                                  WHERE j.id = ANY (p_ids) AND j.state = 'queued'
+                                    AND NOT j.scope_blocked AND NOT j.queue_paused),
+                            pgqueue._setting('notify'));
 END
 $$;
 
@@ -1055,6 +1078,7 @@ DECLARE
     v_n int;
     v_new bigint[];
     v_ids bigint[];
+    v_merged bigint[];
     v_dep_ids bigint[];
     v_succeeded bigint[] := '{}';
     v_bad record;
@@ -1164,6 +1188,7 @@ BEGIN
           INTO v_succeeded, v_dead, v_dead_why, v_gone
           FROM (SELECT DISTINCT i FROM unnest(v_dep_ids) i ORDER BY 1) AS w(id)
           LEFT JOIN LATERAL (SELECT j.id, j.state FROM pgqueue.jobs j WHERE j.id = w.id FOR SHARE) x ON true;
+        PERFORM pgqueue._announce_held(v_dep_ids);
         -- The stored specs that name one of them (by position), with the lowest such: the
         -- lowest pruned one if any (see below).
         SELECT array_agg(e.ord ORDER BY e.ord), array_agg(x.dep ORDER BY e.ord) INTO v_doomed_ords, v_doomed_deps
@@ -1217,9 +1242,14 @@ BEGIN
             DO UPDATE SET dedup_key = excluded.dedup_key
             RETURNING j.id, j.dedup_key
         )
-        SELECT array_agg(coalesce(i.id, v_new[e.ord]) ORDER BY e.ord) INTO v_ids
+        SELECT array_agg(coalesce(i.id, v_new[e.ord]) ORDER BY e.ord),
+               array_agg(i.id) FILTER (WHERE i.id <> ALL (v_new))
+          INTO v_ids, v_merged
         FROM jsonb_array_elements(p_specs) WITH ORDINALITY AS e(s, ord)
         LEFT JOIN ins i ON i.dedup_key = e.s->>'dedup_key';
+        IF v_merged IS NOT NULL THEN
+            PERFORM pgqueue._announce_held(v_merged);  -- the pending jobs merged into, locked
+        END IF;
     ELSE
         -- No dedup key: nothing can conflict, and a plain INSERT skips the
         -- speculative insertion ON CONFLICT makes for every row (its lock and an
@@ -1323,6 +1353,8 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_id bigint;
     v_inserted boolean;
+    v_ready boolean;
+    v_queue text;
     v_succeeded bigint[] := '{}';
     v_deps bigint[];
 BEGIN
@@ -1416,7 +1448,13 @@ BEGIN
     -- this transaction ends) and return it instead.
     ON CONFLICT (dedup_key) WHERE state IN ('waiting', 'queued') AND dedup_key IS NOT NULL
     DO UPDATE SET dedup_key = excluded.dedup_key
-    RETURNING j.id, j.xmax = 0 INTO v_id, v_inserted;
+    RETURNING j.id, j.xmax = 0, j.state = 'queued' AND NOT j.scope_blocked AND NOT j.queue_paused, j.queue
+    INTO v_id, v_inserted, v_ready, v_queue;
+
+    IF NOT v_inserted AND v_ready THEN
+        -- Merged into a queued job, which this transaction now holds: see _announce_held.
+        PERFORM pgqueue._notify(ARRAY[v_queue], pgqueue._setting('notify'));
+    END IF;
 
     IF v_inserted AND cardinality(v_deps) > 0 THEN
         INSERT INTO pgqueue.job_dependencies (job_id, depends_on) SELECT v_id, d FROM unnest(v_deps) d;
@@ -3136,6 +3174,17 @@ BEGIN
                              AND pgqueue._keeps_dedup_key(j.dedup_key, j.id)
                             THEN j.dedup_key END
      WHERE j.id = ANY (v_downstream);
+    -- Their dependencies, share-locked above, that are queued: see _announce_held.
+    -- And the scope's next job, in whatever queue: claims skip a scope whose lock
+    -- this transaction holds (they try it), and no row of that job changes here.
+    PERFORM pgqueue._announce_held(ARRAY(SELECT d.depends_on FROM pgqueue.job_dependencies d
+                                         WHERE d.job_id = retry.job_id OR d.job_id = ANY (v_downstream)
+                                         UNION ALL
+                                         SELECT h.id FROM (SELECT q.id FROM pgqueue.jobs q
+                                                           WHERE v.scope IS NOT NULL
+                                                             AND pgqueue._same_scope(q.scope, v.scope)
+                                                             AND q.state = 'queued' AND q.id <> retry.job_id
+                                                           ORDER BY jsonb_hash(q.scope), q.id LIMIT 1) h));
     RETURN true;
 END
 $$;

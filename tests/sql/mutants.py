@@ -699,6 +699,20 @@ MUTANTS: dict[str, Mutant] = {
         "WHERE w.id = ANY (v_downstream));",
         "test_pipelines.py::test_a_retry_revives_no_member_of_a_pipeline_cancelled_while_it_waited",
     ),
+    # A queued dependency an enqueue holds (claims skip it) announced by nobody at its commit.
+    "held_dependency_unannounced": Mutant(
+        "pgqueue._lock_dependencies(bigint[],text)",
+        "IF v_held IS NOT NULL THEN",
+        "IF false THEN",
+        "test_notify.py::test_a_queued_job_a_transaction_held_is_announced_at_its_commit[depends_on]",
+    ),
+    # The queued job an enqueue's dedup key merged into (and holds) announced by nobody.
+    "held_dedup_merge_unannounced": Mutant(
+        "pgqueue.enqueue(text,jsonb,text,jsonb,text,timestamp with time zone,integer,integer,uuid,jsonb,bigint[])",
+        "IF NOT v_inserted AND v_ready THEN",
+        "IF false THEN",
+        "test_notify.py::test_a_queued_job_a_transaction_held_is_announced_at_its_commit[dedup_key]",
+    ),
 }
 
 

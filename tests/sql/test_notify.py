@@ -6,7 +6,8 @@ import asyncio
 import time
 
 import asyncpg
-from sqlharness import Connect, json_codecs
+import pytest
+from sqlharness import Connect, json_codecs, sessions
 
 
 class Listener:
@@ -60,6 +61,8 @@ async def test_silent_for_zero_rows_waiting_jobs_and_claims(connect: Connect) ->
     await conn.fetchval(
         "SELECT pgqueue.enqueue('c', queue => 'q2', depends_on => ARRAY[$1]::bigint[])", parent
     )
+    # The waiting job wakes nobody; the queued dependency it held does (see below).
+    assert await listener.drain(1) == ["q1"]
     await conn.fetch("SELECT id FROM pgqueue.claim_next('w')")
     assert await listener.drain() == []
     # Unblocking by fan-in notifies the child's queue.
@@ -99,3 +102,74 @@ async def test_nothing_delivered_before_commit(connect: Connect) -> None:
         await conn.fetchval("SELECT pgqueue.enqueue('t')")
         assert await listener.drain() == []
     assert await listener.drain(1) == ["default"]
+
+
+HOLDS = {
+    # an enqueue share-locks its dependencies
+    "depends_on": "SELECT pgqueue.enqueue('c', queue => 'other', depends_on => ARRAY[$1::bigint])",
+    # an enqueue of a pending job's key merges into it, locking it
+    "dedup_key": "SELECT pgqueue.enqueue('t', queue => 'h', dedup_key => 'k') WHERE $1 > 0",
+    "dedup_key_many": 'SELECT pgqueue.enqueue_many(\'[{"job_type": "t", "queue": "h",'
+    ' "dedup_key": "k"}]\') WHERE $1 > 0',
+    # a retry share-locks the dependencies of the job it retries
+    "retry": "SELECT pgqueue.retry(f.id) FROM (SELECT max(id) AS id FROM pgqueue.jobs WHERE job_type = 'f'"
+    " AND $1 > 0) f",
+}
+
+
+@pytest.mark.parametrize("hold", list(HOLDS))
+async def test_a_queued_job_a_transaction_held_is_announced_at_its_commit(
+    connect: Connect, hold: str
+) -> None:
+    """From review: a claim skips (SKIP LOCKED) a queued job that another transaction holds
+    without changing it, and its worker sleeps; nothing announced the job when the lock went,
+    so it waited for the worker's poll (5 s by default, seen at 11.7 s in a fan-in)."""
+    conn, listener = await _setup(connect)
+    holder, claimer = await sessions(connect, "holder", "claimer")
+    job = await conn.fetchval("SELECT pgqueue.enqueue('t', queue => 'h', dedup_key => 'k')")
+    if hold == "retry":
+        failed = await conn.fetchval(
+            "SELECT pgqueue.enqueue('f', queue => 'other', depends_on => ARRAY[$1::bigint])", job
+        )
+        assert await conn.fetchval("SELECT pgqueue.cancel($1)", failed)
+    await listener.drain(1)
+    await holder.begin()
+    await holder.execute(HOLDS[hold], job)
+    # The claim skips it: queued and due, but held.
+    assert await claimer.fetch("SELECT id FROM pgqueue.claim_next('w', ARRAY['h'])") == []
+    assert await listener.drain() == []  # nothing before the commit
+    await holder.commit()
+    assert await listener.drain(1) == ["h"]
+    assert [r["id"] for r in await claimer.fetch("SELECT id FROM pgqueue.claim_next('w')")] == [job]
+
+
+async def test_a_retry_announces_its_scopes_next_job_in_another_queue(connect: Connect) -> None:
+    """From review: claims try the scope's lock and skip the scope while a retry of one of its
+    jobs holds it; the scope's next job (older, in another queue: a join queued late) was not
+    announced when the retry committed, and waited for the worker's poll."""
+    conn, listener = await _setup(connect)
+    scope = '{"s": 1}'
+    dep = await conn.fetchval("SELECT pgqueue.enqueue('dep', queue => 'c')")
+    head = await conn.fetchval(
+        "SELECT pgqueue.enqueue('join', queue => 'b', scope => $1::jsonb,"
+        " depends_on => ARRAY[$2::bigint])",
+        scope,
+        dep,
+    )
+    failed = await conn.fetchval(
+        "SELECT pgqueue.enqueue('x', queue => 'a', scope => $1::jsonb, max_attempts => 1)", scope
+    )
+    assert [
+        r["id"] for r in await conn.fetch("SELECT id FROM pgqueue.claim_next('w', ARRAY['a'])")
+    ] == [failed]
+    assert await conn.fetchval("SELECT pgqueue.fail($1, 'w', 'boom')", failed) == "failed"
+    assert [
+        r["id"] for r in await conn.fetch("SELECT id FROM pgqueue.claim_next('w', ARRAY['c'])")
+    ] == [dep]
+    assert await conn.fetchval(
+        "SELECT pgqueue.complete($1, 'w')", dep
+    )  # the join: queued, the head
+    await listener.drain(3)
+    assert await conn.fetchval("SELECT pgqueue.retry($1)", failed)
+    assert sorted(await listener.drain(2)) == ["a", "b"]
+    assert [r["id"] for r in await conn.fetch("SELECT id FROM pgqueue.claim_next('w')")] == [head]

@@ -115,3 +115,26 @@ async def test_bad_notify_setting_is_refused(conn: asyncpg.Connection) -> None:
     assert (
         await conn.fetchval("SELECT value FROM pgqueue.settings WHERE name = 'notify'") == "always"
     )
+
+
+async def test_a_dependency_an_enqueue_holds_wakes_the_worker_that_skipped_it(
+    connect: Connect,
+) -> None:
+    """From review: a worker's pre-sleep claim skipped a queued job that a producer's
+    transaction held (here first by a plain row lock, then as the dependency of its enqueue)
+    and registered; the enqueue's insert trigger saw the waiter but had only a waiting job to
+    announce, so the worker slept until its poll. The held dependency is announced now."""
+    producer, worker = await sessions(connect, "producer", "worker")
+    observer = await connect()
+    await observer.execute(WHEN_WAITING)
+    listener = await _listener(connect)
+    job = await observer.fetchval(ENQUEUE, "q")
+    await producer.begin()
+    await producer.execute("SELECT 1 FROM pgqueue.jobs WHERE id = $1 FOR SHARE", job)
+    assert await worker.fetch(CLAIM_OR_WAIT) == []  # skipped: held; the worker sleeps
+    await producer.fetchval(
+        "SELECT pgqueue.enqueue('c', queue => 'other', depends_on => ARRAY[$1::bigint])", job
+    )
+    await producer.commit()
+    assert await listener.drain(1) == ["q"]
+    assert [r["id"] for r in await worker.fetch(CLAIM_OR_WAIT)] == [job]
