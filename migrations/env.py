@@ -35,28 +35,26 @@ def _dsn() -> str | None:
     return str(dsn) if dsn is not None else None
 
 
-# libpq's connection keywords. A SQLAlchemy URL's other query parameters are options of its
-# dialect (asyncpg's prepared_statement_cache_size, say), which asyncpg would send to the
-# server as settings ("unrecognized configuration parameter").
-_LIBPQ_KEYWORDS = frozenset(
-    "host hostaddr port dbname user password passfile channel_binding connect_timeout"
-    " client_encoding options application_name fallback_application_name keepalives"
-    " keepalives_idle keepalives_interval keepalives_count tcp_user_timeout gssencmode"
-    " sslmode sslcompression sslcert sslkey sslpassword sslrootcert sslcrl sslcrldir sslsni"
-    " requirepeer ssl_min_protocol_version ssl_max_protocol_version krbsrvname gsslib"
-    " service target_session_attrs load_balance_hosts".split()
+# The query parameters asyncpg reads as connection parameters, and the two it passes to the
+# server that the server takes at startup. Any other (a SQLAlchemy dialect's option such as
+# prepared_statement_cache_size, or a libpq keyword asyncpg does not know, connect_timeout)
+# asyncpg would send as a setting: "unrecognized configuration parameter".
+_KEPT_KEYWORDS = frozenset(
+    "host port dbname database user password passfile service sslmode sslnegotiation sslcert"
+    " sslkey sslpassword sslrootcert sslcrl ssl_min_protocol_version ssl_max_protocol_version"
+    " krbsrvname gsslib target_session_attrs application_name options".split()
 )
 _SSLMODES = frozenset("disable allow prefer require verify-ca verify-full".split())
 
 
 def _libpq_url(url: str) -> str:
     """A SQLAlchemy URL (the one an application has at hand: postgresql+asyncpg://,
-    +psycopg://, +psycopg2://) as the plain libpq URL asyncpg takes: the driver and the
-    dialect's own query options dropped, libpq's connection parameters kept, and the asyncpg
-    dialect's ``ssl=MODE`` read as ``sslmode``."""
+    +psycopg://, +psycopg2://) as the plain libpq URL asyncpg takes: the driver and every
+    query parameter asyncpg would not read dropped, and the asyncpg dialect's ``ssl=MODE``
+    read as ``sslmode``."""
     base, _, query = re.sub(r"^postgresql\+\w+://", "postgresql://", url).partition("?")
     params = parse_qsl(query, keep_blank_values=True)
-    kept = [(key, value) for key, value in params if key in _LIBPQ_KEYWORDS]
+    kept = [(key, value) for key, value in params if key in _KEPT_KEYWORDS]
     for key, value in params:
         if key == "ssl" and not any(k == "sslmode" for k, _ in kept):
             if value not in _SSLMODES:

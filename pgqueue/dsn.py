@@ -227,14 +227,9 @@ def server_settings(dsn: str | None, application_name: str) -> dict[str, str]:
     ``$PGOPTIONS`` (``-c name=value ...``) as libpq sends it, unless the DSN gives
     ``options`` itself. asyncpg reads neither variable; the server parses ``options``.
 
-    READ COMMITTED whatever the role's or the database's default: the functions need it
-    (a scoped job's transition refuses anything else, and under REPEATABLE READ a lost
-    claim race raises 40001 instead of returning no row). A startup parameter costs no
-    round trip, and it is applied after ``options``."""
-    settings = {
-        "application_name": application_name[:63],
-        "default_transaction_isolation": "read committed",
-    }
+    Nothing else: PgBouncer refuses a startup parameter it does not track (a
+    ``default_transaction_isolation`` here closed every connection through it)."""
+    settings = {"application_name": application_name[:63]}
     options = os.environ.get("PGOPTIONS")
     if options and not (
         dsn and "options" in urllib.parse.parse_qs(urllib.parse.urlsplit(dsn).query)

@@ -29,6 +29,7 @@ __all__ = [
     "SchemaError",
     "alembic_config",
     "apply_sql_file",
+    "check_read_committed",
     "check_schema",
     "downgrade",
     "upgrade",
@@ -45,7 +46,8 @@ MIGRATION_LOCK_KEY = 0x7067_7175_6575_65  # "pgqueue"
 
 
 class SchemaError(RuntimeError):
-    """The database's pgqueue schema is missing or not at the revision this code expects."""
+    """The database is not ready for this pgqueue: its schema is missing or not at the
+    revision this code expects, or its sessions do not run READ COMMITTED."""
 
 
 def alembic_config(dsn: str | None) -> Config:
@@ -140,6 +142,24 @@ def apply_sql_file(path: Path) -> None:
 
 def _revision_number(revision: str) -> int | None:
     return int(revision) if revision.isdigit() else None
+
+
+async def check_read_committed(conn: asyncpg.Connection) -> None:
+    """Raise :class:`SchemaError` unless ``conn``'s transactions run READ COMMITTED.
+
+    A role or database whose ``default_transaction_isolation`` is higher makes a worker's
+    lost claim races raise 40001 and every transition of a scoped job refuse to run: such a
+    worker would fail jobs, so it does not start. (Not set on pgqueue's connections instead:
+    PgBouncer refuses startup parameters it does not track.)
+    """
+    level = await conn.fetchval("SELECT current_setting('transaction_isolation')")
+    if level not in ("read committed", "read uncommitted"):
+        raise SchemaError(
+            f"transactions on this connection run {level.upper()} (default_transaction_isolation"
+            " of the role or database): pgqueue needs READ COMMITTED; run"
+            " ALTER ROLE ... SET default_transaction_isolation = 'read committed', or add"
+            " options=-c%20default_transaction_isolation%3Dread%5C%20committed to the DSN"
+        )
 
 
 async def check_schema(conn: asyncpg.Connection) -> None:

@@ -508,7 +508,8 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     SELECT coalesce(array_agg(j.id) FILTER (WHERE j.state = 'succeeded'), '{}'),
-           array_agg(DISTINCT j.queue) FILTER (WHERE j.state = 'queued' AND NOT j.scope_blocked AND NOT j.queue_paused)
+           array_agg(DISTINCT j.queue) FILTER (WHERE j.state = 'queued' AND NOT j.scope_blocked AND NOT j.queue_paused
+                                                 AND j.run_after <= clock_timestamp())
       INTO v_succeeded, v_held
       FROM pgqueue.jobs j WHERE j.id = ANY (p_ids);
     IF v_held IS NOT NULL THEN
@@ -524,13 +525,15 @@ $$;
 -- comes back short, and its worker sleeps; nothing announces them when the
 -- lock goes (no row enters queued), so they waited for the worker's poll
 -- (5 s by default). Their queues are notified: delivered at this commit, once
--- the row locks are gone.
+-- the row locks are gone. Only due ones: a worker wakes for a later one at its
+-- run_after by itself (one still held then waits for the poll: rare).
 CREATE FUNCTION pgqueue._announce_held(p_ids bigint[]) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM pgqueue._notify(ARRAY(SELECT DISTINCT j.queue FROM pgqueue.jobs j
                                   WHERE j.id = ANY (p_ids) AND j.state = 'queued'
-                                    AND NOT j.scope_blocked AND NOT j.queue_paused),
+                                    AND NOT j.scope_blocked AND NOT j.queue_paused
+                                    AND j.run_after <= clock_timestamp()),
                             pgqueue._setting('notify'));
 END
 $$;
@@ -985,7 +988,9 @@ BEGIN
     -- this transaction ends) and return it instead.
     ON CONFLICT (dedup_key) WHERE state IN ('waiting', 'queued') AND dedup_key IS NOT NULL
     DO UPDATE SET dedup_key = excluded.dedup_key
-    RETURNING j.id, j.xmax = 0, j.state = 'queued' AND NOT j.scope_blocked AND NOT j.queue_paused, j.queue
+    RETURNING j.id, j.xmax = 0,
+              j.state = 'queued' AND NOT j.scope_blocked AND NOT j.queue_paused AND j.run_after <= clock_timestamp(),
+              j.queue
     INTO v_id, v_inserted, v_ready, v_queue;
 
     IF NOT v_inserted AND v_ready THEN

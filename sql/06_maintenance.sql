@@ -201,6 +201,7 @@ DECLARE
     v_cancelled boolean;
     v_id bigint;
     v_write boolean;
+    v_shared bigint[] := '{}';
 BEGIN
     -- The job is read unlocked, and its advisory locks are taken before its row
     -- lock, in the order every pgqueue transaction takes them: its pipeline's
@@ -208,21 +209,15 @@ BEGIN
     -- share-locks the row), its scope lock (so a claim of a newer job of this
     -- scope cannot slip in between; a claim holding it updates the scope's
     -- previous current job, which may be this one), then the dedup keys.
-    -- The pipelines are the job's and those of the dependents it may revive
-    -- (read unlocked first): a cancel_pipeline of one of them that commits while
-    -- this waits for a row must be seen below, where the revived are read again.
     SELECT * INTO v FROM pgqueue.jobs j WHERE j.id = retry.job_id AND j.state IN ('failed', 'cancelled');
     IF NOT FOUND THEN
         RETURN false;
     END IF;
-    v_downstream := pgqueue._revivable_downstream(retry.job_id, v.pipeline_id);
-    PERFORM pgqueue._lock_pipelines(v.pipeline_id || ARRAY(SELECT w.pipeline_id FROM pgqueue.jobs w
-                                                           WHERE w.id = ANY (v_downstream)));
-    v_cancelled := v.pipeline_id IS NOT NULL
-                   AND EXISTS (SELECT 1 FROM pgqueue.cancelled_pipelines c WHERE c.pipeline_id = v.pipeline_id);
+    v_cancelled := pgqueue._pipeline_cancelled(v.pipeline_id);
     IF v.scope IS NOT NULL THEN
         PERFORM pg_advisory_xact_lock(pgqueue._lock_class('scope'), pgqueue._scope_lock_key(v.scope));
     END IF;
+    v_downstream := pgqueue._revivable_downstream(retry.job_id, v.pipeline_id);
     -- Every key that may become pending again, locked in key order (as a batch
     -- enqueue locks them) for _keeps_dedup_key: a key a newer pending job took
     -- meanwhile is dropped, never a 23505.
@@ -251,6 +246,7 @@ BEGIN
             PERFORM 1 FROM pgqueue.jobs j WHERE j.id = v_id FOR NO KEY UPDATE;
         ELSE
             PERFORM 1 FROM pgqueue.jobs j WHERE j.id = v_id FOR SHARE;
+            v_shared := v_shared || v_id;
         END IF;
     END LOOP;
     -- A completion that created a dependent of this job while the row lock above waited
@@ -261,11 +257,11 @@ BEGIN
     v_more := ARRAY(SELECT x FROM unnest(pgqueue._revivable_downstream(retry.job_id, v.pipeline_id)) x
                     WHERE x <> ALL (coalesce(v_downstream, '{}')));
     IF cardinality(v_more) > 0 THEN
-        PERFORM pgqueue._lock_pipelines(ARRAY(SELECT w.pipeline_id FROM pgqueue.jobs w WHERE w.id = ANY (v_more)));
         PERFORM 1 FROM pgqueue.jobs j WHERE j.id = ANY (v_more) ORDER BY j.id FOR NO KEY UPDATE;
-        PERFORM 1 FROM pgqueue.jobs j
-        WHERE j.id IN (SELECT d.depends_on FROM pgqueue.job_dependencies d WHERE d.job_id = ANY (v_more))
-        ORDER BY j.id FOR SHARE;
+        v_shared := v_shared || ARRAY(
+            SELECT j.id FROM pgqueue.jobs j
+            WHERE j.id IN (SELECT d.depends_on FROM pgqueue.job_dependencies d WHERE d.job_id = ANY (v_more))
+            ORDER BY j.id FOR SHARE);
         v_downstream := coalesce(v_downstream, '{}') || v_more;
     END IF;
     SELECT * INTO v FROM pgqueue.jobs j WHERE j.id = retry.job_id AND j.state IN ('failed', 'cancelled');
@@ -279,8 +275,10 @@ BEGIN
     IF v_cancelled THEN
         DELETE FROM pgqueue.cancelled_pipelines c WHERE c.pipeline_id = v.pipeline_id;
     END IF;
-    -- Read again with every lock held: a pipeline of theirs cancelled while this
-    -- waited (its mark committed before its lock was ours) keeps its members.
+    -- Read again with their rows locked: a pipeline of theirs whose cancel_pipeline
+    -- committed while this waited keeps its members (cancel_pipeline locks the
+    -- members a retry could revive, so one that commits later waits for this
+    -- transaction, and then cancels what it revived).
     v_downstream := ARRAY(SELECT w.id FROM pgqueue.jobs w
                           WHERE w.id = ANY (v_downstream) AND pgqueue._revivable(w, v.pipeline_id));
     -- One with another dependency that failed or was cancelled stays cancelled
@@ -316,11 +314,11 @@ BEGIN
                              AND pgqueue._keeps_dedup_key(j.dedup_key, j.id)
                             THEN j.dedup_key END
      WHERE j.id = ANY (v_downstream);
-    -- Their dependencies, share-locked above, that are queued: see _announce_held.
-    -- And the scope's next job, in whatever queue: claims skip a scope whose lock
-    -- this transaction holds (they try it), and no row of that job changes here.
-    PERFORM pgqueue._announce_held(ARRAY(SELECT d.depends_on FROM pgqueue.job_dependencies d
-                                         WHERE d.job_id = retry.job_id OR d.job_id = ANY (v_downstream)
+    -- The jobs share-locked above (the dependencies of every job it meant to
+    -- revive, revived or not) that are queued: see _announce_held. And the
+    -- scope's next job, in whatever queue: claims skip a scope whose lock this
+    -- transaction holds (they try it), and no row of that job changes here.
+    PERFORM pgqueue._announce_held(ARRAY(SELECT s FROM unnest(v_shared) s
                                          UNION ALL
                                          SELECT h.id FROM (SELECT q.id FROM pgqueue.jobs q
                                                            WHERE v.scope IS NOT NULL
@@ -538,9 +536,16 @@ BEGIN
     -- completion outside the pipeline queueing some of them would otherwise hold
     -- one and wait for another. (An UPDATE locks its rows in whatever order its
     -- plan reads them: heap order, here.)
+    -- The members also include those a retry of a dependency could be reviving
+    -- right now (cancelled by a failure, or with the pipeline before): locked, so
+    -- a retry that holds one commits first (and what it revived is cancelled
+    -- below, by a later statement) or waits for this one and reads the mark.
     WITH RECURSIVE members AS (
         SELECT j.id FROM pgqueue.jobs j
-        WHERE j.pipeline_id = cancel_pipeline.pipeline_id AND j.state IN ('waiting', 'queued')
+        WHERE j.pipeline_id = cancel_pipeline.pipeline_id
+          AND (j.state IN ('waiting', 'queued')
+               OR (j.state = 'cancelled'
+                   AND (j.last_error LIKE 'dependency failed: %' OR j.last_error = 'pipeline cancelled')))
     ), downstream(id) AS (
         SELECT m.id FROM members m
         UNION

@@ -184,7 +184,9 @@ async def test_upgrade_is_idempotent(db_dsn: str) -> None:
     # the SQLAlchemy URL an application has at hand (was "is not a postgresql:// URL")
     migrate.upgrade(db_dsn.replace("postgresql://", "postgresql+psycopg://", 1))
     # with the asyncpg dialect's options, which the server would refuse as settings
-    options = "prepared_statement_cache_size=0&ssl=disable&application_name=deploy"
+    options = (
+        "prepared_statement_cache_size=0&ssl=disable&application_name=deploy&connect_timeout=10"
+    )
     sep = "&" if "?" in db_dsn else "?"
     migrate.upgrade(db_dsn.replace("postgresql://", "postgresql+asyncpg://", 1) + sep + options)
     with pytest.raises(migrate.SchemaError, match="ssl='yes' in the SQLAlchemy URL"):

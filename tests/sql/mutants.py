@@ -699,6 +699,13 @@ MUTANTS: dict[str, Mutant] = {
         "WHERE w.id = ANY (v_downstream));",
         "test_pipelines.py::test_a_retry_revives_no_member_of_a_pipeline_cancelled_while_it_waited",
     ),
+    # cancel_pipeline not locking the members a retry could be reviving.
+    "cancel_pipeline_ignores_revivable_members": Mutant(
+        "pgqueue.cancel_pipeline(uuid)",
+        "OR (j.state = 'cancelled'\n",
+        "OR (false\n",
+        "test_pipelines.py::test_a_cancel_pipeline_during_a_retry_cancels_what_the_retry_revives",
+    ),
     # A queued dependency an enqueue holds (claims skip it) announced by nobody at its commit.
     "held_dependency_unannounced": Mutant(
         "pgqueue._lock_dependencies(bigint[],text)",

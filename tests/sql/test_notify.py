@@ -173,3 +173,29 @@ async def test_a_retry_announces_its_scopes_next_job_in_another_queue(connect: C
     assert await conn.fetchval("SELECT pgqueue.retry($1)", failed)
     assert sorted(await listener.drain(2)) == ["a", "b"]
     assert [r["id"] for r in await conn.fetch("SELECT id FROM pgqueue.claim_next('w')")] == [head]
+
+
+async def test_a_retry_announces_every_queued_job_it_held(connect: Connect) -> None:
+    """From review: a retry share-locks the dependencies of every job it means to revive, and
+    announced only those of the jobs it did revive; a dependent left cancelled (another of its
+    dependencies failed too) left its queued dependency held and unannounced."""
+    conn, listener = await _setup(connect)
+    queued = await conn.fetchval("SELECT pgqueue.enqueue('q', queue => 'q2')")
+    first, second = [
+        await conn.fetchval("SELECT pgqueue.enqueue('f', queue => 'q1', max_attempts => 1)")
+        for _ in range(2)
+    ]
+    dependent = await conn.fetchval(
+        "SELECT pgqueue.enqueue('d', queue => 'q3', depends_on => $1::bigint[])",
+        [first, second, queued],
+    )
+    for job in (first, second):
+        assert [r["id"] for r in await conn.fetch("SELECT id FROM pgqueue.claim($1, 'w')", job)]
+        assert await conn.fetchval("SELECT pgqueue.fail($1, 'w', 'boom')", job) == "failed"
+    await listener.drain(2)
+    assert await conn.fetchval("SELECT pgqueue.retry($1)", first)
+    assert (
+        await conn.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", dependent)
+        == "cancelled"
+    )
+    assert sorted(await listener.drain(2)) == ["q1", "q2"]

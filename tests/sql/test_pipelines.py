@@ -14,6 +14,7 @@ from sqlharness import (
     PIPELINE_LOCK,
     ROW_IS_FREE,
     Connect,
+    finishes_unblocked,
     json_codecs,
     lock_wait_kind,
     sessions,
@@ -467,8 +468,8 @@ async def test_a_retry_revives_no_member_of_a_pipeline_cancelled_while_it_waited
 ) -> None:
     """From review: retry(x) read its revivable dependents before its locks; a cancel_pipeline
     of a dependent's pipeline committing meanwhile left the dependent revived (waiting, then
-    queued and run) in a cancelled pipeline. Retry now takes those pipelines' locks and reads
-    again once they are held."""
+    queued and run) in a cancelled pipeline. cancel_pipeline now locks the members a retry
+    could revive, and the retry reads them again once it holds their rows."""
     observer, canceller, retrier = await sessions(connect, "obs", "canceller", "retrier")
     pipeline = uuid.uuid4()
     x, d = await _failed_with_dependent_in(observer.conn, pipeline)
@@ -476,20 +477,54 @@ async def test_a_retry_revives_no_member_of_a_pipeline_cancelled_while_it_waited
     assert await canceller.fetchval("SELECT pgqueue.cancel_pipeline($1)", pipeline) == 0
     retry = retrier.start(retrier.fetchval("SELECT pgqueue.retry($1)", x))
     if await _blocked_or_done(observer.conn, retrier.pid, retry):
-        assert await lock_wait_kind(observer.conn, retrier) == "advisory"  # the pipeline's
+        assert await lock_wait_kind(observer.conn, retrier) == "transactionid"  # d's row
     await canceller.commit()
     assert await retry is True
     assert await observer.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", d) == "cancelled"
     assert await observer.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", x) == "queued"
 
 
-async def test_a_cancel_pipeline_waiting_for_a_retry_cancels_the_member_it_revived(
+async def test_a_retry_waits_for_no_pipeline_lock_of_its_dependents(connect: Connect) -> None:
+    """From review: a retry that took its dependents' pipeline locks before its rows met a
+    completion of a member of that pipeline (its row, then the pipeline's lock to create its
+    children) in the other order: 40P01. Only its own job's pipeline lock is taken."""
+    observer, holder, retrier = await sessions(connect, "obs", "holder", "retrier")
+    pipeline = uuid.uuid4()
+    x, d = await _failed_with_dependent_in(observer.conn, pipeline)
+    await holder.begin()
+    await holder.execute(PIPELINE_LOCK, str(pipeline))
+    assert await finishes_unblocked(
+        observer.conn, retrier, retrier.fetchval("SELECT pgqueue.retry($1)", x)
+    )
+    await holder.commit()
+    assert await observer.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", d) == "waiting"
+
+
+async def test_a_cancel_pipeline_during_a_retry_cancels_what_the_retry_revives(
+    connect: Connect,
+) -> None:
+    """The other order: retry(x) has revived d (waiting, not committed) when cancel_pipeline of
+    d's pipeline runs; the cancel's snapshot sees d cancelled. It locks the members a retry
+    could revive, so it waits for the retry and then cancels d."""
+    observer, canceller, retrier = await sessions(connect, "obs", "canceller", "retrier")
+    pipeline = uuid.uuid4()
+    x, d = await _failed_with_dependent_in(observer.conn, pipeline)
+    await retrier.begin()
+    assert await retrier.fetchval("SELECT pgqueue.retry($1)", x) is True
+    cancel = canceller.start(canceller.fetchval("SELECT pgqueue.cancel_pipeline($1)", pipeline))
+    if await _blocked_or_done(observer.conn, canceller.pid, cancel):
+        assert await lock_wait_kind(observer.conn, canceller) == "transactionid"  # d's row
+    await retrier.commit()
+    await cancel
+    assert await observer.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", d) == "cancelled"
+
+
+async def test_a_cancel_pipeline_committing_while_a_retry_waits_keeps_its_member_cancelled(
     connect: Connect,
 ) -> None:
     """The reviewer's interleaving: retry(x) waits for x's row (held by another transaction)
-    while cancel_pipeline of d's pipeline runs. The cancel now waits for the retry's pipeline
-    lock and cancels d once the retry has revived it; before, it committed first and the
-    retry revived d into the cancelled pipeline."""
+    while cancel_pipeline of d's pipeline runs and commits: the retry, once it holds d's row,
+    reads the mark and leaves d cancelled; before, it revived d into the cancelled pipeline."""
     observer, holder, canceller, retrier = await sessions(
         connect, "obs", "holder", "canceller", "retrier"
     )
@@ -499,10 +534,7 @@ async def test_a_cancel_pipeline_waiting_for_a_retry_cancels_the_member_it_reviv
     await holder.execute("SELECT 1 FROM pgqueue.jobs WHERE id = $1 FOR UPDATE", x)
     retry = retrier.start(retrier.fetchval("SELECT pgqueue.retry($1)", x))
     await wait_blocked(observer.conn, retrier)
-    cancel = canceller.start(canceller.fetchval("SELECT pgqueue.cancel_pipeline($1)", pipeline))
-    if await _blocked_or_done(observer.conn, canceller.pid, cancel):
-        assert await lock_wait_kind(observer.conn, canceller) == "advisory"
+    assert await canceller.fetchval("SELECT pgqueue.cancel_pipeline($1)", pipeline) == 0
     await holder.commit()
     assert await retry is True
-    await cancel
     assert await observer.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", d) == "cancelled"
