@@ -40,9 +40,9 @@ def _dsn() -> str | None:
 # prepared_statement_cache_size, or a libpq keyword asyncpg does not know, connect_timeout)
 # asyncpg would send as a setting: "unrecognized configuration parameter".
 _KEPT_KEYWORDS = frozenset(
-    "host port dbname database user password passfile service sslmode sslnegotiation sslcert"
-    " sslkey sslpassword sslrootcert sslcrl ssl_min_protocol_version ssl_max_protocol_version"
-    " krbsrvname gsslib target_session_attrs application_name options".split()
+    "host port dbname database user password passfile sslmode sslcert sslkey sslpassword"
+    " sslrootcert sslcrl ssl_min_protocol_version ssl_max_protocol_version target_session_attrs"
+    " application_name options".split()
 )
 _SSLMODES = frozenset("disable allow prefer require verify-ca verify-full".split())
 

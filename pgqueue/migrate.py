@@ -156,9 +156,8 @@ async def check_read_committed(conn: asyncpg.Connection) -> None:
     if level not in ("read committed", "read uncommitted"):
         raise SchemaError(
             f"transactions on this connection run {level.upper()} (default_transaction_isolation"
-            " of the role or database): pgqueue needs READ COMMITTED; run"
-            " ALTER ROLE ... SET default_transaction_isolation = 'read committed', or add"
-            " options=-c%20default_transaction_isolation%3Dread%5C%20committed to the DSN"
+            " of the role or database): pgqueue needs READ COMMITTED; run ALTER ROLE ... (or"
+            " ALTER DATABASE ...) SET default_transaction_isolation = 'read committed'"
         )
 
 

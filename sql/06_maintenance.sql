@@ -202,7 +202,10 @@ DECLARE
     v_id bigint;
     v_write boolean;
     v_shared bigint[] := '{}';
+    v_busy uuid;
 BEGIN
+    -- Its reads after waits (the rows, the pipelines' marks) need fresh snapshots.
+    PERFORM pgqueue._check_read_committed('retry');
     -- The job is read unlocked, and its advisory locks are taken before its row
     -- lock, in the order every pgqueue transaction takes them: its pipeline's
     -- (an enqueue into the pipeline that depends on this job holds it, then
@@ -275,10 +278,28 @@ BEGIN
     IF v_cancelled THEN
         DELETE FROM pgqueue.cancelled_pipelines c WHERE c.pipeline_id = v.pipeline_id;
     END IF;
-    -- Read again with their rows locked: a pipeline of theirs whose cancel_pipeline
-    -- committed while this waited keeps its members (cancel_pipeline locks the
-    -- members a retry could revive, so one that commits later waits for this
-    -- transaction, and then cancels what it revived).
+    -- The pipelines of the dependents it may revive (other than the job's own,
+    -- locked first): held from here to commit, a cancel_pipeline of one of them
+    -- that comes later waits for this transaction, then cancels what it revived;
+    -- the read below sees the mark of one that committed before. Tried, never
+    -- waited for: this holds rows now, and a cancel_pipeline (its pipeline lock,
+    -- then its members' rows) or a completion creating children (its row, then
+    -- its pipeline's lock) would close a cycle with it. One that is held
+    -- refuses the whole retry (nothing is written): retried a moment later, it
+    -- goes through, and never half-done (a dependent left cancelled unsaid).
+    SELECT p.pipeline_id INTO v_busy
+    FROM (SELECT DISTINCT w.pipeline_id FROM pgqueue.jobs w
+          WHERE w.id = ANY (v_downstream) AND w.pipeline_id IS NOT NULL
+            AND w.pipeline_id IS DISTINCT FROM v.pipeline_id
+          ORDER BY 1) p
+    WHERE NOT pg_try_advisory_xact_lock(pgqueue._lock_class('pipeline'), hashtext(p.pipeline_id::text))
+    LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'pgqueue.retry: pipeline % of a job it would revive is busy (being cancelled, or a job of it '
+                        'ending right now); nothing was retried: try again', v_busy
+            USING ERRCODE = 'lock_not_available';
+    END IF;
+    -- Read again with every lock held.
     v_downstream := ARRAY(SELECT w.id FROM pgqueue.jobs w
                           WHERE w.id = ANY (v_downstream) AND pgqueue._revivable(w, v.pipeline_id));
     -- One with another dependency that failed or was cancelled stays cancelled
@@ -536,16 +557,9 @@ BEGIN
     -- completion outside the pipeline queueing some of them would otherwise hold
     -- one and wait for another. (An UPDATE locks its rows in whatever order its
     -- plan reads them: heap order, here.)
-    -- The members also include those a retry of a dependency could be reviving
-    -- right now (cancelled by a failure, or with the pipeline before): locked, so
-    -- a retry that holds one commits first (and what it revived is cancelled
-    -- below, by a later statement) or waits for this one and reads the mark.
     WITH RECURSIVE members AS (
         SELECT j.id FROM pgqueue.jobs j
-        WHERE j.pipeline_id = cancel_pipeline.pipeline_id
-          AND (j.state IN ('waiting', 'queued')
-               OR (j.state = 'cancelled'
-                   AND (j.last_error LIKE 'dependency failed: %' OR j.last_error = 'pipeline cancelled')))
+        WHERE j.pipeline_id = cancel_pipeline.pipeline_id AND j.state IN ('waiting', 'queued')
     ), downstream(id) AS (
         SELECT m.id FROM members m
         UNION

@@ -697,13 +697,13 @@ MUTANTS: dict[str, Mutant] = {
         "pgqueue.retry(bigint)",
         "WHERE w.id = ANY (v_downstream) AND pgqueue._revivable(w, v.pipeline_id));",
         "WHERE w.id = ANY (v_downstream));",
-        "test_pipelines.py::test_a_retry_revives_no_member_of_a_pipeline_cancelled_while_it_waited",
+        "test_pipelines.py::test_a_cancel_pipeline_committing_while_a_retry_waits_keeps_its_member_cancelled",
     ),
-    # cancel_pipeline not locking the members a retry could be reviving.
-    "cancel_pipeline_ignores_revivable_members": Mutant(
-        "pgqueue.cancel_pipeline(uuid)",
-        "OR (j.state = 'cancelled'\n",
-        "OR (false\n",
+    # retry not taking the pipeline locks of the dependents it revives.
+    "retry_takes_no_dependents_pipeline_lock": Mutant(
+        "pgqueue.retry(bigint)",
+        "WHERE NOT pg_try_advisory_xact_lock(pgqueue._lock_class('pipeline'), hashtext(p.pipeline_id::text))",
+        "WHERE false",
         "test_pipelines.py::test_a_cancel_pipeline_during_a_retry_cancels_what_the_retry_revives",
     ),
     # A queued dependency an enqueue holds (claims skip it) announced by nobody at its commit.

@@ -463,60 +463,65 @@ async def _blocked_or_done(
     return False
 
 
-async def test_a_retry_revives_no_member_of_a_pipeline_cancelled_while_it_waited(
-    connect: Connect,
+RETRY = "SELECT pgqueue.retry($1)"
+STATE = "SELECT state FROM pgqueue.jobs WHERE id = $1"
+
+
+@pytest.mark.parametrize("holder_is", ["cancel_pipeline", "a completion"])
+async def test_a_retry_refuses_while_a_dependents_pipeline_is_busy_and_never_waits(
+    connect: Connect, holder_is: str
 ) -> None:
-    """From review: retry(x) read its revivable dependents before its locks; a cancel_pipeline
-    of a dependent's pipeline committing meanwhile left the dependent revived (waiting, then
-    queued and run) in a cancelled pipeline. cancel_pipeline now locks the members a retry
-    could revive, and the retry reads them again once it holds their rows."""
-    observer, canceller, retrier = await sessions(connect, "obs", "canceller", "retrier")
-    pipeline = uuid.uuid4()
-    x, d = await _failed_with_dependent_in(observer.conn, pipeline)
-    await canceller.begin()
-    assert await canceller.fetchval("SELECT pgqueue.cancel_pipeline($1)", pipeline) == 0
-    retry = retrier.start(retrier.fetchval("SELECT pgqueue.retry($1)", x))
-    if await _blocked_or_done(observer.conn, retrier.pid, retry):
-        assert await lock_wait_kind(observer.conn, retrier) == "transactionid"  # d's row
-    await canceller.commit()
-    assert await retry is True
-    assert await observer.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", d) == "cancelled"
-    assert await observer.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", x) == "queued"
-
-
-async def test_a_retry_waits_for_no_pipeline_lock_of_its_dependents(connect: Connect) -> None:
-    """From review: a retry that took its dependents' pipeline locks before its rows met a
-    completion of a member of that pipeline (its row, then the pipeline's lock to create its
-    children) in the other order: 40P01. Only its own job's pipeline lock is taken."""
+    """From review: retry(x) revived a dependent of a pipeline cancelled while it waited. It
+    now takes the dependents' pipeline locks, holding its rows: waiting for one there would
+    close a cycle (a completion creating children takes its row, then the pipeline's lock:
+    40P01), so it only tries them, and refuses, writing nothing, when one is held."""
     observer, holder, retrier = await sessions(connect, "obs", "holder", "retrier")
     pipeline = uuid.uuid4()
     x, d = await _failed_with_dependent_in(observer.conn, pipeline)
     await holder.begin()
-    await holder.execute(PIPELINE_LOCK, str(pipeline))
-    assert await finishes_unblocked(
-        observer.conn, retrier, retrier.fetchval("SELECT pgqueue.retry($1)", x)
-    )
+    if holder_is == "cancel_pipeline":
+        assert await holder.fetchval("SELECT pgqueue.cancel_pipeline($1)", pipeline) == 0
+    else:
+        await holder.execute(PIPELINE_LOCK, str(pipeline))
+    with pytest.raises(asyncpg.LockNotAvailableError, match=f"pipeline {pipeline} of a job"):
+        await finishes_unblocked(observer.conn, retrier, retrier.fetchval(RETRY, x))
+    assert await observer.fetchval(STATE, x) == "failed"
     await holder.commit()
-    assert await observer.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", d) == "waiting"
+    assert await retrier.fetchval(RETRY, x) is True
+    revived = "cancelled" if holder_is == "cancel_pipeline" else "waiting"
+    assert await observer.fetchval(STATE, d) == revived
 
 
 async def test_a_cancel_pipeline_during_a_retry_cancels_what_the_retry_revives(
     connect: Connect,
 ) -> None:
     """The other order: retry(x) has revived d (waiting, not committed) when cancel_pipeline of
-    d's pipeline runs; the cancel's snapshot sees d cancelled. It locks the members a retry
-    could revive, so it waits for the retry and then cancels d."""
+    d's pipeline runs, whose snapshot sees d cancelled: it waits for the pipeline lock the
+    retry holds, then cancels d."""
     observer, canceller, retrier = await sessions(connect, "obs", "canceller", "retrier")
     pipeline = uuid.uuid4()
     x, d = await _failed_with_dependent_in(observer.conn, pipeline)
     await retrier.begin()
-    assert await retrier.fetchval("SELECT pgqueue.retry($1)", x) is True
+    assert await retrier.fetchval(RETRY, x) is True
     cancel = canceller.start(canceller.fetchval("SELECT pgqueue.cancel_pipeline($1)", pipeline))
     if await _blocked_or_done(observer.conn, canceller.pid, cancel):
-        assert await lock_wait_kind(observer.conn, canceller) == "transactionid"  # d's row
+        assert await lock_wait_kind(observer.conn, canceller) == "advisory"  # the pipeline's
     await retrier.commit()
-    await cancel
-    assert await observer.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", d) == "cancelled"
+    assert await cancel == 1
+    assert await observer.fetchval(STATE, d) == "cancelled"
+
+
+async def test_retry_refuses_repeatable_read(conn: asyncpg.Connection) -> None:
+    """Its reads after lock waits (rows, pipelines' marks) would read an old snapshot."""
+    x, _ = await _failed_with_dependent_in(conn, uuid.uuid4())
+    await conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+    try:
+        with pytest.raises(
+            asyncpg.InvalidTransactionStateError, match="retry: needs READ COMMITTED"
+        ):
+            await conn.fetchval(RETRY, x)
+    finally:
+        await conn.execute("ROLLBACK")
 
 
 async def test_a_cancel_pipeline_committing_while_a_retry_waits_keeps_its_member_cancelled(
