@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import tracemalloc
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,23 +71,25 @@ def percentile(sorted_vals: list[float], p: float) -> float:
     return sorted_vals[k]
 
 
-async def repeat(reps: int, fn: Callable[[], Awaitable[dict[str, float]]]) -> dict[str, Any]:
+async def repeat(
+    reps: int, fn: Callable[[], Awaitable[Mapping[str, float | None]]]
+) -> dict[str, Any]:
     """Run ``fn`` ``reps`` times; every key it returns gets a median/min/max summary."""
     return (await alternate(reps, {"": fn}))[""]
 
 
 async def alternate(
-    reps: int, fns: dict[str, Callable[[], Awaitable[dict[str, float]]]]
+    reps: int, fns: Mapping[str, Callable[[], Awaitable[Mapping[str, float | None]]]]
 ) -> dict[str, dict[str, Any]]:
     """Run each of ``fns`` ``reps`` times, taking turns (a, b, a, b...), so that the
     machine's drift over the minutes this takes hits every variant alike; every key each
     returns gets a median/min/max summary, per variant."""
-    runs: dict[str, list[dict[str, float]]] = {name: [] for name in fns}
+    runs: dict[str, list[Mapping[str, float | None]]] = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
             runs[name].append(await fn())
     return {
-        name: {k: summary(r[k] for r in rs if r.get(k) is not None) for k in rs[0]}
+        name: {k: summary(v for r in rs if (v := r.get(k)) is not None) for k in rs[0]}
         for name, rs in runs.items()
     }
 

@@ -139,7 +139,7 @@ async def drain(
     scopes: int | None = None,
     lean: bool = False,
     args: tuple[str, ...] = (),
-) -> dict[str, float]:
+) -> dict[str, float | None]:
     """Start the worker(s) idle, enqueue n no-op jobs in one call, time until all succeeded."""
     conn = await asyncpg.connect(dsn)
     try:

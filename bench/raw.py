@@ -127,8 +127,12 @@ async def interleaved(
             stop_at = time.perf_counter() + seconds / slices
 
             async def one(
-                i: int, conn: asyncpg.Connection, stop_at=stop_at, call=call, counter=counter
-            ) -> None:  # type: ignore[no-untyped-def]
+                i: int,
+                conn: asyncpg.Connection,
+                stop_at: float = stop_at,
+                call: Any = call,
+                counter: list[int] = counter,
+            ) -> None:
                 while time.perf_counter() < stop_at:
                     await call(conn)
                     counter[i] += 1
@@ -195,7 +199,7 @@ async def drain(dsn: str, conns: list[asyncpg.Connection], n: int, k: int) -> di
 
 
 async def consume(
-    dsn: str, n: int, started: Callable[[int, float], None], ready: asyncio.Event
+    dsn: str, n: int, started: Callable[[int, float], object], ready: asyncio.Event
 ) -> None:
     """The raw consumer: LISTEN (then set ``ready``), and on each notification claim one job
     at a time with one UPDATE and complete it, until ``n`` jobs have started

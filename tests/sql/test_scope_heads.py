@@ -147,15 +147,23 @@ async def test_completion_in_flight_makes_the_enqueue_wait_and_see_the_scope_fre
     producer, worker = await sessions(connect, "producer", "worker")
     observer = await connect()
     first = await _running(observer)
+    job = await _enqueue_waiting_for_a_completion(producer, worker, observer, first)
+    assert await observer.fetchval(BLOCKED, job) is False
+    assert await _claim(observer) == [job]
+
+
+async def _enqueue_waiting_for_a_completion(
+    producer: Session, worker: Session, observer: asyncpg.Connection, running: int
+) -> int:
+    """The worker completes ``running`` (not committed), the producer's scoped enqueue waits
+    for the scope's order lock (observed), then the worker commits: the enqueued job's id."""
     await worker.begin()
-    assert await worker.fetchval("SELECT pgqueue.complete($1, 'w')", first)
+    assert await worker.fetchval("SELECT pgqueue.complete($1, 'w')", running)
     enqueue = producer.start(producer.fetchval(ENQUEUE, SCOPE))
     await wait_blocked(observer, producer)
     assert await lock_wait_kind(observer, producer) == "advisory"
     await worker.commit()
-    job = await enqueue
-    assert await observer.fetchval(BLOCKED, job) is False
-    assert await _claim(observer) == [job]
+    return int(await enqueue)
 
 
 async def test_enqueues_of_one_scope_do_not_wait_for_each_other(connect: Connect) -> None:
@@ -416,13 +424,7 @@ async def test_an_enqueue_under_repeatable_read_never_enters_blocked_behind_an_e
     first = await _running(observer)
     await producer.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
     if waits:
-        await worker.begin()
-        assert await worker.fetchval("SELECT pgqueue.complete($1, 'w')", first)
-        enqueue = producer.start(producer.fetchval(ENQUEUE, SCOPE))
-        await wait_blocked(observer, producer)
-        assert await lock_wait_kind(observer, producer) == "advisory"
-        await worker.commit()
-        job = await enqueue
+        job = await _enqueue_waiting_for_a_completion(producer, worker, observer, first)
     else:
         await producer.fetchval("SELECT count(*) FROM pgqueue.jobs")  # the snapshot
         assert await worker.fetchval("SELECT pgqueue.complete($1, 'w')", first)
