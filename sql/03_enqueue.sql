@@ -489,7 +489,6 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_bad record;
     v_succeeded bigint[];
-    v_held text[];
 BEGIN
     SELECT want.id, x.state INTO v_bad
     FROM (SELECT DISTINCT i FROM unnest(p_ids) i ORDER BY 1) AS want(id)
@@ -507,14 +506,9 @@ BEGIN
         RAISE EXCEPTION '%: dependency % is already %, so the job could never run', p_label, v_bad.id, v_bad.state
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    SELECT coalesce(array_agg(j.id) FILTER (WHERE j.state = 'succeeded'), '{}'),
-           array_agg(DISTINCT j.queue) FILTER (WHERE j.state = 'queued' AND NOT j.scope_blocked AND NOT j.queue_paused
-                                                 AND j.run_after <= clock_timestamp())
-      INTO v_succeeded, v_held
-      FROM pgqueue.jobs j WHERE j.id = ANY (p_ids);
-    IF v_held IS NOT NULL THEN
-        PERFORM pgqueue._notify(v_held, pgqueue._setting('notify'));  -- see _announce_held
-    END IF;
+    SELECT coalesce(array_agg(j.id), '{}') INTO v_succeeded
+    FROM pgqueue.jobs j WHERE j.id = ANY (p_ids) AND j.state = 'succeeded';
+    PERFORM pgqueue._announce_held(p_ids);
     RETURN v_succeeded;
 END
 $$;
@@ -893,8 +887,6 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_id bigint;
     v_inserted boolean;
-    v_ready boolean;
-    v_queue text;
     v_succeeded bigint[] := '{}';
     v_deps bigint[];
 BEGIN
@@ -988,14 +980,10 @@ BEGIN
     -- this transaction ends) and return it instead.
     ON CONFLICT (dedup_key) WHERE state IN ('waiting', 'queued') AND dedup_key IS NOT NULL
     DO UPDATE SET dedup_key = excluded.dedup_key
-    RETURNING j.id, j.xmax = 0,
-              j.state = 'queued' AND NOT j.scope_blocked AND NOT j.queue_paused AND j.run_after <= clock_timestamp(),
-              j.queue
-    INTO v_id, v_inserted, v_ready, v_queue;
+    RETURNING j.id, j.xmax = 0 INTO v_id, v_inserted;
 
-    IF NOT v_inserted AND v_ready THEN
-        -- Merged into a queued job, which this transaction now holds: see _announce_held.
-        PERFORM pgqueue._notify(ARRAY[v_queue], pgqueue._setting('notify'));
+    IF NOT v_inserted THEN
+        PERFORM pgqueue._announce_held(ARRAY[v_id]);  -- merged into a pending job, now held
     END IF;
 
     IF v_inserted AND cardinality(v_deps) > 0 THEN

@@ -709,14 +709,14 @@ MUTANTS: dict[str, Mutant] = {
     # A queued dependency an enqueue holds (claims skip it) announced by nobody at its commit.
     "held_dependency_unannounced": Mutant(
         "pgqueue._lock_dependencies(bigint[],text)",
-        "IF v_held IS NOT NULL THEN",
-        "IF false THEN",
+        "PERFORM pgqueue._announce_held(p_ids);",
+        "PERFORM 1;",
         "test_notify.py::test_a_queued_job_a_transaction_held_is_announced_at_its_commit[depends_on]",
     ),
     # The queued job an enqueue's dedup key merged into (and holds) announced by nobody.
     "held_dedup_merge_unannounced": Mutant(
         "pgqueue.enqueue(text,jsonb,text,jsonb,text,timestamp with time zone,integer,integer,uuid,jsonb,bigint[])",
-        "IF NOT v_inserted AND v_ready THEN",
+        "IF NOT v_inserted THEN",
         "IF false THEN",
         "test_notify.py::test_a_queued_job_a_transaction_held_is_announced_at_its_commit[dedup_key]",
     ),
