@@ -275,11 +275,19 @@ async def test_a_claim_reads_none_of_a_paused_backlog(
         count: int = await observer.fetchval(read)
         return count
 
+    # A scan marks an entry dead only when no snapshot can still see its tuple; once, under
+    # other load on the server, the first claim left them (every later claim then read
+    # 2,000). So: the claims after it read under 10 entries, from the first or a later one.
+    # Were the paused jobs in the index, every claim would read the 2,000.
     before = await entries_read()
     second = await _enqueue(conn, "q")
     assert await _claim_next(conn) == [second]
-    assert await _claim_next(conn) == []
-    assert await entries_read() - before < 10  # unflagged: 2,000 entries per claim
+    reads = [await entries_read() - before]
+    while reads[-1] >= 10 and len(reads) < 5:
+        before = await entries_read()
+        assert await _claim_next(conn) == []
+        reads.append(await entries_read() - before)
+    assert reads[-1] < 10, reads
 
 
 async def test_enqueues_into_a_paused_queue_wake_nobody(
