@@ -454,6 +454,12 @@ CREATE INDEX jobs_running_lease ON pgqueue.jobs (locked_by, locked_at) WHERE sta
 -- WHERE pipeline_id = (SELECT pipeline_id FROM pgqueue.jobs WHERE id = :id) AND parent_id = :id.
 -- (Once the parent is pruned, use the pipeline_id of any of its children.)
 CREATE INDEX jobs_pipeline ON pgqueue.jobs (pipeline_id) WHERE pipeline_id IS NOT NULL;
+-- Running pipeline members with stored next_jobs: a completion locks the
+-- pipelines it will create children in before it locks its rows, and reads
+-- them here (see _complete). Only such parents have an entry, so a batch of
+-- plain jobs costs one probe of a near-empty index, not a read of every row.
+CREATE INDEX jobs_running_parents ON pgqueue.jobs (locked_by)
+    WHERE state = 'running' AND next_jobs IS NOT NULL AND pipeline_id IS NOT NULL;
 -- What prune and retention delete, oldest first. A scope's current job is never
 -- pruned, so it is left out: kept for good, it would be read again by every
 -- retention round (is_current changes already make the update non-HOT).
@@ -2506,6 +2512,7 @@ SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
 AS $$
 DECLARE
     v_done bigint[];
+    v_given bigint[];  -- the jobs of the batch given next_jobs here
     v_parents bigint[];
     v_pipelines uuid[];
     v_specs jsonb[];
@@ -2524,18 +2531,33 @@ BEGIN
             (SELECT jsonb_typeof(n) FROM unnest(p_next_jobs) n WHERE jsonb_typeof(n) <> 'array' LIMIT 1)
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    -- The pipelines this batch creates children in, locked before any row, as
+    -- every pgqueue transaction takes a pipeline's lock before its members'
+    -- rows (cancel_pipeline, an enqueue into the pipeline that depends on a
+    -- member, fail, retry). Locked after the batch's rows, they deadlocked with
+    -- those (40P01). The parents with stored specs are read from
+    -- jobs_running_parents, which holds only such jobs: a batch of plain jobs
+    -- costs one probe of a near-empty index. (A parent without a pipeline,
+    -- NULL below, gets a new one that nobody else can hold.)
+    v_given := ARRAY(SELECT u.id FROM unnest(p_job_ids, p_next_jobs) AS u(id, specs) WHERE u.specs <> '[]');
+    v_pipelines := ARRAY(
+        SELECT j.pipeline_id FROM pgqueue.jobs j
+        WHERE j.locked_by = p_worker AND j.state = 'running' AND j.next_jobs IS NOT NULL
+          AND j.pipeline_id IS NOT NULL AND j.id = ANY (p_job_ids)
+        UNION
+        SELECT j.pipeline_id FROM pgqueue.jobs j
+        WHERE cardinality(v_given) > 0 AND j.id = ANY (v_given)
+          AND j.state = 'running' AND j.locked_by = p_worker);
+    IF cardinality(v_pipelines) > 0 THEN
+        PERFORM pgqueue._lock_pipelines(v_pipelines);
+    END IF;
     -- Scoped jobs in the batch: their scopes' order locks before any row lock
-    -- (see _unblock_next). One probe decides that a batch has none.
-    -- (The batch's pipelines first: creating children takes their locks, and
-    -- every pgqueue transaction takes pipeline locks before order locks.)
+    -- (see _unblock_next), after the pipelines'. One probe decides that a batch has none.
     IF EXISTS (SELECT 1 FROM pgqueue.jobs j WHERE j.scope IS NOT NULL AND j.state IN ('queued', 'running')) THEN
-        SELECT array_agg(DISTINCT j.scope) FILTER (WHERE j.scope IS NOT NULL),
-               array_agg(DISTINCT j.pipeline_id) FILTER (WHERE j.pipeline_id IS NOT NULL)
-          INTO v_scopes, v_pipelines
+        SELECT array_agg(DISTINCT j.scope) FILTER (WHERE j.scope IS NOT NULL) INTO v_scopes
           FROM pgqueue.jobs j
          WHERE j.id = ANY (p_job_ids) AND j.state = 'running' AND j.locked_by = p_worker;
         IF v_scopes IS NOT NULL THEN
-            PERFORM pgqueue._lock_pipelines(v_pipelines);
             PERFORM pgqueue._lock_scope_order(v_scopes);
         END IF;
     END IF;
@@ -2571,13 +2593,10 @@ BEGIN
     -- Creating children takes their pipelines' locks and their dedup keys':
     -- take them, in that order, before the rows of waiting dependents are
     -- locked below, as cancel_pipeline takes a pipeline's lock before its
-    -- members' rows (the other order deadlocked).
-    -- (A scoped batch took these before any row.) The batch's own rows are
-    -- locked already: an unscoped completion still meets an enqueue into the
-    -- pipeline that depends on one of them (pipeline lock, then FOR SHARE) in
-    -- the other order; PostgreSQL breaks that rare deadlock (40P01) and the
-    -- worker retries its write. Taking these locks before the UPDATE would
-    -- cost every completion a read of its batch.
+    -- members' rows (the other order deadlocked). The pipelines' are held
+    -- already (taken again here for a parent's new pipeline, without a wait).
+    -- The keys' come after the batch's own rows: an enqueue holding a key waits
+    -- only for the pending job it merges into, never for a running one.
     IF v_parents IS NOT NULL THEN
         PERFORM pgqueue._lock_pipelines(v_pipelines);
         -- The children's dedup keys too, for the same reason: an enqueue of a key

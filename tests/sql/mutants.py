@@ -418,6 +418,22 @@ MUTANTS: dict[str, Mutant] = {
         "NULL;",
         "test_scope_heads.py::test_completion_in_flight_makes_the_enqueue_wait_and_see_the_scope_free",
     ),
+    # a completion that reads the pipelines of its stored children after its rows: it holds
+    # the member's row while it waits for the pipeline, which an enqueue depending on the
+    # member holds while it waits for the row.
+    "complete_locks_stored_childrens_pipeline_late": Mutant(
+        "pgqueue._complete(text,bigint[],jsonb[],jsonb[],text)",
+        "AND j.pipeline_id IS NOT NULL AND j.id = ANY (p_job_ids)",
+        "AND false",
+        "test_pipelines.py::test_completion_creating_children_takes_the_pipeline_lock_before_its_rows[stored-complete_many]",
+    ),
+    # the same for the children given to the call.
+    "complete_locks_given_childrens_pipeline_late": Mutant(
+        "pgqueue._complete(text,bigint[],jsonb[],jsonb[],text)",
+        "WHERE cardinality(v_given) > 0 AND",
+        "WHERE false AND",
+        "test_pipelines.py::test_completion_creating_children_takes_the_pipeline_lock_before_its_rows[given-complete]",
+    ),
     # a transition that forgets to unblock the scope's next job.
     "fail_keeps_next_blocked": Mutant(
         "pgqueue._fail(bigint,text,text,interval)",

@@ -203,6 +203,61 @@ async def test_fail_or_release_of_a_pipeline_member_takes_the_pipeline_lock_befo
     assert [tuple(r) for r in rows] == [(member, "queued"), (dependent, "waiting")]
 
 
+@pytest.mark.parametrize("batch", [False, True], ids=["complete", "complete_many"])
+@pytest.mark.parametrize("specs", ["stored", "given"])
+async def test_completion_creating_children_takes_the_pipeline_lock_before_its_rows(
+    connect: Connect, specs: str, batch: bool
+) -> None:
+    """As above for a completion that creates children in the pipeline (from specs stored
+    on the member or given to the call): it locked the batch's rows and then the pipeline,
+    and met such an enqueue in a deadlock (40P01)."""
+    observer, enqueuer, worker = await sessions(connect, "obs", "enqueue", "worker")
+    pipeline = uuid.uuid4()
+    kids = [{"job_type": "kid"}]
+    member = await observer.fetchval(
+        "SELECT pgqueue.enqueue('m', pipeline_id => $1, next_jobs => $2)",
+        pipeline,
+        kids if specs == "stored" else None,
+    )
+    plain = await observer.fetchval("SELECT pgqueue.enqueue('plain')")
+    _ = [await _claim(observer.conn, job) for job in (plain, member)]
+
+    await enqueuer.begin()
+    await enqueuer.fetchval(PIPELINE_LOCK, pipeline)
+    given = kids if specs == "given" else []
+    if batch:
+        call = worker.fetchval(
+            "SELECT count(*) FROM pgqueue.complete_many('w', ARRAY[$1, $2]::bigint[],"
+            " next_jobs => ARRAY['[]', $3]::jsonb[])",
+            plain,
+            member,
+            given,
+        )
+    else:
+        call = worker.fetchval("SELECT pgqueue.complete($1, 'w', next_jobs => $2)", member, given)
+    step = worker.start(call)
+    await wait_blocked(observer.conn, worker)
+    assert await lock_wait_kind(observer.conn, worker) == "advisory"
+    assert await observer.fetchval(ROW_IS_FREE, member) == member
+    dependent = await enqueuer.fetchval(
+        "SELECT pgqueue.enqueue('d', pipeline_id => $1, depends_on => ARRAY[$2]::bigint[])",
+        pipeline,
+        member,
+    )
+    await enqueuer.commit()
+    assert await step in (2, True)
+    rows = await observer.fetch(
+        "SELECT id, job_type, state FROM pgqueue.jobs WHERE pipeline_id = $1 ORDER BY id",
+        pipeline,
+    )
+    assert [(r["job_type"], r["state"]) for r in rows] == [
+        ("m", "succeeded"),
+        ("d", "queued"),  # its dependency succeeded after it was enqueued
+        ("kid", "queued"),
+    ]
+    assert rows[1]["id"] == dependent
+
+
 async def test_running_member_of_cancelled_pipeline_is_not_retried(connect: Connect) -> None:
     conn = await json_codecs(await connect())
     pipeline = uuid.uuid4()
