@@ -513,6 +513,38 @@ BEGIN
 END
 $$;
 
+-- The pending jobs that dedup keys will merge into and the dependencies of the
+-- jobs being enqueued, locked together in one id order, each in its mode (a
+-- merge's row for update, a dependency shared). Locked apart, dependencies
+-- first and the merge's row in the INSERT's ON CONFLICT, two enqueues each
+-- merging into the other's dependency deadlocked (40P01). The keys' locks are
+-- held: no other job can take those keys meanwhile, and a job locked here
+-- cannot leave pending (one that left before its lock was granted is merged
+-- into by nothing, and the INSERT creates a job).
+CREATE FUNCTION pgqueue._lock_merges_and_dependencies(p_keys text[], p_dep_ids bigint[]) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_id bigint;
+    v_merge boolean;
+BEGIN
+    FOR v_id, v_merge IN
+        SELECT x.id, bool_or(x.merge)
+        FROM (SELECT j.id, true AS merge FROM pgqueue.jobs j
+              WHERE j.dedup_key = ANY (p_keys) AND j.state IN ('waiting', 'queued')
+              UNION ALL
+              SELECT d, false FROM unnest(p_dep_ids) d WHERE d IS NOT NULL) x
+        GROUP BY x.id
+        ORDER BY x.id
+    LOOP
+        IF v_merge THEN
+            PERFORM 1 FROM pgqueue.jobs j WHERE j.id = v_id FOR NO KEY UPDATE;
+        ELSE
+            PERFORM 1 FROM pgqueue.jobs j WHERE j.id = v_id FOR SHARE;
+        END IF;
+    END LOOP;
+END
+$$;
+
 -- Queued jobs this transaction holds a row lock on and leaves queued (a
 -- dependency an enqueue share-locks, a pending job a dedup key merges into, a
 -- retry's dependencies): a claim running meanwhile skips them (SKIP LOCKED),
@@ -706,6 +738,10 @@ BEGIN
     FROM jsonb_array_elements(p_specs) e(s),
          jsonb_array_elements_text(coalesce(nullif(e.s->'depends_on', 'null'), '[]')) d
     WHERE p_specs @? '$[*].depends_on[*]';
+    IF v_dep_ids IS NOT NULL AND p_specs @? '$[*].dedup_key ? (@ != null)' THEN
+        PERFORM pgqueue._lock_merges_and_dependencies(
+            ARRAY(SELECT e.s->>'dedup_key' FROM jsonb_array_elements(p_specs) e(s)), v_dep_ids);
+    END IF;
     IF v_dep_ids IS NOT NULL AND p_stored > 0 THEN
         -- The parent's stored specs (the first p_stored) were checked when they were
         -- stored; a dependency may have failed, been cancelled or pruned since. Their
@@ -961,6 +997,9 @@ BEGIN
     END IF;
     IF enqueue.dedup_key IS NOT NULL THEN
         PERFORM pgqueue._lock_dedup_key(enqueue.dedup_key);
+        IF cardinality(v_deps) > 0 THEN
+            PERFORM pgqueue._lock_merges_and_dependencies(ARRAY[enqueue.dedup_key], v_deps);
+        END IF;
     END IF;
     IF cardinality(v_deps) > 0 THEN
         v_succeeded := pgqueue._lock_dependencies(v_deps, 'pgqueue.enqueue');

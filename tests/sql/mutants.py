@@ -434,6 +434,20 @@ MUTANTS: dict[str, Mutant] = {
         "WHERE false AND",
         "test_pipelines.py::test_completion_creating_children_takes_the_pipeline_lock_before_its_rows[given-complete]",
     ),
+    # enqueue locking its dependencies before the pending job its key merges into (in the
+    # INSERT's ON CONFLICT), not with them in id order: two such enqueues deadlock.
+    "enqueue_merges_after_dependencies": Mutant(
+        "pgqueue.enqueue(text,jsonb,text,jsonb,text,timestamp with time zone,integer,integer,uuid,jsonb,bigint[])",
+        "PERFORM pgqueue._lock_merges_and_dependencies(ARRAY[enqueue.dedup_key], v_deps);",
+        "NULL;",
+        "test_dedup_races.py::test_enqueues_merging_into_each_others_dependency_take_turns[enqueue]",
+    ),
+    "enqueue_many_merges_after_dependencies": Mutant(
+        "pgqueue._insert_specs(jsonb,uuid,bigint,text,boolean,integer)",
+        "IF v_dep_ids IS NOT NULL AND p_specs @? '$[*].dedup_key ? (@ != null)' THEN",
+        "IF false THEN",
+        "test_dedup_races.py::test_enqueues_merging_into_each_others_dependency_take_turns[enqueue_many]",
+    ),
     # a transition that forgets to unblock the scope's next job.
     "fail_keeps_next_blocked": Mutant(
         "pgqueue._fail(bigint,text,text,interval)",

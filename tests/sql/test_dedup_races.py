@@ -269,3 +269,34 @@ async def test_retry_takes_its_pipeline_lock_and_dedup_key_before_its_row(
         "SELECT state, dedup_key FROM pgqueue.jobs WHERE id = $1", job
     )
     assert tuple(row) == ("queued", "k")
+
+
+@pytest.mark.parametrize("call", ["enqueue", "enqueue_many"])
+async def test_enqueues_merging_into_each_others_dependency_take_turns(
+    connect: Connect, call: str
+) -> None:
+    """Two enqueues, each depending on the pending job the other's key merges into: A's
+    dependency is X and its key merges into Y, B's the other way round. Each locked its
+    dependency, then the job it merged into: A held X and waited for Y, B held Y and waited
+    for X (40P01). A third session holding Y (shared) lines them up: A waits for it, B for
+    A; then both go through."""
+    observer, holder, a, b = await sessions(connect, "obs", "holder", "a", "b")
+    x = await observer.fetchval("SELECT pgqueue.enqueue('x', dedup_key => 'kx')")
+    y = await observer.fetchval("SELECT pgqueue.enqueue('y', dedup_key => 'ky')")
+    await holder.begin()
+    await holder.fetchval("SELECT id FROM pgqueue.jobs WHERE id = $1 FOR SHARE", y)
+
+    def enqueue(session: Session, key: str, dependency: int) -> asyncio.Task[int]:
+        if call == "enqueue":
+            sql = "SELECT pgqueue.enqueue('j', dedup_key => $1, depends_on => ARRAY[$2]::bigint[])"
+            return session.start(session.fetchval(sql, key, dependency))
+        spec = [{"job_type": "j", "dedup_key": key, "depends_on": [dependency]}]
+        return session.start(session.fetchval("SELECT pgqueue.enqueue_many($1::jsonb)", spec))
+
+    into_y = enqueue(a, "ky", x)
+    await wait_blocked(observer.conn, a)  # on Y, the holder's
+    into_x = enqueue(b, "kx", y)
+    await wait_blocked(observer.conn, b)  # on X, which A holds
+    await holder.commit()
+    assert await into_y == y and await into_x == x
+    assert await observer.fetchval("SELECT count(*) FROM pgqueue.jobs") == 2
