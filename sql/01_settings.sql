@@ -4,6 +4,19 @@
 -- psql; function bodies never hard-code a timeout or a retry count.
 -- =============================================================================
 
+-- Does the interval mix signs across its fields (months, days, time)? Intervals
+-- compare with 30-day months and 24-hour days, but now() - interval is calendar
+-- arithmetic: '-1 month 31 days' compares as 1 day and subtracts to now() in a
+-- 31-day month ("every lease is stale"), '1 day -23 hours' to nothing across a
+-- DST change. Refused wherever an interval bounds a time.
+CREATE FUNCTION pgqueue._interval_mixes_signs(v interval) RETURNS boolean
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT least(date_trunc('month', v), date_trunc('day', v) - date_trunc('month', v), v - date_trunc('day', v))
+           < interval '0'
+       AND greatest(date_trunc('month', v), date_trunc('day', v) - date_trunc('month', v), v - date_trunc('day', v))
+           > interval '0'
+$$;
+
 -- Validate one setting value; raising here turns a bad UPDATE into a clear error.
 CREATE FUNCTION pgqueue._setting_valid(name text, value text) RETURNS boolean
 LANGUAGE plpgsql IMMUTABLE AS $$
@@ -22,23 +35,27 @@ BEGIN
         -- Bounded: now() - '10000 years' is out of timestamptz's range, and every
         -- retention round would fail (keeping jobs for good is 'never').
         BEGIN
-            IF value <> 'never' AND NOT value::interval BETWEEN interval '0' AND interval '100 years' THEN
+            IF value <> 'never' AND (NOT value::interval BETWEEN interval '0' AND interval '100 years'
+                                     OR pgqueue._interval_mixes_signs(value::interval)) THEN
                 RAISE EXCEPTION 'out of range';
             END IF;
         EXCEPTION WHEN OTHERS THEN
             RAISE EXCEPTION 'pgqueue.settings: prune_after must be ''never'' or an interval from 0 to 100 years such as ''7 days'', got "%"',
-                value USING ERRCODE = 'invalid_parameter_value';
+                value USING ERRCODE = 'invalid_parameter_value',
+                HINT = 'An interval''s months, days and time must not mix signs (a month is not always 30 days).';
         END;
     ELSIF name IN ('backoff_base', 'backoff_cap', 'stale_after') THEN
         -- Bounded, as prune_after: now() plus or minus a larger one can leave
         -- timestamptz's range, and every retry or recovery would fail.
         BEGIN
-            IF value::interval <= interval '0' OR value::interval > interval '100 years' THEN
+            IF value::interval <= interval '0' OR value::interval > interval '100 years'
+               OR pgqueue._interval_mixes_signs(value::interval) THEN
                 RAISE EXCEPTION 'out of range';
             END IF;
         EXCEPTION WHEN OTHERS THEN
             RAISE EXCEPTION 'pgqueue.settings: % must be a positive interval of at most 100 years such as ''30 seconds'', got "%"',
-                name, value USING ERRCODE = 'invalid_parameter_value';
+                name, value USING ERRCODE = 'invalid_parameter_value',
+                HINT = 'An interval''s months, days and time must not mix signs (a month is not always 30 days).';
         END;
     END IF;
     RETURN true;

@@ -48,7 +48,9 @@ CREATE TABLE pgqueue.jobs (
     CONSTRAINT jobs_payload_is_object CHECK (jsonb_typeof(payload) = 'object'),
     CONSTRAINT jobs_scope_not_json_null CHECK (jsonb_typeof(scope) <> 'null'),
     CONSTRAINT jobs_scope_size CHECK (octet_length(scope::text) <= 1000),
-    CONSTRAINT jobs_dedup_key_not_empty CHECK (dedup_key <> ''),
+    -- Bounded: a longer key passes or fails the index's row size limit (2,704 bytes) by
+    -- how well it compresses, with an error naming the index.
+    CONSTRAINT jobs_dedup_key_valid CHECK (dedup_key <> '' AND octet_length(dedup_key) <= 1000),
     CONSTRAINT jobs_attempts_not_negative CHECK (attempts >= 0),
     CONSTRAINT jobs_pending_deps_not_negative CHECK (pending_deps >= 0),
     CONSTRAINT jobs_max_attempts_positive CHECK (max_attempts >= 1),
@@ -57,6 +59,10 @@ CREATE TABLE pgqueue.jobs (
         CHECK (state <> 'running' OR (locked_by IS NOT NULL AND locked_at IS NOT NULL)),
     CONSTRAINT jobs_current_has_scope CHECK (NOT is_current OR scope IS NOT NULL),
     CONSTRAINT jobs_scope_blocked_queued CHECK (NOT scope_blocked OR (state = 'queued' AND scope IS NOT NULL)),
+    -- now() minus an infinite time raises: one such row broke the views for everyone.
+    CONSTRAINT jobs_times_finite
+        CHECK (isfinite(run_after) AND isfinite(created_at) AND isfinite(locked_at) AND isfinite(started_at)
+               AND isfinite(finished_at)),
     CONSTRAINT jobs_finished_at_iff_final
         CHECK ((state = ANY ('{succeeded,failed,cancelled}'::text[])) = (finished_at IS NOT NULL))
 );
@@ -160,6 +166,12 @@ BEGIN
         EXCEPTION WHEN object_in_use THEN
             NULL;  -- the same TRUNCATE statement named it: emptied already
         END;
+        -- Abort requests too: after RESTART IDENTITY one would end a new job's attempt.
+        BEGIN
+            TRUNCATE pgqueue.abort_requests;
+        EXCEPTION WHEN object_in_use THEN
+            NULL;
+        END;
         RETURN NULL;
     END IF;
     SELECT array_agg(o.id) FILTER (WHERE o.state <> 'succeeded'),
@@ -207,7 +219,8 @@ COMMENT ON TRIGGER jobs_drop_edges ON pgqueue.jobs IS
 CREATE TRIGGER jobs_truncate_edges AFTER TRUNCATE ON pgqueue.jobs
     FOR EACH STATEMENT EXECUTE FUNCTION pgqueue._drop_edges();
 COMMENT ON TRIGGER jobs_truncate_edges ON pgqueue.jobs IS
-    'TRUNCATE pgqueue.jobs empties pgqueue.job_dependencies too (without foreign keys, CASCADE no longer does).';
+    'TRUNCATE pgqueue.jobs empties pgqueue.job_dependencies and pgqueue.abort_requests too (without foreign keys, '
+    'CASCADE no longer does).';
 
 -- Pipelines an operator cancelled: members still running may finish, but
 -- nothing new of the pipeline runs (children are created cancelled, retries
@@ -341,6 +354,9 @@ CREATE INDEX jobs_running_lease ON pgqueue.jobs (locked_by, locked_at) WHERE sta
 -- WHERE pipeline_id = (SELECT pipeline_id FROM pgqueue.jobs WHERE id = :id) AND parent_id = :id.
 -- (Once the parent is pruned, use the pipeline_id of any of its children.)
 CREATE INDEX jobs_pipeline ON pgqueue.jobs (pipeline_id) WHERE pipeline_id IS NOT NULL;
+-- Jobs flagged paused (see pause_queue), for the resume that clears them: an
+-- index of the few flagged rows instead of a read of the whole table.
+CREATE INDEX jobs_paused ON pgqueue.jobs (queue) WHERE queue_paused;
 -- Running pipeline members with stored next_jobs: a completion locks the
 -- pipelines it will create children in before it locks its rows, and reads
 -- them here (see _complete). Only such parents have an entry, so a batch of

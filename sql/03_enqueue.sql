@@ -67,14 +67,15 @@ SELECT CASE
               OR octet_length(s->>'queue') > 200) THEN
         'queue must be a non-empty string of at most 200 bytes'
     WHEN coalesce(s->'dedup_key', 'null') <> 'null'
-         AND (jsonb_typeof(s->'dedup_key') <> 'string' OR s->>'dedup_key' = '') THEN
-        'dedup_key must be a non-empty string'
+         AND (jsonb_typeof(s->'dedup_key') <> 'string' OR s->>'dedup_key' = ''
+              OR octet_length(s->>'dedup_key') > 1000) THEN
+        'dedup_key must be a non-empty string of at most 1000 bytes'
     WHEN octet_length((s->'scope')::text) > 1000 THEN 'scope must be at most 1000 bytes of JSON'
     WHEN coalesce(s->'priority', 'null') <> 'null'
          AND (jsonb_typeof(s->'priority') <> 'number'
               OR (s->>'priority')::numeric <> trunc((s->>'priority')::numeric)
-              OR abs((s->>'priority')::numeric) > 2147483647) THEN
-        'priority must be an integer'
+              OR (s->>'priority')::numeric NOT BETWEEN -2147483648 AND 2147483647) THEN
+        'priority must be an integer from -2147483648 to 2147483647'
     WHEN coalesce(s->'max_attempts', 'null') <> 'null'
          AND (jsonb_typeof(s->'max_attempts') <> 'number'
               OR (s->>'max_attempts')::numeric <> trunc((s->>'max_attempts')::numeric)
@@ -927,7 +928,7 @@ DECLARE
     v_deps bigint[];
 BEGIN
     IF enqueue.job_type IS NULL OR btrim(enqueue.job_type) = '' OR jsonb_typeof(enqueue.payload) <> 'object'
-       OR btrim(enqueue.queue) = '' OR octet_length(enqueue.queue) > 200 OR enqueue.dedup_key = ''
+       OR btrim(enqueue.queue) = '' OR octet_length(enqueue.queue) > 200 OR enqueue.dedup_key = '' OR octet_length(enqueue.dedup_key) > 1000
        OR octet_length(enqueue.scope::text) > 1000 OR enqueue.max_attempts < 1
        OR NOT isfinite(enqueue.run_after) THEN
         IF enqueue.job_type IS NULL OR btrim(enqueue.job_type) = '' THEN
@@ -939,8 +940,8 @@ BEGIN
         ELSIF btrim(enqueue.queue) = '' OR octet_length(enqueue.queue) > 200 THEN
             RAISE EXCEPTION 'pgqueue.enqueue: queue must be a non-empty string of at most 200 bytes'
                 USING ERRCODE = 'invalid_parameter_value';
-        ELSIF enqueue.dedup_key = '' THEN
-            RAISE EXCEPTION 'pgqueue.enqueue: dedup_key must be a non-empty string'
+        ELSIF enqueue.dedup_key = '' OR octet_length(enqueue.dedup_key) > 1000 THEN
+            RAISE EXCEPTION 'pgqueue.enqueue: dedup_key must be a non-empty string of at most 1000 bytes'
                 USING ERRCODE = 'invalid_parameter_value';
         ELSIF NOT isfinite(enqueue.run_after) THEN
             -- never due, or due before every job (and the views' ages cannot subtract it)

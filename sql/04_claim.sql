@@ -200,8 +200,8 @@ DECLARE
     v_queue text;
     v_limited boolean;
 BEGIN
-    IF worker IS NULL OR worker = '' THEN
-        RAISE EXCEPTION 'pgqueue.claim: worker must be a non-empty string' USING ERRCODE = 'invalid_parameter_value';
+    IF worker IS NULL OR worker = '' OR octet_length(worker) > 200 THEN
+        RAISE EXCEPTION 'pgqueue.claim: worker must be a non-empty string of at most 200 bytes' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     SELECT j.scope, j.queue INTO v_scope, v_queue FROM pgqueue.jobs j
     WHERE j.id = claim.job_id AND j.state = 'queued' AND j.run_after <= now()
@@ -291,8 +291,8 @@ DECLARE
     v_picked_queues text[];
     v_short text[];
 BEGIN
-    IF worker IS NULL OR worker = '' THEN
-        RAISE EXCEPTION 'pgqueue.claim_next: worker must be a non-empty string' USING ERRCODE = 'invalid_parameter_value';
+    IF worker IS NULL OR worker = '' OR octet_length(worker) > 200 THEN
+        RAISE EXCEPTION 'pgqueue.claim_next: worker must be a non-empty string of at most 200 bytes' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF batch_size IS NULL OR batch_size < 1 THEN
         RAISE EXCEPTION 'pgqueue.claim_next: batch_size must be >= 1, got %', batch_size

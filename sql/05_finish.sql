@@ -249,6 +249,7 @@ AS $$
 DECLARE
     v_done bigint[];
     v_given bigint[];  -- the jobs of the batch given next_jobs here
+    v_dup bigint;
     v_parents bigint[];
     v_pipelines uuid[];
     v_specs jsonb[];
@@ -261,6 +262,15 @@ BEGIN
         RAISE EXCEPTION '%: job_ids, results and next_jobs must have the same length, got % job id(s), % result(s), % next_jobs',
             p_label, cardinality(p_job_ids), cardinality(p_results), cardinality(p_next_jobs)
             USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- A repeated id would be completed once, with one of its results and next_jobs
+    -- (the other's children never created).
+    IF cardinality(p_job_ids) > 1 THEN
+        SELECT x INTO v_dup FROM unnest(p_job_ids) x GROUP BY x HAVING count(*) > 1 LIMIT 1;
+        IF FOUND THEN
+            RAISE EXCEPTION '%: job_ids names job % more than once', p_label, coalesce(v_dup::text, 'NULL')
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
     END IF;
     IF EXISTS (SELECT 1 FROM unnest(p_next_jobs) n WHERE jsonb_typeof(n) <> 'array') THEN
         RAISE EXCEPTION '%: next_jobs must be an array of job specs, got %', p_label,
@@ -590,8 +600,8 @@ CREATE FUNCTION pgqueue.save_progress(job_id bigint, worker text, progress jsonb
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 BEGIN
-    IF worker IS NULL OR worker = '' THEN
-        RAISE EXCEPTION 'pgqueue.save_progress: worker must be a non-empty string' USING ERRCODE = 'invalid_parameter_value';
+    IF worker IS NULL OR worker = '' OR octet_length(worker) > 200 THEN
+        RAISE EXCEPTION 'pgqueue.save_progress: worker must be a non-empty string of at most 200 bytes' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     UPDATE pgqueue.jobs j SET progress = save_progress.progress
     WHERE j.id = save_progress.job_id AND j.state = 'running' AND j.locked_by = save_progress.worker;

@@ -14,8 +14,8 @@ BEGIN
     -- Zero is allowed: "every lease taken before this transaction" (a test or an
     -- operator after a crash forcing recovery now). A negative interval is a
     -- mistake (a lease from the future), refused.
-    IF v_after < interval '0' THEN
-        RAISE EXCEPTION 'pgqueue.recover_stale: stale_after must not be negative, got %', v_after
+    IF v_after < interval '0' OR pgqueue._interval_mixes_signs(v_after) THEN
+        RAISE EXCEPTION 'pgqueue.recover_stale: stale_after must not be negative (nor mix signs, as ''-1 month 31 days''), got %', v_after
             USING ERRCODE = 'invalid_parameter_value';
     ELSIF v_after > interval '1000 years' THEN  -- now() - v_after would leave timestamptz's range
         RAISE EXCEPTION 'pgqueue.recover_stale: stale_after must be at most 1000 years, got %', v_after
@@ -426,8 +426,8 @@ DECLARE
     v_deleted bigint;
     v_next bigint[];
 BEGIN
-    IF older_than IS NULL OR older_than < interval '0' THEN
-        RAISE EXCEPTION 'pgqueue.prune: older_than must be a non-negative interval, got %', older_than
+    IF older_than IS NULL OR older_than < interval '0' OR pgqueue._interval_mixes_signs(older_than) THEN
+        RAISE EXCEPTION 'pgqueue.prune: older_than must be a non-negative interval (its fields of one sign), got %', older_than
             USING ERRCODE = 'invalid_parameter_value';
     ELSIF older_than > interval '1000 years' THEN  -- now() - older_than would leave timestamptz's range
         RAISE EXCEPTION 'pgqueue.prune: older_than must be at most 1000 years, got %', older_than
@@ -502,6 +502,7 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF v_after = 'never' THEN
+        PERFORM pgqueue._drop_ended_abort_requests();  -- they would pile up (a pipeline's mark stays)
         RETURN 0;
     END IF;
     DELETE FROM pgqueue.jobs j
@@ -745,21 +746,109 @@ BEGIN
     PERFORM pgqueue._check_queue_name('resume_queue', resume_queue.queue);
     PERFORM pgqueue._check_read_committed('resume_queue');
     PERFORM pg_advisory_xact_lock(pgqueue._lock_class('pause'), hashtext(resume_queue.queue));
-    DELETE FROM pgqueue.paused_queues p WHERE p.queue = resume_queue.queue;
+    DELETE FROM pgqueue.paused_queues p WHERE p.queue = resume_queue.queue;  -- the trigger clears the flags
     IF NOT FOUND THEN
+        -- Not paused; flags left without a pause (none should be) are cleared all the same.
+        IF EXISTS (SELECT 1 FROM pgqueue.jobs j WHERE j.queue = resume_queue.queue AND j.queue_paused) THEN
+            PERFORM pgqueue._unflag_paused(ARRAY[resume_queue.queue]);
+        END IF;
         RETURN false;
     END IF;
-    UPDATE pgqueue.jobs j SET queue_paused = false
-    WHERE j.id = ANY (ARRAY(SELECT o.id FROM pgqueue.jobs o
-                            WHERE o.queue = resume_queue.queue AND o.queue_paused
-                            ORDER BY o.id FOR NO KEY UPDATE));
-    PERFORM pgqueue._notify(ARRAY[resume_queue.queue], pgqueue._setting('notify'));
     RETURN true;
 END
 $$;
 COMMENT ON FUNCTION pgqueue.resume_queue(text) IS
     'Hand out jobs of a paused queue again, and NOTIFY pgqueue, <queue> so idle workers claim them at once. '
     'Returns false if it was not paused.';
+
+-- Clear the pause flags of the queues' jobs, which are paused no more, and wake
+-- their workers: those jobs became claimable without entering 'queued', so no
+-- trigger fires. The caller holds the queues' pause locks: every transaction
+-- that flagged jobs of them (holding the lock shared, see _hold_paused) has
+-- committed, so the UPDATE, a later statement, sees all its flags (finished
+-- jobs that kept theirs included).
+CREATE FUNCTION pgqueue._unflag_paused(p_queues text[]) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE pgqueue.jobs j SET queue_paused = false
+    WHERE j.id = ANY (ARRAY(SELECT o.id FROM pgqueue.jobs o
+                            WHERE o.queue = ANY (p_queues) AND o.queue_paused
+                            ORDER BY o.id FOR NO KEY UPDATE));
+    PERFORM pgqueue._notify(p_queues, pgqueue._setting('notify'));
+END
+$$;
+
+-- A queue leaves pgqueue.paused_queues by resume_queue() or by hand (DELETE,
+-- TRUNCATE): either way its jobs' flags go, or they would never be claimed.
+-- A hand DELETE takes the queues' pause locks after their rows, which
+-- resume_queue takes the other way round: the two at once on one queue may
+-- deadlock (40P01, PostgreSQL rolls one back).
+CREATE FUNCTION pgqueue._paused_queues_removed() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_queues text[];
+BEGIN
+    IF TG_OP = 'TRUNCATE' THEN
+        v_queues := ARRAY(SELECT DISTINCT j.queue FROM pgqueue.jobs j WHERE j.queue_paused);
+    ELSE
+        v_queues := ARRAY(SELECT DISTINCT o.queue FROM removed o);
+    END IF;
+    PERFORM pgqueue._lock_pause(v_queues);
+    v_queues := ARRAY(SELECT q FROM unnest(v_queues) q
+                      WHERE NOT EXISTS (SELECT 1 FROM pgqueue.paused_queues p WHERE p.queue = q));
+    IF cardinality(v_queues) > 0 THEN
+        PERFORM pgqueue._unflag_paused(v_queues);
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER paused_queues_deleted AFTER DELETE ON pgqueue.paused_queues
+    REFERENCING OLD TABLE AS removed
+    FOR EACH STATEMENT EXECUTE FUNCTION pgqueue._paused_queues_removed();
+CREATE TRIGGER paused_queues_truncated AFTER TRUNCATE ON pgqueue.paused_queues
+    FOR EACH STATEMENT EXECUTE FUNCTION pgqueue._paused_queues_removed();
+COMMENT ON TRIGGER paused_queues_deleted ON pgqueue.paused_queues IS
+    'A queue no longer paused (resume_queue, or a hand DELETE) has its jobs'' pause flags cleared and its '
+    'workers woken; left flagged, they would never be claimed.';
+COMMENT ON TRIGGER paused_queues_truncated ON pgqueue.paused_queues IS
+    'As paused_queues_deleted, for TRUNCATE: every flagged job''s queue is resumed.';
+
+-- A job moved to another queue by hand (UPDATE ... SET queue) takes that
+-- queue's pause state: a flag kept from a paused queue would hide it from
+-- claims in one that is not, for good. pgqueue's functions never set queue,
+-- so the WHEN clause (tested in C) keeps this off every hot path.
+CREATE FUNCTION pgqueue._queue_changed() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    NEW.queue_paused := NEW.state = 'queued' AND EXISTS (SELECT 1 FROM pgqueue.paused_queues p WHERE p.queue = NEW.queue)
+                        AND cardinality(pgqueue._hold_paused(ARRAY[NEW.queue])) > 0;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER jobs_queue_changed BEFORE UPDATE OF queue ON pgqueue.jobs
+    FOR EACH ROW
+    WHEN (OLD.queue IS DISTINCT FROM NEW.queue)
+    EXECUTE FUNCTION pgqueue._queue_changed();
+COMMENT ON TRIGGER jobs_queue_changed ON pgqueue.jobs IS
+    'A job moved to another queue is flagged paused if and only if that queue is paused.';
+
+-- A limit written by hand (INSERT, UPDATE, DELETE, TRUNCATE of
+-- pgqueue.queue_limits) counts as one set by set_queue_limit: claims take the
+-- limited path only while _any_queue_limit says some queue has a limit.
+CREATE FUNCTION pgqueue._queue_limits_changed() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    -- Under a lock of its own (changes of two queues take turns here), read after it.
+    PERFORM pg_advisory_xact_lock(pgqueue._lock_class('limits'), 0);
+    PERFORM pgqueue._set_any_queue_limit(EXISTS (SELECT 1 FROM pgqueue.queue_limits));
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER queue_limits_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON pgqueue.queue_limits
+    FOR EACH STATEMENT EXECUTE FUNCTION pgqueue._queue_limits_changed();
+COMMENT ON TRIGGER queue_limits_changed ON pgqueue.queue_limits IS
+    'Claims read limits only while some queue has one: any write to the table (set_queue_limit or by hand) '
+    'updates that answer.';
 
 -- Replaces _any_queue_limit when its answer changes (DDL: the caller must own
 -- the pgqueue functions, as the role that migrated the schema does).
@@ -802,10 +891,7 @@ BEGIN
     IF v_was < coalesce(set_queue_limit.max_running, 2147483647) THEN
         PERFORM pgqueue._notify(ARRAY[set_queue_limit.queue], pgqueue._setting('notify'));
     END IF;
-    -- Whether any queue is limited now, for _any_queue_limit: under a lock of
-    -- its own (changes of two queues take turns here), read after it.
-    PERFORM pg_advisory_xact_lock(pgqueue._lock_class('limits'), 0);
-    PERFORM pgqueue._set_any_queue_limit(EXISTS (SELECT 1 FROM pgqueue.queue_limits));
+    -- (The table's trigger updates _any_queue_limit.)
     RETURN v_was;
 END
 $$;

@@ -177,8 +177,8 @@ LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 BEGIN
     IF pgqueue._setting('notify') = 'when_waiting' THEN
-        IF claim_or_wait.worker IS NULL OR claim_or_wait.worker = '' THEN
-            RAISE EXCEPTION 'pgqueue.claim_or_wait: worker must be a non-empty string'
+        IF claim_or_wait.worker IS NULL OR claim_or_wait.worker = '' OR octet_length(claim_or_wait.worker) > 200 THEN
+            RAISE EXCEPTION 'pgqueue.claim_or_wait: worker must be a non-empty string of at most 200 bytes'
                 USING ERRCODE = 'invalid_parameter_value';
         END IF;
         -- Waits for every producer that decided nobody waits to commit.

@@ -20,6 +20,19 @@ COMMENT ON SCHEMA pgqueue IS
 -- psql; function bodies never hard-code a timeout or a retry count.
 -- =============================================================================
 
+-- Does the interval mix signs across its fields (months, days, time)? Intervals
+-- compare with 30-day months and 24-hour days, but now() - interval is calendar
+-- arithmetic: '-1 month 31 days' compares as 1 day and subtracts to now() in a
+-- 31-day month ("every lease is stale"), '1 day -23 hours' to nothing across a
+-- DST change. Refused wherever an interval bounds a time.
+CREATE FUNCTION pgqueue._interval_mixes_signs(v interval) RETURNS boolean
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT least(date_trunc('month', v), date_trunc('day', v) - date_trunc('month', v), v - date_trunc('day', v))
+           < interval '0'
+       AND greatest(date_trunc('month', v), date_trunc('day', v) - date_trunc('month', v), v - date_trunc('day', v))
+           > interval '0'
+$$;
+
 -- Validate one setting value; raising here turns a bad UPDATE into a clear error.
 CREATE FUNCTION pgqueue._setting_valid(name text, value text) RETURNS boolean
 LANGUAGE plpgsql IMMUTABLE AS $$
@@ -38,23 +51,27 @@ BEGIN
         -- Bounded: now() - '10000 years' is out of timestamptz's range, and every
         -- retention round would fail (keeping jobs for good is 'never').
         BEGIN
-            IF value <> 'never' AND NOT value::interval BETWEEN interval '0' AND interval '100 years' THEN
+            IF value <> 'never' AND (NOT value::interval BETWEEN interval '0' AND interval '100 years'
+                                     OR pgqueue._interval_mixes_signs(value::interval)) THEN
                 RAISE EXCEPTION 'out of range';
             END IF;
         EXCEPTION WHEN OTHERS THEN
             RAISE EXCEPTION 'pgqueue.settings: prune_after must be ''never'' or an interval from 0 to 100 years such as ''7 days'', got "%"',
-                value USING ERRCODE = 'invalid_parameter_value';
+                value USING ERRCODE = 'invalid_parameter_value',
+                HINT = 'An interval''s months, days and time must not mix signs (a month is not always 30 days).';
         END;
     ELSIF name IN ('backoff_base', 'backoff_cap', 'stale_after') THEN
         -- Bounded, as prune_after: now() plus or minus a larger one can leave
         -- timestamptz's range, and every retry or recovery would fail.
         BEGIN
-            IF value::interval <= interval '0' OR value::interval > interval '100 years' THEN
+            IF value::interval <= interval '0' OR value::interval > interval '100 years'
+               OR pgqueue._interval_mixes_signs(value::interval) THEN
                 RAISE EXCEPTION 'out of range';
             END IF;
         EXCEPTION WHEN OTHERS THEN
             RAISE EXCEPTION 'pgqueue.settings: % must be a positive interval of at most 100 years such as ''30 seconds'', got "%"',
-                name, value USING ERRCODE = 'invalid_parameter_value';
+                name, value USING ERRCODE = 'invalid_parameter_value',
+                HINT = 'An interval''s months, days and time must not mix signs (a month is not always 30 days).';
         END;
     END IF;
     RETURN true;
@@ -161,7 +178,9 @@ CREATE TABLE pgqueue.jobs (
     CONSTRAINT jobs_payload_is_object CHECK (jsonb_typeof(payload) = 'object'),
     CONSTRAINT jobs_scope_not_json_null CHECK (jsonb_typeof(scope) <> 'null'),
     CONSTRAINT jobs_scope_size CHECK (octet_length(scope::text) <= 1000),
-    CONSTRAINT jobs_dedup_key_not_empty CHECK (dedup_key <> ''),
+    -- Bounded: a longer key passes or fails the index's row size limit (2,704 bytes) by
+    -- how well it compresses, with an error naming the index.
+    CONSTRAINT jobs_dedup_key_valid CHECK (dedup_key <> '' AND octet_length(dedup_key) <= 1000),
     CONSTRAINT jobs_attempts_not_negative CHECK (attempts >= 0),
     CONSTRAINT jobs_pending_deps_not_negative CHECK (pending_deps >= 0),
     CONSTRAINT jobs_max_attempts_positive CHECK (max_attempts >= 1),
@@ -170,6 +189,10 @@ CREATE TABLE pgqueue.jobs (
         CHECK (state <> 'running' OR (locked_by IS NOT NULL AND locked_at IS NOT NULL)),
     CONSTRAINT jobs_current_has_scope CHECK (NOT is_current OR scope IS NOT NULL),
     CONSTRAINT jobs_scope_blocked_queued CHECK (NOT scope_blocked OR (state = 'queued' AND scope IS NOT NULL)),
+    -- now() minus an infinite time raises: one such row broke the views for everyone.
+    CONSTRAINT jobs_times_finite
+        CHECK (isfinite(run_after) AND isfinite(created_at) AND isfinite(locked_at) AND isfinite(started_at)
+               AND isfinite(finished_at)),
     CONSTRAINT jobs_finished_at_iff_final
         CHECK ((state = ANY ('{succeeded,failed,cancelled}'::text[])) = (finished_at IS NOT NULL))
 );
@@ -273,6 +296,12 @@ BEGIN
         EXCEPTION WHEN object_in_use THEN
             NULL;  -- the same TRUNCATE statement named it: emptied already
         END;
+        -- Abort requests too: after RESTART IDENTITY one would end a new job's attempt.
+        BEGIN
+            TRUNCATE pgqueue.abort_requests;
+        EXCEPTION WHEN object_in_use THEN
+            NULL;
+        END;
         RETURN NULL;
     END IF;
     SELECT array_agg(o.id) FILTER (WHERE o.state <> 'succeeded'),
@@ -320,7 +349,8 @@ COMMENT ON TRIGGER jobs_drop_edges ON pgqueue.jobs IS
 CREATE TRIGGER jobs_truncate_edges AFTER TRUNCATE ON pgqueue.jobs
     FOR EACH STATEMENT EXECUTE FUNCTION pgqueue._drop_edges();
 COMMENT ON TRIGGER jobs_truncate_edges ON pgqueue.jobs IS
-    'TRUNCATE pgqueue.jobs empties pgqueue.job_dependencies too (without foreign keys, CASCADE no longer does).';
+    'TRUNCATE pgqueue.jobs empties pgqueue.job_dependencies and pgqueue.abort_requests too (without foreign keys, '
+    'CASCADE no longer does).';
 
 -- Pipelines an operator cancelled: members still running may finish, but
 -- nothing new of the pipeline runs (children are created cancelled, retries
@@ -454,6 +484,9 @@ CREATE INDEX jobs_running_lease ON pgqueue.jobs (locked_by, locked_at) WHERE sta
 -- WHERE pipeline_id = (SELECT pipeline_id FROM pgqueue.jobs WHERE id = :id) AND parent_id = :id.
 -- (Once the parent is pruned, use the pipeline_id of any of its children.)
 CREATE INDEX jobs_pipeline ON pgqueue.jobs (pipeline_id) WHERE pipeline_id IS NOT NULL;
+-- Jobs flagged paused (see pause_queue), for the resume that clears them: an
+-- index of the few flagged rows instead of a read of the whole table.
+CREATE INDEX jobs_paused ON pgqueue.jobs (queue) WHERE queue_paused;
 -- Running pipeline members with stored next_jobs: a completion locks the
 -- pipelines it will create children in before it locks its rows, and reads
 -- them here (see _complete). Only such parents have an entry, so a batch of
@@ -536,14 +569,15 @@ SELECT CASE
               OR octet_length(s->>'queue') > 200) THEN
         'queue must be a non-empty string of at most 200 bytes'
     WHEN coalesce(s->'dedup_key', 'null') <> 'null'
-         AND (jsonb_typeof(s->'dedup_key') <> 'string' OR s->>'dedup_key' = '') THEN
-        'dedup_key must be a non-empty string'
+         AND (jsonb_typeof(s->'dedup_key') <> 'string' OR s->>'dedup_key' = ''
+              OR octet_length(s->>'dedup_key') > 1000) THEN
+        'dedup_key must be a non-empty string of at most 1000 bytes'
     WHEN octet_length((s->'scope')::text) > 1000 THEN 'scope must be at most 1000 bytes of JSON'
     WHEN coalesce(s->'priority', 'null') <> 'null'
          AND (jsonb_typeof(s->'priority') <> 'number'
               OR (s->>'priority')::numeric <> trunc((s->>'priority')::numeric)
-              OR abs((s->>'priority')::numeric) > 2147483647) THEN
-        'priority must be an integer'
+              OR (s->>'priority')::numeric NOT BETWEEN -2147483648 AND 2147483647) THEN
+        'priority must be an integer from -2147483648 to 2147483647'
     WHEN coalesce(s->'max_attempts', 'null') <> 'null'
          AND (jsonb_typeof(s->'max_attempts') <> 'number'
               OR (s->>'max_attempts')::numeric <> trunc((s->>'max_attempts')::numeric)
@@ -1396,7 +1430,7 @@ DECLARE
     v_deps bigint[];
 BEGIN
     IF enqueue.job_type IS NULL OR btrim(enqueue.job_type) = '' OR jsonb_typeof(enqueue.payload) <> 'object'
-       OR btrim(enqueue.queue) = '' OR octet_length(enqueue.queue) > 200 OR enqueue.dedup_key = ''
+       OR btrim(enqueue.queue) = '' OR octet_length(enqueue.queue) > 200 OR enqueue.dedup_key = '' OR octet_length(enqueue.dedup_key) > 1000
        OR octet_length(enqueue.scope::text) > 1000 OR enqueue.max_attempts < 1
        OR NOT isfinite(enqueue.run_after) THEN
         IF enqueue.job_type IS NULL OR btrim(enqueue.job_type) = '' THEN
@@ -1408,8 +1442,8 @@ BEGIN
         ELSIF btrim(enqueue.queue) = '' OR octet_length(enqueue.queue) > 200 THEN
             RAISE EXCEPTION 'pgqueue.enqueue: queue must be a non-empty string of at most 200 bytes'
                 USING ERRCODE = 'invalid_parameter_value';
-        ELSIF enqueue.dedup_key = '' THEN
-            RAISE EXCEPTION 'pgqueue.enqueue: dedup_key must be a non-empty string'
+        ELSIF enqueue.dedup_key = '' OR octet_length(enqueue.dedup_key) > 1000 THEN
+            RAISE EXCEPTION 'pgqueue.enqueue: dedup_key must be a non-empty string of at most 1000 bytes'
                 USING ERRCODE = 'invalid_parameter_value';
         ELSIF NOT isfinite(enqueue.run_after) THEN
             -- never due, or due before every job (and the views' ages cannot subtract it)
@@ -1831,8 +1865,8 @@ DECLARE
     v_queue text;
     v_limited boolean;
 BEGIN
-    IF worker IS NULL OR worker = '' THEN
-        RAISE EXCEPTION 'pgqueue.claim: worker must be a non-empty string' USING ERRCODE = 'invalid_parameter_value';
+    IF worker IS NULL OR worker = '' OR octet_length(worker) > 200 THEN
+        RAISE EXCEPTION 'pgqueue.claim: worker must be a non-empty string of at most 200 bytes' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     SELECT j.scope, j.queue INTO v_scope, v_queue FROM pgqueue.jobs j
     WHERE j.id = claim.job_id AND j.state = 'queued' AND j.run_after <= now()
@@ -1922,8 +1956,8 @@ DECLARE
     v_picked_queues text[];
     v_short text[];
 BEGIN
-    IF worker IS NULL OR worker = '' THEN
-        RAISE EXCEPTION 'pgqueue.claim_next: worker must be a non-empty string' USING ERRCODE = 'invalid_parameter_value';
+    IF worker IS NULL OR worker = '' OR octet_length(worker) > 200 THEN
+        RAISE EXCEPTION 'pgqueue.claim_next: worker must be a non-empty string of at most 200 bytes' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF batch_size IS NULL OR batch_size < 1 THEN
         RAISE EXCEPTION 'pgqueue.claim_next: batch_size must be >= 1, got %', batch_size
@@ -2552,6 +2586,7 @@ AS $$
 DECLARE
     v_done bigint[];
     v_given bigint[];  -- the jobs of the batch given next_jobs here
+    v_dup bigint;
     v_parents bigint[];
     v_pipelines uuid[];
     v_specs jsonb[];
@@ -2564,6 +2599,15 @@ BEGIN
         RAISE EXCEPTION '%: job_ids, results and next_jobs must have the same length, got % job id(s), % result(s), % next_jobs',
             p_label, cardinality(p_job_ids), cardinality(p_results), cardinality(p_next_jobs)
             USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- A repeated id would be completed once, with one of its results and next_jobs
+    -- (the other's children never created).
+    IF cardinality(p_job_ids) > 1 THEN
+        SELECT x INTO v_dup FROM unnest(p_job_ids) x GROUP BY x HAVING count(*) > 1 LIMIT 1;
+        IF FOUND THEN
+            RAISE EXCEPTION '%: job_ids names job % more than once', p_label, coalesce(v_dup::text, 'NULL')
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
     END IF;
     IF EXISTS (SELECT 1 FROM unnest(p_next_jobs) n WHERE jsonb_typeof(n) <> 'array') THEN
         RAISE EXCEPTION '%: next_jobs must be an array of job specs, got %', p_label,
@@ -2893,8 +2937,8 @@ CREATE FUNCTION pgqueue.save_progress(job_id bigint, worker text, progress jsonb
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 BEGIN
-    IF worker IS NULL OR worker = '' THEN
-        RAISE EXCEPTION 'pgqueue.save_progress: worker must be a non-empty string' USING ERRCODE = 'invalid_parameter_value';
+    IF worker IS NULL OR worker = '' OR octet_length(worker) > 200 THEN
+        RAISE EXCEPTION 'pgqueue.save_progress: worker must be a non-empty string of at most 200 bytes' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     UPDATE pgqueue.jobs j SET progress = save_progress.progress
     WHERE j.id = save_progress.job_id AND j.state = 'running' AND j.locked_by = save_progress.worker;
@@ -2923,8 +2967,8 @@ BEGIN
     -- Zero is allowed: "every lease taken before this transaction" (a test or an
     -- operator after a crash forcing recovery now). A negative interval is a
     -- mistake (a lease from the future), refused.
-    IF v_after < interval '0' THEN
-        RAISE EXCEPTION 'pgqueue.recover_stale: stale_after must not be negative, got %', v_after
+    IF v_after < interval '0' OR pgqueue._interval_mixes_signs(v_after) THEN
+        RAISE EXCEPTION 'pgqueue.recover_stale: stale_after must not be negative (nor mix signs, as ''-1 month 31 days''), got %', v_after
             USING ERRCODE = 'invalid_parameter_value';
     ELSIF v_after > interval '1000 years' THEN  -- now() - v_after would leave timestamptz's range
         RAISE EXCEPTION 'pgqueue.recover_stale: stale_after must be at most 1000 years, got %', v_after
@@ -3335,8 +3379,8 @@ DECLARE
     v_deleted bigint;
     v_next bigint[];
 BEGIN
-    IF older_than IS NULL OR older_than < interval '0' THEN
-        RAISE EXCEPTION 'pgqueue.prune: older_than must be a non-negative interval, got %', older_than
+    IF older_than IS NULL OR older_than < interval '0' OR pgqueue._interval_mixes_signs(older_than) THEN
+        RAISE EXCEPTION 'pgqueue.prune: older_than must be a non-negative interval (its fields of one sign), got %', older_than
             USING ERRCODE = 'invalid_parameter_value';
     ELSIF older_than > interval '1000 years' THEN  -- now() - older_than would leave timestamptz's range
         RAISE EXCEPTION 'pgqueue.prune: older_than must be at most 1000 years, got %', older_than
@@ -3411,6 +3455,7 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF v_after = 'never' THEN
+        PERFORM pgqueue._drop_ended_abort_requests();  -- they would pile up (a pipeline's mark stays)
         RETURN 0;
     END IF;
     DELETE FROM pgqueue.jobs j
@@ -3654,21 +3699,109 @@ BEGIN
     PERFORM pgqueue._check_queue_name('resume_queue', resume_queue.queue);
     PERFORM pgqueue._check_read_committed('resume_queue');
     PERFORM pg_advisory_xact_lock(pgqueue._lock_class('pause'), hashtext(resume_queue.queue));
-    DELETE FROM pgqueue.paused_queues p WHERE p.queue = resume_queue.queue;
+    DELETE FROM pgqueue.paused_queues p WHERE p.queue = resume_queue.queue;  -- the trigger clears the flags
     IF NOT FOUND THEN
+        -- Not paused; flags left without a pause (none should be) are cleared all the same.
+        IF EXISTS (SELECT 1 FROM pgqueue.jobs j WHERE j.queue = resume_queue.queue AND j.queue_paused) THEN
+            PERFORM pgqueue._unflag_paused(ARRAY[resume_queue.queue]);
+        END IF;
         RETURN false;
     END IF;
-    UPDATE pgqueue.jobs j SET queue_paused = false
-    WHERE j.id = ANY (ARRAY(SELECT o.id FROM pgqueue.jobs o
-                            WHERE o.queue = resume_queue.queue AND o.queue_paused
-                            ORDER BY o.id FOR NO KEY UPDATE));
-    PERFORM pgqueue._notify(ARRAY[resume_queue.queue], pgqueue._setting('notify'));
     RETURN true;
 END
 $$;
 COMMENT ON FUNCTION pgqueue.resume_queue(text) IS
     'Hand out jobs of a paused queue again, and NOTIFY pgqueue, <queue> so idle workers claim them at once. '
     'Returns false if it was not paused.';
+
+-- Clear the pause flags of the queues' jobs, which are paused no more, and wake
+-- their workers: those jobs became claimable without entering 'queued', so no
+-- trigger fires. The caller holds the queues' pause locks: every transaction
+-- that flagged jobs of them (holding the lock shared, see _hold_paused) has
+-- committed, so the UPDATE, a later statement, sees all its flags (finished
+-- jobs that kept theirs included).
+CREATE FUNCTION pgqueue._unflag_paused(p_queues text[]) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE pgqueue.jobs j SET queue_paused = false
+    WHERE j.id = ANY (ARRAY(SELECT o.id FROM pgqueue.jobs o
+                            WHERE o.queue = ANY (p_queues) AND o.queue_paused
+                            ORDER BY o.id FOR NO KEY UPDATE));
+    PERFORM pgqueue._notify(p_queues, pgqueue._setting('notify'));
+END
+$$;
+
+-- A queue leaves pgqueue.paused_queues by resume_queue() or by hand (DELETE,
+-- TRUNCATE): either way its jobs' flags go, or they would never be claimed.
+-- A hand DELETE takes the queues' pause locks after their rows, which
+-- resume_queue takes the other way round: the two at once on one queue may
+-- deadlock (40P01, PostgreSQL rolls one back).
+CREATE FUNCTION pgqueue._paused_queues_removed() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_queues text[];
+BEGIN
+    IF TG_OP = 'TRUNCATE' THEN
+        v_queues := ARRAY(SELECT DISTINCT j.queue FROM pgqueue.jobs j WHERE j.queue_paused);
+    ELSE
+        v_queues := ARRAY(SELECT DISTINCT o.queue FROM removed o);
+    END IF;
+    PERFORM pgqueue._lock_pause(v_queues);
+    v_queues := ARRAY(SELECT q FROM unnest(v_queues) q
+                      WHERE NOT EXISTS (SELECT 1 FROM pgqueue.paused_queues p WHERE p.queue = q));
+    IF cardinality(v_queues) > 0 THEN
+        PERFORM pgqueue._unflag_paused(v_queues);
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER paused_queues_deleted AFTER DELETE ON pgqueue.paused_queues
+    REFERENCING OLD TABLE AS removed
+    FOR EACH STATEMENT EXECUTE FUNCTION pgqueue._paused_queues_removed();
+CREATE TRIGGER paused_queues_truncated AFTER TRUNCATE ON pgqueue.paused_queues
+    FOR EACH STATEMENT EXECUTE FUNCTION pgqueue._paused_queues_removed();
+COMMENT ON TRIGGER paused_queues_deleted ON pgqueue.paused_queues IS
+    'A queue no longer paused (resume_queue, or a hand DELETE) has its jobs'' pause flags cleared and its '
+    'workers woken; left flagged, they would never be claimed.';
+COMMENT ON TRIGGER paused_queues_truncated ON pgqueue.paused_queues IS
+    'As paused_queues_deleted, for TRUNCATE: every flagged job''s queue is resumed.';
+
+-- A job moved to another queue by hand (UPDATE ... SET queue) takes that
+-- queue's pause state: a flag kept from a paused queue would hide it from
+-- claims in one that is not, for good. pgqueue's functions never set queue,
+-- so the WHEN clause (tested in C) keeps this off every hot path.
+CREATE FUNCTION pgqueue._queue_changed() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    NEW.queue_paused := NEW.state = 'queued' AND EXISTS (SELECT 1 FROM pgqueue.paused_queues p WHERE p.queue = NEW.queue)
+                        AND cardinality(pgqueue._hold_paused(ARRAY[NEW.queue])) > 0;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER jobs_queue_changed BEFORE UPDATE OF queue ON pgqueue.jobs
+    FOR EACH ROW
+    WHEN (OLD.queue IS DISTINCT FROM NEW.queue)
+    EXECUTE FUNCTION pgqueue._queue_changed();
+COMMENT ON TRIGGER jobs_queue_changed ON pgqueue.jobs IS
+    'A job moved to another queue is flagged paused if and only if that queue is paused.';
+
+-- A limit written by hand (INSERT, UPDATE, DELETE, TRUNCATE of
+-- pgqueue.queue_limits) counts as one set by set_queue_limit: claims take the
+-- limited path only while _any_queue_limit says some queue has a limit.
+CREATE FUNCTION pgqueue._queue_limits_changed() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    -- Under a lock of its own (changes of two queues take turns here), read after it.
+    PERFORM pg_advisory_xact_lock(pgqueue._lock_class('limits'), 0);
+    PERFORM pgqueue._set_any_queue_limit(EXISTS (SELECT 1 FROM pgqueue.queue_limits));
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER queue_limits_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON pgqueue.queue_limits
+    FOR EACH STATEMENT EXECUTE FUNCTION pgqueue._queue_limits_changed();
+COMMENT ON TRIGGER queue_limits_changed ON pgqueue.queue_limits IS
+    'Claims read limits only while some queue has one: any write to the table (set_queue_limit or by hand) '
+    'updates that answer.';
 
 -- Replaces _any_queue_limit when its answer changes (DDL: the caller must own
 -- the pgqueue functions, as the role that migrated the schema does).
@@ -3711,10 +3844,7 @@ BEGIN
     IF v_was < coalesce(set_queue_limit.max_running, 2147483647) THEN
         PERFORM pgqueue._notify(ARRAY[set_queue_limit.queue], pgqueue._setting('notify'));
     END IF;
-    -- Whether any queue is limited now, for _any_queue_limit: under a lock of
-    -- its own (changes of two queues take turns here), read after it.
-    PERFORM pg_advisory_xact_lock(pgqueue._lock_class('limits'), 0);
-    PERFORM pgqueue._set_any_queue_limit(EXISTS (SELECT 1 FROM pgqueue.queue_limits));
+    -- (The table's trigger updates _any_queue_limit.)
     RETURN v_was;
 END
 $$;
@@ -3902,8 +4032,8 @@ LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 BEGIN
     IF pgqueue._setting('notify') = 'when_waiting' THEN
-        IF claim_or_wait.worker IS NULL OR claim_or_wait.worker = '' THEN
-            RAISE EXCEPTION 'pgqueue.claim_or_wait: worker must be a non-empty string'
+        IF claim_or_wait.worker IS NULL OR claim_or_wait.worker = '' OR octet_length(claim_or_wait.worker) > 200 THEN
+            RAISE EXCEPTION 'pgqueue.claim_or_wait: worker must be a non-empty string of at most 200 bytes'
                 USING ERRCODE = 'invalid_parameter_value';
         END IF;
         -- Waits for every producer that decided nobody waits to commit.

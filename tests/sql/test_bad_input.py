@@ -212,6 +212,45 @@ CASES = [
         f' "next_jobs": [{{"job_type": "x", "pipeline_id": "{P2}"}}]}}]\')',
         "enqueue_many[0]: next_jobs[0]: pipeline_id differs from the parent's",
     ),
+    # Past the claim indexes' row size, named by the parameter, not the index.
+    (
+        "SELECT pgqueue.enqueue('t', dedup_key => repeat('k', 1001))",
+        "dedup_key must be a non-empty string of at most 1000 bytes",
+    ),
+    (
+        'SELECT pgqueue.enqueue_many((\'[{"job_type": "t", "dedup_key": "\' || repeat(\'k\', 1001)'
+        " || '\"}]')::jsonb)",
+        "enqueue_many[0]: dedup_key must be a non-empty string of at most 1000 bytes",
+    ),
+    (
+        "SELECT * FROM pgqueue.claim_next(repeat('w', 201))",
+        "claim_next: worker must be a non-empty string of at most 200 bytes",
+    ),
+    (
+        'SELECT pgqueue.enqueue_many(\'[{"job_type": "t", "priority": 2147483648}]\')',
+        "priority must be an integer from -2147483648 to 2147483647",
+    ),
+    # Mixed signs: '-1 month 31 days' compares as positive, and subtracts to now().
+    (
+        "SELECT * FROM pgqueue.recover_stale('-1 month 31 days')",
+        "recover_stale: stale_after must not be negative (nor mix signs",
+    ),
+    (
+        "SELECT pgqueue.prune('1 month -29 days')",
+        "prune: older_than must be a non-negative interval",
+    ),
+    (
+        "UPDATE pgqueue.settings SET value = '-1 month 31 days' WHERE name = 'stale_after'",
+        "stale_after must be a positive interval of at most 100 years",
+    ),
+    (
+        "UPDATE pgqueue.settings SET value = '1 day -23 hours' WHERE name = 'prune_after'",
+        "prune_after must be 'never' or an interval from 0 to 100 years",
+    ),
+    (
+        "UPDATE pgqueue.jobs SET run_after = 'infinity'",
+        'violates check constraint "jobs_times_finite"',
+    ),
 ]
 
 
@@ -425,6 +464,49 @@ async def test_an_interval_past_the_timestamp_range_is_refused_by_name(
     with pytest.raises(asyncpg.InvalidParameterValueError, match=re.escape(message)):
         await conn.execute(call)
     assert await conn.fetchval("SELECT pgqueue.prune('1000 years')") == 0  # the bound itself works
+
+
+async def test_complete_many_naming_a_job_twice_is_refused(connect: Connect) -> None:
+    """Completed once with one entry's result and children: the other's were lost."""
+    conn = await connect()
+    parent = await conn.fetchval("SELECT pgqueue.enqueue('parent')")
+    assert len(await conn.fetch("SELECT id FROM pgqueue.claim($1, 'w')", parent)) == 1
+    with pytest.raises(
+        asyncpg.InvalidParameterValueError, match=f"names job {parent} more than once"
+    ):
+        await conn.execute(
+            "SELECT pgqueue.complete_many('w', ARRAY[$1, $1]::bigint[], NULL,"
+            """ ARRAY['[{"job_type": "a"}]', '[{"job_type": "b"}]']::jsonb[])""",
+            parent,
+        )
+    assert await conn.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", parent) == "running"
+    assert await conn.fetchval("SELECT count(*) FROM pgqueue.jobs") == 1
+
+
+async def test_truncate_with_restart_identity_leaves_no_abort_request_for_a_new_job(
+    connect: Connect,
+) -> None:
+    conn = await connect()
+    job = await conn.fetchval("SELECT pgqueue.enqueue('a')")
+    assert len(await conn.fetch("SELECT id FROM pgqueue.claim($1, 'w1')", job)) == 1
+    assert await conn.fetchval("SELECT pgqueue.abort($1)", job) == "running"
+    await conn.execute("TRUNCATE pgqueue.jobs RESTART IDENTITY")
+    again = await conn.fetchval("SELECT pgqueue.enqueue('new', max_attempts => 5)")
+    assert again == job  # the id is reused
+    assert len(await conn.fetch("SELECT id FROM pgqueue.claim($1, 'w2')", again)) == 1
+    assert await conn.fetchval("SELECT pgqueue.fail($1, 'w2', 'transient', '0')", again) == "queued"
+
+
+async def test_retention_set_to_never_still_drops_ended_abort_requests(connect: Connect) -> None:
+    conn = await connect()
+    job = await conn.fetchval("SELECT pgqueue.enqueue('a')")
+    assert len(await conn.fetch("SELECT id FROM pgqueue.claim($1, 'w')", job)) == 1
+    assert await conn.fetchval("SELECT pgqueue.abort($1)", job) == "running"
+    assert await conn.fetchval("SELECT pgqueue.complete($1, 'w')", job) is True  # success wins
+    await conn.execute("UPDATE pgqueue.settings SET value = 'never' WHERE name = 'prune_after'")
+    assert await conn.fetchval("SELECT count(*) FROM pgqueue.abort_requests") == 1
+    assert await conn.fetchval("SELECT pgqueue.prune_expired()") == 0
+    assert await conn.fetchval("SELECT count(*) FROM pgqueue.abort_requests") == 0
 
 
 async def test_complete_many_of_no_ids_completes_nothing(connect: Connect) -> None:

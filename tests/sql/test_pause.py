@@ -484,3 +484,34 @@ async def test_a_pause_locks_rows_in_id_order_and_never_deadlocks_with_cancel_pi
     await helper.commit()
     assert await pause is True
     assert await _ids(conn, FLAGGED) == [j0]
+
+
+@pytest.mark.parametrize("how", ["delete", "truncate", "move"])
+async def test_a_queue_unpaused_by_hand_hands_out_its_jobs(
+    conn: asyncpg.Connection, connect: Connect, how: str
+) -> None:
+    """Its jobs kept their pause flags (out of the claim index) with no pause behind them, and
+    resume_queue, finding the queue not paused, cleared nothing: they were never claimed."""
+    heard = await listen(connect)
+    await conn.fetchval(PAUSE, "p")
+    job = await _enqueue(conn, "p")
+    queue = "p"
+    if how == "delete":
+        await conn.execute("DELETE FROM pgqueue.paused_queues WHERE queue = 'p'")
+    elif how == "truncate":
+        await conn.execute("TRUNCATE pgqueue.paused_queues")
+    else:
+        await conn.execute("UPDATE pgqueue.jobs SET queue = 'q' WHERE id = $1", job)
+        queue = "q"
+    if how != "move":
+        assert await asyncio.wait_for(heard.get(), 5) == "p"  # its workers are woken
+    assert await _claim_next(conn, [queue]) == [job]
+
+
+async def test_a_job_moved_into_a_paused_queue_is_flagged(conn: asyncpg.Connection) -> None:
+    await conn.fetchval(PAUSE, "p")
+    job = await _enqueue(conn, "q")
+    await conn.execute("UPDATE pgqueue.jobs SET queue = 'p' WHERE id = $1", job)
+    assert await conn.fetchval("SELECT queue_paused FROM pgqueue.jobs WHERE id = $1", job) is True
+    await conn.fetchval(RESUME, "p")
+    assert await _claim_next(conn, ["p"]) == [job]

@@ -408,3 +408,15 @@ async def test_a_claim_of_several_queues_waits_for_a_limit_lock_it_does_not_hold
 
 def _ids(rows: list[asyncpg.Record]) -> list[int]:
     return sorted(r["id"] for r in rows)
+
+
+async def test_a_limit_written_by_hand_holds_for_claim_next(connect: Connect) -> None:
+    """claim_next reads limits only while _any_queue_limit says one exists, which only
+    set_queue_limit updated: a hand INSERT was ignored (3 running under a limit of 1)."""
+    conn = await connect()
+    await conn.execute("INSERT INTO pgqueue.queue_limits VALUES ('api', 1)")
+    await conn.execute("SELECT pgqueue.enqueue('call', queue => 'api') FROM generate_series(1, 3)")
+    assert len(await conn.fetch("SELECT id FROM pgqueue.claim_next('w', ARRAY['api'], 3)")) == 1
+    await conn.execute("DELETE FROM pgqueue.queue_limits")
+    assert await conn.fetchval("SELECT pgqueue._any_queue_limit()") is False
+    assert len(await conn.fetch("SELECT id FROM pgqueue.claim_next('w', ARRAY['api'], 3)")) == 2
