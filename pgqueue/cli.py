@@ -116,7 +116,7 @@ def _user_error(exc: BaseException) -> str | None:
         if isinstance(seen, asyncpg.exceptions.PostgresError):
             return f"database error: {seen}"
         if isinstance(seen, OSError | asyncpg.exceptions.InterfaceError | TimeoutError):
-            return f"cannot connect to PostgreSQL: {seen or type(seen).__name__}"
+            return f"cannot connect to PostgreSQL: {str(seen) or type(seen).__name__}"
         seen = seen.__cause__ or seen.__context__
     return None
 

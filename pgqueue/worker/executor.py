@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import math
 import time
 import traceback
 from collections.abc import Iterable, Mapping
@@ -410,7 +411,7 @@ class Executor:
         state, runs_in = await self.completer.fail(job, error, retry_in)
         # "failed (unknown)" when a retry's refusal may be the earlier try's own doing.
         outcome = "lease lost" if state is None else f"failed ({state})"
-        detail = error.splitlines()[-1]
+        detail = _error_line(error)
         if runs_in is not None:
             detail += f"; runs again in {_seconds(runs_in)}"
         self._log(job, outcome, duration, detail)
@@ -483,8 +484,16 @@ class Executor:
         if not job_type.is_async:
             return await self._invoke_overrunnable(job_type, job, limit=job_type.timeout)
         attempt: _Attempt | None = None
-        with anyio.move_on_after(job_type.timeout) as deadline:
-            attempt = await self._invoke(job_type, job)
+        # A handler that catches its cancellation and carries on is cancelled again at every
+        # await (anyio), and never ends: say so once, or the worker just spins.
+        timer = asyncio.get_running_loop().call_later(
+            job_type.timeout + IGNORED_TIMEOUT_WARNING, self._ignores_timeout, job, job_type.timeout
+        )
+        try:
+            with anyio.move_on_after(job_type.timeout) as deadline:
+                attempt = await self._invoke(job_type, job)
+        finally:
+            timer.cancel()
         # Past the deadline, what the handler did after catching its cancellation (a result
         # it returned anyway) is not its outcome: the attempt timed out.
         if attempt is None or (deadline.cancel_called and attempt is not _ABORTED):
@@ -509,6 +518,17 @@ class Executor:
         return _Attempt(
             error=f"timed out after {limit:g}s (a plain def cannot be interrupted: its"
             f" thread returned after {ran:.1f}s, and what it did is discarded)"
+        )
+
+    def _ignores_timeout(self, job: Job, timeout: float) -> None:
+        self.logger.warning(
+            "job %d: %gs past its timeout of %gs, its handler has not returned: it catches"
+            " the cancellation (CancelledError) and carries on; the job keeps its slot and its"
+            " lease until it returns",
+            job.id,
+            IGNORED_TIMEOUT_WARNING,
+            timeout,
+            extra={"job_id": job.id, "job_type": job.job_type},
         )
 
     def _overran(self, job: Job, timeout: float) -> None:
@@ -536,7 +556,7 @@ class Executor:
                 self.in_threads += 1
                 try:
                     value = await anyio.to_thread.run_sync(
-                        job_type.handler, job, limiter=self._threads
+                        _call_in_thread, job_type.handler, job, limiter=self._threads
                     )
                 finally:
                     self.in_threads -= 1
@@ -554,19 +574,28 @@ class Executor:
             task = asyncio.current_task()
             if self._took_back_abort(job) and task is not None and not task.cancelling():
                 return _ABORTED  # the abort alone, not the timeout or shutdown as well
-            if task is None or task.cancelling():
+            if task is None or _cancelled_by_worker():
                 raise  # this worker cancelled it: the job's timeout, or shutdown
-            # The handler's own (it awaited something cancelled): an error like any other,
-            # not a shutdown of the runner, which would take the worker down with it.
+            # The handler's own: it awaited something cancelled, or its code cancelled its
+            # task (a watchdog calling task.cancel()). An error like any other, not a
+            # shutdown of the runner, which took the worker down with it; the request is
+            # taken back, or the runner would carry it into its next await.
+            while task.cancelling():
+                task.uncancel()
             return _Attempt(error=_traceback(exc))
-        except GeneratorExit:
-            raise
+        except GeneratorExit as exc:
+            if not _loop_running():
+                raise  # this coroutine is being closed, its event loop gone
+            return _Attempt(error=_traceback(exc))  # the handler's own: it crashed the worker
         except BaseException as exc:
             # KeyboardInterrupt or a handler's own BaseException subclass: its attempt fails,
             # where it would take the worker down, and every job running in it.
             task = asyncio.current_task()
             if isinstance(exc, BaseExceptionGroup) and task is not None and task.cancelling():
-                raise  # a group carrying this worker's cancellation
+                if _cancelled_by_worker():
+                    raise  # a group carrying this worker's cancellation
+                while task.cancelling():
+                    task.uncancel()
             return _Attempt(error=_traceback(exc))
         finally:
             if self._abort_sent:  # one the handler swallowed, or turned into an error
@@ -687,10 +716,58 @@ def _traceback(exc: BaseException) -> str:
     return "".join(traceback.format_exception(exc)).rstrip()
 
 
+def _call_in_thread(handler: Any, job: Job) -> Any:
+    """A plain def's call. A GeneratorExit it raises would reach the awaiting coroutine
+    thrown into it (asyncio throws a future's exception in), which closes the coroutine
+    instead of raising there: the runner was torn down and the worker with it."""
+    try:
+        return handler(job)
+    except GeneratorExit as exc:
+        raise RuntimeError("the handler raised GeneratorExit") from exc
+
+
+def _cancelled_by_worker() -> bool:
+    """Is a cancel scope around the running handler cancelled: the job's timeout, or the
+    worker's shutdown? (Not a task.cancel() of the handler's own code, which cancels no
+    scope.) In a cancelled scope anyio's effective deadline is minus infinity."""
+    return anyio.current_effective_deadline() == -math.inf
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _error_line(error: str) -> str:
+    """The line of an error that names it, for the log: a traceback's last line, or an
+    exception group's last leaf's (inside the group's ``|`` frame), at most 300 characters."""
+    for line in reversed(error.splitlines()):
+        line = line.strip().lstrip("|").strip()
+        if line and not line.startswith("+-"):
+            return line if len(line) <= 300 else line[:300] + "..."
+    return error[:300]
+
+
+# Seconds past a job's timeout after which a handler still running is said to ignore it.
+IGNORED_TIMEOUT_WARNING = 5.0
+
+# last_error keeps this much of an error (the head and the tail, where a traceback's
+# exception line is): a handler raising a 50 MB message stored 50 MB per attempt.
+ERROR_LIMIT = 64 * 1024
+
+
 def _storable(text: str) -> str:
     """``text`` as PostgreSQL can store it: no NUL (text cannot hold one) and no lone
     surrogate (not encodable as UTF-8); each is written out as its escape instead. An error
-    message carrying one would otherwise be refused, and the failure never recorded."""
+    message carrying one would otherwise be refused, and the failure never recorded. Past
+    :data:`ERROR_LIMIT` characters, its middle is cut."""
+    if len(text) > ERROR_LIMIT:
+        head, tail = ERROR_LIMIT // 4, ERROR_LIMIT * 3 // 4
+        cut = len(text) - head - tail
+        text = f"{text[:head]}\n[... {cut} characters cut ...]\n{text[-tail:]}"
     if "\x00" in text:
         text = text.replace("\x00", "\\x00")
     try:

@@ -40,6 +40,8 @@ _UNKNOWN_HELD = (
     " WHERE state = 'running' AND locked_by = $1 AND id <> ALL($2::text::bigint[]) ORDER BY id"
 )
 _RELEASE = "SELECT pgqueue.release(job_id => $1, worker => $2)"
+_READ_ONE = f"SELECT {_COLUMNS} FROM pgqueue.jobs WHERE id = $1"
+_FAIL = "SELECT pgqueue.fail(job_id => $1, worker => $2, error => $3)"
 # Before sleeping: the same claim, registered as waiting (settings.notify = when_waiting).
 _CLAIM_OR_WAIT = f"SELECT {_COLUMNS} FROM pgqueue.claim_or_wait({_ARGS})"
 _UNREGISTER = "DELETE FROM pgqueue.notify_waiters WHERE worker = $1"
@@ -217,12 +219,56 @@ class Producer:
         except Exception as exc:
             if self._claim_unknown:
                 self.executor.claim_lost()
+            if _undecodable(exc):
+                await self._settle_undecodable(exc)
+                return None
             await self._failed(exc, "claiming jobs")
             await self.wake.wait(self._backoff.next_delay())
             return None
         self._outage.ok()
         self._backoff.reset()
         return [job_from_row(row) for row in rows]
+
+    async def _settle_undecodable(self, exc: Exception) -> None:
+        """The claim ran, and its reply held a value Python cannot hold. Released and claimed
+        again, the same batch failed the same way, in a loop that ran nothing (the releases'
+        own notifications cut every backoff short). Each job running here that the executor
+        does not hold is read on its own: one that cannot be read fails its attempt (retried
+        like any failure, up to max_attempts: the row can be mended meanwhile), the others
+        are released."""
+        self.logger.warning(
+            "claimed jobs could not be read (%s: %s); failing the ones that cannot be,"
+            " releasing the others",
+            type(exc).__name__,
+            str(exc)[:200],
+        )
+        try:
+            await self._release_lost_claims(await self._connection(), read_each=True)
+        except Exception as failure:
+            await self._failed(failure, "releasing jobs this worker does not hold")
+            await self.wake.wait(self._backoff.next_delay())
+
+    async def _fail_if_unreadable(
+        self, conn: asyncpg.pool.PoolConnectionProxy, job_id: int
+    ) -> bool:
+        """Fail the attempt of a job whose row this worker cannot decode; False if it can."""
+        try:
+            await conn.fetchrow(_READ_ONE, job_id)
+        except Exception as exc:
+            if not _undecodable(exc):
+                raise
+            why = f"{type(exc).__name__}: {str(exc)[:500]}"
+            error = f"pgqueue worker {self.worker_id} cannot read the job's row ({why})"
+            state = await conn.fetchval(_FAIL, job_id, self.worker_id, error)
+            self.logger.warning(
+                "job %d: its row cannot be read here (%s); attempt failed (%s)",
+                job_id,
+                why,
+                state,
+                extra={"job_id": job_id},
+            )
+            return True
+        return False
 
     async def _failed(self, exc: Exception, doing: str) -> None:
         """After a failed statement on the claim connection: give the connection back
@@ -266,7 +312,9 @@ class Producer:
                 STOP_SWEEP_TIMEOUT,
             )
 
-    async def _release_lost_claims(self, conn: asyncpg.pool.PoolConnectionProxy) -> None:
+    async def _release_lost_claims(
+        self, conn: asyncpg.pool.PoolConnectionProxy, *, read_each: bool = False
+    ) -> None:
         """Give back the jobs running under this worker that it does not hold.
 
         A claim cut off by its timeout or a lost connection may have committed: its jobs
@@ -277,7 +325,9 @@ class Producer:
         (see Executor.start). Before the next claim, every job the database shows running
         under this worker that the executor does not hold is released (queued again at
         once, the attempt not counted). The producer is the only claimer, so nothing can be
-        claimed for this worker between the look and the releases.
+        claimed for this worker between the look and the releases. With ``read_each``, a
+        job whose row cannot be decoded fails its attempt instead (see
+        :meth:`_settle_undecodable`).
         """
         # Cleared first: an attempt settled while the look runs asks for the next sweep.
         self.executor.sweep_needed = False
@@ -286,6 +336,8 @@ class Producer:
                 held = id_array(self.executor.held)
                 lost = await conn.fetch(_UNKNOWN_HELD, self.worker_id, held)
                 for row in lost:
+                    if read_each and await self._fail_if_unreadable(conn, row["id"]):
+                        continue
                     released = await conn.fetchval(_RELEASE, row["id"], self.worker_id)
                     self.logger.warning(
                         "job %d: running under this worker, which does not hold it (a claim"
@@ -333,3 +385,12 @@ class Producer:
         else:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 await self.pool.release(conn)
+
+
+def _undecodable(exc: BaseException) -> bool:
+    """Raised decoding a row the database sent, after its statement ran: a value Python
+    cannot hold (a JSON number of more than 4,300 digits, JSON nested past the recursion
+    limit, a timestamp before year 1). Not a database or connection error."""
+    return isinstance(exc, ValueError | OverflowError | RecursionError) and not isinstance(
+        exc, asyncpg.PostgresError | asyncpg.InterfaceError
+    )

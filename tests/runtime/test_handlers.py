@@ -36,7 +36,7 @@ from worker_harness import wait_for_states, wait_until
 
 import pgqueue
 from pgqueue.migrate import SchemaError
-from pgqueue.worker import leader
+from pgqueue.worker import executor, leader
 from pgqueue.worker.logs import JsonFormatter
 from pgqueue.worker.producer import Producer
 from pgqueue.worker.worker import FINAL_WRITE_WINDOW
@@ -161,11 +161,42 @@ async def test_handlers_that_raise_unusual_things_fail_their_attempt_and_the_wor
             return "finished anyway"
         return "finished"
 
+    @app.job("cancels_itself")
+    async def cancels_itself(job: pgqueue.Job) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()
+        await asyncio.sleep(0)
+
+    @app.job("watchdog")
+    async def watchdog(job: pgqueue.Job) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().call_later(0.05, task.cancel)
+        await asyncio.sleep(30)
+
+    @app.job("generator_exit")
+    async def generator_exit(job: pgqueue.Job) -> None:
+        raise GeneratorExit
+
+    @app.job("generator_exit_in_thread")
+    def generator_exit_in_thread(job: pgqueue.Job) -> None:
+        raise GeneratorExit
+
+    @app.job("huge")
+    async def huge(job: pgqueue.Job) -> None:
+        raise ValueError("x" * 1_000_000)
+
     @app.job("ok")
     async def ok(job: pgqueue.Job) -> int:
         return 1
 
     kinds = [
+        "cancels_itself",
+        "watchdog",
+        "generator_exit",
+        "generator_exit_in_thread",
+        "huge",
         "nul",
         "surrogate",
         "cancelled",
@@ -184,6 +215,15 @@ async def test_handlers_that_raise_unusual_things_fail_their_attempt_and_the_wor
         r["job_type"]: r["last_error"]
         for r in await conn.fetch("SELECT job_type, last_error FROM pgqueue.jobs")
     }
+    # Cancelled by its own code, not the worker's: it took the worker down (every job
+    # released, the worker stopped); a GeneratorExit crashed it and stranded the job.
+    assert "CancelledError" in errors["cancels_itself"]
+    assert "CancelledError" in errors["watchdog"]
+    assert "GeneratorExit" in errors["generator_exit"]
+    assert "GeneratorExit" in errors["generator_exit_in_thread"]
+    # 50 MB in, 50 MB stored per attempt (and logged): the middle is cut.
+    assert len(errors["huge"]) < 70_000 and "characters cut" in errors["huge"]
+    assert errors["huge"].rstrip().endswith("x" * 100)
     assert "ValueError: bad row: a\\x00b" in errors["nul"]
     assert "ValueError: bad byte: \\udcff" in errors["surrogate"]
     assert "CancelledError" in errors["cancelled"]
@@ -196,6 +236,42 @@ async def test_handlers_that_raise_unusual_things_fail_their_attempt_and_the_wor
         "SELECT attempts FROM pgqueue.jobs WHERE id = ANY($1)", list(ids.values())
     )
     assert [r["attempts"] for r in attempts] == [1] * len(kinds)
+
+
+async def test_a_job_whose_row_python_cannot_read_fails_and_the_others_run(
+    conn: asyncpg.Connection, db_dsn: str
+) -> None:
+    """A JSON number of 5,001 digits (Python's int() refuses it) in one job's payload made
+    the claim of its batch fail after it committed: the batch was released, claimed again
+    at once (the releases' notifications cut the backoff short) and failed again, about
+    1,200 transactions a second that ran nothing; the job never failed. It fails its
+    attempt now, and the others run."""
+    app = pgqueue.App()
+
+    @app.job("ok")
+    async def ok(job: pgqueue.Job) -> int:
+        return 1
+
+    bad = await conn.fetchval(
+        "SELECT pgqueue.enqueue('ok', '{\"n\": 1e5000}', priority => 5, max_attempts => 1)"
+    )
+    good = [await app.enqueue(conn, "ok") for _ in range(3)]
+    async with running(app, db_dsn, concurrency=4):
+        await wait_for_states(conn, good, "succeeded")
+        await wait_for_states(conn, [bad], "failed")
+    row = await conn.fetchrow("SELECT attempts, last_error FROM pgqueue.jobs WHERE id = $1", bad)
+    assert row["attempts"] == 1
+    assert "cannot read the job's row (ValueError: Exceeds the limit" in row["last_error"]
+
+
+def test_the_logged_line_of_a_task_group_failure_names_the_exception() -> None:
+    """It was the group traceback's closing frame line, "+------------"."""
+    try:
+        raise ExceptionGroup("unhandled errors in a TaskGroup", [ValueError("boom")])
+    except ExceptionGroup as group:
+        text = executor._traceback(group)
+    assert executor._error_line(text) == "ValueError: boom"
+    assert executor._error_line("timed out after 1s") == "timed out after 1s"
 
 
 @pytest.mark.parametrize(
