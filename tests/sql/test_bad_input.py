@@ -249,7 +249,7 @@ CASES = [
     ),
     (
         "UPDATE pgqueue.jobs SET run_after = 'infinity'",
-        'violates check constraint "jobs_times_finite"',
+        'violates check constraint "jobs_run_after_finite"',
     ),
 ]
 
