@@ -43,8 +43,8 @@ CREATE TABLE pgqueue.jobs (
     -- cost a one-row UPDATE ~90 us instead of ~115 us (~45 us with no checks at all).
     CONSTRAINT jobs_state_known
         CHECK (state = ANY ('{waiting,queued,running,succeeded,failed,cancelled}'::text[])),
-    CONSTRAINT jobs_job_type_not_empty CHECK (btrim(job_type) <> ''),
-    CONSTRAINT jobs_queue_valid CHECK (btrim(queue) <> '' AND octet_length(queue) <= 200),
+    CONSTRAINT jobs_job_type_not_empty CHECK (btrim(job_type, E' \t\n\r\f\x0B') <> ''),
+    CONSTRAINT jobs_queue_valid CHECK (btrim(queue, E' \t\n\r\f\x0B') <> '' AND octet_length(queue) <= 200),
     CONSTRAINT jobs_payload_is_object CHECK (jsonb_typeof(payload) = 'object'),
     CONSTRAINT jobs_scope_not_json_null CHECK (jsonb_typeof(scope) <> 'null'),
     CONSTRAINT jobs_scope_size CHECK (octet_length(scope::text) <= 1000),
@@ -259,7 +259,7 @@ COMMENT ON COLUMN pgqueue.abort_requests.requested_at IS 'When abort() was first
 CREATE TABLE pgqueue.paused_queues (
     queue     text        PRIMARY KEY,
     paused_at timestamptz NOT NULL DEFAULT now(),
-    CONSTRAINT paused_queues_queue_valid CHECK (btrim(queue) <> '' AND octet_length(queue) <= 200)
+    CONSTRAINT paused_queues_queue_valid CHECK (btrim(queue, E' \t\n\r\f\x0B') <> '' AND octet_length(queue) <= 200)
 );
 COMMENT ON TABLE pgqueue.paused_queues IS
     'Paused queues: claims take none of their jobs until resume_queue(); enqueues, running jobs and '
@@ -276,7 +276,7 @@ COMMENT ON COLUMN pgqueue.paused_queues.paused_at IS 'When pause_queue() paused 
 CREATE TABLE pgqueue.queue_limits (
     queue       text PRIMARY KEY,
     max_running int  NOT NULL,
-    CONSTRAINT queue_limits_queue_valid CHECK (btrim(queue) <> '' AND octet_length(queue) <= 200),
+    CONSTRAINT queue_limits_queue_valid CHECK (btrim(queue, E' \t\n\r\f\x0B') <> '' AND octet_length(queue) <= 200),
     CONSTRAINT queue_limits_max_running_positive CHECK (max_running >= 1)
 );
 COMMENT ON TABLE pgqueue.queue_limits IS

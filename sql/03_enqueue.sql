@@ -37,10 +37,10 @@ SELECT CASE
     -- children) is settled in a handful of operations; every other spec goes
     -- through the checks below one by one.
     WHEN s - ARRAY['job_type', 'payload', 'queue', 'key', 'max_attempts'] = '{}'
-         AND jsonb_typeof(s->'job_type') = 'string' AND btrim(s->>'job_type') <> ''
+         AND jsonb_typeof(s->'job_type') = 'string' AND btrim(s->>'job_type', E' \t\n\r\f\x0B') <> ''
          AND coalesce(jsonb_typeof(s->'payload'), 'null') IN ('object', 'null')
          AND (coalesce(jsonb_typeof(s->'queue'), 'null') = 'null'
-              OR (jsonb_typeof(s->'queue') = 'string' AND btrim(s->>'queue') <> ''
+              OR (jsonb_typeof(s->'queue') = 'string' AND btrim(s->>'queue', E' \t\n\r\f\x0B') <> ''
                   AND octet_length(s->>'queue') <= 200))
          AND (coalesce(jsonb_typeof(s->'key'), 'null') = 'null'
               OR (jsonb_typeof(s->'key') = 'string' AND s->>'key' <> ''))
@@ -58,12 +58,12 @@ SELECT CASE
                btrim(jsonb_path_query_array(s - pgqueue._spec_keys(), '$.keyvalue().key')::text, '[]'),
                array_to_string(pgqueue._spec_keys(), ', '))
     WHEN coalesce(s->'job_type', 'null') = 'null' THEN 'job_type is required'
-    WHEN jsonb_typeof(s->'job_type') <> 'string' OR btrim(s->>'job_type') = '' THEN
+    WHEN jsonb_typeof(s->'job_type') <> 'string' OR btrim(s->>'job_type', E' \t\n\r\f\x0B') = '' THEN
         'job_type must be a non-empty string'
     WHEN coalesce(s->'payload', 'null') <> 'null' AND jsonb_typeof(s->'payload') <> 'object' THEN
         format('payload must be a JSON object, got %s', jsonb_typeof(s->'payload'))
     WHEN coalesce(s->'queue', 'null') <> 'null'
-         AND (jsonb_typeof(s->'queue') <> 'string' OR btrim(s->>'queue') = ''
+         AND (jsonb_typeof(s->'queue') <> 'string' OR btrim(s->>'queue', E' \t\n\r\f\x0B') = ''
               OR octet_length(s->>'queue') > 200) THEN
         'queue must be a non-empty string of at most 200 bytes'
     WHEN coalesce(s->'dedup_key', 'null') <> 'null'
@@ -514,38 +514,6 @@ BEGIN
 END
 $$;
 
--- The pending jobs that dedup keys will merge into and the dependencies of the
--- jobs being enqueued, locked together in one id order, each in its mode (a
--- merge's row for update, a dependency shared). Locked apart, dependencies
--- first and the merge's row in the INSERT's ON CONFLICT, two enqueues each
--- merging into the other's dependency deadlocked (40P01). The keys' locks are
--- held: no other job can take those keys meanwhile, and a job locked here
--- cannot leave pending (one that left before its lock was granted is merged
--- into by nothing, and the INSERT creates a job).
-CREATE FUNCTION pgqueue._lock_merges_and_dependencies(p_keys text[], p_dep_ids bigint[]) RETURNS void
-LANGUAGE plpgsql AS $$
-DECLARE
-    v_id bigint;
-    v_merge boolean;
-BEGIN
-    FOR v_id, v_merge IN
-        SELECT x.id, bool_or(x.merge)
-        FROM (SELECT j.id, true AS merge FROM pgqueue.jobs j
-              WHERE j.dedup_key = ANY (p_keys) AND j.state IN ('waiting', 'queued')
-              UNION ALL
-              SELECT d, false FROM unnest(p_dep_ids) d WHERE d IS NOT NULL) x
-        GROUP BY x.id
-        ORDER BY x.id
-    LOOP
-        IF v_merge THEN
-            PERFORM 1 FROM pgqueue.jobs j WHERE j.id = v_id FOR NO KEY UPDATE;
-        ELSE
-            PERFORM 1 FROM pgqueue.jobs j WHERE j.id = v_id FOR SHARE;
-        END IF;
-    END LOOP;
-END
-$$;
-
 -- Queued jobs this transaction holds a row lock on and leaves queued (a
 -- dependency an enqueue share-locks, a pending job a dedup key merges into, a
 -- retry's dependencies): a claim running meanwhile skips them (SKIP LOCKED),
@@ -739,10 +707,6 @@ BEGIN
     FROM jsonb_array_elements(p_specs) e(s),
          jsonb_array_elements_text(coalesce(nullif(e.s->'depends_on', 'null'), '[]')) d
     WHERE p_specs @? '$[*].depends_on[*]';
-    IF v_dep_ids IS NOT NULL AND p_specs @? '$[*].dedup_key ? (@ != null)' THEN
-        PERFORM pgqueue._lock_merges_and_dependencies(
-            ARRAY(SELECT e.s->>'dedup_key' FROM jsonb_array_elements(p_specs) e(s)), v_dep_ids);
-    END IF;
     IF v_dep_ids IS NOT NULL AND p_stored > 0 THEN
         -- The parent's stored specs (the first p_stored) were checked when they were
         -- stored; a dependency may have failed, been cancelled or pruned since. Their
@@ -927,17 +891,17 @@ DECLARE
     v_succeeded bigint[] := '{}';
     v_deps bigint[];
 BEGIN
-    IF enqueue.job_type IS NULL OR btrim(enqueue.job_type) = '' OR jsonb_typeof(enqueue.payload) <> 'object'
-       OR btrim(enqueue.queue) = '' OR octet_length(enqueue.queue) > 200 OR enqueue.dedup_key = '' OR octet_length(enqueue.dedup_key) > 1000
+    IF enqueue.job_type IS NULL OR btrim(enqueue.job_type, E' \t\n\r\f\x0B') = '' OR jsonb_typeof(enqueue.payload) <> 'object'
+       OR btrim(enqueue.queue, E' \t\n\r\f\x0B') = '' OR octet_length(enqueue.queue) > 200 OR enqueue.dedup_key = '' OR octet_length(enqueue.dedup_key) > 1000
        OR octet_length(enqueue.scope::text) > 1000 OR enqueue.max_attempts < 1
        OR NOT isfinite(enqueue.run_after) THEN
-        IF enqueue.job_type IS NULL OR btrim(enqueue.job_type) = '' THEN
+        IF enqueue.job_type IS NULL OR btrim(enqueue.job_type, E' \t\n\r\f\x0B') = '' THEN
             RAISE EXCEPTION 'pgqueue.enqueue: job_type must be a non-empty string'
                 USING ERRCODE = 'invalid_parameter_value';
         ELSIF jsonb_typeof(enqueue.payload) <> 'object' THEN
             RAISE EXCEPTION 'pgqueue.enqueue: payload must be a JSON object, got %', jsonb_typeof(enqueue.payload)
                 USING ERRCODE = 'invalid_parameter_value';
-        ELSIF btrim(enqueue.queue) = '' OR octet_length(enqueue.queue) > 200 THEN
+        ELSIF btrim(enqueue.queue, E' \t\n\r\f\x0B') = '' OR octet_length(enqueue.queue) > 200 THEN
             RAISE EXCEPTION 'pgqueue.enqueue: queue must be a non-empty string of at most 200 bytes'
                 USING ERRCODE = 'invalid_parameter_value';
         ELSIF enqueue.dedup_key = '' OR octet_length(enqueue.dedup_key) > 1000 THEN
@@ -998,12 +962,26 @@ BEGIN
     END IF;
     IF enqueue.dedup_key IS NOT NULL THEN
         PERFORM pgqueue._lock_dedup_key(enqueue.dedup_key);
-        IF cardinality(v_deps) > 0 THEN
-            PERFORM pgqueue._lock_merges_and_dependencies(ARRAY[enqueue.dedup_key], v_deps);
-        END IF;
     END IF;
     IF cardinality(v_deps) > 0 THEN
         v_succeeded := pgqueue._lock_dependencies(v_deps, 'pgqueue.enqueue');
+    END IF;
+    -- The pending job the key merges into, held FOR SHARE (no claim or transition can
+    -- take it before this transaction ends) and returned. Shared, not for update as the
+    -- INSERT's ON CONFLICT below locks: two enqueues, each merging into the other's
+    -- dependency (which each holds shared), deadlocked on those locks (40P01). After the
+    -- dependencies: a completion holding one of them locks its waiting dependents, which
+    -- a merge target may be. Under the key's lock no other job can take the key
+    -- meanwhile; one that left pending while this waited is not found, and the INSERT
+    -- creates a job.
+    IF enqueue.dedup_key IS NOT NULL THEN
+        SELECT j.id INTO v_id FROM pgqueue.jobs j
+        WHERE j.dedup_key = enqueue.dedup_key AND j.state IN ('waiting', 'queued')
+        FOR SHARE;
+        IF FOUND THEN
+            PERFORM pgqueue._announce_held(ARRAY[v_id]);  -- merged into a pending job, now held
+            RETURN v_id;
+        END IF;
     END IF;
 
     INSERT INTO pgqueue.jobs AS j
@@ -1096,16 +1074,16 @@ BEGIN
     END IF;
 
     SELECT u.i - 1 AS i, CASE
-        WHEN u.t IS NULL OR btrim(u.t) = '' THEN 'job_type must be a non-empty string'
+        WHEN u.t IS NULL OR btrim(u.t, E' \t\n\r\f\x0B') = '' THEN 'job_type must be a non-empty string'
         WHEN jsonb_typeof(u.p) <> 'object' THEN format('payload must be a JSON object, got %s', jsonb_typeof(u.p))
-        WHEN btrim(u.q) = '' OR octet_length(u.q) > 200 THEN 'queue must be a non-empty string of at most 200 bytes'
+        WHEN btrim(u.q, E' \t\n\r\f\x0B') = '' OR octet_length(u.q) > 200 THEN 'queue must be a non-empty string of at most 200 bytes'
         WHEN octet_length(u.s::text) > 1000 THEN 'scope must be at most 1000 bytes of JSON'
         WHEN NOT isfinite(u.r) THEN format('run_after must be a finite timestamp, got %s', u.r)
         ELSE format('max_attempts must be an integer >= 1, got %s', u.m)
     END AS problem INTO v_bad
     FROM unnest(job_types, payloads, queues, enqueue_many.max_attempts, scopes, run_afters)
          WITH ORDINALITY AS u(t, p, q, m, s, r, i)
-    WHERE u.t IS NULL OR btrim(u.t) = '' OR jsonb_typeof(u.p) <> 'object' OR btrim(u.q) = ''
+    WHERE u.t IS NULL OR btrim(u.t, E' \t\n\r\f\x0B') = '' OR jsonb_typeof(u.p) <> 'object' OR btrim(u.q, E' \t\n\r\f\x0B') = ''
        OR octet_length(u.q) > 200 OR octet_length(u.s::text) > 1000 OR u.m < 1 OR NOT isfinite(u.r)
     ORDER BY u.i
     LIMIT 1;

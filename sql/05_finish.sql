@@ -328,9 +328,9 @@ BEGIN
     -- other's children never created): refused, the error undoing the UPDATE. Looked
     -- for only when fewer jobs were completed than named, as a repeat makes it.
     IF coalesce(cardinality(v_done), 0) < cardinality(p_job_ids) AND cardinality(p_job_ids) > 1 THEN
-        SELECT x INTO v_dup FROM unnest(p_job_ids) x GROUP BY x HAVING count(*) > 1 LIMIT 1;
+        SELECT x INTO v_dup FROM unnest(p_job_ids) x WHERE x IS NOT NULL GROUP BY x HAVING count(*) > 1 LIMIT 1;
         IF FOUND THEN
-            RAISE EXCEPTION '%: job_ids names job % more than once', p_label, coalesce(v_dup::text, 'NULL')
+            RAISE EXCEPTION '%: job_ids names job % more than once', p_label, v_dup
                 USING ERRCODE = 'invalid_parameter_value';
         END IF;
     END IF;

@@ -673,7 +673,7 @@ $$;
 CREATE FUNCTION pgqueue._check_queue_name(p_function text, p_queue text) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
-    IF p_queue IS NULL OR btrim(p_queue) = '' OR octet_length(p_queue) > 200 THEN
+    IF p_queue IS NULL OR btrim(p_queue, E' \t\n\r\f\x0B') = '' OR octet_length(p_queue) > 200 THEN
         RAISE EXCEPTION 'pgqueue.%: queue must be a non-empty string of at most 200 bytes, got %', p_function,
             CASE WHEN p_queue IS NULL THEN 'NULL'
                  WHEN octet_length(p_queue) > 200 THEN octet_length(p_queue) || ' bytes'
@@ -788,6 +788,8 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_queues text[];
 BEGIN
+    -- Its reads after the lock need fresh snapshots (as resume_queue's).
+    PERFORM pgqueue._check_read_committed('paused_queues: a queue resumed by hand');
     IF TG_OP = 'TRUNCATE' THEN
         v_queues := ARRAY(SELECT DISTINCT j.queue FROM pgqueue.jobs j WHERE j.queue_paused);
     ELSE
@@ -805,11 +807,16 @@ $$;
 CREATE TRIGGER paused_queues_deleted AFTER DELETE ON pgqueue.paused_queues
     REFERENCING OLD TABLE AS removed
     FOR EACH STATEMENT EXECUTE FUNCTION pgqueue._paused_queues_removed();
+CREATE TRIGGER paused_queues_renamed AFTER UPDATE ON pgqueue.paused_queues
+    REFERENCING OLD TABLE AS removed
+    FOR EACH STATEMENT EXECUTE FUNCTION pgqueue._paused_queues_removed();
 CREATE TRIGGER paused_queues_truncated AFTER TRUNCATE ON pgqueue.paused_queues
     FOR EACH STATEMENT EXECUTE FUNCTION pgqueue._paused_queues_removed();
 COMMENT ON TRIGGER paused_queues_deleted ON pgqueue.paused_queues IS
     'A queue no longer paused (resume_queue, or a hand DELETE) has its jobs'' pause flags cleared and its '
     'workers woken; left flagged, they would never be claimed.';
+COMMENT ON TRIGGER paused_queues_renamed ON pgqueue.paused_queues IS
+    'As paused_queues_deleted, for an UPDATE: a queue no longer named in the table is resumed.';
 COMMENT ON TRIGGER paused_queues_truncated ON pgqueue.paused_queues IS
     'As paused_queues_deleted, for TRUNCATE: every flagged job''s queue is resumed.';
 
@@ -845,7 +852,9 @@ COMMENT ON TRIGGER jobs_queue_changed ON pgqueue.jobs IS
 CREATE FUNCTION pgqueue._queue_limits_changed() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    -- Under a lock of its own (changes of two queues take turns here), read after it.
+    -- Under a lock of its own (changes of two queues take turns here), read after it:
+    -- with a fresh snapshot (under REPEATABLE READ a limit set meanwhile went unseen).
+    PERFORM pgqueue._check_read_committed('queue_limits: a limit written by hand');
     PERFORM pg_advisory_xact_lock(pgqueue._lock_class('limits'), 0);
     PERFORM pgqueue._set_any_queue_limit(EXISTS (SELECT 1 FROM pgqueue.queue_limits));
     RETURN NULL;

@@ -492,6 +492,16 @@ class Executor:
         try:
             with anyio.move_on_after(job_type.timeout) as deadline:
                 attempt = await self._invoke(job_type, job)
+        except asyncio.CancelledError:
+            # The timeout's cancellation, let out of its scope because the handler's own
+            # code also cancelled its task (the scope swallows only when no other request
+            # is pending): released uncounted, it stopped the worker, and the next one.
+            # Outside the scope, a cancelled enclosing scope (shutdown) says it is not that.
+            task = asyncio.current_task()
+            if task is None or not deadline.cancel_called or _cancelled_by_worker():
+                raise
+            while task.cancelling():
+                task.uncancel()
         finally:
             timer.cancel()
         # Past the deadline, what the handler did after catching its cancellation (a result

@@ -27,7 +27,7 @@ from pgqueue.dsn import check_dsn, create_pool
 from pgqueue.worker import bounded
 from pgqueue.worker.aborts import abort_loop
 from pgqueue.worker.completer import Completer
-from pgqueue.worker.executor import Executor
+from pgqueue.worker.executor import IGNORED_TIMEOUT_WARNING, Executor
 from pgqueue.worker.heartbeat import Period, heartbeat_loop, read_stale_after
 from pgqueue.worker.leader import every_period, leader_outage, recovery_round, retention_round
 from pgqueue.worker.notifier import Notifier
@@ -254,6 +254,10 @@ class Worker:
                 schedules.cancel()
                 await self._drain(executor, completer)
                 jobs.cancel_scope.cancel()  # idle runners stop; busy ones release their job
+                stuck = asyncio.get_running_loop().call_later(
+                    IGNORED_TIMEOUT_WARNING, self._warn_stuck, executor
+                )
+            stuck.cancel()
             if completer.give_up_at == math.inf:
                 # Not started by _drain (nothing was left then): the writes still to come
                 # (releases, the last sweep) are bounded all the same.
@@ -263,6 +267,22 @@ class Worker:
             await producer.release_lost_claims_at_stop()
             services.cancel_scope.cancel()
         self.logger.info("worker %s stopped", self.id, extra={"worker": self.id})
+
+    def _warn_stuck(self, executor: Executor) -> None:
+        """Handlers still running well after their cancellation (plain defs aside, which
+        are waited for knowingly) catch it and carry on: the worker cannot exit before
+        they return, and nothing else would say why it does not."""
+        stuck = len(executor.running) - executor.in_threads
+        if stuck > 0:
+            self.logger.warning(
+                "%d handler(s) still running %gs after this worker cancelled them: they catch"
+                " the cancellation (CancelledError) and carry on, and the worker exits only"
+                " when they return (SIGKILL ends it now; stale recovery then requeues their"
+                " jobs). Job(s): %s",
+                stuck,
+                IGNORED_TIMEOUT_WARNING,
+                ", ".join(str(job_id) for job_id in sorted(executor.running)),
+            )
 
     async def _run_schedules(self, pool: asyncpg.Pool, scope: anyio.CancelScope) -> None:
         with scope:

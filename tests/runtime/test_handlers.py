@@ -175,6 +175,16 @@ async def test_handlers_that_raise_unusual_things_fail_their_attempt_and_the_wor
         asyncio.get_running_loop().call_later(0.05, task.cancel)
         await asyncio.sleep(30)
 
+    @app.job("cancels_itself_past_timeout", timeout=0.1)
+    async def cancels_itself_past_timeout(job: pgqueue.Job) -> None:
+        try:
+            await anyio.sleep(30)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            assert task is not None
+            task.cancel()
+            await asyncio.sleep(0)
+
     @app.job("generator_exit")
     async def generator_exit(job: pgqueue.Job) -> None:
         raise GeneratorExit
@@ -193,6 +203,7 @@ async def test_handlers_that_raise_unusual_things_fail_their_attempt_and_the_wor
 
     kinds = [
         "cancels_itself",
+        "cancels_itself_past_timeout",
         "watchdog",
         "generator_exit",
         "generator_exit_in_thread",
@@ -219,6 +230,7 @@ async def test_handlers_that_raise_unusual_things_fail_their_attempt_and_the_wor
     # released, the worker stopped); a GeneratorExit crashed it and stranded the job.
     assert "CancelledError" in errors["cancels_itself"]
     assert "CancelledError" in errors["watchdog"]
+    assert errors["cancels_itself_past_timeout"] == "timed out after 0.1s"
     assert "GeneratorExit" in errors["generator_exit"]
     assert "GeneratorExit" in errors["generator_exit_in_thread"]
     # 50 MB in, 50 MB stored per attempt (and logged): the middle is cut.
@@ -236,6 +248,48 @@ async def test_handlers_that_raise_unusual_things_fail_their_attempt_and_the_wor
         "SELECT attempts FROM pgqueue.jobs WHERE id = ANY($1)", list(ids.values())
     )
     assert [r["attempts"] for r in attempts] == [1] * len(kinds)
+
+
+async def test_a_handler_that_catches_its_cancellation_and_carries_on_is_named(
+    conn: asyncpg.Connection,
+    db_dsn: str,
+    records: tuple[logging.Logger, Records],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Cancelled again at each await, such a handler spun the worker's CPU, held its job past
+    its timeout and kept the worker from exiting, and nothing in the log said why."""
+    from pgqueue.worker import worker as worker_module
+
+    monkeypatch.setattr(executor, "IGNORED_TIMEOUT_WARNING", 0.2)
+    monkeypatch.setattr(worker_module, "IGNORED_TIMEOUT_WARNING", 0.2)
+    logger, log = records
+    app = pgqueue.App()
+    release = anyio.Event()
+
+    async def stubborn(job: pgqueue.Job) -> None:
+        while not release.is_set():
+            try:
+                await anyio.sleep(0.01)
+            except asyncio.CancelledError:
+                pass
+
+    app.job("timed", timeout=0.1, max_attempts=1)(stubborn)
+    app.job("untimed", max_attempts=1)(stubborn)
+    timed = await app.enqueue(conn, "timed")
+    async with running(app, db_dsn, logger=logger):
+        await wait_until(functools.partial(log.logged, "0.2s past its timeout of 0.1s"))
+        release.set()
+        await wait_for_states(conn, [timed], "failed")
+    release = anyio.Event()
+    untimed = await app.enqueue(conn, "untimed")
+    worker = pgqueue.Worker(app, db_dsn, handle_signals=False, grace=0.1, logger=logger)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        await wait_for_states(conn, [untimed], "running")
+        worker.stop()
+        await wait_until(functools.partial(log.logged, "still running 0.2s after this worker"))
+        release.set()
+    assert log.count(f"Job(s): {untimed}") == 1
 
 
 async def test_a_job_whose_row_python_cannot_read_fails_and_the_others_run(

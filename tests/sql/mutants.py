@@ -169,13 +169,15 @@ MUTANTS: dict[str, Mutant] = {
         "RETURN NULL;",
         "test_abort.py::test_an_abort_waits_for_a_failure_under_way_and_cancels_the_requeued_job",
     ),
-    # resume_queue without the pause lock: it does not wait for an enqueue under way that
-    # flags its jobs, misses them, and they stay out of the claim index for good.
-    "resume_without_pause_lock": Mutant(
-        "pgqueue.resume_queue(text)",
-        "    PERFORM pg_advisory_xact_lock(pgqueue._lock_class('pause'), hashtext(resume_queue.queue));\n",
-        "",
-        "test_pause.py::test_a_resume_waits_for_an_enqueue_that_flagged_jobs_and_clears_them",
+    # A queue leaving paused_queues (resume_queue's DELETE, or a hand one) cleared its jobs'
+    # flags without the pause lock: it does not wait for an enqueue under way that flags
+    # its jobs, misses them, and they stay out of the claim index for good. (resume_queue
+    # takes the lock before its DELETE as well, so the hand DELETE is the case that shows it.)
+    "unpause_without_pause_lock": Mutant(
+        "pgqueue._paused_queues_removed()",
+        "PERFORM pgqueue._lock_pause(v_queues);",
+        "NULL;",
+        "test_pause.py::test_a_resume_waits_for_an_enqueue_that_flagged_jobs_and_clears_them[delete]",
     ),
     # _hold_paused waiting for the queue's lock instead of trying it: a transaction holding a
     # row that a resume (holding the lock) waits for deadlocks with it.
@@ -434,19 +436,14 @@ MUTANTS: dict[str, Mutant] = {
         "WHERE false AND",
         "test_pipelines.py::test_completion_creating_children_takes_the_pipeline_lock_before_its_rows[given-complete]",
     ),
-    # enqueue locking its dependencies before the pending job its key merges into (in the
-    # INSERT's ON CONFLICT), not with them in id order: two such enqueues deadlock.
-    "enqueue_merges_after_dependencies": Mutant(
+    # enqueue merging into a pending job by the INSERT's ON CONFLICT DO UPDATE (a lock for
+    # update) instead of FOR SHARE: two enqueues each merging into the other's dependency,
+    # which each holds shared, deadlock.
+    "enqueue_merges_for_update": Mutant(
         "pgqueue.enqueue(text,jsonb,text,jsonb,text,timestamp with time zone,integer,integer,uuid,jsonb,bigint[])",
-        "PERFORM pgqueue._lock_merges_and_dependencies(ARRAY[enqueue.dedup_key], v_deps);",
-        "NULL;",
-        "test_dedup_races.py::test_enqueues_merging_into_each_others_dependency_take_turns[enqueue]",
-    ),
-    "enqueue_many_merges_after_dependencies": Mutant(
-        "pgqueue._insert_specs(jsonb,uuid,bigint,text,boolean,integer)",
-        "IF v_dep_ids IS NOT NULL AND p_specs @? '$[*].dedup_key ? (@ != null)' THEN",
-        "IF false THEN",
-        "test_dedup_races.py::test_enqueues_merging_into_each_others_dependency_take_turns[enqueue_many]",
+        "WHERE j.dedup_key = enqueue.dedup_key AND j.state IN ('waiting', 'queued')\n        FOR SHARE;",
+        "WHERE false;",
+        "test_dedup_races.py::test_enqueues_merging_into_each_others_dependency_take_turns",
     ),
     # a transition that forgets to unblock the scope's next job.
     "fail_keeps_next_blocked": Mutant(

@@ -212,6 +212,12 @@ CASES = [
         f' "next_jobs": [{{"job_type": "x", "pipeline_id": "{P2}"}}]}}]\')',
         "enqueue_many[0]: next_jobs[0]: pipeline_id differs from the parent's",
     ),
+    # Blank is any whitespace, not only spaces.
+    ("SELECT pgqueue.enqueue(E'\\t\\n')", "job_type must be a non-empty string"),
+    (
+        'SELECT pgqueue.enqueue_many(\'[{"job_type": "t", "queue": "\\t"}]\')',
+        "queue must be a non-empty string of at most 200 bytes",
+    ),
     # Past the claim indexes' row size, named by the parameter, not the index.
     (
         "SELECT pgqueue.enqueue('t', dedup_key => repeat('k', 1001))",

@@ -271,32 +271,77 @@ async def test_retry_takes_its_pipeline_lock_and_dedup_key_before_its_row(
     assert tuple(row) == ("queued", "k")
 
 
-@pytest.mark.parametrize("call", ["enqueue", "enqueue_many"])
-async def test_enqueues_merging_into_each_others_dependency_take_turns(
-    connect: Connect, call: str
-) -> None:
+async def _done_or_blocked(observer: Connect, session: Session, step: asyncio.Task[int]) -> None:
+    """Return once ``step`` has finished or its session waits on another backend's lock."""
+    deadline = asyncio.get_running_loop().time() + 15
+    while not step.done():
+        if await observer.fetchval("SELECT cardinality(pg_blocking_pids($1)) > 0", session.pid):
+            return
+        assert asyncio.get_running_loop().time() < deadline, (
+            f"{session.name} neither ran nor waited"
+        )
+        await asyncio.wait({step}, timeout=0.005)  # the observer's polling interval
+
+
+async def test_enqueues_merging_into_each_others_dependency_take_turns(connect: Connect) -> None:
     """Two enqueues, each depending on the pending job the other's key merges into: A's
-    dependency is X and its key merges into Y, B's the other way round. Each locked its
-    dependency, then the job it merged into: A held X and waited for Y, B held Y and waited
-    for X (40P01). A third session holding Y (shared) lines them up: A waits for it, B for
-    A; then both go through."""
+    dependency is X and its key merges into Y, B's the other way round. Each share-locked
+    its dependency, then locked the job it merged into for update (ON CONFLICT DO UPDATE):
+    with a third session holding Y shared, A held X and waited for Y, B held Y and waited
+    for X, and once the third let go, A waited for B's share of Y (40P01). A merge holds its
+    job FOR SHARE now, which neither the other merge nor a dependency's lock waits for."""
     observer, holder, a, b = await sessions(connect, "obs", "holder", "a", "b")
     x = await observer.fetchval("SELECT pgqueue.enqueue('x', dedup_key => 'kx')")
     y = await observer.fetchval("SELECT pgqueue.enqueue('y', dedup_key => 'ky')")
     await holder.begin()
     await holder.fetchval("SELECT id FROM pgqueue.jobs WHERE id = $1 FOR SHARE", y)
-
-    def enqueue(session: Session, key: str, dependency: int) -> asyncio.Task[int]:
-        if call == "enqueue":
-            sql = "SELECT pgqueue.enqueue('j', dedup_key => $1, depends_on => ARRAY[$2]::bigint[])"
-            return session.start(session.fetchval(sql, key, dependency))
-        spec = [{"job_type": "j", "dedup_key": key, "depends_on": [dependency]}]
-        return session.start(session.fetchval("SELECT pgqueue.enqueue_many($1::jsonb)", spec))
-
-    into_y = enqueue(a, "ky", x)
-    await wait_blocked(observer.conn, a)  # on Y, the holder's
-    into_x = enqueue(b, "kx", y)
-    await wait_blocked(observer.conn, b)  # on X, which A holds
+    sql = "SELECT pgqueue.enqueue('j', dedup_key => $1, depends_on => ARRAY[$2]::bigint[])"
+    into_y = a.start(a.fetchval(sql, "ky", x))
+    await _done_or_blocked(observer.conn, a, into_y)
+    into_x = b.start(b.fetchval(sql, "kx", y))
+    await _done_or_blocked(observer.conn, b, into_x)
     await holder.commit()
     assert await into_y == y and await into_x == x
     assert await observer.fetchval("SELECT count(*) FROM pgqueue.jobs") == 2
+
+
+async def test_an_enqueue_merging_into_a_waiting_dependent_waits_for_its_dependency_first(
+    connect: Connect,
+) -> None:
+    """R waits on X and holds key K. A batch completion of X and D holds both rows, then
+    locks R (queued now). An enqueue of K depending on D must wait for D before it takes R:
+    taking R first (in id order with its dependencies, as one fix tried) it held R while it
+    waited for D, and the completion waited for R (40P01). A third session holding the key
+    of a child of D lines them up: the completion holds X and D while it waits for it."""
+    observer, keyholder, completer, enqueuer = await sessions(
+        connect, "obs", "keyholder", "completer", "enqueuer"
+    )
+    x = await observer.fetchval("SELECT pgqueue.enqueue('x')")
+    r = await observer.fetchval(
+        "SELECT pgqueue.enqueue('r', dedup_key => 'K', depends_on => ARRAY[$1]::bigint[])", x
+    )
+    d = await observer.fetchval("SELECT pgqueue.enqueue('d')")
+    for job in (x, d):
+        assert len(await observer.fetch("SELECT id FROM pgqueue.claim($1, 'w')", job)) == 1
+    await keyholder.begin()
+    await keyholder.fetchval("SELECT pgqueue.enqueue('k2', dedup_key => 'K2')")
+    completion = completer.start(
+        completer.fetchval(
+            "SELECT count(*) FROM pgqueue.complete_many('w', ARRAY[$1, $2]::bigint[], NULL,"
+            " ARRAY['[]', $3]::jsonb[])",
+            x,
+            d,
+            [{"job_type": "child", "dedup_key": "K2"}],
+        )
+    )
+    await wait_blocked(observer.conn, completer)  # holding X and D, on the key K2
+    merge = enqueuer.start(
+        enqueuer.fetchval(
+            "SELECT pgqueue.enqueue('z', dedup_key => 'K', depends_on => ARRAY[$1]::bigint[])", d
+        )
+    )
+    await wait_blocked(observer.conn, enqueuer)  # on D
+    await keyholder.commit()
+    assert await completion == 2
+    assert await merge == r
+    assert await observer.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", r) == "queued"

@@ -347,20 +347,27 @@ async def test_a_head_freed_while_a_resume_commits_is_still_notified(
     assert await _claim_next(conn) == [head]
 
 
+@pytest.mark.parametrize("how", ["resume", "delete"])
 async def test_a_resume_waits_for_an_enqueue_that_flagged_jobs_and_clears_them(
-    conn: asyncpg.Connection, connect: Connect
+    conn: asyncpg.Connection, connect: Connect, how: str
 ) -> None:
     """An enqueue under way in the paused queue holds the queue's pause lock shared; the
-    resume waits for its commit, then sees and clears its job's flag."""
+    resume (or a hand DELETE of the queue's row) waits for its commit, then sees and clears
+    its job's flag."""
     app, operator = await sessions(connect, "app", "operator")
     await conn.fetchval(PAUSE, "p")
     await app.begin()
     job = await app.fetchval("SELECT pgqueue.enqueue('t', queue => 'p')")
-    resume = operator.start(operator.fetchval(RESUME, "p"))
+    if how == "resume":
+        resume = operator.start(operator.fetchval(RESUME, "p"))
+    else:
+        resume = operator.start(
+            operator.execute("DELETE FROM pgqueue.paused_queues WHERE queue = 'p'")
+        )
     await wait_blocked(conn, operator)
     assert await lock_wait_kind(conn, operator) == "advisory"
     await app.commit()
-    assert await resume is True
+    assert await resume in (True, "DELETE 1")
     assert await _ids(conn, FLAGGED) == []
     assert await _claim_next(conn) == [job]
 
@@ -486,7 +493,7 @@ async def test_a_pause_locks_rows_in_id_order_and_never_deadlocks_with_cancel_pi
     assert await _ids(conn, FLAGGED) == [j0]
 
 
-@pytest.mark.parametrize("how", ["delete", "truncate", "move"])
+@pytest.mark.parametrize("how", ["delete", "truncate", "rename", "move"])
 async def test_a_queue_unpaused_by_hand_hands_out_its_jobs(
     conn: asyncpg.Connection, connect: Connect, how: str
 ) -> None:
@@ -500,6 +507,8 @@ async def test_a_queue_unpaused_by_hand_hands_out_its_jobs(
         await conn.execute("DELETE FROM pgqueue.paused_queues WHERE queue = 'p'")
     elif how == "truncate":
         await conn.execute("TRUNCATE pgqueue.paused_queues")
+    elif how == "rename":
+        await conn.execute("UPDATE pgqueue.paused_queues SET queue = 'other' WHERE queue = 'p'")
     else:
         await conn.execute("UPDATE pgqueue.jobs SET queue = 'q' WHERE id = $1", job)
         queue = "q"
