@@ -356,12 +356,12 @@ CREATE INDEX jobs_pipeline ON pgqueue.jobs (pipeline_id) WHERE pipeline_id IS NO
 -- Jobs flagged paused (see pause_queue), for the resume that clears them: an
 -- index of the few flagged rows instead of a read of the whole table.
 CREATE INDEX jobs_paused ON pgqueue.jobs (queue) WHERE queue_paused;
--- Running pipeline members with stored next_jobs: a completion locks the
--- pipelines it will create children in before it locks its rows, and reads
--- them here (see _complete). Only such parents have an entry, so a batch of
--- plain jobs costs one probe of a near-empty index, not a read of every row.
+-- Running jobs with stored next_jobs: a completion locks the pipelines and
+-- dedup keys of the children it will create before it locks its rows, and
+-- reads them here (see _complete). Only such parents have an entry, so a batch
+-- of plain jobs costs one probe of a near-empty index, not a read of every row.
 CREATE INDEX jobs_running_parents ON pgqueue.jobs (locked_by)
-    WHERE state = 'running' AND next_jobs IS NOT NULL AND pipeline_id IS NOT NULL;
+    WHERE state = 'running' AND next_jobs IS NOT NULL;
 -- What prune and retention delete, oldest first. A scope's current job is never
 -- pruned, so it is left out: kept for good, it would be read again by every
 -- retention round (is_current changes already make the update non-HOT).

@@ -249,6 +249,7 @@ AS $$
 DECLARE
     v_done bigint[];
     v_given bigint[];  -- the jobs of the batch given next_jobs here
+    v_keys text[];  -- their children's dedup keys
     v_dup bigint;
     v_parents bigint[];
     v_pipelines uuid[];
@@ -268,23 +269,30 @@ BEGIN
             (SELECT jsonb_typeof(n) FROM unnest(p_next_jobs) n WHERE jsonb_typeof(n) <> 'array' LIMIT 1)
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    -- The pipelines this batch creates children in, locked before any row, as
-    -- every pgqueue transaction takes a pipeline's lock before its members'
-    -- rows (cancel_pipeline, an enqueue into the pipeline that depends on a
-    -- member, fail, retry). Locked after the batch's rows, they deadlocked with
-    -- those (40P01). The parents with stored specs are read from
-    -- jobs_running_parents, which holds only such jobs: a batch of plain jobs
-    -- costs one probe of a near-empty index. (A parent without a pipeline,
-    -- NULL below, gets a new one that nobody else can hold.)
+    -- The pipelines this batch creates children in and its children's dedup keys,
+    -- locked before any row, as every pgqueue transaction takes them before rows:
+    -- an enqueue into the pipeline, or of the key, that depends on a member holds
+    -- the lock and then share-locks the member. Locked after the batch's rows,
+    -- each deadlocked with such an enqueue (40P01). The parents with stored specs
+    -- are read from jobs_running_parents, which holds only such jobs: a batch of
+    -- plain jobs costs one probe of a near-empty index. (A parent without a
+    -- pipeline, NULL below, gets a new one that nobody else can hold.)
+    SELECT coalesce(array_agg(DISTINCT j.pipeline_id) FILTER (WHERE j.pipeline_id IS NOT NULL), '{}'),
+           coalesce(array_agg(DISTINCT e.s->>'dedup_key') FILTER (WHERE e.s->>'dedup_key' IS NOT NULL), '{}')
+      INTO v_pipelines, v_keys
+      FROM pgqueue.jobs j
+      LEFT JOIN LATERAL jsonb_array_elements(j.next_jobs) e(s) ON true
+     WHERE j.locked_by = p_worker AND j.state = 'running' AND j.next_jobs IS NOT NULL
+       AND j.id = ANY (p_job_ids);
     v_given := ARRAY(SELECT u.id FROM unnest(p_job_ids, p_next_jobs) AS u(id, specs) WHERE u.specs <> '[]');
-    v_pipelines := ARRAY(
-        SELECT j.pipeline_id FROM pgqueue.jobs j
-        WHERE j.locked_by = p_worker AND j.state = 'running' AND j.next_jobs IS NOT NULL
-          AND j.pipeline_id IS NOT NULL AND j.id = ANY (p_job_ids)
-        UNION
-        SELECT j.pipeline_id FROM pgqueue.jobs j
-        WHERE cardinality(v_given) > 0 AND j.id = ANY (v_given)
-          AND j.state = 'running' AND j.locked_by = p_worker);
+    IF cardinality(v_given) > 0 THEN
+        -- No "pipeline_id IS NOT NULL" here: the plan would read jobs_pipeline whole.
+        v_pipelines := v_pipelines || ARRAY(SELECT j.pipeline_id FROM pgqueue.jobs j
+                                            WHERE j.id = ANY (v_given) AND j.state = 'running'
+                                              AND j.locked_by = p_worker);
+        v_keys := v_keys || ARRAY(SELECT e.s->>'dedup_key' FROM unnest(p_next_jobs) n, jsonb_array_elements(n) e(s)
+                                  WHERE jsonb_typeof(e.s) = 'object' AND e.s->>'dedup_key' IS NOT NULL);
+    END IF;
     IF cardinality(v_pipelines) > 0 THEN
         PERFORM pgqueue._lock_pipelines(v_pipelines);
     END IF;
@@ -297,6 +305,9 @@ BEGIN
         IF v_scopes IS NOT NULL THEN
             PERFORM pgqueue._lock_scope_order(v_scopes);
         END IF;
+    END IF;
+    IF cardinality(v_keys) > 0 THEN  -- after the scopes' order locks, as everywhere
+        PERFORM pgqueue._lock_dedup_keys(v_keys);
     END IF;
     WITH input AS (
         SELECT u.id, u.result, u.next_jobs
@@ -340,10 +351,8 @@ BEGIN
     -- Creating children takes their pipelines' locks and their dedup keys':
     -- take them, in that order, before the rows of waiting dependents are
     -- locked below, as cancel_pipeline takes a pipeline's lock before its
-    -- members' rows (the other order deadlocked). The pipelines' are held
-    -- already (taken again here for a parent's new pipeline, without a wait).
-    -- The keys' come after the batch's own rows: an enqueue holding a key waits
-    -- only for the pending job it merges into, never for a running one.
+    -- members' rows (the other order deadlocked). Both are held already (taken
+    -- again here for a parent's new pipeline, without a wait).
     IF v_parents IS NOT NULL THEN
         PERFORM pgqueue._lock_pipelines(v_pipelines);
         -- The children's dedup keys too, for the same reason: an enqueue of a key

@@ -425,9 +425,17 @@ MUTANTS: dict[str, Mutant] = {
     # member holds while it waits for the row.
     "complete_locks_stored_childrens_pipeline_late": Mutant(
         "pgqueue._complete(text,bigint[],jsonb[],jsonb[],text)",
-        "AND j.pipeline_id IS NOT NULL AND j.id = ANY (p_job_ids)",
-        "AND false",
+        "       AND j.id = ANY (p_job_ids);\n    v_given",
+        "       AND false;\n    v_given",
         "test_pipelines.py::test_completion_creating_children_takes_the_pipeline_lock_before_its_rows[stored-complete_many]",
+    ),
+    # the same for the children's dedup keys: an enqueue of the key that depends on the
+    # member holds the key's lock, then share-locks the member.
+    "complete_locks_childrens_keys_late": Mutant(
+        "pgqueue._complete(text,bigint[],jsonb[],jsonb[],text)",
+        "PERFORM pgqueue._lock_dedup_keys(v_keys);",
+        "NULL;",
+        "test_pipelines.py::test_completion_creating_keyed_children_takes_their_keys_before_its_rows[given]",
     ),
     # the same for the children given to the call.
     "complete_locks_given_childrens_pipeline_late": Mutant(

@@ -258,6 +258,46 @@ async def test_completion_creating_children_takes_the_pipeline_lock_before_its_r
     assert rows[1]["id"] == dependent
 
 
+@pytest.mark.parametrize("specs", ["stored", "given"])
+async def test_completion_creating_keyed_children_takes_their_keys_before_its_rows(
+    connect: Connect, specs: str
+) -> None:
+    """As above for the children's dedup keys: an enqueue of the key that depends on the
+    completing job holds the key's lock, then share-locks the job. The completion locked
+    its row first and then the key (40P01): the coalescing pattern, an aggregation chained
+    by each recalculation and enqueued by the application after one."""
+    observer, enqueuer, worker = await sessions(connect, "obs", "enqueue", "worker")
+    kids = [{"job_type": "agg", "dedup_key": "agg:2024"}]
+    member = await observer.fetchval(
+        "SELECT pgqueue.enqueue('recalc', next_jobs => $1)", kids if specs == "stored" else None
+    )
+    await _claim(observer.conn, member)
+    await enqueuer.begin()
+    await enqueuer.fetchval("SELECT pgqueue._lock_dedup_key('agg:2024')")
+    step = worker.start(
+        worker.fetchval(
+            "SELECT pgqueue.complete($1, 'w', next_jobs => $2)",
+            member,
+            kids if specs == "given" else [],
+        )
+    )
+    await wait_blocked(observer.conn, worker)
+    assert await lock_wait_kind(observer.conn, worker) == "advisory"
+    assert await observer.fetchval(ROW_IS_FREE, member) == member
+    agg = await enqueuer.fetchval(
+        "SELECT pgqueue.enqueue('agg', dedup_key => 'agg:2024', depends_on => ARRAY[$1]::bigint[])",
+        member,
+    )
+    await enqueuer.commit()
+    assert await step is True
+    rows = await observer.fetch("SELECT id, job_type, state FROM pgqueue.jobs ORDER BY id")
+    # The child merged into the application's job, which its dependency's success queued.
+    assert [(r["id"], r["job_type"], r["state"]) for r in rows] == [
+        (member, "recalc", "succeeded"),
+        (agg, "agg", "queued"),
+    ]
+
+
 async def test_running_member_of_cancelled_pipeline_is_not_retried(connect: Connect) -> None:
     conn = await json_codecs(await connect())
     pipeline = uuid.uuid4()
