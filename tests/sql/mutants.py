@@ -440,8 +440,8 @@ MUTANTS: dict[str, Mutant] = {
     # the same for the children given to the call.
     "complete_locks_given_childrens_pipeline_late": Mutant(
         "pgqueue._complete(text,bigint[],jsonb[],jsonb[],text)",
-        "WHERE cardinality(v_given) > 0 AND",
-        "WHERE false AND",
+        "WHERE j.id = ANY (v_given) AND j.state = 'running'",
+        "WHERE false",
         "test_pipelines.py::test_completion_creating_children_takes_the_pipeline_lock_before_its_rows[given-complete]",
     ),
     # enqueue merging into a pending job by the INSERT's ON CONFLICT DO UPDATE (a lock for
