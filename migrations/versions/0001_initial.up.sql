@@ -1115,6 +1115,8 @@ DECLARE
     v_new bigint[];
     v_ids bigint[];
     v_merged bigint[];
+    v_held_keys text[];  -- keys of pending jobs the specs merge into, and those jobs
+    v_held_ids bigint[];
     v_dep_ids bigint[];
     v_succeeded bigint[] := '{}';
     v_bad record;
@@ -1266,20 +1268,37 @@ BEGIN
     SELECT array_agg(nextval('pgqueue.jobs_id_seq')) INTO v_new FROM generate_series(1, v_n);
 
     IF p_specs @? '$[*].dedup_key ? (@ != null)' THEN
+        -- The pending jobs the keys merge into, held FOR SHARE in id order (so none is
+        -- claimed or finished before this transaction ends) and used instead of new
+        -- ones, as enqueue() does: locked for update by the INSERT's ON CONFLICT, two
+        -- batches each merging into the other's dependency deadlocked. After the
+        -- dependencies' locks; the keys' locks are held, so no other job takes a key
+        -- meanwhile, and one that left pending while this waited is not found: its
+        -- spec is inserted.
+        SELECT coalesce(array_agg(h.dedup_key ORDER BY h.id), '{}'), coalesce(array_agg(h.id ORDER BY h.id), '{}')
+          INTO v_held_keys, v_held_ids
+          FROM (SELECT j.id, j.dedup_key FROM pgqueue.jobs j
+                WHERE j.dedup_key = ANY (ARRAY(SELECT e.s->>'dedup_key' FROM jsonb_array_elements(p_specs) e(s)))
+                  AND j.state IN ('waiting', 'queued')
+                ORDER BY j.id FOR SHARE) h;
         WITH ins AS (
             INSERT INTO pgqueue.jobs AS j
                 (id, queue, job_type, payload, state, priority, scope, dedup_key, max_attempts, run_after,
                  pipeline_id, parent_id, next_jobs, finished_at, last_error, scope_blocked)
             SELECT * FROM pgqueue._spec_rows(p_specs, v_new, v_succeeded, v_cancelled, v_block, v_max_attempts,
-                                             p_pipeline_id, p_parent_id)
-            -- A pending job with the key already exists: lock it (so it cannot be
-            -- claimed and finished before our dependents on it commit) and return it.
+                                             p_pipeline_id, p_parent_id) r
+            WHERE r.dedup_key IS NULL OR r.dedup_key <> ALL (v_held_keys)
+            -- A pending job with the key that the look above missed (written without
+            -- the key's lock: by hand): lock it and return it.
             ON CONFLICT (dedup_key) WHERE state IN ('waiting', 'queued') AND dedup_key IS NOT NULL
             DO UPDATE SET dedup_key = excluded.dedup_key
             RETURNING j.id, j.dedup_key
         )
-        SELECT array_agg(coalesce(i.id, v_new[e.ord]) ORDER BY e.ord),
-               array_agg(i.id) FILTER (WHERE i.id <> ALL (v_new))
+        SELECT array_agg(coalesce(i.id, v_held_ids[array_position(v_held_keys, e.s->>'dedup_key')], v_new[e.ord])
+                         ORDER BY e.ord),
+               array_agg(coalesce(i.id, v_held_ids[array_position(v_held_keys, e.s->>'dedup_key')]))
+                   FILTER (WHERE coalesce(i.id, v_held_ids[array_position(v_held_keys, e.s->>'dedup_key')])
+                                 <> ALL (v_new))
           INTO v_ids, v_merged
         FROM jsonb_array_elements(p_specs) WITH ORDINALITY AS e(s, ord)
         LEFT JOIN ins i ON i.dedup_key = e.s->>'dedup_key';

@@ -451,7 +451,24 @@ MUTANTS: dict[str, Mutant] = {
         "pgqueue.enqueue(text,jsonb,text,jsonb,text,timestamp with time zone,integer,integer,uuid,jsonb,bigint[])",
         "WHERE j.dedup_key = enqueue.dedup_key AND j.state IN ('waiting', 'queued')\n        FOR SHARE;",
         "WHERE false;",
-        "test_dedup_races.py::test_enqueues_merging_into_each_others_dependency_take_turns",
+        "test_dedup_races.py::test_enqueues_merging_into_each_others_dependency_take_turns[enqueue]",
+    ),
+    # enqueue locking the pending job its key merges into before its dependencies (as one
+    # fix tried, in id order): it holds that job, a waiting dependent of a job a batch
+    # completion holds, while it waits for another job of that batch.
+    "enqueue_locks_merge_before_dependencies": Mutant(
+        "pgqueue.enqueue(text,jsonb,text,jsonb,text,timestamp with time zone,integer,integer,uuid,jsonb,bigint[])",
+        "        v_succeeded := pgqueue._lock_dependencies(v_deps, 'pgqueue.enqueue');",
+        "        PERFORM 1 FROM pgqueue.jobs m WHERE m.dedup_key = enqueue.dedup_key"
+        " AND m.state IN ('waiting', 'queued') FOR NO KEY UPDATE;\n"
+        "        v_succeeded := pgqueue._lock_dependencies(v_deps, 'pgqueue.enqueue');",
+        "test_dedup_races.py::test_an_enqueue_merging_into_a_waiting_dependent_waits_for_its_dependency_first",
+    ),
+    "enqueue_many_merges_for_update": Mutant(
+        "pgqueue._insert_specs(jsonb,uuid,bigint,text,boolean,integer)",
+        "                  AND j.state IN ('waiting', 'queued')\n                ORDER BY j.id FOR SHARE) h;",
+        "                  AND false) h;",
+        "test_dedup_races.py::test_enqueues_merging_into_each_others_dependency_take_turns[enqueue_many]",
     ),
     # a transition that forgets to unblock the scope's next job.
     "fail_keeps_next_blocked": Mutant(
@@ -751,8 +768,8 @@ MUTANTS: dict[str, Mutant] = {
     # The queued job an enqueue's dedup key merged into (and holds) announced by nobody.
     "held_dedup_merge_unannounced": Mutant(
         "pgqueue.enqueue(text,jsonb,text,jsonb,text,timestamp with time zone,integer,integer,uuid,jsonb,bigint[])",
-        "IF NOT v_inserted THEN",
-        "IF false THEN",
+        "PERFORM pgqueue._announce_held(ARRAY[v_id]);",
+        "NULL;",
         "test_notify.py::test_a_queued_job_a_transaction_held_is_announced_at_its_commit[dedup_key]",
     ),
 }

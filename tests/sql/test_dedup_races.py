@@ -283,7 +283,10 @@ async def _done_or_blocked(observer: Connect, session: Session, step: asyncio.Ta
         await asyncio.wait({step}, timeout=0.005)  # the observer's polling interval
 
 
-async def test_enqueues_merging_into_each_others_dependency_take_turns(connect: Connect) -> None:
+@pytest.mark.parametrize("call", ["enqueue", "enqueue_many"])
+async def test_enqueues_merging_into_each_others_dependency_take_turns(
+    connect: Connect, call: str
+) -> None:
     """Two enqueues, each depending on the pending job the other's key merges into: A's
     dependency is X and its key merges into Y, B's the other way round. Each share-locked
     its dependency, then locked the job it merged into for update (ON CONFLICT DO UPDATE):
@@ -295,10 +298,17 @@ async def test_enqueues_merging_into_each_others_dependency_take_turns(connect: 
     y = await observer.fetchval("SELECT pgqueue.enqueue('y', dedup_key => 'ky')")
     await holder.begin()
     await holder.fetchval("SELECT id FROM pgqueue.jobs WHERE id = $1 FOR SHARE", y)
-    sql = "SELECT pgqueue.enqueue('j', dedup_key => $1, depends_on => ARRAY[$2]::bigint[])"
-    into_y = a.start(a.fetchval(sql, "ky", x))
+
+    def enqueue(session: Session, key: str, dependency: int) -> asyncio.Task[int]:
+        if call == "enqueue":
+            sql = "SELECT pgqueue.enqueue('j', dedup_key => $1, depends_on => ARRAY[$2]::bigint[])"
+            return session.start(session.fetchval(sql, key, dependency))
+        spec = [{"job_type": "j", "dedup_key": key, "depends_on": [dependency]}]
+        return session.start(session.fetchval("SELECT pgqueue.enqueue_many($1::jsonb)", spec))
+
+    into_y = enqueue(a, "ky", x)
     await _done_or_blocked(observer.conn, a, into_y)
-    into_x = b.start(b.fetchval(sql, "kx", y))
+    into_x = enqueue(b, "kx", y)
     await _done_or_blocked(observer.conn, b, into_x)
     await holder.commit()
     assert await into_y == y and await into_x == x
@@ -309,39 +319,40 @@ async def test_an_enqueue_merging_into_a_waiting_dependent_waits_for_its_depende
     connect: Connect,
 ) -> None:
     """R waits on X and holds key K. A batch completion of X and D holds both rows, then
-    locks R (queued now). An enqueue of K depending on D must wait for D before it takes R:
-    taking R first (in id order with its dependencies, as one fix tried) it held R while it
-    waited for D, and the completion waited for R (40P01). A third session holding the key
-    of a child of D lines them up: the completion holds X and D while it waits for it."""
-    observer, keyholder, completer, enqueuer = await sessions(
-        connect, "obs", "keyholder", "completer", "enqueuer"
+    locks their waiting dependents in id order. An enqueue of K depending on D must wait for
+    D before it takes R: taking R first (in id order with its dependencies, as one fix
+    tried) it held R while it waited for D, and the completion waited for R (40P01). A third
+    session holding W (a dependent of X older than R) lines them up: the completion holds X
+    and D while it waits for W."""
+    observer, holder, completer, enqueuer = await sessions(
+        connect, "obs", "holder", "completer", "enqueuer"
     )
     x = await observer.fetchval("SELECT pgqueue.enqueue('x')")
+    w = await observer.fetchval("SELECT pgqueue.enqueue('w', depends_on => ARRAY[$1]::bigint[])", x)
     r = await observer.fetchval(
         "SELECT pgqueue.enqueue('r', dedup_key => 'K', depends_on => ARRAY[$1]::bigint[])", x
     )
     d = await observer.fetchval("SELECT pgqueue.enqueue('d')")
     for job in (x, d):
         assert len(await observer.fetch("SELECT id FROM pgqueue.claim($1, 'w')", job)) == 1
-    await keyholder.begin()
-    await keyholder.fetchval("SELECT pgqueue.enqueue('k2', dedup_key => 'K2')")
+    await holder.begin()
+    await holder.fetchval("SELECT id FROM pgqueue.jobs WHERE id = $1 FOR SHARE", w)
     completion = completer.start(
         completer.fetchval(
-            "SELECT count(*) FROM pgqueue.complete_many('w', ARRAY[$1, $2]::bigint[], NULL,"
-            " ARRAY['[]', $3]::jsonb[])",
-            x,
-            d,
-            [{"job_type": "child", "dedup_key": "K2"}],
+            "SELECT count(*) FROM pgqueue.complete_many('w', ARRAY[$1, $2]::bigint[])", x, d
         )
     )
-    await wait_blocked(observer.conn, completer)  # holding X and D, on the key K2
+    await wait_blocked(observer.conn, completer)  # holding X and D, on W
     merge = enqueuer.start(
         enqueuer.fetchval(
             "SELECT pgqueue.enqueue('z', dedup_key => 'K', depends_on => ARRAY[$1]::bigint[])", d
         )
     )
     await wait_blocked(observer.conn, enqueuer)  # on D
-    await keyholder.commit()
+    await holder.commit()
     assert await completion == 2
     assert await merge == r
-    assert await observer.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", r) == "queued"
+    states = await observer.fetch(
+        "SELECT state FROM pgqueue.jobs WHERE id = ANY($1::bigint[]) ORDER BY id", [w, r]
+    )
+    assert [s["state"] for s in states] == ["queued", "queued"]
