@@ -1015,6 +1015,35 @@ BEGIN
 END
 $$;
 
+-- The rows an enqueue holds shared while it decides: its dependencies, and the
+-- pending jobs its dedup keys merge into. Locked in the order transitions take
+-- rows: a completion, failure or cancellation holds its own job's row, then
+-- locks the pending jobs waiting on it in id order. So the dependencies that
+-- are not pending (running, finished, unknown) come first, then the pending
+-- ones with the merge targets, each group in id order. Dependencies first and
+-- the merge target last deadlocked (40P01) with a completion queueing both (the
+-- target the older); all in one id order, with a batch completion holding a
+-- dependency while it queued the target. The states are read unlocked: a job
+-- that changes state meanwhile can still meet a transition in 40P01 (rare).
+CREATE FUNCTION pgqueue._lock_before_deciding(p_deps bigint[], p_keys text[]) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_id bigint;
+BEGIN
+    FOR v_id IN
+        SELECT x.id
+        FROM (SELECT d AS id FROM unnest(p_deps) d WHERE d IS NOT NULL
+              UNION
+              SELECT j.id FROM pgqueue.jobs j
+              WHERE j.dedup_key = ANY (p_keys) AND j.state IN ('waiting', 'queued')) x
+        LEFT JOIN pgqueue.jobs c ON c.id = x.id
+        ORDER BY coalesce(c.state IN ('waiting', 'queued'), false), x.id
+    LOOP
+        PERFORM 1 FROM pgqueue.jobs j WHERE j.id = v_id FOR SHARE;
+    END LOOP;
+END
+$$;
+
 -- Queued jobs this transaction holds a row lock on and leaves queued (a
 -- dependency an enqueue share-locks, a pending job a dedup key merges into, a
 -- retry's dependencies): a claim running meanwhile skips them (SKIP LOCKED),
@@ -1210,6 +1239,11 @@ BEGIN
     FROM jsonb_array_elements(p_specs) e(s),
          jsonb_array_elements_text(coalesce(nullif(e.s->'depends_on', 'null'), '[]')) d
     WHERE p_specs @? '$[*].depends_on[*]';
+    IF v_dep_ids IS NOT NULL THEN  -- with the merge targets, in transitions' order (see there)
+        PERFORM pgqueue._lock_before_deciding(v_dep_ids, ARRAY(SELECT e.s->>'dedup_key'
+                                                               FROM jsonb_array_elements(p_specs) e(s)
+                                                               WHERE p_specs @? '$[*].dedup_key'));
+    END IF;
     IF v_dep_ids IS NOT NULL AND p_stored > 0 THEN
         -- The parent's stored specs (the first p_stored) were checked when they were
         -- stored; a dependency may have failed, been cancelled or pruned since. Their
@@ -1484,16 +1518,16 @@ BEGIN
         PERFORM pgqueue._lock_dedup_key(enqueue.dedup_key);
     END IF;
     IF cardinality(v_deps) > 0 THEN
+        PERFORM pgqueue._lock_before_deciding(v_deps, ARRAY[enqueue.dedup_key]);
         v_succeeded := pgqueue._lock_dependencies(v_deps, 'pgqueue.enqueue');
     END IF;
     -- The pending job the key merges into, held FOR SHARE (no claim or transition can
     -- take it before this transaction ends) and returned. Shared, not for update as the
     -- INSERT's ON CONFLICT below locks: two enqueues, each merging into the other's
-    -- dependency (which each holds shared), deadlocked on those locks (40P01). After the
-    -- dependencies: a completion holding one of them locks its waiting dependents, which
-    -- a merge target may be. Under the key's lock no other job can take the key
-    -- meanwhile; one that left pending while this waited is not found, and the INSERT
-    -- creates a job.
+    -- dependency (which each holds shared), deadlocked on those locks (40P01). With
+    -- dependencies, it was locked above in their order (_lock_before_deciding). Under
+    -- the key's lock no other job can take the key meanwhile; one that left pending
+    -- while this waited is not found, and the INSERT creates a job.
     IF enqueue.dedup_key IS NOT NULL THEN
         SELECT j.id INTO v_id FROM pgqueue.jobs j
         WHERE j.dedup_key = enqueue.dedup_key AND j.state IN ('waiting', 'queued')

@@ -320,6 +320,7 @@ class Executor:
         try:
             try:
                 attempt = await self._attempt(job)
+                await _take_back_own_cancellation()
             except anyio.get_cancelled_exc_class():
                 # Shutdown after the grace period: give the job back, attempt not counted.
                 released = await self.completer.release(job)
@@ -741,6 +742,22 @@ def _cancelled_by_worker() -> bool:
     worker's shutdown? (Not a task.cancel() of the handler's own code, which cancels no
     scope.) In a cancelled scope anyio's effective deadline is minus infinity."""
     return anyio.current_effective_deadline() == -math.inf
+
+
+async def _take_back_own_cancellation() -> None:
+    """A handler whose code cancelled its task and returned before the request was
+    delivered left it pending: at the runner's next await it ended the runner, and the
+    worker with it. Delivered and taken back here (not the worker's: no enclosing scope is
+    cancelled). Costs nothing when no request is pending, as after every normal attempt."""
+    task = asyncio.current_task()
+    if task is None or not task.cancelling() or _cancelled_by_worker():
+        return
+    try:
+        await asyncio.sleep(0)
+    except asyncio.CancelledError:
+        pass
+    while task.cancelling():
+        task.uncancel()
 
 
 def _loop_running() -> bool:

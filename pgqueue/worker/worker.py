@@ -248,6 +248,7 @@ class Worker:
                 # when they end: each is a few short transactions.
                 await recovery_round(pool, self.logger, recovery)
                 await retention_round(pool, self.logger, retention)
+            stuck: asyncio.TimerHandle | None = None
             async with anyio.create_task_group() as jobs:
                 executor.start_runners(jobs)
                 await producer.run()
@@ -257,7 +258,8 @@ class Worker:
                 stuck = asyncio.get_running_loop().call_later(
                     IGNORED_TIMEOUT_WARNING, self._warn_stuck, executor
                 )
-            stuck.cancel()
+            if stuck is not None:
+                stuck.cancel()
             if completer.give_up_at == math.inf:
                 # Not started by _drain (nothing was left then): the writes still to come
                 # (releases, the last sweep) are bounded all the same.

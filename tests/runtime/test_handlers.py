@@ -185,6 +185,23 @@ async def test_handlers_that_raise_unusual_things_fail_their_attempt_and_the_wor
             task.cancel()
             await asyncio.sleep(0)
 
+    @app.job("returns_past_timeout_cancelling_itself", timeout=0.1)
+    async def returns_past_timeout_cancelling_itself(job: pgqueue.Job) -> str:
+        try:
+            await anyio.sleep(30)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            assert task is not None
+            task.cancel()
+        return "done"
+
+    @app.job("returns_cancelling_itself")
+    async def returns_cancelling_itself(job: pgqueue.Job) -> str:
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()  # never delivered inside the handler
+        return "done"
+
     @app.job("generator_exit")
     async def generator_exit(job: pgqueue.Job) -> None:
         raise GeneratorExit
@@ -204,6 +221,7 @@ async def test_handlers_that_raise_unusual_things_fail_their_attempt_and_the_wor
     kinds = [
         "cancels_itself",
         "cancels_itself_past_timeout",
+        "returns_past_timeout_cancelling_itself",
         "watchdog",
         "generator_exit",
         "generator_exit_in_thread",
@@ -218,8 +236,10 @@ async def test_handlers_that_raise_unusual_things_fail_their_attempt_and_the_wor
         "swallows_timeout",
     ]
     ids = {kind: await app.enqueue(conn, kind, max_attempts=1) for kind in kinds}
+    returns = await app.enqueue(conn, "returns_cancelling_itself", max_attempts=1)
     async with running(app, db_dsn, concurrency=2):
         await wait_for_states(conn, list(ids.values()), "failed")
+        await wait_for_states(conn, [returns], "succeeded")  # what it returned stands
         after = await app.enqueue(conn, "ok")
         await wait_for_states(conn, [after], "succeeded")
     errors = {
@@ -231,6 +251,7 @@ async def test_handlers_that_raise_unusual_things_fail_their_attempt_and_the_wor
     assert "CancelledError" in errors["cancels_itself"]
     assert "CancelledError" in errors["watchdog"]
     assert errors["cancels_itself_past_timeout"] == "timed out after 0.1s"
+    assert errors["returns_past_timeout_cancelling_itself"] == "timed out after 0.1s"
     assert "GeneratorExit" in errors["generator_exit"]
     assert "GeneratorExit" in errors["generator_exit_in_thread"]
     # 50 MB in, 50 MB stored per attempt (and logged): the middle is cut.

@@ -453,16 +453,22 @@ MUTANTS: dict[str, Mutant] = {
         "WHERE false;",
         "test_dedup_races.py::test_enqueues_merging_into_each_others_dependency_take_turns[enqueue]",
     ),
-    # enqueue locking the pending job its key merges into before its dependencies (as one
-    # fix tried, in id order): it holds that job, a waiting dependent of a job a batch
-    # completion holds, while it waits for another job of that batch.
-    "enqueue_locks_merge_before_dependencies": Mutant(
-        "pgqueue.enqueue(text,jsonb,text,jsonb,text,timestamp with time zone,integer,integer,uuid,jsonb,bigint[])",
-        "        v_succeeded := pgqueue._lock_dependencies(v_deps, 'pgqueue.enqueue');",
-        "        PERFORM 1 FROM pgqueue.jobs m WHERE m.dedup_key = enqueue.dedup_key"
-        " AND m.state IN ('waiting', 'queued') FOR NO KEY UPDATE;\n"
-        "        v_succeeded := pgqueue._lock_dependencies(v_deps, 'pgqueue.enqueue');",
+    # enqueue taking its dependencies and the job its key merges into in plain id order:
+    # it holds that job (a waiting dependent a batch completion is about to queue) while it
+    # waits for a dependency the completion holds.
+    "enqueue_locks_rows_in_plain_id_order": Mutant(
+        "pgqueue._lock_before_deciding(bigint[],text[])",
+        "ORDER BY coalesce(c.state IN ('waiting', 'queued'), false), x.id",
+        "ORDER BY x.id",
         "test_dedup_races.py::test_an_enqueue_merging_into_a_waiting_dependent_waits_for_its_dependency_first",
+    ),
+    # ... and the dependencies first, the job its key merges into last: a completion
+    # queueing both (the merge target the older) takes them the other way round.
+    "enqueue_locks_merge_target_last": Mutant(
+        "pgqueue._lock_before_deciding(bigint[],text[])",
+        "ORDER BY coalesce(c.state IN ('waiting', 'queued'), false), x.id",
+        "ORDER BY x.id IN (SELECT j.id FROM pgqueue.jobs j WHERE j.dedup_key = ANY (p_keys)), x.id",
+        "test_dedup_races.py::test_an_enqueue_merging_into_an_older_dependent_of_a_finishing_job_takes_turns[enqueue]",
     ),
     "enqueue_many_merges_for_update": Mutant(
         "pgqueue._insert_specs(jsonb,uuid,bigint,text,boolean,integer)",

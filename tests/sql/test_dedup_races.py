@@ -356,3 +356,40 @@ async def test_an_enqueue_merging_into_a_waiting_dependent_waits_for_its_depende
         "SELECT state FROM pgqueue.jobs WHERE id = ANY($1::bigint[]) ORDER BY id", [w, r]
     )
     assert [s["state"] for s in states] == ["queued", "queued"]
+
+
+@pytest.mark.parametrize("call", ["enqueue", "enqueue_many"])
+async def test_an_enqueue_merging_into_an_older_dependent_of_a_finishing_job_takes_turns(
+    connect: Connect, call: str
+) -> None:
+    """T (key K) and D both wait on X; T is the older. The completion of X locks T, then D.
+    An enqueue of K depending on D locked D, then T (the job it merges into): each held
+    what the other wanted next (40P01). It takes them in the completion's order now (the
+    pending ones by id). A third session holding T lines them up."""
+    observer, holder, completer, enqueuer = await sessions(
+        connect, "obs", "holder", "completer", "enqueuer"
+    )
+    x = await observer.fetchval("SELECT pgqueue.enqueue('x')")
+    t = await observer.fetchval(
+        "SELECT pgqueue.enqueue('t', dedup_key => 'K', depends_on => ARRAY[$1]::bigint[])", x
+    )
+    d = await observer.fetchval("SELECT pgqueue.enqueue('d', depends_on => ARRAY[$1]::bigint[])", x)
+    assert len(await observer.fetch("SELECT id FROM pgqueue.claim($1, 'w')", x)) == 1
+    await holder.begin()
+    await holder.fetchval("SELECT id FROM pgqueue.jobs WHERE id = $1 FOR NO KEY UPDATE", t)
+    completion = completer.start(completer.fetchval("SELECT pgqueue.complete($1, 'w')", x))
+    await wait_blocked(observer.conn, completer)  # holding X, on T
+    if call == "enqueue":
+        sql = "SELECT pgqueue.enqueue('z', dedup_key => 'K', depends_on => ARRAY[$1]::bigint[])"
+        merge = enqueuer.start(enqueuer.fetchval(sql, d))
+    else:
+        spec = [{"job_type": "z", "dedup_key": "K", "depends_on": [d]}]
+        merge = enqueuer.start(enqueuer.fetchval("SELECT pgqueue.enqueue_many($1::jsonb)", spec))
+    await wait_blocked(observer.conn, enqueuer)
+    await holder.commit()
+    assert await completion is True
+    assert await merge == t
+    states = await observer.fetch(
+        "SELECT state FROM pgqueue.jobs WHERE id = ANY($1::bigint[]) ORDER BY id", [t, d]
+    )
+    assert [s["state"] for s in states] == ["queued", "queued"]
