@@ -748,9 +748,13 @@ async def _take_back_own_cancellation() -> None:
     """A handler whose code cancelled its task and returned before the request was
     delivered left it pending: at the runner's next await it ended the runner, and the
     worker with it. Delivered and taken back here (not the worker's: no enclosing scope is
-    cancelled). Costs nothing when no request is pending, as after every normal attempt."""
+    cancelled). Costs nothing when no request is pending, as after every normal attempt.
+    (Also an abort's, taken back by count as the handler returned: Python 3.11's uncancel()
+    leaves a request not yet delivered pending; anyio reads the same flag.)"""
     task = asyncio.current_task()
-    if task is None or not task.cancelling() or _cancelled_by_worker():
+    if task is None or not (task.cancelling() or getattr(task, "_must_cancel", False)):
+        return
+    if _cancelled_by_worker():
         return
     try:
         await asyncio.sleep(0)
