@@ -320,7 +320,9 @@ class Executor:
         try:
             try:
                 attempt = await self._attempt(job)
-                await _take_back_own_cancellation()
+                task = asyncio.current_task()
+                if task is not None and (task.cancelling() or getattr(task, "_must_cancel", False)):
+                    await _take_back_own_cancellation(task)
             except anyio.get_cancelled_exc_class():
                 # Shutdown after the grace period: give the job back, attempt not counted.
                 released = await self.completer.release(job)
@@ -744,16 +746,13 @@ def _cancelled_by_worker() -> bool:
     return anyio.current_effective_deadline() == -math.inf
 
 
-async def _take_back_own_cancellation() -> None:
+async def _take_back_own_cancellation(task: asyncio.Task[Any]) -> None:
     """A handler whose code cancelled its task and returned before the request was
     delivered left it pending: at the runner's next await it ended the runner, and the
     worker with it. Delivered and taken back here (not the worker's: no enclosing scope is
-    cancelled). Costs nothing when no request is pending, as after every normal attempt.
-    (Also an abort's, taken back by count as the handler returned: Python 3.11's uncancel()
-    leaves a request not yet delivered pending; anyio reads the same flag.)"""
-    task = asyncio.current_task()
-    if task is None or not (task.cancelling() or getattr(task, "_must_cancel", False)):
-        return
+    cancelled). Called only when a request is pending (not after a normal attempt): also an
+    abort's, taken back by count as the handler returned (Python 3.11's uncancel() leaves a
+    request not yet delivered pending; anyio reads the same flag)."""
     if _cancelled_by_worker():
         return
     try:
