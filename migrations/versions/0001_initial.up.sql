@@ -978,14 +978,13 @@ BEGIN
 END
 $$;
 
--- Lock the jobs named in depends_on and return those already succeeded.
--- FOR SHARE makes a dependency that is finishing right now wait for this
--- transaction (or us for it), so its completion always sees the new
--- dependents and a fan-in can never be missed. Unknown ids and dependencies
--- that already failed or were cancelled are refused. The rows are locked in
--- id order (the nested loop follows the sorted ids), the order the
--- transitions that lock several of them take: enqueue's ids came in a
--- DISTINCT's hash order (11, 13, 10, 12), which could deadlock.
+-- Check the jobs named in depends_on and return those already succeeded. The
+-- caller holds them FOR SHARE (_lock_before_deciding, in the order transitions
+-- lock rows): a dependency that is finishing right now waits for this
+-- transaction (or we for it), so its completion always sees the new
+-- dependents and a fan-in can never be missed. Read after those locks, by a
+-- statement of its own: unknown ids and dependencies that already failed or
+-- were cancelled are refused.
 CREATE FUNCTION pgqueue._lock_dependencies(p_ids bigint[], p_label text) RETURNS bigint[]
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -994,7 +993,7 @@ DECLARE
 BEGIN
     SELECT want.id, x.state INTO v_bad
     FROM (SELECT DISTINCT i FROM unnest(p_ids) i ORDER BY 1) AS want(id)
-    LEFT JOIN LATERAL (SELECT j.id, j.state FROM pgqueue.jobs j WHERE j.id = want.id FOR SHARE) x ON true
+    LEFT JOIN LATERAL (SELECT j.id, j.state FROM pgqueue.jobs j WHERE j.id = want.id) x ON true
     WHERE x.id IS NULL OR x.state IN ('failed', 'cancelled')
     ORDER BY x.id IS NOT NULL, want.id LIMIT 1;
     IF FOUND THEN

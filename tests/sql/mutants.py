@@ -283,9 +283,9 @@ MUTANTS: dict[str, Mutant] = {
     ),
     # a dependency recorded without FOR SHARE on the parent: its completion misses the new child.
     "depends_on_without_share_lock": Mutant(
-        "pgqueue._lock_dependencies(bigint[],text)",
-        "WHERE j.id = want.id FOR SHARE",
-        "WHERE j.id = want.id",
+        "pgqueue._lock_before_deciding(bigint[],text[])",
+        "PERFORM 1 FROM pgqueue.jobs j WHERE j.id = v_id FOR SHARE;",
+        "PERFORM 1 FROM pgqueue.jobs j WHERE j.id = v_id;",
         "test_fanin_races.py::test_dependency_added_while_parent_completes_is_not_missed",
     ),
     # requeue without the dedup-key lock: 23505 against a concurrent enqueue.
