@@ -964,8 +964,9 @@ $$;
 CREATE FUNCTION pgqueue._lock_dedup_keys(p_keys text[]) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM pgqueue._lock_dedup_key(k)
-    FROM (SELECT DISTINCT k FROM unnest(p_keys) k WHERE k IS NOT NULL ORDER BY 1) keys;
+    -- In lock-key order, not name order: two names can share a hashtext.
+    PERFORM pg_advisory_xact_lock(pgqueue._lock_class('dedup'), h)
+    FROM (SELECT DISTINCT hashtext(k) AS h FROM unnest(p_keys) k WHERE k IS NOT NULL ORDER BY 1) keys;
 END
 $$;
 
@@ -973,18 +974,21 @@ $$;
 CREATE FUNCTION pgqueue._lock_pipelines(p_pipeline_ids uuid[]) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
+    -- In lock-key order (hashtext), not id order: two ids can share a key.
     PERFORM pgqueue._pipeline_cancelled(p)
-    FROM (SELECT DISTINCT p FROM unnest(p_pipeline_ids) p WHERE p IS NOT NULL ORDER BY 1) pipelines;
+    FROM (SELECT DISTINCT ON (hashtext(p::text)) p FROM unnest(p_pipeline_ids) p WHERE p IS NOT NULL
+          ORDER BY hashtext(p::text)) pipelines;
 END
 $$;
 
--- Check the jobs named in depends_on and return those already succeeded. The
--- caller holds them FOR SHARE (_lock_before_deciding, in the order transitions
--- lock rows): a dependency that is finishing right now waits for this
--- transaction (or we for it), so its completion always sees the new
--- dependents and a fan-in can never be missed. Read after those locks, by a
--- statement of its own: unknown ids and dependencies that already failed or
--- were cancelled are refused.
+-- Lock the jobs named in depends_on and return those already succeeded.
+-- FOR SHARE makes a dependency that is finishing right now wait for this
+-- transaction (or us for it), so its completion always sees the new
+-- dependents and a fan-in can never be missed. Unknown ids and dependencies
+-- that already failed or were cancelled are refused. The rows are locked in
+-- id order (the nested loop follows the sorted ids), the order the
+-- transitions that lock several of them take: enqueue's ids came in a
+-- DISTINCT's hash order (11, 13, 10, 12), which could deadlock.
 CREATE FUNCTION pgqueue._lock_dependencies(p_ids bigint[], p_label text) RETURNS bigint[]
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -993,7 +997,7 @@ DECLARE
 BEGIN
     SELECT want.id, x.state INTO v_bad
     FROM (SELECT DISTINCT i FROM unnest(p_ids) i ORDER BY 1) AS want(id)
-    LEFT JOIN LATERAL (SELECT j.id, j.state FROM pgqueue.jobs j WHERE j.id = want.id) x ON true
+    LEFT JOIN LATERAL (SELECT j.id, j.state FROM pgqueue.jobs j WHERE j.id = want.id FOR SHARE) x ON true
     WHERE x.id IS NULL OR x.state IN ('failed', 'cancelled')
     ORDER BY x.id IS NOT NULL, want.id LIMIT 1;
     IF FOUND THEN
@@ -1011,35 +1015,6 @@ BEGIN
     FROM pgqueue.jobs j WHERE j.id = ANY (p_ids) AND j.state = 'succeeded';
     PERFORM pgqueue._announce_held(p_ids);
     RETURN v_succeeded;
-END
-$$;
-
--- The rows an enqueue holds shared while it decides: its dependencies, and the
--- pending jobs its dedup keys merge into. Locked in the order transitions take
--- rows: a completion, failure or cancellation holds its own job's row, then
--- locks the pending jobs waiting on it in id order. So the dependencies that
--- are not pending (running, finished, unknown) come first, then the pending
--- ones with the merge targets, each group in id order. Dependencies first and
--- the merge target last deadlocked (40P01) with a completion queueing both (the
--- target the older); all in one id order, with a batch completion holding a
--- dependency while it queued the target. The states are read unlocked: a job
--- that changes state meanwhile can still meet a transition in 40P01 (rare).
-CREATE FUNCTION pgqueue._lock_before_deciding(p_deps bigint[], p_keys text[]) RETURNS void
-LANGUAGE plpgsql AS $$
-DECLARE
-    v_id bigint;
-BEGIN
-    FOR v_id IN
-        SELECT x.id
-        FROM (SELECT d AS id FROM unnest(p_deps) d WHERE d IS NOT NULL
-              UNION
-              SELECT j.id FROM pgqueue.jobs j
-              WHERE j.dedup_key = ANY (p_keys) AND j.state IN ('waiting', 'queued')) x
-        LEFT JOIN pgqueue.jobs c ON c.id = x.id
-        ORDER BY coalesce(c.state IN ('waiting', 'queued'), false), x.id
-    LOOP
-        PERFORM 1 FROM pgqueue.jobs j WHERE j.id = v_id FOR SHARE;
-    END LOOP;
 END
 $$;
 
@@ -1238,11 +1213,6 @@ BEGIN
     FROM jsonb_array_elements(p_specs) e(s),
          jsonb_array_elements_text(coalesce(nullif(e.s->'depends_on', 'null'), '[]')) d
     WHERE p_specs @? '$[*].depends_on[*]';
-    IF v_dep_ids IS NOT NULL THEN  -- with the merge targets, in transitions' order (see there)
-        PERFORM pgqueue._lock_before_deciding(v_dep_ids, ARRAY(SELECT e.s->>'dedup_key'
-                                                               FROM jsonb_array_elements(p_specs) e(s)
-                                                               WHERE p_specs @? '$[*].dedup_key'));
-    END IF;
     IF v_dep_ids IS NOT NULL AND p_stored > 0 THEN
         -- The parent's stored specs (the first p_stored) were checked when they were
         -- stored; a dependency may have failed, been cancelled or pruned since. Their
@@ -1517,16 +1487,16 @@ BEGIN
         PERFORM pgqueue._lock_dedup_key(enqueue.dedup_key);
     END IF;
     IF cardinality(v_deps) > 0 THEN
-        PERFORM pgqueue._lock_before_deciding(v_deps, ARRAY[enqueue.dedup_key]);
         v_succeeded := pgqueue._lock_dependencies(v_deps, 'pgqueue.enqueue');
     END IF;
     -- The pending job the key merges into, held FOR SHARE (no claim or transition can
     -- take it before this transaction ends) and returned. Shared, not for update as the
     -- INSERT's ON CONFLICT below locks: two enqueues, each merging into the other's
-    -- dependency (which each holds shared), deadlocked on those locks (40P01). With
-    -- dependencies, it was locked above in their order (_lock_before_deciding). Under
-    -- the key's lock no other job can take the key meanwhile; one that left pending
-    -- while this waited is not found, and the INSERT creates a job.
+    -- dependency (which each holds shared), deadlocked on those locks (40P01). After the
+    -- dependencies: a completion holding one of them locks its waiting dependents, which
+    -- a merge target may be (taken with the dependencies in id order, it deadlocked with
+    -- a batch completion). Under the key's lock no other job can take the key meanwhile;
+    -- one that left pending while this waited is not found, and the INSERT creates a job.
     IF enqueue.dedup_key IS NOT NULL THEN
         SELECT j.id INTO v_id FROM pgqueue.jobs j
         WHERE j.dedup_key = enqueue.dedup_key AND j.state IN ('waiting', 'queued')

@@ -283,9 +283,9 @@ MUTANTS: dict[str, Mutant] = {
     ),
     # a dependency recorded without FOR SHARE on the parent: its completion misses the new child.
     "depends_on_without_share_lock": Mutant(
-        "pgqueue._lock_before_deciding(bigint[],text[])",
-        "PERFORM 1 FROM pgqueue.jobs j WHERE j.id = v_id FOR SHARE;",
-        "PERFORM 1 FROM pgqueue.jobs j WHERE j.id = v_id;",
+        "pgqueue._lock_dependencies(bigint[],text)",
+        "WHERE j.id = want.id FOR SHARE",
+        "WHERE j.id = want.id",
         "test_fanin_races.py::test_dependency_added_while_parent_completes_is_not_missed",
     ),
     # requeue without the dedup-key lock: 23505 against a concurrent enqueue.
@@ -453,22 +453,16 @@ MUTANTS: dict[str, Mutant] = {
         "WHERE false;",
         "test_dedup_races.py::test_enqueues_merging_into_each_others_dependency_take_turns[enqueue]",
     ),
-    # enqueue taking its dependencies and the job its key merges into in plain id order:
-    # it holds that job (a waiting dependent a batch completion is about to queue) while it
+    # enqueue locking the pending job its key merges into before its dependencies: it
+    # holds that job (a waiting dependent a batch completion is about to queue) while it
     # waits for a dependency the completion holds.
-    "enqueue_locks_rows_in_plain_id_order": Mutant(
-        "pgqueue._lock_before_deciding(bigint[],text[])",
-        "ORDER BY coalesce(c.state IN ('waiting', 'queued'), false), x.id",
-        "ORDER BY x.id",
+    "enqueue_locks_merge_before_dependencies": Mutant(
+        "pgqueue.enqueue(text,jsonb,text,jsonb,text,timestamp with time zone,integer,integer,uuid,jsonb,bigint[])",
+        "        v_succeeded := pgqueue._lock_dependencies(v_deps, 'pgqueue.enqueue');",
+        "        PERFORM 1 FROM pgqueue.jobs m WHERE m.dedup_key = enqueue.dedup_key"
+        " AND m.state IN ('waiting', 'queued') FOR SHARE;\n"
+        "        v_succeeded := pgqueue._lock_dependencies(v_deps, 'pgqueue.enqueue');",
         "test_dedup_races.py::test_an_enqueue_merging_into_a_waiting_dependent_waits_for_its_dependency_first",
-    ),
-    # ... and the dependencies first, the job its key merges into last: a completion
-    # queueing both (the merge target the older) takes them the other way round.
-    "enqueue_locks_merge_target_last": Mutant(
-        "pgqueue._lock_before_deciding(bigint[],text[])",
-        "ORDER BY coalesce(c.state IN ('waiting', 'queued'), false), x.id",
-        "ORDER BY x.id IN (SELECT j.id FROM pgqueue.jobs j WHERE j.dedup_key = ANY (p_keys)), x.id",
-        "test_dedup_races.py::test_an_enqueue_merging_into_an_older_dependent_of_a_finishing_job_takes_turns[enqueue]",
     ),
     "enqueue_many_merges_for_update": Mutant(
         "pgqueue._insert_specs(jsonb,uuid,bigint,text,boolean,integer)",
