@@ -2684,18 +2684,8 @@ BEGIN
     IF v_done IS NULL THEN
         RETURN '{}';
     END IF;
-    -- Creating children takes their pipelines' locks and their dedup keys':
-    -- take them, in that order, before the rows of waiting dependents are
-    -- locked below, as cancel_pipeline takes a pipeline's lock before its
-    -- members' rows (the other order deadlocked). Both are held already (taken
-    -- again here for a parent's new pipeline, without a wait).
-    IF v_parents IS NOT NULL THEN
-        PERFORM pgqueue._lock_pipelines(v_pipelines);
-        -- The children's dedup keys too, for the same reason: an enqueue of a key
-        -- holds its lock and then waits for the pending job it merges into.
-        PERFORM pgqueue._lock_dedup_keys(ARRAY(SELECT e.s->>'dedup_key'
-                                               FROM unnest(v_specs) sp, jsonb_array_elements(sp) e(s)));
-    END IF;
+    -- (The children's pipelines and dedup keys were locked before any row, above;
+    -- a parent's new pipeline, which nobody else can hold, is locked creating them.)
     IF v_scopes IS NOT NULL THEN
         PERFORM pgqueue._unblock_next(v_scopes, v_scoped);
     END IF;
