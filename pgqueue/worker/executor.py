@@ -503,8 +503,7 @@ class Executor:
             task = asyncio.current_task()
             if task is None or not deadline.cancel_called or _cancelled_by_worker():
                 raise
-            while task.cancelling():
-                task.uncancel()
+            _drop_cancel_requests(task)
         finally:
             timer.cancel()
         # Past the deadline, what the handler did after catching its cancellation (a result
@@ -593,8 +592,7 @@ class Executor:
             # task (a watchdog calling task.cancel()). An error like any other, not a
             # shutdown of the runner, which took the worker down with it; the request is
             # taken back, or the runner would carry it into its next await.
-            while task.cancelling():
-                task.uncancel()
+            _drop_cancel_requests(task)
             return _Attempt(error=_traceback(exc))
         except GeneratorExit as exc:
             if not _loop_running():
@@ -607,8 +605,7 @@ class Executor:
             if isinstance(exc, BaseExceptionGroup) and task is not None and task.cancelling():
                 if _cancelled_by_worker():
                     raise  # a group carrying this worker's cancellation
-                while task.cancelling():
-                    task.uncancel()
+                _drop_cancel_requests(task)
             return _Attempt(error=_traceback(exc))
         finally:
             if self._abort_sent:  # one the handler swallowed, or turned into an error
@@ -759,6 +756,12 @@ async def _take_back_own_cancellation(task: asyncio.Task[Any]) -> None:
         await asyncio.sleep(0)
     except asyncio.CancelledError:
         pass
+    _drop_cancel_requests(task)
+
+
+def _drop_cancel_requests(task: asyncio.Task[Any]) -> None:
+    """Take back every cancellation request counted on the task: called only where none
+    of them is the worker's (no enclosing cancel scope is cancelled)."""
     while task.cancelling():
         task.uncancel()
 
