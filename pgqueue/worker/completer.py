@@ -42,7 +42,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 import anyio
 import anyio.abc
@@ -86,6 +86,10 @@ BOUNDED_LOCK_WAIT = (
 )
 # Returned by Completer.fail in place of the job's state: see there.
 UNKNOWN = "unknown"
+# Returned by Completer.fail, snooze and release (and given to the success callback) when the
+# write was given up at shutdown: nothing is known of the lease, which was not lost (the job
+# stays running under this worker until stale recovery requeues it).
+GIVEN_UP: Final = "given up"
 
 
 def _cut_short(exc: BaseException) -> bool:
@@ -148,7 +152,7 @@ class Success:
     duration: float
 
 
-def _unattached_recorded(item: Success, held: bool) -> None:
+def _unattached_recorded(item: Success, held: bool | None) -> None:
     raise RuntimeError("Completer.attach() was not called")
 
 
@@ -180,16 +184,16 @@ class Completer:
         self._retry_outage = Outage(logger, "completer (retries of locked rows)")
         self._kick = anyio.Event()
         self._flushed = Wake()
-        self._recorded: Callable[[Success, bool], None] = _unattached_recorded
+        self._recorded: Callable[[Success, bool | None], None] = _unattached_recorded
         self._refused: Callable[[Success, Exception], Awaitable[None]] = _unattached_refused
 
     def attach(
         self,
-        recorded: Callable[[Success, bool], None],
+        recorded: Callable[[Success, bool | None], None],
         refused: Callable[[Success, Exception], Awaitable[None]],
     ) -> None:
         """Say what to do once a success is written (``recorded(item, held)``: plain call,
-        ``held`` False if the lease was lost or the write was given up at shutdown) or once
+        ``held`` False if the lease was lost, None if the write was given up at shutdown) or once
         PostgreSQL refused it alone (``refused(item, error)``: awaited by the flusher, in
         its shielded scope; it should fail the attempt).
         """
@@ -265,9 +269,9 @@ class Completer:
         self, job: Job, error: str, retry_in: datetime.timedelta | None = None
     ) -> tuple[str | None, datetime.timedelta | None]:
         """Fail the attempt (retried after ``retry_in``, default: the settings' backoff);
-        returns the job's new state, None if the lease was lost (or the write was given up at
-        shutdown), or :data:`UNKNOWN`; and, when it was requeued, how long until it runs
-        again.
+        returns the job's new state, None if the lease was lost, :data:`GIVEN_UP` if the
+        write was given up at shutdown, or :data:`UNKNOWN`; and, when it was requeued, how
+        long until it runs again.
 
         :data:`UNKNOWN`: fencing refused a retry after a try whose outcome is unknown. That
         try may have failed the attempt itself, or the lease may have been lost. The row
@@ -277,9 +281,9 @@ class Completer:
 
         return await self._write_state(f"the failure of job {job.id}", _FAIL, job, error, retry_in)
 
-    async def release(self, job: Job) -> bool | None:
-        """Give the job back unfinished (the attempt is not counted); False if not held (or
-        given up at shutdown), None if unknown.
+    async def release(self, job: Job) -> bool | Literal["given up"] | None:
+        """Give the job back unfinished (the attempt is not counted); False if not held,
+        :data:`GIVEN_UP` if given up at shutdown, None if unknown.
 
         None: fencing refused a retry after a try whose outcome is unknown; as with
         :meth:`fail`, a released job (queued, unlocked) looks the same as a recovered one.
@@ -290,12 +294,13 @@ class Completer:
             return None if not held and retried else held
 
         outcome = await self._write(f"the release of job {job.id}", op)
-        return False if outcome is _GIVEN_UP else outcome
+        return GIVEN_UP if outcome is _GIVEN_UP else outcome
 
     async def snooze(self, job: Job, delay: datetime.timedelta) -> str | None:
         """Give the job back to run again not before ``delay`` from now (the attempt is not
         counted); returns its new state (queued, or cancelled: it was aborted meanwhile), None
-        if not held (or given up at shutdown), or :data:`UNKNOWN` (as for :meth:`fail`).
+        if not held, :data:`GIVEN_UP` (given up at shutdown), or :data:`UNKNOWN` (as for
+        :meth:`fail`).
         Raises if PostgreSQL refuses the write."""
         state, _ = await self._write_state(f"the snooze of job {job.id}", _SNOOZE, job, delay)
         return state
@@ -305,9 +310,9 @@ class Completer:
     ) -> tuple[str | None, Any]:
         """Run ``sql`` (job id, worker, ``args``), whose row holds the job's new state (no row,
         or NULL, when this worker does not hold it) and perhaps a detail after it, through
-        :meth:`_write`. Returns the state and the detail; the state is None if not held (or
-        given up at shutdown), :data:`UNKNOWN` if a retry was refused after a try whose
-        outcome is unknown."""
+        :meth:`_write`. Returns the state and the detail; the state is None if not held,
+        :data:`GIVEN_UP` if given up at shutdown, :data:`UNKNOWN` if a retry was refused after
+        a try whose outcome is unknown."""
 
         async def op(conn: asyncpg.Connection, retried: bool) -> tuple[str | None, Any]:
             row = await conn.fetchrow(sql, job.id, self.worker_id, *args)
@@ -316,7 +321,7 @@ class Completer:
             return row[0], (row[1] if len(row) > 1 else None)
 
         outcome = await self._write(what, op)
-        return (None, None) if outcome is _GIVEN_UP else outcome
+        return (GIVEN_UP, None) if outcome is _GIVEN_UP else outcome
 
     async def _flush(
         self, batch: list[Success], *, alone: bool, bound: float | None = None
@@ -384,7 +389,7 @@ class Completer:
             self._log_given_up(_describe([i.job.id for i in items]))
         for item in items:
             self._in_flight -= 1
-            self._recorded(item, False)
+            self._recorded(item, None)
 
     def _log_given_up(self, what: str) -> None:
         self.logger.error("gave up recording %s at shutdown; stale recovery will requeue it", what)

@@ -21,7 +21,7 @@ import time
 import traceback
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import anyio.abc
@@ -33,6 +33,7 @@ from pgqueue.job import Job, Result, Snooze, _abort_check, _progress_saver, as_d
 from pgqueue.worker import bounded
 from pgqueue.worker.completer import (
     BOUNDED_LOCK_WAIT,
+    GIVEN_UP,
     MAX_BATCH,
     UNKNOWN,
     WRITE_TIMEOUT,
@@ -362,11 +363,13 @@ class Executor:
                 progress,
             )
 
-    def _recorded(self, item: Success, held: bool) -> None:
-        """Completer callback: a success was written (or fencing refused it)."""
+    def _recorded(self, item: Success, held: bool | None) -> None:
+        """Completer callback: a success was written (or fencing refused it, or it was given
+        up at shutdown: None)."""
         job = item.job
         try:
-            self._log(job, "succeeded" if held else "lease lost", item.duration)
+            outcome = "succeeded" if held else "lease lost" if held is not None else _NOT_WRITTEN
+            self._log(job, outcome, item.duration)
         finally:
             self._written(job)
 
@@ -402,6 +405,8 @@ class Executor:
             self._log(job, "snoozed", duration, f"runs again in {_seconds(delay)}")
         elif state is None:
             self._log(job, "lease lost", duration)
+        elif state == GIVEN_UP:
+            self._log(job, f"snooze {_NOT_WRITTEN}", duration)
         elif state == UNKNOWN:
             self._log(job, "snoozed or lease lost (unknown)", duration)
         else:  # cancelled: abort() was called for it, or its pipeline was cancelled
@@ -413,7 +418,12 @@ class Executor:
         error = _storable(error)
         state, runs_in = await self.completer.fail(job, error, retry_in)
         # "failed (unknown)" when a retry's refusal may be the earlier try's own doing.
-        outcome = "lease lost" if state is None else f"failed ({state})"
+        if state is None:
+            outcome = "lease lost"
+        elif state == GIVEN_UP:
+            outcome = f"failure {_NOT_WRITTEN}"
+        else:
+            outcome = f"failed ({state})"
         detail = _error_line(error)
         if runs_in is not None:
             detail += f"; runs again in {_seconds(runs_in)}"
@@ -670,11 +680,18 @@ _NO_RESULT = _Attempt()
 _ABORTED = _Attempt(error=ABORTED)
 
 
-def _released(released: bool | None) -> str:
+# The logged outcome of a write given up at shutdown (Completer.GIVEN_UP), which has
+# already logged why; the lease was not lost.
+_NOT_WRITTEN = "not recorded (given up at shutdown)"
+
+
+def _released(released: bool | Literal["given up"] | None) -> str:
     """The logged outcome of a release (None: a retry was refused after a try whose outcome
     is unknown, see Completer.release)."""
     if released is None:
         return "released or lease lost (unknown)"
+    if released == GIVEN_UP:
+        return f"release {_NOT_WRITTEN}"
     return "released" if released else "lease lost"
 
 

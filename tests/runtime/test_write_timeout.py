@@ -342,6 +342,9 @@ async def test_stop_cuts_a_write_under_way_when_the_final_window_ends(
             worker.stop()
     assert stopped_after is not None and stopped_after < 10, (stopped_after, log.text())
     assert log.count(f"gave up recording the success of job {job} at shutdown"), log.text()
+    # Given up is not refused: the lease was not lost (a log line said so).
+    assert log.count(" not recorded (given up at shutdown)") == 1, log.text()
+    assert not log.count("lease lost"), log.text()
     assert await conn.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", job) == "running"
 
 
