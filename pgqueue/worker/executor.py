@@ -740,7 +740,23 @@ def _delays(exc: BaseException) -> list[datetime.timedelta]:
 
 
 def _traceback(exc: BaseException) -> str:
-    return "".join(traceback.format_exception(exc)).rstrip()
+    try:
+        return "".join(traceback.format_exception(exc)).rstrip()
+    except Exception as failure:
+        # CPython 3.11 places a frame's carets with ast.parse, which can raise SystemError
+        # ("AST constructor recursion depth mismatch", gh-106905) while other threads parse.
+        # Raised here, it escaped the attempt: its outcome went unrecorded and the job was
+        # released uncounted, to fail the same way again with no end.
+        frames = "".join(
+            f'  File "{f.filename}", line {f.lineno}, in {f.name}\n'
+            + (f"    {f.line.strip()}\n" if f.line else "")
+            for f in traceback.extract_tb(exc.__traceback__)
+        )
+        error = "".join(traceback.format_exception_only(exc)).rstrip()
+        return (
+            f"Traceback (most recent call last; without its details: formatting it raised"
+            f" {type(failure).__name__}: {failure}):\n{frames}{error}"
+        )
 
 
 def _call_in_thread(handler: Any, job: Job) -> Any:
@@ -804,7 +820,7 @@ def _error_line(error: str) -> str:
 # Seconds past a job's timeout after which a handler still running is said to ignore it.
 IGNORED_TIMEOUT_WARNING = 5.0
 
-# last_error keeps this much of an error (the head and the tail, where a traceback's
+# last_error keeps this many bytes of an error (the head and the tail, where a traceback's
 # exception line is): a handler raising a 50 MB message stored 50 MB per attempt.
 ERROR_LIMIT = 64 * 1024
 
@@ -813,18 +829,19 @@ def _storable(text: str) -> str:
     """``text`` as PostgreSQL can store it: no NUL (text cannot hold one) and no lone
     surrogate (not encodable as UTF-8); each is written out as its escape instead. An error
     message carrying one would otherwise be refused, and the failure never recorded. Past
-    :data:`ERROR_LIMIT` characters, its middle is cut."""
-    if len(text) > ERROR_LIMIT:
-        head, tail = ERROR_LIMIT // 4, ERROR_LIMIT * 3 // 4
-        cut = len(text) - head - tail
-        text = f"{text[:head]}\n[... {cut} characters cut ...]\n{text[-tail:]}"
+    :data:`ERROR_LIMIT` bytes of UTF-8, its middle is cut (at character boundaries)."""
     if "\x00" in text:
         text = text.replace("\x00", "\\x00")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text
+    data = text.encode("utf-8", "backslashreplace")
+    if len(data) <= ERROR_LIMIT:
+        return data.decode("utf-8")
+    head, tail = ERROR_LIMIT // 4, ERROR_LIMIT * 3 // 4
+    cut = len(data) - head - tail
+    # "ignore" drops the pieces of the characters cut in two, at most 3 bytes each side.
+    return (
+        f"{data[:head].decode('utf-8', 'ignore')}\n[... {cut} bytes cut ...]\n"
+        f"{data[-tail:].decode('utf-8', 'ignore')}"
+    )
 
 
 async def _save(conn: asyncpg.Connection, job_id: int, worker: str, progress: Any) -> bool:

@@ -14,6 +14,7 @@ import re
 import sys
 import threading
 import time
+import traceback
 import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -224,6 +225,10 @@ async def test_handlers_that_raise_unusual_things_fail_their_attempt_and_the_wor
     async def huge(job: pgqueue.Job) -> None:
         raise ValueError("x" * 1_000_000)
 
+    @app.job("huge_wide")
+    async def huge_wide(job: pgqueue.Job) -> None:
+        raise ValueError("\u20ac" * 1_000_000)  # 3 bytes each in UTF-8
+
     @app.job("ok")
     async def ok(job: pgqueue.Job) -> int:
         return 1
@@ -236,6 +241,7 @@ async def test_handlers_that_raise_unusual_things_fail_their_attempt_and_the_wor
         "generator_exit",
         "generator_exit_in_thread",
         "huge",
+        "huge_wide",
         "nul",
         "surrogate",
         "cancelled",
@@ -268,8 +274,11 @@ async def test_handlers_that_raise_unusual_things_fail_their_attempt_and_the_wor
     assert "GeneratorExit" in errors["generator_exit"]
     assert "GeneratorExit" in errors["generator_exit_in_thread"]
     # 50 MB in, 50 MB stored per attempt (and logged): the middle is cut.
-    assert len(errors["huge"]) < 70_000 and "characters cut" in errors["huge"]
+    assert len(errors["huge"]) < 70_000 and "bytes cut" in errors["huge"]
     assert errors["huge"].rstrip().endswith("x" * 100)
+    # The bound is in bytes (64 KiB), not characters (three times that in euro signs).
+    assert len(errors["huge_wide"].encode()) < 70_000 and "bytes cut" in errors["huge_wide"]
+    assert errors["huge_wide"].rstrip().endswith("\u20ac" * 100)
     assert "ValueError: bad row: a\\x00b" in errors["nul"]
     assert "ValueError: bad byte: \\udcff" in errors["surrogate"]
     assert "CancelledError" in errors["cancelled"]
@@ -777,7 +786,8 @@ async def wait_until_success_write_blocked(conn: asyncpg.Connection) -> None:
 
     async def blocked() -> bool:
         n = await conn.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'pgqueue-worker %'"
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND application_name LIKE 'pgqueue-worker %'"
             " AND wait_event_type = 'Lock' AND query LIKE '%complete_many%'"
         )
         return bool(n)
@@ -1083,7 +1093,8 @@ async def test_the_heartbeat_beats_while_every_pooled_connection_waits_on_a_lock
                 row = await conn.fetchrow(
                     "SELECT count(*) AS n, count(*) FILTER (WHERE wait_event_type = 'Lock'"
                     "  AND query LIKE '%pgqueue._fail(%') AS waiting"
-                    " FROM pg_stat_activity WHERE application_name LIKE 'pgqueue-worker %'"
+                    " FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND application_name LIKE 'pgqueue-worker %'"
                 )
                 return bool(row["waiting"] == row["n"] - 1 and row["waiting"] >= 11)
 
@@ -1116,6 +1127,39 @@ async def test_enqueue_refuses_a_delay_that_is_no_number_of_seconds(
     with pytest.raises(ValueError, match="delay must be a finite number of seconds"):
         await pgqueue.App().enqueue(conn, "x", delay=delay)
     assert await conn.fetchval("SELECT count(*) FROM pgqueue.jobs") == 0
+
+
+async def test_an_error_whose_traceback_cannot_be_formatted_still_fails_its_attempt(
+    conn: asyncpg.Connection, db_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CPython 3.11 formats a traceback with ast.parse, which raises SystemError while other
+    threads parse (gh-106905). That escaped the attempt: its outcome went unrecorded, the job
+    was released uncounted and failed the same way again, with no end."""
+    formatted = traceback.format_exception
+
+    def format_exception(exc: BaseException, *args: Any, **kwargs: Any) -> list[str]:
+        if "unformattable" in str(exc):
+            raise SystemError("AST constructor recursion depth mismatch (before=45, after=167)")
+        return formatted(exc, *args, **kwargs)
+
+    monkeypatch.setattr(executor.traceback, "format_exception", format_exception)
+    app = pgqueue.App()
+
+    @app.job("fails", max_attempts=2)
+    async def fails(job: pgqueue.Job) -> None:
+        raise ValueError("unformattable")
+
+    await conn.execute(
+        "UPDATE pgqueue.settings SET value = '1 millisecond' WHERE name = 'backoff_base'"
+    )
+    job = await app.enqueue(conn, "fails")
+    async with running(app, db_dsn):
+        await wait_for_states(conn, [job], "failed", within=10)
+    row = await conn.fetchrow("SELECT attempts, last_error FROM pgqueue.jobs WHERE id = $1", job)
+    assert row["attempts"] == 2
+    assert row["last_error"].endswith("ValueError: unformattable"), row["last_error"]
+    assert "formatting it raised SystemError: AST constructor" in row["last_error"]
+    assert 'in fails\n    raise ValueError("unformattable")' in row["last_error"]
 
 
 async def test_a_handler_saves_progress_and_its_next_attempt_goes_on_from_there(
@@ -1153,7 +1197,10 @@ async def test_a_handler_saves_progress_and_its_next_attempt_goes_on_from_there(
     results = await conn.fetch(
         "SELECT result::text FROM pgqueue.jobs WHERE id = ANY($1) ORDER BY id", ids
     )
-    assert [json.loads(r["result"]) for r in results] == [{"page": 7}, ["a", "b"]]
+    assert [r["result"] and json.loads(r["result"]) for r in results] == [
+        {"page": 7},
+        ["a", "b"],
+    ], (results, seen)
     assert seen == {"async": [None, {"page": 7}], "thread": [None, ["a", "b"]]}
 
 

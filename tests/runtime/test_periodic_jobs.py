@@ -312,7 +312,8 @@ async def test_at_most_max_enqueues_ticks_wait_at_once(
             name,
         )
     waiting = (
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'pgqueue-worker %'"
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND application_name LIKE 'pgqueue-worker %'"
         " AND wait_event_type = 'Lock' AND query LIKE '%enqueue_periodic%'"
     )
     observer = await asyncpg.connect(db_dsn)
