@@ -189,9 +189,7 @@ async def ingest_factors(job: pgqueue.Job) -> pgqueue.Result:
         ]
         return pgqueue.Result(summary).fan_out(chained)
     # Answer 1: a join that runs exactly once, after every recalculation (at once if none).
-    return pgqueue.Result(summary).fan_out(
-        recalculations, join=app.spec("aggregate", {"module": module, "year": year})
-    )
+    return pgqueue.Result(summary).fan_out(recalculations, join=aggregation(module, year))
 
 
 async def _replace_factors(
@@ -269,14 +267,20 @@ async def recalculate(job: pgqueue.Job) -> pgqueue.Result:
     if job.payload.get("then_aggregate"):
         # Identical requests collapse: while one aggregate for the module/year is pending,
         # this returns that one instead of creating another.
-        return result.then(
-            app.spec(
-                "aggregate",
-                {"module": module, "year": year},
-                dedup_key=f"aggregate:{module}:{year}",
-            )
-        )
+        return result.then(aggregation(module, year, dedup_key=f"aggregate:{module}:{year}"))
     return result
+
+
+def aggregation(module: str, year: int, dedup_key: str | None = None) -> pgqueue.Spec:
+    """An aggregate of the module's year. Scoped: two of them (the one running while a later
+    recalculation queues another, or two uploads' joins) run one at a time, in the order
+    they were created; at once, the older could write its total last, over the newer's."""
+    return app.spec(
+        "aggregate",
+        {"module": module, "year": year},
+        scope={"aggregate": module, "year": year},
+        dedup_key=dedup_key,
+    )
 
 
 @app.job("aggregate", queue="recalc", max_attempts=5)

@@ -105,6 +105,38 @@ async def test_dedup_answer_at_most_one_pending_aggregation(
     assert (status.state, status.jobs) == ("succeeded", 6)
 
 
+@pytest.mark.parametrize("coalesce", ["dedup", "join"])
+async def test_an_aggregation_waits_for_the_one_running_before_it(
+    conn: asyncpg.Connection, example: ModuleType, coalesce: str
+) -> None:
+    """A recalculation that finishes while an aggregation runs queues another (dedup), and two
+    uploads make two joins (join). Unscoped, the second ran beside the first, and the first,
+    which read its totals earlier, could write them last: module_stats kept a stale total."""
+    csv = example.SAMPLE_CSV.read_text()
+    await example.start_ingest(conn, csv, coalesce=coalesce)
+    await _step(conn, example, "ingest_factors")
+    await _step(conn, example, "recalculate")
+    first = await conn.fetchrow(
+        "SELECT * FROM pgqueue.claim_next('test', ARRAY['recalc'])"
+    )  # the aggregation: running, not completed yet
+    assert first is not None and first["job_type"] == "aggregate"
+    # More work for the same module and year while it runs.
+    await example.start_ingest(conn, csv.replace(",0.128\n", ",0.5\n"), coalesce=coalesce)
+    await _step(conn, example, "ingest_factors")
+    await _step(conn, example, "recalculate")
+    (second,) = [a for a in await _aggregate_jobs(conn) if a["id"] != first["id"]]
+    assert second["state"] == "queued"
+    assert await conn.fetch("SELECT id FROM pgqueue.claim_next('test', ARRAY['recalc'])") == []
+    value = await example.app.job_types["aggregate"].handler(pgqueue.Job.from_record(first))
+    assert await conn.fetchval(
+        "SELECT pgqueue.complete($1, 'test', $2::text::jsonb)", first["id"], dumps(value)
+    )
+    assert await _step(conn, example, "aggregate") == [second["id"]]
+    stats = await conn.fetchrow("SELECT kg_co2e, job_id FROM emissions.module_stats")
+    total = await conn.fetchval("SELECT sum(kg_co2e) FROM emissions.entry_emissions")
+    assert (stats["kg_co2e"], stats["job_id"]) == (total, second["id"])
+
+
 def test_pgqueue_demo_runs_the_pipeline_on_the_given_database(db_dsn: str) -> None:
     """And leaves the database's other jobs alone: its worker claimed every queue, and failed
     the user's jobs for want of a handler."""
