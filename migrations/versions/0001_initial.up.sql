@@ -1876,7 +1876,7 @@ BEGIN
     IF v_scope IS NOT NULL THEN
         PERFORM pg_advisory_xact_lock(pgqueue._lock_class('scope'), pgqueue._scope_lock_key(v_scope));
     END IF;
-    v_limited := EXISTS (SELECT 1 FROM pgqueue.queue_limits l WHERE l.queue = v_queue);
+    v_limited := pgqueue._any_queue_limit() AND EXISTS (SELECT 1 FROM pgqueue.queue_limits l WHERE l.queue = v_queue);
     IF v_scope IS NOT NULL OR v_limited THEN
         -- New statements, new snapshot: every claim of this scope that committed
         -- before we got the lock is visible from here on.
@@ -2095,8 +2095,14 @@ BEGIN
     -- one pass over the running jobs. Under REPEATABLE READ no later snapshot
     -- exists, so none of their jobs is taken: a count from the transaction's
     -- first snapshot could hand out a place another worker took since.
-    v_limited := ARRAY(SELECT l.queue FROM pgqueue.queue_limits l
-                       WHERE claim_next.queues IS NULL OR l.queue = ANY (claim_next.queues));
+    -- _any_queue_limit() folds to a constant: while no queue has a limit (the
+    -- one-statement path relies on it too) the table is not read at all.
+    IF pgqueue._any_queue_limit() THEN
+        v_limited := ARRAY(SELECT l.queue FROM pgqueue.queue_limits l
+                           WHERE claim_next.queues IS NULL OR l.queue = ANY (claim_next.queues));
+    ELSE
+        v_limited := '{}';
+    END IF;
     IF v_limited <> '{}' THEN
         IF current_setting('transaction_isolation') IN ('repeatable read', 'serializable') THEN
             v_full := v_limited;

@@ -420,3 +420,30 @@ async def test_a_limit_written_by_hand_holds_for_claim_next(connect: Connect) ->
     await conn.execute("DELETE FROM pgqueue.queue_limits")
     assert await conn.fetchval("SELECT pgqueue._any_queue_limit()") is False
     assert len(await conn.fetch("SELECT id FROM pgqueue.claim_next('w', ARRAY['api'], 3)")) == 2
+
+
+LIMIT_READS = """
+SELECT coalesce(seq_scan, 0) + coalesce(idx_scan, 0) FROM pg_stat_user_tables
+WHERE relid = 'pgqueue.queue_limits'::regclass
+"""
+
+
+async def test_while_no_queue_has_a_limit_no_claim_reads_the_table(connect: Connect) -> None:
+    """The one-statement path asked a constant; the general path (any scoped job queued or
+    running anywhere sends every claim_next down it) and claim by id read queue_limits on
+    every call: a relation opened, 3-12 us per claim, for nothing."""
+    conn, observer = await connect(), await connect()
+    ids = await _enqueue(conn, "q", 4, scope='{"s": 1}') + await _enqueue(conn, "q", 3)
+    await conn.execute("SELECT pg_stat_force_next_flush()")
+    before = await observer.fetchval(LIMIT_READS)
+    assert await _claim_next(conn, None, 2) == [ids[0], ids[4]]  # the scope's head, a plain job
+    assert await _claim_next(conn, ["q"], 1) == [ids[5]]
+    assert [r["id"] for r in await conn.fetch(CLAIM, ids[6])] == [ids[6]]
+    await conn.execute("SELECT pg_stat_force_next_flush()")
+    await observer.execute("SELECT pg_stat_clear_snapshot()")
+    assert await observer.fetchval(LIMIT_READS) == before
+    await conn.execute("SELECT pgqueue.set_queue_limit('other', 1)")  # and once one has, it reads
+    await _claim_next(conn, None, 1)
+    await conn.execute("SELECT pg_stat_force_next_flush()")
+    await observer.execute("SELECT pg_stat_clear_snapshot()")
+    assert await observer.fetchval(LIMIT_READS) > before
