@@ -190,10 +190,12 @@ def parse_duration(text: str) -> str:
     ``prune --older-than 30`` meant as days would delete nearly every finished job. So is a
     one-letter unit other than these (PostgreSQL reads ``1M`` as a minute, not a month).
     """
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]?)\s*", text)
+    # Every way PostgreSQL reads a bare number: "+30", "30.", ".5" are seconds too.
+    match = re.fullmatch(r"\s*\+?(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]?)\s*", text)
     if match is None:
         return text
     number, unit = match.groups()
+    number = number.rstrip(".")
     if unit != "M" and unit.lower() in _UNITS:
         return f"{number} {_UNITS[unit.lower()]}"
     raise click.BadParameter(

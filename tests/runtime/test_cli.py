@@ -228,6 +228,10 @@ def test_dsn_from_environment(db_dsn: str, monkeypatch: pytest.MonkeyPatch) -> N
         # Each of these was accepted (or crashed) before the CLI audit of session 10:
         (["prune", "--older-than", "30"], "'30' has no unit"),  # 30 seconds to PostgreSQL
         (["prune", "--older-than", "1M"], "'1M' has no unit"),  # a minute to PostgreSQL
+        # Seconds to PostgreSQL as well; they were passed through (session 25's review).
+        (["prune", "--older-than", "+30"], "'+30' has no unit"),
+        (["prune", "--older-than", "30."], "'30.' has no unit"),
+        (["prune", "--older-than", ".5"], "'.5' has no unit"),
         (["enqueue", "x", "--payload", "null"], "must be a JSON object"),
         (["enqueue", "x", "--payload", '{"a": NaN}'], "NaN is not a JSON number"),
         (["enqueue", "x", "--scope", "Infinity"], "Infinity is not a JSON number"),
@@ -397,6 +401,9 @@ def test_migrate_then_use(empty_db_dsn: str) -> None:
         ("7D", "7 days"),
         ("1y", "1 years"),
         ("2 days", "2 days"),
+        ("+2d", "2 days"),
+        ("30.m", "30 minutes"),
+        (".5h", ".5 hours"),
     ],
 )
 def test_parse_duration(text: str, interval: str) -> None:
