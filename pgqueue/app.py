@@ -43,12 +43,10 @@ H = TypeVar("H", bound=Handler)
 _ENQUEUE_SQL = """
 SELECT pgqueue.enqueue(
     job_type => $1, payload => $2::text::jsonb, queue => $3, scope => $4::text::jsonb,
-    dedup_key => $5, run_after => coalesce($6::timestamptz, now() + $7::interval),
+    dedup_key => $5, run_after => coalesce($6::timestamptz, statement_timestamp() + $7::interval),
     priority => $8, max_attempts => $9, pipeline_id => $10::uuid,
     next_jobs => $11::text::jsonb, depends_on => $12::text::bigint[])
 """
-# What a timedelta can hold; PostgreSQL refuses a run_after past its own range by name.
-_MAX_DELAY_SECONDS = datetime.timedelta.max.total_seconds()
 _ENQUEUE_MANY_SQL = "SELECT id FROM pgqueue.enqueue_many($1::text::jsonb) AS id"
 # The typed fast path. Payloads and scopes travel as one JSON array each (one json.dumps
 # for the whole batch is several times cheaper than one per job) and are split in SQL;
@@ -241,8 +239,9 @@ class App:
         """Enqueue one job through ``pgqueue.enqueue`` and return its id.
 
         Runs on the caller's connection, so inside the caller's transaction the job appears
-        exactly when that transaction commits. ``delay`` (seconds or a timedelta) is measured
-        on the database clock; ``run_after`` wins when both are given.
+        exactly when that transaction commits. ``delay`` (seconds or a timedelta, from 0 to
+        100 years) is measured on the database clock from this call (not from the start of
+        the caller's transaction); ``run_after`` wins when both are given.
         """
         _asyncpg_only("app.enqueue", conn_or_pool)
         registered = self.job_types.get(job_type)
@@ -255,7 +254,9 @@ class App:
             queue = registered.queue if registered else "default"
         if max_attempts is None and registered is not None:
             max_attempts = registered.max_attempts
-        delay = _timedelta("delay", delay, _MAX_DELAY_SECONDS, "a finite number of seconds")
+        # As Snooze and the CLI: a negative delay jumped the job ahead of older ones, and a
+        # run_after past year 9999 cannot be read back into a Python datetime.
+        delay = None if delay is None else as_delay("delay", delay)
         job_id: int = await conn_or_pool.fetchval(
             _ENQUEUE_SQL,
             job_type,

@@ -1119,12 +1119,16 @@ async def test_the_heartbeat_beats_while_every_pooled_connection_waits_on_a_lock
             await blocker.close()  # its locks go with it, so the worker can stop
 
 
-@pytest.mark.parametrize("delay", [float("nan"), float("inf"), 1e20])
+@pytest.mark.parametrize(
+    "delay", [float("nan"), float("inf"), 1e20, 1e12, -3600, timedelta(seconds=-30)]
+)
 async def test_enqueue_refuses_a_delay_that_is_no_number_of_seconds(
-    conn: asyncpg.Connection, delay: float
+    conn: asyncpg.Connection, delay: float | timedelta
 ) -> None:
-    """NaN reached PostgreSQL as an interval; inf and 1e20 raised from timedelta itself."""
-    with pytest.raises(ValueError, match="delay must be a finite number of seconds"):
+    """NaN reached PostgreSQL as an interval; inf and 1e20 raised from timedelta itself; 1e12
+    was stored (year 33715: the row could no longer be read into Python), and a negative
+    delay jumped the job ahead of older ones. As the CLI, Snooze and backoff: 0 to 100 years."""
+    with pytest.raises(ValueError, match="delay must be from 0 seconds to 100 years"):
         await pgqueue.App().enqueue(conn, "x", delay=delay)
     assert await conn.fetchval("SELECT count(*) FROM pgqueue.jobs") == 0
 
@@ -1160,6 +1164,19 @@ async def test_an_error_whose_traceback_cannot_be_formatted_still_fails_its_atte
     assert row["last_error"].endswith("ValueError: unformattable"), row["last_error"]
     assert "formatting it raised SystemError: AST constructor" in row["last_error"]
     assert 'in fails\n    raise ValueError("unformattable")' in row["last_error"]
+
+
+async def test_a_delay_counts_from_the_call_not_from_the_start_of_the_transaction(
+    conn: asyncpg.Connection,
+) -> None:
+    """Measured from now(), a delay of 5 s in a transaction open for 3 s made the job due
+    2 s after its commit."""
+    async with conn.transaction():
+        started = await conn.fetchval("SELECT now()")
+        await conn.execute("SELECT pg_sleep(0.3)")
+        job = await pgqueue.App().enqueue(conn, "x", delay=1)
+    run_after = await conn.fetchval("SELECT run_after FROM pgqueue.jobs WHERE id = $1", job)
+    assert run_after - started >= timedelta(seconds=1.3)
 
 
 async def test_a_handler_saves_progress_and_its_next_attempt_goes_on_from_there(
