@@ -292,6 +292,8 @@ class App:
         cheaper per job than taking JSON specs apart; the rows are the same either way.
         """
         _asyncpg_only("app.enqueue_many", conn_or_pool)
+        # One spec (a dict: its keys were taken for specs) or a generator (no len) is named.
+        specs = spec_list("specs", specs)
         if not specs:
             return []
         columns = self._plain_columns(specs)

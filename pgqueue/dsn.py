@@ -175,13 +175,21 @@ def as_job_id(item: Any) -> int:
 
 def as_aware(value: Any) -> Any:
     """A ``run_after`` without a time zone, read as UTC (as asyncpg reads one for a
-    timestamptz parameter); anything else unchanged. Sent as JSON text, or through another
-    driver, PostgreSQL would read it in the session's TimeZone instead, so one naive
-    datetime would mean a different instant on each enqueue path."""
+    timestamptz parameter), given as a datetime or as ISO 8601 text; anything else
+    unchanged. Sent as JSON text, or through another driver, PostgreSQL would read it in
+    the session's TimeZone instead, so one naive timestamp would mean a different instant
+    on each enqueue path."""
     if isinstance(value, datetime.datetime):
         return value.replace(tzinfo=datetime.UTC) if value.utcoffset() is None else value
     if isinstance(value, datetime.date):  # a day: its midnight, UTC (asyncpg's reading too)
         return datetime.datetime.combine(value, datetime.time(), datetime.UTC)
+    if isinstance(value, str):  # in a spec: read here, or PostgreSQL reads it in its TimeZone
+        try:
+            return as_aware(datetime.datetime.fromisoformat(value))
+        except ValueError:
+            raise ValueError(
+                f"run_after must be a datetime or an ISO 8601 timestamp, got {value!r}"
+            ) from None
     return value
 
 

@@ -58,13 +58,27 @@ async def test_a_naive_run_after_is_the_same_instant_on_every_path(
         *await app.enqueue_many(conn, [{"job_type": "mail", "run_after": NAIVE}]),
         *await app.enqueue_many(conn, [{"job_type": "mail", "run_after": NAIVE, "key": "k"}]),
         *await app.enqueue_many(conn, [pgqueue.Spec("mail", run_after=NAIVE)]),
+        # As ISO text in a spec: passed through, PostgreSQL read it in its TimeZone.
+        *await app.enqueue_many(conn, [{"job_type": "mail", "run_after": NAIVE.isoformat()}]),
+        *await app.enqueue_many(conn, [pgqueue.Spec("mail", run_after=NAIVE.isoformat())]),  # type: ignore[arg-type]
     ]
+    pipeline = app.pipeline()
+    pipeline.add("mail", run_after=NAIVE.isoformat())  # type: ignore[arg-type]
+    ids += (await pipeline.enqueue(conn)).job_ids
     async with AsyncSession(engine) as session:
         await session.execute(text("SET TimeZone = 'Asia/Tokyo'"))
         ids.append(await enqueue_async(session, "mail", run_after=NAIVE))
         await session.commit()
     rows = await conn.fetch("SELECT run_after FROM pgqueue.jobs WHERE id = ANY($1)", ids)
     assert {r["run_after"] for r in rows} == {AS_UTC}
+
+
+async def test_a_run_after_text_that_is_no_iso_timestamp_is_refused_by_name(
+    conn: asyncpg.Connection,
+) -> None:
+    with pytest.raises(ValueError, match="run_after must be a datetime or an ISO 8601 timestamp"):
+        await mail_app().enqueue_many(conn, [{"job_type": "mail", "run_after": "tomorrow"}])
+    assert await conn.fetchval("SELECT count(*) FROM pgqueue.jobs") == 0
 
 
 async def test_null_options_take_the_registered_defaults(conn: asyncpg.Connection) -> None:
