@@ -281,6 +281,12 @@ class Pipeline:
             result = await target.execute(text(_ENQUEUE_MANY_SQLA), {"specs": payload})
             ids = [int(i) for i in result.scalars().all()]
         else:  # asyncpg: a connection, a pool, or a connection acquired from a pool
+            if not hasattr(target, "fetch"):  # failed deep inside: "no attribute 'fetch'"
+                raise TypeError(
+                    "Pipeline.enqueue takes an asyncpg connection or pool, or a SQLAlchemy"
+                    f" AsyncSession or AsyncConnection, got {type(target).__name__}"
+                    " (a synchronous Session or Connection: use Pipeline.enqueue_sync)"
+                )
             rows = await cast("ConnOrPool", target).fetch(_ENQUEUE_MANY_ASYNCPG, payload)
             ids = [int(row["id"]) for row in rows]
         return self._enqueued(pid, ids)
@@ -289,7 +295,15 @@ class Pipeline:
         self, target: Session | Connection, *, pipeline_id: uuid.UUID | str | None = None
     ) -> EnqueuedPipeline:
         """:meth:`enqueue` on a synchronous SQLAlchemy ``Session`` or ``Connection``."""
-        from sqlalchemy import text
+        from sqlalchemy import Engine, text
+
+        if _is_sqlalchemy(target) or hasattr(target, "fetch") or isinstance(target, Engine):
+            # An async session failed with "'coroutine' object has no attribute 'scalars'".
+            raise TypeError(
+                "Pipeline.enqueue_sync takes a SQLAlchemy Session or Connection of your"
+                f" transaction, got {type(target).__name__}"
+                + ("" if isinstance(target, Engine) else " (use await Pipeline.enqueue)")
+            )
 
         pid = _pipeline_uuid(pipeline_id)
         result = target.execute(text(_ENQUEUE_MANY_SQLA), {"specs": dumps(self.specs(pid))})

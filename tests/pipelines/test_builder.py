@@ -357,3 +357,31 @@ async def test_pipeline_on_a_sync_session(db_dsn: str, conn: asyncpg.Connection)
         engine.dispose()
     rows = await conn.fetch("SELECT pipeline_id FROM pgqueue.jobs")
     assert [r["pipeline_id"] for r in rows] == [run.pipeline_id] * 2
+
+
+async def test_a_pipeline_given_the_wrong_kind_of_target_says_which_to_use(
+    db_dsn: str, conn: asyncpg.Connection, engine: AsyncEngine
+) -> None:
+    """Each failed deep inside: "'Session' object has no attribute 'fetch'", "'coroutine'
+    object has no attribute 'scalars'" (and a coroutine never awaited), "'Engine' object has
+    no attribute 'execute'"."""
+    pytest.importorskip("psycopg")
+    sync_engine = create_engine(
+        db_dsn.replace("postgresql://", "postgresql+psycopg://", 1), poolclass=NullPool
+    )
+    pipe = pgqueue.Pipeline()
+    pipe.add("a")
+    try:
+        with Session(sync_engine) as session:
+            with pytest.raises(TypeError, match="got Session .*use Pipeline.enqueue_sync"):
+                await pipe.enqueue(session)
+        with pytest.raises(TypeError, match="got Engine"):
+            pipe.enqueue_sync(sync_engine)  # type: ignore[arg-type]
+    finally:
+        sync_engine.dispose()
+    async with AsyncSession(engine) as async_session:
+        with pytest.raises(TypeError, match="got AsyncSession .*use await Pipeline.enqueue"):
+            pipe.enqueue_sync(async_session)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="got Connection .*use await Pipeline.enqueue"):
+        pipe.enqueue_sync(conn)  # type: ignore[arg-type]
+    assert await conn.fetchval("SELECT count(*) FROM pgqueue.jobs") == 0
