@@ -28,6 +28,7 @@ from pgqueue.job import (
     run_after_option,
     spec_dict,
     spec_list,
+    text_option,
 )
 from pgqueue.pipeline import Pipeline, PipelineStatus, cancel_pipeline, pipeline_status
 from pgqueue.schedule import MAX_EVERY, Schedule
@@ -244,6 +245,8 @@ class App:
         the caller's transaction); ``run_after`` wins when both are given.
         """
         _asyncpg_only("app.enqueue", conn_or_pool)
+        job_type = text_option("job_type", job_type)  # type: ignore[assignment]
+        queue, dedup_key = text_option("queue", queue), text_option("dedup_key", dedup_key)
         registered = self.job_types.get(job_type)
         run_after = run_after_option(run_after)
         priority, max_attempts = (

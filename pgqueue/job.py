@@ -12,7 +12,7 @@ from dataclasses import MISSING, dataclass, fields, make_dataclass
 from datetime import date, datetime, timedelta
 from typing import Any, cast
 
-from pgqueue.dsn import as_aware
+from pgqueue.dsn import INT4_MAX, INT4_MIN, as_aware
 
 # Set by each of a worker's runners, so the handlers it runs (and their threads: anyio copies
 # the context) can save progress: (job, progress) -> written. A context variable, not a
@@ -238,15 +238,37 @@ def pipeline_id_text(value: object) -> str | None:
 def int_option(name: str, value: Any) -> Any:
     """``priority`` / ``max_attempts``: an integer (anything integral: numpy's too) or None.
     A float was rounded one way by one path and the other way by another (1.5 became 2, or
-    1); a bool is no number here."""
+    1); a bool is no number here. Outside the int column's range PostgreSQL's refusal named
+    a query argument's number, not the option."""
     if value is None:
         return None
     if not isinstance(value, bool):
         try:
-            return operator.index(value)
+            number = operator.index(value)
         except TypeError:
             pass
+        else:
+            if not INT4_MIN <= number <= INT4_MAX:
+                raise ValueError(f"{name} must be from {INT4_MIN} to {INT4_MAX}, got {number}")
+            return number
     raise TypeError(f"{name} must be an integer, got {value!r}")
+
+
+def text_option(name: str, value: Any) -> str | None:
+    """``job_type`` / ``queue`` / ``dedup_key``: a string or None. A number was refused by
+    asyncpg naming only the query argument's number (SQLAlchemy stored it as text), and a
+    NUL or a lone surrogate by the driver or the server without naming the option."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, got {type(value).__name__}")
+    if "\x00" in value:
+        raise ValueError(f"{name} must not contain NUL (\\x00), got {value!r}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{name} is not valid Unicode text, got {value!r}") from None
+    return value
 
 
 def run_after_option(value: Any) -> Any:

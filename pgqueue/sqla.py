@@ -56,6 +56,7 @@ from pgqueue.job import (
     run_after_option,
     spec_dict,
     spec_list,
+    text_option,
 )
 from pgqueue.resources import sql_dir
 
@@ -169,8 +170,7 @@ def _enqueue_statement(
     unknown = sorted(set(options) - set(ENQUEUE_OPTIONS))
     if unknown:
         raise TypeError(f"enqueue() got unknown option(s): {', '.join(unknown)}")
-    if not isinstance(job_type, str):
-        raise TypeError(f"job_type must be a string, got {type(job_type).__name__}")
+    text_option("job_type", job_type)
     types: dict[str, TypeEngine[Any]] = {"job_type": Text()}
     values: dict[str, Any] = {"job_type": job_type}
     arguments = ["job_type => :job_type"]
@@ -194,6 +194,8 @@ def _enqueue_statement(
             value = run_after_option(value)
         elif name in ("priority", "max_attempts"):
             value = int_option(name, value)
+        elif name in ("queue", "dedup_key"):
+            value = text_option(name, value)
         if name in _JSON_OPTIONS:
             types[name], values[name] = Text(), dumps(value)
             arguments.append(f"{name} => CAST(:{name} AS jsonb)")

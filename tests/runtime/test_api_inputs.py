@@ -137,6 +137,14 @@ async def test_a_date_run_after_is_its_midnight_utc_on_every_path(
         ({"max_attempts": 2.5}, TypeError, "max_attempts must be an integer, got 2.5"),
         ({"run_after": "2030-01-01"}, TypeError, "run_after must be a datetime, got str"),
         ({"delay": "10"}, TypeError, "delay must be seconds or a timedelta, got '10'"),
+        # "invalid input for query argument $8 ... (value out of int32 range)", "$3 ...
+        # expected str", 'invalid byte sequence for encoding "UTF8": 0x00'
+        ({"priority": 2**40}, ValueError, "priority must be from -2147483648 to 2147483647"),
+        ({"max_attempts": 2**31}, ValueError, "max_attempts must be from -2147483648 to"),
+        ({"queue": 5}, TypeError, "queue must be a string, got int"),
+        ({"dedup_key": 5}, TypeError, "dedup_key must be a string, got int"),
+        ({"queue": "a\x00b"}, ValueError, "queue must not contain NUL"),
+        ({"dedup_key": "\udcff"}, ValueError, "dedup_key is not valid Unicode text"),
     ],
 )
 async def test_app_enqueue_names_the_argument_it_refuses(
@@ -144,6 +152,18 @@ async def test_app_enqueue_names_the_argument_it_refuses(
 ) -> None:
     with pytest.raises(error, match=re.escape(message)):
         await pgqueue.App().enqueue(conn, "x", **options)
+    assert await conn.fetchval("SELECT count(*) FROM pgqueue.jobs") == 0
+
+
+@pytest.mark.parametrize(
+    ("job_type", "error", "message"),
+    [(5, TypeError, "job_type must be a string, got int"), ("a\x00", ValueError, "NUL")],
+)
+async def test_app_enqueue_names_a_job_type_it_refuses(
+    conn: asyncpg.Connection, job_type: Any, error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        await pgqueue.App().enqueue(conn, job_type)
     assert await conn.fetchval("SELECT count(*) FROM pgqueue.jobs") == 0
 
 
@@ -179,6 +199,10 @@ async def test_sqla_enqueue_checks_its_input_as_app_enqueue_does(
             await enqueue_async(session, "x", pipeline_id="nope")  # type: ignore[arg-type]
         with pytest.raises(TypeError, match=r"priority must be an integer, got 1\.5"):
             await enqueue_async(session, "x", priority=1.5)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="priority must be from -2147483648"):
+            await enqueue_async(session, "x", priority=2**40)
+        with pytest.raises(TypeError, match="queue must be a string, got int"):  # stored '5'
+            await enqueue_async(session, "x", queue=5)  # type: ignore[arg-type]
         with pytest.raises(TypeError, match="run_after must be a datetime, got str"):
             await enqueue_async(session, "x", run_after="2030-01-01 00:00")  # type: ignore[arg-type]
         with pytest.raises(TypeError, match=r"got AsyncSession: use pgqueue\.sqla\.enqueue_async"):
