@@ -19,6 +19,7 @@ import pathlib
 import urllib.parse
 import uuid
 from collections.abc import Callable, Iterable
+from decimal import Decimal
 from typing import Any, TypeAlias, cast
 
 import asyncpg
@@ -194,12 +195,32 @@ def as_aware(value: Any) -> Any:
 
 
 def _json_default(value: Any) -> Any:
-    """Encode the few non-JSON types that job specs commonly carry (datetimes, UUIDs)."""
+    """Encode the few non-JSON types that job specs commonly carry (datetimes, UUIDs, and
+    the Decimals asyncpg and SQLAlchemy read numeric columns as)."""
     if isinstance(value, datetime.date | datetime.time):
         return value.isoformat()
     if isinstance(value, uuid.UUID):
         return str(value)
+    if isinstance(value, Decimal):
+        return _decimal_number(value)
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def _decimal_number(value: Decimal) -> int | float:
+    """A Decimal as the JSON number of the same value: an int when it is whole, else the
+    float that prints as the same number. One a float cannot hold is refused by name rather
+    than rounded (json can only write an int or a float as a number)."""
+    if not value.is_finite():
+        raise ValueError(f"Decimal {value} is not a JSON number")
+    if value == value.to_integral_value():
+        return int(value)
+    number = float(value)
+    if Decimal(repr(number)) != value:
+        raise ValueError(
+            f"Decimal {value} has more digits than a JSON number read as a float keeps;"
+            " pass it as a string (or round it to a float yourself)"
+        )
+    return number
 
 
 # json.loads wraps the C scanner in two regular-expression matches for surrounding

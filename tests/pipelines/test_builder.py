@@ -373,15 +373,15 @@ async def test_a_pipeline_given_the_wrong_kind_of_target_says_which_to_use(
     pipe.add("a")
     try:
         with Session(sync_engine) as session:
-            with pytest.raises(TypeError, match="got Session .*use Pipeline.enqueue_sync"):
+            with pytest.raises(TypeError, match=r"got Session .*use Pipeline\.enqueue_sync"):
                 await pipe.enqueue(session)
         with pytest.raises(TypeError, match="got Engine"):
             pipe.enqueue_sync(sync_engine)  # type: ignore[arg-type]
     finally:
         sync_engine.dispose()
     async with AsyncSession(engine) as async_session:
-        with pytest.raises(TypeError, match="got AsyncSession .*use await Pipeline.enqueue"):
+        with pytest.raises(TypeError, match=r"got AsyncSession .*use await Pipeline\.enqueue"):
             pipe.enqueue_sync(async_session)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="got Connection .*use await Pipeline.enqueue"):
+    with pytest.raises(TypeError, match=r"got Connection .*use await Pipeline\.enqueue"):
         pipe.enqueue_sync(conn)  # type: ignore[arg-type]
     assert await conn.fetchval("SELECT count(*) FROM pgqueue.jobs") == 0

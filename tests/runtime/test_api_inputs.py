@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import uuid
+from decimal import Decimal
 from typing import Any
 
 import anyio
@@ -470,3 +471,28 @@ def test_integral_options_of_any_integral_type_are_taken() -> None:
     assert int_option("priority", Integral()) == 3
     numpy = pytest.importorskip("numpy")
     assert int_option("max_attempts", numpy.int64(2)) == 2
+
+
+async def test_decimals_are_json_numbers_of_the_same_value(
+    conn: asyncpg.Connection, engine: AsyncEngine
+) -> None:
+    """asyncpg and SQLAlchemy read numeric columns as Decimal; every path refused them
+    ("Object of type Decimal is not JSON serializable"), a handler's result too."""
+    app = pgqueue.App()
+    payload = {"kg": Decimal("95810.60"), "n": Decimal("3"), "k": Decimal("1E+3")}
+    first = await app.enqueue(conn, "x", payload)
+    (second,) = await app.enqueue_many(conn, [{"job_type": "x", "payload": payload}])
+    async with AsyncSession(engine) as session:
+        third = await enqueue_async(session, "x", payload)
+        await session.commit()
+    rows = await conn.fetch(
+        "SELECT payload::text FROM pgqueue.jobs WHERE id = ANY($1)", [first, second, third]
+    )
+    assert {r[0] for r in rows} == {'{"k": 1000, "n": 3, "kg": 95810.6}'}
+    for bad, message in [
+        (Decimal("NaN"), "Decimal NaN is not a JSON number"),
+        (Decimal("0.12345678901234567890123"), "has more digits than a JSON number"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            await app.enqueue(conn, "x", {"v": bad})
+    assert await conn.fetchval("SELECT count(*) FROM pgqueue.jobs") == 3
