@@ -989,6 +989,42 @@ $$;
 -- id order (the nested loop follows the sorted ids), the order the
 -- transitions that lock several of them take: enqueue's ids came in a
 -- DISTINCT's hash order (11, 13, 10, 12), which could deadlock.
+-- Why a dependency is refused: NULL (p_id NULL), unknown (p_state NULL), or
+-- already failed or cancelled.
+CREATE FUNCTION pgqueue._refuse_dependency(p_label text, p_id bigint, p_state text) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_id IS NULL THEN
+        RAISE EXCEPTION '%: depends_on must not contain NULL', p_label
+            USING ERRCODE = 'invalid_parameter_value';
+    ELSIF p_state IS NULL THEN
+        RAISE EXCEPTION '%: depends_on names unknown job id %', p_label, p_id
+            USING ERRCODE = 'foreign_key_violation';
+    END IF;
+    RAISE EXCEPTION '%: dependency % is already %, so the job could never run', p_label, p_id, p_state
+        USING ERRCODE = 'invalid_parameter_value';
+END
+$$;
+
+-- The dependencies of a request that merges into a pending job, which takes
+-- none of them: checked as _lock_dependencies checks them (bad input is
+-- refused whether or not the key merges), but read, not locked.
+CREATE FUNCTION pgqueue._check_dependencies(p_ids bigint[], p_label text) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_bad record;
+BEGIN
+    SELECT want.id, j.state INTO v_bad
+    FROM (SELECT DISTINCT i FROM unnest(p_ids) i) AS want(id)
+    LEFT JOIN pgqueue.jobs j ON j.id = want.id
+    WHERE j.id IS NULL OR j.state IN ('failed', 'cancelled')
+    ORDER BY j.id IS NOT NULL, want.id LIMIT 1;
+    IF FOUND THEN
+        PERFORM pgqueue._refuse_dependency(p_label, v_bad.id, v_bad.state);
+    END IF;
+END
+$$;
+
 CREATE FUNCTION pgqueue._lock_dependencies(p_ids bigint[], p_label text) RETURNS bigint[]
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -1001,15 +1037,7 @@ BEGIN
     WHERE x.id IS NULL OR x.state IN ('failed', 'cancelled')
     ORDER BY x.id IS NOT NULL, want.id LIMIT 1;
     IF FOUND THEN
-        IF v_bad.id IS NULL THEN
-            RAISE EXCEPTION '%: depends_on must not contain NULL', p_label
-                USING ERRCODE = 'invalid_parameter_value';
-        ELSIF v_bad.state IS NULL THEN
-            RAISE EXCEPTION '%: depends_on names unknown job id %', p_label, v_bad.id
-                USING ERRCODE = 'foreign_key_violation';
-        END IF;
-        RAISE EXCEPTION '%: dependency % is already %, so the job could never run', p_label, v_bad.id, v_bad.state
-            USING ERRCODE = 'invalid_parameter_value';
+        PERFORM pgqueue._refuse_dependency(p_label, v_bad.id, v_bad.state);
     END IF;
     SELECT coalesce(array_agg(j.id), '{}') INTO v_succeeded
     FROM pgqueue.jobs j WHERE j.id = ANY (p_ids) AND j.state = 'succeeded';
@@ -1483,28 +1511,31 @@ BEGIN
         RAISE EXCEPTION 'pgqueue.enqueue: pipeline % was cancelled', enqueue.pipeline_id
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF enqueue.dedup_key IS NOT NULL THEN
-        PERFORM pgqueue._lock_dedup_key(enqueue.dedup_key);
-    END IF;
-    IF cardinality(v_deps) > 0 THEN
-        v_succeeded := pgqueue._lock_dependencies(v_deps, 'pgqueue.enqueue');
-    END IF;
     -- The pending job the key merges into, held FOR SHARE (no claim or transition can
     -- take it before this transaction ends) and returned. Shared, not for update as the
     -- INSERT's ON CONFLICT below locks: two enqueues, each merging into the other's
-    -- dependency (which each holds shared), deadlocked on those locks (40P01). After the
-    -- dependencies: a completion holding one of them locks its waiting dependents, which
-    -- a merge target may be (taken with the dependencies in id order, it deadlocked with
-    -- a batch completion). Under the key's lock no other job can take the key meanwhile;
-    -- one that left pending while this waited is not found, and the INSERT creates a job.
+    -- dependency (which each holds shared), deadlocked on those locks (40P01). Under the
+    -- key's lock no other job can take the key meanwhile; one that left pending while
+    -- this waited is not found, and the INSERT creates a job. Before the dependencies,
+    -- which a merge does not take (checked, not locked): holding one while it waited for
+    -- the merge target, an enqueue deadlocked with a transition that locks both, the
+    -- older first (a completion queueing its dependents, a cancellation cancelling them).
+    -- Holding the merge target, it waits for nothing more.
     IF enqueue.dedup_key IS NOT NULL THEN
+        PERFORM pgqueue._lock_dedup_key(enqueue.dedup_key);
         SELECT j.id INTO v_id FROM pgqueue.jobs j
         WHERE j.dedup_key = enqueue.dedup_key AND j.state IN ('waiting', 'queued')
         FOR SHARE;
         IF FOUND THEN
+            IF cardinality(v_deps) > 0 THEN
+                PERFORM pgqueue._check_dependencies(v_deps, 'pgqueue.enqueue');
+            END IF;
             PERFORM pgqueue._announce_held(ARRAY[v_id]);  -- merged into a pending job, now held
             RETURN v_id;
         END IF;
+    END IF;
+    IF cardinality(v_deps) > 0 THEN
+        v_succeeded := pgqueue._lock_dependencies(v_deps, 'pgqueue.enqueue');
     END IF;
 
     INSERT INTO pgqueue.jobs AS j

@@ -453,16 +453,26 @@ MUTANTS: dict[str, Mutant] = {
         "WHERE false;",
         "test_dedup_races.py::test_enqueues_merging_into_each_others_dependency_take_turns[enqueue]",
     ),
-    # enqueue locking the pending job its key merges into before its dependencies: it
-    # holds that job (a waiting dependent a batch completion is about to queue) while it
-    # waits for a dependency the completion holds.
-    "enqueue_locks_merge_before_dependencies": Mutant(
+    # enqueue merging into a pending job and locking its dependencies as well: it holds that
+    # job (a waiting dependent a batch completion is about to queue) while it waits for a
+    # dependency the completion holds.
+    "enqueue_merge_locks_its_dependencies": Mutant(
         "pgqueue.enqueue(text,jsonb,text,jsonb,text,timestamp with time zone,integer,integer,uuid,jsonb,bigint[])",
-        "        v_succeeded := pgqueue._lock_dependencies(v_deps, 'pgqueue.enqueue');",
-        "        PERFORM 1 FROM pgqueue.jobs m WHERE m.dedup_key = enqueue.dedup_key"
-        " AND m.state IN ('waiting', 'queued') FOR SHARE;\n"
-        "        v_succeeded := pgqueue._lock_dependencies(v_deps, 'pgqueue.enqueue');",
-        "test_dedup_races.py::test_an_enqueue_merging_into_a_waiting_dependent_waits_for_its_dependency_first",
+        "PERFORM pgqueue._check_dependencies(v_deps, 'pgqueue.enqueue');",
+        "PERFORM pgqueue._lock_dependencies(v_deps, 'pgqueue.enqueue');",
+        "test_dedup_races.py::test_an_enqueue_merging_into_a_waiting_dependent_takes_none_of_its_dependencies",
+    ),
+    # enqueue share-locking its dependencies before it looks for the job its key merges into
+    # (the order until session 25): it holds a dependency while it waits for that job, which
+    # a transition locks first, then the dependency.
+    "enqueue_locks_dependencies_before_merging": Mutant(
+        "pgqueue.enqueue(text,jsonb,text,jsonb,text,timestamp with time zone,integer,integer,uuid,jsonb,bigint[])",
+        "        PERFORM pgqueue._lock_dedup_key(enqueue.dedup_key);\n",
+        "        PERFORM pgqueue._lock_dedup_key(enqueue.dedup_key);\n"
+        "        IF cardinality(v_deps) > 0 THEN\n"
+        "            PERFORM pgqueue._lock_dependencies(v_deps, 'pgqueue.enqueue');\n"
+        "        END IF;\n",
+        "test_dedup_races.py::test_an_enqueue_merging_into_an_older_job_a_transition_takes_with_its_dependency[complete]",
     ),
     "enqueue_many_merges_for_update": Mutant(
         "pgqueue._insert_specs(jsonb,uuid,bigint,text,boolean,integer)",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+import asyncpg
 import pytest
 from sqlharness import (
     PIPELINE_LOCK,
@@ -315,15 +316,16 @@ async def test_enqueues_merging_into_each_others_dependency_take_turns(
     assert await observer.fetchval("SELECT count(*) FROM pgqueue.jobs") == 2
 
 
-async def test_an_enqueue_merging_into_a_waiting_dependent_waits_for_its_dependency_first(
+async def test_an_enqueue_merging_into_a_waiting_dependent_takes_none_of_its_dependencies(
     connect: Connect,
 ) -> None:
     """R waits on X and holds key K. A batch completion of X and D holds both rows, then
-    locks their waiting dependents in id order. An enqueue of K depending on D must wait for
-    D before it takes R: taking R first (in id order with its dependencies, as one fix
-    tried) it held R while it waited for D, and the completion waited for R (40P01). A third
-    session holding W (a dependent of X older than R) lines them up: the completion holds X
-    and D while it waits for W."""
+    locks their waiting dependents in id order. An enqueue of K depending on D merges into R
+    without taking D (a merge takes none of its dependencies): holding R while it waited
+    for D (as one fix tried, taking R in id order with its dependencies) it deadlocked with
+    the completion, which waits for R (40P01). A third session holding W (a dependent of X
+    older than R) lines them up: the completion holds X and D while it waits for W, then
+    waits for the merge's transaction, which waits for nothing."""
     observer, holder, completer, enqueuer = await sessions(
         connect, "obs", "holder", "completer", "enqueuer"
     )
@@ -343,16 +345,66 @@ async def test_an_enqueue_merging_into_a_waiting_dependent_waits_for_its_depende
         )
     )
     await wait_blocked(observer.conn, completer)  # holding X and D, on W
+    await enqueuer.begin()
+    merge = enqueuer.fetchval(
+        "SELECT pgqueue.enqueue('z', dedup_key => 'K', depends_on => ARRAY[$1]::bigint[])", d
+    )
+    assert await finishes_unblocked(observer.conn, enqueuer, merge) == r  # D not waited for
+    await holder.commit()
+    blocking = "SELECT pg_blocking_pids($1)"
+    while await observer.fetchval(blocking, completer.pid) != [enqueuer.pid]:
+        assert not completion.done(), "the completion took R while the merge held it"
+        await asyncio.sleep(0.005)  # the observer's polling interval
+    await enqueuer.commit()
+    assert await completion == 2
+    states = await observer.fetch(
+        "SELECT state FROM pgqueue.jobs WHERE id = ANY($1::bigint[]) ORDER BY id", [w, r]
+    )
+    assert [s["state"] for s in states] == ["queued", "queued"]
+
+
+@pytest.mark.parametrize("transition", ["complete", "cancel"])
+async def test_an_enqueue_merging_into_an_older_job_a_transition_takes_with_its_dependency(
+    connect: Connect, transition: str
+) -> None:
+    """T (key K) and D both wait on X, T the older. The completion of X queues them, and a
+    cancellation of X cancels them, each locking T, then D. An enqueue of K depending on D
+    share-locked D first, then waited for T, held by the transition, which waited for D:
+    40P01 (a known exception until session 25). A merge now takes T (its target) and none
+    of its dependencies. A session holding D shared lines them up: the transition holds T
+    and waits for D."""
+    observer, holder, mover, enqueuer = await sessions(
+        connect, "obs", "holder", "mover", "enqueuer"
+    )
+    x = await observer.fetchval("SELECT pgqueue.enqueue('x')")
+    after_x = "SELECT pgqueue.enqueue($1, dedup_key => $2, depends_on => ARRAY[$3]::bigint[])"
+    t = await observer.fetchval(after_x, "t", "K", x)
+    d = await observer.fetchval(after_x, "d", None, x)
+    if transition == "complete":
+        assert len(await observer.fetch("SELECT id FROM pgqueue.claim($1, 'w')", x)) == 1
+        step = "SELECT pgqueue.complete($1, 'w')"
+    else:
+        step = "SELECT pgqueue.cancel($1)"
+    await holder.begin()
+    await holder.fetchval("SELECT id FROM pgqueue.jobs WHERE id = $1 FOR SHARE", d)
+    moved = mover.start(mover.fetchval(step, x))
+    await wait_blocked(observer.conn, mover)  # holding X and T, on D
     merge = enqueuer.start(
         enqueuer.fetchval(
             "SELECT pgqueue.enqueue('z', dedup_key => 'K', depends_on => ARRAY[$1]::bigint[])", d
         )
     )
-    await wait_blocked(observer.conn, enqueuer)  # on D
+    await wait_blocked(observer.conn, enqueuer)  # on T
     await holder.commit()
-    assert await completion == 2
-    assert await merge == r
+    assert await moved is True
+    if transition == "complete":
+        assert await merge == t
+        expected = ["queued", "queued"]
+    else:  # cancelled with X: nothing pending to merge into, and D is cancelled
+        with pytest.raises(asyncpg.InvalidParameterValueError, match="already cancelled"):
+            await merge
+        expected = ["cancelled", "cancelled"]
     states = await observer.fetch(
-        "SELECT state FROM pgqueue.jobs WHERE id = ANY($1::bigint[]) ORDER BY id", [w, r]
+        "SELECT state FROM pgqueue.jobs WHERE id = ANY($1::bigint[]) ORDER BY id", [t, d]
     )
-    assert [s["state"] for s in states] == ["queued", "queued"]
+    assert [s["state"] for s in states] == expected
