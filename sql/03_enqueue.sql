@@ -17,6 +17,11 @@ LANGUAGE sql IMMUTABLE AS $$
                        WHEN 'limits' THEN 7216010 END
 $$;
 
+-- jsonb_hash agrees with JSONB equality (key order, 1 vs 1.0), as the unique
+-- indexes do; hashing the text form would give one scope two locks.
+CREATE FUNCTION pgqueue._scope_lock_key(p_scope jsonb) RETURNS int
+LANGUAGE sql IMMUTABLE AS $$ SELECT jsonb_hash(p_scope) $$;
+
 -- The keys a job spec may carry: enqueue's parameter names plus key/after.
 CREATE FUNCTION pgqueue._spec_keys() RETURNS text[]
 LANGUAGE sql IMMUTABLE AS $$
@@ -585,9 +590,10 @@ $$;
 -- job). Written once for its two INSERTs, with and without ON CONFLICT; a SQL
 -- function of one SELECT, so the planner inlines it into each. p_new holds the
 -- ids allocated for the specs, p_succeeded the dependencies that already
--- succeeded, p_block whether scoped specs may be entered blocked.
+-- succeeded, p_unlocked the scope order lock keys not taken (see
+-- _share_scope_order), NULL when scoped specs may not be entered blocked at all.
 CREATE FUNCTION pgqueue._spec_rows(p_specs jsonb, p_new bigint[], p_succeeded bigint[], p_cancelled boolean,
-                                   p_block boolean, p_max_attempts int, p_pipeline_id uuid, p_parent_id bigint)
+                                   p_unlocked int[], p_max_attempts int, p_pipeline_id uuid, p_parent_id bigint)
 RETURNS TABLE (id bigint, queue text, job_type text, payload jsonb, state text, priority int, scope jsonb,
                dedup_key text, max_attempts int, run_after timestamptz, pipeline_id uuid, parent_id bigint,
                next_jobs jsonb, finished_at timestamptz, last_error text, scope_blocked boolean)
@@ -605,11 +611,12 @@ LANGUAGE sql STABLE AS $$
     ), spec AS (
         -- queued keyless jobs of the same scope earlier in the array (a spec with a
         -- dedup key may merge into another job, so it blocks nobody)
-        SELECT sp.*, p_block AND sp.scope IS NOT NULL AND sp.st = 'queued'
+        SELECT sp.*, p_unlocked IS NOT NULL AND sp.scope IS NOT NULL AND sp.st = 'queued'
                      AND (count(*) FILTER (WHERE sp.dk IS NULL AND sp.st = 'queued')
                               OVER (PARTITION BY sp.scope ORDER BY sp.ord
                                     ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) > 0
-                          OR pgqueue._behind_older(sp.scope, sp.new_id)) AS blocked
+                          OR pgqueue._scope_lock_key(sp.scope) <> ALL (p_unlocked)
+                             AND pgqueue._behind_older(sp.scope, sp.new_id)) AS blocked
         FROM spec0 sp
     )
     SELECT sp.new_id,
@@ -654,7 +661,7 @@ DECLARE
     v_has_edges boolean;
     v_cancelled boolean := false;
     v_pipeline uuid;
-    v_block boolean;
+    v_unlocked int[];  -- NULL: no scope order locks taken, scoped specs enter unblocked
     v_dead bigint[];      -- dependencies of stored specs that can no longer succeed
     v_dead_why text[];
     v_gone bigint[];      -- ... of them, the ones no longer there (pruned)
@@ -727,9 +734,8 @@ BEGIN
     -- deadlock two completions; children enter unblocked (always safe). The
     -- locks come after the pipeline's and before the dedup keys' and the
     -- dependencies' (the order every pgqueue transaction takes them in).
-    v_block := p_parent_id IS NULL AND p_specs @? '$[*].scope ? (@ != null)';
-    IF v_block THEN
-        PERFORM pgqueue._share_scope_order(ARRAY(SELECT e.s->'scope' FROM jsonb_array_elements(p_specs) e(s)));
+    IF p_parent_id IS NULL AND p_specs @? '$[*].scope ? (@ != null)' THEN
+        v_unlocked := pgqueue._share_scope_order(ARRAY(SELECT e.s->'scope' FROM jsonb_array_elements(p_specs) e(s)));
     END IF;
 
     -- Dedup keys: lock in a fixed order (no deadlock between two batches).
@@ -815,7 +821,7 @@ BEGIN
             INSERT INTO pgqueue.jobs AS j
                 (id, queue, job_type, payload, state, priority, scope, dedup_key, max_attempts, run_after,
                  pipeline_id, parent_id, next_jobs, finished_at, last_error, scope_blocked)
-            SELECT * FROM pgqueue._spec_rows(p_specs, v_new, v_succeeded, v_cancelled, v_block, v_max_attempts,
+            SELECT * FROM pgqueue._spec_rows(p_specs, v_new, v_succeeded, v_cancelled, v_unlocked, v_max_attempts,
                                              p_pipeline_id, p_parent_id) r
             WHERE r.dedup_key IS NULL OR r.dedup_key <> ALL (v_held_keys)
             -- A pending job with the key that the look above missed (written without
@@ -842,7 +848,7 @@ BEGIN
         INSERT INTO pgqueue.jobs
             (id, queue, job_type, payload, state, priority, scope, dedup_key, max_attempts, run_after,
              pipeline_id, parent_id, next_jobs, finished_at, last_error, scope_blocked)
-        SELECT * FROM pgqueue._spec_rows(p_specs, v_new, v_succeeded, v_cancelled, v_block, v_max_attempts,
+        SELECT * FROM pgqueue._spec_rows(p_specs, v_new, v_succeeded, v_cancelled, v_unlocked, v_max_attempts,
                                          p_pipeline_id, p_parent_id);
         v_ids := v_new;
     END IF;
@@ -940,6 +946,7 @@ DECLARE
     v_inserted boolean;
     v_succeeded bigint[] := '{}';
     v_deps bigint[];
+    v_unlocked int[];
 BEGIN
     IF enqueue.job_type IS NULL OR btrim(enqueue.job_type, E' \t\n\r\f\x0B') = '' OR jsonb_typeof(enqueue.payload) <> 'object'
        OR btrim(enqueue.queue, E' \t\n\r\f\x0B') = '' OR octet_length(enqueue.queue) > 200 OR enqueue.dedup_key = '' OR octet_length(enqueue.dedup_key) > 1000
@@ -977,7 +984,7 @@ BEGIN
             -- entered blocked (out of the claim index); the end of that scope's
             -- running job unblocks the next. The shared order lock makes that end
             -- either visible to the check below or wait for this commit.
-            PERFORM pgqueue._share_scope_order(ARRAY[enqueue.scope]);
+            v_unlocked := pgqueue._share_scope_order(ARRAY[enqueue.scope]);
             v_id := nextval('pgqueue.jobs_id_seq');
             INSERT INTO pgqueue.jobs AS j
                 (id, queue, job_type, payload, state, priority, scope, max_attempts, run_after, scope_blocked)
@@ -986,7 +993,8 @@ BEGIN
                     coalesce(enqueue.max_attempts,
                              (SELECT s.value::int FROM pgqueue.settings s WHERE s.name = 'max_attempts'),
                              pgqueue._setting_int('max_attempts')),
-                    coalesce(enqueue.run_after, now()), pgqueue._behind_older(enqueue.scope, v_id));
+                    coalesce(enqueue.run_after, now()),
+                    v_unlocked = '{}' AND pgqueue._behind_older(enqueue.scope, v_id));
             RETURN v_id;
         END IF;
         INSERT INTO pgqueue.jobs AS j (queue, job_type, payload, state, priority, scope, max_attempts, run_after)
@@ -1105,6 +1113,7 @@ DECLARE
     v_n int := coalesce(cardinality(job_types), 0);
     v_max_attempts int := pgqueue._setting_int('max_attempts');
     v_bad record;
+    v_unlocked int[];
 BEGIN
     -- A NULL array means "the default for every job"; any other must line up with job_types.
     SELECT a.name, a.n, a.dims INTO v_bad
@@ -1149,7 +1158,7 @@ BEGIN
         -- Scoped jobs behind an older queued or running job of their scope (in
         -- the table or earlier in the arrays) are entered blocked; see enqueue().
         -- Ids are drawn first, in array order, so "older" can be decided here.
-        PERFORM pgqueue._share_scope_order(scopes);
+        v_unlocked := pgqueue._share_scope_order(scopes);
         RETURN QUERY
         WITH ids AS (
             SELECT array_agg(nextval('pgqueue.jobs_id_seq')) AS a FROM generate_series(1, v_n)
@@ -1159,7 +1168,8 @@ BEGIN
             SELECT u.id, coalesce(u.q, 'default'), u.t, coalesce(u.p, '{}'), 'queued', coalesce(u.pr, 0), u.s,
                    coalesce(u.m, v_max_attempts), coalesce(u.ra, now()),
                    u.s IS NOT NULL AND (row_number() OVER (PARTITION BY u.s ORDER BY u.i) > 1
-                                        OR pgqueue._behind_older(u.s, u.id))
+                                        OR pgqueue._scope_lock_key(u.s) <> ALL (v_unlocked)
+                                           AND pgqueue._behind_older(u.s, u.id))
             FROM (SELECT ids.a[x.i] AS id, x.t, x.p, x.q, x.pr, x.m, x.ra, nullif(x.s, 'null') AS s, x.i
                   FROM ids, unnest(job_types, payloads, queues, priorities, enqueue_many.max_attempts, run_afters,
                                    scopes) WITH ORDINALITY AS x(t, p, q, pr, m, ra, s, i)) u

@@ -9,10 +9,7 @@
 -- COMMITTED (the default); under REPEATABLE READ a lost race raises 40001.
 -- =============================================================================
 
--- jsonb_hash agrees with JSONB equality (key order, 1 vs 1.0), as the unique
--- indexes do; hashing the text form would give one scope two locks.
-CREATE FUNCTION pgqueue._scope_lock_key(p_scope jsonb) RETURNS int
-LANGUAGE sql IMMUTABLE AS $$ SELECT jsonb_hash(p_scope) $$;
+-- (_scope_lock_key, the key of a scope's locks, is in 03_enqueue.sql: enqueue reads it.)
 
 -- A job whose turn it is in its scope: unscoped, or no job of its scope running
 -- and none older queued. A view, not a SQL function: one with sub-selects is
@@ -72,11 +69,41 @@ LANGUAGE sql IMMUTABLE AS $$
     WHERE s IS NOT NULL AND s <> 'null' ORDER BY 1
 $$;
 
-CREATE FUNCTION pgqueue._share_scope_order(p_scopes jsonb[]) RETURNS void
+-- Returns the lock keys it did not take: a scope whose lock a transition holds
+-- while this transaction already holds the lock of a scope after it in key
+-- order (an earlier call of the same transaction: an application enqueueing
+-- scopes B, then A) is not waited for. The transition, taking its scopes in
+-- key order, may be waiting for that later lock: waiting for it back was a
+-- deadlock (40P01, one of the two rolled back). The caller enters that scope's
+-- jobs unblocked instead, as it does under REPEATABLE READ (always safe). The
+-- locks are first tried, all in one statement (none busy: the common case);
+-- pg_locks is read only for a busy one, which the keys this call took after it
+-- then also keep from being waited for (not needed there, and safe).
+CREATE FUNCTION pgqueue._share_scope_order(p_scopes jsonb[]) RETURNS int[]
 LANGUAGE plpgsql AS $$
+DECLARE
+    v_class int := pgqueue._lock_class('scope_order');
+    v_key int;
+    v_skipped int[] := '{}';
 BEGIN
-    PERFORM pg_advisory_xact_lock_shared(pgqueue._lock_class('scope_order'), k)
-    FROM pgqueue._scope_order_keys(p_scopes) k;
+    IF (SELECT bool_and(pg_try_advisory_xact_lock_shared(v_class, k))
+        FROM pgqueue._scope_order_keys(p_scopes) k) IS NOT FALSE THEN
+        RETURN v_skipped;
+    END IF;
+    FOR v_key IN SELECT k FROM pgqueue._scope_order_keys(p_scopes) k LOOP
+        CONTINUE WHEN pg_try_advisory_xact_lock_shared(v_class, v_key);
+        IF EXISTS (SELECT 1 FROM pg_locks l
+                   WHERE l.locktype = 'advisory' AND l.pid = pg_backend_pid() AND l.granted
+                     AND l.objsubid = 2 AND l.classid = v_class::oid
+                     -- objid is the int4 key as an oid: negative keys read from 2^31 up
+                     AND l.objid::bigint - CASE WHEN l.objid::bigint > 2147483647 THEN 4294967296 ELSE 0 END
+                         > v_key) THEN
+            v_skipped := v_skipped || v_key;
+        ELSE
+            PERFORM pg_advisory_xact_lock_shared(v_class, v_key);
+        END IF;
+    END LOOP;
+    RETURN v_skipped;
 END
 $$;
 

@@ -409,8 +409,8 @@ MUTANTS: dict[str, Mutant] = {
     # look at the scope and its commit unblocks nothing, and the new job stays blocked.
     "enqueue_without_scope_order_lock": Mutant(
         "pgqueue.enqueue(text,jsonb,text,jsonb,text,timestamp with time zone,integer,integer,uuid,jsonb,bigint[])",
-        "PERFORM pgqueue._share_scope_order(ARRAY[enqueue.scope]);",
-        "NULL;",
+        "v_unlocked := pgqueue._share_scope_order(ARRAY[enqueue.scope]);",
+        "v_unlocked := '{}';",
         "test_scope_heads.py::test_enqueue_in_flight_makes_the_completion_wait_and_its_job_runs_next",
     ),
     # completion without the exclusive order lock: same lost unblocking, other side.
@@ -479,6 +479,22 @@ MUTANTS: dict[str, Mutant] = {
         "                  AND j.state IN ('waiting', 'queued')\n                ORDER BY j.id FOR SHARE) h;",
         "                  AND false) h;",
         "test_dedup_races.py::test_enqueues_merging_into_each_others_dependency_take_turns[enqueue_many]",
+    ),
+    # an enqueue that never waits for a scope's order lock another call of its transaction
+    # could cross: the application's enqueue deadlocked with a batch completion.
+    "share_scope_order_always_waits": Mutant(
+        "pgqueue._share_scope_order(jsonb[])",
+        "IF EXISTS (SELECT 1 FROM pg_locks l",
+        "IF false AND EXISTS (SELECT 1 FROM pg_locks l",
+        "test_scope_heads.py::test_an_application_enqueueing_two_scopes_in_turn_never_deadlocks_a_completion[enqueue]",
+    ),
+    # an enqueue that skips a busy scope's lock whenever it holds another one (not only a
+    # later one): it enters a job unblocked that could have waited its turn.
+    "share_scope_order_skips_after_any_lock": Mutant(
+        "pgqueue._share_scope_order(jsonb[])",
+        "        > v_key) THEN",
+        "        <> v_key) THEN",
+        "test_scope_heads.py::test_holding_an_earlier_scopes_order_lock_an_enqueue_still_waits_its_turn",
     ),
     # a transition that forgets to unblock the scope's next job.
     "fail_keeps_next_blocked": Mutant(

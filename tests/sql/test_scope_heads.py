@@ -458,3 +458,79 @@ async def test_a_transition_of_a_scoped_job_refuses_repeatable_read(
     finally:
         await conn.execute("ROLLBACK")
     assert await conn.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", first) == "running"
+
+
+@pytest.mark.parametrize("second", ["enqueue", "enqueue_many", "enqueue_many_typed"])
+async def test_an_application_enqueueing_two_scopes_in_turn_never_deadlocks_a_completion(
+    connect: Connect, second: str
+) -> None:
+    """An application transaction enqueues into scope B, then A (A before B in lock-key
+    order), while a worker completes a job of each: the completion takes A's order lock,
+    then waits for B's, which the application holds. The application's second enqueue then
+    waited for A's lock: 40P01, one of the two rolled back. It does not wait now (it holds a
+    later lock): its job enters unblocked, the completion waits for its commit, and the job
+    still runs only at its turn (the claim re-checks the scope)."""
+    app, worker = await sessions(connect, "app", "worker")
+    observer = await connect()
+    scopes = ['{"type": "electricity"}', '{"type": "heating"}', '{"type": "water"}']
+    keys = {s: await observer.fetchval("SELECT jsonb_hash($1::jsonb)", s) for s in scopes}
+    a, b = sorted(scopes, key=keys.__getitem__)[:2]
+    running = [await observer.fetchval(ENQUEUE, s) for s in (a, b)]
+    assert await _claim(observer) == running
+    await app.begin()
+    later = await app.fetchval(ENQUEUE, b)
+    completion = worker.start(
+        worker.fetchval("SELECT count(*) FROM pgqueue.complete_many('w', $1::bigint[])", running)
+    )
+    await wait_blocked(observer, worker)  # holding A's order lock, on B's
+    if second == "enqueue":
+        earlier = await app.fetchval(ENQUEUE, a)
+    elif second == "enqueue_many":
+        earlier = await app.fetchval(
+            "SELECT pgqueue.enqueue_many(jsonb_build_array(jsonb_build_object("
+            "'job_type', 't', 'scope', $1::text::jsonb)))",
+            a,
+        )
+    else:
+        earlier = await app.fetchval(
+            "SELECT pgqueue.enqueue_many(ARRAY['t'], NULL, scopes => ARRAY[$1::text::jsonb])", a
+        )
+    assert await lock_wait_kind(observer, app) is None
+    assert not completion.done()
+    await app.commit()
+    assert await completion == 2
+    assert await observer.fetchval(BLOCKED, earlier) is False  # entered without the lock
+    assert await observer.fetchval(BLOCKED, later) is False  # unblocked by the completion
+    assert sorted(await _claim(observer)) == sorted([earlier, later])
+    # A third, behind the unblocked one, waits for its turn.
+    third = await observer.fetchval(ENQUEUE, a)
+    assert await observer.fetchval(BLOCKED, third) is True
+    assert await _claim(observer) == []
+
+
+async def test_holding_an_earlier_scopes_order_lock_an_enqueue_still_waits_its_turn(
+    connect: Connect,
+) -> None:
+    """The other way round (scope A, then B) no cycle is possible: a completion waiting for
+    A's lock holds none after it. So the enqueue into B waits for the completion of B's job
+    in flight, and enters blocked behind the job that completion unblocked."""
+    app, worker = await sessions(connect, "app", "worker")
+    observer = await connect()
+    scopes = ['{"type": "electricity"}', '{"type": "heating"}', '{"type": "water"}']
+    keys = {s: await observer.fetchval("SELECT jsonb_hash($1::jsonb)", s) for s in scopes}
+    a, b = sorted(scopes, key=keys.__getitem__)[:2]
+    running = await observer.fetchval(ENQUEUE, b)
+    assert await _claim(observer) == [running]
+    next_in_b = await observer.fetchval(ENQUEUE, b)
+    await app.begin()
+    await app.fetchval(ENQUEUE, a)
+    await worker.begin()
+    assert await worker.fetchval("SELECT pgqueue.complete($1, 'w')", running)
+    enqueue = app.start(app.fetchval(ENQUEUE, b))
+    await wait_blocked(observer, app)
+    assert await lock_wait_kind(observer, app) == "advisory"
+    await worker.commit()
+    job = await enqueue
+    await app.commit()
+    assert await observer.fetchval(BLOCKED, next_in_b) is False
+    assert await observer.fetchval(BLOCKED, job) is True
