@@ -493,6 +493,42 @@ $$;
 -- id order (the nested loop follows the sorted ids), the order the
 -- transitions that lock several of them take: enqueue's ids came in a
 -- DISTINCT's hash order (11, 13, 10, 12), which could deadlock.
+-- The pending job an enqueue of key p_key merges into, held FOR SHARE (no claim
+-- or transition can take it before this transaction ends), or NULL. The caller
+-- holds the key's lock: no other job can take the key meanwhile. Shared, not
+-- for update as an INSERT's ON CONFLICT locks: two enqueues, each merging into
+-- the other's dependency (which each holds shared), deadlocked (40P01).
+-- A job some transaction holds right now (a claim, a completion queueing it)
+-- is waited for in a subtransaction: if it is no longer pending once granted,
+-- PostgreSQL keeps the row lock all the same (the re-checked row is just not
+-- returned), and the enqueue, holding it, went on to wait for its dependencies,
+-- which a cancel_pipeline locking both (the dependency the older) held (40P01).
+-- Rolled back, the subtransaction lets it go. Only then: a subtransaction takes
+-- a transaction id of its own once it locks a row, and one per merge would
+-- overflow the 64 a backend's snapshot entry holds in a transaction merging many.
+CREATE FUNCTION pgqueue._merge_target(p_key text) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_id bigint;
+BEGIN
+    SELECT j.id INTO v_id FROM pgqueue.jobs j
+    WHERE j.dedup_key = p_key AND j.state IN ('waiting', 'queued')
+    FOR SHARE SKIP LOCKED;
+    IF FOUND OR NOT EXISTS (SELECT 1 FROM pgqueue.jobs j
+                            WHERE j.dedup_key = p_key AND j.state IN ('waiting', 'queued')) THEN
+        RETURN v_id;
+    END IF;
+    BEGIN
+        SELECT j.id INTO STRICT v_id FROM pgqueue.jobs j
+        WHERE j.dedup_key = p_key AND j.state IN ('waiting', 'queued')
+        FOR SHARE;
+        RETURN v_id;
+    EXCEPTION WHEN no_data_found THEN
+        RETURN NULL;  -- it left pending while this waited
+    END;
+END
+$$;
+
 -- Why a dependency is refused: NULL (p_id NULL), unknown (p_state NULL), or
 -- already failed or cancelled.
 CREATE FUNCTION pgqueue._refuse_dependency(p_label text, p_id bigint, p_state text) RETURNS void
@@ -1018,22 +1054,15 @@ BEGIN
         RAISE EXCEPTION 'pgqueue.enqueue: pipeline % was cancelled', enqueue.pipeline_id
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    -- The pending job the key merges into, held FOR SHARE (no claim or transition can
-    -- take it before this transaction ends) and returned. Shared, not for update as the
-    -- INSERT's ON CONFLICT below locks: two enqueues, each merging into the other's
-    -- dependency (which each holds shared), deadlocked on those locks (40P01). Under the
-    -- key's lock no other job can take the key meanwhile; one that left pending while
-    -- this waited is not found, and the INSERT creates a job. Before the dependencies,
-    -- which a merge does not take (checked, not locked): holding one while it waited for
-    -- the merge target, an enqueue deadlocked with a transition that locks both, the
-    -- older first (a completion queueing its dependents, a cancellation cancelling them).
-    -- Holding the merge target, it waits for nothing more.
+    -- The pending job the key merges into (see _merge_target), before the
+    -- dependencies, which a merge does not take (checked, not locked): holding one while
+    -- it waited for the merge target, an enqueue deadlocked with a transition that locks
+    -- both, the older first (a completion queueing its dependents, a cancellation
+    -- cancelling them). Holding the merge target, it waits for nothing more.
     IF enqueue.dedup_key IS NOT NULL THEN
         PERFORM pgqueue._lock_dedup_key(enqueue.dedup_key);
-        SELECT j.id INTO v_id FROM pgqueue.jobs j
-        WHERE j.dedup_key = enqueue.dedup_key AND j.state IN ('waiting', 'queued')
-        FOR SHARE;
-        IF FOUND THEN
+        v_id := pgqueue._merge_target(enqueue.dedup_key);
+        IF v_id IS NOT NULL THEN
             IF cardinality(v_deps) > 0 THEN
                 PERFORM pgqueue._check_dependencies(v_deps, 'pgqueue.enqueue');
             END IF;

@@ -448,9 +448,9 @@ MUTANTS: dict[str, Mutant] = {
     # update) instead of FOR SHARE: two enqueues each merging into the other's dependency,
     # which each holds shared, deadlock.
     "enqueue_merges_for_update": Mutant(
-        "pgqueue.enqueue(text,jsonb,text,jsonb,text,timestamp with time zone,integer,integer,uuid,jsonb,bigint[])",
-        "WHERE j.dedup_key = enqueue.dedup_key AND j.state IN ('waiting', 'queued')\n        FOR SHARE;",
-        "WHERE false;",
+        "pgqueue._merge_target(text)",
+        "BEGIN\n    SELECT j.id INTO v_id FROM pgqueue.jobs j",
+        "BEGIN\n    RETURN NULL;\n    SELECT j.id INTO v_id FROM pgqueue.jobs j",
         "test_dedup_races.py::test_enqueues_merging_into_each_others_dependency_take_turns[enqueue]",
     ),
     # enqueue merging into a pending job and locking its dependencies as well: it holds that
@@ -473,6 +473,18 @@ MUTANTS: dict[str, Mutant] = {
         "            PERFORM pgqueue._lock_dependencies(v_deps, 'pgqueue.enqueue');\n"
         "        END IF;\n",
         "test_dedup_races.py::test_an_enqueue_merging_into_an_older_job_a_transition_takes_with_its_dependency[complete]",
+    ),
+    # the merge lookup waiting for a held job outside a subtransaction: a job that left
+    # pending meanwhile stays locked (not returned), and the enqueue holds it while it
+    # waits for its dependencies.
+    "merge_target_keeps_the_lock_of_a_job_gone": Mutant(
+        "pgqueue._merge_target(text)",
+        "    IF FOUND OR NOT EXISTS (SELECT 1 FROM pgqueue.jobs j",
+        "    SELECT j.id INTO v_id FROM pgqueue.jobs j\n"
+        "    WHERE j.dedup_key = p_key AND j.state IN ('waiting', 'queued') FOR SHARE;\n"
+        "    RETURN v_id;\n"
+        "    IF FOUND OR NOT EXISTS (SELECT 1 FROM pgqueue.jobs j",
+        "test_dedup_races.py::test_a_merge_target_that_leaves_pending_while_the_enqueue_waits_is_let_go",
     ),
     "enqueue_many_merges_for_update": Mutant(
         "pgqueue._insert_specs(jsonb,uuid,bigint,text,boolean,integer)",

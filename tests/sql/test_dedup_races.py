@@ -408,3 +408,40 @@ async def test_an_enqueue_merging_into_an_older_job_a_transition_takes_with_its_
         "SELECT state FROM pgqueue.jobs WHERE id = ANY($1::bigint[]) ORDER BY id", [t, d]
     )
     assert [s["state"] for s in states] == expected
+
+
+async def test_a_merge_target_that_leaves_pending_while_the_enqueue_waits_is_let_go(
+    connect: Connect,
+) -> None:
+    """T (key K) and D are members of pipeline P, D the older. A claim of T is under way when
+    an enqueue of K depending on D waits for T; cancel_pipeline(P) then locks D and waits
+    for T too. Once the claim commits, T is running: the enqueue's lookup does not return it,
+    but PostgreSQL kept the enqueue's lock on it, and the enqueue went on to wait for D, held
+    by cancel_pipeline, which waited for T: 40P01. The wait is in a subtransaction now, which
+    lets T go when it is not returned."""
+    observer, claimer, enqueuer, canceller = await sessions(
+        connect, "obs", "claimer", "enqueuer", "canceller"
+    )
+    pipeline = uuid.uuid4()
+    d = await observer.fetchval("SELECT pgqueue.enqueue('d', pipeline_id => $1)", pipeline)
+    t = await observer.fetchval(
+        "SELECT pgqueue.enqueue('t', pipeline_id => $1, dedup_key => 'K')", pipeline
+    )
+    await claimer.begin()
+    assert [r["id"] for r in await claimer.fetch("SELECT id FROM pgqueue.claim($1, 'w')", t)] == [t]
+    merge = enqueuer.start(
+        enqueuer.fetchval(
+            "SELECT pgqueue.enqueue('z', dedup_key => 'K', depends_on => ARRAY[$1]::bigint[])", d
+        )
+    )
+    await wait_blocked(observer.conn, enqueuer)  # on T, held by the claim
+    cancel = canceller.start(canceller.fetchval("SELECT pgqueue.cancel_pipeline($1)", pipeline))
+    await wait_blocked(observer.conn, canceller)  # holding D, on T
+    await claimer.commit()
+    assert await cancel == 1  # D; T runs on
+    with pytest.raises(asyncpg.InvalidParameterValueError, match=f"dependency {d} is already"):
+        await merge  # nothing pending to merge into, and D was cancelled meanwhile
+    states = await observer.fetch(
+        "SELECT state FROM pgqueue.jobs WHERE id = ANY($1::bigint[]) ORDER BY id", [d, t]
+    )
+    assert [s["state"] for s in states] == ["cancelled", "running"]
