@@ -1803,16 +1803,17 @@ LANGUAGE sql IMMUTABLE AS $$
     WHERE s IS NOT NULL AND s <> 'null' ORDER BY 1
 $$;
 
--- Returns the lock keys it did not take: a scope whose lock a transition holds
--- while this transaction already holds the lock of a scope after it in key
--- order (an earlier call of the same transaction: an application enqueueing
--- scopes B, then A) is not waited for. The transition, taking its scopes in
--- key order, may be waiting for that later lock: waiting for it back was a
--- deadlock (40P01, one of the two rolled back). The caller enters that scope's
--- jobs unblocked instead, as it does under REPEATABLE READ (always safe). The
--- locks are first tried, all in one statement (none busy: the common case);
--- pg_locks is read only for a busy one, which the keys this call took after it
--- then also keep from being waited for (not needed there, and safe).
+-- Returns the lock keys it did not take. A call waits for a busy scope's lock
+-- unless that could close a cycle of order locks: its transaction already holds
+-- the lock of a scope after it in key order (an earlier call of the same
+-- transaction: an application enqueueing scopes B, then A), and a transition
+-- holding or awaiting the busy lock is itself waiting for an order lock (a
+-- completion of A and B holds A's and waits for B's, or waits for A's behind
+-- another enqueue, then for B's). Waiting then was a deadlock (40P01, one of the
+-- two rolled back); the caller enters that scope's jobs unblocked instead, as
+-- it does under REPEATABLE READ (always safe, but claims step over such a job
+-- until its turn, so only then). The locks are taken in key order, each tried
+-- first; pg_locks is read only for a busy one.
 CREATE FUNCTION pgqueue._share_scope_order(p_scopes jsonb[]) RETURNS int[]
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -1820,18 +1821,20 @@ DECLARE
     v_key int;
     v_skipped int[] := '{}';
 BEGIN
-    IF (SELECT bool_and(pg_try_advisory_xact_lock_shared(v_class, k))
-        FROM pgqueue._scope_order_keys(p_scopes) k) IS NOT FALSE THEN
-        RETURN v_skipped;
-    END IF;
     FOR v_key IN SELECT k FROM pgqueue._scope_order_keys(p_scopes) k LOOP
         CONTINUE WHEN pg_try_advisory_xact_lock_shared(v_class, v_key);
-        IF EXISTS (SELECT 1 FROM pg_locks l
-                   WHERE l.locktype = 'advisory' AND l.pid = pg_backend_pid() AND l.granted
-                     AND l.objsubid = 2 AND l.classid = v_class::oid
-                     -- objid is the int4 key as an oid: negative keys read from 2^31 up
-                     AND l.objid::bigint - CASE WHEN l.objid::bigint > 2147483647 THEN 4294967296 ELSE 0 END
-                         > v_key) THEN
+        IF EXISTS (
+            WITH l AS MATERIALIZED (
+                -- objid is the int4 key as an oid: negative keys read from 2^31 up
+                SELECT l.pid, l.granted, l.mode,
+                       l.objid::bigint - CASE WHEN l.objid::bigint > 2147483647 THEN 4294967296 ELSE 0 END AS key
+                FROM pg_locks l
+                WHERE l.locktype = 'advisory' AND l.classid = v_class::oid AND l.objsubid = 2)
+            SELECT 1 FROM l mine
+            WHERE mine.pid = pg_backend_pid() AND mine.granted AND mine.key > v_key
+              AND EXISTS (SELECT 1 FROM l busy JOIN l waiting ON waiting.pid = busy.pid
+                          WHERE busy.key = v_key AND busy.pid <> pg_backend_pid()
+                            AND busy.mode = 'ExclusiveLock' AND NOT waiting.granted)) THEN
             v_skipped := v_skipped || v_key;
         ELSE
             PERFORM pg_advisory_xact_lock_shared(v_class, v_key);

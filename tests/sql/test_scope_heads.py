@@ -534,3 +534,78 @@ async def test_holding_an_earlier_scopes_order_lock_an_enqueue_still_waits_its_t
     await app.commit()
     assert await observer.fetchval(BLOCKED, next_in_b) is False
     assert await observer.fetchval(BLOCKED, job) is True
+
+
+@pytest.mark.parametrize("calls", ["one enqueue_many", "enqueue B, then A"])
+async def test_an_enqueue_that_could_not_deadlock_waits_and_enters_blocked(
+    connect: Connect, calls: str
+) -> None:
+    """Waiting for A's lock can close a cycle only with a transition that is itself waiting
+    for an order lock. A single-scope completion of A's running job holds A's lock and waits
+    for nothing: the enqueue into A waits for it (as it always did), and its job enters
+    blocked behind the job that completion unblocked. (The first version took every lock it
+    could, the call's later ones too, then skipped A, and entered such jobs unblocked: claims
+    stepped over thousands of them.)"""
+    app, worker = await sessions(connect, "app", "worker")
+    observer = await connect()
+    scopes = ['{"type": "electricity"}', '{"type": "heating"}', '{"type": "water"}']
+    keys = {s: await observer.fetchval("SELECT jsonb_hash($1::jsonb)", s) for s in scopes}
+    a, b = sorted(scopes, key=keys.__getitem__)[:2]
+    running = await observer.fetchval(ENQUEUE, a)
+    assert await _claim(observer) == [running]
+    next_in_a = await observer.fetchval(ENQUEUE, a)
+    await worker.begin()
+    assert await worker.fetchval("SELECT pgqueue.complete($1, 'w')", running)
+    await app.begin()
+    if calls == "one enqueue_many":
+        step = app.fetchval(
+            "SELECT array_agg(id ORDER BY id) FROM pgqueue.enqueue_many("
+            "ARRAY['t', 't'], NULL, scopes => ARRAY[$1::text::jsonb, $2::text::jsonb]) id",
+            a,
+            b,
+        )
+    else:
+        await app.fetchval(ENQUEUE, b)
+        step = app.fetchval(ENQUEUE, a)
+    enqueue = app.start(step)
+    await wait_blocked(observer, app)
+    assert await lock_wait_kind(observer, app) == "advisory"
+    await worker.commit()
+    result = await enqueue
+    job = result[0] if calls == "one enqueue_many" else result
+    await app.commit()
+    assert await observer.fetchval(BLOCKED, next_in_a) is False
+    assert await observer.fetchval(BLOCKED, job) is True
+
+
+async def test_holding_an_earlier_scopes_order_lock_an_enqueue_waits_for_a_waiting_transition(
+    connect: Connect,
+) -> None:
+    """Scopes A < B < C in key order. The application holds A's lock (an earlier call); a
+    completion of B's and C's jobs holds B's and waits for C's, which a third transaction
+    holds. An enqueue into B waits: that completion cannot be waiting for anything this
+    transaction holds, all of which is before B."""
+    app, worker, other = await sessions(connect, "app", "worker", "other")
+    observer = await connect()
+    scopes = ['{"type": "electricity"}', '{"type": "heating"}', '{"type": "water"}']
+    keys = {s: await observer.fetchval("SELECT jsonb_hash($1::jsonb)", s) for s in scopes}
+    a, b, c = sorted(scopes, key=keys.__getitem__)
+    running = [await observer.fetchval(ENQUEUE, s) for s in (b, c)]
+    assert await _claim(observer) == running
+    await app.begin()
+    await app.fetchval(ENQUEUE, a)
+    await other.begin()
+    await other.fetchval(ENQUEUE, c)
+    completion = worker.start(
+        worker.fetchval("SELECT count(*) FROM pgqueue.complete_many('w', $1::bigint[])", running)
+    )
+    await wait_blocked(observer, worker)  # holding B's order lock, on C's
+    enqueue = app.start(app.fetchval(ENQUEUE, b))
+    await wait_blocked(observer, app)
+    assert await lock_wait_kind(observer, app) == "advisory"
+    await other.commit()
+    assert await completion == 2
+    job = await enqueue
+    await app.commit()
+    assert await observer.fetchval(BLOCKED, job) is False  # the scope was free once it waited
+    assert await _claim(observer) != []
