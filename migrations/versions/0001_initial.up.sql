@@ -1821,6 +1821,11 @@ DECLARE
     v_key int;
     v_skipped int[] := '{}';
 BEGIN
+    -- One scope, free (what enqueue() nearly always meets): no loop.
+    IF cardinality(p_scopes) = 1 AND p_scopes[1] <> 'null'
+       AND pg_try_advisory_xact_lock_shared(v_class, pgqueue._scope_lock_key(p_scopes[1])) THEN
+        RETURN v_skipped;
+    END IF;
     FOR v_key IN SELECT k FROM pgqueue._scope_order_keys(p_scopes) k LOOP
         CONTINUE WHEN pg_try_advisory_xact_lock_shared(v_class, v_key);
         IF EXISTS (
