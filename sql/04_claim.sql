@@ -69,17 +69,18 @@ LANGUAGE sql IMMUTABLE AS $$
     WHERE s IS NOT NULL AND s <> 'null' ORDER BY 1
 $$;
 
--- Returns the lock keys it did not take. A call waits for a busy scope's lock
--- unless that could close a cycle of order locks: its transaction already holds
--- the lock of a scope after it in key order (an earlier call of the same
--- transaction: an application enqueueing scopes B, then A), and a transition
--- holding or awaiting the busy lock is itself waiting for an order lock (a
--- completion of A and B holds A's and waits for B's, or waits for A's behind
--- another enqueue, then for B's). Waiting then was a deadlock (40P01, one of the
--- two rolled back); the caller enters that scope's jobs unblocked instead, as
--- it does under REPEATABLE READ (always safe, but claims step over such a job
--- until its turn, so only then). The locks are taken in key order, each tried
--- first; pg_locks is read only for a busy one.
+-- Returns the lock keys it did not take. A call does not wait for a busy
+-- scope's lock while its transaction holds the lock of a scope after it in key
+-- order (an earlier call of the same transaction: an application enqueueing
+-- scopes B, then A): a transition taking its scopes in key order may hold A's
+-- and want B's, now or a moment later (one just granted A's has not asked for
+-- B's yet, so pg_locks cannot tell). Waiting then was a deadlock (40P01, one of
+-- the two rolled back). The caller enters that scope's jobs unblocked instead,
+-- as it does under REPEATABLE READ (always safe; claims step over such a job
+-- until its turn). The call's own locks are taken in key order, each tried
+-- first, so a single call never skips (one that took every free lock first, the
+-- later ones too, then skipped the busy one, entered thousands of jobs
+-- unblocked for nothing); pg_locks is read only for a busy lock.
 CREATE FUNCTION pgqueue._share_scope_order(p_scopes jsonb[]) RETURNS int[]
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -94,18 +95,12 @@ BEGIN
     END IF;
     FOR v_key IN SELECT k FROM pgqueue._scope_order_keys(p_scopes) k LOOP
         CONTINUE WHEN pg_try_advisory_xact_lock_shared(v_class, v_key);
-        IF EXISTS (
-            WITH l AS MATERIALIZED (
-                -- objid is the int4 key as an oid: negative keys read from 2^31 up
-                SELECT l.pid, l.granted, l.mode,
-                       l.objid::bigint - CASE WHEN l.objid::bigint > 2147483647 THEN 4294967296 ELSE 0 END AS key
-                FROM pg_locks l
-                WHERE l.locktype = 'advisory' AND l.classid = v_class::oid AND l.objsubid = 2)
-            SELECT 1 FROM l mine
-            WHERE mine.pid = pg_backend_pid() AND mine.granted AND mine.key > v_key
-              AND EXISTS (SELECT 1 FROM l busy JOIN l waiting ON waiting.pid = busy.pid
-                          WHERE busy.key = v_key AND busy.pid <> pg_backend_pid()
-                            AND busy.mode = 'ExclusiveLock' AND NOT waiting.granted)) THEN
+        IF EXISTS (SELECT 1 FROM pg_locks l
+                   WHERE l.locktype = 'advisory' AND l.pid = pg_backend_pid() AND l.granted
+                     AND l.objsubid = 2 AND l.classid = v_class::oid
+                     -- objid is the int4 key as an oid: negative keys read from 2^31 up
+                     AND l.objid::bigint - CASE WHEN l.objid::bigint > 2147483647 THEN 4294967296 ELSE 0 END
+                         > v_key) THEN
             v_skipped := v_skipped || v_key;
         ELSE
             PERFORM pg_advisory_xact_lock_shared(v_class, v_key);

@@ -536,16 +536,15 @@ async def test_holding_an_earlier_scopes_order_lock_an_enqueue_still_waits_its_t
     assert await observer.fetchval(BLOCKED, job) is True
 
 
-@pytest.mark.parametrize("calls", ["one enqueue_many", "enqueue B, then A"])
-async def test_an_enqueue_that_could_not_deadlock_waits_and_enters_blocked(
-    connect: Connect, calls: str
+async def test_one_call_enqueueing_two_scopes_waits_for_a_busy_one_and_enters_blocked(
+    connect: Connect,
 ) -> None:
-    """Waiting for A's lock can close a cycle only with a transition that is itself waiting
-    for an order lock. A single-scope completion of A's running job holds A's lock and waits
-    for nothing: the enqueue into A waits for it (as it always did), and its job enters
-    blocked behind the job that completion unblocked. (The first version took every lock it
-    could, the call's later ones too, then skipped A, and entered such jobs unblocked: claims
-    stepped over thousands of them.)"""
+    """One enqueue_many into A and B while a completion of A's running job is in flight: the
+    call takes its locks in key order, so it holds no later one when it meets A's busy lock,
+    and waits (as it always did); its job enters blocked behind the job that completion
+    unblocked. (A first version took every free lock first, B's too, then skipped A's as if
+    an earlier call held B's, and entered such jobs unblocked: claims stepped over
+    thousands of them.)"""
     app, worker = await sessions(connect, "app", "worker")
     observer = await connect()
     scopes = ['{"type": "electricity"}', '{"type": "heating"}', '{"type": "water"}']
@@ -557,22 +556,18 @@ async def test_an_enqueue_that_could_not_deadlock_waits_and_enters_blocked(
     await worker.begin()
     assert await worker.fetchval("SELECT pgqueue.complete($1, 'w')", running)
     await app.begin()
-    if calls == "one enqueue_many":
-        step = app.fetchval(
+    enqueue = app.start(
+        app.fetchval(
             "SELECT array_agg(id ORDER BY id) FROM pgqueue.enqueue_many("
             "ARRAY['t', 't'], NULL, scopes => ARRAY[$1::text::jsonb, $2::text::jsonb]) id",
             a,
             b,
         )
-    else:
-        await app.fetchval(ENQUEUE, b)
-        step = app.fetchval(ENQUEUE, a)
-    enqueue = app.start(step)
+    )
     await wait_blocked(observer, app)
     assert await lock_wait_kind(observer, app) == "advisory"
     await worker.commit()
-    result = await enqueue
-    job = result[0] if calls == "one enqueue_many" else result
+    job = (await enqueue)[0]
     await app.commit()
     assert await observer.fetchval(BLOCKED, next_in_a) is False
     assert await observer.fetchval(BLOCKED, job) is True
@@ -583,8 +578,8 @@ async def test_holding_an_earlier_scopes_order_lock_an_enqueue_waits_for_a_waiti
 ) -> None:
     """Scopes A < B < C in key order. The application holds A's lock (an earlier call); a
     completion of B's and C's jobs holds B's and waits for C's, which a third transaction
-    holds. An enqueue into B waits: that completion cannot be waiting for anything this
-    transaction holds, all of which is before B."""
+    holds. An enqueue into B waits: a transition holding B's lock takes no lock before B's
+    after it, so it cannot be waiting for anything this transaction holds."""
     app, worker, other = await sessions(connect, "app", "worker", "other")
     observer = await connect()
     scopes = ['{"type": "electricity"}', '{"type": "heating"}', '{"type": "water"}']
