@@ -30,6 +30,13 @@ async def _claim(session: Session | asyncpg.Connection, worker: str = "w") -> li
     return [r["id"] for r in rows]
 
 
+async def _scopes_in_key_order(observer: asyncpg.Connection) -> list[str]:
+    """Three scopes, in the order transitions take their order locks (the lock key)."""
+    scopes = ['{"type": "electricity"}', '{"type": "heating"}', '{"type": "water"}']
+    keys = {s: await observer.fetchval("SELECT jsonb_hash($1::jsonb)", s) for s in scopes}
+    return sorted(scopes, key=keys.__getitem__)
+
+
 async def _running(conn: asyncpg.Connection) -> int:
     """One scoped job, claimed by worker 'w'."""
     job = int(await conn.fetchval(ENQUEUE, SCOPE))
@@ -472,9 +479,7 @@ async def test_an_application_enqueueing_two_scopes_in_turn_never_deadlocks_a_co
     still runs only at its turn (the claim re-checks the scope)."""
     app, worker = await sessions(connect, "app", "worker")
     observer = await connect()
-    scopes = ['{"type": "electricity"}', '{"type": "heating"}', '{"type": "water"}']
-    keys = {s: await observer.fetchval("SELECT jsonb_hash($1::jsonb)", s) for s in scopes}
-    a, b = sorted(scopes, key=keys.__getitem__)[:2]
+    a, b, _ = await _scopes_in_key_order(observer)
     running = [await observer.fetchval(ENQUEUE, s) for s in (a, b)]
     assert await _claim(observer) == running
     await app.begin()
@@ -516,9 +521,7 @@ async def test_holding_an_earlier_scopes_order_lock_an_enqueue_still_waits_its_t
     in flight, and enters blocked behind the job that completion unblocked."""
     app, worker = await sessions(connect, "app", "worker")
     observer = await connect()
-    scopes = ['{"type": "electricity"}', '{"type": "heating"}', '{"type": "water"}']
-    keys = {s: await observer.fetchval("SELECT jsonb_hash($1::jsonb)", s) for s in scopes}
-    a, b = sorted(scopes, key=keys.__getitem__)[:2]
+    a, b, _ = await _scopes_in_key_order(observer)
     running = await observer.fetchval(ENQUEUE, b)
     assert await _claim(observer) == [running]
     next_in_b = await observer.fetchval(ENQUEUE, b)
@@ -547,9 +550,7 @@ async def test_one_call_enqueueing_two_scopes_waits_for_a_busy_one_and_enters_bl
     thousands of them.)"""
     app, worker = await sessions(connect, "app", "worker")
     observer = await connect()
-    scopes = ['{"type": "electricity"}', '{"type": "heating"}', '{"type": "water"}']
-    keys = {s: await observer.fetchval("SELECT jsonb_hash($1::jsonb)", s) for s in scopes}
-    a, b = sorted(scopes, key=keys.__getitem__)[:2]
+    a, b, _ = await _scopes_in_key_order(observer)
     running = await observer.fetchval(ENQUEUE, a)
     assert await _claim(observer) == [running]
     next_in_a = await observer.fetchval(ENQUEUE, a)
@@ -582,9 +583,7 @@ async def test_holding_an_earlier_scopes_order_lock_an_enqueue_waits_for_a_waiti
     after it, so it cannot be waiting for anything this transaction holds."""
     app, worker, other = await sessions(connect, "app", "worker", "other")
     observer = await connect()
-    scopes = ['{"type": "electricity"}', '{"type": "heating"}', '{"type": "water"}']
-    keys = {s: await observer.fetchval("SELECT jsonb_hash($1::jsonb)", s) for s in scopes}
-    a, b, c = sorted(scopes, key=keys.__getitem__)
+    a, b, c = await _scopes_in_key_order(observer)
     running = [await observer.fetchval(ENQUEUE, s) for s in (b, c)]
     assert await _claim(observer) == running
     await app.begin()
