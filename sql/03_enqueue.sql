@@ -485,14 +485,6 @@ BEGIN
 END
 $$;
 
--- Lock the jobs named in depends_on and return those already succeeded.
--- FOR SHARE makes a dependency that is finishing right now wait for this
--- transaction (or us for it), so its completion always sees the new
--- dependents and a fan-in can never be missed. Unknown ids and dependencies
--- that already failed or were cancelled are refused. The rows are locked in
--- id order (the nested loop follows the sorted ids), the order the
--- transitions that lock several of them take: enqueue's ids came in a
--- DISTINCT's hash order (11, 13, 10, 12), which could deadlock.
 -- The pending job an enqueue of key p_key merges into, held FOR SHARE (no claim
 -- or transition can take it before this transaction ends), or NULL. The caller
 -- holds the key's lock: no other job can take the key meanwhile. Shared, not
@@ -565,6 +557,14 @@ BEGIN
 END
 $$;
 
+-- Lock the jobs named in depends_on and return those already succeeded.
+-- FOR SHARE makes a dependency that is finishing right now wait for this
+-- transaction (or us for it), so its completion always sees the new
+-- dependents and a fan-in can never be missed. Unknown ids and dependencies
+-- that already failed or were cancelled are refused. The rows are locked in
+-- id order (the nested loop follows the sorted ids), the order the
+-- transitions that lock several of them take: enqueue's ids came in a
+-- DISTINCT's hash order (11, 13, 10, 12), which could deadlock.
 CREATE FUNCTION pgqueue._lock_dependencies(p_ids bigint[], p_label text) RETURNS bigint[]
 LANGUAGE plpgsql AS $$
 DECLARE
