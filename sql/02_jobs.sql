@@ -50,7 +50,7 @@ CREATE TABLE pgqueue.jobs (
     CONSTRAINT jobs_scope_size CHECK (octet_length(scope::text) <= 1000),
     -- Bounded: a longer key passes or fails the index's row size limit (2,704 bytes) by
     -- how well it compresses, with an error naming the index.
-    CONSTRAINT jobs_dedup_key_valid CHECK (dedup_key <> '' AND octet_length(dedup_key) <= 1000),
+    CONSTRAINT jobs_dedup_key_valid CHECK (btrim(dedup_key, E' \t\n\r\f\x0B') <> '' AND octet_length(dedup_key) <= 1000),
     CONSTRAINT jobs_attempts_not_negative CHECK (attempts >= 0),
     CONSTRAINT jobs_pending_deps_not_negative CHECK (pending_deps >= 0),
     CONSTRAINT jobs_max_attempts_positive CHECK (max_attempts >= 1),

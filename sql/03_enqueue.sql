@@ -72,7 +72,7 @@ SELECT CASE
               OR octet_length(s->>'queue') > 200) THEN
         'queue must be a non-empty string of at most 200 bytes'
     WHEN coalesce(s->'dedup_key', 'null') <> 'null'
-         AND (jsonb_typeof(s->'dedup_key') <> 'string' OR s->>'dedup_key' = ''
+         AND (jsonb_typeof(s->'dedup_key') <> 'string' OR btrim(s->>'dedup_key', E' \t\n\r\f\x0B') = ''
               OR octet_length(s->>'dedup_key') > 1000) THEN
         'dedup_key must be a non-empty string of at most 1000 bytes'
     WHEN octet_length((s->'scope')::text) > 1000 THEN 'scope must be at most 1000 bytes of JSON'
@@ -985,7 +985,7 @@ DECLARE
     v_unlocked int[];
 BEGIN
     IF enqueue.job_type IS NULL OR btrim(enqueue.job_type, E' \t\n\r\f\x0B') = '' OR jsonb_typeof(enqueue.payload) <> 'object'
-       OR btrim(enqueue.queue, E' \t\n\r\f\x0B') = '' OR octet_length(enqueue.queue) > 200 OR enqueue.dedup_key = '' OR octet_length(enqueue.dedup_key) > 1000
+       OR btrim(enqueue.queue, E' \t\n\r\f\x0B') = '' OR octet_length(enqueue.queue) > 200 OR btrim(enqueue.dedup_key, E' \t\n\r\f\x0B') = '' OR octet_length(enqueue.dedup_key) > 1000
        OR octet_length(enqueue.scope::text) > 1000 OR enqueue.max_attempts < 1
        OR NOT isfinite(enqueue.run_after) THEN
         IF enqueue.job_type IS NULL OR btrim(enqueue.job_type, E' \t\n\r\f\x0B') = '' THEN
@@ -997,7 +997,7 @@ BEGIN
         ELSIF btrim(enqueue.queue, E' \t\n\r\f\x0B') = '' OR octet_length(enqueue.queue) > 200 THEN
             RAISE EXCEPTION 'pgqueue.enqueue: queue must be a non-empty string of at most 200 bytes'
                 USING ERRCODE = 'invalid_parameter_value';
-        ELSIF enqueue.dedup_key = '' OR octet_length(enqueue.dedup_key) > 1000 THEN
+        ELSIF btrim(enqueue.dedup_key, E' \t\n\r\f\x0B') = '' OR octet_length(enqueue.dedup_key) > 1000 THEN
             RAISE EXCEPTION 'pgqueue.enqueue: dedup_key must be a non-empty string of at most 1000 bytes'
                 USING ERRCODE = 'invalid_parameter_value';
         ELSIF NOT isfinite(enqueue.run_after) THEN

@@ -180,7 +180,7 @@ CREATE TABLE pgqueue.jobs (
     CONSTRAINT jobs_scope_size CHECK (octet_length(scope::text) <= 1000),
     -- Bounded: a longer key passes or fails the index's row size limit (2,704 bytes) by
     -- how well it compresses, with an error naming the index.
-    CONSTRAINT jobs_dedup_key_valid CHECK (dedup_key <> '' AND octet_length(dedup_key) <= 1000),
+    CONSTRAINT jobs_dedup_key_valid CHECK (btrim(dedup_key, E' \t\n\r\f\x0B') <> '' AND octet_length(dedup_key) <= 1000),
     CONSTRAINT jobs_attempts_not_negative CHECK (attempts >= 0),
     CONSTRAINT jobs_pending_deps_not_negative CHECK (pending_deps >= 0),
     CONSTRAINT jobs_max_attempts_positive CHECK (max_attempts >= 1),
@@ -573,7 +573,7 @@ SELECT CASE
               OR octet_length(s->>'queue') > 200) THEN
         'queue must be a non-empty string of at most 200 bytes'
     WHEN coalesce(s->'dedup_key', 'null') <> 'null'
-         AND (jsonb_typeof(s->'dedup_key') <> 'string' OR s->>'dedup_key' = ''
+         AND (jsonb_typeof(s->'dedup_key') <> 'string' OR btrim(s->>'dedup_key', E' \t\n\r\f\x0B') = ''
               OR octet_length(s->>'dedup_key') > 1000) THEN
         'dedup_key must be a non-empty string of at most 1000 bytes'
     WHEN octet_length((s->'scope')::text) > 1000 THEN 'scope must be at most 1000 bytes of JSON'
@@ -1486,7 +1486,7 @@ DECLARE
     v_unlocked int[];
 BEGIN
     IF enqueue.job_type IS NULL OR btrim(enqueue.job_type, E' \t\n\r\f\x0B') = '' OR jsonb_typeof(enqueue.payload) <> 'object'
-       OR btrim(enqueue.queue, E' \t\n\r\f\x0B') = '' OR octet_length(enqueue.queue) > 200 OR enqueue.dedup_key = '' OR octet_length(enqueue.dedup_key) > 1000
+       OR btrim(enqueue.queue, E' \t\n\r\f\x0B') = '' OR octet_length(enqueue.queue) > 200 OR btrim(enqueue.dedup_key, E' \t\n\r\f\x0B') = '' OR octet_length(enqueue.dedup_key) > 1000
        OR octet_length(enqueue.scope::text) > 1000 OR enqueue.max_attempts < 1
        OR NOT isfinite(enqueue.run_after) THEN
         IF enqueue.job_type IS NULL OR btrim(enqueue.job_type, E' \t\n\r\f\x0B') = '' THEN
@@ -1498,7 +1498,7 @@ BEGIN
         ELSIF btrim(enqueue.queue, E' \t\n\r\f\x0B') = '' OR octet_length(enqueue.queue) > 200 THEN
             RAISE EXCEPTION 'pgqueue.enqueue: queue must be a non-empty string of at most 200 bytes'
                 USING ERRCODE = 'invalid_parameter_value';
-        ELSIF enqueue.dedup_key = '' OR octet_length(enqueue.dedup_key) > 1000 THEN
+        ELSIF btrim(enqueue.dedup_key, E' \t\n\r\f\x0B') = '' OR octet_length(enqueue.dedup_key) > 1000 THEN
             RAISE EXCEPTION 'pgqueue.enqueue: dedup_key must be a non-empty string of at most 1000 bytes'
                 USING ERRCODE = 'invalid_parameter_value';
         ELSIF NOT isfinite(enqueue.run_after) THEN

@@ -214,6 +214,13 @@ CASES = [
     ),
     # Blank is any whitespace, not only spaces.
     ("SELECT pgqueue.enqueue(E'\\t\\n')", "job_type must be a non-empty string"),
+    # A blank key is most likely built from a missing value: it would coalesce unrelated work.
+    ("SELECT pgqueue.enqueue('t', dedup_key => E' \\t')", "dedup_key must be a non-empty string"),
+    (
+        'SELECT pgqueue.enqueue_many(\'[{"job_type": "t", "dedup_key": " "}]\')',
+        "enqueue_many[0]: dedup_key must be a non-empty string",
+    ),
+    ("INSERT INTO pgqueue.jobs (job_type, dedup_key) VALUES ('t', ' ')", "jobs_dedup_key_valid"),
     (
         'SELECT pgqueue.enqueue_many(\'[{"job_type": "t", "queue": "\\t"}]\')',
         "queue must be a non-empty string of at most 200 bytes",
