@@ -28,6 +28,8 @@ from typing import TypeVar, TypeVarTuple
 import anyio
 import asyncpg
 
+from pgqueue.worker.retry import is_broken_protocol
+
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
 
@@ -110,6 +112,10 @@ async def call(
             waited = anyio.current_time() - started
             cut = f" (cut short at {waited:.1f}s)" if waited < bound else ""
             raise NoAnswer(f"no answer from the database within {bound:g}s{cut}") from None
+        except Exception as exc:
+            if is_broken_protocol(exc):
+                conn.terminate()  # its server has ended it: the pool opens another
+            raise
     finally:
         await pool.release(conn)
 

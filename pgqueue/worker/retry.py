@@ -36,11 +36,28 @@ _INTERRUPTIONS: tuple[type[BaseException], ...] = (
 )
 
 
+def is_broken_protocol(exc: BaseException) -> bool:
+    """asyncpg refused to use a connection its server has ended.
+
+    Right after ``pg_terminate_backend`` or a restart, asyncpg has read the server's FATAL
+    message but not yet the end of the socket: the connection is neither usable nor closed,
+    and its next statement raises ``InternalClientError: cannot switch to state 12; another
+    operation (2) is in progress`` (in a soak, 69 of 300 statements sent in that window),
+    or ``not connected``. The statement was never sent, so it is no refusal of it: a
+    retry on a fresh connection goes through. asyncpg's other ``InternalClientError`` s (a
+    codec's, say) stay errors of the statement or its values.
+    """
+    if not isinstance(exc, asyncpg.exceptions.InternalClientError):
+        return False
+    message = str(exc)
+    return message.startswith("cannot switch to state") or message == "not connected"
+
+
 def is_connection_error(exc: BaseException) -> bool:
     """True for errors that a retry on a fresh connection can cure."""
     if isinstance(exc, asyncpg.exceptions.QueryCanceledError):
         return False  # class 57014 is a statement timeout, not an outage
-    return isinstance(exc, _CONNECTION_ERRORS)
+    return isinstance(exc, _CONNECTION_ERRORS) or is_broken_protocol(exc)
 
 
 def is_transient_error(exc: BaseException) -> bool:
