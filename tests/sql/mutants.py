@@ -390,6 +390,22 @@ MUTANTS: dict[str, Mutant] = {
         "UPDATE pgqueue.jobs o SET is_current = o.is_current",
         "test_properties.py::test_random_interleavings_keep_the_invariants",
     ),
+    # cancel_pipeline leaves the jobs outside the pipeline that wait on its members waiting
+    # for good.
+    "cancel_pipeline_keeps_outside_dependents": Mutant(
+        "pgqueue.cancel_pipeline(uuid)",
+        "    IF v_ids IS NOT NULL THEN\n        PERFORM pgqueue._cancel_dependents",
+        "    IF false THEN\n        PERFORM pgqueue._cancel_dependents",
+        "test_pipelines.py::test_cancel_pipeline_locks_outside_dependents_of_all_members_in_id_order",
+    ),
+    # cancel_pipeline cancels a scope's next job and unblocks none after it: the scope stalls
+    # (the pipelines property test's "scope stuck" invariant).
+    "cancel_pipeline_stalls_scopes": Mutant(
+        "pgqueue.cancel_pipeline(uuid)",
+        "    IF v_cancelled_scopes IS NOT NULL THEN",
+        "    IF false THEN",
+        "test_properties_pipelines.py::test_random_pipelines_keep_the_invariants",
+    ),
     # when_waiting producers without the shared 'waiters' lock: a worker registering right
     # after the producer decided nobody waits claims before the job commits, and sleeps.
     "notify_gate_without_lock": Mutant(
