@@ -28,8 +28,6 @@ from typing import TypeVar, TypeVarTuple
 import anyio
 import asyncpg
 
-from pgqueue.worker.retry import is_broken_protocol
-
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
 
@@ -112,12 +110,28 @@ async def call(
             waited = anyio.current_time() - started
             cut = f" (cut short at {waited:.1f}s)" if waited < bound else ""
             raise NoAnswer(f"no answer from the database within {bound:g}s{cut}") from None
-        except Exception as exc:
-            if is_broken_protocol(exc):
-                conn.terminate()  # its server has ended it: the pool opens another
+        except Exception:
+            # A connection its server ended (see retry.is_broken_protocol) is aborted by
+            # asyncpg without its cleanup, whatever error reaches us (inside a transaction,
+            # Transaction.__aexit__ raises an InterfaceError of its own). Terminated, it
+            # leaves the pool, which opens another; before asyncpg 0.32 the pool kept its
+            # slot taken for good.
+            if unusable(conn):
+                with contextlib.suppress(asyncpg.InterfaceError):  # a proxy already detached
+                    conn.terminate()
             raise
     finally:
         await pool.release(conn)
+
+
+def unusable(conn: asyncpg.Connection) -> bool:
+    """The connection's server ended it: asyncpg has aborted it (see
+    :func:`~pgqueue.worker.retry.is_broken_protocol`), or, once it saw the socket close,
+    given a pooled one back to its pool already (any call on the proxy then raises)."""
+    try:
+        return bool(conn.is_closed())
+    except asyncpg.InterfaceError:
+        return True
 
 
 async def discard(conn: asyncpg.Connection) -> None:

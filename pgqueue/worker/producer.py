@@ -21,7 +21,7 @@ from pgqueue.dsn import id_array
 from pgqueue.job import Job, job_from_row
 from pgqueue.worker import bounded
 from pgqueue.worker.executor import Executor
-from pgqueue.worker.retry import Backoff, Outage, is_broken_protocol
+from pgqueue.worker.retry import Backoff, Outage
 from pgqueue.worker.wake import Wake
 
 # The columns in Job's field order, so that a row becomes a Job by position: the JSON columns
@@ -184,7 +184,7 @@ class Producer:
             with anyio.fail_after(STATEMENT_TIMEOUT):
                 await conn.execute(_UNREGISTER, self.worker_id)
         except Exception as exc:
-            await self._release(broken=_broken(exc))
+            await self._release(broken=isinstance(exc, TimeoutError))
             self.logger.warning(
                 "could not leave pgqueue.notify_waiters (%s): the next job queued in its queues"
                 " notifies it once, for nothing",
@@ -273,7 +273,7 @@ class Producer:
     async def _failed(self, exc: Exception, doing: str) -> None:
         """After a failed statement on the claim connection: give the connection back
         (discarded if the statement timed out, see :meth:`_release`), log the outage."""
-        await self._release(broken=_broken(exc))
+        await self._release(broken=isinstance(exc, TimeoutError))
         self._outage.failed(exc, doing)
 
     async def _sweep(self) -> None:
@@ -368,30 +368,27 @@ class Producer:
         return poll if seconds is None else max(0.0, min(poll, seconds))
 
     async def _connection(self) -> asyncpg.pool.PoolConnectionProxy:
-        """The claim connection, acquired from the pool when there is none."""
+        """The claim connection, acquired from the pool when there is none, or when the one
+        kept between claims was ended by its server meanwhile (its first statement would
+        fail, logged as an outage with asyncpg's words for a connection it gave back)."""
+        if self._conn is not None and bounded.unusable(self._conn):
+            await self._release(broken=True)
         if self._conn is None:
             self._conn = await self.pool.acquire(timeout=STATEMENT_TIMEOUT)
         return self._conn
 
     async def _release(self, *, broken: bool = False) -> None:
         """Give the claim connection back (the pool replaces it if it broke); one whose
-        statement timed out (``broken``) is discarded instead, see
+        statement timed out (``broken``), or that its server ended, is discarded instead, see
         :func:`pgqueue.worker.bounded.discard`."""
         conn, self._conn = self._conn, None
         if conn is None:
             return
-        if broken:
+        if broken or bounded.unusable(conn):
             await bounded.discard(conn)
         else:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 await self.pool.release(conn)
-
-
-def _broken(exc: BaseException) -> bool:
-    """The claim connection must not serve again: its statement timed out (see
-    :mod:`pgqueue.worker.bounded`), or its server ended it (see
-    :func:`~pgqueue.worker.retry.is_broken_protocol`)."""
-    return isinstance(exc, TimeoutError) or is_broken_protocol(exc)
 
 
 def _undecodable(exc: BaseException) -> bool:

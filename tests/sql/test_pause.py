@@ -265,11 +265,17 @@ async def test_a_claim_reads_none_of_a_paused_backlog(
     )
     # A scan marks an index entry dead only once no snapshot can see its tuple: while any
     # transaction older than the pause runs on the server (another test run's, in any
-    # database), every claim's own snapshot keeps the old entries alive. Wait for that to end.
+    # database), every claim's own snapshot keeps the old entries alive, and so does any
+    # snapshot taken in this database (an autovacuum ANALYZE of the new rows, say, where
+    # autovacuum is on). Wait for both to end.
+    horizon_passed = """
+        SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint > $1
+           AND NOT EXISTS (SELECT 1 FROM pg_stat_activity
+                           WHERE datname = current_database() AND pid <> pg_backend_pid()
+                             AND (backend_xmin IS NOT NULL OR backend_xid IS NOT NULL))"""
     with anyio.fail_after(120):
         while True:
-            horizon = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
-            if await conn.fetchval(horizon) > pause_xid:
+            if await conn.fetchval(horizon_passed, pause_xid):
                 break
             await anyio.sleep(0.05)  # polling interval: the wait is for other sessions' commits
     first = await _enqueue(conn, "q")
