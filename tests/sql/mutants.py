@@ -398,13 +398,12 @@ MUTANTS: dict[str, Mutant] = {
         "    IF false THEN\n        PERFORM pgqueue._cancel_dependents",
         "test_pipelines.py::test_cancel_pipeline_locks_outside_dependents_of_all_members_in_id_order",
     ),
-    # cancel_pipeline cancels a scope's next job and unblocks none after it: the scope stalls
-    # (the pipelines property test's "scope stuck" invariant).
+    # cancel_pipeline cancels a scope's next job and unblocks none after it: the scope stalls.
     "cancel_pipeline_stalls_scopes": Mutant(
         "pgqueue.cancel_pipeline(uuid)",
         "    IF v_cancelled_scopes IS NOT NULL THEN",
         "    IF false THEN",
-        "test_properties_pipelines.py::test_random_pipelines_keep_the_invariants",
+        "test_pipelines.py::test_cancel_pipeline_lets_the_next_job_of_a_scope_it_empties_run",
     ),
     # when_waiting producers without the shared 'waiters' lock: a worker registering right
     # after the producer decided nobody waits claims before the job commits, and sleeps.

@@ -298,6 +298,21 @@ async def test_completion_creating_keyed_children_takes_their_keys_before_its_ro
     ]
 
 
+async def test_cancel_pipeline_lets_the_next_job_of_a_scope_it_empties_run(
+    connect: Connect,
+) -> None:
+    """A cancelled member was its scope's next job: the one queued behind it (of another
+    pipeline, or none) becomes the scope's next and is claimed."""
+    conn = await connect()
+    pipeline = uuid.uuid4()
+    scoped = "SELECT pgqueue.enqueue('t', scope => '{\"s\": 1}', pipeline_id => $1)"
+    await conn.fetchval(scoped, pipeline)
+    behind = await conn.fetchval(scoped, None)
+    assert await conn.fetchval("SELECT scope_blocked FROM pgqueue.jobs WHERE id = $1", behind)
+    assert await conn.fetchval("SELECT pgqueue.cancel_pipeline($1)", pipeline) == 1
+    assert [r["id"] for r in await conn.fetch("SELECT id FROM pgqueue.claim_next('w')")] == [behind]
+
+
 async def test_running_member_of_cancelled_pipeline_is_not_retried(connect: Connect) -> None:
     conn = await json_codecs(await connect())
     pipeline = uuid.uuid4()
