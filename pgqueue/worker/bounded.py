@@ -110,16 +110,6 @@ async def call(
             waited = anyio.current_time() - started
             cut = f" (cut short at {waited:.1f}s)" if waited < bound else ""
             raise NoAnswer(f"no answer from the database within {bound:g}s{cut}") from None
-        except Exception:
-            # A connection its server ended (see retry.is_broken_protocol) is aborted by
-            # asyncpg without its cleanup, whatever error reaches us (inside a transaction,
-            # Transaction.__aexit__ raises an InterfaceError of its own). Terminated, it
-            # leaves the pool, which opens another; before asyncpg 0.32 the pool kept its
-            # slot taken for good.
-            if unusable(conn):
-                with contextlib.suppress(asyncpg.InterfaceError):  # a proxy already detached
-                    conn.terminate()
-            raise
     finally:
         await pool.release(conn)
 

@@ -21,7 +21,7 @@ from pgqueue.dsn import id_array
 from pgqueue.job import Job, job_from_row
 from pgqueue.worker import bounded
 from pgqueue.worker.executor import Executor
-from pgqueue.worker.retry import Backoff, Outage
+from pgqueue.worker.retry import Backoff, Outage, is_broken_protocol
 from pgqueue.worker.wake import Wake
 
 # The columns in Job's field order, so that a row becomes a Job by position: the JSON columns
@@ -97,6 +97,8 @@ class Producer:
         self._claim_unknown = False
         # A claim_or_wait was sent: this worker may be in pgqueue.notify_waiters.
         self._registered = False
+        # The last claim failed on a connection its server had ended: retried at once.
+        self._renewed = False
 
     def stop(self) -> None:
         """Stop claiming; :meth:`run` returns promptly (running jobs are not touched)."""
@@ -222,9 +224,16 @@ class Producer:
             if _undecodable(exc):
                 await self._settle_undecodable(exc)
                 return None
+            if is_broken_protocol(exc) and not self._renewed:
+                # The kept connection's server ended it, the end not yet seen (so it passed
+                # _connection's check): nothing was sent. Once, at once, on a fresh one.
+                self._renewed = True
+                await self._release()
+                return None
             await self._failed(exc, "claiming jobs")
             await self.wake.wait(self._backoff.next_delay())
             return None
+        self._renewed = False
         self._outage.ok()
         self._backoff.reset()
         return [job_from_row(row) for row in rows]
@@ -369,8 +378,9 @@ class Producer:
 
     async def _connection(self) -> asyncpg.pool.PoolConnectionProxy:
         """The claim connection, acquired from the pool when there is none, or when the one
-        kept between claims was ended by its server meanwhile (its first statement would
-        fail, logged as an outage with asyncpg's words for a connection it gave back)."""
+        kept between claims was ended by its server meanwhile and asyncpg saw its end (its
+        next statement would fail, logged as an outage in asyncpg's words for a connection
+        it gave back). Before asyncpg sees the end, the claim fails: see :meth:`_claim`."""
         if self._conn is not None and bounded.unusable(self._conn):
             await self._release(broken=True)
         if self._conn is None:

@@ -91,49 +91,67 @@ async def test_a_statement_on_a_connection_its_server_just_ended_is_a_connection
 ) -> None:
     """After ``pg_terminate_backend``, asyncpg may have read the server's FATAL message but
     not the socket's end: the next statement raises ``InternalClientError: cannot switch to
-    state ...`` (inside a transaction, ``Transaction.__aexit__`` an ``InterfaceError``).
-    Taken for PostgreSQL refusing the write, it turned successes into failed attempts (a
-    soak: jobs with one attempt ended ``failed``). It must be one a retry cures, on a fresh
-    connection."""
+    state ...`` (inside a transaction, ``Transaction.__aexit__`` an ``InterfaceError`` in
+    its place). Taken for PostgreSQL refusing the write, it turned successes into failed
+    attempts (a soak: jobs with one attempt ended ``failed``). It must be one a retry
+    cures, on a fresh connection."""
     parts = urlsplit(db_dsn)
+
+    async def end(pid: int) -> None:
+        proxy.hung_up.clear()
+        await conn.execute("SELECT pg_terminate_backend($1)", pid)
+        await proxy.hung_up.wait()  # the FATAL is on its way to asyncpg, the end held
 
     async def backend(c: asyncpg.Connection) -> int:
         pid: int = await c.fetchval("SELECT pg_backend_pid()")
         return pid
 
-    async def in_transaction(c: asyncpg.Connection) -> int:
+    async def ended_before(c: asyncpg.Connection) -> int:
+        return await backend(c)
+
+    async def ended_in_a_transaction(c: asyncpg.Connection) -> int:
         async with c.transaction():
+            await end(await backend(c))
             return await backend(c)
 
     async with _EofHoldingProxy((parts.hostname or "127.0.0.1", parts.port or 5432)) as proxy:
         pool = await create_pool(proxy.dsn(db_dsn), warm=1, max_size=1)
         try:
-            for op in (backend, in_transaction):
-                pid = await bounded.call(pool, 5, backend)
-                proxy.hung_up.clear()
-                proxy.let_go.clear()
-                await conn.execute("SELECT pg_terminate_backend($1)", pid)
-                await proxy.hung_up.wait()  # the FATAL is on its way to asyncpg, the end held
-                with pytest.raises(Exception) as caught:
-                    await bounded.call(pool, 5, op)
-                assert is_transient_error(caught.value), repr(caught.value)
-                if op is backend:
-                    assert isinstance(caught.value, asyncpg.exceptions.InternalClientError)
-                # Not pooled again, even before its end arrives: the next call runs.
-                assert await bounded.call(pool, 5, backend) != pid
-                proxy.let_go.set()
+            with anyio.fail_after(30):
+                for op in (ended_before, ended_in_a_transaction):
+                    pid = await bounded.call(pool, 5, backend)
+                    proxy.let_go.clear()
+                    if op is ended_before:
+                        await end(pid)
+                    with pytest.raises(Exception) as caught:
+                        await bounded.call(pool, 5, op)
+                    assert is_transient_error(caught.value), repr(caught.value)
+                    wanted = (
+                        asyncpg.exceptions.InternalClientError
+                        if op is ended_before
+                        else asyncpg.InterfaceError
+                    )
+                    assert isinstance(caught.value, wanted), repr(caught.value)
+                    # Not pooled again, even before its end arrives: the next call runs.
+                    assert await bounded.call(pool, 5, backend) != pid
+                    proxy.let_go.set()
         finally:
             proxy.let_go.set()
-            await pool.close()
+            pool.terminate()
 
 
+@pytest.mark.parametrize("end_seen", [True, False], ids=["end seen", "end not yet seen"])
 async def test_a_worker_whose_idle_claim_connection_was_ended_claims_on_a_fresh_one_quietly(
-    conn: asyncpg.Connection, db_dsn: str, records: tuple[logging.Logger, Records]
+    conn: asyncpg.Connection,
+    db_dsn: str,
+    records: tuple[logging.Logger, Records],
+    end_seen: bool,
 ) -> None:
     """The producer keeps its claim connection between claims. Ended by its server while the
-    worker idled, it was used all the same: the next claim failed with asyncpg's
-    ``connection has been released back to the pool`` and was logged as an outage. It is
-    replaced before the claim instead."""
+    worker idled, it was used all the same: the next claim failed (``connection has been
+    released back to the pool``, or before asyncpg saw the socket's end ``cannot switch to
+    state``), was logged as an outage and waited out a backoff. It is replaced before the
+    claim, or right after that claim fails, quietly."""
     logger, log = records
     app = pgqueue.App()
 
@@ -141,24 +159,32 @@ async def test_a_worker_whose_idle_claim_connection_was_ended_claims_on_a_fresh_
     async def t(job: pgqueue.Job) -> None:
         return None
 
-    worker = pgqueue.Worker(app, db_dsn, poll_interval=30, handle_signals=False, logger=logger)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(worker.run)
-        await worker.started.wait()
-        try:
-            first = await app.enqueue(conn, "t")
-            await wait_for_states(conn, [first], "succeeded")
-            held = worker._producer._conn if worker._producer else None  # the kept connection
-            assert held is not None
-            await conn.execute("SELECT pg_terminate_backend($1)", held.get_server_pid())
-            with anyio.fail_after(10):
-                while True:  # until asyncpg has seen the socket close
-                    if bounded.unusable(held):
-                        break
-                    await anyio.sleep(0.01)
-            job = await app.enqueue(conn, "t")
-            await wait_for_states(conn, [job], "succeeded")
-        finally:
-            worker.stop()
-    outages = [r.getMessage() for r in log.records if "while claiming" in r.getMessage()]
-    assert outages == []
+    parts = urlsplit(db_dsn)
+    async with _EofHoldingProxy((parts.hostname or "127.0.0.1", parts.port or 5432)) as proxy:
+        worker = pgqueue.Worker(
+            app, proxy.dsn(db_dsn), poll_interval=30, handle_signals=False, logger=logger
+        )
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker.run)
+            try:
+                with anyio.fail_after(30):
+                    await worker.started.wait()
+                    first = await app.enqueue(conn, "t")
+                    await wait_for_states(conn, [first], "succeeded")
+                    held = worker._producer._conn if worker._producer else None  # kept
+                    assert held is not None
+                    await conn.execute("SELECT pg_terminate_backend($1)", held.get_server_pid())
+                    await proxy.hung_up.wait()
+                    if end_seen:
+                        proxy.let_go.set()
+                        while True:  # until asyncpg has seen the socket close
+                            if bounded.unusable(held):
+                                break
+                            await anyio.sleep(0.01)
+                    job = await app.enqueue(conn, "t")
+                    await wait_for_states(conn, [job], "succeeded")
+            finally:
+                proxy.let_go.set()
+                worker.stop()
+    producer = [r.getMessage() for r in log.records if r.getMessage().startswith("producer:")]
+    assert producer == []
