@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import configparser
 import datetime
-import inspect
 import json
 import json.scanner
 import operator
@@ -108,11 +107,6 @@ def _check_service(name: str) -> None:
     """Refuse a connection service asyncpg would not find: it ignores an unknown one and
     connects to its defaults. asyncpg reads ``$PGSERVICEFILE``, else ``~/.pg_service.conf``;
     not libpq's system-wide ``pg_service.conf``."""
-    if "service" not in inspect.signature(asyncpg.connect).parameters:
-        raise DsnError(
-            f"names the connection service {name!r}, but this asyncpg cannot read service"
-            " files (asyncpg >= 0.30 can): give host, port, user and database in the URL"
-        )
     path = os.environ.get("PGSERVICEFILE") or str(pathlib.Path.home() / ".pg_service.conf")
     parser = configparser.ConfigParser(interpolation=None)
     try:
@@ -294,23 +288,21 @@ async def create_pool(
     """Open a pool whose every connection has the codecs and the application name set.
 
     ``warm`` connections are opened up front and never closed for being idle, so the first
-    job after a quiet hour does not pay for a connection. asyncpg >= 0.31 would also keep a
-    ``min_size`` floor by reconnecting in the background, logging a traceback per failed try
-    during an outage; with ``init_size`` we get warm connections without that floor, and
-    dead ones are replaced on the next acquire instead.
+    job after a quiet hour does not pay for a connection. A ``min_size`` floor would be kept
+    by reconnecting in the background, logging a traceback per failed try during an outage;
+    with ``init_size`` we get warm connections without that floor, and dead ones are
+    replaced on the next acquire instead.
     """
     check_dsn(dsn)
     dsn = dsn or service_dsn()
-    sizing: dict[str, int] = {"min_size": warm}
-    if "init_size" in inspect.signature(asyncpg.create_pool).parameters:
-        sizing = {"min_size": 0, "init_size": warm}
     pool: asyncpg.Pool = await asyncpg.create_pool(
         dsn,
+        min_size=0,
+        init_size=warm,
         max_size=max_size,
         max_inactive_connection_lifetime=0,
         init=init_connection,
         reset=_reset_connection,
         server_settings=server_settings(dsn, application_name),
-        **sizing,
     )
     return pool

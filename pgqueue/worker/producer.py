@@ -205,8 +205,9 @@ class Producer:
                 await self.executor.slot_freed.wait()
 
     async def _claim(self, batch_size: int, *, wait: bool) -> list[Job] | None:
-        """Claim up to ``batch_size`` jobs (registering as waiting if ``wait``); None (after
-        a backoff) if the database failed."""
+        """Claim up to ``batch_size`` jobs (registering as waiting if ``wait``); None if the
+        database failed: after a backoff, or at once for a claim sent again on a fresh
+        connection (the kept one ended by its server, see below)."""
         query = _CLAIM_OR_WAIT if wait else _CLAIM
         self._registered = self._registered or wait
         try:
