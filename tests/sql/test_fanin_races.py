@@ -585,7 +585,15 @@ async def test_a_child_of_an_ended_dependency_created_during_its_retry_or_prune_
     step = rival.start(rival.fetchval(call, dep) if other == "retry" else rival.fetchval(call))
     await wait_blocked(observer.conn, rival)
     await completer.commit()
-    assert await step == (True if other == "retry" else 1)
+    try:
+        result = await step
+    except asyncpg.LockNotAvailableError:
+        # A commit releases row locks a moment before advisory locks (PostgreSQL frees its
+        # two lock tables one after the other): the woken retry can find the completion's
+        # pipeline lock still taken, and refuses, writing nothing (documented: try again).
+        assert other == "retry"
+        result = await rival.fetchval(call, dep)
+    assert result == (True if other == "retry" else 1)
 
     kids = await observer.fetch(
         "SELECT id, job_type, state, last_error FROM pgqueue.jobs WHERE parent_id = $1 ORDER BY id",
