@@ -12,11 +12,15 @@ explicit transactions, proving each wait in ``pg_locks``.
 from __future__ import annotations
 
 import json
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import asyncpg
 import pytest
 from sqlharness import Connect, Session, lock_wait_kind, sessions, wait_blocked
 from test_notify import Listener
+
+T = TypeVar("T")
 
 SCOPE = '{"account": 7}'
 ENQUEUE = "SELECT pgqueue.enqueue('t', scope => $1::text::jsonb)"
@@ -529,14 +533,24 @@ async def test_holding_an_earlier_scopes_order_lock_an_enqueue_still_waits_its_t
     await app.fetchval(ENQUEUE, a)
     await worker.begin()
     assert await worker.fetchval("SELECT pgqueue.complete($1, 'w')", running)
-    enqueue = app.start(app.fetchval(ENQUEUE, b))
+    job = await _waits_for_the_completion(observer, app, worker, app.fetchval(ENQUEUE, b))
+    assert await observer.fetchval(BLOCKED, next_in_b) is False
+    assert await observer.fetchval(BLOCKED, job) is True
+
+
+async def _waits_for_the_completion(
+    observer: asyncpg.Connection, app: Session, worker: Session, step: Coroutine[Any, Any, T]
+) -> T:
+    """Run the application's ``step`` while the worker's completion is uncommitted: it must
+    wait for that completion's scope order lock; the completion commits, then the
+    application does. Returns what the step returned."""
+    started = app.start(step)
     await wait_blocked(observer, app)
     assert await lock_wait_kind(observer, app) == "advisory"
     await worker.commit()
-    job = await enqueue
+    result = await started
     await app.commit()
-    assert await observer.fetchval(BLOCKED, next_in_b) is False
-    assert await observer.fetchval(BLOCKED, job) is True
+    return result
 
 
 async def test_one_call_enqueueing_two_scopes_waits_for_a_busy_one_and_enters_blocked(
@@ -557,19 +571,13 @@ async def test_one_call_enqueueing_two_scopes_waits_for_a_busy_one_and_enters_bl
     await worker.begin()
     assert await worker.fetchval("SELECT pgqueue.complete($1, 'w')", running)
     await app.begin()
-    enqueue = app.start(
-        app.fetchval(
-            "SELECT array_agg(id ORDER BY id) FROM pgqueue.enqueue_many("
-            "ARRAY['t', 't'], NULL, scopes => ARRAY[$1::text::jsonb, $2::text::jsonb]) id",
-            a,
-            b,
-        )
+    many = app.fetchval(
+        "SELECT array_agg(id ORDER BY id) FROM pgqueue.enqueue_many("
+        "ARRAY['t', 't'], NULL, scopes => ARRAY[$1::text::jsonb, $2::text::jsonb]) id",
+        a,
+        b,
     )
-    await wait_blocked(observer, app)
-    assert await lock_wait_kind(observer, app) == "advisory"
-    await worker.commit()
-    job = (await enqueue)[0]
-    await app.commit()
+    job = (await _waits_for_the_completion(observer, app, worker, many))[0]
     assert await observer.fetchval(BLOCKED, next_in_a) is False
     assert await observer.fetchval(BLOCKED, job) is True
 
