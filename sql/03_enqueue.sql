@@ -752,9 +752,13 @@ BEGIN
         END IF;
         v_cancelled := pgqueue._pipeline_cancelled(p_pipeline_id);
     ELSE
+        -- In lock-key order, as _lock_pipelines takes them (a completion creating
+        -- children in several pipelines): in id order, each held one and waited
+        -- for the other (40P01).
         FOR v_pipeline IN
-            SELECT DISTINCT (e.s->>'pipeline_id')::uuid FROM jsonb_array_elements(p_specs) e(s)
-            WHERE p_specs @? '$[*].pipeline_id' AND e.s->>'pipeline_id' IS NOT NULL ORDER BY 1
+            SELECT p.id FROM (SELECT DISTINCT (e.s->>'pipeline_id')::uuid AS id FROM jsonb_array_elements(p_specs) e(s)
+                              WHERE p_specs @? '$[*].pipeline_id' AND e.s->>'pipeline_id' IS NOT NULL) p
+            ORDER BY hashtext(p.id::text), p.id
         LOOP
             IF pgqueue._pipeline_cancelled(v_pipeline) THEN
                 RAISE EXCEPTION '%: pipeline % was cancelled', p_label, v_pipeline

@@ -206,21 +206,26 @@ DECLARE
 BEGIN
     -- Its reads after waits (the rows, the pipelines' marks) need fresh snapshots.
     PERFORM pgqueue._check_read_committed('retry');
-    -- The job is read unlocked, and its advisory locks are taken before its row
-    -- lock, in the order every pgqueue transaction takes them: its pipeline's
-    -- (an enqueue into the pipeline that depends on this job holds it, then
-    -- share-locks the row), its scope lock (so a claim of a newer job of this
-    -- scope cannot slip in between; a claim holding it updates the scope's
-    -- previous current job, which may be this one), then the dedup keys.
+    -- The job and the dependents it may revive are read unlocked, and their
+    -- advisory locks are taken before any row lock, in the order every pgqueue
+    -- transaction takes them: the pipelines' (the job's own and its dependents',
+    -- in key order: an enqueue into a pipeline that depends on a member holds it,
+    -- then share-locks the row; a cancel_pipeline holds it, then locks the
+    -- members; a completion creating children in it, a fail or a release of a
+    -- member hold it, then lock their rows), its scope lock (so a claim of a
+    -- newer job of this scope cannot slip in between; a claim holding it updates
+    -- the scope's previous current job, which may be this one), then the dedup keys.
     SELECT * INTO v FROM pgqueue.jobs j WHERE j.id = retry.job_id AND j.state IN ('failed', 'cancelled');
     IF NOT FOUND THEN
         RETURN false;
     END IF;
+    v_downstream := pgqueue._revivable_downstream(retry.job_id, v.pipeline_id);
+    PERFORM pgqueue._lock_pipelines(v.pipeline_id || ARRAY(SELECT w.pipeline_id FROM pgqueue.jobs w
+                                                           WHERE w.id = ANY (v_downstream)));
     v_cancelled := pgqueue._pipeline_cancelled(v.pipeline_id);
     IF v.scope IS NOT NULL THEN
         PERFORM pg_advisory_xact_lock(pgqueue._lock_class('scope'), pgqueue._scope_lock_key(v.scope));
     END IF;
-    v_downstream := pgqueue._revivable_downstream(retry.job_id, v.pipeline_id);
     -- Every key that may become pending again, locked in key order (as a batch
     -- enqueue locks them) for _keeps_dedup_key: a key a newer pending job took
     -- meanwhile is dropped, never a 23505.
@@ -278,15 +283,16 @@ BEGIN
     IF v_cancelled THEN
         DELETE FROM pgqueue.cancelled_pipelines c WHERE c.pipeline_id = v.pipeline_id;
     END IF;
-    -- The pipelines of the dependents it may revive (other than the job's own,
-    -- locked first): held from here to commit, a cancel_pipeline of one of them
-    -- that comes later waits for this transaction, then cancels what it revived;
-    -- the read below sees the mark of one that committed before. Tried, never
-    -- waited for: this holds rows now, and a cancel_pipeline (its pipeline lock,
-    -- then its members' rows) or a completion creating children (its row, then
-    -- its pipeline's lock) would close a cycle with it. One that is held
-    -- refuses the whole retry (nothing is written): retried a moment later, it
-    -- goes through, and never half-done (a dependent left cancelled unsaid).
+    -- The pipelines of the dependents it may revive, held from the start to
+    -- commit: a cancel_pipeline of one of them that comes later waits for this
+    -- transaction, then cancels what it revived; the read below sees the mark of
+    -- one that committed before. A dependent found only now (v_more) may be of a
+    -- pipeline not locked yet: that lock is tried, never waited for, since this
+    -- holds rows now and a cancel_pipeline (its pipeline lock, then its members'
+    -- rows) would close a cycle with it. Held, it refuses the whole retry (nothing
+    -- is written): retried a moment later, it goes through, and never half-done
+    -- (a dependent left cancelled unsaid). The locks taken above are held: their
+    -- tries succeed.
     SELECT p.pipeline_id INTO v_busy
     FROM (SELECT DISTINCT w.pipeline_id FROM pgqueue.jobs w
           WHERE w.id = ANY (v_downstream) AND w.pipeline_id IS NOT NULL
@@ -295,8 +301,8 @@ BEGIN
     WHERE NOT pg_try_advisory_xact_lock(pgqueue._lock_class('pipeline'), hashtext(p.pipeline_id::text))
     LIMIT 1;
     IF FOUND THEN
-        RAISE EXCEPTION 'pgqueue.retry: pipeline % of a job it would revive is busy (being cancelled, or a job of it '
-                        'ending right now); nothing was retried: try again', v_busy
+        RAISE EXCEPTION 'pgqueue.retry: pipeline % of a job it would revive, created while the retry waited, is busy '
+                        '(being cancelled, or a job of it ending right now); nothing was retried: try again', v_busy
             USING ERRCODE = 'lock_not_available';
     END IF;
     -- Read again with every lock held.

@@ -22,6 +22,12 @@ class Mutant:
     more: tuple[tuple[str, str], ...] = ()  # further (old, new) replacements in the same function
 
 
+# retry's first lock: the pipelines of the job and of the dependents it may revive.
+RETRY_PRE_LOCK = (
+    "PERFORM pgqueue._lock_pipelines(v.pipeline_id || ARRAY(SELECT w.pipeline_id FROM pgqueue.jobs w\n"
+    "                                                           WHERE w.id = ANY (v_downstream)));"
+)
+
 MUTANTS: dict[str, Mutant] = {
     # claim_next for one queue, or several, through jobs_ready, as for every queue: it reads
     # every due job of other queues ahead of its own.
@@ -802,7 +808,7 @@ MUTANTS: dict[str, Mutant] = {
         "pgqueue.retry(bigint)",
         "WHERE w.id = ANY (v_downstream) AND pgqueue._revivable(w, v.pipeline_id));",
         "WHERE w.id = ANY (v_downstream));",
-        "test_pipelines.py::test_a_cancel_pipeline_committing_while_a_retry_waits_keeps_its_member_cancelled",
+        "test_pipelines.py::test_a_retry_waits_for_a_dependents_busy_pipeline_before_locking_any_row[cancel_pipeline]",
     ),
     # retry not taking the pipeline locks of the dependents it revives.
     "retry_takes_no_dependents_pipeline_lock": Mutant(
@@ -810,6 +816,22 @@ MUTANTS: dict[str, Mutant] = {
         "WHERE NOT pg_try_advisory_xact_lock(pgqueue._lock_class('pipeline'), hashtext(p.pipeline_id::text))",
         "WHERE false",
         "test_pipelines.py::test_a_cancel_pipeline_during_a_retry_cancels_what_the_retry_revives",
+        ((RETRY_PRE_LOCK, "PERFORM pgqueue._lock_pipelines(ARRAY[v.pipeline_id]);"),),
+    ),
+    # retry taking its dependents' pipeline locks only after its rows, by try: it refused
+    # whenever a member of such a pipeline was being completed, failed or released.
+    "retry_tries_dependents_pipelines_after_its_rows": Mutant(
+        "pgqueue.retry(bigint)",
+        RETRY_PRE_LOCK,
+        "PERFORM pgqueue._lock_pipelines(ARRAY[v.pipeline_id]);",
+        "test_pipelines.py::test_a_retry_waits_for_a_dependents_busy_pipeline_before_locking_any_row",
+    ),
+    # An enqueue naming several pipelines locking them in id order, not key order.
+    "enqueue_locks_pipelines_in_id_order": Mutant(
+        "pgqueue._insert_specs(jsonb,uuid,bigint,text,boolean,integer)",
+        "ORDER BY hashtext(p.id::text), p.id",
+        "ORDER BY p.id",
+        "test_pipelines.py::test_an_enqueue_into_several_pipelines_locks_them_in_key_order",
     ),
     # A queued dependency an enqueue holds (claims skip it) announced by nobody at its commit.
     "held_dependency_unannounced": Mutant(

@@ -14,7 +14,6 @@ from sqlharness import (
     PIPELINE_LOCK,
     ROW_IS_FREE,
     Connect,
-    finishes_unblocked,
     json_codecs,
     lock_wait_kind,
     sessions,
@@ -256,6 +255,68 @@ async def test_completion_creating_children_takes_the_pipeline_lock_before_its_r
         ("kid", "queued"),
     ]
     assert rows[1]["id"] == dependent
+
+
+PIPELINE_TRY_LOCK = (
+    "SELECT pg_try_advisory_lock(pgqueue._lock_class('pipeline'), hashtext($1::uuid::text))"
+)
+PIPELINE_UNLOCK = (
+    "SELECT pg_advisory_unlock(pgqueue._lock_class('pipeline'), hashtext($1::uuid::text))"
+)
+
+
+async def _two_pipelines_in_crossed_orders(conn: asyncpg.Connection) -> tuple[uuid.UUID, uuid.UUID]:
+    """Two pipeline ids a < b whose lock keys (hashtext of the text) run the other way."""
+    while True:
+        a, b = sorted((uuid.uuid4(), uuid.uuid4()))
+        if await conn.fetchval("SELECT hashtext($1::text) > hashtext($2::text)", str(a), str(b)):
+            return a, b
+
+
+async def test_an_enqueue_into_several_pipelines_locks_them_in_key_order(connect: Connect) -> None:
+    """enqueue_many of specs naming pipelines a and b locked them in id order, a completion
+    creating children in both (like every taker of several) in key order, b first. Both
+    wait for b, the completion first; when b's holder commits, the completion takes b and
+    waits for a, which the enqueue holds while it waits for b: 40P01 after deadlock_timeout.
+    The enqueue takes them in key order now, so it holds nothing while it waits for b."""
+    observer, holder, completer, enqueuer = await sessions(
+        connect, "obs", "holder", "complete", "enqueue"
+    )
+    a, b = await _two_pipelines_in_crossed_orders(observer.conn)
+    parents = [
+        await observer.fetchval(
+            "SELECT pgqueue.enqueue('p', pipeline_id => $1, next_jobs => $2)",
+            p,
+            [{"job_type": "kid"}],
+        )
+        for p in (a, b)
+    ]
+    _ = [await _claim(observer.conn, job) for job in parents]
+
+    await holder.begin()
+    await holder.fetchval(PIPELINE_LOCK, b)
+    completion = completer.start(
+        completer.fetchval("SELECT count(*) FROM pgqueue.complete_many('w', $1::bigint[])", parents)
+    )
+    await wait_blocked(observer.conn, completer)
+    enqueue = enqueuer.start(
+        enqueuer.fetchval(
+            "SELECT count(*) FROM pgqueue.enqueue_many($1::jsonb)",
+            [{"job_type": "e", "pipeline_id": str(p)} for p in (a, b)],
+        )
+    )
+    await wait_blocked(observer.conn, enqueuer)
+    # Waiting for b, the enqueue holds no other pipeline's lock.
+    assert await observer.fetchval(PIPELINE_TRY_LOCK, a)
+    await observer.fetchval(PIPELINE_UNLOCK, a)
+    await holder.commit()
+    assert await completion == 2
+    assert await enqueue == 2
+    states = await observer.fetch(
+        "SELECT job_type, count(*) FROM pgqueue.jobs WHERE pipeline_id = ANY($1::uuid[]) GROUP BY 1 ORDER BY 1",
+        [a, b],
+    )
+    assert [tuple(r) for r in states] == [("e", 2), ("kid", 2), ("p", 2)]
 
 
 @pytest.mark.parametrize("specs", ["stored", "given"])
@@ -578,26 +639,38 @@ STATE = "SELECT state FROM pgqueue.jobs WHERE id = $1"
 
 
 @pytest.mark.parametrize("holder_is", ["cancel_pipeline", "a completion"])
-async def test_a_retry_refuses_while_a_dependents_pipeline_is_busy_and_never_waits(
+async def test_a_retry_waits_for_a_dependents_busy_pipeline_before_locking_any_row(
     connect: Connect, holder_is: str
 ) -> None:
-    """From review: retry(x) revived a dependent of a pipeline cancelled while it waited. It
-    now takes the dependents' pipeline locks, holding its rows: waiting for one there would
-    close a cycle (a completion creating children takes its row, then the pipeline's lock:
-    40P01), so it only tries them, and refuses, writing nothing, when one is held."""
+    """From review: retry(x) revived a dependent of a pipeline cancelled while it waited, so
+    it takes its dependents' pipeline locks. It took them after its rows, by try only, and
+    refused (55P03) whenever one was held, e.g. while any member of the pipeline was being
+    completed, failed or released. Every pgqueue transaction takes pipeline locks before rows
+    (a completion creating children too, since it locks them first), so it now waits for
+    them before its first row lock: nothing to refuse, and no cycle."""
     observer, holder, retrier = await sessions(connect, "obs", "holder", "retrier")
     pipeline = uuid.uuid4()
     x, d = await _failed_with_dependent_in(observer.conn, pipeline)
+    member = await observer.fetchval(
+        "SELECT pgqueue.enqueue('m', pipeline_id => $1, next_jobs => $2)",
+        pipeline,
+        [{"job_type": "kid"}],
+    )
+    await _claim(observer.conn, member)
     await holder.begin()
     if holder_is == "cancel_pipeline":
-        assert await holder.fetchval("SELECT pgqueue.cancel_pipeline($1)", pipeline) == 0
+        assert (
+            await holder.fetchval("SELECT pgqueue.cancel_pipeline($1)", pipeline) == 0
+        )  # m runs on
     else:
-        await holder.execute(PIPELINE_LOCK, str(pipeline))
-    with pytest.raises(asyncpg.LockNotAvailableError, match=f"pipeline {pipeline} of a job"):
-        await finishes_unblocked(observer.conn, retrier, retrier.fetchval(RETRY, x))
-    assert await observer.fetchval(STATE, x) == "failed"
+        assert await holder.fetchval("SELECT pgqueue.complete($1, 'w')", member) is True
+    step = retrier.start(retrier.fetchval(RETRY, x))
+    await wait_blocked(observer.conn, retrier)
+    assert await lock_wait_kind(observer.conn, retrier) == "advisory"
+    assert [await observer.fetchval(ROW_IS_FREE, job) for job in (x, d)] == [x, d]
     await holder.commit()
-    assert await retrier.fetchval(RETRY, x) is True
+    assert await step is True
+    assert await observer.fetchval(STATE, x) == "queued"
     revived = "cancelled" if holder_is == "cancel_pipeline" else "waiting"
     assert await observer.fetchval(STATE, d) == revived
 
@@ -634,12 +707,14 @@ async def test_retry_refuses_repeatable_read(conn: asyncpg.Connection) -> None:
         await conn.execute("ROLLBACK")
 
 
-async def test_a_cancel_pipeline_committing_while_a_retry_waits_keeps_its_member_cancelled(
+async def test_a_cancel_pipeline_while_a_retry_waits_for_a_row_waits_for_the_retry(
     connect: Connect,
 ) -> None:
     """The reviewer's interleaving: retry(x) waits for x's row (held by another transaction)
-    while cancel_pipeline of d's pipeline runs and commits: the retry, once it holds d's row,
-    reads the mark and leaves d cancelled; before, it revived d into the cancelled pipeline."""
+    while cancel_pipeline of d's pipeline runs. The retry revived d into the pipeline that
+    committed its cancel meanwhile. It holds the pipeline's lock before any row now, so the
+    cancel waits for it, then cancels d, which the retry revived. (A cancel that commits
+    before the retry takes that lock: the test above.)"""
     observer, holder, canceller, retrier = await sessions(
         connect, "obs", "holder", "canceller", "retrier"
     )
@@ -649,7 +724,11 @@ async def test_a_cancel_pipeline_committing_while_a_retry_waits_keeps_its_member
     await holder.execute("SELECT 1 FROM pgqueue.jobs WHERE id = $1 FOR UPDATE", x)
     retry = retrier.start(retrier.fetchval("SELECT pgqueue.retry($1)", x))
     await wait_blocked(observer.conn, retrier)
-    assert await canceller.fetchval("SELECT pgqueue.cancel_pipeline($1)", pipeline) == 0
+    assert await lock_wait_kind(observer.conn, retrier) in ("transactionid", "tuple")  # x's row
+    cancel = canceller.start(canceller.fetchval("SELECT pgqueue.cancel_pipeline($1)", pipeline))
+    await wait_blocked(observer.conn, canceller)
+    assert await lock_wait_kind(observer.conn, canceller) == "advisory"  # the pipeline's
     await holder.commit()
     assert await retry is True
-    assert await observer.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", d) == "cancelled"
+    assert await cancel == 1
+    assert await observer.fetchval(STATE, d) == "cancelled"
