@@ -140,7 +140,13 @@ $$;
 -- scope left behind. The caller holds the scopes' order locks from before this
 -- statement (_lock_scope_order), so it sees every job entered blocked before.
 CREATE FUNCTION pgqueue._unblock_next(p_scopes jsonb[], p_after bigint[]) RETURNS void
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+-- The unblocking UPDATE reads jobs_pkey for its array of ids, which a btree
+-- walks in key order: the rows are locked in id order, as an enqueue share-locks
+-- its dependencies. Joined to the heads instead, it locked them in the order of
+-- their scopes' hashes, and an enqueue depending on two of them deadlocked with it.
+SET enable_seqscan = off SET enable_bitmapscan = off
+AS $$
 DECLARE
     v_queues text[];
 BEGIN
@@ -156,7 +162,7 @@ BEGIN
                             ORDER BY jsonb_hash(q.scope), q.id LIMIT 1) h
     ), unblocked AS (
         UPDATE pgqueue.jobs j SET scope_blocked = false
-        FROM heads h WHERE j.id = h.id AND h.scope_blocked
+        WHERE j.id = ANY (ARRAY(SELECT h.id FROM heads h WHERE h.scope_blocked)) AND j.scope_blocked
     ), older AS (
         -- A queued job older than the one that ended (retried, queued by fan-in,
         -- or enqueued out of id order while a newer one ran) is never blocked,

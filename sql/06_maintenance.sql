@@ -445,9 +445,19 @@ BEGIN
     -- whether that one goes (a retry of it may commit meanwhile), so the jobs
     -- that failed and that the deleted jobs depended on are tried again, in a
     -- later statement (which sees such a retry): one call prunes a whole chain.
+    -- The rows are locked first, in id order, as an enqueue share-locks its
+    -- dependencies: a DELETE locks in the order its plan reads them, and one that
+    -- held a newer job while waiting for an older one an enqueue depending on both
+    -- had share-locked closed a cycle with it (40P01).
     WITH gone AS (
         DELETE FROM pgqueue.jobs j
-        WHERE j.state IN ('succeeded', 'failed', 'cancelled')
+        WHERE j.id = ANY (ARRAY(SELECT o.id FROM pgqueue.jobs o
+                                WHERE o.state IN ('succeeded', 'failed', 'cancelled')
+                                  AND o.finished_at < now() - prune.older_than
+                                  AND NOT o.is_current
+                                  AND (o.state = 'succeeded' OR NOT pgqueue._depended_on(o.id))
+                                ORDER BY o.id FOR UPDATE))
+          AND j.state IN ('succeeded', 'failed', 'cancelled')
           AND j.finished_at < now() - prune.older_than
           AND NOT j.is_current
           AND (j.state = 'succeeded' OR NOT pgqueue._depended_on(j.id))

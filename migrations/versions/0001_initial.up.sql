@@ -1878,7 +1878,13 @@ $$;
 -- scope left behind. The caller holds the scopes' order locks from before this
 -- statement (_lock_scope_order), so it sees every job entered blocked before.
 CREATE FUNCTION pgqueue._unblock_next(p_scopes jsonb[], p_after bigint[]) RETURNS void
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+-- The unblocking UPDATE reads jobs_pkey for its array of ids, which a btree
+-- walks in key order: the rows are locked in id order, as an enqueue share-locks
+-- its dependencies. Joined to the heads instead, it locked them in the order of
+-- their scopes' hashes, and an enqueue depending on two of them deadlocked with it.
+SET enable_seqscan = off SET enable_bitmapscan = off
+AS $$
 DECLARE
     v_queues text[];
 BEGIN
@@ -1894,7 +1900,7 @@ BEGIN
                             ORDER BY jsonb_hash(q.scope), q.id LIMIT 1) h
     ), unblocked AS (
         UPDATE pgqueue.jobs j SET scope_blocked = false
-        FROM heads h WHERE j.id = h.id AND h.scope_blocked
+        WHERE j.id = ANY (ARRAY(SELECT h.id FROM heads h WHERE h.scope_blocked)) AND j.scope_blocked
     ), older AS (
         -- A queued job older than the one that ended (retried, queued by fan-in,
         -- or enqueued out of id order while a newer one ran) is never blocked,
@@ -3507,9 +3513,19 @@ BEGIN
     -- whether that one goes (a retry of it may commit meanwhile), so the jobs
     -- that failed and that the deleted jobs depended on are tried again, in a
     -- later statement (which sees such a retry): one call prunes a whole chain.
+    -- The rows are locked first, in id order, as an enqueue share-locks its
+    -- dependencies: a DELETE locks in the order its plan reads them, and one that
+    -- held a newer job while waiting for an older one an enqueue depending on both
+    -- had share-locked closed a cycle with it (40P01).
     WITH gone AS (
         DELETE FROM pgqueue.jobs j
-        WHERE j.state IN ('succeeded', 'failed', 'cancelled')
+        WHERE j.id = ANY (ARRAY(SELECT o.id FROM pgqueue.jobs o
+                                WHERE o.state IN ('succeeded', 'failed', 'cancelled')
+                                  AND o.finished_at < now() - prune.older_than
+                                  AND NOT o.is_current
+                                  AND (o.state = 'succeeded' OR NOT pgqueue._depended_on(o.id))
+                                ORDER BY o.id FOR UPDATE))
+          AND j.state IN ('succeeded', 'failed', 'cancelled')
           AND j.finished_at < now() - prune.older_than
           AND NOT j.is_current
           AND (j.state = 'succeeded' OR NOT pgqueue._depended_on(j.id))

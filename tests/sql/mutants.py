@@ -833,6 +833,20 @@ MUTANTS: dict[str, Mutant] = {
         "ORDER BY p.id",
         "test_pipelines.py::test_an_enqueue_into_several_pipelines_locks_them_in_key_order",
     ),
+    # The scopes' next jobs unblocked by an UPDATE joined to them: locked in scope-hash order.
+    "unblock_next_locks_heads_in_scope_order": Mutant(
+        "pgqueue._unblock_next(jsonb[],bigint[])",
+        "WHERE j.id = ANY (ARRAY(SELECT h.id FROM heads h WHERE h.scope_blocked)) AND j.scope_blocked",
+        "FROM heads h WHERE j.id = h.id AND h.scope_blocked",
+        "test_scope_heads.py::test_a_completion_unblocks_the_next_jobs_of_its_scopes_in_id_order",
+    ),
+    # prune locking the jobs it deletes in the order its plan reads them.
+    "prune_locks_in_plan_order": Mutant(
+        "pgqueue.prune(interval)",
+        "ORDER BY o.id FOR UPDATE))",
+        "FOR UPDATE))",
+        "test_retention.py::test_prune_locks_the_jobs_it_deletes_in_id_order",
+    ),
     # A queued dependency an enqueue holds (claims skip it) announced by nobody at its commit.
     "held_dependency_unannounced": Mutant(
         "pgqueue._lock_dependencies(bigint[],text)",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncpg
 import pytest
-from sqlharness import Connect, finishes_unblocked, sessions, wait_blocked
+from sqlharness import ROW_IS_FREE, Connect, finishes_unblocked, sessions, wait_blocked
 
 AGE = "UPDATE pgqueue.jobs SET finished_at = now() - $2::text::interval WHERE id = $1"
 IDS = "SELECT id FROM pgqueue.jobs ORDER BY id"
@@ -348,3 +348,28 @@ async def test_retention_leaves_a_mark_another_transaction_holds(connect: Connec
     assert await observer.fetchval("SELECT count(*) FROM pgqueue.cancelled_pipelines") == 1
     assert await retention.fetchval("SELECT pgqueue.prune_expired()") == 0
     assert await observer.fetchval("SELECT count(*) FROM pgqueue.cancelled_pipelines") == 0
+
+
+async def test_prune_locks_the_jobs_it_deletes_in_id_order(connect: Connect) -> None:
+    """From the lock-order audit: prune's DELETE locked its rows in the order its plan read them
+    (by finished_at here): it held y and waited for the older x, which an enqueue depending on
+    both had share-locked (in id order) and then waited for y: 40P01. It locks them in id
+    order first now, so it holds nothing newer while it waits for x."""
+    observer, holder, pruner, enqueuer = await sessions(
+        connect, "obs", "holder", "prune", "enqueue"
+    )
+    x = await _finished(observer.conn, "2 days")
+    y = await _finished(observer.conn, "3 days")  # finished first: read first by finished_at
+    await holder.begin()
+    await holder.execute("SELECT 1 FROM pgqueue.jobs WHERE id = $1 FOR SHARE", x)
+    prune = pruner.start(pruner.fetchval("SELECT pgqueue.prune('1 day')"))
+    await wait_blocked(observer.conn, pruner)
+    assert await observer.fetchval(ROW_IS_FREE, y) == y  # not locked while it waits for x
+    enqueue = enqueuer.start(
+        enqueuer.fetchval("SELECT pgqueue.enqueue('d', depends_on => $1::bigint[])", [x, y])
+    )
+    dependent = await enqueue
+    await holder.commit()
+    assert await prune == 2  # succeeded: deleted whatever depends on them
+    rows = await observer.fetch("SELECT id, state FROM pgqueue.jobs ORDER BY id")
+    assert [tuple(r) for r in rows] == [(dependent, "queued")]

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 import pytest
-from sqlharness import Connect, Session, lock_wait_kind, sessions, wait_blocked
+from sqlharness import ROW_IS_FREE, Connect, Session, lock_wait_kind, sessions, wait_blocked
 from test_notify import Listener
 
 T = TypeVar("T")
@@ -611,3 +611,38 @@ async def test_holding_an_earlier_scopes_order_lock_an_enqueue_waits_for_a_waiti
     await app.commit()
     assert await observer.fetchval(BLOCKED, job) is False  # the scope was free once it waited
     assert await _claim(observer) != []
+
+
+async def test_a_completion_unblocks_the_next_jobs_of_its_scopes_in_id_order(
+    connect: Connect,
+) -> None:
+    """From the lock-order audit: a completion of jobs of two scopes unblocked their next jobs
+    h1 < h2 with an UPDATE joined to the scopes, which locked h2 first (in the order of the
+    scopes' hashes here). While it waited for h1, which an enqueue depending on h1 and h2 had
+    share-locked (in id order, as every dependency), that enqueue waited for h2: 40P01. It
+    locks them in id order now, so it holds h2 only once it has h1."""
+    observer, holder, worker, enqueuer = await sessions(
+        connect, "obs", "holder", "worker", "enqueue"
+    )
+    scopes = ['{"s": "a"}', '{"s": "b"}']
+    running = [await observer.fetchval(ENQUEUE, s) for s in scopes]
+    assert await _claim(observer) == running
+    h1, h2 = [await observer.fetchval(ENQUEUE, s) for s in scopes]
+    assert [await observer.fetchval(BLOCKED, h) for h in (h1, h2)] == [True, True]
+    await holder.begin()
+    await holder.execute("SELECT 1 FROM pgqueue.jobs WHERE id = $1 FOR SHARE", h1)
+    completion = worker.start(
+        worker.fetchval("SELECT count(*) FROM pgqueue.complete_many('w', $1::bigint[])", running)
+    )
+    await wait_blocked(observer.conn, worker)
+    assert await lock_wait_kind(observer.conn, worker) in ("transactionid", "tuple")  # h1
+    assert await observer.fetchval(ROW_IS_FREE, h2) == h2
+    join = await enqueuer.fetchval(
+        "SELECT pgqueue.enqueue('join', depends_on => $1::bigint[])", [h1, h2]
+    )
+    await holder.commit()
+    assert await completion == 2
+    assert [await observer.fetchval(BLOCKED, h) for h in (h1, h2)] == [False, False]
+    assert (
+        await observer.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", join) == "waiting"
+    )
