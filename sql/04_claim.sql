@@ -145,7 +145,8 @@ LANGUAGE plpgsql
 -- walks in key order: the rows are locked in id order, as an enqueue share-locks
 -- its dependencies. Joined to the heads instead, it locked them in the order of
 -- their scopes' hashes, and an enqueue depending on two of them deadlocked with it.
-SET enable_seqscan = off SET enable_bitmapscan = off
+-- No JIT: see _complete (a disabled path's cost would pass jit_above_cost).
+SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
 AS $$
 DECLARE
     v_queues text[];

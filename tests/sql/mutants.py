@@ -350,6 +350,7 @@ MUTANTS: dict[str, Mutant] = {
         "AND (j.state = 'succeeded' OR NOT pgqueue._depended_on(j.id))",
         "",
         "test_retention.py::test_a_failed_job_a_retried_dependent_waits_for_is_kept",
+        (("AND (o.state = 'succeeded' OR NOT pgqueue._depended_on(o.id))", ""),),
     ),
     # prune() leaving the failed dependencies of the jobs it deleted to its next call (a chain
     # that failed at its root took a call per link).
