@@ -143,7 +143,8 @@ CREATE FUNCTION pgqueue._unblock_next(p_scopes jsonb[], p_after bigint[]) RETURN
 LANGUAGE plpgsql
 -- The unblocking UPDATE reads jobs_pkey for its array of ids, which a btree
 -- walks in key order: the rows are locked in id order, as an enqueue share-locks
--- its dependencies. Joined to the heads instead, it locked them in the order of
+-- its dependencies. Its only condition is the ids: no partial index (a user's
+-- on scope_blocked, say) can serve it in another order. Joined to the heads instead, it locked them in the order of
 -- their scopes' hashes, and an enqueue depending on two of them deadlocked with it.
 -- No JIT: see _complete (a disabled path's cost would pass jit_above_cost).
 SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
@@ -163,7 +164,7 @@ BEGIN
                             ORDER BY jsonb_hash(q.scope), q.id LIMIT 1) h
     ), unblocked AS (
         UPDATE pgqueue.jobs j SET scope_blocked = false
-        WHERE j.id = ANY (ARRAY(SELECT h.id FROM heads h WHERE h.scope_blocked)) AND j.scope_blocked
+        WHERE j.id = ANY (ARRAY(SELECT h.id FROM heads h WHERE h.scope_blocked))
     ), older AS (
         -- A queued job older than the one that ended (retried, queued by fan-in,
         -- or enqueued out of id order while a newer one ran) is never blocked,

@@ -220,8 +220,15 @@ BEGIN
         RETURN false;
     END IF;
     v_downstream := pgqueue._revivable_downstream(retry.job_id, v.pipeline_id);
+    -- The dependents' pipelines are waited for only by a transaction that holds
+    -- no row yet (no transaction id: it has locked and written nothing): one that
+    -- has (an earlier retry of the same statement, as in retrying every failed
+    -- job at once) would wait holding rows, and a transaction holding such a
+    -- pipeline and waiting for one of them (an enqueue into it depending on a job
+    -- retried first) closes a cycle. Such a call only tries them, below.
     PERFORM pgqueue._lock_pipelines(v.pipeline_id || ARRAY(SELECT w.pipeline_id FROM pgqueue.jobs w
-                                                           WHERE w.id = ANY (v_downstream)));
+                                                           WHERE w.id = ANY (v_downstream)
+                                                             AND pg_current_xact_id_if_assigned() IS NULL));
     v_cancelled := pgqueue._pipeline_cancelled(v.pipeline_id);
     IF v.scope IS NOT NULL THEN
         PERFORM pg_advisory_xact_lock(pgqueue._lock_class('scope'), pgqueue._scope_lock_key(v.scope));
@@ -283,16 +290,19 @@ BEGIN
     IF v_cancelled THEN
         DELETE FROM pgqueue.cancelled_pipelines c WHERE c.pipeline_id = v.pipeline_id;
     END IF;
-    -- The pipelines of the dependents it may revive, held from the start to
-    -- commit: a cancel_pipeline of one of them that comes later waits for this
-    -- transaction, then cancels what it revived; the read below sees the mark of
-    -- one that committed before. A dependent found only now (v_more) may be of a
-    -- pipeline not locked yet: that lock is tried, never waited for, since this
-    -- holds rows now and a cancel_pipeline (its pipeline lock, then its members'
-    -- rows) would close a cycle with it. Held, it refuses the whole retry (nothing
-    -- is written): retried a moment later, it goes through, and never half-done
-    -- (a dependent left cancelled unsaid). The locks taken above are held: their
-    -- tries succeed.
+    -- The pipelines of the dependents it may revive, held to commit: a
+    -- cancel_pipeline of one of them that comes later waits for this transaction,
+    -- then cancels what it revived; the read below sees the mark of one that
+    -- committed before. Those locked above are held (their tries succeed). Any
+    -- other (a dependent found only now, v_more: created by a completion, or
+    -- revivable since a retry lifted its pipeline's mark, while this waited; or
+    -- every one, in a transaction that held rows before this call) is tried,
+    -- never waited for, since this holds rows now and a cancel_pipeline (its
+    -- pipeline lock, then its members' rows) would close a cycle with it. Held,
+    -- it refuses the whole retry (nothing is written): retried a moment later, it
+    -- goes through, and never half-done (a dependent left cancelled unsaid). The
+    -- completion that created such a dependent can be the holder: its commit
+    -- frees its row locks, which woke this, a moment before its advisory locks.
     SELECT p.pipeline_id INTO v_busy
     FROM (SELECT DISTINCT w.pipeline_id FROM pgqueue.jobs w
           WHERE w.id = ANY (v_downstream) AND w.pipeline_id IS NOT NULL

@@ -1881,7 +1881,8 @@ CREATE FUNCTION pgqueue._unblock_next(p_scopes jsonb[], p_after bigint[]) RETURN
 LANGUAGE plpgsql
 -- The unblocking UPDATE reads jobs_pkey for its array of ids, which a btree
 -- walks in key order: the rows are locked in id order, as an enqueue share-locks
--- its dependencies. Joined to the heads instead, it locked them in the order of
+-- its dependencies. Its only condition is the ids: no partial index (a user's
+-- on scope_blocked, say) can serve it in another order. Joined to the heads instead, it locked them in the order of
 -- their scopes' hashes, and an enqueue depending on two of them deadlocked with it.
 -- No JIT: see _complete (a disabled path's cost would pass jit_above_cost).
 SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
@@ -1901,7 +1902,7 @@ BEGIN
                             ORDER BY jsonb_hash(q.scope), q.id LIMIT 1) h
     ), unblocked AS (
         UPDATE pgqueue.jobs j SET scope_blocked = false
-        WHERE j.id = ANY (ARRAY(SELECT h.id FROM heads h WHERE h.scope_blocked)) AND j.scope_blocked
+        WHERE j.id = ANY (ARRAY(SELECT h.id FROM heads h WHERE h.scope_blocked))
     ), older AS (
         -- A queued job older than the one that ended (retried, queued by fan-in,
         -- or enqueued out of id order while a newer one ran) is never blocked,
@@ -3289,8 +3290,15 @@ BEGIN
         RETURN false;
     END IF;
     v_downstream := pgqueue._revivable_downstream(retry.job_id, v.pipeline_id);
+    -- The dependents' pipelines are waited for only by a transaction that holds
+    -- no row yet (no transaction id: it has locked and written nothing): one that
+    -- has (an earlier retry of the same statement, as in retrying every failed
+    -- job at once) would wait holding rows, and a transaction holding such a
+    -- pipeline and waiting for one of them (an enqueue into it depending on a job
+    -- retried first) closes a cycle. Such a call only tries them, below.
     PERFORM pgqueue._lock_pipelines(v.pipeline_id || ARRAY(SELECT w.pipeline_id FROM pgqueue.jobs w
-                                                           WHERE w.id = ANY (v_downstream)));
+                                                           WHERE w.id = ANY (v_downstream)
+                                                             AND pg_current_xact_id_if_assigned() IS NULL));
     v_cancelled := pgqueue._pipeline_cancelled(v.pipeline_id);
     IF v.scope IS NOT NULL THEN
         PERFORM pg_advisory_xact_lock(pgqueue._lock_class('scope'), pgqueue._scope_lock_key(v.scope));
@@ -3352,16 +3360,19 @@ BEGIN
     IF v_cancelled THEN
         DELETE FROM pgqueue.cancelled_pipelines c WHERE c.pipeline_id = v.pipeline_id;
     END IF;
-    -- The pipelines of the dependents it may revive, held from the start to
-    -- commit: a cancel_pipeline of one of them that comes later waits for this
-    -- transaction, then cancels what it revived; the read below sees the mark of
-    -- one that committed before. A dependent found only now (v_more) may be of a
-    -- pipeline not locked yet: that lock is tried, never waited for, since this
-    -- holds rows now and a cancel_pipeline (its pipeline lock, then its members'
-    -- rows) would close a cycle with it. Held, it refuses the whole retry (nothing
-    -- is written): retried a moment later, it goes through, and never half-done
-    -- (a dependent left cancelled unsaid). The locks taken above are held: their
-    -- tries succeed.
+    -- The pipelines of the dependents it may revive, held to commit: a
+    -- cancel_pipeline of one of them that comes later waits for this transaction,
+    -- then cancels what it revived; the read below sees the mark of one that
+    -- committed before. Those locked above are held (their tries succeed). Any
+    -- other (a dependent found only now, v_more: created by a completion, or
+    -- revivable since a retry lifted its pipeline's mark, while this waited; or
+    -- every one, in a transaction that held rows before this call) is tried,
+    -- never waited for, since this holds rows now and a cancel_pipeline (its
+    -- pipeline lock, then its members' rows) would close a cycle with it. Held,
+    -- it refuses the whole retry (nothing is written): retried a moment later, it
+    -- goes through, and never half-done (a dependent left cancelled unsaid). The
+    -- completion that created such a dependent can be the holder: its commit
+    -- frees its row locks, which woke this, a moment before its advisory locks.
     SELECT p.pipeline_id INTO v_busy
     FROM (SELECT DISTINCT w.pipeline_id FROM pgqueue.jobs w
           WHERE w.id = ANY (v_downstream) AND w.pipeline_id IS NOT NULL

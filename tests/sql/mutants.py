@@ -25,7 +25,8 @@ class Mutant:
 # retry's first lock: the pipelines of the job and of the dependents it may revive.
 RETRY_PRE_LOCK = (
     "PERFORM pgqueue._lock_pipelines(v.pipeline_id || ARRAY(SELECT w.pipeline_id FROM pgqueue.jobs w\n"
-    "                                                           WHERE w.id = ANY (v_downstream)));"
+    "                                                           WHERE w.id = ANY (v_downstream)\n"
+    "                                                             AND pg_current_xact_id_if_assigned() IS NULL));"
 )
 
 MUTANTS: dict[str, Mutant] = {
@@ -834,10 +835,24 @@ MUTANTS: dict[str, Mutant] = {
         "ORDER BY p.id",
         "test_pipelines.py::test_an_enqueue_into_several_pipelines_locks_them_in_key_order",
     ),
+    # retry waiting for its dependents' pipelines in a transaction that holds rows already.
+    "retry_waits_for_dependents_pipelines_holding_rows": Mutant(
+        "pgqueue.retry(bigint)",
+        "AND pg_current_xact_id_if_assigned() IS NULL));",
+        "));",
+        "test_pipelines.py::test_a_retry_after_another_in_one_transaction_only_tries_its_dependents_pipelines",
+    ),
+    # retry reviving a dependent created meanwhile without its pipeline's lock.
+    "retry_skips_the_pipeline_of_a_dependent_created_meanwhile": Mutant(
+        "pgqueue.retry(bigint)",
+        "WHERE NOT pg_try_advisory_xact_lock(pgqueue._lock_class('pipeline'), hashtext(p.pipeline_id::text))",
+        "WHERE false",
+        "test_pipelines.py::test_a_retry_refuses_when_the_pipeline_of_a_dependent_created_meanwhile_is_busy",
+    ),
     # The scopes' next jobs unblocked by an UPDATE joined to them: locked in scope-hash order.
     "unblock_next_locks_heads_in_scope_order": Mutant(
         "pgqueue._unblock_next(jsonb[],bigint[])",
-        "WHERE j.id = ANY (ARRAY(SELECT h.id FROM heads h WHERE h.scope_blocked)) AND j.scope_blocked",
+        "WHERE j.id = ANY (ARRAY(SELECT h.id FROM heads h WHERE h.scope_blocked))",
         "FROM heads h WHERE j.id = h.id AND h.scope_blocked",
         "test_scope_heads.py::test_a_completion_unblocks_the_next_jobs_of_its_scopes_in_id_order",
     ),

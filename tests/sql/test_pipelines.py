@@ -14,6 +14,7 @@ from sqlharness import (
     PIPELINE_LOCK,
     ROW_IS_FREE,
     Connect,
+    finishes_unblocked,
     json_codecs,
     lock_wait_kind,
     sessions,
@@ -732,3 +733,72 @@ async def test_a_cancel_pipeline_while_a_retry_waits_for_a_row_waits_for_the_ret
     assert await retry is True
     assert await cancel == 1
     assert await observer.fetchval(STATE, d) == "cancelled"
+
+
+async def test_a_retry_after_another_in_one_transaction_only_tries_its_dependents_pipelines(
+    connect: Connect,
+) -> None:
+    """From review: retrying every failed job in one statement (the cookbook's recipe), the
+    second retry waited for its dependent's pipeline holding the rows of the first, while an
+    enqueue into that pipeline depending on the first job held the pipeline and waited for
+    its row: 40P01, and PostgreSQL picked the application's enqueue. A call in a transaction
+    that holds rows already only tries those locks, as before, and refuses (55P03)."""
+    observer, bulk, app = await sessions(connect, "obs", "bulk", "app")
+    p2 = uuid.uuid4()
+    x1, _ = await _failed_with_dependent_in(observer.conn, uuid.uuid4())
+    x2, d2 = await _failed_with_dependent_in(observer.conn, p2)
+    await bulk.begin()
+    assert await bulk.fetchval(RETRY, x1) is True
+    enqueue = app.start(
+        app.fetchval(
+            "SELECT pgqueue.enqueue('e', pipeline_id => $1, depends_on => ARRAY[$2::bigint])",
+            p2,
+            x1,
+        )
+    )
+    await wait_blocked(observer.conn, app)  # holding p2's lock, on x1's row
+    with pytest.raises(asyncpg.LockNotAvailableError, match=f"pipeline {p2} of a job"):
+        await finishes_unblocked(observer.conn, bulk, bulk.fetchval(RETRY, x2))
+    await bulk.rollback()
+    with pytest.raises(asyncpg.InvalidParameterValueError, match="already failed"):
+        await enqueue  # x1 is failed again: refused as such, not rolled back by a 40P01
+    assert await observer.fetchval(STATE, x2) == "failed"
+    assert await observer.fetchval(STATE, d2) == "cancelled"
+
+
+async def test_a_retry_refuses_when_the_pipeline_of_a_dependent_created_meanwhile_is_busy(
+    connect: Connect,
+) -> None:
+    """A completion creates a child of x (a stored spec, x failed: it is created cancelled)
+    in pipeline p while retry(x) waits for x's row, which the completion share-locks; a
+    cancel_pipeline of p waits for the completion's lock on p. The retry finds the child
+    only once it holds its rows, so it can only try p's lock, which the completion or the
+    cancel holds (a release grants a waiter at once): it refuses, and writes nothing."""
+    observer, completer, retrier, canceller = await sessions(
+        connect, "obs", "complete", "retry", "cancel"
+    )
+    pipeline = uuid.uuid4()
+    x = await observer.fetchval("SELECT pgqueue.enqueue('x', max_attempts => 1)")
+    parent = await observer.fetchval(
+        "SELECT pgqueue.enqueue('parent', pipeline_id => $1, next_jobs => $2::jsonb)",
+        pipeline,
+        [{"job_type": "child", "depends_on": [x]}],
+    )
+    await _claim(observer.conn, x)
+    assert await observer.fetchval("SELECT pgqueue.fail($1, 'w', 'boom')", x) == "failed"
+    await _claim(observer.conn, parent)
+    await completer.begin()
+    assert await completer.fetchval("SELECT pgqueue.complete($1, 'w')", parent) is True
+    retry = retrier.start(retrier.fetchval(RETRY, x))
+    await wait_blocked(observer.conn, retrier)  # on x's row
+    cancel = canceller.start(canceller.fetchval("SELECT pgqueue.cancel_pipeline($1)", pipeline))
+    await wait_blocked(observer.conn, canceller)  # on p's lock
+    await completer.commit()
+    with pytest.raises(asyncpg.LockNotAvailableError, match=f"pipeline {pipeline} of a job"):
+        await retry
+    await cancel
+    assert await observer.fetchval(STATE, x) == "failed"
+    child = await observer.fetchval("SELECT id FROM pgqueue.jobs WHERE parent_id = $1", parent)
+    assert await observer.fetchval(STATE, child) == "cancelled"
+    assert await retrier.fetchval(RETRY, x) is True  # the pipeline is cancelled: child stays
+    assert await observer.fetchval(STATE, child) == "cancelled"
