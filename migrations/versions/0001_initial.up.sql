@@ -3291,11 +3291,13 @@ BEGIN
     END IF;
     v_downstream := pgqueue._revivable_downstream(retry.job_id, v.pipeline_id);
     -- The dependents' pipelines are waited for only by a transaction that holds
-    -- no row yet (no transaction id: it has locked and written nothing): one that
-    -- has (an earlier retry of the same statement, as in retrying every failed
-    -- job at once) would wait holding rows, and a transaction holding such a
-    -- pipeline and waiting for one of them (an enqueue into it depending on a job
-    -- retried first) closes a cycle. Such a call only tries them, below.
+    -- no row yet (no transaction id: it has written and row-locked nothing; it
+    -- may hold advisory locks of earlier calls, as any multi-call transaction):
+    -- one that has (an earlier retry of the same statement, as in retrying every
+    -- failed job at once) would wait holding rows, and a transaction holding such
+    -- a pipeline and waiting for one of them (an enqueue into it depending on a
+    -- job retried first) closes a cycle. Such a call only tries them, below. (Its
+    -- own job's pipeline, scope and dedup locks it still waits for, as before.)
     PERFORM pgqueue._lock_pipelines(v.pipeline_id || ARRAY(SELECT w.pipeline_id FROM pgqueue.jobs w
                                                            WHERE w.id = ANY (v_downstream)
                                                              AND pg_current_xact_id_if_assigned() IS NULL));
@@ -3381,8 +3383,8 @@ BEGIN
     WHERE NOT pg_try_advisory_xact_lock(pgqueue._lock_class('pipeline'), hashtext(p.pipeline_id::text))
     LIMIT 1;
     IF FOUND THEN
-        RAISE EXCEPTION 'pgqueue.retry: pipeline % of a job it would revive, created while the retry waited, is busy '
-                        '(being cancelled, or a job of it ending right now); nothing was retried: try again', v_busy
+        RAISE EXCEPTION 'pgqueue.retry: pipeline % of a job it would revive is busy (being cancelled, or a job of it '
+                        'ending right now); nothing was retried: try again', v_busy
             USING ERRCODE = 'lock_not_available';
     END IF;
     -- Read again with every lock held.

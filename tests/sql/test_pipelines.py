@@ -771,9 +771,10 @@ async def test_a_retry_refuses_when_the_pipeline_of_a_dependent_created_meanwhil
 ) -> None:
     """A completion creates a child of x (a stored spec, x failed: it is created cancelled)
     in pipeline p while retry(x) waits for x's row, which the completion share-locks; a
-    cancel_pipeline of p waits for the completion's lock on p. The retry finds the child
-    only once it holds its rows, so it can only try p's lock, which the completion or the
-    cancel holds (a release grants a waiter at once): it refuses, and writes nothing."""
+    cancel_pipeline of p, in a transaction left open, waits for the completion's lock on p.
+    The retry finds the child only once it holds its rows, so it can only try p's lock,
+    which the completion or the cancel holds (a release grants a waiter at once, and the
+    cancel's transaction is still open): it refuses, and writes nothing."""
     observer, completer, retrier, canceller = await sessions(
         connect, "obs", "complete", "retry", "cancel"
     )
@@ -791,12 +792,14 @@ async def test_a_retry_refuses_when_the_pipeline_of_a_dependent_created_meanwhil
     assert await completer.fetchval("SELECT pgqueue.complete($1, 'w')", parent) is True
     retry = retrier.start(retrier.fetchval(RETRY, x))
     await wait_blocked(observer.conn, retrier)  # on x's row
+    await canceller.begin()
     cancel = canceller.start(canceller.fetchval("SELECT pgqueue.cancel_pipeline($1)", pipeline))
     await wait_blocked(observer.conn, canceller)  # on p's lock
     await completer.commit()
     with pytest.raises(asyncpg.LockNotAvailableError, match=f"pipeline {pipeline} of a job"):
         await retry
     await cancel
+    await canceller.commit()
     assert await observer.fetchval(STATE, x) == "failed"
     child = await observer.fetchval("SELECT id FROM pgqueue.jobs WHERE parent_id = $1", parent)
     assert await observer.fetchval(STATE, child) == "cancelled"
