@@ -143,9 +143,10 @@ CREATE FUNCTION pgqueue._unblock_next(p_scopes jsonb[], p_after bigint[]) RETURN
 LANGUAGE plpgsql
 -- The unblocking UPDATE reads jobs_pkey for its array of ids, which a btree
 -- walks in key order: the rows are locked in id order, as an enqueue share-locks
--- its dependencies. Its only condition is the ids: no partial index (a user's
--- on scope_blocked, say) can serve it in another order. Joined to the heads instead, it locked them in the order of
--- their scopes' hashes, and an enqueue depending on two of them deadlocked with it.
+-- its dependencies. Joined to the heads instead, it locked them in the order of
+-- their scopes' hashes, and an enqueue depending on two of them deadlocked with
+-- it. Its only condition is the ids: no partial index (a user's on
+-- scope_blocked, say) can serve it in another order.
 -- No JIT: see _complete (a disabled path's cost would pass jit_above_cost).
 SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
 AS $$

@@ -25,6 +25,13 @@ BLOCK_TIMEOUT = 15.0
 PIPELINE_LOCK = (
     "SELECT pg_advisory_xact_lock(pgqueue._lock_class('pipeline'), hashtext($1::uuid::text))"
 )
+# A session-level try and its unlock: an observer checks that nobody holds a pipeline's lock.
+PIPELINE_TRY_LOCK = (
+    "SELECT pg_try_advisory_lock(pgqueue._lock_class('pipeline'), hashtext($1::uuid::text))"
+)
+PIPELINE_UNLOCK = (
+    "SELECT pg_advisory_unlock(pgqueue._lock_class('pipeline'), hashtext($1::uuid::text))"
+)
 ROW_IS_FREE = "SELECT id FROM pgqueue.jobs WHERE id = $1 FOR NO KEY UPDATE SKIP LOCKED"
 
 

@@ -12,6 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlharness import (
     PIPELINE_LOCK,
+    PIPELINE_TRY_LOCK,
+    PIPELINE_UNLOCK,
     ROW_IS_FREE,
     Connect,
     finishes_unblocked,
@@ -256,14 +258,6 @@ async def test_completion_creating_children_takes_the_pipeline_lock_before_its_r
         ("kid", "queued"),
     ]
     assert rows[1]["id"] == dependent
-
-
-PIPELINE_TRY_LOCK = (
-    "SELECT pg_try_advisory_lock(pgqueue._lock_class('pipeline'), hashtext($1::uuid::text))"
-)
-PIPELINE_UNLOCK = (
-    "SELECT pg_advisory_unlock(pgqueue._lock_class('pipeline'), hashtext($1::uuid::text))"
-)
 
 
 async def _two_pipelines_in_crossed_orders(conn: asyncpg.Connection) -> tuple[uuid.UUID, uuid.UUID]:
@@ -659,10 +653,8 @@ async def test_a_retry_waits_for_a_dependents_busy_pipeline_before_locking_any_r
     )
     await _claim(observer.conn, member)
     await holder.begin()
-    if holder_is == "cancel_pipeline":
-        assert (
-            await holder.fetchval("SELECT pgqueue.cancel_pipeline($1)", pipeline) == 0
-        )  # m runs on
+    if holder_is == "cancel_pipeline":  # m runs on: nothing cancelled
+        assert await holder.fetchval("SELECT pgqueue.cancel_pipeline($1)", pipeline) == 0
     else:
         assert await holder.fetchval("SELECT pgqueue.complete($1, 'w')", member) is True
     step = retrier.start(retrier.fetchval(RETRY, x))

@@ -365,10 +365,9 @@ async def test_prune_locks_the_jobs_it_deletes_in_id_order(connect: Connect) -> 
     prune = pruner.start(pruner.fetchval("SELECT pgqueue.prune('1 day')"))
     await wait_blocked(observer.conn, pruner)
     assert await observer.fetchval(ROW_IS_FREE, y) == y  # not locked while it waits for x
-    enqueue = enqueuer.start(
-        enqueuer.fetchval("SELECT pgqueue.enqueue('d', depends_on => $1::bigint[])", [x, y])
+    dependent = await enqueuer.fetchval(
+        "SELECT pgqueue.enqueue('d', depends_on => $1::bigint[])", [x, y]
     )
-    dependent = await enqueue
     await holder.commit()
     assert await prune == 2  # succeeded: deleted whatever depends on them
     rows = await observer.fetch("SELECT id, state FROM pgqueue.jobs ORDER BY id")
