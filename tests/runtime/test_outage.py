@@ -171,8 +171,16 @@ async def test_a_worker_whose_idle_claim_connection_was_ended_claims_on_a_fresh_
                     await worker.started.wait()
                     first = await app.enqueue(conn, "t")
                     await wait_for_states(conn, [first], "succeeded")
-                    held = worker._producer._conn if worker._producer else None  # kept
+                    assert worker._producer is not None
+                    held = worker._producer._conn  # kept
                     assert held is not None
+                    # Idle: asleep until the next notification, nothing in flight on it (ended
+                    # while _before_sleep reads it, one outage line is still logged).
+                    wake = worker._producer.wake._event
+                    while True:
+                        if wake.statistics().tasks_waiting > 0:
+                            break
+                        await anyio.sleep(0.01)
                     await conn.execute("SELECT pg_terminate_backend($1)", held.get_server_pid())
                     await proxy.hung_up.wait()
                     if end_seen:
