@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import fields
+from typing import TypeVar
 
 import anyio
 import asyncpg
@@ -21,7 +22,7 @@ from pgqueue.dsn import id_array
 from pgqueue.job import Job, job_from_row
 from pgqueue.worker import bounded
 from pgqueue.worker.executor import Executor
-from pgqueue.worker.retry import Backoff, Outage, is_broken_protocol
+from pgqueue.worker.retry import Backoff, Outage, is_connection_error
 from pgqueue.worker.wake import Wake
 
 # The columns in Job's field order, so that a row becomes a Job by position: the JSON columns
@@ -29,6 +30,7 @@ from pgqueue.worker.wake import Wake
 _COLUMNS = ", ".join(f.name for f in fields(Job))
 _ARGS = "worker => $1, queues => $2::text[], batch_size => $3"
 _CLAIM = f"SELECT {_COLUMNS} FROM pgqueue.claim_next({_ARGS})"
+_T = TypeVar("_T")
 # Bound on acquiring the claim connection and on each claim or lookup on it: a statement
 # stuck on a half-open connection would stop this worker from claiming anything.
 STATEMENT_TIMEOUT = 30.0
@@ -225,9 +227,11 @@ class Producer:
             if _undecodable(exc):
                 await self._settle_undecodable(exc)
                 return None
-            if is_broken_protocol(exc) and not self._renewed:
-                # The kept connection's server ended it, the end not yet seen (so it passed
-                # _connection's check): nothing was sent. Once, at once, on a fresh one.
+            if _renewable(exc) and not self._renewed:
+                # The kept connection's server ended it, before the claim (the end not yet
+                # seen, so it passed _connection's check: nothing was sent) or during it
+                # (its jobs unknown: the next claim sweeps first). Once, at once, on a
+                # fresh one; a second failure is an outage.
                 self._renewed = True
                 await self._release()
                 return None
@@ -290,7 +294,7 @@ class Producer:
         """:meth:`_release_lost_claims` on its own (a claim runs it first anyway); after a
         failure, a backoff."""
         try:
-            await self._release_lost_claims(await self._connection())
+            await self._renewing(self._release_lost_claims)
         except Exception as exc:
             await self._failed(exc, "releasing jobs this worker does not hold")
             await self.wake.wait(self._backoff.next_delay())
@@ -366,10 +370,14 @@ class Producer:
         """How long to sleep: until the jittered safety poll or the earliest scheduled job,
         if sooner. Also refreshes :attr:`when_waiting`."""
         poll = self.poll_interval * random.uniform(0.8, 1.0)
-        try:
-            conn = await self._connection()
+
+        async def look(conn: asyncpg.pool.PoolConnectionProxy) -> asyncpg.Record:
             with anyio.fail_after(STATEMENT_TIMEOUT):
-                seconds, when_waiting, limited = await conn.fetchrow(_BEFORE_SLEEP, self.queues)
+                row: asyncpg.Record = await conn.fetchrow(_BEFORE_SLEEP, self.queues)
+            return row
+
+        try:
+            seconds, when_waiting, limited = await self._renewing(look)
         except Exception as exc:
             await self._failed(exc, "looking up the next scheduled job")
             return poll
@@ -377,11 +385,30 @@ class Producer:
         self.limited = bool(limited)
         return poll if seconds is None else max(0.0, min(poll, seconds))
 
+    async def _renewing(
+        self, statement: Callable[[asyncpg.pool.PoolConnectionProxy], Awaitable[_T]]
+    ) -> _T:
+        """``statement`` on the claim connection; if its server ended that connection (see
+        :func:`_renewable`), once more at once on a fresh one. For statements that may run
+        twice: the sweep, the look before sleeping. The kept connection, ended while the
+        worker idled and used before asyncpg saw its end, or ended while the statement
+        ran, is no outage: one was logged (and the next claim delayed by a backoff) for a
+        connection the pool replaces at once."""
+        conn = await self._connection()  # failing here is an outage: no fresh one either
+        try:
+            return await statement(conn)
+        except Exception as exc:
+            if not _renewable(exc):
+                raise
+        await self._release()
+        return await statement(await self._connection())
+
     async def _connection(self) -> asyncpg.pool.PoolConnectionProxy:
         """The claim connection, acquired from the pool when there is none, or when the one
         kept between claims was ended by its server meanwhile and asyncpg saw its end (its
         next statement would fail, logged as an outage in asyncpg's words for a connection
-        it gave back). Before asyncpg sees the end, the claim fails: see :meth:`_claim`."""
+        it gave back). Before asyncpg sees the end, the statement fails and is sent again on a
+        fresh connection: see :meth:`_claim` and :meth:`_renewing`."""
         if self._conn is not None and bounded.unusable(self._conn):
             await self._release(broken=True)
         if self._conn is None:
@@ -400,6 +427,14 @@ class Producer:
         else:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 await self.pool.release(conn)
+
+
+def _renewable(exc: BaseException) -> bool:
+    """The claim connection's server ended it (a restart, ``pg_terminate_backend``, an idle
+    session timeout), before the statement was sent or while it ran: a fresh connection may
+    not fail. Not a statement that got no answer in time: the database may be unreachable,
+    or the statement waiting for a lock, and a second try would wait as long again."""
+    return is_connection_error(exc) and not isinstance(exc, TimeoutError)
 
 
 def _undecodable(exc: BaseException) -> bool:

@@ -1,5 +1,5 @@
-"""The runtime tests' worker app, log capture and claim-back set-ups; the subprocess and
-waiting helpers are tests/worker_harness.py."""
+"""The runtime tests' worker app, log capture, claim-back set-ups and proxy addresses; the
+subprocess and waiting helpers are tests/worker_harness.py."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
 import asyncpg
@@ -32,6 +33,31 @@ async def running(app: pgqueue.App, dsn: str, **options: Any) -> AsyncIterator[p
             yield worker
         finally:
             worker.stop()
+
+
+async def server_address(dsn: str) -> str | tuple[str, int]:
+    """Where a proxy in front of the test server connects: a TCP address, or the path of its
+    Unix socket (an embedded server's DSN names a directory, not a host). Asked of the
+    server, so every form of DSN the fixtures pick works."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        addr, port, sockets = await conn.fetchrow(
+            "SELECT host(inet_server_addr()), current_setting('port')::int,"
+            " current_setting('unix_socket_directories')"
+        )
+    finally:
+        await conn.close()
+    if addr is None:
+        return f"{sockets.split(',')[0].strip()}/.s.PGSQL.{port}"
+    return (addr, port)
+
+
+def dsn_through(dsn: str, port: int, **params: str) -> str:
+    """``dsn`` (its user, database and options) through a proxy on loopback ``port``."""
+    parts = urlsplit(dsn)
+    query = [(k, v) for k, v in parse_qsl(parts.query) if k not in ("host", "port", *params)]
+    netloc = f"{parts.username or 'postgres'}@127.0.0.1:{port}"
+    return urlunsplit(parts._replace(netloc=netloc, query=urlencode(query + list(params.items()))))
 
 
 def start_worker(dsn: str, *args: str) -> WorkerProcess:

@@ -18,13 +18,19 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import urlsplit
 
 import anyio
 import anyio.abc
 import asyncpg
 import pytest
-from runtime_helpers import Records, gate_refusal_lookup, held_handler_app, refuse_the_success
+from runtime_helpers import (
+    Records,
+    dsn_through,
+    gate_refusal_lookup,
+    held_handler_app,
+    refuse_the_success,
+    server_address,
+)
 from worker_harness import wait_for_states, wait_until
 
 import pgqueue
@@ -635,14 +641,10 @@ async def _proxied(
     db_dsn: str, marker: bytes, *, mute_client: bool = False
 ) -> AsyncIterator[tuple[SwallowingProxy, str]]:
     """A :class:`SwallowingProxy` in front of the test server, and a DSN through it."""
-    parts = urlsplit(db_dsn)
-    if parts.hostname is None or parts.hostname.startswith("/") or parts.port is None:
-        pytest.skip("needs a test server reached over TCP (host and port in the DSN)")
-    proxy = SwallowingProxy(parts.hostname, parts.port, marker, mute_client=mute_client)
+    proxy = SwallowingProxy(await server_address(db_dsn), marker, mute_client=mute_client)
     async with anyio.create_task_group() as tg:
         port = await tg.start(proxy.serve)
-        user = f"{parts.username}@" if parts.username else ""
-        yield proxy, f"postgresql://{user}127.0.0.1:{port}{parts.path}?sslmode=disable"
+        yield proxy, dsn_through(db_dsn, port, sslmode="disable")
         tg.cancel_scope.cancel()
 
 
@@ -666,8 +668,10 @@ class SwallowingProxy:
     nothing it waits for is dropped but the statement's own reply.
     """
 
-    def __init__(self, host: str, port: int, marker: bytes, *, mute_client: bool = False) -> None:
-        self.host, self.port, self.marker = host, port, marker
+    def __init__(
+        self, upstream: str | tuple[str, int], marker: bytes, *, mute_client: bool = False
+    ) -> None:
+        self.upstream, self.marker = upstream, marker  # a Unix socket's path, or TCP
         # Also stop passing on what the client sends once the reply is swallowed, and keep
         # the server's socket open when the client closes: a client that vanished.
         self.mute_client = mute_client
@@ -693,8 +697,13 @@ class SwallowingProxy:
             task_status.started(listener.extra(anyio.abc.SocketAttribute.local_port))
             await listener.serve(self._handle)
 
+    async def _connect(self) -> anyio.abc.SocketStream:
+        if isinstance(self.upstream, str):
+            return await anyio.connect_unix(self.upstream)
+        return await anyio.connect_tcp(*self.upstream)
+
     async def _handle(self, client: anyio.abc.SocketStream) -> None:
-        async with client, await anyio.connect_tcp(self.host, self.port) as server:
+        async with client, await self._connect() as server:
             swallow = anyio.Event()
             async with anyio.create_task_group() as tg:
                 self._connections.add(tg.cancel_scope)
