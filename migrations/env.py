@@ -18,7 +18,7 @@ from sqlalchemy import Connection, text
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
-from pgqueue.dsn import check_dsn, server_settings, service_dsn
+from pgqueue.dsn import connect_arguments
 from pgqueue.migrate import MIGRATION_LOCK_KEY, SchemaError
 
 config = context.config
@@ -36,13 +36,14 @@ def _dsn() -> str | None:
 
 
 # The query parameters asyncpg reads as connection parameters, and the two it passes to the
-# server that the server takes at startup. Any other (a SQLAlchemy dialect's option such as
-# prepared_statement_cache_size, or a libpq keyword asyncpg does not know, connect_timeout)
+# server that the server takes at startup, and libpq's connect_timeout, which pgqueue.dsn
+# turns into asyncpg's timeout. Any other (a SQLAlchemy dialect's option such as
+# prepared_statement_cache_size, or a libpq keyword asyncpg does not know, keepalives)
 # asyncpg would send as a setting: "unrecognized configuration parameter".
 _KEPT_KEYWORDS = frozenset(
     "host port dbname database user password passfile sslmode sslcert sslkey sslpassword"
     " sslrootcert sslcrl ssl_min_protocol_version ssl_max_protocol_version target_session_attrs"
-    " application_name options".split()
+    " application_name options connect_timeout".split()
 )
 _SSLMODES = frozenset("disable allow prefer require verify-ca verify-full".split())
 
@@ -151,12 +152,8 @@ async def _run_online() -> None:
     dsn = _dsn()
 
     async def connect() -> asyncpg.Connection:
-        check_dsn(dsn)
         # $PGSERVICE as a URL: asyncpg alone would migrate the database named after the OS user.
-        target = dsn or service_dsn()
-        return await asyncpg.connect(
-            target, server_settings=server_settings(target, "pgqueue migrate")
-        )
+        return await asyncpg.connect(**connect_arguments(dsn, "pgqueue migrate"))
 
     # READ COMMITTED whatever the database's default: under REPEATABLE READ the snapshot
     # is taken before the lock below is granted, and a migration that waited for another

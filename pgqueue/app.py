@@ -268,10 +268,11 @@ class App:
                 if payload is None
                 else dict(payload)
                 if isinstance(payload, Mapping)
-                else payload
+                else payload,
+                "payload",
             ),
             queue,
-            None if scope is None else dumps(scope),
+            None if scope is None else dumps(scope, "scope"),
             dedup_key,
             run_after,
             delay,
@@ -280,7 +281,9 @@ class App:
             pipeline_id_text(pipeline_id),
             None
             if next_jobs is None
-            else dumps([self.with_defaults(s) for s in spec_list("next_jobs", next_jobs)]),
+            else dumps(
+                [self.with_defaults(s) for s in spec_list("next_jobs", next_jobs)], "next_jobs"
+            ),
             None if depends_on is None else id_array(job_id_list("depends_on", depends_on)),
         )
         return job_id
@@ -304,7 +307,7 @@ class App:
             ids: str | None = await conn_or_pool.fetchval(_ENQUEUE_ROWS_SQL, *columns)
             return [int(i) for i in ids[1:-1].split(",")] if ids else []
         rows = await conn_or_pool.fetch(
-            _ENQUEUE_MANY_SQL, dumps([self.with_defaults(spec) for spec in specs])
+            _ENQUEUE_MANY_SQL, dumps([self.with_defaults(spec) for spec in specs], "specs")
         )
         return [row["id"] for row in rows]
 
@@ -379,12 +382,12 @@ class App:
 
         return (
             types,
-            None if payloads.count(None) == n else dumps(payloads),
+            None if payloads.count(None) == n else dumps(payloads, "a spec's payload"),
             column(queues),
             ints(priorities),
             ints(attempts),
             None if run_afters.count(None) == n else [v and v.isoformat() for v in run_afters],
-            None if scopes.count(None) == n else dumps(scopes),
+            None if scopes.count(None) == n else dumps(scopes, "a spec's scope"),
         )
 
     def spec(

@@ -25,6 +25,7 @@ import click
 
 from pgqueue.app import App
 from pgqueue.dsn import INT4_MAX, INT4_MIN, INT8_MAX, DsnError, check_dsn, connect, resolve_dsn
+from pgqueue.error_line import error_line
 from pgqueue.queues import pause_queue, paused_queues, resume_queue, set_queue_limit
 from pgqueue.worker.worker import MAX_CONCURRENCY
 
@@ -241,24 +242,11 @@ def _print_table(rows: Sequence[asyncpg.Record]) -> None:
         click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
-_TRACEBACK = "Traceback (most recent call last):"
-
-
 def _cell(value: Any) -> str:
     if value is None:
         return ""
     text = json.dumps(value) if isinstance(value, dict | list) else str(value)
-    lines = text.splitlines()
-    text = _exception_line(lines) if text.startswith(_TRACEBACK) else lines[0] if lines else text
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _exception_line(lines: list[str]) -> str:
-    """A handler's traceback says that something failed in its first line and what in the
-    first line after its frames (indented): the exception's type and message (a message of
-    several lines, or notes, follow it)."""
-    last_frame = max((i for i, line in enumerate(lines) if line.startswith(" ")), default=0)
-    return next((line for line in lines[last_frame + 1 :] if line.strip()), lines[-1])
+    return error_line(text, 60)  # a traceback's exception line, else the first line
 
 
 @click.group()

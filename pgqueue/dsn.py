@@ -15,6 +15,7 @@ import json.scanner
 import operator
 import os
 import pathlib
+import re
 import urllib.parse
 import uuid
 from collections.abc import Callable, Iterable
@@ -80,6 +81,15 @@ def check_dsn(dsn: str | None) -> None:
         raise DsnError("is not a postgresql:// URL")
     if "service" in query:
         _check_service(query["service"][-1])
+    unknown = sorted(_LIBPQ_ONLY.intersection(query))
+    if unknown:
+        raise DsnError(
+            f"has {', '.join(unknown)}: libpq reads it, asyncpg does not (it would send it to"
+            " the server as a setting, which refuses it); leave it out"
+        )
+    for value in query.get("connect_timeout", []):
+        if not re.fullmatch(r"\s*[-+]?[0-9]{1,9}\s*", value):
+            raise DsnError(f"has connect_timeout {value!r}: not a whole number of seconds")
     hosts = parts.netloc.rpartition("@")[2].split(",")
     hosts += [h for value in query.get("host", []) for h in value.split(",")]
     ports = [_port_of(host) for host in hosts if not host.startswith("/")]  # "/": a socket dir
@@ -87,6 +97,42 @@ def check_dsn(dsn: str | None) -> None:
     # A '#', '?' or '/' in the password ends the URL's host part early (urlsplit and asyncpg
     # agree): what looks like a port may then be a piece of the password.
     _check_ports(ports, cut_short="@" in dsn and "@" not in parts.netloc)
+
+
+# libpq's connection parameters that asyncpg neither reads nor may pass on: asyncpg sends a
+# query parameter it does not know to the server as a setting, and the server refuses these
+# ("unrecognized configuration parameter"), an error that blamed the database. libpq's
+# connect_timeout, the one such parameter production DSNs often carry, is taken instead
+# (:func:`connect_arguments`).
+_LIBPQ_ONLY = frozenset(
+    "hostaddr require_auth channel_binding fallback_application_name keepalives"
+    " keepalives_idle keepalives_interval keepalives_count tcp_user_timeout gssencmode"
+    " requiressl sslcompression sslcertmode sslcrldir sslsni requirepeer gssdelegation"
+    " load_balance_hosts".split()
+)
+
+
+def connect_arguments(dsn: str | None, application_name: str) -> dict[str, Any]:
+    """``asyncpg.connect``'s (and ``create_pool``'s) arguments for pgqueue's own connections
+    to ``dsn``, once :func:`check_dsn` passed it: ``$PGSERVICE`` as a URL (see
+    :func:`service_dsn`), the startup settings (:func:`server_settings`), and libpq's
+    ``connect_timeout`` as asyncpg's ``timeout`` (asyncpg would send it to the server, which
+    refuses it). Like libpq, a timeout of 0 or less sets none: asyncpg's default (60 s) holds."""
+    check_dsn(dsn)
+    dsn = dsn or service_dsn()
+    arguments: dict[str, Any] = {"server_settings": server_settings(dsn, application_name)}
+    if dsn is not None and "connect_timeout" in dsn:
+        parts = urllib.parse.urlsplit(dsn)
+        params = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+        seconds = [int(v) for k, v in params if k == "connect_timeout"]
+        if seconds:
+            rest = [(k, v) for k, v in params if k != "connect_timeout"]
+            query = urllib.parse.urlencode(rest, quote_via=urllib.parse.quote)
+            dsn = urllib.parse.urlunsplit(parts._replace(query=query))
+            if seconds[-1] > 0:
+                arguments["timeout"] = float(seconds[-1])
+    arguments["dsn"] = dsn
+    return arguments
 
 
 def service_dsn() -> str | None:
@@ -141,9 +187,20 @@ def _check_ports(ports: list[str], *, cut_short: bool, what: str = "port") -> No
             raise DsnError(f"{what} {port[:20]!r} is not a number from 1 to 65535")
 
 
-def dumps(value: Any) -> str:
-    """Encode a value as strict JSON (no NaN/Infinity, which PostgreSQL's jsonb rejects)."""
-    return json.dumps(value, allow_nan=False, separators=(",", ":"), default=_json_default)
+def dumps(value: Any, what: str = "a JSON value") -> str:
+    """Encode a value as strict JSON: no NaN/Infinity and no NUL in a string, which
+    PostgreSQL's jsonb rejects (a NUL with two lines about an "unsupported Unicode escape
+    sequence" that named no argument). ``what`` names the value in that refusal."""
+    text = json.dumps(value, allow_nan=False, separators=(",", ":"), default=_json_default)
+    if "\\u0000" in text and _NUL.search(text):
+        raise ValueError(
+            f"{what} holds \\u0000 (NUL) in a string, which PostgreSQL's jsonb cannot store"
+        )
+    return text
+
+
+# A JSON escape of NUL, not an escaped backslash followed by "u0000".
+_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 
 def id_array(ids: Iterable[int]) -> str:
@@ -263,11 +320,7 @@ def server_settings(dsn: str | None, application_name: str) -> dict[str, str]:
 
 async def connect(dsn: str | None, *, application_name: str = "pgqueue") -> asyncpg.Connection:
     """Open one dedicated connection (codecs set, named so ``pg_stat_activity`` shows who it is)."""
-    check_dsn(dsn)
-    dsn = dsn or service_dsn()
-    conn: asyncpg.Connection = await asyncpg.connect(
-        dsn, server_settings=server_settings(dsn, application_name)
-    )
+    conn: asyncpg.Connection = await asyncpg.connect(**connect_arguments(dsn, application_name))
     await init_connection(conn)
     return conn
 
@@ -293,16 +346,13 @@ async def create_pool(
     with ``init_size`` we get warm connections without that floor, and dead ones are
     replaced on the next acquire instead.
     """
-    check_dsn(dsn)
-    dsn = dsn or service_dsn()
     pool: asyncpg.Pool = await asyncpg.create_pool(
-        dsn,
         min_size=0,
         init_size=warm,
         max_size=max_size,
         max_inactive_connection_lifetime=0,
         init=init_connection,
         reset=_reset_connection,
-        server_settings=server_settings(dsn, application_name),
+        **connect_arguments(dsn, application_name),
     )
     return pool

@@ -274,7 +274,7 @@ class Pipeline:
         ``pipeline_id`` defaults to a new uuid4.
         """
         pid = _pipeline_uuid(pipeline_id)
-        payload = dumps(self.specs(pid))
+        payload = dumps(self.specs(pid), "the pipeline's specs")
         if _is_sqlalchemy(target):
             from sqlalchemy import text
 
@@ -306,7 +306,9 @@ class Pipeline:
             )
 
         pid = _pipeline_uuid(pipeline_id)
-        result = target.execute(text(_ENQUEUE_MANY_SQLA), {"specs": dumps(self.specs(pid))})
+        result = target.execute(
+            text(_ENQUEUE_MANY_SQLA), {"specs": dumps(self.specs(pid), "the pipeline's specs")}
+        )
         return self._enqueued(pid, [int(i) for i in result.scalars().all()])
 
     def _enqueued(self, pipeline_id: uuid.UUID, ids: list[int]) -> EnqueuedPipeline:

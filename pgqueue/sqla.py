@@ -179,7 +179,7 @@ def _enqueue_statement(
             raise TypeError(
                 f"payload must be a mapping (a JSON object), got {type(payload).__name__}"
             )
-        types["payload"], values["payload"] = Text(), dumps(dict(payload))
+        types["payload"], values["payload"] = Text(), dumps(dict(payload), "payload")
         arguments.append("payload => CAST(:payload AS jsonb)")
     for name, value in options.items():
         if value is None:  # keep the SQL default (queue 'default', settings' max_attempts...)
@@ -197,7 +197,7 @@ def _enqueue_statement(
         elif name in ("queue", "dedup_key"):
             value = text_option(name, value)
         if name in _JSON_OPTIONS:
-            types[name], values[name] = Text(), dumps(value)
+            types[name], values[name] = Text(), dumps(value, name)
             arguments.append(f"{name} => CAST(:{name} AS jsonb)")
         else:
             types[name], values[name] = ENQUEUE_OPTIONS[name], value

@@ -189,6 +189,8 @@ async def test_upgrade_is_idempotent(db_dsn: str) -> None:
     )
     sep = "&" if "?" in db_dsn else "?"
     migrate.upgrade(db_dsn.replace("postgresql://", "postgresql+asyncpg://", 1) + sep + options)
+    # libpq's connect_timeout in a plain URL ("unrecognized configuration parameter")
+    migrate.upgrade(db_dsn + sep + "connect_timeout=10")
     with pytest.raises(migrate.SchemaError, match="ssl='yes' in the SQLAlchemy URL"):
         migrate.upgrade(
             db_dsn.replace("postgresql://", "postgresql+asyncpg://", 1) + sep + "ssl=yes"

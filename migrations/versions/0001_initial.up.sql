@@ -4392,6 +4392,21 @@ COMMENT ON COLUMN pgqueue.vacuum_blockers.open_for IS 'How long its transaction 
 COMMENT ON COLUMN pgqueue.vacuum_blockers.since IS 'When its transaction began, or the prepared transaction was prepared.';
 COMMENT ON COLUMN pgqueue.vacuum_blockers.query IS 'A session''s current or last statement.';
 
+-- The line of a stored error that says what went wrong, for grouping failures in psql.
+-- Not the last line: a message of several lines (pydantic's, SQLAlchemy's "[SQL: ...]"),
+-- notes and a chained exception follow a traceback's exception line. The pattern is
+-- pgqueue/error_line.py's, which the worker's log and `pgqueue jobs` use, so every place
+-- names a failure alike (tests/sql/test_error_line.py holds them to one corpus).
+CREATE FUNCTION pgqueue.error_line(error text) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT coalesce(substring(error FROM '^.*(?:Traceback \(most recent call last[^\n]*|\+-*\+?-+ [0-9]+ -+)\n(?:[ ]*\| ?[ ][^\n]*\n|[ ]+[^ |+\n][^\n]*\n)*(?:[ ]*\| ?)?([^ \n|+][^\n]*)'),
+                    split_part(ltrim(error, E'\n'), E'\n', 1))
+$$;
+COMMENT ON FUNCTION pgqueue.error_line(text) IS
+    'The line of an error (last_error) that names it: of a traceback, the exception''s line (its type and the first '
+    'line of its message; of an exception group, its last leaf''s), found after the frames of the last traceback; '
+    'else the first line. The worker''s log and `pgqueue jobs` show the same line.';
+
 -- ==== sql/09_periodic.sql ====
 -- =============================================================================
 -- pgqueue: periodic jobs

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import inspect
 import logging
 import math
 import time
@@ -29,6 +30,7 @@ import asyncpg
 
 from pgqueue.app import App, JobType
 from pgqueue.dsn import dumps
+from pgqueue.error_line import error_line
 from pgqueue.job import Job, Result, Snooze, _abort_check, _progress_saver, as_delay
 from pgqueue.worker import bounded
 from pgqueue.worker.completer import (
@@ -424,7 +426,7 @@ class Executor:
             outcome = f"failure {_NOT_WRITTEN}"
         else:
             outcome = f"failed ({state})"
-        detail = _error_line(error)
+        detail = error_line(error)
         if runs_in is not None:
             detail += f"; runs again in {_seconds(runs_in)}"
         self._log(job, outcome, duration, detail)
@@ -710,6 +712,14 @@ def _encode(value: Any, app: App) -> _Attempt:
     """
     if value is None:
         return _NO_RESULT
+    if inspect.isawaitable(value):
+        if inspect.iscoroutine(value):
+            value.close()  # never awaited: without a warning at garbage collection
+        return _Attempt(
+            error=f"the handler returned {value!r} without awaiting it (a plain def that calls"
+            " an async function runs in a thread, and what it returns is never awaited): make"
+            " the wrapper an async def that awaits the call, or register the async function"
+        )
     next_jobs = None
     if isinstance(value, Result):
         if value.next_jobs is not None:
@@ -717,8 +727,8 @@ def _encode(value: Any, app: App) -> _Attempt:
         value = value.value
     try:
         return _Attempt(
-            result=None if value is None else dumps(value),
-            next_jobs=None if next_jobs is None else dumps(next_jobs),
+            result=None if value is None else dumps(value, "the result"),
+            next_jobs=None if next_jobs is None else dumps(next_jobs, "next_jobs"),
         )
     except Exception as exc:  # TypeError, ValueError, RecursionError, a failing default
         return _Attempt(error=f"handler result is not JSON-serialisable: {exc}")
@@ -805,16 +815,6 @@ def _loop_running() -> bool:
     except RuntimeError:
         return False
     return True
-
-
-def _error_line(error: str) -> str:
-    """The line of an error that names it, for the log: a traceback's last line, or an
-    exception group's last leaf's (inside the group's ``|`` frame), at most 300 characters."""
-    for line in reversed(error.splitlines()):
-        line = line.strip().lstrip("|").strip()
-        if line and not line.startswith("+-"):
-            return line if len(line) <= 300 else line[:300] + "..."
-    return error[:300]
 
 
 # Seconds past a job's timeout after which a handler still running is said to ignore it.

@@ -312,7 +312,7 @@ class Producer:
             return
         try:
             with anyio.move_on_after(STOP_SWEEP_TIMEOUT) as scope:
-                await self._release_lost_claims(await self._connection())
+                await self._renewing(self._release_lost_claims)
         except Exception as exc:
             await self._failed(exc, "releasing jobs this worker does not hold, at stop")
         finally:

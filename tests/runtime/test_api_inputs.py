@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import json
 import os
 import re
 import signal
+import time
 import uuid
 from decimal import Decimal
 from typing import Any
 
 import anyio
+import anyio.abc
 import asyncpg
 import pytest
 from click.testing import CliRunner
@@ -146,6 +149,15 @@ async def test_a_date_run_after_is_its_midnight_utc_on_every_path(
         ({"dedup_key": 5}, TypeError, "dedup_key must be a string, got int"),
         ({"queue": "a\x00b"}, ValueError, "queue must not contain NUL"),
         ({"dedup_key": "\udcff"}, ValueError, "dedup_key is not valid Unicode text"),
+        # "unsupported Unicode escape sequence / DETAIL: \u0000 cannot be converted to text."
+        ({"payload": {"a": ["x\x00"]}}, ValueError, "payload holds \\u0000 (NUL) in a string"),
+        ({"scope": {"k\x00": 1}}, ValueError, "scope holds \\u0000 (NUL) in a string"),
+        (
+            {"next_jobs": [{"job_type": "y", "payload": {"a": "\x00"}}]},
+            ValueError,
+            "next_jobs holds \\u0000 (NUL)",
+        ),
+        # An escaped backslash before "u0000" is no NUL: the job is made (checked below).
     ],
 )
 async def test_app_enqueue_names_the_argument_it_refuses(
@@ -154,6 +166,12 @@ async def test_app_enqueue_names_the_argument_it_refuses(
     with pytest.raises(error, match=re.escape(message)):
         await pgqueue.App().enqueue(conn, "x", **options)
     assert await conn.fetchval("SELECT count(*) FROM pgqueue.jobs") == 0
+
+
+async def test_a_backslash_before_u0000_is_no_nul(conn: asyncpg.Connection) -> None:
+    job = await pgqueue.App().enqueue(conn, "x", {"a": "\\u0000", "b": "\\\\u0000"})
+    payload = await conn.fetchval("SELECT payload FROM pgqueue.jobs WHERE id = $1", job)
+    assert json.loads(payload) == {"a": "\\u0000", "b": "\\\\u0000"}
 
 
 @pytest.mark.parametrize(
@@ -366,6 +384,9 @@ async def test_a_boolean_delay_is_refused(conn: asyncpg.Connection) -> None:
         ("postgresql://h:" + "9" * 5000 + "/x", "is not a number from 1 to 65535"),
         ("postgresql://h:070000/x", "port '070000' is not a number"),
         ("postgresql://u:hunter2#@h/x", "percent-encode a '#'"),
+        # The server's "unrecognized configuration parameter", which blamed the database.
+        ("postgresql://h/x?keepalives=1&hostaddr=1.2.3.4", "has hostaddr, keepalives: libpq"),
+        ("postgresql://h/x?connect_timeout=1.5", "connect_timeout '1.5': not a whole number"),
     ],
 )
 async def test_a_dsn_asyncpg_cannot_use_is_named_not_echoed(dsn: str, problem: str) -> None:
@@ -388,6 +409,32 @@ async def test_a_dsn_asyncpg_cannot_use_is_named_not_echoed(dsn: str, problem: s
 )
 def test_dsns_asyncpg_takes_pass_the_check(dsn: str) -> None:
     pgqueue.dsn.check_dsn(dsn)
+
+
+async def test_libpqs_connect_timeout_bounds_the_connection_attempt(db_dsn: str) -> None:
+    """asyncpg sent it to the server as a setting, which refused it: every command with a
+    production DSN carrying one failed with "database error: unrecognized configuration
+    parameter"."""
+    sep = "&" if "?" in db_dsn else "?"
+    for seconds, timeout in (("7", 7.0), ("0", None), ("-1", None)):
+        dsn = f"{db_dsn}{sep}connect_timeout={seconds}&options=-c%20work_mem%3D5MB"
+        arguments = pgqueue.dsn.connect_arguments(dsn, "t")
+        assert arguments.get("timeout") == timeout
+        assert "connect_timeout" not in arguments["dsn"]
+        assert "options=-c%20work_mem%3D5MB" in arguments["dsn"]  # the rest as it was
+        conn = await pgqueue_connect(dsn)
+        try:
+            assert await conn.fetchval("SELECT current_setting('work_mem')") == "5MB"
+        finally:
+            await conn.close()
+    # A server that never answers the startup: the attempt ends after connect_timeout.
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with listener:
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            await pgqueue_connect(f"postgresql://u@127.0.0.1:{port}/x?connect_timeout=2")
+        assert 1.5 < time.monotonic() - started < 10
 
 
 async def test_a_sigint_between_the_receivers_exit_and_sig_ign_does_not_escape(

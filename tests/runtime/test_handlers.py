@@ -6,6 +6,7 @@ import asyncio
 import copy
 import dataclasses
 import functools
+import gc
 import itertools
 import json
 import logging
@@ -16,6 +17,7 @@ import threading
 import time
 import traceback
 import uuid
+import warnings
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
@@ -36,6 +38,7 @@ from runtime_helpers import (
 from worker_harness import wait_for_states, wait_until
 
 import pgqueue
+from pgqueue.error_line import error_line
 from pgqueue.migrate import SchemaError
 from pgqueue.worker import executor, leader
 from pgqueue.worker.logs import JsonFormatter
@@ -66,6 +69,13 @@ def make_app() -> pgqueue.App:
     async def not_json(job: pgqueue.Job) -> object:
         return {1, 2, 3}
 
+    async def wrapped(job: pgqueue.Job) -> None:
+        return None
+
+    @app.job("unawaited", max_attempts=1)
+    def unawaited(job: pgqueue.Job) -> object:  # a decorator's plain wrapper, say
+        return wrapped(job)
+
     @app.job("parent")
     async def parent(job: pgqueue.Job) -> pgqueue.Result:
         return pgqueue.Result(
@@ -84,13 +94,17 @@ async def test_handler_outcomes(conn: asyncpg.Connection, db_dsn: str) -> None:
     app = make_app()
     ids = {
         name: await app.enqueue(conn, name, {"n": 1}, max_attempts=1)
-        for name in ["ok", "in_thread", "boom", "slow", "not_json", "no_such_type"]
+        for name in ["ok", "in_thread", "boom", "slow", "not_json", "unawaited", "no_such_type"]
     }
-    async with running(app, db_dsn):
-        await wait_for_states(conn, [ids["ok"], ids["in_thread"]], "succeeded")
-        await wait_for_states(
-            conn, [ids[n] for n in ["boom", "slow", "not_json", "no_such_type"]], "failed"
-        )
+    failing = ["boom", "slow", "not_json", "unawaited", "no_such_type"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        async with running(app, db_dsn):
+            await wait_for_states(conn, [ids["ok"], ids["in_thread"]], "succeeded")
+            await wait_for_states(conn, [ids[n] for n in failing], "failed")
+        gc.collect()
+    # The coroutine the worker was handed is closed: no "coroutine ... was never awaited".
+    assert not [w for w in caught if "never awaited" in str(w.message)]
 
     rows = {
         r["job_type"]: r
@@ -102,6 +116,10 @@ async def test_handler_outcomes(conn: asyncpg.Connection, db_dsn: str) -> None:
     assert "ValueError: boom goes the handler" in rows["boom"]["last_error"]
     assert rows["slow"]["last_error"] == "timed out after 0.2s"
     assert "not JSON-serialisable" in rows["not_json"]["last_error"]
+    assert rows["unawaited"]["last_error"].startswith(
+        "the handler returned <coroutine object make_app.<locals>.wrapped at "
+    )
+    assert "make the wrapper an async def that awaits the call" in rows["unawaited"]["last_error"]
     assert "'no_such_type'" in rows["no_such_type"]["last_error"]
 
 
@@ -367,8 +385,8 @@ def test_the_logged_line_of_a_task_group_failure_names_the_exception() -> None:
         raise ExceptionGroup("unhandled errors in a TaskGroup", [ValueError("boom")])
     except ExceptionGroup as group:
         text = executor._traceback(group)
-    assert executor._error_line(text) == "ValueError: boom"
-    assert executor._error_line("timed out after 1s") == "timed out after 1s"
+    assert error_line(text) == "ValueError: boom"
+    assert error_line("timed out after 1s") == "timed out after 1s"
 
 
 @pytest.mark.parametrize(
@@ -1461,6 +1479,13 @@ async def test_until_empty_stops_after_what_is_due_and_what_it_made_due(
     @app.job("leaf")
     async def leaf(job: pgqueue.Job) -> None:
         return None
+
+    async def wrapped(job: pgqueue.Job) -> None:
+        return None
+
+    @app.job("unawaited", max_attempts=1)
+    def unawaited(job: pgqueue.Job) -> object:  # a decorator's plain wrapper, say
+        return wrapped(job)
 
     @app.job("parent")
     async def parent(job: pgqueue.Job) -> pgqueue.Result:
