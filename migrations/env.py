@@ -18,7 +18,7 @@ from sqlalchemy import Connection, text
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
-from pgqueue.dsn import connect_arguments
+from pgqueue.dsn import SSLMODES, connect_arguments
 from pgqueue.migrate import MIGRATION_LOCK_KEY, SchemaError
 
 config = context.config
@@ -45,7 +45,6 @@ _KEPT_KEYWORDS = frozenset(
     " sslrootcert sslcrl ssl_min_protocol_version ssl_max_protocol_version target_session_attrs"
     " application_name options connect_timeout".split()
 )
-_SSLMODES = frozenset("disable allow prefer require verify-ca verify-full".split())
 
 
 def _libpq_url(url: str) -> str:
@@ -58,10 +57,10 @@ def _libpq_url(url: str) -> str:
     kept = [(key, value) for key, value in params if key in _KEPT_KEYWORDS]
     for key, value in params:
         if key == "ssl" and not any(k == "sslmode" for k, _ in kept):
-            if value not in _SSLMODES:
+            if value not in SSLMODES:
                 raise SchemaError(
                     f"cannot migrate: ssl={value!r} in the SQLAlchemy URL; give an sslmode"
-                    f" ({', '.join(sorted(_SSLMODES))})"
+                    f" ({', '.join(SSLMODES)})"
                 )
             kept.append(("sslmode", value))
     return base + ("?" + urlencode(kept) if kept else "")

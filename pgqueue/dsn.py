@@ -87,6 +87,9 @@ def check_dsn(dsn: str | None) -> None:
             f"has {', '.join(unknown)}: libpq reads it, asyncpg does not (it would send it to"
             " the server as a setting, which refuses it); leave it out"
         )
+    for value in query.get("sslmode", []):
+        if value not in SSLMODES:
+            raise DsnError(f"has sslmode {value!r}: not one of {', '.join(SSLMODES)}")
     for value in query.get("connect_timeout", []):
         if not re.fullmatch(r"\s*[-+]?[0-9]{1,9}\s*", value):
             raise DsnError(f"has connect_timeout {value!r}: not a whole number of seconds")
@@ -110,6 +113,9 @@ _LIBPQ_ONLY = frozenset(
     " requiressl sslcompression sslcertmode sslcrldir sslsni requirepeer gssdelegation"
     " load_balance_hosts".split()
 )
+
+
+SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
 
 def connect_arguments(dsn: str | None, application_name: str) -> dict[str, Any]:

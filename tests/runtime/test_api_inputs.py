@@ -387,6 +387,8 @@ async def test_a_boolean_delay_is_refused(conn: asyncpg.Connection) -> None:
         # The server's "unrecognized configuration parameter", which blamed the database.
         ("postgresql://h/x?keepalives=1&hostaddr=1.2.3.4", "has hostaddr, keepalives: libpq"),
         ("postgresql://h/x?connect_timeout=1.5", "connect_timeout '1.5': not a whole number"),
+        # "cannot connect: sslmode parameter must be one of ...", exit status 1, not 2
+        ("postgresql://h/x?sslmode=bogus", "sslmode 'bogus': not one of disable, allow"),
     ],
 )
 async def test_a_dsn_asyncpg_cannot_use_is_named_not_echoed(dsn: str, problem: str) -> None:
