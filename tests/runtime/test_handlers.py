@@ -69,6 +69,10 @@ def make_app() -> pgqueue.App:
     async def not_json(job: pgqueue.Job) -> object:
         return {1, 2, 3}
 
+    @app.job("nul_result", max_attempts=1)
+    async def nul_result(job: pgqueue.Job) -> object:
+        return {"text": "a\x00b"}  # refused before any write, the string named
+
     async def wrapped(job: pgqueue.Job) -> None:
         return None
 
@@ -94,9 +98,18 @@ async def test_handler_outcomes(conn: asyncpg.Connection, db_dsn: str) -> None:
     app = make_app()
     ids = {
         name: await app.enqueue(conn, name, {"n": 1}, max_attempts=1)
-        for name in ["ok", "in_thread", "boom", "slow", "not_json", "unawaited", "no_such_type"]
+        for name in [
+            "ok",
+            "in_thread",
+            "boom",
+            "slow",
+            "not_json",
+            "nul_result",
+            "unawaited",
+            "no_such_type",
+        ]
     }
-    failing = ["boom", "slow", "not_json", "unawaited", "no_such_type"]
+    failing = ["boom", "slow", "not_json", "nul_result", "unawaited", "no_such_type"]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         async with running(app, db_dsn):
@@ -116,6 +129,10 @@ async def test_handler_outcomes(conn: asyncpg.Connection, db_dsn: str) -> None:
     assert "ValueError: boom goes the handler" in rows["boom"]["last_error"]
     assert rows["slow"]["last_error"] == "timed out after 0.2s"
     assert "not JSON-serialisable" in rows["not_json"]["last_error"]
+    assert rows["nul_result"]["last_error"] == (
+        "handler result is not JSON-serialisable: the result holds \\u0000 (NUL) in a string,"
+        " which PostgreSQL's jsonb cannot store"
+    )
     assert rows["unawaited"]["last_error"].startswith(
         "the handler returned <coroutine object make_app.<locals>.wrapped at "
     )
@@ -1479,13 +1496,6 @@ async def test_until_empty_stops_after_what_is_due_and_what_it_made_due(
     @app.job("leaf")
     async def leaf(job: pgqueue.Job) -> None:
         return None
-
-    async def wrapped(job: pgqueue.Job) -> None:
-        return None
-
-    @app.job("unawaited", max_attempts=1)
-    def unawaited(job: pgqueue.Job) -> object:  # a decorator's plain wrapper, say
-        return wrapped(job)
 
     @app.job("parent")
     async def parent(job: pgqueue.Job) -> pgqueue.Result:

@@ -27,7 +27,16 @@ async def test_refused_success_fails_the_attempt(conn: asyncpg.Connection, db_ds
     @app.job("nul", max_attempts=1)
     async def nul(job: pgqueue.Job) -> dict[str, str]:
         await release.wait()
-        return {"text": "a\x00b"}  # valid JSON, but jsonb cannot store \u0000
+        return {"text": "poison"}
+
+    # PostgreSQL refuses that one result (once a NUL in a string, which the worker now
+    # refuses itself, before any write).
+    await conn.execute(
+        """CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN RAISE EXCEPTION 'no poison here'; END $$;
+        CREATE TRIGGER refuse_poison BEFORE UPDATE ON pgqueue.jobs FOR EACH ROW
+        WHEN (NEW.result ? 'text') EXECUTE FUNCTION refuse_poison();"""
+    )
 
     good = [await app.enqueue(conn, "ok", {"n": n}) for n in range(5)]
     bad = await app.enqueue(conn, "nul")
@@ -46,6 +55,6 @@ async def test_refused_success_fails_the_attempt(conn: asyncpg.Connection, db_ds
     by_id = {r["id"]: r for r in rows}
     assert [json.loads(by_id[i]["result"]) for i in good] == [{"n": n} for n in range(5)]
     assert by_id[bad]["result"] is None
-    assert by_id[bad]["last_error"].startswith("could not record the result:")
+    assert by_id[bad]["last_error"].startswith("could not record the result: no poison here")
     # Every slot was freed: the worker stopped at once with nothing left running.
     assert await conn.fetchval("SELECT count(*) FROM pgqueue.jobs WHERE state = 'running'") == 0
