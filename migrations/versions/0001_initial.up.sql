@@ -33,9 +33,25 @@ LANGUAGE sql IMMUTABLE AS $$
            > interval '0'
 $$;
 
+-- An interval's text as an interval, NULL if it is not one (a setting's check
+-- names the setting; PostgreSQL's cast error would not).
+CREATE FUNCTION pgqueue._as_interval(value text) RETURNS interval
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    RETURN value::interval;
+EXCEPTION WHEN OTHERS THEN
+    RETURN NULL;
+END
+$$;
+
 -- Validate one setting value; raising here turns a bad UPDATE into a clear error.
+-- The hint about mixed signs only where they mix: given for every refusal, it
+-- misled ("soon" has no signs to mix).
 CREATE FUNCTION pgqueue._setting_valid(name text, value text) RETURNS boolean
 LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    v interval;
+    v_wanted text;
 BEGIN
     IF name = 'max_attempts' THEN
         IF value !~ '^\s*[0-9]+\s*$' OR value::numeric < 1 OR value::numeric > 2147483647 THEN
@@ -47,32 +63,25 @@ BEGIN
             RAISE EXCEPTION 'pgqueue.settings: notify must be ''always'' or ''when_waiting'', got "%"', value
                 USING ERRCODE = 'invalid_parameter_value';
         END IF;
-    ELSIF name = 'prune_after' THEN
-        -- Bounded: now() - '10000 years' is out of timestamptz's range, and every
-        -- retention round would fail (keeping jobs for good is 'never').
-        BEGIN
-            IF value <> 'never' AND (NOT value::interval BETWEEN interval '0' AND interval '100 years'
-                                     OR pgqueue._interval_mixes_signs(value::interval)) THEN
-                RAISE EXCEPTION 'out of range';
-            END IF;
-        EXCEPTION WHEN OTHERS THEN
-            RAISE EXCEPTION 'pgqueue.settings: prune_after must be ''never'' or an interval from 0 to 100 years such as ''7 days'', got "%"',
-                value USING ERRCODE = 'invalid_parameter_value',
+    ELSIF name IN ('backoff_base', 'backoff_cap', 'stale_after', 'prune_after')
+          AND NOT (name = 'prune_after' AND value = 'never') THEN
+        -- Bounded: now() plus or minus a larger interval can leave timestamptz's
+        -- range, and every retry, recovery or retention round would fail (keeping
+        -- jobs for good is prune_after 'never').
+        IF name = 'prune_after' THEN
+            v_wanted := format('prune_after must be ''never'' or an interval from 0 to 100 years such as ''7 days'', got "%s"', value);
+        ELSE
+            v_wanted := format('%s must be a positive interval of at most 100 years such as ''30 seconds'', got "%s"', name, value);
+        END IF;
+        v := pgqueue._as_interval(value);
+        IF v IS NOT NULL AND pgqueue._interval_mixes_signs(v) THEN
+            RAISE EXCEPTION 'pgqueue.settings: %', v_wanted USING ERRCODE = 'invalid_parameter_value',
                 HINT = 'An interval''s months, days and time must not mix signs (a month is not always 30 days).';
-        END;
-    ELSIF name IN ('backoff_base', 'backoff_cap', 'stale_after') THEN
-        -- Bounded, as prune_after: now() plus or minus a larger one can leave
-        -- timestamptz's range, and every retry or recovery would fail.
-        BEGIN
-            IF value::interval <= interval '0' OR value::interval > interval '100 years'
-               OR pgqueue._interval_mixes_signs(value::interval) THEN
-                RAISE EXCEPTION 'out of range';
-            END IF;
-        EXCEPTION WHEN OTHERS THEN
-            RAISE EXCEPTION 'pgqueue.settings: % must be a positive interval of at most 100 years such as ''30 seconds'', got "%"',
-                name, value USING ERRCODE = 'invalid_parameter_value',
-                HINT = 'An interval''s months, days and time must not mix signs (a month is not always 30 days).';
-        END;
+        END IF;
+        IF v IS NULL OR v > interval '100 years' OR v < interval '0'
+           OR (v = interval '0' AND name <> 'prune_after') THEN
+            RAISE EXCEPTION 'pgqueue.settings: %', v_wanted USING ERRCODE = 'invalid_parameter_value';
+        END IF;
     END IF;
     RETURN true;
 END
@@ -91,12 +100,29 @@ COMMENT ON TABLE pgqueue.settings IS
     'workers heartbeat well within it), notify (always: every transaction that queues jobs sends NOTIFY; '
     'when_waiting: only when a worker waits for them, see pgqueue.notify_waiters), prune_after (workers delete '
     'final jobs this long after they finished, see pgqueue.prune_expired; never: keep them). Change with '
-    'UPDATE; takes effect at once.';
+    'UPDATE; takes effect at once. Rows cannot be deleted (settings_keep_rows).';
 COMMENT ON COLUMN pgqueue.settings.name IS
     'One of max_attempts, backoff_base, backoff_cap, stale_after, notify, prune_after.';
 COMMENT ON COLUMN pgqueue.settings.value IS
     'Text form: an integer for max_attempts, always or when_waiting for notify, an interval or never for '
     'prune_after, an interval for the others.';
+
+-- Every function that reads a setting needs its row: one deleted by hand made
+-- every failure, say, unrecordable (the worker could only hold the job back and
+-- run it again). Refused; UPDATE changes a value. (A superuser can still disable
+-- the trigger; _setting then names the missing row.)
+CREATE FUNCTION pgqueue._keep_settings() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'TRUNCATE' THEN
+        RAISE EXCEPTION 'pgqueue.settings cannot be truncated: every pgqueue function reads it; UPDATE a value to change it'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RAISE EXCEPTION 'pgqueue.settings: % cannot be deleted (the functions that read it would fail); UPDATE it to change it', OLD.name
+        USING ERRCODE = 'invalid_parameter_value',
+              HINT = 'The defaults: max_attempts 5, backoff_base 2 seconds, backoff_cap 10 minutes, stale_after 5 minutes, notify always, prune_after 7 days.';
+END
+$$;
 
 INSERT INTO pgqueue.settings (name, value) VALUES
     ('max_attempts', '5'),
@@ -126,6 +152,15 @@ LANGUAGE sql STABLE AS $$ SELECT pgqueue._setting(p_name)::int $$;
 
 CREATE FUNCTION pgqueue._setting_interval(p_name text) RETURNS interval
 LANGUAGE sql STABLE AS $$ SELECT pgqueue._setting(p_name)::interval $$;
+
+CREATE TRIGGER settings_keep_rows BEFORE DELETE ON pgqueue.settings
+    FOR EACH ROW EXECUTE FUNCTION pgqueue._keep_settings();
+COMMENT ON TRIGGER settings_keep_rows ON pgqueue.settings IS
+    'Refuses deleting a setting: every function that reads it would fail. UPDATE changes a value.';
+CREATE TRIGGER settings_keep_table BEFORE TRUNCATE ON pgqueue.settings
+    FOR EACH STATEMENT EXECUTE FUNCTION pgqueue._keep_settings();
+COMMENT ON TRIGGER settings_keep_table ON pgqueue.settings IS
+    'Refuses TRUNCATE of the settings, as settings_keep_rows refuses a DELETE.';
 
 -- ==== sql/02_jobs.sql ====
 -- =============================================================================

@@ -110,6 +110,9 @@ class Executor:
         # While a claim is under way (see claim_sent): the held jobs settled since it was sent.
         self._settled_in_claim: set[int] | None = None
         self.sweep_needed = False
+        # Jobs whose outcome PostgreSQL refused to record, by id: how many times in a row
+        # (see _hold_back_unrecorded); an entry goes once an outcome of the job is written.
+        self.unrecorded: dict[int, int] = {}
         # Running jobs whose abort this worker has heard of (see abort), and the tasks of the
         # async handlers running now, so that one can be cancelled; for each job whose
         # handler's task was cancelled here, the cancellation is taken back once it is
@@ -341,8 +344,8 @@ class Executor:
                 handed_over = True
             else:
                 await self._fail_or_fail_plainly(job, attempt.error, duration)
-        except Exception:
-            self._log_unrecorded(job)
+        except Exception as exc:
+            await self._hold_back_unrecorded(job, exc)
         finally:
             if not handed_over:
                 self._written(job)
@@ -371,6 +374,8 @@ class Executor:
         job = item.job
         try:
             outcome = "succeeded" if held else "lease lost" if held is not None else _NOT_WRITTEN
+            if self.unrecorded and held is not None:
+                self.unrecorded.pop(job.id, None)
             self._log(job, outcome, item.duration)
         finally:
             self._written(job)
@@ -382,8 +387,8 @@ class Executor:
             await self._fail_or_fail_plainly(
                 job, f"could not record the result: {error}", item.duration
             )
-        except Exception:
-            self._log_unrecorded(job)
+        except Exception as exc:
+            await self._hold_back_unrecorded(job, exc)
         finally:
             self._written(job)
 
@@ -419,6 +424,8 @@ class Executor:
     ) -> None:
         error = _storable(error)
         state, runs_in = await self.completer.fail(job, error, retry_in)
+        if self.unrecorded and state != GIVEN_UP:
+            self.unrecorded.pop(job.id, None)
         # "failed (unknown)" when a retry's refusal may be the earlier try's own doing.
         if state is None:
             outcome = "lease lost"
@@ -471,6 +478,47 @@ class Executor:
             )
             plain = f"the attempt failed; its error could not be recorded ({type(exc).__name__})"
             await self._fail(job, plain, duration, retry_in)
+
+    async def _hold_back_unrecorded(self, job: Job, refusal: Exception) -> None:
+        """PostgreSQL refused to record the outcome (a trigger of yours, a settings row
+        deleted by hand). The job is still running under this worker, whose heartbeat would
+        keep its lease fresh for good: it is snoozed, its attempt not counted, for a delay
+        that doubles with each refusal of the same job in a row, from
+        :data:`UNRECORDED_DELAY` up to :data:`UNRECORDED_DELAY_CAP`. If the snooze is refused
+        too, the producer's sweep releases it, to run again at once. Released at once every
+        time, a job whose failure could never be recorded ran about ten times a second, with
+        a traceback each."""
+        refusals = self.unrecorded[job.id] = self.unrecorded.get(job.id, 0) + 1
+        if len(self.unrecorded) > UNRECORDED_KEPT:  # jobs that went elsewhere since
+            del self.unrecorded[next(iter(self.unrecorded))]
+        delay = datetime.timedelta(
+            seconds=min(UNRECORDED_DELAY_CAP, UNRECORDED_DELAY * 2 ** min(refusals - 1, 30))
+        )
+        extra = {"job_id": job.id, "job_type": job.job_type}
+        try:
+            state = await self.completer.snooze(job, delay)
+        except Exception:
+            self.logger.error(
+                "job %d: could not record its outcome (%s: %s), nor hold it back; releasing"
+                " it to run again",
+                job.id,
+                type(refusal).__name__,
+                refusal,
+                exc_info=refusal if refusals == 1 else None,
+                extra=extra,
+            )
+            self._ask_for_sweep()
+            return
+        self.logger.error(
+            "job %d: could not record its outcome (%s: %s; %d time(s) in a row): %s",
+            job.id,
+            type(refusal).__name__,
+            refusal,
+            refusals,
+            f"runs again in {_seconds(delay)}" if state == "queued" else _held_back(state),
+            exc_info=refusal if refusals == 1 else None,  # the traceback once per job
+            extra=extra,
+        )
 
     def _log_unrecorded(self, job: Job) -> None:
         """PostgreSQL refused to record the outcome. The job is still running under this
@@ -815,6 +863,25 @@ def _loop_running() -> bool:
     except RuntimeError:
         return False
     return True
+
+
+# A job whose outcome PostgreSQL refuses to record is held back this long before it runs
+# again, twice as long after each refusal in a row, up to the cap (see
+# Executor._hold_back_unrecorded); refusal counts are kept for this many jobs at most.
+UNRECORDED_DELAY = 1.0
+UNRECORDED_DELAY_CAP = 600.0
+UNRECORDED_KEPT = 10_000
+
+
+def _held_back(state: str | None) -> str:
+    """The logged end of a snooze, after a refused outcome, that did not queue the job."""
+    if state is None:
+        return "lease lost"
+    if state == GIVEN_UP:
+        return f"snooze {_NOT_WRITTEN}"
+    if state == UNKNOWN:
+        return "snoozed or lease lost (unknown)"
+    return f"snoozed ({state})"  # cancelled: aborted meanwhile
 
 
 # Seconds past a job's timeout after which a handler still running is said to ignore it.

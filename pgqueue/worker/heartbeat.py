@@ -1,10 +1,13 @@
 """The heartbeat that keeps this worker's leases alive.
 
-The period is derived from the ``stale_after`` setting (a quarter of it), so a healthy job
-that runs for hours keeps its lease while a dead worker's jobs are recovered soon after
-``stale_after``. Every beat reads the setting again (in the same round trip), so a changed
-``stale_after`` reaches a running worker at its next beat: an operator who lowers it a lot
-does not leave workers beating at a period the new lease no longer covers.
+The period is derived from the ``stale_after`` setting (a quarter of it, at most
+:data:`MAX_PERIOD`), so a healthy job that runs for hours keeps its lease while a dead
+worker's jobs are recovered soon after ``stale_after``. Every beat reads the setting again (in
+the same round trip), so a changed ``stale_after`` reaches a running worker at its next beat:
+an operator who lowers it a lot does not leave workers beating at a period the new lease no
+longer covers. The cap bounds how long that takes: raised to a day and lowered again, the
+setting reached workers only after their six-hour sleep, while a dead worker's jobs stayed
+running and a worker started meanwhile recovered the healthy ones too, running them twice.
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ from pgqueue.worker.retry import Outage
 from pgqueue.worker.wake import Wake
 
 DEFAULT_STALE_AFTER = timedelta(minutes=5)
+# Longest heartbeat period, whatever stale_after is: a changed stale_after reaches every
+# worker within it, and stale recovery and retention (which run on the same period) run at
+# least this often. A beat costs one UPDATE of the worker's running jobs.
+MAX_PERIOD = 30.0
 # Least bound on a beat. Without it a stale_after set so low that a beat cannot land within
 # a quarter of it would time out every beat, so the worker would never read a raised value.
 MIN_BEAT_BOUND = 1.0
@@ -43,8 +50,9 @@ async def read_stale_after(conn: asyncpg.Connection) -> timedelta:
 
 
 def heartbeat_period(stale_after: timedelta) -> float:
-    """Four heartbeats per ``stale_after``: three may be lost before a lease goes stale."""
-    return max(0.05, stale_after.total_seconds() / 4)
+    """Four heartbeats per ``stale_after`` (three may be lost before a lease goes stale), at
+    most :data:`MAX_PERIOD` seconds apart."""
+    return max(0.05, min(MAX_PERIOD, stale_after.total_seconds() / 4))
 
 
 @dataclass

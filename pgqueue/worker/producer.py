@@ -353,11 +353,16 @@ class Producer:
                     if read_each and await self._fail_if_unreadable(conn, row["id"]):
                         continue
                     released = await conn.fetchval(_RELEASE, row["id"], self.worker_id)
+                    why = (
+                        "its outcome could not be recorded"
+                        if row["id"] in self.executor.unrecorded
+                        else "a claim whose reply was lost, or a claim back of a job whose"
+                        " earlier attempt was settling"
+                    )
                     self.logger.warning(
-                        "job %d: running under this worker, which does not hold it (a claim"
-                        " whose reply was lost, or a claim back of a job whose earlier attempt"
-                        " was settling); %s",
+                        "job %d: running under this worker, which does not hold it (%s); %s",
                         row["id"],
+                        why,
                         "released" if released else "no longer held",
                         extra={"job_id": row["id"]},
                     )

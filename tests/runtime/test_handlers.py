@@ -40,7 +40,7 @@ from worker_harness import wait_for_states, wait_until
 import pgqueue
 from pgqueue.error_line import error_line
 from pgqueue.migrate import SchemaError
-from pgqueue.worker import executor, leader
+from pgqueue.worker import executor, heartbeat, leader
 from pgqueue.worker.logs import JsonFormatter
 from pgqueue.worker.producer import Producer
 from pgqueue.worker.worker import FINAL_WRITE_WINDOW
@@ -411,8 +411,20 @@ def test_the_logged_line_of_a_task_group_failure_names_the_exception() -> None:
     [
         # The failure's text is refused: a plain one is recorded, and the attempt counts.
         ("NEW.last_error LIKE '%poison%'", [1, 2], "recording it without its text"),
-        # Every failure is refused: the job is released (attempt not counted), runs again.
-        ("NEW.last_error IS NOT NULL", [1, 1], "could not record its outcome; releasing it"),
+        # Every failure is refused: the job is held back (snoozed, attempt not counted) for a
+        # second, then runs again. It was released at once, and a failure never recorded
+        # ran again ten times a second.
+        (
+            "NEW.last_error IS NOT NULL",
+            [1, 1],
+            "1 time(s) in a row): runs again in 1s",
+        ),
+        # The snooze is refused too (its run_after is ahead): the sweep releases it at once.
+        (
+            "NEW.last_error IS NOT NULL OR NEW.run_after > now()",
+            [1, 1],
+            "nor hold it back; releasing it to run again",
+        ),
     ],
 )
 async def test_a_failure_postgresql_refuses_to_record_does_not_strand_the_job(
@@ -425,8 +437,9 @@ async def test_a_failure_postgresql_refuses_to_record_does_not_strand_the_job(
 ) -> None:
     """A failure the database refuses (here a trigger an operator added) left the job running
     under this worker, its lease kept fresh by the heartbeat, for the worker's life. A plain
-    failure (the refusal's class only) is recorded instead; if that is refused too, the sweep
-    releases the job (attempt not counted), and it runs again."""
+    failure (the refusal's class only) is recorded instead; if that is refused too, the job is
+    snoozed (attempt not counted) and runs again a second later (twice as long after each
+    refusal in a row); if the snooze is refused as well, the sweep releases it."""
     logger, log = records
     await conn.execute(
         f"""CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -448,6 +461,55 @@ async def test_a_failure_postgresql_refuses_to_record_does_not_strand_the_job(
         await wait_for_states(conn, [job_id], "succeeded")
     assert attempts == runs
     assert log.count(logged) == 1
+    if "release" in logged:
+        assert log.count("(its outcome could not be recorded); released") == 1
+
+
+async def test_a_job_whose_failure_is_refused_again_and_again_waits_longer_each_time(
+    conn: asyncpg.Connection,
+    db_dsn: str,
+    records: tuple[logging.Logger, Records],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A failure that can never be recorded (an operator's trigger; a settings row deleted by
+    hand did it too, now refused) had the job released at once, every time: it ran about ten
+    times a second, with a traceback each, for as long as the refusal lasted. It is held back
+    for a delay that doubles with each refusal in a row (here from 0.1 s), the traceback
+    logged once; once the refusal ends, the failure is recorded and counts."""
+    logger, log = records
+    monkeypatch.setattr(executor, "UNRECORDED_DELAY", 0.1)
+    await conn.execute(
+        """CREATE FUNCTION refuse_failures() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN RAISE EXCEPTION 'no failures here'; END $$;
+            CREATE TRIGGER refuse_failures BEFORE UPDATE ON pgqueue.jobs FOR EACH ROW
+            WHEN (NEW.last_error IS NOT NULL) EXECUTE FUNCTION refuse_failures();"""
+    )
+    app = pgqueue.App()
+    runs: list[float] = []
+
+    @app.job("doomed", max_attempts=1)
+    async def doomed(job: pgqueue.Job) -> None:
+        runs.append(time.monotonic())
+        raise ValueError("always")
+
+    job_id = await app.enqueue(conn, "doomed")
+    async with running(app, db_dsn, logger=logger) as worker:
+
+        async def ran_four_times() -> bool:
+            return len(runs) >= 4
+
+        await wait_until(ran_four_times, what="four runs", within=10)
+        await conn.execute("DROP TRIGGER refuse_failures ON pgqueue.jobs")
+        await wait_for_states(conn, [job_id], "failed")
+        assert worker._executor is not None and worker._executor.unrecorded == {}
+    gaps = [later - earlier for earlier, later in itertools.pairwise(runs[:4])]
+    assert all(gap >= wanted * 0.9 for gap, wanted in zip(gaps, (0.1, 0.2, 0.4), strict=True))
+    for n, delay in ((1, "0.1s"), (2, "0.2s"), (3, "0.4s")):
+        assert log.count(f"{n} time(s) in a row): runs again in {delay}") == 1
+    held_back = [r for r in log.records if "could not record its outcome" in r.getMessage()]
+    assert [r.exc_info is not None for r in held_back[:3]] == [True, False, False]
+    row = await conn.fetchrow("SELECT attempts, last_error FROM pgqueue.jobs WHERE id = $1", job_id)
+    assert row["attempts"] == 1 and "ValueError: always" in row["last_error"]
 
 
 async def test_a_heartbeat_slower_than_its_period_still_reads_a_raised_stale_after(
@@ -476,6 +538,41 @@ async def test_a_heartbeat_slower_than_its_period_still_reads_a_raised_stale_aft
         await wait_until(
             functools.partial(log.logged, "heartbeat every 2.00s (was 0.05s)"), within=5
         )
+
+
+async def test_a_stale_after_raised_a_lot_and_lowered_again_reaches_the_worker_within_the_cap(
+    conn: asyncpg.Connection,
+    db_dsn: str,
+    records: tuple[logging.Logger, Records],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Raised to a day, stale_after set the period to six hours: lowered again, it reached the
+    worker only when that sleep ended, while a dead worker's jobs stayed running and a worker
+    started meanwhile recovered every job, the healthy ones too. The period is capped
+    (MAX_PERIOD, here 1 s), so the lowered value arrives within it."""
+    logger, log = records
+    monkeypatch.setattr(heartbeat, "MAX_PERIOD", 1.0)
+    set_stale_after = "UPDATE pgqueue.settings SET value = $1 WHERE name = 'stale_after'"
+    await conn.execute(set_stale_after, "8 seconds")  # a period of 2 s, capped: 1 s
+    app, release, _ = held_handler_app()
+    job = await app.enqueue(conn, "long")
+    lease = "SELECT locked_at FROM pgqueue.jobs WHERE id = $1 AND state = 'running'"
+    async with running(app, db_dsn, logger=logger):
+        await wait_for_states(conn, [job], "running")
+        await conn.execute(set_stale_after, "1 day")  # 6 hours, capped: unchanged
+        before = await conn.fetchval(lease, job)
+
+        async def beaten() -> bool:  # a beat after the raise, which read it with the lease
+            return bool(await conn.fetchval(lease, job) > before)
+
+        await wait_until(beaten, what="a beat after the raise", within=5)
+        await conn.execute(set_stale_after, "2 seconds")
+        await wait_until(
+            functools.partial(log.logged, "heartbeat every 0.50s (was 1.00s)"), within=5
+        )
+        release.set()
+        await wait_for_states(conn, [job], "succeeded")
+    assert log.count("stale_after is now") == 1  # the raise changed nothing
 
 
 @pytest.mark.parametrize("how", ["stop(force=True)", "cancel run()"])

@@ -264,6 +264,17 @@ CASES = [
         "UPDATE pgqueue.jobs SET run_after = 'infinity'",
         'violates check constraint "jobs_run_after_finite"',
     ),
+    # A deleted setting made every function that reads it fail: a failure could not be
+    # recorded, and the worker could only hold the job back and run it again.
+    (
+        "DELETE FROM pgqueue.settings WHERE name = 'backoff_base'",
+        "pgqueue.settings: backoff_base cannot be deleted",
+    ),
+    ("TRUNCATE pgqueue.settings", "pgqueue.settings cannot be truncated"),
+    (
+        "UPDATE pgqueue.settings SET value = 'never' WHERE name = 'stale_after'",
+        "stale_after must be a positive interval",
+    ),
 ]
 
 
@@ -280,6 +291,25 @@ async def test_bad_input_is_refused_with_a_clear_error(
     assert await conn.fetchval("SELECT count(*) FROM pgqueue.jobs") == before
     assert await conn.fetchval("SELECT count(*) FROM pgqueue.job_dependencies") == 0
     assert await conn.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", existing) == "queued"
+
+
+@pytest.mark.parametrize(
+    ("value", "hinted"),
+    [("soon", False), ("0", False), ("200 years", False), ("-1 month 31 days", True)],
+)
+async def test_a_refused_interval_setting_hints_at_mixed_signs_only_where_they_mix(
+    connect: Connect, value: str, hinted: bool
+) -> None:
+    """Every refusal carried the mixed-signs hint, "soon" too."""
+    conn = await connect()
+    with pytest.raises(asyncpg.PostgresError) as err:
+        await conn.execute(
+            "UPDATE pgqueue.settings SET value = $1 WHERE name = 'stale_after'", value
+        )
+    assert "stale_after must be a positive interval" in str(err.value)
+    hint = getattr(err.value, "hint", None)
+    assert (hint is not None and "must not mix signs" in hint) is hinted
+    assert await conn.fetchval("SELECT count(*) FROM pgqueue.settings") == 6
 
 
 async def test_dependency_on_failed_job_is_refused(connect: Connect) -> None:

@@ -1,7 +1,7 @@
 """Every public object documents itself (COMMENT ON) and is covered by docs/sql.md.
 
 Public = in schema pgqueue: tables and their columns, views (and their columns) and
-functions whose names do not start with ``_``, and the user triggers on pgqueue.jobs.
+functions whose names do not start with ``_``, and the user triggers on its tables.
 ``\\d+`` and ``\\df+`` in psql show these comments, so a missing one is a
 hole in the documentation an operator sees.
 """
@@ -68,7 +68,8 @@ WHERE p.pronamespace = 'pgqueue'::regnamespace AND p.proname NOT LIKE '\\_%'
 UNION ALL
 SELECT 'trigger', t.tgname, obj_description(t.oid, 'pg_trigger')
 FROM pg_trigger t
-WHERE t.tgrelid = 'pgqueue.jobs'::regclass AND NOT t.tgisinternal
+JOIN pg_class c ON c.oid = t.tgrelid
+WHERE c.relnamespace = 'pgqueue'::regnamespace AND NOT t.tgisinternal
 ORDER BY 1, 2
 """
 
