@@ -130,12 +130,12 @@ def connect_arguments(dsn: str | None, application_name: str) -> dict[str, Any]:
     if dsn is not None and "connect_timeout" in dsn:
         parts = urllib.parse.urlsplit(dsn)
         params = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-        seconds = [int(v) for k, v in params if k == "connect_timeout"]
-        if seconds:
+        seconds = [int(v) for k, v in params if k == "connect_timeout" and v.strip()]
+        if any(k == "connect_timeout" for k, _ in params):  # an empty one too: libpq's unset
             rest = [(k, v) for k, v in params if k != "connect_timeout"]
             query = urllib.parse.urlencode(rest, quote_via=urllib.parse.quote)
             dsn = urllib.parse.urlunsplit(parts._replace(query=query))
-            if seconds[-1] > 0:
+            if seconds and seconds[-1] > 0:
                 arguments["timeout"] = float(seconds[-1])
     arguments["dsn"] = dsn
     return arguments

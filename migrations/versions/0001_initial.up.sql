@@ -4434,8 +4434,8 @@ COMMENT ON COLUMN pgqueue.vacuum_blockers.query IS 'A session''s current or last
 -- names a failure alike (tests/sql/test_error_line.py holds them to one corpus).
 CREATE FUNCTION pgqueue.error_line(error text) RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT coalesce(substring(error FROM '^.*(?:Traceback \(most recent call last[^\n]*|\+-*\+?-+ [0-9]+ -+)\n(?:[ ]*\| ?[ ][^\n]*\n|[ ]+[^ |+\n][^\n]*\n)*(?:[ ]*\| ?)?([^ \n|+][^\n]*)'),
-                    split_part(ltrim(error, E'\n'), E'\n', 1))
+    SELECT coalesce(substring(error FROM '^.*(?:Traceback \(most recent call last[^\n]*|\+-*\+?-+ [0-9]+ -+)\n(?:[ ]*\|[ ][ ][^\n]*\n|[ ]+[^ |\n][^\n]*\n|\[\.\.\. [0-9]+ bytes cut \.\.\.\]\n)*(?:[ ]*\|[ ])?([^ \n|+][^\n\r]*)'),
+                    rtrim(split_part(ltrim(error, E'\n'), E'\n', 1), E'\r'))
 $$;
 COMMENT ON FUNCTION pgqueue.error_line(text) IS
     'The line of an error (last_error) that names it: of a traceback, the exception''s line (its type and the first '

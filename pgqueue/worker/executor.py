@@ -894,6 +894,8 @@ IGNORED_TIMEOUT_WARNING = 5.0
 # last_error keeps this many bytes of an error (the head and the tail, where a traceback's
 # exception line is): a handler raising a 50 MB message stored 50 MB per attempt.
 ERROR_LIMIT = 64 * 1024
+# How far from the cut a line's end is looked for, to cut between lines (see _storable).
+_CUT_REACH = 4096
 
 
 def _storable(text: str) -> str:
@@ -906,13 +908,19 @@ def _storable(text: str) -> str:
     data = text.encode("utf-8", "backslashreplace")
     if len(data) <= ERROR_LIMIT:
         return data.decode("utf-8")
-    head, tail = ERROR_LIMIT // 4, ERROR_LIMIT * 3 // 4
-    cut = len(data) - head - tail
+    head, tail = data[: ERROR_LIMIT // 4], data[-(ERROR_LIMIT * 3 // 4) :]
+    # Cut between lines where one ends near the cut, so that the mark is a line of its own
+    # between whole lines (error_line reads past it to the exception's line; a frame's
+    # piece after it was taken for that line); a line longer than that is cut in two.
+    end, start = head.rfind(b"\n", -_CUT_REACH), tail.find(b"\n", 0, _CUT_REACH)
+    if end >= 0:
+        head = head[: end + 1]
+    if start >= 0:
+        tail = tail[start + 1 :]
+    cut = len(data) - len(head) - len(tail)
     # "ignore" drops the pieces of the characters cut in two, at most 3 bytes each side.
-    return (
-        f"{data[:head].decode('utf-8', 'ignore')}\n[... {cut} bytes cut ...]\n"
-        f"{data[-tail:].decode('utf-8', 'ignore')}"
-    )
+    head_text, tail_text = head.decode("utf-8", "ignore"), tail.decode("utf-8", "ignore")
+    return f"{head_text.removesuffix(chr(10))}\n[... {cut} bytes cut ...]\n{tail_text}"
 
 
 async def _save(conn: asyncpg.Connection, job_id: int, worker: str, progress: Any) -> bool:

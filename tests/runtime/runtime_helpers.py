@@ -36,9 +36,15 @@ async def running(app: pgqueue.App, dsn: str, **options: Any) -> AsyncIterator[p
 
 
 async def server_address(dsn: str) -> str | tuple[str, int]:
-    """Where a proxy in front of the test server connects: a TCP address, or the path of its
-    Unix socket (an embedded server's DSN names a directory, not a host). Asked of the
-    server, so every form of DSN the fixtures pick works."""
+    """Where a proxy in front of the test server connects: the DSN's TCP host and port (as
+    the fixtures reach it: a container's mapped port, say), or, where the DSN names a
+    socket directory or no host (an embedded server), the path of the server's Unix
+    socket, asked of the server."""
+    parts = urlsplit(dsn)
+    query = dict(parse_qsl(parts.query))
+    host = parts.hostname or query.get("host")
+    if host and not host.startswith("/"):
+        return (host, parts.port or int(query.get("port", 5432)))
     conn = await asyncpg.connect(dsn)
     try:
         addr, port, sockets = await conn.fetchrow(

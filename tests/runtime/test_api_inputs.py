@@ -418,7 +418,8 @@ async def test_libpqs_connect_timeout_bounds_the_connection_attempt(db_dsn: str)
     production DSN carrying one failed with "database error: unrecognized configuration
     parameter"."""
     sep = "&" if "?" in db_dsn else "?"
-    for seconds, timeout in (("7", 7.0), ("0", None), ("-1", None)):
+    # An empty one is libpq's unset (it raised a bare ValueError: a DSN from a template).
+    for seconds, timeout in (("7", 7.0), ("0", None), ("-1", None), ("", None)):
         dsn = f"{db_dsn}{sep}connect_timeout={seconds}&options=-c%20work_mem%3D5MB"
         arguments = pgqueue.dsn.connect_arguments(dsn, "t")
         assert arguments.get("timeout") == timeout

@@ -7,10 +7,12 @@ from __future__ import annotations
 import traceback
 from collections.abc import Callable
 
+import anyio
 import pytest
 from sqlharness import Connect
 
 from pgqueue.error_line import error_line
+from pgqueue.worker import executor
 
 
 def _traceback(raiser: Callable[[], object]) -> str:
@@ -19,6 +21,10 @@ def _traceback(raiser: Callable[[], object]) -> str:
     except BaseException as exc:  # formatted as the worker formats it
         return "".join(traceback.format_exception(exc)).rstrip()
     raise AssertionError("did not raise")
+
+
+def _raise(exc: Exception) -> None:
+    raise exc
 
 
 class ValidationError(ValueError):
@@ -61,6 +67,32 @@ def _noted() -> None:
     raise exc
 
 
+# fmt: off
+def _plus() -> int:
+    return (  # black's style: the operator starts the line Python 3.11 shows in the frame
+        1
+        + {"rate": 1}["missing rate"]
+    )
+# fmt: on
+
+
+def _plus_after_a_handled_error() -> None:
+    try:
+        raise ConnectionError("first, handled")
+    except ConnectionError:
+        _plus()
+
+
+def _cut() -> str:
+    """A traceback past the 64 KiB the worker keeps, cut as the worker cuts it."""
+    frames = "".join(
+        f'  File "/srv/app/step_{i}.py", line {i}, in step_{i}\n    return step_{i + 1}(x)\n'
+        for i in range(3000)
+    )
+    text = f"Traceback (most recent call last):\n{frames}RecursionError: too deep\nand more"
+    return executor._storable(text)
+
+
 def _recursion() -> None:
     def down(n: int) -> int:
         return down(n + 1)
@@ -100,6 +132,13 @@ CASES = [
     (_traceback(lambda: compile("1 +", "<x>", "exec")), "SyntaxError: invalid syntax"),
     (_traceback(_noted), "ValueError: expected 4 columns,"),
     (_traceback(_recursion), "RecursionError: maximum recursion depth exceeded"),
+    # From the review: a frame line starting with "+" ended the frames (the first header's
+    # line was taken, or a handled exception's), and the worker's cut mark was taken.
+    (_traceback(_plus), "KeyError: 'missing rate'"),
+    (_traceback(_plus_after_a_handled_error), "KeyError: 'missing rate'"),
+    (_cut(), "RecursionError: too deep"),
+    (_traceback(lambda: _raise(ValueError("HTTP 502\r\nBad gateway"))), "ValueError: HTTP 502"),
+    ("mailbox full\r\nretry later", "mailbox full"),
     # the worker's own, when formatting a traceback failed
     (
         "Traceback (most recent call last; without its details: formatting it raised"
@@ -123,6 +162,18 @@ async def test_the_sql_and_the_python_error_line_name_an_error_alike(
 ) -> None:
     conn = await connect()
     assert error_line(error) == line
+    assert await conn.fetchval("SELECT pgqueue.error_line($1)", error) == line
+
+
+async def test_lines_that_lead_nowhere_are_read_once(connect: Connect) -> None:
+    """A header followed by leaf lines and no exception line (a handler's message holding a
+    traceback cut short) took Python's regex engine 2^n steps for n lines: 40 lines stalled
+    the worker's event loop for days. Each line can be read one way only now."""
+    conn = await connect()
+    error = "Traceback (most recent call last):\n" + "  |   x\n" * 40 + "  |   y"
+    with anyio.fail_after(5):  # not a timing: the old pattern did not end at all
+        line = await anyio.to_thread.run_sync(error_line, error, abandon_on_cancel=True)
+    assert line == "Traceback (most recent call last):"
     assert await conn.fetchval("SELECT pgqueue.error_line($1)", error) == line
 
 
