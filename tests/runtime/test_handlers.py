@@ -501,7 +501,13 @@ async def test_a_job_whose_failure_is_refused_again_and_again_waits_longer_each_
         await wait_until(ran_four_times, what="four runs", within=10)
         await conn.execute("DROP TRIGGER refuse_failures ON pgqueue.jobs")
         await wait_for_states(conn, [job_id], "failed")
-        assert worker._executor is not None and worker._executor.unrecorded == {}
+        held = worker._executor
+        assert held is not None
+
+        async def forgotten() -> bool:  # once the worker has the failure's reply
+            return held.unrecorded == {}
+
+        await wait_until(forgotten, what="the refusals forgotten")
     gaps = [later - earlier for earlier, later in itertools.pairwise(runs[:4])]
     assert all(gap >= wanted * 0.9 for gap, wanted in zip(gaps, (0.1, 0.2, 0.4), strict=True))
     for n, delay in ((1, "0.1s"), (2, "0.2s"), (3, "0.4s")):
