@@ -410,14 +410,8 @@ class Executor:
             return
         if state == "queued":
             self._log(job, "snoozed", duration, f"runs again in {_seconds(delay)}")
-        elif state is None:
-            self._log(job, "lease lost", duration)
-        elif state == GIVEN_UP:
-            self._log(job, f"snooze {_NOT_WRITTEN}", duration)
-        elif state == UNKNOWN:
-            self._log(job, "snoozed or lease lost (unknown)", duration)
-        else:  # cancelled: abort() was called for it, or its pipeline was cancelled
-            self._log(job, f"snoozed ({state})", duration)
+        else:
+            self._log(job, _snooze_outcome(state), duration)
 
     async def _fail(
         self, job: Job, error: str, duration: float, retry_in: datetime.timedelta | None
@@ -515,7 +509,7 @@ class Executor:
             type(refusal).__name__,
             refusal,
             refusals,
-            f"runs again in {_seconds(delay)}" if state == "queued" else _held_back(state),
+            f"runs again in {_seconds(delay)}" if state == "queued" else _snooze_outcome(state),
             exc_info=refusal if refusals == 1 else None,  # the traceback once per job
             extra=extra,
         )
@@ -877,15 +871,16 @@ UNRECORDED_DELAY_CAP = 600.0
 UNRECORDED_KEPT = 10_000
 
 
-def _held_back(state: str | None) -> str:
-    """The logged end of a snooze, after a refused outcome, that did not queue the job."""
+def _snooze_outcome(state: str | None) -> str:
+    """The logged outcome of a snooze (a handler's, or a refused outcome's hold-back) that
+    did not queue the job."""
     if state is None:
         return "lease lost"
     if state == GIVEN_UP:
         return f"snooze {_NOT_WRITTEN}"
     if state == UNKNOWN:
         return "snoozed or lease lost (unknown)"
-    return f"snoozed ({state})"  # cancelled: aborted meanwhile
+    return f"snoozed ({state})"  # cancelled: abort() was called, or its pipeline cancelled
 
 
 # Seconds past a job's timeout after which a handler still running is said to ignore it.
