@@ -170,7 +170,7 @@ class Spec:
 
     def __post_init__(self) -> None:
         if not isinstance(self.job_type, str) or not self.job_type.strip():
-            raise ValueError(f"job_type must be a non-empty string, got {self.job_type!r}")
+            raise ValueError(f"job_type must be a non-blank string, got {self.job_type!r}")
         if self.payload is not None and not isinstance(self.payload, Mapping):
             raise TypeError(f"payload must be a mapping, got {type(self.payload).__name__}")
         if self.max_attempts is not None and self.max_attempts < 1:

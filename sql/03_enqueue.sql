@@ -64,17 +64,17 @@ SELECT CASE
                array_to_string(pgqueue._spec_keys(), ', '))
     WHEN coalesce(s->'job_type', 'null') = 'null' THEN 'job_type is required'
     WHEN jsonb_typeof(s->'job_type') <> 'string' OR btrim(s->>'job_type', E' \t\n\r\f\x0B') = '' THEN
-        'job_type must be a non-empty string'
+        'job_type must be a non-blank string'
     WHEN coalesce(s->'payload', 'null') <> 'null' AND jsonb_typeof(s->'payload') <> 'object' THEN
         format('payload must be a JSON object, got %s', jsonb_typeof(s->'payload'))
     WHEN coalesce(s->'queue', 'null') <> 'null'
          AND (jsonb_typeof(s->'queue') <> 'string' OR btrim(s->>'queue', E' \t\n\r\f\x0B') = ''
               OR octet_length(s->>'queue') > 200) THEN
-        'queue must be a non-empty string of at most 200 bytes'
+        'queue must be a non-blank string of at most 200 bytes'
     WHEN coalesce(s->'dedup_key', 'null') <> 'null'
          AND (jsonb_typeof(s->'dedup_key') <> 'string' OR btrim(s->>'dedup_key', E' \t\n\r\f\x0B') = ''
               OR octet_length(s->>'dedup_key') > 1000) THEN
-        'dedup_key must be a non-empty string of at most 1000 bytes'
+        'dedup_key must be a non-blank string of at most 1000 bytes'
     WHEN octet_length((s->'scope')::text) > 1000 THEN 'scope must be at most 1000 bytes of JSON'
     WHEN coalesce(s->'priority', 'null') <> 'null'
          AND (jsonb_typeof(s->'priority') <> 'number'
@@ -993,16 +993,16 @@ BEGIN
        OR octet_length(enqueue.scope::text) > 1000 OR enqueue.max_attempts < 1
        OR NOT isfinite(enqueue.run_after) THEN
         IF enqueue.job_type IS NULL OR btrim(enqueue.job_type, E' \t\n\r\f\x0B') = '' THEN
-            RAISE EXCEPTION 'pgqueue.enqueue: job_type must be a non-empty string'
+            RAISE EXCEPTION 'pgqueue.enqueue: job_type must be a non-blank string'
                 USING ERRCODE = 'invalid_parameter_value';
         ELSIF jsonb_typeof(enqueue.payload) <> 'object' THEN
             RAISE EXCEPTION 'pgqueue.enqueue: payload must be a JSON object, got %', jsonb_typeof(enqueue.payload)
                 USING ERRCODE = 'invalid_parameter_value';
         ELSIF btrim(enqueue.queue, E' \t\n\r\f\x0B') = '' OR octet_length(enqueue.queue) > 200 THEN
-            RAISE EXCEPTION 'pgqueue.enqueue: queue must be a non-empty string of at most 200 bytes'
+            RAISE EXCEPTION 'pgqueue.enqueue: queue must be a non-blank string of at most 200 bytes'
                 USING ERRCODE = 'invalid_parameter_value';
         ELSIF btrim(enqueue.dedup_key, E' \t\n\r\f\x0B') = '' OR octet_length(enqueue.dedup_key) > 1000 THEN
-            RAISE EXCEPTION 'pgqueue.enqueue: dedup_key must be a non-empty string of at most 1000 bytes'
+            RAISE EXCEPTION 'pgqueue.enqueue: dedup_key must be a non-blank string of at most 1000 bytes'
                 USING ERRCODE = 'invalid_parameter_value';
         ELSIF NOT isfinite(enqueue.run_after) THEN
             -- never due, or due before every job (and the views' ages cannot subtract it)
@@ -1169,9 +1169,9 @@ BEGIN
     END IF;
 
     SELECT u.i - 1 AS i, CASE
-        WHEN u.t IS NULL OR btrim(u.t, E' \t\n\r\f\x0B') = '' THEN 'job_type must be a non-empty string'
+        WHEN u.t IS NULL OR btrim(u.t, E' \t\n\r\f\x0B') = '' THEN 'job_type must be a non-blank string'
         WHEN jsonb_typeof(u.p) <> 'object' THEN format('payload must be a JSON object, got %s', jsonb_typeof(u.p))
-        WHEN btrim(u.q, E' \t\n\r\f\x0B') = '' OR octet_length(u.q) > 200 THEN 'queue must be a non-empty string of at most 200 bytes'
+        WHEN btrim(u.q, E' \t\n\r\f\x0B') = '' OR octet_length(u.q) > 200 THEN 'queue must be a non-blank string of at most 200 bytes'
         WHEN octet_length(u.s::text) > 1000 THEN 'scope must be at most 1000 bytes of JSON'
         WHEN NOT isfinite(u.r) THEN format('run_after must be a finite timestamp, got %s', u.r)
         ELSE format('max_attempts must be an integer >= 1, got %s', u.m)

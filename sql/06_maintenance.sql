@@ -702,7 +702,7 @@ CREATE FUNCTION pgqueue._check_queue_name(p_function text, p_queue text) RETURNS
 LANGUAGE plpgsql AS $$
 BEGIN
     IF p_queue IS NULL OR btrim(p_queue, E' \t\n\r\f\x0B') = '' OR octet_length(p_queue) > 200 THEN
-        RAISE EXCEPTION 'pgqueue.%: queue must be a non-empty string of at most 200 bytes, got %', p_function,
+        RAISE EXCEPTION 'pgqueue.%: queue must be a non-blank string of at most 200 bytes, got %', p_function,
             CASE WHEN p_queue IS NULL THEN 'NULL'
                  WHEN octet_length(p_queue) > 200 THEN octet_length(p_queue) || ' bytes'
                  ELSE quote_literal(p_queue) END

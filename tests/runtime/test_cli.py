@@ -139,7 +139,7 @@ def test_pause_and_resume_queues(db_dsn: str) -> None:
     bad = run(db_dsn, "pause", "emails", " ")
     assert (
         bad.exit_code == 2
-        and "queue must be a non-empty string of at most 200 bytes, got ' '" in bad.output
+        and "queue must be a non-blank string of at most 200 bytes, got ' '" in bad.output
     )
     assert "paused queues: reports\n" in run(db_dsn, "stats").output
     assert run(db_dsn, "resume", "reports").output == "queue reports: resumed\n"
@@ -251,7 +251,7 @@ def test_dsn_from_environment(db_dsn: str, monkeypatch: pytest.MonkeyPatch) -> N
         (["jobs", "--dsn", ""], "--dsn: is empty"),
         # Session 11: input PostgreSQL refuses exits 2 like input click refuses (it was 1,
         # "database error: ..."); an id that looks like an option; a DSN asyncpg cannot parse.
-        (["enqueue", "x", "--queue", ""], "Error: pgqueue.enqueue: queue must be a non-empty"),
+        (["enqueue", "x", "--queue", ""], "Error: pgqueue.enqueue: queue must be a non-blank"),
         (["enqueue", "", "--payload", "{}"], "Error: pgqueue.enqueue: job_type must be"),
         (["cancel", "-5"], "-5 is not in the range"),
         (["abort", "-5"], "-5 is not in the range"),
@@ -269,7 +269,7 @@ def test_dsn_from_environment(db_dsn: str, monkeypatch: pytest.MonkeyPatch) -> N
         (["limit", "api", "two"], "expected a number of jobs from 1 to 2147483647, or none"),
         (["limit", "api", "-1"], "expected a number of jobs from 1 to 2147483647, or none"),
         (["limit", "--queue=api", "3"], "No such option: --queue=api"),
-        (["limit", " ", "2"], "Error: pgqueue.set_queue_limit: queue must be a non-empty"),
+        (["limit", " ", "2"], "Error: pgqueue.set_queue_limit: queue must be a non-blank"),
     ],
 )
 def test_clear_errors_for_bad_input(db_dsn: str, args: list[str], message: str) -> None:

@@ -11,8 +11,8 @@ from sqlharness import Connect, json_codecs
 
 P1, P2 = "5d1c0ad4-3a29-4c1e-9a57-2f0f7b1f0001", "5d1c0ad4-3a29-4c1e-9a57-2f0f7b1f0002"
 CASES = [
-    ("SELECT pgqueue.enqueue('')", "job_type must be a non-empty string"),
-    ("SELECT pgqueue.enqueue(NULL)", "job_type must be a non-empty string"),
+    ("SELECT pgqueue.enqueue('')", "job_type must be a non-blank string"),
+    ("SELECT pgqueue.enqueue(NULL)", "job_type must be a non-blank string"),
     ("SELECT pgqueue.enqueue('t', '[1, 2]')", "payload must be a JSON object, got array"),
     ("SELECT pgqueue.enqueue('t', '\"x\"')", "payload must be a JSON object, got string"),
     ("SELECT pgqueue.enqueue('t', max_attempts => 0)", "max_attempts must be >= 1"),
@@ -72,21 +72,21 @@ CASES = [
     ),
     (
         'SELECT pgqueue.enqueue(\'t\', next_jobs => \'[{"job_type": "x", "next_jobs": [{"job_type": 3}]}]\')',
-        "next_jobs[0]: next_jobs[0]: job_type must be a non-empty string",
+        "next_jobs[0]: next_jobs[0]: job_type must be a non-blank string",
     ),
     (
         'SELECT pgqueue.enqueue_many(\'[{"job_type": "ok"}, {"job_type": ""}]\')',
-        "enqueue_many[1]: job_type must be a non-empty string",
+        "enqueue_many[1]: job_type must be a non-blank string",
     ),
     ("SELECT pgqueue.enqueue_many('{}')", "must be a JSON array"),
     # The typed-array overload: the same checks, naming the first bad element.
     (
         "SELECT pgqueue.enqueue_many(ARRAY['ok', ''], NULL)",
-        "enqueue_many[1]: job_type must be a non-empty string",
+        "enqueue_many[1]: job_type must be a non-blank string",
     ),
     (
         "SELECT pgqueue.enqueue_many(ARRAY['ok', NULL], NULL)",
-        "enqueue_many[1]: job_type must be a non-empty string",
+        "enqueue_many[1]: job_type must be a non-blank string",
     ),
     (
         "SELECT pgqueue.enqueue_many(ARRAY['a', 'b'], ARRAY['{}', '[1]']::jsonb[])",
@@ -94,11 +94,11 @@ CASES = [
     ),
     (
         "SELECT pgqueue.enqueue_many(ARRAY['a', 'b'], NULL, ARRAY[NULL, ' '])",
-        "enqueue_many[1]: queue must be a non-empty string of at most 200 bytes",
+        "enqueue_many[1]: queue must be a non-blank string of at most 200 bytes",
     ),
     (
         "SELECT pgqueue.enqueue_many(ARRAY['a'], NULL, ARRAY[repeat('q', 201)])",
-        "enqueue_many[0]: queue must be a non-empty string of at most 200 bytes",
+        "enqueue_many[0]: queue must be a non-blank string of at most 200 bytes",
     ),
     (
         "SELECT pgqueue.enqueue_many(ARRAY['a', 'b'], NULL, max_attempts => ARRAY[3, 0])",
@@ -121,8 +121,8 @@ CASES = [
         "SELECT pgqueue.enqueue_many(ARRAY[['a', 'b']], NULL)",
         "job_types must be a one-dimensional array",
     ),
-    ("SELECT pgqueue.enqueue('t', queue => '')", "queue must be a non-empty string"),
-    ("SELECT pgqueue.enqueue('t', dedup_key => '')", "dedup_key must be a non-empty string"),
+    ("SELECT pgqueue.enqueue('t', queue => '')", "queue must be a non-blank string"),
+    ("SELECT pgqueue.enqueue('t', dedup_key => '')", "dedup_key must be a non-blank string"),
     ("SELECT * FROM pgqueue.claim_next('w', NULL, 0)", "batch_size must be >= 1"),
     ("SELECT * FROM pgqueue.claim_next('')", "worker must be a non-empty string"),
     ("SELECT pgqueue.prune(NULL)", "older_than must be a non-negative interval"),
@@ -213,27 +213,27 @@ CASES = [
         "enqueue_many[0]: next_jobs[0]: pipeline_id differs from the parent's",
     ),
     # Blank is any whitespace, not only spaces.
-    ("SELECT pgqueue.enqueue(E'\\t\\n')", "job_type must be a non-empty string"),
+    ("SELECT pgqueue.enqueue(E'\\t\\n')", "job_type must be a non-blank string"),
     # A blank key is most likely built from a missing value: it would coalesce unrelated work.
-    ("SELECT pgqueue.enqueue('t', dedup_key => E' \\t')", "dedup_key must be a non-empty string"),
+    ("SELECT pgqueue.enqueue('t', dedup_key => E' \\t')", "dedup_key must be a non-blank string"),
     (
         'SELECT pgqueue.enqueue_many(\'[{"job_type": "t", "dedup_key": " "}]\')',
-        "enqueue_many[0]: dedup_key must be a non-empty string",
+        "enqueue_many[0]: dedup_key must be a non-blank string",
     ),
     ("INSERT INTO pgqueue.jobs (job_type, dedup_key) VALUES ('t', ' ')", "jobs_dedup_key_valid"),
     (
         'SELECT pgqueue.enqueue_many(\'[{"job_type": "t", "queue": "\\t"}]\')',
-        "queue must be a non-empty string of at most 200 bytes",
+        "queue must be a non-blank string of at most 200 bytes",
     ),
     # Past the claim indexes' row size, named by the parameter, not the index.
     (
         "SELECT pgqueue.enqueue('t', dedup_key => repeat('k', 1001))",
-        "dedup_key must be a non-empty string of at most 1000 bytes",
+        "dedup_key must be a non-blank string of at most 1000 bytes",
     ),
     (
         'SELECT pgqueue.enqueue_many((\'[{"job_type": "t", "dedup_key": "\' || repeat(\'k\', 1001)'
         " || '\"}]')::jsonb)",
-        "enqueue_many[0]: dedup_key must be a non-empty string of at most 1000 bytes",
+        "enqueue_many[0]: dedup_key must be a non-blank string of at most 1000 bytes",
     ),
     (
         "SELECT * FROM pgqueue.claim_next(repeat('w', 201))",

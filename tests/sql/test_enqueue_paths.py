@@ -153,9 +153,9 @@ def test_specs_the_typed_path_would_read_differently_take_the_spec_path(
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ({"job_type": ""}, "pgqueue.enqueue_many[1]: job_type must be a non-empty string"),
+        ({"job_type": ""}, "pgqueue.enqueue_many[1]: job_type must be a non-blank string"),
         ({"job_type": "t", "payload": [1]}, "pgqueue.enqueue_many[1]: payload must be a JSON"),
-        ({"job_type": "t", "queue": ""}, "pgqueue.enqueue_many[1]: queue must be a non-empty"),
+        ({"job_type": "t", "queue": ""}, "pgqueue.enqueue_many[1]: queue must be a non-blank"),
         ({"job_type": "t", "max_attempts": 0}, "pgqueue.enqueue_many[1]: max_attempts must be"),
         ({"job_type": "t", "scope": "x" * 1000}, "pgqueue.enqueue_many[1]: scope must be at most"),
     ],

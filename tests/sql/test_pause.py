@@ -147,27 +147,27 @@ async def test_in_when_waiting_mode_resuming_wakes_a_waiting_worker(
         (
             "pause_queue",
             None,
-            "pgqueue.pause_queue: queue must be a non-empty string of at most 200 bytes, got NULL",
+            "pgqueue.pause_queue: queue must be a non-blank string of at most 200 bytes, got NULL",
         ),
         (
             "pause_queue",
             "",
-            "pgqueue.pause_queue: queue must be a non-empty string of at most 200 bytes, got ''",
+            "pgqueue.pause_queue: queue must be a non-blank string of at most 200 bytes, got ''",
         ),
         (
             "pause_queue",
             "  ",
-            "pgqueue.pause_queue: queue must be a non-empty string of at most 200 bytes, got '  '",
+            "pgqueue.pause_queue: queue must be a non-blank string of at most 200 bytes, got '  '",
         ),
         (
             "resume_queue",
             None,
-            "pgqueue.resume_queue: queue must be a non-empty string of at most 200 bytes, got NULL",
+            "pgqueue.resume_queue: queue must be a non-blank string of at most 200 bytes, got NULL",
         ),
         (
             "resume_queue",
             " ",
-            "pgqueue.resume_queue: queue must be a non-empty string of at most 200 bytes, got ' '",
+            "pgqueue.resume_queue: queue must be a non-blank string of at most 200 bytes, got ' '",
         ),
     ],
 )
@@ -185,7 +185,7 @@ async def test_a_queue_name_no_job_could_have_is_refused(conn: asyncpg.Connectio
         with pytest.raises(asyncpg.InvalidParameterValueError) as raised:
             await conn.fetchval(f"SELECT pgqueue.{function}($1)", "q" * 201)
         assert str(raised.value) == (
-            f"pgqueue.{function}: queue must be a non-empty string of at most 200 bytes,"
+            f"pgqueue.{function}: queue must be a non-blank string of at most 200 bytes,"
             " got 201 bytes"
         )
     assert await conn.fetchval("SELECT count(*) FROM pgqueue.paused_queues") == 0

@@ -101,8 +101,8 @@ async def test_raising_or_removing_a_limit_wakes_the_queue_lowering_does_not(
     [
         ("q", 0, "max_running must be at least 1 (NULL removes the limit), got 0"),
         ("q", -3, "max_running must be at least 1 (NULL removes the limit), got -3"),
-        (None, 2, "queue must be a non-empty string of at most 200 bytes, got NULL"),
-        (" ", 2, "queue must be a non-empty string of at most 200 bytes, got ' '"),
+        (None, 2, "queue must be a non-blank string of at most 200 bytes, got NULL"),
+        (" ", 2, "queue must be a non-blank string of at most 200 bytes, got ' '"),
     ],
 )
 async def test_bad_input_is_refused_and_writes_nothing(
