@@ -31,6 +31,7 @@ __all__ = [
     "apply_sql_file",
     "check_read_committed",
     "check_schema",
+    "check_writable",
     "downgrade",
     "upgrade",
 ]
@@ -158,6 +159,26 @@ async def check_read_committed(conn: asyncpg.Connection) -> None:
             f"transactions on this connection run {level.upper()} (default_transaction_isolation"
             " of the role or database): pgqueue needs READ COMMITTED; run ALTER ROLE ... (or"
             " ALTER DATABASE ...) SET default_transaction_isolation = 'read committed'"
+        )
+
+
+async def check_writable(conn: asyncpg.Connection) -> None:
+    """Raise :class:`SchemaError` if ``conn``'s transactions are read-only: a standby, or a
+    role or database with ``default_transaction_read_only`` on. A worker started there
+    claimed nothing and logged the refusal of every claim, for ever."""
+    read_only, standby = await conn.fetchrow(
+        "SELECT current_setting('transaction_read_only') = 'on', pg_is_in_recovery()"
+    )
+    if standby:
+        raise SchemaError(
+            "this server is a standby (read-only): a worker writes every claim and outcome;"
+            " connect to the primary"
+        )
+    if read_only:
+        raise SchemaError(
+            "transactions on this connection are read-only (default_transaction_read_only of"
+            " the role or database): a worker writes every claim and outcome; run ALTER ROLE"
+            " ... (or ALTER DATABASE ...) SET default_transaction_read_only = off"
         )
 
 

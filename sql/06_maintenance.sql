@@ -880,11 +880,7 @@ COMMENT ON TRIGGER jobs_queue_changed ON pgqueue.jobs IS
 CREATE FUNCTION pgqueue._queue_limits_changed() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    -- Under a lock of its own (changes of two queues take turns here), read after it:
-    -- with a fresh snapshot (under REPEATABLE READ a limit set meanwhile went unseen).
-    PERFORM pgqueue._check_read_committed('queue_limits: a limit written by hand');
-    PERFORM pg_advisory_xact_lock(pgqueue._lock_class('limits'), 0);
-    PERFORM pgqueue._set_any_queue_limit(EXISTS (SELECT 1 FROM pgqueue.queue_limits));
+    PERFORM pgqueue._set_any_queue_limit();
     RETURN NULL;
 END
 $$;
@@ -894,14 +890,24 @@ COMMENT ON TRIGGER queue_limits_changed ON pgqueue.queue_limits IS
     'Claims read limits only while some queue has one: any write to the table (set_queue_limit or by hand) '
     'updates that answer.';
 
--- Replaces _any_queue_limit when its answer changes (DDL: the caller must own
--- the pgqueue functions, as the role that migrated the schema does).
-CREATE FUNCTION pgqueue._set_any_queue_limit(p_any boolean) RETURNS void
-LANGUAGE plpgsql AS $$
+-- Replaces _any_queue_limit when its answer changes. That is DDL, which only the
+-- owner of the pgqueue functions may run: SECURITY DEFINER, so that any role allowed
+-- to write pgqueue.queue_limits sets limits (as the owner, it only makes the constant
+-- say what the table holds; a caller cannot make it say anything else). The search
+-- path is pinned, as every SECURITY DEFINER function's must be.
+CREATE FUNCTION pgqueue._set_any_queue_limit() RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_any boolean;
 BEGIN
-    IF p_any IS DISTINCT FROM pgqueue._any_queue_limit() THEN
+    -- Under a lock of its own (changes of two queues take turns here), read after it:
+    -- with a fresh snapshot (under REPEATABLE READ a limit set meanwhile went unseen).
+    PERFORM pgqueue._check_read_committed('queue_limits: a limit written by hand');
+    PERFORM pg_advisory_xact_lock(pgqueue._lock_class('limits'), 0);
+    v_any := EXISTS (SELECT 1 FROM pgqueue.queue_limits);
+    IF v_any IS DISTINCT FROM pgqueue._any_queue_limit() THEN
         EXECUTE format('CREATE OR REPLACE FUNCTION pgqueue._any_queue_limit() RETURNS boolean '
-                       'LANGUAGE sql IMMUTABLE AS %L', CASE WHEN p_any THEN 'SELECT true' ELSE 'SELECT false' END);
+                       'LANGUAGE sql IMMUTABLE AS %L', CASE WHEN v_any THEN 'SELECT true' ELSE 'SELECT false' END);
     END IF;
 END
 $$;

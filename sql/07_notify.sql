@@ -16,7 +16,8 @@
 --     later statement of the same transaction, claims;
 --   * a queueing transaction takes the same lock SHARED (producers never block
 --     each other), then in a later statement deletes the waiters of its queues
---     and notifies only if it deleted one (one wake-up per wait).
+--     (skipping those another producer's open transaction deleted) and
+--     notifies if it saw one.
 -- The exclusive lock waits for every producer that already decided "nobody
 -- waits" to commit, so the worker's claim sees their jobs; a producer that
 -- comes later waits for the worker's commit and then sees its row.
@@ -65,10 +66,16 @@ BEGIN
         IF NOT pgqueue._someone_waits(p_queues) THEN
             RETURN;
         END IF;
-        DELETE FROM pgqueue.notify_waiters w WHERE w.queues IS NULL OR w.queues && p_queues;
-        IF NOT FOUND THEN  -- another producer consumed them meanwhile, and notifies
-            RETURN;
-        END IF;
+        -- Consume the registrations; one that another producer's open transaction
+        -- consumed is skipped, not waited for, and its worker notified all the same
+        -- (one wake-up more at most, and none lost if that producer rolls back).
+        -- Waiting, producers waited for each other, and two queueing in two queues
+        -- in opposite orders deadlocked. (A waiter committed away since the read
+        -- above also costs one wake-up more.)
+        DELETE FROM pgqueue.notify_waiters w
+        WHERE w.worker IN (SELECT v.worker FROM pgqueue.notify_waiters v
+                           WHERE v.queues IS NULL OR v.queues && p_queues
+                           FOR UPDATE SKIP LOCKED);
     END IF;
     PERFORM pg_notify('pgqueue', q) FROM unnest(p_queues) q;
 END

@@ -6,12 +6,12 @@ import subprocess
 import sys
 import uuid
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import asyncpg
 import pytest
 from alembic.script import ScriptDirectory
+from worker_harness import dsn_as
 
 from pgqueue import migrate
 from pgqueue.resources import migrations_dir, sql_dir
@@ -240,9 +240,7 @@ async def test_a_role_that_does_not_own_the_version_table_can_migrate_at_head(
         await conn.execute(
             f"GRANT SELECT, INSERT, UPDATE, DELETE ON pgqueue.alembic_version TO {role}"
         )
-        parts = urlsplit(db_dsn)
-        host_and_port = parts.netloc.rpartition("@")[2]
-        role_dsn = urlunsplit(parts._replace(netloc=f"{role}:migrate@{host_and_port}"))
+        role_dsn = dsn_as(db_dsn, role, "migrate")
         await anyio.to_thread.run_sync(migrate.upgrade, role_dsn)
         assert await version(db_dsn) == [migrate.HEAD_REVISION]
         comment = "SELECT obj_description('pgqueue.alembic_version'::regclass, 'pg_class')"
@@ -347,6 +345,63 @@ async def test_a_migration_that_waited_for_another_sees_its_schema_under_repeata
     finally:
         await ahead.close()
         await admin.close()
+
+
+async def test_a_migration_waits_for_another_past_the_roles_lock_timeout(
+    empty_db_dsn: str,
+) -> None:
+    """From a review: migration roles often carry a lock_timeout (for their DDL), and pods
+    migrating together then failed: the one waiting for the other's lock gave up."""
+    admin = await asyncpg.connect(empty_db_dsn)
+    ahead = await asyncpg.connect(empty_db_dsn)
+    try:
+        name = await admin.fetchval("SELECT current_database()")
+        await admin.execute(f"ALTER DATABASE {name} SET lock_timeout = '100ms'")
+        tx = ahead.transaction()
+        await tx.start()
+        await ahead.execute("SELECT pg_advisory_xact_lock($1)", migrate.MIGRATION_LOCK_KEY)
+        async with anyio.create_task_group() as tg:
+
+            async def upgrade() -> None:
+                await anyio.to_thread.run_sync(migrate.upgrade, empty_db_dsn)
+
+            tg.start_soon(upgrade)
+            waiting = (
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                " AND pid <> pg_backend_pid()"
+            )
+            with anyio.fail_after(30):  # until it waits for the lock, observed
+                while not await admin.fetchval(waiting):  # noqa: ASYNC110 (polling pg_locks)
+                    await anyio.sleep(0.02)
+            await anyio.sleep(0.5)  # five lock_timeouts
+            assert await admin.fetchval(waiting) == 1  # still waiting
+            await tx.commit()
+        assert await version(empty_db_dsn) == [migrate.HEAD_REVISION]
+    finally:
+        await ahead.close()
+        await admin.close()
+
+
+async def test_a_schema_created_beforehand_for_the_migrating_role(empty_db_dsn: str) -> None:
+    """A DBA creates the schema and grants the migrating role USAGE and CREATE on it, no
+    CREATE on the database: the first migrate failed ("permission denied for database",
+    then "must be owner of schema pgqueue")."""
+    role = f"pgqueue_owner_{uuid.uuid4().hex[:8]}"
+    conn = await asyncpg.connect(empty_db_dsn)
+    try:
+        await conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'migrate'")
+        await conn.execute(
+            f"CREATE SCHEMA pgqueue; GRANT USAGE, CREATE ON SCHEMA pgqueue TO {role}"
+        )
+        role_dsn = dsn_as(empty_db_dsn, role, "migrate")
+        await anyio.to_thread.run_sync(migrate.upgrade, role_dsn)
+        assert await version(empty_db_dsn) == [migrate.HEAD_REVISION]
+        owner = "SELECT relowner::regrole::text FROM pg_class WHERE oid = 'pgqueue.jobs'::regclass"
+        assert await conn.fetchval(owner) == role
+    finally:
+        await conn.execute(f"DROP OWNED BY {role}")
+        await conn.execute(f"DROP ROLE IF EXISTS {role}")
+        await conn.close()
 
 
 def test_an_extension_in_the_schema_is_named_as_one(empty_db_dsn: str) -> None:

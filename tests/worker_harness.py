@@ -18,6 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import asyncpg
@@ -177,3 +178,10 @@ class AppPool:
                     os.environ["PGQUEUE_DSN"], min_size=0, max_size=4
                 )
         return self._pool
+
+
+def dsn_as(dsn: str, user: str, password: str) -> str:
+    """``dsn`` (its host, port, database and options) for another role."""
+    parts = urlsplit(dsn)
+    host_and_port = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:{password}@{host_and_port}"))

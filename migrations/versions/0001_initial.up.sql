@@ -9,9 +9,21 @@
 -- glance what belongs to the queue and drop it as a unit.
 -- =============================================================================
 
-CREATE SCHEMA IF NOT EXISTS pgqueue;
-COMMENT ON SCHEMA pgqueue IS
-    'pgqueue: a job queue inside PostgreSQL. Call the functions, read the views; see docs/sql.md.';
+-- A schema a DBA created beforehand for the migrating role (GRANT USAGE, CREATE ON
+-- SCHEMA pgqueue) is used as it is: CREATE SCHEMA IF NOT EXISTS would still need CREATE
+-- on the database, checked before the schema's existence, and only its owner may
+-- comment on it.
+DO $$
+BEGIN
+    IF to_regnamespace('pgqueue') IS NULL THEN
+        CREATE SCHEMA pgqueue;
+    END IF;
+    IF pg_has_role((SELECT nspowner FROM pg_namespace WHERE nspname = 'pgqueue'), 'USAGE') THEN
+        COMMENT ON SCHEMA pgqueue IS
+            'pgqueue: a job queue inside PostgreSQL. Call the functions, read the views; see docs/sql.md.';
+    END IF;
+END
+$$;
 
 -- ==== sql/01_settings.sql ====
 -- =============================================================================
@@ -3986,11 +3998,7 @@ COMMENT ON TRIGGER jobs_queue_changed ON pgqueue.jobs IS
 CREATE FUNCTION pgqueue._queue_limits_changed() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    -- Under a lock of its own (changes of two queues take turns here), read after it:
-    -- with a fresh snapshot (under REPEATABLE READ a limit set meanwhile went unseen).
-    PERFORM pgqueue._check_read_committed('queue_limits: a limit written by hand');
-    PERFORM pg_advisory_xact_lock(pgqueue._lock_class('limits'), 0);
-    PERFORM pgqueue._set_any_queue_limit(EXISTS (SELECT 1 FROM pgqueue.queue_limits));
+    PERFORM pgqueue._set_any_queue_limit();
     RETURN NULL;
 END
 $$;
@@ -4000,14 +4008,24 @@ COMMENT ON TRIGGER queue_limits_changed ON pgqueue.queue_limits IS
     'Claims read limits only while some queue has one: any write to the table (set_queue_limit or by hand) '
     'updates that answer.';
 
--- Replaces _any_queue_limit when its answer changes (DDL: the caller must own
--- the pgqueue functions, as the role that migrated the schema does).
-CREATE FUNCTION pgqueue._set_any_queue_limit(p_any boolean) RETURNS void
-LANGUAGE plpgsql AS $$
+-- Replaces _any_queue_limit when its answer changes. That is DDL, which only the
+-- owner of the pgqueue functions may run: SECURITY DEFINER, so that any role allowed
+-- to write pgqueue.queue_limits sets limits (as the owner, it only makes the constant
+-- say what the table holds; a caller cannot make it say anything else). The search
+-- path is pinned, as every SECURITY DEFINER function's must be.
+CREATE FUNCTION pgqueue._set_any_queue_limit() RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_any boolean;
 BEGIN
-    IF p_any IS DISTINCT FROM pgqueue._any_queue_limit() THEN
+    -- Under a lock of its own (changes of two queues take turns here), read after it:
+    -- with a fresh snapshot (under REPEATABLE READ a limit set meanwhile went unseen).
+    PERFORM pgqueue._check_read_committed('queue_limits: a limit written by hand');
+    PERFORM pg_advisory_xact_lock(pgqueue._lock_class('limits'), 0);
+    v_any := EXISTS (SELECT 1 FROM pgqueue.queue_limits);
+    IF v_any IS DISTINCT FROM pgqueue._any_queue_limit() THEN
         EXECUTE format('CREATE OR REPLACE FUNCTION pgqueue._any_queue_limit() RETURNS boolean '
-                       'LANGUAGE sql IMMUTABLE AS %L', CASE WHEN p_any THEN 'SELECT true' ELSE 'SELECT false' END);
+                       'LANGUAGE sql IMMUTABLE AS %L', CASE WHEN v_any THEN 'SELECT true' ELSE 'SELECT false' END);
     END IF;
 END
 $$;
@@ -4068,7 +4086,8 @@ COMMENT ON FUNCTION pgqueue.set_queue_limit(text, int) IS
 --     later statement of the same transaction, claims;
 --   * a queueing transaction takes the same lock SHARED (producers never block
 --     each other), then in a later statement deletes the waiters of its queues
---     and notifies only if it deleted one (one wake-up per wait).
+--     (skipping those another producer's open transaction deleted) and
+--     notifies if it saw one.
 -- The exclusive lock waits for every producer that already decided "nobody
 -- waits" to commit, so the worker's claim sees their jobs; a producer that
 -- comes later waits for the worker's commit and then sees its row.
@@ -4117,10 +4136,16 @@ BEGIN
         IF NOT pgqueue._someone_waits(p_queues) THEN
             RETURN;
         END IF;
-        DELETE FROM pgqueue.notify_waiters w WHERE w.queues IS NULL OR w.queues && p_queues;
-        IF NOT FOUND THEN  -- another producer consumed them meanwhile, and notifies
-            RETURN;
-        END IF;
+        -- Consume the registrations; one that another producer's open transaction
+        -- consumed is skipped, not waited for, and its worker notified all the same
+        -- (one wake-up more at most, and none lost if that producer rolls back).
+        -- Waiting, producers waited for each other, and two queueing in two queues
+        -- in opposite orders deadlocked. (A waiter committed away since the read
+        -- above also costs one wake-up more.)
+        DELETE FROM pgqueue.notify_waiters w
+        WHERE w.worker IN (SELECT v.worker FROM pgqueue.notify_waiters v
+                           WHERE v.queues IS NULL OR v.queues && p_queues
+                           FOR UPDATE SKIP LOCKED);
     END IF;
     PERFORM pg_notify('pgqueue', q) FROM unnest(p_queues) q;
 END
@@ -4512,3 +4537,32 @@ COMMENT ON FUNCTION pgqueue.enqueue_periodic(text, timestamptz, jsonb) IS
     'Enqueue spec (enqueue''s parameters as a JSON object; run_after defaults to tick) for the tick of schedule '
     'name, once: returns the new job''s id, or NULL when this tick or a later one of the schedule was enqueued '
     'already (by any session). Concurrent calls for one tick wait for each other; exactly one enqueues.';
+
+-- ==== sql/10_search_path.sql ====
+-- =============================================================================
+-- pgqueue: a pinned search path
+-- Every function a caller reaches, the public ones and the triggers, runs with
+-- search_path = pg_catalog, pg_temp; the helpers they call run under it too.
+-- pgqueue names its own objects with their schema but calls built-ins by bare
+-- name (cardinality, array_agg, unnest, ...). Under a caller's search path a
+-- function in another schema that takes the exact argument type, say
+-- public.cardinality(bigint[]) created by any role allowed to create there,
+-- wins over the polymorphic built-in, and would run as whoever called pgqueue,
+-- with their rights: a worker's, a migrating owner's, a superuser's in psql.
+-- Set here, after every function exists, so that none is left out; a later
+-- migration that replaces a function must set it again (a test checks).
+-- =============================================================================
+
+DO $$
+DECLARE
+    f regprocedure;
+BEGIN
+    FOR f IN
+        SELECT p.oid FROM pg_proc p
+        WHERE p.pronamespace = 'pgqueue'::regnamespace
+          AND (p.proname !~ '^_' OR p.prorettype = 'trigger'::regtype)
+    LOOP
+        EXECUTE format('ALTER FUNCTION %s SET search_path = pg_catalog, pg_temp', f);
+    END LOOP;
+END
+$$;

@@ -23,7 +23,10 @@ the worker's shutdown, for the many minutes until the kernel gives up. Connectio
 timeouts and statements the server interrupted (a long lock wait behind an operator's
 transaction, with or without ``lock_timeout``/``statement_timeout``) are retried with
 backoff until the write lands or fencing (the job is no longer held by this worker) refuses
-it.
+it; so are errors of the database's set-up (a privilege revoked, a read-only session, a
+function shadowed on the search path: :func:`~pgqueue.worker.retry.is_setup_error`), which
+say nothing against the outcome and end with an operator's fix. Taken for a refusal, a
+success meeting one failed its attempt and its handler ran again, once per try.
 
 A try that timed out or lost its connection may still have committed, so a retry can be
 refused by fencing because of the very write it repeats. Each kind of write deals with that
@@ -51,7 +54,13 @@ import asyncpg
 from pgqueue.dsn import id_array
 from pgqueue.job import Job
 from pgqueue.worker import bounded
-from pgqueue.worker.retry import Backoff, Outage, is_connection_error, is_transient_error
+from pgqueue.worker.retry import (
+    Backoff,
+    Outage,
+    is_connection_error,
+    is_retryable,
+    is_transient_error,
+)
 from pgqueue.worker.wake import Wake
 
 T = TypeVar("T")
@@ -97,7 +106,9 @@ def _cut_short(exc: BaseException) -> bool:
     the bound, or an interruption by the server. The other transient errors are lost
     connections and waits for a pooled connection, which no way of splitting or setting
     aside a write can help."""
-    return isinstance(exc, bounded.NoAnswer) or not is_connection_error(exc)
+    return isinstance(exc, bounded.NoAnswer) or (
+        is_transient_error(exc) and not is_connection_error(exc)
+    )
 
 
 def _describe(ids: list[int]) -> str:
@@ -422,11 +433,12 @@ class Completer:
         """Run ``op(conn, retried)`` on a pooled connection until it lands, each try bounded
         by ``bound`` (default :data:`WRITE_TIMEOUT`, doubled after each try that got no
         answer within it; at shutdown, by what is left of the final window); returns
-        its value, or ``_GIVEN_UP`` if given up at shutdown. Errors that are not transient
-        are PostgreSQL refusing the write: raised. Unless ``whole``, a try cut short (no
-        answer, or a statement the server interrupted) is raised too, for the caller to
-        split the write. A write the flusher ``set_aside`` tries only when one of the
-        :data:`RETRY_TRIES` slots is free, and reports its failures as its own outage.
+        its value, or ``_GIVEN_UP`` if given up at shutdown. Errors that are neither transient
+        nor of the database's set-up are PostgreSQL refusing the write: raised. Unless
+        ``whole``, a try cut short (no answer, or a statement the server interrupted) is
+        raised too, for the caller to split the write. A write the flusher ``set_aside``
+        tries only when one of the :data:`RETRY_TRIES` slots is free, and reports its
+        failures as its own outage.
 
         ``retried`` is False on the first try and True on every later one. A failed try
         does not say whether its statement took effect: a timeout, or a connection lost
@@ -457,7 +469,7 @@ class Completer:
                     outage.ok()
                     return value
                 except Exception as exc:
-                    if not is_transient_error(exc):
+                    if not is_retryable(exc):
                         raise
                     retried = True
                     outage.failed(exc, f"recording {what}")

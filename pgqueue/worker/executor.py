@@ -543,9 +543,7 @@ class Executor:
         attempt: _Attempt | None = None
         # A handler that catches its cancellation and carries on is cancelled again at every
         # await (anyio), and never ends: say so once, or the worker just spins.
-        timer = asyncio.get_running_loop().call_later(
-            job_type.timeout + IGNORED_TIMEOUT_WARNING, self._ignores_timeout, job, job_type.timeout
-        )
+        timer = _IgnoredTimeout(self, job, job_type.timeout)
         try:
             with anyio.move_on_after(job_type.timeout) as deadline:
                 attempt = await self._invoke(job_type, job)
@@ -813,6 +811,36 @@ def _traceback(exc: BaseException) -> str:
             f"Traceback (most recent call last; without its details: formatting it raised"
             f" {type(failure).__name__}: {failure}):\n{frames}{error}"
         )
+
+
+class _IgnoredTimeout:
+    """Calls ``executor._ignores_timeout`` :data:`IGNORED_TIMEOUT_WARNING` seconds past the
+    job's timeout, unless cancelled first. A timer that fires late (the loop was held up: a
+    SIGSTOP, a paused container, a blocking call) is set again instead: the timeout's own
+    cancellation came due in the same pass and has not reached the handler yet, and every
+    handler so held up was said to catch its cancellation."""
+
+    def __init__(self, executor: Executor, job: Job, timeout: float) -> None:
+        self.executor, self.job, self.timeout = executor, job, timeout
+        self._set(timeout + IGNORED_TIMEOUT_WARNING)
+
+    def _set(self, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        self.due = loop.time() + delay
+        self.handle = loop.call_later(delay, self._fire)
+
+    def _fire(self) -> None:
+        if asyncio.get_running_loop().time() - self.due > _LATE_TIMER:
+            self._set(IGNORED_TIMEOUT_WARNING)
+        else:
+            self.executor._ignores_timeout(self.job, self.timeout)
+
+    def cancel(self) -> None:
+        self.handle.cancel()
+
+
+# A timer firing this many seconds after it was due says the event loop was held up.
+_LATE_TIMER = 1.0
 
 
 def _call_in_thread(handler: Any, job: Job) -> Any:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import fields
 from typing import TypeVar
@@ -46,6 +47,14 @@ _READ_ONE = f"SELECT {_COLUMNS} FROM pgqueue.jobs WHERE id = $1"
 _FAIL = "SELECT pgqueue.fail(job_id => $1, worker => $2, error => $3)"
 # Before sleeping: the same claim, registered as waiting (settings.notify = when_waiting).
 _CLAIM_OR_WAIT = f"SELECT {_COLUMNS} FROM pgqueue.claim_or_wait({_ARGS})"
+# A claim whose reply came this many seconds after it was sent has its leases renewed, and
+# checked, before any handler starts (see Producer._still_held).
+LEASE_CHECK_AFTER = 1.0
+# Renews the lease of each claimed job still running under this worker, as a heartbeat does.
+_STILL_HELD = """
+UPDATE pgqueue.jobs SET locked_at = now()
+WHERE id = ANY ($1::text::bigint[]) AND state = 'running' AND locked_by = $2
+RETURNING id"""
 _UNREGISTER = "DELETE FROM pgqueue.notify_waiters WHERE worker = $1"
 # Seconds until the earliest scheduled job of our queues, on the database's clock, and
 # whether producers notify only waiting workers (settings.notify).
@@ -92,6 +101,7 @@ class Producer:
         self.limited = False  # a queue limit names one of our queues, read before each sleep
         self._backoff = Backoff()
         self._outage = Outage(logger, "producer")
+        self._wait_failed = False  # the failing claims of an outage include claim_or_wait
         # Claims run on one pooled connection kept between claims: acquiring and releasing
         # per claim costs ~60 us of Python, on the path from notification to handler.
         self._conn: asyncpg.pool.PoolConnectionProxy | None = None
@@ -218,8 +228,11 @@ class Producer:
                 await self._release_lost_claims(conn)
             self._claim_unknown = True  # until its rows are in hand
             self.executor.claim_sent()
+            sent = time.monotonic()
             with anyio.fail_after(STATEMENT_TIMEOUT):
                 rows = await conn.fetch(query, self.worker_id, self.queues, batch_size)
+                if rows and time.monotonic() - sent > LEASE_CHECK_AFTER:
+                    rows = await self._still_held(conn, rows, time.monotonic() - sent)
             self._claim_unknown = False
         except Exception as exc:
             if self._claim_unknown:
@@ -236,12 +249,45 @@ class Producer:
                 await self._release()
                 return None
             await self._failed(exc, "claiming jobs")
+            self._wait_failed = self._wait_failed or wait
             await self.wake.wait(self._backoff.next_delay())
             return None
         self._renewed = False
-        self._outage.ok()
-        self._backoff.reset()
+        # A plain claim's success ends no outage of claim_or_wait, which does more (it
+        # registers the worker as waiting: a privilege the plain claim does not need). It
+        # did, and a worker whose every claim_or_wait failed claimed, waited and failed in
+        # a loop without backoff, a traceback each time.
+        if wait or not self._wait_failed:
+            self._wait_failed = False
+            self._outage.ok()
+            self._backoff.reset()
         return [job_from_row(row) for row in rows]
+
+    async def _still_held(
+        self, conn: asyncpg.pool.PoolConnectionProxy, rows: list[asyncpg.Record], took: float
+    ) -> list[asyncpg.Record]:
+        """The claimed rows whose jobs still run under this worker, their leases renewed.
+
+        A worker held up between a claim and its reply (a paused container, a SIGSTOP, a
+        starved host) for longer than ``stale_after`` found its jobs recovered, and often
+        run elsewhere, by then; it started their handlers all the same, beside the next job
+        of their scope or after they had succeeded (only their outcomes were fenced off).
+        A failure here leaves the claim unknown: the next claim sweeps first."""
+        held = {
+            r[0]
+            for r in await conn.fetch(_STILL_HELD, id_array([r[0] for r in rows]), self.worker_id)
+        }
+        for row in rows:
+            if row[0] not in held:
+                self.logger.warning(
+                    "job %d: not started: its claim's reply came %.1fs after the claim was"
+                    " sent (this worker was held up), and the job is no longer held by this"
+                    " worker (stale recovery requeued it)",
+                    row[0],
+                    took,
+                    extra={"job_id": row[0]},
+                )
+        return [row for row in rows if row[0] in held]
 
     async def _settle_undecodable(self, exc: Exception) -> None:
         """The claim ran, and its reply held a value Python cannot hold. Released and claimed

@@ -36,6 +36,27 @@ _INTERRUPTIONS: tuple[type[BaseException], ...] = (
 )
 
 
+# Errors that say the database, as it is set up right now, takes no such statement from this
+# worker, whatever its values: a missing privilege or object (class 42: 42501, 42P01, 42883;
+# 42725 when a function in a schema on the search path shadows a built-in), a read-only
+# session (25006: a standby, default_transaction_read_only) or another isolation level (25),
+# a feature turned off (0A), a database or schema gone (3D, 3F), an object in the wrong state
+# (55), a system or internal error (58, XX), a broken routine (2F, 38, 39), a settings row
+# missing (P0002). An operator's fix makes the same statement succeed. Taken for a refusal of
+# an outcome, each one failed the attempt and ran the handler again, without end.
+_SETUP_CLASSES = frozenset({"42", "25", "0A", "3D", "3F", "55", "58", "XX", "2F", "38", "39"})
+_SETUP_STATES = frozenset({"P0002"})
+
+
+def is_setup_error(exc: BaseException) -> bool:
+    """PostgreSQL refused the statement for how the database is set up, not for its values
+    (see ``_SETUP_CLASSES``): waiting for an operator's fix, not a refusal of a job."""
+    if not isinstance(exc, asyncpg.PostgresError):
+        return False
+    state = getattr(exc, "sqlstate", None) or ""
+    return state[:2] in _SETUP_CLASSES or state in _SETUP_STATES
+
+
 def is_broken_protocol(exc: BaseException) -> bool:
     """asyncpg refused to use a connection its server has ended.
 
@@ -73,6 +94,12 @@ def is_transient_error(exc: BaseException) -> bool:
     return is_connection_error(exc) or isinstance(exc, _INTERRUPTIONS)
 
 
+def is_retryable(exc: BaseException) -> bool:
+    """True for errors a write of the worker waits out instead of taking them for a refusal
+    of what it wrote: transient ones, and the database's set-up (:func:`is_setup_error`)."""
+    return is_transient_error(exc) or is_setup_error(exc)
+
+
 def _cause(exc: BaseException) -> str:
     """What a transient error says happened. A call that got no answer within its bound is
     as likely a statement waiting for a row lock an operator holds in psql as a database
@@ -80,6 +107,11 @@ def _cause(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "no answer in time (the database is unreachable, or a lock is held)"
     return "database unavailable" if is_connection_error(exc) else "statement interrupted"
+
+
+def _hint(exc: BaseException) -> str:
+    hint = getattr(exc, "hint", None)
+    return f"; HINT: {hint}" if hint else ""
 
 
 class Backoff:
@@ -127,6 +159,19 @@ class Outage:
                 doing,
                 type(exc).__name__,
                 exc,
+                self.retry,
+            )
+        elif is_setup_error(exc):
+            self.logger.error(
+                "%s: the database refuses this worker's statements as it is set up, while %s"
+                " (%s %s: %s%s); fix that (a privilege, a read-only session, a missing or"
+                " shadowed object); %s",
+                self.component,
+                doing,
+                type(exc).__name__,
+                getattr(exc, "sqlstate", ""),
+                exc,
+                _hint(exc),
                 self.retry,
             )
         else:

@@ -170,11 +170,16 @@ class Worker:
             await _close(pool)
 
     async def _work(self, pool: asyncpg.Pool, beat_pool: asyncpg.Pool) -> None:
-        from pgqueue.migrate import check_read_committed, check_schema  # refuse to start
+        from pgqueue.migrate import (  # refuse to start
+            check_read_committed,
+            check_schema,
+            check_writable,
+        )
 
         async def startup_reads(conn: asyncpg.Connection) -> timedelta:
             await check_schema(conn)
             await check_read_committed(conn)
+            await check_writable(conn)
             return await read_stale_after(conn)
 
         stale_after = await bounded.call(pool, STARTUP_TIMEOUT, startup_reads)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import subprocess
+import sys
 import threading
 import urllib.parse
 from pathlib import Path
@@ -369,6 +371,18 @@ def test_a_worker_whose_sessions_would_not_run_read_committed_does_not_start(
     assert out.output.count("\n") == 1, out.output
 
 
+def test_a_worker_whose_sessions_are_read_only_does_not_start(
+    db_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A role or database with default_transaction_read_only (or a standby): the worker
+    started, and every claim was refused and logged, for ever."""
+    monkeypatch.setenv("PGOPTIONS", "-c default_transaction_read_only=on")
+    out = run(db_dsn, "worker", "worker_app:app")
+    assert out.exit_code == 1, out.output
+    assert "read-only (default_transaction_read_only" in out.output, out.output
+    assert out.output.count("\n") == 1, out.output
+
+
 def test_unreachable_database_is_one_line() -> None:
     out = run("postgresql://postgres@127.0.0.1:1/nothing", "jobs")
     assert out.exit_code == 1
@@ -490,3 +504,10 @@ def test_stats_counts_dead_rows_and_names_the_oldest_snapshot(db_dsn: str) -> No
     assert re.search(r"^dead job rows: [\d,]+$", out, re.M), out
     assert f"oldest snapshot: session {pids[0]} (report, idle in transaction), open 0:00:" in out
     assert f"session {pids[0]} " not in run(db_dsn, "stats").output
+
+
+def test_python_dash_m_pgqueue_is_the_command() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "pgqueue", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0 and "Usage: python -m pgqueue" in out.stdout, out.stderr

@@ -370,6 +370,35 @@ async def test_a_handler_that_catches_its_cancellation_and_carries_on_is_named(
     assert log.count(f"Job(s): {untimed}") == 1
 
 
+async def test_a_handler_held_up_with_its_worker_is_not_said_to_catch_its_cancellation(
+    conn: asyncpg.Connection,
+    db_dsn: str,
+    records: tuple[logging.Logger, Records],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """From a chaos review: after a worker was stopped (SIGSTOP) past a job's timeout and
+    the warning's delay, the warning's timer fired in the same pass as the timeout, before
+    the cancellation reached the handler: a plain ``await`` was said to catch it. A handler
+    blocking the event loop holds the worker up the same way."""
+    monkeypatch.setattr(executor, "IGNORED_TIMEOUT_WARNING", 0.2)
+    logger, log = records
+    app = pgqueue.App()
+
+    @app.job("held", timeout=0.1, max_attempts=1)
+    async def held(job: pgqueue.Job) -> None:
+        time.sleep(1.5)  # noqa: ASYNC251 (the worker's loop held up, as by a SIGSTOP)
+        await anyio.sleep(30)
+
+    job_id = await app.enqueue(conn, "held")
+    async with running(app, db_dsn, logger=logger):
+        await wait_for_states(conn, [job_id], "failed")
+        await anyio.sleep(0.5)  # past the warning's delay, set again after the hold-up
+    assert log.count("past its timeout") == 0, log.text()
+    assert "timed out after 0.1s" in await conn.fetchval(
+        "SELECT last_error FROM pgqueue.jobs WHERE id = $1", job_id
+    )
+
+
 async def test_a_job_whose_row_python_cannot_read_fails_and_the_others_run(
     conn: asyncpg.Connection, db_dsn: str
 ) -> None:
@@ -495,10 +524,13 @@ async def test_a_job_whose_failure_is_refused_again_and_again_waits_longer_each_
     job_id = await app.enqueue(conn, "doomed")
     async with running(app, db_dsn, logger=logger) as worker:
 
-        async def ran_four_times() -> bool:
-            return len(runs) >= 4
+        async def held_back_four_times() -> bool:
+            # Not while a run's failure is being written: dropped between its refusal and
+            # the plain failure written in its place, the trigger let that one land.
+            state = await conn.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", job_id)
+            return len(runs) >= 4 and state == "queued"
 
-        await wait_until(ran_four_times, what="four runs", within=10)
+        await wait_until(held_back_four_times, what="four runs held back", within=10)
         await conn.execute("DROP TRIGGER refuse_failures ON pgqueue.jobs")
         await wait_for_states(conn, [job_id], "failed")
         held = worker._executor

@@ -303,3 +303,46 @@ async def test_until_empty_runs_the_backlog_then_exits(
     await wait_for_states(db, due, "succeeded", within=1)
     assert await db.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", later) == "queued"
     assert "stopping (until empty)" in worker.log()
+
+
+async def test_a_worker_held_up_past_its_lease_between_claim_and_reply_starts_nothing(
+    db: asyncpg.Connection, db_dsn: str, spawn_worker: SpawnWorker
+) -> None:
+    """From a chaos review: a worker stopped (SIGSTOP, a paused container) after its claim
+    committed and before it read the reply found the job recovered and run elsewhere by
+    then, and started its handler anyway: a second run after the job had succeeded, beside
+    the next job of its scope. Here the claim waits for a queue's limit lock (taken after
+    the pick), the worker is stopped, the lock let go: the claim commits into a stopped
+    process, whose job is recovered and completed by another before it resumes."""
+    await db.execute("SELECT pgqueue.set_queue_limit('lq', 5)")
+    worker = spawn_worker("--concurrency", "1", "--queues", "lq")
+    await worker.ready()
+    gate = await asyncpg.connect(db_dsn)
+    try:
+        tx = gate.transaction()
+        await tx.start()
+        await gate.execute(
+            "SELECT pg_advisory_xact_lock(pgqueue._lock_class('limit'), hashtext('lq'))"
+        )
+        job_id = await app.enqueue(db, "work", queue="lq")
+        waiting = (
+            "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
+            " WHERE l.locktype = 'advisory' AND NOT l.granted"
+            " AND a.application_name LIKE 'pgqueue%'"
+        )
+        await wait_until(lambda: db.fetchval(waiting), what="the claim waiting for the lock")
+        worker.signal(signal.SIGSTOP)
+        try:
+            await tx.commit()  # the claim commits; its reply waits for a stopped process
+            await wait_for_states(db, [job_id], "running")
+            await db.execute("SELECT pgqueue.recover_stale(interval '0')")
+            claim = "SELECT id FROM pgqueue.claim_next('other', ARRAY['lq'])"
+            assert await db.fetchval(claim) == job_id
+            assert await db.fetchval("SELECT pgqueue.complete($1, 'other')", job_id)
+            await anyio.sleep(1.1)  # the reply comes later than LEASE_CHECK_AFTER
+        finally:
+            worker.signal(signal.SIGCONT)
+        await worker.wait_for_log(f"job {job_id}: not started")
+    finally:
+        await gate.close()
+    assert await db.fetchval("SELECT count(*) FROM runs") == 0

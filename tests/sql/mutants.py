@@ -659,8 +659,8 @@ MUTANTS: dict[str, Mutant] = {
     # set_queue_limit leaving _any_queue_limit as it was: claims keep their one-statement
     # path, which knows no limits.
     "any_queue_limit_never_set": Mutant(
-        "pgqueue._set_any_queue_limit(boolean)",
-        "IF p_any IS DISTINCT FROM pgqueue._any_queue_limit() THEN",
+        "pgqueue._set_any_queue_limit()",
+        "IF v_any IS DISTINCT FROM pgqueue._any_queue_limit() THEN",
         "IF false THEN",
         "test_queue_limits.py::test_a_limit_set_elsewhere_binds_a_session_that_claimed_before",
     ),

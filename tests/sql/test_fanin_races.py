@@ -14,7 +14,7 @@ AUDIT = """
 CREATE TABLE queued_log (job_id bigint, at timestamptz DEFAULT clock_timestamp());
 CREATE FUNCTION log_queued() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO queued_log (job_id) SELECT n.id FROM new_rows n JOIN old_rows o USING (id)
+    INSERT INTO public.queued_log (job_id) SELECT n.id FROM new_rows n JOIN old_rows o USING (id)
     WHERE n.state = 'queued' AND o.state <> 'queued';
     RETURN NULL;
 END $$;

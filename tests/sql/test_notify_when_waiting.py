@@ -2,15 +2,17 @@
 
 The handshake (sql/07_notify.sql): a worker about to sleep claims through ``claim_or_wait``,
 which takes the 'waiters' advisory lock exclusively and registers; a queueing transaction
-takes it shared and notifies only if it consumed a registration. The races below are the
+takes it shared and notifies only if it found a registration. The races below are the
 two orders in which a producer and a sleeping worker can meet, each forced with explicit
 transactions and proven by the observed lock wait.
 """
 
 from __future__ import annotations
 
+import asyncio
+
 import asyncpg
-from sqlharness import Connect, lock_wait_kind, sessions, wait_blocked
+from sqlharness import BLOCK_TIMEOUT, Connect, lock_wait_kind, sessions, wait_blocked
 from test_notify import Listener
 
 WHEN_WAITING = "UPDATE pgqueue.settings SET value = 'when_waiting' WHERE name = 'notify'"
@@ -103,6 +105,34 @@ async def test_producer_waits_for_a_registering_worker_and_wakes_it(connect: Con
     await worker.commit()
     await enqueue
     assert await listener.drain(1) == ["q"]
+
+
+async def test_producers_queueing_in_opposite_orders_neither_wait_nor_deadlock(
+    connect: Connect,
+) -> None:
+    """From a fuzzing review: each producer deleted the waiters of its queues, waiting for a
+    registration another uncommitted producer had consumed; two transactions queueing in
+    queues qa and qb in opposite orders (or one completion queueing dependents of both)
+    deadlocked, 40P01. A registration another producer holds is skipped and its worker
+    notified all the same (at most one wake-up more, and none lost if that one rolls back)."""
+    a, b = await sessions(connect, "a", "b")
+    observer = await connect()
+    await observer.execute(WHEN_WAITING)
+    for worker, queue in (("wa", "qa"), ("wb", "qb")):
+        await observer.fetch("SELECT pgqueue.claim_or_wait($1, ARRAY[$2], 1)", worker, queue)
+    listener = await _listener(connect)
+    await a.begin()
+    await b.begin()
+    await a.fetchval(ENQUEUE, "qa")  # consumes wa's registration
+    await b.fetchval(ENQUEUE, "qb")  # consumes wb's
+    crossing = [a.start(a.fetchval(ENQUEUE, "qb")), b.start(b.fetchval(ENQUEUE, "qa"))]
+    done, _ = await asyncio.wait(crossing, timeout=BLOCK_TIMEOUT)
+    assert len(done) == 2, await lock_wait_kind(observer, a)  # it waited: 'transactionid'
+    assert all(isinstance(t.result(), int) for t in crossing)  # 40P01 raised here before
+    await b.rollback()  # wb's registration back: b's notification for qb is gone with it...
+    await a.commit()
+    assert sorted(set(await listener.drain(2))) == ["qa", "qb"]  # ...but a told qb too
+    assert await observer.fetchval("SELECT count(*) FROM pgqueue.notify_waiters") == 1  # wb
 
 
 async def test_bad_notify_setting_is_refused(conn: asyncpg.Connection) -> None:

@@ -100,7 +100,7 @@ async def test_fail_returns_the_state_it_wrote_whatever_a_trigger_does_to_the_ro
         """CREATE TABLE archive AS SELECT * FROM pgqueue.jobs WITH NO DATA;
         CREATE FUNCTION archive_failed() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN
-            INSERT INTO archive SELECT NEW.*;
+            INSERT INTO public.archive SELECT NEW.*;  -- named with its schema: see sql.md
             DELETE FROM pgqueue.jobs WHERE id = NEW.id;
             RETURN NULL;
         END $$;

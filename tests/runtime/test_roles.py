@@ -1,0 +1,196 @@
+"""The grants docs/roles.md gives are enough, and a right lost while running costs no run.
+
+The application's role and the reader's are made here, with the page's own grant blocks, and
+a worker runs as the application's role. The schema belongs to the role that migrated it.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import asyncpg
+import pytest
+from click.testing import CliRunner
+from runtime_helpers import Records
+from worker_harness import dsn_as, wait_for_states
+
+import pgqueue
+from pgqueue.cli import main
+
+ROLES_MD = Path(__file__).resolve().parents[2] / "docs" / "roles.md"
+PASSWORD = "pgqueue-test"  # for servers that ask (a container's); trust ignores it
+
+
+def grants(kind: str, role: str) -> str:
+    """The page's grant block for ``kind`` ("application" or "reader"), given to ``role``."""
+    placeholder = {"application": "pgqueue_app", "reader": "pgqueue_reader"}[kind]
+    for block in re.findall(r"```sql\n(.*?)```", ROLES_MD.read_text(), re.S):
+        if block.startswith(f"-- grants: {kind} "):
+            return block.replace(placeholder, role)
+    raise AssertionError(f"{ROLES_MD.name} has no '-- grants: {kind}' block")
+
+
+@pytest.fixture
+async def roles(conn: asyncpg.Connection, db_dsn: str) -> AsyncIterator[dict[str, str]]:
+    """Login roles with the page's grants: ``app`` and ``reader`` (DSNs) and their names."""
+    suffix = uuid.uuid4().hex[:10]
+    names = {"app": f"pgqueue_test_app_{suffix}", "reader": f"pgqueue_test_reader_{suffix}"}
+    for name in names.values():
+        await conn.execute(f"CREATE ROLE {name} LOGIN PASSWORD '{PASSWORD}'")
+    try:
+        await conn.execute(grants("application", names["app"]))
+        await conn.execute(grants("reader", names["reader"]))
+        yield {
+            "app": dsn_as(db_dsn, names["app"], PASSWORD),
+            "reader": dsn_as(db_dsn, names["reader"], PASSWORD),
+            "app_role": names["app"],
+        }
+    finally:
+        for name in names.values():
+            await conn.execute(f"DROP OWNED BY {name}")  # its grants and default privileges
+            await conn.execute(f"DROP ROLE {name}")
+
+
+async def test_the_documented_grants_run_the_application_and_the_reader(
+    conn: asyncpg.Connection, roles: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = pgqueue.App()
+    ran: list[str] = []
+
+    @app.job("step")
+    async def step(job: pgqueue.Job) -> dict[str, int]:
+        ran.append("step")
+        return {"n": 1}
+
+    @app.job("fan")
+    async def fan(job: pgqueue.Job) -> pgqueue.Result:
+        ran.append("fan")
+        return pgqueue.Result().fan_out(
+            (pgqueue.Spec("step") for _ in range(2)), join=pgqueue.Spec("step")
+        )
+
+    @app.job("boom", max_attempts=1)
+    async def boom(job: pgqueue.Job) -> None:
+        ran.append("boom")
+        raise ValueError("boom")
+
+    as_app = await asyncpg.connect(roles["app"])
+    try:
+        ids = [
+            await app.enqueue(as_app, "step", scope={"s": 1}),
+            await app.enqueue(as_app, "step", scope={"s": 1}, dedup_key="d"),
+            await app.enqueue(as_app, "fan"),
+            await app.enqueue(as_app, "boom"),
+            *await app.enqueue_many(as_app, [{"job_type": "step"}] * 2),
+        ]
+        await as_app.execute("SELECT pgqueue.pause_queue('other'), pgqueue.resume_queue('other')")
+        await as_app.execute("SELECT pgqueue.set_queue_limit('other', 2)")
+        await as_app.execute("SELECT pgqueue.set_queue_limit('other', NULL)")
+    finally:
+        await as_app.close()
+    worker = pgqueue.Worker(
+        app, roles["app"], concurrency=4, until_empty=True, handle_signals=False
+    )
+    with anyio.fail_after(30):
+        await worker.run()
+    states = dict(await conn.fetch("SELECT id, state FROM pgqueue.jobs"))
+    assert [states[i] for i in ids] == ["succeeded"] * 3 + ["failed"] + ["succeeded"] * 2
+    assert sorted(ran) == ["boom", "fan"] + ["step"] * 7  # two fanned out, one join
+    assert list(states.values()).count("succeeded") == 8
+
+    as_reader = await asyncpg.connect(roles["reader"])
+    try:
+        await as_reader.execute("SET default_transaction_read_only = on")
+        for view in ("queue_stats", "running_jobs", "stale_jobs", "pipelines", "current_jobs"):
+            await as_reader.fetch(f"SELECT * FROM pgqueue.{view}")
+        await as_reader.fetch("SELECT * FROM pgqueue.vacuum_blockers")
+    finally:
+        await as_reader.close()
+    monkeypatch.setenv("PGOPTIONS", "-c default_transaction_read_only=on")
+    for command in (["jobs"], ["stats"], ["show", str(ids[3])]):
+        args = [*command, "--dsn", roles["reader"]]
+        out = await anyio.to_thread.run_sync(functools.partial(CliRunner().invoke, main, args))
+        assert out.exit_code == 0, out.output
+
+
+async def test_a_success_the_worker_may_no_longer_write_waits_for_the_right(
+    conn: asyncpg.Connection,
+    roles: dict[str, str],
+    records: tuple[object, Records],
+) -> None:
+    """A right revoked under a running worker (here one that its completion needs and its
+    claim does not) made the success a failed attempt and ran the handler again, up to
+    max_attempts, and then again every so often: the failure could not be written either."""
+    logger, seen = records
+    app = pgqueue.App()
+    calls = 0
+    revoked = anyio.Event()
+
+    @app.job("once")
+    async def once(job: pgqueue.Job) -> None:
+        nonlocal calls
+        calls += 1
+        await revoked.wait()
+
+    job_id = await app.enqueue(conn, "once")
+    worker = pgqueue.Worker(
+        app, roles["app"], concurrency=2, poll_interval=0.5, handle_signals=False, logger=logger
+    )
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        try:
+            await wait_for_states(conn, [job_id], "running")
+            await conn.execute(
+                f"REVOKE SELECT ON pgqueue.job_dependencies FROM {roles['app_role']}"
+            )
+            revoked.set()
+            with anyio.fail_after(15):
+                while not any(  # noqa: ASYNC110 (polling the worker's log records)
+                    "as it is set up" in r.getMessage() for r in seen.records
+                ):
+                    await anyio.sleep(0.05)
+            await conn.execute(f"GRANT SELECT ON pgqueue.job_dependencies TO {roles['app_role']}")
+            await wait_for_states(conn, [job_id], "succeeded")
+        finally:
+            worker.stop()
+    assert calls == 1
+    assert await conn.fetchval("SELECT attempts FROM pgqueue.jobs WHERE id = $1", job_id) == 1
+    line = next(r.getMessage() for r in seen.records if "as it is set up" in r.getMessage())
+    assert "42501" in line and "permission denied for table job_dependencies" in line, line
+
+
+async def test_a_worker_whose_waiting_claims_are_refused_backs_off(
+    conn: asyncpg.Connection,
+    roles: dict[str, str],
+    records: tuple[object, Records],
+) -> None:
+    """With notify = 'when_waiting', a role that may claim but not register as waiting: each
+    plain claim's success ended the outage that the next claim_or_wait began again, so the
+    idle worker claimed, failed and logged a traceback in a loop (4 a second, no backoff)."""
+    logger, seen = records
+    await conn.execute("UPDATE pgqueue.settings SET value = 'when_waiting' WHERE name = 'notify'")
+    await conn.execute(f"REVOKE INSERT, UPDATE ON pgqueue.notify_waiters FROM {roles['app_role']}")
+    worker = pgqueue.Worker(
+        pgqueue.App(), roles["app"], poll_interval=0.2, handle_signals=False, logger=logger
+    )
+
+    def refusals() -> int:
+        return sum("claiming jobs" in r.getMessage() for r in seen.records)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        try:
+            with anyio.fail_after(15):
+                while not refusals():  # noqa: ASYNC110 (polling the worker's log records)
+                    await anyio.sleep(0.05)
+            await anyio.sleep(3)  # a window for the loop to show itself in
+        finally:
+            worker.stop()
+    assert refusals() == 1, [r.getMessage() for r in seen.records]
+    line = next(r.getMessage() for r in seen.records if "claiming jobs" in r.getMessage())
+    assert "as it is set up" in line and "notify_waiters" in line, line
