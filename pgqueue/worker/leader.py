@@ -103,12 +103,20 @@ async def _lead(conn: asyncpg.Connection, key: int) -> bool:
 async def retention_round(pool: asyncpg.Pool, logger: logging.Logger, outage: Outage) -> None:
     """Delete the final jobs past settings.prune_after, a batch per transaction, until a batch
     comes back short (nothing if another worker prunes now); failures go to ``outage``."""
-    pruned = 0
+    pruned, batch = 0, PRUNE_BATCH
     try:
         while True:
-            n = await bounded.call(pool, RECOVERY_TIMEOUT, _prune_in_transaction)
+            try:
+                n = await bounded.call(pool, RECOVERY_TIMEOUT, _prune_in_transaction, batch)
+            except asyncpg.QueryCanceledError:
+                # A statement_timeout of the role shorter than a batch's delete: each round
+                # timed out on the same batch and pruned nothing, for ever. Smaller ones fit.
+                if batch == 1:
+                    raise
+                batch = max(1, batch // 4)
+                continue
             pruned += n
-            if n < PRUNE_BATCH:
+            if n < batch:
                 break
     except Exception as exc:
         outage.failed(exc, "pruning finished jobs")
@@ -118,9 +126,9 @@ async def retention_round(pool: asyncpg.Pool, logger: logging.Logger, outage: Ou
         logger.info("pruned %d finished job(s) past settings.prune_after", pruned)
 
 
-async def _prune_in_transaction(conn: asyncpg.Connection) -> int:
+async def _prune_in_transaction(conn: asyncpg.Connection, batch: int) -> int:
     async with conn.transaction():
         if not await _lead(conn, RETENTION_KEY):
             return 0
-        pruned: int = await conn.fetchval("SELECT pgqueue.prune_expired($1)", PRUNE_BATCH)
+        pruned: int = await conn.fetchval("SELECT pgqueue.prune_expired($1)", batch)
     return pruned

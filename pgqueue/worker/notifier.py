@@ -35,6 +35,12 @@ ABORTS = ""
 # so no worker takes it for one.
 PING_WIDTH = 201
 # The health round trip's period and bound (also the bound on a test notification's trip).
+# The connection is idle by design between health checks: a role's or database's
+# idle_session_timeout (PostgreSQL 14+) ended it every few seconds, an outage logged each time.
+_KEEP_IDLE = (
+    "SELECT set_config('idle_session_timeout', '0', false)"
+    " WHERE current_setting('idle_session_timeout', true) IS NOT NULL"
+)
 HEALTH_INTERVAL = 15.0
 HEALTH_TIMEOUT = 5.0
 
@@ -112,6 +118,7 @@ class Notifier:
 
         conn.add_termination_listener(on_lost)
         with anyio.fail_after(HEALTH_TIMEOUT):  # a LISTEN can hang like any statement
+            await conn.execute(_KEEP_IDLE)
             await conn.add_listener(CHANNEL, self._on_notify)
         self.connects += 1
         backoff.reset()

@@ -22,7 +22,6 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import asyncpg
@@ -35,7 +34,7 @@ from runtime_helpers import (
     refuse_the_success,
     running,
 )
-from worker_harness import wait_for_states, wait_until
+from worker_harness import dsn_as, wait_for_states, wait_until
 
 import pgqueue
 from pgqueue.error_line import error_line
@@ -43,6 +42,7 @@ from pgqueue.migrate import SchemaError
 from pgqueue.worker import executor, heartbeat, leader
 from pgqueue.worker.logs import JsonFormatter
 from pgqueue.worker.producer import Producer
+from pgqueue.worker.retry import Outage
 from pgqueue.worker.worker import FINAL_WRITE_WINDOW
 
 
@@ -1909,6 +1909,36 @@ async def test_workers_delete_finished_jobs_past_prune_after(
     assert left == [recent, waiting]
 
 
+async def test_retention_under_a_short_statement_timeout_prunes_in_smaller_batches(
+    conn: asyncpg.Connection,
+    db_dsn: str,
+    records: tuple[logging.Logger, Records],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """From a review of separate roles: with a statement_timeout (of the role, say) shorter
+    than a batch's delete, every retention round timed out on the same batch and pruned
+    nothing, for ever. A timed-out batch is tried again a quarter the size."""
+    logger, log = records
+    monkeypatch.setattr(leader, "PRUNE_BATCH", 40)
+    await conn.execute(
+        "INSERT INTO pgqueue.jobs (job_type, state, attempts, finished_at, run_after)"
+        " SELECT 'old', 'succeeded', 1, now() - interval '8 days', now() - interval '8 days'"
+        " FROM generate_series(1, 40);"
+        # Each row's delete takes 10 ms: 40 take 400 ms, past the timeout; 10 take 100.
+        "CREATE FUNCTION public.slow_delete() RETURNS trigger LANGUAGE plpgsql"
+        " AS $$ BEGIN PERFORM pg_sleep(0.01); RETURN OLD; END $$;"
+        "CREATE TRIGGER slow_delete BEFORE DELETE ON pgqueue.jobs"
+        " FOR EACH ROW EXECUTE FUNCTION public.slow_delete();"
+    )
+    database = await conn.fetchval("SELECT current_database()")
+    await conn.execute(f"ALTER DATABASE {database} SET statement_timeout = '250ms'")
+    outage = Outage(logger, "retention")
+    async with asyncpg.create_pool(db_dsn, min_size=1, max_size=1) as pool:
+        await leader.retention_round(pool, logger, outage)
+    assert await conn.fetchval("SELECT count(*) FROM pgqueue.jobs") == 0, log.text()
+    assert log.count("pruned 40 finished job(s)") == 1
+
+
 async def test_the_listen_connection_can_go_to_another_dsn(
     conn: asyncpg.Connection, db_dsn: str
 ) -> None:
@@ -1918,9 +1948,7 @@ async def test_the_listen_connection_can_go_to_another_dsn(
     minute)."""
     role = f"pgqueue_listen_{uuid.uuid4().hex[:8]}"
     await conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'listen'")
-    parts = urlsplit(db_dsn)
-    host_and_port = parts.netloc.rpartition("@")[2]  # as written: IPv6 brackets kept
-    listen_dsn = urlunsplit(parts._replace(netloc=f"{role}:listen@{host_and_port}"))
+    listen_dsn = dsn_as(db_dsn, role, "listen")
     app = pgqueue.App()
 
     @app.job("ok")

@@ -92,6 +92,20 @@ async def test_a_worker_hears_its_test_notification_once_per_connection(
             await conn.execute("SELECT pgqueue._check_queue_name('test', $1)", payload)
 
 
+async def test_an_idle_session_timeout_does_not_end_the_listen_connection(
+    conn: asyncpg.Connection, db_dsn: str, records: tuple[logging.Logger, Records]
+) -> None:
+    """From a review of separate roles: a role's idle_session_timeout ended the LISTEN
+    connection, idle between health checks, every few seconds: an outage logged each time."""
+    logger, log = records
+    await conn.execute(f"ALTER DATABASE {_database(db_dsn)} SET idle_session_timeout = '300ms'")
+    async with _notifier(db_dsn, None, logger) as (listener, _wake):
+        await listener.listening.wait()
+        await anyio.sleep(1.0)  # three idle_session_timeouts
+        assert listener.connects == 1, log.text()
+    assert log.count("database unavailable") == 0
+
+
 async def test_test_notifications_wake_no_producer(
     conn: asyncpg.Connection, db_dsn: str, records: tuple[logging.Logger, Records]
 ) -> None:
