@@ -82,12 +82,25 @@ _VERSION_TABLE_COMMENTS = (
 def _migrate(connection: Connection) -> None:
     # One transaction for everything: concurrent `pgqueue migrate` runs queue on
     # this lock, and the later one finds the version table already at head.
-    # Waited for without the role's lock_timeout (a migration role often has one, for its
-    # DDL): the wait is for another migrate, which it must outlast. Set again after it.
-    timeout = connection.execute(text("SELECT current_setting('lock_timeout')")).scalar_one()
-    connection.execute(text("SET LOCAL lock_timeout = 0"))
+    # Waited for without the role's lock_timeout or statement_timeout (a migration role often
+    # has them, for its DDL): the wait is for another migrate, which it must outlast. Both are
+    # set again after it, for the migration's own statements.
+    timeouts = connection.execute(
+        text("SELECT current_setting('lock_timeout'), current_setting('statement_timeout')")
+    ).one()
+    connection.execute(
+        text(
+            "SELECT set_config('lock_timeout', '0', true),"
+            " set_config('statement_timeout', '0', true)"
+        )
+    )
     connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
-    connection.execute(text("SELECT set_config('lock_timeout', :v, true)"), {"v": timeout})
+    connection.execute(
+        text(
+            "SELECT set_config('lock_timeout', :l, true), set_config('statement_timeout', :s, true)"
+        ),
+        {"l": timeouts[0], "s": timeouts[1]},
+    )
     if connection.execute(text("SELECT to_regnamespace('pgqueue') IS NULL")).scalar_one():
         connection.execute(text("CREATE SCHEMA IF NOT EXISTS pgqueue"))
     elif not _revision_recorded(connection):

@@ -350,13 +350,17 @@ async def test_a_migration_that_waited_for_another_sees_its_schema_under_repeata
 async def test_a_migration_waits_for_another_past_the_roles_lock_timeout(
     empty_db_dsn: str,
 ) -> None:
-    """From a review: migration roles often carry a lock_timeout (for their DDL), and pods
-    migrating together then failed: the one waiting for the other's lock gave up."""
+    """From a review: migration roles often carry a lock_timeout or a statement_timeout (for
+    their DDL), and pods migrating together then failed: the one waiting for the other's
+    lock gave up."""
     admin = await asyncpg.connect(empty_db_dsn)
     ahead = await asyncpg.connect(empty_db_dsn)
     try:
         name = await admin.fetchval("SELECT current_database()")
-        await admin.execute(f"ALTER DATABASE {name} SET lock_timeout = '100ms'")
+        await admin.execute(
+            f"ALTER DATABASE {name} SET lock_timeout = '100ms'; ALTER DATABASE {name}"
+            " SET statement_timeout = '200ms'"
+        )
         tx = ahead.transaction()
         await tx.start()
         await ahead.execute("SELECT pg_advisory_xact_lock($1)", migrate.MIGRATION_LOCK_KEY)

@@ -4541,8 +4541,10 @@ COMMENT ON FUNCTION pgqueue.enqueue_periodic(text, timestamptz, jsonb) IS
 -- ==== sql/10_search_path.sql ====
 -- =============================================================================
 -- pgqueue: a pinned search path
--- Every function a caller reaches, the public ones and the triggers, runs with
--- search_path = pg_catalog, pg_temp; the helpers they call run under it too.
+-- Every function a caller reaches, the public ones, the triggers and the two
+-- internal ones the Python package calls itself (_fail, _lock_pause), runs with
+-- search_path = pg_catalog, pg_temp; the helpers they call run under it too
+-- (pinning those as well would cost a SET per nested call).
 -- pgqueue names its own objects with their schema but calls built-ins by bare
 -- name (cardinality, array_agg, unnest, ...). Under a caller's search path a
 -- function in another schema that takes the exact argument type, say
@@ -4560,7 +4562,8 @@ BEGIN
     FOR f IN
         SELECT p.oid FROM pg_proc p
         WHERE p.pronamespace = 'pgqueue'::regnamespace
-          AND (p.proname !~ '^_' OR p.prorettype = 'trigger'::regtype)
+          AND (p.proname !~ '^_' OR p.prorettype = 'trigger'::regtype
+               OR p.proname IN ('_fail', '_lock_pause'))
     LOOP
         EXECUTE format('ALTER FUNCTION %s SET search_path = pg_catalog, pg_temp', f);
     END LOOP;

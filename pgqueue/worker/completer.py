@@ -59,6 +59,7 @@ from pgqueue.worker.retry import (
     Outage,
     is_connection_error,
     is_retryable,
+    is_setup_error,
     is_transient_error,
 )
 from pgqueue.worker.wake import Wake
@@ -345,7 +346,10 @@ class Completer:
         every time, and retrying it would stall every success of this worker. A single
         write cut short again goes to :meth:`_retry_alone`, unless ``alone`` (it is that
         retry, its first try bounded by ``bound``, default :data:`WRITE_TIMEOUT`), in which
-        case it retries such errors itself.
+        case it retries such errors itself. So does one that meets an error of the set-up
+        (:func:`~pgqueue.worker.retry.is_setup_error`): a privilege revoked holds up every
+        write alike, but a trigger of yours raising such an error for one row holds up that
+        job's alone.
 
         A job missing from ``complete_many``'s answer is either no longer held by this
         worker (lease lost) or already completed by this worker: by an earlier try whose
@@ -378,7 +382,7 @@ class Completer:
                         self._give_up(batch[n:], logged=False)
                         break
                     await self._flush([item], alone=False)
-            elif is_transient_error(exc):  # cut short, not refused
+            elif is_retryable(exc):  # cut short, or held up by the set-up: not refused
                 no_answer = isinstance(exc, bounded.NoAnswer)
                 self._retry_alone(batch[0], _stretched(bound) if no_answer else WRITE_TIMEOUT)
             else:
@@ -473,8 +477,8 @@ class Completer:
                         raise
                     retried = True
                     outage.failed(exc, f"recording {what}")
-                    if not whole and _cut_short(exc):
-                        raise
+                    if not whole and (_cut_short(exc) or is_setup_error(exc)):
+                        raise  # split: one job's trigger, say, must not hold up the rest
                     if isinstance(exc, bounded.NoAnswer):
                         bound = _stretched(bound)
                     left = max(0.0, self.give_up_at - time.monotonic())

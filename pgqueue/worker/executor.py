@@ -816,12 +816,15 @@ def _traceback(exc: BaseException) -> str:
 class _IgnoredTimeout:
     """Calls ``executor._ignores_timeout`` :data:`IGNORED_TIMEOUT_WARNING` seconds past the
     job's timeout, unless cancelled first. A timer that fires late (the loop was held up: a
-    SIGSTOP, a paused container, a blocking call) is set again instead: the timeout's own
-    cancellation came due in the same pass and has not reached the handler yet, and every
-    handler so held up was said to catch its cancellation."""
+    SIGSTOP, a paused container, a blocking call) is set again instead, once: the timeout's
+    own cancellation came due in the same pass and has not reached the handler yet, and every
+    handler so held up was said to catch its cancellation. (Once only: a handler that
+    catches its cancellation and blocks the loop for seconds at a time would otherwise make
+    every firing late, and never be named.)"""
 
     def __init__(self, executor: Executor, job: Job, timeout: float) -> None:
         self.executor, self.job, self.timeout = executor, job, timeout
+        self.set_again = False
         self._set(timeout + IGNORED_TIMEOUT_WARNING)
 
     def _set(self, delay: float) -> None:
@@ -830,7 +833,8 @@ class _IgnoredTimeout:
         self.handle = loop.call_later(delay, self._fire)
 
     def _fire(self) -> None:
-        if asyncio.get_running_loop().time() - self.due > _LATE_TIMER:
+        if not self.set_again and asyncio.get_running_loop().time() - self.due > _LATE_TIMER:
+            self.set_again = True
             self._set(IGNORED_TIMEOUT_WARNING)
         else:
             self.executor._ignores_timeout(self.job, self.timeout)

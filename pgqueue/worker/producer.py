@@ -23,6 +23,7 @@ from pgqueue.dsn import id_array
 from pgqueue.job import Job, job_from_row
 from pgqueue.worker import bounded
 from pgqueue.worker.executor import Executor
+from pgqueue.worker.heartbeat import Period
 from pgqueue.worker.retry import Backoff, Outage, is_connection_error
 from pgqueue.worker.wake import Wake
 
@@ -85,8 +86,10 @@ class Producer:
         logger: logging.Logger,
         batch_window: float = 0.005,
         until_empty: bool = False,
+        period: Period | None = None,
     ) -> None:
         self.pool = pool
+        self.period = period  # the heartbeat's: a claim's reply later than it is checked
         self.executor = executor
         self.wake = wake
         self.worker_id = worker_id
@@ -231,7 +234,7 @@ class Producer:
             sent = time.monotonic()
             with anyio.fail_after(STATEMENT_TIMEOUT):
                 rows = await conn.fetch(query, self.worker_id, self.queues, batch_size)
-                if rows and time.monotonic() - sent > LEASE_CHECK_AFTER:
+                if rows and time.monotonic() - sent > self._lease_check_after():
                     rows = await self._still_held(conn, rows, time.monotonic() - sent)
             self._claim_unknown = False
         except Exception as exc:
@@ -257,11 +260,19 @@ class Producer:
         # registers the worker as waiting: a privilege the plain claim does not need). It
         # did, and a worker whose every claim_or_wait failed claimed, waited and failed in
         # a loop without backoff, a traceback each time.
-        if wait or not self._wait_failed:
+        if wait or not (self._wait_failed and self.when_waiting):
             self._wait_failed = False
             self._outage.ok()
             self._backoff.reset()
         return [job_from_row(row) for row in rows]
+
+    def _lease_check_after(self) -> float:
+        """Seconds after which a claim's reply may come too late for its leases: at most
+        :data:`LEASE_CHECK_AFTER`, and less under a short ``stale_after`` (its heartbeat
+        period, a quarter of it)."""
+        if self.period is None:
+            return LEASE_CHECK_AFTER
+        return min(LEASE_CHECK_AFTER, self.period.seconds)
 
     async def _still_held(
         self, conn: asyncpg.pool.PoolConnectionProxy, rows: list[asyncpg.Record], took: float

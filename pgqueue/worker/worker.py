@@ -207,6 +207,7 @@ class Worker:
             poll_interval=self.poll_interval,
             logger=self.logger,
             until_empty=self.until_empty,
+            period=period,
         )
         if self._stop_requested:
             producer.stop()

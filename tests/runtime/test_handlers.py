@@ -399,6 +399,40 @@ async def test_a_handler_held_up_with_its_worker_is_not_said_to_catch_its_cancel
     )
 
 
+async def test_a_handler_catching_its_cancellation_while_blocking_the_loop_is_named(
+    conn: asyncpg.Connection,
+    db_dsn: str,
+    records: tuple[logging.Logger, Records],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The warning's timer, set again when it fires late, is set again once: a handler that
+    catches its cancellation and blocks the loop for seconds at a time made every firing
+    late, and was never named (a review of that change)."""
+    monkeypatch.setattr(executor, "IGNORED_TIMEOUT_WARNING", 0.2)
+    logger, log = records
+    app = pgqueue.App()
+    release = threading.Event()
+
+    @app.job("stubborn", timeout=0.1, max_attempts=1)
+    async def stubborn(job: pgqueue.Job) -> None:
+        while not release.is_set():
+            try:
+                await asyncio.sleep(0)
+            except asyncio.CancelledError:
+                pass
+            time.sleep(1.2)  # noqa: ASYNC251 (blocks the loop past the late-timer mark)
+
+    job_id = await app.enqueue(conn, "stubborn")
+    async with running(app, db_dsn, logger=logger):
+        try:
+            await wait_until(
+                functools.partial(log.logged, "0.2s past its timeout of 0.1s"), within=15
+            )
+        finally:
+            release.set()
+        await wait_for_states(conn, [job_id], "failed")
+
+
 async def test_a_job_whose_row_python_cannot_read_fails_and_the_others_run(
     conn: asyncpg.Connection, db_dsn: str
 ) -> None:

@@ -58,3 +58,48 @@ async def test_refused_success_fails_the_attempt(conn: asyncpg.Connection, db_ds
     assert by_id[bad]["last_error"].startswith("could not record the result: no poison here")
     # Every slot was freed: the worker stopped at once with nothing left running.
     assert await conn.fetchval("SELECT count(*) FROM pgqueue.jobs WHERE state = 'running'") == 0
+
+
+async def test_a_set_up_error_for_one_success_holds_up_that_job_alone(
+    conn: asyncpg.Connection, db_dsn: str
+) -> None:
+    """A trigger of yours raising an error of the set-up's kind (here 42501, a per-row
+    authorization check) for one success: its write is retried until the trigger lets it
+    through, and the batch it came in is written without it. Retried whole, the batch held
+    up every success of the worker (found by a review of the change that retries such errors
+    instead of failing the attempt)."""
+    app = pgqueue.App()
+    release = anyio.Event()
+    runs: list[int] = []
+
+    @app.job("ok")
+    async def ok(job: pgqueue.Job) -> None:
+        runs.append(job.id)
+        await release.wait()  # finish together, so the held one shares their batch
+
+    await conn.execute(
+        """CREATE FUNCTION public.check_owner() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN RAISE EXCEPTION 'not yours' USING ERRCODE = 'insufficient_privilege'; END $$;
+        CREATE TRIGGER check_owner BEFORE UPDATE ON pgqueue.jobs FOR EACH ROW
+        WHEN (NEW.state = 'succeeded' AND NEW.payload ? 'foreign')
+        EXECUTE FUNCTION public.check_owner();"""
+    )
+    good = [await app.enqueue(conn, "ok") for _ in range(5)]
+    held = await app.enqueue(conn, "ok", {"foreign": True})
+    worker = pgqueue.Worker(app, db_dsn, concurrency=10, poll_interval=0.5, handle_signals=False)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        try:
+            await wait_for_states(conn, [*good, held], "running")
+            release.set()
+            await wait_for_states(conn, good, "succeeded")
+            late = await app.enqueue(conn, "ok")  # and the worker goes on claiming
+            await wait_for_states(conn, [late], "succeeded")
+            assert await conn.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", held) == (
+                "running"
+            )
+            await conn.execute("DROP TRIGGER check_owner ON pgqueue.jobs")
+            await wait_for_states(conn, [held], "succeeded")
+        finally:
+            worker.stop()
+    assert sorted(runs) == sorted([*good, held, late])  # each ran once

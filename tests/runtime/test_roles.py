@@ -21,6 +21,8 @@ from worker_harness import dsn_as, wait_for_states
 
 import pgqueue
 from pgqueue.cli import main
+from pgqueue.worker.producer import Producer
+from pgqueue.worker.retry import is_setup_error
 
 ROLES_MD = Path(__file__).resolve().parents[2] / "docs" / "roles.md"
 PASSWORD = "pgqueue-test"  # for servers that ask (a container's); trust ignores it
@@ -168,29 +170,71 @@ async def test_a_worker_whose_waiting_claims_are_refused_backs_off(
     conn: asyncpg.Connection,
     roles: dict[str, str],
     records: tuple[object, Records],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """With notify = 'when_waiting', a role that may claim but not register as waiting: each
     plain claim's success ended the outage that the next claim_or_wait began again, so the
-    idle worker claimed, failed and logged a traceback in a loop (4 a second, no backoff)."""
+    idle worker claimed, failed and logged a traceback in a loop (4 a second, no backoff).
+    Switched back to 'always', a later outage of the plain claims is logged again."""
     logger, seen = records
+    waits = 0
+    claim = Producer._claim
+
+    async def counted(self: Producer, batch_size: int, *, wait: bool) -> list[pgqueue.Job] | None:
+        nonlocal waits
+        waits += wait
+        return await claim(self, batch_size, wait=wait)
+
+    monkeypatch.setattr(Producer, "_claim", counted)
+    app_role = roles["app_role"]
     await conn.execute("UPDATE pgqueue.settings SET value = 'when_waiting' WHERE name = 'notify'")
-    await conn.execute(f"REVOKE INSERT, UPDATE ON pgqueue.notify_waiters FROM {roles['app_role']}")
+    await conn.execute(f"REVOKE INSERT, UPDATE ON pgqueue.notify_waiters FROM {app_role}")
     worker = pgqueue.Worker(
         pgqueue.App(), roles["app"], poll_interval=0.2, handle_signals=False, logger=logger
     )
 
-    def refusals() -> int:
-        return sum("claiming jobs" in r.getMessage() for r in seen.records)
+    def logged(text: str) -> int:
+        return sum(text in r.getMessage() for r in seen.records)
+
+    async def until_logged(text: str, times: int) -> None:
+        with anyio.fail_after(15):
+            while logged(text) < times:  # noqa: ASYNC110 (polling the worker's log records)
+                await anyio.sleep(0.05)
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(worker.run)
         try:
-            with anyio.fail_after(15):
-                while not refusals():  # noqa: ASYNC110 (polling the worker's log records)
-                    await anyio.sleep(0.05)
+            await until_logged("claiming jobs", 1)
             await anyio.sleep(3)  # a window for the loop to show itself in
+            assert logged("claiming jobs") == 1
+            assert waits <= 10, waits  # backing off: 0.1 s, 0.2, 0.4, ... (some 30 without)
+            await conn.execute("UPDATE pgqueue.settings SET value = 'always' WHERE name = 'notify'")
+            await conn.execute(f"GRANT INSERT, UPDATE ON pgqueue.notify_waiters TO {app_role}")
+            await until_logged("producer: working again", 1)
+            await conn.execute(f"REVOKE UPDATE ON pgqueue.jobs FROM {app_role}")
+            await until_logged("claiming jobs", 2)
         finally:
             worker.stop()
-    assert refusals() == 1, [r.getMessage() for r in seen.records]
-    line = next(r.getMessage() for r in seen.records if "claiming jobs" in r.getMessage())
-    assert "as it is set up" in line and "notify_waiters" in line, line
+    lines = [r.getMessage() for r in seen.records if "claiming jobs" in r.getMessage()]
+    assert "as it is set up" in lines[0] and "notify_waiters" in lines[0], lines
+    assert "permission denied for table jobs" in lines[1], lines
+
+
+@pytest.mark.parametrize(
+    ("error", "set_up"),
+    [
+        (asyncpg.exceptions.InsufficientPrivilegeError, True),  # 42501: a GRANT missing
+        (asyncpg.exceptions.UndefinedTableError, True),  # 42P01: a trigger's table gone
+        (asyncpg.exceptions.AmbiguousFunctionError, True),  # 42725: a shadowing function
+        (asyncpg.exceptions.ReadOnlySQLTransactionError, True),  # 25006: a standby
+        (asyncpg.exceptions.InvalidAuthorizationSpecificationError, True),  # 28000: NOLOGIN
+        (asyncpg.exceptions.InvalidPasswordError, True),  # 28P01: a rotated password
+        (asyncpg.exceptions.CheckViolationError, False),  # 23514: the values
+        (asyncpg.exceptions.UntranslatableCharacterError, False),  # 22P05
+        (asyncpg.exceptions.RaiseError, False),  # P0001: a trigger of yours refusing a row
+        (asyncpg.exceptions.NoDataFoundError, False),  # P0002: SELECT INTO STRICT in one
+        (asyncpg.exceptions.ProgramLimitExceededError, False),  # 54000: a row too big
+    ],
+)
+def test_which_errors_wait_for_an_operator(error: type[Exception], set_up: bool) -> None:
+    assert is_setup_error(error("message")) is set_up

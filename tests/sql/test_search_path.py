@@ -8,10 +8,14 @@ have a superuser's psql session or every worker run its code.
 
 from __future__ import annotations
 
+import re
 import uuid
+from pathlib import Path
 
 import asyncpg
 import pytest
+
+import pgqueue
 
 # Each shadow raises: reached from inside pgqueue, it fails the call that reached it.
 SHADOWS = """
@@ -49,6 +53,10 @@ WORKLOAD = [
     "SELECT pgqueue.complete(min(id), 'w', '{}', '[{\"job_type\": \"d\"}]') FROM pgqueue.jobs"
     " WHERE state = 'running'",
     "SELECT pgqueue.fail(min(id), 'w', 'boom', interval '0') FROM pgqueue.jobs WHERE state = 'running'",
+    "SELECT count(*) FROM pgqueue.claim_next('w', NULL, 10)",
+    # What the worker and the CLI call: a final failure cancels the job's dependents.
+    "SELECT pgqueue._fail(min(id), 'w', 'boom', NULL) FROM pgqueue.jobs WHERE state = 'running'",
+    "SELECT pgqueue._lock_pause(ARRAY['q1', 'q2'])",
     "SELECT pgqueue.snooze(min(id), 'w', interval '1 hour') FROM pgqueue.jobs WHERE state = 'running'",
     "SELECT pgqueue.release(min(id), 'w') FROM pgqueue.jobs WHERE state = 'running'",
     "SELECT pgqueue.abort(min(id)) FROM pgqueue.jobs WHERE state = 'running'",
@@ -85,13 +93,32 @@ async def test_a_function_shadowing_a_builtin_is_never_called(conn: asyncpg.Conn
             pytest.fail(f"{statement}: {exc}")
 
 
+def _called_by_the_package() -> list[str]:
+    """The internal functions the Python package calls by name (``pgqueue._fail(``)."""
+    package = Path(pgqueue.__file__).parent
+    code = [
+        line
+        for path in package.rglob("*.py")
+        for line in path.read_text("utf-8").splitlines()
+        if not line.lstrip().startswith("#")
+    ]
+    return sorted({name for line in code for name in CALLED.findall(line)})
+
+
+CALLED = re.compile(r"pgqueue\.(_[a-z_]+)\(")
+
+
 async def test_every_function_a_caller_reaches_pins_its_search_path(
     conn: asyncpg.Connection,
 ) -> None:
+    called = _called_by_the_package()
+    assert "_fail" in called  # the search finds them
     unpinned = await conn.fetch(
         """SELECT p.oid::regprocedure::text AS f FROM pg_proc p
            WHERE p.pronamespace = 'pgqueue'::regnamespace
-             AND (p.proname !~ '^_' OR p.prorettype = 'trigger'::regtype OR p.prosecdef)
-             AND NOT coalesce('search_path=pg_catalog, pg_temp' = ANY (p.proconfig), false)"""
+             AND (p.proname !~ '^_' OR p.prorettype = 'trigger'::regtype OR p.prosecdef
+                  OR p.proname = ANY ($1::text[]))
+             AND NOT coalesce('search_path=pg_catalog, pg_temp' = ANY (p.proconfig), false)""",
+        called,
     )
     assert [r["f"] for r in unpinned] == []
