@@ -95,6 +95,11 @@ def _migrate(connection: Connection) -> None:
         )
     )
     connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+    # pgqueue's SQL names its own objects with their schema and calls built-ins by name: under
+    # the migrating role's own path, a function in another schema taking the exact argument
+    # type (public.format(text, regprocedure)) would run as that role, and could undo the
+    # pinned search paths of sql/10_search_path.sql.
+    connection.execute(text("SELECT set_config('search_path', 'pg_catalog, pg_temp', true)"))
     connection.execute(
         text(
             "SELECT set_config('lock_timeout', :l, true), set_config('statement_timeout', :s, true)"

@@ -1,7 +1,8 @@
 -- =============================================================================
 -- pgqueue: a pinned search path
--- Every function a caller reaches, the public ones, the triggers and the two
--- internal ones the Python package calls itself (_fail, _lock_pause), runs with
+-- Every function a caller reaches, the public ones, the triggers, the two internal
+-- ones the Python package calls itself (_fail, _lock_pause) and the one a CHECK
+-- constraint calls on every settings write (_setting_valid), runs with
 -- search_path = pg_catalog, pg_temp; the helpers they call run under it too
 -- (pinning those as well would cost a SET per nested call).
 -- pgqueue names its own objects with their schema but calls built-ins by bare
@@ -22,9 +23,9 @@ BEGIN
         SELECT p.oid FROM pg_proc p
         WHERE p.pronamespace = 'pgqueue'::regnamespace
           AND (p.proname !~ '^_' OR p.prorettype = 'trigger'::regtype
-               OR p.proname IN ('_fail', '_lock_pause'))
+               OR p.proname IN ('_fail', '_lock_pause', '_setting_valid'))
     LOOP
-        EXECUTE format('ALTER FUNCTION %s SET search_path = pg_catalog, pg_temp', f);
+        EXECUTE pg_catalog.format('ALTER FUNCTION %s SET search_path = pg_catalog, pg_temp', f);
     END LOOP;
 END
 $$;

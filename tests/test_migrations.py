@@ -408,6 +408,30 @@ async def test_a_schema_created_beforehand_for_the_migrating_role(empty_db_dsn: 
         await conn.close()
 
 
+async def test_a_migration_runs_no_function_of_the_migrating_roles_search_path(
+    empty_db_dsn: str,
+) -> None:
+    """From a review: the migration ran under the migrating role's path, where a function
+    taking the exact argument type (here format(text, regprocedure) in public, which a role
+    allowed to create there could add) beat the built-in: it ran as the migrating role, and
+    could switch off the pinned search paths of sql/10_search_path.sql."""
+    conn = await asyncpg.connect(empty_db_dsn)
+    try:
+        for args in ("text, regprocedure", "text, text, text"):
+            await conn.execute(
+                f"""CREATE FUNCTION public.format({args}) RETURNS text LANGUAGE plpgsql
+                    AS $$ BEGIN RAISE EXCEPTION 'a shadowing function ran'; END $$"""
+            )
+        await anyio.to_thread.run_sync(migrate.upgrade, empty_db_dsn)
+        unpinned = await conn.fetchval(
+            "SELECT count(*) FROM pg_proc WHERE pronamespace = 'pgqueue'::regnamespace"
+            " AND proname !~ '^_' AND proconfig IS NULL"
+        )
+        assert unpinned == 0
+    finally:
+        await conn.close()
+
+
 def test_an_extension_in_the_schema_is_named_as_one(empty_db_dsn: str) -> None:
     """Its functions were listed one by one (function armor, function armor, ...)."""
 

@@ -112,6 +112,10 @@ def _cut_short(exc: BaseException) -> bool:
     )
 
 
+async def _write_nothing(conn: asyncpg.Connection, worker_id: str) -> None:
+    await conn.execute(_COMPLETE_MANY, worker_id, "{}", [], [], LOCK_WAIT)
+
+
 def _describe(ids: list[int]) -> str:
     """The successes of these jobs, for log lines."""
     if len(ids) == 1:
@@ -336,7 +340,12 @@ class Completer:
         return (GIVEN_UP, None) if outcome is _GIVEN_UP else outcome
 
     async def _flush(
-        self, batch: list[Success], *, alone: bool, bound: float | None = None
+        self,
+        batch: list[Success],
+        *,
+        alone: bool,
+        bound: float | None = None,
+        hold: bool = False,
     ) -> None:
         """Write one batch; if PostgreSQL refuses it, write its jobs one by one to find why.
 
@@ -374,8 +383,15 @@ class Completer:
                     done.update(row[0] for row in rows)
                 return done
 
-            held = await self._write(what, op, whole=alone, bound=bound, set_aside=alone)
+            held = await self._write(what, op, whole=alone or hold, bound=bound, set_aside=alone)
         except Exception as exc:
+            if is_setup_error(exc) and not await self._writes_go_through():
+                # A write of no job meets it too: every write would (a privilege revoked, a
+                # role made NOLOGIN, a failover to a read-only server). Waited out here, the
+                # batch whole: split, each job retried on its own, it was a storm of failing
+                # statements and logins (135 a second at 500 successes).
+                await self._flush(batch, alone=False, bound=bound, hold=True)
+                return
             if len(batch) > 1:
                 for n, item in enumerate(batch):
                     if time.monotonic() >= self.give_up_at:  # not a try each, past the window
@@ -396,6 +412,16 @@ class Completer:
         for item in batch:
             self._in_flight -= 1  # counted down first: the callback sees what is left
             recorded(item, item.job.id in held)
+
+    async def _writes_go_through(self) -> bool:
+        """Does a success write of no job go through? It meets what every write meets (the
+        rights on pgqueue.jobs, a read-only session, a login refused), and no trigger's
+        refusal of one row."""
+        try:
+            await bounded.call(self.pool, WRITE_TIMEOUT, _write_nothing, self.worker_id)
+        except Exception:
+            return False
+        return True
 
     def _give_up(self, items: list[Success], *, logged: bool) -> None:
         """Report successes left unwritten at shutdown (their jobs stay running under this

@@ -48,14 +48,15 @@ _READ_ONE = f"SELECT {_COLUMNS} FROM pgqueue.jobs WHERE id = $1"
 _FAIL = "SELECT pgqueue.fail(job_id => $1, worker => $2, error => $3)"
 # Before sleeping: the same claim, registered as waiting (settings.notify = when_waiting).
 _CLAIM_OR_WAIT = f"SELECT {_COLUMNS} FROM pgqueue.claim_or_wait({_ARGS})"
-# A claim whose reply came this many seconds after it was sent has its leases renewed, and
-# checked, before any handler starts (see Producer._still_held).
+# A claim whose reply came this many seconds after it was sent has its leases checked before
+# any handler starts (see Producer._still_held).
 LEASE_CHECK_AFTER = 1.0
-# Renews the lease of each claimed job still running under this worker, as a heartbeat does.
+# A read, not a renewal: an UPDATE waited for row locks (an application transaction holding
+# a claimed job FOR SHARE while it enqueues a dependent), and the producer with it. The
+# heartbeat, woken by the same hold-up, renews the leases.
 _STILL_HELD = """
-UPDATE pgqueue.jobs SET locked_at = now()
-WHERE id = ANY ($1::text::bigint[]) AND state = 'running' AND locked_by = $2
-RETURNING id"""
+SELECT id FROM pgqueue.jobs
+WHERE id = ANY ($1::text::bigint[]) AND state = 'running' AND locked_by = $2"""
 _UNREGISTER = "DELETE FROM pgqueue.notify_waiters WHERE worker = $1"
 # Seconds until the earliest scheduled job of our queues, on the database's clock, and
 # whether producers notify only waiting workers (settings.notify).
@@ -277,7 +278,7 @@ class Producer:
     async def _still_held(
         self, conn: asyncpg.pool.PoolConnectionProxy, rows: list[asyncpg.Record], took: float
     ) -> list[asyncpg.Record]:
-        """The claimed rows whose jobs still run under this worker, their leases renewed.
+        """The claimed rows whose jobs still run under this worker.
 
         A worker held up between a claim and its reply (a paused container, a SIGSTOP, a
         starved host) for longer than ``stale_after`` found its jobs recovered, and often

@@ -41,12 +41,13 @@ _INTERRUPTIONS: tuple[type[BaseException], ...] = (
 # 42725 when a function in a schema on the search path shadows a built-in), a read-only
 # session (25006: a standby, default_transaction_read_only) or another isolation level (25),
 # a feature turned off (0A), a database or schema gone (3D, 3F), an object in the wrong state
-# (55), a system or internal error (58, XX), a broken routine (2F, 38, 39), a role that may
+# (55), a system or internal error (58, XX), a broken routine (2F, 39), a role that may
 # no longer log in (28: NOLOGIN, a password rotated, pg_hba.conf, met by a new pooled
 # connection). An operator's fix makes the same statement succeed. Taken for a refusal of an
 # outcome, each one failed the attempt and ran the handler again, without end. (A trigger of
-# yours raising one of these for one row holds that job's outcome alone: see the completer.)
-_SETUP_CLASSES = frozenset({"42", "25", "0A", "3D", "3F", "55", "58", "XX", "2F", "38", "39", "28"})
+# yours raising one of these for one row holds that job's outcome alone: see the completer.
+# Not class 38: PL/Python reports a trigger's uncaught exception, its refusal of a row, so.)
+_SETUP_CLASSES = frozenset({"42", "25", "0A", "3D", "3F", "55", "58", "XX", "2F", "39", "28"})
 
 
 def is_setup_error(exc: BaseException) -> bool:

@@ -314,7 +314,9 @@ class Worker:
             await completer.flushed()
         if len(executor.running) > executor.in_threads:
             self.logger.warning(
-                "grace period over: cancelling and releasing %d job(s)",
+                # Released unless the handler returns meanwhile (its outcome is then recorded).
+                "grace period over: cancelling %d running job(s) and releasing those that do"
+                " not return first",
                 len(executor.running) - executor.in_threads,
             )
         if executor.in_threads:

@@ -32,6 +32,8 @@ CREATE FUNCTION shadow.unnest(text[]) RETURNS SETOF text LANGUAGE sql
 CREATE FUNCTION shadow.agg_step(bigint[], bigint) RETURNS bigint[] LANGUAGE sql
     AS 'SELECT ARRAY[shadow.trap()::bigint]';
 CREATE AGGREGATE shadow.array_agg(bigint) (SFUNC = shadow.agg_step, STYPE = bigint[]);
+CREATE FUNCTION shadow.format(text, text, text) RETURNS text LANGUAGE sql
+    AS 'SELECT shadow.trap()::text';
 """
 
 # Every public function, and a hand write of each kind to jobs (its triggers).
@@ -78,6 +80,8 @@ WORKLOAD = [
     "SELECT pgqueue.prune(interval '0')",
     "SELECT pgqueue.prune_expired(100)",
     "SELECT count(*) FROM pgqueue.queue_stats",
+    # The settings' CHECK calls pgqueue._setting_valid, which formats its message.
+    "UPDATE pgqueue.settings SET value = '6 minutes' WHERE name = 'stale_after'",
 ]
 
 
