@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -306,6 +308,39 @@ def test_a_schema_holding_objects_of_another_is_not_installed_into(empty_db_dsn:
     assert anyio.run(version, empty_db_dsn) == []
 
 
+# The migrations waiting for the lock (pg_locks), besides the one the test holds.
+_WAITING = (
+    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+    " AND pid <> pg_backend_pid()"
+)
+
+
+@contextlib.asynccontextmanager
+async def _migration_behind_another(
+    dsn: str, admin: asyncpg.Connection
+) -> AsyncIterator[tuple[asyncpg.Connection, asyncpg.transaction.Transaction]]:
+    """A migration of ``dsn`` started in a task, and waiting (observed) for the migration
+    lock that a transaction of the test holds; yields that transaction's connection and the
+    transaction (commit it to let the migration go). The block ends when the migration has."""
+    ahead = await asyncpg.connect(dsn)
+    try:
+        tx = ahead.transaction()
+        await tx.start()
+        await ahead.execute("SELECT pg_advisory_xact_lock($1)", migrate.MIGRATION_LOCK_KEY)
+        async with anyio.create_task_group() as tg:
+
+            async def upgrade() -> None:
+                await anyio.to_thread.run_sync(migrate.upgrade, dsn)
+
+            tg.start_soon(upgrade)
+            with anyio.fail_after(30):  # until it waits for the lock, observed
+                while not await admin.fetchval(_WAITING):  # noqa: ASYNC110 (polling pg_locks)
+                    await anyio.sleep(0.02)
+            yield ahead, tx
+    finally:
+        await ahead.close()
+
+
 async def test_a_migration_that_waited_for_another_sees_its_schema_under_repeatable_read(
     empty_db_dsn: str,
 ) -> None:
@@ -313,27 +348,13 @@ async def test_a_migration_that_waited_for_another_sees_its_schema_under_repeata
     was taken before the lock it waits for was granted, so it did not see the schema the
     migration ahead of it committed: "relation alembic_version already exists"."""
     admin = await asyncpg.connect(empty_db_dsn)
-    ahead = await asyncpg.connect(empty_db_dsn)
     try:
         name = await admin.fetchval("SELECT current_database()")
         await admin.execute(
             f"ALTER DATABASE {name} SET default_transaction_isolation = 'repeatable read'"
         )
         up = (migrations_dir() / "versions" / "0001_initial.up.sql").read_text(encoding="utf-8")
-        tx = ahead.transaction()
-        await tx.start()
-        await ahead.execute("SELECT pg_advisory_xact_lock($1)", migrate.MIGRATION_LOCK_KEY)
-        async with anyio.create_task_group() as tg:
-
-            async def upgrade() -> None:
-                await anyio.to_thread.run_sync(migrate.upgrade, empty_db_dsn)
-
-            tg.start_soon(upgrade)
-            with anyio.fail_after(30):  # until it waits for the lock, observed
-                while not await admin.fetchval(  # noqa: ASYNC110 (polling pg_locks)
-                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
-                ):
-                    await anyio.sleep(0.02)
+        async with _migration_behind_another(empty_db_dsn, admin) as (ahead, tx):
             # What the migration ahead does: the schema, and the version table at head.
             await ahead.execute(up)
             await ahead.execute(
@@ -343,7 +364,6 @@ async def test_a_migration_that_waited_for_another_sees_its_schema_under_repeata
             await tx.commit()
         assert await version(empty_db_dsn) == [migrate.HEAD_REVISION]
     finally:
-        await ahead.close()
         await admin.close()
 
 
@@ -354,35 +374,18 @@ async def test_a_migration_waits_for_another_past_the_roles_lock_timeout(
     their DDL), and pods migrating together then failed: the one waiting for the other's
     lock gave up."""
     admin = await asyncpg.connect(empty_db_dsn)
-    ahead = await asyncpg.connect(empty_db_dsn)
     try:
         name = await admin.fetchval("SELECT current_database()")
         await admin.execute(
             f"ALTER DATABASE {name} SET lock_timeout = '100ms'; ALTER DATABASE {name}"
             " SET statement_timeout = '200ms'"
         )
-        tx = ahead.transaction()
-        await tx.start()
-        await ahead.execute("SELECT pg_advisory_xact_lock($1)", migrate.MIGRATION_LOCK_KEY)
-        async with anyio.create_task_group() as tg:
-
-            async def upgrade() -> None:
-                await anyio.to_thread.run_sync(migrate.upgrade, empty_db_dsn)
-
-            tg.start_soon(upgrade)
-            waiting = (
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
-                " AND pid <> pg_backend_pid()"
-            )
-            with anyio.fail_after(30):  # until it waits for the lock, observed
-                while not await admin.fetchval(waiting):  # noqa: ASYNC110 (polling pg_locks)
-                    await anyio.sleep(0.02)
+        async with _migration_behind_another(empty_db_dsn, admin) as (_, tx):
             await anyio.sleep(0.5)  # five lock_timeouts
-            assert await admin.fetchval(waiting) == 1  # still waiting
+            assert await admin.fetchval(_WAITING) == 1  # still waiting
             await tx.commit()
         assert await version(empty_db_dsn) == [migrate.HEAD_REVISION]
     finally:
-        await ahead.close()
         await admin.close()
 
 
