@@ -114,6 +114,8 @@ def _user_error(exc: BaseException) -> str | None:
             seen, asyncpg.exceptions.UndefinedTableError | asyncpg.exceptions.UndefinedFunctionError
         ):
             return f"{seen} (is the database migrated? run `pgqueue migrate`)"
+        if isinstance(seen, asyncpg.exceptions.InsufficientPrivilegeError):
+            return f"database error: {seen} (docs/roles.md gives the grants each role needs)"
         if isinstance(seen, asyncpg.exceptions.PostgresError):
             return f"database error: {seen}"
         if isinstance(seen, OSError | asyncpg.exceptions.InterfaceError | TimeoutError):

@@ -33,6 +33,7 @@ __all__ = [
     "check_schema",
     "check_writable",
     "downgrade",
+    "missing_rights",
     "upgrade",
 ]
 
@@ -180,6 +181,46 @@ async def check_writable(conn: asyncpg.Connection) -> None:
             " the role or database): a worker writes every claim and outcome; run ALTER ROLE"
             " ... (or ALTER DATABASE ...) SET default_transaction_read_only = off"
         )
+
+
+# The rights docs/roles.md grants a worker's role that this role lacks, grouped by object.
+# Not the version table: only migrations write it, and check_schema has read it already.
+_MISSING_RIGHTS = """
+SELECT object, string_agg(privilege, ', ' ORDER BY privilege)
+FROM (
+    SELECT 'table ' || c.oid::regclass AS object, r.privilege,
+           has_table_privilege(c.oid, r.privilege) AS held
+    FROM pg_catalog.pg_class c
+    CROSS JOIN unnest(CASE WHEN c.relkind = 'v' THEN ARRAY['SELECT']
+                           ELSE ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE'] END)
+        AS r (privilege)
+    WHERE c.relnamespace = 'pgqueue'::regnamespace AND c.relkind IN ('r', 'p', 'v')
+      AND c.relname <> 'alembic_version'
+    UNION ALL
+    SELECT 'sequence ' || c.oid::regclass, 'USAGE', has_sequence_privilege(c.oid, 'USAGE')
+    FROM pg_catalog.pg_class c
+    WHERE c.relnamespace = 'pgqueue'::regnamespace AND c.relkind = 'S'
+    UNION ALL
+    SELECT 'function ' || p.oid::regprocedure, 'EXECUTE', has_function_privilege(p.oid, 'EXECUTE')
+    FROM pg_catalog.pg_proc p
+    WHERE p.pronamespace = 'pgqueue'::regnamespace
+    OFFSET 0  -- no pushing "NOT held" below the relkind tests: has_*_privilege raise on others
+) AS rights
+WHERE NOT held
+GROUP BY object
+ORDER BY object
+"""
+
+
+async def missing_rights(conn: asyncpg.Connection) -> list[str]:
+    """The rights that docs/roles.md grants a worker's role and ``conn``'s role lacks, as
+    ``"table pgqueue.jobs (DELETE)"``. A worker without them starts, and each statement that
+    needs one is refused (and retried until it is granted) only when it first runs: a
+    missing DELETE shows up at the first retention run, minutes after start-up. Named at
+    start-up, the fix is made before then. (A warning, not a refusal: a DBA may leave out a
+    right on purpose where the feature that needs it is not used.)"""
+    rows = await conn.fetch(_MISSING_RIGHTS)
+    return [f"{row[0]} ({row[1]})" for row in rows]
 
 
 async def check_schema(conn: asyncpg.Connection) -> None:

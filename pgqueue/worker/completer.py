@@ -195,9 +195,10 @@ class Completer:
         self._in_flight = 0
         self._retries: anyio.abc.TaskGroup | None = None  # see _retry_alone
         self._retry_tries = anyio.CapacityLimiter(RETRY_TRIES)
-        # Their own outage: a row locked for an hour must not make the flusher's writes look
+        # Their own outage (set aside for a row lock, or a trigger refusing one row for a set-up
+        # reason): a row locked for an hour must not make the flusher's writes look
         # like an outage that keeps ending and starting again.
-        self._retry_outage = Outage(logger, "completer (retries of locked rows)")
+        self._retry_outage = Outage(logger, "completer (retries of single successes set aside)")
         self._kick = anyio.Event()
         self._flushed = Wake()
         self._recorded: Callable[[Success, bool | None], None] = _unattached_recorded
@@ -305,9 +306,9 @@ class Completer:
         :meth:`fail`, a released job (queued, unlocked) looks the same as a recovered one.
         """
 
-        async def op(conn: asyncpg.Connection, retried: bool) -> bool | None:
+        async def op(conn: asyncpg.Connection, uncertain: bool) -> bool | None:
             held: bool = await conn.fetchval(_RELEASE, job.id, self.worker_id)
-            return None if not held and retried else held
+            return None if not held and uncertain else held
 
         outcome = await self._write(f"the release of job {job.id}", op)
         return GIVEN_UP if outcome is _GIVEN_UP else outcome
@@ -330,10 +331,10 @@ class Completer:
         :data:`GIVEN_UP` if given up at shutdown, :data:`UNKNOWN` if a retry was refused after
         a try whose outcome is unknown."""
 
-        async def op(conn: asyncpg.Connection, retried: bool) -> tuple[str | None, Any]:
+        async def op(conn: asyncpg.Connection, uncertain: bool) -> tuple[str | None, Any]:
             row = await conn.fetchrow(sql, job.id, self.worker_id, *args)
             if row is None or row[0] is None:
-                return (UNKNOWN if retried else None), None
+                return (UNKNOWN if uncertain else None), None
             return row[0], (row[1] if len(row) > 1 else None)
 
         outcome = await self._write(what, op)
@@ -372,7 +373,7 @@ class Completer:
             results = [i.result for i in batch]
             next_jobs = [i.next_jobs for i in batch]
 
-            async def op(conn: asyncpg.Connection, retried: bool) -> set[int]:
+            async def op(conn: asyncpg.Connection, uncertain: bool) -> set[int]:
                 rows = await conn.fetch(
                     _COMPLETE_MANY, self.worker_id, id_array(ids), results, next_jobs, LOCK_WAIT
                 )
@@ -460,7 +461,7 @@ class Completer:
         bound: float | None = None,
         set_aside: bool = False,
     ) -> T | Literal[_GivenUp.GIVEN_UP]:
-        """Run ``op(conn, retried)`` on a pooled connection until it lands, each try bounded
+        """Run ``op(conn, uncertain)`` on a pooled connection until it lands, each try bounded
         by ``bound`` (default :data:`WRITE_TIMEOUT`, doubled after each try that got no
         answer within it; at shutdown, by what is left of the final window); returns
         its value, or ``_GIVEN_UP`` if given up at shutdown. Errors that are neither transient
@@ -470,17 +471,19 @@ class Completer:
         tries only when one of the :data:`RETRY_TRIES` slots is free, and reports its
         failures as its own outage.
 
-        ``retried`` is False on the first try and True on every later one. A failed try
-        does not say whether its statement took effect: a timeout, or a connection lost
-        after the COMMIT reached the server, may hide a write that landed. A retry's
-        fenced refusal (a job not running under this worker) may therefore be this write's
-        own doing, and ``op`` must not take it for a lost lease (fail and release report it
-        as unknown; a success is looked up whatever ``retried`` says). Failures before the
-        statement was sent (no connection) count too: a precise count is not worth the
-        bookkeeping, and the cost is only a wider "unknown".
+        ``uncertain`` is True once a failed try may have taken effect: a timeout, or a
+        connection lost after the COMMIT reached the server, may hide a write that landed.
+        A retry's fenced refusal (a job not running under this worker) may then be this
+        write's own doing, and ``op`` must not take it for a lost lease (fail and release
+        report it as unknown; a success is looked up whatever ``uncertain`` says). Failures
+        before the statement was sent (no connection) count too: a precise count is not
+        worth the bookkeeping, and the cost is only a wider "unknown". A set-up error does
+        not: PostgreSQL refused the statement before it ran (a privilege, a read-only
+        session), so that try wrote nothing.
         """
         backoff = Backoff(base=0.05, cap=5.0)
-        retried = False
+        retried = False  # a try failed: past the final window, no more tries
+        uncertain = False
         bound = WRITE_TIMEOUT if bound is None else bound
         outage = self._retry_outage if set_aside else self.outage
         tries = self._retry_tries if set_aside else contextlib.nullcontext()
@@ -494,7 +497,7 @@ class Completer:
                             self._log_given_up(what)
                             return _GIVEN_UP
                         value = await bounded.call(
-                            self.pool, bound, op, retried, deadlines=self._deadlines
+                            self.pool, bound, op, uncertain, deadlines=self._deadlines
                         )
                     outage.ok()
                     return value
@@ -502,6 +505,7 @@ class Completer:
                     if not is_retryable(exc):
                         raise
                     retried = True
+                    uncertain = uncertain or not is_setup_error(exc)
                     outage.failed(exc, f"recording {what}")
                     if not whole and (_cut_short(exc) or is_setup_error(exc)):
                         raise  # split: one job's trigger, say, must not hold up the rest

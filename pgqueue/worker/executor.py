@@ -199,6 +199,12 @@ class Executor:
             self._named_elsewhere.discard(job.id)
             self._abort_wake.set()  # an abort read named it before its claim's reply came
 
+    @property
+    def in_handlers(self) -> list[int]:
+        """The jobs whose async handler is running (not: waiting for a runner, running in a
+        thread, or having its outcome written)."""
+        return sorted(self._handler_tasks)
+
     def claim_sent(self) -> None:
         """A claim is about to be sent: until :meth:`claim_handled`, the jobs whose outcome
         is written (or given up) are remembered, since the claim may take them back (see

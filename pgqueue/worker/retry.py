@@ -3,7 +3,10 @@
 A database outage makes every loop fail at once and for as long as it lasts. Each loop owns
 one :class:`Outage`: it logs the first failure with its context, stays quiet while the outage
 lasts, and logs once more when the loop works again, so a restart of PostgreSQL produces a
-handful of lines rather than a stack trace per retry.
+handful of lines rather than a stack trace per retry. A flapping connection (ended every few
+seconds by a pooler or a proxy, say) is many short outages: after one is logged, those that
+start within :data:`RELAPSE_WINDOW` are logged only if they last :data:`RELAPSE_LOGGED_AFTER`,
+and the next line logged counts the others.
 """
 
 from __future__ import annotations
@@ -28,11 +31,13 @@ _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 
 # The server stopped the statement for reasons of its own, not because of what it was asked
 # to do: a statement_timeout or a cancel (57014), a lock_timeout (55P03), a deadlock or a
-# serialization failure (class 40). The same statement can succeed when tried again.
+# serialization failure (class 40), a snapshot older than old_snapshot_threshold (72000).
+# The same statement can succeed when tried again.
 _INTERRUPTIONS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.QueryCanceledError,
     asyncpg.exceptions.LockNotAvailableError,
     asyncpg.exceptions.TransactionRollbackError,
+    asyncpg.exceptions.SnapshotTooOldError,
 )
 
 
@@ -116,6 +121,12 @@ def _hint(exc: BaseException) -> str:
     return f"; HINT: {hint}" if hint else ""
 
 
+def _kind(exc: BaseException) -> str:
+    """How a try failed, for telling a relapse from a new cause: the type and the message
+    (not the SQLSTATE alone: a permission denied on another table is another fix)."""
+    return f"{type(exc).__name__}: {exc}"
+
+
 class Backoff:
     """Exponential backoff with full jitter, so many workers do not reconnect in lockstep."""
 
@@ -137,8 +148,18 @@ class Backoff:
         self.failures = 0
 
 
+# After an outage is logged, the next ones of the same loop within this many seconds, failing
+# the same way, are logged only if they last RELAPSE_LOGGED_AFTER seconds (a chaos soak's
+# notifier, its connection killed 362 times in 12 s, logged 100 warnings and as many
+# recoveries); the next line logged says how many were not. A long outage, or one failing
+# another way (a new cause is news), is always logged.
+RELAPSE_WINDOW = 60.0
+RELAPSE_LOGGED_AFTER = 10.0
+
+
 class Outage:
-    """Logs an outage of one component once when it starts and once when it ends."""
+    """Logs an outage of one component once when it starts and once when it ends; brief
+    outages soon after a logged one are counted instead (see :data:`RELAPSE_WINDOW`)."""
 
     def __init__(
         self, logger: logging.Logger, component: str, retry: str = "retrying with backoff"
@@ -147,12 +168,44 @@ class Outage:
         self.component = component
         self.retry = retry  # what the component does next, for the log line
         self.started: float | None = None
+        self._logged_at: float | None = None  # when the last outage was logged
+        self._logged_kind = ""  # and how it failed (see _kind)
+        self._quiet = False  # the outage in progress is a relapse, not logged (yet)
+        self._unlogged = 0  # relapses since the last outage logged
 
     def failed(self, exc: BaseException, doing: str) -> None:
-        """Record a failed attempt at ``doing``; only the first one of an outage is logged."""
-        if self.started is not None:
+        """Record a failed attempt at ``doing``; only the first one of an outage is logged,
+        and of a relapse the first one past :data:`RELAPSE_LOGGED_AFTER` or failing another
+        way."""
+        now = time.monotonic()
+        if self.started is None:
+            self.started = now
+            if (
+                self._logged_at is not None
+                and now - self._logged_at < RELAPSE_WINDOW
+                and _kind(exc) == self._logged_kind
+            ):
+                self._quiet = True
+                self._unlogged += 1
+                self.logger.debug("%s: failed again while %s: %r", self.component, doing, exc)
+                return
+        elif not self._quiet or (
+            now - self.started < RELAPSE_LOGGED_AFTER and _kind(exc) == self._logged_kind
+        ):
             return
-        self.started = time.monotonic()
+        elif self._quiet:
+            self._unlogged -= 1  # this one is logged now
+        self._quiet = False
+        self._logged_at, self._logged_kind = now, _kind(exc)
+        self._log(exc, doing)
+
+    def _log(self, exc: BaseException, doing: str) -> None:
+        retry = self.retry
+        if self._unlogged:
+            retry += (
+                f" ({self._unlogged} brief outage(s) since the last one logged were not logged)"
+            )
+            self._unlogged = 0
         if is_transient_error(exc):
             self.logger.warning(
                 "%s: %s while %s (%s: %s); %s",
@@ -161,7 +214,7 @@ class Outage:
                 doing,
                 type(exc).__name__,
                 exc,
-                self.retry,
+                retry,
             )
         elif is_setup_error(exc):
             self.logger.error(
@@ -174,14 +227,14 @@ class Outage:
                 getattr(exc, "sqlstate", ""),
                 exc,
                 _hint(exc),
-                self.retry,
+                retry,
             )
         else:
             self.logger.error(
                 "%s: unexpected error while %s; %s",
                 self.component,
                 doing,
-                self.retry,
+                retry,
                 exc_info=exc,
             )
 
@@ -189,7 +242,9 @@ class Outage:
         """Record a success; ends (and logs the length of) an outage in progress."""
         if self.started is None:
             return
-        self.logger.info(
-            "%s: working again after %.1fs", self.component, time.monotonic() - self.started
+        level = logging.DEBUG if self._quiet else logging.INFO
+        self.logger.log(
+            level, "%s: working again after %.1fs", self.component, time.monotonic() - self.started
         )
         self.started = None
+        self._quiet = False

@@ -174,15 +174,25 @@ class Worker:
             check_read_committed,
             check_schema,
             check_writable,
+            missing_rights,
         )
 
-        async def startup_reads(conn: asyncpg.Connection) -> timedelta:
+        async def startup_reads(conn: asyncpg.Connection) -> tuple[timedelta, list[str]]:
             await check_schema(conn)
             await check_read_committed(conn)
             await check_writable(conn)
-            return await read_stale_after(conn)
+            return await read_stale_after(conn), await missing_rights(conn)
 
-        stale_after = await bounded.call(pool, STARTUP_TIMEOUT, startup_reads)
+        stale_after, missing = await bounded.call(pool, STARTUP_TIMEOUT, startup_reads)
+        if missing:
+            self.logger.warning(
+                "worker %s: this database role lacks rights that docs/roles.md grants a"
+                " worker's role: %s; each statement that needs one will be refused, and"
+                " retried until it is granted",
+                self.id,
+                "; ".join(missing),
+                extra={"worker": self.id},
+            )
         period = Period.of(stale_after)
         completer = Completer(pool, self.id, self.logger)
         executor = Executor(
@@ -279,17 +289,19 @@ class Worker:
     def _warn_stuck(self, executor: Executor) -> None:
         """Handlers still running well after their cancellation (plain defs aside, which
         are waited for knowingly) catch it and carry on: the worker cannot exit before
-        they return, and nothing else would say why it does not."""
-        stuck = len(executor.running) - executor.in_threads
-        if stuck > 0:
+        they return, and nothing else would say why it does not. (Not the jobs whose
+        outcome is still being written: the final window bounds those, each logged when it
+        is given up. Counted as stuck handlers, a failure held by a trigger was said to be.)"""
+        stuck = executor.in_handlers
+        if stuck:
             self.logger.warning(
                 "%d handler(s) still running %gs after this worker cancelled them: they catch"
                 " the cancellation (CancelledError) and carry on, and the worker exits only"
                 " when they return (SIGKILL ends it now; stale recovery then requeues their"
                 " jobs). Job(s): %s",
-                stuck,
+                len(stuck),
                 IGNORED_TIMEOUT_WARNING,
-                ", ".join(str(job_id) for job_id in sorted(executor.running)),
+                ", ".join(map(str, stuck)),
             )
 
     async def _run_schedules(self, pool: asyncpg.Pool, scope: anyio.CancelScope) -> None:

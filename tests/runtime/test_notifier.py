@@ -19,7 +19,7 @@ from runtime_helpers import Records, running
 from worker_harness import wait_for_states, wait_until
 
 import pgqueue
-from pgqueue.worker import notifier
+from pgqueue.worker import notifier, retry
 from pgqueue.worker.notifier import Notifier
 from pgqueue.worker.wake import Wake
 
@@ -224,3 +224,39 @@ async def test_a_worker_that_hears_no_notifications_says_so_once_and_polls(
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_a_flapping_listen_connection_is_logged_once_until_an_outage_lasts(
+    conn: asyncpg.Connection,
+    db_dsn: str,
+    pg_base_dsn: str,
+    records: tuple[logging.Logger, Records],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """From a chaos soak: a LISTEN connection killed 362 times in 12 s logged 100 warnings and
+    as many recoveries. Now the first outage is logged and the brief ones after it that fail
+    the same way are not; one failing another way (the database refusing connections) is,
+    and says how many were not."""
+    logger, log = records
+    monkeypatch.setattr(retry, "RELAPSE_LOGGED_AFTER", 1.0)
+    database = _database(db_dsn)
+    async with _notifier(db_dsn, None, logger) as (listener, _wake):
+        await listener.listening.wait()
+        for n in range(2, 10):
+            await conn.execute(TERMINATE, database)
+            await wait_until(lambda n=n: _true(listener.connects == n), what=f"connection #{n}")
+        assert log.count("notifier: database unavailable") == 1, log.text()
+        assert log.count("notifier: working again") == 1, log.text()
+
+        admin = await asyncpg.connect(pg_base_dsn)  # not from the database it closes
+        try:
+            await admin.execute(f"ALTER DATABASE {database} ALLOW_CONNECTIONS false")
+            await conn.execute(TERMINATE, database)
+            await wait_until(lambda: log.logged("7 brief outage(s)"), what="the lasting one")
+        finally:
+            await admin.execute(f"ALTER DATABASE {database} ALLOW_CONNECTIONS true")
+            await admin.close()
+        await wait_until(lambda: _true(listener.connects == 10), what="the last connection")
+        assert log.count("notifier: working again") == 2, log.text()
+    # The lasting outage's line names the refusal it met, once.
+    assert log.count("not currently accepting connections") == 1, log.text()

@@ -15,7 +15,7 @@ from worker_harness import wait_for_states, wait_until
 
 import pgqueue
 from pgqueue.dsn import create_pool
-from pgqueue.worker import bounded
+from pgqueue.worker import bounded, retry
 from pgqueue.worker.retry import Outage, is_transient_error
 
 
@@ -42,6 +42,47 @@ def test_an_outage_is_logged_once_saying_what_happens_next(
         " trying again at the next notification or heartbeat"
     )
     assert len(lines) == 3
+
+
+def test_brief_outages_after_a_logged_one_are_counted_not_logged(
+    records: tuple[logging.Logger, Records], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flapping connection logged a warning and a recovery per outage (100 of each in 12 s
+    in a chaos soak). After one is logged, the next within RELAPSE_WINDOW that fail the same
+    way are counted; one of them lasting RELAPSE_LOGGED_AFTER is logged, and so is the first
+    past the window; each logged line counts the relapses before it."""
+    now = [0.0]
+    monkeypatch.setattr(retry.time, "monotonic", lambda: now[0])
+    logger, log = records
+    lost = asyncpg.ConnectionDoesNotExistError("connection was closed")
+    outage = Outage(logger, "notifier")
+
+    def brief() -> None:
+        outage.failed(lost, "listening")
+        now[0] += 1.0
+        outage.ok()
+        now[0] += 1.0
+
+    for _ in range(5):
+        brief()
+    lines = [r.getMessage() for r in log.records]
+    assert len(lines) == 2 and lines[1] == "notifier: working again after 1.0s", lines
+    outage.failed(lost, "listening")  # a sixth: it lasts
+    now[0] += retry.RELAPSE_LOGGED_AFTER - 0.5
+    outage.failed(lost, "listening")
+    assert len(log.records) == 2
+    now[0] += 0.5
+    outage.failed(lost, "listening")
+    outage.failed(lost, "listening")
+    outage.ok()
+    lines = [r.getMessage() for r in log.records][2:]
+    assert len(lines) == 2, lines
+    assert lines[0].endswith("(4 brief outage(s) since the last one logged were not logged)")
+    assert lines[1] == f"notifier: working again after {retry.RELAPSE_LOGGED_AFTER:.1f}s"
+    now[0] += retry.RELAPSE_WINDOW  # past the window: logged at once
+    brief()
+    assert len(log.records) == 6
+    assert log.records[4].getMessage().endswith("; retrying with backoff")
 
 
 class _EofHoldingProxy:
