@@ -319,6 +319,13 @@ class Executor:
         self.sweep_needed = True
         self.wake.set()
 
+    def ask_for_sweep(self) -> None:
+        """The heartbeat renewed more leases than this worker holds: as
+        :meth:`_ask_for_sweep`, also when every slot is busy (the producer then waits for
+        a free one, which a job lost that way does not take)."""
+        self._ask_for_sweep()
+        self.slot_freed.set()
+
     async def _runner(self) -> None:
         _progress_saver.set(self._save_progress)  # this runner's context, its handlers' too
         _abort_check.set(self._abort_requested)

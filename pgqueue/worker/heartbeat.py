@@ -13,6 +13,9 @@ running and a worker started meanwhile recovered the healthy ones too, running t
 from __future__ import annotations
 
 import logging
+import math
+import time
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -21,7 +24,7 @@ import asyncpg
 
 from pgqueue.worker import bounded
 from pgqueue.worker.aborts import REQUESTED_COUNT
-from pgqueue.worker.retry import Outage
+from pgqueue.worker.retry import Backoff, Outage, is_connection_error
 from pgqueue.worker.wake import Wake
 
 DEFAULT_STALE_AFTER = timedelta(minutes=5)
@@ -32,6 +35,9 @@ MAX_PERIOD = 30.0
 # Least bound on a beat. Without it a stale_after set so low that a beat cannot land within
 # a quarter of it would time out every beat, so the worker would never read a raised value.
 MIN_BEAT_BOUND = 1.0
+# After beats failed for want of a connection, stale recovery waits a period and this many
+# seconds past the first beat that lands again (see Period.recovery_held_off).
+RECOVERY_MARGIN = 2.0
 _STALE_AFTER = "SELECT value::interval FROM pgqueue.settings WHERE name = 'stale_after'"
 
 
@@ -58,13 +64,27 @@ def heartbeat_period(stale_after: timedelta) -> float:
 @dataclass
 class Period:
     """The heartbeat period, from ``stale_after`` as the last beat read it; stale recovery
-    runs on the same period."""
+    runs on the same period, and waits on the heartbeat after an outage (see
+    :meth:`recovery_held_off`)."""
 
     seconds: float
+    failing: bool = False  # the last beat found no database
+    back_at: float = -math.inf  # monotonic time of the first beat landed after that
 
     @classmethod
     def of(cls, stale_after: timedelta) -> Period:
         return cls(heartbeat_period(stale_after))
+
+    def recovery_held_off(self) -> bool:
+        """Whether stale recovery waits: while beats find no database, and for a period
+        (and :data:`RECOVERY_MARGIN`) after one lands again. Every worker's beats failed
+        in that outage (a restart, a failover, a network cut), and leases aged past
+        ``stale_after`` meanwhile: the first recovery after it requeued live workers'
+        jobs before their heartbeats landed, and another worker ran them beside the
+        handlers still running (a crash review: every job of an outage longer than
+        ``stale_after``). Within a period each live worker beats again; what is still
+        stale then belongs to a worker that did not come back."""
+        return self.failing or time.monotonic() - self.back_at < self.seconds + RECOVERY_MARGIN
 
 
 async def heartbeat_loop(
@@ -73,10 +93,21 @@ async def heartbeat_loop(
     period: Period,
     logger: logging.Logger,
     aborts: Wake | None = None,
+    held: Collection[int] = (),
+    unheld: Callable[[], None] | None = None,
 ) -> None:
     """Refresh the leases of every job this worker holds, every ``period`` seconds, and
     follow ``stale_after``: the period changes at the beat that reads a new value. When
-    ``pgqueue.abort()`` was called for jobs it runs, it wakes ``aborts``.
+    ``pgqueue.abort()`` was called for jobs it runs, it wakes ``aborts``. A beat that
+    failed is tried again sooner (backoff, up to a period): after an outage, the leases it
+    renews are the ones stale recovery is about to take.
+
+    When a beat renews more leases than this worker holds (``held``), it calls ``unheld``
+    (the producer then releases what runs under this worker with nobody behind it): an
+    outcome the database acknowledged and then lost (a crash with ``synchronous_commit``
+    off, a failover to an asynchronous standby) put the job back in ``running`` under this
+    live worker, whose beats kept it from stale recovery for as long as it lived. (A claim
+    whose reply is still on its way counts too: one sweep more, which finds nothing.)
 
     Each beat is bounded by ``period`` (at least :data:`MIN_BEAT_BOUND`; the acquire, then
     the statement) and a connection
@@ -86,17 +117,26 @@ async def heartbeat_loop(
     timed-out statement's cancel to be acknowledged on that same connection.
     """
     outage = Outage(logger, "heartbeat")
+    backoff = Backoff()
+    delay = period.seconds
     while True:
-        await anyio.sleep(period.seconds)
+        await anyio.sleep(delay)
         try:
             bound = max(period.seconds, MIN_BEAT_BOUND)
-            stale_after, requested = await bounded.call(pool, bound, _beat, worker_id)
+            stale_after, requested, renewed = await bounded.call(pool, bound, _beat, worker_id)
         except Exception as exc:
             outage.failed(exc, "refreshing leases")
+            period.failing = period.failing or is_connection_error(exc)
+            delay = min(backoff.next_delay(), period.seconds)
             continue
         outage.ok()
+        backoff.reset()
+        if period.failing:
+            period.failing, period.back_at = False, time.monotonic()
         if requested and aborts is not None:
             aborts.set()
+        if renewed > len(held) and unheld is not None:
+            unheld()
         seconds = heartbeat_period(stale_after)
         if seconds != period.seconds:
             logger.info(
@@ -106,10 +146,11 @@ async def heartbeat_loop(
                 period.seconds,
             )
             period.seconds = seconds
+        delay = period.seconds
 
 
-async def _beat(conn: asyncpg.Connection, worker_id: str) -> tuple[timedelta, int]:
+async def _beat(conn: asyncpg.Connection, worker_id: str) -> tuple[timedelta, int, int]:
     row = await conn.fetchrow(_BEAT, worker_id)
     if row is None:
-        return _usable(None), 0
-    return _usable(row[1]), int(row[2])
+        return _usable(None), 0, 0
+    return _usable(row[1]), int(row[2]), int(row[0])

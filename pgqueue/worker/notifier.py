@@ -43,6 +43,10 @@ _KEEP_IDLE = (
 )
 HEALTH_INTERVAL = 15.0
 HEALTH_TIMEOUT = 5.0
+# Longest wait between reconnects. The backoff's usual 10 s left an idle worker deaf for up
+# to 10 s after the server came back (a crash review: LISTEN again 5.3 s after a 5 s outage),
+# while the producer, polling, claimed meanwhile. A refused connection costs little.
+RECONNECT_CAP = 2.0
 
 # A test notification, sent like any job's.
 _PING = f"SELECT pg_notify('{CHANNEL}', $1)"
@@ -87,7 +91,7 @@ class Notifier:
 
     async def run(self) -> None:
         """Keep a LISTEN connection up until cancelled."""
-        backoff = Backoff()
+        backoff = Backoff(cap=RECONNECT_CAP)
         outage = Outage(self.logger, "notifier")
         while True:
             try:

@@ -414,8 +414,8 @@ class Producer:
                     why = (
                         "its outcome could not be recorded"
                         if row["id"] in self.executor.unrecorded
-                        else "a claim whose reply was lost, or a claim back of a job whose"
-                        " earlier attempt was settling"
+                        else "a claim whose reply was lost, a claim back of a job whose"
+                        " earlier attempt was settling, or an outcome the database lost"
                     )
                     self.logger.warning(
                         "job %d: running under this worker, which does not hold it (%s); %s",

@@ -9,6 +9,7 @@ cannot be cancelled, are waited for), then stop the services.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import os
@@ -241,11 +242,30 @@ class Worker:
         async with anyio.create_task_group() as services:
             services.start_soon(self.notifier.run)
             services.start_soon(
-                heartbeat_loop, beat_pool, self.id, period, self.logger, self._aborts_heard
+                functools.partial(
+                    heartbeat_loop,
+                    beat_pool,
+                    self.id,
+                    period,
+                    self.logger,
+                    self._aborts_heard,
+                    held=executor.held,
+                    unheld=executor.ask_for_sweep,
+                )
             )
             recovery = leader_outage(self.logger, "recovery")
             retention = leader_outage(self.logger, "retention")
-            services.start_soon(every_period, recovery_round, pool, period, self.logger, recovery)
+            services.start_soon(
+                functools.partial(
+                    every_period,
+                    recovery_round,
+                    pool,
+                    period,
+                    self.logger,
+                    recovery,
+                    held_off=period.recovery_held_off,
+                )
+            )
             services.start_soon(every_period, retention_round, pool, period, self.logger, retention)
             services.start_soon(completer.run)
             services.start_soon(

@@ -1263,6 +1263,46 @@ async def test_a_claim_left_to_nobody_is_released_while_every_slot_is_busy(
     assert log.count("which does not hold it") > 0, log.text()
 
 
+async def test_an_outcome_the_database_lost_is_released_while_every_slot_is_busy(
+    conn: asyncpg.Connection, db_dsn: str, records: tuple[logging.Logger, Records]
+) -> None:
+    """From a crash review (synchronous_commit off): a success the database acknowledged and
+    then lost in a crash put the job back in running under its live worker, whose heartbeat
+    renewed that lease for as long as it lived: never recovered, and its scope (and a join
+    waiting on it) blocked behind it. A beat renewing more leases than the worker holds now
+    has the producer release what nobody runs, with every slot busy too."""
+    await conn.execute("UPDATE pgqueue.settings SET value = '2 seconds' WHERE name = 'stale_after'")
+    app = pgqueue.App()
+    runs: list[int] = []
+    let_busy_go = anyio.Event()
+
+    @app.job("once")
+    async def once(job: pgqueue.Job) -> None:
+        runs.append(job.id)
+
+    @app.job("busy")
+    async def busy(job: pgqueue.Job) -> None:
+        await let_busy_go.wait()
+
+    logger, log = records
+    async with running(app, db_dsn, concurrency=2, poll_interval=0.2, logger=logger):
+        job = await app.enqueue(conn, "once")
+        await wait_for_states(conn, [job], "succeeded")
+        others = [await app.enqueue(conn, "busy") for _ in range(2)]
+        await wait_for_states(conn, others, "running")
+        # What a lost commit of the success leaves: the row as its claim wrote it.
+        await conn.execute(
+            "UPDATE pgqueue.jobs SET state = 'running', finished_at = NULL, result = NULL,"
+            " locked_at = now() WHERE id = $1",
+            job,
+        )
+        await wait_for_states(conn, [job], "queued", within=5)
+        let_busy_go.set()
+        await wait_for_states(conn, [job, *others], "succeeded")
+    assert runs == [job, job]
+    assert log.count("or an outcome the database lost); released") == 1, log.text()
+
+
 async def test_a_claim_back_left_to_nobody_is_released_when_the_worker_stops(
     conn: asyncpg.Connection,
     connect: Any,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import os
 import shutil
@@ -177,3 +178,47 @@ async def test_stop_during_an_outage_gives_up_unwritten_successes(
         worker.stop()
         tg.start_soon(watchdog)
     assert not hung, "the stopped worker waited for the database instead of giving up"
+
+
+async def test_an_outage_longer_than_stale_after_takes_no_live_workers_jobs(
+    cluster: Cluster,
+) -> None:
+    """From a crash review: with the server down longer than stale_after, every lease was
+    stale when it came back, and the first recovery round (of any worker) requeued the
+    jobs of workers alive and running them before their heartbeats landed: another worker
+    ran each beside its first handler (every job, in a 20 s outage with stale_after 12 s).
+    Each worker's recovery now waits a heartbeat period past its own first beat after an
+    outage, and a failed beat is tried again sooner; the handlers outlive the outage."""
+    local = pgqueue.App()
+    runs: list[tuple[int, int]] = []
+
+    @local.job("long", max_attempts=5)
+    async def long(job: pgqueue.Job) -> None:
+        runs.append((job.id, job.attempts))
+        await anyio.sleep(7)
+
+    conn = await asyncpg.connect(cluster.dsn)
+    await conn.execute("UPDATE pgqueue.settings SET value = '3 seconds' WHERE name = 'stale_after'")
+    jobs = [await local.enqueue(conn, "long") for _ in range(4)]
+    workers = [
+        pgqueue.Worker(local, cluster.dsn, concurrency=2, poll_interval=0.2, handle_signals=False)
+        for _ in range(2)
+    ]
+    async with anyio.create_task_group() as tg:
+        for worker in workers:
+            tg.start_soon(worker.run)
+        try:
+            await wait_for_states(conn, jobs, "running")
+            await conn.close()
+            await anyio.to_thread.run_sync(functools.partial(cluster.stop, "immediate"))
+            await anyio.sleep(4.5)  # past stale_after: every lease is stale when it is back
+            await anyio.to_thread.run_sync(cluster.start)
+            conn = await asyncpg.connect(cluster.dsn)
+            await wait_for_states(conn, jobs, "succeeded", within=30)
+        finally:
+            for worker in workers:
+                worker.stop()
+    attempts = await conn.fetch("SELECT id, attempts FROM pgqueue.jobs ORDER BY id")
+    await conn.close()
+    assert [tuple(row) for row in attempts] == [(job, 1) for job in jobs]
+    assert sorted(runs) == [(job, 1) for job in jobs]

@@ -508,7 +508,9 @@ async def test_jobs_of_a_claim_whose_reply_is_lost_are_given_back(
             await wait_until(functools.partial(log.outcome_logged, job), what="the outcome line")
     await _assert_succeeded_once(conn, job, log)
     lost = f"job {job}: running under this worker, which does not hold it"
-    assert log.count(lost) == 1 and log.count("settling); released") == 1, log.text()
+    assert log.count(lost) == 1 and log.count("an outcome the database lost); released") == 1, (
+        log.text()
+    )
 
 
 async def test_a_claim_back_whose_reply_is_lost_is_released_once_its_attempt_settles(
