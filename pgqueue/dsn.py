@@ -93,6 +93,11 @@ def check_dsn(dsn: str | None) -> None:
     for value in query.get("connect_timeout", []):
         if not re.fullmatch(r"\s*[-+]?[0-9]{1,9}\s*", value):
             raise DsnError(f"has connect_timeout {value!r}: not a whole number of seconds")
+    for value in query.get("statement_cache_size", []):
+        if not re.fullmatch(r"\s*[0-9]{1,9}\s*", value):
+            raise DsnError(
+                f"has statement_cache_size {value!r}: not a whole number of statements (0 or more)"
+            )
     hosts = parts.netloc.rpartition("@")[2].split(",")
     hosts += [h for value in query.get("host", []) for h in value.split(",")]
     ports = [_port_of(host) for host in hosts if not host.startswith("/")]  # "/": a socket dir
@@ -118,25 +123,34 @@ _LIBPQ_ONLY = frozenset(
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
 
+# The DSN's query parameters that pgqueue reads itself, and asyncpg would send to the
+# server as settings, which refuses them: libpq's connect_timeout (asyncpg's ``timeout``) and
+# asyncpg's own statement_cache_size (see the worker guide's "Behind PgBouncer").
+_READ_HERE = ("connect_timeout", "statement_cache_size")
+
+
 def connect_arguments(dsn: str | None, application_name: str) -> dict[str, Any]:
     """``asyncpg.connect``'s (and ``create_pool``'s) arguments for pgqueue's own connections
     to ``dsn``, once :func:`check_dsn` passed it: ``$PGSERVICE`` as a URL (see
-    :func:`service_dsn`), the startup settings (:func:`server_settings`), and libpq's
-    ``connect_timeout`` as asyncpg's ``timeout`` (asyncpg would send it to the server, which
-    refuses it). Like libpq, a timeout of 0 or less sets none: asyncpg's default (60 s) holds."""
+    :func:`service_dsn`), the startup settings (:func:`server_settings`), libpq's
+    ``connect_timeout`` as asyncpg's ``timeout`` (like libpq, 0 or less sets none:
+    asyncpg's default, 60 s, holds), and ``statement_cache_size`` as asyncpg's (0: no
+    named prepared statements, for a pooler in transaction mode that does not relay them)."""
     check_dsn(dsn)
     dsn = dsn or service_dsn()
     arguments: dict[str, Any] = {"server_settings": server_settings(dsn, application_name)}
-    if dsn is not None and "connect_timeout" in dsn:
+    if dsn is not None and any(name in dsn for name in _READ_HERE):
         parts = urllib.parse.urlsplit(dsn)
         params = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-        seconds = [int(v) for k, v in params if k == "connect_timeout" and v.strip()]
-        if any(k == "connect_timeout" for k, _ in params):  # an empty one too: libpq's unset
-            rest = [(k, v) for k, v in params if k != "connect_timeout"]
+        read = {k: v.strip() for k, v in params if k in _READ_HERE}  # the last one of each
+        if read:
+            rest = [(k, v) for k, v in params if k not in _READ_HERE]
             query = urllib.parse.urlencode(rest, quote_via=urllib.parse.quote)
             dsn = urllib.parse.urlunsplit(parts._replace(query=query))
-            if seconds and seconds[-1] > 0:
-                arguments["timeout"] = float(seconds[-1])
+        if read.get("connect_timeout") and int(read["connect_timeout"]) > 0:
+            arguments["timeout"] = float(read["connect_timeout"])
+        if read.get("statement_cache_size"):
+            arguments["statement_cache_size"] = int(read["statement_cache_size"])
     arguments["dsn"] = dsn
     return arguments
 

@@ -4084,13 +4084,18 @@ COMMENT ON FUNCTION pgqueue.set_queue_limit(text, int) IS
 --   * a worker about to sleep calls claim_or_wait(), which takes the 'waiters'
 --     advisory lock EXCLUSIVELY, records itself in notify_waiters and, in a
 --     later statement of the same transaction, claims;
---   * a queueing transaction takes the same lock SHARED (producers never block
---     each other), then in a later statement deletes the waiters of its queues
---     (skipping those another producer's open transaction deleted) and
---     notifies if it saw one.
+--   * a queueing transaction TRIES the same lock SHARED (producers never block
+--     each other, nor wait for a worker), then in a later statement deletes the
+--     waiters of its queues (skipping those another producer's open transaction
+--     deleted) and notifies if it saw one; when the lock is not free (a worker
+--     registers right now) it notifies without looking.
 -- The exclusive lock waits for every producer that already decided "nobody
 -- waits" to commit, so the worker's claim sees their jobs; a producer that
--- comes later waits for the worker's commit and then sees its row.
+-- comes while a worker registers notifies, which reaches that worker however
+-- its claim went (its LISTEN is up all along: at worst one wake-up more).
+-- Waiting for the worker instead, a producer whose transaction held a scope's
+-- order lock from an earlier call closed a cycle: the worker waited for a
+-- completion's shared lock, the completion for that scope's order lock.
 -- =============================================================================
 
 -- Workers that found nothing to claim and sleep until notified. UNLOGGED: a
@@ -4108,13 +4113,16 @@ COMMENT ON COLUMN pgqueue.notify_waiters.worker IS 'The waiting worker''s id.';
 COMMENT ON COLUMN pgqueue.notify_waiters.queues IS 'Queues it serves; NULL for every queue.';
 COMMENT ON COLUMN pgqueue.notify_waiters.since IS 'When it last went to sleep.';
 
--- Takes the 'waiters' lock shared (held to commit: a worker registering waits
+-- Tries the 'waiters' lock shared (held to commit: a worker registering waits
 -- for this transaction), then says whether a worker waits for one of p_queues
--- (NULL: for any queue).
+-- (NULL: for any queue); true without a look when the lock is not free (a
+-- worker holds it, or waits for it, to register: it will hear a notification).
 CREATE FUNCTION pgqueue._someone_waits(p_queues text[]) RETURNS boolean
 LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM pg_advisory_xact_lock_shared(pgqueue._lock_class('waiters'), 0);
+    IF NOT pg_try_advisory_xact_lock_shared(pgqueue._lock_class('waiters'), 0) THEN
+        RETURN true;
+    END IF;
     -- A later statement, so a snapshot taken after the lock was granted.
     RETURN EXISTS (SELECT 1 FROM pgqueue.notify_waiters w
                    WHERE p_queues IS NULL OR w.queues IS NULL OR w.queues && p_queues);

@@ -28,6 +28,8 @@ from typing import TypeVar, TypeVarTuple
 import anyio
 import asyncpg
 
+from pgqueue.worker.retry import is_pooler_error
+
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
 
@@ -110,6 +112,12 @@ async def call(
             waited = anyio.current_time() - started
             cut = f" (cut short at {waited:.1f}s)" if waited < bound else ""
             raise NoAnswer(f"no answer from the database within {bound:g}s{cut}") from None
+        except Exception as exc:
+            if is_pooler_error(exc):
+                # Its statement cache names statements its server connection lacks (a
+                # pooler in transaction mode): kept, it failed every try after, for ever.
+                await discard(conn)
+            raise
     finally:
         await pool.release(conn)
 

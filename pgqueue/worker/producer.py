@@ -24,7 +24,7 @@ from pgqueue.job import Job, job_from_row
 from pgqueue.worker import bounded
 from pgqueue.worker.executor import Executor
 from pgqueue.worker.heartbeat import Period
-from pgqueue.worker.retry import Backoff, Outage, is_connection_error
+from pgqueue.worker.retry import Backoff, Outage, is_connection_error, is_pooler_error
 from pgqueue.worker.wake import Wake
 
 # The columns in Job's field order, so that a row becomes a Job by position: the JSON columns
@@ -252,6 +252,10 @@ class Producer:
                 self._renewed = True
                 await self._release()
                 return None
+            if is_pooler_error(exc):
+                # Its statement cache names statements its server connection lacks: a fresh
+                # connection starts with none (a kept one failed every claim after).
+                await self._release(broken=True)
             await self._failed(exc, "claiming jobs")
             self._wait_failed = self._wait_failed or wait
             await self.wake.wait(self._backoff.next_delay())

@@ -12,7 +12,9 @@ and the next line logged counts the others.
 from __future__ import annotations
 
 import logging
+import math
 import random
+import re
 import time
 
 import anyio
@@ -48,11 +50,28 @@ _INTERRUPTIONS: tuple[type[BaseException], ...] = (
 # a feature turned off (0A), a database or schema gone (3D, 3F), an object in the wrong state
 # (55), a system or internal error (58, XX), a broken routine (2F, 39), a role that may
 # no longer log in (28: NOLOGIN, a password rotated, pg_hba.conf, met by a new pooled
-# connection). An operator's fix makes the same statement succeed. Taken for a refusal of an
+# connection), a prepared statement missing or already there (26000, 42P05: a pooler in
+# transaction mode that does not relay them, see POOLER_HINT). An operator's fix makes the
+# same statement succeed. Taken for a refusal of an
 # outcome, each one failed the attempt and ran the handler again, without end. (A trigger of
 # yours raising one of these for one row holds that job's outcome alone: see the completer.
 # Not class 38: PL/Python reports a trigger's uncaught exception, its refusal of a row, so.)
-_SETUP_CLASSES = frozenset({"42", "25", "0A", "3D", "3F", "55", "58", "XX", "2F", "39", "28"})
+_SETUP_CLASSES = frozenset({"42", "25", "0A", "3D", "3F", "55", "58", "XX", "2F", "39", "28", "26"})
+# What a prepared statement missing on the server connection, or already there, means for
+# pgqueue's connections (asyncpg's own hint names its connect() argument, not the DSN).
+POOLER_STATES = frozenset({"26000", "42P05"})
+POOLER_HINT = (
+    "prepared statements do not last on this connection: through a pooler in transaction mode,"
+    " add statement_cache_size=0 to the DSN, or let the pooler keep them (PgBouncer 1.21+:"
+    " max_prepared_statements above 0)"
+)
+
+
+def is_pooler_error(exc: BaseException) -> bool:
+    """A prepared statement asyncpg made is missing on the server connection, or another
+    with its name is there: a pooler in transaction mode handed the session's statements to
+    another server connection (see :data:`POOLER_HINT`)."""
+    return getattr(exc, "sqlstate", None) in POOLER_STATES
 
 
 def is_setup_error(exc: BaseException) -> bool:
@@ -117,14 +136,22 @@ def _cause(exc: BaseException) -> str:
 
 
 def _hint(exc: BaseException) -> str:
-    hint = getattr(exc, "hint", None)
+    hint = POOLER_HINT if is_pooler_error(exc) else getattr(exc, "hint", None)
     return f"; HINT: {hint}" if hint else ""
 
 
 def _kind(exc: BaseException) -> str:
     """How a try failed, for telling a relapse from a new cause: the type and the message
-    (not the SQLSTATE alone: a permission denied on another table is another fix)."""
-    return f"{type(exc).__name__}: {exc}"
+    (not the SQLSTATE alone: a permission denied on another table is another fix), its
+    words with digits in them left out (a prepared statement's name, an address, a pid)."""
+    return f"{type(exc).__name__}: {_VARYING.sub('#', _first_line(exc))}"
+
+
+_VARYING = re.compile(r"\w*\d\w*")
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).split("\n", 1)[0]
 
 
 class Backoff:
@@ -155,6 +182,11 @@ class Backoff:
 # another way (a new cause is news), is always logged.
 RELAPSE_WINDOW = 60.0
 RELAPSE_LOGGED_AFTER = 10.0
+# An outage that lasts is logged again this long after it was, then twice as long after
+# each reminder, up to REMIND_MAX apart: one line for an outage of hours (a pooler refusing
+# every statement, a privilege never granted) read as a blip long over.
+REMIND_AFTER = 300.0
+REMIND_MAX = 3600.0
 
 
 class Outage:
@@ -172,6 +204,8 @@ class Outage:
         self._logged_kind = ""  # and how it failed (see _kind)
         self._quiet = False  # the outage in progress is a relapse, not logged (yet)
         self._unlogged = 0  # relapses since the last outage logged
+        self._remind_at = math.inf  # when the outage logged is logged again
+        self._remind_gap = REMIND_AFTER
 
     def failed(self, exc: BaseException, doing: str) -> None:
         """Record a failed attempt at ``doing``; only the first one of an outage is logged,
@@ -189,15 +223,34 @@ class Outage:
                 self._unlogged += 1
                 self.logger.debug("%s: failed again while %s: %r", self.component, doing, exc)
                 return
-        elif not self._quiet or (
-            now - self.started < RELAPSE_LOGGED_AFTER and _kind(exc) == self._logged_kind
-        ):
+        elif not self._quiet:
+            if now >= self._remind_at:
+                self._remind(exc, doing, now)
+            return
+        elif now - self.started < RELAPSE_LOGGED_AFTER and _kind(exc) == self._logged_kind:
             return
         elif self._quiet:
             self._unlogged -= 1  # this one is logged now
         self._quiet = False
         self._logged_at, self._logged_kind = now, _kind(exc)
+        self._remind_at, self._remind_gap = now + REMIND_AFTER, REMIND_AFTER
         self._log(exc, doing)
+
+    def _remind(self, exc: BaseException, doing: str, now: float) -> None:
+        assert self.started is not None
+        self._remind_gap = min(2 * self._remind_gap, REMIND_MAX)
+        self._remind_at = now + self._remind_gap
+        level = logging.WARNING if is_transient_error(exc) else logging.ERROR
+        self.logger.log(
+            level,
+            "%s: still failing after %.0fs, while %s (%s: %s); %s",
+            self.component,
+            now - self.started,
+            doing,
+            type(exc).__name__,
+            _first_line(exc),
+            self.retry,
+        )
 
     def _log(self, exc: BaseException, doing: str) -> None:
         retry = self.retry
@@ -219,14 +272,16 @@ class Outage:
         elif is_setup_error(exc):
             self.logger.error(
                 "%s: the database refuses this worker's statements as it is set up, while %s"
-                " (%s %s: %s%s); fix that (a privilege, a read-only session, a missing or"
-                " shadowed object); %s",
+                " (%s %s: %s%s); fix that (%s); %s",
                 self.component,
                 doing,
                 type(exc).__name__,
                 getattr(exc, "sqlstate", ""),
-                exc,
+                _first_line(exc),  # asyncpg writes its own hint into a pooler error's text
                 _hint(exc),
+                "the DSN, or the pooler"
+                if is_pooler_error(exc)
+                else "a privilege, a read-only session, a missing or shadowed object",
                 retry,
             )
         else:
@@ -248,3 +303,4 @@ class Outage:
         )
         self.started = None
         self._quiet = False
+        self._remind_at = math.inf

@@ -172,6 +172,7 @@ class Worker:
 
     async def _work(self, pool: asyncpg.Pool, beat_pool: asyncpg.Pool) -> None:
         from pgqueue.migrate import (  # refuse to start
+            SchemaError,
             check_read_committed,
             check_schema,
             check_writable,
@@ -179,10 +180,23 @@ class Worker:
         )
 
         async def startup_reads(conn: asyncpg.Connection) -> tuple[timedelta, list[str]]:
-            await check_schema(conn)
-            await check_read_committed(conn)
-            await check_writable(conn)
-            return await read_stale_after(conn), await missing_rights(conn)
+            # In a transaction block, as recovery and retention run: a pooler in statement
+            # mode refuses one (and ends the connection), so a worker behind it recovered
+            # nothing and pruned nothing, ever, after one line logged as an outage.
+            try:
+                async with conn.transaction():
+                    await check_schema(conn)
+                    await check_read_committed(conn)
+                    await check_writable(conn)
+                    return await read_stale_after(conn), await missing_rights(conn)
+            except asyncpg.ConnectionDoesNotExistError as exc:
+                if "statement pooling" not in str(exc):  # PgBouncer's words
+                    raise
+                raise SchemaError(
+                    "this connection goes through a pooler in statement mode, which refuses"
+                    " transaction blocks: pgqueue needs them (stale recovery, retention, an"
+                    " enqueue in your transaction); use pool_mode = transaction or session"
+                ) from None
 
         stale_after, missing = await bounded.call(pool, STARTUP_TIMEOUT, startup_reads)
         if missing:

@@ -440,6 +440,26 @@ async def test_libpqs_connect_timeout_bounds_the_connection_attempt(db_dsn: str)
         assert 1.5 < time.monotonic() - started < 10
 
 
+async def test_statement_cache_size_in_the_dsn_goes_to_asyncpg(db_dsn: str) -> None:
+    """For a pooler in transaction mode that does not relay prepared statements: read by
+    pgqueue (asyncpg would send it to the server, which refuses it) and handed to asyncpg."""
+    sep = "&" if "?" in db_dsn else "?"
+    dsn = f"{db_dsn}{sep}statement_cache_size=0&connect_timeout=7"
+    arguments = pgqueue.dsn.connect_arguments(dsn, "t")
+    assert arguments["statement_cache_size"] == 0 and arguments["timeout"] == 7.0
+    assert "statement_cache_size" not in arguments["dsn"]
+    conn = await pgqueue_connect(dsn)
+    try:
+        await conn.fetchval("SELECT 1")
+        await conn.fetchval("SELECT 1")
+        assert await conn.fetchval("SELECT count(*) FROM pg_prepared_statements") == 0
+    finally:
+        await conn.close()
+    for bad in ("-1", "x", "1.5"):
+        with pytest.raises(pgqueue.dsn.DsnError, match="statement_cache_size"):
+            pgqueue.dsn.check_dsn(f"{db_dsn}{sep}statement_cache_size={bad}")
+
+
 async def test_a_sigint_between_the_receivers_exit_and_sig_ign_does_not_escape(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

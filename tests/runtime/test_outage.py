@@ -85,6 +85,30 @@ def test_brief_outages_after_a_logged_one_are_counted_not_logged(
     assert log.records[4].getMessage().endswith("; retrying with backoff")
 
 
+def test_an_outage_that_lasts_is_logged_again_less_and_less_often(
+    records: tuple[logging.Logger, Records], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From a review behind PgBouncer: a component failing for ever (every claim refused)
+    logged one line, at its start, and nothing after it. Now again after REMIND_AFTER, then
+    twice as late each time (up to REMIND_MAX apart); a later outage starts afresh."""
+    now = [0.0]
+    monkeypatch.setattr(retry.time, "monotonic", lambda: now[0])
+    logger, log = records
+    refused = asyncpg.exceptions.InsufficientPrivilegeError("permission denied for table jobs")
+    outage = Outage(logger, "producer")
+    for _ in range(int(4 * retry.REMIND_AFTER)):  # a try a second
+        outage.failed(refused, "claiming jobs")
+        now[0] += 1.0
+    lines = [r.getMessage() for r in log.records]
+    assert len(lines) == 3, lines  # the start, after REMIND_AFTER, after 3 * REMIND_AFTER
+    assert lines[1] == (
+        f"producer: still failing after {retry.REMIND_AFTER:.0f}s, while claiming jobs"
+        " (InsufficientPrivilegeError: permission denied for table jobs); retrying with backoff"
+    )
+    assert f"still failing after {3 * retry.REMIND_AFTER:.0f}s" in lines[2]
+    assert [r.levelname for r in log.records] == ["ERROR"] * 3
+
+
 class _EofHoldingProxy:
     """A TCP proxy to PostgreSQL that passes every byte but holds back the end of the
     server's side once the server hangs up, until told to let it go: it keeps asyncpg in the

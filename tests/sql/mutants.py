@@ -417,16 +417,27 @@ MUTANTS: dict[str, Mutant] = {
     # after the producer decided nobody waits claims before the job commits, and sleeps.
     "notify_gate_without_lock": Mutant(
         "pgqueue._someone_waits(text[])",
-        "PERFORM pg_advisory_xact_lock_shared(pgqueue._lock_class('waiters'), 0);",
+        "IF NOT pg_try_advisory_xact_lock_shared(pgqueue._lock_class('waiters'), 0) THEN\n"
+        "        RETURN true;\n    END IF;",
         "NULL;",
         "test_notify_when_waiting.py::test_sleeping_worker_waits_for_a_silent_producer_and_claims_its_job",
+    ),
+    # when_waiting producers waiting for the 'waiters' lock instead of trying it: one holding
+    # a scope's order lock from an earlier call closes a cycle with a registering worker and
+    # a completion of that scope.
+    "notify_gate_waits": Mutant(
+        "pgqueue._someone_waits(text[])",
+        "IF NOT pg_try_advisory_xact_lock_shared(pgqueue._lock_class('waiters'), 0) THEN\n"
+        "        RETURN true;\n    END IF;",
+        "PERFORM pg_advisory_xact_lock_shared(pgqueue._lock_class('waiters'), 0);",
+        "test_notify_when_waiting.py::test_a_producer_holding_a_scope_lock_and_a_registering_worker_do_not_deadlock",
     ),
     # a worker registering without the exclusive lock: same lost wake-up, other side.
     "claim_or_wait_without_lock": Mutant(
         "pgqueue.claim_or_wait(text,text[],integer)",
         "PERFORM pg_advisory_xact_lock(pgqueue._lock_class('waiters'), 0);",
         "NULL;",
-        "test_notify_when_waiting.py::test_producer_waits_for_a_registering_worker_and_wakes_it",
+        "test_notify_when_waiting.py::test_producer_meeting_a_registering_worker_notifies_without_waiting",
     ),
     # scoped enqueue without the shared order lock: a completion committing between its
     # look at the scope and its commit unblocks nothing, and the new job stays blocked.

@@ -90,21 +90,57 @@ async def test_sleeping_worker_waits_for_a_silent_producer_and_claims_its_job(
     assert await listener.drain() == []
 
 
-async def test_producer_waits_for_a_registering_worker_and_wakes_it(connect: Connect) -> None:
+async def test_producer_meeting_a_registering_worker_notifies_without_waiting(
+    connect: Connect,
+) -> None:
     """Worker first: its registration is not committed yet when the producer queues. The
-    producer must wait for it and then notify, or the worker would sleep through its job."""
+    producer notifies without looking (the lock is not free), or the worker would sleep
+    through its job; it does not wait for the worker (see the next test for why)."""
     producer, worker = await sessions(connect, "producer", "worker")
     observer = await connect()
     await observer.execute(WHEN_WAITING)
     listener = await _listener(connect)
     await worker.begin()
     assert await worker.fetch(CLAIM_OR_WAIT) == []
-    enqueue = producer.start(producer.fetchval(ENQUEUE, "q"))
-    await wait_blocked(observer, producer)
-    assert await lock_wait_kind(observer, producer) == "advisory"
+    await asyncio.wait_for(producer.fetchval(ENQUEUE, "q"), BLOCK_TIMEOUT)
+    assert await listener.drain(1) == ["q"]  # at the producer's commit, the worker's still open
     await worker.commit()
-    await enqueue
-    assert await listener.drain(1) == ["q"]
+    assert await observer.fetchval("SELECT count(*) FROM pgqueue.notify_waiters") == 1
+
+
+async def test_a_producer_holding_a_scope_lock_and_a_registering_worker_do_not_deadlock(
+    connect: Connect,
+) -> None:
+    """From a fuzzing review: a transaction holding a scope's order lock from an earlier call
+    (a cancel of a scoped job) enqueued and waited for the 'waiters' lock shared, queued
+    behind a worker's claim_or_wait, which waited for a completion's shared lock, which
+    waited for that scope's order lock: a cycle, which PostgreSQL's deadlock detector broke
+    after deadlock_timeout by reordering the queue, or else with 40P01 (seen by the
+    fuzzer). Producers now only try the lock: the enqueue waits for nothing (a lock_timeout
+    far below deadlock_timeout shows it)."""
+    app_tx, completer, worker = await sessions(connect, "app", "completer", "worker")
+    observer = await connect()
+    await observer.execute(WHEN_WAITING)
+    scoped = "SELECT pgqueue.enqueue('t', scope => '{\"s\": 1}')"
+    running = await observer.fetchval(scoped)
+    assert await observer.fetchval("SELECT id FROM pgqueue.claim_next('w0')") == running
+    behind = await observer.fetchval(scoped)
+    await app_tx.begin()
+    assert await app_tx.fetchval("SELECT pgqueue.cancel($1)", behind)  # holds the scope's lock
+    await completer.begin()
+    await completer.fetchval(ENQUEUE, "other")  # holds the 'waiters' lock shared
+    completing = completer.start(completer.fetchval("SELECT pgqueue.complete($1, 'w0')", running))
+    await wait_blocked(observer, completer)  # for the scope's order lock
+    claiming = worker.start(worker.fetch(CLAIM_OR_WAIT))
+    await wait_blocked(observer, worker)  # for the 'waiters' lock, exclusively
+    assert await lock_wait_kind(observer, worker) == "advisory"
+    await app_tx.execute("SET LOCAL lock_timeout = '100ms'")
+    await asyncio.wait_for(app_tx.fetchval(ENQUEUE, "q"), BLOCK_TIMEOUT)  # 55P03 before
+    await app_tx.commit()
+    assert await asyncio.wait_for(completing, BLOCK_TIMEOUT) is True
+    await completer.commit()
+    claimed = [r["id"] for r in await asyncio.wait_for(claiming, BLOCK_TIMEOUT)]
+    assert len(claimed) == 1  # the job the app transaction queued in q
 
 
 async def test_producers_queueing_in_opposite_orders_neither_wait_nor_deadlock(
