@@ -19,50 +19,11 @@ import pytest
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
+from sqlharness import INVARIANTS
 
 WORKERS = ("w0", "w1", "w2")
 SCOPES = [None, {"m": "a", "y": None}, {"y": None, "m": "a"}, {"m": "b"}]
 DEDUP = [None, "d1", "d2"]
-
-INVARIANTS = {
-    "two current jobs in one scope": """
-        SELECT scope FROM pgqueue.jobs WHERE is_current GROUP BY scope HAVING count(*) > 1""",
-    "two running jobs in one scope": """
-        SELECT scope FROM pgqueue.jobs WHERE state = 'running' AND scope IS NOT NULL
-        GROUP BY scope HAVING count(*) > 1""",
-    "running job without a lease holder": """
-        SELECT id FROM pgqueue.jobs WHERE state = 'running' AND (locked_by IS NULL OR locked_at IS NULL)""",
-    "non-final job with attempts > max_attempts": """
-        SELECT id FROM pgqueue.jobs
-        WHERE state NOT IN ('succeeded', 'failed', 'cancelled') AND attempts > max_attempts""",
-    "queued or running job with an unfinished dependency": """
-        SELECT j.id FROM pgqueue.jobs j JOIN pgqueue.job_dependencies d ON d.job_id = j.id
-        JOIN pgqueue.jobs p ON p.id = d.depends_on
-        WHERE j.state IN ('queued', 'running') AND p.state <> 'succeeded'""",
-    "waiting job with every dependency succeeded (stuck)": """
-        SELECT j.id FROM pgqueue.jobs j WHERE j.state = 'waiting' AND NOT EXISTS (
-            SELECT 1 FROM pgqueue.job_dependencies d JOIN pgqueue.jobs p ON p.id = d.depends_on
-            WHERE d.job_id = j.id AND p.state <> 'succeeded')""",
-    "waiting job whose fan-in counter disagrees with its unfinished dependencies": """
-        SELECT j.id FROM pgqueue.jobs j WHERE j.state = 'waiting' AND j.pending_deps <> (
-            SELECT count(*) FROM pgqueue.job_dependencies d JOIN pgqueue.jobs p ON p.id = d.depends_on
-            WHERE d.job_id = j.id AND p.state <> 'succeeded')""",
-    "scope stuck: its oldest queued job is blocked and nothing of the scope runs": """
-        SELECT h.id FROM (SELECT DISTINCT ON (scope) id, scope, scope_blocked FROM pgqueue.jobs
-                          WHERE state = 'queued' AND scope IS NOT NULL ORDER BY scope, id) h
-        WHERE h.scope_blocked AND NOT EXISTS (
-            SELECT 1 FROM pgqueue.jobs r WHERE r.scope = h.scope AND r.state = 'running')""",
-    "blocked job with no older active job in its scope": """
-        SELECT b.id FROM pgqueue.jobs b WHERE b.scope_blocked AND NOT EXISTS (
-            SELECT 1 FROM pgqueue.jobs a WHERE a.scope = b.scope AND a.state IN ('queued', 'running')
-            AND a.id < b.id)""",
-    "job flagged out of the claim index in a queue that is not paused (stranded)": """
-        SELECT id FROM pgqueue.jobs
-        WHERE queue_paused AND queue NOT IN (SELECT queue FROM pgqueue.paused_queues)""",
-    "two pending jobs with one dedup key": """
-        SELECT dedup_key FROM pgqueue.jobs WHERE state IN ('waiting', 'queued') AND dedup_key IS NOT NULL
-        GROUP BY dedup_key HAVING count(*) > 1""",
-}
 
 
 class Machine(RuleBasedStateMachine):
