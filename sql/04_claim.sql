@@ -495,8 +495,9 @@ BEGIN
         END IF;
     END IF;
 
-    -- A transaction that holds the 'waiters' lock (claim_or_wait), which every
-    -- enqueue needs, waits for no lock of its claims: not a limit lock, not a row.
+    -- A transaction that holds the 'waiters' lock (claim_or_wait) waits for no
+    -- lock of its claims, not a limit lock, not a row: while it holds it every
+    -- producer notifies without looking, and other workers going to sleep wait.
     v_try_only := coalesce(current_setting('pgqueue.claim_waits', true), '') = 'never';
 
     -- Rounds: one, unless a limited queue's places ran out under the jobs picked

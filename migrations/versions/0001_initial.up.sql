@@ -2280,8 +2280,9 @@ BEGIN
         END IF;
     END IF;
 
-    -- A transaction that holds the 'waiters' lock (claim_or_wait), which every
-    -- enqueue needs, waits for no lock of its claims: not a limit lock, not a row.
+    -- A transaction that holds the 'waiters' lock (claim_or_wait) waits for no
+    -- lock of its claims, not a limit lock, not a row: while it holds it every
+    -- producer notifies without looking, and other workers going to sleep wait.
     v_try_only := coalesce(current_setting('pgqueue.claim_waits', true), '') = 'never';
 
     -- Rounds: one, unless a limited queue's places ran out under the jobs picked
@@ -4276,9 +4277,10 @@ BEGIN
         DELETE FROM pgqueue.notify_waiters w
         WHERE w.since < now() - pgqueue._setting_interval('stale_after');
         -- While this transaction holds the 'waiters' lock, its claims only try limit
-        -- locks: waiting for one would hold up every enqueue, and deadlock with a
-        -- transaction that claimed (holding a limit lock) and then enqueues or
-        -- completes. Set for the rest of the transaction, as long as the lock is held.
+        -- locks: waiting for one would keep the lock (every producer notifying
+        -- without looking meanwhile, other workers going to sleep waiting), and
+        -- producers waited for it before they only tried it. Set for the rest of the
+        -- transaction, as long as the lock is held.
         PERFORM set_config('pgqueue.claim_waits', 'never', true);
     END IF;
     -- claim_next's statements take snapshots after the lock was granted.
