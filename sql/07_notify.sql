@@ -46,11 +46,15 @@ COMMENT ON COLUMN pgqueue.notify_waiters.since IS 'When it last went to sleep.';
 -- Tries the 'waiters' lock shared (held to commit: a worker registering waits
 -- for this transaction), then says whether a worker waits for one of p_queues
 -- (NULL: for any queue); true without a look when the lock is not free (a
--- worker holds it, or waits for it, to register: it will hear a notification).
+-- worker holds it, or waits for it, to register: it will hear a notification),
+-- and in a transaction above READ COMMITTED, whose snapshot, older than the
+-- lock, may not show a registration committed since (its worker slept through
+-- the job).
 CREATE FUNCTION pgqueue._someone_waits(p_queues text[]) RETURNS boolean
 LANGUAGE plpgsql AS $$
 BEGIN
-    IF NOT pg_try_advisory_xact_lock_shared(pgqueue._lock_class('waiters'), 0) THEN
+    IF current_setting('transaction_isolation') <> 'read committed'
+       OR NOT pg_try_advisory_xact_lock_shared(pgqueue._lock_class('waiters'), 0) THEN
         RETURN true;
     END IF;
     -- A later statement, so a snapshot taken after the lock was granted.

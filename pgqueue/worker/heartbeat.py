@@ -13,10 +13,9 @@ running and a worker started meanwhile recovered the healthy ones too, running t
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import anyio
@@ -24,7 +23,7 @@ import asyncpg
 
 from pgqueue.worker import bounded
 from pgqueue.worker.aborts import REQUESTED_COUNT
-from pgqueue.worker.retry import Backoff, Outage, is_connection_error
+from pgqueue.worker.retry import Backoff, Outage
 from pgqueue.worker.wake import Wake
 
 DEFAULT_STALE_AFTER = timedelta(minutes=5)
@@ -35,8 +34,9 @@ MAX_PERIOD = 30.0
 # Least bound on a beat. Without it a stale_after set so low that a beat cannot land within
 # a quarter of it would time out every beat, so the worker would never read a raised value.
 MIN_BEAT_BOUND = 1.0
-# After beats failed for want of a connection, stale recovery waits a period and this many
-# seconds past the first beat that lands again (see Period.recovery_held_off).
+# Stale recovery holds back for this many periods, and RECOVERY_MARGIN seconds, after this
+# worker starts and after its beats were missing for as long (see Period.recovery_held_off).
+RECOVERY_HOLD_PERIODS = 2
 RECOVERY_MARGIN = 2.0
 _STALE_AFTER = "SELECT value::interval FROM pgqueue.settings WHERE name = 'stale_after'"
 
@@ -64,27 +64,44 @@ def heartbeat_period(stale_after: timedelta) -> float:
 @dataclass
 class Period:
     """The heartbeat period, from ``stale_after`` as the last beat read it; stale recovery
-    runs on the same period, and waits on the heartbeat after an outage (see
-    :meth:`recovery_held_off`)."""
+    runs on the same period, and holds back after an outage (see :meth:`recovery_held_off`)."""
 
     seconds: float
-    failing: bool = False  # the last beat found no database
-    back_at: float = -math.inf  # monotonic time of the first beat landed after that
+    # Monotonic times: of the last beat that landed (the start, before the first), and of
+    # the last start of the worker or end of a gap in its beats.
+    beat_at: float = field(default_factory=time.monotonic)
+    back_at: float = field(default_factory=time.monotonic)
 
     @classmethod
     def of(cls, stale_after: timedelta) -> Period:
         return cls(heartbeat_period(stale_after))
 
+    def landed(self) -> None:
+        """A beat landed: one that ends a gap of :data:`RECOVERY_HOLD_PERIODS` periods ends an
+        outage as far as recovery is concerned (a shorter one aged no lease past
+        ``stale_after``, four periods)."""
+        now = time.monotonic()
+        if now - self.beat_at >= RECOVERY_HOLD_PERIODS * self.seconds:
+            self.back_at = now
+        self.beat_at = now
+
     def recovery_held_off(self) -> bool:
-        """Whether stale recovery waits: while beats find no database, and for a period
-        (and :data:`RECOVERY_MARGIN`) after one lands again. Every worker's beats failed
-        in that outage (a restart, a failover, a network cut), and leases aged past
-        ``stale_after`` meanwhile: the first recovery after it requeued live workers'
-        jobs before their heartbeats landed, and another worker ran them beside the
-        handlers still running (a crash review: every job of an outage longer than
-        ``stale_after``). Within a period each live worker beats again; what is still
-        stale then belongs to a worker that did not come back."""
-        return self.failing or time.monotonic() - self.back_at < self.seconds + RECOVERY_MARGIN
+        """Whether stale recovery waits: while this worker's beats have been missing for
+        :data:`RECOVERY_HOLD_PERIODS` periods, and for as long (and
+        :data:`RECOVERY_MARGIN`) after they land again, or after the worker starts.
+
+        Leases are read on the database's clock alone: after an outage of the database or
+        of the network longer than ``stale_after``, every worker's leases are stale until
+        its beats land again, and the first recovery requeued live workers' jobs, which
+        another worker then ran beside the handlers still running (a crash review: every
+        job of an outage longer than ``stale_after``). Each live worker's beat lands within
+        two periods of the database's return (a beat under way may hold on for its bound,
+        a period, before its retry); a worker started meanwhile cannot tell, so it waits as
+        long from its start. What is stale after that belongs to a worker that did not come
+        back."""
+        now = time.monotonic()
+        hold = RECOVERY_HOLD_PERIODS * self.seconds
+        return now - self.beat_at >= hold or now - self.back_at < hold + RECOVERY_MARGIN
 
 
 async def heartbeat_loop(
@@ -126,13 +143,11 @@ async def heartbeat_loop(
             stale_after, requested, renewed = await bounded.call(pool, bound, _beat, worker_id)
         except Exception as exc:
             outage.failed(exc, "refreshing leases")
-            period.failing = period.failing or is_connection_error(exc)
             delay = min(backoff.next_delay(), period.seconds)
             continue
         outage.ok()
         backoff.reset()
-        if period.failing:
-            period.failing, period.back_at = False, time.monotonic()
+        period.landed()
         if requested and aborts is not None:
             aborts.set()
         if renewed > len(held) and unheld is not None:

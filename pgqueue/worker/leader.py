@@ -46,21 +46,16 @@ async def every_period(
     held_off: Callable[[], bool] | None = None,
 ) -> None:
     """``round_`` (:func:`recovery_round`, :func:`retention_round`) every heartbeat period,
-    jittered, until cancelled; not while ``held_off()`` says so (the recovery, after an
-    outage: see :meth:`Period.recovery_held_off`), which is logged once per hold-off."""
-    waiting = False
+    jittered, until cancelled; not while ``held_off()`` says so (the recovery, after the
+    worker's start or an outage: see :meth:`Period.recovery_held_off`)."""
     while True:
         await anyio.sleep(period.seconds * random.uniform(0.5, 1.0))
         if held_off is not None and held_off():
-            if not waiting:
-                logger.info(
-                    "stale recovery waits until this worker's heartbeat has landed for a"
-                    " period: after an outage every worker's leases are old, and the others'"
-                    " heartbeats renew theirs within a period"
-                )
-            waiting = True
+            logger.debug(
+                "%s: held back (the worker started, or its heartbeats were missing)",
+                round_.__name__,
+            )
             continue
-        waiting = False
         await round_(pool, logger, outage)
 
 

@@ -25,7 +25,7 @@ from pgqueue.dsn import dumps
 from pgqueue.schedule import Schedule
 from pgqueue.worker import bounded
 from pgqueue.worker.completer import BOUNDED_LOCK_WAIT
-from pgqueue.worker.retry import Backoff, Outage, is_transient_error
+from pgqueue.worker.retry import Backoff, Outage, is_retryable
 
 # Bound on one try of a tick's enqueue (it waits only for other enqueues of the same tick, or
 # for locks an application holds on its dedup key); never past the schedule's next tick.
@@ -113,11 +113,11 @@ async def _schedule_loop(
 ) -> None:
     outage = Outage(logger, f"periodic {schedule.name}")
     try:
-        now = clock.now()  # one reading: a tick falling between two would count as missed
-        tick = schedule.next_tick(now)
-        missed = schedule.previous_tick(now) if schedule.catch_up else None
-        if missed is not None:
-            await _enqueue_tick(
+        while True:
+            now = clock.now()  # one reading: a tick falling between two would count as missed
+            tick = schedule.next_tick(now)
+            missed = schedule.previous_tick(now) if schedule.catch_up else None
+            if missed is None or not await _enqueue_tick(
                 pool,
                 app,
                 schedule,
@@ -128,10 +128,25 @@ async def _schedule_loop(
                 logger,
                 sql=_CATCH_UP,
                 clock=clock,
-            )
+            ):
+                break
+            # Early by the database's clock (the first reading failed and the host's runs
+            # ahead): both ticks again, from the database's time now known.
         while True:
             await anyio.sleep(max(0.0, (tick - clock.now()).total_seconds()))
             following = schedule.next_tick(tick)
+            now = clock.now()
+            if following <= now:
+                # Woke past the next tick too (the process was suspended, the event loop
+                # held up): the ticks past are not made up by this worker; with catch_up,
+                # the latest of them is enqueued, once. (The first of them was enqueued,
+                # hours late for a nightly job, and with catch_up the latest as well.)
+                latest = schedule.previous_tick(now) if schedule.catch_up else None
+                _log_behind(logger, schedule, tick, latest or schedule.next_tick(now))
+                if latest is None:
+                    tick = schedule.next_tick(now)
+                    continue
+                tick, following = latest, schedule.next_tick(latest)
             if await _enqueue_tick(
                 pool, app, schedule, tick, following, enqueues, outage, logger, clock=clock
             ):  # early: the clock was the host's, and is the database's now
@@ -145,17 +160,24 @@ async def _schedule_loop(
             if schedule.next_tick(tick) <= clock.now():
                 latest = schedule.previous_tick(clock.now()) if schedule.catch_up else None
                 tick = latest if latest is not None else schedule.next_tick(clock.now())
-                logger.warning(
-                    "periodic %s: ticks from %s until %s skipped (the worker fell behind: a"
-                    " suspended process, or tries that waited for locks or connections)",
-                    schedule.name,
-                    following.isoformat(),
-                    tick.isoformat(),
-                )
+                _log_behind(logger, schedule, following, tick)
     except (ValueError, TypeError) as exc:
         # next_tick found none (registration checked there is one now), or a payload
         # changed after registration is no longer JSON: this schedule stops, the worker not.
         logger.error("periodic %s: stopped: %s", schedule.name, exc)
+
+
+def _log_behind(
+    logger: logging.Logger, schedule: Schedule, first: datetime.datetime, until: datetime.datetime
+) -> None:
+    logger.warning(
+        "periodic %s: ticks from %s until %s not enqueued by this worker (it fell behind: a"
+        " suspended process, a blocked event loop, or tries that waited for locks or"
+        " connections; another worker may have enqueued them)",
+        schedule.name,
+        first.isoformat(),
+        until.isoformat(),
+    )
 
 
 async def _enqueue(
@@ -211,9 +233,11 @@ async def _enqueue_tick(
                     clock,
                 )
         except Exception as exc:
-            if not is_transient_error(exc):
+            if not is_retryable(exc):
                 # PostgreSQL refused the spec (a queue name too long, say): every tick
-                # would be refused alike, and each one says so.
+                # would be refused alike, and each one says so. (Not a read-only session, a
+                # database refusing connections, a privilege missing: those are waited out
+                # like an outage, within the tick's time.)
                 logger.error(
                     "periodic %s: tick %s refused: %s", schedule.name, tick.isoformat(), exc
                 )

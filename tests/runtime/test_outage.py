@@ -83,6 +83,18 @@ def test_brief_outages_after_a_logged_one_are_counted_not_logged(
     brief()
     assert len(log.records) == 6
     assert log.records[4].getMessage().endswith("; retrying with backoff")
+    # Within the window, a relapse that fails another way is news: logged at once, and so
+    # is a change of cause during a quiet relapse. The same message but for a number in it
+    # (a statement's name, an address) is the same way.
+    lost_elsewhere = asyncpg.ConnectionDoesNotExistError("connection was closed (pid 4711)")
+    outage.failed(lost_elsewhere, "listening")
+    outage.ok()
+    assert len(log.records) == 8, [r.getMessage() for r in log.records]
+    outage.failed(asyncpg.ConnectionDoesNotExistError("connection was closed (pid 4712)"), "x")
+    outage.failed(asyncpg.exceptions.InsufficientPrivilegeError("permission denied"), "x")
+    lines = [r.getMessage() for r in log.records][8:]
+    assert len(lines) == 1 and "permission denied" in lines[0], lines
+    assert lines[0].endswith("; retrying with backoff")  # the relapse logged is this one
 
 
 def test_an_outage_that_lasts_is_logged_again_less_and_less_often(

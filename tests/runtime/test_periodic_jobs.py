@@ -5,8 +5,11 @@ from __future__ import annotations
 import datetime
 import itertools
 import logging
+import re
+import time
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 import asyncpg
@@ -455,3 +458,92 @@ async def _assert_schedule_not_ahead(conn: asyncpg.Connection) -> None:
         "SELECT max(last_tick) - clock_timestamp() FROM pgqueue.periodic WHERE name = 'beat'"
     )
     assert ahead < datetime.timedelta(seconds=2), ahead
+
+
+@pytest.mark.parametrize("catch_up", [False, True])
+async def test_a_blocked_event_loop_does_not_enqueue_the_ticks_it_slept_through(
+    conn: asyncpg.Connection,
+    db_dsn: str,
+    records: tuple[logging.Logger, Records],
+    catch_up: bool,
+) -> None:
+    """From a review of time handling: a worker whose loop woke seconds late (a suspended
+    process; here a blocked event loop) enqueued the first tick it slept through, late, and
+    with catch_up the latest one as well: a nightly job ran hours late, or twice. Now the
+    ticks past are not made up, but for the latest with catch_up."""
+    logger, log = records
+    app = pgqueue.App()
+    app.periodic("beat", every=1, catch_up=catch_up)
+
+    @app.job("beat")
+    async def beat(job: pgqueue.Job) -> None:
+        return None
+
+    async with workers(app, db_dsn, 1, logger):
+        await wait_until(lambda: log.logged("enqueued as job"), what="a tick enqueued")
+        before = await conn.fetchval("SELECT clock_timestamp()")
+        time.sleep(3.6)  # noqa: ASYNC251 (the point: the event loop held up, 3 ticks long)
+        after = await conn.fetchval("SELECT clock_timestamp() - interval '50 ms'")
+        await wait_until(lambda: log.logged("not enqueued by this worker"), what="the skip")
+        await anyio.sleep(1.2)  # the next tick, on time
+    slept_through = await conn.fetchval(
+        "SELECT count(*) FROM pgqueue.jobs WHERE run_after > $1 AND run_after <= $2", before, after
+    )
+    assert slept_through == (1 if catch_up else 0), log.text()
+    assert await conn.fetchval("SELECT count(*) FROM pgqueue.jobs WHERE run_after > $1", after)
+
+
+async def test_a_tick_meeting_a_read_only_database_is_enqueued_once_it_is_writable(
+    conn: asyncpg.Connection,
+    db_dsn: str,
+    pg_base_dsn: str,
+    records: tuple[logging.Logger, Records],
+) -> None:
+    """From a review of time handling: a tick whose enqueue met a set-up error (a standby
+    after a failover, default_transaction_read_only, a database refusing connections) was
+    logged as refused and lost, though the database was writable again seconds later. It is
+    retried within the tick's time, as during an outage."""
+    logger, log = records
+    app = pgqueue.App()
+    app.periodic("beat", every=2)
+
+    @app.job("beat")
+    async def beat(job: pgqueue.Job) -> None:
+        return None
+
+    database = urlsplit(db_dsn).path.lstrip("/")
+    terminate = (
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+        " WHERE datname = $1 AND pid <> pg_backend_pid()"
+    )
+    admin = await asyncpg.connect(pg_base_dsn)
+    try:
+        async with workers(app, db_dsn, 1, logger):
+            await wait_until(lambda: log.logged("enqueued as job"), what="a tick enqueued")
+            await admin.execute(f"ALTER DATABASE {database} SET default_transaction_read_only = on")
+            await admin.fetchval(terminate, database)  # new sessions: read-only
+            refused = "while enqueueing tick"
+            await wait_until(lambda: log.logged(refused), what="a tick refused")
+            await admin.execute(f"ALTER DATABASE {database} RESET default_transaction_read_only")
+            await admin.fetchval(terminate, database)
+            line = next(r.getMessage() for r in log.records if refused in r.getMessage())
+            assert "read-only" in line, line
+            found = re.findall(r"enqueueing tick (\S+) ", line)
+            assert found, line
+            tick = datetime.datetime.fromisoformat(found[0])
+            fresh = await asyncpg.connect(db_dsn)
+            try:
+                ticked = "SELECT count(*) FROM pgqueue.jobs WHERE run_after = $1"
+                await wait_until(
+                    lambda: _positive(fresh.fetchval(ticked, tick)), what="that tick enqueued"
+                )
+            finally:
+                await fresh.close()
+    finally:
+        await admin.execute(f"ALTER DATABASE {database} RESET default_transaction_read_only")
+        await admin.close()
+    assert log.count("refused") == 0, log.text()
+
+
+async def _positive(value: Any) -> bool:
+    return bool(await value)

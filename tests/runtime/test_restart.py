@@ -213,6 +213,11 @@ async def test_an_outage_longer_than_stale_after_takes_no_live_workers_jobs(
             await anyio.to_thread.run_sync(functools.partial(cluster.stop, "immediate"))
             await anyio.sleep(4.5)  # past stale_after: every lease is stale when it is back
             await anyio.to_thread.run_sync(cluster.start)
+            # And one started as it comes back (a restart loop, an autoscaler): it cannot
+            # tell the live workers' old leases from dead ones', so it holds off as long.
+            late = pgqueue.Worker(local, cluster.dsn, poll_interval=0.2, handle_signals=False)
+            workers.append(late)
+            tg.start_soon(late.run)
             conn = await asyncpg.connect(cluster.dsn)
             await wait_for_states(conn, jobs, "succeeded", within=30)
         finally:

@@ -417,7 +417,8 @@ MUTANTS: dict[str, Mutant] = {
     # after the producer decided nobody waits claims before the job commits, and sleeps.
     "notify_gate_without_lock": Mutant(
         "pgqueue._someone_waits(text[])",
-        "IF NOT pg_try_advisory_xact_lock_shared(pgqueue._lock_class('waiters'), 0) THEN\n"
+        "    IF current_setting('transaction_isolation') <> 'read committed'\n"
+        "       OR NOT pg_try_advisory_xact_lock_shared(pgqueue._lock_class('waiters'), 0) THEN\n"
         "        RETURN true;\n    END IF;",
         "NULL;",
         "test_notify_when_waiting.py::test_sleeping_worker_waits_for_a_silent_producer_and_claims_its_job",
@@ -427,7 +428,8 @@ MUTANTS: dict[str, Mutant] = {
     # a completion of that scope.
     "notify_gate_waits": Mutant(
         "pgqueue._someone_waits(text[])",
-        "IF NOT pg_try_advisory_xact_lock_shared(pgqueue._lock_class('waiters'), 0) THEN\n"
+        "    IF current_setting('transaction_isolation') <> 'read committed'\n"
+        "       OR NOT pg_try_advisory_xact_lock_shared(pgqueue._lock_class('waiters'), 0) THEN\n"
         "        RETURN true;\n    END IF;",
         "PERFORM pg_advisory_xact_lock_shared(pgqueue._lock_class('waiters'), 0);",
         "test_notify_when_waiting.py::test_a_producer_holding_a_scope_lock_and_a_registering_worker_do_not_deadlock",

@@ -171,6 +171,24 @@ async def test_producers_queueing_in_opposite_orders_neither_wait_nor_deadlock(
     assert await observer.fetchval("SELECT count(*) FROM pgqueue.notify_waiters") == 1  # wb
 
 
+async def test_a_repeatable_read_producer_notifies_a_worker_registered_after_its_snapshot(
+    connect: Connect,
+) -> None:
+    """From a review: a producer at REPEATABLE READ whose snapshot was taken before a worker
+    registered read no waiter and did not notify; the worker slept through its job. Above
+    READ COMMITTED a producer notifies without looking."""
+    producer, worker = await sessions(connect, "producer", "worker")
+    observer = await connect()
+    await observer.execute(WHEN_WAITING)
+    listener = await _listener(connect)
+    await producer.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+    await producer.fetchval("SELECT 1")  # the snapshot
+    assert await worker.fetch(CLAIM_OR_WAIT) == []  # registered, committed
+    await producer.fetchval(ENQUEUE, "q")
+    await producer.commit()
+    assert await listener.drain(1) == ["q"]
+
+
 async def test_bad_notify_setting_is_refused(conn: asyncpg.Connection) -> None:
     try:
         await conn.execute("UPDATE pgqueue.settings SET value = 'sometimes' WHERE name = 'notify'")
