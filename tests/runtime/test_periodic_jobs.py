@@ -547,3 +547,39 @@ async def test_a_tick_meeting_a_read_only_database_is_enqueued_once_it_is_writab
 
 async def _positive(value: Any) -> bool:
     return bool(await value)
+
+
+async def test_a_missed_tick_early_by_the_databases_clock_is_caught_up_from_its_time(
+    conn: asyncpg.Connection,
+    db_dsn: str,
+    records: tuple[logging.Logger, Records],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """From a review of time handling: with the first clock reading failed and the host an
+    hour ahead, the missed tick the worker tried was an hour early by the database's clock,
+    refused, and never tried again from the database's time: the tick the schedule missed
+    was not made up."""
+    logger, log = records
+    _host_clock_ahead(monkeypatch)
+
+    async def unreadable(conn: asyncpg.Connection) -> datetime.datetime:
+        raise OSError("connection refused")
+
+    monkeypatch.setattr(scheduler, "_database_time", unreadable)
+    app = pgqueue.App()
+    schedule = app.periodic("hourly", every=3600, catch_up=True)
+
+    @app.job("hourly")
+    async def hourly(job: pgqueue.Job) -> None:
+        return None
+
+    now = await conn.fetchval("SELECT clock_timestamp()")
+    missed = schedule.previous_tick(now)
+    assert missed is not None
+    await conn.execute(
+        "INSERT INTO pgqueue.periodic (name, last_tick) VALUES ('hourly', $1)",
+        missed - datetime.timedelta(days=1),
+    )
+    async with workers(app, db_dsn, 1, logger):
+        await wait_until(lambda: log.logged("periodic hourly: missed tick"), what="caught up")
+    assert await conn.fetchval("SELECT run_after FROM pgqueue.jobs") == missed
