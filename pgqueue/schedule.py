@@ -23,6 +23,10 @@ MIN_EVERY = datetime.timedelta(seconds=1)
 MAX_EVERY = datetime.timedelta(days=100 * 365)  # past this, ticks leave datetime's range
 
 
+# zoneinfo keys that name whichever zone a host is set to, not a zone.
+_HOST_ZONES = frozenset({"localtime", "posixrules", "Factory"})
+
+
 @dataclass(frozen=True, slots=True)
 class Schedule:
     """One periodic job: its name (the row in ``pgqueue.periodic``), when, and what."""
@@ -51,6 +55,18 @@ class Schedule:
             raise ValueError(
                 f"schedule {self.name!r}: unknown time zone {self.timezone!r}"
             ) from None
+        if self.timezone in _HOST_ZONES:
+            # Each host's own zone: workers on hosts set differently name different instants
+            # for one tick, and that tick makes two jobs.
+            raise ValueError(
+                f"schedule {self.name!r}: time zone {self.timezone!r} is the host's own; name"
+                " the zone (Europe/Berlin, say)"
+            )
+        if self.every is not None and self.timezone != "UTC":
+            raise ValueError(
+                f"schedule {self.name!r}: every= counts from the Unix epoch, in no time zone;"
+                " timezone= goes with cron="
+            )
         if self.cron is not None:
             # cronsim would read a sixth field as seconds; minute resolution is the contract.
             if len(self.cron.split()) != 5:

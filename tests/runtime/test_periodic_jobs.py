@@ -109,6 +109,10 @@ def test_previous_tick_is_the_tick_next_tick_names(options: dict[str, Any]) -> N
         # with '*' is ANDed with the day of month): never.
         ({"cron": "0 0 LW 2 */7"}, "has no tick after"),
         ({"every": 60, "timezone": "Mars/Olympus"}, "unknown time zone 'Mars/Olympus'"),
+        # From a review of time handling: accepted, and ignored (every= ticks in UTC)...
+        ({"every": 86400, "timezone": "Europe/Berlin"}, "timezone= goes with cron="),
+        # ...or each host's own zone, so workers on hosts set differently made two jobs a tick.
+        ({"cron": "0 9 * * *", "timezone": "localtime"}, "is the host's own"),
         ({"every": 60, "payload": {"at": {1, 2}}}, "not JSON serializable"),
         ({"every": 60, "name": ""}, "name must be 1 to 200 bytes"),
         ({"every": 60, "catch_up": "yes"}, "catch_up must be True or False"),
