@@ -76,19 +76,26 @@ class Period:
     def of(cls, stale_after: timedelta) -> Period:
         return cls(heartbeat_period(stale_after))
 
+    def _gap(self) -> float:
+        """Seconds between two beats that landed past which one was missing: the sleep
+        (a period) and the longest a beat may take (its bound), and a margin."""
+        return self.seconds + max(self.seconds, MIN_BEAT_BOUND) + RECOVERY_MARGIN
+
+    def _hold(self) -> float:
+        return RECOVERY_HOLD_PERIODS * self.seconds + RECOVERY_MARGIN
+
     def landed(self) -> None:
-        """A beat landed: one that ends a gap of :data:`RECOVERY_HOLD_PERIODS` periods ends an
-        outage as far as recovery is concerned (a shorter one aged no lease past
-        ``stale_after``, four periods)."""
+        """A beat landed: one that ends a gap longer than beats take (see :meth:`_gap`)
+        ends an outage as far as recovery is concerned."""
         now = time.monotonic()
-        if now - self.beat_at >= RECOVERY_HOLD_PERIODS * self.seconds:
+        if now - self.beat_at > self._gap():
             self.back_at = now
         self.beat_at = now
 
     def recovery_held_off(self) -> bool:
-        """Whether stale recovery waits: while this worker's beats have been missing for
-        :data:`RECOVERY_HOLD_PERIODS` periods, and for as long (and
-        :data:`RECOVERY_MARGIN`) after they land again, or after the worker starts.
+        """Whether stale recovery waits: while this worker's beats are missing (see
+        :meth:`_gap`), for :data:`RECOVERY_HOLD_PERIODS` periods and
+        :data:`RECOVERY_MARGIN` after they land again, and as long after the worker starts.
 
         Leases are read on the database's clock alone: after an outage of the database or
         of the network longer than ``stale_after``, every worker's leases are stale until
@@ -98,10 +105,13 @@ class Period:
         two periods of the database's return (a beat under way may hold on for its bound,
         a period, before its retry); a worker started meanwhile cannot tell, so it waits as
         long from its start. What is stale after that belongs to a worker that did not come
-        back."""
+        back. (Not a host suspended with its database: the monotonic clock stops too.)"""
         now = time.monotonic()
-        hold = RECOVERY_HOLD_PERIODS * self.seconds
-        return now - self.beat_at >= hold or now - self.back_at < hold + RECOVERY_MARGIN
+        return now - self.beat_at > self._gap() or now - self.back_at < self._hold()
+
+    def recovery_hold_left(self) -> float:
+        """Seconds until the hold after the last start or outage ends (0: none)."""
+        return max(0.0, self.back_at + self._hold() - time.monotonic())
 
 
 async def heartbeat_loop(

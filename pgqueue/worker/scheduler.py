@@ -7,8 +7,9 @@ transaction) holds up no other. A loop sleeps until its next tick, enqueues it, 
 to the next tick after now: ticks that fell while the worker was not running (or was
 suspended) are skipped, not made up; with ``catch_up``, the latest of them is enqueued late.
 A tick whose enqueue fails for a transient reason (the database is restarting, a lock wait)
-is tried again with backoff until the schedule's next tick is due; the other workers are
-trying it too. Ticks fall on the database's clock (:class:`DatabaseClock`), not the host's.
+or for how the database is set up (a read-only standby, a privilege missing) is tried again
+with backoff until the schedule's next tick is due; the other workers are trying it too.
+Ticks fall on the database's clock (:class:`DatabaseClock`), not the host's.
 """
 
 from __future__ import annotations
@@ -212,7 +213,7 @@ async def _enqueue_tick(
     clock: DatabaseClock | None = None,
 ) -> bool:
     """Enqueue one tick (through ``sql``: the plain enqueue, or :data:`_CATCH_UP` for a
-    missed one), retrying transient failures until ``give_up_at`` (on ``clock``). True if
+    missed one), retrying transient and set-up failures until ``give_up_at`` (on ``clock``). True if
     the tick was early by the database's clock, and so not enqueued."""
     clock = clock or DatabaseClock()
     late = sql is _CATCH_UP
@@ -258,7 +259,7 @@ async def _enqueue_tick(
         if job_id == _EARLY:
             logger.warning(
                 "periodic %s: tick %s is still %.1fs away by the database's clock; this"
-                " worker's clock was off, and waits for the database's",
+                " worker's clock was off, and goes on from the database's",
                 schedule.name,
                 tick.isoformat(),
                 (tick - clock.now()).total_seconds(),

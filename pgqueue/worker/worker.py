@@ -29,7 +29,11 @@ from pgqueue.worker import bounded
 from pgqueue.worker.aborts import abort_loop
 from pgqueue.worker.completer import Completer
 from pgqueue.worker.executor import IGNORED_TIMEOUT_WARNING, Executor
-from pgqueue.worker.heartbeat import Period, heartbeat_loop, read_stale_after
+from pgqueue.worker.heartbeat import (
+    Period,
+    heartbeat_loop,
+    read_stale_after,
+)
 from pgqueue.worker.leader import every_period, leader_outage, recovery_round, retention_round
 from pgqueue.worker.notifier import Notifier
 from pgqueue.worker.producer import Producer
@@ -115,6 +119,7 @@ class Worker:
         self._stop_requested = False
         self._force = False  # stop(force=True) before the grace period began: skip it
         self._grace_scope: anyio.CancelScope | None = None
+        self._hold_scope: anyio.CancelScope | None = None  # see _hold_recovery_at_start
         self._executor: Executor | None = None
         self._aborts_heard = Wake()  # pgqueue.abort() was called: read the requests
 
@@ -129,6 +134,8 @@ class Worker:
             self._producer.stop()
         if force and self._grace_scope is not None:
             self._grace_scope.cancel()
+        if self._hold_scope is not None:
+            self._hold_scope.cancel()
 
     async def run(self) -> None:
         """Work until :meth:`stop` or SIGTERM/SIGINT; return once every job is settled.
@@ -296,6 +303,7 @@ class Worker:
                 # and jobs whose lease went stale (an earlier run killed mid-job) are due
                 # again. A stop asked for meanwhile (the signal watcher runs) takes effect
                 # when they end: each is a few short transactions.
+                await self._hold_recovery_at_start(pool, period)
                 await recovery_round(pool, self.logger, recovery)
                 await retention_round(pool, self.logger, retention)
             stuck: asyncio.TimerHandle | None = None
@@ -319,6 +327,31 @@ class Worker:
             await producer.release_lost_claims_at_stop()
             services.cancel_scope.cancel()
         self.logger.info("worker %s stopped", self.id, extra={"worker": self.id})
+
+    async def _hold_recovery_at_start(self, pool: asyncpg.Pool, period: Period) -> None:
+        """Where jobs are stale and the database server started less than a hold ago (see
+        :meth:`Period.recovery_held_off`), wait for the rest of it before the until-empty
+        run's first recovery: a run started by cron as the database came back from a crash
+        recovered the jobs of live workers whose heartbeats had not landed yet (a review).
+        Otherwise at once: a run does not wait a minute for a dead run's stale job."""
+        hold = period.recovery_hold_left()
+        try:
+            stale, since_start = await bounded.call(pool, STARTUP_TIMEOUT, _stale_since_start)
+        except Exception:
+            return  # the round itself reports what fails
+        wait = hold - since_start  # the hold counted from the server's start, not ours
+        if not stale or wait <= 0:
+            return
+        self.logger.info(
+            "stale jobs, and the database started %.1fs ago: recovery waits %.1fs for live"
+            " workers' heartbeats first",
+            since_start,
+            wait,
+        )
+        with anyio.CancelScope() as self._hold_scope:  # stop() ends the wait
+            if not self._stop_requested:
+                await anyio.sleep(wait)
+        self._hold_scope = None
 
     def _warn_stuck(self, executor: Executor) -> None:
         """Handlers still running well after their cancellation (plain defs aside, which
@@ -442,3 +475,12 @@ def _usable_handler(signum: int, handler: Any) -> Any:
     if handler is None or getattr(handler, "__name__", "") == "_sighandler_noop":
         return signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
     return handler
+
+
+async def _stale_since_start(conn: asyncpg.Connection) -> tuple[bool, float]:
+    """Whether any job is stale, and how many seconds ago the database server started."""
+    row = await conn.fetchrow(
+        "SELECT EXISTS (SELECT FROM pgqueue.stale_jobs),"
+        " extract(epoch FROM now() - pg_postmaster_start_time())::float8"
+    )
+    return bool(row[0]), float(row[1])

@@ -23,6 +23,7 @@ from worker_harness import wait_for_states, wait_until
 
 import pgqueue
 from pgqueue import migrate
+from pgqueue.worker import heartbeat
 
 app = pgqueue.App()
 
@@ -187,8 +188,9 @@ async def test_an_outage_longer_than_stale_after_takes_no_live_workers_jobs(
     stale when it came back, and the first recovery round (of any worker) requeued the
     jobs of workers alive and running them before their heartbeats landed: another worker
     ran each beside its first handler (every job, in a 20 s outage with stale_after 12 s).
-    Each worker's recovery now waits a heartbeat period past its own first beat after an
-    outage, and a failed beat is tried again sooner; the handlers outlive the outage."""
+    Each worker's recovery now waits two heartbeat periods past its own first beat after an
+    outage (and after it starts), and a failed beat is tried again sooner; the handlers
+    outlive the outage."""
     local = pgqueue.App()
     runs: list[tuple[int, int]] = []
 
@@ -213,9 +215,12 @@ async def test_an_outage_longer_than_stale_after_takes_no_live_workers_jobs(
             await anyio.to_thread.run_sync(functools.partial(cluster.stop, "immediate"))
             await anyio.sleep(4.5)  # past stale_after: every lease is stale when it is back
             await anyio.to_thread.run_sync(cluster.start)
-            # And one started as it comes back (a restart loop, an autoscaler): it cannot
-            # tell the live workers' old leases from dead ones', so it holds off as long.
-            late = pgqueue.Worker(local, cluster.dsn, poll_interval=0.2, handle_signals=False)
+            # And a run started as it comes back (cron, a restart loop): it cannot tell the
+            # live workers' old leases from dead ones', so it holds off as long. Its first
+            # recovery, until empty, runs before its first claim: without the hold, at once.
+            late = pgqueue.Worker(
+                local, cluster.dsn, poll_interval=0.2, handle_signals=False, until_empty=True
+            )
             workers.append(late)
             tg.start_soon(late.run)
             conn = await asyncpg.connect(cluster.dsn)
@@ -227,3 +232,29 @@ async def test_an_outage_longer_than_stale_after_takes_no_live_workers_jobs(
     await conn.close()
     assert [tuple(row) for row in attempts] == [(job, 1) for job in jobs]
     assert sorted(runs) == [(job, 1) for job in jobs]
+
+
+def test_recovery_is_held_after_a_start_and_after_beats_went_missing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The hold itself, on a clock of the test's: at a start, while beats are missing (a
+    gap longer than a beat takes), for two periods and a margin after they land again; not
+    after a beat merely slow within its bound (with a period under a second, the bound is a
+    second: such beats kept recovery held for good)."""
+    now = [1000.0]
+    monkeypatch.setattr(heartbeat.time, "monotonic", lambda: now[0])
+    period = heartbeat.Period(0.25, beat_at=now[0], back_at=now[0])
+    hold = heartbeat.RECOVERY_HOLD_PERIODS * 0.25 + heartbeat.RECOVERY_MARGIN
+    assert period.recovery_held_off() and period.recovery_hold_left() == hold
+    for _ in range(40):  # beats every period plus a slow second (the bound): no outage
+        now[0] += 0.25 + 0.99
+        period.landed()
+    assert not period.recovery_held_off() and period.recovery_hold_left() == 0
+    now[0] += 0.25 + 1.0 + heartbeat.RECOVERY_MARGIN + 0.01  # a beat missing
+    assert period.recovery_held_off()
+    period.landed()  # back: held for two periods and the margin
+    assert period.recovery_held_off()
+    now[0] += hold - 0.01
+    assert period.recovery_held_off()
+    now[0] += 0.02
+    assert not period.recovery_held_off()

@@ -423,6 +423,15 @@ MUTANTS: dict[str, Mutant] = {
         "NULL;",
         "test_notify_when_waiting.py::test_sleeping_worker_waits_for_a_silent_producer_and_claims_its_job",
     ),
+    # when_waiting producers reading the waiters under a snapshot older than the lock (above
+    # READ COMMITTED): a registration committed since is not seen, and its worker sleeps on.
+    "notify_gate_ignores_isolation": Mutant(
+        "pgqueue._someone_waits(text[])",
+        "    IF current_setting('transaction_isolation') <> 'read committed'\n"
+        "       OR NOT pg_try_advisory_xact_lock_shared",
+        "    IF NOT pg_try_advisory_xact_lock_shared",
+        "test_notify_when_waiting.py::test_a_repeatable_read_producer_notifies_a_worker_registered_after_its_snapshot",
+    ),
     # when_waiting producers waiting for the 'waiters' lock instead of trying it: one holding
     # a scope's order lock from an earlier call closes a cycle with a registering worker and
     # a completion of that scope.

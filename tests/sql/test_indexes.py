@@ -285,3 +285,44 @@ async def test_the_look_for_the_next_scheduled_job_reads_a_few_index_entries(
     scans = _scans(plan[0]["Plan"])
     assert ("Seq Scan", "jobs") not in scans and ("Bitmap Heap Scan", "jobs") not in scans, scans
     assert _blocks(plan) < 100, _blocks(plan)  # the jobs fill some 1,000 pages
+
+
+MIXED = """
+INSERT INTO pgqueue.jobs (job_type, queue, priority, run_after)
+SELECT 'j', (ARRAY['a', 'b', 'c'])[1 + g % 3], (ARRAY[-5, 0, 3, 10])[1 + g % 4],
+       now() + (g % 7 - 2) * interval '1 hour' + g * interval '1 second'
+FROM generate_series(1, 400) g;
+-- Out of the claim index, so not "next" however soon: paused, running, succeeded.
+UPDATE pgqueue.jobs SET queue_paused = true WHERE id % 11 = 0 AND state = 'queued';
+UPDATE pgqueue.jobs SET state = 'running', locked_by = 'w', locked_at = now(), started_at = now(),
+       attempts = 1 WHERE id % 13 = 0 AND NOT queue_paused;
+UPDATE pgqueue.jobs SET state = 'succeeded', finished_at = now(), attempts = 1
+WHERE id % 17 = 0 AND state = 'queued' AND NOT queue_paused;
+"""
+
+# The look it replaced: a min() over every scheduled job, by definition right.
+REFERENCE = """
+SELECT min(run_after) FROM pgqueue.jobs
+WHERE state = 'queued' AND NOT scope_blocked AND NOT queue_paused AND run_after > now()
+  AND ($1::text[] IS NULL OR queue = ANY ($1::text[]))
+"""
+
+
+@pytest.mark.parametrize("queues", [None, ["a"], ["b", "c"], ["c", "c"], [], ["zz"]])
+async def test_the_next_scheduled_job_is_the_one_a_min_over_all_of_them_finds(
+    connect: Connect, queues: list[str] | None
+) -> None:
+    """Due jobs, jobs out of the claim index (paused, running, finished) and four priorities
+    (a negative one too) in three queues: the skipping look names the same job as a min()
+    over every scheduled one."""
+    from pgqueue.worker.producer import _NEXT_DUE_ANY, _NEXT_DUE_OF
+
+    conn = await connect()
+    await conn.execute(MIXED)
+    sql = _NEXT_DUE_ANY if queues is None else _NEXT_DUE_OF
+    async with conn.transaction():  # one now() for both
+        expected = await conn.fetchval(REFERENCE, queues)
+        look = f"SELECT min(d.run_after) FROM ({sql}) AS d (run_after)"
+        found = await conn.fetchval(look, *([] if queues is None else [queues]))
+    assert found == expected
+    assert (expected is None) == (queues in ([], ["zz"]))
