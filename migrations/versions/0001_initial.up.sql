@@ -3866,13 +3866,15 @@ BEGIN
     IF NOT FOUND THEN
         RETURN false;
     END IF;
-    -- Rows locked in id order, as every multi-row transition locks them (an UPDATE
-    -- locks in the order its scan meets rows: a pause deadlocked with
-    -- cancel_pipeline), then updated by primary key: one scan of the table.
+    -- The flag only keeps the jobs out of the claim index (claims skip a paused
+    -- queue by name too), so rows another transaction holds are skipped, not
+    -- waited for: waiting, a pause holding the rows it had flagged deadlocked with
+    -- a completion holding one and locking another (found by the fuzzer), and with
+    -- cancel_pipeline. A job skipped so stays unflagged, and is stepped over by name.
     UPDATE pgqueue.jobs j SET queue_paused = true
     WHERE j.id = ANY (ARRAY(SELECT o.id FROM pgqueue.jobs o
                             WHERE o.queue = pause_queue.queue AND o.state = 'queued' AND NOT o.queue_paused
-                            ORDER BY o.id FOR NO KEY UPDATE))
+                            ORDER BY o.id FOR NO KEY UPDATE SKIP LOCKED))
       AND j.state = 'queued' AND NOT j.queue_paused;
     RETURN true;
 END

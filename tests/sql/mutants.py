@@ -194,16 +194,13 @@ MUTANTS: dict[str, Mutant] = {
         "WHERE pg_advisory_xact_lock_shared(pgqueue._lock_class('pause'), hashtext(x.queue)) IS NOT NULL);",
         "test_pause.py::test_a_resume_waiting_for_a_row_never_deadlocks_with_its_holder",
     ),
-    # pause_queue flagging rows in the order its scan meets them: it holds a row while it
-    # waits for another, and deadlocks with cancel_pipeline locking in id order.
-    "pause_locks_in_scan_order": Mutant(
+    # pause_queue waiting for the rows others hold: holding those it flagged, it deadlocks with
+    # a completion (or cancel_pipeline) holding one and locking another.
+    "pause_waits_for_rows": Mutant(
         "pgqueue.pause_queue(text)",
-        "WHERE j.id = ANY (ARRAY(SELECT o.id FROM pgqueue.jobs o\n"
-        "                            WHERE o.queue = pause_queue.queue AND o.state = 'queued'"
-        " AND NOT o.queue_paused\n"
-        "                            ORDER BY o.id FOR NO KEY UPDATE))",
-        "WHERE j.queue = pause_queue.queue",
-        "test_pause.py::test_a_pause_locks_rows_in_id_order_and_never_deadlocks_with_cancel_pipeline",
+        "ORDER BY o.id FOR NO KEY UPDATE SKIP LOCKED))",
+        "ORDER BY o.id FOR NO KEY UPDATE))",
+        "test_pause.py::test_a_pause_skips_the_rows_others_hold_and_waits_for_none",
     ),
     # enqueue_periodic that moves the schedule to any tick, not only a later one: every
     # racer for a tick enqueues it once the first commits.
