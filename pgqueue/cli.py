@@ -27,7 +27,7 @@ from pgqueue.app import App
 from pgqueue.dsn import INT4_MAX, INT4_MIN, INT8_MAX, DsnError, check_dsn, connect, resolve_dsn
 from pgqueue.error_line import error_line
 from pgqueue.queues import pause_queue, paused_queues, resume_queue, set_queue_limit
-from pgqueue.worker.retry import POOLER_HINT, is_pooler_error
+from pgqueue.worker.retry import POOLER_HINT, first_line, is_pooler_error
 from pgqueue.worker.worker import MAX_CONCURRENCY
 
 P = ParamSpec("P")
@@ -116,8 +116,7 @@ def _user_error(exc: BaseException) -> str | None:
         ):
             return f"{seen} (is the database migrated? run `pgqueue migrate`)"
         if is_pooler_error(seen):
-            first = str(seen).split("\n", 1)[0]  # asyncpg writes its own hint into the text
-            return f"database error: {first} ({POOLER_HINT})"
+            return f"database error: {first_line(seen)} ({POOLER_HINT})"
         if isinstance(seen, asyncpg.exceptions.InsufficientPrivilegeError):
             return f"database error: {seen} (docs/roles.md gives the grants each role needs)"
         if isinstance(seen, asyncpg.exceptions.PostgresError):

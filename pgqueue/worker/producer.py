@@ -58,8 +58,6 @@ _STILL_HELD = """
 SELECT id FROM pgqueue.jobs
 WHERE id = ANY ($1::text::bigint[]) AND state = 'running' AND locked_by = $2"""
 _UNREGISTER = "DELETE FROM pgqueue.notify_waiters WHERE worker = $1"
-# Seconds until the earliest scheduled job of our queues, on the database's clock, and
-# whether producers notify only waiting workers (settings.notify).
 # The earliest scheduled job: per priority (and per queue, for a worker of some queues), the
 # first entry past now() of the claim index, the priorities found by skipping through it. A
 # min() over the scheduled jobs read every one of them (a seq scan of 300,000 jobs due in a
@@ -82,6 +80,8 @@ _NEXT_DUE = f"""
 _NEXT_DUE_ANY = _NEXT_DUE.format(queue="true")
 _NEXT_DUE_OF = f"""SELECT n.run_after FROM unnest($1::text[]) AS q (queue)
     CROSS JOIN LATERAL ({_NEXT_DUE.format(queue="j.queue = q.queue")}) AS n (run_after)"""
+# Seconds until the earliest scheduled job of our queues, on the database's clock, and
+# whether producers notify only waiting workers (settings.notify).
 _BEFORE_SLEEP = """
 SELECT (SELECT extract(epoch FROM min(d.run_after) - clock_timestamp())::float8
         FROM ({next_due}) AS d (run_after)),

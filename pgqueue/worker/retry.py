@@ -144,13 +144,15 @@ def _kind(exc: BaseException) -> str:
     """How a try failed, for telling a relapse from a new cause: the type and the message
     (not the SQLSTATE alone: a permission denied on another table is another fix), its
     words with digits in them left out (a prepared statement's name, an address, a pid)."""
-    return f"{type(exc).__name__}: {_VARYING.sub('#', _first_line(exc))}"
+    return f"{type(exc).__name__}: {_VARYING.sub('#', first_line(exc))}"
 
 
 _VARYING = re.compile(r"\w*\d\w*")
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """An error's message without what follows its first line (asyncpg writes its own hint
+    into some)."""
     return str(exc).split("\n", 1)[0]
 
 
@@ -229,8 +231,8 @@ class Outage:
             return
         elif now - self.started < RELAPSE_LOGGED_AFTER and _kind(exc) == self._logged_kind:
             return
-        elif self._quiet:
-            self._unlogged -= 1  # this one is logged now
+        else:  # a quiet relapse, logged now
+            self._unlogged -= 1
         self._quiet = False
         self._logged_at, self._logged_kind = now, _kind(exc)
         self._remind_at, self._remind_gap = now + REMIND_AFTER, REMIND_AFTER
@@ -248,7 +250,7 @@ class Outage:
             now - self.started,
             doing,
             type(exc).__name__,
-            _first_line(exc),
+            first_line(exc),
             self.retry,
         )
 
@@ -277,7 +279,7 @@ class Outage:
                 doing,
                 type(exc).__name__,
                 getattr(exc, "sqlstate", ""),
-                _first_line(exc),  # asyncpg writes its own hint into a pooler error's text
+                first_line(exc),  # asyncpg writes its own hint into a pooler error's text
                 _hint(exc),
                 "the DSN, or the pooler"
                 if is_pooler_error(exc)

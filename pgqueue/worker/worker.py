@@ -29,11 +29,7 @@ from pgqueue.worker import bounded
 from pgqueue.worker.aborts import abort_loop
 from pgqueue.worker.completer import Completer
 from pgqueue.worker.executor import IGNORED_TIMEOUT_WARNING, Executor
-from pgqueue.worker.heartbeat import (
-    Period,
-    heartbeat_loop,
-    read_stale_after,
-)
+from pgqueue.worker.heartbeat import Period, heartbeat_loop, read_stale_after
 from pgqueue.worker.leader import every_period, leader_outage, recovery_round, retention_round
 from pgqueue.worker.notifier import Notifier
 from pgqueue.worker.producer import Producer
