@@ -39,11 +39,13 @@ MIN_BEAT_BOUND = 1.0
 RECOVERY_HOLD_PERIODS = 2
 RECOVERY_MARGIN = 2.0
 _STALE_AFTER = "SELECT value::interval FROM pgqueue.settings WHERE name = 'stale_after'"
+DB_CLOCK = "extract(epoch FROM clock_timestamp())::float8"
 
 
 # With the beat, how many jobs running under this worker pgqueue.abort() was called for: a
 # notification the LISTEN connection missed is made up for within a period (see aborts.py).
-_BEAT = f"SELECT pgqueue.heartbeat(worker => $1), ({_STALE_AFTER}), {REQUESTED_COUNT}"
+# Last, the database's clock after the renewal (epoch seconds; see Period.clock_read).
+_BEAT = f"SELECT pgqueue.heartbeat(worker => $1), ({_STALE_AFTER}), {REQUESTED_COUNT}, {DB_CLOCK}"
 
 
 def _usable(value: timedelta | None) -> timedelta:
@@ -71,6 +73,8 @@ class Period:
     # the last start of the worker or end of a gap in its beats.
     beat_at: float = field(default_factory=time.monotonic)
     back_at: float = field(default_factory=time.monotonic)
+    # The database's clock (epoch seconds) at the last beat that landed; None before it.
+    beat_db: float | None = None
 
     @classmethod
     def of(cls, stale_after: timedelta) -> Period:
@@ -84,13 +88,45 @@ class Period:
     def _hold(self) -> float:
         return RECOVERY_HOLD_PERIODS * self.seconds + RECOVERY_MARGIN
 
-    def landed(self) -> None:
-        """A beat landed: one that ends a gap longer than beats take (see :meth:`_gap`)
-        ends an outage as far as recovery is concerned."""
+    def _skew(self) -> float:
+        """How much further the database's clock may move than this worker's between a
+        beat and a later reading without a jump: a beat's bound (its clock is read
+        before its reply arrives, maybe after a lock wait), and the margin."""
+        return max(self.seconds, MIN_BEAT_BOUND) + RECOVERY_MARGIN
+
+    def landed(self, db_now: float | None = None) -> float:
+        """A beat landed, at ``db_now`` on the database's clock: one that ends a gap longer
+        than beats take (see :meth:`_gap`) ends an outage as far as recovery is concerned,
+        and so does a jump of the database's clock (see :meth:`clock_read`), whose size
+        it returns (0.0: none)."""
         now = time.monotonic()
+        jump = 0.0 if db_now is None else self.clock_read(db_now, now)
         if now - self.beat_at > self._gap():
             self.back_at = now
         self.beat_at = now
+        if db_now is not None:
+            self.beat_db = db_now
+        return jump
+
+    def clock_read(self, db_now: float, now: float | None = None) -> float:
+        """The database's clock read ``db_now``: how far it moved ahead of this worker's
+        monotonic clock since the last beat, past what a beat's timing explains (0.0:
+        not). Such a jump starts a hold (see :meth:`recovery_held_off`), once per jump.
+
+        Leases age on the database's clock, the gaps :meth:`landed` sees on this
+        worker's. A host suspended with its database (a laptop, a paused VM) stops the
+        monotonic clock while the database's wall clock runs on, and a stepped clock
+        of the database's host jumps alone: every lease is stale at once, and this
+        worker's beats look punctual. Only the two clocks side by side show it."""
+        if self.beat_db is None:
+            return 0.0
+        now = time.monotonic() if now is None else now
+        jump = (db_now - self.beat_db) - (now - self.beat_at)
+        if jump <= self._skew():
+            return 0.0
+        self.back_at = now
+        self.beat_db += jump  # counted once: the next beat measures from here
+        return jump
 
     def recovery_held_off(self) -> bool:
         """Whether stale recovery waits: while this worker's beats are missing (see
@@ -105,7 +141,8 @@ class Period:
         two periods of the database's return (a beat under way may hold on for its bound,
         a period, before its retry); a worker started meanwhile cannot tell, so it waits as
         long from its start. What is stale after that belongs to a worker that did not come
-        back. (Not a host suspended with its database: the monotonic clock stops too.)"""
+        back. A host suspended with its database, or a step of the database's clock, is
+        seen by :meth:`clock_read` instead (the monotonic clock stops in a suspend)."""
         now = time.monotonic()
         return now - self.beat_at > self._gap() or now - self.back_at < self._hold()
 
@@ -150,14 +187,15 @@ async def heartbeat_loop(
         await anyio.sleep(delay)
         try:
             bound = max(period.seconds, MIN_BEAT_BOUND)
-            stale_after, requested, renewed = await bounded.call(pool, bound, _beat, worker_id)
+            beat = await bounded.call(pool, bound, _beat, worker_id)
         except Exception as exc:
             outage.failed(exc, "refreshing leases")
             delay = min(backoff.next_delay(), period.seconds)
             continue
+        stale_after, requested, renewed, db_now = beat
         outage.ok()
         backoff.reset()
-        period.landed()
+        log_clock_jump(logger, period.landed(db_now), period)
         if requested and aborts is not None:
             aborts.set()
         if renewed > len(held) and unheld is not None:
@@ -174,8 +212,23 @@ async def heartbeat_loop(
         delay = period.seconds
 
 
-async def _beat(conn: asyncpg.Connection, worker_id: str) -> tuple[timedelta, int, int]:
+def log_clock_jump(logger: logging.Logger, jump: float, period: Period) -> None:
+    """Say that a jump of the database's clock holds stale recovery back (see
+    :meth:`Period.clock_read`); nothing when there was none."""
+    if jump:
+        logger.warning(
+            "the database's clock moved %.1fs further than this worker's since its last"
+            " heartbeat (a host suspended with its database, or a clock stepped): stale"
+            " recovery waits %.1fs for live workers' heartbeats",
+            jump,
+            period.recovery_hold_left(),
+        )
+
+
+async def _beat(
+    conn: asyncpg.Connection, worker_id: str
+) -> tuple[timedelta, int, int, float | None]:
     row = await conn.fetchrow(_BEAT, worker_id)
     if row is None:
-        return _usable(None), 0, 0
-    return _usable(row[1]), int(row[2]), int(row[0])
+        return _usable(None), 0, 0, None
+    return _usable(row[1]), int(row[2]), int(row[0]), row[3]

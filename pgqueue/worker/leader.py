@@ -16,7 +16,7 @@ import anyio
 import asyncpg
 
 from pgqueue.worker import bounded
-from pgqueue.worker.heartbeat import Period
+from pgqueue.worker.heartbeat import DB_CLOCK, Period, log_clock_jump
 from pgqueue.worker.retry import Outage
 
 # pgqueue's advisory lock class for the leaders (pgqueue._lock_class('leader')): key 0 for
@@ -52,8 +52,8 @@ async def every_period(
         await anyio.sleep(period.seconds * random.uniform(0.5, 1.0))
         if held_off is not None and held_off():
             logger.debug(
-                "%s: held back (the worker started, or its heartbeats were missing)",
-                round_.__name__,
+                "stale recovery held back (the worker started, its heartbeats were missing,"
+                " or the database's clock jumped)"
             )
             continue
         await round_(pool, logger, outage)
@@ -64,16 +64,22 @@ def leader_outage(logger: logging.Logger, component: str) -> Outage:
     return Outage(logger, component, "trying again next period")
 
 
-async def recovery_round(pool: asyncpg.Pool, logger: logging.Logger, outage: Outage) -> None:
-    """One round of stale recovery (none if another worker runs one now); failures are
-    reported through ``outage``."""
+async def recovery_round(
+    pool: asyncpg.Pool, logger: logging.Logger, outage: Outage, period: Period | None = None
+) -> None:
+    """One round of stale recovery (none if another worker runs one now, or if the
+    database's clock jumped since ``period``'s last beat: see :meth:`Period.clock_read`);
+    failures are reported through ``outage``."""
     try:
-        recovered = await _recover_once(pool)
+        recovered = await _recover_once(pool, period)
     except Exception as exc:
         outage.failed(exc, "recovering stale jobs")
         return
     outage.ok()
-    if recovered:
+    if isinstance(recovered, float):
+        assert period is not None
+        log_clock_jump(logger, recovered, period)
+    elif recovered:
         logger.warning(
             "recovered %d stale job(s) (lease older than stale_after): %s",
             len(recovered),
@@ -82,30 +88,38 @@ async def recovery_round(pool: asyncpg.Pool, logger: logging.Logger, outage: Out
         )
 
 
-async def _recover_once(pool: asyncpg.Pool) -> list[int]:
+async def _recover_once(pool: asyncpg.Pool, period: Period | None = None) -> list[int] | float:
     """Run ``pgqueue.recover_stale()`` unless another worker is running it right now."""
-    return await bounded.call(pool, RECOVERY_TIMEOUT, _recover_in_transaction)
+    return await bounded.call(pool, RECOVERY_TIMEOUT, _recover_in_transaction, period)
 
 
-async def _recover_in_transaction(conn: asyncpg.Connection) -> list[int]:
+async def _recover_in_transaction(
+    conn: asyncpg.Connection, period: Period | None
+) -> list[int] | float:
+    """The ids ``pgqueue.recover_stale()`` recovered (none if another worker is running it
+    right now), or, with nothing recovered, how far the database's clock jumped."""
     async with conn.transaction():
-        if not await _lead(conn, RECOVERY_KEY):
+        took, db_now = await _lead(conn, RECOVERY_KEY)
+        if not took:
             return []
+        jump = period.clock_read(db_now) if period is not None else 0.0
+        if jump:
+            return jump
         rows = await conn.fetch("SELECT id FROM pgqueue.recover_stale() AS id")
     return [row["id"] for row in rows]
 
 
-async def _lead(conn: asyncpg.Connection, key: int) -> bool:
-    """Take the leader lock ``key`` for this transaction, unless another worker holds it;
-    the server ends the transaction if its client goes quiet inside it (see
-    ABANDONED_AFTER)."""
+async def _lead(conn: asyncpg.Connection, key: int) -> tuple[bool, float]:
+    """Take the leader lock ``key`` for this transaction, unless another worker holds it,
+    and read the database's clock; the server ends the transaction if its client goes
+    quiet inside it (see ABANDONED_AFTER)."""
     await conn.execute(
         f"SET LOCAL idle_in_transaction_session_timeout = '{int(ABANDONED_AFTER * 1000)}ms'"
     )
-    took: bool = await conn.fetchval(
-        "SELECT pg_try_advisory_xact_lock($1, $2)", LEADER_LOCK_CLASS, key
+    row = await conn.fetchrow(
+        f"SELECT pg_try_advisory_xact_lock($1, $2), {DB_CLOCK}", LEADER_LOCK_CLASS, key
     )
-    return took
+    return bool(row[0]), float(row[1])
 
 
 async def retention_round(pool: asyncpg.Pool, logger: logging.Logger, outage: Outage) -> None:
@@ -136,7 +150,8 @@ async def retention_round(pool: asyncpg.Pool, logger: logging.Logger, outage: Ou
 
 async def _prune_in_transaction(conn: asyncpg.Connection, batch: int) -> int:
     async with conn.transaction():
-        if not await _lead(conn, RETENTION_KEY):
+        took, _ = await _lead(conn, RETENTION_KEY)
+        if not took:
             return 0
         pruned: int = await conn.fetchval("SELECT pgqueue.prune_expired($1)", batch)
     return pruned

@@ -63,7 +63,11 @@ _UNREGISTER = "DELETE FROM pgqueue.notify_waiters WHERE worker = $1"
 # min() over the scheduled jobs read every one of them (a seq scan of 300,000 jobs due in a
 # week: 56 ms, by every idle worker after every claim that came back short). Only the first
 # PRIORITIES_LOOKED_AT priorities: past them (priority used as a score) the skipping cost
-# more than the scan, and a job missed there starts on the poll instead.
+# more than the scan, and a job missed there starts on the poll instead. "Past now()" is past
+# the last claim ($2 seconds ago): a job that fell due between that claim's now() and this
+# look was neither claimed nor scheduled, and waited for the poll. (Past the look's own now()
+# alone would not do either: a due job a queue limit holds back would wake the worker at once
+# for ever.)
 PRIORITIES_LOOKED_AT = 64
 _READY = "j.state = 'queued' AND NOT j.scope_blocked AND NOT j.queue_paused"
 _NEXT_DUE = f"""
@@ -75,7 +79,8 @@ _NEXT_DUE = f"""
                   AND j.priority < prio.p ORDER BY j.priority DESC LIMIT 1), prio.n + 1
         FROM prio WHERE prio.p IS NOT NULL AND prio.n < {PRIORITIES_LOOKED_AT})
     SELECT (SELECT j.run_after FROM pgqueue.jobs j WHERE {_READY} AND {{queue}}
-              AND j.priority = prio.p AND j.run_after > now() ORDER BY j.run_after LIMIT 1)
+              AND j.priority = prio.p AND j.run_after > now() - $2 * interval '1 second'
+            ORDER BY j.run_after LIMIT 1)
     FROM prio WHERE prio.p IS NOT NULL"""
 _NEXT_DUE_ANY = _NEXT_DUE.format(queue="true")
 _NEXT_DUE_OF = f"""SELECT n.run_after FROM unnest($1::text[]) AS q (queue)
@@ -136,6 +141,8 @@ class Producer:
         self._registered = False
         # The last claim failed on a connection its server had ended: retried at once.
         self._renewed = False
+        # When the last claim was sent (monotonic): the look before sleeping reads from there.
+        self._claim_sent = time.monotonic()
 
     def stop(self) -> None:
         """Stop claiming; :meth:`run` returns promptly (running jobs are not touched)."""
@@ -253,7 +260,7 @@ class Producer:
                 await self._release_lost_claims(conn)
             self._claim_unknown = True  # until its rows are in hand
             self.executor.claim_sent()
-            sent = time.monotonic()
+            sent = self._claim_sent = time.monotonic()
             with anyio.fail_after(STATEMENT_TIMEOUT):
                 rows = await conn.fetch(query, self.worker_id, self.queues, batch_size)
                 if rows and time.monotonic() - sent > self._lease_check_after():
@@ -462,7 +469,8 @@ class Producer:
         async def look(conn: asyncpg.pool.PoolConnectionProxy) -> asyncpg.Record:
             with anyio.fail_after(STATEMENT_TIMEOUT):
                 sql = _BEFORE_SLEEP_ANY if self.queues is None else _BEFORE_SLEEP_OF
-                row: asyncpg.Record = await conn.fetchrow(sql, self.queues)
+                since = max(0.0, time.monotonic() - self._claim_sent)
+                row: asyncpg.Record = await conn.fetchrow(sql, self.queues, since)
             return row
 
         try:

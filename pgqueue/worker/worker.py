@@ -275,7 +275,7 @@ class Worker:
             services.start_soon(
                 functools.partial(
                     every_period,
-                    recovery_round,
+                    functools.partial(recovery_round, period=period),
                     pool,
                     period,
                     self.logger,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import glob
+import logging
 import os
 import shutil
 import signal
@@ -18,12 +19,12 @@ from pathlib import Path
 import anyio
 import asyncpg
 import pytest
-from runtime_helpers import start_worker
+from runtime_helpers import Records, start_worker
 from worker_harness import wait_for_states, wait_until
 
 import pgqueue
 from pgqueue import migrate
-from pgqueue.worker import heartbeat
+from pgqueue.worker import heartbeat, leader
 
 app = pgqueue.App()
 
@@ -258,3 +259,70 @@ def test_recovery_is_held_after_a_start_and_after_beats_went_missing(
     assert period.recovery_held_off()
     now[0] += 0.02
     assert not period.recovery_held_off()
+
+
+def test_a_jump_of_the_databases_clock_holds_recovery_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a clock of the test's: a beat that lands with the database's clock further on
+    than this worker's by more than a beat's timing explains (a host suspended with its
+    database stops the monotonic clock) ends an outage as a gap does; the same jump is
+    counted once; the database's clock running on with ours, within a beat's bound, is
+    none."""
+    now = [1000.0]
+    monkeypatch.setattr(heartbeat.time, "monotonic", lambda: now[0])
+    period = heartbeat.Period(0.25, beat_at=now[0], back_at=now[0] - 100)
+    db = 5_000_000.0
+    assert period.landed(db) == 0.0 and not period.recovery_held_off()
+    for _ in range(10):  # punctual beats, the database's reply a slow second behind ours
+        now[0] += 0.25
+        db += 0.25 + 0.99 * (_ % 2)
+        assert period.landed(db) == 0.0
+    assert not period.recovery_held_off()
+    now[0] += 0.25
+    db += 0.25 + 3600  # suspended with its database for an hour
+    assert period.landed(db) == pytest.approx(3600)
+    assert period.recovery_held_off()
+    now[0] += 0.25
+    db += 0.25
+    assert period.landed(db) == 0.0  # once
+    assert period.clock_read(db) == 0.0
+
+
+async def test_recovery_meeting_a_jump_of_the_databases_clock_recovers_nothing(
+    conn: asyncpg.Connection, db_dsn: str, records: tuple[logging.Logger, Records]
+) -> None:
+    """The round that reads the database's clock an hour past this worker's last beat
+    (which found its own clock a second on) recovers none of the leases that hour made
+    stale, says why, and holds recovery back for two periods and the margin: after a
+    suspend of the host with its database, every live worker's lease is stale until its
+    beat lands, and the first round of any worker requeued them all. The same round
+    without the jump recovers the job (so the test can fail)."""
+    logger, logged = records
+    await conn.execute("SELECT pgqueue.enqueue('t', '{}')")
+    job = await conn.fetchval("SELECT id FROM pgqueue.claim_next(worker => 'live')")
+    # The beat of a live worker that landed an hour ago on the database's clock, a moment
+    # ago on this worker's: the lease and this worker's last beat alike.
+    beat = await conn.fetchval(
+        "UPDATE pgqueue.jobs SET locked_at = locked_at - interval '1 hour' WHERE id = $1"
+        " RETURNING extract(epoch FROM locked_at)::float8",
+        job,
+    )
+    pool = await asyncpg.create_pool(db_dsn, min_size=1, max_size=1)
+    try:
+        period = heartbeat.Period(1.0, back_at=time.monotonic() - 100)
+        period.landed(beat)
+        assert not period.recovery_held_off()
+        await leader.recovery_round(pool, logger, leader.leader_outage(logger, "recovery"), period)
+        assert await conn.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", job) == "running"
+        assert period.recovery_held_off()
+        assert logged.count("database's clock moved") == 1
+
+        punctual = heartbeat.Period(1.0, back_at=time.monotonic() - 100)
+        punctual.landed(await conn.fetchval(f"SELECT {heartbeat.DB_CLOCK}"))
+        await leader.recovery_round(
+            pool, logger, leader.leader_outage(logger, "recovery"), punctual
+        )
+        assert await conn.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", job) == "queued"
+    finally:
+        await pool.close()

@@ -279,9 +279,11 @@ async def test_the_look_for_the_next_scheduled_job_reads_a_few_index_entries(
     conn = await connect()
     await conn.execute(FUTURE)
     sql = _BEFORE_SLEEP_ANY if queues is None else _BEFORE_SLEEP_OF
-    seconds = await conn.fetchval(sql, queues)
+    seconds = await conn.fetchval(sql, queues, 0.0)
     assert 3500 < seconds <= 3600  # the job due in an hour, of queue b
-    plan = json.loads(await conn.fetchval(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {sql}", queues))
+    plan = json.loads(
+        await conn.fetchval(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {sql}", queues, 0.0)
+    )
     scans = _scans(plan[0]["Plan"])
     assert ("Seq Scan", "jobs") not in scans and ("Bitmap Heap Scan", "jobs") not in scans, scans
     assert _blocks(plan) < 100, _blocks(plan)  # the jobs fill some 1,000 pages
@@ -322,7 +324,26 @@ async def test_the_next_scheduled_job_is_the_one_a_min_over_all_of_them_finds(
     sql = _NEXT_DUE_ANY if queues is None else _NEXT_DUE_OF
     async with conn.transaction():  # one now() for both
         expected = await conn.fetchval(REFERENCE, queues)
-        look = f"SELECT min(d.run_after) FROM ({sql}) AS d (run_after)"
-        found = await conn.fetchval(look, *([] if queues is None else [queues]))
+        # (SELECT $1) gives $1 a type where the look of any queue does not read it
+        look = f"SELECT min(d.run_after) FROM ({sql}) AS d (run_after), (SELECT $1::text[]) q"
+        found = await conn.fetchval(look, queues, 0.0)
     assert found == expected
     assert (expected is None) == (queues in ([], ["zz"]))
+
+
+async def test_a_job_due_since_the_last_claim_is_due_at_once_for_the_look(connect: Connect) -> None:
+    """From the time review: a job that fell due between a claim's now() and the look before
+    sleeping was neither claimed nor looked at (the look read past its own now()): the
+    worker slept until the poll. The look reads past the last claim, sent $2 seconds ago;
+    a job due before that claim (one a queue limit holds back) it leaves out, or the
+    worker would wake at once for ever."""
+    from pgqueue.worker.producer import _BEFORE_SLEEP_ANY, _BEFORE_SLEEP_OF
+
+    conn = await connect()
+    await conn.execute(
+        "INSERT INTO pgqueue.jobs (job_type, queue, run_after)"
+        " VALUES ('j', 'a', now() - interval '0.5 seconds')"
+    )
+    for sql, queues in ((_BEFORE_SLEEP_ANY, None), (_BEFORE_SLEEP_OF, ["a"])):
+        assert await conn.fetchval(sql, queues, 1.0) <= 0  # claimed a second ago: due since
+        assert await conn.fetchval(sql, queues, 0.0) is None  # the claim saw it due
