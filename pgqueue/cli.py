@@ -340,14 +340,18 @@ def migrate(opts: DsnOption) -> None:
     show_default=True,
     help="Safety poll, in seconds, for notifications that never arrive.",
 )
-@click.option("--log-format", type=click.Choice(["text", "json"]), default="text")
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    help="Log lines to stderr in this format. Default: text, unless the app module configured"
+    " logging (a handler on the root or the pgqueue logger): its handlers then get them.",
+)
 @click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
-    default="info",
-    show_default=True,
-    help="info logs a line per job outcome; warning keeps only failures, lost leases and"
-    " faults (a busy worker spends about a third of its CPU on the per-job lines).",
+    help="info (the default, unless the app set the pgqueue logger's level) logs a line per"
+    " job outcome; warning keeps only failures, lost leases and faults (a busy worker"
+    " spends about a third of its CPU on the per-job lines).",
 )
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging (same as --log-level debug).")
 @click.option(
@@ -373,8 +377,8 @@ def worker(
     concurrency: int,
     grace: float,
     poll_interval: float,
-    log_format: str,
-    log_level: str,
+    log_format: str | None,
+    log_level: str | None,
     verbose: bool,
     listen_dsn: str | None,
     until_empty: bool,
@@ -385,7 +389,9 @@ def worker(
     from pgqueue.worker.logs import configure_logging
 
     app = load_app(target)
-    level = logging.DEBUG if verbose else logging.getLevelNamesMapping()[log_level.upper()]
+    level = logging.DEBUG if verbose else None
+    if log_level is not None and not verbose:
+        level = logging.getLevelNamesMapping()[log_level.upper()]
     configure_logging(log_format, level)
     queue_list = None
     if queues is not None:

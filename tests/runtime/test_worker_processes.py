@@ -9,7 +9,15 @@ import time
 
 import anyio
 import asyncpg
-from worker_harness import SpawnWorker, wait_for_states, wait_until
+import pytest
+from runtime_helpers import HERE
+from worker_harness import (
+    SpawnWorker,
+    WorkerProcess,
+    spawned_workers,
+    wait_for_states,
+    wait_until,
+)
 
 import pgqueue
 
@@ -346,3 +354,30 @@ async def test_a_worker_held_up_past_its_lease_between_claim_and_reply_starts_no
     finally:
         await gate.close()
     assert await db.fetchval("SELECT count(*) FROM runs") == 0
+
+
+@pytest.mark.parametrize("log_format", [None, "text"])
+async def test_an_apps_own_logging_is_left_working(
+    db: asyncpg.Connection, db_dsn: str, log_format: str | None
+) -> None:
+    """From a review of pgqueue in an application: ``pgqueue worker`` switched off logging's
+    process and thread lookups for the whole process, so an application's format with
+    ``%(process)d`` failed on every line (a "Logging error" traceback each), and it sent its
+    own lines past the handlers the application configured. Now the app's handlers get
+    pgqueue's lines too, unless a --log-format is chosen; either way the app's own lines
+    keep their format."""
+    args = ("--log-format", log_format) if log_format else ()
+    with spawned_workers(
+        lambda *more: WorkerProcess("logging_app:app", HERE, db_dsn, *args, *more)
+    ) as spawn:
+        worker = spawn()
+        await worker.ready()
+        job_id = await app.enqueue(db, "hello")
+        await wait_for_states(db, [job_id])
+        worker.signal(signal.SIGTERM)
+        assert await worker.wait_exit(within=5) == 0
+    pid = f"app pid={worker.pid} "
+    assert not [line for line in worker.lines if "Logging error" in line], worker.log()
+    assert worker.count(f"{pid}INFO logging_app: hello from job {job_id}") == 1, worker.log()
+    outcome = [line for line in worker.lines if f"job {job_id} hello" in line]
+    assert len(outcome) == 1 and outcome[0].startswith(pid) == (log_format is None), outcome
