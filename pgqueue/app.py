@@ -13,7 +13,7 @@ import math
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from pgqueue.dsn import INT4_MAX, ConnOrPool, as_aware, dumps, id_array
 from pgqueue.job import (
@@ -30,8 +30,21 @@ from pgqueue.job import (
     spec_list,
     text_option,
 )
-from pgqueue.pipeline import Pipeline, PipelineStatus, cancel_pipeline, pipeline_status
+from pgqueue.pipeline import (
+    _ENQUEUE_MANY_SQLA,
+    Pipeline,
+    PipelineStatus,
+    _is_sqlalchemy,
+    cancel_pipeline,
+    pipeline_status,
+)
 from pgqueue.schedule import MAX_EVERY, Schedule
+
+if TYPE_CHECKING:
+    from sqlalchemy import Connection
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+    from sqlalchemy.orm import Session
+    from sqlalchemy.sql.elements import TextClause
 
 Handler = Callable[[Job], Awaitable[Any]] | Callable[[Job], Any]
 # A retry delay: fixed (seconds or a timedelta), or a function of the failed attempt's number.
@@ -222,7 +235,7 @@ class App:
 
     async def enqueue(
         self,
-        conn_or_pool: ConnOrPool,
+        conn_or_pool: ConnOrPool | AsyncSession | AsyncConnection,
         job_type: str,
         payload: Mapping[str, Any] | None = None,
         *,
@@ -239,12 +252,18 @@ class App:
     ) -> int:
         """Enqueue one job through ``pgqueue.enqueue`` and return its id.
 
-        Runs on the caller's connection, so inside the caller's transaction the job appears
-        exactly when that transaction commits. ``delay`` (seconds or a timedelta, from 0 to
-        100 years) is measured on the database clock from this call (not from the start of
-        the caller's transaction); ``run_after`` wins when both are given.
+        ``conn_or_pool`` is an asyncpg connection or pool, or a SQLAlchemy ``AsyncSession``
+        or ``AsyncConnection`` (:meth:`enqueue_sync` takes the synchronous ones). Runs on the
+        caller's connection, so inside the caller's transaction the job appears exactly when
+        that transaction commits. ``delay`` (seconds or a timedelta, from 0 to 100 years) is
+        measured on the database clock from this call (not from the start of the caller's
+        transaction); ``run_after`` wins when both are given.
         """
-        _asyncpg_only("app.enqueue", conn_or_pool)
+        if _is_sqlalchemy(conn_or_pool):
+            statement, values = self._enqueue_statement(job_type, payload, locals())
+            result = await conn_or_pool.execute(statement, values)
+            return int(result.scalar_one())
+        conn_or_pool = _asyncpg_only("app.enqueue", conn_or_pool)
         job_type = text_option("job_type", job_type)  # type: ignore[assignment]
         queue, dedup_key = text_option("queue", queue), text_option("dedup_key", dedup_key)
         registered = self.job_types.get(job_type)
@@ -288,7 +307,65 @@ class App:
         )
         return job_id
 
-    async def enqueue_many(self, conn_or_pool: ConnOrPool, specs: Sequence[SpecLike]) -> list[int]:
+    def enqueue_sync(
+        self,
+        session_or_connection: Session | Connection,
+        job_type: str,
+        payload: Mapping[str, Any] | None = None,
+        *,
+        queue: str | None = None,
+        scope: Any = None,
+        dedup_key: str | None = None,
+        run_after: datetime.datetime | None = None,
+        delay: datetime.timedelta | float | None = None,
+        priority: int = 0,
+        max_attempts: int | None = None,
+        pipeline_id: uuid.UUID | str | None = None,
+        next_jobs: Sequence[Mapping[str, Any]] | None = None,
+        depends_on: Sequence[int] | None = None,
+    ) -> int:
+        """:meth:`enqueue` in a synchronous SQLAlchemy ``Session`` or ``Connection`` of the
+        caller's transaction (any driver: psycopg, psycopg2, asyncpg through a sync engine)."""
+        from sqlalchemy import Engine
+
+        if _is_sqlalchemy(session_or_connection) or isinstance(session_or_connection, Engine):
+            raise TypeError(
+                "app.enqueue_sync takes a SQLAlchemy Session or Connection of your"
+                f" transaction, got {type(session_or_connection).__name__}"
+                + ("" if isinstance(session_or_connection, Engine) else " (use await app.enqueue)")
+            )
+        if not hasattr(session_or_connection, "execute") or hasattr(
+            session_or_connection, "fetchval"
+        ):
+            raise TypeError(
+                "app.enqueue_sync takes a SQLAlchemy Session or Connection, got"
+                f" {type(session_or_connection).__name__}"
+                + (" (use await app.enqueue)" if hasattr(session_or_connection, "fetchval") else "")
+            )
+        statement, values = self._enqueue_statement(job_type, payload, locals())
+        return int(session_or_connection.execute(statement, values).scalar_one())
+
+    def _enqueue_statement(
+        self, job_type: str, payload: Mapping[str, Any] | None, given: Mapping[str, Any]
+    ) -> tuple[TextClause, dict[str, Any]]:
+        """The SQLAlchemy statement of an enqueue with this App's defaults for the type."""
+        from pgqueue.sqla import ENQUEUE_OPTIONS, enqueue_statement
+
+        options = {name: given[name] for name in ENQUEUE_OPTIONS}
+        registered = self.job_types.get(job_type) if isinstance(job_type, str) else None
+        if options["queue"] is None:
+            options["queue"] = registered.queue if registered else None
+        if options["max_attempts"] is None and registered is not None:
+            options["max_attempts"] = registered.max_attempts
+        if options["next_jobs"] is not None:
+            options["next_jobs"] = [
+                self.with_defaults(s) for s in spec_list("next_jobs", options["next_jobs"])
+            ]
+        return enqueue_statement(job_type, payload, options, given["delay"])
+
+    async def enqueue_many(
+        self, conn_or_pool: ConnOrPool | AsyncSession | AsyncConnection, specs: Sequence[SpecLike]
+    ) -> list[int]:
         """Enqueue many jobs in one round trip through ``pgqueue.enqueue_many``.
 
         Each spec has the keys of ``pgqueue.enqueue``'s parameters (``job_type`` required);
@@ -296,8 +373,19 @@ class App:
         otherwise. Returns the ids in spec order. One notification per queue is sent.
         Plain specs go as typed arrays to ``pgqueue.enqueue_many``'s array form, which is
         cheaper per job than taking JSON specs apart; the rows are the same either way.
+        ``conn_or_pool`` as in :meth:`enqueue` (a SQLAlchemy session's specs go as JSON).
         """
-        _asyncpg_only("app.enqueue_many", conn_or_pool)
+        if _is_sqlalchemy(conn_or_pool):
+            from sqlalchemy import text
+
+            full = [self.with_defaults(spec) for spec in spec_list("specs", specs)]
+            if not full:
+                return []
+            result = await conn_or_pool.execute(
+                text(_ENQUEUE_MANY_SQLA), {"specs": dumps(full, "specs")}
+            )
+            return [int(i) for i in result.scalars().all()]
+        conn_or_pool = _asyncpg_only("app.enqueue_many", conn_or_pool)
         # One spec (a dict: its keys were taken for specs) or a generator (no len) is named.
         specs = spec_list("specs", specs)
         if not specs:
@@ -463,11 +551,17 @@ class App:
         return full
 
 
-def _asyncpg_only(api: str, conn_or_pool: object) -> None:
+def _asyncpg_only(api: str, conn_or_pool: object) -> ConnOrPool:
     """A SQLAlchemy session failed deep inside with "'AsyncSession' object has no attribute
     'fetchval'"; say what to pass instead."""
     if not hasattr(conn_or_pool, "fetchval"):
         raise TypeError(
-            f"{api} takes an asyncpg connection or pool, got {type(conn_or_pool).__name__};"
-            " with SQLAlchemy use pgqueue.sqla.enqueue / enqueue_async"
+            f"{api} takes an asyncpg connection or pool, or a SQLAlchemy AsyncSession or"
+            f" AsyncConnection, got {type(conn_or_pool).__name__}"
+            + (
+                " (a synchronous one: use app.enqueue_sync)"
+                if hasattr(conn_or_pool, "execute")
+                else ""
+            )
         )
+    return cast("ConnOrPool", conn_or_pool)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -34,6 +34,7 @@ from sqlalchemy import (
     FetchedValue,
     Identity,
     Integer,
+    Interval,
     MetaData,
     Table,
     Text,
@@ -50,6 +51,7 @@ from sqlalchemy.types import TypeEngine
 
 from pgqueue.dsn import as_job_id, dumps
 from pgqueue.job import (
+    as_delay,
     int_option,
     job_id_list,
     pipeline_id_text,
@@ -164,9 +166,15 @@ def _check_target(api: str, target: object, wrong_kind: tuple[type, ...], other:
         )
 
 
-def _enqueue_statement(
-    job_type: str, payload: Mapping[str, Any] | None, options: Mapping[str, Any]
+def enqueue_statement(
+    job_type: str,
+    payload: Mapping[str, Any] | None,
+    options: Mapping[str, Any],
+    delay: timedelta | float | None = None,
 ) -> tuple[TextClause, dict[str, Any]]:
+    """The ``pgqueue.enqueue`` call and its values, for a session or connection to execute.
+    ``delay`` (seconds or a timedelta, from 0 to 100 years) counts on the database's clock
+    from the statement; ``run_after`` wins when both are given (as in ``App.enqueue``)."""
     unknown = sorted(set(options) - set(ENQUEUE_OPTIONS))
     if unknown:
         raise TypeError(f"enqueue() got unknown option(s): {', '.join(unknown)}")
@@ -202,6 +210,11 @@ def _enqueue_statement(
         else:
             types[name], values[name] = ENQUEUE_OPTIONS[name], value
             arguments.append(f"{name} => :{name}")
+    if delay is not None:
+        delay = as_delay("delay", delay)
+        if options.get("run_after") is None:
+            types["delay"], values["delay"] = Interval(), delay
+            arguments.append("run_after => statement_timestamp() + :delay")
     statement = text(f"SELECT pgqueue.enqueue({', '.join(arguments)})").bindparams(
         *(bindparam(name, type_=type_) for name, type_ in types.items())
     )
@@ -222,11 +235,14 @@ def enqueue(
     pipeline_id: UUID | None = None,
     next_jobs: list[Mapping[str, Any]] | None = None,
     depends_on: list[int] | None = None,
+    delay: timedelta | float | None = None,
 ) -> int:
     """Call ``pgqueue.enqueue`` in the caller's (sync) transaction; return the job id.
 
     Nothing is committed here: the job exists once the caller's transaction
-    commits, and vanishes with it on rollback. ``None`` options keep the SQL defaults.
+    commits, and vanishes with it on rollback. ``None`` options keep the SQL defaults, not
+    an App's registered queue and ``max_attempts`` for the type: ``App.enqueue_sync``
+    applies those. ``delay`` as in ``App.enqueue``.
     """
     _check_target(
         "enqueue",
@@ -234,7 +250,7 @@ def enqueue(
         (AsyncSession, AsyncConnection, async_scoped_session),
         "enqueue_async",
     )
-    statement, values = _enqueue_statement(
+    statement, values = enqueue_statement(
         job_type,
         payload,
         {
@@ -248,6 +264,7 @@ def enqueue(
             "next_jobs": next_jobs,
             "depends_on": depends_on,
         },
+        delay,
     )
     return int(session_or_connection.execute(statement, values).scalar_one())
 
@@ -266,12 +283,14 @@ async def enqueue_async(
     pipeline_id: UUID | None = None,
     next_jobs: list[Mapping[str, Any]] | None = None,
     depends_on: list[int] | None = None,
+    delay: timedelta | float | None = None,
 ) -> int:
-    """:func:`enqueue` for ``AsyncSession`` / ``AsyncConnection``."""
+    """:func:`enqueue` for ``AsyncSession`` / ``AsyncConnection`` (``App.enqueue`` takes
+    them too, and applies the App's registered defaults)."""
     _check_target(
         "enqueue_async", session_or_connection, (Session, Connection, scoped_session), "enqueue"
     )
-    statement, values = _enqueue_statement(
+    statement, values = enqueue_statement(
         job_type,
         payload,
         {
@@ -285,6 +304,7 @@ async def enqueue_async(
             "next_jobs": next_jobs,
             "depends_on": depends_on,
         },
+        delay,
     )
     result = await session_or_connection.execute(statement, values)
     return int(result.scalar_one())

@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from sqlalchemy import Table, func, inspect, select
+from sqlalchemy import Table, func, inspect, select, text
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
+import pgqueue
 from pgqueue.sqla import enqueue, enqueue_async, jobs, metadata, settings
 
 DIALECT = postgresql.dialect()  # type: ignore[no-untyped-call]
@@ -118,3 +119,74 @@ async def test_unknown_option_is_rejected(engine: AsyncEngine) -> None:
     async with AsyncSession(engine) as session:
         with pytest.raises(TypeError, match="bogus"):
             await enqueue_async(session, "x", bogus=1)  # type: ignore[call-arg]
+
+
+APP = pgqueue.App()
+
+
+@APP.job("mail", queue="mail", max_attempts=4)
+async def mail(job: pgqueue.Job) -> None: ...
+
+
+async def _queue_and_attempts(engine: AsyncEngine, job_ids: list[int]) -> list[tuple[str, int]]:
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            select(jobs.c.queue, jobs.c.max_attempts)
+            .where(jobs.c.id.in_(job_ids))
+            .order_by(jobs.c.id)
+        )
+        return [(r.queue, r.max_attempts) for r in rows]
+
+
+async def test_app_enqueue_takes_a_sqlalchemy_session_with_the_apps_defaults(
+    engine: AsyncEngine,
+) -> None:
+    """From a review of pgqueue in an application: an AsyncSession app's natural path,
+    pgqueue.sqla.enqueue_async, put a job of a type registered to queue "mail" in "default",
+    where a worker of --queues mail never ran it, and app.enqueue refused the session. The
+    App's methods take it now (and a sync Session through enqueue_sync), in its transaction,
+    with the type's queue and max_attempts, and those of the follow-ups in next_jobs."""
+    async with AsyncSession(engine) as session:
+        await APP.enqueue(session, "mail", {"to": "a"})
+        await APP.enqueue_many(session, [{"job_type": "mail"}])
+        await session.rollback()
+    assert await _count(engine, "mail") == 0
+
+    async with AsyncSession(engine) as session:
+        one = await APP.enqueue(
+            session, "mail", {"to": "a"}, delay=60, next_jobs=[{"job_type": "mail"}]
+        )
+        many = await APP.enqueue_many(
+            session, [{"job_type": "mail"}, {"job_type": "mail", "queue": "x"}]
+        )
+        await session.commit()
+    async with engine.begin() as conn:
+        sync = await conn.run_sync(lambda c: APP.enqueue_sync(c, "mail", max_attempts=2))
+        delayed = (
+            await conn.execute(
+                select(
+                    jobs.c.run_after > func.now() + text("interval '50 seconds'"), jobs.c.next_jobs
+                ).where(jobs.c.id == one)
+            )
+        ).one()
+    assert await _queue_and_attempts(engine, [one, *many, sync]) == [
+        ("mail", 4),
+        ("mail", 4),
+        ("x", 4),
+        ("mail", 2),
+    ]
+    assert delayed[0] and [(s["queue"], s["max_attempts"]) for s in delayed[1]] == [("mail", 4)]
+
+
+async def test_app_enqueue_says_which_flavour_of_session_it_takes(engine: AsyncEngine) -> None:
+    async with AsyncSession(engine) as session:
+        with pytest.raises(TypeError, match=r"use await app\.enqueue"):
+            APP.enqueue_sync(session, "mail")  # type: ignore[arg-type]
+        sync_session = await session.run_sync(lambda s: s)
+        with pytest.raises(TypeError, match=r"a synchronous one: use app\.enqueue_sync"):
+            await APP.enqueue(sync_session, "mail")
+        with pytest.raises(TypeError, match=r"a synchronous one: use app\.enqueue_sync"):
+            await APP.enqueue_many(sync_session, [{"job_type": "mail"}])
+    with pytest.raises(TypeError, match="of your transaction, got Engine"):
+        APP.enqueue_sync(engine.sync_engine, "mail")  # type: ignore[arg-type]
+    assert await _count(engine, "mail") == 0
