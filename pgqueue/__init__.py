@@ -1,6 +1,6 @@
 """pgqueue: a job queue that lives inside PostgreSQL."""
 
-from pgqueue.app import App, JobType
+from pgqueue.app import App, JobType, LifespanError
 from pgqueue.job import Job, Result, Snooze, Spec
 from pgqueue.outcome import Outcome, job_outcome, wait_for_job
 from pgqueue.pipeline import (
@@ -22,6 +22,7 @@ __all__ = [
     "EnqueuedPipeline",
     "Job",
     "JobType",
+    "LifespanError",
     "Node",
     "Outcome",
     "Pipeline",

@@ -7,11 +7,13 @@ handlers, and applications use it to enqueue, so that a job type's queue and
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import inspect
 import math
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -50,6 +52,12 @@ Handler = Callable[[Job], Awaitable[Any]] | Callable[[Job], Any]
 # A retry delay: fixed (seconds or a timedelta), or a function of the failed attempt's number.
 Backoff = float | datetime.timedelta | Callable[[int], float | datetime.timedelta]
 H = TypeVar("H", bound=Handler)
+# What app.lifespan registers, and what it keeps of it.
+LifespanFunction = (
+    Callable[[], AsyncIterator[None]] | Callable[[], AbstractAsyncContextManager[Any]]
+)
+Lifespan = Callable[[], AbstractAsyncContextManager[Any]]
+L = TypeVar("L", bound=LifespanFunction)
 
 
 # Every parameter is always passed, by name: one prepared statement for every call.
@@ -129,12 +137,41 @@ class JobType:
         object.__setattr__(self, "is_async", is_async)
 
 
+class LifespanError(Exception):
+    """A lifespan of the app (:meth:`App.lifespan`) raised while a worker set it up; its
+    error is the cause. The worker claimed nothing."""
+
+
 class App:
     """A set of job handlers, declared with :meth:`job`."""
 
     def __init__(self) -> None:
         self.job_types: dict[str, JobType] = {}
         self.schedules: dict[str, Schedule] = {}
+        self.lifespans: list[Lifespan] = []
+
+    def lifespan(self, fn: L) -> L:
+        """Register what a worker sets up before its first job and tears down after its
+        last: an async generator function (code before its ``yield`` runs at start, the
+        rest at the stop, as in ``contextlib.asynccontextmanager``), or a function that
+        returns an async context manager. Neither takes arguments.
+
+        Each worker run enters them in registration order, in its own event loop, once
+        the database checks passed and before it claims anything, and leaves them in
+        reverse after every outcome is written: resources made there (a database engine,
+        an HTTP client) belong to the loop that runs the handlers, and one that fails to
+        set up stops the worker before it claims a job.
+        """
+        if inspect.isasyncgenfunction(fn):
+            self.lifespans.append(contextlib.asynccontextmanager(fn))
+        elif callable(fn) and not inspect.iscoroutinefunction(fn):
+            self.lifespans.append(cast("Lifespan", fn))
+        else:
+            raise TypeError(
+                "app.lifespan takes an async generator function (set up, yield, tear down) or"
+                f" a function returning an async context manager, got {fn!r}"
+            )
+        return fn
 
     def job(
         self,

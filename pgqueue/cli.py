@@ -23,7 +23,7 @@ import anyio
 import asyncpg
 import click
 
-from pgqueue.app import App
+from pgqueue.app import App, LifespanError
 from pgqueue.dsn import INT4_MAX, INT4_MIN, INT8_MAX, DsnError, check_dsn, connect, resolve_dsn
 from pgqueue.error_line import error_line
 from pgqueue.queues import pause_queue, paused_queues, resume_queue, set_queue_limit
@@ -109,6 +109,8 @@ def _user_error(exc: BaseException) -> str | None:
 
     seen: BaseException | None = exc
     while seen is not None:
+        if isinstance(seen, LifespanError):
+            return None  # the app's own error: its traceback says more than one line
         if isinstance(seen, SchemaError | DsnError):
             return str(seen)
         if isinstance(

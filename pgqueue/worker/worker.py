@@ -9,6 +9,7 @@ cannot be cancelled, are waited for), then stop the services.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import math
@@ -23,7 +24,7 @@ from typing import Any
 import anyio
 import asyncpg
 
-from pgqueue.app import App
+from pgqueue.app import App, LifespanError
 from pgqueue.dsn import check_dsn, create_pool
 from pgqueue.worker import bounded
 from pgqueue.worker.aborts import abort_loop
@@ -256,72 +257,87 @@ class Worker:
             period.seconds,
             extra={"worker": self.id},
         )
-        async with anyio.create_task_group() as services:
-            services.start_soon(self.notifier.run)
-            services.start_soon(
-                functools.partial(
-                    heartbeat_loop,
-                    beat_pool,
-                    self.id,
-                    period,
-                    self.logger,
-                    self._aborts_heard,
-                    held=executor.held,
-                    unheld=executor.ask_for_sweep,
+        # The app's lifespans (app.lifespan) hold what its handlers use: entered in this
+        # event loop before the first claim, left after the last outcome is written.
+        async with contextlib.AsyncExitStack() as resources:
+            for lifespan in self.app.lifespans:
+                try:
+                    await resources.enter_async_context(lifespan())
+                except Exception as exc:
+                    name = getattr(lifespan, "__qualname__", repr(lifespan))
+                    raise LifespanError(
+                        f"app lifespan {name} failed to set up: {type(exc).__name__}: {exc}"
+                    ) from exc
+            async with anyio.create_task_group() as services:
+                services.start_soon(self.notifier.run)
+                services.start_soon(
+                    functools.partial(
+                        heartbeat_loop,
+                        beat_pool,
+                        self.id,
+                        period,
+                        self.logger,
+                        self._aborts_heard,
+                        held=executor.held,
+                        unheld=executor.ask_for_sweep,
+                    )
                 )
-            )
-            recovery = leader_outage(self.logger, "recovery")
-            retention = leader_outage(self.logger, "retention")
-            services.start_soon(
-                functools.partial(
-                    every_period,
-                    functools.partial(recovery_round, period=period),
-                    pool,
-                    period,
-                    self.logger,
-                    recovery,
-                    held_off=period.recovery_held_off,
+                recovery = leader_outage(self.logger, "recovery")
+                retention = leader_outage(self.logger, "retention")
+                services.start_soon(
+                    functools.partial(
+                        every_period,
+                        functools.partial(recovery_round, period=period),
+                        pool,
+                        period,
+                        self.logger,
+                        recovery,
+                        held_off=period.recovery_held_off,
+                    )
                 )
-            )
-            services.start_soon(every_period, retention_round, pool, period, self.logger, retention)
-            services.start_soon(completer.run)
-            services.start_soon(
-                abort_loop, pool, self.id, self._aborts_heard, executor, self.logger
-            )
-            schedules = anyio.CancelScope()  # a stopping worker enqueues no more ticks
-            if not self.until_empty:  # its schedule is the caller's (cron): no ticks, no catch-up
-                services.start_soon(self._run_schedules, pool, schedules)
-            if self.handle_signals:
-                services.start_soon(self._watch_signals)
-            self.started.set()
-            if self.until_empty and not self._stop_requested:
-                # Before the first claim: the run may end before the periodic rounds' first,
-                # and jobs whose lease went stale (an earlier run killed mid-job) are due
-                # again. A stop asked for meanwhile (the signal watcher runs) takes effect
-                # when they end: each is a few short transactions.
-                await self._hold_recovery_at_start(pool, period)
-                await recovery_round(pool, self.logger, recovery)
-                await retention_round(pool, self.logger, retention)
-            stuck: asyncio.TimerHandle | None = None
-            async with anyio.create_task_group() as jobs:
-                executor.start_runners(jobs)
-                await producer.run()
-                schedules.cancel()
-                await self._drain(executor, completer)
-                jobs.cancel_scope.cancel()  # idle runners stop; busy ones release their job
-                stuck = asyncio.get_running_loop().call_later(
-                    IGNORED_TIMEOUT_WARNING, self._warn_stuck, executor
+                services.start_soon(
+                    every_period, retention_round, pool, period, self.logger, retention
                 )
-            if stuck is not None:
-                stuck.cancel()
-            if completer.give_up_at == math.inf:
-                # Not started by _drain (nothing was left then): the writes still to come
-                # (releases, the last sweep) are bounded all the same.
-                completer.start_final_window(FINAL_WRITE_WINDOW)
-            await executor.release_unstarted()
-            await executor.settled()  # every success handed to the completer is written
-            await producer.release_lost_claims_at_stop()
-            services.cancel_scope.cancel()
+                services.start_soon(completer.run)
+                services.start_soon(
+                    abort_loop, pool, self.id, self._aborts_heard, executor, self.logger
+                )
+                schedules = anyio.CancelScope()  # a stopping worker enqueues no more ticks
+                if (
+                    not self.until_empty
+                ):  # its schedule is the caller's (cron): no ticks, no catch-up
+                    services.start_soon(self._run_schedules, pool, schedules)
+                if self.handle_signals:
+                    services.start_soon(self._watch_signals)
+                self.started.set()
+                if self.until_empty and not self._stop_requested:
+                    # Before the first claim: the run may end before the periodic rounds' first,
+                    # and jobs whose lease went stale (an earlier run killed mid-job) are due
+                    # again. A stop asked for meanwhile (the signal watcher runs) takes effect
+                    # when they end: each is a few short transactions.
+                    await self._hold_recovery_at_start(pool, period)
+                    await recovery_round(pool, self.logger, recovery)
+                    await retention_round(pool, self.logger, retention)
+                stuck: asyncio.TimerHandle | None = None
+                async with anyio.create_task_group() as jobs:
+                    executor.start_runners(jobs)
+                    await producer.run()
+                    schedules.cancel()
+                    await self._drain(executor, completer)
+                    jobs.cancel_scope.cancel()  # idle runners stop; busy ones release their job
+                    stuck = asyncio.get_running_loop().call_later(
+                        IGNORED_TIMEOUT_WARNING, self._warn_stuck, executor
+                    )
+                if stuck is not None:
+                    stuck.cancel()
+                if completer.give_up_at == math.inf:
+                    # Not started by _drain (nothing was left then): the writes still to come
+                    # (releases, the last sweep) are bounded all the same.
+                    completer.start_final_window(FINAL_WRITE_WINDOW)
+                await executor.release_unstarted()
+                await executor.settled()  # every success handed to the completer is written
+                await producer.release_lost_claims_at_stop()
+                services.cancel_scope.cancel()
         self.logger.info("worker %s stopped", self.id, extra={"worker": self.id})
 
     async def _hold_recovery_at_start(self, pool: asyncpg.Pool, period: Period) -> None:
