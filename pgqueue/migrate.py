@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pgqueue.dsn import asyncpg_target
 from pgqueue.resources import migrations_dir
 
 if TYPE_CHECKING:
@@ -225,6 +226,7 @@ async def missing_rights(conn: asyncpg.Connection) -> list[str]:
 
 async def check_schema(conn: asyncpg.Connection) -> None:
     """Raise :class:`SchemaError` unless the database is migrated to :data:`HEAD_REVISION`."""
+    asyncpg_target("check_schema", conn)
     has_table = await conn.fetchval("SELECT to_regclass('pgqueue.alembic_version') IS NOT NULL")
     version = None
     if has_table:

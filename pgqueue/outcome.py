@@ -18,7 +18,7 @@ from typing import Any
 import anyio
 import asyncpg
 
-from pgqueue.dsn import INT8_MAX, ConnOrPool, as_job_id
+from pgqueue.dsn import INT8_MAX, ConnOrPool, as_job_id, asyncpg_target
 
 FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 # The result as text: the caller's connection may have no JSON codecs.
@@ -44,6 +44,7 @@ class Outcome:
 
 async def job_outcome(conn_or_pool: ConnOrPool, job_id: int) -> Outcome | None:
     """The job's state now (final or not), or None if there is no such job."""
+    asyncpg_target("job_outcome", conn_or_pool)
     job_id = as_job_id(job_id)
     if not 0 < job_id <= INT8_MAX:
         return None  # no such id can exist (and asyncpg would refuse to send one past bigint)
@@ -71,6 +72,7 @@ async def wait_for_job(
     cannot run before it commits, and under REPEATABLE READ no other job's progress would
     ever be seen.
     """
+    asyncpg_target("wait_for_job", conn_or_pool)
     job_id = as_job_id(job_id)
     if isinstance(conn_or_pool, asyncpg.Connection) and conn_or_pool.is_in_transaction():
         raise RuntimeError(

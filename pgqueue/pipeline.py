@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal, TypeGuard, cast
 
-from pgqueue.dsn import ConnOrPool, dumps
+from pgqueue.dsn import ConnOrPool, asyncpg_target, dumps
 from pgqueue.job import Spec, pipeline_id_text
 
 if TYPE_CHECKING:
@@ -462,6 +462,7 @@ async def pipeline_status(
     conn_or_pool: ConnOrPool, pipeline_id: uuid.UUID | str
 ) -> PipelineStatus | None:
     """The pipeline's row of ``pgqueue.pipelines``, or None if no job carries that id."""
+    asyncpg_target("pipeline_status", conn_or_pool)
     row = await conn_or_pool.fetchrow(_STATUS_SQL, str(_pipeline_uuid(pipeline_id, new=False)))
     return None if row is None else PipelineStatus.from_record(row)
 
@@ -476,6 +477,7 @@ async def cancel_pipeline(
     and the count includes them. ``pgqueue.retry`` of a member resumes the pipeline downstream
     of it.
     """
+    asyncpg_target("cancel_pipeline", conn_or_pool)
     sql = _ABORT_SQL if abort_running else _CANCEL_SQL
     count: int = await conn_or_pool.fetchval(sql, str(_pipeline_uuid(pipeline_id, new=False)))
     return count

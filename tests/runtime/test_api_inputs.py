@@ -12,6 +12,7 @@ import re
 import signal
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from typing import Any
 
@@ -565,3 +566,29 @@ async def test_decimals_are_json_numbers_of_the_same_value(
         with pytest.raises(ValueError, match=message):
             await app.enqueue(conn, "x", {"v": bad})
     assert await conn.fetchval("SELECT count(*) FROM pgqueue.jobs") == 3
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda t: pgqueue.job_outcome(t, 1),
+        lambda t: pgqueue.wait_for_job(t, 1),
+        lambda t: pgqueue.pipeline_status(t, uuid.uuid4()),
+        lambda t: pgqueue.cancel_pipeline(t, uuid.uuid4()),
+        lambda t: pgqueue.pause_queue(t, "q"),
+        lambda t: pgqueue.resume_queue(t, "q"),
+        lambda t: pgqueue.paused_queues(t),
+        lambda t: pgqueue.set_queue_limit(t, "q", 1),
+        lambda t: pgqueue.queue_limits(t),
+        lambda t: check_schema(t),
+    ],
+    ids=lambda c: c.__code__.co_names[-1],
+)
+async def test_the_helpers_say_what_to_do_with_a_sqlalchemy_session(
+    engine: AsyncEngine, call: Callable[[Any], Awaitable[Any]]
+) -> None:
+    """From a review of pgqueue in an application: each failed deep inside with
+    "'AsyncSession' object has no attribute 'fetchrow'"."""
+    async with AsyncSession(engine) as session:
+        with pytest.raises(TypeError, match="got AsyncSession; from SQLAlchemy, call its SQL"):
+            await call(session)
