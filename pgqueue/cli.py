@@ -322,12 +322,24 @@ def migrate(opts: DsnOption) -> None:
 
 @main.command()
 @click.argument("target", metavar="MODULE:APP")
-@click.option("--queues", help="Comma-separated queues to work (default: every queue).")
 @click.option(
-    "--concurrency", type=click.IntRange(min=1, max=MAX_CONCURRENCY), default=10, show_default=True
+    "--queues",
+    envvar="PGQUEUE_QUEUES",
+    show_envvar=True,
+    help="Comma-separated queues to work (default: every queue).",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1, max=MAX_CONCURRENCY),
+    default=10,
+    show_default=True,
+    envvar="PGQUEUE_CONCURRENCY",
+    show_envvar=True,
 )
 @click.option(
     "--grace",
+    envvar="PGQUEUE_GRACE",
+    show_envvar=True,
     type=click.FloatRange(min=0),
     callback=lambda _ctx, _param, value: _finite("--grace", value),
     default=30.0,
@@ -336,6 +348,8 @@ def migrate(opts: DsnOption) -> None:
 )
 @click.option(
     "--poll-interval",
+    envvar="PGQUEUE_POLL_INTERVAL",
+    show_envvar=True,
     type=click.FloatRange(min=0.01),
     callback=lambda _ctx, _param, value: _finite("--poll-interval", value),
     default=5.0,
@@ -345,12 +359,16 @@ def migrate(opts: DsnOption) -> None:
 @click.option(
     "--log-format",
     type=click.Choice(["text", "json"]),
+    envvar="PGQUEUE_LOG_FORMAT",
+    show_envvar=True,
     help="Log lines to stderr in this format. Default: text, unless the app module configured"
     " logging (a handler on the root or the pgqueue logger): its handlers then get them.",
 )
 @click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
+    envvar="PGQUEUE_LOG_LEVEL",
+    show_envvar=True,
     help="info (the default, unless the app set the pgqueue logger's level) logs a line per"
     " job outcome; warning keeps only failures, lost leases and faults (a busy worker"
     " spends about a third of its CPU on the per-job lines).",

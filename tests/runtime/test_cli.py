@@ -283,6 +283,28 @@ def test_clear_errors_for_bad_input(db_dsn: str, args: list[str], message: str) 
     assert "limited queues" not in run(db_dsn, "stats").output
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("PGQUEUE_CONCURRENCY", "0", "(env var: 'PGQUEUE_CONCURRENCY'): 0 is not in the range"),
+        ("PGQUEUE_QUEUES", ",", "names no queue"),
+        ("PGQUEUE_GRACE", "nan", "nan is not a number of seconds"),
+        ("PGQUEUE_POLL_INTERVAL", "0", "(env var: 'PGQUEUE_POLL_INTERVAL')"),
+        ("PGQUEUE_LOG_FORMAT", "yaml", "(env var: 'PGQUEUE_LOG_FORMAT'): 'yaml' is not one of"),
+        ("PGQUEUE_LOG_LEVEL", "loud", "(env var: 'PGQUEUE_LOG_LEVEL'): 'loud' is not one of"),
+    ],
+)
+def test_worker_options_from_the_environment_are_checked_as_flags(
+    db_dsn: str, monkeypatch: pytest.MonkeyPatch, variable: str, value: str, message: str
+) -> None:
+    """From a review of pgqueue in an application: only the DSNs came from the environment,
+    so a deployment set every other option in its command line. Each worker option has its
+    variable now, read (and refused) like the flag."""
+    monkeypatch.setenv(variable, value)
+    out = run(db_dsn, "worker", "worker_app:app")
+    assert out.exit_code == 2 and message in out.output, out.output
+
+
 def test_a_bad_dsn_in_the_environment_is_bad_input_and_a_given_dsn_replaces_it(
     db_dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
