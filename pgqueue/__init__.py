@@ -1,7 +1,7 @@
 """pgqueue: a job queue that lives inside PostgreSQL."""
 
 from pgqueue.app import App, JobType, LifespanError
-from pgqueue.job import Job, Result, Snooze, Spec
+from pgqueue.job import Job, JobLogFilter, Result, Snooze, Spec, current_job
 from pgqueue.outcome import Outcome, job_outcome, wait_for_job
 from pgqueue.pipeline import (
     EnqueuedPipeline,
@@ -21,6 +21,7 @@ __all__ = [
     "App",
     "EnqueuedPipeline",
     "Job",
+    "JobLogFilter",
     "JobType",
     "LifespanError",
     "Node",
@@ -34,6 +35,7 @@ __all__ = [
     "Worker",
     "__version__",
     "cancel_pipeline",
+    "current_job",
     "job_outcome",
     "pause_queue",
     "paused_queues",

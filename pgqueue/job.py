@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import numbers
 import operator
 import uuid
@@ -27,6 +28,34 @@ _progress_saver: ContextVar[Callable[[Job, Any], Awaitable[bool]] | None] = Cont
 _abort_check: ContextVar[Callable[[Job], bool] | None] = ContextVar(
     "pgqueue_abort_check", default=None
 )
+
+# The job whose handler runs in this context (see current_job), set around each call.
+_current_job: ContextVar[Job | None] = ContextVar("pgqueue_current_job", default=None)
+
+
+def current_job() -> Job | None:
+    """The job whose handler is running here (in its task, the tasks it starts, and a plain
+    ``def``'s thread), or None outside a handler: for code the handler calls that was not
+    handed the job, such as a logging filter (see :class:`JobLogFilter`)."""
+    return _current_job.get()
+
+
+class JobLogFilter(logging.Filter):
+    """Adds ``job_id``, ``job_type`` and ``attempt`` to every record logged inside a
+    handler (where the record has none of its own), for an application's formats:
+    ``handler.addFilter(pgqueue.JobLogFilter())``, then ``%(job_id)s`` in a format, or the
+    fields of a JSON formatter. Outside a handler they are None. It never drops a record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        job = _current_job.get()
+        fields = record.__dict__
+        if "job_id" not in fields:
+            fields["job_id"] = None if job is None else job.id
+        if "job_type" not in fields:
+            fields["job_type"] = None if job is None else job.job_type
+        if "attempt" not in fields:
+            fields["attempt"] = None if job is None else job.attempts
+        return True
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,7 +31,15 @@ import asyncpg
 from pgqueue.app import App, JobType
 from pgqueue.dsn import dumps
 from pgqueue.error_line import error_line
-from pgqueue.job import Job, Result, Snooze, _abort_check, _progress_saver, as_delay
+from pgqueue.job import (
+    Job,
+    Result,
+    Snooze,
+    _abort_check,
+    _current_job,
+    _progress_saver,
+    as_delay,
+)
 from pgqueue.worker import bounded
 from pgqueue.worker.completer import (
     BOUNDED_LOCK_WAIT,
@@ -618,6 +626,7 @@ class Executor:
         )
 
     async def _invoke(self, job_type: JobType, job: Job) -> _Attempt:
+        current = _current_job.set(job)  # reset below: the runner's next job is another
         try:
             if job_type.is_async:
                 tasks = self._handler_tasks
@@ -673,6 +682,7 @@ class Executor:
                 _drop_cancel_requests(task)
             return _Attempt(error=_traceback(exc))
         finally:
+            _current_job.reset(current)
             if self._abort_sent:  # one the handler swallowed, or turned into an error
                 self._took_back_abort(job)
         return _encode(value, self.app)
