@@ -362,7 +362,8 @@ class App:
         depends_on: Sequence[int] | None = None,
     ) -> int:
         """:meth:`enqueue` in a synchronous SQLAlchemy ``Session`` or ``Connection`` of the
-        caller's transaction (any driver: psycopg, psycopg2, asyncpg through a sync engine)."""
+        caller's transaction (psycopg, psycopg2; or the one ``AsyncSession.run_sync`` hands
+        its function)."""
         from sqlalchemy import Engine
 
         if _is_sqlalchemy(session_or_connection) or isinstance(session_or_connection, Engine):
