@@ -102,9 +102,16 @@ async def _recover_in_transaction(
         took, db_now = await _lead(conn, RECOVERY_KEY)
         if not took:
             return []
-        jump = period.clock_read(db_now) if period is not None else 0.0
-        if jump:
-            return jump
+        if period is not None:
+            jump = period.clock_read(db_now)
+            if jump:
+                return jump
+            if period.recovery_held_off():
+                # Checked by every_period before the round too, but a beat that landed while
+                # the round waited for its connection may have seen the jump (or ended a
+                # gap) and started a hold: the round then met no jump of its own, and
+                # recovered live workers' jobs (a review).
+                return []
         rows = await conn.fetch("SELECT id FROM pgqueue.recover_stale() AS id")
     return [row["id"] for row in rows]
 

@@ -326,3 +326,32 @@ async def test_recovery_meeting_a_jump_of_the_databases_clock_recovers_nothing(
         assert await conn.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", job) == "queued"
     finally:
         await pool.close()
+
+
+async def test_a_round_started_before_a_hold_began_recovers_nothing(
+    conn: asyncpg.Connection, db_dsn: str, records: tuple[logging.Logger, Records]
+) -> None:
+    """From a review: the round is checked against the hold before it waits for a pooled
+    connection; a beat (on its own pool) that lands meanwhile with the jump starts the hold
+    and takes the jump as its own, so the round, comparing with that beat, met none, and
+    recovered the leases the jump made stale. The round looks at the hold again once it
+    holds the leader lock."""
+    logger, _ = records
+    await conn.execute("SELECT pgqueue.enqueue('t', '{}')")
+    job = await conn.fetchval("SELECT id FROM pgqueue.claim_next(worker => 'live')")
+    before = await conn.fetchval(
+        "UPDATE pgqueue.jobs SET locked_at = locked_at - interval '1 hour' WHERE id = $1"
+        " RETURNING extract(epoch FROM locked_at)::float8",
+        job,
+    )
+    period = heartbeat.Period(1.0, back_at=time.monotonic() - 100)
+    period.landed(before)  # the last beat before the jump
+    assert not period.recovery_held_off()  # every_period lets the round go
+    period.landed(await conn.fetchval(f"SELECT {heartbeat.DB_CLOCK}"))  # the beat, meanwhile
+    assert period.recovery_held_off()
+    pool = await asyncpg.create_pool(db_dsn, min_size=1, max_size=1)
+    try:
+        await leader.recovery_round(pool, logger, leader.leader_outage(logger, "recovery"), period)
+    finally:
+        await pool.close()
+    assert await conn.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", job) == "running"
