@@ -42,6 +42,8 @@ _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 MAX_CONCURRENCY = 10_000
 # After the grace period, outcome writes get this long to land before the process exits.
 FINAL_WRITE_WINDOW = 10.0
+# Bound on the app's lifespans' teardown at the stop (see Worker._leave_lifespans).
+LIFESPAN_TEARDOWN = 10.0
 # Bound on the schema check and settings read at start: a connection that goes half-open
 # then would otherwise hold the worker, before it claims anything, until the kernel gives
 # up on the socket. Past it the worker stops with "no answer from the database".
@@ -116,7 +118,8 @@ class Worker:
         self._stop_requested = False
         self._force = False  # stop(force=True) before the grace period began: skip it
         self._grace_scope: anyio.CancelScope | None = None
-        self._hold_scope: anyio.CancelScope | None = None  # see _hold_recovery_at_start
+        # A start-up wait that stop() ends: see _hold_recovery_at_start, _enter_lifespans.
+        self._startup_wait: anyio.CancelScope | None = None
         self._executor: Executor | None = None
         self._aborts_heard = Wake()  # pgqueue.abort() was called: read the requests
 
@@ -131,8 +134,8 @@ class Worker:
             self._producer.stop()
         if force and self._grace_scope is not None:
             self._grace_scope.cancel()
-        if self._hold_scope is not None:
-            self._hold_scope.cancel()
+        if self._startup_wait is not None:
+            self._startup_wait.cancel()
 
     async def run(self) -> None:
         """Work until :meth:`stop` or SIGTERM/SIGINT; return once every job is settled.
@@ -169,6 +172,8 @@ class Worker:
             )
             try:
                 await self._work(pool, beat_pool)
+            except* LifespanError as failed:  # raised in the services' task group: unwrapped
+                raise failed.exceptions[0]  # its cause: the lifespan's own error
             finally:
                 await _close(beat_pool)
         finally:
@@ -257,58 +262,48 @@ class Worker:
             period.seconds,
             extra={"worker": self.id},
         )
-        # The app's lifespans (app.lifespan) hold what its handlers use: entered in this
-        # event loop before the first claim, left after the last outcome is written.
-        async with contextlib.AsyncExitStack() as resources:
-            for lifespan in self.app.lifespans:
-                try:
-                    await resources.enter_async_context(lifespan())
-                except Exception as exc:
-                    name = getattr(lifespan, "__qualname__", repr(lifespan))
-                    raise LifespanError(
-                        f"app lifespan {name} failed to set up: {type(exc).__name__}: {exc}"
-                    ) from exc
-            async with anyio.create_task_group() as services:
-                services.start_soon(self.notifier.run)
-                services.start_soon(
-                    functools.partial(
-                        heartbeat_loop,
-                        beat_pool,
-                        self.id,
-                        period,
-                        self.logger,
-                        self._aborts_heard,
-                        held=executor.held,
-                        unheld=executor.ask_for_sweep,
-                    )
+        async with anyio.create_task_group() as services:
+            services.start_soon(self.notifier.run)
+            services.start_soon(
+                functools.partial(
+                    heartbeat_loop,
+                    beat_pool,
+                    self.id,
+                    period,
+                    self.logger,
+                    self._aborts_heard,
+                    held=executor.held,
+                    unheld=executor.ask_for_sweep,
                 )
-                recovery = leader_outage(self.logger, "recovery")
-                retention = leader_outage(self.logger, "retention")
-                services.start_soon(
-                    functools.partial(
-                        every_period,
-                        functools.partial(recovery_round, period=period),
-                        pool,
-                        period,
-                        self.logger,
-                        recovery,
-                        held_off=period.recovery_held_off,
-                    )
+            )
+            recovery = leader_outage(self.logger, "recovery")
+            retention = leader_outage(self.logger, "retention")
+            services.start_soon(
+                functools.partial(
+                    every_period,
+                    functools.partial(recovery_round, period=period),
+                    pool,
+                    period,
+                    self.logger,
+                    recovery,
+                    held_off=period.recovery_held_off,
                 )
-                services.start_soon(
-                    every_period, retention_round, pool, period, self.logger, retention
-                )
-                services.start_soon(completer.run)
-                services.start_soon(
-                    abort_loop, pool, self.id, self._aborts_heard, executor, self.logger
-                )
-                schedules = anyio.CancelScope()  # a stopping worker enqueues no more ticks
-                if (
-                    not self.until_empty
-                ):  # its schedule is the caller's (cron): no ticks, no catch-up
-                    services.start_soon(self._run_schedules, pool, schedules)
-                if self.handle_signals:
-                    services.start_soon(self._watch_signals)
+            )
+            services.start_soon(every_period, retention_round, pool, period, self.logger, retention)
+            services.start_soon(completer.run)
+            services.start_soon(
+                abort_loop, pool, self.id, self._aborts_heard, executor, self.logger
+            )
+            schedules = anyio.CancelScope()  # a stopping worker enqueues no more ticks
+            if not self.until_empty:  # its schedule is the caller's (cron): no ticks, no catch-up
+                services.start_soon(self._run_schedules, pool, schedules)
+            if self.handle_signals:
+                services.start_soon(self._watch_signals)
+            # The app's lifespans (app.lifespan) hold what its handlers use: entered in this
+            # event loop before the first claim (a stop meanwhile ends their set-up), left
+            # after the last outcome is written, whatever ends the run.
+            resources = await self._enter_lifespans()
+            try:
                 self.started.set()
                 if self.until_empty and not self._stop_requested:
                     # Before the first claim: the run may end before the periodic rounds' first,
@@ -337,8 +332,47 @@ class Worker:
                 await executor.release_unstarted()
                 await executor.settled()  # every success handed to the completer is written
                 await producer.release_lost_claims_at_stop()
-                services.cancel_scope.cancel()
+            finally:
+                await self._leave_lifespans(resources)
+            services.cancel_scope.cancel()
         self.logger.info("worker %s stopped", self.id, extra={"worker": self.id})
+
+    async def _enter_lifespans(self) -> contextlib.AsyncExitStack:
+        """Enter the app's lifespans in order; a stop requested meanwhile ends the set-up
+        there (the worker then claims nothing and leaves what it entered). One that raises
+        is left with the others entered before it, and named (:class:`LifespanError`)."""
+        resources = contextlib.AsyncExitStack()
+        try:
+            with anyio.CancelScope() as self._startup_wait:  # stop() ends the set-up
+                for lifespan in self.app.lifespans:
+                    if self._stop_requested:
+                        break
+                    try:
+                        await resources.enter_async_context(lifespan())
+                    except Exception as exc:
+                        name = getattr(lifespan, "__qualname__", repr(lifespan))
+                        raise LifespanError(
+                            f"app lifespan {name} failed to set up: {type(exc).__name__}: {exc}"
+                        ) from exc
+        except BaseException:
+            await self._leave_lifespans(resources)
+            raise
+        finally:
+            self._startup_wait = None
+        return resources
+
+    async def _leave_lifespans(self, resources: contextlib.AsyncExitStack) -> None:
+        """Tear the lifespans down, shielded from a cancellation of the run (an embedding
+        app's, a failure) and bounded by :data:`LIFESPAN_TEARDOWN`: each runs the code after
+        its ``yield`` as on a normal stop. A teardown that raises is raised, after the rest."""
+        with anyio.CancelScope(shield=True), anyio.move_on_after(LIFESPAN_TEARDOWN) as bound:
+            await resources.aclose()
+        if bound.cancelled_caught:
+            self.logger.warning(
+                "the app's lifespans did not finish tearing down within %gs: left unfinished",
+                LIFESPAN_TEARDOWN,
+                extra={"worker": self.id},
+            )
 
     async def _hold_recovery_at_start(self, pool: asyncpg.Pool, period: Period) -> None:
         """Where jobs are stale and the database server started less than a hold ago (see
@@ -360,10 +394,10 @@ class Worker:
             since_start,
             wait,
         )
-        with anyio.CancelScope() as self._hold_scope:  # stop() ends the wait
+        with anyio.CancelScope() as self._startup_wait:  # stop() ends the wait
             if not self._stop_requested:
                 await anyio.sleep(wait)
-        self._hold_scope = None
+        self._startup_wait = None
 
     def _warn_stuck(self, executor: Executor) -> None:
         """Handlers still running well after their cancellation (plain defs aside, which

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio
 import asyncpg
 import pytest
-from runtime_helpers import running
+from runtime_helpers import Records, running
 from worker_harness import wait_for_states
 
 import pgqueue
+from pgqueue.worker import worker as worker_module
 
 
 async def test_lifespans_wrap_every_job_in_the_workers_loop(
@@ -126,3 +129,84 @@ async def test_a_context_variable_a_lifespan_sets_is_seen_by_every_handler(
     async with running(app, db_dsn):
         await wait_for_states(conn, job_ids)
     assert seen == ["the client", "the client"]
+
+
+async def test_a_cancelled_run_tears_the_lifespans_down_all_the_same(
+    conn: asyncpg.Connection, db_dsn: str
+) -> None:
+    """From a review: the teardown ran unshielded with the run's exception, so an embedding
+    app's cancellation of Worker.run cut it at its first await, and a lifespan written as
+    docs/worker.md shows (code after its yield, no try/finally) skipped it. It runs as on a
+    normal stop, and may await."""
+    app = pgqueue.App()
+    events: list[str] = []
+
+    @app.lifespan
+    async def plain() -> AsyncIterator[None]:
+        events.append("up")
+        yield
+        await anyio.sleep(0.01)  # an engine's dispose(), say
+        events.append("down")
+
+    worker = pgqueue.Worker(app, db_dsn, handle_signals=False)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        await worker.started.wait()
+        tg.cancel_scope.cancel()
+    assert events == ["up", "down"]
+
+
+async def test_a_stop_during_set_up_ends_it_and_claims_nothing(
+    conn: asyncpg.Connection, db_dsn: str
+) -> None:
+    """A stop (SIGTERM) while a lifespan sets up (a service that does not answer) ends the
+    set-up; the worker leaves what it entered, claims nothing, and returns."""
+    app = pgqueue.App()
+    events: list[str] = []
+    setting_up = anyio.Event()
+
+    @app.lifespan
+    async def first() -> AsyncIterator[None]:
+        events.append("first up")
+        yield
+        events.append("first down")
+
+    @app.lifespan
+    async def hangs() -> AsyncIterator[None]:
+        setting_up.set()
+        await anyio.sleep_forever()
+        yield
+
+    @app.job("never")
+    async def never(job: pgqueue.Job) -> None: ...
+
+    job_id = await app.enqueue(conn, "never")
+    worker = pgqueue.Worker(app, db_dsn, handle_signals=False)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker.run)
+            await setting_up.wait()
+            worker.stop()
+    assert events == ["first up", "first down"]
+    assert await conn.fetchval("SELECT state FROM pgqueue.jobs WHERE id = $1", job_id) == "queued"
+
+
+async def test_a_teardown_that_hangs_is_left_after_its_bound(
+    conn: asyncpg.Connection,
+    db_dsn: str,
+    monkeypatch: pytest.MonkeyPatch,
+    records: tuple[logging.Logger, Records],
+) -> None:
+    logger, logged = records
+    monkeypatch.setattr(worker_module, "LIFESPAN_TEARDOWN", 0.2)
+    app = pgqueue.App()
+
+    @app.lifespan
+    async def stuck() -> AsyncIterator[None]:
+        yield
+        await anyio.sleep_forever()
+
+    with anyio.fail_after(10):
+        async with running(app, db_dsn, logger=logger):
+            pass
+    assert logged.count("did not finish tearing down within 0.2s") == 1
