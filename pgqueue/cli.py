@@ -414,6 +414,13 @@ def worker(
         level = logging.getLevelNamesMapping()[log_level.upper()]
     configure_logging(log_format, level)
     queue_list = None
+    if queues is None and os.environ.get("PGQUEUE_QUEUES") == "":
+        # click reads an empty variable as unset: every queue, where --queues '' is refused
+        # (a deployment's PGQUEUE_QUEUES=${UNSET} would claim the jobs of every queue).
+        raise click.BadParameter(
+            "is set but empty: it names no queue (unset it to work every queue)",
+            param_hint="PGQUEUE_QUEUES",
+        )
     if queues is not None:
         queue_list = [q.strip() for q in queues.split(",") if q.strip()]
         if not queue_list:

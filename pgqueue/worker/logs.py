@@ -84,18 +84,40 @@ class BufferedStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self.flush()
 
 
-def configure_logging(fmt: str | None = "text", level: int | None = logging.INFO) -> None:
+def _apps(handlers: list[logging.Handler]) -> list[logging.Handler]:
+    """The handlers an application configured: not the ones pgqueue installed (an earlier
+    run in this process: a CLI test's), and not NullHandlers, which print nothing."""
+    return [
+        h
+        for h in handlers
+        if not getattr(h, _OURS, False) and not isinstance(h, logging.NullHandler)
+    ]
+
+
+# Marks the handler configure_logging installs, and the level it set (see _apps).
+_OURS = "_pgqueue_handler"
+_level_set: int | None = None
+
+
+def configure_logging(fmt: str | None = "text", level: int | None = None) -> None:
     """Send pgqueue's logs to stderr in the chosen format (``text`` or ``json``), at
-    ``level`` (INFO when None).
+    ``level``: when None, the level the application set on the ``pgqueue`` logger, else
+    INFO.
 
     With no format chosen (None), an application that configured logging itself (a handler
     on the root logger or on ``pgqueue``, when its module was imported) keeps it: pgqueue's
     lines go to its handlers, in its formats, with the fields of the JSON format as record
-    attributes; only the level is set (when given, or when ``pgqueue`` has none)."""
+    attributes."""
+    global _level_set
     logger = logging.getLogger("pgqueue")
-    if fmt is None and (logger.handlers or logging.getLogger().handlers):
-        if level is not None or logger.level == logging.NOTSET:
-            logger.setLevel(logging.INFO if level is None else level)
+    if level is None:
+        level = logger.level if logger.level not in (logging.NOTSET, _level_set) else logging.INFO
+    logger.setLevel(level)
+    _level_set = level
+    if fmt is None and (_apps(logger.handlers) or _apps(logging.getLogger().handlers)):
+        if len(_apps(logger.handlers)) < len(logger.handlers):  # an earlier run's, ours
+            logger.handlers[:] = _apps(logger.handlers)
+            logger.propagate = True
         return
     handler: logging.Handler
     try:
@@ -109,8 +131,8 @@ def configure_logging(fmt: str | None = "text", level: int | None = logging.INFO
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(TextFormatter())
+    setattr(handler, _OURS, True)
     # (logging's logThreads / logProcesses switches would save ~0.3 us per line, but they
     # are the process's: an application's "%(process)d" format then failed on every line.)
     logger.handlers[:] = [handler]
-    logger.setLevel(logging.INFO if level is None else level)
     logger.propagate = False

@@ -173,7 +173,8 @@ class Worker:
             try:
                 await self._work(pool, beat_pool)
             except* LifespanError as failed:  # raised in the services' task group: unwrapped
-                raise failed.exceptions[0]  # its cause: the lifespan's own error
+                error = failed.exceptions[0]
+                raise error from error.__cause__  # the lifespan's own error
             finally:
                 await _close(beat_pool)
         finally:

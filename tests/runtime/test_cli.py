@@ -288,6 +288,7 @@ def test_clear_errors_for_bad_input(db_dsn: str, args: list[str], message: str) 
     [
         ("PGQUEUE_CONCURRENCY", "0", "(env var: 'PGQUEUE_CONCURRENCY'): 0 is not in the range"),
         ("PGQUEUE_QUEUES", ",", "names no queue"),
+        ("PGQUEUE_QUEUES", "", "PGQUEUE_QUEUES: is set but empty"),  # click reads it as unset
         ("PGQUEUE_GRACE", "nan", "nan is not a number of seconds"),
         ("PGQUEUE_POLL_INTERVAL", "0", "(env var: 'PGQUEUE_POLL_INTERVAL')"),
         ("PGQUEUE_LOG_FORMAT", "yaml", "(env var: 'PGQUEUE_LOG_FORMAT'): 'yaml' is not one of"),
