@@ -81,6 +81,11 @@ MIN_TRY = 1.0
 # a time, so that rows held for long cannot take every pooled connection.
 RETRY_TRIES = 2
 MAX_BATCH = 500
+# ... and at most this much JSON text (results and next_jobs), unless one success alone is more:
+# counted in jobs only, 40 results of 30 MB made one message past PostgreSQL's 1 GB limit,
+# whose server dropped the connection, and the batch was sent again, whole, for ever (a
+# review). One success is at most twice MAX_JSON_TEXT (see executor._encode).
+MAX_BATCH_TEXT = 64 << 20
 # Bound on each lock wait of a success write (the session's lock_timeout, if smaller, wins).
 # Every lock complete_many takes is held for milliseconds by pgqueue's own transactions, so a
 # longer wait means another transaction keeps one of these rows, and the write is better
@@ -121,6 +126,17 @@ def _describe(ids: list[int]) -> str:
     if len(ids) == 1:
         return f"the success of job {ids[0]}"
     return f"the successes of {len(ids)} jobs ({ids[0]}, ... {ids[-1]})"
+
+
+def _batch_size(pending: list[Success]) -> int:
+    """How many of the first successes make the next batch: :data:`MAX_BATCH` at most, and
+    as many as fit in :data:`MAX_BATCH_TEXT` of JSON (one at least)."""
+    text = 0
+    for n, item in enumerate(pending[:MAX_BATCH]):
+        text += len(item.result or "") + len(item.next_jobs or "")
+        if text > MAX_BATCH_TEXT and n:
+            return n
+    return min(len(pending), MAX_BATCH)
 
 
 def _stretched(bound: float) -> float:
@@ -264,7 +280,8 @@ class Completer:
                 await self._kick.wait()
                 self._kick = anyio.Event()
                 while self._pending:
-                    batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+                    n = _batch_size(self._pending)
+                    batch, self._pending = self._pending[:n], self._pending[n:]
                     self._in_flight += len(batch)
                     try:
                         with anyio.CancelScope(shield=True):

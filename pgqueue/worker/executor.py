@@ -62,6 +62,10 @@ _SAVE_PROGRESS = (
     f" FROM {BOUNDED_LOCK_WAIT}"
 )
 ABORTED = "aborted: pgqueue.abort() was called for this job while it ran"
+# The largest JSON text of a result (or of next_jobs) a handler may return: PostgreSQL's
+# largest jsonb value (2^28 - 1 bytes; the text of one is about as long). Larger, the
+# database refused it, or, past its 1 GB message limit, dropped the connection.
+MAX_JSON_TEXT = (1 << 28) - 1
 # Logged at INFO; any other outcome at WARNING.
 _QUIET = ("succeeded", "released", "snoozed")
 _STILL_HELD = (
@@ -793,12 +797,26 @@ def _encode(value: Any, app: App) -> _Attempt:
             next_jobs = [app.with_defaults(spec) for spec in value.next_jobs]
         value = value.value
     try:
-        return _Attempt(
+        attempt = _Attempt(
             result=None if value is None else dumps(value, "the result"),
             next_jobs=None if next_jobs is None else dumps(next_jobs, "next_jobs"),
         )
     except Exception as exc:  # TypeError, ValueError, RecursionError, a failing default
         return _Attempt(error=f"handler result is not JSON-serialisable: {exc}")
+    for what, text in (("result", attempt.result), ("next_jobs", attempt.next_jobs)):
+        # Characters first: the UTF-8 length of a large text only (an encode per result
+        # would cost every job).
+        if text is not None and len(text) > MAX_JSON_TEXT // 4 and _utf8(text) > MAX_JSON_TEXT:
+            return _Attempt(
+                error=f"the handler's {what} is {_utf8(text) / (1 << 20):,.0f} MiB of JSON,"
+                f" more than one jsonb value holds ({MAX_JSON_TEXT >> 20} MiB): store it"
+                " elsewhere (a table of yours, object storage) and return its key"
+            )
+    return attempt
+
+
+def _utf8(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 def _snooze_delay(group: BaseExceptionGroup[BaseException]) -> datetime.timedelta | None:

@@ -10,9 +10,12 @@ import json
 
 import anyio
 import asyncpg
+import pytest
+from runtime_helpers import running
 from worker_harness import wait_for_states
 
 import pgqueue
+from pgqueue.worker import completer, executor
 
 
 async def test_refused_success_fails_the_attempt(conn: asyncpg.Connection, db_dsn: str) -> None:
@@ -103,3 +106,40 @@ async def test_a_set_up_error_for_one_success_holds_up_that_job_alone(
         finally:
             worker.stop()
     assert sorted(runs) == sorted([*good, held, late])  # each ran once
+
+
+def test_a_batch_of_successes_is_bounded_by_its_json_as_well() -> None:
+    """From a scale review: batches were bounded by count alone, so 40 results of 30 MB made
+    one message past PostgreSQL's 1 GB limit: the server dropped the connection, and the
+    same batch went again, whole, for ever, every job stuck running. A batch now holds at
+    most MAX_BATCH_TEXT of JSON, one success at least."""
+
+    def success(n: int, size: int) -> completer.Success:
+        job = pgqueue.Job(id=n, job_type="t", queue="q", payload={}, attempts=1, max_attempts=1)
+        return completer.Success(job, "x" * size, None, 0.0)
+
+    limit = completer.MAX_BATCH_TEXT
+    big = [success(n, limit // 3) for n in range(7)]
+    assert completer._batch_size(big) == 3
+    assert completer._batch_size([success(0, 2 * limit), *big]) == 1  # alone, however big
+    assert completer._batch_size([success(n, 10) for n in range(2000)]) == completer.MAX_BATCH
+    assert completer._batch_size([success(0, 10)]) == 1
+
+
+async def test_a_result_larger_than_a_jsonb_value_fails_its_attempt_by_name(
+    conn: asyncpg.Connection, db_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the largest jsonb value the write was refused (or, past 1 GB, its connection
+    dropped and the write sent again for ever): the attempt fails, saying what to do."""
+    monkeypatch.setattr(executor, "MAX_JSON_TEXT", 1000)
+    app = pgqueue.App()
+
+    @app.job("huge", max_attempts=1)
+    async def huge(job: pgqueue.Job) -> dict[str, str]:
+        return {"text": "é" * 600}  # 600 characters, 1,200 bytes
+
+    job_id = await app.enqueue(conn, "huge")
+    async with running(app, db_dsn):
+        await wait_for_states(conn, [job_id], "failed")
+    error = await conn.fetchval("SELECT last_error FROM pgqueue.jobs WHERE id = $1", job_id)
+    assert "the handler's result is 0 MiB of JSON, more than one jsonb value holds" in error
