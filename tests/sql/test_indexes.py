@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import asyncpg
 import pytest
 from sqlharness import Connect
 
@@ -347,3 +348,44 @@ async def test_a_job_due_since_the_last_claim_is_due_at_once_for_the_look(connec
     for sql, queues in ((_BEFORE_SLEEP_ANY, None), (_BEFORE_SLEEP_OF, ["a"])):
         assert await conn.fetchval(sql, queues, 1.0) <= 0  # claimed a second ago: due since
         assert await conn.fetchval(sql, queues, 0.0) is None  # the claim saw it due
+
+
+WIDE_FAILED_ROOT = """
+SELECT min(id) FROM pgqueue.enqueue_many(
+    jsonb_build_array(jsonb_build_object('job_type', 'root', 'key', 'r', 'max_attempts', 1))
+    || (SELECT jsonb_agg(jsonb_build_object('job_type', 'child', 'after', jsonb_build_array('r')))
+        FROM generate_series(1, $1::int) g)) AS id
+"""
+
+
+async def _buffers_of_a_wide_retry(db: asyncpg.Connection, n: int) -> int:
+    """Buffers read by retry() of a failed root whose failure cancelled n dependents."""
+    root = await db.fetchval(WIDE_FAILED_ROOT, n)
+    await db.execute("SELECT count(*) FROM pgqueue.claim($1, 'w')", root)
+    await db.execute("SELECT pgqueue.fail($1, 'w', 'boom')", root)
+    await db.execute("ANALYZE pgqueue.jobs, pgqueue.job_dependencies")  # plans as in production
+    plan = json.loads(
+        await db.fetchval("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) SELECT pgqueue.retry($1)", root)
+    )
+    assert await db.fetchval("SELECT count(*) FROM pgqueue.jobs WHERE state = 'waiting'") == n
+    await db.execute(
+        "UPDATE pgqueue.jobs SET state = 'cancelled', finished_at = now()"
+        " WHERE state IN ('waiting', 'queued')"
+    )
+    return _blocks(plan)
+
+
+async def test_a_retry_reviving_many_dependents_reads_in_proportion_to_them(
+    connect: Connect,
+) -> None:
+    """From a scale review: retry() of a failed root with 20,000 cancelled dependents took
+    320 s (100,000: hours), holding their rows all along: for each revived row a lookup of
+    the first job of its dedup key read every revived id again, and the filters of the
+    revived set were "<> ALL (array)" per element. Twice the dependents now read about
+    twice the buffers (they read four times as many before). One session, warmed up by a
+    first retry, so the catalog reads of planning count once."""
+    db = await connect()
+    await _buffers_of_a_wide_retry(db, 50)
+    small = await _buffers_of_a_wide_retry(db, 1000)
+    large = await _buffers_of_a_wide_retry(db, 2000)
+    assert large < 2.6 * small, (small, large)
