@@ -1411,21 +1411,23 @@ BEGIN
                  pipeline_id, parent_id, next_jobs, finished_at, last_error, scope_blocked)
             SELECT * FROM pgqueue._spec_rows(p_specs, v_new, v_succeeded, v_cancelled, v_unlocked, v_max_attempts,
                                              p_pipeline_id, p_parent_id) r
-            WHERE r.dedup_key IS NULL OR r.dedup_key <> ALL (v_held_keys)
+            -- (NOT IN a subquery, hashed: "<> ALL (array)" compared each row with every
+            -- key, and the lookups below scanned the arrays per spec: 10,000 specs merging
+            -- into pending jobs took 2-3 s against 0.2 s inserted, a scale review.)
+            WHERE r.dedup_key IS NULL OR r.dedup_key NOT IN (SELECT unnest(v_held_keys))
             -- A pending job with the key that the look above missed (written without
             -- the key's lock: by hand): lock it and return it.
             ON CONFLICT (dedup_key) WHERE state IN ('waiting', 'queued') AND dedup_key IS NOT NULL
             DO UPDATE SET dedup_key = excluded.dedup_key
             RETURNING j.id, j.dedup_key
         )
-        SELECT array_agg(coalesce(i.id, v_held_ids[array_position(v_held_keys, e.s->>'dedup_key')], v_new[e.ord])
-                         ORDER BY e.ord),
-               array_agg(coalesce(i.id, v_held_ids[array_position(v_held_keys, e.s->>'dedup_key')]))
-                   FILTER (WHERE coalesce(i.id, v_held_ids[array_position(v_held_keys, e.s->>'dedup_key')])
-                                 <> ALL (v_new))
+        SELECT array_agg(coalesce(i.id, h.id, v_new[e.ord]) ORDER BY e.ord),
+               array_agg(coalesce(i.id, h.id))
+                   FILTER (WHERE coalesce(i.id, h.id) NOT IN (SELECT unnest(v_new)))
           INTO v_ids, v_merged
         FROM jsonb_array_elements(p_specs) WITH ORDINALITY AS e(s, ord)
-        LEFT JOIN ins i ON i.dedup_key = e.s->>'dedup_key';
+        LEFT JOIN ins i ON i.dedup_key = e.s->>'dedup_key'
+        LEFT JOIN unnest(v_held_keys, v_held_ids) AS h(k, id) ON h.k = e.s->>'dedup_key';
         IF v_merged IS NOT NULL THEN
             PERFORM pgqueue._announce_held(v_merged);  -- the pending jobs merged into, locked
         END IF;
