@@ -124,6 +124,32 @@ LANGUAGE sql IMMUTABLE AS $$
                 ELSE format('%s[%s]', p_label, p_ord - p_stored - 1) END
 $$;
 
+-- next_jobs nested more than 100 deep are refused before _check_specs recurses into
+-- them: past some 380 levels its recursion ended in "stack depth limit exceeded" (a
+-- scale review), which names neither the spec nor the cause. Measured level by level.
+CREATE FUNCTION pgqueue._check_spec_depth(p_specs jsonb, p_label text) RETURNS void
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_level jsonb := p_specs;
+BEGIN
+    IF jsonb_typeof(p_specs) <> 'array' OR NOT p_specs @? '$[*].next_jobs[*]' THEN
+        RETURN;
+    END IF;
+    FOR v_depth IN 1 .. 100 LOOP
+        v_level := (SELECT jsonb_agg(n.s)
+                    FROM jsonb_array_elements(v_level) e(s)
+                    CROSS JOIN LATERAL jsonb_array_elements(e.s->'next_jobs') n(s)
+                    WHERE jsonb_typeof(e.s) = 'object' AND jsonb_typeof(e.s->'next_jobs') = 'array');
+        EXIT WHEN v_level IS NULL;
+    END LOOP;
+    IF v_level IS NOT NULL THEN
+        RAISE EXCEPTION '%: specs nested more than 100 levels deep in next_jobs; enqueue a long chain as one '
+                        'pipeline of specs with key/after instead (enqueue_many, pgqueue.Pipeline)', p_label
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+END
+$$;
+
 -- Validate the next_jobs arrays inside specs (recursion of _check_specs).
 CREATE FUNCTION pgqueue._check_nested_specs(p_specs jsonb, p_label text, p_single boolean, p_stored int DEFAULT 0)
 RETURNS void
@@ -721,6 +747,7 @@ BEGIN
           INTO p_specs
           FROM jsonb_array_elements(p_specs) WITH ORDINALITY AS e(s, ord);
     END IF;
+    PERFORM pgqueue._check_spec_depth(p_specs, p_label);
     PERFORM pgqueue._check_specs(p_specs, p_label, p_single, p_stored);
     IF p_specs @? '$[*].next_jobs[*]' THEN
         PERFORM pgqueue._check_child_pipelines(e.s->'next_jobs',
@@ -1052,6 +1079,7 @@ BEGIN
 
     v_deps := ARRAY(SELECT DISTINCT unnest(enqueue.depends_on));
     IF enqueue.next_jobs IS NOT NULL THEN
+        PERFORM pgqueue._check_spec_depth(enqueue.next_jobs, 'pgqueue.enqueue: next_jobs');
         PERFORM pgqueue._check_specs(enqueue.next_jobs, 'pgqueue.enqueue: next_jobs');
         PERFORM pgqueue._check_child_pipelines(enqueue.next_jobs, enqueue.pipeline_id, 'pgqueue.enqueue: next_jobs');
         PERFORM pgqueue._check_stored_dependencies(enqueue.next_jobs, 'pgqueue.enqueue: next_jobs');

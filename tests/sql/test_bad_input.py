@@ -586,3 +586,42 @@ async def test_a_spec_pipeline_id_takes_every_form_uuid_input_takes(
         await conn.fetchval("SELECT pipeline_id::text FROM pgqueue.jobs")
         == "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"
     )
+
+
+def _chain(depth: int) -> str:
+    """A spec array whose specs nest next_jobs ``depth`` levels deep in all."""
+    spec: dict[str, object] = {"job_type": "step"}
+    for _ in range(depth - 1):
+        spec = {"job_type": "step", "next_jobs": [spec]}
+    return json.dumps([spec])
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        "SELECT pgqueue.enqueue('root', next_jobs => $1::jsonb)",
+        "SELECT pgqueue.enqueue_many($1::jsonb)",
+        "SELECT pgqueue.complete($2, 'w', next_jobs => $1::jsonb)",
+    ],
+    ids=["enqueue", "enqueue_many", "complete"],
+)
+async def test_specs_nested_past_100_levels_are_refused_by_name(
+    connect: Connect, call: str
+) -> None:
+    """From a scale review: past some 380 levels the validation's recursion ended in
+    "stack depth limit exceeded", naming neither the spec nor the cause. 100 levels pass;
+    more are refused, naming the limit and what to do instead, and nothing is written."""
+    conn = await connect()
+    await conn.execute("SELECT pgqueue.enqueue('parent')")
+    parent = await conn.fetchval("SELECT id FROM pgqueue.claim_next('w')")
+    args = (parent,) if "$2" in call else ()
+    await conn.execute(call, _chain(100), *args)
+    if "complete" in call:  # completed now: another to complete
+        await conn.execute("SELECT pgqueue.enqueue('parent')")
+        args = (await conn.fetchval("SELECT id FROM pgqueue.claim_next('w')"),)
+    before = await conn.fetchval("SELECT count(*) FROM pgqueue.jobs")
+    with pytest.raises(
+        asyncpg.InvalidParameterValueError, match="specs nested more than 100 levels deep"
+    ):
+        await conn.execute(call, _chain(101), *args)
+    assert await conn.fetchval("SELECT count(*) FROM pgqueue.jobs") == before
