@@ -127,7 +127,8 @@ $$;
 -- next_jobs nested more than 100 deep are refused before _check_specs recurses into
 -- them: past some 380 levels its recursion ended in "stack depth limit exceeded" (a
 -- scale review), which names neither the spec nor the cause. Measured level by level.
-CREATE FUNCTION pgqueue._check_spec_depth(p_specs jsonb, p_label text) RETURNS void
+CREATE FUNCTION pgqueue._check_spec_depth(p_specs jsonb, p_label text, p_levels int DEFAULT 100)
+RETURNS void
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
     v_level jsonb := p_specs;
@@ -135,7 +136,7 @@ BEGIN
     IF jsonb_typeof(p_specs) <> 'array' OR NOT p_specs @? '$[*].next_jobs[*]' THEN
         RETURN;
     END IF;
-    FOR v_depth IN 1 .. 100 LOOP
+    FOR v_depth IN 1 .. p_levels LOOP
         v_level := (SELECT jsonb_agg(n.s)
                     FROM jsonb_array_elements(v_level) e(s)
                     CROSS JOIN LATERAL jsonb_array_elements(e.s->'next_jobs') n(s)
@@ -493,26 +494,12 @@ $$;
 -- locking overlapping sets never deadlock on them.
 CREATE FUNCTION pgqueue._lock_dedup_keys(p_keys text[]) RETURNS void
 LANGUAGE plpgsql AS $$
-DECLARE
-    v_locks int[] := ARRAY(SELECT DISTINCT hashtext(k) FROM unnest(p_keys) k WHERE k IS NOT NULL ORDER BY 1);
-    v_budget int;
 BEGIN
-    -- A lock per key: past the server's lock table it failed with "out of shared memory"
-    -- (at some 13,000 keys by default), and up to it crowded every other session out of
-    -- it while the call ran (a scale review). Refused past half of it instead.
-    IF cardinality(v_locks) > 1000 THEN
-        v_budget := current_setting('max_locks_per_transaction')::int
-                    * current_setting('max_connections')::int / 2;
-        IF cardinality(v_locks) > v_budget THEN
-            RAISE EXCEPTION 'pgqueue: % distinct dedup keys in one call, a lock each: more than half this '
-                            'server''s lock table (%: max_locks_per_transaction x max_connections / 2)',
-                            cardinality(v_locks), v_budget
-                USING ERRCODE = 'program_limit_exceeded',
-                      HINT = 'Enqueue them in several transactions, or raise max_locks_per_transaction.';
-        END IF;
-    END IF;
-    -- In lock-key order, not name order: two names can share a hashtext.
-    PERFORM pg_advisory_xact_lock(pgqueue._lock_class('dedup'), h) FROM unnest(v_locks) h;
+    -- In lock-key order, not name order: two names can share a hashtext. (A lock per
+    -- key, held to commit: some 13,000 distinct keys in one transaction run a default
+    -- server's lock table out; see docs/sql.md.)
+    PERFORM pg_advisory_xact_lock(pgqueue._lock_class('dedup'), h)
+    FROM (SELECT DISTINCT hashtext(k) AS h FROM unnest(p_keys) k WHERE k IS NOT NULL ORDER BY 1) keys;
 END
 $$;
 
@@ -1095,7 +1082,8 @@ BEGIN
 
     v_deps := ARRAY(SELECT DISTINCT unnest(enqueue.depends_on));
     IF enqueue.next_jobs IS NOT NULL THEN
-        PERFORM pgqueue._check_spec_depth(enqueue.next_jobs, 'pgqueue.enqueue: next_jobs');
+        -- One level less: the job itself is the first (as for the same spec in enqueue_many).
+        PERFORM pgqueue._check_spec_depth(enqueue.next_jobs, 'pgqueue.enqueue: next_jobs', 99);
         PERFORM pgqueue._check_specs(enqueue.next_jobs, 'pgqueue.enqueue: next_jobs');
         PERFORM pgqueue._check_child_pipelines(enqueue.next_jobs, enqueue.pipeline_id, 'pgqueue.enqueue: next_jobs');
         PERFORM pgqueue._check_stored_dependencies(enqueue.next_jobs, 'pgqueue.enqueue: next_jobs');

@@ -110,10 +110,11 @@ def configure_logging(fmt: str | None = "text", level: int | None = None) -> Non
     attributes."""
     global _level_set
     logger = logging.getLogger("pgqueue")
-    if level is None:
-        level = logger.level if logger.level not in (logging.NOTSET, _level_set) else logging.INFO
-    logger.setLevel(level)
-    _level_set = level
+    if level is None and logger.level not in (logging.NOTSET, _level_set):
+        pass  # the application's: kept (and not taken for one an earlier run set)
+    else:
+        _level_set = level = logging.INFO if level is None else level
+        logger.setLevel(level)
     if fmt is None and (_apps(logger.handlers) or _apps(logging.getLogger().handlers)):
         if len(_apps(logger.handlers)) < len(logger.handlers):  # an earlier run's, ours
             logger.handlers[:] = _apps(logger.handlers)

@@ -295,9 +295,6 @@ class Worker:
             services.start_soon(
                 abort_loop, pool, self.id, self._aborts_heard, executor, self.logger
             )
-            schedules = anyio.CancelScope()  # a stopping worker enqueues no more ticks
-            if not self.until_empty:  # its schedule is the caller's (cron): no ticks, no catch-up
-                services.start_soon(self._run_schedules, pool, schedules)
             if self.handle_signals:
                 services.start_soon(self._watch_signals)
             # The app's lifespans (app.lifespan) hold what its handlers use: entered in this
@@ -305,6 +302,10 @@ class Worker:
             # after the last outcome is written, whatever ends the run.
             resources = await self._enter_lifespans()
             try:
+                # After the lifespans: a worker whose set-up failed enqueued ticks for nothing.
+                schedules = anyio.CancelScope()  # a stopping worker enqueues no more ticks
+                if not self.until_empty:  # its schedule is the caller's (cron): no ticks
+                    services.start_soon(self._run_schedules, pool, schedules)
                 self.started.set()
                 if self.until_empty and not self._stop_requested:
                     # Before the first claim: the run may end before the periodic rounds' first,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import re
+import time
 from typing import Any
 
 import anyio
@@ -110,3 +111,39 @@ async def test_a_bad_limit_is_refused_before_anything_is_written(
     with pytest.raises(error, match=re.escape(message)):
         await pgqueue.set_queue_limit(conn, "api", max_running)  # type: ignore[arg-type]
     assert await pgqueue.queue_limits(conn) == {}
+
+
+async def test_the_look_before_sleeping_reads_from_the_last_claim(
+    conn: asyncpg.Connection, db_dsn: str, records: tuple[Any, Any]
+) -> None:
+    """From a review of time handling: a job that fell due after a claim's now() and before
+    the look for the next scheduled job was neither claimed nor looked at, and waited for
+    the poll. The producer passes the look the seconds since its last claim was sent: a
+    job due since then wakes it at once; one due before it (a limited queue's job it could
+    not take) does not, or it would claim in a loop."""
+    from pgqueue.worker.completer import Completer
+    from pgqueue.worker.executor import Executor
+    from pgqueue.worker.producer import Producer
+    from pgqueue.worker.wake import Wake
+
+    logger, _ = records
+    await conn.execute(
+        "SELECT pgqueue.enqueue('t', queue => 'q', run_after => clock_timestamp()"
+        " - interval '0.5 seconds')"
+    )
+    pool = await asyncpg.create_pool(db_dsn, min_size=1, max_size=2)
+    try:
+        wake = Wake()
+        executor = Executor(pgqueue.App(), Completer(pool, "w", logger), 1, logger, wake)
+        producer = Producer(
+            pool, executor, wake, worker_id="w", queues=["q"], poll_interval=30, logger=logger
+        )
+        try:
+            producer._claim_sent = time.monotonic() - 1.0  # the claim before it fell due
+            assert await producer._before_sleep() == 0.0
+            producer._claim_sent = time.monotonic()  # a claim after: it saw the job due
+            assert await producer._before_sleep() >= 0.8 * 30
+        finally:
+            await producer._release()
+    finally:
+        await pool.close()

@@ -68,3 +68,13 @@ def test_a_level_the_app_set_stands_unless_one_is_given(configured: bool) -> Non
         assert ours.level == logging.DEBUG
         logs.configure_logging(None, None)  # the level a run set is no app's choice
         assert ours.level == logging.INFO
+
+
+def test_a_level_the_app_set_stands_in_every_run() -> None:
+    """From a review: the first run kept the app's DEBUG and recorded it as its own, so the
+    second took it for an earlier run's and set INFO."""
+    with isolated() as (_root, ours):
+        ours.setLevel(logging.DEBUG)
+        logs.configure_logging(None, None)
+        logs.configure_logging(None, None)
+        assert ours.level == logging.DEBUG

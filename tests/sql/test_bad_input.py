@@ -597,16 +597,17 @@ def _chain(depth: int) -> str:
 
 
 @pytest.mark.parametrize(
-    "call",
+    ("call", "levels"),
     [
-        "SELECT pgqueue.enqueue('root', next_jobs => $1::jsonb)",
-        "SELECT pgqueue.enqueue_many($1::jsonb)",
-        "SELECT pgqueue.complete($2, 'w', next_jobs => $1::jsonb)",
+        # The job enqueue() creates is the first level (as the same spec in enqueue_many).
+        ("SELECT pgqueue.enqueue('root', next_jobs => $1::jsonb)", 99),
+        ("SELECT pgqueue.enqueue_many($1::jsonb)", 100),
+        ("SELECT pgqueue.complete($2, 'w', next_jobs => $1::jsonb)", 100),
     ],
     ids=["enqueue", "enqueue_many", "complete"],
 )
 async def test_specs_nested_past_100_levels_are_refused_by_name(
-    connect: Connect, call: str
+    connect: Connect, call: str, levels: int
 ) -> None:
     """From a scale review: past some 380 levels the validation's recursion ended in
     "stack depth limit exceeded", naming neither the spec nor the cause. 100 levels pass;
@@ -615,7 +616,7 @@ async def test_specs_nested_past_100_levels_are_refused_by_name(
     await conn.execute("SELECT pgqueue.enqueue('parent')")
     parent = await conn.fetchval("SELECT id FROM pgqueue.claim_next('w')")
     args = (parent,) if "$2" in call else ()
-    await conn.execute(call, _chain(100), *args)
+    await conn.execute(call, _chain(levels), *args)
     if "complete" in call:  # completed now: another to complete
         await conn.execute("SELECT pgqueue.enqueue('parent')")
         args = (await conn.fetchval("SELECT id FROM pgqueue.claim_next('w')"),)
@@ -623,5 +624,5 @@ async def test_specs_nested_past_100_levels_are_refused_by_name(
     with pytest.raises(
         asyncpg.InvalidParameterValueError, match="specs nested more than 100 levels deep"
     ):
-        await conn.execute(call, _chain(101), *args)
+        await conn.execute(call, _chain(levels + 1), *args)
     assert await conn.fetchval("SELECT count(*) FROM pgqueue.jobs") == before

@@ -1,11 +1,10 @@
-"""Calls with many keys at once: what a lock per key would exhaust, and the rows a batch
+"""Calls with many keys at once: what a lock per scope would exhaust, and the rows a batch
 carries (from a review of pathological scale)."""
 
 from __future__ import annotations
 
 import json
 
-import asyncpg
 import pytest
 from sqlharness import Connect
 
@@ -55,25 +54,3 @@ async def test_a_scoped_batch_sorts_its_rows_not_its_id_array_in_each(connect: C
         " scopes => (SELECT array_agg(jsonb_build_object('s', g % 50)) FROM generate_series(1, 5000) g))"
     )
     assert await conn.fetchval("SELECT count(*) FROM pgqueue.jobs") == 5000
-
-
-async def test_dedup_keys_past_half_the_lock_table_are_refused_by_name(connect: Connect) -> None:
-    """A lock per dedup key, held to commit: past the server's lock table "out of shared
-    memory" (some 13,000 keys by default), and below it every other session crowded out
-    while the call ran. Past half of it the call is refused, saying why; nothing is
-    written. (A thousand keys are never counted against it.)"""
-    conn = await connect()
-    budget = await conn.fetchval(
-        "SELECT current_setting('max_locks_per_transaction')::int"
-        " * current_setting('max_connections')::int / 2"
-    )
-    specs = [{"job_type": "t", "dedup_key": f"k{n}"} for n in range(max(budget, 1000) + 1)]
-    with pytest.raises(asyncpg.ProgramLimitExceededError, match="distinct dedup keys in one call"):
-        await conn.execute(
-            "SELECT count(*) FROM pgqueue.enqueue_many($1::jsonb)", json.dumps(specs)
-        )
-    assert await conn.fetchval("SELECT count(*) FROM pgqueue.jobs") == 0
-    await conn.execute(
-        "SELECT count(*) FROM pgqueue.enqueue_many($1::jsonb)", json.dumps(specs[:1000])
-    )
-    assert await conn.fetchval("SELECT count(*) FROM pgqueue.jobs") == 1000
