@@ -289,6 +289,19 @@ def test_a_jump_of_the_databases_clock_holds_recovery_once(
     assert period.clock_read(db) == 0.0
 
 
+async def _a_lease_an_hour_old(conn: asyncpg.Connection) -> tuple[int, float]:
+    """A job running under a live worker whose last beat landed an hour ago on the
+    database's clock: its id, and that beat's time on the database's clock."""
+    await conn.execute("SELECT pgqueue.enqueue('t', '{}')")
+    job = await conn.fetchval("SELECT id FROM pgqueue.claim_next(worker => 'live')")
+    beat = await conn.fetchval(
+        "UPDATE pgqueue.jobs SET locked_at = locked_at - interval '1 hour' WHERE id = $1"
+        " RETURNING extract(epoch FROM locked_at)::float8",
+        job,
+    )
+    return job, beat
+
+
 async def test_recovery_meeting_a_jump_of_the_databases_clock_recovers_nothing(
     conn: asyncpg.Connection, db_dsn: str, records: tuple[logging.Logger, Records]
 ) -> None:
@@ -299,15 +312,9 @@ async def test_recovery_meeting_a_jump_of_the_databases_clock_recovers_nothing(
     beat lands, and the first round of any worker requeued them all. The same round
     without the jump recovers the job (so the test can fail)."""
     logger, logged = records
-    await conn.execute("SELECT pgqueue.enqueue('t', '{}')")
-    job = await conn.fetchval("SELECT id FROM pgqueue.claim_next(worker => 'live')")
-    # The beat of a live worker that landed an hour ago on the database's clock, a moment
-    # ago on this worker's: the lease and this worker's last beat alike.
-    beat = await conn.fetchval(
-        "UPDATE pgqueue.jobs SET locked_at = locked_at - interval '1 hour' WHERE id = $1"
-        " RETURNING extract(epoch FROM locked_at)::float8",
-        job,
-    )
+    # The lease, and this worker's last beat, an hour ago on the database's clock and a
+    # moment ago on this worker's.
+    job, beat = await _a_lease_an_hour_old(conn)
     pool = await asyncpg.create_pool(db_dsn, min_size=1, max_size=1)
     try:
         period = heartbeat.Period(1.0, back_at=time.monotonic() - 100)
@@ -337,13 +344,7 @@ async def test_a_round_started_before_a_hold_began_recovers_nothing(
     recovered the leases the jump made stale. The round looks at the hold again once it
     holds the leader lock."""
     logger, _ = records
-    await conn.execute("SELECT pgqueue.enqueue('t', '{}')")
-    job = await conn.fetchval("SELECT id FROM pgqueue.claim_next(worker => 'live')")
-    before = await conn.fetchval(
-        "UPDATE pgqueue.jobs SET locked_at = locked_at - interval '1 hour' WHERE id = $1"
-        " RETURNING extract(epoch FROM locked_at)::float8",
-        job,
-    )
+    job, before = await _a_lease_an_hour_old(conn)
     period = heartbeat.Period(1.0, back_at=time.monotonic() - 100)
     period.landed(before)  # the last beat before the jump
     assert not period.recovery_held_off()  # every_period lets the round go
