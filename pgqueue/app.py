@@ -17,7 +17,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from pgqueue.dsn import INT4_MAX, ConnOrPool, as_aware, dumps, id_array
+from pgqueue.dsn import INT4_MAX, ConnOrPool, as_aware, asyncpg_target, dumps, id_array
 from pgqueue.job import (
     Job,
     Spec,
@@ -590,16 +590,10 @@ class App:
 
 
 def _asyncpg_only(api: str, conn_or_pool: object) -> ConnOrPool:
-    """A SQLAlchemy session failed deep inside with "'AsyncSession' object has no attribute
-    'fetchval'"; say what to pass instead."""
-    if not hasattr(conn_or_pool, "fetchval"):
-        raise TypeError(
-            f"{api} takes an asyncpg connection or pool, or a SQLAlchemy AsyncSession or"
-            f" AsyncConnection, got {type(conn_or_pool).__name__}"
-            + (
-                " (a synchronous one: use app.enqueue_sync)"
-                if hasattr(conn_or_pool, "execute")
-                else ""
-            )
-        )
-    return cast("ConnOrPool", conn_or_pool)
+    """An asyncpg target of the App's enqueue methods (a SQLAlchemy session went another way)."""
+    return asyncpg_target(
+        api,
+        conn_or_pool,
+        "an asyncpg connection or pool, or a SQLAlchemy AsyncSession or AsyncConnection",
+        " (a synchronous one: use app.enqueue_sync)",
+    )

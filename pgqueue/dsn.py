@@ -48,21 +48,29 @@ class DsnError(ValueError):
     """A DSN asyncpg cannot use; the message names the part, never the DSN itself."""
 
 
-def asyncpg_target(api: str, target: object) -> None:
-    """Refuse what is not an asyncpg connection or pool, naming what to do instead: a
-    SQLAlchemy session (or a psycopg connection) failed deep inside with "'AsyncSession'
+_SESSION_HINT = (
+    "; from SQLAlchemy, call its SQL function through your session"
+    " (session.execute(text(...)); docs/sql.md), or hand it the asyncpg connection"
+    " under an asyncpg engine's ((await conn.get_raw_connection()).driver_connection)"
+)
+
+
+def asyncpg_target(
+    api: str,
+    target: object,
+    takes: str = "an asyncpg connection or pool",
+    session_hint: str = _SESSION_HINT,
+) -> ConnOrPool:
+    """``target``, refused unless it is an asyncpg connection or pool, naming what ``api``
+    ``takes`` and, for something with ``execute`` (a SQLAlchemy session, a psycopg
+    connection), ``session_hint``: such a target failed deep inside with "'AsyncSession'
     object has no attribute 'fetchrow'"."""
     if not hasattr(target, "fetchval"):
         raise TypeError(
-            f"{api} takes an asyncpg connection or pool, got {type(target).__name__}"
-            + (
-                "; from SQLAlchemy, call its SQL function through your session"
-                " (session.execute(text(...)); docs/sql.md), or hand it the asyncpg connection"
-                " under an asyncpg engine's ((await conn.get_raw_connection()).driver_connection)"
-                if hasattr(target, "execute")
-                else ""
-            )
+            f"{api} takes {takes}, got {type(target).__name__}"
+            + (session_hint if hasattr(target, "execute") else "")
         )
+    return cast("ConnOrPool", target)
 
 
 def check_dsn(dsn: str | None) -> None:

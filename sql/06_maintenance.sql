@@ -770,7 +770,6 @@ BEGIN
                                            WHERE b.scope IS NOT NULL AND b.state = 'queued'
                                              AND b.scope_blocked AND NOT b.queue_paused
                                              AND b.queue = pause_queue.queue)
-                              AND o.queue = pause_queue.queue AND o.state = 'queued' AND NOT o.queue_paused
                             ORDER BY o.id FOR NO KEY UPDATE SKIP LOCKED))
       AND j.state = 'queued' AND NOT j.queue_paused;
     RETURN true;

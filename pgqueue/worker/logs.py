@@ -110,14 +110,14 @@ def configure_logging(fmt: str | None = "text", level: int | None = None) -> Non
     attributes."""
     global _level_set
     logger = logging.getLogger("pgqueue")
-    if level is None and logger.level not in (logging.NOTSET, _level_set):
-        pass  # the application's: kept (and not taken for one an earlier run set)
-    else:
+    # A level the application set is kept (one an earlier run set is not the app's).
+    if level is not None or logger.level in (logging.NOTSET, _level_set):
         _level_set = level = logging.INFO if level is None else level
         logger.setLevel(level)
-    if fmt is None and (_apps(logger.handlers) or _apps(logging.getLogger().handlers)):
-        if len(_apps(logger.handlers)) < len(logger.handlers):  # an earlier run's, ours
-            logger.handlers[:] = _apps(logger.handlers)
+    apps = _apps(logger.handlers)
+    if fmt is None and (apps or _apps(logging.getLogger().handlers)):
+        if len(apps) < len(logger.handlers):  # an earlier run's, ours
+            logger.handlers[:] = apps
             logger.propagate = True
         return
     handler: logging.Handler
