@@ -1908,15 +1908,19 @@ async def test_a_snooze_of_a_job_aborted_meanwhile_is_logged_as_cancelled(
     # so its outcome is the snooze, which finds the request. Nor may the worker hear the
     # abort before the thread's return reaches it (what the handler did is then void: also
     # "failed (cancelled)", seen under load): it listens on another database, and claims by
-    # polling; the heartbeat, which reads requests too, is minutes away.
+    # polling; the heartbeat, which reads requests too, is minutes away. And the job is
+    # enqueued once that LISTEN is up: its first one reads the requests too (for those sent
+    # while nobody listened), and one that came up late under load found this abort.
     @app.job("aborted")
     def aborted(job: pgqueue.Job) -> None:
         asyncio.run(abort(job.id))
         raise pgqueue.Snooze(3600)
 
-    job = await app.enqueue(conn, "aborted")
     options = {"poll_interval": 0.1, "listen_dsn": empty_db_dsn}
-    async with running(app, db_dsn, logger=logger, **options):
+    async with running(app, db_dsn, logger=logger, **options) as worker:
+        with anyio.fail_after(15):
+            await worker.notifier.listening.wait()
+        job = await app.enqueue(conn, "aborted")
         await wait_for_states(conn, [job], "cancelled")
         await wait_until(lambda: log.outcome_logged(job), what="the outcome line")
     assert log.outcomes(job) == ["snoozed (cancelled)"]
